@@ -1,0 +1,1 @@
+"""Triton kernels, split by phase: ``forward``, ``backward``; shared helpers in ``common``."""
