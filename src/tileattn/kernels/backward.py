@@ -180,10 +180,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
                dq.to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM, EVEN_D)
 
 
-def attention_backward(dout, q, k, v, out, lse, dlse, causal: bool, softmax_scale: float):
+def attention_backward(dout, q, k, v, out, lse, dlse, causal: bool, softmax_scale: float,
+                       cfg: "configs.BackwardConfig | None" = None):
     """Launch the three backward kernels. dout/q/k/v/out: last stride 1. lse fp32 (B, Hq, Sq) contiguous.
 
-    dlse: optional gradient w.r.t. lse (B, Hq, Sq) or None. Returns (dq, dk, dv), contiguous, input dtype.
+    dlse: optional gradient w.r.t. lse (B, Hq, Sq) or None; ``cfg`` overrides the table (tuning).
+    Returns (dq, dk, dv), contiguous, input dtype.
     """
     batch, seqlen_q, q_heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
@@ -192,7 +194,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, causal: bool, softmax_scal
     dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
     if seqlen_q == 0 or seqlen_k == 0 or batch == 0 or q_heads == 0:
         return dq.zero_(), dk.zero_(), dv.zero_()
-    cfg = configs.backward_config(q.device, q.dtype, head_dim, causal)
+    cfg = cfg or configs.backward_config(q.device, q.dtype, head_dim, causal)
     block_d = configs.padded_head_dim(head_dim)
     fp32 = q.dtype == torch.float32
     group = q_heads // kv_heads

@@ -94,8 +94,12 @@ def _fwd_kernel(Q, K, V, O, LSE,
     store_tile(o_ptrs, acc.to(O.dtype.element_ty), offs_m, seqlen_q, offs_d, HEAD_DIM, EVEN_D)
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float):
-    """Launch the forward kernel. Inputs are validated by the caller. Returns (out, lse)."""
+def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
+                      cfg: "configs.KernelConfig | None" = None):
+    """Launch the forward kernel. Inputs are validated by the caller; ``cfg`` overrides the table (tuning).
+
+    Returns (out, lse).
+    """
     batch, seqlen_q, q_heads, head_dim = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     out = torch.empty((batch, seqlen_q, q_heads, head_dim), dtype=q.dtype, device=q.device)
@@ -106,7 +110,7 @@ def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal:
         out.zero_()
         lse.fill_(float("-inf"))
         return out, lse
-    cfg = configs.forward_config(q.device, q.dtype, head_dim, causal)
+    cfg = cfg or configs.forward_config(q.device, q.dtype, head_dim, causal)
     num_m_tiles = triton.cdiv(seqlen_q, cfg.block_m)
     grid = (num_m_tiles * batch * q_heads,)
     _fwd_kernel[grid](
