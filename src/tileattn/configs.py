@@ -63,39 +63,45 @@ def _override(name: str):
     return [int(x) for x in value.split(",")]
 
 
-# sm90 tables: head-dim tile -> config. (block_m, block_n, warps, stages)
+# Tables: (head-dim tile, causal) -> config, (block_m, block_n, warps, stages).
+# sm90 values measured on an H200 at seqlen 4k, bf16 (benchmarks/NOTES.md, run 2).
+def _cfg(*c):
+    return KernelConfig(*c)
+
+
 _SM90_FWD = {
-    16: KernelConfig(128, 64, 4, 3),
-    32: KernelConfig(128, 64, 4, 3),
-    64: KernelConfig(128, 64, 4, 3),
-    128: KernelConfig(128, 64, 8, 3),
-    256: KernelConfig(128, 64, 8, 2),
+    **{(d, c): _cfg(128, 64, 8, 3) for d in (16, 32, 64) for c in (False, True)},
+    (128, False): _cfg(64, 64, 4, 3), (128, True): _cfg(64, 64, 4, 3),
+    (256, False): _cfg(64, 64, 8, 2), (256, True): _cfg(64, 64, 8, 2),
 }
-_SM90_BWD = {  # dkdv (block_m streamed, block_n resident), dq (block_m resident, block_n streamed)
-    16: BackwardConfig(KernelConfig(64, 128, 8, 3), KernelConfig(128, 64, 8, 3)),
-    32: BackwardConfig(KernelConfig(64, 128, 8, 3), KernelConfig(128, 64, 8, 3)),
-    64: BackwardConfig(KernelConfig(64, 128, 8, 3), KernelConfig(128, 64, 8, 3)),
-    128: BackwardConfig(KernelConfig(64, 128, 8, 2), KernelConfig(128, 64, 8, 2)),
-    256: BackwardConfig(KernelConfig(32, 64, 8, 2), KernelConfig(64, 32, 8, 2)),
+_SM90_BWD = {  # dkdv: block_m streamed, block_n resident; dq: block_m resident, block_n streamed
+    **{(d, False): BackwardConfig(_cfg(32, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
+    **{(d, True): BackwardConfig(_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
+    **{(128, c): BackwardConfig(_cfg(64, 128, 8, 3), _cfg(128, 64, 8, 3)) for c in (False, True)},
+    **{(256, c): BackwardConfig(_cfg(32, 64, 8, 2), _cfg(64, 32, 8, 2)) for c in (False, True)},
 }
-# Portable tables (sm80 and newer consumer parts): smaller tiles, fewer stages.
+# Portable tables (sm80 and the ~100 KB shared-memory parts): smaller tiles, fewer stages.
 _GENERIC_FWD = {
-    16: KernelConfig(128, 64, 4, 3),
-    32: KernelConfig(128, 64, 4, 3),
-    64: KernelConfig(128, 64, 4, 3),
-    128: KernelConfig(128, 32, 8, 2),
-    256: KernelConfig(64, 32, 8, 1),
+    **{(d, c): _cfg(128, 64, 4, 3) for d in (16, 32, 64) for c in (False, True)},
+    **{(128, c): _cfg(128, 32, 8, 2) for c in (False, True)},
+    **{(256, c): _cfg(64, 32, 8, 1) for c in (False, True)},
 }
 _GENERIC_BWD = {
-    16: BackwardConfig(KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 4, 2)),
-    32: BackwardConfig(KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 4, 2)),
-    64: BackwardConfig(KernelConfig(64, 64, 4, 2), KernelConfig(64, 64, 4, 2)),
-    128: BackwardConfig(KernelConfig(32, 64, 4, 2), KernelConfig(64, 32, 4, 2)),
-    256: BackwardConfig(KernelConfig(16, 32, 4, 1), KernelConfig(32, 16, 4, 1)),
+    **{(d, c): BackwardConfig(_cfg(64, 64, 4, 2), _cfg(64, 64, 4, 2)) for d in (16, 32, 64) for c in (False, True)},
+    **{(128, c): BackwardConfig(_cfg(32, 64, 4, 2), _cfg(64, 32, 4, 2)) for c in (False, True)},
+    **{(256, c): BackwardConfig(_cfg(16, 32, 4, 1), _cfg(32, 16, 4, 1)) for c in (False, True)},
 }
 # Triton interpreter (CPU tests): small, unequal tiles so that full/partial splits and multi-tile loops are hit.
 _INTERP_FWD = KernelConfig(32, 16, 4, 1)
 _INTERP_BWD = BackwardConfig(KernelConfig(16, 32, 4, 1), KernelConfig(32, 16, 4, 1), pre_block_m=32)
+
+
+def _table_fwd(arch_major: int, block_d: int, causal: bool) -> KernelConfig:
+    return (_SM90_FWD if arch_major == 90 or arch_major == 9 else _GENERIC_FWD)[(block_d, causal)]
+
+
+def _table_bwd(arch_major: int, block_d: int, causal: bool) -> BackwardConfig:
+    return (_SM90_BWD if arch_major == 90 or arch_major == 9 else _GENERIC_BWD)[(block_d, causal)]
 
 
 def forward_config(device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool) -> KernelConfig:
@@ -107,10 +113,7 @@ def forward_config(device: torch.device, dtype: torch.dtype, head_dim: int, caus
     block_d = padded_head_dim(head_dim)
     arch = _arch(device.index if device.index is not None else torch.cuda.current_device())
     elem = 4 if dtype == torch.float32 else 2
-    if arch[0] == 9 and elem == 2:
-        cfg = _SM90_FWD[block_d]
-    else:
-        cfg = _GENERIC_FWD[block_d]
+    cfg = _table_fwd(arch[0] if elem == 2 else 0, block_d, causal)
     while not _fits(cfg, block_d, elem, arch, cfg.block_m) and cfg.num_stages > 1:
         cfg = KernelConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages - 1)
     if elem == 4 and block_d >= 128:
@@ -127,8 +130,7 @@ def backward_config(device: torch.device, dtype: torch.dtype, head_dim: int, cau
     block_d = padded_head_dim(head_dim)
     arch = _arch(device.index if device.index is not None else torch.cuda.current_device())
     elem = 4 if dtype == torch.float32 else 2
-    table = _SM90_BWD if (arch[0] == 9 and elem == 2) else _GENERIC_BWD
-    cfg = table[block_d]
+    cfg = _table_bwd(arch[0] if elem == 2 else 0, block_d, causal)
     if elem == 4:
         cfg = BackwardConfig(
             KernelConfig(min(cfg.dkdv.block_m, 32), min(cfg.dkdv.block_n, 64 if block_d <= 64 else 32), 4, 1),

@@ -14,8 +14,10 @@ Conventions used by every kernel in this package:
 import triton
 import triton.language as tl
 
-LOG2E = 1.4426950408889634
-LN2 = 0.6931471805599453
+LOG2E_F = 1.4426950408889634  # python floats, for launchers
+LN2_F = 0.6931471805599453
+LOG2E = tl.constexpr(LOG2E_F)  # constexpr globals, for kernels
+LN2 = tl.constexpr(LN2_F)
 
 
 @triton.jit
@@ -28,29 +30,29 @@ def mma(a, b, acc, FP32: tl.constexpr):
 
 
 @triton.jit
-def load_tile(ptrs, offs_row, n_rows, offs_d, HEAD_DIM: tl.constexpr, CHECK_ROWS: tl.constexpr,
+def load_tile(ptrs, offs_row, n_rows, offs_d, head_dim, CHECK_ROWS: tl.constexpr,
               EVEN_D: tl.constexpr):
-    """Load a [rows, BLOCK_D] tile, zero-filling rows >= n_rows (if CHECK_ROWS) and columns >= HEAD_DIM."""
+    """Load a [rows, BLOCK_D] tile, zero-filling rows >= n_rows (if CHECK_ROWS) and columns >= head_dim."""
     if CHECK_ROWS:
         if EVEN_D:
             x = tl.load(ptrs, mask=offs_row[:, None] < n_rows, other=0.0)
         else:
-            x = tl.load(ptrs, mask=(offs_row[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM), other=0.0)
+            x = tl.load(ptrs, mask=(offs_row[:, None] < n_rows) & (offs_d[None, :] < head_dim), other=0.0)
     else:
         if EVEN_D:
             x = tl.load(ptrs)
         else:
-            x = tl.load(ptrs, mask=offs_d[None, :] < HEAD_DIM, other=0.0)
+            x = tl.load(ptrs, mask=offs_d[None, :] < head_dim, other=0.0)
     return x
 
 
 @triton.jit
-def store_tile(ptrs, x, offs_row, n_rows, offs_d, HEAD_DIM: tl.constexpr, EVEN_D: tl.constexpr):
-    """Store a [rows, BLOCK_D] tile, skipping rows >= n_rows and columns >= HEAD_DIM."""
+def store_tile(ptrs, x, offs_row, n_rows, offs_d, head_dim, EVEN_D: tl.constexpr):
+    """Store a [rows, BLOCK_D] tile, skipping rows >= n_rows and columns >= head_dim."""
     if EVEN_D:
         tl.store(ptrs, x, mask=offs_row[:, None] < n_rows)
     else:
-        tl.store(ptrs, x, mask=(offs_row[:, None] < n_rows) & (offs_d[None, :] < HEAD_DIM))
+        tl.store(ptrs, x, mask=(offs_row[:, None] < n_rows) & (offs_d[None, :] < head_dim))
 
 
 @triton.jit
