@@ -16,6 +16,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 from tileattn.configs import BackwardConfig, KernelConfig
 from tileattn.kernels.backward import attention_backward
 from tileattn.kernels.forward import attention_forward
+from tileattn.kernels.params import AttnParams
 
 FWD = [(128, 64, 4, 3), (128, 64, 8, 3), (128, 128, 8, 3), (128, 128, 8, 2), (64, 64, 4, 3), (128, 64, 4, 4),
        (128, 32, 4, 3), (64, 128, 4, 3)]
@@ -46,6 +47,7 @@ def main():
             torch.manual_seed(0)
             q, k, v, do = (torch.randn(b, s, h, d, device=dev, dtype=torch.bfloat16) for _ in range(4))
             scale = 1 / math.sqrt(d)
+            prm = AttnParams(batch=b, max_seqlen_q=s, max_seqlen_k=s, softmax_scale=scale, window_right=0 if causal else -1)
             fl = 4 * b * h * s * s * d / (2 if causal else 1)
             qt, kt, vt = (t.transpose(1, 2).detach().requires_grad_() for t in (q, k, v))
             row = {"head_dim": d, "causal": causal, "seqlen": s}
@@ -68,9 +70,9 @@ def main():
             for c in FWD:
                 cfg = KernelConfig(*c)
                 try:
-                    out, lse = attention_forward(q, k, v, causal, scale, cfg)
+                    out, lse = attention_forward(q, k, v, prm, cfg)
                     err = (out.float() - ref_o.float()).abs().max().item()
-                    t = bench(lambda: attention_forward(q, k, v, causal, scale, cfg))
+                    t = bench(lambda: attention_forward(q, k, v, prm, cfg))
                     tf = fl / t * 1e-9
                     print(f"  fwd {c}: {tf:7.1f} TFLOP/s  err {err:.2e}", flush=True)
                     results.append({**row, "kind": "fwd", "cfg": c, "tflops": tf, "err": err})
@@ -78,13 +80,15 @@ def main():
                         best_f = (c, tf)
                 except Exception as e:  # noqa: BLE001
                     print(f"  fwd {c}: FAILED {str(e)[:120]}", flush=True)
-            out, lse = attention_forward(q, k, v, causal, scale, KernelConfig(*best_f[0]))
+            if best_f is None:
+                continue
+            out, lse = attention_forward(q, k, v, prm, KernelConfig(*best_f[0]))
 
             def run_bwd(kv, dq):
                 cfg = BackwardConfig(KernelConfig(*kv), KernelConfig(*dq))
-                g = attention_backward(do, q, k, v, out, lse, None, causal, scale, cfg)
+                g = attention_backward(do, q, k, v, out, lse, None, prm, cfg)[:3]
                 err = max((a.float() - r).abs().max().item() for a, r in zip(g, ref_g))
-                t = bench(lambda: attention_backward(do, q, k, v, out, lse, None, causal, scale, cfg))
+                t = bench(lambda: attention_backward(do, q, k, v, out, lse, None, prm, cfg))
                 return 2.5 * fl / t * 1e-9, err
 
             best_kv = (DKDV[0], 0.0)

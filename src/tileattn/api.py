@@ -1,8 +1,12 @@
-"""Public API: ``attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=False)``."""
+"""Public API: ``attention(q, k, v, *, causal=False, softmax_scale=None, return_lse=False, ...)``.
+
+Validation happens here, at the boundary; the kernels assume valid inputs. ``attention_impl`` is the shared entry
+used by ``attention`` and by the flash-attn-style functions in ``tileattn.flash_api``.
+"""
 
 import math
 import numbers
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -13,21 +17,52 @@ from .ops import flash_bwd, flash_fwd
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 
 
-def _needs_copy(x: torch.Tensor) -> bool:
-    return x.stride(-1) != 1 and x.numel() > 0 and x.shape[-1] > 1
-
-
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
     """The kernels accept any strides but the last; only a tensor whose last stride isn't 1 is copied."""
-    return x.contiguous() if _needs_copy(x) else x
+    if x.stride(-1) != 1 and x.numel() > 0 and x.shape[-1] > 1:
+        return x.contiguous()
+    return x
 
 
-def _check_inputs(q, k, v, causal, softmax_scale):
+def _as_int(name: str, value) -> int:
+    if isinstance(value, torch.Tensor):
+        if value.numel() != 1 or value.dtype.is_floating_point or value.dtype == torch.bool:
+            raise TypeError(f"{name} must be an int or a one-element integer tensor, got {value}")
+        return int(value.item())
+    if isinstance(value, bool) or not isinstance(value, numbers.Integral):
+        raise TypeError(f"{name} must be an int, got {type(value).__name__}")
+    return int(value)
+
+
+def _as_float(name: str, value) -> float:
+    if isinstance(value, torch.Tensor) and value.numel() == 1:
+        value = value.item()
+    if isinstance(value, bool) or not isinstance(value, numbers.Real):
+        raise TypeError(f"{name} must be a number, got {type(value).__name__}")
+    return float(value)
+
+
+def check_window(window_size, causal: bool) -> Tuple[int, int]:
+    """window_size=(left, right) ints or one-element tensors, -1 = unbounded; causal forces right = 0."""
+    if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
+        raise TypeError(f"window_size must be a pair (left, right), got {window_size!r}")
+    left, right = (_as_int("window_size", w) for w in window_size)
+    if left < -1 or right < -1:
+        raise ValueError(f"window_size values must be >= -1 (-1 = unbounded), got {(left, right)}")
+    if causal:
+        right = 0
+    return left, right
+
+
+def check_qkv(q, k, v, causal, softmax_scale, varlen: bool = False) -> float:
+    """Validate q, k, v (4-D batched, or 3-D (total, heads, dim) when varlen); return the softmax scale."""
+    rank = 3 if varlen else 4
+    layout = "(total, heads, head_dim)" if varlen else "(batch, seqlen, heads, head_dim)"
     for name, t in (("q", q), ("k", k), ("v", v)):
         if not isinstance(t, torch.Tensor):
             raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.dim() != 4:
-            raise ValueError(f"{name} must be 4-D (batch, seqlen, heads, head_dim), got shape {tuple(t.shape)}")
+        if t.dim() != rank:
+            raise ValueError(f"{name} must be {rank}-D {layout}, got shape {tuple(t.shape)}")
         if t.dtype not in SUPPORTED_DTYPES:
             raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
     if not (q.dtype == k.dtype == v.dtype):
@@ -40,18 +75,19 @@ def _check_inputs(q, k, v, causal, softmax_scale):
                              "(set TRITON_INTERPRET=1 before importing tileattn)")
     elif q.device.type != "cuda":
         raise ValueError(f"q, k, v must be CUDA tensors, got device {q.device}")
-    batch, _, q_heads, head_dim = q.shape
-    if k.shape[0] != batch or v.shape[0] != batch:
-        raise ValueError(f"batch sizes differ: q {batch}, k {k.shape[0]}, v {v.shape[0]}")
-    if k.shape[3] != head_dim or v.shape[3] != head_dim:
-        raise ValueError(f"head_dim differs: q {head_dim}, k {k.shape[3]}, v {v.shape[3]}")
-    if not configs.MIN_HEAD_DIM <= head_dim <= configs.MAX_HEAD_DIM:
-        raise ValueError(f"head_dim must be in [{configs.MIN_HEAD_DIM}, {configs.MAX_HEAD_DIM}], got {head_dim}")
-    if k.shape[1] != v.shape[1]:
-        raise ValueError(f"k and v sequence lengths differ: k {k.shape[1]}, v {v.shape[1]}")
-    if k.shape[2] != v.shape[2]:
-        raise ValueError(f"k and v head counts differ: k {k.shape[2]}, v {v.shape[2]}")
-    kv_heads = k.shape[2]
+    if not varlen and not (q.shape[0] == k.shape[0] == v.shape[0]):
+        raise ValueError(f"batch sizes differ: q {q.shape[0]}, k {k.shape[0]}, v {v.shape[0]}")
+    head_dim, dim_v = q.shape[-1], v.shape[-1]
+    if k.shape[-1] != head_dim:
+        raise ValueError(f"head_dim differs: q {head_dim}, k {k.shape[-1]}")
+    for name, d in (("q/k head_dim", head_dim), ("v head_dim", dim_v)):
+        if not configs.MIN_HEAD_DIM <= d <= configs.MAX_HEAD_DIM:
+            raise ValueError(f"{name} must be in [{configs.MIN_HEAD_DIM}, {configs.MAX_HEAD_DIM}], got {d}")
+    if k.shape[-3] != v.shape[-3]:
+        raise ValueError(f"k and v sequence lengths differ: k {k.shape[-3]}, v {v.shape[-3]}")
+    if k.shape[-2] != v.shape[-2]:
+        raise ValueError(f"k and v head counts differ: k {k.shape[-2]}, v {v.shape[-2]}")
+    q_heads, kv_heads = q.shape[-2], k.shape[-2]
     if kv_heads == 0 or q_heads % kv_heads != 0:
         raise ValueError(f"q heads ({q_heads}) must be a multiple of k/v heads ({kv_heads}) (MQA/GQA)")
     if not isinstance(causal, bool):
@@ -66,45 +102,135 @@ def _check_inputs(q, k, v, causal, softmax_scale):
     return softmax_scale
 
 
+def check_features(q, batch: int, q_heads: int, softcap, alibi_slopes, sink, dropout_p):
+    softcap = _as_float("softcap", softcap)
+    if not (math.isfinite(softcap) and softcap >= 0):
+        raise ValueError(f"softcap must be a finite number >= 0 (0 = off), got {softcap}")
+    dropout_p = _as_float("dropout_p", dropout_p)
+    if not 0.0 <= dropout_p < 1.0:
+        raise ValueError(f"dropout_p must be in [0, 1), got {dropout_p}")
+    if alibi_slopes is not None:
+        if not isinstance(alibi_slopes, torch.Tensor):
+            raise TypeError(f"alibi_slopes must be a tensor of shape ({q_heads},) or ({batch}, {q_heads})")
+        if alibi_slopes.dtype != torch.float32:
+            raise TypeError(f"alibi_slopes must be float32, got {alibi_slopes.dtype}")
+        if tuple(alibi_slopes.shape) not in ((q_heads,), (batch, q_heads)):
+            raise ValueError(f"alibi_slopes must have shape ({q_heads},) or ({batch}, {q_heads}), "
+                             f"got {tuple(alibi_slopes.shape)}")
+        if alibi_slopes.device != q.device:
+            raise ValueError(f"alibi_slopes is on {alibi_slopes.device}, q on {q.device}")
+        alibi_slopes = alibi_slopes.contiguous()
+    if sink is not None:
+        if not isinstance(sink, torch.Tensor):
+            raise TypeError(f"sink must be a tensor of shape ({q_heads},)")
+        if not sink.dtype.is_floating_point:
+            raise TypeError(f"sink must be a floating-point tensor, got {sink.dtype}")
+        if tuple(sink.shape) != (q_heads,):
+            raise ValueError(f"sink must have shape ({q_heads},) (one logit per query head), got {tuple(sink.shape)}")
+        if sink.device != q.device:
+            raise ValueError(f"sink is on {sink.device}, q on {q.device}")
+    return softcap, alibi_slopes, sink, dropout_p
+
+
+def check_cu_seqlens(name: str, cu, device, rows: int):
+    if not isinstance(cu, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor of cumulative sequence lengths")
+    if cu.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {cu.dtype}")
+    if cu.dim() != 1 or cu.shape[0] < 1:
+        raise ValueError(f"{name} must be 1-D of length batch + 1, got shape {tuple(cu.shape)}")
+    if cu.device != device:
+        raise ValueError(f"{name} is on {cu.device}, q on {device}")
+    if not torch.compiler.is_compiling():  # one small host sync; skipped inside compiled graphs
+        c = cu.detach().cpu()
+        if c[0].item() != 0 or bool((c[1:] < c[:-1]).any()) or c[-1].item() > rows:
+            raise ValueError(f"{name} must start at 0, be non-decreasing and end <= {rows}, got {c.tolist()[:16]}")
+    return cu.contiguous()
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, causal, softmax_scale):
-        out, lse = flash_fwd(q, k, v, causal, softmax_scale)
-        ctx.save_for_backward(q, k, v, out, lse)
-        ctx.causal = causal
-        ctx.softmax_scale = softmax_scale
+    def forward(ctx, q, k, v, sink, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, dropout_p, rng):
+        out, lse = flash_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, sink, dropout_p, rng)
+        ctx.save_for_backward(q, k, v, out, lse, sink, cu_q, cu_k, alibi, rng)
+        ctx.args = (max_q, max_k, scale, wl, wr, softcap, dropout_p)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse = ctx.saved_tensors
+        q, k, v, out, lse, sink, cu_q, cu_k, alibi, rng = ctx.saved_tensors
+        max_q, max_k, scale, wl, wr, softcap, dropout_p = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv = flash_bwd(_last_dim_contiguous(dout), q, k, v, out, lse, dlse, ctx.causal, ctx.softmax_scale)
-        return dq, dk, dv, None, None
+        dq, dk, dv, dsink = flash_bwd(_last_dim_contiguous(dout), q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k,
+                                      scale, wl, wr, softcap, alibi, sink, dropout_p, rng)
+        dsink = dsink.to(sink.dtype) if sink is not None else None
+        return dq, dk, dv, dsink, None, None, None, None, None, None, None, None, None, None, None
+
+
+def new_rng_state(device) -> torch.Tensor:
+    """[seed, offset] drawn from torch's default generator of ``device`` (torch.manual_seed reproduces it)."""
+    return torch.randint(0, 2 ** 62, (2,), dtype=torch.int64, device=device)
+
+
+def attention_impl(q, k, v, *, softmax_scale: float, window: Tuple[int, int], softcap: float, alibi_slopes,
+                   sink, dropout_p: float, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
+                   max_seqlen_k=None):
+    """Run validated inputs through the autograd Function. Batched: 4-D tensors; varlen: 3-D with cu_seqlens.
+
+    Returns (out, lse, rng): out like q with v's head dim; lse (B, Hq, Sq) or (Hq, total_q); rng the dropout
+    state used (None without dropout).
+    """
+    varlen = cu_seqlens_q is not None
+    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    if varlen:
+        q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
+    else:
+        q4, k4, v4 = q, k, v
+        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
+    rng = new_rng_state(q.device) if dropout_p > 0 else None
+    out, lse = _FlashAttention.apply(q4, k4, v4, sink, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                     softmax_scale, window[0], window[1], softcap, alibi_slopes, dropout_p, rng)
+    if varlen:
+        out = out.squeeze(0)
+    return out, lse, rng
 
 
 def attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, *, causal: bool = False,
-              softmax_scale: Optional[float] = None, return_lse: bool = False):
+              softmax_scale: Optional[float] = None, return_lse: bool = False, window_size=(-1, -1),
+              softcap: float = 0.0, alibi_slopes: Optional[torch.Tensor] = None,
+              sink: Optional[torch.Tensor] = None, dropout_p: float = 0.0):
     """Exact softmax attention, computed tile by tile (FlashAttention-2), differentiable.
 
     Args:
         q: (batch, seqlen_q, q_heads, head_dim), float16 / bfloat16 / float32, on a CUDA device (or CPU under
             the Triton interpreter). Any strides with the last one 1 (others are copied once).
-        k, v: (batch, seqlen_k, kv_heads, head_dim), same dtype and device; q_heads % kv_heads == 0
-            (grouped-query / multi-query attention read the shared kv head directly, no copies).
+        k: (batch, seqlen_k, kv_heads, head_dim); v: (batch, seqlen_k, kv_heads, head_dim_v), same dtype and
+            device; q_heads % kv_heads == 0 (GQA/MQA read the shared kv head directly, no copies).
+            head_dim and head_dim_v in [8, 256]; they may differ (e.g. MLA's 192 and 128).
         causal: bottom-right aligned causal mask (flash-attn >= 2.1): query i sees key j iff
             j <= i + seqlen_k - seqlen_q.
         softmax_scale: scale applied to q.k before softmax; default 1/sqrt(head_dim).
         return_lse: also return the logsumexp.
+        window_size: (left, right) local attention: query i sees keys in
+            [i + Sk - Sq - left, i + Sk - Sq + right]; -1 = unbounded. Causal sets right = 0.
+        softcap: > 0 replaces scores s by softcap * tanh(s / softcap) (after scaling).
+        alibi_slopes: fp32 (q_heads,) or (batch, q_heads): adds -slope * |i + Sk - Sq - j| to the scores.
+        sink: (q_heads,) learnable per-head logit that joins each row's softmax denominator with no value
+            (gpt-oss style); it receives a gradient.
+        dropout_p: dropout probability on the attention weights (Philox, seeded from torch's generator;
+            the backward regenerates the same mask).
 
     Returns:
-        out (batch, seqlen_q, q_heads, head_dim) in q's dtype; with ``return_lse`` also
-        lse (batch, q_heads, seqlen_q) float32, ``ln(sum_j exp(scale * q_i . k_j))`` over visible keys.
-        A query row that sees no key (causal with seqlen_q > seqlen_k, or seqlen_k == 0) gets out = 0,
-        lse = -inf, and zero gradients. Gradients flow to q, k, v through out and through lse.
+        out (batch, seqlen_q, q_heads, head_dim_v) in q's dtype; with ``return_lse`` also
+        lse (batch, q_heads, seqlen_q) float32, ``ln(sum_j exp(score_ij))`` over visible keys (+ exp(sink)).
+        A query row that sees no key gets out = 0, lse = -inf (= sink with a sink) and zero gradients.
+        Gradients flow to q, k, v (and sink) through out and through lse.
     """
-    softmax_scale = _check_inputs(q, k, v, causal, softmax_scale)
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
-    out, lse = _FlashAttention.apply(q, k, v, causal, softmax_scale)
+    softmax_scale = check_qkv(q, k, v, causal, softmax_scale)
+    window = check_window(window_size, causal)
+    softcap, alibi_slopes, sink, dropout_p = check_features(q, q.shape[0], q.shape[2], softcap, alibi_slopes, sink,
+                                                            dropout_p)
+    out, lse, _ = attention_impl(q, k, v, softmax_scale=softmax_scale, window=window, softcap=softcap,
+                                 alibi_slopes=alibi_slopes, sink=sink, dropout_p=dropout_p)
     return (out, lse) if return_lse else out

@@ -2,6 +2,9 @@
 
 Registering them lets ``torch.compile(fullgraph=True)`` trace models that call tileattn without graph breaks:
 the compiler sees an opaque op with known output shapes instead of Triton launches.
+
+Tensors are 4-D (batch, seqlen, heads, dim); varlen calls pass (1, total, heads, dim) views with
+cu_seqlens_q/k. Window bounds use -1 for "unbounded". ``rng`` is int64 [seed, offset] for dropout.
 """
 
 from typing import Optional, Tuple
@@ -10,31 +13,61 @@ import torch
 
 from .kernels.backward import attention_backward
 from .kernels.forward import attention_forward
+from .kernels.params import AttnParams
+
+
+def make_params(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                window_right, softcap, alibi_slopes, sink, dropout_p, rng) -> AttnParams:
+    batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]
+    return AttnParams(batch=batch, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
+                      softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
+                      softcap=softcap, alibi_slopes=alibi_slopes, sink=sink, dropout_p=dropout_p, rng=rng,
+                      cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
 
 
 @torch.library.custom_op("tileattn::fwd", mutates_args=(), device_types=("cuda", "cpu"))
-def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool,
-              softmax_scale: float) -> Tuple[torch.Tensor, torch.Tensor]:
-    return attention_forward(q, k, v, causal, softmax_scale)
+def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
+              cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+              window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
+              sink: Optional[torch.Tensor], dropout_p: float,
+              rng: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
+    p = make_params(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                    window_right, softcap, alibi_slopes, sink, dropout_p, rng)
+    return attention_forward(q, k, v, p)
 
 
 @flash_fwd.register_fake
-def _(q, k, v, causal, softmax_scale):
-    batch, seqlen_q, q_heads, head_dim = q.shape
-    out = q.new_empty((batch, seqlen_q, q_heads, head_dim))
-    lse = q.new_empty((batch, q_heads, seqlen_q), dtype=torch.float32)
+def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left, window_right,
+      softcap, alibi_slopes, sink, dropout_p, rng):
+    batch, rows_q, q_heads, _ = q.shape
+    out = q.new_empty((batch, rows_q, q_heads, v.shape[3]))
+    if cu_seqlens_q is not None:
+        lse = q.new_empty((q_heads, rows_q), dtype=torch.float32)
+    else:
+        lse = q.new_empty((batch, q_heads, rows_q), dtype=torch.float32)
     return out, lse
 
 
 @torch.library.custom_op("tileattn::bwd", mutates_args=(), device_types=("cuda", "cpu"))
 def flash_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              lse: torch.Tensor, dlse: Optional[torch.Tensor], causal: bool,
-              softmax_scale: float) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
-    return attention_backward(dout, q, k, v, out, lse, dlse, causal, softmax_scale)
+              lse: torch.Tensor, dlse: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+              cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+              window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
+              sink: Optional[torch.Tensor], dropout_p: float,
+              rng: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv, dsink); dsink is an empty (0,) tensor when there is no sink."""
+    p = make_params(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                    window_right, softcap, alibi_slopes, sink, dropout_p, rng)
+    dq, dk, dv, dsink = attention_backward(dout, q, k, v, out, lse, dlse, p)
+    if dsink is None:
+        dsink = q.new_empty((0,), dtype=torch.float32)
+    return dq, dk, dv, dsink
 
 
 @flash_bwd.register_fake
-def _(dout, q, k, v, out, lse, dlse, causal, softmax_scale):
-    return torch.empty_like(q, memory_format=torch.contiguous_format), \
-        torch.empty_like(k, memory_format=torch.contiguous_format), \
-        torch.empty_like(v, memory_format=torch.contiguous_format)
+def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+      window_left, window_right, softcap, alibi_slopes, sink, dropout_p, rng):
+    fmt = torch.contiguous_format
+    dsink = q.new_empty((sink.shape[0] if sink is not None else 0,), dtype=torch.float32)
+    return (torch.empty_like(q, memory_format=fmt), torch.empty_like(k, memory_format=fmt),
+            torch.empty_like(v, memory_format=fmt), dsink)

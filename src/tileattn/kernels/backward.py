@@ -1,12 +1,14 @@
 """Backward kernels (FlashAttention-2 style, deterministic, no atomics).
 
-1. ``_bwd_preprocess``: delta = rowsum(dO * O) - dlse, fp32 (B, Hq, Sq).
-2. ``_bwd_dkdv_kernel``: one program per (key tile, batch * kv_head). K and V stay in registers; query tiles of
-   every query head of the GQA group are streamed, so dK/dV are summed over the group inside the program.
+1. ``_bwd_preprocess``: delta = rowsum(dO * O) - dlse (fp32, lse's layout); with a sink also each row's share
+   of d(sink) = -exp(sink - lse) * delta, summed per head by the launcher in a fixed order.
+2. ``_bwd_dkdv_kernel``: one program per (key tile, batch * kv_head). K and V stay in registers; the query tiles
+   of every query head of the GQA group are streamed, so dK/dV are summed over the group inside the program.
 3. ``_bwd_dq_kernel``: one program per (query tile, batch * q_head); key tiles are streamed.
 
 Every output element is written by exactly one program with a fixed reduction order, so results are
-bit-identical run to run. Layouts as in ``forward.py``; dq/dk/dv are contiguous (B, S, H, D) in the input dtype.
+bit-identical run to run. Layouts as in ``forward.py``; dq/dk/dv are contiguous, in the input dtype.
+Dropout regenerates the forward's Philox mask from the same (seed, offset, b, h, i, j).
 """
 
 import torch
@@ -14,30 +16,37 @@ import triton
 import triton.language as tl
 
 from .. import configs
-from .common import LOG2E, LOG2E_F, kv_tile_bounds, load_tile, mma, q_tile_bounds, store_tile, visible
+from .common import (LOG2E, dropout_keep, kv_tile_range, load_tile, mma, q_tile_range, scores, seq_bounds,
+                     store_tile, visible)
 
 
 @triton.jit
-def _bwd_preprocess(O, DO, DLSE, DELTA,
-                    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
-                    q_heads, seqlen_q, num_m_tiles,
-                    head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                    HAS_DLSE: tl.constexpr):
+def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, DSINK_ROWS, SINK, CU_Q,
+                    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
+                    q_heads, max_seqlen_q, num_m_tiles, dv,
+                    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+                    HAS_SINK: tl.constexpr, IS_VARLEN: tl.constexpr):
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     b = (bh // q_heads).to(tl.int64)
     h = bh % q_heads
-    offs_m = (pid % num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_D)
-    o = load_tile(O + b * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :],
-                  offs_m, seqlen_q, offs_d, head_dim, True, EVEN_D)
-    do = load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
-                   offs_m, seqlen_q, offs_d, head_dim, True, EVEN_D)
+    q_start, seqlen_q = seq_bounds(CU_Q, b, max_seqlen_q, IS_VARLEN)
+    rows = (pid % num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, BLOCK_DV)
+    o = load_tile(O + b * stride_ob + (q_start + rows[:, None]).to(tl.int64) * stride_os + h * stride_oh
+                  + offs_d[None, :], rows, seqlen_q, offs_d, dv, True, BLOCK_DV == dv)
+    do = load_tile(DO + b * stride_dob + (q_start + rows[:, None]).to(tl.int64) * stride_dos + h * stride_doh
+                   + offs_d[None, :], rows, seqlen_q, offs_d, dv, True, BLOCK_DV == dv)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row = bh.to(tl.int64) * seqlen_q + offs_m
+    row = b * stride_lb + h * stride_lh + q_start + rows
+    in_seq = rows < seqlen_q
     if HAS_DLSE:
-        delta -= tl.load(DLSE + row, mask=offs_m < seqlen_q, other=0.0)
-    tl.store(DELTA + row, delta, mask=offs_m < seqlen_q)
+        delta -= tl.load(DLSE + row, mask=in_seq, other=0.0)
+    tl.store(DELTA + row, delta, mask=in_seq)
+    if HAS_SINK:
+        lse = tl.load(LSE + row, mask=in_seq, other=float("inf"))
+        p_sink = tl.exp(tl.load(SINK + h).to(tl.float32) - lse)
+        tl.store(DSINK_ROWS + row, -p_sink * delta, mask=in_seq)
 
 
 @triton.jit
@@ -51,185 +60,301 @@ def _load_row_stats(LSE, DELTA, rows, seqlen_q):
 
 @triton.jit
 def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qs, stride_dos,
-                offs_m, offs_n, offs_d, lo, hi, seqlen_q, diag_offset, qk_scale,
-                head_dim, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                CAUSAL: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr):
+                offs_m, cols, offs_dqk, offs_dv, lo, hi, seqlen_q, seqlen_k, diag, win_left, win_right,
+                qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v,
+                EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi) of one query head (transposed form)."""
     for start_m in tl.range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        q = load_tile(q_ptrs + start_m * stride_qs, rows, seqlen_q, offs_d, head_dim, True, EVEN_D)
+        q = load_tile(q_ptrs + start_m * stride_qs, rows, seqlen_q, offs_dqk, dqk, True, EVEN_DQK)
         lse, delta = _load_row_stats(LSE, DELTA, rows, seqlen_q)
-        p_t = tl.math.exp2(mma(k, tl.trans(q), None, FP32) * qk_scale - lse[None, :])
+        s_t, t_t = scores(mma(k, tl.trans(q), None, FP32), rows[None, :], cols[:, None], diag, qk_scale, softcap,
+                          slope, HAS_SOFTCAP, HAS_ALIBI)
+        p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
-            if CAUSAL:
-                p_t = tl.where(offs_n[:, None] <= rows[None, :] + diag_offset, p_t, 0.0)
-        do = load_tile(do_ptrs + start_m * stride_dos, rows, seqlen_q, offs_d, head_dim, True, EVEN_D)
-        dv = mma(p_t.to(do.dtype), do, dv, FP32)
+            p_t = tl.where(visible(rows[None, :], cols[:, None], seqlen_k, diag, win_left, win_right,
+                                   HAS_LEFT, HAS_RIGHT), p_t, 0.0)
+        do = load_tile(do_ptrs + start_m * stride_dos, rows, seqlen_q, offs_dv, dim_v, True, EVEN_DV)
         dp_t = mma(v, tl.trans(do), None, FP32)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rng_offset, rows[None, :], cols[:, None], row_base, max_seqlen_k, dropout_p)
+            dv = mma(tl.where(keep, p_t / (1.0 - dropout_p), 0.0).to(do.dtype), do, dv, FP32)
+            dp_t = tl.where(keep, dp_t / (1.0 - dropout_p), 0.0)
+        else:
+            dv = mma(p_t.to(do.dtype), do, dv, FP32)
         ds_t = p_t * (dp_t - delta[None, :])
+        if HAS_SOFTCAP:
+            ds_t = ds_t * (1.0 - t_t * t_t)
         dk = mma(ds_t.to(q.dtype), q, dk, FP32)
     return dk, dv
 
 
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV,
+def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                      stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-                     q_heads, kv_heads, group, seqlen_q, seqlen_k, num_n_tiles, qk_scale, sm_scale,
-                     head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                     BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, FP32: tl.constexpr):
+                     stride_lb, stride_lh, stride_ab,
+                     q_heads, kv_heads, group, max_seqlen_q, max_seqlen_k, num_n_tiles,
+                     qk_scale, sm_scale, softcap, win_left, win_right, dropout_p,
+                     dqk, dim_v, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                     HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                     HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+                     FP32: tl.constexpr):
     pid = tl.program_id(0)
     bhk = pid // num_n_tiles
     start_n = (pid % num_n_tiles) * BLOCK_N  # causal: low key tiles have the most work and run first
     b = (bhk // kv_heads).to(tl.int64)
     hk = bhk % kv_heads
-    diag_offset = seqlen_k - seqlen_q
-
+    q_start, seqlen_q = seq_bounds(CU_Q, b, max_seqlen_q, IS_VARLEN)
+    k_start, seqlen_k = seq_bounds(CU_K, b, max_seqlen_k, IS_VARLEN)
+    if start_n >= seqlen_k:
+        return
+    diag = seqlen_k - seqlen_q
     offs_m = tl.arange(0, BLOCK_M)
-    offs_n = start_n + tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    k = load_tile(K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :],
-                  offs_n, seqlen_k, offs_d, head_dim, True, EVEN_D)
-    v = load_tile(V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :],
-                  offs_n, seqlen_k, offs_d, head_dim, True, EVEN_D)
-    dk = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
-    dv = tl.zeros([BLOCK_N, BLOCK_D], dtype=tl.float32)
+    cols = start_n + tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    k_rows = (k_start + cols[:, None]).to(tl.int64)
+    k = load_tile(K + b * stride_kb + hk * stride_kh + k_rows * stride_ks + offs_dqk[None, :],
+                  cols, seqlen_k, offs_dqk, dqk, True, BLOCK_DQK == dqk)
+    v = load_tile(V + b * stride_vb + hk * stride_vh + k_rows * stride_vs + offs_dv[None, :],
+                  cols, seqlen_k, offs_dv, dim_v, True, BLOCK_DV == dim_v)
+    dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
+    dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1)
 
-    lo, full_start = q_tile_bounds(start_n, seqlen_q, diag_offset, BLOCK_M, BLOCK_N, CAUSAL)
+    lo, full_lo, full_hi, hi = q_tile_range(start_n, seqlen_q, diag, win_left, win_right, BLOCK_M, BLOCK_N,
+                                            HAS_LEFT, HAS_RIGHT)
     for g in range(0, group):
         h = hk * group + g
-        q_ptrs = Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
-        do_ptrs = DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :]
-        row0 = (b * q_heads + h) * seqlen_q
+        q_ptrs = Q + b * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh \
+            + offs_m[:, None] * stride_qs + offs_dqk[None, :]
+        do_ptrs = DO + b * stride_dob + q_start.to(tl.int64) * stride_dos + h * stride_doh \
+            + offs_m[:, None] * stride_dos + offs_dv[None, :]
+        row0 = b * stride_lb + h * stride_lh + q_start
+        row_base = (b * q_heads + h) * max_seqlen_q
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = tl.load(ALIBI + b * stride_ab + h).to(tl.float32) * LOG2E
+        if HAS_RIGHT:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0, stride_qs, stride_dos,
+                                 offs_m, cols, offs_dqk, offs_dv, lo, full_lo, seqlen_q, seqlen_k, diag, win_left,
+                                 win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
+                                 dropout_p, dqk, dim_v, BLOCK_DQK == dqk, BLOCK_DV == dim_v, BLOCK_M, HAS_LEFT,
+                                 HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0, stride_qs, stride_dos,
-                             offs_m, offs_n, offs_d, lo, full_start, seqlen_q, diag_offset, qk_scale,
-                             head_dim, EVEN_D, BLOCK_M, CAUSAL, True, FP32)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0, stride_qs, stride_dos,
-                             offs_m, offs_n, offs_d, full_start, seqlen_q, seqlen_q, diag_offset, qk_scale,
-                             head_dim, EVEN_D, BLOCK_M, CAUSAL, False, FP32)
+                             offs_m, cols, offs_dqk, offs_dv, full_lo, full_hi, seqlen_q, seqlen_k, diag, win_left,
+                             win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
+                             dropout_p, dqk, dim_v, BLOCK_DQK == dqk, BLOCK_DV == dim_v, BLOCK_M, HAS_LEFT,
+                             HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, FP32)
+        if HAS_LEFT:
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0, stride_qs, stride_dos,
+                                 offs_m, cols, offs_dqk, offs_dv, full_hi, hi, seqlen_q, seqlen_k, diag, win_left,
+                                 win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
+                                 dropout_p, dqk, dim_v, BLOCK_DQK == dqk, BLOCK_DV == dim_v, BLOCK_M, HAS_LEFT,
+                                 HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32)
 
     dk = dk * sm_scale
-    store_tile(DK + b * stride_dkb + hk * stride_dkh + offs_n[:, None] * stride_dks + offs_d[None, :],
-               dk.to(DK.dtype.element_ty), offs_n, seqlen_k, offs_d, head_dim, EVEN_D)
-    store_tile(DV + b * stride_dvb + hk * stride_dvh + offs_n[:, None] * stride_dvs + offs_d[None, :],
-               dv.to(DV.dtype.element_ty), offs_n, seqlen_k, offs_d, head_dim, EVEN_D)
+    store_tile(DK + b * stride_dkb + hk * stride_dkh + k_rows * stride_dks + offs_dqk[None, :],
+               dk.to(DK.dtype.element_ty), cols, seqlen_k, offs_dqk, dqk, BLOCK_DQK == dqk)
+    store_tile(DV + b * stride_dvb + hk * stride_dvh + k_rows * stride_dvs + offs_dv[None, :],
+               dv.to(DV.dtype.element_ty), cols, seqlen_k, offs_dv, dim_v, BLOCK_DV == dim_v)
 
 
 @triton.jit
-def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
-              offs_m, offs_n, offs_d, lo, hi, seqlen_k, diag_offset, qk_scale,
-              head_dim, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-              CAUSAL: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr):
+def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk, offs_dv,
+              lo, hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
+              seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v,
+              EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+              HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles [lo, hi)."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(k_ptrs + start_n * stride_ks, cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
-        v = load_tile(v_ptrs + start_n * stride_vs, cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
-        p = tl.math.exp2(mma(q, tl.trans(k), None, FP32) * qk_scale - lse[:, None])
+        k = load_tile(k_ptrs + start_n * stride_ks, cols, seqlen_k, offs_dqk, dqk, MASKED, EVEN_DQK)
+        v = load_tile(v_ptrs + start_n * stride_vs, cols, seqlen_k, offs_dv, dim_v, MASKED, EVEN_DV)
+        s, t = scores(mma(q, tl.trans(k), None, FP32), rows[:, None], cols[None, :], diag, qk_scale, softcap,
+                      slope, HAS_SOFTCAP, HAS_ALIBI)
+        p = tl.math.exp2(s - lse[:, None])
         if MASKED:
-            p = tl.where(visible(offs_m, cols, seqlen_k, diag_offset, CAUSAL), p, 0.0)
+            p = tl.where(visible(rows[:, None], cols[None, :], seqlen_k, diag, win_left, win_right,
+                                 HAS_LEFT, HAS_RIGHT), p, 0.0)
         dp = mma(do, tl.trans(v), None, FP32)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rng_offset, rows[:, None], cols[None, :], row_base, max_seqlen_k, dropout_p)
+            dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
         ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * (1.0 - t * t)
         dq = mma(ds.to(k.dtype), k, dq, FP32)
     return dq
 
 
 @triton.jit
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, RNG,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
-                   stride_dqb, stride_dqs, stride_dqh,
-                   q_heads, group, seqlen_q, seqlen_k, num_m_tiles, qk_scale, sm_scale,
-                   head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr,
-                   BLOCK_N: tl.constexpr, CAUSAL: tl.constexpr, FP32: tl.constexpr):
+                   stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ab,
+                   q_heads, group, max_seqlen_q, max_seqlen_k, num_m_tiles,
+                   qk_scale, sm_scale, softcap, win_left, win_right, dropout_p,
+                   dqk, dim_v, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                   HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                   HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
+                   FP32: tl.constexpr):
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     tile = pid % num_m_tiles
-    if CAUSAL:
-        tile = num_m_tiles - 1 - tile  # longest tiles first
+    if HAS_RIGHT and not HAS_LEFT:
+        tile = num_m_tiles - 1 - tile  # causal: longest tiles first
     b = (bh // q_heads).to(tl.int64)
     h = bh % q_heads
     hk = h // group
-    diag_offset = seqlen_k - seqlen_q
-
+    q_start, seqlen_q = seq_bounds(CU_Q, b, max_seqlen_q, IS_VARLEN)
+    k_start, seqlen_k = seq_bounds(CU_K, b, max_seqlen_k, IS_VARLEN)
     start_m = tile * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    if start_m >= seqlen_q:
+        return
+    diag = seqlen_k - seqlen_q
+    rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
-    q = load_tile(Q + b * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :],
-                  offs_m, seqlen_q, offs_d, head_dim, True, EVEN_D)
-    do = load_tile(DO + b * stride_dob + h * stride_doh + offs_m[:, None] * stride_dos + offs_d[None, :],
-                   offs_m, seqlen_q, offs_d, head_dim, True, EVEN_D)
-    lse, delta = _load_row_stats(LSE + bh.to(tl.int64) * seqlen_q, DELTA + bh.to(tl.int64) * seqlen_q,
-                                 offs_m, seqlen_q)
-    k_ptrs = K + b * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = V + b * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
-    dq = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    q_rows = (q_start + rows[:, None]).to(tl.int64)
+    q = load_tile(Q + b * stride_qb + h * stride_qh + q_rows * stride_qs + offs_dqk[None, :],
+                  rows, seqlen_q, offs_dqk, dqk, True, BLOCK_DQK == dqk)
+    do = load_tile(DO + b * stride_dob + h * stride_doh + q_rows * stride_dos + offs_dv[None, :],
+                   rows, seqlen_q, offs_dv, dim_v, True, BLOCK_DV == dim_v)
+    row0 = b * stride_lb + h * stride_lh + q_start
+    lse, delta = _load_row_stats(LSE + row0, DELTA + row0, rows, seqlen_q)
+    k_ptrs = K + b * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh \
+        + offs_n[:, None] * stride_ks + offs_dqk[None, :]
+    v_ptrs = V + b * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh \
+        + offs_n[:, None] * stride_vs + offs_dv[None, :]
+    dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b * stride_ab + h).to(tl.float32) * LOG2E
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1)
+    row_base = bh.to(tl.int64) * max_seqlen_q
 
-    full_end, hi = kv_tile_bounds(start_m, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, CAUSAL)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d,
-                   0, full_end, seqlen_k, diag_offset, qk_scale, head_dim, EVEN_D, BLOCK_N, CAUSAL, False, FP32)
-    dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d,
-                   full_end, hi, seqlen_k, diag_offset, qk_scale, head_dim, EVEN_D, BLOCK_N, CAUSAL, True, FP32)
+    lo, full_lo, full_hi, hi = kv_tile_range(start_m, seqlen_k, diag, win_left, win_right, BLOCK_M, BLOCK_N,
+                                             HAS_LEFT, HAS_RIGHT)
+    if HAS_LEFT:
+        dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
+                       offs_dv, lo, full_lo, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
+                       seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v, BLOCK_DQK == dqk,
+                       BLOCK_DV == dim_v, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                       True, FP32)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
+                   offs_dv, full_lo, full_hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
+                   seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v, BLOCK_DQK == dqk,
+                   BLOCK_DV == dim_v, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                   False, FP32)
+    dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
+                   offs_dv, full_hi, hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
+                   seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v, BLOCK_DQK == dqk,
+                   BLOCK_DV == dim_v, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                   True, FP32)
     dq = dq * sm_scale
-    store_tile(DQ + b * stride_dqb + h * stride_dqh + offs_m[:, None] * stride_dqs + offs_d[None, :],
-               dq.to(DQ.dtype.element_ty), offs_m, seqlen_q, offs_d, head_dim, EVEN_D)
+    store_tile(DQ + b * stride_dqb + h * stride_dqh + q_rows * stride_dqs + offs_dqk[None, :],
+               dq.to(DQ.dtype.element_ty), rows, seqlen_q, offs_dqk, dqk, BLOCK_DQK == dqk)
 
 
-def attention_backward(dout, q, k, v, out, lse, dlse, causal: bool, softmax_scale: float,
-                       cfg: "configs.BackwardConfig | None" = None):
-    """Launch the three backward kernels. dout/q/k/v/out: last stride 1. lse fp32 (B, Hq, Sq) contiguous.
+def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None):
+    """Launch the three backward kernels. Shapes as in ``attention_forward``; ``p`` its AttnParams.
 
-    dlse: optional gradient w.r.t. lse (B, Hq, Sq) or None; ``cfg`` overrides the table (tuning).
-    Returns (dq, dk, dv), contiguous, input dtype.
+    dout/q/k/v/out: last stride 1. lse: the forward's. dlse: optional gradient w.r.t. lse (same shape) or None.
+    Returns (dq, dk, dv, dsink): contiguous, input dtype; dsink fp32 (Hq,) or None without a sink.
+    ``cfg`` overrides the tile table (tuning).
     """
-    batch, seqlen_q, q_heads, head_dim = q.shape
-    seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    dq = torch.empty(q.shape, dtype=q.dtype, device=q.device)
-    dk = torch.empty(k.shape, dtype=k.dtype, device=k.device)
-    dv = torch.empty(v.shape, dtype=v.dtype, device=v.device)
-    if seqlen_q == 0 or seqlen_k == 0 or batch == 0 or q_heads == 0:
-        return dq.zero_(), dk.zero_(), dv.zero_()
-    cfg = cfg or configs.backward_config(q.device, q.dtype, head_dim, causal)
-    block_d = configs.padded_head_dim(head_dim)
-    even_d = block_d == head_dim
+    # varlen: rows outside every sequence get zero gradients; batched: every row is written.
+    alloc = torch.zeros if p.varlen else torch.empty
+    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
+    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
+    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+    dsink_rows = torch.zeros(lse.shape, dtype=torch.float32, device=q.device) if p.sink is not None else None
+    empty = p.max_seqlen_q == 0 or p.max_seqlen_k == 0 or q.numel() == 0 or k.numel() == 0
+    if empty:
+        dq.zero_(), dk.zero_(), dv.zero_()
+    else:
+        _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_rows)
+    dsink = None
+    if dsink_rows is not None:  # fixed-order reduction over batch and rows: deterministic
+        dsink = dsink_rows.sum(dim=-1) if p.varlen else dsink_rows.sum(dim=(0, 2))
+    return dq, dk, dv, dsink
+
+
+def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_rows):
+    _, rows_q, q_heads, dqk = q.shape
+    kv_heads, dim_v = k.shape[2], v.shape[3]
+    batch = p.batch
+    cfg = cfg or configs.backward_config(q.device, q.dtype, max(dqk, dim_v), p.causal_like)
+    block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dim_v)
     fp32 = q.dtype == torch.float32
     group = q_heads // kv_heads
-    qk_scale = softmax_scale * LOG2E_F
+    if p.varlen:
+        stride_lb, stride_lh = 0, rows_q
+        sb = lambda t: 0  # noqa: E731
+    else:
+        stride_lb, stride_lh = q_heads * rows_q, rows_q
+        sb = lambda t: t.stride(0)  # noqa: E731
+    dummy = lse
+    cu_q = p.cu_seqlens_q if p.varlen else dummy
+    cu_k = p.cu_seqlens_k if p.varlen else dummy
+    alibi = p.alibi_slopes if p.alibi_slopes is not None else dummy
+    rng = p.rng if p.dropout_p > 0 else dummy
+    flags = dict(HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0,
+                 HAS_ALIBI=p.alibi_slopes is not None, HAS_DROPOUT=p.dropout_p > 0, IS_VARLEN=p.varlen, FP32=fp32)
 
-    delta = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
+    delta = torch.empty_like(lse)
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
-    num_m_pre = triton.cdiv(seqlen_q, cfg.pre_block_m)
+    num_m_pre = triton.cdiv(p.max_seqlen_q, cfg.pre_block_m)
     _bwd_preprocess[(num_m_pre * batch * q_heads,)](
-        out, dout, dlse if dlse is not None else delta, delta,
-        out.stride(0), out.stride(1), out.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        q_heads, seqlen_q, num_m_pre,
-        head_dim, BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=cfg.pre_block_m, HAS_DLSE=dlse is not None,
+        out, dout, lse, dlse if dlse is not None else dummy, delta,
+        dsink_rows if dsink_rows is not None else dummy, p.sink if p.sink is not None else dummy, cu_q,
+        sb(out), out.stride(1), out.stride(2), sb(dout), dout.stride(1), dout.stride(2), stride_lb, stride_lh,
+        q_heads, p.max_seqlen_q, num_m_pre, dim_v,
+        BLOCK_DV=block_dv, BLOCK_M=cfg.pre_block_m, HAS_DLSE=dlse is not None, HAS_SINK=p.sink is not None,
+        IS_VARLEN=p.varlen,
     )
 
     kv = cfg.dkdv
-    num_n_tiles = triton.cdiv(seqlen_k, kv.block_n)
+    num_n_tiles = triton.cdiv(p.max_seqlen_k, kv.block_n)
     _bwd_dkdv_kernel[(num_n_tiles * batch * kv_heads,)](
-        q, k, v, dout, lse, delta, dk, dv,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dk.stride(0), dk.stride(1), dk.stride(2), dv.stride(0), dv.stride(1), dv.stride(2),
-        q_heads, kv_heads, group, seqlen_q, seqlen_k, num_n_tiles, qk_scale, softmax_scale,
-        head_dim, BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, CAUSAL=causal, FP32=fp32,
+        q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, alibi, rng,
+        sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2),
+        sb(v), v.stride(1), v.stride(2), sb(dout), dout.stride(1), dout.stride(2),
+        sb(dk), dk.stride(1), dk.stride(2), sb(dv), dv.stride(1), dv.stride(2),
+        stride_lb, stride_lh, p.alibi_stride_b,
+        q_heads, kv_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_n_tiles,
+        p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
+        dqk, dim_v, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, **flags,
         num_warps=kv.num_warps, num_stages=kv.num_stages,
     )
 
     qc = cfg.dq
-    num_m_tiles = triton.cdiv(seqlen_q, qc.block_m)
+    num_m_tiles = triton.cdiv(p.max_seqlen_q, qc.block_m)
     _bwd_dq_kernel[(num_m_tiles * batch * q_heads,)](
-        q, k, v, dout, lse, delta, dq,
-        q.stride(0), q.stride(1), q.stride(2), k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2), dout.stride(0), dout.stride(1), dout.stride(2),
-        dq.stride(0), dq.stride(1), dq.stride(2),
-        q_heads, group, seqlen_q, seqlen_k, num_m_tiles, qk_scale, softmax_scale,
-        head_dim, BLOCK_D=block_d, EVEN_D=even_d, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, CAUSAL=causal, FP32=fp32,
+        q, k, v, dout, lse, delta, dq, cu_q, cu_k, alibi, rng,
+        sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2),
+        sb(v), v.stride(1), v.stride(2), sb(dout), dout.stride(1), dout.stride(2),
+        sb(dq), dq.stride(1), dq.stride(2), stride_lb, stride_lh, p.alibi_stride_b,
+        q_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
+        p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
+        dqk, dim_v, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, **flags,
         num_warps=qc.num_warps, num_stages=qc.num_stages,
     )
-    return dq, dk, dv

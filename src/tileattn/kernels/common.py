@@ -2,13 +2,17 @@
 
 Conventions used by every kernel in this package:
 
-* Tensors are indexed through explicit strides; q/k/v/o/do/dq/dk/dv are (batch, seqlen, heads, head_dim)
-  with the last dimension contiguous, lse and delta are fp32 (batch, q_heads, seqlen_q) contiguous.
-* Scores are kept in log2 units: ``s2 = (q . k) * softmax_scale * log2(e)``, so the kernels use ``exp2``.
-  The lse written to memory is the natural-log value ``ln(sum_j exp(scale * q.k_j))``.
-* Causal masking is bottom-right aligned: query ``i`` sees key ``j`` iff ``j <= i + (Sk - Sq)``.
-* Tiles are split into "full" tiles, where no mask can apply (no causal cut, no key beyond ``Sk``), and
-  "partial" tiles that pay for the mask. The two loops share one body, selected by a ``MASKED`` constexpr.
+* q/k/v/o/do/dq/dk/dv are (batch, seqlen, heads, head_dim) with the last dimension contiguous, indexed through
+  explicit strides. Variable-length batches (``IS_VARLEN``) pass a batch stride of 0 and cumulative sequence
+  lengths; sequence ``b`` occupies rows [cu[b], cu[b+1]) of the packed tensor.
+* lse / delta are fp32 with element (b, h, i) at ``b * stride_b + h * stride_h + start_b + i`` (batched:
+  (B, H, S) contiguous; varlen: (H, total) with stride_b = 0).
+* Scores are kept in log2 units (``exp2``); the lse written to memory is natural-log.
+* Masks are bottom-right aligned: with ``diag = Sk - Sq``, query i sees key j iff
+  ``i + diag - window_left <= j <= i + diag + window_right`` (a bound is absent when its HAS_ flag is off;
+  causal is window_right = 0). Keys >= Sk are never visible.
+* Tiles are split into "full" tiles, where no mask can apply, and "partial" tiles that pay for it. The loops of
+  one phase share one body, selected by a ``MASKED`` constexpr.
 """
 
 import triton
@@ -30,8 +34,7 @@ def mma(a, b, acc, FP32: tl.constexpr):
 
 
 @triton.jit
-def load_tile(ptrs, offs_row, n_rows, offs_d, head_dim, CHECK_ROWS: tl.constexpr,
-              EVEN_D: tl.constexpr):
+def load_tile(ptrs, offs_row, n_rows, offs_d, head_dim, CHECK_ROWS: tl.constexpr, EVEN_D: tl.constexpr):
     """Load a [rows, BLOCK_D] tile, zero-filling rows >= n_rows (if CHECK_ROWS) and columns >= head_dim."""
     if CHECK_ROWS:
         if EVEN_D:
@@ -56,53 +59,95 @@ def store_tile(ptrs, x, offs_row, n_rows, offs_d, head_dim, EVEN_D: tl.constexpr
 
 
 @triton.jit
-def visible(offs_m, offs_n, seqlen_k, diag_offset, CAUSAL: tl.constexpr):
-    """[BLOCK_M, BLOCK_N] mask of (query, key) pairs that may attend: key in range, and causal cut."""
-    mask = offs_n[None, :] < seqlen_k
-    if CAUSAL:
-        mask = mask & (offs_n[None, :] <= offs_m[:, None] + diag_offset)
+def seq_bounds(CU, b, max_seqlen, IS_VARLEN: tl.constexpr):
+    """(start row, length) of sequence b: from cumulative lengths when varlen, else (0, max_seqlen)."""
+    if IS_VARLEN:
+        start = tl.load(CU + b)
+        length = tl.load(CU + b + 1) - start
+    else:
+        start = b * 0
+        length = max_seqlen + b * 0
+    return start, length
+
+
+@triton.jit
+def visible(rows, cols, seqlen_k, diag, win_left, win_right, HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Mask of (query, key) pairs that may attend. rows/cols are broadcastable 2-D index tensors."""
+    mask = cols < seqlen_k
+    if HAS_RIGHT:
+        mask = mask & (cols <= rows + diag + win_right)
+    if HAS_LEFT:
+        mask = mask & (cols >= rows + diag - win_left)
     return mask
 
 
 @triton.jit
-def kv_tile_bounds(start_m, seqlen_k, diag_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                   CAUSAL: tl.constexpr):
-    """Key range for the query tile [start_m, start_m + BLOCK_M).
+def scores(s, rows, cols, diag, qk_scale, softcap, slope,
+           HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+    """Raw q.k products -> scores in log2 units, and tanh(...) of the softcap (for its gradient).
 
-    Returns (full_end, hi): key tiles starting in [0, full_end) are entirely visible to every row of the
-    tile (no mask needed); tiles starting in [full_end, hi) need the mask; keys >= hi are never loaded.
-    full_end is a multiple of BLOCK_N.
+    qk_scale is softmax_scale * log2(e) without softcap, softmax_scale / softcap with it; in that case the
+    score is softcap * tanh(q.k * scale / softcap) (softcap passed pre-multiplied by log2(e)).
+    ALiBi subtracts slope * |i + diag - j| (slope pre-multiplied by log2(e)).
     """
-    if CAUSAL:
-        # The last row of the tile sees keys < start_m + BLOCK_M + diag_offset; the first row sees
-        # keys < start_m + 1 + diag_offset.
-        hi = tl.minimum(seqlen_k, start_m + BLOCK_M + diag_offset)
-        hi = tl.maximum(hi, 0)
-        full_end = tl.minimum(seqlen_k, start_m + 1 + diag_offset)
-        full_end = tl.maximum(full_end, 0) // BLOCK_N * BLOCK_N
+    if HAS_SOFTCAP:
+        t = 1.0 - 2.0 / (tl.exp(2.0 * (s * qk_scale)) + 1.0)
+        s = softcap * t
     else:
-        hi = seqlen_k
-        full_end = seqlen_k // BLOCK_N * BLOCK_N
-    return full_end, hi
+        t = s
+        s = s * qk_scale
+    if HAS_ALIBI:
+        s = s - slope * tl.abs(rows + diag - cols).to(tl.float32)
+    return s, t
 
 
 @triton.jit
-def q_tile_bounds(start_n, seqlen_q, diag_offset, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                  CAUSAL: tl.constexpr):
-    """Query range for the key tile [start_n, start_n + BLOCK_N) (backward dK/dV).
+def dropout_keep(seed, offset, rows, cols, row_base, max_seqlen_k, dropout_p):
+    """Philox keep-mask for (query row, key col); row_base = (b * Hq + h) * max_seqlen_q, same in fwd and bwd."""
+    idx = ((row_base + rows).to(tl.int64) * max_seqlen_k + cols) + offset
+    return tl.rand(seed, idx) >= dropout_p
 
-    Returns (lo, full_start): query tiles starting in [lo, full_start) need the causal mask; tiles starting
-    in [full_start, seqlen_q) see every key of the tile. Rows >= seqlen_q are neutralised by data (their
-    lse is loaded as +inf, so their probabilities are 0), so no bound mask is needed for them.
+
+@triton.jit
+def kv_tile_range(start_m, seqlen_k, diag, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                  HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Key tiles for the query tile [start_m, start_m + BLOCK_M).
+
+    Returns (lo, full_lo, full_hi, hi): tiles starting in [lo, full_lo) and [full_hi, hi) need the mask,
+    tiles in [full_lo, full_hi) are visible to every row; lo, full_lo, full_hi are multiples of BLOCK_N.
     """
-    if CAUSAL:
-        q_end = tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M
-        # Row i sees key j iff i >= j - diag_offset.
-        lo = tl.maximum(start_n - diag_offset, 0) // BLOCK_M * BLOCK_M
-        full_start = tl.maximum(start_n + BLOCK_N - 1 - diag_offset, 0)
-        full_start = tl.minimum(tl.cdiv(full_start, BLOCK_M) * BLOCK_M, q_end)
-        lo = tl.minimum(lo, full_start)
-    else:
-        lo = 0
-        full_start = 0
-    return lo, full_start
+    hi = seqlen_k
+    lo = 0
+    full_lo = 0
+    full_hi = seqlen_k // BLOCK_N * BLOCK_N
+    if HAS_RIGHT:  # last row sees keys <= start_m + BLOCK_M - 1 + diag + right; first row <= start_m + diag + right
+        hi = tl.maximum(tl.minimum(hi, start_m + BLOCK_M + diag + win_right), 0)
+        full_hi = tl.minimum(full_hi, tl.maximum(start_m + diag + win_right + 1, 0) // BLOCK_N * BLOCK_N)
+    if HAS_LEFT:  # first row sees keys >= start_m + diag - left; last row >= start_m + BLOCK_M - 1 + diag - left
+        lo = tl.maximum(start_m + diag - win_left, 0) // BLOCK_N * BLOCK_N
+        full_lo = tl.cdiv(tl.maximum(start_m + BLOCK_M - 1 + diag - win_left, 0), BLOCK_N) * BLOCK_N
+    hi_tiles = tl.cdiv(hi, BLOCK_N) * BLOCK_N
+    full_lo = tl.minimum(full_lo, hi_tiles)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi_tiles)
+    return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def q_tile_range(start_n, seqlen_q, diag, win_left, win_right, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr):
+    """Query tiles for the key tile [start_n, start_n + BLOCK_N) (backward dK/dV); same contract as
+    ``kv_tile_range`` with BLOCK_M steps. Rows >= seqlen_q need no mask: their lse is loaded as +inf."""
+    lo = 0
+    hi = seqlen_q
+    full_lo = 0
+    full_hi = tl.cdiv(seqlen_q, BLOCK_M) * BLOCK_M
+    if HAS_RIGHT:  # row i sees key j iff i >= j - diag - right
+        lo = tl.maximum(start_n - diag - win_right, 0) // BLOCK_M * BLOCK_M
+        full_lo = tl.cdiv(tl.maximum(start_n + BLOCK_N - 1 - diag - win_right, 0), BLOCK_M) * BLOCK_M
+    if HAS_LEFT:  # row i sees key j iff i <= j - diag + left
+        hi = tl.minimum(tl.maximum(start_n + BLOCK_N - diag + win_left, 0), seqlen_q)
+        full_hi = tl.minimum(full_hi, tl.maximum(start_n - diag + win_left + 1, 0) // BLOCK_M * BLOCK_M)
+    hi_tiles = tl.cdiv(hi, BLOCK_M) * BLOCK_M
+    full_lo = tl.minimum(full_lo, hi_tiles)
+    full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi_tiles)
+    return lo, full_lo, full_hi, hi

@@ -1,8 +1,11 @@
 """Forward kernel: one program per (query tile, batch * q_head), K/V tiles streamed, online softmax.
 
-Layouts: q (B, Sq, Hq, D), k and v (B, Sk, Hkv, D), any strides with the last one 1; out (B, Sq, Hq, D)
-contiguous in q's dtype; lse fp32 (B, Hq, Sq) contiguous, natural log, -inf for rows that see no key.
+Layouts: q (B, Sq, Hq, Dqk), k (B, Sk, Hkv, Dqk), v (B, Sk, Hkv, Dv), any strides with the last one 1
+(varlen: B = 1 and rows of all sequences packed, see ``common``); out (..., Hq, Dv) contiguous in q's dtype;
+lse fp32, natural log, -inf for rows that see no key (ln(exp(sink)) = sink with a sink).
 GQA: query head h reads kv head h // (Hq // Hkv) directly (no copies).
+Features are constexpr flags: window bounds (HAS_LEFT/HAS_RIGHT; causal = right bound 0), softcap, ALiBi,
+sink, dropout, varlen.
 """
 
 import torch
@@ -10,118 +13,176 @@ import triton
 import triton.language as tl
 
 from .. import configs
-from .common import LN2, LOG2E_F, kv_tile_bounds, load_tile, mma, store_tile, visible
+from .common import (LN2, LOG2E, dropout_keep, kv_tile_range, load_tile, mma, scores, seq_bounds, store_tile,
+                     visible)
 
 
 @triton.jit
-def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d,
-               lo, hi, seqlen_k, diag_offset, qk_scale,
-               head_dim, EVEN_D: tl.constexpr, BLOCK_N: tl.constexpr,
-               CAUSAL: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr):
+def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk, offs_dv,
+               lo, hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
+               seed, rng_offset, row_base, max_seqlen_k, dropout_p,
+               dqk, dv, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+               HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr):
     """Online-softmax update of (acc, m_i, l_i) over key tiles [lo, hi). Scores in log2 units."""
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
-        k = load_tile(k_ptrs + start_n * stride_ks, cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
-        s = mma(q, tl.trans(k), None, FP32)
+        k = load_tile(k_ptrs + start_n * stride_ks, cols, seqlen_k, offs_dqk, dqk, MASKED, EVEN_DQK)
+        s, _ = scores(mma(q, tl.trans(k), None, FP32), rows[:, None], cols[None, :], diag, qk_scale, softcap, slope,
+                      HAS_SOFTCAP, HAS_ALIBI)
         if MASKED:
-            s = tl.where(visible(offs_m, cols, seqlen_k, diag_offset, CAUSAL), s * qk_scale, float("-inf"))
+            s = tl.where(visible(rows[:, None], cols[None, :], seqlen_k, diag, win_left, win_right,
+                                 HAS_LEFT, HAS_RIGHT), s, float("-inf"))
             m_new = tl.maximum(m_i, tl.max(s, 1))
             # Rows that have seen no key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN.
             m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            p = tl.math.exp2(s - m_use[:, None])
         else:
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+            m_new = tl.maximum(m_i, tl.max(s, 1))
             m_use = m_new
-            p = tl.math.exp2(s * qk_scale - m_use[:, None])
+        p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
-        v = load_tile(v_ptrs + start_n * stride_vs, cols, seqlen_k, offs_d, head_dim, MASKED, EVEN_D)
+        if HAS_DROPOUT:
+            keep = dropout_keep(seed, rng_offset, rows[:, None], cols[None, :], row_base, max_seqlen_k, dropout_p)
+            p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
+        v = load_tile(v_ptrs + start_n * stride_vs, cols, seqlen_k, offs_dv, dv, MASKED, EVEN_DV)
         acc = mma(p.to(v.dtype), v, acc, FP32)
         m_i = m_new
     return acc, m_i, l_i
 
 
 @triton.jit
-def _fwd_kernel(Q, K, V, O, LSE,
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG,
                 stride_qb, stride_qs, stride_qh,
                 stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh,
                 stride_ob, stride_os, stride_oh,
-                q_heads, group, seqlen_q, seqlen_k, num_m_tiles, qk_scale,
-                head_dim, BLOCK_D: tl.constexpr, EVEN_D: tl.constexpr, BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-                CAUSAL: tl.constexpr, FP32: tl.constexpr):
+                stride_lb, stride_lh, stride_ab,
+                q_heads, group, max_seqlen_q, max_seqlen_k, num_m_tiles,
+                qk_scale, softcap, win_left, win_right, dropout_p,
+                dqk, dv, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
+                IS_VARLEN: tl.constexpr, FP32: tl.constexpr):
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     tile = pid % num_m_tiles
-    if CAUSAL:
-        tile = num_m_tiles - 1 - tile  # longest tiles first
+    if HAS_RIGHT and not HAS_LEFT:
+        tile = num_m_tiles - 1 - tile  # causal: longest tiles first
     b = bh // q_heads
     h = bh % q_heads
     hk = h // group
-    diag_offset = seqlen_k - seqlen_q
-
+    q_start, seqlen_q = seq_bounds(CU_Q, b, max_seqlen_q, IS_VARLEN)
+    k_start, seqlen_k = seq_bounds(CU_K, b, max_seqlen_k, IS_VARLEN)
     start_m = tile * BLOCK_M
-    offs_m = start_m + tl.arange(0, BLOCK_M)
+    if start_m >= seqlen_q:
+        return
+    diag = seqlen_k - seqlen_q
+    rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
-    offs_d = tl.arange(0, BLOCK_D)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
 
     b64 = b.to(tl.int64)
-    q_ptrs = Q + b64 * stride_qb + h * stride_qh + offs_m[:, None] * stride_qs + offs_d[None, :]
-    k_ptrs = K + b64 * stride_kb + hk * stride_kh + offs_n[:, None] * stride_ks + offs_d[None, :]
-    v_ptrs = V + b64 * stride_vb + hk * stride_vh + offs_n[:, None] * stride_vs + offs_d[None, :]
+    q_ptrs = Q + b64 * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh \
+        + rows[:, None] * stride_qs + offs_dqk[None, :]
+    k_ptrs = K + b64 * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh \
+        + offs_n[:, None] * stride_ks + offs_dqk[None, :]
+    v_ptrs = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh \
+        + offs_n[:, None] * stride_vs + offs_dv[None, :]
 
-    q = load_tile(q_ptrs, offs_m, seqlen_q, offs_d, head_dim, True, EVEN_D)
+    q = load_tile(q_ptrs, rows, seqlen_q, offs_dqk, dqk, True, BLOCK_DQK == dqk)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_D], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b * stride_ab + h).to(tl.float32) * LOG2E
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1)
+    row_base = bh.to(tl.int64) * max_seqlen_q
 
-    full_end, hi = kv_tile_bounds(start_m, seqlen_k, diag_offset, BLOCK_M, BLOCK_N, CAUSAL)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d,
-                               0, full_end, seqlen_k, diag_offset, qk_scale,
-                               head_dim, EVEN_D, BLOCK_N, CAUSAL, False, FP32)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, offs_m, offs_n, offs_d,
-                               full_end, hi, seqlen_k, diag_offset, qk_scale,
-                               head_dim, EVEN_D, BLOCK_N, CAUSAL, True, FP32)
+    lo, full_lo, full_hi, hi = kv_tile_range(start_m, seqlen_k, diag, win_left, win_right, BLOCK_M, BLOCK_N,
+                                             HAS_LEFT, HAS_RIGHT)
+    if HAS_LEFT:
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
+                                   offs_dv, lo, full_lo, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
+                                   slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dv,
+                                   BLOCK_DQK == dqk, BLOCK_DV == dv, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
+                               offs_dv, full_lo, full_hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
+                               slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dv,
+                               BLOCK_DQK == dqk, BLOCK_DV == dv, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                               HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, FP32)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
+                               offs_dv, full_hi, hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
+                               slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dv,
+                               BLOCK_DQK == dqk, BLOCK_DV == dv, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                               HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32)
+    if HAS_SINK:  # the sink joins the denominator with no value
+        sink = tl.load(SINK + h).to(tl.float32) * LOG2E
+        m_new = tl.maximum(m_i, sink)
+        alpha = tl.math.exp2(m_i - m_new)
+        l_i = l_i * alpha + tl.math.exp2(sink - m_new)
+        acc = acc * alpha[:, None]
+        m_i = m_new
 
     # Rows that saw no key: l = 0, m = -inf -> out 0, lse = -inf.
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = (m_i + tl.math.log2(l_i)) * LN2
-    tl.store(LSE + bh.to(tl.int64) * seqlen_q + offs_m, lse, mask=offs_m < seqlen_q)
-    o_ptrs = O + b64 * stride_ob + h * stride_oh + offs_m[:, None] * stride_os + offs_d[None, :]
-    store_tile(o_ptrs, acc.to(O.dtype.element_ty), offs_m, seqlen_q, offs_d, head_dim, EVEN_D)
+    tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + rows, lse, mask=rows < seqlen_q)
+    o_ptrs = O + b64 * stride_ob + q_start.to(tl.int64) * stride_os + h * stride_oh \
+        + rows[:, None] * stride_os + offs_dv[None, :]
+    store_tile(o_ptrs, acc.to(O.dtype.element_ty), rows, seqlen_q, offs_dv, dv, BLOCK_DV == dv)
 
 
-def attention_forward(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, causal: bool, softmax_scale: float,
-                      cfg: "configs.KernelConfig | None" = None):
-    """Launch the forward kernel. Inputs are validated by the caller; ``cfg`` overrides the table (tuning).
+def attention_forward(q, k, v, p, cfg=None):
+    """Launch the forward kernel. ``p`` is a validated :class:`tileattn.kernels.params.AttnParams`.
 
-    Returns (out, lse).
+    q: (B, Sq, Hq, Dqk) (varlen: (1, total_q, Hq, Dqk)); k: (B, Sk, Hkv, Dqk); v: (B, Sk, Hkv, Dv).
+    Returns (out (B, Sq, Hq, Dv), lse fp32: (B, Hq, Sq), or (Hq, total_q) for varlen).
+    ``cfg`` overrides the tile table (tuning).
     """
-    batch, seqlen_q, q_heads, head_dim = q.shape
-    seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    out = torch.empty((batch, seqlen_q, q_heads, head_dim), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
-    if out.numel() == 0:
+    _, rows_q, q_heads, dqk = q.shape
+    kv_heads, dv = k.shape[2], v.shape[3]
+    out = torch.empty(q.shape[:3] + (dv,), dtype=q.dtype, device=q.device)
+    batch = p.batch
+    if p.varlen:
+        lse = torch.empty((q_heads, rows_q), dtype=torch.float32, device=q.device)
+        stride_lb, stride_lh = 0, rows_q
+    else:
+        lse = torch.empty((batch, q_heads, rows_q), dtype=torch.float32, device=q.device)
+        stride_lb, stride_lh = q_heads * rows_q, rows_q
+    if out.numel() == 0 or p.max_seqlen_q == 0:
         return out, lse
-    if seqlen_k == 0:
-        out.zero_()
-        lse.fill_(float("-inf"))
-        return out, lse
-    cfg = cfg or configs.forward_config(q.device, q.dtype, head_dim, causal)
-    block_d = configs.padded_head_dim(head_dim)
-    num_m_tiles = triton.cdiv(seqlen_q, cfg.block_m)
+    cfg = cfg or configs.forward_config(q.device, q.dtype, max(dqk, dv), p.causal_like)
+    num_m_tiles = triton.cdiv(p.max_seqlen_q, cfg.block_m)
     grid = (num_m_tiles * batch * q_heads,)
+    dummy = lse
     _fwd_kernel[grid](
         q, k, v, out, lse,
-        q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0), k.stride(1), k.stride(2),
-        v.stride(0), v.stride(1), v.stride(2),
-        out.stride(0), out.stride(1), out.stride(2),
-        q_heads, q_heads // kv_heads, seqlen_q, seqlen_k, num_m_tiles, softmax_scale * LOG2E_F,
-        head_dim, BLOCK_D=block_d, EVEN_D=block_d == head_dim, BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        CAUSAL=causal, FP32=q.dtype == torch.float32,
+        p.cu_seqlens_q if p.varlen else dummy, p.cu_seqlens_k if p.varlen else dummy,
+        p.alibi_slopes if p.alibi_slopes is not None else dummy,
+        p.sink if p.sink is not None else dummy, p.rng if p.dropout_p > 0 else dummy,
+        0 if p.varlen else q.stride(0), q.stride(1), q.stride(2),
+        0 if p.varlen else k.stride(0), k.stride(1), k.stride(2),
+        0 if p.varlen else v.stride(0), v.stride(1), v.stride(2),
+        0 if p.varlen else out.stride(0), out.stride(1), out.stride(2),
+        stride_lb, stride_lh, p.alibi_stride_b,
+        q_heads, q_heads // kv_heads, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
+        p.qk_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
+        dqk, dv, BLOCK_DQK=configs.padded_head_dim(dqk), BLOCK_DV=configs.padded_head_dim(dv),
+        BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
+        HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0,
+        HAS_ALIBI=p.alibi_slopes is not None, HAS_SINK=p.sink is not None, HAS_DROPOUT=p.dropout_p > 0,
+        IS_VARLEN=p.varlen, FP32=q.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
