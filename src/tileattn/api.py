@@ -148,24 +148,35 @@ def check_cu_seqlens(name: str, cu, device, rows: int):
     return cu.contiguous()
 
 
+def unpack_qkv(a, b, c, pack: int):
+    """pack 0: (q, k, v); pack 1: a = qkv (..., 3, H, D); pack 2: a = q, b = kv (..., 2, Hkv, D). Views only."""
+    if pack == 1:
+        return a.unbind(-3)
+    if pack == 2:
+        return (a,) + tuple(b.unbind(-3))
+    return a, b, c
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, q, k, v, sink, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, dropout_p, rng):
+    def forward(ctx, a, b, c, sink, pack, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, dropout_p, rng):
+        q, k, v = unpack_qkv(a, b, c, pack)
         out, lse = flash_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, sink, dropout_p, rng)
         ctx.save_for_backward(q, k, v, out, lse, sink, cu_q, cu_k, alibi, rng)
-        ctx.args = (max_q, max_k, scale, wl, wr, softcap, dropout_p)
+        ctx.args = (max_q, max_k, scale, wl, wr, softcap, dropout_p, pack)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
         q, k, v, out, lse, sink, cu_q, cu_k, alibi, rng = ctx.saved_tensors
-        max_q, max_k, scale, wl, wr, softcap, dropout_p = ctx.args
+        max_q, max_k, scale, wl, wr, softcap, dropout_p, pack = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
-        dq, dk, dv, dsink = flash_bwd(_last_dim_contiguous(dout), q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k,
-                                      scale, wl, wr, softcap, alibi, sink, dropout_p, rng)
+        g0, g1, g2, dsink = flash_bwd(_last_dim_contiguous(dout), q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k,
+                                      scale, wl, wr, softcap, alibi, sink, dropout_p, rng, pack)
         dsink = dsink.to(sink.dtype) if sink is not None else None
-        return dq, dk, dv, dsink, None, None, None, None, None, None, None, None, None, None, None
+        grads = (g0, g1 if pack != 1 else None, g2 if pack == 0 else None)
+        return grads + (dsink,) + (None,) * 12
 
 
 def new_rng_state(device) -> torch.Tensor:
@@ -175,21 +186,23 @@ def new_rng_state(device) -> torch.Tensor:
 
 def attention_impl(q, k, v, *, softmax_scale: float, window: Tuple[int, int], softcap: float, alibi_slopes,
                    sink, dropout_p: float, cu_seqlens_q=None, cu_seqlens_k=None, max_seqlen_q=None,
-                   max_seqlen_k=None):
+                   max_seqlen_k=None, pack: int = 0):
     """Run validated inputs through the autograd Function. Batched: 4-D tensors; varlen: 3-D with cu_seqlens.
 
+    ``pack``: 0 = q, k, v; 1 = ``q`` is a packed qkv (..., 3, H, D) and k, v are None; 2 = ``k`` is a packed
+    kv (..., 2, Hkv, D) and v is None. Packed inputs get packed gradients (written in place, no concatenation).
     Returns (out, lse, rng): out like q with v's head dim; lse (B, Hq, Sq) or (Hq, total_q); rng the dropout
     state used (None without dropout).
     """
     varlen = cu_seqlens_q is not None
-    q, k, v = (_last_dim_contiguous(t) for t in (q, k, v))
+    tensors = [None if t is None else _last_dim_contiguous(t) for t in (q, k, v)]
     if varlen:
-        q4, k4, v4 = q.unsqueeze(0), k.unsqueeze(0), v.unsqueeze(0)
-    else:
-        q4, k4, v4 = q, k, v
-        max_seqlen_q, max_seqlen_k = q.shape[1], k.shape[1]
-    rng = new_rng_state(q.device) if dropout_p > 0 else None
-    out, lse = _FlashAttention.apply(q4, k4, v4, sink, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+        tensors = [None if t is None else t.unsqueeze(0) for t in tensors]
+    qv, kv_, _ = unpack_qkv(*tensors, pack)
+    if not varlen:
+        max_seqlen_q, max_seqlen_k = qv.shape[1], kv_.shape[1]
+    rng = new_rng_state(qv.device) if dropout_p > 0 else None
+    out, lse = _FlashAttention.apply(*tensors, sink, pack, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                      softmax_scale, window[0], window[1], softcap, alibi_slopes, dropout_p, rng)
     if varlen:
         out = out.squeeze(0)

@@ -53,21 +53,40 @@ def flash_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
               lse: torch.Tensor, dlse: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
               cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
               window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
-              sink: Optional[torch.Tensor], dropout_p: float,
-              rng: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
-    """Returns (dq, dk, dv, dsink); dsink is an empty (0,) tensor when there is no sink."""
+              sink: Optional[torch.Tensor], dropout_p: float, rng: Optional[torch.Tensor],
+              pack: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Returns (dq, dk, dv, dsink); dsink is an empty (0,) tensor when there is no sink.
+
+    pack = 1: q, k, v are views of one (B, S, 3, H, D) tensor; the first output is its gradient, packed the same
+    way (the kernels write into its views: no concatenation), and dk, dv are empty. pack = 2: k, v are views of
+    one (B, S, 2, H, D) tensor; dk is its packed gradient and dv is empty.
+    """
     p = make_params(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                     window_right, softcap, alibi_slopes, sink, dropout_p, rng)
-    dq, dk, dv, dsink = attention_backward(dout, q, k, v, out, lse, dlse, p)
+    alloc = torch.zeros if cu_seqlens_q is not None else torch.empty
+    none = lambda: q.new_empty((0,))  # noqa: E731  (distinct placeholders: outputs may not alias)
+    if pack == 1:
+        dqkv = alloc(q.shape[:2] + (3,) + q.shape[2:], dtype=q.dtype, device=q.device)
+        _, _, _, dsink = attention_backward(dout, q, k, v, out, lse, dlse, p, grads=dqkv.unbind(2))
+        result = [dqkv, none(), none()]
+    elif pack == 2:
+        dkv = alloc(k.shape[:2] + (2,) + k.shape[2:], dtype=k.dtype, device=k.device)
+        dq = alloc(q.shape, dtype=q.dtype, device=q.device)
+        _, _, _, dsink = attention_backward(dout, q, k, v, out, lse, dlse, p, grads=(dq,) + dkv.unbind(2))
+        result = [dq, dkv, none()]
+    else:
+        *result, dsink = attention_backward(dout, q, k, v, out, lse, dlse, p)
     if dsink is None:
         dsink = q.new_empty((0,), dtype=torch.float32)
-    return dq, dk, dv, dsink
+    return result[0], result[1], result[2], dsink
 
 
 @flash_bwd.register_fake
 def _(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-      window_left, window_right, softcap, alibi_slopes, sink, dropout_p, rng):
-    fmt = torch.contiguous_format
+      window_left, window_right, softcap, alibi_slopes, sink, dropout_p, rng, pack=0):
     dsink = q.new_empty((sink.shape[0] if sink is not None else 0,), dtype=torch.float32)
-    return (torch.empty_like(q, memory_format=fmt), torch.empty_like(k, memory_format=fmt),
-            torch.empty_like(v, memory_format=fmt), dsink)
+    if pack == 1:
+        return q.new_empty(q.shape[:2] + (3,) + q.shape[2:]), q.new_empty((0,)), q.new_empty((0,)), dsink
+    if pack == 2:
+        return q.new_empty(q.shape), k.new_empty(k.shape[:2] + (2,) + k.shape[2:]), q.new_empty((0,)), dsink
+    return q.new_empty(q.shape), k.new_empty(k.shape), v.new_empty(v.shape), dsink

@@ -273,18 +273,21 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, RNG,
                dq.to(DQ.dtype.element_ty), rows, seqlen_q, offs_dqk, dqk, BLOCK_DQK == dqk)
 
 
-def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None):
+def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None):
     """Launch the three backward kernels. Shapes as in ``attention_forward``; ``p`` its AttnParams.
 
     dout/q/k/v/out: last stride 1. lse: the forward's. dlse: optional gradient w.r.t. lse (same shape) or None.
     Returns (dq, dk, dv, dsink): contiguous, input dtype; dsink fp32 (Hq,) or None without a sink.
-    ``cfg`` overrides the tile table (tuning).
+    ``cfg`` overrides the tile table (tuning). ``grads``: optional preallocated (dq, dk, dv), any strides with the
+    last one 1 (e.g. views of one packed qkv gradient), zero-filled when varlen.
     """
-    # varlen: rows outside every sequence get zero gradients; batched: every row is written.
-    alloc = torch.zeros if p.varlen else torch.empty
-    dq = alloc(q.shape, dtype=q.dtype, device=q.device)
-    dk = alloc(k.shape, dtype=k.dtype, device=k.device)
-    dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+    if grads is not None:
+        dq, dk, dv = grads
+    else:  # varlen: rows outside every sequence get zero gradients; batched: every row is written.
+        alloc = torch.zeros if p.varlen else torch.empty
+        dq = alloc(q.shape, dtype=q.dtype, device=q.device)
+        dk = alloc(k.shape, dtype=k.dtype, device=k.device)
+        dv = alloc(v.shape, dtype=v.dtype, device=v.device)
     dsink_rows = torch.zeros(lse.shape, dtype=torch.float32, device=q.device) if p.sink is not None else None
     empty = p.max_seqlen_q == 0 or p.max_seqlen_k == 0 or q.numel() == 0 or k.numel() == 0
     if empty:
