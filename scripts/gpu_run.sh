@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
+# Stages: info smoke tests features tune bench bench256 compile
+# Usage: bash scripts/gpu_run.sh info smoke features bench
+set -uo pipefail
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+export PYTHONPATH="$ROOT/src" PYTHONUNBUFFERED=1
+OUT="${OUT:-$ROOT/gpu_logs}"
+mkdir -p "$OUT"
+status=0
+for stage in "$@"; do
+  echo "=== $stage $(date +%T)"
+  case "$stage" in
+    info) nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total,power.limit --format=csv
+          python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())' ;;
+    smoke) python3 benchmarks/smoke.py 2>&1 | tee "$OUT/smoke.log" || status=1 ;;
+    tests) python3 -m pytest tests -q -n 4 -p no:cacheprovider --durations=15 2>&1 | tee "$OUT/tests.log" | tail -40 || status=1 ;;
+    features) python3 -m tileattn.bench_features --out-dir "$OUT" 2>&1 | tee "$OUT/features.log" || status=1 ;;
+    tune) python3 benchmarks/tune.py --head-dims "${TUNE_DIMS:-256}" --out "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" || status=1 ;;
+    bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
+             | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
+    *) echo "unknown stage $stage"; status=1 ;;
+  esac
+done
+exit $status
