@@ -79,7 +79,7 @@ def main():
             for fname, f in feats.items():
                 base = {"BLOCK_DQK": block_d, "BLOCK_DV": block_d, "HAS_LEFT": False, "HAS_RIGHT": causal,
                         "HAS_SOFTCAP": False, "HAS_ALIBI": False, "HAS_SINK": False, "HAS_DROPOUT": False,
-                        "IS_VARLEN": False, "FP32": False, "HAS_DLSE": False, **f}
+                        "IS_VARLEN": False, "FP32": False, "HAS_DLSE": False, "EVEN_DQK": True, "EVEN_DV": True, **f}
                 rows = [("fwd", _fwd_kernel, fc), ("dkdv", _bwd_dkdv_kernel, bc.dkdv), ("dq", _bwd_dq_kernel, bc.dq),
                         ("pre", _bwd_preprocess, configs.KernelConfig(bc.pre_block_m, 0, 4, 1))]
                 for name, fn, cfg in rows:

@@ -15,6 +15,8 @@ from . import configs
 from .ops import flash_bwd, flash_fwd
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
+# Read once: @triton.jit chose compiled or interpreted kernels at import, and dynamo can't trace triton's getenv.
+_INTERPRETING = bool(triton.knobs.runtime.interpret)
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:
@@ -70,7 +72,7 @@ def check_qkv(q, k, v, causal, softmax_scale, varlen: bool = False) -> float:
     if not (q.device == k.device == v.device):
         raise ValueError(f"q, k, v must be on one device, got q {q.device}, k {k.device}, v {v.device}")
     if q.device.type == "cpu":
-        if not triton.knobs.runtime.interpret:
+        if not _INTERPRETING:
             raise ValueError("q, k, v are CPU tensors: tileattn needs a CUDA device, or the Triton interpreter "
                              "(set TRITON_INTERPRET=1 before importing tileattn)")
     elif q.device.type != "cuda":

@@ -72,13 +72,13 @@ def _cfg(*c):
 _SM90_FWD = {
     **{(d, c): _cfg(128, 64, 8, 3) for d in (16, 32, 64) for c in (False, True)},
     (128, False): _cfg(64, 64, 4, 3), (128, True): _cfg(64, 64, 4, 3),
-    (256, False): _cfg(64, 64, 8, 2), (256, True): _cfg(64, 64, 8, 2),
+    (256, False): _cfg(128, 64, 8, 2), (256, True): _cfg(128, 64, 8, 2),
 }
 _SM90_BWD = {  # dkdv: block_m streamed, block_n resident; dq: block_m resident, block_n streamed
     **{(d, False): BackwardConfig(_cfg(32, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
-    **{(d, True): BackwardConfig(_cfg(64, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
+    **{(d, True): BackwardConfig(_cfg(32, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
     **{(128, c): BackwardConfig(_cfg(64, 128, 8, 3), _cfg(128, 64, 8, 3)) for c in (False, True)},
-    **{(256, c): BackwardConfig(_cfg(32, 64, 8, 2), _cfg(64, 32, 8, 2)) for c in (False, True)},
+    **{(256, c): BackwardConfig(_cfg(64, 128, 8, 2), _cfg(128, 64, 8, 2)) for c in (False, True)},
 }
 # Portable tables (sm80 and the ~100 KB shared-memory parts): smaller tiles, fewer stages.
 _GENERIC_FWD = {

@@ -24,7 +24,7 @@ from .common import (LOG2E, dropout_keep, kv_tile_range, load_tile, mma, q_tile_
 def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, DSINK_ROWS, SINK, CU_Q,
                     stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
                     q_heads, max_seqlen_q, num_m_tiles, dv,
-                    BLOCK_DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
+                    BLOCK_DV: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
                     HAS_SINK: tl.constexpr, IS_VARLEN: tl.constexpr):
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
@@ -34,9 +34,9 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, DSINK_ROWS, SINK, CU_Q,
     rows = (pid % num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_DV)
     o = load_tile(O + b * stride_ob + (q_start + rows[:, None]).to(tl.int64) * stride_os + h * stride_oh
-                  + offs_d[None, :], rows, seqlen_q, offs_d, dv, True, BLOCK_DV == dv)
+                  + offs_d[None, :], rows, seqlen_q, offs_d, dv, True, EVEN_DV)
     do = load_tile(DO + b * stride_dob + (q_start + rows[:, None]).to(tl.int64) * stride_dos + h * stride_doh
-                   + offs_d[None, :], rows, seqlen_q, offs_d, dv, True, BLOCK_DV == dv)
+                   + offs_d[None, :], rows, seqlen_q, offs_d, dv, True, EVEN_DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     row = b * stride_lb + h * stride_lh + q_start + rows
     in_seq = rows < seqlen_q
@@ -66,7 +66,8 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qs, stride_dos
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi) of one query head (transposed form)."""
-    for start_m in tl.range(lo, hi, BLOCK_M):
+    # Masked tiles are few (the diagonal / the edges): no software pipelining for them, which saves registers.
+    for start_m in tl.range(lo, hi, BLOCK_M, num_stages=1 if MASKED else None):
         rows = start_m + offs_m
         q = load_tile(q_ptrs + start_m * stride_qs, rows, seqlen_q, offs_dqk, dqk, True, EVEN_DQK)
         lse, delta = _load_row_stats(LSE, DELTA, rows, seqlen_q)
@@ -99,7 +100,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
                      stride_lb, stride_lh, stride_ab,
                      q_heads, kv_heads, group, max_seqlen_q, max_seqlen_k, num_n_tiles,
                      qk_scale, sm_scale, softcap, win_left, win_right, dropout_p,
-                     dqk, dim_v, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     dqk, dim_v, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -111,8 +112,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
     hk = bhk % kv_heads
     q_start, seqlen_q = seq_bounds(CU_Q, b, max_seqlen_q, IS_VARLEN)
     k_start, seqlen_k = seq_bounds(CU_K, b, max_seqlen_k, IS_VARLEN)
-    if start_n >= seqlen_k:
-        return
+    if IS_VARLEN:
+        if start_n >= seqlen_k:  # this sequence is shorter than the longest
+            return
     diag = seqlen_k - seqlen_q
     offs_m = tl.arange(0, BLOCK_M)
     cols = start_n + tl.arange(0, BLOCK_N)
@@ -120,9 +122,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
     offs_dv = tl.arange(0, BLOCK_DV)
     k_rows = (k_start + cols[:, None]).to(tl.int64)
     k = load_tile(K + b * stride_kb + hk * stride_kh + k_rows * stride_ks + offs_dqk[None, :],
-                  cols, seqlen_k, offs_dqk, dqk, True, BLOCK_DQK == dqk)
+                  cols, seqlen_k, offs_dqk, dqk, True, EVEN_DQK)
     v = load_tile(V + b * stride_vb + hk * stride_vh + k_rows * stride_vs + offs_dv[None, :],
-                  cols, seqlen_k, offs_dv, dim_v, True, BLOCK_DV == dim_v)
+                  cols, seqlen_k, offs_dv, dim_v, True, EVEN_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
     seed = 0
@@ -148,25 +150,25 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0, stride_qs, stride_dos,
                                  offs_m, cols, offs_dqk, offs_dv, lo, full_lo, seqlen_q, seqlen_k, diag, win_left,
                                  win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
-                                 dropout_p, dqk, dim_v, BLOCK_DQK == dqk, BLOCK_DV == dim_v, BLOCK_M, HAS_LEFT,
+                                 dropout_p, dqk, dim_v, EVEN_DQK, EVEN_DV, BLOCK_M, HAS_LEFT,
                                  HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0, stride_qs, stride_dos,
                              offs_m, cols, offs_dqk, offs_dv, full_lo, full_hi, seqlen_q, seqlen_k, diag, win_left,
                              win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
-                             dropout_p, dqk, dim_v, BLOCK_DQK == dqk, BLOCK_DV == dim_v, BLOCK_M, HAS_LEFT,
+                             dropout_p, dqk, dim_v, EVEN_DQK, EVEN_DV, BLOCK_M, HAS_LEFT,
                              HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, FP32)
         if HAS_LEFT:
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0, stride_qs, stride_dos,
                                  offs_m, cols, offs_dqk, offs_dv, full_hi, hi, seqlen_q, seqlen_k, diag, win_left,
                                  win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
-                                 dropout_p, dqk, dim_v, BLOCK_DQK == dqk, BLOCK_DV == dim_v, BLOCK_M, HAS_LEFT,
+                                 dropout_p, dqk, dim_v, EVEN_DQK, EVEN_DV, BLOCK_M, HAS_LEFT,
                                  HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32)
 
     dk = dk * sm_scale
     store_tile(DK + b * stride_dkb + hk * stride_dkh + k_rows * stride_dks + offs_dqk[None, :],
-               dk.to(DK.dtype.element_ty), cols, seqlen_k, offs_dqk, dqk, BLOCK_DQK == dqk)
+               dk.to(DK.dtype.element_ty), cols, seqlen_k, offs_dqk, dqk, EVEN_DQK)
     store_tile(DV + b * stride_dvb + hk * stride_dvh + k_rows * stride_dvs + offs_dv[None, :],
-               dv.to(DV.dtype.element_ty), cols, seqlen_k, offs_dv, dim_v, BLOCK_DV == dim_v)
+               dv.to(DV.dtype.element_ty), cols, seqlen_k, offs_dv, dim_v, EVEN_DV)
 
 
 @triton.jit
@@ -177,7 +179,8 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles [lo, hi)."""
-    for start_n in tl.range(lo, hi, BLOCK_N):
+    # Masked tiles are few (the diagonal / the edges): no software pipelining for them, which saves registers.
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
         cols = start_n + offs_n
         k = load_tile(k_ptrs + start_n * stride_ks, cols, seqlen_k, offs_dqk, dqk, MASKED, EVEN_DQK)
         v = load_tile(v_ptrs + start_n * stride_vs, cols, seqlen_k, offs_dv, dim_v, MASKED, EVEN_DV)
@@ -205,7 +208,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, RNG,
                    stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ab,
                    q_heads, group, max_seqlen_q, max_seqlen_k, num_m_tiles,
                    qk_scale, sm_scale, softcap, win_left, win_right, dropout_p,
-                   dqk, dim_v, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                   dqk, dim_v, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -221,8 +224,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, RNG,
     q_start, seqlen_q = seq_bounds(CU_Q, b, max_seqlen_q, IS_VARLEN)
     k_start, seqlen_k = seq_bounds(CU_K, b, max_seqlen_k, IS_VARLEN)
     start_m = tile * BLOCK_M
-    if start_m >= seqlen_q:
-        return
+    if IS_VARLEN:
+        if start_m >= seqlen_q:  # this sequence is shorter than the longest
+            return
     diag = seqlen_k - seqlen_q
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -230,9 +234,9 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, RNG,
     offs_dv = tl.arange(0, BLOCK_DV)
     q_rows = (q_start + rows[:, None]).to(tl.int64)
     q = load_tile(Q + b * stride_qb + h * stride_qh + q_rows * stride_qs + offs_dqk[None, :],
-                  rows, seqlen_q, offs_dqk, dqk, True, BLOCK_DQK == dqk)
+                  rows, seqlen_q, offs_dqk, dqk, True, EVEN_DQK)
     do = load_tile(DO + b * stride_dob + h * stride_doh + q_rows * stride_dos + offs_dv[None, :],
-                   rows, seqlen_q, offs_dv, dim_v, True, BLOCK_DV == dim_v)
+                   rows, seqlen_q, offs_dv, dim_v, True, EVEN_DV)
     row0 = b * stride_lb + h * stride_lh + q_start
     lse, delta = _load_row_stats(LSE + row0, DELTA + row0, rows, seqlen_q)
     k_ptrs = K + b * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh \
@@ -255,22 +259,22 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, RNG,
     if HAS_LEFT:
         dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                        offs_dv, lo, full_lo, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
-                       seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v, BLOCK_DQK == dqk,
-                       BLOCK_DV == dim_v, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                       seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v, EVEN_DQK,
+                       EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                        True, FP32)
     dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                    offs_dv, full_lo, full_hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
-                   seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v, BLOCK_DQK == dqk,
-                   BLOCK_DV == dim_v, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                   seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v, EVEN_DQK,
+                   EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                    False, FP32)
     dq = _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                    offs_dv, full_hi, hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
-                   seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v, BLOCK_DQK == dqk,
-                   BLOCK_DV == dim_v, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
+                   seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v, EVEN_DQK,
+                   EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
                    True, FP32)
     dq = dq * sm_scale
     store_tile(DQ + b * stride_dqb + h * stride_dqh + q_rows * stride_dqs + offs_dqk[None, :],
-               dq.to(DQ.dtype.element_ty), rows, seqlen_q, offs_dqk, dqk, BLOCK_DQK == dqk)
+               dq.to(DQ.dtype.element_ty), rows, seqlen_q, offs_dqk, dqk, EVEN_DQK)
 
 
 def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None):
@@ -331,7 +335,7 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_ro
         dsink_rows if dsink_rows is not None else dummy, p.sink if p.sink is not None else dummy, cu_q,
         sb(out), out.stride(1), out.stride(2), sb(dout), dout.stride(1), dout.stride(2), stride_lb, stride_lh,
         q_heads, p.max_seqlen_q, num_m_pre, dim_v,
-        BLOCK_DV=block_dv, BLOCK_M=cfg.pre_block_m, HAS_DLSE=dlse is not None, HAS_SINK=p.sink is not None,
+        BLOCK_DV=block_dv, EVEN_DV=block_dv == dim_v, BLOCK_M=cfg.pre_block_m, HAS_DLSE=dlse is not None, HAS_SINK=p.sink is not None,
         IS_VARLEN=p.varlen,
     )
 
@@ -345,7 +349,8 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_ro
         stride_lb, stride_lh, p.alibi_stride_b,
         q_heads, kv_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_n_tiles,
         p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
-        dqk, dim_v, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, **flags,
+        dqk, dim_v, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
+        EVEN_DV=block_dv == dim_v, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, **flags,
         num_warps=kv.num_warps, num_stages=kv.num_stages,
     )
 
@@ -358,6 +363,7 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_ro
         sb(dq), dq.stride(1), dq.stride(2), stride_lb, stride_lh, p.alibi_stride_b,
         q_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
         p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
-        dqk, dim_v, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, **flags,
+        dqk, dim_v, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
+        EVEN_DV=block_dv == dim_v, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, **flags,
         num_warps=qc.num_warps, num_stages=qc.num_stages,
     )

@@ -25,21 +25,28 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr):
     """Online-softmax update of (acc, m_i, l_i) over key tiles [lo, hi). Scores in log2 units."""
-    for start_n in tl.range(lo, hi, BLOCK_N):
+    # Masked tiles are few (the diagonal / the edges): no software pipelining for them, which saves registers.
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
         cols = start_n + offs_n
         k = load_tile(k_ptrs + start_n * stride_ks, cols, seqlen_k, offs_dqk, dqk, MASKED, EVEN_DQK)
-        s, _ = scores(mma(q, tl.trans(k), None, FP32), rows[:, None], cols[None, :], diag, qk_scale, softcap, slope,
-                      HAS_SOFTCAP, HAS_ALIBI)
-        if MASKED:
-            s = tl.where(visible(rows[:, None], cols[None, :], seqlen_k, diag, win_left, win_right,
-                                 HAS_LEFT, HAS_RIGHT), s, float("-inf"))
-            m_new = tl.maximum(m_i, tl.max(s, 1))
-            # Rows that have seen no key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN.
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        else:
-            m_new = tl.maximum(m_i, tl.max(s, 1))
+        s = mma(q, tl.trans(k), None, FP32)
+        if not MASKED and not HAS_SOFTCAP and not HAS_ALIBI:
+            # Hot path: scale folded into the row max and into one FMA before exp2.
+            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
             m_use = m_new
-        p = tl.math.exp2(s - m_use[:, None])
+            p = tl.math.exp2(s * qk_scale - m_use[:, None])
+        else:
+            s, _ = scores(s, rows[:, None], cols[None, :], diag, qk_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+            if MASKED:
+                s = tl.where(visible(rows[:, None], cols[None, :], seqlen_k, diag, win_left, win_right,
+                                     HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                # Rows that have seen no key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN.
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+            else:
+                m_new = tl.maximum(m_i, tl.max(s, 1))
+                m_use = m_new
+            p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -61,7 +68,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG,
                 stride_lb, stride_lh, stride_ab,
                 q_heads, group, max_seqlen_q, max_seqlen_k, num_m_tiles,
                 qk_scale, softcap, win_left, win_right, dropout_p,
-                dqk, dv, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                dqk, dv, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -77,8 +84,9 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG,
     q_start, seqlen_q = seq_bounds(CU_Q, b, max_seqlen_q, IS_VARLEN)
     k_start, seqlen_k = seq_bounds(CU_K, b, max_seqlen_k, IS_VARLEN)
     start_m = tile * BLOCK_M
-    if start_m >= seqlen_q:
-        return
+    if IS_VARLEN:
+        if start_m >= seqlen_q:  # this sequence is shorter than the longest
+            return
     diag = seqlen_k - seqlen_q
     rows = start_m + tl.arange(0, BLOCK_M)
     offs_n = tl.arange(0, BLOCK_N)
@@ -93,7 +101,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG,
     v_ptrs = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh \
         + offs_n[:, None] * stride_vs + offs_dv[None, :]
 
-    q = load_tile(q_ptrs, rows, seqlen_q, offs_dqk, dqk, True, BLOCK_DQK == dqk)
+    q = load_tile(q_ptrs, rows, seqlen_q, offs_dqk, dqk, True, EVEN_DQK)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -113,17 +121,17 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG,
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                                    offs_dv, lo, full_lo, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
                                    slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dv,
-                                   BLOCK_DQK == dqk, BLOCK_DV == dv, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                                   EVEN_DQK, EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT,
                                    HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                                offs_dv, full_lo, full_hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
                                slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dv,
-                               BLOCK_DQK == dqk, BLOCK_DV == dv, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                               EVEN_DQK, EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT,
                                HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, FP32)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                                offs_dv, full_hi, hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
                                slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dv,
-                               BLOCK_DQK == dqk, BLOCK_DV == dv, BLOCK_N, HAS_LEFT, HAS_RIGHT,
+                               EVEN_DQK, EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT,
                                HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32)
     if HAS_SINK:  # the sink joins the denominator with no value
         sink = tl.load(SINK + h).to(tl.float32) * LOG2E
@@ -140,7 +148,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG,
     tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + rows, lse, mask=rows < seqlen_q)
     o_ptrs = O + b64 * stride_ob + q_start.to(tl.int64) * stride_os + h * stride_oh \
         + rows[:, None] * stride_os + offs_dv[None, :]
-    store_tile(o_ptrs, acc.to(O.dtype.element_ty), rows, seqlen_q, offs_dv, dv, BLOCK_DV == dv)
+    store_tile(o_ptrs, acc.to(O.dtype.element_ty), rows, seqlen_q, offs_dv, dv, EVEN_DV)
 
 
 def attention_forward(q, k, v, p, cfg=None):
@@ -179,6 +187,7 @@ def attention_forward(q, k, v, p, cfg=None):
         q_heads, q_heads // kv_heads, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
         p.qk_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
         dqk, dv, BLOCK_DQK=configs.padded_head_dim(dqk), BLOCK_DV=configs.padded_head_dim(dv),
+        EVEN_DQK=configs.padded_head_dim(dqk) == dqk, EVEN_DV=configs.padded_head_dim(dv) == dv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0,
         HAS_ALIBI=p.alibi_slopes is not None, HAS_SINK=p.sink is not None, HAS_DROPOUT=p.dropout_p > 0,
