@@ -988,12 +988,26 @@ def environment_info(device) -> Dict[str, str]:
     return info
 
 
+def matmul_ceiling(device, dtype, bench: BenchFn, n: int = 8192) -> float:
+    """TFLOP/s of an n x n x n matmul at ``dtype`` on random data: the card's practical matrix-unit ceiling,
+    measured in the same run as the attention numbers."""
+    import torch
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
+    torch.matmul(a, b)  # warm-up (cuBLAS handle, heuristics)
+    ms = bench(lambda: torch.matmul(a, b), [])
+    del a, b
+    return 2 * n ** 3 / ms * 1e-9
+
+
 def format_header(info: Dict[str, str], args: Optional[argparse.Namespace] = None) -> str:
     lines = ["tileattn benchmark",
              f"  GPU      : {info.get('gpu', info.get('device', '?'))}",
              f"  versions : torch {info.get('torch')}  triton {info.get('triton')}  tileattn {info.get('tileattn')}"
              f"  CUDA {info.get('cuda')}  cuDNN {info.get('cudnn')}",
              f"  commit   : {info.get('commit')}",
+             f"  ceiling  : {info['matmul_tflops']} TFLOP/s ({info.get('dtype', '')} 8192^3 matmul, same run)"
+             if "matmul_tflops" in info else "  ceiling  : -",
              f"  date     : {info.get('timestamp')}"]
     if args is not None:
         lines.append(f"  grid     : head dims {args.head_dims}, seqlens {args.seqlens}, causal {args.causals}, "
@@ -1030,6 +1044,8 @@ def run_benchmark(args: argparse.Namespace, device=None, bench: Optional[BenchFn
     shapes = make_grid(args.head_dims, args.seqlens, args.causals, args.total_tokens, args.model_dim)
     info = environment_info(device)
     info.update(dtype=SHORT_DTYPE[args.dtype_name], tag=args.tag)
+    if getattr(device, "type", "cpu") == "cuda":
+        info["matmul_tflops"] = f"{matmul_ceiling(device, dtype, bench):.0f}"
     header = format_header(info, args)
     print(header, flush=True)
     base = os.path.join(args.out_dir, output_basename(args.prefix, info["device"], args.dtype_name, args.tag))
