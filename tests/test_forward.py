@@ -1,0 +1,195 @@
+"""Forward pass (out, lse) of tileattn.attention against the float64 reference.
+
+Accuracy rule and size switch: see tests/_helpers.py. On CPU the kernels run in
+Triton's interpreter with small shapes; with CUDA the same tests use long
+sequences and the full head-dim range.
+"""
+
+import pytest
+import torch
+
+import tileattn
+from _helpers import (
+    DEVICE,
+    HALF_DTYPES,
+    LARGE,
+    check_attention,
+    dtype_id,
+    make_gen,
+    make_qkv,
+    make_tensor,
+    run_ours,
+    seed_for,
+)
+
+# (B, Sq, Sk, Hq, Hkv, D)
+if LARGE:
+    DTYPE_SHAPES = [(2, 1024, 1024, 4, 4, 64), (1, 2048, 4093, 8, 2, 128), (1, 8192, 8192, 2, 2, 128)]
+    SEQLENS = [
+        (1, 1), (1, 8192), (8192, 1), (17, 8192), (113, 203), (128, 217), (1000, 1000), (1023, 1024),
+        (2048, 2047), (3131, 1000), (1000, 3131), (4096, 4096), (8192, 2048), (2048, 8192), (8192, 8192),
+    ]
+    SEQ_DTYPES = HALF_DTYPES
+    HEAD_DIMS = [8, 16, 24, 32, 40, 59, 64, 80, 96, 111, 128, 160, 192, 224, 256]
+    HEAD_DIM_SHAPE = (2, 1031, 1031, 4, 2)
+    GQA_SHAPE = (2, 1000, 2111, 128)  # (B, Sq, Sk, D)
+    GQA_HEADS = [(8, 8), (8, 4), (8, 2), (8, 1), (12, 3), (32, 4)]
+    LAYOUT_SHAPE = (2, 1000, 1500, 8, 2, 96)
+    MASKED_SEQLENS = [(17, 1), (1024, 17), (8192, 1000), (4097, 4096)]
+    MISC_SHAPE = (2, 1111, 1111, 4, 2, 128)
+else:
+    DTYPE_SHAPES = [(2, 130, 130, 2, 2, 64), (1, 63, 64, 4, 2, 40)]
+    SEQLENS = [
+        (1, 1), (1, 17), (17, 1), (17, 17), (1, 130), (130, 1), (63, 64), (64, 63), (64, 64),
+        (63, 130), (130, 63), (130, 130), (17, 130), (130, 17),
+    ]
+    SEQ_DTYPES = [torch.float16]
+    HEAD_DIMS = [8, 13, 16, 32, 40, 59, 64, 96, 111, 128, 256]
+    HEAD_DIM_SHAPE = (1, 63, 64, 2, 1)
+    GQA_SHAPE = (2, 63, 130, 32)
+    GQA_HEADS = [(1, 1), (2, 1), (4, 1), (4, 2), (2, 2), (4, 4)]
+    LAYOUT_SHAPE = (2, 63, 130, 4, 2, 40)
+    MASKED_SEQLENS = [(17, 1), (64, 17), (130, 63), (65, 64)]
+    MISC_SHAPE = (1, 63, 130, 2, 1, 64)
+
+CAUSAL = [False, True]
+
+
+def _ids(shape):
+    return "x".join(str(s) for s in shape)
+
+
+@pytest.mark.parametrize("shape", DTYPE_SHAPES, ids=_ids)
+@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=dtype_id)
+def test_dtypes(dtype, causal, shape):
+    B, Sq, Sk, Hq, Hkv, D = shape
+    q, k, v, _ = make_qkv(*shape, dtype, seed_for("dtypes", dtype, causal, shape))
+    check_attention(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", SEQ_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal"])
+@pytest.mark.parametrize("seqlens", SEQLENS, ids=lambda s: f"q{s[0]}-k{s[1]}")
+def test_seqlens(seqlens, causal, dtype):
+    """Odd lengths, Sq != Sk both ways, Sq == 1 (decode), Sq > Sk with causal (fully masked rows)."""
+    Sq, Sk = seqlens
+    shape = (2, Sq, Sk, 2, 2, 32) if not LARGE else (1, Sq, Sk, 4, 2, 64)
+    q, k, v, _ = make_qkv(*shape, dtype, seed_for("seqlens", seqlens, causal, dtype))
+    check_attention(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal"])
+@pytest.mark.parametrize("head_dim", HEAD_DIMS)
+def test_head_dims(head_dim, causal, dtype):
+    if not LARGE and dtype == torch.bfloat16 and head_dim not in (13, 59, 64, 256):
+        pytest.skip("CPU: bf16 only on a few head dims (interpreter time); all of them run on GPU")
+    q, k, v, _ = make_qkv(*HEAD_DIM_SHAPE, head_dim, dtype, seed_for("hd", head_dim, causal, dtype))
+    check_attention(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal"])
+@pytest.mark.parametrize("heads", GQA_HEADS, ids=lambda h: f"hq{h[0]}-hkv{h[1]}")
+def test_gqa(heads, causal, dtype):
+    Hq, Hkv = heads
+    B, Sq, Sk, D = GQA_SHAPE
+    q, k, v, _ = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("gqa", heads, causal, dtype))
+    check_attention(q, k, v, causal=causal)
+
+
+@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal"])
+@pytest.mark.parametrize("layouts", [
+    ("bhsd", "bhsd", "bhsd"),
+    ("sliced", "sliced", "sliced"),
+    ("strided_seq", "strided_seq", "strided_seq"),
+    ("bhsd", "sliced", "strided_seq"),
+    ("contiguous", "bhsd", "sliced"),
+], ids=lambda t: "-".join(t))
+def test_noncontiguous(layouts, causal):
+    """Strided inputs (last dim contiguous); padding around the slices is NaN, so any stray read shows."""
+    B, Sq, Sk, Hq, Hkv, D = LAYOUT_SHAPE
+    dtype = torch.float16
+    gen = make_gen(seed_for("layout", layouts, causal))
+    q = make_tensor((B, Sq, Hq, D), dtype, gen, layout=layouts[0])
+    k = make_tensor((B, Sk, Hkv, D), dtype, gen, layout=layouts[1])
+    v = make_tensor((B, Sk, Hkv, D), dtype, gen, layout=layouts[2])
+    assert not (q.is_contiguous() and k.is_contiguous() and v.is_contiguous())
+    check_attention(q, k, v, causal=causal, extra=f"layouts={layouts}")
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("seqlens", MASKED_SEQLENS, ids=lambda s: f"q{s[0]}-k{s[1]}")
+def test_fully_masked_rows(seqlens, dtype):
+    """Causal with Sq > Sk: query i < Sq - Sk sees no key -> out exactly 0, lse exactly -inf."""
+    Sq, Sk = seqlens
+    B, Hq, Hkv, D = 2, 2, 1, 32
+    q, k, v, _ = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("masked", seqlens, dtype))
+    out, lse, _ = run_ours(q, k, v, causal=True)
+    n_empty = Sq - Sk
+    assert torch.isneginf(lse[:, :, :n_empty]).all(), "lse must be -inf on rows with no visible key"
+    assert torch.isfinite(lse[:, :, n_empty:]).all(), "lse must be finite on rows with visible keys"
+    assert (out[:, :n_empty] == 0).all(), "out must be exactly 0 on rows with no visible key"
+    assert torch.isfinite(out).all()
+    check_attention(q, k, v, causal=True)
+
+
+@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal"])
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("seqlens", [(0, 17), (17, 0), (0, 0), (1, 0)], ids=lambda s: f"q{s[0]}-k{s[1]}")
+def test_empty_sequences(seqlens, dtype, causal):
+    """Sq == 0 -> empty out / lse; Sk == 0 -> out 0 and lse -inf. Never an error."""
+    Sq, Sk = seqlens
+    B, Hq, Hkv, D = 2, 4, 2, 32
+    q, k, v, _ = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("empty", seqlens, dtype, causal))
+    out, lse, _ = run_ours(q, k, v, causal=causal)
+    assert out.shape == (B, Sq, Hq, D) and out.dtype == dtype and out.device == q.device
+    assert lse.shape == (B, Hq, Sq) and lse.dtype == torch.float32
+    if Sq > 0:
+        assert (out == 0).all(), "Sk == 0: out must be all zeros"
+        assert torch.isneginf(lse).all(), "Sk == 0: lse must be all -inf"
+    plain = tileattn.attention(q, k, v, causal=causal)
+    assert plain.shape == (B, Sq, Hq, D)
+
+
+@pytest.mark.parametrize("softmax_scale", [0.05, 0.3, 1.0, 2.5])
+@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal"])
+def test_softmax_scale(softmax_scale, causal):
+    q, k, v, _ = make_qkv(*MISC_SHAPE, torch.float16, seed_for("scale", softmax_scale, causal))
+    check_attention(q, k, v, causal=causal, softmax_scale=softmax_scale)
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=dtype_id)
+@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal"])
+def test_large_logits(dtype, causal):
+    """Scores of several hundred: exp would overflow without the running max (online softmax)."""
+    q, k, v, _ = make_qkv(*MISC_SHAPE, dtype, seed_for("logits", dtype, causal), scale=6.0)
+    check_attention(q, k, v, causal=causal, extra="q,k *= 6")
+
+
+def test_no_grad_and_inference_mode_match():
+    q, k, v, _ = make_qkv(*MISC_SHAPE, torch.float16, seed_for("nograd"))
+    out = tileattn.attention(q, k, v, causal=True)
+    with torch.no_grad():
+        out_ng = tileattn.attention(q, k, v, causal=True)
+    with torch.inference_mode():
+        out_inf = tileattn.attention(q, k, v, causal=True)
+    assert torch.equal(out, out_ng) and torch.equal(out, out_inf)
+    assert out.device.type == DEVICE
+
+
+VALUE_DIMS = [(192, 128), (128, 64), (64, 256), (59, 111)] if LARGE else [(40, 24), (16, 59), (64, 128)]
+
+
+@pytest.mark.parametrize("causal", CAUSAL, ids=["full", "causal"])
+@pytest.mark.parametrize("dims", VALUE_DIMS, ids=lambda d: f"d{d[0]}-dv{d[1]}")
+def test_value_head_dim_differs(dims, causal):
+    """The API allows v's head dim to differ from q/k's (MLA style); out has v's head dim."""
+    D, Dv = dims
+    B, Sq, Sk, Hq, Hkv, _ = MISC_SHAPE
+    gen = make_gen(seed_for("dv", dims, causal))
+    q = make_tensor((B, Sq, Hq, D), torch.float16, gen)
+    k = make_tensor((B, Sk, Hkv, D), torch.float16, gen)
+    v = make_tensor((B, Sk, Hkv, Dv), torch.float16, gen)
+    check_attention(q, k, v, causal=causal, extra=f"Dv={Dv}")
