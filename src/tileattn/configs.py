@@ -50,10 +50,37 @@ def _shared_memory_bytes(arch) -> int:
     return {(8, 0): 163 * 1024, (8, 7): 163 * 1024, (9, 0): 227 * 1024}.get(tuple(arch), 99 * 1024)
 
 
-def _fits(cfg: KernelConfig, block_d: int, elem: int, arch, resident_rows: int) -> bool:
-    """Rough shared-memory need: streamed tiles (two per stage) plus the resident tile(s)."""
-    streamed = 2 * cfg.num_stages * max(cfg.block_n, cfg.block_m) * block_d * elem
-    return streamed + resident_rows * block_d * elem <= _shared_memory_bytes(arch)
+def _smem_bytes(resident_rows: int, streamed_rows: int, stages: int, block_d: int, elem: int) -> int:
+    """Shared memory of one program: the resident tile(s) plus two streamed tiles per pipeline stage."""
+    return (resident_rows + 2 * max(stages, 1) * streamed_rows) * block_d * elem
+
+
+def _fit(cfg: KernelConfig, block_d: int, elem: int, arch, resident: str) -> KernelConfig:
+    """Shrink a config until it fits the GPU's shared memory: fewer stages first, then smaller tiles.
+
+    resident: which block stays on chip: "m" (forward and dQ: the query tile; dQ also keeps dO) or "n" (dK/dV: K and V).
+    """
+    bm, bn, warps, stages = cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages
+
+    def need():
+        if resident == "n":
+            return _smem_bytes(2 * bn, bm, stages, block_d, elem)
+        return _smem_bytes(bm * (2 if resident == "mm" else 1), bn, stages, block_d, elem)
+    limit = _shared_memory_bytes(arch)
+    while need() > limit:
+        if stages > 2:
+            stages -= 1
+        elif resident == "n" and bn > 32:
+            bn //= 2
+        elif resident != "n" and bm > 32:
+            bm //= 2
+        elif stages > 1:
+            stages -= 1
+        elif max(bm, bn) > 16:
+            bm, bn = max(16, bm // 2), max(16, bn // 2)
+        else:
+            break
+    return KernelConfig(bm, bn, warps, stages)
 
 
 def _override(name: str):
@@ -78,7 +105,7 @@ _SM90_BWD = {  # dkdv: block_m streamed, block_n resident; dq: block_m resident,
     **{(d, False): BackwardConfig(_cfg(32, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
     **{(d, True): BackwardConfig(_cfg(32, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
     **{(128, c): BackwardConfig(_cfg(64, 128, 8, 3), _cfg(128, 64, 8, 3)) for c in (False, True)},
-    **{(256, c): BackwardConfig(_cfg(64, 128, 8, 2), _cfg(128, 64, 8, 2)) for c in (False, True)},
+    **{(256, c): BackwardConfig(_cfg(64, 64, 8, 2), _cfg(64, 64, 8, 2)) for c in (False, True)},
 }
 # Portable tables (sm80 and the ~100 KB shared-memory parts): smaller tiles, fewer stages.
 _GENERIC_FWD = {
@@ -114,11 +141,9 @@ def forward_config(device: torch.device, dtype: torch.dtype, head_dim: int, caus
     arch = _arch(device.index if device.index is not None else torch.cuda.current_device())
     elem = 4 if dtype == torch.float32 else 2
     cfg = _table_fwd(arch[0] if elem == 2 else 0, block_d, causal)
-    while not _fits(cfg, block_d, elem, arch, cfg.block_m) and cfg.num_stages > 1:
-        cfg = KernelConfig(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages - 1)
     if elem == 4 and block_d >= 128:
         cfg = KernelConfig(min(cfg.block_m, 64), min(cfg.block_n, 32), cfg.num_warps, 1)
-    return cfg
+    return _fit(cfg, block_d, elem, arch, "m")
 
 
 def backward_config(device: torch.device, dtype: torch.dtype, head_dim: int, causal: bool) -> BackwardConfig:
@@ -136,4 +161,5 @@ def backward_config(device: torch.device, dtype: torch.dtype, head_dim: int, cau
             KernelConfig(min(cfg.dkdv.block_m, 32), min(cfg.dkdv.block_n, 64 if block_d <= 64 else 32), 4, 1),
             KernelConfig(min(cfg.dq.block_m, 64 if block_d <= 64 else 32), min(cfg.dq.block_n, 32), 4, 1),
         )
-    return cfg
+    return BackwardConfig(_fit(cfg.dkdv, block_d, elem, arch, "n"), _fit(cfg.dq, block_d, elem, arch, "mm"),
+                          cfg.pre_block_m)
