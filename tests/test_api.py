@@ -92,10 +92,10 @@ def test_cpu_tensors_without_interpreter(monkeypatch):
     if not ON_GPU:
         # Pretend the interpreter is off, whether the API reads the env / triton knobs at call time or
         # cached the flag at import (tileattn.api._INTERPRETING). The kernels are not reached.
-        import tileattn.api
+        import tileattn.api as tileattn_api  # an alias: a bare `import tileattn.api` would make `tileattn` local
 
         monkeypatch.setenv("TRITON_INTERPRET", "0")
-        monkeypatch.setattr(tileattn.api, "_INTERPRETING", False, raising=False)
+        monkeypatch.setattr(tileattn_api, "_INTERPRETING", False, raising=False)
     q, k, v = (t.cpu() for t in _ok())
     with pytest.raises(ValueError, match=r"\b(q|k|v)\b"):
         tileattn.attention(q, k, v)

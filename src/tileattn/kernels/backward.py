@@ -20,7 +20,7 @@ from .common import (LOG2E, dropout_keep, kv_tile_range, load_tile, mma, q_tile_
                      store_tile, visible)
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_seqlen_q", "num_m_tiles"])  # see forward.py: ptxas crash on value-1 specialisation
 def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, DSINK_ROWS, SINK, CU_Q,
                     stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
                     q_heads, max_seqlen_q, num_m_tiles, dv,
@@ -92,7 +92,7 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qs, stride_dos
     return dk, dv
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k", "num_n_tiles"])  # see forward.py: ptxas crash on value-1 specialisation
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
@@ -201,7 +201,7 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows,
     return dq
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k", "num_m_tiles"])  # see forward.py: ptxas crash on value-1 specialisation
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, RNG,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
@@ -296,6 +296,11 @@ def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None):
     empty = p.max_seqlen_q == 0 or p.max_seqlen_k == 0 or q.numel() == 0 or k.numel() == 0
     if empty:
         dq.zero_(), dk.zero_(), dv.zero_()
+        if dsink_rows is not None and dsink_rows.numel() and dlse is not None:
+            # No keys anywhere: out = 0, so delta = -dlse, every row's sink probability is exp(sink - lse) = 1
+            # (lse = sink), and d(sink) = -sum p_sink * delta = sum dlse.
+            sink = p.sink.float().view(-1, 1) if p.varlen else p.sink.float().view(1, -1, 1)
+            dsink_rows.copy_(torch.exp(sink - lse) * dlse.float())
     else:
         _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_rows)
     dsink = None
