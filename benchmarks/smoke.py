@@ -6,7 +6,6 @@ import torch
 
 import tileattn
 from tileattn.reference import attention_ref
-from tileattn.kernels.dropout import dropout_keep_mask
 
 torch.manual_seed(0)
 fails = 0

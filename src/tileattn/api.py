@@ -159,6 +159,29 @@ def unpack_qkv(a, b, c, pack: int):
     return a, b, c
 
 
+def check_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k):
+    """Validate a varlen call's sequence description against q/k (total, heads, dim).
+
+    Returns (cu_q, cu_k, batch, max_q, max_k) with max_seqlen_* as ints (ints or 0-d tensors accepted).
+    """
+    if cu_seqlens_q is None or cu_seqlens_k is None:
+        raise ValueError("varlen calls need both cu_seqlens_q and cu_seqlens_k")
+    cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
+    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0])
+    if cu_q.shape[0] != cu_k.shape[0]:
+        raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
+                         f"got {cu_q.shape[0]} and {cu_k.shape[0]}")
+    max_q, max_k = _as_int("max_seqlen_q", max_seqlen_q), _as_int("max_seqlen_k", max_seqlen_k)
+    if max_q < 0 or max_k < 0:
+        raise ValueError(f"max_seqlen_q/max_seqlen_k must be >= 0, got {max_q}, {max_k}")
+    if not torch.compiler.is_compiling():  # one small host sync; skipped inside compiled graphs
+        longest = [int(c.diff().max().item()) if c.numel() > 1 else 0 for c in (cu_q, cu_k)]
+        if longest[0] > max_q or longest[1] > max_k:
+            raise ValueError(f"max_seqlen_q/max_seqlen_k ({max_q}, {max_k}) are smaller than the longest "
+                             f"sequences in cu_seqlens ({longest[0]}, {longest[1]})")
+    return cu_q, cu_k, cu_q.shape[0] - 1, max_q, max_k
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, c, sink, pack, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, dropout_p, rng):

@@ -15,7 +15,7 @@ from typing import Optional
 
 import torch
 
-from .api import _as_int, attention_impl, check_cu_seqlens, check_features, check_qkv, check_window
+from .api import attention_impl, check_features, check_qkv, check_varlen, check_window
 from .kernels.dropout import dropout_keep_mask
 
 
@@ -45,20 +45,7 @@ def _run(q, k, v, pack, dropout_p, softmax_scale, causal, window_size, softcap, 
     window = check_window(window_size, causal)
     q_heads = qv.shape[-2]
     if varlen:
-        cu_q = check_cu_seqlens("cu_seqlens_q", cu_q, qv.device, qv.shape[0])
-        cu_k = check_cu_seqlens("cu_seqlens_k", cu_k, qv.device, kv.shape[0])
-        if cu_q.shape[0] != cu_k.shape[0]:
-            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
-                             f"got {cu_q.shape[0]} and {cu_k.shape[0]}")
-        batch = cu_q.shape[0] - 1
-        max_q, max_k = _as_int("max_seqlen_q", max_q), _as_int("max_seqlen_k", max_k)
-        if max_q < 0 or max_k < 0:
-            raise ValueError(f"max_seqlen_q/max_seqlen_k must be >= 0, got {max_q}, {max_k}")
-        if not torch.compiler.is_compiling():
-            lens_q, lens_k = (c.diff().max().item() if c.numel() > 1 else 0 for c in (cu_q, cu_k))
-            if lens_q > max_q or lens_k > max_k:
-                raise ValueError(f"max_seqlen_q/max_seqlen_k ({max_q}, {max_k}) are smaller than the longest "
-                                 f"sequences in cu_seqlens ({lens_q}, {lens_k})")
+        cu_q, cu_k, batch, max_q, max_k = check_varlen(cu_q, cu_k, max_q, max_k, qv, kv)
     else:
         batch, max_q, max_k = qv.shape[0], qv.shape[1], kv.shape[1]
     softcap, alibi_slopes, sink, dropout_p = check_features(qv, batch, q_heads, softcap, alibi_slopes, sink,

@@ -16,11 +16,12 @@ import triton
 import triton.language as tl
 
 from .. import configs
-from .common import (LOG2E, dropout_keep, kv_tile_range, load_tile, mma, q_tile_range, scores, seq_bounds,
-                     store_tile, visible)
+from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, q_tile_range, scores,
+                     seq_bounds, store_tile, visible)
 
 
-@triton.jit(do_not_specialize=["max_seqlen_q", "num_m_tiles"])  # see forward.py: ptxas crash on value-1 specialisation
+# Not value-specialised on lengths / tile counts: see forward.py (ptxas crash).
+@triton.jit(do_not_specialize=["max_seqlen_q", "num_m_tiles"])
 def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, DSINK_ROWS, SINK, CU_Q,
                     stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
                     q_heads, max_seqlen_q, num_m_tiles, dv,
@@ -92,7 +93,8 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qs, stride_dos
     return dk, dv
 
 
-@triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k", "num_n_tiles"])  # see forward.py: ptxas crash on value-1 specialisation
+# Not value-specialised on lengths / tile counts: see forward.py (ptxas crash).
+@triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k", "num_n_tiles"])
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
@@ -100,7 +102,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
                      stride_lb, stride_lh, stride_ab,
                      q_heads, kv_heads, group, max_seqlen_q, max_seqlen_k, num_n_tiles,
                      qk_scale, sm_scale, softcap, win_left, win_right, dropout_p,
-                     dqk, dim_v, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
+                     dqk, dim_v, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -127,11 +130,6 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
                   cols, seqlen_k, offs_dv, dim_v, True, EVEN_DV)
     dk = tl.zeros([BLOCK_N, BLOCK_DQK], dtype=tl.float32)
     dv = tl.zeros([BLOCK_N, BLOCK_DV], dtype=tl.float32)
-    seed = 0
-    rng_offset = 0
-    if HAS_DROPOUT:
-        seed = tl.load(RNG)
-        rng_offset = tl.load(RNG + 1)
 
     lo, full_lo, full_hi, hi = q_tile_range(start_n, seqlen_q, diag, win_left, win_right, BLOCK_M, BLOCK_N,
                                             HAS_LEFT, HAS_RIGHT)
@@ -142,10 +140,8 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
         do_ptrs = DO + b * stride_dob + q_start.to(tl.int64) * stride_dos + h * stride_doh \
             + offs_m[:, None] * stride_dos + offs_dv[None, :]
         row0 = b * stride_lb + h * stride_lh + q_start
-        row_base = (b * q_heads + h) * max_seqlen_q
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = tl.load(ALIBI + b * stride_ab + h).to(tl.float32) * LOG2E
+        slope, seed, rng_offset, row_base = feature_scalars(ALIBI, RNG, b, h, b * q_heads + h, stride_ab,
+                                                            max_seqlen_q, HAS_ALIBI, HAS_DROPOUT)
         if HAS_RIGHT:
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0, stride_qs, stride_dos,
                                  offs_m, cols, offs_dqk, offs_dv, lo, full_lo, seqlen_q, seqlen_k, diag, win_left,
@@ -201,14 +197,16 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows,
     return dq
 
 
-@triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k", "num_m_tiles"])  # see forward.py: ptxas crash on value-1 specialisation
+# Not value-specialised on lengths / tile counts: see forward.py (ptxas crash).
+@triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k", "num_m_tiles"])
 def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, RNG,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                    stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ab,
                    q_heads, group, max_seqlen_q, max_seqlen_k, num_m_tiles,
                    qk_scale, sm_scale, softcap, win_left, win_right, dropout_p,
-                   dqk, dim_v, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
+                   dqk, dim_v, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                     EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
@@ -244,15 +242,8 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, RNG,
     v_ptrs = V + b * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh \
         + offs_n[:, None] * stride_vs + offs_dv[None, :]
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(ALIBI + b * stride_ab + h).to(tl.float32) * LOG2E
-    seed = 0
-    rng_offset = 0
-    if HAS_DROPOUT:
-        seed = tl.load(RNG)
-        rng_offset = tl.load(RNG + 1)
-    row_base = bh.to(tl.int64) * max_seqlen_q
+    slope, seed, rng_offset, row_base = feature_scalars(ALIBI, RNG, b, h, bh, stride_ab, max_seqlen_q,
+                                                        HAS_ALIBI, HAS_DROPOUT)
 
     lo, full_lo, full_hi, hi = kv_tile_range(start_m, seqlen_k, diag, win_left, win_right, BLOCK_M, BLOCK_N,
                                              HAS_LEFT, HAS_RIGHT)
@@ -340,7 +331,8 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_ro
         dsink_rows if dsink_rows is not None else dummy, p.sink if p.sink is not None else dummy, cu_q,
         sb(out), out.stride(1), out.stride(2), sb(dout), dout.stride(1), dout.stride(2), stride_lb, stride_lh,
         q_heads, p.max_seqlen_q, num_m_pre, dim_v,
-        BLOCK_DV=block_dv, EVEN_DV=block_dv == dim_v, BLOCK_M=cfg.pre_block_m, HAS_DLSE=dlse is not None, HAS_SINK=p.sink is not None,
+        BLOCK_DV=block_dv, EVEN_DV=block_dv == dim_v, BLOCK_M=cfg.pre_block_m, HAS_DLSE=dlse is not None,
+        HAS_SINK=p.sink is not None,
         IS_VARLEN=p.varlen,
     )
 

@@ -102,6 +102,23 @@ def scores(s, rows, cols, diag, qk_scale, softcap, slope,
 
 
 @triton.jit
+def feature_scalars(ALIBI, RNG, b, h, bh, stride_ab, max_seqlen_q, HAS_ALIBI: tl.constexpr,
+                    HAS_DROPOUT: tl.constexpr):
+    """Per-(batch, q-head) scalars of the optional features: ALiBi slope (log2 units), dropout seed and offset,
+    and the dropout row base (b * Hq + h) * max_seqlen_q. Zeros where a feature is off."""
+    slope = 0.0
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b * stride_ab + h).to(tl.float32) * LOG2E
+    seed = 0
+    rng_offset = 0
+    if HAS_DROPOUT:
+        seed = tl.load(RNG)
+        rng_offset = tl.load(RNG + 1)
+    row_base = bh.to(tl.int64) * max_seqlen_q
+    return slope, seed, rng_offset, row_base
+
+
+@triton.jit
 def dropout_keep(seed, offset, rows, cols, row_base, max_seqlen_k, dropout_p):
     """Philox keep-mask for (query row, key col); row_base = (b * Hq + h) * max_seqlen_q, same in fwd and bwd."""
     idx = ((row_base + rows).to(tl.int64) * max_seqlen_k + cols) + offset

@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .. import configs
-from .common import (LN2, LOG2E, dropout_keep, kv_tile_range, load_tile, mma, scores, seq_bounds, store_tile,
-                     visible)
+from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, scores, seq_bounds,
+                     store_tile, visible)
 
 
 @triton.jit
@@ -70,7 +70,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG,
                 stride_lb, stride_lh, stride_ab,
                 q_heads, group, max_seqlen_q, max_seqlen_k, num_m_tiles,
                 qk_scale, softcap, win_left, win_right, dropout_p,
-                dqk, dv, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
+                dqk, dv, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
@@ -107,15 +108,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG,
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    slope = 0.0
-    if HAS_ALIBI:
-        slope = tl.load(ALIBI + b * stride_ab + h).to(tl.float32) * LOG2E
-    seed = 0
-    rng_offset = 0
-    if HAS_DROPOUT:
-        seed = tl.load(RNG)
-        rng_offset = tl.load(RNG + 1)
-    row_base = bh.to(tl.int64) * max_seqlen_q
+    slope, seed, rng_offset, row_base = feature_scalars(ALIBI, RNG, b, h, bh, stride_ab, max_seqlen_q,
+                                                        HAS_ALIBI, HAS_DROPOUT)
 
     lo, full_lo, full_hi, hi = kv_tile_range(start_m, seqlen_k, diag, win_left, win_right, BLOCK_M, BLOCK_N,
                                              HAS_LEFT, HAS_RIGHT)

@@ -26,8 +26,7 @@ from typing import Optional, Tuple
 import torch
 
 from ... import ops as _ops  # noqa: F401  (registers torch.ops.tileattn.fwd / bwd)
-from ...api import (_as_int, _last_dim_contiguous, check_cu_seqlens, check_features, check_qkv, check_window,
-                    new_rng_state)
+from ...api import _last_dim_contiguous, check_features, check_qkv, check_varlen, check_window, new_rng_state
 from ...flash_api import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
                           flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func,
                           flash_attn_with_kvcache)
@@ -71,22 +70,7 @@ def _setup(q, k, v, causal, softmax_scale, window_size_left, window_size_right, 
     scale = check_qkv(q, k, v, causal, softmax_scale, varlen=varlen)
     window = check_window((window_size_left, window_size_right), causal)
     if varlen:
-        if cu_seqlens_q is None or cu_seqlens_k is None:
-            raise ValueError("varlen calls need both cu_seqlens_q and cu_seqlens_k")
-        cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
-        cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0])
-        if cu_q.shape[0] != cu_k.shape[0]:
-            raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
-                             f"got {cu_q.shape[0]} and {cu_k.shape[0]}")
-        batch = cu_q.shape[0] - 1
-        max_q, max_k = _as_int("max_seqlen_q", max_seqlen_q), _as_int("max_seqlen_k", max_seqlen_k)
-        if max_q < 0 or max_k < 0:
-            raise ValueError(f"max_seqlen_q/max_seqlen_k must be >= 0, got {max_q}, {max_k}")
-        if not torch.compiler.is_compiling():
-            longest = [int(c.diff().max().item()) if c.numel() > 1 else 0 for c in (cu_q, cu_k)]
-            if longest[0] > max_q or longest[1] > max_k:
-                raise ValueError(f"max_seqlen_q/max_seqlen_k ({max_q}, {max_k}) are smaller than the longest "
-                                 f"sequences in cu_seqlens ({longest[0]}, {longest[1]})")
+        cu_q, cu_k, batch, max_q, max_k = check_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k)
     else:
         cu_q = cu_k = None
         batch, max_q, max_k = q.shape[0], q.shape[1], k.shape[1]
