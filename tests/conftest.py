@@ -33,6 +33,7 @@ def pytest_configure(config):
         "filterwarnings", "ignore:Conversion of an array with ndim > 0 to a scalar:DeprecationWarning"
     )
     config.addinivalue_line("filterwarnings", "ignore:divide by zero encountered in log2:RuntimeWarning")
+    config.addinivalue_line("filterwarnings", "ignore:divide by zero encountered in log:RuntimeWarning")
 
 
 def pytest_report_header(config):

@@ -62,16 +62,6 @@ def test_signature(name):
     assert [p.name for p in kwonly] == ["sink"] and kwonly[0].default is None
 
 
-def test_with_kvcache_not_implemented():
-    q = torch.zeros(1, 1, 2, 16, dtype=torch.float16, device=DEVICE)
-    cache = torch.zeros(1, 8, 2, 16, dtype=torch.float16, device=DEVICE)
-    with pytest.raises(NotImplementedError, match="kvcache"):
-        tileattn.flash_attn_with_kvcache(q, cache, cache)
-    with pytest.raises(NotImplementedError):
-        tileattn.flash_attn_with_kvcache(q, cache, cache, cache_seqlens=torch.tensor([3], dtype=torch.int32),
-                                         causal=True)
-
-
 def test_varlen_block_table_not_implemented():
     q = torch.zeros(5, 2, 16, dtype=torch.float16, device=DEVICE)
     cu = seqlens_to_cu([5])

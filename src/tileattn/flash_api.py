@@ -16,6 +16,7 @@ from typing import Optional
 import torch
 
 from .api import attention_impl, check_features, check_qkv, check_varlen, check_window
+from .decode import flash_attn_with_kvcache  # noqa: F401  (re-exported: flash-attn's decode entry point)
 from .kernels.dropout import dropout_keep_mask
 
 
@@ -112,8 +113,3 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     _check_packed("kv", kv, 4, 2)
     return _run(q, kv, None, 2, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
                 return_attn_probs, sink, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
-
-
-def flash_attn_with_kvcache(*args, **kwargs):
-    """Decode with a KV cache: not implemented yet (tracked in its own issue)."""
-    raise NotImplementedError("flash_attn_with_kvcache (KV-cache decode) is not implemented in tileattn yet")

@@ -2,7 +2,7 @@
 
 Importable as ``tileattn.compat.flash_attn``, or as ``flash_attn`` after ``tileattn.compat.install()``.
 The functions are tileattn's (``tileattn.flash_api``): flash-attn 2.8's names, arguments and return values,
-plus a keyword-only ``sink=``. ``flash_attn_with_kvcache`` raises NotImplementedError.
+plus a keyword-only ``sink=``. ``flash_attn_with_kvcache`` is tileattn's split-KV decode (contiguous or paged cache).
 """
 
 __version__ = "2.8.3+tileattn"

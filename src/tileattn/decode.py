@@ -1,0 +1,178 @@
+"""``flash_attn_with_kvcache``: decode / chunked prefill against a KV cache (contiguous or paged), split-KV.
+
+Status: implemented and tested in Triton's interpreter; not yet measured or tested on a GPU (issue 5).
+Not supported yet (clear NotImplementedError): ``cache_leftpad``.
+"""
+
+import math
+from typing import Optional
+
+import torch
+
+from .api import _as_int, check_features, check_window, SUPPORTED_DTYPES, _INTERPRETING
+from .kernels.decode import decode_forward
+
+
+def _check_int32(name, t, shape=None):
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+
+
+def _rotate(x, cos, sin, interleaved):
+    """Rotary embedding on the first 2 * cos.shape[-1] dims of x (B, S, H, D); cos/sin (B, S, rot/2)."""
+    rot = cos.shape[-1] * 2
+    xr, rest = x[..., :rot].float(), x[..., rot:]
+    cos, sin = cos[:, :, None, :].float(), sin[:, :, None, :].float()
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        y = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
+        y = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return torch.cat((y.to(x.dtype), rest), dim=-1)
+
+
+def _default_splits(batch, kv_heads, max_len, device) -> int:
+    """Enough (split, batch, kv_head) programs to fill the GPU about twice, each with >= 512 cache positions."""
+    if device.type != "cuda":
+        return max(1, min(4, max_len // 64))
+    sms = torch.cuda.get_device_properties(device).multi_processor_count
+    want = math.ceil(2 * sms / max(1, batch * kv_heads))
+    return max(1, min(want, max_len // 512, 128))
+
+
+@torch.no_grad()
+def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None, rotary_sin=None,
+                            cache_seqlens=None, cache_batch_idx=None, cache_leftpad=None, block_table=None,
+                            softmax_scale=None, causal=False, window_size=(-1, -1), softcap=0.0,
+                            rotary_interleaved=True, alibi_slopes=None, num_splits=0, return_softmax_lse=False,
+                            *, sink: Optional[torch.Tensor] = None):
+    """flash-attn 2.8's decode entry point (no autograd).
+
+    q (B, Sq, Hq, D); k_cache/v_cache (B_cache, S_cache, Hkv, D) contiguous, or paged (num_blocks, page_size, Hkv, D)
+    with ``block_table`` (B, max_pages) int32. ``k``/``v`` (B, S_new, Hkv, D): written into the cache in place at
+    positions cache_seqlens[b] ... (after rotary) before attending. ``cache_seqlens``: int or (B,) int32, the
+    cache lengths before the append (default: the full capacity). Causal is aligned bottom-right to each
+    sequence's length. ``rotary_cos/sin`` (S_rot, rotary_dim / 2): k is rotated at its positions; q at positions
+    cache_seqlens + i when causal or local, else at cache_seqlens. Returns out (B, Sq, Hq, Dv), and lse fp32
+    (B, Hq, Sq) with ``return_softmax_lse``.
+    """
+    for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
+        if not isinstance(t, torch.Tensor):
+            raise TypeError(f"{name} must be a torch.Tensor")
+        if t.dim() != 4:
+            raise ValueError(f"{name} must be 4-D, got shape {tuple(t.shape)}")
+        if t.dtype not in SUPPORTED_DTYPES:
+            raise TypeError(f"{name} has dtype {t.dtype}; supported: float16, bfloat16, float32")
+    if not (q.dtype == k_cache.dtype == v_cache.dtype):
+        raise TypeError("q, k_cache, v_cache must share one dtype")
+    if not (q.device == k_cache.device == v_cache.device):
+        raise ValueError("q, k_cache, v_cache must be on one device")
+    if q.device.type == "cpu" and not _INTERPRETING:
+        raise ValueError("q is a CPU tensor: tileattn needs a CUDA device, or TRITON_INTERPRET=1")
+    if cache_leftpad is not None:
+        raise NotImplementedError("cache_leftpad is not supported yet")
+    batch, seqlen_q, q_heads, dqk = q.shape
+    kv_heads = k_cache.shape[2]
+    if k_cache.shape[:3] != v_cache.shape[:3] or k_cache.shape[3] != dqk:
+        raise ValueError(f"k_cache {tuple(k_cache.shape)} / v_cache {tuple(v_cache.shape)} do not match q's head dim "
+                         f"{dqk} or each other")
+    if not (8 <= dqk <= 256 and 8 <= v_cache.shape[3] <= 256):
+        raise ValueError("head dims must be in [8, 256]")
+    if kv_heads == 0 or q_heads % kv_heads:
+        raise ValueError(f"q heads ({q_heads}) must be a multiple of the cache's kv heads ({kv_heads})")
+    if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
+        raise ValueError("k_cache and v_cache must have a contiguous last dimension")
+    q = q if q.stride(-1) == 1 else q.contiguous()
+    paged = block_table is not None
+    if paged:
+        _check_int32("block_table", block_table)
+        if block_table.dim() != 2 or block_table.shape[0] != batch:
+            raise ValueError(f"block_table must be (batch={batch}, max_pages), got {tuple(block_table.shape)}")
+        page_size = k_cache.shape[1]
+        if page_size < 1 or page_size & (page_size - 1):
+            raise ValueError(f"page size (k_cache.shape[1]) must be a power of two, got {page_size}")
+        if cache_batch_idx is not None:
+            raise ValueError("cache_batch_idx cannot be combined with block_table")
+        if block_table.numel() and not torch.compiler.is_compiling():
+            lo, hi = int(block_table.min()), int(block_table.max())
+            if lo < 0 or hi >= k_cache.shape[0]:
+                raise ValueError(f"block_table entries must be in [0, {k_cache.shape[0]}), got [{lo}, {hi}]")
+        capacity = block_table.shape[1] * page_size
+        block_table = block_table.contiguous()
+    else:
+        page_size = 1
+        capacity = k_cache.shape[1]
+        if cache_batch_idx is not None:
+            _check_int32("cache_batch_idx", cache_batch_idx, (batch,))
+            if int(cache_batch_idx.min()) < 0 or int(cache_batch_idx.max()) >= k_cache.shape[0]:
+                raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]})")
+        elif k_cache.shape[0] < batch:
+            raise ValueError(f"k_cache holds {k_cache.shape[0]} sequences, q has batch {batch}")
+    if cache_seqlens is None:
+        cache_seqlens = torch.full((batch,), capacity if k is None else 0, dtype=torch.int32, device=q.device)
+    elif isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.dim() == 1:
+        _check_int32("cache_seqlens", cache_seqlens, (batch,))
+    else:
+        cache_seqlens = torch.full((batch,), _as_int("cache_seqlens", cache_seqlens), dtype=torch.int32,
+                                   device=q.device)
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together")
+    new = 0 if k is None else k.shape[1]
+    if k is not None:
+        if k.dim() != 4 or k.shape[0] != batch or k.shape[2] != kv_heads or k.shape[3] != dqk \
+                or v.shape[:3] != k.shape[:3] or v.shape[3] != v_cache.shape[3]:
+            raise ValueError(f"k/v must be (batch, S_new, kv_heads, head_dim) matching the cache, got "
+                             f"{tuple(k.shape)} / {tuple(v.shape)}")
+    lens = cache_seqlens.to(torch.int64)
+    if not torch.compiler.is_compiling():
+        if int(lens.min()) < 0 or int(lens.max()) + new > capacity:
+            raise ValueError(f"cache_seqlens (+ {new} new tokens) must be in [0, {capacity}] (the cache capacity), "
+                             f"got [{int(lens.min())}, {int(lens.max())}]")
+    softmax_scale = 1.0 / math.sqrt(dqk) if softmax_scale is None else float(softmax_scale)
+    if not (math.isfinite(softmax_scale) and softmax_scale > 0):
+        raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
+    window = check_window(window_size, bool(causal))
+    softcap, alibi_slopes, sink, _ = check_features(q, batch, q_heads, softcap, alibi_slopes, sink, 0.0)
+
+    if rotary_cos is not None or rotary_sin is not None:
+        if rotary_cos is None or rotary_sin is None or rotary_cos.shape != rotary_sin.shape or rotary_cos.dim() != 2:
+            raise ValueError("rotary_cos and rotary_sin must both be given, with shape (S_rot, rotary_dim / 2)")
+        rot_dim = 2 * rotary_cos.shape[1]
+        if rot_dim > dqk:
+            raise ValueError(f"rotary dim ({rot_dim}) must be <= head dim ({dqk})")
+        ar = torch.arange(seqlen_q, device=q.device)
+        q_pos = lens[:, None] + (ar[None, :] if (causal or window != (-1, -1)) else 0 * ar[None, :])
+        if int(q_pos.max()) >= rotary_cos.shape[0] or (new and int(lens.max()) + new > rotary_cos.shape[0]):
+            raise ValueError(f"rotary_cos/sin have {rotary_cos.shape[0]} positions, fewer than needed")
+        q = _rotate(q, rotary_cos[q_pos], rotary_sin[q_pos], rotary_interleaved)
+        if k is not None:
+            k_pos = lens[:, None] + torch.arange(new, device=q.device)[None, :]
+            k = _rotate(k, rotary_cos[k_pos], rotary_sin[k_pos], rotary_interleaved)
+    if k is not None and new:  # append in place
+        pos = lens[:, None] + torch.arange(new, device=q.device)[None, :]  # (B, new)
+        if paged:
+            page = block_table.to(torch.int64).gather(1, pos // page_size)
+            slot = pos % page_size
+            k_cache[page, slot] = k.to(k_cache.dtype)
+            v_cache[page, slot] = v.to(v_cache.dtype)
+        else:
+            rows = (cache_batch_idx.to(torch.int64) if cache_batch_idx is not None
+                    else torch.arange(batch, device=q.device))[:, None].expand(-1, new)
+            k_cache[rows, pos] = k.to(k_cache.dtype)
+            v_cache[rows, pos] = v.to(v_cache.dtype)
+    seqlens_k = (lens + new).to(torch.int32)
+    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = choose), got {num_splits!r}")
+    max_len = capacity
+    splits = num_splits or _default_splits(batch, kv_heads, max_len, q.device)
+    out, lse = decode_forward(q, k_cache, v_cache, seqlens_k, softmax_scale=softmax_scale, window=window,
+                              softcap=softcap, alibi_slopes=alibi_slopes,
+                              sink=sink.float().contiguous() if sink is not None else None,
+                              block_table=block_table if paged else None, cache_batch_idx=cache_batch_idx,
+                              num_splits=splits, page_size=page_size)
+    return (out, lse) if return_softmax_lse else out

@@ -1,0 +1,181 @@
+"""Decode kernels (Flash-Decoding): split the KV cache across programs, merge the partial results by logsumexp.
+
+``_decode_split_kernel``: one program per (split, batch * kv_head). It processes every query row of the GQA group
+at once (Sq new tokens x group query heads, so each K/V byte is read once per group) over the split's range of
+cache positions, and writes an un-normalised partial result: out_part (splits, B, Hq, Sq, Dv) fp32 (already divided
+by the split's own denominator) and lse_part (splits, B, Hq, Sq) fp32 (natural log, -inf for an empty split).
+``_decode_combine_kernel``: one program per (batch * q_head, query block) merges the splits (and the sink).
+
+Caches: contiguous (B_cache, S_cache, Hkv, D) indexed through ``cache_batch_idx``, or paged (num_blocks, page_size,
+Hkv, D) through ``block_table`` (B, max_pages) int32: key position j of sequence b lives in page
+block_table[b, j // page_size], slot j % page_size — any page size.
+"""
+
+import torch
+import triton
+import triton.language as tl
+
+from .common import LN2, LOG2E, load_tile, mma, scores, visible
+
+
+@triton.jit
+def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOCK_TABLE, ALIBI,
+                         stride_qb, stride_qs, stride_qh,
+                         stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
+                         stride_bt, stride_ab,
+                         q_heads, kv_heads, group, seqlen_q, batch, split_len, page_size,
+                         qk_scale, softcap, win_left, win_right, dqk, dv,
+                         BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
+                         BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
+                         EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
+                         PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
+                         HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
+                         HAS_ALIBI: tl.constexpr, FP32: tl.constexpr):
+    split = tl.program_id(0)
+    bhk = tl.program_id(1)
+    b = bhk // kv_heads
+    hk = bhk % kv_heads
+    seqlen_k = tl.load(SEQLENS_K + b)
+    diag = seqlen_k - seqlen_q
+    # rows of this program: r = qi * group + g  (query token qi, query head hk * group + g)
+    r = tl.arange(0, BLOCK_M)
+    qi = r // group
+    h = hk * group + r % group
+    row_ok = r < seqlen_q * group
+    offs_n = tl.arange(0, BLOCK_N)
+    offs_dqk = tl.arange(0, BLOCK_DQK)
+    offs_dv = tl.arange(0, BLOCK_DV)
+    b64 = b.to(tl.int64)
+    q_ptrs = Q + b64 * stride_qb + qi[:, None] * stride_qs + h[:, None] * stride_qh + offs_dqk[None, :]
+    q = load_tile(q_ptrs, r, seqlen_q * group, offs_dqk, dqk, True, EVEN_DQK)
+    cb = b64
+    if HAS_BATCH_IDX:
+        cb = tl.load(BATCH_IDX + b).to(tl.int64)
+    slope = tl.zeros([BLOCK_M], dtype=tl.float32)
+    if HAS_ALIBI:
+        slope = tl.load(ALIBI + b * stride_ab + h, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+
+    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    start = split * split_len
+    end = tl.minimum(start + split_len, seqlen_k)
+    for start_n in tl.range(start, end, BLOCK_N):
+        cols = start_n + offs_n
+        if PAGED:
+            page = tl.load(BLOCK_TABLE + b64 * stride_bt + cols // page_size, mask=cols < seqlen_k, other=0)
+            row_k = page.to(tl.int64) * stride_kb + (cols % page_size) * stride_ks
+            row_v = page.to(tl.int64) * stride_vb + (cols % page_size) * stride_vs
+        else:
+            row_k = cb * stride_kb + cols.to(tl.int64) * stride_ks
+            row_v = cb * stride_vb + cols.to(tl.int64) * stride_vs
+        k = load_tile(K + row_k[:, None] + hk * stride_kh + offs_dqk[None, :], cols, end, offs_dqk, dqk, True,
+                      EVEN_DQK)
+        s, _ = scores(mma(q, tl.trans(k), None, FP32), qi[:, None], cols[None, :], diag, qk_scale, softcap,
+                      slope[:, None], HAS_SOFTCAP, HAS_ALIBI)
+        ok = visible(qi[:, None], cols[None, :], end, diag, win_left, win_right, HAS_LEFT, HAS_RIGHT)
+        s = tl.where(ok, s, float("-inf"))
+        m_new = tl.maximum(m_i, tl.max(s, 1))
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        p = tl.math.exp2(s - m_use[:, None])
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.sum(p, 1)
+        v = load_tile(V + row_v[:, None] + hk * stride_vh + offs_dv[None, :], cols, end, offs_dv, dv, True,
+                      EVEN_DV)
+        acc = mma(p.to(v.dtype), v, acc * alpha[:, None], FP32)
+        m_i = m_new
+    l_safe = tl.where(l_i == 0.0, 1.0, l_i)
+    acc = acc / l_safe[:, None]
+    lse = (m_i + tl.math.log2(l_i)) * LN2
+    # partial layouts: (split, b, h, qi) rows of Dv
+    prow = ((split * batch + b64) * q_heads + h) * seqlen_q + qi
+    tl.store(LSE_PART + prow, lse, mask=row_ok)
+    o_mask = row_ok[:, None]
+    if not EVEN_DV:
+        o_mask = o_mask & (offs_dv[None, :] < dv)
+    tl.store(OUT_PART + prow[:, None] * dv + offs_dv[None, :], acc, mask=o_mask)
+
+
+@triton.jit
+def _decode_combine_kernel(OUT_PART, LSE_PART, OUT, LSE, SINK, stride_ob, stride_os, stride_oh,
+                           q_heads, seqlen_q, rows_total, num_splits, dv,
+                           BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SINK: tl.constexpr):
+    """Merge the splits of BLOCK_R (b, h, qi) rows: out = sum_s exp(lse_s - lse) * out_s."""
+    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat (b, h, qi)
+    row_ok = rows < rows_total
+    offs_d = tl.arange(0, BLOCK_DV)
+    d_ok = offs_d < dv
+    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
+    for s in range(0, num_splits):
+        m = tl.maximum(m, tl.load(LSE_PART + s * rows_total + rows, mask=row_ok, other=float("-inf")))
+    h = (rows // seqlen_q) % q_heads
+    if HAS_SINK:
+        m = tl.maximum(m, tl.load(SINK + h, mask=row_ok, other=float("-inf")).to(tl.float32))
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    denom = tl.zeros([BLOCK_R], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
+    for s in range(0, num_splits):
+        w = tl.exp(tl.load(LSE_PART + s * rows_total + rows, mask=row_ok, other=float("-inf")) - m_use)
+        denom += w
+        part = tl.load(OUT_PART + (s * rows_total + rows)[:, None] * dv + offs_d[None, :],
+                       mask=row_ok[:, None] & d_ok[None, :], other=0.0)
+        acc += w[:, None] * part
+    if HAS_SINK:
+        denom += tl.exp(tl.load(SINK + h, mask=row_ok, other=float("-inf")).to(tl.float32) - m_use)
+    out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
+    lse = m_use + tl.log(denom)
+    tl.store(LSE + rows, lse, mask=row_ok)
+    qi = rows % seqlen_q
+    b = rows // (seqlen_q * q_heads)
+    o_ptrs = OUT + b.to(tl.int64)[:, None] * stride_ob + qi[:, None] * stride_os + h[:, None] * stride_oh \
+        + offs_d[None, :]
+    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+
+
+def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, softcap, alibi_slopes, sink,
+                   block_table, cache_batch_idx, num_splits, page_size):
+    """q (B, Sq, Hq, Dqk); caches contiguous (B_cache, S_cache, Hkv, D) or paged (blocks, page_size, Hkv, D);
+    seqlens_k int32 (B,) = keys visible to each sequence. Returns out (B, Sq, Hq, Dv), lse fp32 (B, Hq, Sq)."""
+    from .. import configs
+    from .common import LOG2E_F
+    batch, seqlen_q, q_heads, dqk = q.shape
+    kv_heads, dv = k_cache.shape[2], v_cache.shape[3]
+    group = q_heads // kv_heads
+    out = torch.empty((batch, seqlen_q, q_heads, dv), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
+    if out.numel() == 0:
+        return out, lse
+    block_m = max(16, triton.next_power_of_2(seqlen_q * group))
+    block_n = 32 if configs.padded_head_dim(max(dqk, dv)) >= 256 or triton.knobs.runtime.interpret else 64
+    max_len = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
+    split_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max(max_len, 1), split_len)
+    out_part = torch.empty((num_splits, batch, q_heads, seqlen_q, dv), dtype=torch.float32, device=q.device)
+    lse_part = torch.empty((num_splits, batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
+    paged = block_table is not None
+    dummy = seqlens_k
+    qk_scale = softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E_F
+    block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dv)
+    _decode_split_kernel[(num_splits, batch * kv_heads)](
+        q, k_cache, v_cache, out_part, lse_part, seqlens_k,
+        cache_batch_idx if cache_batch_idx is not None else dummy, block_table if paged else dummy,
+        alibi_slopes if alibi_slopes is not None else dummy,
+        q.stride(0), q.stride(1), q.stride(2),
+        k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
+        v_cache.stride(2), block_table.stride(0) if paged else 0,
+        alibi_slopes.stride(0) if (alibi_slopes is not None and alibi_slopes.dim() == 2) else 0,
+        q_heads, kv_heads, group, seqlen_q, batch, split_len, page_size,
+        qk_scale, softcap * LOG2E_F, window[0], window[1], dqk, dv,
+        BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
+        EVEN_DQK=block_dqk == dqk, EVEN_DV=block_dv == dv, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
+        HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap > 0,
+        HAS_ALIBI=alibi_slopes is not None, FP32=q.dtype == torch.float32, num_warps=4, num_stages=2,
+    )
+    rows_total = batch * q_heads * seqlen_q
+    block_r = 16
+    _decode_combine_kernel[(triton.cdiv(rows_total, block_r),)](
+        out_part, lse_part, out, lse, sink if sink is not None else dummy,
+        out.stride(0), out.stride(1), out.stride(2), q_heads, seqlen_q, rows_total, num_splits, dv,
+        BLOCK_R=block_r, BLOCK_DV=block_dv, HAS_SINK=sink is not None, num_warps=4,
+    )
+    return out, lse

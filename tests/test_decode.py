@@ -1,0 +1,172 @@
+"""flash_attn_with_kvcache (split-KV decode, contiguous and paged caches) vs the float64 reference.
+
+Each sequence's visible keys are gathered from the cache (after the in-place append) and compared with
+attention_ref on that sequence, with flash-attn's rule (error <= 2x the same computation at the input dtype + atol).
+"""
+
+import pytest
+import torch
+
+import tileattn
+from tileattn.decode import _rotate
+from tileattn.reference import attention_ref
+from _helpers import DEVICE, LARGE, make_gen, seed_for
+
+DTYPES = [torch.float16, torch.bfloat16] if LARGE else [torch.float32]
+CAP = 2048 if LARGE else 70
+D = 128 if LARGE else 32
+U = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -17}
+
+
+def _randn(gen, *shape, dtype):
+    return torch.randn(*shape, generator=gen).to(DEVICE, dtype)
+
+
+def run_case(dtype, B=2, Sq=1, Hq=4, Hkv=2, d=D, dv=D, cap=CAP, page=None, new=0, causal=False, splits=0, lens=None,
+             window=(-1, -1), softcap=0.0, alibi=False, sink=False, bidx=False, rot=False, interleaved=False):
+    gen = make_gen(seed_for("decode", B, Sq, Hq, Hkv, d, cap, page, new, causal, splits, window, softcap, alibi,
+                            sink, bidx, rot, str(dtype)))
+    q = _randn(gen, B, Sq, Hq, d, dtype=dtype)
+    if page:
+        npages = cap // page
+        nblocks = B * npages + 3
+        kc, vc = _randn(gen, nblocks, page, Hkv, d, dtype=dtype), _randn(gen, nblocks, page, Hkv, dv, dtype=dtype)
+        bt = torch.randperm(nblocks, generator=gen)[:B * npages].view(B, npages).to(DEVICE, torch.int32)
+        capn = npages * page
+    else:
+        nc = B + 2 if bidx else B
+        kc, vc = _randn(gen, nc, cap, Hkv, d, dtype=dtype), _randn(gen, nc, cap, Hkv, dv, dtype=dtype)
+        bt, capn = None, cap
+    bi = torch.randperm(B + 2, generator=gen)[:B].to(DEVICE, torch.int32) if bidx else None
+    if lens is None:
+        lens = torch.randint(0, capn - new + 1, (B,), generator=gen).tolist()
+    lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    k = _randn(gen, B, new, Hkv, d, dtype=dtype) if new else None
+    v = _randn(gen, B, new, Hkv, dv, dtype=dtype) if new else None
+    al = torch.rand(Hq, generator=gen).to(DEVICE) if alibi else None
+    sk = torch.randn(Hq, generator=gen).to(DEVICE) if sink else None
+    cos = sin = None
+    if rot:
+        ang = torch.rand(capn + Sq, 8, generator=gen).to(DEVICE) * 6
+        cos, sin = ang.cos(), ang.sin()
+    out, lse = tileattn.flash_attn_with_kvcache(
+        q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lens_t, cache_batch_idx=bi, block_table=bt,
+        causal=causal, window_size=window, softcap=softcap, alibi_slopes=al, num_splits=splits,
+        return_softmax_lse=True, sink=sk, rotary_interleaved=interleaved)
+    assert out.shape == (B, Sq, Hq, dv) and lse.shape == (B, Hq, Sq)
+    for b in range(B):
+        L = lens[b] + new
+        pos = torch.arange(L, device=DEVICE)
+        if page:
+            pages = bt[b].long()[pos // page]
+            kk, vv = kc[pages, pos % page], vc[pages, pos % page]
+        else:
+            r = int(bi[b]) if bidx else b
+            kk, vv = kc[r, :L], vc[r, :L]
+        if new and not rot:  # the new tokens were written in place
+            assert torch.equal(kk[lens[b]:], k[b]) and torch.equal(vv[lens[b]:], v[b])
+        qb = q[b:b + 1]
+        if rot:
+            ar = torch.arange(Sq, device=DEVICE)
+            qpos = lens[b] + (ar if (causal or window != (-1, -1)) else 0 * ar)
+            qb = _rotate(qb, cos[qpos][None], sin[qpos][None], interleaved)
+        kw = dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=al, sink=sk)
+        ro, rl = attention_ref(qb, kk[None], vv[None], upcast=True, **kw)
+        po, _ = attention_ref(qb, kk[None], vv[None], upcast=False, **kw)
+        err, err_pt = (out[b:b + 1].double() - ro).abs().max().item(), (po.double() - ro).abs().max().item()
+        atol = U[dtype] * max(1.0, vv.abs().max().item() if L else 1.0)
+        assert err <= 2 * err_pt + atol, f"b={b} L={L}: out err {err:.3e} > 2*{err_pt:.3e} + {atol:.1e}"
+        lse_err = (lse[b:b + 1].double() - rl).abs().nan_to_num(0.0).max().item()
+        assert lse_err <= 2.0 ** -17 * max(1.0, rl.abs().nan_to_num(0.0).max().item()) * 8
+        assert torch.equal(torch.isinf(lse[b:b + 1]), torch.isinf(rl)), "lse -inf pattern"
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("splits", [1, 3, 0])
+def test_contiguous_splits(dtype, splits):
+    run_case(dtype, splits=splits)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("page", [1, 16, 64] + ([256] if LARGE else []))
+def test_paged_shuffled(dtype, page):
+    run_case(dtype, page=page, cap=max(CAP, page * 2), splits=2)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("Sq, group", [(1, 1), (4, 4), (16, 8)])
+@pytest.mark.parametrize("paged", [False, True])
+def test_causal_chunks_gqa_append(dtype, Sq, group, paged):
+    run_case(dtype, Sq=Sq, Hq=2 * group if group < 8 else 8, Hkv=2 if group < 8 else 1, new=Sq, causal=True,
+             page=16 if paged else None, splits=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_lengths_zero_and_full(dtype):
+    run_case(dtype, lens=[0, CAP])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_append_at_page_boundary(dtype):
+    run_case(dtype, page=8, cap=64, new=5, lens=[59, 3])  # crosses a page boundary; the other starts mid-page
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_features(dtype):
+    run_case(dtype, Sq=3, causal=True, window=(10, 0), softcap=5.0, alibi=True, sink=True, splits=3)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("interleaved", [False, True])
+def test_rotary_and_batch_idx(dtype, interleaved):
+    run_case(dtype, rot=True, new=2, Sq=2, causal=True, interleaved=interleaved)
+    run_case(dtype, bidx=True, new=2, Sq=2, causal=True)
+
+
+def test_qk_v_head_dims_differ():
+    run_case(DTYPES[0], d=40, dv=24, page=16, splits=2)
+
+
+def test_splits_agree():
+    """Different split counts give the same result within rounding."""
+    dtype = DTYPES[0]
+    gen = make_gen(7)
+    q = _randn(gen, 2, 1, 4, D, dtype=dtype)
+    kc, vc = _randn(gen, 2, CAP, 2, D, dtype=dtype), _randn(gen, 2, CAP, 2, D, dtype=dtype)
+    outs = [tileattn.flash_attn_with_kvcache(q, kc, vc, num_splits=s) for s in (1, 2, 5)]
+    for o in outs[1:]:
+        assert (o.float() - outs[0].float()).abs().max().item() <= 4 * U[dtype] * vc.abs().max().item()
+
+
+def _bad(**kw):
+    q = torch.zeros(2, 1, 4, 16, device=DEVICE)
+    kc = torch.zeros(2, 16, 2, 16, device=DEVICE)
+    args = dict(q=q, k_cache=kc, v_cache=kc.clone())
+    args.update(kw)
+    return args
+
+
+@pytest.mark.parametrize("case, exc, pattern", [
+    (dict(cache_seqlens=torch.tensor([3, 17], dtype=torch.int32)), ValueError, "cache_seqlens"),
+    (dict(cache_seqlens=torch.tensor([3, 4], dtype=torch.int64)), TypeError, "cache_seqlens"),
+    (dict(k=torch.zeros(2, 1, 2, 16)), ValueError, "k and v"),
+    (dict(block_table=torch.tensor([[0], [5]], dtype=torch.int32)), ValueError, "block_table"),
+    (dict(block_table=torch.tensor([[0], [1]], dtype=torch.int64)), TypeError, "block_table"),
+    (dict(k_cache=torch.zeros(4, 12, 2, 16), v_cache=torch.zeros(4, 12, 2, 16),
+          block_table=torch.tensor([[0], [1]], dtype=torch.int32)), ValueError, "power of two"),
+    (dict(rotary_cos=torch.zeros(32, 9), rotary_sin=torch.zeros(32, 9)), ValueError, "rotary"),
+    (dict(rotary_cos=torch.zeros(32, 4)), ValueError, "rotary"),
+    (dict(num_splits=-1), ValueError, "num_splits"),
+])
+def test_bad_inputs(case, exc, pattern):
+    case = {k_: (v_.to(DEVICE) if isinstance(v_, torch.Tensor) else v_) for k_, v_ in case.items()}
+    args = _bad(**case)
+    if "k" in case:
+        args["k"] = case["k"]
+    with pytest.raises(exc, match=pattern):
+        tileattn.flash_attn_with_kvcache(**args)
+
+
+def test_leftpad_not_implemented():
+    with pytest.raises(NotImplementedError, match="cache_leftpad"):
+        tileattn.flash_attn_with_kvcache(**_bad(cache_leftpad=torch.zeros(2, dtype=torch.int32, device=DEVICE)))
