@@ -91,7 +91,9 @@ def _override(name: str):
 
 
 # Tables: (head-dim tile, causal) -> config, (block_m, block_n, warps, stages).
-# sm90 values measured on an H200 at seqlen 4k, bf16 (benchmarks/NOTES.md, run 2).
+# sm90 values for head dims <= 128 measured on an H200 at seqlen 4k, bf16 (benchmarks/NOTES.md, run 2); the causal
+# d<=64 dK/dV tile chosen by ptxas spill counts and confirmed by run 5; D=256 backward tiles chosen to fit shared
+# memory, not yet measured.
 def _cfg(*c):
     return KernelConfig(*c)
 
