@@ -170,3 +170,15 @@ def test_bad_inputs(case, exc, pattern):
 def test_leftpad_not_implemented():
     with pytest.raises(NotImplementedError, match="cache_leftpad"):
         tileattn.flash_attn_with_kvcache(**_bad(cache_leftpad=torch.zeros(2, dtype=torch.int32, device=DEVICE)))
+
+
+def test_example_generate_paged():
+    """examples/generate_paged.py: greedy decoding with a paged cache equals a no-cache forward."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    r = subprocess.run([sys.executable, os.path.join(root, "examples", "generate_paged.py")], capture_output=True,
+                       text=True, timeout=600)
+    assert r.returncode == 0, r.stdout + r.stderr
+    assert "(ok)" in r.stdout
