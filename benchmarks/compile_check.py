@@ -1,6 +1,6 @@
 """Compile kernel variants for a GPU target on a machine without a GPU; print registers and spills.
 
-Usage: PYTHONPATH=src python benchmarks/compile_check.py [arch=90] [--features]
+Usage: PYTHONPATH=src python benchmarks/compile_check.py [arch=90] [--features | --quick]
 (needs triton's bundled ptxas; no GPU, no interpreter). Catches compile errors the interpreter can't see
 (e.g. non-constexpr globals) and shows register pressure per config.
 """
@@ -37,7 +37,13 @@ def _ptxas_report(ptx: str, arch: int) -> str:
     return f"regs {regs.group(1) if regs else '?'} spill_stores {spill.group(1) if spill else '?'}"
 
 
-def compile_one(fn, dtype, constexprs, cfg, arch):
+def compile_one(fn, dtype, constexprs, cfg, arch, ints=None):
+    """Compile ``fn`` for sm_<arch>. ``ints``: runtime values of integer arguments; like Triton's launcher, a value
+    of 1 becomes a compile-time constant unless the kernel lists the argument in ``do_not_specialize``."""
+    constexprs = dict(constexprs)
+    for param in getattr(fn, "params", []):
+        if ints and ints.get(param.name) == 1 and not param.do_not_specialize:
+            constexprs[param.name] = 1
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -55,7 +61,13 @@ def compile_one(fn, dtype, constexprs, cfg, arch):
         else:
             sig[name] = "i32"
     consts = {k: v for k, v in constexprs.items() if k in fn.arg_names}
-    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts), target=GPUTarget("cuda", arch, 32),
+    attrs = {}
+    if ints is not None:  # like the launcher: 16-byte-aligned pointers, integers divisible by 16 marked so
+        for i, name in enumerate(fn.arg_names):
+            if sig[name].startswith("*") or (sig[name] == "i32" and ints.get(name, 0) % 16 == 0 and ints.get(name)):
+                attrs[(i,)] = [["tt.divisibility", 16]]
+    k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", arch, 32),
                        options={"num_warps": cfg.num_warps, "num_stages": cfg.num_stages})
     return _ptxas_report(k.asm["ptx"], arch), k.metadata.shared
 
@@ -68,11 +80,44 @@ FEATURES = {
 }
 
 
+def regression_cases(arch):
+    """Specialisations that once broke the compiler: ptxas (triton 3.6, sm_90a) segfaulted on the causal fp16
+    forward when seqlen_k == 1 and the query-tile count == 1 were both constant-folded."""
+    bad = 0
+    cfg = configs._table_fwd(arch // 10, 32, True)
+    consts = {"BLOCK_DQK": 32, "BLOCK_DV": 32, "EVEN_DQK": True, "EVEN_DV": True, "BLOCK_M": cfg.block_m,
+              "BLOCK_N": cfg.block_n, "HAS_LEFT": False, "HAS_RIGHT": True, "HAS_SOFTCAP": False, "HAS_ALIBI": False,
+              "HAS_SINK": False, "HAS_DROPOUT": False, "IS_VARLEN": False, "FP32": False}
+    for dtype in ("fp16", "bf16"):
+        for fn in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel):
+            # the failing test's launch: q (2, 17, 2, 32), k/v (2, 1, 1, 32), contiguous
+            ints = dict(stride_qb=1088, stride_qs=64, stride_qh=32, stride_kb=32, stride_ks=32, stride_kh=32,
+                        stride_vb=32, stride_vs=32, stride_vh=32, stride_ob=1088, stride_os=64, stride_oh=32,
+                        stride_dob=1088, stride_dos=64, stride_doh=32, stride_dqb=1088, stride_dqs=64,
+                        stride_dqh=32, stride_dkb=32, stride_dks=32, stride_dkh=32, stride_dvb=32, stride_dvs=32,
+                        stride_dvh=32, stride_lb=34, stride_lh=17, stride_ab=0, q_heads=2, kv_heads=1, group=2,
+                        max_seqlen_q=17, max_seqlen_k=1, num_m_tiles=1, num_n_tiles=1, win_left=-1, win_right=0,
+                        dqk=32, dv=32, dim_v=32)
+            try:
+                rep, _ = compile_one(fn, dtype, consts, cfg, arch, ints)
+                print(f"sm{arch} regression seqlen_k=1 {dtype} {fn.__name__}: {rep}", flush=True)
+            except Exception as e:  # noqa: BLE001
+                bad += 1
+                print(f"sm{arch} regression seqlen_k=1 {dtype} {fn.__name__}: FAILED {str(e)[:300]}", flush=True)
+    return bad
+
+
 def main():
     arch = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 90
     feats = FEATURES if "--features" in sys.argv else {"plain": {}}
-    bad = 0
-    for block_d in (64, 128, 256) if "--features" not in sys.argv else (64,):
+    bad = regression_cases(arch)
+    if "--quick" in sys.argv:  # CI: the regression cases plus one head dim
+        dims = (64,)
+    elif "--features" in sys.argv:
+        dims = (64,)
+    else:
+        dims = (64, 128, 256)
+    for block_d in dims:
         for causal in (False, True):
             fc = configs._table_fwd(arch // 10, block_d, causal)
             bc = configs._table_bwd(arch // 10, block_d, causal)
