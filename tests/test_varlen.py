@@ -312,3 +312,13 @@ def test_all_sequences_empty():
     assert out.shape == (0, HQ, D) and lse.shape == (HQ, 0)
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.zeros_like(out))
     assert (dk == 0).all() and (dv == 0).all() and dq.shape == q.shape
+
+
+def test_cu_seqlens_revalidated_after_in_place_change():
+    """Validation results are cached per cu_seqlens tensor; an in-place edit must be checked again."""
+    q = torch.randn(10, 2, 16, device=DEVICE)
+    cu = torch.tensor([0, 4, 10], dtype=torch.int32, device=DEVICE)
+    tileattn.flash_attn_varlen_func(q, q, q, cu, cu, 6, 6)
+    cu[1] = 12  # now decreasing: 12 > 10
+    with pytest.raises(ValueError, match="cu_seqlens_q"):
+        tileattn.flash_attn_varlen_func(q, q, q, cu, cu, 12, 12)

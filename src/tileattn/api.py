@@ -6,6 +6,7 @@ used by ``attention`` and by the flash-attn-style functions in ``tileattn.flash_
 
 import math
 import numbers
+import weakref
 from typing import Optional, Tuple
 
 import torch
@@ -134,6 +135,25 @@ def check_features(q, batch: int, q_heads: int, softcap, alibi_slopes, sink, dro
     return softcap, alibi_slopes, sink, dropout_p
 
 
+_CU_SUMMARIES = {}  # id(tensor) -> (weakref, version, summary): one host read per cu_seqlens tensor and version
+
+
+def _cu_summary(cu: torch.Tensor):
+    """(first, last, non-decreasing, longest sequence) of a cu_seqlens tensor, read to the host once per tensor
+    and in-place version (the same cu_seqlens is typically passed to every layer of a step)."""
+    key = id(cu)
+    hit = _CU_SUMMARIES.get(key)
+    if hit is not None and hit[0]() is cu and hit[1] == cu._version:
+        return hit[2]
+    c = cu.detach().cpu()
+    diffs = c[1:] - c[:-1]
+    summary = (int(c[0]), int(c[-1]), bool((diffs >= 0).all()), int(diffs.max()) if diffs.numel() else 0)
+    if len(_CU_SUMMARIES) > 64:
+        _CU_SUMMARIES.clear()
+    _CU_SUMMARIES[key] = (weakref.ref(cu), cu._version, summary)
+    return summary
+
+
 def check_cu_seqlens(name: str, cu, device, rows: int):
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be an int32 tensor of cumulative sequence lengths")
@@ -143,10 +163,11 @@ def check_cu_seqlens(name: str, cu, device, rows: int):
         raise ValueError(f"{name} must be 1-D of length batch + 1, got shape {tuple(cu.shape)}")
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device}, q on {device}")
-    if not torch.compiler.is_compiling():  # one small host sync; skipped inside compiled graphs
-        c = cu.detach().cpu()
-        if c[0].item() != 0 or bool((c[1:] < c[:-1]).any()) or c[-1].item() > rows:
-            raise ValueError(f"{name} must start at 0, be non-decreasing and end <= {rows}, got {c.tolist()[:16]}")
+    if not torch.compiler.is_compiling():  # one small host read per tensor version; skipped in compiled graphs
+        first, last, monotonic, _ = _cu_summary(cu)
+        if first != 0 or not monotonic or last > rows:
+            raise ValueError(f"{name} must start at 0, be non-decreasing and end <= {rows}, "
+                             f"got {cu.detach().cpu().tolist()[:16]}")
     return cu.contiguous()
 
 
@@ -174,8 +195,8 @@ def check_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k):
     max_q, max_k = _as_int("max_seqlen_q", max_seqlen_q), _as_int("max_seqlen_k", max_seqlen_k)
     if max_q < 0 or max_k < 0:
         raise ValueError(f"max_seqlen_q/max_seqlen_k must be >= 0, got {max_q}, {max_k}")
-    if not torch.compiler.is_compiling():  # one small host sync; skipped inside compiled graphs
-        longest = [int(c.diff().max().item()) if c.numel() > 1 else 0 for c in (cu_q, cu_k)]
+    if not torch.compiler.is_compiling():
+        longest = [_cu_summary(c)[3] for c in (cu_q, cu_k)]
         if longest[0] > max_q or longest[1] > max_k:
             raise ValueError(f"max_seqlen_q/max_seqlen_k ({max_q}, {max_k}) are smaller than the longest "
                              f"sequences in cu_seqlens ({longest[0]}, {longest[1]})")
