@@ -67,8 +67,9 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qs, stride_dos
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi) of one query head (transposed form)."""
-    # Masked tiles are few (the diagonal / the edges): no software pipelining for them, which saves registers.
-    for start_m in tl.range(lo, hi, BLOCK_M, num_stages=1 if MASKED else None):
+    # Masked tiles stay software-pipelined here (unlike the forward): unpipelining them cost the backward ~20% with
+    # a sliding window and ~1.5% at causal 1k (H200, runs 4 vs 5 in benchmarks/NOTES.md).
+    for start_m in tl.range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         q = load_tile(q_ptrs + start_m * stride_qs, rows, seqlen_q, offs_dqk, dqk, True, EVEN_DQK)
         lse, delta = _load_row_stats(LSE, DELTA, rows, seqlen_q)
@@ -175,8 +176,8 @@ def _dq_tiles(dq, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr):
     """Accumulate dQ of one query tile over key tiles [lo, hi)."""
-    # Masked tiles are few (the diagonal / the edges): no software pipelining for them, which saves registers.
-    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
+    # Masked tiles stay software-pipelined (see _dkdv_tiles).
+    for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
         k = load_tile(k_ptrs + start_n * stride_ks, cols, seqlen_k, offs_dqk, dqk, MASKED, EVEN_DQK)
         v = load_tile(v_ptrs + start_n * stride_vs, cols, seqlen_k, offs_dv, dim_v, MASKED, EVEN_DV)
