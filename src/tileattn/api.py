@@ -135,22 +135,28 @@ def check_features(q, batch: int, q_heads: int, softcap, alibi_slopes, sink, dro
     return softcap, alibi_slopes, sink, dropout_p
 
 
-_CU_SUMMARIES = {}  # id(tensor) -> (weakref, version, summary): one host read per cu_seqlens tensor and version
+_HOST_SUMMARIES = {}  # (id(tensor), kind) -> (weakref, version, summary)
 
 
-def _cu_summary(cu: torch.Tensor):
-    """(first, last, non-decreasing, longest sequence) of a cu_seqlens tensor, read to the host once per tensor
-    and in-place version (the same cu_seqlens is typically passed to every layer of a step)."""
-    key = id(cu)
-    hit = _CU_SUMMARIES.get(key)
-    if hit is not None and hit[0]() is cu and hit[1] == cu._version:
+def host_summary(t: torch.Tensor, kind: str):
+    """Small facts about an integer index tensor, read to the host once per tensor and in-place version (the same
+    cu_seqlens / block_table is typically passed to every layer of a step, so checks cost one sync, not one per call).
+
+    kind "cu": (first, last, non-decreasing, longest sequence); kind "range": (min, max) (0, -1 when empty).
+    """
+    key = (id(t), kind)
+    hit = _HOST_SUMMARIES.get(key)
+    if hit is not None and hit[0]() is t and hit[1] == t._version:
         return hit[2]
-    c = cu.detach().cpu()
-    diffs = c[1:] - c[:-1]
-    summary = (int(c[0]), int(c[-1]), bool((diffs >= 0).all()), int(diffs.max()) if diffs.numel() else 0)
-    if len(_CU_SUMMARIES) > 64:
-        _CU_SUMMARIES.clear()
-    _CU_SUMMARIES[key] = (weakref.ref(cu), cu._version, summary)
+    c = t.detach().cpu()
+    if kind == "cu":
+        diffs = c[1:] - c[:-1]
+        summary = (int(c[0]), int(c[-1]), bool((diffs >= 0).all()), int(diffs.max()) if diffs.numel() else 0)
+    else:
+        summary = (int(c.min()), int(c.max())) if c.numel() else (0, -1)
+    if len(_HOST_SUMMARIES) > 256:
+        _HOST_SUMMARIES.clear()
+    _HOST_SUMMARIES[key] = (weakref.ref(t), t._version, summary)
     return summary
 
 
@@ -164,7 +170,7 @@ def check_cu_seqlens(name: str, cu, device, rows: int):
     if cu.device != device:
         raise ValueError(f"{name} is on {cu.device}, q on {device}")
     if not torch.compiler.is_compiling():  # one small host read per tensor version; skipped in compiled graphs
-        first, last, monotonic, _ = _cu_summary(cu)
+        first, last, monotonic, _ = host_summary(cu, "cu")
         if first != 0 or not monotonic or last > rows:
             raise ValueError(f"{name} must start at 0, be non-decreasing and end <= {rows}, "
                              f"got {cu.detach().cpu().tolist()[:16]}")
@@ -196,7 +202,7 @@ def check_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k):
     if max_q < 0 or max_k < 0:
         raise ValueError(f"max_seqlen_q/max_seqlen_k must be >= 0, got {max_q}, {max_k}")
     if not torch.compiler.is_compiling():
-        longest = [_cu_summary(c)[3] for c in (cu_q, cu_k)]
+        longest = [host_summary(c, "cu")[3] for c in (cu_q, cu_k)]
         if longest[0] > max_q or longest[1] > max_k:
             raise ValueError(f"max_seqlen_q/max_seqlen_k ({max_q}, {max_k}) are smaller than the longest "
                              f"sequences in cu_seqlens ({longest[0]}, {longest[1]})")

@@ -9,7 +9,7 @@ from typing import Optional
 
 import torch
 
-from .api import _as_int, check_features, check_window, SUPPORTED_DTYPES, _INTERPRETING
+from .api import _as_int, _INTERPRETING, SUPPORTED_DTYPES, check_features, check_window, host_summary
 from .kernels.decode import decode_forward
 
 
@@ -99,7 +99,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx cannot be combined with block_table")
         if block_table.numel() and not torch.compiler.is_compiling():
-            lo, hi = int(block_table.min()), int(block_table.max())
+            lo, hi = host_summary(block_table, "range")
             if lo < 0 or hi >= k_cache.shape[0]:
                 raise ValueError(f"block_table entries must be in [0, {k_cache.shape[0]}), got [{lo}, {hi}]")
         capacity = block_table.shape[1] * page_size
@@ -109,7 +109,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         capacity = k_cache.shape[1]
         if cache_batch_idx is not None:
             _check_int32("cache_batch_idx", cache_batch_idx, (batch,))
-            if int(cache_batch_idx.min()) < 0 or int(cache_batch_idx.max()) >= k_cache.shape[0]:
+            lo, hi = host_summary(cache_batch_idx, "range")
+            if lo < 0 or hi >= k_cache.shape[0]:
                 raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]})")
         elif k_cache.shape[0] < batch:
             raise ValueError(f"k_cache holds {k_cache.shape[0]} sequences, q has batch {batch}")
@@ -129,10 +130,13 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError(f"k/v must be (batch, S_new, kv_heads, head_dim) matching the cache, got "
                              f"{tuple(k.shape)} / {tuple(v.shape)}")
     lens = cache_seqlens.to(torch.int64)
+    max_len = capacity
     if not torch.compiler.is_compiling():
-        if int(lens.min()) < 0 or int(lens.max()) + new > capacity:
+        lo, hi = host_summary(cache_seqlens, "range")
+        if lo < 0 or hi + new > capacity:
             raise ValueError(f"cache_seqlens (+ {new} new tokens) must be in [0, {capacity}] (the cache capacity), "
-                             f"got [{int(lens.min())}, {int(lens.max())}]")
+                             f"got [{lo}, {hi}]")
+        max_len = hi + new
     softmax_scale = 1.0 / math.sqrt(dqk) if softmax_scale is None else float(softmax_scale)
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
@@ -147,8 +151,11 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError(f"rotary dim ({rot_dim}) must be <= head dim ({dqk})")
         ar = torch.arange(seqlen_q, device=q.device)
         q_pos = lens[:, None] + (ar[None, :] if (causal or window != (-1, -1)) else 0 * ar[None, :])
-        if int(q_pos.max()) >= rotary_cos.shape[0] or (new and int(lens.max()) + new > rotary_cos.shape[0]):
-            raise ValueError(f"rotary_cos/sin have {rotary_cos.shape[0]} positions, fewer than needed")
+        if not torch.compiler.is_compiling():
+            longest = max_len - new  # cache length before the append
+            need = max(longest + (seqlen_q - 1 if (causal or window != (-1, -1)) else 0), longest + new - 1)
+            if need >= rotary_cos.shape[0]:
+                raise ValueError(f"rotary_cos/sin have {rotary_cos.shape[0]} positions; position {need} is needed")
         q = _rotate(q, rotary_cos[q_pos], rotary_sin[q_pos], rotary_interleaved)
         if k is not None:
             k_pos = lens[:, None] + torch.arange(new, device=q.device)[None, :]
@@ -168,11 +175,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     seqlens_k = (lens + new).to(torch.int32)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = choose), got {num_splits!r}")
-    max_len = capacity
     splits = num_splits or _default_splits(batch, kv_heads, max_len, q.device)
     out, lse = decode_forward(q, k_cache, v_cache, seqlens_k, softmax_scale=softmax_scale, window=window,
                               softcap=softcap, alibi_slopes=alibi_slopes,
                               sink=sink.float().contiguous() if sink is not None else None,
                               block_table=block_table if paged else None, cache_batch_idx=cache_batch_idx,
-                              num_splits=splits, page_size=page_size)
+                              num_splits=splits, page_size=page_size, max_seqlen_k=max(max_len, 1))
     return (out, lse) if return_softmax_lse else out

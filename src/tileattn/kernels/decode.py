@@ -133,9 +133,10 @@ def _decode_combine_kernel(OUT_PART, LSE_PART, OUT, LSE, SINK, stride_ob, stride
 
 
 def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, softcap, alibi_slopes, sink,
-                   block_table, cache_batch_idx, num_splits, page_size):
+                   block_table, cache_batch_idx, num_splits, page_size, max_seqlen_k):
     """q (B, Sq, Hq, Dqk); caches contiguous (B_cache, S_cache, Hkv, D) or paged (blocks, page_size, Hkv, D);
-    seqlens_k int32 (B,) = keys visible to each sequence. Returns out (B, Sq, Hq, Dv), lse fp32 (B, Hq, Sq)."""
+    seqlens_k int32 (B,) = keys visible to each sequence, at most max_seqlen_k (sizes the splits).
+    Returns out (B, Sq, Hq, Dv), lse fp32 (B, Hq, Sq)."""
     from .. import configs
     from .common import LOG2E_F
     batch, seqlen_q, q_heads, dqk = q.shape
@@ -147,9 +148,8 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         return out, lse
     block_m = max(16, triton.next_power_of_2(seqlen_q * group))
     block_n = 32 if configs.padded_head_dim(max(dqk, dv)) >= 256 or triton.knobs.runtime.interpret else 64
-    max_len = k_cache.shape[1] * (block_table.shape[1] if block_table is not None else 1)
-    split_len = triton.cdiv(triton.cdiv(max_len, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max(max_len, 1), split_len)
+    split_len = triton.cdiv(triton.cdiv(max_seqlen_k, num_splits), block_n) * block_n
+    num_splits = triton.cdiv(max_seqlen_k, split_len)
     out_part = torch.empty((num_splits, batch, q_heads, seqlen_q, dv), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((num_splits, batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
     paged = block_table is not None
