@@ -201,3 +201,12 @@ def test_fp32_near_exact(causal):
         scale = max(1.0, ref.abs().max().item())
         err = (x.double() - ref).abs().max().item()
         assert err <= 1e-5 * scale, f"fp32 {name}: max error {err:.3e} > 1e-5 * {scale:.3g}"
+
+
+def test_sequence_too_long_for_int32_offsets():
+    """A sequence spanning >= 2**31 elements is refused, not silently wrapped (meta tensors: no memory needed)."""
+    from tileattn.api import check_int32_offsets
+    big = torch.empty(1, 2 ** 20, 16, 128, device="meta")  # 2**31 elements in one sequence
+    with pytest.raises(ValueError, match=r"\bk\b.*32-bit"):
+        check_int32_offsets("k", big, big.shape[1])
+    check_int32_offsets("k", big[:, : 2 ** 20 - 1], 2 ** 20 - 1)  # just under: accepted

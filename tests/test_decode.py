@@ -182,3 +182,20 @@ def test_example_generate_paged():
                        text=True, timeout=600)
     assert r.returncode == 0, r.stdout + r.stderr
     assert "(ok)" in r.stdout
+
+
+def test_chunked_prefill_many_rows():
+    """Sq x group > 64 query rows: several row blocks per (split, batch, kv head)."""
+    run_case(DTYPES[0], Sq=24, Hq=8, Hkv=2, new=24, causal=True, page=16, splits=2)
+
+
+def test_non_contiguous_cache_batch_idx():
+    dtype = DTYPES[0]
+    gen = make_gen(11)
+    q = _randn(gen, 2, 1, 4, D, dtype=dtype)
+    kc, vc = _randn(gen, 5, 40, 2, D, dtype=dtype), _randn(gen, 5, 40, 2, D, dtype=dtype)
+    idx = torch.tensor([3, 0, 1, 2], dtype=torch.int32, device=DEVICE)[::2]  # [3, 1], stride 2
+    lens = torch.tensor([40, 40], dtype=torch.int32, device=DEVICE)
+    a = tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_batch_idx=idx)
+    b = tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_batch_idx=idx.contiguous())
+    assert torch.equal(a, b)

@@ -433,3 +433,23 @@ def test_all_features_combined(dtype, causal, dropout):
         _check(q, k, v, dout, dlse, ctx="combined", **kw)
         if dtype == torch.float16 or LARGE:
             _check(q, k, v, dout, None, ctx="combined attention()", entry="attention", **kw)
+
+
+def test_sink_non_contiguous_and_minus_inf():
+    """A strided sink is read correctly; a -inf sink (a head with its sink switched off) gives no NaN."""
+    q = torch.randn(1, 6, 2, 16, device=DEVICE)
+    k = torch.randn(1, 2, 2, 16, device=DEVICE)
+    v = torch.randn(1, 2, 2, 16, device=DEVICE)
+    wide = torch.randn(4, device=DEVICE)
+    a, la = tileattn.attention(q, k, v, sink=wide[::2], causal=True, return_lse=True)
+    b, lb = tileattn.attention(q, k, v, sink=wide[::2].contiguous(), causal=True, return_lse=True)
+    assert torch.equal(a, b) and torch.equal(la, lb)
+    sink = torch.tensor([float("-inf"), 0.5], device=DEVICE, requires_grad=True)
+    qg = q.clone().requires_grad_()
+    o, lse = tileattn.attention(qg, k, v, sink=sink, causal=True, return_lse=True)
+    ro, rl = attention_ref(q.double(), k.double(), v.double(), causal=True, sink=sink.detach().double())
+    assert not torch.isnan(o).any() and not torch.isnan(lse).any()
+    assert (o.double() - ro).abs().max().item() < 1e-5
+    assert torch.equal(torch.isinf(lse), torch.isinf(rl))
+    (o.sum() + lse[torch.isfinite(lse)].sum()).backward()
+    assert torch.isfinite(sink.grad).all() and sink.grad[0].item() == 0.0 and torch.isfinite(qg.grad).all()

@@ -322,3 +322,16 @@ def test_cu_seqlens_revalidated_after_in_place_change():
     cu[1] = 12  # now decreasing: 12 > 10
     with pytest.raises(ValueError, match="cu_seqlens_q"):
         tileattn.flash_attn_varlen_func(q, q, q, cu, cu, 12, 12)
+
+
+def test_no_keys_with_sink_and_rows_outside_sequences():
+    """All key sequences empty, a sink, and q rows past cu_seqlens_q[-1]: finite d(sink) = sum of dlse per head."""
+    q = torch.randn(8, 2, 16, device=DEVICE)
+    kv = torch.randn(0, 2, 16, device=DEVICE)
+    sink = torch.zeros(2, device=DEVICE, requires_grad=True)
+    cu_q = torch.tensor([0, 3, 6], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 0, 0], dtype=torch.int32, device=DEVICE)
+    o, lse, _ = tileattn.flash_attn_varlen_func(q, kv, kv, cu_q, cu_k, 3, 0, sink=sink, return_attn_probs=True)
+    assert torch.equal(o[6:], torch.zeros_like(o[6:])) and torch.isinf(lse[:, 6:]).all()
+    (o[:6].sum() + lse[:, :6].sum()).backward()
+    assert torch.allclose(sink.grad, torch.full((2,), 6.0, device=DEVICE))

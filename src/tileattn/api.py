@@ -132,6 +132,7 @@ def check_features(q, batch: int, q_heads: int, softcap, alibi_slopes, sink, dro
             raise ValueError(f"sink must have shape ({q_heads},) (one logit per query head), got {tuple(sink.shape)}")
         if sink.device != q.device:
             raise ValueError(f"sink is on {sink.device}, q on {q.device}")
+        sink = sink.contiguous()  # the kernels read it with stride 1 (differentiable: gradients still reach it)
     return softcap, alibi_slopes, sink, dropout_p
 
 
@@ -175,6 +176,16 @@ def check_cu_seqlens(name: str, cu, device, rows: int):
             raise ValueError(f"{name} must start at 0, be non-decreasing and end <= {rows}, "
                              f"got {cu.detach().cpu().tolist()[:16]}")
     return cu.contiguous()
+
+
+def check_int32_offsets(name: str, t: torch.Tensor, seqlen: int):
+    """The kernels address one sequence of one tensor with 32-bit offsets (batch and sequence starts are 64-bit):
+    refuse, rather than silently wrap, a sequence whose elements span 2**31 or more."""
+    span = max(seqlen - 1, 0) * abs(t.stride(-3)) + (t.shape[-2] - 1) * abs(t.stride(-2)) + t.shape[-1]
+    if span >= 2 ** 31:
+        raise ValueError(f"{name}: one sequence spans {span} elements (seqlen {seqlen} x stride {t.stride(-3)}); "
+                         f"tileattn's kernels address a sequence with 32-bit offsets (< 2**31 elements). Split the "
+                         f"sequence, or use fewer heads per tensor")
 
 
 def unpack_qkv(a, b, c, pack: int):
@@ -250,9 +261,11 @@ def attention_impl(q, k, v, *, softmax_scale: float, window: Tuple[int, int], so
     tensors = [None if t is None else _last_dim_contiguous(t) for t in (q, k, v)]
     if varlen:
         tensors = [None if t is None else t.unsqueeze(0) for t in tensors]
-    qv, kv_, _ = unpack_qkv(*tensors, pack)
+    qv, kv_, vv = unpack_qkv(*tensors, pack)
     if not varlen:
         max_seqlen_q, max_seqlen_k = qv.shape[1], kv_.shape[1]
+    for name, t, seqlen in (("q", qv, max_seqlen_q), ("k", kv_, max_seqlen_k), ("v", vv, max_seqlen_k)):
+        check_int32_offsets(name, t, seqlen)
     rng = new_rng_state(qv.device) if dropout_p > 0 else None
     out, lse = _FlashAttention.apply(*tensors, sink, pack, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
                                      softmax_scale, window[0], window[1], softcap, alibi_slopes, dropout_p, rng)

@@ -13,13 +13,15 @@ from .api import _as_int, _INTERPRETING, SUPPORTED_DTYPES, check_features, check
 from .kernels.decode import decode_forward
 
 
-def _check_int32(name, t, shape=None):
+def _check_int32(name, t, shape=None, device=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be an int32 tensor")
     if t.dtype != torch.int32:
         raise TypeError(f"{name} must be int32, got {t.dtype}")
     if shape is not None and tuple(t.shape) != tuple(shape):
         raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, q on {device}")
 
 
 def _rotate(x, cos, sin, interleaved):
@@ -90,7 +92,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     q = q if q.stride(-1) == 1 else q.contiguous()
     paged = block_table is not None
     if paged:
-        _check_int32("block_table", block_table)
+        _check_int32("block_table", block_table, device=q.device)
         if block_table.dim() != 2 or block_table.shape[0] != batch:
             raise ValueError(f"block_table must be (batch={batch}, max_pages), got {tuple(block_table.shape)}")
         page_size = k_cache.shape[1]
@@ -108,8 +110,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         page_size = 1
         capacity = k_cache.shape[1]
         if cache_batch_idx is not None:
-            _check_int32("cache_batch_idx", cache_batch_idx, (batch,))
-            lo, hi = host_summary(cache_batch_idx, "range")
+            _check_int32("cache_batch_idx", cache_batch_idx, (batch,), q.device)
+            cache_batch_idx = cache_batch_idx.contiguous()
+            lo, hi = host_summary(cache_batch_idx, "range") if not torch.compiler.is_compiling() else (0, 0)
             if lo < 0 or hi >= k_cache.shape[0]:
                 raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]})")
         elif k_cache.shape[0] < batch:
@@ -117,7 +120,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_seqlens is None:
         cache_seqlens = torch.full((batch,), capacity if k is None else 0, dtype=torch.int32, device=q.device)
     elif isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.dim() == 1:
-        _check_int32("cache_seqlens", cache_seqlens, (batch,))
+        _check_int32("cache_seqlens", cache_seqlens, (batch,), q.device)
+        cache_seqlens = cache_seqlens.contiguous()
     else:
         cache_seqlens = torch.full((batch,), _as_int("cache_seqlens", cache_seqlens), dtype=torch.int32,
                                    device=q.device)

@@ -75,7 +75,8 @@ def attention_ref(q, k, v, causal=False, softmax_scale=None, upcast=True, window
         col = sink.to(scores.dtype)[None, :, None, None].expand(scores.shape[0], -1, Sq, 1)
         scores = torch.cat([scores, col], dim=-1)
         visible = torch.cat([visible, torch.ones(Sq, 1, dtype=torch.bool, device=q.device)], dim=-1)
-    row_visible = visible.any(dim=-1)[:, None]
+    # a row is live if any score (or a finite sink) can enter its softmax: (B, H, Sq, 1)
+    row_visible = (scores > float("-inf")).any(dim=-1, keepdim=True)
     if scores.shape[-1] > 0:
         # Rows with no visible key: feed zeros to softmax / logsumexp (finite, no NaN
         # in the backward), then zero the probabilities and set lse = -inf.
@@ -83,7 +84,7 @@ def attention_ref(q, k, v, causal=False, softmax_scale=None, upcast=True, window
         safe = torch.where(row_visible, scores, zero)
         probs = torch.softmax(safe, dim=-1) * row_visible
         lse = torch.logsumexp(safe.to(lse_dtype), dim=-1)
-        lse = torch.where(row_visible[:, 0], lse, torch.full((), float("-inf"), dtype=lse_dtype, device=lse.device))
+        lse = torch.where(row_visible[..., 0], lse, torch.full((), float("-inf"), dtype=lse_dtype, device=lse.device))
         if sink is not None:
             probs = probs[..., :Sk]
         if dropout_mask is not None:

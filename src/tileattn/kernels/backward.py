@@ -39,14 +39,14 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, DSINK_ROWS, SINK, CU_Q,
     do = load_tile(DO + b * stride_dob + (q_start + rows[:, None]).to(tl.int64) * stride_dos + h * stride_doh
                    + offs_d[None, :], rows, seqlen_q, offs_d, dv, True, EVEN_DV)
     delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row = b * stride_lb + h * stride_lh + q_start + rows
+    row = b * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows
     in_seq = rows < seqlen_q
     if HAS_DLSE:
         delta -= tl.load(DLSE + row, mask=in_seq, other=0.0)
     tl.store(DELTA + row, delta, mask=in_seq)
     if HAS_SINK:
         lse = tl.load(LSE + row, mask=in_seq, other=float("inf"))
-        p_sink = tl.exp(tl.load(SINK + h).to(tl.float32) - lse)
+        p_sink = tl.where(lse == float("-inf"), 0.0, tl.exp(tl.load(SINK + h).to(tl.float32) - lse))
         tl.store(DSINK_ROWS + row, -p_sink * delta, mask=in_seq)
 
 
@@ -140,7 +140,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
             + offs_m[:, None] * stride_qs + offs_dqk[None, :]
         do_ptrs = DO + b * stride_dob + q_start.to(tl.int64) * stride_dos + h * stride_doh \
             + offs_m[:, None] * stride_dos + offs_dv[None, :]
-        row0 = b * stride_lb + h * stride_lh + q_start
+        row0 = b * stride_lb + h.to(tl.int64) * stride_lh + q_start
         slope, seed, rng_offset, row_base = feature_scalars(ALIBI, RNG, b, h, b * q_heads + h, stride_ab,
                                                             max_seqlen_q, HAS_ALIBI, HAS_DROPOUT)
         if HAS_RIGHT:
@@ -236,7 +236,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, RNG,
                   rows, seqlen_q, offs_dqk, dqk, True, EVEN_DQK)
     do = load_tile(DO + b * stride_dob + h * stride_doh + q_rows * stride_dos + offs_dv[None, :],
                    rows, seqlen_q, offs_dv, dim_v, True, EVEN_DV)
-    row0 = b * stride_lb + h * stride_lh + q_start
+    row0 = b * stride_lb + h.to(tl.int64) * stride_lh + q_start
     lse, delta = _load_row_stats(LSE + row0, DELTA + row0, rows, seqlen_q)
     k_ptrs = K + b * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh \
         + offs_n[:, None] * stride_ks + offs_dqk[None, :]
@@ -292,7 +292,8 @@ def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None):
             # No keys anywhere: out = 0, so delta = -dlse, every row's sink probability is exp(sink - lse) = 1
             # (lse = sink), and d(sink) = -sum p_sink * delta = sum dlse.
             sink = p.sink.float().view(-1, 1) if p.varlen else p.sink.float().view(1, -1, 1)
-            dsink_rows.copy_(torch.exp(sink - lse) * dlse.float())
+            # rows outside every sequence (varlen) have lse = -inf and no gradient
+            dsink_rows.copy_(torch.where(lse == float("-inf"), 0.0, torch.exp(sink - lse) * dlse.float()))
     else:
         _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_rows)
     dsink = None

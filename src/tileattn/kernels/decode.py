@@ -1,10 +1,11 @@
 """Decode kernels (Flash-Decoding): split the KV cache across programs, merge the partial results by logsumexp.
 
-``_decode_split_kernel``: one program per (split, batch * kv_head). It processes every query row of the GQA group
-at once (Sq new tokens x group query heads, so each K/V byte is read once per group) over the split's range of
-cache positions, and writes an un-normalised partial result: out_part (splits, B, Hq, Sq, Dv) fp32 (already divided
-by the split's own denominator) and lse_part (splits, B, Hq, Sq) fp32 (natural log, -inf for an empty split).
-``_decode_combine_kernel``: one program per (batch * q_head, query block) merges the splits (and the sink).
+``_decode_split_kernel``: one program per (split, batch * kv_head, block of query rows). It processes the query rows
+of the whole GQA group together (Sq new tokens x group query heads, up to 64 rows a block, so in decode each K/V
+byte is read once per group) over the split's range of cache positions, and writes a partial result:
+out_part (splits, B, Hq, Sq, Dv) fp32, normalised by the split's own denominator, and lse_part (splits, B, Hq, Sq)
+fp32 (natural log, -inf for an empty split).
+``_decode_combine_kernel``: one program per block of (batch, q_head, query) rows merges the splits (and the sink).
 
 Caches: contiguous (B_cache, S_cache, Hkv, D) indexed through ``cache_batch_idx``, or paged (num_blocks, page_size,
 Hkv, D) through ``block_table`` (B, max_pages) int32: key position j of sequence b lives in page
@@ -37,8 +38,8 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
     hk = bhk % kv_heads
     seqlen_k = tl.load(SEQLENS_K + b)
     diag = seqlen_k - seqlen_q
-    # rows of this program: r = qi * group + g  (query token qi, query head hk * group + g)
-    r = tl.arange(0, BLOCK_M)
+    # rows of this program: r = qi * group + g  (query token qi, query head hk * group + g), one block of them
+    r = tl.program_id(2) * BLOCK_M + tl.arange(0, BLOCK_M)
     qi = r // group
     h = hk * group + r % group
     row_ok = r < seqlen_q * group
@@ -48,6 +49,7 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
     b64 = b.to(tl.int64)
     q_ptrs = Q + b64 * stride_qb + qi[:, None] * stride_qs + h[:, None] * stride_qh + offs_dqk[None, :]
     q = load_tile(q_ptrs, r, seqlen_q * group, offs_dqk, dqk, True, EVEN_DQK)
+    qi = tl.where(row_ok, qi, 0)  # padding rows: keep indices in range (their results are never stored)
     cb = b64
     if HAS_BATCH_IDX:
         cb = tl.load(BATCH_IDX + b).to(tl.int64)
@@ -146,7 +148,8 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
     lse = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_m = max(16, triton.next_power_of_2(seqlen_q * group))
+    block_m = min(64, max(16, triton.next_power_of_2(seqlen_q * group)))  # chunked prefill: several row blocks
+    row_blocks = triton.cdiv(seqlen_q * group, block_m)
     block_n = 32 if configs.padded_head_dim(max(dqk, dv)) >= 256 or triton.knobs.runtime.interpret else 64
     split_len = triton.cdiv(triton.cdiv(max_seqlen_k, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_seqlen_k, split_len)
@@ -156,7 +159,7 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
     dummy = seqlens_k
     qk_scale = softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E_F
     block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dv)
-    _decode_split_kernel[(num_splits, batch * kv_heads)](
+    _decode_split_kernel[(num_splits, batch * kv_heads, row_blocks)](
         q, k_cache, v_cache, out_part, lse_part, seqlens_k,
         cache_batch_idx if cache_batch_idx is not None else dummy, block_table if paged else dummy,
         alibi_slopes if alibi_slopes is not None else dummy,

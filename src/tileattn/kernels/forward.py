@@ -97,8 +97,10 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG,
     offs_dv = tl.arange(0, BLOCK_DV)
 
     b64 = b.to(tl.int64)
-    q_ptrs = Q + b64 * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh \
-        + rows[:, None] * stride_qs + offs_dqk[None, :]
+    # The tile's first row in int64 (a sequence may span more than 2**31 elements); in-tile offsets stay int32.
+    row0 = (q_start + start_m).to(tl.int64)
+    offs_m = tl.arange(0, BLOCK_M)
+    q_ptrs = Q + b64 * stride_qb + h * stride_qh + row0 * stride_qs + offs_m[:, None] * stride_qs + offs_dqk[None, :]
     k_ptrs = K + b64 * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh \
         + offs_n[:, None] * stride_ks + offs_dqk[None, :]
     v_ptrs = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh \
@@ -132,8 +134,9 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG,
     if HAS_SINK:  # the sink joins the denominator with no value
         sink = tl.load(SINK + h).to(tl.float32) * LOG2E
         m_new = tl.maximum(m_i, sink)
-        alpha = tl.math.exp2(m_i - m_new)
-        l_i = l_i * alpha + tl.math.exp2(sink - m_new)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # a -inf sink on a row with no key: stay 0 / -inf
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.math.exp2(sink - m_use)
         acc = acc * alpha[:, None]
         m_i = m_new
 
@@ -141,9 +144,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG,
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = (m_i + tl.math.log2(l_i)) * LN2
-    tl.store(LSE + b64 * stride_lb + h * stride_lh + q_start + rows, lse, mask=rows < seqlen_q)
-    o_ptrs = O + b64 * stride_ob + q_start.to(tl.int64) * stride_os + h * stride_oh \
-        + rows[:, None] * stride_os + offs_dv[None, :]
+    tl.store(LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows, lse, mask=rows < seqlen_q)
+    o_ptrs = O + b64 * stride_ob + h * stride_oh + row0 * stride_os + offs_m[:, None] * stride_os + offs_dv[None, :]
     store_tile(o_ptrs, acc.to(O.dtype.element_ty), rows, seqlen_q, offs_dv, dv, EVEN_DV)
 
 
@@ -156,12 +158,13 @@ def attention_forward(q, k, v, p, cfg=None):
     """
     _, rows_q, q_heads, dqk = q.shape
     kv_heads, dv = k.shape[2], v.shape[3]
-    out = torch.empty(q.shape[:3] + (dv,), dtype=q.dtype, device=q.device)
     batch = p.batch
-    if p.varlen:
-        lse = torch.empty((q_heads, rows_q), dtype=torch.float32, device=q.device)
+    if p.varlen:  # rows outside every sequence: out 0, lse -inf (no kernel program writes them)
+        out = torch.zeros(q.shape[:3] + (dv,), dtype=q.dtype, device=q.device)
+        lse = torch.full((q_heads, rows_q), float("-inf"), dtype=torch.float32, device=q.device)
         stride_lb, stride_lh = 0, rows_q
     else:
+        out = torch.empty(q.shape[:3] + (dv,), dtype=q.dtype, device=q.device)
         lse = torch.empty((batch, q_heads, rows_q), dtype=torch.float32, device=q.device)
         stride_lb, stride_lh = q_heads * rows_q, rows_q
     if out.numel() == 0 or p.max_seqlen_q == 0:
