@@ -97,7 +97,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG,
     offs_dv = tl.arange(0, BLOCK_DV)
 
     b64 = b.to(tl.int64)
-    # The tile's first row in int64 (a sequence may span more than 2**31 elements); in-tile offsets stay int32.
+    # 64-bit base of the tile (batch and sequence start); in-sequence offsets stay 32-bit (api.check_int32_offsets).
     row0 = (q_start + start_m).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     q_ptrs = Q + b64 * stride_qb + h * stride_qh + row0 * stride_qs + offs_m[:, None] * stride_qs + offs_dqk[None, :]
