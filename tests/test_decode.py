@@ -8,7 +8,6 @@ import pytest
 import torch
 
 import tileattn
-from tileattn.decode import _rotate
 from tileattn.reference import attention_ref
 from _helpers import DEVICE, LARGE, make_gen, seed_for
 
@@ -16,6 +15,20 @@ DTYPES = [torch.float16, torch.bfloat16] if LARGE else [torch.float32]
 CAP = 2048 if LARGE else 70
 D = 128 if LARGE else 32
 U = {torch.float16: 2.0 ** -11, torch.bfloat16: 2.0 ** -8, torch.float32: 2.0 ** -17}
+
+
+def _rotate(x, cos, sin, interleaved):
+    """Reference rotary (direct formula) on the first 2 * cos.shape[-1] dims of x (B, S, H, D); cos/sin (B, S, r)."""
+    rot = cos.shape[-1] * 2
+    xr, rest = x[..., :rot].double(), x[..., rot:]
+    cos, sin = cos[:, :, None, :].double(), sin[:, :, None, :].double()
+    if interleaved:
+        x1, x2 = xr[..., 0::2], xr[..., 1::2]
+        y = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
+    else:
+        x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
+        y = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
+    return torch.cat((y.to(x.dtype), rest), dim=-1)
 
 
 def _randn(gen, *shape, dtype):
@@ -120,6 +133,7 @@ def test_features(dtype):
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_rotary_and_batch_idx(dtype, interleaved):
     run_case(dtype, rot=True, new=2, Sq=2, causal=True, interleaved=interleaved)
+    run_case(dtype, rot=True, new=2, Sq=2, causal=False, interleaved=interleaved)  # q tokens all at cache_seqlens
     run_case(dtype, bidx=True, new=2, Sq=2, causal=True)
 
 

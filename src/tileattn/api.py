@@ -10,14 +10,13 @@ import weakref
 from typing import Optional, Tuple
 
 import torch
-import triton
 
 from . import configs
 from .ops import flash_bwd, flash_fwd
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Read once: @triton.jit chose compiled or interpreted kernels at import, and dynamo can't trace triton's getenv.
-_INTERPRETING = bool(triton.knobs.runtime.interpret)
+_INTERPRETING = configs._interpreting()
 
 
 def _last_dim_contiguous(x: torch.Tensor) -> torch.Tensor:

@@ -24,20 +24,6 @@ def _check_int32(name, t, shape=None, device=None):
         raise ValueError(f"{name} is on {t.device}, q on {device}")
 
 
-def _rotate(x, cos, sin, interleaved):
-    """Rotary embedding on the first 2 * cos.shape[-1] dims of x (B, S, H, D); cos/sin (B, S, rot/2)."""
-    rot = cos.shape[-1] * 2
-    xr, rest = x[..., :rot].float(), x[..., rot:]
-    cos, sin = cos[:, :, None, :].float(), sin[:, :, None, :].float()
-    if interleaved:
-        x1, x2 = xr[..., 0::2], xr[..., 1::2]
-        y = torch.stack((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1).flatten(-2)
-    else:
-        x1, x2 = xr[..., : rot // 2], xr[..., rot // 2:]
-        y = torch.cat((x1 * cos - x2 * sin, x1 * sin + x2 * cos), dim=-1)
-    return torch.cat((y.to(x.dtype), rest), dim=-1)
-
-
 def _default_splits(batch, kv_heads, max_len, device) -> int:
     """Enough (split, batch, kv_head) programs to fill the GPU about twice, each with >= 512 cache positions."""
     if device.type != "cuda":
@@ -153,17 +139,21 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         rot_dim = 2 * rotary_cos.shape[1]
         if rot_dim > dqk:
             raise ValueError(f"rotary dim ({rot_dim}) must be <= head dim ({dqk})")
-        ar = torch.arange(seqlen_q, device=q.device)
-        q_pos = lens[:, None] + (ar[None, :] if (causal or window != (-1, -1)) else 0 * ar[None, :])
+        q_per_token = causal or window != (-1, -1)  # else every query token sits at position cache_seqlens
         if not torch.compiler.is_compiling():
             longest = max_len - new  # cache length before the append
-            need = max(longest + (seqlen_q - 1 if (causal or window != (-1, -1)) else 0), longest + new - 1)
+            need = max(longest + (seqlen_q - 1 if q_per_token else 0), longest + new - 1)
             if need >= rotary_cos.shape[0]:
                 raise ValueError(f"rotary_cos/sin have {rotary_cos.shape[0]} positions; position {need} is needed")
-        q = _rotate(q, rotary_cos[q_pos], rotary_sin[q_pos], rotary_interleaved)
+        # The shim's rotary (imported here: the compat package imports this module).
+        from .compat.flash_attn.layers.rotary import apply_rotary_emb
+        if q_per_token:
+            q = apply_rotary_emb(q, rotary_cos, rotary_sin, rotary_interleaved, seqlen_offsets=lens)
+        else:  # one "token" of Sq * Hq heads at position cache_seqlens
+            q = apply_rotary_emb(q.reshape(batch, 1, seqlen_q * q_heads, dqk), rotary_cos, rotary_sin,
+                                 rotary_interleaved, seqlen_offsets=lens).view(q.shape)
         if k is not None:
-            k_pos = lens[:, None] + torch.arange(new, device=q.device)[None, :]
-            k = _rotate(k, rotary_cos[k_pos], rotary_sin[k_pos], rotary_interleaved)
+            k = apply_rotary_emb(k, rotary_cos, rotary_sin, rotary_interleaved, seqlen_offsets=lens)
     if k is not None and new:  # append in place
         pos = lens[:, None] + torch.arange(new, device=q.device)[None, :]  # (B, new)
         if paged:
