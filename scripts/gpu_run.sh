@@ -16,9 +16,9 @@ for stage in "$@"; do
     info) nvidia-smi --query-gpu=name,clocks.sm,clocks.max.sm,memory.total,power.limit --format=csv
           python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())' ;;
     smoke) python3 benchmarks/smoke.py 2>&1 | tee "$OUT/smoke.log" || status=1 ;;
-    tests) python3 -m pytest tests -q -n 4 -p no:cacheprovider --durations=15 2>&1 | tee "$OUT/tests.log" | tail -40 || status=1 ;;
+    tests) python3 -m pytest tests -q -n 14 -p no:cacheprovider -rf -v -p no:benchmark --durations=15 2>&1 | tee "$OUT/tests.log" | tail -40 || status=1 ;;
     features) python3 -m tileattn.bench_features --out-dir "$OUT" 2>&1 | tee "$OUT/features.log" || status=1 ;;
-    decode) python3 -m tileattn.bench_decode --out-dir "$OUT" 2>&1 | tee "$OUT/decode.log" || status=1 ;;
+    decode) python3 -m tileattn.bench_decode --out-dir "$OUT" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log" || status=1 ;;
     tune) python3 benchmarks/tune.py --head-dims "${TUNE_DIMS:-256}" --out "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" || status=1 ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;

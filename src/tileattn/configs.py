@@ -165,3 +165,23 @@ def backward_config(device: torch.device, dtype: torch.dtype, head_dim: int, cau
         )
     return BackwardConfig(_fit(cfg.dkdv, block_d, elem, arch, "n"), _fit(cfg.dq, block_d, elem, arch, "mm"),
                           cfg.pre_block_m)
+
+
+@dataclass(frozen=True)
+class DecodeConfig:
+    block_n: int  # cache positions per tile
+    num_warps: int
+    num_stages: int
+    programs_per_sm: int  # the default split count aims at this many (split, batch, kv_head) programs per SM
+
+
+def decode_config(head_dim: int) -> DecodeConfig:
+    """Split-KV decode kernel launch parameters. ``TILEATTN_DECODE_CONFIG=block_n,warps,stages,programs_per_sm``
+    overrides them (benchmarks/experiments)."""
+    over = _override("TILEATTN_DECODE_CONFIG")
+    if over:
+        return DecodeConfig(*over)
+    if _interpreting():
+        return DecodeConfig(32, 4, 1, 2)
+    return DecodeConfig(32 if padded_head_dim(head_dim) >= 256 else 64, 4, 2, 2)
+

@@ -9,6 +9,7 @@ from typing import Optional
 
 import torch
 
+from . import configs
 from .api import _as_int, _INTERPRETING, SUPPORTED_DTYPES, check_features, check_window, host_summary
 from .kernels.decode import decode_forward
 
@@ -24,13 +25,14 @@ def _check_int32(name, t, shape=None, device=None):
         raise ValueError(f"{name} is on {t.device}, q on {device}")
 
 
-def _default_splits(batch, kv_heads, max_len, device) -> int:
-    """Enough (split, batch, kv_head) programs to fill the GPU about twice, each with >= 512 cache positions."""
+def _default_splits(batch, kv_heads, max_len, device, head_dim) -> int:
+    """Enough (split, batch, kv_head) programs to fill every SM ``programs_per_sm`` times (configs.decode_config),
+    each split with at least 512 cache positions."""
     if device.type != "cuda":
         return max(1, min(4, max_len // 64))
     sms = torch.cuda.get_device_properties(device).multi_processor_count
-    want = math.ceil(2 * sms / max(1, batch * kv_heads))
-    return max(1, min(want, max_len // 512, 128))
+    want = math.ceil(configs.decode_config(head_dim).programs_per_sm * sms / max(1, batch * kv_heads))
+    return max(1, min(want, max_len // 512, 256))
 
 
 @torch.no_grad()
@@ -169,7 +171,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     seqlens_k = (lens + new).to(torch.int32)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = choose), got {num_splits!r}")
-    splits = num_splits or _default_splits(batch, kv_heads, max_len, q.device)
+    splits = num_splits or _default_splits(batch, kv_heads, max_len, q.device, max(q.shape[-1], v_cache.shape[-1]))
     out, lse = decode_forward(q, k_cache, v_cache, seqlens_k, softmax_scale=softmax_scale, window=window,
                               softcap=softcap, alibi_slopes=alibi_slopes,
                               sink=sink.float().contiguous() if sink is not None else None,

@@ -150,7 +150,8 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         return out, lse
     block_m = min(64, max(16, triton.next_power_of_2(seqlen_q * group)))  # chunked prefill: several row blocks
     row_blocks = triton.cdiv(seqlen_q * group, block_m)
-    block_n = 32 if configs.padded_head_dim(max(dqk, dv)) >= 256 or triton.knobs.runtime.interpret else 64
+    cfg = configs.decode_config(max(dqk, dv))
+    block_n = cfg.block_n
     split_len = triton.cdiv(triton.cdiv(max_seqlen_k, num_splits), block_n) * block_n
     num_splits = triton.cdiv(max_seqlen_k, split_len)
     out_part = torch.empty((num_splits, batch, q_heads, seqlen_q, dv), dtype=torch.float32, device=q.device)
@@ -172,7 +173,8 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         EVEN_DQK=block_dqk == dqk, EVEN_DV=block_dv == dv, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
         HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap > 0,
-        HAS_ALIBI=alibi_slopes is not None, FP32=q.dtype == torch.float32, num_warps=4, num_stages=2,
+        HAS_ALIBI=alibi_slopes is not None, FP32=q.dtype == torch.float32,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     rows_total = batch * q_heads * seqlen_q
     block_r = 16
