@@ -12,7 +12,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import configs
-from .ops import flash_bwd, flash_fwd
+from .ops import bwd_impl, flash_bwd, flash_fwd, fwd_impl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
 # Read once: @triton.jit chose compiled or interpreted kernels at import, and dynamo can't trace triton's getenv.
@@ -219,11 +219,21 @@ def check_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k):
     return cu_q, cu_k, cu_q.shape[0] - 1, max_q, max_k
 
 
+def _fwd(*args):
+    """Eager calls run the op's body directly (the dispatcher costs tens of microseconds a call, which shows at
+    short sequences); traced code (torch.compile) sees the registered custom op."""
+    return flash_fwd(*args) if torch.compiler.is_compiling() else fwd_impl(*args)
+
+
+def _bwd(*args):
+    return flash_bwd(*args) if torch.compiler.is_compiling() else bwd_impl(*args)
+
+
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, c, sink, pack, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, dropout_p, rng):
         q, k, v = unpack_qkv(a, b, c, pack)
-        out, lse = flash_fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, sink, dropout_p, rng)
+        out, lse = _fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, sink, dropout_p, rng)
         ctx.save_for_backward(q, k, v, out, lse, sink, cu_q, cu_k, alibi, rng)
         ctx.args = (max_q, max_k, scale, wl, wr, softcap, dropout_p, pack)
         return out, lse
@@ -234,7 +244,7 @@ class _FlashAttention(torch.autograd.Function):
         max_q, max_k, scale, wl, wr, softcap, dropout_p, pack = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
-        g0, g1, g2, dsink = flash_bwd(_last_dim_contiguous(dout), q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k,
+        g0, g1, g2, dsink = _bwd(_last_dim_contiguous(dout), q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k,
                                       scale, wl, wr, softcap, alibi, sink, dropout_p, rng, pack)
         dsink = dsink.to(sink.dtype) if sink is not None else None
         grads = (g0, g1 if pack != 1 else None, g2 if pack == 0 else None)

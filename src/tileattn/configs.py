@@ -33,7 +33,12 @@ class BackwardConfig:
 
 def padded_head_dim(head_dim: int) -> int:
     """Register tile width for a head dim: next power of two, at least 16 (the tensor-core k minimum)."""
-    return max(16, triton.next_power_of_2(head_dim))
+    return max(16, 1 << (int(head_dim) - 1).bit_length())
+
+
+def cdiv(a: int, b: int) -> int:
+    """ceil(a / b) for host-side launch math (plain Python: triton.cdiv is a constexpr_function, ~5 us a call)."""
+    return -(-a // b)
 
 
 def _interpreting() -> bool:
@@ -139,8 +144,13 @@ def forward_config(device: torch.device, dtype: torch.dtype, head_dim: int, caus
         return KernelConfig(*over)
     if _interpreting() or device.type != "cuda":
         return _INTERP_FWD
-    block_d = padded_head_dim(head_dim)
-    arch = _arch(device.index if device.index is not None else torch.cuda.current_device())
+    return _forward_config(device.index if device.index is not None else torch.cuda.current_device(), dtype,
+                           padded_head_dim(head_dim), bool(causal))
+
+
+@functools.lru_cache(maxsize=None)
+def _forward_config(device_index: int, dtype: torch.dtype, block_d: int, causal: bool) -> KernelConfig:
+    arch = _arch(device_index)
     elem = 4 if dtype == torch.float32 else 2
     cfg = _table_fwd(arch[0] if elem == 2 else 0, block_d, causal)
     if elem == 4 and block_d >= 128:
@@ -154,8 +164,13 @@ def backward_config(device: torch.device, dtype: torch.dtype, head_dim: int, cau
         return BackwardConfig(KernelConfig(*over[0:4]), KernelConfig(*over[4:8]))
     if _interpreting() or device.type != "cuda":
         return _INTERP_BWD
-    block_d = padded_head_dim(head_dim)
-    arch = _arch(device.index if device.index is not None else torch.cuda.current_device())
+    return _backward_config(device.index if device.index is not None else torch.cuda.current_device(), dtype,
+                            padded_head_dim(head_dim), bool(causal))
+
+
+@functools.lru_cache(maxsize=None)
+def _backward_config(device_index: int, dtype: torch.dtype, block_d: int, causal: bool) -> BackwardConfig:
+    arch = _arch(device_index)
     elem = 4 if dtype == torch.float32 else 2
     cfg = _table_bwd(arch[0] if elem == 2 else 0, block_d, causal)
     if elem == 4:
@@ -165,7 +180,6 @@ def backward_config(device: torch.device, dtype: torch.dtype, head_dim: int, cau
         )
     return BackwardConfig(_fit(cfg.dkdv, block_d, elem, arch, "n"), _fit(cfg.dq, block_d, elem, arch, "mm"),
                           cfg.pre_block_m)
-
 
 @dataclass(frozen=True)
 class DecodeConfig:

@@ -25,15 +25,22 @@ def make_params(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softm
                       cu_seqlens_q=cu_seqlens_q, cu_seqlens_k=cu_seqlens_k)
 
 
+def fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+             window_right, softcap, alibi_slopes, sink, dropout_p, rng):
+    """The forward op's body (called directly in eager mode, skipping the dispatcher: see api._fwd)."""
+    p = make_params(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+                    window_right, softcap, alibi_slopes, sink, dropout_p, rng)
+    return attention_forward(q, k, v, p)
+
+
 @torch.library.custom_op("tileattn::fwd", mutates_args=(), device_types=("cuda", "cpu"))
 def flash_fwd(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, cu_seqlens_q: Optional[torch.Tensor],
               cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
               window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
               sink: Optional[torch.Tensor], dropout_p: float,
               rng: Optional[torch.Tensor]) -> Tuple[torch.Tensor, torch.Tensor]:
-    p = make_params(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
+    return fwd_impl(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                     window_right, softcap, alibi_slopes, sink, dropout_p, rng)
-    return attention_forward(q, k, v, p)
 
 
 @flash_fwd.register_fake
@@ -48,13 +55,8 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
     return out, lse
 
 
-@torch.library.custom_op("tileattn::bwd", mutates_args=(), device_types=("cuda", "cpu"))
-def flash_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
-              lse: torch.Tensor, dlse: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
-              cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
-              window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
-              sink: Optional[torch.Tensor], dropout_p: float, rng: Optional[torch.Tensor],
-              pack: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+def bwd_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+             window_left, window_right, softcap, alibi_slopes, sink, dropout_p, rng, pack=0):
     """Returns (dq, dk, dv, dsink); dsink is an empty (0,) tensor when there is no sink.
 
     pack = 1: q, k, v are views of one (B, S, 3, H, D) tensor; the first output is its gradient, packed the same
@@ -79,6 +81,18 @@ def flash_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Ten
     if dsink is None:
         dsink = q.new_empty((0,), dtype=torch.float32)
     return result[0], result[1], result[2], dsink
+
+
+@torch.library.custom_op("tileattn::bwd", mutates_args=(), device_types=("cuda", "cpu"))
+def flash_bwd(dout: torch.Tensor, q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, out: torch.Tensor,
+              lse: torch.Tensor, dlse: Optional[torch.Tensor], cu_seqlens_q: Optional[torch.Tensor],
+              cu_seqlens_k: Optional[torch.Tensor], max_seqlen_q: int, max_seqlen_k: int, softmax_scale: float,
+              window_left: int, window_right: int, softcap: float, alibi_slopes: Optional[torch.Tensor],
+              sink: Optional[torch.Tensor], dropout_p: float, rng: Optional[torch.Tensor],
+              pack: int = 0) -> Tuple[torch.Tensor, torch.Tensor, torch.Tensor, torch.Tensor]:
+    """The backward op: see :func:`bwd_impl`."""
+    return bwd_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                    softmax_scale, window_left, window_right, softcap, alibi_slopes, sink, dropout_p, rng, pack)
 
 
 @flash_bwd.register_fake

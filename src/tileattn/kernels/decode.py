@@ -148,12 +148,12 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
     lse = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_m = min(64, max(16, triton.next_power_of_2(seqlen_q * group)))  # chunked prefill: several row blocks
-    row_blocks = triton.cdiv(seqlen_q * group, block_m)
+    block_m = min(64, max(16, 1 << (seqlen_q * group - 1).bit_length()))  # chunked prefill: several row blocks
+    row_blocks = configs.cdiv(seqlen_q * group, block_m)
     cfg = configs.decode_config(max(dqk, dv))
     block_n = cfg.block_n
-    split_len = triton.cdiv(triton.cdiv(max_seqlen_k, num_splits), block_n) * block_n
-    num_splits = triton.cdiv(max_seqlen_k, split_len)
+    split_len = configs.cdiv(configs.cdiv(max_seqlen_k, num_splits), block_n) * block_n
+    num_splits = configs.cdiv(max_seqlen_k, split_len)
     out_part = torch.empty((num_splits, batch, q_heads, seqlen_q, dv), dtype=torch.float32, device=q.device)
     lse_part = torch.empty((num_splits, batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
     paged = block_table is not None
@@ -178,7 +178,7 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
     )
     rows_total = batch * q_heads * seqlen_q
     block_r = 16
-    _decode_combine_kernel[(triton.cdiv(rows_total, block_r),)](
+    _decode_combine_kernel[(configs.cdiv(rows_total, block_r),)](
         out_part, lse_part, out, lse, sink if sink is not None else dummy,
         out.stride(0), out.stride(1), out.stride(2), q_heads, seqlen_q, rows_total, num_splits, dv,
         BLOCK_R=block_r, BLOCK_DV=block_dv, HAS_SINK=sink is not None, num_warps=4,

@@ -4,6 +4,7 @@ import torch
 import triton
 import triton.language as tl
 
+from .. import configs
 from .common import dropout_keep
 
 
@@ -27,6 +28,6 @@ def dropout_keep_mask(rng: torch.Tensor, batch: int, q_heads: int, max_seqlen_q:
     """
     mask = torch.empty((batch, q_heads, max_seqlen_q, max_seqlen_k), dtype=torch.int8, device=rng.device)
     if mask.numel():
-        grid = (triton.cdiv(max_seqlen_q, 32), triton.cdiv(max_seqlen_k, 32), batch * q_heads)
+        grid = (configs.cdiv(max_seqlen_q, 32), configs.cdiv(max_seqlen_k, 32), batch * q_heads)
         _dropout_mask_kernel[grid](mask, rng, max_seqlen_q, max_seqlen_k, float(dropout_p), BLOCK_M=32, BLOCK_N=32)
     return mask.bool()

@@ -170,7 +170,7 @@ def attention_forward(q, k, v, p, cfg=None):
     if out.numel() == 0 or p.max_seqlen_q == 0:
         return out, lse
     cfg = cfg or configs.forward_config(q.device, q.dtype, max(dqk, dv), p.causal_like)
-    num_m_tiles = triton.cdiv(p.max_seqlen_q, cfg.block_m)
+    num_m_tiles = configs.cdiv(p.max_seqlen_q, cfg.block_m)
     grid = (num_m_tiles * batch * q_heads,)
     dummy = lse
     _fwd_kernel[grid](
