@@ -41,8 +41,9 @@ def compile_one(fn, dtype, constexprs, cfg, arch, ints=None):
     """Compile ``fn`` for sm_<arch>. ``ints``: runtime values of integer arguments; like Triton's launcher, a value
     of 1 becomes a compile-time constant unless the kernel lists the argument in ``do_not_specialize``."""
     constexprs = dict(constexprs)
+    unspecialised = {param.name for param in getattr(fn, "params", []) if param.do_not_specialize}
     for param in getattr(fn, "params", []):
-        if ints and ints.get(param.name) == 1 and not param.do_not_specialize:
+        if ints and ints.get(param.name) == 1 and param.name not in unspecialised:
             constexprs[param.name] = 1
     sig = {}
     for name in fn.arg_names:
@@ -64,7 +65,8 @@ def compile_one(fn, dtype, constexprs, cfg, arch, ints=None):
     attrs = {}
     if ints is not None:  # like the launcher: 16-byte-aligned pointers, integers divisible by 16 marked so
         for i, name in enumerate(fn.arg_names):
-            if sig[name].startswith("*") or (sig[name] == "i32" and ints.get(name, 0) % 16 == 0 and ints.get(name)):
+            if sig[name].startswith("*") or (sig[name] == "i32" and name not in unspecialised
+                                             and ints.get(name, 0) % 16 == 0 and ints.get(name)):
                 attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", arch, 32),
@@ -78,6 +80,20 @@ FEATURES = {
     "softcap+alibi": {"HAS_SOFTCAP": True, "HAS_ALIBI": True},
     "sink+dropout+varlen": {"HAS_SINK": True, "HAS_DROPOUT": True, "IS_VARLEN": True},
 }
+
+
+def typical_ints(block_d: int, seqlen: int = 4096, heads: int = 16):
+    """Integer arguments of a contiguous (B, S, H, D) launch, so the compile gets the launcher's hints (integers
+    divisible by 16 are marked so unless the kernel lists them in do_not_specialize). Without them this script
+    misses effects such as run 7's backward slowdown (benchmarks/NOTES.md)."""
+    row, seq = heads * block_d, seqlen * heads * block_d
+    ints = {}
+    for t in ("q", "k", "v", "o", "do", "dq", "dk", "dv"):
+        ints.update({f"stride_{t}b": seq, f"stride_{t}s": row, f"stride_{t}h": block_d})
+    ints.update(stride_lb=heads * seqlen, stride_lh=seqlen, stride_ab=0, q_heads=heads, kv_heads=heads, group=1,
+                max_seqlen_q=seqlen, max_seqlen_k=seqlen, num_m_tiles=seqlen // 64, num_n_tiles=seqlen // 64,
+                win_left=-1, win_right=-1, dqk=block_d, dv=block_d, dim_v=block_d)
+    return ints
 
 
 def regression_cases(arch):
@@ -130,7 +146,7 @@ def main():
                 for name, fn, cfg in rows:
                     consts = {**base, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
                     try:
-                        rep, smem = compile_one(fn, "bf16", consts, cfg, arch)
+                        rep, smem = compile_one(fn, "bf16", consts, cfg, arch, typical_ints(block_d))
                         flag = "" if rep.endswith(" 0") else "  SPILLS"
                         print(f"sm{arch} D{block_d:<3} causal={causal!s:5} {fname:20} {name:4} "
                               f"{(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)}: {rep} smem {smem}{flag}",
