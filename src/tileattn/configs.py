@@ -125,6 +125,21 @@ _GENERIC_BWD = {
     **{(128, c): BackwardConfig(_cfg(32, 64, 4, 2), _cfg(64, 32, 4, 2)) for c in (False, True)},
     **{(256, c): BackwardConfig(_cfg(16, 32, 4, 1), _cfg(32, 16, 4, 1)) for c in (False, True)},
 }
+# float32 (exact IEEE products: tl.dot on fp32 with input_precision="ieee" runs on FMA units and holds its operands
+# in registers). Chosen by ptxas reports (benchmarks/compile_check.py-style compiles with launch hints, sm_90a):
+# the half-precision tiles spilled 30–120 KB per thread in fp32, which made the kernels slow and their
+# local-memory reservations large enough to run parallel test processes out of GPU memory (NOTES.md, session 2).
+# Spills with these: none, except dK/dV at D=128 (~0.8 KB) and D=256 (~4.5 KB).
+_FP32_FWD = {
+    **{(d, c): _cfg(32, 32, 4, 1) for d in (16, 32, 64) for c in (False, True)},
+    **{(128, c): _cfg(32, 32, 8, 1) for c in (False, True)},
+    **{(256, c): _cfg(32, 16, 8, 1) for c in (False, True)},
+}
+_FP32_BWD = {
+    **{(d, c): BackwardConfig(_cfg(16, 32, 4, 1), _cfg(32, 32, 4, 1)) for d in (16, 32, 64) for c in (False, True)},
+    **{(128, c): BackwardConfig(_cfg(16, 32, 8, 1), _cfg(32, 32, 8, 1)) for c in (False, True)},
+    **{(256, c): BackwardConfig(_cfg(16, 32, 8, 1), _cfg(32, 16, 4, 1)) for c in (False, True)},
+}
 # Triton interpreter (CPU tests): small, unequal tiles so that full/partial splits and multi-tile loops are hit.
 _INTERP_FWD = KernelConfig(32, 16, 4, 1)
 _INTERP_BWD = BackwardConfig(KernelConfig(16, 32, 4, 1), KernelConfig(32, 16, 4, 1), pre_block_m=32)
@@ -152,9 +167,7 @@ def forward_config(device: torch.device, dtype: torch.dtype, head_dim: int, caus
 def _forward_config(device_index: int, dtype: torch.dtype, block_d: int, causal: bool) -> KernelConfig:
     arch = _arch(device_index)
     elem = 4 if dtype == torch.float32 else 2
-    cfg = _table_fwd(arch[0] if elem == 2 else 0, block_d, causal)
-    if elem == 4 and block_d >= 128:
-        cfg = KernelConfig(min(cfg.block_m, 64), min(cfg.block_n, 32), cfg.num_warps, 1)
+    cfg = _table_fwd(arch[0], block_d, causal) if elem == 2 else _FP32_FWD[(block_d, causal)]
     return _fit(cfg, block_d, elem, arch, "m")
 
 
@@ -172,12 +185,7 @@ def backward_config(device: torch.device, dtype: torch.dtype, head_dim: int, cau
 def _backward_config(device_index: int, dtype: torch.dtype, block_d: int, causal: bool) -> BackwardConfig:
     arch = _arch(device_index)
     elem = 4 if dtype == torch.float32 else 2
-    cfg = _table_bwd(arch[0] if elem == 2 else 0, block_d, causal)
-    if elem == 4:
-        cfg = BackwardConfig(
-            KernelConfig(min(cfg.dkdv.block_m, 32), min(cfg.dkdv.block_n, 64 if block_d <= 64 else 32), 4, 1),
-            KernelConfig(min(cfg.dq.block_m, 64 if block_d <= 64 else 32), min(cfg.dq.block_n, 32), 4, 1),
-        )
+    cfg = _table_bwd(arch[0], block_d, causal) if elem == 2 else _FP32_BWD[(block_d, causal)]
     return BackwardConfig(_fit(cfg.dkdv, block_d, elem, arch, "n"), _fit(cfg.dq, block_d, elem, arch, "mm"),
                           cfg.pre_block_m)
 
