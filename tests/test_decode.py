@@ -36,9 +36,11 @@ def _randn(gen, *shape, dtype):
 
 
 def run_case(dtype, B=2, Sq=1, Hq=4, Hkv=2, d=D, dv=D, cap=CAP, page=None, new=0, causal=False, splits=0, lens=None,
-             window=(-1, -1), softcap=0.0, alibi=False, sink=False, bidx=False, rot=False, interleaved=False):
+             window=(-1, -1), softcap=0.0, alibi=False, sink=False, bidx=False, rot=False, interleaved=False,
+             leftpad=None):
+    """leftpad: None, a list of per-row starts, or "random" (uniform in [0, lens[b]])."""
     gen = make_gen(seed_for("decode", B, Sq, Hq, Hkv, d, cap, page, new, causal, splits, window, softcap, alibi,
-                            sink, bidx, rot, str(dtype)))
+                            sink, bidx, rot, str(dtype), str(leftpad)))
     q = _randn(gen, B, Sq, Hq, d, dtype=dtype)
     if page:
         npages = cap // page
@@ -54,6 +56,9 @@ def run_case(dtype, B=2, Sq=1, Hq=4, Hkv=2, d=D, dv=D, cap=CAP, page=None, new=0
     if lens is None:
         lens = torch.randint(0, capn - new + 1, (B,), generator=gen).tolist()
     lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    if leftpad == "random":
+        leftpad = [int(torch.randint(0, n + 1, (1,), generator=gen)) for n in lens]
+    lp_t = torch.tensor(leftpad, dtype=torch.int32, device=DEVICE) if leftpad is not None else None
     k = _randn(gen, B, new, Hkv, d, dtype=dtype) if new else None
     v = _randn(gen, B, new, Hkv, dv, dtype=dtype) if new else None
     al = torch.rand(Hq, generator=gen).to(DEVICE) if alibi else None
@@ -63,7 +68,8 @@ def run_case(dtype, B=2, Sq=1, Hq=4, Hkv=2, d=D, dv=D, cap=CAP, page=None, new=0
         ang = torch.rand(capn + Sq, 8, generator=gen).to(DEVICE) * 6
         cos, sin = ang.cos(), ang.sin()
     out, lse = tileattn.flash_attn_with_kvcache(
-        q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lens_t, cache_batch_idx=bi, block_table=bt,
+        q, kc, vc, k, v, rotary_cos=cos, rotary_sin=sin, cache_seqlens=lens_t, cache_batch_idx=bi,
+        cache_leftpad=lp_t, block_table=bt,
         causal=causal, window_size=window, softcap=softcap, alibi_slopes=al, num_splits=splits,
         return_softmax_lse=True, sink=sk, rotary_interleaved=interleaved)
     assert out.shape == (B, Sq, Hq, dv) and lse.shape == (B, Hq, Sq)
@@ -83,11 +89,13 @@ def run_case(dtype, B=2, Sq=1, Hq=4, Hkv=2, d=D, dv=D, cap=CAP, page=None, new=0
             ar = torch.arange(Sq, device=DEVICE)
             qpos = lens[b] + (ar if (causal or window != (-1, -1)) else 0 * ar)
             qb = _rotate(qb, cos[qpos][None], sin[qpos][None], interleaved)
+        if leftpad is not None:  # keys start at leftpad[b]; alignment stays at the sequence's end
+            kk, vv = kk[leftpad[b]:], vv[leftpad[b]:]
         kw = dict(causal=causal, window_size=window, softcap=softcap, alibi_slopes=al, sink=sk)
         ro, rl = attention_ref(qb, kk[None], vv[None], upcast=True, **kw)
         po, _ = attention_ref(qb, kk[None], vv[None], upcast=False, **kw)
         err, err_pt = (out[b:b + 1].double() - ro).abs().max().item(), (po.double() - ro).abs().max().item()
-        atol = U[dtype] * max(1.0, vv.abs().max().item() if L else 1.0)
+        atol = U[dtype] * max(1.0, vv.abs().max().item() if vv.shape[0] else 1.0)
         assert err <= 2 * err_pt + atol, f"b={b} L={L}: out err {err:.3e} > 2*{err_pt:.3e} + {atol:.1e}"
         lse_err = (lse[b:b + 1].double() - rl).abs().nan_to_num(0.0).max().item()
         assert lse_err <= 2.0 ** -17 * max(1.0, rl.abs().nan_to_num(0.0).max().item()) * 8
@@ -181,9 +189,18 @@ def test_bad_inputs(case, exc, pattern):
         tileattn.flash_attn_with_kvcache(**args)
 
 
-def test_leftpad_not_implemented():
-    with pytest.raises(NotImplementedError, match="cache_leftpad"):
-        tileattn.flash_attn_with_kvcache(**_bad(cache_leftpad=torch.zeros(2, dtype=torch.int32, device=DEVICE)))
+def test_leftpad_bad_input():
+    lens = torch.tensor([3, 5], dtype=torch.int32, device=DEVICE)
+    with pytest.raises(ValueError, match="cache_leftpad"):
+        tileattn.flash_attn_with_kvcache(**_bad(cache_seqlens=lens,
+                                                cache_leftpad=torch.tensor([4, 0], dtype=torch.int32, device=DEVICE)))
+    with pytest.raises(ValueError, match="cache_leftpad"):
+        tileattn.flash_attn_with_kvcache(**_bad(cache_seqlens=lens,
+                                                cache_leftpad=torch.tensor([-1, 0], dtype=torch.int32, device=DEVICE)))
+    with pytest.raises(TypeError, match="cache_leftpad"):
+        tileattn.flash_attn_with_kvcache(**_bad(cache_leftpad=torch.zeros(2, dtype=torch.int64, device=DEVICE)))
+    with pytest.raises(ValueError, match="cache_leftpad"):
+        tileattn.flash_attn_with_kvcache(**_bad(cache_leftpad=torch.zeros(3, dtype=torch.int32, device=DEVICE)))
 
 
 def test_example_generate_paged():
@@ -213,3 +230,14 @@ def test_non_contiguous_cache_batch_idx():
     a = tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_batch_idx=idx)
     b = tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, cache_batch_idx=idx.contiguous())
     assert torch.equal(a, b)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("paged", [False, True])
+def test_leftpad(dtype, paged):
+    """cache_leftpad: random starts (incl. 0 and the full length) with GQA, splits, causal chunks and an append;
+    and with a window, ALiBi and a sink (alignment stays at each sequence's end)."""
+    run_case(dtype, B=3, Sq=4, new=4, causal=True, page=16 if paged else None, splits=3, leftpad="random")
+    run_case(dtype, B=3, lens=[0, 9, 40], leftpad=[0, 9, 7], page=16 if paged else None, splits=2,
+             window=(6, 0), alibi=True, sink=True)
+

@@ -1,7 +1,7 @@
 """``flash_attn_with_kvcache``: decode / chunked prefill against a KV cache (contiguous or paged), split-KV.
 
-Status: implemented and tested in Triton's interpreter; not yet measured or tested on a GPU (issue 5).
-Not supported yet (clear NotImplementedError): ``cache_leftpad``.
+Status: tested in Triton's interpreter and on an H200 (session 2); speed in BENCHMARKS.md (issue 5).
+``cache_leftpad`` (keys of sequence b start at cache_leftpad[b]) was added after the last GPU run.
 """
 
 import math
@@ -64,8 +64,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise ValueError("q, k_cache, v_cache must be on one device")
     if q.device.type == "cpu" and not _INTERPRETING:
         raise ValueError("q is a CPU tensor: tileattn needs a CUDA device, or TRITON_INTERPRET=1")
-    if cache_leftpad is not None:
-        raise NotImplementedError("cache_leftpad is not supported yet")
     batch, seqlen_q, q_heads, dqk = q.shape
     kv_heads = k_cache.shape[2]
     if k_cache.shape[:3] != v_cache.shape[:3] or k_cache.shape[3] != dqk:
@@ -129,6 +127,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError(f"cache_seqlens (+ {new} new tokens) must be in [0, {capacity}] (the cache capacity), "
                              f"got [{lo}, {hi}]")
         max_len = hi + new
+    attend_len = max_len  # the longest attended key range: sizes the splits
+    if cache_leftpad is not None:  # each sequence's keys start at cache_leftpad[b] (flash-attn's left padding)
+        _check_int32("cache_leftpad", cache_leftpad, (batch,), q.device)
+        cache_leftpad = cache_leftpad.contiguous()
+        if not torch.compiler.is_compiling():
+            lp_lo, _ = host_summary(cache_leftpad, "range")
+            if lp_lo < 0 or bool((cache_leftpad > cache_seqlens).any()):
+                raise ValueError("cache_leftpad entries must be in [0, cache_seqlens[b]] (the index where each "
+                                 "sequence's keys start)")
+            attend_len = max_len - lp_lo
     softmax_scale = 1.0 / math.sqrt(dqk) if softmax_scale is None else float(softmax_scale)
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
@@ -171,10 +179,12 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     seqlens_k = (lens + new).to(torch.int32)
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = choose), got {num_splits!r}")
-    splits = num_splits or _default_splits(batch, kv_heads, max_len, q.device, max(q.shape[-1], v_cache.shape[-1]))
+    splits = num_splits or _default_splits(batch, kv_heads, attend_len, q.device,
+                                           max(q.shape[-1], v_cache.shape[-1]))
     out, lse = decode_forward(q, k_cache, v_cache, seqlens_k, softmax_scale=softmax_scale, window=window,
                               softcap=softcap, alibi_slopes=alibi_slopes,
                               sink=sink.float().contiguous() if sink is not None else None,
                               block_table=block_table if paged else None, cache_batch_idx=cache_batch_idx,
-                              num_splits=splits, page_size=page_size, max_seqlen_k=max(max_len, 1))
+                              leftpad=cache_leftpad,
+                              num_splits=splits, page_size=page_size, max_seqlen_k=max(attend_len, 1))
     return (out, lse) if return_softmax_lse else out

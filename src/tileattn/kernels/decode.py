@@ -20,7 +20,7 @@ from .common import LN2, LOG2E, load_tile, mma, scores, visible
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOCK_TABLE, ALIBI,
+def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOCK_TABLE, ALIBI, LEFTPAD,
                          stride_qb, stride_qs, stride_qh,
                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                          stride_bt, stride_ab,
@@ -29,7 +29,7 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
                          BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                          BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                          EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
-                         PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr,
+                         PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, FP32: tl.constexpr):
     split = tl.program_id(0)
@@ -61,6 +61,8 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     start = split * split_len
+    if HAS_LEFTPAD:  # keys before cache_leftpad[b] are not part of the sequence; positions stay absolute
+        start += tl.load(LEFTPAD + b)
     end = tl.minimum(start + split_len, seqlen_k)
     for start_n in tl.range(start, end, BLOCK_N):
         cols = start_n + offs_n
@@ -135,9 +137,11 @@ def _decode_combine_kernel(OUT_PART, LSE_PART, OUT, LSE, SINK, stride_ob, stride
 
 
 def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, softcap, alibi_slopes, sink,
-                   block_table, cache_batch_idx, num_splits, page_size, max_seqlen_k):
+                   block_table, cache_batch_idx, num_splits, page_size, max_seqlen_k, leftpad=None):
     """q (B, Sq, Hq, Dqk); caches contiguous (B_cache, S_cache, Hkv, D) or paged (blocks, page_size, Hkv, D);
-    seqlens_k int32 (B,) = keys visible to each sequence, at most max_seqlen_k (sizes the splits).
+    seqlens_k int32 (B,) = end of each sequence's keys; leftpad int32 (B,) or None = their start (keys
+    [leftpad[b], seqlens_k[b]) are attended; positions, causal/window/ALiBi alignment are absolute);
+    max_seqlen_k bounds seqlens_k - leftpad (sizes the splits).
     Returns out (B, Sq, Hq, Dv), lse fp32 (B, Hq, Sq)."""
     from .. import configs
     from .common import LOG2E_F
@@ -163,7 +167,7 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
     _decode_split_kernel[(num_splits, batch * kv_heads, row_blocks)](
         q, k_cache, v_cache, out_part, lse_part, seqlens_k,
         cache_batch_idx if cache_batch_idx is not None else dummy, block_table if paged else dummy,
-        alibi_slopes if alibi_slopes is not None else dummy,
+        alibi_slopes if alibi_slopes is not None else dummy, leftpad if leftpad is not None else dummy,
         q.stride(0), q.stride(1), q.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_table.stride(0) if paged else 0,
@@ -172,6 +176,7 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         qk_scale, softcap * LOG2E_F, window[0], window[1], dqk, dv,
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         EVEN_DQK=block_dqk == dqk, EVEN_DV=block_dv == dv, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
+        HAS_LEFTPAD=leftpad is not None,
         HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, FP32=q.dtype == torch.float32,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
