@@ -51,6 +51,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 # must be set before the first ``import triton`` (see _ensure_triton_interpreter).
 
 PROVIDERS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
+# Opt-in experiments, measurable beside the default (not in the default list): tileattn_tma = the forward with
+# K/V through tensor descriptors (TILEATTN_TMA=1, sm_90+).
+EXTRA_PROVIDERS = ("tileattn_tma",)
 ANCHOR_LABELS = {"sdpa_flash": "flash", "sdpa_cudnn": "cudnn", "sdpa_efficient": "effic", "flex": "flex"}
 MODES = ("fwd", "bwd", "fwd_bwd")
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
@@ -502,7 +505,7 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"bad number list: {e}")
     args.modes = parse_list(args.modes)
     args.providers = parse_list(args.providers)
-    for name, got, allowed in (("mode", args.modes, MODES), ("provider", args.providers, PROVIDERS)):
+    for name, got, allowed in (("mode", args.modes, MODES), ("provider", args.providers, PROVIDERS + EXTRA_PROVIDERS)):
         bad = [x for x in got if x not in allowed]
         if bad:
             p.error(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
@@ -581,6 +584,23 @@ class TileattnProvider(Provider):
 
     def __call__(self, q, k, v):
         return self._attention(q, k, v, causal=self.causal)
+
+
+class TileattnTmaProvider(TileattnProvider):
+    """tileattn with the opt-in TMA forward (``TILEATTN_TMA=1`` while it runs)."""
+    name = "tileattn_tma"
+
+    @contextlib.contextmanager
+    def context(self):
+        old = os.environ.get("TILEATTN_TMA")
+        os.environ["TILEATTN_TMA"] = "1"
+        try:
+            yield
+        finally:
+            if old is None:
+                os.environ.pop("TILEATTN_TMA", None)
+            else:
+                os.environ["TILEATTN_TMA"] = old
 
 
 class SdpaProvider(Provider):
@@ -678,6 +698,8 @@ class FlexProvider(Provider):
 def make_provider(name: str, flex_dynamic: bool = True) -> Provider:
     if name == "tileattn":
         return TileattnProvider()
+    if name == "tileattn_tma":
+        return TileattnTmaProvider()
     if name in SdpaProvider.BACKENDS:
         return SdpaProvider(name)
     if name == "flex":

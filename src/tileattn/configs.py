@@ -88,6 +88,16 @@ def _fit(cfg: KernelConfig, block_d: int, elem: int, arch, resident: str) -> Ker
     return KernelConfig(bm, bn, warps, stages)
 
 
+def use_tma(device: torch.device) -> bool:
+    """Opt-in (``TILEATTN_TMA=1``): the forward streams K/V through tensor descriptors (TMA on sm_90+; the
+    interpreter emulates them). Off by default until measured (benchmarks/NOTES.md)."""
+    if os.environ.get("TILEATTN_TMA", "0") != "1":
+        return False
+    if _interpreting() or device.type != "cuda":
+        return True
+    return _arch(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+
+
 def _override(name: str):
     value = os.environ.get(name)
     if not value:

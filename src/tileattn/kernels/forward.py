@@ -21,14 +21,24 @@ from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, l
 def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk, offs_dv,
                lo, hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
                seed, rng_offset, row_base, max_seqlen_k, dropout_p,
-               dqk, dv, EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+               dqk, dv, K_DESC, V_DESC, desc_b, desc_row0, hk,
+               EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
+               BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-               HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr):
-    """Online-softmax update of (acc, m_i, l_i) over key tiles [lo, hi). Scores in log2 units."""
+               HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr,
+               USE_TMA: tl.constexpr):
+    """Online-softmax update of (acc, m_i, l_i) over key tiles [lo, hi). Scores in log2 units.
+
+    USE_TMA: K/V tiles come through host-built 4-D tensor descriptors (B, S, Hkv, D) with block
+    (1, BLOCK_N, 1, BLOCK_D) (TMA on Hopper; rows past the tensor and columns past the head dim read as zero)
+    instead of pointer loads. Rows past the sequence inside the tensor (varlen) are masked like any key tail."""
     # Masked tiles are few (the diagonal / the edges): no software pipelining for them, which saves registers.
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
         cols = start_n + offs_n
-        k = load_tile(k_ptrs + start_n * stride_ks, cols, seqlen_k, offs_dqk, dqk, MASKED, EVEN_DQK)
+        if USE_TMA:
+            k = K_DESC.load([desc_b, desc_row0 + start_n, hk, 0]).reshape([BLOCK_N, BLOCK_DQK])
+        else:
+            k = load_tile(k_ptrs + start_n * stride_ks, cols, seqlen_k, offs_dqk, dqk, MASKED, EVEN_DQK)
         s = mma(q, tl.trans(k), None, FP32)
         if not MASKED and not HAS_SOFTCAP and not HAS_ALIBI:
             # Hot path: scale folded into the row max and into one FMA before exp2.
@@ -53,7 +63,12 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, rows[:, None], cols[None, :], row_base, max_seqlen_k, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
-        v = load_tile(v_ptrs + start_n * stride_vs, cols, seqlen_k, offs_dv, dv, MASKED, EVEN_DV)
+        if USE_TMA:
+            v = V_DESC.load([desc_b, desc_row0 + start_n, hk, 0]).reshape([BLOCK_N, BLOCK_DV])
+            if MASKED:  # varlen: rows past this sequence belong to the next one (p = 0 there, but 0 * NaN = NaN)
+                v = tl.where((cols < seqlen_k)[:, None], v, 0.0)
+        else:
+            v = load_tile(v_ptrs + start_n * stride_vs, cols, seqlen_k, offs_dv, dv, MASKED, EVEN_DV)
         acc = mma(p.to(v.dtype), v, acc, FP32)
         m_i = m_new
     return acc, m_i, l_i
@@ -62,7 +77,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
 # Lengths and tile counts are not specialised on the value 1: with both seqlen_k == 1 and one query tile
 # constant-folded, ptxas (triton 3.6, sm_90a) crashes (SIGSEGV) on the causal fp16/bf16 forward.
 @triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k", "num_m_tiles"])
-def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG,
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_DESC,
                 stride_qb, stride_qs, stride_qh,
                 stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh,
@@ -75,7 +90,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                IS_VARLEN: tl.constexpr, FP32: tl.constexpr):
+                IS_VARLEN: tl.constexpr, FP32: tl.constexpr, USE_TMA: tl.constexpr):
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     tile = pid % num_m_tiles
@@ -115,22 +130,28 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG,
 
     lo, full_lo, full_hi, hi = kv_tile_range(start_m, seqlen_k, diag, win_left, win_right, BLOCK_M, BLOCK_N,
                                              HAS_LEFT, HAS_RIGHT)
+    desc_b = b
+    if IS_VARLEN:  # one packed "batch": rows from k_start
+        desc_b = 0
     if HAS_LEFT:
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                                    offs_dv, lo, full_lo, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
                                    slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dv,
-                                   EVEN_DQK, EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32)
+                                   K_DESC, V_DESC, desc_b, k_start, hk, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK,
+                                   BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32,
+                                   USE_TMA)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                                offs_dv, full_lo, full_hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
                                slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dv,
-                               EVEN_DQK, EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-                               HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, FP32)
+                               K_DESC, V_DESC, desc_b, k_start, hk, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK,
+                               BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, FP32,
+                               USE_TMA)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                                offs_dv, full_hi, hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
                                slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dv,
-                               EVEN_DQK, EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT,
-                               HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32)
+                               K_DESC, V_DESC, desc_b, k_start, hk, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK,
+                               BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32,
+                               USE_TMA)
     if HAS_SINK:  # the sink joins the denominator with no value
         sink = tl.load(SINK + h).to(tl.float32) * LOG2E
         m_new = tl.maximum(m_i, sink)
@@ -173,11 +194,14 @@ def attention_forward(q, k, v, p, cfg=None):
     num_m_tiles = configs.cdiv(p.max_seqlen_q, cfg.block_m)
     grid = (num_m_tiles * batch * q_heads,)
     dummy = lse
+    block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dv)
+    descs = _kv_descriptors(k, v, cfg.block_n, block_dqk, block_dv) if configs.use_tma(q.device) else None
     _fwd_kernel[grid](
         q, k, v, out, lse,
         p.cu_seqlens_q if p.varlen else dummy, p.cu_seqlens_k if p.varlen else dummy,
         p.alibi_slopes if p.alibi_slopes is not None else dummy,
         p.sink if p.sink is not None else dummy, p.rng if p.dropout_p > 0 else dummy,
+        descs[0] if descs else k, descs[1] if descs else v,
         0 if p.varlen else q.stride(0), q.stride(1), q.stride(2),
         0 if p.varlen else k.stride(0), k.stride(1), k.stride(2),
         0 if p.varlen else v.stride(0), v.stride(1), v.stride(2),
@@ -185,12 +209,25 @@ def attention_forward(q, k, v, p, cfg=None):
         stride_lb, stride_lh, p.alibi_stride_b,
         q_heads, q_heads // kv_heads, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
         p.qk_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
-        dqk, dv, BLOCK_DQK=configs.padded_head_dim(dqk), BLOCK_DV=configs.padded_head_dim(dv),
-        EVEN_DQK=configs.padded_head_dim(dqk) == dqk, EVEN_DV=configs.padded_head_dim(dv) == dv,
+        dqk, dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk, EVEN_DV=block_dv == dv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0,
         HAS_ALIBI=p.alibi_slopes is not None, HAS_SINK=p.sink is not None, HAS_DROPOUT=p.dropout_p > 0,
-        IS_VARLEN=p.varlen, FP32=q.dtype == torch.float32,
+        IS_VARLEN=p.varlen, FP32=q.dtype == torch.float32, USE_TMA=descs is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse
+
+
+def _kv_descriptors(k, v, block_n, block_dqk, block_dv):
+    """Host tensor descriptors for K and V, (B, S, Hkv, D) with block (1, block_n, 1, block_d), or None when a
+    tensor breaks TMA's rules (16-byte aligned base and strides) or is empty."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    descs = []
+    for t, block_d in ((k, block_dqk), (v, block_dv)):
+        size = t.element_size()
+        if t.numel() == 0 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]) \
+                or block_d * size < 16:
+            return None
+        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_n, 1, block_d]))
+    return descs
