@@ -245,7 +245,7 @@ class _FlashAttention(torch.autograd.Function):
         if dout is None:
             dout = torch.zeros_like(out)
         g0, g1, g2, dsink = _bwd(_last_dim_contiguous(dout), q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k,
-                                      scale, wl, wr, softcap, alibi, sink, dropout_p, rng, pack)
+                                 scale, wl, wr, softcap, alibi, sink, dropout_p, rng, pack)
         dsink = dsink.to(sink.dtype) if sink is not None else None
         grads = (g0, g1 if pack != 1 else None, g2 if pack == 0 else None)
         return grads + (dsink,) + (None,) * 12

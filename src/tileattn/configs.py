@@ -199,6 +199,7 @@ def _backward_config(device_index: int, dtype: torch.dtype, block_d: int, causal
     return BackwardConfig(_fit(cfg.dkdv, block_d, elem, arch, "n"), _fit(cfg.dq, block_d, elem, arch, "mm"),
                           cfg.pre_block_m)
 
+
 @dataclass(frozen=True)
 class DecodeConfig:
     block_n: int  # cache positions per tile
@@ -216,4 +217,3 @@ def decode_config(head_dim: int) -> DecodeConfig:
     if _interpreting():
         return DecodeConfig(32, 4, 1, 2)
     return DecodeConfig(32 if padded_head_dim(head_dim) >= 256 else 64, 4, 2, 2)
-
