@@ -276,8 +276,13 @@ def attention_impl(q, k, v, *, softmax_scale: float, window: Tuple[int, int], so
     for name, t, seqlen in (("q", qv, max_seqlen_q), ("k", kv_, max_seqlen_k), ("v", vv, max_seqlen_k)):
         check_int32_offsets(name, t, seqlen)
     rng = new_rng_state(qv.device) if dropout_p > 0 else None
-    out, lse = _FlashAttention.apply(*tensors, sink, pack, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                     softmax_scale, window[0], window[1], softcap, alibi_slopes, dropout_p, rng)
+    if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, sink)):
+        out, lse = _FlashAttention.apply(*tensors, sink, pack, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                         max_seqlen_k, softmax_scale, window[0], window[1], softcap, alibi_slopes,
+                                         dropout_p, rng)
+    else:  # inference: no graph to record, skip the autograd.Function
+        out, lse = _fwd(qv, kv_, vv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                        window[0], window[1], softcap, alibi_slopes, sink, dropout_p, rng)
     if varlen:
         out = out.squeeze(0)
     return out, lse, rng
