@@ -19,8 +19,8 @@ from tileattn.kernels.backward import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_pre
 from tileattn.kernels.forward import _fwd_kernel
 
 FLOATS = {"qk_scale", "sm_scale", "softcap", "dropout_p"}
-INT32_PTRS = {"CU_Q", "CU_K"}
-FP32_PTRS = {"LSE", "DELTA", "DLSE", "DSINK_ROWS", "ALIBI", "SINK"}
+INT32_PTRS = {"CU_Q", "CU_K", "SEQLENS_K", "BATCH_IDX", "BLOCK_TABLE", "LEFTPAD"}
+FP32_PTRS = {"LSE", "DELTA", "DLSE", "DSINK_ROWS", "ALIBI", "SINK", "OUT_PART", "LSE_PART"}
 
 
 def _ptxas_report(ptx: str, arch: int) -> str:
@@ -127,10 +127,39 @@ def regression_cases(arch):
     return bad
 
 
+def decode_cases(arch):
+    """The split-KV decode kernels (contiguous and paged with every option, the combine kernel)."""
+    from tileattn.kernels.decode import _decode_combine_kernel, _decode_split_kernel
+    bad = 0
+    cfg = configs.decode_config(128)
+    base = {"BLOCK_M": 16, "BLOCK_N": cfg.block_n, "BLOCK_DQK": 128, "BLOCK_DV": 128, "EVEN_DQK": True,
+            "EVEN_DV": True, "HAS_BATCH_IDX": False, "HAS_LEFTPAD": False, "HAS_LEFT": False, "HAS_RIGHT": False,
+            "HAS_SOFTCAP": False, "HAS_ALIBI": False, "FP32": False}
+    ints = dict(stride_qb=4096, stride_qs=4096, stride_qh=128, stride_kb=8 * 2048 * 128, stride_ks=1024,
+                stride_kh=128, stride_vb=8 * 2048 * 128, stride_vs=1024, stride_vh=128, stride_bt=64, stride_ab=0,
+                q_heads=32, kv_heads=8, group=4, seqlen_q=1, batch=8, split_len=4096, page_size=16,
+                win_left=-1, win_right=-1, dqk=128, dv=128)
+    cases = [("decode contiguous", _decode_split_kernel, {**base, "PAGED": False}),
+             ("decode paged+all", _decode_split_kernel, {**base, "PAGED": True, "HAS_LEFTPAD": True, "HAS_LEFT": True,
+                                                         "HAS_RIGHT": True, "HAS_SOFTCAP": True, "HAS_ALIBI": True}),
+             ("decode combine", _decode_combine_kernel, {"BLOCK_S": 32, "BLOCK_DV": 128, "HAS_SINK": True})]
+    for name, fn, consts in cases:
+        kcfg = configs.KernelConfig(16, cfg.block_n, cfg.num_warps, cfg.num_stages if "combine" not in name else 1)
+        try:
+            rep, smem = compile_one(fn, "bf16", consts, kcfg, arch, ints if "combine" not in name else
+                                    dict(stride_ob=4096, stride_os=4096, stride_oh=128, q_heads=32, seqlen_q=1,
+                                         rows_total=256, num_splits=40, dv=128))
+            print(f"sm{arch} {name}: {rep} smem {smem}", flush=True)
+        except Exception as e:  # noqa: BLE001
+            bad += 1
+            print(f"sm{arch} {name}: FAILED {str(e)[:300]}", flush=True)
+    return bad
+
+
 def main():
     arch = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 90
     feats = FEATURES if "--features" in sys.argv else {"plain": {}}
-    bad = regression_cases(arch)
+    bad = regression_cases(arch) + decode_cases(arch)
     if "--quick" in sys.argv:  # CI: the regression cases plus one head dim
         dims = (64,)
     elif "--features" in sys.argv:

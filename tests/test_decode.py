@@ -241,3 +241,12 @@ def test_leftpad(dtype, paged):
     run_case(dtype, B=3, lens=[0, 9, 40], leftpad=[0, 9, 7], page=16 if paged else None, splits=2,
              window=(6, 0), alibi=True, sink=True)
 
+
+
+@pytest.mark.parametrize("sink", [False, True])
+def test_many_splits_combine(monkeypatch, sink):
+    """More splits than the combine kernel reads at once (32): 16-key tiles, ~38 splits, rows of 0 and full
+    length, with and without a sink."""
+    monkeypatch.setenv("TILEATTN_DECODE_CONFIG", "16,4,1,2")
+    dtype = DTYPES[0]
+    run_case(dtype, B=2, Hq=2, Hkv=1, cap=608, lens=[600, 0], splits=40, sink=sink)

@@ -5,7 +5,7 @@ of the whole GQA group together (Sq new tokens x group query heads, up to 64 row
 byte is read once per group) over the split's range of cache positions, and writes a partial result:
 out_part (splits, B, Hq, Sq, Dv) fp32, normalised by the split's own denominator, and lse_part (splits, B, Hq, Sq)
 fp32 (natural log, -inf for an empty split).
-``_decode_combine_kernel``: one program per block of (batch, q_head, query) rows merges the splits (and the sink).
+``_decode_combine_kernel``: one program per (batch, q_head, query) row merges the splits (and the sink).
 
 Caches: contiguous (B_cache, S_cache, Hkv, D) indexed through ``cache_batch_idx``, or paged (num_blocks, page_size,
 Hkv, D) through ``block_table`` (B, max_pages) int32: key position j of sequence b lives in page
@@ -103,37 +103,41 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
 @triton.jit
 def _decode_combine_kernel(OUT_PART, LSE_PART, OUT, LSE, SINK, stride_ob, stride_os, stride_oh,
                            q_heads, seqlen_q, rows_total, num_splits, dv,
-                           BLOCK_R: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SINK: tl.constexpr):
-    """Merge the splits of BLOCK_R (b, h, qi) rows: out = sum_s exp(lse_s - lse) * out_s."""
-    rows = tl.program_id(0) * BLOCK_R + tl.arange(0, BLOCK_R)  # flat (b, h, qi)
-    row_ok = rows < rows_total
+                           BLOCK_S: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SINK: tl.constexpr):
+    """Merge the splits of one (b, h, qi) row: out = sum_s exp(lse_s - lse) * out_s, lse = log sum_s exp(lse_s).
+
+    The splits are read BLOCK_S at a time as one [BLOCK_S, Dv] tile (independent loads in flight together): a
+    loop of one split per iteration serialised the memory latency and dominated small-batch decode steps."""
+    row = tl.program_id(0).to(tl.int64)  # flat (b, h, qi)
+    offs_s = tl.arange(0, BLOCK_S)
     offs_d = tl.arange(0, BLOCK_DV)
     d_ok = offs_d < dv
-    m = tl.full([BLOCK_R], float("-inf"), dtype=tl.float32)
-    for s in range(0, num_splits):
-        m = tl.maximum(m, tl.load(LSE_PART + s * rows_total + rows, mask=row_ok, other=float("-inf")))
-    h = (rows // seqlen_q) % q_heads
+    h = (row // seqlen_q) % q_heads
+    m = tl.max(tl.full([BLOCK_S], float("-inf"), dtype=tl.float32), 0)
+    for s0 in range(0, num_splits, BLOCK_S):
+        split = s0 + offs_s
+        m = tl.maximum(m, tl.max(tl.load(LSE_PART + split * rows_total + row, mask=split < num_splits,
+                                         other=float("-inf")), 0))
     if HAS_SINK:
-        m = tl.maximum(m, tl.load(SINK + h, mask=row_ok, other=float("-inf")).to(tl.float32))
+        m = tl.maximum(m, tl.load(SINK + h).to(tl.float32))
     m_use = tl.where(m == float("-inf"), 0.0, m)
-    denom = tl.zeros([BLOCK_R], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_R, BLOCK_DV], dtype=tl.float32)
-    for s in range(0, num_splits):
-        w = tl.exp(tl.load(LSE_PART + s * rows_total + rows, mask=row_ok, other=float("-inf")) - m_use)
-        denom += w
-        part = tl.load(OUT_PART + (s * rows_total + rows)[:, None] * dv + offs_d[None, :],
-                       mask=row_ok[:, None] & d_ok[None, :], other=0.0)
-        acc += w[:, None] * part
+    denom = tl.sum(tl.zeros([BLOCK_S], dtype=tl.float32), 0)
+    acc = tl.zeros([BLOCK_DV], dtype=tl.float32)
+    for s0 in range(0, num_splits, BLOCK_S):
+        split = s0 + offs_s
+        ok = split < num_splits
+        w = tl.exp(tl.load(LSE_PART + split * rows_total + row, mask=ok, other=float("-inf")) - m_use)
+        denom += tl.sum(w, 0)
+        part = tl.load(OUT_PART + (split * rows_total + row)[:, None] * dv + offs_d[None, :],
+                       mask=ok[:, None] & d_ok[None, :], other=0.0)
+        acc += tl.sum(w[:, None] * part, 0)
     if HAS_SINK:
-        denom += tl.exp(tl.load(SINK + h, mask=row_ok, other=float("-inf")).to(tl.float32) - m_use)
-    out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
-    lse = m_use + tl.log(denom)
-    tl.store(LSE + rows, lse, mask=row_ok)
-    qi = rows % seqlen_q
-    b = rows // (seqlen_q * q_heads)
-    o_ptrs = OUT + b.to(tl.int64)[:, None] * stride_ob + qi[:, None] * stride_os + h[:, None] * stride_oh \
-        + offs_d[None, :]
-    tl.store(o_ptrs, out.to(OUT.dtype.element_ty), mask=row_ok[:, None] & d_ok[None, :])
+        denom += tl.exp(tl.load(SINK + h).to(tl.float32) - m_use)
+    out = acc / tl.where(denom == 0.0, 1.0, denom)
+    tl.store(LSE + row, m_use + tl.log(denom))
+    qi = row % seqlen_q
+    b = row // (seqlen_q * q_heads)
+    tl.store(OUT + b * stride_ob + qi * stride_os + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
 def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, softcap, alibi_slopes, sink,
@@ -182,10 +186,10 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     rows_total = batch * q_heads * seqlen_q
-    block_r = 16
-    _decode_combine_kernel[(configs.cdiv(rows_total, block_r),)](
+    block_s = min(32, max(2, 1 << (num_splits - 1).bit_length()))
+    _decode_combine_kernel[(rows_total,)](
         out_part, lse_part, out, lse, sink if sink is not None else dummy,
         out.stride(0), out.stride(1), out.stride(2), q_heads, seqlen_q, rows_total, num_splits, dv,
-        BLOCK_R=block_r, BLOCK_DV=block_dv, HAS_SINK=sink is not None, num_warps=4,
+        BLOCK_S=block_s, BLOCK_DV=block_dv, HAS_SINK=sink is not None, num_warps=4,
     )
     return out, lse
