@@ -412,3 +412,22 @@ def test_gpu_flex_dynamic_compiles(tmp_path):
     assert rc == 0
     rs = bench.read_csv(str(tmp_path / next(f for f in os.listdir(tmp_path) if f.endswith(".csv"))))
     assert len(rs) == 6 and all(r.status == "ok" and r.tflops > 1 for r in rs), rs
+
+
+def test_decode_plot_and_cli(tmp_path, capsys):
+    """``python -m tileattn.bench decode`` reaches the decode benchmark (which needs CUDA); its plot draws the
+    measured rows and leaves launch-variant rows out."""
+    import torch
+    from tileattn import bench
+    from tileattn.bench_decode import plot_decode
+    rows = [dict(batch=8, cache=65536, q_heads=32, kv_heads=8, head_dim=128, page=page, provider=prov, us=500.0,
+                 gbps=4000.0, x_copy=x, copy_gbps=4200.0, device="test")
+            for prov, page, x in (("tileattn", 0, 0.95), ("tileattn-paged", 16, 0.86), ("sdpa_cudnn", 0, 1.01),
+                                  ("tileattn[64,4,2,4]", 0, 0.5))]
+    pytest.importorskip("matplotlib")
+    path = plot_decode(rows, str(tmp_path / "decode.png"))
+    assert path and (tmp_path / "decode.png").stat().st_size > 1000
+    assert plot_decode([rows[-1]], str(tmp_path / "none.png")) is None  # only variant rows: nothing to draw
+    if not torch.cuda.is_available():
+        assert bench.main(["decode", "--out-dir", str(tmp_path)]) == 1
+        assert "needs a CUDA GPU" in capsys.readouterr().out

@@ -1362,6 +1362,9 @@ def _ensure_triton_interpreter(argv: Sequence[str]) -> None:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
+    if argv[:1] == ["decode"]:  # ``python -m tileattn.bench decode [...]``: the KV-cache decode table and plot
+        from . import bench_decode
+        return bench_decode.main(argv[1:])
     args = parse_args(argv)
     if args.dry_run:
         shapes = make_grid(args.head_dims, args.seqlens, args.causals, args.total_tokens, args.model_dim)

@@ -2,7 +2,7 @@
 
 All are measured in the same run on the same card.
 
-Usage: python -m tileattn.bench_decode [--out-dir DIR]
+Usage: python -m tileattn.bench decode [--out-dir DIR] (or python -m tileattn.bench_decode): a table, CSV and PNG
 
 Decode reads the whole KV cache once per step, so the measure is bandwidth: bytes that must move (K and V up to
 each cache length, plus q and out) over time, against a large device-to-device copy (bytes read + written).
@@ -36,6 +36,7 @@ Status: written without GPU time left in its session; its first GPU run is part 
 """
 
 import argparse
+from typing import Optional
 import contextlib
 import csv
 import importlib
@@ -334,7 +335,42 @@ def run(out_dir: str, dtype=torch.bfloat16, flex_pages=(256,), explore=()):
             w = csv.DictWriter(f, fieldnames=list(rows[0]))
             w.writeheader()
             w.writerows(rows)
-        print(f"wrote {path}")
+        png = plot_decode(rows, path[:-4] + ".png")
+        print(f"wrote {path}" + (f", {png}" if png else ""))
+
+
+def plot_decode(rows, path: str) -> Optional[str]:
+    """Grouped bars: fraction of the same run's copy bandwidth per (batch, cache, Hq/Hkv, D) and provider.
+    Launch-variant rows (``tileattn[...]``) are left out. Returns the path, or None without matplotlib."""
+    try:
+        import matplotlib
+        matplotlib.use("Agg")
+        import matplotlib.pyplot as plt
+    except Exception:  # pragma: no cover - matplotlib is an optional extra
+        return None
+    rows = [r for r in rows if "[" not in r["provider"]]
+    if not rows:
+        return None
+    configs = list(dict.fromkeys((r["batch"], r["cache"], r["q_heads"], r["kv_heads"], r["head_dim"]) for r in rows))
+    series = list(dict.fromkeys((r["provider"], r["page"]) for r in rows))
+    by = {(r["batch"], r["cache"], r["q_heads"], r["kv_heads"], r["head_dim"], r["provider"], r["page"]): r["x_copy"]
+          for r in rows}
+    fig, ax = plt.subplots(figsize=(max(8, 2.2 * len(configs)), 5.5))
+    width = 0.8 / len(series)
+    for i, (prov, page) in enumerate(series):
+        xs = [j + (i - (len(series) - 1) / 2) * width for j in range(len(configs))]
+        ys = [by.get(c + (prov, page), 0.0) for c in configs]
+        ax.bar(xs, ys, width, label=prov + (f" (page {page})" if page else ""))
+    ax.axhline(0.85, color="gray", linestyle="--", linewidth=1, label="0.85 (issue 5's bar)")
+    ax.set_xticks(range(len(configs)))
+    ax.set_xticklabels([f"B={b} cache={c}\nHq/Hkv={hq}/{hk} D={d}" for b, c, hq, hk, d in configs], fontsize=8)
+    ax.set_ylabel("x copy bandwidth (same run)")
+    ax.set_title(f"decode step, {rows[0]['device']}: bytes to read / time vs device copy")
+    ax.legend(fontsize=7, ncol=4, loc="upper center", bbox_to_anchor=(0.5, -0.14))
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
 
 
 def main(argv=None):
