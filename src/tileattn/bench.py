@@ -52,8 +52,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 PROVIDERS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 # Opt-in experiments, measurable beside the default (not in the default list): tileattn_tma = the forward with
-# K/V through tensor descriptors (TILEATTN_TMA=1, sm_90+).
-EXTRA_PROVIDERS = ("tileattn_tma",)
+# K/V through tensor descriptors (TILEATTN_TMA=1, sm_90+); tileattn_precise = the backward with the exact delta
+# (TILEATTN_PRECISE_DELTA=1).
+EXTRA_PROVIDERS = ("tileattn_tma", "tileattn_precise")
 ANCHOR_LABELS = {"sdpa_flash": "flash", "sdpa_cudnn": "cudnn", "sdpa_efficient": "effic", "flex": "flex"}
 MODES = ("fwd", "bwd", "fwd_bwd")
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
@@ -587,21 +588,25 @@ class TileattnProvider(Provider):
         return self._attention(q, k, v, causal=self.causal)
 
 
-class TileattnTmaProvider(TileattnProvider):
-    """tileattn with the opt-in TMA forward (``TILEATTN_TMA=1`` while it runs)."""
-    name = "tileattn_tma"
+class TileattnEnvProvider(TileattnProvider):
+    """tileattn with an opt-in mode switched on by an environment variable while it runs."""
+    MODES = {"tileattn_tma": "TILEATTN_TMA", "tileattn_precise": "TILEATTN_PRECISE_DELTA"}
+
+    def __init__(self, name: str):
+        super().__init__()
+        self.name, self._var = name, self.MODES[name]
 
     @contextlib.contextmanager
     def context(self):
-        old = os.environ.get("TILEATTN_TMA")
-        os.environ["TILEATTN_TMA"] = "1"
+        old = os.environ.get(self._var)
+        os.environ[self._var] = "1"
         try:
             yield
         finally:
             if old is None:
-                os.environ.pop("TILEATTN_TMA", None)
+                os.environ.pop(self._var, None)
             else:
-                os.environ["TILEATTN_TMA"] = old
+                os.environ[self._var] = old
 
 
 class SdpaProvider(Provider):
@@ -699,8 +704,8 @@ class FlexProvider(Provider):
 def make_provider(name: str, flex_dynamic: bool = True) -> Provider:
     if name == "tileattn":
         return TileattnProvider()
-    if name == "tileattn_tma":
-        return TileattnTmaProvider()
+    if name in TileattnEnvProvider.MODES:
+        return TileattnEnvProvider(name)
     if name in SdpaProvider.BACKENDS:
         return SdpaProvider(name)
     if name == "flex":

@@ -98,6 +98,13 @@ def use_tma(device: torch.device) -> bool:
     return _arch(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
 
 
+def precise_delta() -> bool:
+    """Opt-in (``TILEATTN_PRECISE_DELTA=1``): the backward takes delta = sum_j P dP from fp32 P and dP (an extra
+    pass over the keys) instead of rowsum(dO * O) with O rounded to the input dtype (fp16/bf16 only: an fp32
+    output is not rounded). Off by default."""
+    return os.environ.get("TILEATTN_PRECISE_DELTA", "0") == "1"
+
+
 def _override(name: str):
     value = os.environ.get(name)
     if not value:
