@@ -81,7 +81,7 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qs, stride_dos
         q = load_tile(q_ptrs + start_m * stride_qs, rows, seqlen_q, offs_dqk, dqk, True, EVEN_DQK)
         lse, delta = _load_row_stats(LSE, DELTA, rows, seqlen_q)
         s_t, t_t = scores(mma(k, tl.trans(q), None, FP32), rows[None, :], cols[:, None], diag, qk_scale, softcap,
-                          slope, HAS_SOFTCAP, HAS_ALIBI)
+                          slope, HAS_SOFTCAP, HAS_ALIBI, q.dtype)
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
             p_t = tl.where(visible(rows[None, :], cols[:, None], seqlen_k, diag, win_left, win_right,
@@ -190,7 +190,7 @@ def _dq_tiles(dq, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
         k = load_tile(k_ptrs + start_n * stride_ks, cols, seqlen_k, offs_dqk, dqk, MASKED, EVEN_DQK)
         v = load_tile(v_ptrs + start_n * stride_vs, cols, seqlen_k, offs_dv, dim_v, MASKED, EVEN_DV)
         s, t = scores(mma(q, tl.trans(k), None, FP32), rows[:, None], cols[None, :], diag, qk_scale, softcap,
-                      slope, HAS_SOFTCAP, HAS_ALIBI)
+                      slope, HAS_SOFTCAP, HAS_ALIBI, q.dtype)
         p = tl.math.exp2(s - lse[:, None])
         if MASKED:
             p = tl.where(visible(rows[:, None], cols[None, :], seqlen_k, diag, win_left, win_right,

@@ -15,6 +15,9 @@ Conventions used by every kernel in this package:
   one phase share one body, selected by a ``MASKED`` constexpr.
 """
 
+import os
+
+import torch
 import triton
 import triton.language as tl
 
@@ -22,6 +25,19 @@ LOG2E_F = 1.4426950408889634  # python floats, for launchers
 LN2_F = 0.6931471805599453
 LOG2E = tl.constexpr(LOG2E_F)  # constexpr globals, for kernels
 LN2 = tl.constexpr(LN2_F)
+
+
+def _fast_tanh_ok() -> bool:
+    """Hardware tanh (MUFU.TANH, sm_75+) for the softcap of bf16 inputs: compiled kernels only (the interpreter
+    cannot run inline PTX); ``TILEATTN_EXACT_TANH=1`` turns it off, ``TILEATTN_FAST_TANH=1`` forces it on."""
+    if triton.knobs.runtime.interpret or os.environ.get("TILEATTN_EXACT_TANH") == "1":
+        return False
+    if os.environ.get("TILEATTN_FAST_TANH") == "1":  # e.g. compiling for a GPU on a machine without one
+        return True
+    return torch.cuda.is_available() and torch.cuda.get_device_capability() >= (7, 5)
+
+
+FAST_TANH = tl.constexpr(_fast_tanh_ok())  # read once, at import (@triton.jit binds compiled kernels then too)
 
 
 @triton.jit
@@ -83,15 +99,27 @@ def visible(rows, cols, seqlen_k, diag, win_left, win_right, HAS_LEFT: tl.conste
 
 @triton.jit
 def scores(s, rows, cols, diag, qk_scale, softcap, slope,
-           HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr):
+           HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr, IN_DTYPE: tl.constexpr):
     """Raw q.k products -> scores in log2 units, and tanh(...) of the softcap (for its gradient).
 
     qk_scale is softmax_scale * log2(e) without softcap, softmax_scale / softcap with it; in that case the
     score is softcap * tanh(q.k * scale / softcap) (softcap passed pre-multiplied by log2(e)).
     ALiBi subtracts slope * |i + diag - j| (slope pre-multiplied by log2(e)).
+    IN_DTYPE (the inputs' dtype) picks tanh's form: bf16 uses the hardware tanh (one MUFU op, abs. error
+    ~5e-4, several times below bf16's own rounding of the scores); fp16 uses exp and an approximate reciprocal
+    (fp32-accurate to ~2 ulp, no IEEE-division slow path); fp32 and the interpreter the exact formula. The exact
+    form costs three MUFU ops per score (two exp, one reciprocal) where the plain kernel has one: the softcap
+    kernels were MUFU-bound (0.68x of plain, NOTES.md).
     """
     if HAS_SOFTCAP:
-        t = 1.0 - 2.0 / (tl.exp(2.0 * (s * qk_scale)) + 1.0)
+        x = s * qk_scale
+        if FAST_TANH and IN_DTYPE == tl.bfloat16:
+            t = tl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=tl.float32, is_pure=True,
+                                          pack=1)
+        elif FAST_TANH and IN_DTYPE == tl.float16:
+            t = 1.0 - tl.math.fdiv(2.0, tl.exp(2.0 * x) + 1.0)
+        else:
+            t = 1.0 - 2.0 / (tl.exp(2.0 * x) + 1.0)
         s = softcap * t
     else:
         t = s

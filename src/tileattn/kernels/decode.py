@@ -76,7 +76,7 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
         k = load_tile(K + row_k[:, None] + hk * stride_kh + offs_dqk[None, :], cols, end, offs_dqk, dqk, True,
                       EVEN_DQK)
         s, _ = scores(mma(q, tl.trans(k), None, FP32), qi[:, None], cols[None, :], diag, qk_scale, softcap,
-                      slope[:, None], HAS_SOFTCAP, HAS_ALIBI)
+                      slope[:, None], HAS_SOFTCAP, HAS_ALIBI, q.dtype)
         ok = visible(qi[:, None], cols[None, :], end, diag, win_left, win_right, HAS_LEFT, HAS_RIGHT)
         s = tl.where(ok, s, float("-inf"))
         m_new = tl.maximum(m_i, tl.max(s, 1))

@@ -46,7 +46,8 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
             m_use = m_new
             p = tl.math.exp2(s * qk_scale - m_use[:, None])
         else:
-            s, _ = scores(s, rows[:, None], cols[None, :], diag, qk_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI)
+            s, _ = scores(s, rows[:, None], cols[None, :], diag, qk_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI,
+                          q.dtype)
             if MASKED:
                 s = tl.where(visible(rows[:, None], cols[None, :], seqlen_k, diag, win_left, win_right,
                                      HAS_LEFT, HAS_RIGHT), s, float("-inf"))
