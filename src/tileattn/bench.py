@@ -507,7 +507,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         p.error(f"bad number list: {e}")
     args.modes = parse_list(args.modes)
     args.providers = parse_list(args.providers)
-    for name, got, allowed in (("mode", args.modes, MODES), ("provider", args.providers, PROVIDERS + EXTRA_PROVIDERS)):
+    allowed_providers = PROVIDERS + EXTRA_PROVIDERS
+    for name, got, allowed in (("mode", args.modes, MODES), ("provider", args.providers, allowed_providers)):
         bad = [x for x in got if x not in allowed]
         if bad:
             p.error(f"unknown {name}(s) {bad}; choose from {list(allowed)}")
@@ -823,7 +824,7 @@ def _measure_one(provider: Provider, shape: Shape, mode: str, q, k, v, dout, ben
                         t_spin = time.perf_counter()
                         while time.perf_counter() - t_spin < 0.2:
                             fn()
-                        _sync(device)
+                            _sync(device)  # one call in flight at a time: no backlog of queued launches
                     eager = [str(w.message) for w in wlist if "without torch.compile" in str(w.message)]
                     if eager:
                         raise RuntimeError("flex_attention ran eagerly (unfused): " + eager[0][:120])
