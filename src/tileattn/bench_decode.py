@@ -242,7 +242,8 @@ def run(out_dir: str, dtype=torch.bfloat16, flex_pages=(256,), explore=()):
         paged = []
         for page in PAGE_SIZES:
             if page is None:
-                cases.append(("tileattn", None, lambda: tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)))
+                cases.append(("tileattn", None,
+                              lambda: tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)))
             else:
                 npages = cache // page
                 perm = torch.randperm(batch * npages, device=dev)
@@ -376,7 +377,8 @@ def plot_decode(rows, path: str) -> Optional[str]:
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
-    ap.add_argument("--flex-pages", default="256", help="page sizes with a flex-paged anchor (comma-separated; '' none)")
+    ap.add_argument("--flex-pages", default="256",
+                    help="page sizes with a flex-paged anchor (comma-separated; '' none)")
     ap.add_argument("--explore", default="", help="';'-separated decode configs block_n,warps,stages,programs_per_sm "
                     "measured as extra tileattn rows (e.g. '64,4,2,4;32,4,3,4')")
     args = ap.parse_args(argv)
