@@ -160,6 +160,8 @@ def decode_cases(arch):
 def main():
     arch = int(sys.argv[1]) if len(sys.argv) > 1 and sys.argv[1].isdigit() else 90
     feats = FEATURES if "--features" in sys.argv else {"plain": {}}
+    if "--quick" in sys.argv:  # also the softcap path (inline PTX tanh for bf16 when TILEATTN_FAST_TANH=1)
+        feats = {"plain": {}, "softcap+alibi": FEATURES["softcap+alibi"]}
     bad = regression_cases(arch) + decode_cases(arch)
     if "--quick" in sys.argv:  # CI: the regression cases plus one head dim
         dims = (64,)

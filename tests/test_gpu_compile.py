@@ -19,6 +19,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 def test_kernels_compile_for_gpu(arch):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.path.join(ROOT, "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["TILEATTN_FAST_TANH"] = "1"  # compile the GPU-only bf16 softcap path (hardware tanh) too
     r = subprocess.run([sys.executable, os.path.join(ROOT, "benchmarks", "compile_check.py"), arch, "--quick"],
                        capture_output=True, text=True, timeout=900, env=env, cwd=ROOT)
     assert r.returncode == 0, r.stdout[-4000:] + r.stderr[-4000:]
