@@ -589,6 +589,20 @@ class TileattnProvider(Provider):
         return self._attention(q, k, v, causal=self.causal)
 
 
+@contextlib.contextmanager
+def env_var(name: str, value: str):
+    """Set an environment variable for the duration of the block, then restore it (or remove it)."""
+    old = os.environ.get(name)
+    os.environ[name] = value
+    try:
+        yield
+    finally:
+        if old is None:
+            os.environ.pop(name, None)
+        else:
+            os.environ[name] = old
+
+
 class TileattnEnvProvider(TileattnProvider):
     """tileattn with an opt-in mode switched on by an environment variable while it runs."""
     MODES = {"tileattn_tma": "TILEATTN_TMA", "tileattn_precise": "TILEATTN_PRECISE_DELTA"}
@@ -597,17 +611,8 @@ class TileattnEnvProvider(TileattnProvider):
         super().__init__()
         self.name, self._var = name, self.MODES[name]
 
-    @contextlib.contextmanager
     def context(self):
-        old = os.environ.get(self._var)
-        os.environ[self._var] = "1"
-        try:
-            yield
-        finally:
-            if old is None:
-                os.environ.pop(self._var, None)
-            else:
-                os.environ[self._var] = old
+        return env_var(self._var, "1")
 
 
 class SdpaProvider(Provider):

@@ -49,6 +49,8 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
+from tileattn.bench import env_var
+
 # (batch, cache length, q heads, kv heads, head dim)
 CONFIGS = [(8, 65536, 32, 8, 128), (64, 4096, 32, 8, 128), (1, 131072, 8, 8, 128), (16, 16384, 64, 8, 128)]
 PAGE_SIZES = [None, 256, 16]
@@ -273,15 +275,8 @@ def run(out_dir: str, dtype=torch.bfloat16, flex_pages=(256,), explore=()):
         for variant in explore:
             def with_variant(fn, variant=variant):
                 def call():
-                    old = os.environ.get("TILEATTN_DECODE_CONFIG")
-                    os.environ["TILEATTN_DECODE_CONFIG"] = variant
-                    try:
+                    with env_var("TILEATTN_DECODE_CONFIG", variant):
                         return fn()
-                    finally:
-                        if old is None:
-                            os.environ.pop("TILEATTN_DECODE_CONFIG")
-                        else:
-                            os.environ["TILEATTN_DECODE_CONFIG"] = old
                 return call
             cases.append((f"tileattn[{variant}]", None, with_variant(
                 lambda: tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens))))

@@ -31,14 +31,23 @@ class BackwardConfig:
     pre_block_m: int = 64
 
 
+def next_pow2(n: int) -> int:
+    """Smallest power of two >= n (1 for n <= 1), in plain Python for host-side launch math."""
+    return 1 << (int(n) - 1).bit_length() if n > 1 else 1
+
+
 def padded_head_dim(head_dim: int) -> int:
     """Register tile width for a head dim: next power of two, at least 16 (the tensor-core k minimum)."""
-    return max(16, 1 << (int(head_dim) - 1).bit_length())
+    return max(16, next_pow2(head_dim))
 
 
 def cdiv(a: int, b: int) -> int:
     """ceil(a / b) for host-side launch math (plain Python: triton.cdiv is a constexpr_function, ~5 us a call)."""
     return -(-a // b)
+
+
+def _device_index(device: torch.device) -> int:
+    return device.index if device.index is not None else torch.cuda.current_device()
 
 
 def _interpreting() -> bool:
@@ -95,7 +104,7 @@ def use_tma(device: torch.device) -> bool:
         return False
     if _interpreting() or device.type != "cuda":
         return True
-    return _arch(device.index if device.index is not None else torch.cuda.current_device())[0] >= 9
+    return _arch(_device_index(device))[0] >= 9
 
 
 def precise_delta() -> bool:
@@ -176,8 +185,7 @@ def forward_config(device: torch.device, dtype: torch.dtype, head_dim: int, caus
         return KernelConfig(*over)
     if _interpreting() or device.type != "cuda":
         return _INTERP_FWD
-    return _forward_config(device.index if device.index is not None else torch.cuda.current_device(), dtype,
-                           padded_head_dim(head_dim), bool(causal))
+    return _forward_config(_device_index(device), dtype, padded_head_dim(head_dim), bool(causal))
 
 
 @functools.lru_cache(maxsize=None)
@@ -194,8 +202,7 @@ def backward_config(device: torch.device, dtype: torch.dtype, head_dim: int, cau
         return BackwardConfig(KernelConfig(*over[0:4]), KernelConfig(*over[4:8]))
     if _interpreting() or device.type != "cuda":
         return _INTERP_BWD
-    return _backward_config(device.index if device.index is not None else torch.cuda.current_device(), dtype,
-                            padded_head_dim(head_dim), bool(causal))
+    return _backward_config(_device_index(device), dtype, padded_head_dim(head_dim), bool(causal))
 
 
 @functools.lru_cache(maxsize=None)

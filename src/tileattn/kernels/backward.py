@@ -307,15 +307,19 @@ def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None):
         if dsink_rows is not None and dsink_rows.numel() and dlse is not None:
             # No keys anywhere: out = 0, so delta = -dlse, every row's sink probability is exp(sink - lse) = 1
             # (lse = sink), and d(sink) = -sum p_sink * delta = sum dlse.
-            sink = p.sink.float().view(-1, 1) if p.varlen else p.sink.float().view(1, -1, 1)
             # rows outside every sequence (varlen) have lse = -inf and no gradient
-            dsink_rows.copy_(torch.where(lse == float("-inf"), 0.0, torch.exp(sink - lse) * dlse.float()))
+            dsink_rows.copy_(torch.where(lse == float("-inf"), 0.0, torch.exp(_sink_rows(p) - lse) * dlse.float()))
     else:
         _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_rows)
     dsink = None
     if dsink_rows is not None:  # fixed-order reduction over batch and rows: deterministic
         dsink = dsink_rows.sum(dim=-1) if p.varlen else dsink_rows.sum(dim=(0, 2))
     return dq, dk, dv, dsink
+
+
+def _sink_rows(p):
+    """The sink logits shaped to broadcast against lse: (Hq, 1) varlen, (1, Hq, 1) batched."""
+    return p.sink.float().view(-1, 1) if p.varlen else p.sink.float().view(1, -1, 1)
 
 
 def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_rows):
@@ -375,8 +379,7 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_ro
     if precise:
         launch_dq(True)  # delta += sum_j P dP, before the dK/dV kernel reads it
         if dsink_rows is not None:
-            sink = p.sink.float().view(-1, 1) if p.varlen else p.sink.float().view(1, -1, 1)
-            dsink_rows.copy_(torch.where(lse == float("-inf"), 0.0, -torch.exp(sink - lse) * delta))
+            dsink_rows.copy_(torch.where(lse == float("-inf"), 0.0, -torch.exp(_sink_rows(p) - lse) * delta))
 
     kv = cfg.dkdv
     num_n_tiles = configs.cdiv(p.max_seqlen_k, kv.block_n)

@@ -156,7 +156,7 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
     lse = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
     if out.numel() == 0:
         return out, lse
-    block_m = min(64, max(16, 1 << (seqlen_q * group - 1).bit_length()))  # chunked prefill: several row blocks
+    block_m = min(64, max(16, configs.next_pow2(seqlen_q * group)))  # chunked prefill: several row blocks
     row_blocks = configs.cdiv(seqlen_q * group, block_m)
     cfg = configs.decode_config(max(dqk, dv))
     block_n = cfg.block_n
@@ -186,7 +186,7 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     rows_total = batch * q_heads * seqlen_q
-    block_s = min(32, max(2, 1 << (num_splits - 1).bit_length()))
+    block_s = min(32, max(2, configs.next_pow2(num_splits)))
     _decode_combine_kernel[(rows_total,)](
         out_part, lse_part, out, lse, sink if sink is not None else dummy,
         out.stride(0), out.stride(1), out.stride(2), q_heads, seqlen_q, rows_total, num_splits, dv,
