@@ -108,7 +108,7 @@ def regression_cases(arch):
     consts = {"BLOCK_DQK": 32, "BLOCK_DV": 32, "EVEN_DQK": True, "EVEN_DV": True, "BLOCK_M": cfg.block_m,
               "BLOCK_N": cfg.block_n, "HAS_LEFT": False, "HAS_RIGHT": True, "HAS_SOFTCAP": False, "HAS_ALIBI": False,
               "HAS_SINK": False, "HAS_DROPOUT": False, "IS_VARLEN": False, "FP32": False, "USE_TMA": False,
-              "DELTA_ONLY": False}
+              "CORRECT": True, "HAS_DLSE": False}
     for dtype in ("fp16", "bf16"):
         for fn in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel):
             # the failing test's launch: q (2, 17, 2, 32), k/v (2, 1, 1, 32), contiguous
@@ -177,15 +177,15 @@ def main():
                 base = {"BLOCK_DQK": block_d, "BLOCK_DV": block_d, "HAS_LEFT": False, "HAS_RIGHT": causal,
                         "HAS_SOFTCAP": False, "HAS_ALIBI": False, "HAS_SINK": False, "HAS_DROPOUT": False,
                         "IS_VARLEN": False, "FP32": False, "HAS_DLSE": False, "EVEN_DQK": True, "EVEN_DV": True,
-                        "USE_TMA": False, "DELTA_ONLY": False, "ROWSUM": True, **f}
+                        "USE_TMA": False, "CORRECT": True, **f}
                 rows = [("fwd", _fwd_kernel, fc), ("dkdv", _bwd_dkdv_kernel, bc.dkdv), ("dq", _bwd_dq_kernel, bc.dq),
                         ("pre", _bwd_preprocess, configs.KernelConfig(bc.pre_block_m, 0, 4, 1))]
                 if arch >= 90:  # the opt-in TMA forward (TILEATTN_TMA=1)
                     rows.insert(1, ("fwd+tma", _fwd_kernel, fc))
-                rows.append(("dq delta pass", _bwd_dq_kernel, bc.dq))  # TILEATTN_PRECISE_DELTA=1
+                rows.append(("dq rounded", _bwd_dq_kernel, bc.dq))  # TILEATTN_ROUNDED_DELTA=1
                 for name, fn, cfg in rows:
                     consts = {**base, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "USE_TMA": name == "fwd+tma",
-                              "DELTA_ONLY": name == "dq delta pass"}
+                              "CORRECT": name != "dq rounded"}
                     try:
                         rep, smem = compile_one(fn, "bf16", consts, cfg, arch, typical_ints(block_d))
                         flag = "" if rep.endswith(" 0") else "  SPILLS"

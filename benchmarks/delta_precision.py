@@ -57,12 +57,12 @@ if dev == "cuda":
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
-    for mode in ("0", "1"):  # default, then TILEATTN_PRECISE_DELTA=1 (delta from fp32 P·dP)
-        os.environ["TILEATTN_PRECISE_DELTA"] = mode
+    for mode in ("0", "1"):  # default (corrected delta), then TILEATTN_ROUNDED_DELTA=1 (FlashAttention's delta)
+        os.environ["TILEATTN_ROUNDED_DELTA"] = mode
         qq = q.detach().clone().requires_grad_()
         tileattn.attention(qq, k, v, causal=causal, softmax_scale=sc).backward(do)
-        print(f"tileattn{' (precise delta)' if mode == '1' else ''}: {err(qq.grad):.4f}")
-    os.environ.pop("TILEATTN_PRECISE_DELTA")
+        print(f"tileattn{' (rounded delta)' if mode == '1' else ''}: {err(qq.grad):.4f}")
+    os.environ.pop("TILEATTN_ROUNDED_DELTA")
     for name, be in (("sdpa_flash (FA2)", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
                      ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
         try:

@@ -52,9 +52,9 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 PROVIDERS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 # Opt-in experiments, measurable beside the default (not in the default list): tileattn_tma = the forward with
-# K/V through tensor descriptors (TILEATTN_TMA=1, sm_90+); tileattn_precise = the backward with the exact delta
-# (TILEATTN_PRECISE_DELTA=1).
-EXTRA_PROVIDERS = ("tileattn_tma", "tileattn_precise")
+# K/V through tensor descriptors (TILEATTN_TMA=1, sm_90+); tileattn_rounded = the backward without the delta
+# correction (TILEATTN_ROUNDED_DELTA=1, FlashAttention's delta: what the correction costs).
+EXTRA_PROVIDERS = ("tileattn_tma", "tileattn_rounded")
 ANCHOR_LABELS = {"sdpa_flash": "flash", "sdpa_cudnn": "cudnn", "sdpa_efficient": "effic", "flex": "flex"}
 MODES = ("fwd", "bwd", "fwd_bwd")
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
@@ -605,7 +605,7 @@ def env_var(name: str, value: str):
 
 class TileattnEnvProvider(TileattnProvider):
     """tileattn with an opt-in mode switched on by an environment variable while it runs."""
-    MODES = {"tileattn_tma": "TILEATTN_TMA", "tileattn_precise": "TILEATTN_PRECISE_DELTA"}
+    MODES = {"tileattn_tma": "TILEATTN_TMA", "tileattn_rounded": "TILEATTN_ROUNDED_DELTA"}
 
     def __init__(self, name: str):
         super().__init__()

@@ -107,11 +107,11 @@ def use_tma(device: torch.device) -> bool:
     return _arch(_device_index(device))[0] >= 9
 
 
-def precise_delta() -> bool:
-    """Opt-in (``TILEATTN_PRECISE_DELTA=1``): the backward takes delta = sum_j P dP from fp32 P and dP (an extra
-    pass over the keys) instead of rowsum(dO * O) with O rounded to the input dtype (fp16/bf16 only: an fp32
-    output is not rounded). Off by default."""
-    return os.environ.get("TILEATTN_PRECISE_DELTA", "0") == "1"
+def rounded_delta() -> bool:
+    """Opt-in (``TILEATTN_ROUNDED_DELTA=1``): the backward uses delta = rowsum(dO * O) with O rounded to the input
+    dtype, as FlashAttention does, without the dQ kernel's correction (one fewer matmul per tile; less accurate
+    gradients when a softmax row is nearly one-hot). For measuring what the correction costs."""
+    return os.environ.get("TILEATTN_ROUNDED_DELTA", "0") == "1"
 
 
 def _override(name: str):
@@ -137,9 +137,11 @@ _SM90_FWD = {
 _SM90_BWD = {  # dkdv: block_m streamed, block_n resident; dq: block_m resident, block_n streamed
     **{(d, False): BackwardConfig(_cfg(32, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
     **{(d, True): BackwardConfig(_cfg(32, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
-    **{(128, c): BackwardConfig(_cfg(64, 128, 8, 3), _cfg(128, 64, 8, 3)) for c in (False, True)},
-    **{(256, c): BackwardConfig(_cfg(64, 64, 8, 2), _cfg(64, 64, 8, 2)) for c in (False, True)},
+    **{(128, c): BackwardConfig(_cfg(64, 128, 8, 3), _cfg(128, 32, 8, 2)) for c in (False, True)},
+    **{(256, c): BackwardConfig(_cfg(64, 64, 8, 2), _cfg(64, 16, 8, 2)) for c in (False, True)},
 }
+# dq tiles at D=128/256 since the delta correction (a second fp32 accumulator): the spill-free ones by ptxas
+# (128x64 spilled 140 B at D=128; NOTES.md, session 3).
 # Portable tables (sm80 and the ~100 KB shared-memory parts): smaller tiles, fewer stages.
 _GENERIC_FWD = {
     **{(d, c): _cfg(128, 64, 4, 3) for d in (16, 32, 64) for c in (False, True)},
@@ -147,10 +149,10 @@ _GENERIC_FWD = {
     **{(256, c): _cfg(64, 32, 8, 1) for c in (False, True)},
 }
 _GENERIC_BWD = {
-    **{(d, c): BackwardConfig(_cfg(64, 64, 4, 2), _cfg(64, 64, 4, 2)) for d in (16, 32, 64) for c in (False, True)},
-    **{(128, c): BackwardConfig(_cfg(32, 64, 4, 2), _cfg(64, 32, 4, 2)) for c in (False, True)},
-    **{(256, c): BackwardConfig(_cfg(16, 32, 4, 1), _cfg(32, 16, 4, 1)) for c in (False, True)},
-}
+    **{(d, c): BackwardConfig(_cfg(64, 64, 4, 2), _cfg(64, 32, 4, 2)) for d in (16, 32, 64) for c in (False, True)},
+    **{(128, c): BackwardConfig(_cfg(32, 64, 4, 2), _cfg(32, 32, 4, 2)) for c in (False, True)},
+    **{(256, c): BackwardConfig(_cfg(16, 32, 4, 1), _cfg(16, 16, 4, 1)) for c in (False, True)},
+}  # dq tiles: spill-free for sm_80 with the delta correction (ptxas)
 # float32 (exact IEEE products: tl.dot on fp32 with input_precision="ieee" runs on FMA units and holds its operands
 # in registers). Chosen by ptxas reports (benchmarks/compile_check.py-style compiles with launch hints, sm_90a):
 # the half-precision tiles spilled 30–120 KB per thread in fp32, which made the kernels slow and their

@@ -2,9 +2,10 @@
 
 1. ``_bwd_preprocess``: delta = rowsum(dO * O) - dlse (fp32, lse's layout); with a sink also each row's share
    of d(sink) = -exp(sink - lse) * delta, summed per head by the launcher in a fixed order.
-2. ``_bwd_dkdv_kernel``: one program per (key tile, batch * kv_head). K and V stay in registers; the query tiles
+2. ``_bwd_dq_kernel``: one program per (query tile, batch * q_head); key tiles are streamed. For fp16/bf16 it also
+   corrects delta for the rounding of O (exact sum_j P dP) and writes it back for step 3.
+3. ``_bwd_dkdv_kernel``: one program per (key tile, batch * kv_head). K and V stay in registers; the query tiles
    of every query head of the GQA group are streamed, so dK/dV are summed over the group inside the program.
-3. ``_bwd_dq_kernel``: one program per (query tile, batch * q_head); key tiles are streamed.
 
 Every output element is written by exactly one program with a fixed reduction order, so results are
 bit-identical run to run. Layouts as in ``forward.py``; dq/dk/dv are contiguous, in the input dtype.
@@ -28,9 +29,9 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, DSINK_ROWS, SINK, CU_Q,
                     stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
                     q_heads, max_seqlen_q, num_m_tiles, dv,
                     BLOCK_DV: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
-                    HAS_SINK: tl.constexpr, IS_VARLEN: tl.constexpr, ROWSUM: tl.constexpr):
-    """delta = rowsum(dO * O) - dlse per row (fp32, lse's layout), and each row's d(sink) share.
-    ROWSUM=False (precise-delta mode): only -dlse; the dQ kernel's delta pass adds sum_j P dP."""
+                    HAS_SINK: tl.constexpr, IS_VARLEN: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse per row (fp32, lse's layout), and each row's d(sink) share (the latter only
+    where the dQ kernel does not correct delta, see ``_bwd_dq_kernel``)."""
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     b = (bh // q_heads).to(tl.int64)
@@ -38,14 +39,11 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, DSINK_ROWS, SINK, CU_Q,
     q_start, seqlen_q = seq_bounds(CU_Q, b, max_seqlen_q, IS_VARLEN)
     rows = (pid % num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, BLOCK_DV)
-    if ROWSUM:
-        o = load_tile(O + b * stride_ob + (q_start + rows[:, None]).to(tl.int64) * stride_os + h * stride_oh
-                      + offs_d[None, :], rows, seqlen_q, offs_d, dv, True, EVEN_DV)
-        do = load_tile(DO + b * stride_dob + (q_start + rows[:, None]).to(tl.int64) * stride_dos + h * stride_doh
-                       + offs_d[None, :], rows, seqlen_q, offs_d, dv, True, EVEN_DV)
-        delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    else:
-        delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    o = load_tile(O + b * stride_ob + (q_start + rows[:, None]).to(tl.int64) * stride_os + h * stride_oh
+                  + offs_d[None, :], rows, seqlen_q, offs_d, dv, True, EVEN_DV)
+    do = load_tile(DO + b * stride_dob + (q_start + rows[:, None]).to(tl.int64) * stride_dos + h * stride_doh
+                   + offs_d[None, :], rows, seqlen_q, offs_d, dv, True, EVEN_DV)
+    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
     row = b * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows
     in_seq = rows < seqlen_q
     if HAS_DLSE:
@@ -175,15 +173,16 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
 
 
 @triton.jit
-def _dq_tiles(dq, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk, offs_dv,
-              lo, hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
+def _dq_tiles(dq, pk, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
+              offs_dv, lo, hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
               seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v,
               EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
               HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
               HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr,
-              DELTA_ONLY: tl.constexpr):
-    """Accumulate dQ of one query tile over key tiles [lo, hi); DELTA_ONLY: accumulate dsum = sum_j P dP
-    instead (the exact delta, from fp32 P and dP rather than from the rounded output)."""
+              CORRECT: tl.constexpr):
+    """Accumulate dQ of one query tile over key tiles [lo, hi), with dS = P (dP - delta).
+    CORRECT: also dsum = sum_j P dP (fp32) and pk = sum_j P' K (P' = P, times tanh' with a softcap), from which
+    the kernel's epilogue corrects dQ for the rounding in delta."""
     # Masked tiles stay software-pipelined (see _dkdv_tiles).
     for start_n in tl.range(lo, hi, BLOCK_N):
         cols = start_n + offs_n
@@ -199,18 +198,20 @@ def _dq_tiles(dq, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs,
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, rows[:, None], cols[None, :], row_base, max_seqlen_k, dropout_p)
             dp = tl.where(keep, dp / (1.0 - dropout_p), 0.0)
-        if DELTA_ONLY:
+        if CORRECT:
             dsum += tl.sum(p * dp, 1)
-        else:
-            ds = p * (dp - delta[:, None])
-            if HAS_SOFTCAP:
-                ds = ds * (1.0 - t * t)
-            dq = mma(ds.to(k.dtype), k, dq, FP32)
-    return dq, dsum
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            p = p * (1.0 - t * t)
+            ds = ds * (1.0 - t * t)
+        dq = mma(ds.to(k.dtype), k, dq, FP32)
+        if CORRECT:
+            pk = mma(p.to(k.dtype), k, pk, FP32)
+    return dq, pk, dsum
 
 
 @triton.jit  # value-specialised: see _bwd_preprocess
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, RNG,
+def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIBI, RNG,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                    stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ab,
@@ -221,9 +222,12 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, RNG,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                   FP32: tl.constexpr, DELTA_ONLY: tl.constexpr):
-    """dQ of one query tile; DELTA_ONLY (precise-delta mode, launched before the dK/dV kernel): add
-    sum_j P dP to DELTA instead."""
+                   FP32: tl.constexpr, HAS_DLSE: tl.constexpr, CORRECT: tl.constexpr):
+    """dQ of one query tile. CORRECT (fp16/bf16 by default; launched before the dK/dV kernel): the preprocess's
+    delta d~ = rowsum(dO * O) - dlse uses O rounded to the input dtype, which breaks the cancellation in
+    dS = P (dP - delta) when the softmax is nearly one-hot. The exact delta is d = sum_j P dP - dlse, so with
+    e = d - d~ the exact dQ is sum_j P (dP - d~) K - e * sum_j P K: the kernel accumulates the second sum too (one
+    more matmul), applies the correction, and writes d to DELTA for the dK/dV kernel."""
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     tile = pid % num_m_tiles
@@ -255,6 +259,7 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, RNG,
     v_ptrs = V + b * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh \
         + offs_n[:, None] * stride_vs + offs_dv[None, :]
     dq = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
+    pk = tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32)
     dsum = tl.zeros([BLOCK_M], dtype=tl.float32)
     slope, seed, rng_offset, row_base = feature_scalars(ALIBI, RNG, b, h, bh, stride_ab, max_seqlen_q,
                                                         HAS_ALIBI, HAS_DROPOUT)
@@ -262,24 +267,26 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DQ, CU_Q, CU_K, ALIBI, RNG,
     lo, full_lo, full_hi, hi = kv_tile_range(start_m, seqlen_k, diag, win_left, win_right, BLOCK_M, BLOCK_N,
                                              HAS_LEFT, HAS_RIGHT)
     if HAS_LEFT:
-        dq, dsum = _dq_tiles(dq, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
+        dq, pk, dsum = _dq_tiles(dq, pk, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                        offs_dv, lo, full_lo, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
                        seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v, EVEN_DQK,
                        EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                       True, FP32, DELTA_ONLY)
-    dq, dsum = _dq_tiles(dq, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
+                       True, FP32, CORRECT)
+    dq, pk, dsum = _dq_tiles(dq, pk, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                    offs_dv, full_lo, full_hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
                    seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v, EVEN_DQK,
                    EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                   False, FP32, DELTA_ONLY)
-    dq, dsum = _dq_tiles(dq, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
+                   False, FP32, CORRECT)
+    dq, pk, dsum = _dq_tiles(dq, pk, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                    offs_dv, full_hi, hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
                    seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v, EVEN_DQK,
                    EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                   True, FP32, DELTA_ONLY)
-    if DELTA_ONLY:
-        tl.store(DELTA + row0 + rows, delta + dsum, mask=rows < seqlen_q)
-        return
+                   True, FP32, CORRECT)
+    if CORRECT:
+        if HAS_DLSE:
+            dsum -= tl.load(DLSE + row0 + rows, mask=rows < seqlen_q, other=0.0)
+        dq -= (dsum - delta)[:, None] * pk
+        tl.store(DELTA + row0 + rows, dsum, mask=rows < seqlen_q)
     dq = dq * sm_scale
     store_tile(DQ + b * stride_dqb + h * stride_dqh + q_rows * stride_dqs + offs_dqk[None, :],
                dq.to(DQ.dtype.element_ty), rows, seqlen_q, offs_dqk, dqk, EVEN_DQK)
@@ -347,10 +354,10 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_ro
     delta = torch.empty_like(lse)
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
-    # Precise delta (opt-in): rowsum(dO * O) with O rounded to fp16/bf16 loses the cancellation in
-    # dS = P (dP - delta) when the softmax is nearly one-hot; sum_j P dP from fp32 P and dP does not. It costs one
-    # more pass of QK^T and dO V^T over the keys (about +28% backward FLOPs). benchmarks/NOTES.md, session 2.
-    precise = configs.precise_delta() and not fp32  # fp32 keeps O unrounded: its rowsum is already exact
+    # fp16/bf16: the dQ kernel corrects delta for the rounding of O (see _bwd_dq_kernel) and runs first, so the
+    # dK/dV kernel and d(sink) use the corrected delta. fp32 keeps O unrounded: its rowsum is already exact.
+    # TILEATTN_ROUNDED_DELTA=1 turns the correction off (FlashAttention's delta; to measure what it costs).
+    correct = not fp32 and not configs.rounded_delta()
     num_m_pre = configs.cdiv(p.max_seqlen_q, cfg.pre_block_m)
     _bwd_preprocess[(num_m_pre * batch * q_heads,)](
         out, dout, lse, dlse if dlse is not None else dummy, delta,
@@ -358,28 +365,23 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_ro
         sb(out), out.stride(1), out.stride(2), sb(dout), dout.stride(1), dout.stride(2), stride_lb, stride_lh,
         q_heads, p.max_seqlen_q, num_m_pre, dim_v,
         BLOCK_DV=block_dv, EVEN_DV=block_dv == dim_v, BLOCK_M=cfg.pre_block_m, HAS_DLSE=dlse is not None,
-        HAS_SINK=p.sink is not None and not precise, IS_VARLEN=p.varlen, ROWSUM=not precise,
+        HAS_SINK=p.sink is not None and not correct, IS_VARLEN=p.varlen,
     )
     qc = cfg.dq
     num_m_tiles = configs.cdiv(p.max_seqlen_q, qc.block_m)
-
-    def launch_dq(delta_only):
-        _bwd_dq_kernel[(num_m_tiles * batch * q_heads,)](
-            q, k, v, dout, lse, delta, dq, cu_q, cu_k, alibi, rng,
-            sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2),
-            sb(v), v.stride(1), v.stride(2), sb(dout), dout.stride(1), dout.stride(2),
-            sb(dq), dq.stride(1), dq.stride(2), stride_lb, stride_lh, p.alibi_stride_b,
-            q_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
-            p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
-            dqk, dim_v, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
-            EVEN_DV=block_dv == dim_v, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, **flags, DELTA_ONLY=delta_only,
-            num_warps=qc.num_warps, num_stages=qc.num_stages,
-        )
-
-    if precise:
-        launch_dq(True)  # delta += sum_j P dP, before the dK/dV kernel reads it
-        if dsink_rows is not None:
-            dsink_rows.copy_(torch.where(lse == float("-inf"), 0.0, -torch.exp(_sink_rows(p) - lse) * delta))
+    _bwd_dq_kernel[(num_m_tiles * batch * q_heads,)](
+        q, k, v, dout, lse, delta, dlse if dlse is not None else dummy, dq, cu_q, cu_k, alibi, rng,
+        sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2),
+        sb(v), v.stride(1), v.stride(2), sb(dout), dout.stride(1), dout.stride(2),
+        sb(dq), dq.stride(1), dq.stride(2), stride_lb, stride_lh, p.alibi_stride_b,
+        q_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
+        p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
+        dqk, dim_v, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
+        EVEN_DV=block_dv == dim_v, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, **flags,
+        HAS_DLSE=dlse is not None, CORRECT=correct, num_warps=qc.num_warps, num_stages=qc.num_stages,
+    )
+    if correct and dsink_rows is not None:
+        dsink_rows.copy_(torch.where(lse == float("-inf"), 0.0, -torch.exp(_sink_rows(p) - lse) * delta))
 
     kv = cfg.dkdv
     num_n_tiles = configs.cdiv(p.max_seqlen_k, kv.block_n)
@@ -395,5 +397,3 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_ro
         EVEN_DV=block_dv == dim_v, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, **flags,
         num_warps=kv.num_warps, num_stages=kv.num_stages,
     )
-
-    launch_dq(False)
