@@ -1,0 +1,15 @@
+#!/usr/bin/env bash
+# Backward-only timings of candidate dQ tiles (TILEATTN_BWD_CONFIG = dkdv tile, then dq tile), SDPA-flash as the
+# anchor in the first invocation. Usage: OUT=dir bash benchmarks/dq_tile_sweep.sh
+set -u
+OUT="${OUT:-gpu_logs}"
+run() {  # head_dim providers dkdv dq tag
+  TILEATTN_BWD_CONFIG="$3,$4" python3 -m tileattn.bench --head-dims "$1" --seqlens 1k,4k,16k --modes bwd \
+    --providers "$2" --out-dir "$OUT" --prefix "dq_$5" --no-plot --warmup 50 --rep 30 2>&1 | grep -A12 "== bwd" | grep -v "^$"
+}
+run 128 tileattn,sdpa_flash 64,128,8,3 128,64,8,3 d128_128x64s3
+run 128 tileattn 64,128,8,3 128,64,8,2 d128_128x64s2
+run 128 tileattn 64,128,8,3 64,64,4,3 d128_64x64w4
+run 256 tileattn,sdpa_flash 64,64,8,2 64,16,8,2 d256_64x16
+run 256 tileattn 64,64,8,2 64,32,8,2 d256_64x32
+run 256 tileattn 32,64,8,2 64,64,8,2 d256_dkdv32x64_64x64
