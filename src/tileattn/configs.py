@@ -138,11 +138,11 @@ _SM90_BWD = {  # dkdv: block_m streamed, block_n resident; dq: block_m resident,
     **{(d, False): BackwardConfig(_cfg(32, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
     **{(d, True): BackwardConfig(_cfg(32, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
     **{(128, c): BackwardConfig(_cfg(64, 128, 8, 3), _cfg(128, 64, 8, 3)) for c in (False, True)},
-    **{(256, c): BackwardConfig(_cfg(64, 64, 8, 2), _cfg(64, 16, 8, 2)) for c in (False, True)},
+    **{(256, c): BackwardConfig(_cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2)) for c in (False, True)},
 }
 # dq tiles since the delta correction (a second fp32 accumulator): D=128 keeps 128x64 (140 B of spills): the
-# spill-free 128x32 was 25% slower on the H200 (run 9); D=256's 64x16 is the spill-free one, unmeasured against
-# others (NOTES.md, session 3).
+# spill-free 128x32 was 25% slower on the H200 (run 9). D=256: of three pairs timed on the H200 (run 10), dK/dV
+# 32x64 + dq 64x64 was fastest (+25-60% over 64x64 + the spill-free 64x16) despite dq's spills (NOTES.md).
 # Portable tables (sm80 and the ~100 KB shared-memory parts): smaller tiles, fewer stages.
 _GENERIC_FWD = {
     **{(d, c): _cfg(128, 64, 4, 3) for d in (16, 32, 64) for c in (False, True)},
