@@ -348,7 +348,9 @@ def plot_results(results: Sequence[Result], path: str, title: str = "",
     fig, axes = plt.subplots(nrows, ncols, figsize=(3.6 * ncols + 0.6, 2.9 * nrows + 0.9), squeeze=False)
     styles = {"tileattn": dict(color="tab:red", marker="o", linewidth=2.2, zorder=5),
               "sdpa_flash": dict(color="tab:blue", marker="s"), "sdpa_cudnn": dict(color="tab:green", marker="^"),
-              "sdpa_efficient": dict(color="tab:gray", marker="v"), "flex": dict(color="tab:purple", marker="D")}
+              "sdpa_efficient": dict(color="tab:gray", marker="v"), "flex": dict(color="tab:purple", marker="D"),
+              "tileattn_tma": dict(color="tab:orange", marker="x", linestyle="--"),
+              "tileattn_rounded": dict(color="tab:brown", marker="+", linestyle="--")}
     by = {}
     for r in results:
         by.setdefault((r.mode, r.head_dim, r.causal, r.provider), []).append(r)
