@@ -55,8 +55,32 @@ def _interpreting() -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _arch(device_index: int):
+def _device_arch(device_index: int):
     return torch.cuda.get_device_capability(device_index)
+
+
+def _arch_override():
+    """``TILEATTN_ARCH=8.0`` (major.minor): pick tiles, shared-memory limits and the TMA choice as for that
+    compute capability — for testing the portable (non-Hopper) tables on a Hopper card. Must not exceed the real
+    GPU's (a Hopper table on an sm80 card would not fit its shared memory)."""
+    value = os.environ.get("TILEATTN_ARCH")
+    if not value:
+        return None
+    try:
+        major, minor = (int(x) for x in value.split("."))
+    except ValueError:
+        raise ValueError(f"TILEATTN_ARCH must look like 8.0 (major.minor), got {value!r}") from None
+    return major, minor
+
+
+def _arch(device_index: int, override=None):
+    real = _device_arch(device_index)
+    if override is None:
+        return real
+    if tuple(override) > tuple(real):
+        raise ValueError(f"TILEATTN_ARCH={override[0]}.{override[1]} exceeds the GPU's compute capability "
+                         f"{real[0]}.{real[1]}")
+    return tuple(override)
 
 
 def _shared_memory_bytes(arch) -> int:
@@ -104,7 +128,7 @@ def use_tma(device: torch.device) -> bool:
         return False
     if _interpreting() or device.type != "cuda":
         return True
-    return _arch(_device_index(device))[0] >= 9
+    return _arch(_device_index(device), _arch_override())[0] >= 9
 
 
 def rounded_delta() -> bool:
@@ -188,12 +212,13 @@ def forward_config(device: torch.device, dtype: torch.dtype, head_dim: int, caus
         return KernelConfig(*over)
     if _interpreting() or device.type != "cuda":
         return _INTERP_FWD
-    return _forward_config(_device_index(device), dtype, padded_head_dim(head_dim), bool(causal))
+    return _forward_config(_device_index(device), dtype, padded_head_dim(head_dim), bool(causal), _arch_override())
 
 
 @functools.lru_cache(maxsize=None)
-def _forward_config(device_index: int, dtype: torch.dtype, block_d: int, causal: bool) -> KernelConfig:
-    arch = _arch(device_index)
+def _forward_config(device_index: int, dtype: torch.dtype, block_d: int, causal: bool,
+                    arch_override=None) -> KernelConfig:
+    arch = _arch(device_index, arch_override)
     elem = 4 if dtype == torch.float32 else 2
     cfg = _table_fwd(arch[0], block_d, causal) if elem == 2 else _FP32_FWD[(block_d, causal)]
     return _fit(cfg, block_d, elem, arch, "m")
@@ -205,12 +230,14 @@ def backward_config(device: torch.device, dtype: torch.dtype, head_dim: int, cau
         return BackwardConfig(KernelConfig(*over[0:4]), KernelConfig(*over[4:8]))
     if _interpreting() or device.type != "cuda":
         return _INTERP_BWD
-    return _backward_config(_device_index(device), dtype, padded_head_dim(head_dim), bool(causal))
+    return _backward_config(_device_index(device), dtype, padded_head_dim(head_dim), bool(causal),
+                            _arch_override())
 
 
 @functools.lru_cache(maxsize=None)
-def _backward_config(device_index: int, dtype: torch.dtype, block_d: int, causal: bool) -> BackwardConfig:
-    arch = _arch(device_index)
+def _backward_config(device_index: int, dtype: torch.dtype, block_d: int, causal: bool,
+                     arch_override=None) -> BackwardConfig:
+    arch = _arch(device_index, arch_override)
     elem = 4 if dtype == torch.float32 else 2
     cfg = _table_bwd(arch[0], block_d, causal) if elem == 2 else _FP32_BWD[(block_d, causal)]
     return BackwardConfig(_fit(cfg.dkdv, block_d, elem, arch, "n"), _fit(cfg.dq, block_d, elem, arch, "mm"),
