@@ -250,3 +250,45 @@ def test_many_splits_combine(monkeypatch, sink):
     monkeypatch.setenv("TILEATTN_DECODE_CONFIG", "16,4,1,2")
     dtype = DTYPES[0]
     run_case(dtype, B=2, Hq=2, Hkv=1, cap=608, lens=[600, 0], splits=40, sink=sink)
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged16"])
+def test_cuda_graph_capture(paged):
+    """A decode step with an in-place append, captured in a CUDA graph (host reads are skipped while capturing)
+    and replayed after q, k, v and the cache lengths changed in place, matches an eager step on copies of the
+    caches: the replay sees the new lengths and writes the new tokens where the eager step does."""
+    dtype, B, Hq, Hkv, d, cap, page = torch.bfloat16, 2, 8, 2, 64, 256, 16
+    gen = make_gen(seed_for("decode-graph", paged))
+    if paged:
+        nblocks = B * cap // page
+        kc, vc = _randn(gen, nblocks, page, Hkv, d, dtype=dtype), _randn(gen, nblocks, page, Hkv, d, dtype=dtype)
+        bt = torch.randperm(nblocks, generator=gen).view(B, cap // page).to(DEVICE, torch.int32)
+    else:
+        kc, vc, bt = _randn(gen, B, cap, Hkv, d, dtype=dtype), _randn(gen, B, cap, Hkv, d, dtype=dtype), None
+    q, k, v = (_randn(gen, B, 1, h, d, dtype=dtype) for h in (Hq, Hkv, Hkv))
+    # Row 0 is full after the append, so the eager warm-up sizes its splits for the whole capacity, as a captured
+    # call does: the capture reuses the warm-up's compiled kernels.
+    lens = torch.tensor([cap - 1, 7], dtype=torch.int32, device=DEVICE)
+
+    def step(k_cache, v_cache):
+        return tileattn.flash_attn_with_kvcache(q, k_cache, v_cache, k, v, cache_seqlens=lens, block_table=bt,
+                                                causal=True)
+
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        step(kc, vc)
+    torch.cuda.current_stream().wait_stream(side)
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = step(kc, vc)
+    lens.copy_(torch.tensor([100, 3], dtype=torch.int32))
+    for t in (q, k, v):
+        t.copy_(_randn(gen, *t.shape, dtype=dtype))
+    kc_ref, vc_ref = kc.clone(), vc.clone()
+    graph.replay()
+    ref = step(kc_ref, vc_ref)
+    torch.cuda.synchronize()
+    assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), "the replay appended somewhere else"
+    torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)

@@ -76,6 +76,10 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if k_cache.stride(-1) != 1 or v_cache.stride(-1) != 1:
         raise ValueError("k_cache and v_cache must have a contiguous last dimension")
     q = q if q.stride(-1) == 1 else q.contiguous()
+    # Host reads validate the index tensors and size the splits. They are skipped inside torch.compile graphs and
+    # during CUDA-graph capture (where a device-to-host copy is not allowed): the splits are then sized for the
+    # full capacity, and index values are not checked.
+    host_reads = not (torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()))
     paged = block_table is not None
     if paged:
         _check_int32("block_table", block_table, device=q.device)
@@ -86,7 +90,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             raise ValueError(f"page size (k_cache.shape[1]) must be a power of two, got {page_size}")
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx cannot be combined with block_table")
-        if block_table.numel() and not torch.compiler.is_compiling():
+        if block_table.numel() and host_reads:
             lo, hi = host_summary(block_table, "range")
             if lo < 0 or hi >= k_cache.shape[0]:
                 raise ValueError(f"block_table entries must be in [0, {k_cache.shape[0]}), got [{lo}, {hi}]")
@@ -98,7 +102,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if cache_batch_idx is not None:
             _check_int32("cache_batch_idx", cache_batch_idx, (batch,), q.device)
             cache_batch_idx = cache_batch_idx.contiguous()
-            lo, hi = host_summary(cache_batch_idx, "range") if not torch.compiler.is_compiling() else (0, 0)
+            lo, hi = host_summary(cache_batch_idx, "range") if host_reads else (0, 0)
             if lo < 0 or hi >= k_cache.shape[0]:
                 raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]})")
         elif k_cache.shape[0] < batch:
@@ -121,7 +125,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                              f"{tuple(k.shape)} / {tuple(v.shape)}")
     lens = cache_seqlens.to(torch.int64)
     max_len = capacity
-    if not torch.compiler.is_compiling():
+    if host_reads:
         lo, hi = host_summary(cache_seqlens, "range")
         if lo < 0 or hi + new > capacity:
             raise ValueError(f"cache_seqlens (+ {new} new tokens) must be in [0, {capacity}] (the cache capacity), "
@@ -131,7 +135,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_leftpad is not None:  # each sequence's keys start at cache_leftpad[b] (flash-attn's left padding)
         _check_int32("cache_leftpad", cache_leftpad, (batch,), q.device)
         cache_leftpad = cache_leftpad.contiguous()
-        if not torch.compiler.is_compiling():
+        if host_reads:
             lp_lo, _ = host_summary(cache_leftpad, "range")
             if lp_lo < 0 or bool((cache_leftpad > cache_seqlens).any()):
                 raise ValueError("cache_leftpad entries must be in [0, cache_seqlens[b]] (the index where each "
@@ -150,7 +154,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         if rot_dim > dqk:
             raise ValueError(f"rotary dim ({rot_dim}) must be <= head dim ({dqk})")
         q_per_token = causal or window != (-1, -1)  # else every query token sits at position cache_seqlens
-        if not torch.compiler.is_compiling():
+        if host_reads:
             longest = max_len - new  # cache length before the append
             need = max(longest + (seqlen_q - 1 if q_per_token else 0), longest + new - 1)
             if need >= rotary_cos.shape[0]:
