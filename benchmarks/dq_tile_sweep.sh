@@ -1,12 +1,21 @@
 #!/usr/bin/env bash
-# Backward-only timings of candidate dQ tiles (TILEATTN_BWD_CONFIG = dkdv tile, then dq tile), SDPA-flash as the
-# anchor in the first invocation. Usage: OUT=dir bash benchmarks/dq_tile_sweep.sh
+# Backward-only timings of candidate tiles (TILEATTN_BWD_CONFIG = dkdv tile, then dq tile), SDPA-flash as the
+# anchor in the first invocation of each set. Usage: OUT=dir bash benchmarks/dq_tile_sweep.sh [run10|next]
+#   run10: the set timed in session 3 (results/dq_tiles_h200_run10_*); next: D=128 causal dK/dV candidates
+#   (ptxas, sm_90a, with the delta correction: 64x128x8x3 spills 132 B causal, 64x64x8x3 0 B, 32x128x8x3 48 B).
 set -u
 OUT="${OUT:-gpu_logs}"
 run() {  # head_dim providers dkdv dq tag
   TILEATTN_BWD_CONFIG="$3,$4" python3 -m tileattn.bench --head-dims "$1" --seqlens 1k,4k,16k --modes bwd \
     --providers "$2" --out-dir "$OUT" --prefix "dq_$5" --no-plot --warmup 50 --rep 30 2>&1 | grep -A12 "== bwd" | grep -v "^$"
 }
+if [ "${1:-run10}" = next ]; then
+  run 128 tileattn,sdpa_flash 64,128,8,3 128,64,8,3 d128_table
+  run 128 tileattn 64,64,8,3 128,64,8,3 d128_dkdv64x64
+  run 128 tileattn 32,128,8,3 128,64,8,3 d128_dkdv32x128
+  run 128 tileattn 64,64,8,3 64,64,8,3 d128_dkdv64x64_dq64x64
+  exit 0
+fi
 run 128 tileattn,sdpa_flash 64,128,8,3 128,64,8,3 d128_128x64s3
 run 128 tileattn 64,128,8,3 128,64,8,2 d128_128x64s2
 run 128 tileattn 64,128,8,3 64,64,4,3 d128_64x64w4

@@ -21,7 +21,7 @@ for stage in "$@"; do
     features) python3 -m tileattn.bench_features --out-dir "$OUT" 2>&1 | tee "$OUT/features.log" || status=1 ;;
     decode) python3 -m tileattn.bench_decode --out-dir "$OUT" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log" || status=1 ;;
     precision) python3 benchmarks/delta_precision.py 2>&1 | tee "$OUT/delta_precision.log" || status=1 ;;
-    dqtiles) OUT="$OUT" bash benchmarks/dq_tile_sweep.sh 2>&1 | tee "$OUT/dq_tiles.log" || status=1 ;;
+    dqtiles) OUT="$OUT" bash benchmarks/dq_tile_sweep.sh "${TILES_SET:-next}" 2>&1 | tee "$OUT/dq_tiles.log" || status=1 ;;
     tune) python3 benchmarks/tune.py --head-dims "${TUNE_DIMS:-256}" --out "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" || status=1 ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
