@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests portable features decode precision dqtiles tune bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest portable features decode precision dqtiles tune bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -17,6 +17,9 @@ for stage in "$@"; do
           python3 -c 'import torch, triton; print(torch.__version__, triton.__version__, torch.cuda.get_device_name())' ;;
     smoke) python3 benchmarks/smoke.py 2>&1 | tee "$OUT/smoke.log" || status=1 ;;
     tests) python3 -m pytest tests -q -n 14 -p no:cacheprovider -rf -v -p no:benchmark --durations=15 2>&1 | tee "$OUT/tests.log" | tail -40 || status=1 ;;
+    # the suite in two halves (each ~4 min on an H200), so that each fits a call beside other stages
+    tests-sweep) python3 -m pytest tests/test_sweep.py -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 | tee "$OUT/tests_sweep.log" | tail -15 || status=1 ;;
+    tests-rest) python3 -m pytest tests -q -n 14 -p no:cacheprovider -rf -p no:benchmark --ignore=tests/test_sweep.py --durations=10 2>&1 | tee "$OUT/tests_rest.log" | tail -30 || status=1 ;;
     portable) python3 -m pytest tests/test_portable.py -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 | tee "$OUT/portable.log" | tail -5 || status=1 ;;
     features) python3 -m tileattn.bench_features --out-dir "$OUT" 2>&1 | tee "$OUT/features.log" || status=1 ;;
     decode) python3 -m tileattn.bench_decode --out-dir "$OUT" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log" || status=1 ;;
