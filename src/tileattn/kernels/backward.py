@@ -1,7 +1,8 @@
 """Backward kernels (FlashAttention-2 style, deterministic, no atomics).
 
-1. ``_bwd_preprocess``: delta = rowsum(dO * O) - dlse (fp32, lse's layout); with a sink also each row's share
-   of d(sink) = -exp(sink - lse) * delta, summed per head by the launcher in a fixed order.
+1. ``_bwd_preprocess``: delta = rowsum(dO * O) - dlse (fp32, lse's layout). Each row's share of
+   d(sink) = -exp(sink - lse) * delta (summed per head by the launcher in a fixed order) comes from the corrected
+   delta after step 2 (fp16/bf16), or from this kernel (fp32, or TILEATTN_ROUNDED_DELTA=1).
 2. ``_bwd_dq_kernel``: one program per (query tile, batch * q_head); key tiles are streamed. For fp16/bf16 it also
    corrects delta for the rounding of O (exact sum_j P dP) and writes it back for step 3.
 3. ``_bwd_dkdv_kernel``: one program per (key tile, batch * kv_head). K and V stay in registers; the query tiles
@@ -267,21 +268,21 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIBI, RNG,
     lo, full_lo, full_hi, hi = kv_tile_range(start_m, seqlen_k, diag, win_left, win_right, BLOCK_M, BLOCK_N,
                                              HAS_LEFT, HAS_RIGHT)
     if HAS_LEFT:
-        dq, pk, dsum = _dq_tiles(dq, pk, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
-                       offs_dv, lo, full_lo, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
-                       seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v, EVEN_DQK,
-                       EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                       True, FP32, CORRECT)
-    dq, pk, dsum = _dq_tiles(dq, pk, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
-                   offs_dv, full_lo, full_hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
-                   seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v, EVEN_DQK,
-                   EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                   False, FP32, CORRECT)
-    dq, pk, dsum = _dq_tiles(dq, pk, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
-                   offs_dv, full_hi, hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
-                   seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v, EVEN_DQK,
-                   EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT,
-                   True, FP32, CORRECT)
+        dq, pk, dsum = _dq_tiles(dq, pk, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows,
+                                 offs_n, offs_dqk, offs_dv, lo, full_lo, seqlen_k, diag, win_left, win_right,
+                                 qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p,
+                                 dqk, dim_v, EVEN_DQK, EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                 HAS_ALIBI, HAS_DROPOUT, True, FP32, CORRECT)
+    dq, pk, dsum = _dq_tiles(dq, pk, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows,
+                             offs_n, offs_dqk, offs_dv, full_lo, full_hi, seqlen_k, diag, win_left, win_right,
+                             qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p,
+                             dqk, dim_v, EVEN_DQK, EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                             HAS_ALIBI, HAS_DROPOUT, False, FP32, CORRECT)
+    dq, pk, dsum = _dq_tiles(dq, pk, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows,
+                             offs_n, offs_dqk, offs_dv, full_hi, hi, seqlen_k, diag, win_left, win_right,
+                             qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p,
+                             dqk, dim_v, EVEN_DQK, EVEN_DV, BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                             HAS_ALIBI, HAS_DROPOUT, True, FP32, CORRECT)
     if CORRECT:
         if HAS_DLSE:
             dsum -= tl.load(DLSE + row0 + rows, mask=rows < seqlen_q, other=0.0)
