@@ -83,6 +83,7 @@ FEATURES = {
     "window": {"HAS_LEFT": True, "HAS_RIGHT": True},
     "softcap+alibi": {"HAS_SOFTCAP": True, "HAS_ALIBI": True},
     "sink+dropout+varlen": {"HAS_SINK": True, "HAS_DROPOUT": True, "IS_VARLEN": True},
+    "paged varlen": {"IS_VARLEN": True, "PAGED": True},  # forward only (flash_attn_varlen_func's block_table)
 }
 
 
@@ -96,7 +97,7 @@ def typical_ints(block_d: int, seqlen: int = 4096, heads: int = 16):
         ints.update({f"stride_{t}b": seq, f"stride_{t}s": row, f"stride_{t}h": block_d})
     ints.update(stride_lb=heads * seqlen, stride_lh=seqlen, stride_ab=0, q_heads=heads, kv_heads=heads, group=1,
                 max_seqlen_q=seqlen, max_seqlen_k=seqlen, num_m_tiles=seqlen // 64, num_n_tiles=seqlen // 64,
-                win_left=-1, win_right=-1, dqk=block_d, dv=block_d, dim_v=block_d)
+                win_left=-1, win_right=-1, dqk=block_d, dv=block_d, dim_v=block_d, stride_bt=0, page_size=1)
     return ints
 
 
@@ -108,7 +109,7 @@ def regression_cases(arch):
     consts = {"BLOCK_DQK": 32, "BLOCK_DV": 32, "EVEN_DQK": True, "EVEN_DV": True, "BLOCK_M": cfg.block_m,
               "BLOCK_N": cfg.block_n, "HAS_LEFT": False, "HAS_RIGHT": True, "HAS_SOFTCAP": False, "HAS_ALIBI": False,
               "HAS_SINK": False, "HAS_DROPOUT": False, "IS_VARLEN": False, "FP32": False, "USE_TMA": False,
-              "CORRECT": True, "HAS_DLSE": False}
+              "CORRECT": True, "HAS_DLSE": False, "PAGED": False}
     for dtype in ("fp16", "bf16"):
         for fn in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel):
             # the failing test's launch: q (2, 17, 2, 32), k/v (2, 1, 1, 32), contiguous
@@ -177,7 +178,7 @@ def main():
                 base = {"BLOCK_DQK": block_d, "BLOCK_DV": block_d, "HAS_LEFT": False, "HAS_RIGHT": causal,
                         "HAS_SOFTCAP": False, "HAS_ALIBI": False, "HAS_SINK": False, "HAS_DROPOUT": False,
                         "IS_VARLEN": False, "FP32": False, "HAS_DLSE": False, "EVEN_DQK": True, "EVEN_DV": True,
-                        "USE_TMA": False, "CORRECT": True, **f}
+                        "USE_TMA": False, "CORRECT": True, "PAGED": False, **f}
                 rows = [("fwd", _fwd_kernel, fc), ("dkdv", _bwd_dkdv_kernel, bc.dkdv), ("dq", _bwd_dq_kernel, bc.dq),
                         ("pre", _bwd_preprocess, configs.KernelConfig(bc.pre_block_m, 0, 4, 1))]
                 if arch >= 90:  # the opt-in TMA forward (TILEATTN_TMA=1)
@@ -187,7 +188,10 @@ def main():
                     consts = {**base, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "USE_TMA": name == "fwd+tma",
                               "CORRECT": name != "dq rounded"}
                     try:
-                        rep, smem = compile_one(fn, "bf16", consts, cfg, arch, typical_ints(block_d))
+                        ints = typical_ints(block_d)
+                        if consts.get("PAGED"):  # a paged launch: 16-key pages, 64 pages per sequence
+                            ints.update(page_size=16, stride_bt=64)
+                        rep, smem = compile_one(fn, "bf16", consts, cfg, arch, ints)
                         flag = "" if rep.endswith(" 0") else "  SPILLS"
                         print(f"sm{arch} D{block_d:<3} causal={causal!s:5} {fname:20} {name:4} "
                               f"{(cfg.block_m, cfg.block_n, cfg.num_warps, cfg.num_stages)}: {rep} smem {smem}{flag}",

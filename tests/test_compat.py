@@ -483,8 +483,10 @@ def _bad_private_calls():
         "causal-int": (lambda: fwd(q, k, v, 0.0, None, 1, -1, -1, 0.0, None, False), TypeError),
         "window-below-minus-one": (lambda: fwd(q, k, v, 0.0, None, False, -2, -1, 0.0, None, False), ValueError),
         "dropout-one": (lambda: fwd(q, k, v, 1.0, None, False, -1, -1, 0.0, None, False), ValueError),
-        "varlen-block-table": (lambda: fai._flash_attn_varlen_forward(
-            q[0], k[0], v[0], cu, cu, 4, 4, 0.0, None, False, block_table=cu), NotImplementedError),
+        "varlen-block-table-not-paged": (lambda: fai._flash_attn_varlen_forward(
+            q[0], k[0], v[0], cu, cu, 4, 4, 0.0, None, False, block_table=cu), ValueError),
+        "varlen-block-table-dropout": (lambda: fai._flash_attn_varlen_forward(
+            q[0], k, v, cu, cu, 4, 4, 0.1, None, False, block_table=cu[None, :1]), NotImplementedError),
         "varlen-max-seqlen-too-small": (lambda: fai._flash_attn_varlen_forward(
             q[0], k[0], v[0], cu, cu, 3, 4, 0.0, None, False), ValueError),
         "varlen-cu-int64": (lambda: fai._flash_attn_varlen_forward(
@@ -497,7 +499,8 @@ def _bad_private_calls():
 
 
 @pytest.mark.parametrize("case", ["q-3d", "causal-int", "window-below-minus-one", "dropout-one",
-                                  "varlen-block-table", "varlen-max-seqlen-too-small", "varlen-cu-int64",
+                                  "varlen-block-table-not-paged", "varlen-block-table-dropout",
+                                  "varlen-max-seqlen-too-small", "varlen-cu-int64",
                                   "bwd-lse-shape", "bwd-lse-dtype", "bwd-dq-shape", "bwd-dout-shape"])
 def test_private_bad_inputs(case):
     call, exc = _bad_private_calls()[case]
@@ -670,3 +673,21 @@ def _module_tables(rope, seqlen):
     inv_freq = 1.0 / 10000.0 ** (torch.arange(0, rope.dim, 2, dtype=torch.float64) / rope.dim)
     angles = torch.outer(torch.arange(seqlen, dtype=torch.float64), inv_freq).to(DEVICE)
     return angles.cos().float(), angles.sin().float()
+
+
+def test_private_varlen_forward_paged():
+    """_flash_attn_varlen_forward with block_table (paged K/V, forward only) returns the public paged call's
+    out and lse, an empty S_dmask and a zero rng_state."""
+    from tileattn.compat.flash_attn import flash_attn_interface as fai
+
+    gen = make_gen(62)
+    q, kc, vc = _t((5, 2, 16), gen), _t((3, 4, 2, 16), gen), _t((3, 4, 2, 16), gen)  # 3 pages of 4 keys
+    cu_q = torch.tensor([0, 2, 5], dtype=torch.int32, device=DEVICE)
+    cu_k = torch.tensor([0, 6, 9], dtype=torch.int32, device=DEVICE)
+    table = torch.tensor([[2, 0], [1, 2]], dtype=torch.int32, device=DEVICE)
+    out, lse, s_dmask, rng = fai._flash_attn_varlen_forward(q, kc, vc, cu_q, cu_k, 3, 6, 0.0, None, True,
+                                                            block_table=table)
+    ref_out, ref_lse, _ = tileattn.flash_attn_varlen_func(q, kc, vc, cu_q, cu_k, 3, 6, causal=True,
+                                                          return_attn_probs=True, block_table=table)
+    assert torch.equal(out, ref_out) and torch.equal(lse, ref_lse)
+    assert s_dmask.numel() == 0 and s_dmask.dtype == q.dtype and torch.equal(rng.cpu(), torch.zeros(2).long())

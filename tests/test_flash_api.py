@@ -62,10 +62,11 @@ def test_signature(name):
     assert [p.name for p in kwonly] == ["sink"] and kwonly[0].default is None
 
 
-def test_varlen_block_table_not_implemented():
+def test_varlen_block_table_needs_paged_cache():
+    """block_table is supported (tests/test_varlen.py::test_paged_kv); packed (total, H, D) k/v with it are refused."""
     q = torch.zeros(5, 2, 16, dtype=torch.float16, device=DEVICE)
     cu = seqlens_to_cu([5])
-    with pytest.raises(NotImplementedError, match="block_table"):
+    with pytest.raises(ValueError, match="paged cache"):
         tileattn.flash_attn_varlen_func(q, q, q, cu, cu, 5, 5, block_table=torch.zeros(1, 1, dtype=torch.int32,
                                                                                         device=DEVICE))
 

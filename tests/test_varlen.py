@@ -335,3 +335,77 @@ def test_no_keys_with_sink_and_rows_outside_sequences():
     assert torch.equal(o[6:], torch.zeros_like(o[6:])) and torch.isinf(lse[:, 6:]).all()
     (o[:6].sum() + lse[:, :6].sum()).backward()
     assert torch.allclose(sink.grad, torch.full((2,), 6.0, device=DEVICE))
+
+
+# Paged K/V (flash_attn_varlen_func's block_table; forward only). The paged kernel differs from the packed one
+# only in where it reads K/V rows, so with the same tiles its results must be bit-identical to the packed call
+# (which the tests above hold to the rule against the float64 reference).
+PAGE_SIZES = [16, 64, 256] if LARGE else [1, 16, 64]
+
+
+def _paged_copy(k, v, lens_k, page, gen, extra_pages=2):
+    """Scatter packed (total_k, Hkv, D) k/v into shuffled pages; returns the caches and the block table."""
+    pages_per_seq = [max(1, -(-n // page)) + extra_pages for n in lens_k]
+    max_pages = max(pages_per_seq)
+    num_blocks = sum(pages_per_seq) + 3
+    order = torch.randperm(num_blocks, generator=gen).tolist()
+    kc = rand((num_blocks, page) + tuple(k.shape[1:]), k.dtype, gen)  # garbage where no key is written
+    vc = rand((num_blocks, page) + tuple(v.shape[1:]), v.dtype, gen)
+    table = torch.zeros(len(lens_k), max_pages, dtype=torch.int32)
+    start, used = 0, 0
+    for b, n in enumerate(lens_k):
+        blocks = order[used:used + pages_per_seq[b]]
+        used += pages_per_seq[b]
+        table[b, :len(blocks)] = torch.tensor(blocks, dtype=torch.int32)
+        for j in range(n):
+            kc[blocks[j // page], j % page] = k[start + j]
+            vc[blocks[j // page], j % page] = v[start + j]
+        start += n
+    return kc, vc, table.to(k.device)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("page", PAGE_SIZES)
+@pytest.mark.parametrize("case", ["plain", "causal-gqa", "all"])
+def test_paged_kv(case, page, dtype):
+    lens_q, lens_k = LENS_QK
+    hkv = HQ if case == "plain" else HQ // 2
+    seed = seed_for("varlen-paged", case, page, str(dtype))
+    q, k, v, _, _, gen = _varlen_inputs(lens_q, lens_k, hkv, dtype, seed, grad=False)
+    feat = {}
+    if case != "plain":
+        feat["causal"] = True
+    if case == "all":
+        feat.update(window_size=(37, 0), softcap=8.0, alibi_slopes=uniform((HQ,), gen, 0.1, 1.0),
+                    sink=rand((HQ,), torch.float32, gen))
+    kc, vc, table = _paged_copy(k, v, lens_k, page, gen)
+    cu_q, cu_k = seqlens_to_cu(lens_q), seqlens_to_cu(lens_k)
+    args = (cu_q, cu_k, max(lens_q), max(lens_k))
+    out, lse, _ = tileattn.flash_attn_varlen_func(q, k, v, *args, return_attn_probs=True, **feat)
+    out_p, lse_p, _ = tileattn.flash_attn_varlen_func(q, kc, vc, *args, return_attn_probs=True, block_table=table,
+                                                      **feat)
+    assert out_p.shape == out.shape and lse_p.shape == lse.shape
+    assert torch.equal(out_p, out), (out_p.float() - out.float()).abs().max().item()
+    assert torch.equal(lse_p, lse)
+
+
+def test_paged_kv_bad_input():
+    lens_q, lens_k = [3, 5], [7, 4]
+    q, k, v, _, _, gen = _varlen_inputs(lens_q, lens_k, HQ, torch.float16, seed_for("varlen-paged-bad"), grad=False)
+    kc, vc, table = _paged_copy(k, v, lens_k, 4, gen, extra_pages=0)
+    args = (seqlens_to_cu(lens_q), seqlens_to_cu(lens_k), 5, 7)
+    call = tileattn.flash_attn_varlen_func
+    with pytest.raises(TypeError, match="block_table"):
+        call(q, kc, vc, *args, block_table=table.long())
+    with pytest.raises(ValueError, match=r"block_table entries must be in \[0, "):
+        call(q, kc, vc, *args, block_table=table + kc.shape[0])
+    with pytest.raises(ValueError, match="block_table has 1 rows"):
+        call(q, kc, vc, *args, block_table=table[:1])
+    with pytest.raises(ValueError, match="exceeds the 8 keys"):
+        call(q, kc, vc, args[0], args[1], 5, 9, block_table=table)
+    with pytest.raises(ValueError, match="power-of-two page size"):
+        call(q, kc[:, :3], vc[:, :3], *args, block_table=table)
+    with pytest.raises(ValueError, match="paged cache"):
+        call(q, k, v, *args, block_table=table)
+    with pytest.raises(ValueError, match="no backward"):
+        call(q.detach().requires_grad_(), kc, vc, *args, block_table=table)

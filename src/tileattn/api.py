@@ -196,15 +196,17 @@ def unpack_qkv(a, b, c, pack: int):
     return a, b, c
 
 
-def check_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k):
+def check_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k, k_rows=None):
     """Validate a varlen call's sequence description against q/k (total, heads, dim).
 
-    Returns (cu_q, cu_k, batch, max_q, max_k) with max_seqlen_* as ints (ints or 0-d tensors accepted).
+    ``k_rows``: the number of packed key rows cu_seqlens_k may address (default k.shape[0]; a paged cache passes
+    batch x capacity). Returns (cu_q, cu_k, batch, max_q, max_k) with max_seqlen_* as ints (ints or 0-d tensors
+    accepted).
     """
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("varlen calls need both cu_seqlens_q and cu_seqlens_k")
     cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
-    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0])
+    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0] if k_rows is None else k_rows)
     if cu_q.shape[0] != cu_k.shape[0]:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
                          f"got {cu_q.shape[0]} and {cu_k.shape[0]}")

@@ -21,13 +21,16 @@ from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, l
 def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk, offs_dv,
                lo, hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
                seed, rng_offset, row_base, max_seqlen_k, dropout_p,
-               dqk, dv, K_DESC, V_DESC, desc_b, desc_row0, hk,
+               dqk, dv, K_DESC, V_DESC, desc_b, desc_row0, hk, BT_ROW, page_size, stride_kp, stride_vp,
                EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr,
-               USE_TMA: tl.constexpr):
+               USE_TMA: tl.constexpr, PAGED: tl.constexpr):
     """Online-softmax update of (acc, m_i, l_i) over key tiles [lo, hi). Scores in log2 units.
+
+    PAGED: k_ptrs / v_ptrs point at the head's first element ([1, BLOCK_D]); key position j lives in page
+    BT_ROW[j // page_size] (page strides stride_kp / stride_vp), slot j % page_size (strides stride_ks / stride_vs).
 
     USE_TMA: K/V tiles come through host-built 4-D tensor descriptors (B, S, Hkv, D) with block
     (1, BLOCK_N, 1, BLOCK_D) (TMA on Hopper; rows past the tensor and columns past the head dim read as zero)
@@ -37,6 +40,11 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
         cols = start_n + offs_n
         if USE_TMA:
             k = K_DESC.load([desc_b, desc_row0 + start_n, hk, 0]).reshape([BLOCK_N, BLOCK_DQK])
+        elif PAGED:
+            page = tl.load(BT_ROW + cols // page_size, mask=cols < seqlen_k, other=0).to(tl.int64)
+            slot = cols % page_size
+            k = load_tile(k_ptrs + (page * stride_kp + slot * stride_ks)[:, None], cols, seqlen_k, offs_dqk, dqk,
+                          MASKED, EVEN_DQK)
         else:
             k = load_tile(k_ptrs + start_n * stride_ks, cols, seqlen_k, offs_dqk, dqk, MASKED, EVEN_DQK)
         s = mma(q, tl.trans(k), None, FP32)
@@ -68,6 +76,9 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
             v = V_DESC.load([desc_b, desc_row0 + start_n, hk, 0]).reshape([BLOCK_N, BLOCK_DV])
             if MASKED:  # varlen: rows past this sequence belong to the next one (p = 0 there, but 0 * NaN = NaN)
                 v = tl.where((cols < seqlen_k)[:, None], v, 0.0)
+        elif PAGED:
+            v = load_tile(v_ptrs + (page * stride_vp + slot * stride_vs)[:, None], cols, seqlen_k, offs_dv, dv,
+                          MASKED, EVEN_DV)
         else:
             v = load_tile(v_ptrs + start_n * stride_vs, cols, seqlen_k, offs_dv, dv, MASKED, EVEN_DV)
         acc = mma(p.to(v.dtype), v, acc, FP32)
@@ -78,12 +89,12 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
 # Lengths and tile counts are not specialised on the value 1: with both seqlen_k == 1 and one query tile
 # constant-folded, ptxas (triton 3.6, sm_90a) crashes (SIGSEGV) on the causal fp16/bf16 forward.
 @triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k", "num_m_tiles"])
-def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_DESC,
+def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_DESC, BLOCK_TABLE,
                 stride_qb, stride_qs, stride_qh,
                 stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh,
                 stride_ob, stride_os, stride_oh,
-                stride_lb, stride_lh, stride_ab,
+                stride_lb, stride_lh, stride_ab, stride_bt, page_size,
                 q_heads, group, max_seqlen_q, max_seqlen_k, num_m_tiles,
                 qk_scale, softcap, win_left, win_right, dropout_p,
                 dqk, dv, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -91,7 +102,7 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_DESC,
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                IS_VARLEN: tl.constexpr, FP32: tl.constexpr, USE_TMA: tl.constexpr):
+                IS_VARLEN: tl.constexpr, FP32: tl.constexpr, USE_TMA: tl.constexpr, PAGED: tl.constexpr):
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     tile = pid % num_m_tiles
@@ -117,10 +128,15 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_DESC,
     row0 = (q_start + start_m).to(tl.int64)
     offs_m = tl.arange(0, BLOCK_M)
     q_ptrs = Q + b64 * stride_qb + h * stride_qh + row0 * stride_qs + offs_m[:, None] * stride_qs + offs_dqk[None, :]
-    k_ptrs = K + b64 * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh \
-        + offs_n[:, None] * stride_ks + offs_dqk[None, :]
-    v_ptrs = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh \
-        + offs_n[:, None] * stride_vs + offs_dv[None, :]
+    if PAGED:  # K/V: paged caches (num_blocks, page_size, Hkv, D); sequence b's pages in BLOCK_TABLE[b]
+        k_ptrs = K + hk * stride_kh + offs_dqk[None, :]
+        v_ptrs = V + hk * stride_vh + offs_dv[None, :]
+    else:
+        k_ptrs = K + b64 * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh \
+            + offs_n[:, None] * stride_ks + offs_dqk[None, :]
+        v_ptrs = V + b64 * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh \
+            + offs_n[:, None] * stride_vs + offs_dv[None, :]
+    bt_row = BLOCK_TABLE + b64 * stride_bt
 
     q = load_tile(q_ptrs, rows, seqlen_q, offs_dqk, dqk, True, EVEN_DQK)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
@@ -138,21 +154,21 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_DESC,
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                                    offs_dv, lo, full_lo, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
                                    slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dv,
-                                   K_DESC, V_DESC, desc_b, k_start, hk, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK,
-                                   BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32,
-                                   USE_TMA)
+                                   K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size, stride_kb, stride_vb,
+                                   EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                                   HAS_ALIBI, HAS_DROPOUT, True, FP32, USE_TMA, PAGED)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                                offs_dv, full_lo, full_hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
                                slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dv,
-                               K_DESC, V_DESC, desc_b, k_start, hk, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK,
-                               BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, FP32,
-                               USE_TMA)
+                               K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size, stride_kb, stride_vb,
+                               EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                               HAS_ALIBI, HAS_DROPOUT, False, FP32, USE_TMA, PAGED)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                                offs_dv, full_hi, hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
                                slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dv,
-                               K_DESC, V_DESC, desc_b, k_start, hk, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK,
-                               BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32,
-                               USE_TMA)
+                               K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size, stride_kb, stride_vb,
+                               EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
+                               HAS_ALIBI, HAS_DROPOUT, True, FP32, USE_TMA, PAGED)
     if HAS_SINK:  # the sink joins the denominator with no value
         sink = tl.load(SINK + h).to(tl.float32) * LOG2E
         m_new = tl.maximum(m_i, sink)
@@ -171,10 +187,12 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_DESC,
     store_tile(o_ptrs, acc.to(O.dtype.element_ty), rows, seqlen_q, offs_dv, dv, EVEN_DV)
 
 
-def attention_forward(q, k, v, p, cfg=None):
+def attention_forward(q, k, v, p, cfg=None, block_table=None):
     """Launch the forward kernel. ``p`` is a validated :class:`tileattn.kernels.params.AttnParams`.
 
     q: (B, Sq, Hq, Dqk) (varlen: (1, total_q, Hq, Dqk)); k: (B, Sk, Hkv, Dqk); v: (B, Sk, Hkv, Dv).
+    With ``block_table`` (B, max_pages) int32 (varlen only, forward only): k / v are paged caches
+    (num_blocks, page_size, Hkv, D); key j of sequence b is in page block_table[b, j // page_size].
     Returns (out (B, Sq, Hq, Dv), lse fp32: (B, Hq, Sq), or (Hq, total_q) for varlen).
     ``cfg`` overrides the tile table (tuning).
     """
@@ -196,25 +214,29 @@ def attention_forward(q, k, v, p, cfg=None):
     grid = (num_m_tiles * batch * q_heads,)
     dummy = lse
     block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dv)
-    descs = _kv_descriptors(k, v, cfg.block_n, block_dqk, block_dv) if configs.use_tma(q.device) else None
+    paged = block_table is not None
+    use_tma = configs.use_tma(q.device) and not paged
+    descs = _kv_descriptors(k, v, cfg.block_n, block_dqk, block_dv) if use_tma else None
+    kv_b = paged or not p.varlen  # K/V's leading stride: the page stride when paged, none for packed varlen
     _fwd_kernel[grid](
         q, k, v, out, lse,
         p.cu_seqlens_q if p.varlen else dummy, p.cu_seqlens_k if p.varlen else dummy,
         p.alibi_slopes if p.alibi_slopes is not None else dummy,
         p.sink if p.sink is not None else dummy, p.rng if p.dropout_p > 0 else dummy,
-        descs[0] if descs else k, descs[1] if descs else v,
+        descs[0] if descs else k, descs[1] if descs else v, block_table if paged else dummy,
         0 if p.varlen else q.stride(0), q.stride(1), q.stride(2),
-        0 if p.varlen else k.stride(0), k.stride(1), k.stride(2),
-        0 if p.varlen else v.stride(0), v.stride(1), v.stride(2),
+        k.stride(0) if kv_b else 0, k.stride(1), k.stride(2),
+        v.stride(0) if kv_b else 0, v.stride(1), v.stride(2),
         0 if p.varlen else out.stride(0), out.stride(1), out.stride(2),
-        stride_lb, stride_lh, p.alibi_stride_b,
+        stride_lb, stride_lh, p.alibi_stride_b, block_table.stride(0) if paged else 0,
+        k.shape[1] if paged else 1,
         q_heads, q_heads // kv_heads, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
         p.qk_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
         dqk, dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk, EVEN_DV=block_dv == dv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0,
         HAS_ALIBI=p.alibi_slopes is not None, HAS_SINK=p.sink is not None, HAS_DROPOUT=p.dropout_p > 0,
-        IS_VARLEN=p.varlen, FP32=q.dtype == torch.float32, USE_TMA=descs is not None,
+        IS_VARLEN=p.varlen, FP32=q.dtype == torch.float32, USE_TMA=descs is not None, PAGED=paged,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return out, lse

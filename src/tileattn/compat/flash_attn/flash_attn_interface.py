@@ -18,7 +18,8 @@ returns ``(out, softmax_lse, S_dmask, rng_state)``, and the backward writes dq, 
   (required when dropout_p > 0).
 * ``deterministic`` is ignored: the backward is always deterministic. ``softmax_scale=None`` means
   1/sqrt(head_dim). q/k head dim may differ from v's.
-* Not supported: ``block_table``, ``leftpad_k``, ``seqused_k`` (NotImplementedError).
+* ``block_table`` (paged K/V, forward only) in ``_flash_attn_varlen_forward``: without dropout.
+  Not supported: ``leftpad_k``, ``seqused_k`` (NotImplementedError).
 """
 
 from typing import Optional, Tuple
@@ -170,10 +171,20 @@ def _flash_attn_varlen_forward(
     out (total_q, Hq, Dv); softmax_lse fp32 (Hq, total_q). ``zero_tensors=True``: rows of q past
     ``cu_seqlens_q[-1]`` get out = 0 and lse = -inf (otherwise they are left unwritten, as in flash-attn).
     """
-    _unsupported(block_table=block_table, leftpad_k=leftpad_k, seqused_k=seqused_k)
-    out, lse, s_dmask, rng_state = _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
-                                            dropout_p, softmax_scale, causal, window_size_left, window_size_right,
-                                            softcap, alibi_slopes, return_softmax)
+    _unsupported(leftpad_k=leftpad_k, seqused_k=seqused_k)
+    if block_table is not None:  # paged K/V: k, v are (num_blocks, page_size, Hkv, D) caches; forward only
+        if dropout_p:
+            raise NotImplementedError("block_table with dropout_p > 0 is not supported by tileattn's shim")
+        with torch.no_grad():
+            out, lse, _ = flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                 0.0, softmax_scale, causal, (window_size_left, window_size_right),
+                                                 softcap, alibi_slopes, False, True, block_table)
+        s_dmask = torch.empty(0, dtype=q.dtype, device=q.device)
+        rng_state = torch.zeros(2, dtype=torch.int64, device=q.device)
+    else:
+        out, lse, s_dmask, rng_state = _forward(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k,
+                                                dropout_p, softmax_scale, causal, window_size_left,
+                                                window_size_right, softcap, alibi_slopes, return_softmax)
     if zero_tensors:
         outside = torch.arange(out.shape[0], device=out.device) >= cu_seqlens_q[-1]
         out.masked_fill_(outside[:, None, None], 0)
