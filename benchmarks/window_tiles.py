@@ -1,44 +1,82 @@
-"""Tile counts for a sliding window (512, 512): tiles per program, masked share, visited / useful pairs, for
-the forward (64x64), dQ (128x64) and dK/dV (64x128) tiles of the sm90 D=128 tables. A Python copy of the kernels'
-kv_tile_range / q_tile_range (kernels/common.py) so it runs anywhere. Usage: python benchmarks/window_tiles.py"""
-def cdiv(a,b): return -(-a//b)
-def kv_range(start_m, Sk, diag, L, R, BM, BN):
-    hi=Sk; lo=0; flo=0; fhi=Sk//BN*BN
-    if R>=0:
-        hi=max(min(hi,start_m+BM+diag+R),0); fhi=min(fhi, max(start_m+diag+R+1,0)//BN*BN)
-    if L>=0:
-        lo=max(start_m+diag-L,0)//BN*BN; flo=cdiv(max(start_m+BM-1+diag-L,0),BN)*BN
-    ht=cdiv(hi,BN)*BN; flo=min(flo,ht); fhi=min(max(fhi,flo),ht)
-    return lo,flo,fhi,hi
-def q_range(start_n, Sq, diag, L, R, BM, BN):
-    lo=0; hi=Sq; flo=0; fhi=cdiv(Sq,BM)*BM
-    if R>=0:
-        lo=max(start_n-diag-R,0)//BM*BM; flo=cdiv(max(start_n+BN-1-diag-R,0),BM)*BM
-    if L>=0:
-        hi=min(max(start_n+BN-diag+L,0),Sq); fhi=min(fhi,max(start_n-diag+L+1,0)//BM*BM)
-    ht=cdiv(hi,BM)*BM; flo=min(flo,ht); fhi=min(max(fhi,flo),ht)
-    return lo,flo,fhi,hi
-def useful(S,L,R):
-    n=0
-    for i in range(S):
-        a=0 if L<0 else max(0,i-L); b=S-1 if R<0 else min(S-1,i+R); n+=max(0,b-a+1)
-    return n
-def stats(S,L,R,BM,BN,kind):
-    full=masked=0; progs=0; loops=0
-    if kind=="q":  # fwd / dq: per query tile
-        for m in range(0,S,BM):
-            lo,flo,fhi,hi=kv_range(m,S,0,L,R,BM,BN)
-            a=(flo-lo)//BN if L>=0 else 0; f=max(0,(fhi-flo)//BN); c=max(0,cdiv(hi-fhi,BN)) if hi>fhi else 0
-            masked+=a+c; full+=f; progs+=1; loops+= (a>0)+(f>0)+(c>0)
-    else:
-        for n in range(0,S,BN):
-            lo,flo,fhi,hi=q_range(n,S,0,L,R,BM,BN)
-            a=(flo-lo)//BM if R>=0 else 0; f=max(0,(fhi-flo)//BM); c=max(0,cdiv(hi-fhi,BM)) if hi>fhi else 0
-            masked+=a+c; full+=f; progs+=1; loops+=(a>0)+(f>0)+(c>0)
-    return full, masked, progs
-for S in (2048,4096,8192):
-    u=useful(S,512,512); ud=S*S
-    for name,BM,BN,kind in (("fwd 64x64",64,64,"q"),("dq 128x64",128,64,"q"),("dkdv 64x128",64,128,"k")):
-        f,m,p=stats(S,512,512,BM,BN,kind)
-        vis=(f+m)*BM*BN
-        print(f"S={S} {name}: tiles/prog {(f+m)/p:.1f} (masked {m/p:.1f}), visited/useful {vis/u:.2f}, masked share {m/(f+m):.2f}")
+"""Tile counts for a sliding window: tiles per program, masked share, visited / useful query-key pairs.
+
+For the forward (64x64), dQ (128x64) and dK/dV (64x128) tiles of the sm90 D=128 tables. The tile bounds are a
+Python copy of ``kv_tile_range`` / ``q_tile_range`` (src/tileattn/kernels/common.py, Sq == Sk so diag = 0), so
+this runs anywhere. Usage: python benchmarks/window_tiles.py [left right]   (default 512 512)
+"""
+
+import sys
+
+
+def cdiv(a, b):
+    return -(-a // b)
+
+
+def kv_tile_range(start_m, seqlen_k, left, right, block_m, block_n):
+    """(lo, full_lo, full_hi, hi) of the key tiles for query tile start_m (diag = 0)."""
+    hi, lo, full_lo, full_hi = seqlen_k, 0, 0, seqlen_k // block_n * block_n
+    if right >= 0:
+        hi = max(min(hi, start_m + block_m + right), 0)
+        full_hi = min(full_hi, max(start_m + right + 1, 0) // block_n * block_n)
+    if left >= 0:
+        lo = max(start_m - left, 0) // block_n * block_n
+        full_lo = cdiv(max(start_m + block_m - 1 - left, 0), block_n) * block_n
+    hi_tiles = cdiv(hi, block_n) * block_n
+    full_lo = min(full_lo, hi_tiles)
+    return lo, full_lo, min(max(full_hi, full_lo), hi_tiles), hi
+
+
+def q_tile_range(start_n, seqlen_q, left, right, block_m, block_n):
+    """(lo, full_lo, full_hi, hi) of the query tiles for key tile start_n (dK/dV; diag = 0)."""
+    lo, hi, full_lo, full_hi = 0, seqlen_q, 0, cdiv(seqlen_q, block_m) * block_m
+    if right >= 0:
+        lo = max(start_n - right, 0) // block_m * block_m
+        full_lo = cdiv(max(start_n + block_n - 1 - right, 0), block_m) * block_m
+    if left >= 0:
+        hi = min(max(start_n + block_n + left, 0), seqlen_q)
+        full_hi = min(full_hi, max(start_n + left + 1, 0) // block_m * block_m)
+    hi_tiles = cdiv(hi, block_m) * block_m
+    full_lo = min(full_lo, hi_tiles)
+    return lo, full_lo, min(max(full_hi, full_lo), hi_tiles), hi
+
+
+def useful_pairs(seqlen, left, right):
+    total = 0
+    for i in range(seqlen):
+        first = 0 if left < 0 else max(0, i - left)
+        last = seqlen - 1 if right < 0 else min(seqlen - 1, i + right)
+        total += max(0, last - first + 1)
+    return total
+
+
+def tile_counts(seqlen, left, right, block_m, block_n, per_query_tile):
+    """(full tiles, masked tiles, programs) summed over the grid."""
+    full = masked = programs = 0
+    if per_query_tile:  # forward / dQ: one program per query tile, key tiles streamed
+        step, tiles = block_n, [kv_tile_range(m, seqlen, left, right, block_m, block_n)
+                                for m in range(0, seqlen, block_m)]
+    else:  # dK/dV: one program per key tile, query tiles streamed
+        step, tiles = block_m, [q_tile_range(n, seqlen, left, right, block_m, block_n)
+                                for n in range(0, seqlen, block_n)]
+    for lo, full_lo, full_hi, hi in tiles:
+        masked += (full_lo - lo) // step + (cdiv(hi - full_hi, step) if hi > full_hi else 0)
+        full += max(0, (full_hi - full_lo) // step)
+        programs += 1
+    return full, masked, programs
+
+
+def main(argv):
+    left, right = (int(argv[0]), int(argv[1])) if len(argv) == 2 else (512, 512)
+    for seqlen in (2048, 4096, 8192):
+        useful = useful_pairs(seqlen, left, right)
+        for name, block_m, block_n, per_query in (("fwd 64x64", 64, 64, True), ("dq 128x64", 128, 64, True),
+                                                  ("dkdv 64x128", 64, 128, False)):
+            full, masked, programs = tile_counts(seqlen, left, right, block_m, block_n, per_query)
+            visited = (full + masked) * block_m * block_n
+            print(f"S={seqlen} {name}: tiles/program {(full + masked) / programs:.1f} "
+                  f"(masked {masked / programs:.1f}), visited/useful {visited / useful:.2f}, "
+                  f"masked share {masked / (full + masked):.2f}")
+
+
+if __name__ == "__main__":
+    main(sys.argv[1:])
