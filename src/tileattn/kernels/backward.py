@@ -13,11 +13,13 @@ bit-identical run to run. Layouts as in ``forward.py``; dq/dk/dv are contiguous,
 Dropout regenerates the forward's Philox mask from the same (seed, offset, b, h, i, j).
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from .. import configs
+from .. import autotune, configs
 from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, q_tile_range, scores,
                      seq_bounds, store_tile, visible)
 
@@ -301,6 +303,11 @@ def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None):
     ``cfg`` overrides the tile table (tuning). ``grads``: optional preallocated (dq, dk, dv), any strides with the
     last one 1 (e.g. views of one packed qkv gradient), zero-filled when varlen.
     """
+    empty = p.max_seqlen_q == 0 or p.max_seqlen_k == 0 or q.numel() == 0 or k.numel() == 0
+    if cfg is None and not empty and autotune.can_tune(q) and q.dtype != torch.float32 \
+            and not os.environ.get("TILEATTN_BWD_CONFIG"):  # opt-in (TILEATTN_AUTOTUNE=1); scratch gradients
+        cfg = autotune.backward_config(q, max(q.shape[-1], v.shape[-1]), p,
+                                       lambda c: attention_backward(dout, q, k, v, out, lse, dlse, p, c))
     if grads is not None:
         dq, dk, dv = grads
     else:  # varlen: rows outside every sequence get zero gradients; batched: every row is written.
@@ -309,7 +316,6 @@ def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None):
         dk = alloc(k.shape, dtype=k.dtype, device=k.device)
         dv = alloc(v.shape, dtype=v.dtype, device=v.device)
     dsink_rows = torch.zeros(lse.shape, dtype=torch.float32, device=q.device) if p.sink is not None else None
-    empty = p.max_seqlen_q == 0 or p.max_seqlen_k == 0 or q.numel() == 0 or k.numel() == 0
     if empty:
         dq.zero_(), dk.zero_(), dv.zero_()
         if dsink_rows is not None and dsink_rows.numel() and dlse is not None:

@@ -8,11 +8,13 @@ Features are constexpr flags: window bounds (HAS_LEFT/HAS_RIGHT; causal = right 
 sink, dropout, varlen.
 """
 
+import os
+
 import torch
 import triton
 import triton.language as tl
 
-from .. import configs
+from .. import autotune, configs
 from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, scores, seq_bounds,
                      store_tile, visible)
 
@@ -209,6 +211,10 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None):
         stride_lb, stride_lh = q_heads * rows_q, rows_q
     if out.numel() == 0 or p.max_seqlen_q == 0:
         return out, lse
+    if cfg is None and autotune.can_tune(q) and q.dtype != torch.float32 \
+            and not os.environ.get("TILEATTN_FWD_CONFIG"):  # opt-in (TILEATTN_AUTOTUNE=1), cached per kind of call
+        cfg = autotune.forward_config(q, max(dqk, dv), p, lambda c: attention_forward(q, k, v, p, c, block_table),
+                                      paged=block_table is not None)
     cfg = cfg or configs.forward_config(q.device, q.dtype, max(dqk, dv), p.causal_like)
     num_m_tiles = configs.cdiv(p.max_seqlen_q, cfg.block_m)
     grid = (num_m_tiles * batch * q_heads,)
