@@ -19,6 +19,7 @@ from typing import Callable, Dict, List, Optional, Sequence
 
 import torch
 import triton
+from triton.errors import TritonError
 
 from . import configs
 from .configs import BackwardConfig, KernelConfig
@@ -113,8 +114,8 @@ def pick(key: str, candidates: Sequence, run: Callable[[object], object], encode
     for cand in candidates:
         try:
             ms = timer(lambda: run(cand))
-        except (triton.runtime.errors.OutOfResources, RuntimeError, ValueError):
-            continue  # does not fit this GPU (shared memory, registers) or this problem
+        except (TritonError, RuntimeError, ValueError):
+            continue  # does not compile or fit this GPU (shared memory, registers, ptxas), or this problem
         if ms < best_ms:
             best, best_ms = cand, ms
     if best is None:
