@@ -399,11 +399,11 @@ def test_paged_kv_bad_input():
         call(q, kc, vc, *args, block_table=table.long())
     with pytest.raises(ValueError, match=r"block_table entries must be in \[0, "):
         call(q, kc, vc, *args, block_table=table + kc.shape[0])
-    with pytest.raises(ValueError, match="block_table has 1 rows"):
+    with pytest.raises(ValueError, match=r"block_table must be \(batch=2, max_pages\)"):
         call(q, kc, vc, *args, block_table=table[:1])
     with pytest.raises(ValueError, match="exceeds the 8 keys"):
         call(q, kc, vc, args[0], args[1], 5, 9, block_table=table)
-    with pytest.raises(ValueError, match="power-of-two page size"):
+    with pytest.raises(ValueError, match=r"page size .* must be a power of two"):
         call(q, kc[:, :3], vc[:, :3], *args, block_table=table)
     with pytest.raises(ValueError, match="paged cache"):
         call(q, k, v, *args, block_table=table)

@@ -160,7 +160,37 @@ def host_summary(t: torch.Tensor, kind: str):
     return summary
 
 
-def check_cu_seqlens(name: str, cu, device, rows: int):
+def check_int32(name, t, shape=None, device=None):
+    """An int32 index tensor, optionally of a given shape and on q's device."""
+    if not isinstance(t, torch.Tensor):
+        raise TypeError(f"{name} must be an int32 tensor")
+    if t.dtype != torch.int32:
+        raise TypeError(f"{name} must be int32, got {t.dtype}")
+    if shape is not None and tuple(t.shape) != tuple(shape):
+        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
+    if device is not None and t.device != device:
+        raise ValueError(f"{name} is on {t.device}, q on {device}")
+
+
+def check_block_table(block_table, batch: int, cache: torch.Tensor, device, host_reads: bool = True):
+    """A paged cache's block table: int32 (batch, max_pages) on q's device, entries in [0, num_blocks) (read to the
+    host once per tensor version unless ``host_reads`` is False), and the cache (num_blocks, page_size, ...) with
+    a power-of-two page size. Returns (contiguous block_table, page_size, capacity in keys)."""
+    check_int32("block_table", block_table, device=device)
+    if block_table.dim() != 2 or block_table.shape[0] != batch:
+        raise ValueError(f"block_table must be (batch={batch}, max_pages), got {tuple(block_table.shape)}")
+    num_blocks, page_size = cache.shape[0], cache.shape[1]
+    if page_size < 1 or page_size & (page_size - 1):
+        raise ValueError(f"page size (the cache's dim 1) must be a power of two, got {page_size}")
+    if block_table.numel() and host_reads:
+        lo, hi = host_summary(block_table, "range")
+        if lo < 0 or hi >= num_blocks:
+            raise ValueError(f"block_table entries must be in [0, {num_blocks}), got [{lo}, {hi}]")
+    return block_table.contiguous(), page_size, block_table.shape[1] * page_size
+
+
+def check_cu_seqlens(name: str, cu, device, rows: Optional[int]):
+    """rows: how many packed rows the sequences may span (None: no bound)."""
     if not isinstance(cu, torch.Tensor):
         raise TypeError(f"{name} must be an int32 tensor of cumulative sequence lengths")
     if cu.dtype != torch.int32:
@@ -171,8 +201,9 @@ def check_cu_seqlens(name: str, cu, device, rows: int):
         raise ValueError(f"{name} is on {cu.device}, q on {device}")
     if not torch.compiler.is_compiling():  # one small host read per tensor version; skipped in compiled graphs
         first, last, monotonic, _ = host_summary(cu, "cu")
-        if first != 0 or not monotonic or last > rows:
-            raise ValueError(f"{name} must start at 0, be non-decreasing and end <= {rows}, "
+        if first != 0 or not monotonic or (rows is not None and last > rows):
+            bound = "" if rows is None else f" and end <= {rows}"
+            raise ValueError(f"{name} must start at 0, be non-decreasing{bound}, "
                              f"got {cu.detach().cpu().tolist()[:16]}")
     return cu.contiguous()
 
@@ -196,17 +227,16 @@ def unpack_qkv(a, b, c, pack: int):
     return a, b, c
 
 
-def check_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k, k_rows=None):
+def check_varlen(cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, q, k):
     """Validate a varlen call's sequence description against q/k (total, heads, dim).
 
-    ``k_rows``: the number of packed key rows cu_seqlens_k may address (default k.shape[0]; a paged cache passes
-    batch x capacity). Returns (cu_q, cu_k, batch, max_q, max_k) with max_seqlen_* as ints (ints or 0-d tensors
-    accepted).
+    ``k`` None: keys are not packed rows (a paged cache, whose capacity bounds max_seqlen_k instead).
+    Returns (cu_q, cu_k, batch, max_q, max_k) with max_seqlen_* as ints (ints or 0-d tensors accepted).
     """
     if cu_seqlens_q is None or cu_seqlens_k is None:
         raise ValueError("varlen calls need both cu_seqlens_q and cu_seqlens_k")
     cu_q = check_cu_seqlens("cu_seqlens_q", cu_seqlens_q, q.device, q.shape[0])
-    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, k.shape[0] if k_rows is None else k_rows)
+    cu_k = check_cu_seqlens("cu_seqlens_k", cu_seqlens_k, q.device, None if k is None else k.shape[0])
     if cu_q.shape[0] != cu_k.shape[0]:
         raise ValueError(f"cu_seqlens_q and cu_seqlens_k must have the same length (batch + 1), "
                          f"got {cu_q.shape[0]} and {cu_k.shape[0]}")

@@ -1,7 +1,7 @@
 """``flash_attn_with_kvcache``: decode / chunked prefill against a KV cache (contiguous or paged), split-KV.
 
-Status: tested in Triton's interpreter and on an H200 (session 2); speed in BENCHMARKS.md (issue 5).
-``cache_leftpad`` (keys of sequence b start at cache_leftpad[b]) was added after the last GPU run.
+Status: tested in Triton's interpreter and on an H200 (sessions 2-3, ``cache_leftpad`` included); speed in
+BENCHMARKS.md (issue 5). CUDA-graph capture (host reads skipped) is not yet run on a GPU.
 """
 
 import math
@@ -10,19 +10,9 @@ from typing import Optional
 import torch
 
 from . import configs
-from .api import _as_int, _INTERPRETING, SUPPORTED_DTYPES, check_features, check_window, host_summary
+from .api import (_as_int, _INTERPRETING, SUPPORTED_DTYPES, check_block_table, check_features, check_int32,
+                  check_window, host_summary)
 from .kernels.decode import decode_forward
-
-
-def _check_int32(name, t, shape=None, device=None):
-    if not isinstance(t, torch.Tensor):
-        raise TypeError(f"{name} must be an int32 tensor")
-    if t.dtype != torch.int32:
-        raise TypeError(f"{name} must be int32, got {t.dtype}")
-    if shape is not None and tuple(t.shape) != tuple(shape):
-        raise ValueError(f"{name} must have shape {tuple(shape)}, got {tuple(t.shape)}")
-    if device is not None and t.device != device:
-        raise ValueError(f"{name} is on {t.device}, q on {device}")
 
 
 def _default_splits(batch, kv_heads, max_len, device, head_dim) -> int:
@@ -82,25 +72,14 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     host_reads = not (torch.compiler.is_compiling() or (q.is_cuda and torch.cuda.is_current_stream_capturing()))
     paged = block_table is not None
     if paged:
-        _check_int32("block_table", block_table, device=q.device)
-        if block_table.dim() != 2 or block_table.shape[0] != batch:
-            raise ValueError(f"block_table must be (batch={batch}, max_pages), got {tuple(block_table.shape)}")
-        page_size = k_cache.shape[1]
-        if page_size < 1 or page_size & (page_size - 1):
-            raise ValueError(f"page size (k_cache.shape[1]) must be a power of two, got {page_size}")
         if cache_batch_idx is not None:
             raise ValueError("cache_batch_idx cannot be combined with block_table")
-        if block_table.numel() and host_reads:
-            lo, hi = host_summary(block_table, "range")
-            if lo < 0 or hi >= k_cache.shape[0]:
-                raise ValueError(f"block_table entries must be in [0, {k_cache.shape[0]}), got [{lo}, {hi}]")
-        capacity = block_table.shape[1] * page_size
-        block_table = block_table.contiguous()
+        block_table, page_size, capacity = check_block_table(block_table, batch, k_cache, q.device, host_reads)
     else:
         page_size = 1
         capacity = k_cache.shape[1]
         if cache_batch_idx is not None:
-            _check_int32("cache_batch_idx", cache_batch_idx, (batch,), q.device)
+            check_int32("cache_batch_idx", cache_batch_idx, (batch,), q.device)
             cache_batch_idx = cache_batch_idx.contiguous()
             lo, hi = host_summary(cache_batch_idx, "range") if host_reads else (0, 0)
             if lo < 0 or hi >= k_cache.shape[0]:
@@ -110,7 +89,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     if cache_seqlens is None:
         cache_seqlens = torch.full((batch,), capacity if k is None else 0, dtype=torch.int32, device=q.device)
     elif isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.dim() == 1:
-        _check_int32("cache_seqlens", cache_seqlens, (batch,), q.device)
+        check_int32("cache_seqlens", cache_seqlens, (batch,), q.device)
         cache_seqlens = cache_seqlens.contiguous()
     else:
         cache_seqlens = torch.full((batch,), _as_int("cache_seqlens", cache_seqlens), dtype=torch.int32,
@@ -133,7 +112,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         max_len = hi + new
     attend_len = max_len  # the longest attended key range: sizes the splits
     if cache_leftpad is not None:  # each sequence's keys start at cache_leftpad[b] (flash-attn's left padding)
-        _check_int32("cache_leftpad", cache_leftpad, (batch,), q.device)
+        check_int32("cache_leftpad", cache_leftpad, (batch,), q.device)
         cache_leftpad = cache_leftpad.contiguous()
         if host_reads:
             lp_lo, _ = host_summary(cache_leftpad, "range")

@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from .api import (attention_impl, check_features, check_qkv, check_varlen, check_window, host_summary,
-                  new_rng_state)
+from .api import (_last_dim_contiguous, attention_impl, check_block_table, check_features, check_qkv, check_varlen,
+                  check_window, new_rng_state)
 from .decode import flash_attn_with_kvcache  # noqa: F401  (re-exported: flash-attn's decode entry point)
 from .kernels.dropout import dropout_keep_mask
 from .kernels.forward import attention_forward
@@ -131,29 +131,19 @@ def _run_paged(q, k, v, block_table, cu_q, cu_k, max_q, max_k, dropout_p, softma
         if t.dim() != 4:
             raise ValueError(f"with block_table, {name} must be a paged cache (num_blocks, page_size, kv_heads, "
                              f"head_dim), got shape {tuple(t.shape)}")
-    num_blocks, page_size = k.shape[0], k.shape[1]
-    if tuple(v.shape[:2]) != (num_blocks, page_size):
+    if tuple(v.shape[:2]) != tuple(k.shape[:2]):
         raise ValueError(f"k and v caches differ in blocks or page size: k {tuple(k.shape)}, v {tuple(v.shape)}")
-    if num_blocks == 0 or page_size < 1 or page_size & (page_size - 1):
-        raise ValueError(f"the paged cache needs at least one block and a power-of-two page size, got "
-                         f"{num_blocks} blocks of {page_size}")
+    if k.shape[0] == 0:
+        raise ValueError("the paged k and v caches have no blocks")
+    if k.stride(-1) != 1 or v.stride(-1) != 1:
+        raise ValueError("the paged k and v caches must have a contiguous last dimension")
     scale = check_qkv(q, k[0], v[0], causal, softmax_scale, varlen=True)
-    if not isinstance(block_table, torch.Tensor) or block_table.dtype != torch.int32 or block_table.dim() != 2:
-        raise TypeError("block_table must be a 2-D int32 tensor (batch, max_pages)")
-    if block_table.device != q.device:
-        raise ValueError(f"block_table is on {block_table.device}, q on {q.device}")
-    capacity = block_table.shape[1] * page_size
-    batch = block_table.shape[0]
-    if isinstance(cu_q, torch.Tensor) and cu_q.dim() == 1 and cu_q.shape[0] - 1 != batch:
-        raise ValueError(f"block_table has {batch} rows, cu_seqlens_q describes {cu_q.shape[0] - 1} sequences")
-    cu_q, cu_k, _, max_q, max_k = check_varlen(cu_q, cu_k, max_q, max_k, q, None, k_rows=batch * capacity)
+    cu_q, cu_k, batch, max_q, max_k = check_varlen(cu_q, cu_k, max_q, max_k, q, None)
+    block_table, page_size, capacity = check_block_table(block_table, batch, k, q.device,
+                                                         not torch.compiler.is_compiling())
     if max_k > capacity:
         raise ValueError(f"max_seqlen_k ({max_k}) exceeds the {capacity} keys block_table can address "
                          f"({block_table.shape[1]} pages of {page_size})")
-    if block_table.numel() and not torch.compiler.is_compiling():
-        lo, hi = host_summary(block_table, "range")
-        if lo < 0 or hi >= num_blocks:
-            raise ValueError(f"block_table entries must be in [0, {num_blocks}), got [{lo}, {hi}]")
     if torch.is_grad_enabled() and any(t.requires_grad for t in (q, k, v)):
         raise ValueError("flash_attn_varlen_func with block_table has no backward (as in flash-attn): call it "
                          "under torch.no_grad() or with tensors that do not require grad")
@@ -166,8 +156,5 @@ def _run_paged(q, k, v, block_table, cu_q, cu_k, max_q, max_k, dropout_p, softma
                    window_left=window[0], window_right=window[1], softcap=softcap, alibi_slopes=alibi_slopes,
                    sink=sink.float() if sink is not None else None, dropout_p=dropout_p, rng=rng,
                    cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
-    q4 = (q if q.stride(-1) == 1 else q.contiguous()).unsqueeze(0)
-    if k.stride(-1) != 1 or v.stride(-1) != 1:
-        raise ValueError("the paged k and v caches must have a contiguous last dimension")
-    out, lse = attention_forward(q4, k, v, p, block_table=block_table.contiguous())
+    out, lse = attention_forward(_last_dim_contiguous(q).unsqueeze(0), k, v, p, block_table=block_table)
     return _finish(out[0], lse, rng, dropout_p, return_attn_probs, batch, q_heads, max_q, max_k)
