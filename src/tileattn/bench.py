@@ -54,7 +54,8 @@ PROVIDERS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 # Opt-in experiments, measurable beside the default (not in the default list): tileattn_tma = the forward with
 # K/V through tensor descriptors (TILEATTN_TMA=1, sm_90+); tileattn_rounded = the backward without the delta
 # correction (TILEATTN_ROUNDED_DELTA=1, FlashAttention's delta: what the correction costs).
-EXTRA_PROVIDERS = ("tileattn_tma", "tileattn_rounded")
+ENV_PROVIDERS = {"tileattn_tma": "TILEATTN_TMA", "tileattn_rounded": "TILEATTN_ROUNDED_DELTA"}
+EXTRA_PROVIDERS = tuple(ENV_PROVIDERS)
 ANCHOR_LABELS = {"sdpa_flash": "flash", "sdpa_cudnn": "cudnn", "sdpa_efficient": "effic", "flex": "flex"}
 MODES = ("fwd", "bwd", "fwd_bwd")
 MODE_FLOP_FACTOR = {"fwd": 1.0, "bwd": 2.5, "fwd_bwd": 3.5}
@@ -607,11 +608,9 @@ def env_var(name: str, value: str):
 
 class TileattnEnvProvider(TileattnProvider):
     """tileattn with an opt-in mode switched on by an environment variable while it runs."""
-    MODES = {"tileattn_tma": "TILEATTN_TMA", "tileattn_rounded": "TILEATTN_ROUNDED_DELTA"}
-
     def __init__(self, name: str):
         super().__init__()
-        self.name, self._var = name, self.MODES[name]
+        self.name, self._var = name, ENV_PROVIDERS[name]
 
     def context(self):
         return env_var(self._var, "1")
@@ -712,7 +711,7 @@ class FlexProvider(Provider):
 def make_provider(name: str, flex_dynamic: bool = True) -> Provider:
     if name == "tileattn":
         return TileattnProvider()
-    if name in TileattnEnvProvider.MODES:
+    if name in ENV_PROVIDERS:
         return TileattnEnvProvider(name)
     if name in SdpaProvider.BACKENDS:
         return SdpaProvider(name)
