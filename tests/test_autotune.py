@@ -42,16 +42,16 @@ def _timer_from(ms_by_cand, calls):
 def test_fastest_wins_and_is_cached(fresh):
     calls = []
     timer = _timer_from({CANDS[0]: 3.0, CANDS[1]: 1.0, CANDS[2]: 2.0}, calls)
-    assert autotune.pick("k1", CANDS, lambda c: c, timer=timer, **ENC) == CANDS[1]
+    assert autotune.pick("k1", lambda: CANDS, lambda c: c, timer=timer, **ENC) == CANDS[1]
     assert calls == CANDS
-    assert autotune.pick("k1", CANDS, lambda c: c, timer=timer, **ENC) == CANDS[1]
+    assert autotune.pick("k1", lambda: CANDS, lambda c: c, timer=timer, **ENC) == CANDS[1]
     assert len(calls) == 3, "a cached choice must not be timed again"
     data = json.loads((fresh / "autotune.json").read_text())
     assert data == {"k1": [128, 64, 8, 3]}
     # a new process: empty memory, the file is read back, nothing is timed
     autotune._MEMORY.clear()
     autotune._LOADED_FROM = None
-    assert autotune.pick("k1", CANDS, lambda c: c, timer=timer, **ENC) == CANDS[1]
+    assert autotune.pick("k1", lambda: CANDS, lambda c: c, timer=timer, **ENC) == CANDS[1]
     assert len(calls) == 3
 
 
@@ -60,17 +60,17 @@ def test_failing_candidates_are_skipped(fresh):
         if c != CANDS[2]:
             raise RuntimeError("out of shared memory")
         return c
-    assert autotune.pick("k2", CANDS, run, timer=lambda fn: (fn(), 1.0)[1], **ENC) == CANDS[2]
+    assert autotune.pick("k2", lambda: CANDS, run, timer=lambda fn: (fn(), 1.0)[1], **ENC) == CANDS[2]
 
     def never(c):
         raise RuntimeError("nothing fits")
-    assert autotune.pick("k3", CANDS, never, timer=lambda fn: (fn(), 1.0)[1], **ENC) == CANDS[0]
+    assert autotune.pick("k3", lambda: CANDS, never, timer=lambda fn: (fn(), 1.0)[1], **ENC) == CANDS[0]
     assert "k3" not in autotune._MEMORY, "no choice was measured: nothing to cache"
 
 
 def test_corrupt_cache_is_ignored(fresh):
     (fresh / "autotune.json").write_text("{not json")
-    assert autotune.pick("k4", CANDS, lambda c: c, timer=lambda fn: 1.0, **ENC) == CANDS[0]
+    assert autotune.pick("k4", lambda: CANDS, lambda c: c, timer=lambda fn: 1.0, **ENC) == CANDS[0]
     assert json.loads((fresh / "autotune.json").read_text()) == {"k4": [64, 64, 4, 3]}
 
 
@@ -78,7 +78,7 @@ def test_corrupt_cache_is_ignored(fresh):
 def test_interpreter_never_tunes(fresh, monkeypatch):
     monkeypatch.setenv("TILEATTN_AUTOTUNE", "1")
     q = torch.randn(1, 17, 2, 16, requires_grad=True)
-    assert not autotune.can_tune(q)
+    assert not autotune.applies(q, "TILEATTN_FWD_CONFIG")
     tileattn.attention(q, q.detach(), q.detach(), causal=True).sum().backward()
     assert not (fresh / "autotune.json").exists() and autotune._MEMORY == {}
 

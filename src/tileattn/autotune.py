@@ -15,7 +15,7 @@ import json
 import os
 import statistics
 import tempfile
-from typing import Callable, Dict, List, Optional, Sequence
+from typing import Callable, Dict, Optional, Sequence
 
 import torch
 import triton
@@ -48,9 +48,12 @@ def enabled() -> bool:
     return os.environ.get("TILEATTN_AUTOTUNE", "0") == "1"
 
 
-def can_tune(t: torch.Tensor) -> bool:
-    """Only for eager CUDA calls: not in the interpreter, torch.compile tracing or CUDA-graph capture."""
-    return (enabled() and t.is_cuda and not configs._interpreting() and not torch.compiler.is_compiling()
+def applies(q: torch.Tensor, override_var: str) -> bool:
+    """Tune this call? Only when enabled, for eager fp16/bf16 CUDA calls (not in the interpreter, torch.compile
+    tracing or CUDA-graph capture; fp32 keeps its spill-safe table) whose tiles are not overridden by
+    ``override_var`` (TILEATTN_FWD_CONFIG / TILEATTN_BWD_CONFIG)."""
+    return (enabled() and q.is_cuda and q.dtype != torch.float32 and not os.environ.get(override_var)
+            and not configs._interpreting() and not torch.compiler.is_compiling()
             and not torch.cuda.is_current_stream_capturing())
 
 
@@ -101,14 +104,15 @@ def cuda_timer(fn: Callable[[], object], reps: int = 5) -> float:
     return statistics.median(times)
 
 
-def pick(key: str, candidates: Sequence, run: Callable[[object], object], encode, decode,
+def pick(key: str, candidates: Callable[[], Sequence], run: Callable[[object], object], encode, decode,
          timer: Optional[Callable[[Callable[[], object]], float]] = None):
-    """The fastest candidate for ``key`` (cached in memory and on disk). ``run(candidate)`` does one call with it;
-    ``encode`` / ``decode`` turn a candidate into JSON-able lists and back. Falls back to the first candidate when
-    none runs."""
+    """The fastest candidate for ``key`` (cached in memory and on disk). ``candidates()`` lists them (called only
+    when ``key`` is not cached); ``run(candidate)`` does one call with it; ``encode`` / ``decode`` turn a
+    candidate into JSON-able lists and back. Falls back to the first candidate when none runs."""
     _load()
     if key in _MEMORY:
         return decode(_MEMORY[key])
+    candidates = candidates()
     timer = timer or cuda_timer
     best, best_ms = None, float("inf")
     for cand in candidates:
@@ -142,10 +146,6 @@ def _key(phase: str, q: torch.Tensor, block_d: int, p, paged: bool) -> str:
                                      _bucket(p.max_seqlen_q), _bucket(p.max_seqlen_k)))
 
 
-def _fitted(cands: List[KernelConfig], block_d: int, elem: int, arch, resident: str) -> List[KernelConfig]:
-    return list(dict.fromkeys(configs._fit(c, block_d, elem, arch, resident) for c in cands))
-
-
 def _table_key(block_d: int):
     return block_d if block_d in (128, 256) else "small"
 
@@ -153,11 +153,13 @@ def _table_key(block_d: int):
 def forward_config(q, dim, p, run: Callable[[KernelConfig], object], paged: bool = False) -> KernelConfig:
     """The tuned forward config for this call (``run(cfg)`` launches the forward with ``cfg``)."""
     block_d = configs.padded_head_dim(dim)
-    arch = configs._arch(configs._device_index(q.device), configs._arch_override())
-    elem = q.element_size()
-    table = configs.forward_config(q.device, q.dtype, dim, p.causal_like)
-    cands = _fitted([table] + FWD_CANDIDATES[_table_key(block_d)], block_d, elem, arch, "m")
-    return pick(_key("fwd", q, block_d, p, paged), cands, run,
+
+    def candidates():  # the table's entry first, each shrunk to the GPU's shared memory like the table's
+        arch = configs._arch(configs._device_index(q.device), configs._arch_override())
+        table = configs.forward_config(q.device, q.dtype, dim, p.causal_like)
+        return list(dict.fromkeys(configs._fit(c, block_d, q.element_size(), arch, "m")
+                                  for c in [table] + FWD_CANDIDATES[_table_key(block_d)]))
+    return pick(_key("fwd", q, block_d, p, paged), candidates, run,
                 encode=lambda c: [c.block_m, c.block_n, c.num_warps, c.num_stages],
                 decode=lambda v: KernelConfig(*v))
 
@@ -165,14 +167,15 @@ def forward_config(q, dim, p, run: Callable[[KernelConfig], object], paged: bool
 def backward_config(q, dim, p, run: Callable[[BackwardConfig], object]) -> BackwardConfig:
     """The tuned backward configs for this call (``run(cfg)`` runs the backward with ``cfg``)."""
     block_d = configs.padded_head_dim(dim)
-    arch = configs._arch(configs._device_index(q.device), configs._arch_override())
-    elem = q.element_size()
-    table = configs.backward_config(q.device, q.dtype, dim, p.causal_like)
-    pairs = [(table.dkdv, table.dq)] + BWD_CANDIDATES[_table_key(block_d)]
-    cands = list(dict.fromkeys(BackwardConfig(configs._fit(a, block_d, elem, arch, "n"),
-                                              configs._fit(b, block_d, elem, arch, "mm"), table.pre_block_m)
-                               for a, b in pairs))
-    return pick(_key("bwd", q, block_d, p, False), cands, run,
+
+    def candidates():
+        arch = configs._arch(configs._device_index(q.device), configs._arch_override())
+        table = configs.backward_config(q.device, q.dtype, dim, p.causal_like)
+        elem = q.element_size()
+        return list(dict.fromkeys(BackwardConfig(configs._fit(a, block_d, elem, arch, "n"),
+                                                 configs._fit(b, block_d, elem, arch, "mm"), table.pre_block_m)
+                                  for a, b in [(table.dkdv, table.dq)] + BWD_CANDIDATES[_table_key(block_d)]))
+    return pick(_key("bwd", q, block_d, p, False), candidates, run,
                 encode=lambda c: [[c.dkdv.block_m, c.dkdv.block_n, c.dkdv.num_warps, c.dkdv.num_stages],
                                   [c.dq.block_m, c.dq.block_n, c.dq.num_warps, c.dq.num_stages], c.pre_block_m],
                 decode=lambda v: BackwardConfig(KernelConfig(*v[0]), KernelConfig(*v[1]), v[2]))

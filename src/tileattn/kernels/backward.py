@@ -1,19 +1,16 @@
 """Backward kernels (FlashAttention-2 style, deterministic, no atomics).
 
-1. ``_bwd_preprocess``: delta = rowsum(dO * O) - dlse (fp32, lse's layout). Each row's share of
-   d(sink) = -exp(sink - lse) * delta (summed per head by the launcher in a fixed order) comes from the corrected
-   delta after step 2 (fp16/bf16), or from this kernel (fp32, or TILEATTN_ROUNDED_DELTA=1).
+1. ``_bwd_preprocess``: delta = rowsum(dO * O) - dlse (fp32, lse's layout).
 2. ``_bwd_dq_kernel``: one program per (query tile, batch * q_head); key tiles are streamed. For fp16/bf16 it also
    corrects delta for the rounding of O (exact sum_j P dP) and writes it back for step 3.
 3. ``_bwd_dkdv_kernel``: one program per (key tile, batch * kv_head). K and V stay in registers; the query tiles
    of every query head of the GQA group are streamed, so dK/dV are summed over the group inside the program.
+With a sink, d(sink) = -sum over rows of exp(sink - lse) * delta, from the final delta, reduced in a fixed order.
 
 Every output element is written by exactly one program with a fixed reduction order, so results are
 bit-identical run to run. Layouts as in ``forward.py``; dq/dk/dv are contiguous, in the input dtype.
 Dropout regenerates the forward's Philox mask from the same (seed, offset, b, h, i, j).
 """
-
-import os
 
 import torch
 import triton
@@ -28,13 +25,12 @@ from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_t
 # divisible-by-16 hints, which halved the D=128 backward on the H200 (NOTES.md, v5); the backward kernels compile
 # fine when seqlen_k == 1 is constant-folded (benchmarks/compile_check.py's regression cases).
 @triton.jit
-def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, DSINK_ROWS, SINK, CU_Q,
+def _bwd_preprocess(O, DO, DLSE, DELTA, CU_Q,
                     stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
                     q_heads, max_seqlen_q, num_m_tiles, dv,
                     BLOCK_DV: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
-                    HAS_SINK: tl.constexpr, IS_VARLEN: tl.constexpr):
-    """delta = rowsum(dO * O) - dlse per row (fp32, lse's layout), and each row's d(sink) share (the latter only
-    where the dQ kernel does not correct delta, see ``_bwd_dq_kernel``)."""
+                    IS_VARLEN: tl.constexpr):
+    """delta = rowsum(dO * O) - dlse per row (fp32, lse's layout)."""
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     b = (bh // q_heads).to(tl.int64)
@@ -52,10 +48,6 @@ def _bwd_preprocess(O, DO, LSE, DLSE, DELTA, DSINK_ROWS, SINK, CU_Q,
     if HAS_DLSE:
         delta -= tl.load(DLSE + row, mask=in_seq, other=0.0)
     tl.store(DELTA + row, delta, mask=in_seq)
-    if HAS_SINK:
-        lse = tl.load(LSE + row, mask=in_seq, other=float("inf"))
-        p_sink = tl.where(lse == float("-inf"), 0.0, tl.exp(tl.load(SINK + h).to(tl.float32) - lse))
-        tl.store(DSINK_ROWS + row, -p_sink * delta, mask=in_seq)
 
 
 @triton.jit
@@ -304,8 +296,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None):
     last one 1 (e.g. views of one packed qkv gradient), zero-filled when varlen.
     """
     empty = p.max_seqlen_q == 0 or p.max_seqlen_k == 0 or q.numel() == 0 or k.numel() == 0
-    if cfg is None and not empty and autotune.can_tune(q) and q.dtype != torch.float32 \
-            and not os.environ.get("TILEATTN_BWD_CONFIG"):  # opt-in (TILEATTN_AUTOTUNE=1); scratch gradients
+    if cfg is None and not empty and autotune.applies(q, "TILEATTN_BWD_CONFIG"):  # opt-in; scratch gradients
         cfg = autotune.backward_config(q, max(q.shape[-1], v.shape[-1]), p,
                                        lambda c: attention_backward(dout, q, k, v, out, lse, dlse, p, c))
     if grads is not None:
@@ -315,19 +306,16 @@ def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None):
         dq = alloc(q.shape, dtype=q.dtype, device=q.device)
         dk = alloc(k.shape, dtype=k.dtype, device=k.device)
         dv = alloc(v.shape, dtype=v.dtype, device=v.device)
-    dsink_rows = torch.zeros(lse.shape, dtype=torch.float32, device=q.device) if p.sink is not None else None
     if empty:
         dq.zero_(), dk.zero_(), dv.zero_()
-        if dsink_rows is not None and dsink_rows.numel() and dlse is not None:
-            # No keys anywhere: out = 0, so delta = -dlse, every row's sink probability is exp(sink - lse) = 1
-            # (lse = sink), and d(sink) = -sum p_sink * delta = sum dlse.
-            # rows outside every sequence (varlen) have lse = -inf and no gradient
-            dsink_rows.copy_(torch.where(lse == float("-inf"), 0.0, torch.exp(_sink_rows(p) - lse) * dlse.float()))
+        # No keys anywhere: out = 0, so delta = -dlse (each row's sink probability is then exp(sink - lse) = 1).
+        delta = -dlse.float() if dlse is not None else torch.zeros_like(lse)
     else:
-        _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_rows)
+        delta = _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv)
     dsink = None
-    if dsink_rows is not None:  # fixed-order reduction over batch and rows: deterministic
-        dsink = dsink_rows.sum(dim=-1) if p.varlen else dsink_rows.sum(dim=(0, 2))
+    if p.sink is not None:  # rows outside every sequence (varlen) have lse = -inf: no share
+        rows = torch.where(lse == float("-inf"), 0.0, -torch.exp(_sink_rows(p) - lse) * delta)
+        dsink = rows.sum(dim=-1) if p.varlen else rows.sum(dim=(0, 2))  # fixed-order reduction: deterministic
     return dq, dk, dv, dsink
 
 
@@ -336,7 +324,8 @@ def _sink_rows(p):
     return p.sink.float().view(-1, 1) if p.varlen else p.sink.float().view(1, -1, 1)
 
 
-def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_rows):
+def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv):
+    """Writes dq, dk, dv; returns the final delta (fp32, lse's layout)."""
     _, rows_q, q_heads, dqk = q.shape
     kv_heads, dim_v = k.shape[2], v.shape[3]
     batch = p.batch
@@ -362,17 +351,17 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_ro
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
     # fp16/bf16: the dQ kernel corrects delta for the rounding of O (see _bwd_dq_kernel) and runs first, so the
-    # dK/dV kernel and d(sink) use the corrected delta. fp32 keeps O unrounded: its rowsum is already exact.
-    # TILEATTN_ROUNDED_DELTA=1 turns the correction off (FlashAttention's delta; to measure what it costs).
+    # dK/dV kernel and d(sink) (attention_backward) use the corrected delta. fp32 keeps O unrounded: its rowsum is
+    # already exact. TILEATTN_ROUNDED_DELTA=1 turns the correction off (FlashAttention's delta; to measure its
+    # cost).
     correct = not fp32 and not configs.rounded_delta()
     num_m_pre = configs.cdiv(p.max_seqlen_q, cfg.pre_block_m)
     _bwd_preprocess[(num_m_pre * batch * q_heads,)](
-        out, dout, lse, dlse if dlse is not None else dummy, delta,
-        dsink_rows if dsink_rows is not None else dummy, p.sink if p.sink is not None else dummy, cu_q,
+        out, dout, dlse if dlse is not None else dummy, delta, cu_q,
         sb(out), out.stride(1), out.stride(2), sb(dout), dout.stride(1), dout.stride(2), stride_lb, stride_lh,
         q_heads, p.max_seqlen_q, num_m_pre, dim_v,
         BLOCK_DV=block_dv, EVEN_DV=block_dv == dim_v, BLOCK_M=cfg.pre_block_m, HAS_DLSE=dlse is not None,
-        HAS_SINK=p.sink is not None and not correct, IS_VARLEN=p.varlen,
+        IS_VARLEN=p.varlen,
     )
     qc = cfg.dq
     num_m_tiles = configs.cdiv(p.max_seqlen_q, qc.block_m)
@@ -387,8 +376,6 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_ro
         EVEN_DV=block_dv == dim_v, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, **flags,
         HAS_DLSE=dlse is not None, CORRECT=correct, num_warps=qc.num_warps, num_stages=qc.num_stages,
     )
-    if correct and dsink_rows is not None:
-        dsink_rows.copy_(torch.where(lse == float("-inf"), 0.0, -torch.exp(_sink_rows(p) - lse) * delta))
 
     kv = cfg.dkdv
     num_n_tiles = configs.cdiv(p.max_seqlen_k, kv.block_n)
@@ -404,3 +391,4 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, dsink_ro
         EVEN_DV=block_dv == dim_v, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, **flags,
         num_warps=kv.num_warps, num_stages=kv.num_stages,
     )
+    return delta

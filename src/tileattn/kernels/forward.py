@@ -8,8 +8,6 @@ Features are constexpr flags: window bounds (HAS_LEFT/HAS_RIGHT; causal = right 
 sink, dropout, varlen.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -211,8 +209,7 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None):
         stride_lb, stride_lh = q_heads * rows_q, rows_q
     if out.numel() == 0 or p.max_seqlen_q == 0:
         return out, lse
-    if cfg is None and autotune.can_tune(q) and q.dtype != torch.float32 \
-            and not os.environ.get("TILEATTN_FWD_CONFIG"):  # opt-in (TILEATTN_AUTOTUNE=1), cached per kind of call
+    if cfg is None and autotune.applies(q, "TILEATTN_FWD_CONFIG"):  # opt-in (TILEATTN_AUTOTUNE=1), cached
         cfg = autotune.forward_config(q, max(dqk, dv), p, lambda c: attention_forward(q, k, v, p, c, block_table),
                                       paged=block_table is not None)
     cfg = cfg or configs.forward_config(q.device, q.dtype, max(dqk, dv), p.causal_like)
