@@ -15,7 +15,7 @@ from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
 from tileattn import configs
-from tileattn.kernels.backward import _bwd_dkdv_kernel, _bwd_dq_kernel, _bwd_preprocess
+from tileattn.kernels.backward import _bwd_dkdv_kernel, _bwd_dq_kernel
 from tileattn.kernels.forward import _fwd_kernel
 
 FLOATS = {"qk_scale", "sm_scale", "softcap", "dropout_p"}
@@ -109,7 +109,7 @@ def regression_cases(arch):
     consts = {"BLOCK_DQK": 32, "BLOCK_DV": 32, "EVEN_DQK": True, "EVEN_DV": True, "BLOCK_M": cfg.block_m,
               "BLOCK_N": cfg.block_n, "HAS_LEFT": False, "HAS_RIGHT": True, "HAS_SOFTCAP": False, "HAS_ALIBI": False,
               "HAS_SINK": False, "HAS_DROPOUT": False, "IS_VARLEN": False, "FP32": False, "USE_TMA": False,
-              "CORRECT": True, "HAS_DLSE": False, "PAGED": False}
+              "CORRECT": True, "DELTA_CHUNK": 32, "HAS_DLSE": False, "PAGED": False}
     for dtype in ("fp16", "bf16"):
         for fn in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel):
             # the failing test's launch: q (2, 17, 2, 32), k/v (2, 1, 1, 32), contiguous
@@ -178,9 +178,8 @@ def main():
                 base = {"BLOCK_DQK": block_d, "BLOCK_DV": block_d, "HAS_LEFT": False, "HAS_RIGHT": causal,
                         "HAS_SOFTCAP": False, "HAS_ALIBI": False, "HAS_SINK": False, "HAS_DROPOUT": False,
                         "IS_VARLEN": False, "FP32": False, "HAS_DLSE": False, "EVEN_DQK": True, "EVEN_DV": True,
-                        "USE_TMA": False, "CORRECT": True, "PAGED": False, **f}
-                rows = [("fwd", _fwd_kernel, fc), ("dkdv", _bwd_dkdv_kernel, bc.dkdv), ("dq", _bwd_dq_kernel, bc.dq),
-                        ("pre", _bwd_preprocess, configs.KernelConfig(bc.pre_block_m, 0, 4, 1))]
+                        "USE_TMA": False, "CORRECT": True, "DELTA_CHUNK": 32, "PAGED": False, **f}
+                rows = [("fwd", _fwd_kernel, fc), ("dkdv", _bwd_dkdv_kernel, bc.dkdv), ("dq", _bwd_dq_kernel, bc.dq)]
                 if arch >= 90:  # the opt-in TMA forward (TILEATTN_TMA=1)
                     rows.insert(1, ("fwd+tma", _fwd_kernel, fc))
                 rows.append(("dq rounded", _bwd_dq_kernel, bc.dq))  # TILEATTN_ROUNDED_DELTA=1

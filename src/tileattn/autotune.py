@@ -173,9 +173,9 @@ def backward_config(q, dim, p, run: Callable[[BackwardConfig], object]) -> Backw
         table = configs.backward_config(q.device, q.dtype, dim, p.causal_like)
         elem = q.element_size()
         return list(dict.fromkeys(BackwardConfig(configs._fit(a, block_d, elem, arch, "n"),
-                                                 configs._fit(b, block_d, elem, arch, "mm"), table.pre_block_m)
+                                                 configs._fit(b, block_d, elem, arch, "mm"))
                                   for a, b in [(table.dkdv, table.dq)] + BWD_CANDIDATES[_table_key(block_d)]))
     return pick(_key("bwd", q, block_d, p, False), candidates, run,
                 encode=lambda c: [[c.dkdv.block_m, c.dkdv.block_n, c.dkdv.num_warps, c.dkdv.num_stages],
-                                  [c.dq.block_m, c.dq.block_n, c.dq.num_warps, c.dq.num_stages], c.pre_block_m],
-                decode=lambda v: BackwardConfig(KernelConfig(*v[0]), KernelConfig(*v[1]), v[2]))
+                                  [c.dq.block_m, c.dq.block_n, c.dq.num_warps, c.dq.num_stages]],
+                decode=lambda v: BackwardConfig(KernelConfig(*v[0]), KernelConfig(*v[1])))

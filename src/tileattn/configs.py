@@ -28,7 +28,6 @@ class KernelConfig:
 class BackwardConfig:
     dkdv: KernelConfig
     dq: KernelConfig
-    pre_block_m: int = 64
 
 
 def next_pow2(n: int) -> int:
@@ -161,9 +160,12 @@ _SM90_FWD = {
 _SM90_BWD = {  # dkdv: block_m streamed, block_n resident; dq: block_m resident, block_n streamed
     **{(d, False): BackwardConfig(_cfg(32, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
     **{(d, True): BackwardConfig(_cfg(32, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
-    **{(128, c): BackwardConfig(_cfg(64, 128, 8, 3), _cfg(128, 64, 8, 3)) for c in (False, True)},
+    (128, False): BackwardConfig(_cfg(64, 128, 8, 3), _cfg(128, 64, 8, 3)),
+    (128, True): BackwardConfig(_cfg(32, 128, 8, 3), _cfg(128, 64, 8, 3)),
     **{(256, c): BackwardConfig(_cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2)) for c in (False, True)},
 }
+# D=128 causal dK/dV 32x128 (48 B of spills vs 132 B for 64x128 with causal masks): 0.99/1.06/1.05x FA2 at causal
+# 1k/4k/16k vs 0.91/0.99/1.02x for 64x128, which stays faster non-causal (H200, run 11, NOTES.md).
 # dq tiles since the delta correction (a second fp32 accumulator): D=128 keeps 128x64 (140 B of spills): the
 # spill-free 128x32 was 25% slower on the H200 (run 9). D=256: of three pairs timed on the H200 (run 10), dK/dV
 # 32x64 + dq 64x64 was fastest (+25-60% over 64x64 + the spill-free 64x16) despite dq's spills (NOTES.md).
@@ -195,7 +197,7 @@ _FP32_BWD = {
 }
 # Triton interpreter (CPU tests): small, unequal tiles so that full/partial splits and multi-tile loops are hit.
 _INTERP_FWD = KernelConfig(32, 16, 4, 1)
-_INTERP_BWD = BackwardConfig(KernelConfig(16, 32, 4, 1), KernelConfig(32, 16, 4, 1), pre_block_m=32)
+_INTERP_BWD = BackwardConfig(KernelConfig(16, 32, 4, 1), KernelConfig(32, 16, 4, 1))
 
 
 def _table_fwd(arch_major: int, block_d: int, causal: bool) -> KernelConfig:
@@ -240,8 +242,7 @@ def _backward_config(device_index: int, dtype: torch.dtype, block_d: int, causal
     arch = _arch(device_index, arch_override)
     elem = 4 if dtype == torch.float32 else 2
     cfg = _table_bwd(arch[0], block_d, causal) if elem == 2 else _FP32_BWD[(block_d, causal)]
-    return BackwardConfig(_fit(cfg.dkdv, block_d, elem, arch, "n"), _fit(cfg.dq, block_d, elem, arch, "mm"),
-                          cfg.pre_block_m)
+    return BackwardConfig(_fit(cfg.dkdv, block_d, elem, arch, "n"), _fit(cfg.dq, block_d, elem, arch, "mm"))
 
 
 @dataclass(frozen=True)

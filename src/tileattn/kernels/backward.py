@@ -1,9 +1,9 @@
 """Backward kernels (FlashAttention-2 style, deterministic, no atomics).
 
-1. ``_bwd_preprocess``: delta = rowsum(dO * O) - dlse (fp32, lse's layout).
-2. ``_bwd_dq_kernel``: one program per (query tile, batch * q_head); key tiles are streamed. For fp16/bf16 it also
-   corrects delta for the rounding of O (exact sum_j P dP) and writes it back for step 3.
-3. ``_bwd_dkdv_kernel``: one program per (key tile, batch * kv_head). K and V stay in registers; the query tiles
+1. ``_bwd_dq_kernel``: one program per (query tile, batch * q_head); key tiles are streamed. It computes
+   delta = rowsum(dO * O) - dlse for its rows (no separate preprocess kernel); for fp16/bf16 it also corrects
+   delta for the rounding of O (exact sum_j P dP). It writes delta (fp32, lse's layout) for step 2.
+2. ``_bwd_dkdv_kernel``: one program per (key tile, batch * kv_head). K and V stay in registers; the query tiles
    of every query head of the GQA group are streamed, so dK/dV are summed over the group inside the program.
 With a sink, d(sink) = -sum over rows of exp(sink - lse) * delta, from the final delta, reduced in a fixed order.
 
@@ -21,42 +21,17 @@ from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_t
                      seq_bounds, store_tile, visible)
 
 
-# Value-specialised like any Triton kernel: do_not_specialize (needed by the forward, see forward.py) also drops the
-# divisible-by-16 hints, which halved the D=128 backward on the H200 (NOTES.md, v5); the backward kernels compile
-# fine when seqlen_k == 1 is constant-folded (benchmarks/compile_check.py's regression cases).
 @triton.jit
-def _bwd_preprocess(O, DO, DLSE, DELTA, CU_Q,
-                    stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
-                    q_heads, max_seqlen_q, num_m_tiles, dv,
-                    BLOCK_DV: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr, HAS_DLSE: tl.constexpr,
-                    IS_VARLEN: tl.constexpr):
-    """delta = rowsum(dO * O) - dlse per row (fp32, lse's layout)."""
-    pid = tl.program_id(0)
-    bh = pid // num_m_tiles
-    b = (bh // q_heads).to(tl.int64)
-    h = bh % q_heads
-    q_start, seqlen_q = seq_bounds(CU_Q, b, max_seqlen_q, IS_VARLEN)
-    rows = (pid % num_m_tiles) * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, BLOCK_DV)
-    o = load_tile(O + b * stride_ob + (q_start + rows[:, None]).to(tl.int64) * stride_os + h * stride_oh
-                  + offs_d[None, :], rows, seqlen_q, offs_d, dv, True, EVEN_DV)
-    do = load_tile(DO + b * stride_dob + (q_start + rows[:, None]).to(tl.int64) * stride_dos + h * stride_doh
-                   + offs_d[None, :], rows, seqlen_q, offs_d, dv, True, EVEN_DV)
-    delta = tl.sum(o.to(tl.float32) * do.to(tl.float32), 1)
-    row = b * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows
-    in_seq = rows < seqlen_q
-    if HAS_DLSE:
-        delta -= tl.load(DLSE + row, mask=in_seq, other=0.0)
-    tl.store(DELTA + row, delta, mask=in_seq)
+def _load_lse(LSE, rows, seqlen_q):
+    """lse in log2 units (+inf for padding rows and rows that saw no key, so their p is 0)."""
+    lse = tl.load(LSE + rows, mask=rows < seqlen_q, other=float("inf"))
+    return tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
 
 
 @triton.jit
 def _load_row_stats(LSE, DELTA, rows, seqlen_q):
-    """lse in log2 units (+inf for padding rows and rows that saw no key, so their p is 0) and delta."""
-    lse = tl.load(LSE + rows, mask=rows < seqlen_q, other=float("inf"))
-    lse = tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
-    delta = tl.load(DELTA + rows, mask=rows < seqlen_q, other=0.0)
-    return lse, delta
+    """lse (as ``_load_lse``) and delta."""
+    return _load_lse(LSE, rows, seqlen_q), tl.load(DELTA + rows, mask=rows < seqlen_q, other=0.0)
 
 
 @triton.jit
@@ -94,7 +69,10 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qs, stride_dos
     return dk, dv
 
 
-@triton.jit  # value-specialised: see _bwd_preprocess
+# Value-specialised like any Triton kernel: do_not_specialize (needed by the forward, see forward.py) also drops the
+# divisible-by-16 hints, which halved the D=128 backward on the H200 (NOTES.md, v5); the backward kernels compile
+# fine when seqlen_k == 1 is constant-folded (benchmarks/compile_check.py's regression cases).
+@triton.jit
 def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
@@ -205,24 +183,28 @@ def _dq_tiles(dq, pk, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride
     return dq, pk, dsum
 
 
-@triton.jit  # value-specialised: see _bwd_preprocess
-def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIBI, RNG,
+@triton.jit  # value-specialised: see _bwd_dkdv_kernel
+def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIBI, RNG,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
-                   stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
+                   stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
+                   stride_dob, stride_dos, stride_doh,
                    stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ab,
                    q_heads, group, max_seqlen_q, max_seqlen_k, num_m_tiles,
                    qk_scale, sm_scale, softcap, win_left, win_right, dropout_p,
                    dqk, dim_v, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-                     EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
+                   EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                   FP32: tl.constexpr, HAS_DLSE: tl.constexpr, CORRECT: tl.constexpr):
-    """dQ of one query tile. CORRECT (fp16/bf16 by default; launched before the dK/dV kernel): the preprocess's
-    delta d~ = rowsum(dO * O) - dlse uses O rounded to the input dtype, which breaks the cancellation in
+                   FP32: tl.constexpr, HAS_DLSE: tl.constexpr, CORRECT: tl.constexpr, DELTA_CHUNK: tl.constexpr):
+    """dQ of one query tile; launched before the dK/dV kernel, for which it writes delta (lse's layout).
+
+    delta d~ = rowsum(dO * O) - dlse is computed here in the prologue, from O and dO (no separate
+    preprocess kernel, which cost a launch and a second read of O and dO: predicted ~4% at 16k tokens, D=128).
+    CORRECT (fp16/bf16 by default): d~ uses O rounded to the input dtype, which breaks the cancellation in
     dS = P (dP - delta) when the softmax is nearly one-hot. The exact delta is d = sum_j P dP - dlse, so with
     e = d - d~ the exact dQ is sum_j P (dP - d~) K - e * sum_j P K: the kernel accumulates the second sum too (one
-    more matmul), applies the correction, and writes d to DELTA for the dK/dV kernel."""
+    more matmul), applies the correction, and writes d to DELTA. Without CORRECT it writes d~."""
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     tile = pid % num_m_tiles
@@ -243,12 +225,23 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIBI, RNG,
     offs_dqk = tl.arange(0, BLOCK_DQK)
     offs_dv = tl.arange(0, BLOCK_DV)
     q_rows = (q_start + rows[:, None]).to(tl.int64)
+    do_ptrs = DO + b * stride_dob + h * stride_doh + q_rows * stride_dos
+    o_ptrs = O + b * stride_ob + h * stride_oh + q_rows * stride_os
+    delta = tl.zeros([BLOCK_M], dtype=tl.float32)
+    for d0 in tl.static_range(0, BLOCK_DV, DELTA_CHUNK):  # in column chunks: a whole O tile live
+        # beside q and dO made ptxas spill 6x more at D=128 (812 vs 140 B, sm_90a)
+        offs_c = d0 + tl.arange(0, DELTA_CHUNK)
+        o_c = load_tile(o_ptrs + offs_c[None, :], rows, seqlen_q, offs_c, dim_v, True, EVEN_DV)
+        do_c = load_tile(do_ptrs + offs_c[None, :], rows, seqlen_q, offs_c, dim_v, True, EVEN_DV)
+        delta += tl.sum(o_c.to(tl.float32) * do_c.to(tl.float32), 1)
     q = load_tile(Q + b * stride_qb + h * stride_qh + q_rows * stride_qs + offs_dqk[None, :],
                   rows, seqlen_q, offs_dqk, dqk, True, EVEN_DQK)
-    do = load_tile(DO + b * stride_dob + h * stride_doh + q_rows * stride_dos + offs_dv[None, :],
-                   rows, seqlen_q, offs_dv, dim_v, True, EVEN_DV)
+    do = load_tile(do_ptrs + offs_dv[None, :], rows, seqlen_q, offs_dv, dim_v, True, EVEN_DV)
     row0 = b * stride_lb + h.to(tl.int64) * stride_lh + q_start
-    lse, delta = _load_row_stats(LSE + row0, DELTA + row0, rows, seqlen_q)
+    if HAS_DLSE:
+        dlse = tl.load(DLSE + row0 + rows, mask=rows < seqlen_q, other=0.0)
+        delta -= dlse
+    lse = _load_lse(LSE + row0, rows, seqlen_q)
     k_ptrs = K + b * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh \
         + offs_n[:, None] * stride_ks + offs_dqk[None, :]
     v_ptrs = V + b * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh \
@@ -279,9 +272,10 @@ def _bwd_dq_kernel(Q, K, V, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIBI, RNG,
                              HAS_ALIBI, HAS_DROPOUT, True, FP32, CORRECT)
     if CORRECT:
         if HAS_DLSE:
-            dsum -= tl.load(DLSE + row0 + rows, mask=rows < seqlen_q, other=0.0)
+            dsum -= dlse
         dq -= (dsum - delta)[:, None] * pk
-        tl.store(DELTA + row0 + rows, dsum, mask=rows < seqlen_q)
+        delta = dsum
+    tl.store(DELTA + row0 + rows, delta, mask=rows < seqlen_q)
     dq = dq * sm_scale
     store_tile(DQ + b * stride_dqb + h * stride_dqh + q_rows * stride_dqs + offs_dqk[None, :],
                dq.to(DQ.dtype.element_ty), rows, seqlen_q, offs_dqk, dqk, EVEN_DQK)
@@ -350,31 +344,24 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv):
     delta = torch.empty_like(lse)
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
-    # fp16/bf16: the dQ kernel corrects delta for the rounding of O (see _bwd_dq_kernel) and runs first, so the
-    # dK/dV kernel and d(sink) (attention_backward) use the corrected delta. fp32 keeps O unrounded: its rowsum is
+    # The dQ kernel computes delta and runs first. fp16/bf16: it corrects delta for the rounding of O (see
+    # _bwd_dq_kernel), so the dK/dV kernel and d(sink) (attention_backward) use the corrected delta. fp32 keeps O unrounded: its rowsum is
     # already exact. TILEATTN_ROUNDED_DELTA=1 turns the correction off (FlashAttention's delta; to measure its
     # cost).
     correct = not fp32 and not configs.rounded_delta()
-    num_m_pre = configs.cdiv(p.max_seqlen_q, cfg.pre_block_m)
-    _bwd_preprocess[(num_m_pre * batch * q_heads,)](
-        out, dout, dlse if dlse is not None else dummy, delta, cu_q,
-        sb(out), out.stride(1), out.stride(2), sb(dout), dout.stride(1), dout.stride(2), stride_lb, stride_lh,
-        q_heads, p.max_seqlen_q, num_m_pre, dim_v,
-        BLOCK_DV=block_dv, EVEN_DV=block_dv == dim_v, BLOCK_M=cfg.pre_block_m, HAS_DLSE=dlse is not None,
-        IS_VARLEN=p.varlen,
-    )
     qc = cfg.dq
     num_m_tiles = configs.cdiv(p.max_seqlen_q, qc.block_m)
     _bwd_dq_kernel[(num_m_tiles * batch * q_heads,)](
-        q, k, v, dout, lse, delta, dlse if dlse is not None else dummy, dq, cu_q, cu_k, alibi, rng,
+        q, k, v, out, dout, lse, delta, dlse if dlse is not None else dummy, dq, cu_q, cu_k, alibi, rng,
         sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2),
-        sb(v), v.stride(1), v.stride(2), sb(dout), dout.stride(1), dout.stride(2),
-        sb(dq), dq.stride(1), dq.stride(2), stride_lb, stride_lh, p.alibi_stride_b,
+        sb(v), v.stride(1), v.stride(2), sb(out), out.stride(1), out.stride(2), sb(dout), dout.stride(1),
+        dout.stride(2), sb(dq), dq.stride(1), dq.stride(2), stride_lb, stride_lh, p.alibi_stride_b,
         q_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
         p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
         dqk, dim_v, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
         EVEN_DV=block_dv == dim_v, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, **flags,
-        HAS_DLSE=dlse is not None, CORRECT=correct, num_warps=qc.num_warps, num_stages=qc.num_stages,
+        HAS_DLSE=dlse is not None, CORRECT=correct, DELTA_CHUNK=min(32, block_dv), num_warps=qc.num_warps,
+        num_stages=qc.num_stages,
     )
 
     kv = cfg.dkdv
