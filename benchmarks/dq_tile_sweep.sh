@@ -3,12 +3,34 @@
 # anchor in the first invocation of each set. Usage: OUT=dir bash benchmarks/dq_tile_sweep.sh [run10|next]
 #   run10: the set timed in session 3 (results/dq_tiles_h200_run10_*); next: D=128 causal dK/dV candidates
 #   (ptxas, sm_90a, with the delta correction: 64x128x8x3 spills 132 B causal, 64x64x8x3 0 B, 32x128x8x3 48 B).
+#   run12: D=128 causal around 32x128 (stages, warps; ptxas: 8w x 2 and x 4 stages spill nothing) and D=64 dK/dV
+#   and dQ neighbours, at the cells closest to 1.0x FA2 (D=128 causal 1k; D=64 1k and 16k).
 set -u
 OUT="${OUT:-gpu_logs}"
-run() {  # head_dim providers dkdv dq tag
-  TILEATTN_BWD_CONFIG="$3,$4" python3 -m tileattn.bench --head-dims "$1" --seqlens 1k,4k,16k --modes bwd \
-    --providers "$2" --out-dir "$OUT" --prefix "dq_$5" --no-plot --warmup 50 --rep 30 2>&1 | grep -A12 "== bwd" | grep -v "^$"
+run() {  # head_dim providers dkdv dq tag [causal: both|true|false] [seqlens]
+  TILEATTN_BWD_CONFIG="$3,$4" python3 -m tileattn.bench --head-dims "$1" --seqlens "${7:-1k,4k,16k}" --modes bwd \
+    --causal "${6:-both}" --providers "$2" --out-dir "$OUT" --prefix "dq_$5" --no-plot --warmup 50 --rep 30 2>&1 \
+    | grep -A12 "== bwd" | grep -v "^$"
 }
+if [ "${1:-run10}" = run12 ]; then
+  c128() { run 128 "$1" "$2" "$3" "d128c_$4" true 1k,4k; }
+  c128 tileattn,sdpa_flash 32,128,8,3 128,64,8,3 table
+  c128 tileattn 32,128,8,2 128,64,8,3 dkdv32x128s2
+  c128 tileattn 32,128,8,4 128,64,8,3 dkdv32x128s4
+  c128 tileattn 16,128,8,3 128,64,8,3 dkdv16x128
+  c128 tileattn 32,128,8,3 128,64,8,2 dq128x64s2
+  c128 tileattn 32,128,8,3 128,64,8,4 dq128x64s4
+  d64() { run 64 "$1" "$2" "$3" "d64_$4" both 1k,16k; }
+  d64 tileattn,sdpa_flash 32,64,4,3 128,64,8,3 table
+  d64 tileattn 64,64,4,3 128,64,8,3 dkdv64x64w4
+  d64 tileattn 64,64,8,3 128,64,8,3 dkdv64x64w8
+  d64 tileattn 32,128,8,3 128,64,8,3 dkdv32x128
+  d64 tileattn 64,128,8,3 128,64,8,3 dkdv64x128
+  d64 tileattn 32,64,4,4 128,64,8,3 dkdv32x64s4
+  d64 tileattn 32,64,4,3 128,128,8,2 dq128x128
+  d64 tileattn 32,64,4,3 128,64,8,4 dq128x64s4
+  exit 0
+fi
 if [ "${1:-run10}" = next ]; then
   run 128 tileattn,sdpa_flash 64,128,8,3 128,64,8,3 d128_table
   run 128 tileattn 64,64,8,3 128,64,8,3 d128_dkdv64x64
