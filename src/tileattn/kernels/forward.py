@@ -35,9 +35,8 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
     USE_TMA: K/V tiles come through host-built 4-D tensor descriptors (B, S, Hkv, D) with block
     (1, BLOCK_N, 1, BLOCK_D) (TMA on Hopper; rows past the tensor and columns past the head dim read as zero)
     instead of pointer loads. Rows past the sequence inside the tensor (varlen) are masked like any key tail."""
-    # Masked tiles are few (the causal diagonal): no software pipelining for them, which saves registers. With a
-    # left window bound the edge loops run on every program beside a short full loop: pipelined there.
-    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED and not HAS_LEFT else None):
+    # Masked tiles are few (the diagonal / the edges): no software pipelining for them, which saves registers.
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
         cols = start_n + offs_n
         if USE_TMA:
             k = K_DESC.load([desc_b, desc_row0 + start_n, hk, 0]).reshape([BLOCK_N, BLOCK_DQK])
