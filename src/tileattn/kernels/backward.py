@@ -17,8 +17,8 @@ import triton
 import triton.language as tl
 
 from .. import autotune, configs
-from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, program_tile, q_tile_range,
-                     scores, seq_bounds, store_tile, visible)
+from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, q_tile_range, scores,
+                     seq_bounds, store_tile, visible)
 
 
 @triton.jit
@@ -86,9 +86,9 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
                      FP32: tl.constexpr):
-    # causal: low key tiles have the most work; program_tile's reversed order puts them first
-    bhk, tile = program_tile(num_n_tiles, HAS_RIGHT and not HAS_LEFT)
-    start_n = (num_n_tiles - 1 - tile) * BLOCK_N if HAS_RIGHT and not HAS_LEFT else tile * BLOCK_N
+    pid = tl.program_id(0)
+    bhk = pid // num_n_tiles
+    start_n = (pid % num_n_tiles) * BLOCK_N  # causal: low key tiles have the most work and run first
     b = (bhk // kv_heads).to(tl.int64)
     hk = bhk % kv_heads
     q_start, seqlen_q = seq_bounds(CU_Q, b, max_seqlen_q, IS_VARLEN)
@@ -205,7 +205,11 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIBI, RNG,
     dS = P (dP - delta) when the softmax is nearly one-hot. The exact delta is d = sum_j P dP - dlse, so with
     e = d - d~ the exact dQ is sum_j P (dP - d~) K - e * sum_j P K: the kernel accumulates the second sum too (one
     more matmul), applies the correction, and writes d to DELTA. Without CORRECT it writes d~."""
-    bh, tile = program_tile(num_m_tiles, HAS_RIGHT and not HAS_LEFT)
+    pid = tl.program_id(0)
+    bh = pid // num_m_tiles
+    tile = pid % num_m_tiles
+    if HAS_RIGHT and not HAS_LEFT:
+        tile = num_m_tiles - 1 - tile  # causal: longest tiles first
     b = (bh // q_heads).to(tl.int64)
     h = bh % q_heads
     hk = h // group

@@ -77,22 +77,6 @@ def store_tile(ptrs, x, offs_row, n_rows, offs_d, head_dim, EVEN_D: tl.constexpr
 
 
 @triton.jit
-def program_tile(num_tiles, LONGEST_FIRST: tl.constexpr):
-    """(batch * head index, tile index) of this program, for a 1-D grid of num_tiles * batch * heads programs.
-
-    Default: head-major, so the programs that run together share one head's K/V in L2. LONGEST_FIRST (causal,
-    where tile t's work grows with t): tile-major over all heads, highest tile first, so every head's longest
-    program is dispatched before any shorter one and the last wave holds the shortest (longest-processing-time
-    order; head-major left a whole head's longest tiles in the last wave at short seqlens)."""
-    pid = tl.program_id(0)
-    if LONGEST_FIRST:
-        heads = tl.num_programs(0) // num_tiles
-        return pid % heads, num_tiles - 1 - pid // heads
-    else:
-        return pid // num_tiles, pid % num_tiles
-
-
-@triton.jit
 def seq_bounds(CU, b, max_seqlen, IS_VARLEN: tl.constexpr):
     """(start row, length) of sequence b: from cumulative lengths when varlen, else (0, max_seqlen)."""
     if IS_VARLEN:

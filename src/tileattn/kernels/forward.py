@@ -13,8 +13,8 @@ import triton
 import triton.language as tl
 
 from .. import autotune, configs
-from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, program_tile, scores,
-                     seq_bounds, store_tile, visible)
+from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, scores, seq_bounds,
+                     store_tile, visible)
 
 
 @triton.jit
@@ -103,7 +103,11 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_DESC, B
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 IS_VARLEN: tl.constexpr, FP32: tl.constexpr, USE_TMA: tl.constexpr, PAGED: tl.constexpr):
-    bh, tile = program_tile(num_m_tiles, HAS_RIGHT and not HAS_LEFT)
+    pid = tl.program_id(0)
+    bh = pid // num_m_tiles
+    tile = pid % num_m_tiles
+    if HAS_RIGHT and not HAS_LEFT:
+        tile = num_m_tiles - 1 - tile  # causal: longest tiles first
     b = bh // q_heads
     h = bh % q_heads
     hk = h // group
