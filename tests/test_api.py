@@ -210,3 +210,33 @@ def test_sequence_too_long_for_int32_offsets():
     with pytest.raises(ValueError, match=r"\bk\b.*32-bit"):
         check_int32_offsets("k", big, big.shape[1])
     check_int32_offsets("k", big[:, : 2 ** 20 - 1], 2 ** 20 - 1)  # just under: accepted
+
+
+def test_every_addressed_tensor_gets_the_int32_offset_check(monkeypatch):
+    """dout (any strides, from autograd or from a caller of the shim's private functions) and the shim's q/k/v/out
+    reach kernels that use 32-bit in-sequence offsets: each must pass check_int32_offsets (spied here: a 2**31
+    span needs 4 GB, too much for a test)."""
+    import tileattn.api as api
+    from tileattn.compat.flash_attn import flash_attn_interface as fi
+    seen = []
+    real = api.check_int32_offsets
+
+    def spy(name, t, seqlen):
+        seen.append((name, tuple(t.shape), int(seqlen)))
+        return real(name, t, seqlen)
+    monkeypatch.setattr(api, "check_int32_offsets", spy)
+    monkeypatch.setattr(fi, "check_int32_offsets", spy)
+    gen = torch.Generator().manual_seed(5)
+    q, k, v = (torch.randn(1, 5, 2, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
+    out = tileattn.attention(q, k, v)
+    seen.clear()
+    out.backward(torch.randn(1, 5, 2, 16, generator=gen).to(DEVICE).transpose(1, 2).contiguous().transpose(1, 2))
+    assert [s[0] for s in seen] == ["dout"] and seen[0][2] == 5
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    seen.clear()
+    o, lse, _, rng = fi._flash_attn_forward(qd, kd, vd, 0.0, 0.25, False, -1, -1, 0.0, None, False)
+    assert sorted(s[0] for s in seen) == ["k", "q", "v"]
+    seen.clear()
+    fi._flash_attn_backward(torch.ones_like(o), qd, kd, vd, o, lse, None, None, None, 0.0, 0.25, False, -1, -1, 0.0,
+                            None, False)
+    assert sorted(s[0] for s in seen) == ["dout", "k", "out", "q", "v"]

@@ -276,7 +276,9 @@ class _FlashAttention(torch.autograd.Function):
         max_q, max_k, scale, wl, wr, softcap, dropout_p, pack = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
-        g0, g1, g2, dsink = _bwd(_last_dim_contiguous(dout), q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k,
+        dout = _last_dim_contiguous(dout)
+        check_int32_offsets("dout", dout, max_q)  # any strides reach here, and the kernels' offsets are 32-bit
+        g0, g1, g2, dsink = _bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k,
                                  scale, wl, wr, softcap, alibi, sink, dropout_p, rng, pack)
         dsink = dsink.to(sink.dtype) if sink is not None else None
         grads = (g0, g1 if pack != 1 else None, g2 if pack == 0 else None)

@@ -27,7 +27,8 @@ from typing import Optional, Tuple
 import torch
 
 from ... import ops as _ops  # noqa: F401  (registers torch.ops.tileattn.fwd / bwd)
-from ...api import _last_dim_contiguous, check_features, check_qkv, check_varlen, check_window, new_rng_state
+from ...api import (_last_dim_contiguous, check_features, check_int32_offsets, check_qkv, check_varlen, check_window,
+                    new_rng_state)
 from ...flash_api import (flash_attn_func, flash_attn_kvpacked_func, flash_attn_qkvpacked_func,
                           flash_attn_varlen_func, flash_attn_varlen_kvpacked_func, flash_attn_varlen_qkvpacked_func,
                           flash_attn_with_kvcache)
@@ -91,6 +92,12 @@ def _kernel_view(t, varlen):
     return t.unsqueeze(0) if varlen else t
 
 
+def _check_offsets(varlen, max_q, max_k, **tensors):
+    """api.check_int32_offsets for every tensor the kernels address (the private functions take any strides)."""
+    for name, t in tensors.items():
+        check_int32_offsets(name, _kernel_view(t, varlen), max_k if name in ("k", "v") else max_q)
+
+
 def _check_like(name, t, shape, device, dtype=None):
     if not isinstance(t, torch.Tensor):
         raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
@@ -109,6 +116,7 @@ def _forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal
         q, k, v, causal, softmax_scale, window_size_left, window_size_right, softcap, alibi_slopes, dropout_p,
         cu_q, cu_k, max_q, max_k)
     varlen = cu_q is not None
+    _check_offsets(varlen, max_q, max_k, q=q, k=k, v=v)
     rng = new_rng_state(q.device) if dropout_p > 0 else None
     with torch.no_grad():
         out, lse = torch.ops.tileattn.fwd(_kernel_view(q, varlen), _kernel_view(k, varlen), _kernel_view(v, varlen),
@@ -204,6 +212,7 @@ def _backward(dout, q, k, v, out, softmax_lse, dq, dk, dv, cu_q, cu_k, max_q, ma
     _check_like("out", out, out_shape, q.device)
     if dout.dtype != q.dtype or out.dtype != q.dtype:
         raise TypeError(f"dout and out must have q's dtype {q.dtype}, got {dout.dtype} and {out.dtype}")
+    _check_offsets(varlen, max_q, max_k, q=q, k=k, v=v, out=out, dout=dout)
     q_heads = q.shape[-2]
     lse_shape = (q_heads, q.shape[0]) if varlen else (batch, q_heads, q.shape[1])
     _check_like("softmax_lse", softmax_lse, lse_shape, q.device, torch.float32)
