@@ -200,7 +200,7 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIBI, RNG,
     """dQ of one query tile; launched before the dK/dV kernel, for which it writes delta (lse's layout).
 
     delta d~ = rowsum(dO * O) - dlse is computed here in the prologue, from O and dO (no separate
-    preprocess kernel, which cost a launch and a second read of O and dO: predicted ~4% at 16k tokens, D=128).
+    preprocess kernel and its launch; measured within ±1% of the separate kernel on the H200, run 11b).
     CORRECT (fp16/bf16 by default): d~ uses O rounded to the input dtype, which breaks the cancellation in
     dS = P (dP - delta) when the softmax is nearly one-hot. The exact delta is d = sum_j P dP - dlse, so with
     e = d - d~ the exact dQ is sum_j P (dP - d~) K - e * sum_j P K: the kernel accumulates the second sum too (one
