@@ -5,6 +5,7 @@
 #   (ptxas, sm_90a, with the delta correction: 64x128x8x3 spills 132 B causal, 64x64x8x3 0 B, 32x128x8x3 48 B).
 #   run12: D=128 causal around 32x128 (stages, warps; ptxas: 8w x 2 and x 4 stages spill nothing) and D=64 dK/dV
 #   and dQ neighbours, at the cells closest to 1.0x FA2 (D=128 causal 1k; D=64 1k and 16k).
+#   d256: D=256 pairs re-chosen by ptxas after the int32 index fix (not yet timed).
 set -u
 OUT="${OUT:-gpu_logs}"
 run() {  # head_dim providers dkdv dq tag [causal: both|true|false] [seqlens]
@@ -12,6 +13,14 @@ run() {  # head_dim providers dkdv dq tag [causal: both|true|false] [seqlens]
     --causal "${6:-both}" --providers "$2" --out-dir "$OUT" --prefix "dq_$5" --no-plot --warmup 50 --rep 30 2>&1 \
     | grep -A12 "== bwd" | grep -v "^$"
 }
+if [ "${1:-run10}" = d256 ]; then  # after the int32 fix (562799f); ptxas sm_90a spill stores in brackets
+  d256() { run 256 "$1" "$2" "$3" "d256_$4" both 1k,4k,16k; }
+  d256 tileattn,sdpa_flash 32,64,8,2 64,64,8,2 table      # dK/dV 0 B, dQ 612 B
+  d256 tileattn 32,64,8,2 64,32,8,2 dq64x32               # dQ 84 B
+  d256 tileattn 64,64,8,2 64,32,8,2 dkdv64x64_dq64x32     # dK/dV 280 B
+  d256 tileattn 32,64,8,3 64,32,8,3 stages3
+  exit 0
+fi
 if [ "${1:-run10}" = run12 ]; then
   c128() { run 128 "$1" "$2" "$3" "d128c_$4" true 1k,4k; }
   c128 tileattn,sdpa_flash 32,128,8,3 128,64,8,3 table
