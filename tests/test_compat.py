@@ -393,6 +393,31 @@ def test_private_forward_backward_match_public(fa, case):
     assert torch.equal(dk_only, bufs[1])
 
 
+def test_private_backward_reads_strided_out_and_dout(fa):
+    """out and dout as views with padded rows (last dim contiguous, other strides not): the dQ kernel reads O and
+    dO through their own strides for delta, so the gradients equal those of contiguous copies."""
+    from flash_attn.flash_attn_interface import _flash_attn_backward, _flash_attn_forward
+
+    q, k, v, dout, f = _case_inputs("causal-gqa", seed=57)
+    qd, kd, vd = (t.detach() for t in (q, k, v))
+    out, lse, _, rng_state = _flash_attn_forward(qd, kd, vd, 0.0, 0.3, True, -1, 0, 0.0, None, False)
+
+    def padded(t, extra):  # same values, every row padded: strides (.., H * (D + extra), D + extra, 1)
+        big = torch.full(t.shape[:-1] + (t.shape[-1] + extra,), float("nan"), dtype=t.dtype, device=t.device)
+        big[..., : t.shape[-1]] = t
+        return big[..., : t.shape[-1]]
+    out_s, dout_s = padded(out, 3), padded(dout, 5)  # different paddings: a mixed-up stride shows
+    assert not out_s.is_contiguous() and out_s.stride(-1) == 1
+    grads = []
+    for o, g in ((out, dout), (out_s, dout_s)):
+        bufs = [torch.full_like(t, float("nan")) for t in (qd, kd, vd)]
+        _flash_attn_backward(g, qd, kd, vd, o, lse, *bufs, 0.0, 0.3, True, -1, 0, 0.0, None, False,
+                             rng_state=rng_state)
+        grads.append(bufs)
+    for name, a, b in zip(("dq", "dk", "dv"), *grads):
+        assert torch.equal(a, b), f"{name} differs with strided out/dout"
+
+
 def test_private_varlen_match_public(fa):
     from flash_attn import flash_attn_varlen_func
     from flash_attn.flash_attn_interface import _flash_attn_varlen_backward, _flash_attn_varlen_forward

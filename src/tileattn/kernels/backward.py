@@ -345,9 +345,9 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv):
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
     # The dQ kernel computes delta and runs first. fp16/bf16: it corrects delta for the rounding of O (see
-    # _bwd_dq_kernel), so the dK/dV kernel and d(sink) (attention_backward) use the corrected delta. fp32 keeps O unrounded: its rowsum is
-    # already exact. TILEATTN_ROUNDED_DELTA=1 turns the correction off (FlashAttention's delta; to measure its
-    # cost).
+    # _bwd_dq_kernel), so the dK/dV kernel and d(sink) (attention_backward) use the corrected delta. fp32 keeps O
+    # unrounded: its rowsum is already exact. TILEATTN_ROUNDED_DELTA=1 turns the correction off (FlashAttention's
+    # delta; to measure its cost).
     correct = not fp32 and not configs.rounded_delta()
     qc = cfg.dq
     num_m_tiles = configs.cdiv(p.max_seqlen_q, qc.block_m)
