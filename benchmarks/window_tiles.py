@@ -1,6 +1,7 @@
 """Tile counts for a sliding window: tiles per program, masked share, visited / useful query-key pairs.
 
-For the forward (64x64), dQ (128x64) and dK/dV (64x128) tiles of the sm90 D=128 tables. The tile bounds are a
+For the forward (64x64), dQ (128x64) and dK/dV (32x128; 64x128 before cc6f121) tiles of the sm90 D=128 tables
+(a window uses the causal entries), and smaller candidates for a window-specific entry. The tile bounds are a
 Python copy of ``kv_tile_range`` / ``q_tile_range`` (src/tileattn/kernels/common.py, Sq == Sk so diag = 0), so
 this runs anywhere. Usage: python benchmarks/window_tiles.py [left right]   (default 512 512)
 """
@@ -70,7 +71,10 @@ def main(argv):
     for seqlen in (2048, 4096, 8192):
         useful = useful_pairs(seqlen, left, right)
         for name, block_m, block_n, per_query in (("fwd 64x64", 64, 64, True), ("dq 128x64", 128, 64, True),
-                                                  ("dkdv 64x128", 64, 128, False)):
+                                                  ("dkdv 32x128", 32, 128, False),
+                                                  ("dq 64x64 (candidate)", 64, 64, True),
+                                                  ("dkdv 32x64 (candidate)", 32, 64, False),
+                                                  ("dkdv 64x64 (candidate)", 64, 64, False)):
             full, masked, programs = tile_counts(seqlen, left, right, block_m, block_n, per_query)
             visited = (full + masked) * block_m * block_n
             print(f"S={seqlen} {name}: tiles/program {(full + masked) / programs:.1f} "
