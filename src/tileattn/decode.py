@@ -1,7 +1,7 @@
 """``flash_attn_with_kvcache``: decode / chunked prefill against a KV cache (contiguous or paged), split-KV.
 
-Status: tested in Triton's interpreter and on an H200 (sessions 2-3, ``cache_leftpad`` included); speed in
-BENCHMARKS.md (issue 5). CUDA-graph capture (host reads skipped) is not yet run on a GPU.
+Status: tested in Triton's interpreter and on an H200 (sessions 2-4, ``cache_leftpad`` and CUDA-graph capture
+with host reads skipped included); speed in BENCHMARKS.md (issue 5).
 """
 
 import math

@@ -20,7 +20,7 @@ from .api import (_last_dim_contiguous, attention_impl, check_block_table, check
 from .decode import flash_attn_with_kvcache  # noqa: F401  (re-exported: flash-attn's decode entry point)
 from .kernels.dropout import dropout_keep_mask
 from .kernels.forward import attention_forward
-from .kernels.params import AttnParams
+from .ops import make_params
 
 
 def _finish(out, lse, rng, dropout_p, return_attn_probs, batch, q_heads, max_q, max_k):
@@ -152,9 +152,7 @@ def _run_paged(q, k, v, block_table, cu_q, cu_k, max_q, max_k, dropout_p, softma
     softcap, alibi_slopes, sink, dropout_p = check_features(q, batch, q_heads, softcap, alibi_slopes, sink,
                                                             dropout_p)
     rng = new_rng_state(q.device) if dropout_p > 0 else None
-    p = AttnParams(batch=batch, max_seqlen_q=max_q, max_seqlen_k=max_k, softmax_scale=scale,
-                   window_left=window[0], window_right=window[1], softcap=softcap, alibi_slopes=alibi_slopes,
-                   sink=sink.float() if sink is not None else None, dropout_p=dropout_p, rng=rng,
-                   cu_seqlens_q=cu_q, cu_seqlens_k=cu_k)
+    p = make_params(q, cu_q, cu_k, max_q, max_k, scale, window[0], window[1], softcap, alibi_slopes, sink,
+                    dropout_p, rng)
     out, lse = attention_forward(_last_dim_contiguous(q).unsqueeze(0), k, v, p, block_table=block_table)
     return _finish(out[0], lse, rng, dropout_p, return_attn_probs, batch, q_heads, max_q, max_k)
