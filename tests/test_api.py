@@ -226,6 +226,7 @@ def test_every_addressed_tensor_gets_the_int32_offset_check(monkeypatch):
         return real(name, t, seqlen)
     monkeypatch.setattr(api, "check_int32_offsets", spy)
     monkeypatch.setattr(fi, "check_int32_offsets", spy)
+    monkeypatch.setattr(tileattn.flash_api, "check_int32_offsets", spy)
     gen = torch.Generator().manual_seed(5)
     q, k, v = (torch.randn(1, 5, 2, 16, generator=gen).to(DEVICE).requires_grad_() for _ in range(3))
     out = tileattn.attention(q, k, v)
@@ -240,3 +241,11 @@ def test_every_addressed_tensor_gets_the_int32_offset_check(monkeypatch):
     fi._flash_attn_backward(torch.ones_like(o), qd, kd, vd, o, lse, None, None, None, 0.0, 0.25, False, -1, -1, 0.0,
                             None, False)
     assert sorted(s[0] for s in seen) == ["dout", "k", "out", "q", "v"]
+    # the paged varlen forward: q's rows (the pages themselves are addressed with 64-bit offsets)
+    seen.clear()
+    cu = torch.tensor([0, 5], dtype=torch.int32, device=DEVICE)
+    table = torch.arange(2, dtype=torch.int32, device=DEVICE).view(1, 2)
+    kc = torch.randn(2, 4, 2, 16, generator=gen).to(DEVICE)  # 2 pages of 4 keys
+    vc = torch.randn(2, 4, 2, 16, generator=gen).to(DEVICE)
+    tileattn.flash_attn_varlen_func(qd[0], kc, vc, cu, cu, 5, 5, block_table=table)
+    assert [s[0] for s in seen] == ["q"] and seen[0][2] == 5

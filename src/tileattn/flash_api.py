@@ -15,8 +15,8 @@ from typing import Optional
 
 import torch
 
-from .api import (_last_dim_contiguous, attention_impl, check_block_table, check_features, check_qkv, check_varlen,
-                  check_window, new_rng_state)
+from .api import (_last_dim_contiguous, attention_impl, check_block_table, check_features, check_int32_offsets,
+                  check_qkv, check_varlen, check_window, new_rng_state)
 from .decode import flash_attn_with_kvcache  # noqa: F401  (re-exported: flash-attn's decode entry point)
 from .kernels.dropout import dropout_keep_mask
 from .kernels.forward import attention_forward
@@ -154,5 +154,7 @@ def _run_paged(q, k, v, block_table, cu_q, cu_k, max_q, max_k, dropout_p, softma
     rng = new_rng_state(q.device) if dropout_p > 0 else None
     p = make_params(q, cu_q, cu_k, max_q, max_k, scale, window[0], window[1], softcap, alibi_slopes, sink,
                     dropout_p, rng)
-    out, lse = attention_forward(_last_dim_contiguous(q).unsqueeze(0), k, v, p, block_table=block_table)
+    qk = _last_dim_contiguous(q).unsqueeze(0)
+    check_int32_offsets("q", qk, max_q)  # as for every other forward (pages are addressed with 64-bit offsets)
+    out, lse = attention_forward(qk, k, v, p, block_table=block_table)
     return _finish(out[0], lse, rng, dropout_p, return_attn_probs, batch, q_heads, max_q, max_k)
