@@ -87,6 +87,11 @@ FEATURES = {
 }
 
 
+def consts_paged(consts):
+    """The paged forward is inference-only (flash_attn_varlen_func's block_table): it never keeps a residual."""
+    return bool(consts.get("PAGED"))
+
+
 def typical_ints(block_d: int, seqlen: int = 4096, heads: int = 16):
     """Integer arguments of a contiguous (B, S, H, D) launch, so the compile gets the launcher's hints (integers
     divisible by 16 are marked so unless the kernel lists them in do_not_specialize). Without them this script
@@ -109,7 +114,8 @@ def regression_cases(arch):
     consts = {"BLOCK_DQK": 32, "BLOCK_DV": 32, "EVEN_DQK": True, "EVEN_DV": True, "BLOCK_M": cfg.block_m,
               "BLOCK_N": cfg.block_n, "HAS_LEFT": False, "HAS_RIGHT": True, "HAS_SOFTCAP": False, "HAS_ALIBI": False,
               "HAS_SINK": False, "HAS_DROPOUT": False, "IS_VARLEN": False, "FP32": False, "USE_TMA": False,
-              "CORRECT": True, "DELTA_CHUNK": 32, "HAS_DLSE": False, "PAGED": False}
+              "CORRECT": False, "HAS_RESID": True, "STORE_RESID": True, "DELTA_CHUNK": 32, "HAS_DLSE": False,
+              "PAGED": False}
     for dtype in ("fp16", "bf16"):
         for fn in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel):
             # the failing test's launch: q (2, 17, 2, 32), k/v (2, 1, 1, 32), contiguous
@@ -178,14 +184,17 @@ def main():
                 base = {"BLOCK_DQK": block_d, "BLOCK_DV": block_d, "HAS_LEFT": False, "HAS_RIGHT": causal,
                         "HAS_SOFTCAP": False, "HAS_ALIBI": False, "HAS_SINK": False, "HAS_DROPOUT": False,
                         "IS_VARLEN": False, "FP32": False, "HAS_DLSE": False, "EVEN_DQK": True, "EVEN_DV": True,
-                        "USE_TMA": False, "CORRECT": True, "DELTA_CHUNK": 32, "PAGED": False, **f}
+                        "USE_TMA": False, "CORRECT": False, "HAS_RESID": True, "STORE_RESID": True,
+                        "DELTA_CHUNK": 32, "PAGED": False, **f}
                 rows = [("fwd", _fwd_kernel, fc), ("dkdv", _bwd_dkdv_kernel, bc.dkdv), ("dq", _bwd_dq_kernel, bc.dq)]
                 if arch >= 90:  # the opt-in TMA forward (TILEATTN_TMA=1)
                     rows.insert(1, ("fwd+tma", _fwd_kernel, fc))
-                rows.append(("dq rounded", _bwd_dq_kernel, bc.dq))  # TILEATTN_ROUNDED_DELTA=1
+                # the other delta modes (configs.delta_mode): TILEATTN_DELTA=correct / rounded
+                rows += [("dq correct", _bwd_dq_kernel, bc.dq), ("dq rounded", _bwd_dq_kernel, bc.dq)]
                 for name, fn, cfg in rows:
                     consts = {**base, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "USE_TMA": name == "fwd+tma",
-                              "CORRECT": name != "dq rounded"}
+                              "CORRECT": name == "dq correct", "HAS_RESID": name == "dq",
+                              "STORE_RESID": not consts_paged(base)}
                     try:
                         ints = typical_ints(block_d)
                         if consts.get("PAGED"):  # a paged launch: 16-key pages, 64 pages per sequence

@@ -57,12 +57,12 @@ if dev == "cuda":
     from torch.nn.attention import SDPBackend, sdpa_kernel
     from torch.nn.attention.bias import causal_lower_right
 
-    for mode in ("0", "1"):  # default (corrected delta), then TILEATTN_ROUNDED_DELTA=1 (FlashAttention's delta)
-        os.environ["TILEATTN_ROUNDED_DELTA"] = mode
+    for mode in ("residual", "correct", "rounded"):  # configs.delta_mode: the default, then the two others
+        os.environ["TILEATTN_DELTA"] = mode
         qq = q.detach().clone().requires_grad_()
         tileattn.attention(qq, k, v, causal=causal, softmax_scale=sc).backward(do)
-        print(f"tileattn{' (rounded delta)' if mode == '1' else ''}: {err(qq.grad):.4f}")
-    os.environ.pop("TILEATTN_ROUNDED_DELTA")
+        print(f"tileattn (TILEATTN_DELTA={mode}): {err(qq.grad):.4f}")
+    os.environ.pop("TILEATTN_DELTA")
     for name, be in (("sdpa_flash (FA2)", SDPBackend.FLASH_ATTENTION), ("sdpa_cudnn", SDPBackend.CUDNN_ATTENTION),
                      ("sdpa_efficient", SDPBackend.EFFICIENT_ATTENTION)):
         try:

@@ -1,12 +1,16 @@
-"""The backward's delta correction (fp16/bf16, on by default; see ``_bwd_dq_kernel``).
+"""The backward's exact delta for fp16/bf16 (``configs.delta_mode``; see ``_bwd_dq_kernel``).
 
 delta = rowsum(dO * O) with O rounded to the input dtype breaks the cancellation in dS = P (dP - delta) when a
 softmax row is nearly one-hot (GPU sweep config #200: FlashAttention-2, cuDNN and our uncorrected kernels all miss
-the accuracy rule there by ~1%). The dQ kernel accumulates the exact sum_j P dP and corrects dQ and delta.
+the accuracy rule there by ~1%). Two remedies: the forward keeps O's rounding residual r and delta =
+rowsum(dO * (O + r)) (default, "residual"), or the dQ kernel accumulates the exact sum_j P dP and corrects dQ and
+delta ("correct", no extra memory; also what the flash-attn shim's private backward uses).
 
-1. On #200's inputs the corrected gradients are far more accurate than the rounded-delta ones
-   (TILEATTN_ROUNDED_DELTA=1, the FlashAttention behaviour), for dq and dk.
-2. The rounded-delta mode (a benchmarking knob) still runs and still meets the rule on an ordinary case.
+1. On #200's inputs both remedies give gradients far more accurate than the rounded delta
+   (TILEATTN_DELTA=rounded, the FlashAttention behaviour), for dq and dk.
+2. The forward op keeps the residual only when it is used: fp16/bf16, a backward to come, "residual" mode; it is
+   out's rounding residual (|r| <= half an ulp of out).
+3. The rounded-delta mode (a benchmarking knob) still runs and still meets the rule on an ordinary case.
 """
 
 import pytest
@@ -15,6 +19,7 @@ import torch
 import test_backward
 import test_sweep
 import tileattn
+from tileattn import configs, ops
 from _helpers import HALF_DTYPES, make_gen, make_tensor, run_reference, seed_for
 
 
@@ -25,9 +30,10 @@ def _grad_errors(q, k, v, do, causal, scale):
     return [(g.double() - r.double()).abs().max().item() for g, r in zip((qq.grad, kk.grad), g_ref[:2])]
 
 
-def test_one_hot_softmax(monkeypatch):
+@pytest.mark.parametrize("mode", ["residual", "correct"])
+def test_one_hot_softmax(monkeypatch, mode):
     """Sweep config #200's inputs (its seed, whatever the size mode): the rounded-O delta costs dq and dk most of
-    their accuracy; the correction recovers it (>= 4x smaller error; CPU interpreter: dq 0.153 -> ~0.01)."""
+    their accuracy; either remedy recovers it (>= 4x smaller error; CPU interpreter: dq 0.153 -> ~0.01)."""
     idx = 200  # the GPU sweep's config #200 (tests/test_sweep.py draws it only in large mode)
     c = dict(B=1, Sq=1, Sk=26, Hq=4, Hkv=4, D=80, causal=True, dtype=torch.bfloat16, softmax_scale=1.2682,
              layout="contiguous")
@@ -37,15 +43,49 @@ def test_one_hot_softmax(monkeypatch):
     shapes = [(c["B"], c["Sq"], c["Hq"], c["D"]), (c["B"], c["Sk"], c["Hkv"], c["D"]),
               (c["B"], c["Sk"], c["Hkv"], c["D"]), (c["B"], c["Sq"], c["Hq"], c["D"])]
     q, k, v, do = (make_tensor(s, c["dtype"], gen, layout=c["layout"]) for s in shapes)
+    monkeypatch.setenv("TILEATTN_DELTA", mode)
     corrected = _grad_errors(q, k, v, do, c["causal"], c["softmax_scale"])
-    monkeypatch.setenv("TILEATTN_ROUNDED_DELTA", "1")
+    monkeypatch.setenv("TILEATTN_DELTA", "rounded")
     rounded = _grad_errors(q, k, v, do, c["causal"], c["softmax_scale"])
     for name, good, bad in zip(("dq", "dk"), corrected, rounded):
         assert good * 4 <= bad, (name, bad, good)
 
 
+@pytest.mark.parametrize("dtype", HALF_DTYPES + [torch.float32], ids=str)
+@pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
+def test_residual_kept_only_when_used(monkeypatch, dtype, varlen):
+    gen = make_gen(seed_for("residual", dtype, varlen))
+    q, k, v = (make_tensor((2, 37, 2, 24), dtype, gen) for _ in range(3))
+    args = [None, None, 37, 37, 0.3, -1, -1, 0.0, None, None, 0.0, None]
+    if varlen:  # two sequences of 20 and 17 packed in one (1, 37, H, D) "batch"
+        cu = torch.tensor([0, 20, 37], dtype=torch.int32, device=q.device)
+        q, k, v = (x[:1] for x in (q, k, v))
+        args[:4] = [cu, cu, 20, 20]
+    out, lse, resid = ops.fwd_impl(q, k, v, *args, True)
+    if dtype == torch.float32:
+        assert resid.numel() == 0
+        return
+    assert resid.shape == out.shape and resid.dtype == out.dtype and resid.stride() == out.stride()
+    # r = O_fp32 - O: at most half an ulp of O (round to nearest), and nonzero somewhere
+    ulp = torch.finfo(dtype).eps * out.float().abs()
+    assert (resid.float().abs() <= ulp / 2 + torch.finfo(dtype).tiny).all()
+    assert (resid != 0).any()
+    out2, lse2, none = ops.fwd_impl(q, k, v, *args, False)  # inference: not kept
+    assert none.numel() == 0 and torch.equal(out2, out) and torch.equal(lse2, lse)
+    for mode in ("correct", "rounded"):
+        monkeypatch.setenv("TILEATTN_DELTA", mode)
+        assert ops.fwd_impl(q, k, v, *args, True)[2].numel() == 0
+
+
+def test_bad_delta_mode(monkeypatch):
+    monkeypatch.setenv("TILEATTN_DELTA", "fast")
+    with pytest.raises(ValueError, match="TILEATTN_DELTA"):
+        configs.delta_mode(torch.bfloat16)
+
+
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
-def test_rounded_delta_mode(monkeypatch, dtype):
-    monkeypatch.setenv("TILEATTN_ROUNDED_DELTA", "1")
+@pytest.mark.parametrize("mode", ["correct", "rounded"])
+def test_other_delta_modes(monkeypatch, dtype, mode):
+    monkeypatch.setenv("TILEATTN_DELTA", mode)
     test_backward.test_gqa(test_backward.GQA_HEADS[-1], True, dtype)
     test_backward.test_grad_through_lse(dtype, True)

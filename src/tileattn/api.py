@@ -265,21 +265,23 @@ class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, c, sink, pack, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, dropout_p, rng):
         q, k, v = unpack_qkv(a, b, c, pack)
-        out, lse = _fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, sink, dropout_p, rng)
-        ctx.save_for_backward(q, k, v, out, lse, sink, cu_q, cu_k, alibi, rng)
+        # resid: out's rounding residual for an exact delta in the backward (empty when not kept: ops.fwd_impl)
+        out, lse, resid = _fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, sink, dropout_p,
+                               rng, True)
+        ctx.save_for_backward(q, k, v, out, lse, sink, cu_q, cu_k, alibi, rng, resid)
         ctx.args = (max_q, max_k, scale, wl, wr, softcap, dropout_p, pack)
         return out, lse
 
     @staticmethod
     def backward(ctx, dout, dlse):
-        q, k, v, out, lse, sink, cu_q, cu_k, alibi, rng = ctx.saved_tensors
+        q, k, v, out, lse, sink, cu_q, cu_k, alibi, rng, resid = ctx.saved_tensors
         max_q, max_k, scale, wl, wr, softcap, dropout_p, pack = ctx.args
         if dout is None:
             dout = torch.zeros_like(out)
         dout = _last_dim_contiguous(dout)
         check_int32_offsets("dout", dout, max_q)  # any strides reach here, and the kernels' offsets are 32-bit
         g0, g1, g2, dsink = _bwd(dout, q, k, v, out, lse, dlse, cu_q, cu_k, max_q, max_k,
-                                 scale, wl, wr, softcap, alibi, sink, dropout_p, rng, pack)
+                                 scale, wl, wr, softcap, alibi, sink, dropout_p, rng, pack, resid)
         dsink = dsink.to(sink.dtype) if sink is not None else None
         grads = (g0, g1 if pack != 1 else None, g2 if pack == 0 else None)
         return grads + (dsink,) + (None,) * 12
@@ -315,8 +317,8 @@ def attention_impl(q, k, v, *, softmax_scale: float, window: Tuple[int, int], so
                                          max_seqlen_k, softmax_scale, window[0], window[1], softcap, alibi_slopes,
                                          dropout_p, rng)
     else:  # inference: no graph to record, skip the autograd.Function
-        out, lse = _fwd(qv, kv_, vv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
-                        window[0], window[1], softcap, alibi_slopes, sink, dropout_p, rng)
+        out, lse, _ = _fwd(qv, kv_, vv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
+                           window[0], window[1], softcap, alibi_slopes, sink, dropout_p, rng)
     if varlen:
         out = out.squeeze(0)
     return out, lse, rng

@@ -52,9 +52,11 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 
 PROVIDERS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 # Opt-in experiments, measurable beside the default (not in the default list): tileattn_tma = the forward with
-# K/V through tensor descriptors (TILEATTN_TMA=1, sm_90+); tileattn_rounded = the backward without the delta
-# correction (TILEATTN_ROUNDED_DELTA=1, FlashAttention's delta: what the correction costs).
-ENV_PROVIDERS = {"tileattn_tma": "TILEATTN_TMA", "tileattn_rounded": "TILEATTN_ROUNDED_DELTA"}
+# K/V through tensor descriptors (TILEATTN_TMA=1, sm_90+); the backward's other delta modes (configs.delta_mode):
+# tileattn_correct = no stored residual, delta corrected in the dQ kernel (one more matmul per tile);
+# tileattn_rounded = FlashAttention's delta from the rounded output, uncorrected.
+ENV_PROVIDERS = {"tileattn_tma": ("TILEATTN_TMA", "1"), "tileattn_correct": ("TILEATTN_DELTA", "correct"),
+                 "tileattn_rounded": ("TILEATTN_DELTA", "rounded")}
 EXTRA_PROVIDERS = tuple(ENV_PROVIDERS)
 ANCHOR_LABELS = {"sdpa_flash": "flash", "sdpa_cudnn": "cudnn", "sdpa_efficient": "effic", "flex": "flex"}
 MODES = ("fwd", "bwd", "fwd_bwd")
@@ -351,7 +353,8 @@ def plot_results(results: Sequence[Result], path: str, title: str = "",
               "sdpa_flash": dict(color="tab:blue", marker="s"), "sdpa_cudnn": dict(color="tab:green", marker="^"),
               "sdpa_efficient": dict(color="tab:gray", marker="v"), "flex": dict(color="tab:purple", marker="D"),
               "tileattn_tma": dict(color="tab:orange", marker="x", linestyle="--"),
-              "tileattn_rounded": dict(color="tab:brown", marker="+", linestyle="--")}
+              "tileattn_rounded": dict(color="tab:brown", marker="+", linestyle="--"),
+              "tileattn_correct": dict(color="tab:purple", marker="1", linestyle="--")}
     by = {}
     for r in results:
         by.setdefault((r.mode, r.head_dim, r.causal, r.provider), []).append(r)
@@ -610,10 +613,10 @@ class TileattnEnvProvider(TileattnProvider):
     """tileattn with an opt-in mode switched on by an environment variable while it runs."""
     def __init__(self, name: str):
         super().__init__()
-        self.name, self._var = name, ENV_PROVIDERS[name]
+        self.name, (self._var, self._value) = name, ENV_PROVIDERS[name]
 
     def context(self):
-        return env_var(self._var, "1")
+        return env_var(self._var, self._value)
 
 
 class SdpaProvider(Provider):

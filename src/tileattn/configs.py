@@ -130,11 +130,30 @@ def use_tma(device: torch.device) -> bool:
     return _arch(_device_index(device), _arch_override())[0] >= 9
 
 
-def rounded_delta() -> bool:
-    """Opt-in (``TILEATTN_ROUNDED_DELTA=1``): the backward uses delta = rowsum(dO * O) with O rounded to the input
-    dtype, as FlashAttention does, without the dQ kernel's correction (one fewer matmul per tile; less accurate
-    gradients when a softmax row is nearly one-hot). For measuring what the correction costs."""
-    return os.environ.get("TILEATTN_ROUNDED_DELTA", "0") == "1"
+DELTA_MODES = ("residual", "correct", "rounded")
+
+
+def delta_mode(dtype: torch.dtype) -> str:
+    """How the fp16/bf16 backward gets delta = rowsum(dO * O_exact) ("exact" for fp32, whose O is unrounded).
+
+    ``TILEATTN_DELTA`` (read at each call):
+    - ``residual`` (default): the forward also stores r = O_fp32 - O, O's rounding residual, in the input dtype
+      (one more output-sized tensor kept for the backward), and delta = rowsum(dO * (O + r)).
+    - ``correct``: no extra memory; the dQ kernel accumulates the exact sum_j P dP and corrects dQ and delta
+      (one more matmul per tile). Also what a backward without a residual (the flash-attn shim's private
+      ``_flash_attn_backward``) uses.
+    - ``rounded``: FlashAttention's delta from the rounded O, uncorrected: inaccurate when a softmax row is
+      nearly one-hot (benchmarks/NOTES.md, sweep #200). A benchmarking knob; ``TILEATTN_ROUNDED_DELTA=1``
+      is an older spelling of it.
+    """
+    if dtype == torch.float32:
+        return "exact"
+    if os.environ.get("TILEATTN_ROUNDED_DELTA", "0") == "1":
+        return "rounded"
+    mode = os.environ.get("TILEATTN_DELTA", "residual") or "residual"
+    if mode not in DELTA_MODES:
+        raise ValueError(f"TILEATTN_DELTA must be one of {DELTA_MODES}, got {mode!r}")
+    return mode
 
 
 def _override(name: str):

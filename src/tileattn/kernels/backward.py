@@ -184,7 +184,7 @@ def _dq_tiles(dq, pk, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride
 
 
 @triton.jit  # value-specialised: see _bwd_dkdv_kernel
-def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIBI, RNG,
+def _bwd_dq_kernel(Q, K, V, O, RESID, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIBI, RNG,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
                    stride_dob, stride_dos, stride_doh,
@@ -196,15 +196,20 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIBI, RNG,
                    BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                   FP32: tl.constexpr, HAS_DLSE: tl.constexpr, CORRECT: tl.constexpr, DELTA_CHUNK: tl.constexpr):
+                   FP32: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_RESID: tl.constexpr, CORRECT: tl.constexpr,
+                   DELTA_CHUNK: tl.constexpr):
     """dQ of one query tile; launched before the dK/dV kernel, for which it writes delta (lse's layout).
 
     delta d~ = rowsum(dO * O) - dlse is computed here in the prologue, from O and dO (no separate
     preprocess kernel and its launch; measured within ±1% of the separate kernel on the H200, run 11b).
-    CORRECT (fp16/bf16 by default): d~ uses O rounded to the input dtype, which breaks the cancellation in
-    dS = P (dP - delta) when the softmax is nearly one-hot. The exact delta is d = sum_j P dP - dlse, so with
-    e = d - d~ the exact dQ is sum_j P (dP - d~) K - e * sum_j P K: the kernel accumulates the second sum too (one
-    more matmul), applies the correction, and writes d to DELTA. Without CORRECT it writes d~."""
+    fp16/bf16: O rounded to the input dtype breaks the cancellation in dS = P (dP - delta) when the softmax is
+    nearly one-hot (sweep #200), so delta must come from the unrounded O. Two ways (configs.delta_mode):
+    HAS_RESID (default): the forward stored r = O_fp32 - O (RESID, O's layout and strides), and
+    d = rowsum(dO * (O + r)) - dlse. The forward's O_fp32 sums bf16(P~) V, but P~'s row maximum is exactly 1,
+    so it matches sum_j P dP to ~2^-9 of the non-maximal probability mass: as accurate as CORRECT on #200.
+    CORRECT (no residual): the exact delta is d = sum_j P dP - dlse, so with e = d - d~ the exact dQ is
+    sum_j P (dP - d~) K - e * sum_j P K: the kernel accumulates the second sum too (one more matmul), applies
+    the correction, and writes d to DELTA. With neither (fp32, or the rounded benchmarking mode) it writes d~."""
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     tile = pid % num_m_tiles
@@ -226,14 +231,17 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIBI, RNG,
     offs_dv = tl.arange(0, BLOCK_DV)
     q_rows = (q_start + rows[:, None]).to(tl.int64)
     do_ptrs = DO + b * stride_dob + h * stride_doh + q_rows * stride_dos
-    o_ptrs = O + b * stride_ob + h * stride_oh + q_rows * stride_os
+    o_offs = b * stride_ob + h * stride_oh + q_rows * stride_os
     delta = tl.zeros([BLOCK_M], dtype=tl.float32)
     for d0 in tl.static_range(0, BLOCK_DV, DELTA_CHUNK):  # in column chunks: a whole O tile live
         # beside q and dO made ptxas spill 6x more at D=128 (812 vs 140 B, sm_90a)
         offs_c = d0 + tl.arange(0, DELTA_CHUNK)
-        o_c = load_tile(o_ptrs + offs_c[None, :], rows, seqlen_q, offs_c, dim_v, True, EVEN_DV)
+        o_c = load_tile(O + o_offs + offs_c[None, :], rows, seqlen_q, offs_c, dim_v, True, EVEN_DV).to(tl.float32)
+        if HAS_RESID:
+            o_c += load_tile(RESID + o_offs + offs_c[None, :], rows, seqlen_q, offs_c, dim_v, True,
+                             EVEN_DV).to(tl.float32)
         do_c = load_tile(do_ptrs + offs_c[None, :], rows, seqlen_q, offs_c, dim_v, True, EVEN_DV)
-        delta += tl.sum(o_c.to(tl.float32) * do_c.to(tl.float32), 1)
+        delta += tl.sum(o_c * do_c.to(tl.float32), 1)
     q = load_tile(Q + b * stride_qb + h * stride_qh + q_rows * stride_qs + offs_dqk[None, :],
                   rows, seqlen_q, offs_dqk, dqk, True, EVEN_DQK)
     do = load_tile(do_ptrs + offs_dv[None, :], rows, seqlen_q, offs_dv, dim_v, True, EVEN_DV)
@@ -281,18 +289,20 @@ def _bwd_dq_kernel(Q, K, V, O, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIBI, RNG,
                dq.to(DQ.dtype.element_ty), rows, seqlen_q, offs_dqk, dqk, EVEN_DQK)
 
 
-def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None):
+def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None, resid=None):
     """Launch the three backward kernels. Shapes as in ``attention_forward``; ``p`` its AttnParams.
 
     dout/q/k/v/out: last stride 1. lse: the forward's. dlse: optional gradient w.r.t. lse (same shape) or None.
     Returns (dq, dk, dv, dsink): contiguous, input dtype; dsink fp32 (Hq,) or None without a sink.
     ``cfg`` overrides the tile table (tuning). ``grads``: optional preallocated (dq, dk, dv), any strides with the
-    last one 1 (e.g. views of one packed qkv gradient), zero-filled when varlen.
+    last one 1 (e.g. views of one packed qkv gradient), zero-filled when varlen. ``resid``: the forward's
+    rounding residual of out (``attention_forward(..., residual=True)``), or None (see ``_bwd_dq_kernel``).
     """
     empty = p.max_seqlen_q == 0 or p.max_seqlen_k == 0 or q.numel() == 0 or k.numel() == 0
     if cfg is None and not empty and autotune.applies(q, "TILEATTN_BWD_CONFIG"):  # opt-in; scratch gradients
         cfg = autotune.backward_config(q, max(q.shape[-1], v.shape[-1]), p,
-                                       lambda c: attention_backward(dout, q, k, v, out, lse, dlse, p, c))
+                                       lambda c: attention_backward(dout, q, k, v, out, lse, dlse, p, c,
+                                                                            resid=resid))
     if grads is not None:
         dq, dk, dv = grads
     else:  # varlen: rows outside every sequence get zero gradients; batched: every row is written.
@@ -305,7 +315,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None):
         # No keys anywhere: out = 0, so delta = -dlse (each row's sink probability is then exp(sink - lse) = 1).
         delta = -dlse.float() if dlse is not None else torch.zeros_like(lse)
     else:
-        delta = _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv)
+        delta = _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid)
     dsink = None
     if p.sink is not None:  # rows outside every sequence (varlen) have lse = -inf: no share
         rows = torch.where(lse == float("-inf"), 0.0, -torch.exp(_sink_rows(p) - lse) * delta)
@@ -318,7 +328,7 @@ def _sink_rows(p):
     return p.sink.float().view(-1, 1) if p.varlen else p.sink.float().view(1, -1, 1)
 
 
-def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv):
+def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
     """Writes dq, dk, dv; returns the final delta (fp32, lse's layout)."""
     _, rows_q, q_heads, dqk = q.shape
     kv_heads, dim_v = k.shape[2], v.shape[3]
@@ -344,15 +354,18 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv):
     delta = torch.empty_like(lse)
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
-    # The dQ kernel computes delta and runs first. fp16/bf16: it corrects delta for the rounding of O (see
-    # _bwd_dq_kernel), so the dK/dV kernel and d(sink) (attention_backward) use the corrected delta. fp32 keeps O
-    # unrounded: its rowsum is already exact. TILEATTN_ROUNDED_DELTA=1 turns the correction off (FlashAttention's
-    # delta; to measure its cost).
-    correct = not fp32 and not configs.rounded_delta()
+    # The dQ kernel computes delta and runs first; the dK/dV kernel and d(sink) (attention_backward) use the delta
+    # it writes. fp16/bf16: from O plus the forward's residual, else corrected in the dQ kernel (see
+    # _bwd_dq_kernel; configs.delta_mode). fp32 keeps O unrounded: its rowsum is already exact.
+    mode = configs.delta_mode(q.dtype)
+    has_resid = mode in ("residual", "correct") and resid is not None and resid.shape == out.shape \
+        and resid.stride() == out.stride()
+    correct = mode in ("residual", "correct") and not has_resid
     qc = cfg.dq
     num_m_tiles = configs.cdiv(p.max_seqlen_q, qc.block_m)
     _bwd_dq_kernel[(num_m_tiles * batch * q_heads,)](
-        q, k, v, out, dout, lse, delta, dlse if dlse is not None else dummy, dq, cu_q, cu_k, alibi, rng,
+        q, k, v, out, resid if has_resid else dummy, dout, lse, delta, dlse if dlse is not None else dummy, dq,
+        cu_q, cu_k, alibi, rng,
         sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2),
         sb(v), v.stride(1), v.stride(2), sb(out), out.stride(1), out.stride(2), sb(dout), dout.stride(1),
         dout.stride(2), sb(dq), dq.stride(1), dq.stride(2), stride_lb, stride_lh, p.alibi_stride_b,
@@ -360,8 +373,8 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv):
         p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
         dqk, dim_v, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
         EVEN_DV=block_dv == dim_v, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, **flags,
-        HAS_DLSE=dlse is not None, CORRECT=correct, DELTA_CHUNK=min(32, block_dv), num_warps=qc.num_warps,
-        num_stages=qc.num_stages,
+        HAS_DLSE=dlse is not None, HAS_RESID=has_resid, CORRECT=correct, DELTA_CHUNK=min(32, block_dv),
+        num_warps=qc.num_warps, num_stages=qc.num_stages,
     )
 
     kv = cfg.dkdv

@@ -89,7 +89,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
 # Lengths and tile counts are not specialised on the value 1: with both seqlen_k == 1 and one query tile
 # constant-folded, ptxas (triton 3.6, sm_90a) crashes (SIGSEGV) on the causal fp16/bf16 forward.
 @triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k", "num_m_tiles"])
-def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_DESC, BLOCK_TABLE,
+def _fwd_kernel(Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_DESC, BLOCK_TABLE,
                 stride_qb, stride_qs, stride_qh,
                 stride_kb, stride_ks, stride_kh,
                 stride_vb, stride_vs, stride_vh,
@@ -102,7 +102,8 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_DESC, B
                 BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-                IS_VARLEN: tl.constexpr, FP32: tl.constexpr, USE_TMA: tl.constexpr, PAGED: tl.constexpr):
+                IS_VARLEN: tl.constexpr, FP32: tl.constexpr, USE_TMA: tl.constexpr, PAGED: tl.constexpr,
+                STORE_RESID: tl.constexpr):
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     tile = pid % num_m_tiles
@@ -183,17 +184,23 @@ def _fwd_kernel(Q, K, V, O, LSE, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_DESC, B
     acc = acc / l_safe[:, None]
     lse = (m_i + tl.math.log2(l_i)) * LN2
     tl.store(LSE + b64 * stride_lb + h.to(tl.int64) * stride_lh + q_start + rows, lse, mask=rows < seqlen_q)
-    o_ptrs = O + b64 * stride_ob + h * stride_oh + row0 * stride_os + offs_m[:, None] * stride_os + offs_dv[None, :]
-    store_tile(o_ptrs, acc.to(O.dtype.element_ty), rows, seqlen_q, offs_dv, dv, EVEN_DV)
+    o_offs = b64 * stride_ob + h * stride_oh + row0 * stride_os + offs_m[:, None] * stride_os + offs_dv[None, :]
+    o = acc.to(O.dtype.element_ty)
+    store_tile(O + o_offs, o, rows, seqlen_q, offs_dv, dv, EVEN_DV)
+    if STORE_RESID:  # O's rounding residual (same layout as O) for the backward's delta: see backward.py
+        store_tile(RESID + o_offs, (acc - o.to(tl.float32)).to(O.dtype.element_ty), rows, seqlen_q, offs_dv, dv,
+                   EVEN_DV)
 
 
-def attention_forward(q, k, v, p, cfg=None, block_table=None):
+def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     """Launch the forward kernel. ``p`` is a validated :class:`tileattn.kernels.params.AttnParams`.
 
     q: (B, Sq, Hq, Dqk) (varlen: (1, total_q, Hq, Dqk)); k: (B, Sk, Hkv, Dqk); v: (B, Sk, Hkv, Dv).
     With ``block_table`` (B, max_pages) int32 (varlen only, forward only): k / v are paged caches
     (num_blocks, page_size, Hkv, D); key j of sequence b is in page block_table[b, j // page_size].
     Returns (out (B, Sq, Hq, Dv), lse fp32: (B, Hq, Sq), or (Hq, total_q) for varlen).
+    ``residual=True`` (fp16/bf16, for the backward) returns a third tensor shaped and strided like out:
+    r = O_fp32 - out, out's rounding residual in out's dtype (rows outside every varlen sequence unwritten).
     ``cfg`` overrides the tile table (tuning).
     """
     _, rows_q, q_heads, dqk = q.shape
@@ -207,8 +214,9 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None):
         out = torch.empty(q.shape[:3] + (dv,), dtype=q.dtype, device=q.device)
         lse = torch.empty((batch, q_heads, rows_q), dtype=torch.float32, device=q.device)
         stride_lb, stride_lh = q_heads * rows_q, rows_q
+    resid = torch.empty_like(out) if residual else None
     if out.numel() == 0 or p.max_seqlen_q == 0:
-        return out, lse
+        return (out, lse, resid.zero_()) if residual else (out, lse)
     if cfg is None and autotune.applies(q, "TILEATTN_FWD_CONFIG"):  # opt-in (TILEATTN_AUTOTUNE=1), cached
         cfg = autotune.forward_config(q, max(dqk, dv), p, lambda c: attention_forward(q, k, v, p, c, block_table),
                                       paged=block_table is not None)
@@ -222,7 +230,7 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None):
     descs = _kv_descriptors(k, v, cfg.block_n, block_dqk, block_dv) if use_tma else None
     kv_b = paged or not p.varlen  # K/V's leading stride: the page stride when paged, none for packed varlen
     _fwd_kernel[grid](
-        q, k, v, out, lse,
+        q, k, v, out, lse, resid if residual else dummy,
         p.cu_seqlens_q if p.varlen else dummy, p.cu_seqlens_k if p.varlen else dummy,
         p.alibi_slopes if p.alibi_slopes is not None else dummy,
         p.sink if p.sink is not None else dummy, p.rng if p.dropout_p > 0 else dummy,
@@ -240,9 +248,9 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None):
         HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0,
         HAS_ALIBI=p.alibi_slopes is not None, HAS_SINK=p.sink is not None, HAS_DROPOUT=p.dropout_p > 0,
         IS_VARLEN=p.varlen, FP32=q.dtype == torch.float32, USE_TMA=descs is not None, PAGED=paged,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        STORE_RESID=residual, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
-    return out, lse
+    return (out, lse, resid) if residual else (out, lse)
 
 
 def _kv_descriptors(k, v, block_n, block_dqk, block_dv):

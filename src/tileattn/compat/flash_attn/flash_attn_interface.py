@@ -119,9 +119,10 @@ def _forward(q, k, v, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal
     _check_offsets(varlen, max_q, max_k, q=q, k=k, v=v)
     rng = new_rng_state(q.device) if dropout_p > 0 else None
     with torch.no_grad():
-        out, lse = torch.ops.tileattn.fwd(_kernel_view(q, varlen), _kernel_view(k, varlen), _kernel_view(v, varlen),
-                                          cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, None,
-                                          dropout_p, rng)
+        # no residual: flash-attn's private backward receives only out and lse (its delta is corrected instead)
+        out, lse, _ = torch.ops.tileattn.fwd(_kernel_view(q, varlen), _kernel_view(k, varlen),
+                                             _kernel_view(v, varlen), cu_q, cu_k, max_q, max_k, scale, wl, wr,
+                                             softcap, alibi, None, dropout_p, rng)
     if varlen:
         out = out.squeeze(0)
     if return_softmax and rng is not None:
