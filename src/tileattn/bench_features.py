@@ -1,11 +1,14 @@
 """Feature-cost benchmark (GPU): throughput per *useful* FLOP of varlen, sliding window, softcap, ALiBi and sinks,
 against the dense kernel measured in the same run on the same card.
 
-Usage: python -m tileattn.bench_features [--seqlens 2048,4096,8192] [--head-dim 128] [--out-dir DIR]
+Usage: python -m tileattn.bench_features [--seqlens 2048,4096,8192] [--head-dim 128] [--cases dense,window,...]
+       [--out-dir DIR]
 
 Useful FLOPs count only visible (query, key) pairs: 4 * D * sum over heads and rows of the visible keys (fwd),
 2.5x that for bwd (flash-attn's convention). Window (left, right) = (w, w) around the diagonal; varlen packs
-sequences of random lengths (uniform in [S/4, S]) into the same total tokens as the dense run.
+sequences of random lengths (uniform in [S/4, S]) into the same total tokens as the dense run; varlen(equal) packs
+`batch` sequences of length S, the dense run's own shape, so it shows what the varlen path itself costs (the
+random-length case also pays for its shorter sequences).
 """
 
 import argparse
@@ -42,7 +45,10 @@ def _fwd_bwd_ms(call, inputs):
     return t_fwd, t_bwd
 
 
-def run(seqlens, head_dim, dtype, out_dir, window):
+CASES = ("dense", "causal", "window", "softcap", "alibi", "sink", "varlen", "varlen_equal")
+
+
+def run(seqlens, head_dim, dtype, out_dir, window, cases_wanted=CASES):
     import tileattn
     dev = torch.device("cuda")
     heads = MODEL_DIM // head_dim
@@ -68,6 +74,10 @@ def run(seqlens, head_dim, dtype, out_dir, window):
         cases.append(("alibi", lambda: tileattn.attention(q, k, v, alibi_slopes=slopes), dense_pairs, (q, k, v)))
         sink = torch.randn(heads, device=dev, dtype=torch.float32, requires_grad=True)
         cases.append(("sink", lambda: tileattn.attention(q, k, v, sink=sink), dense_pairs, (q, k, v, sink)))
+        cu_eq = torch.arange(0, (batch + 1) * s, s, dtype=torch.int32, device=dev)
+        qe, ke, ve = (x.detach().reshape(batch * s, heads, head_dim).clone().requires_grad_(True) for x in (q, k, v))
+        cases.append(("varlen(equal)", lambda: tileattn.flash_attn_varlen_func(qe, ke, ve, cu_eq, cu_eq, s, s),
+                      dense_pairs, (qe, ke, ve)))
         # varlen: random lengths in [s/4, s] packed into batch * s tokens
         g = torch.Generator().manual_seed(s)
         lens, total = [], 0
@@ -83,6 +93,9 @@ def run(seqlens, head_dim, dtype, out_dir, window):
                       heads * sum(n * n for n in lens), (qv, kv, vv)))
         dense_rate = None
         for name, call, pairs, inputs in cases:
+            key = name.split("(")[0] + ("_equal" if name == "varlen(equal)" else "")
+            if key not in cases_wanted and name != "dense":  # dense is every ratio's denominator
+                continue
             try:
                 t_f, t_b = _fwd_bwd_ms(call, inputs)
                 f_fwd = 4.0 * pairs * head_dim
@@ -97,7 +110,7 @@ def run(seqlens, head_dim, dtype, out_dir, window):
             rows.append(dict(case=name, seqlen=s, batch=batch, heads=heads, head_dim=head_dim,
                              fwd_ms=t_f, bwd_ms=t_b, fwd_tflops_useful=tf_f, bwd_tflops_useful=tf_b,
                              fwd_x_dense=rf, bwd_x_dense=rb, device=torch.cuda.get_device_name()))
-        del q, k, v, qv, kv, vv
+        del q, k, v, qv, kv, vv, qe, ke, ve
         torch.cuda.empty_cache()
     if out_dir:
         os.makedirs(out_dir, exist_ok=True)
@@ -116,6 +129,7 @@ def main(argv=None):
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--dtype", choices=("bf16", "fp16"), default="bf16")
     ap.add_argument("--window", type=int, default=512)
+    ap.add_argument("--cases", default=",".join(CASES), help=f"comma-separated, from {','.join(CASES)}")
     ap.add_argument("--out-dir", default=os.path.join("benchmarks", "results"))
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
@@ -123,7 +137,8 @@ def main(argv=None):
         return 1
     t0 = time.time()
     run([int(x) for x in args.seqlens.split(",")], args.head_dim,
-        torch.bfloat16 if args.dtype == "bf16" else torch.float16, args.out_dir, args.window)
+        torch.bfloat16 if args.dtype == "bf16" else torch.float16, args.out_dir, args.window,
+        tuple(args.cases.split(",")))
     print(f"done in {time.time() - t0:.0f} s")
     return 0
 

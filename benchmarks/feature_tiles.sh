@@ -1,0 +1,22 @@
+#!/usr/bin/env bash
+# Tile candidates for the short-program cases (sliding window, causal, varlen) at D=128, timed with bench_features
+# (dense is re-timed in each invocation: ratios are against the same tiles' dense run, so compare the absolute
+# TFLOP/s of a case across invocations of one call). Usage: OUT=dir bash benchmarks/feature_tiles.sh
+# Why: with 1 CTA per SM (D=128 forward 64x64x4x3 uses 112 KB of shared memory) a program's prologue and epilogue
+# are not overlapped with another program's main loop; a window program has ~16 key tiles against dense's 64.
+# 64x64x4x2 (80 KB) fits two CTAs per SM.
+set -u
+OUT="${OUT:-gpu_logs}"
+feat() {  # tag, then env assignments
+  local tag=$1; shift
+  echo "--- $tag: $*"
+  env "$@" python3 -m tileattn.bench_features --seqlens 2048,8192 --cases dense,causal,window,varlen,varlen_equal \
+    --out-dir "$OUT/ft_$tag" 2>&1 | grep -v "^#\|wrote\|done in"
+}
+feat table TILEATTN_DELTA=residual
+feat fwd64x64s2 TILEATTN_FWD_CONFIG=64,64,4,2
+feat fwd128x64w8s2 TILEATTN_FWD_CONFIG=128,64,8,2
+feat bwd_noncausal TILEATTN_BWD_CONFIG=64,128,8,3,128,64,8,3
+feat bwd_small4w TILEATTN_BWD_CONFIG=32,64,4,3,64,64,4,3
+feat bwd_small4w_s2 TILEATTN_BWD_CONFIG=32,64,4,2,64,64,4,2
+feat bwd_dq64x64w8 TILEATTN_BWD_CONFIG=32,128,8,3,64,64,8,3
