@@ -6,6 +6,7 @@
 #   run12: D=128 causal around 32x128 (stages, warps; ptxas: 8w x 2 and x 4 stages spill nothing) and D=64 dK/dV
 #   and dQ neighbours, at the cells closest to 1.0x FA2 (D=128 causal 1k; D=64 1k and 16k).
 #   d256: D=256 pairs re-chosen by ptxas after the int32 index fix (not yet timed).
+#   run20: D=128 causal dK/dV and D=256 pairs after the residual delta (the dQ kernel lost its PK matmul).
 set -u
 OUT="${OUT:-gpu_logs}"
 run() {  # head_dim providers dkdv dq tag [causal: both|true|false] [seqlens]
@@ -13,6 +14,18 @@ run() {  # head_dim providers dkdv dq tag [causal: both|true|false] [seqlens]
     --causal "${6:-both}" --providers "$2" --out-dir "$OUT" --prefix "dq_$5" --no-plot --warmup 50 --rep 30 2>&1 \
     | grep -A12 "== bwd" | grep -v "^$"
 }
+if [ "${1:-run10}" = run20 ]; then  # after the residual delta (no PK matmul in dQ); ptxas sm_90a in brackets
+  c128() { run 128 "$1" "$2" "$3" "d128c_$4" true 1k,2k,4k,16k; }
+  c128 tileattn,sdpa_flash 32,128,8,3 128,64,8,3 table   # dK/dV 226 regs 0 B
+  c128 tileattn 64,128,8,3 128,64,8,3 dkdv64x128         # 200 B; window/causal features run 19: +10-16%
+  c128 tileattn 32,64,4,2 128,64,8,3 dkdv32x64w4s2       # 16 B
+  d256() { run 256 "$1" "$2" "$3" "d256_$4" both 1k,4k,16k; }
+  d256 tileattn,sdpa_flash 32,64,8,2 64,64,8,2 table     # dK/dV 0 / 164 B causal, dQ 0 B
+  d256 tileattn 64,32,8,2 64,64,8,2 dkdv64x32            # dK/dV 176 regs 0 B
+  d256 tileattn 64,32,8,2 64,32,8,2 dkdv64x32_dq64x32    # dQ 208 regs 0 B
+  d256 tileattn 64,32,8,2 128,32,8,2 dkdv64x32_dq128x32  # dQ 236 regs 0 B
+  exit 0
+fi
 if [ "${1:-run10}" = d256 ]; then  # after the int32 fix (562799f); ptxas sm_90a spill stores in brackets
   d256() { run 256 "$1" "$2" "$3" "d256_$4" both 1k,4k,16k; }
   d256 tileattn,sdpa_flash 32,64,8,2 64,64,8,2 table      # dK/dV 0 B, dQ 612 B

@@ -10,9 +10,16 @@ OUT="${OUT:-gpu_logs}"
 feat() {  # tag, then env assignments
   local tag=$1; shift
   echo "--- $tag: $*"
-  env "$@" python3 -m tileattn.bench_features --seqlens 2048,8192 --cases dense,causal,window,varlen,varlen_equal \
+  env "$@" python3 -m tileattn.bench_features --seqlens 2048,8192 --cases "${CASES:-dense,causal,window,varlen,varlen_equal}" \
     --out-dir "$OUT/ft_$tag" 2>&1 | grep -v "^#\|wrote\|done in"
 }
+if [ "${1:-}" = window2 ]; then  # run 20: which half of run 19's best window pair (32x64x4x2 + 64x64x4x2) pays
+  feat table TILEATTN_DELTA=residual
+  feat w_dkdv32x64s2 TILEATTN_BWD_CONFIG=32,64,4,2,128,64,8,3
+  feat w_dq64x64s2 TILEATTN_BWD_CONFIG=32,128,8,3,64,64,4,2
+  feat w_dkdv64x128_dq64x64s2 TILEATTN_BWD_CONFIG=64,128,8,3,64,64,4,2
+  exit 0
+fi
 feat table TILEATTN_DELTA=residual
 feat fwd64x64s2 TILEATTN_FWD_CONFIG=64,64,4,2
 feat fwd128x64w8s2 TILEATTN_FWD_CONFIG=128,64,8,2
