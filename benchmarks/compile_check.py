@@ -190,7 +190,8 @@ def main():
                 if arch >= 90:  # the opt-in TMA forward (TILEATTN_TMA=1)
                     rows.insert(1, ("fwd+tma", _fwd_kernel, fc))
                 # the other delta modes (configs.delta_mode): TILEATTN_DELTA=correct / rounded
-                rows += [("dq correct", _bwd_dq_kernel, bc.dq), ("dq rounded", _bwd_dq_kernel, bc.dq)]
+                rows += [("dq correct", _bwd_dq_kernel, bc.dq_correct or bc.dq),
+                         ("dq rounded", _bwd_dq_kernel, bc.dq)]
                 for name, fn, cfg in rows:
                     consts = {**base, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "USE_TMA": name == "fwd+tma",
                               "CORRECT": name == "dq correct", "HAS_RESID": name == "dq",

@@ -89,3 +89,29 @@ def test_other_delta_modes(monkeypatch, dtype, mode):
     monkeypatch.setenv("TILEATTN_DELTA", mode)
     test_backward.test_gqa(test_backward.GQA_HEADS[-1], True, dtype)
     test_backward.test_grad_through_lse(dtype, True)
+
+
+@pytest.mark.parametrize("mode", ["residual", "correct"])
+def test_dq_tile_follows_the_delta_mode(monkeypatch, mode):
+    """The correcting dQ kernel has a second fp32 accumulator, so the tables may give it its own tile
+    (BackwardConfig.dq_correct, e.g. sm90 D=256); the residual path uses ``dq``."""
+    from tileattn.kernels import backward
+    dq_tile, dq_correct_tile = configs.KernelConfig(32, 16, 4, 1), configs.KernelConfig(16, 32, 4, 1)
+    cfg = configs.BackwardConfig(configs.KernelConfig(16, 32, 4, 1), dq_tile, dq_correct=dq_correct_tile)
+    monkeypatch.setattr(configs, "backward_config", lambda *a: cfg)
+    monkeypatch.setenv("TILEATTN_DELTA", mode)
+    seen = []
+    real = backward._bwd_dq_kernel
+
+    class Spy:
+        def __getitem__(self, grid):
+            def launch(*args, **kw):
+                seen.append((kw["BLOCK_M"], kw["BLOCK_N"], kw["CORRECT"], kw["HAS_RESID"]))
+                return real[grid](*args, **kw)
+            return launch
+    monkeypatch.setattr(backward, "_bwd_dq_kernel", Spy())
+    gen = make_gen(seed_for("dq_tile_mode", mode))
+    q, k, v = (make_tensor((1, 40, 2, 32), torch.float16, gen, requires_grad=True) for _ in range(3))
+    tileattn.attention(q, k, v, causal=True).sum().backward()
+    want = (16, 32, True, False) if mode == "correct" else (32, 16, False, True)
+    assert seen == [want]

@@ -8,6 +8,7 @@ architectures get conservative tiles that fit their shared memory. ``TILEATTN_FW
 import functools
 import os
 from dataclasses import dataclass
+from typing import Optional
 
 import torch
 import triton
@@ -28,6 +29,9 @@ class KernelConfig:
 class BackwardConfig:
     dkdv: KernelConfig
     dq: KernelConfig
+    # the dQ tile when the dQ kernel corrects delta itself (no stored residual: TILEATTN_DELTA=correct, the shim's
+    # private backward); its second fp32 accumulator needs smaller tiles at D=256. None: ``dq``.
+    dq_correct: Optional[KernelConfig] = None
 
 
 def next_pow2(n: int) -> int:
@@ -180,14 +184,17 @@ _SM90_BWD = {  # dkdv: block_m streamed, block_n resident; dq: block_m resident,
     **{(d, False): BackwardConfig(_cfg(32, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
     **{(d, True): BackwardConfig(_cfg(32, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
     (128, False): BackwardConfig(_cfg(64, 128, 8, 3), _cfg(128, 64, 8, 3)),
-    (128, True): BackwardConfig(_cfg(32, 128, 8, 3), _cfg(128, 64, 8, 3)),
-    **{(256, c): BackwardConfig(_cfg(32, 64, 8, 2), _cfg(64, 64, 8, 2)) for c in (False, True)},
+    (128, True): BackwardConfig(_cfg(32, 64, 4, 2), _cfg(128, 64, 8, 3)),
+    **{(256, c): BackwardConfig(_cfg(64, 32, 8, 2), _cfg(128, 32, 8, 2), dq_correct=_cfg(64, 64, 8, 2))
+       for c in (False, True)},
 }
-# D=128 causal dK/dV 32x128 (48 B of spills vs 132 B for 64x128 with causal masks): 0.99/1.06/1.05x FA2 at causal
-# 1k/4k/16k vs 0.91/0.99/1.02x for 64x128, which stays faster non-causal (H200, run 11, NOTES.md).
-# dq tiles since the delta correction (a second fp32 accumulator): D=128 keeps 128x64 (140 B of spills): the
-# spill-free 128x32 was 25% slower on the H200 (run 9). D=256: of three pairs timed on the H200 (run 10), dK/dV
-# 32x64 + dq 64x64 was fastest (+25-60% over 64x64 + the spill-free 64x16) despite dq's spills (NOTES.md).
+# Backward tiles re-timed after the residual delta (the dQ kernel lost the correction's PK matmul and its second
+# fp32 accumulator; H200, run 20, NOTES.md). D=128 causal (also windows, which take the causal entries): dK/dV
+# 32x64x4w x2 stages ran 241.7/293.8/326.6/376.1 TFLOP/s at 1k/2k/4k/16k against 213.1/262.0/296.5/349.0 for the
+# old 32x128x8w and 223.6/290.5/337.3/389.4 for 64x128 (which stays faster non-causal, run 11); the (512, 512)
+# window backward went from 220 to 247-251 TFLOP/s per useful FLOP. D=256: dK/dV 64x32 (176 regs, no spills) +
+# dQ 128x32 (236 regs) ran 4-8% faster than 32x64 + 64x64 (164 B of spills causal), both causal and not. With
+# the correction instead, dQ 128x32 spills 3.2 KB (ptxas): it keeps 64x64, the fastest of run 10's pairs.
 # Portable tables (sm80 and the ~100 KB shared-memory parts): smaller tiles, fewer stages.
 _GENERIC_FWD = {
     **{(d, c): _cfg(128, 64, 4, 3) for d in (16, 32, 64) for c in (False, True)},
@@ -261,7 +268,9 @@ def _backward_config(device_index: int, dtype: torch.dtype, block_d: int, causal
     arch = _arch(device_index, arch_override)
     elem = 4 if dtype == torch.float32 else 2
     cfg = _table_bwd(arch[0], block_d, causal) if elem == 2 else _FP32_BWD[(block_d, causal)]
-    return BackwardConfig(_fit(cfg.dkdv, block_d, elem, arch, "n"), _fit(cfg.dq, block_d, elem, arch, "mm"))
+    dq_correct = _fit(cfg.dq_correct, block_d, elem, arch, "mm") if cfg.dq_correct else None
+    return BackwardConfig(_fit(cfg.dkdv, block_d, elem, arch, "n"), _fit(cfg.dq, block_d, elem, arch, "mm"),
+                          dq_correct)
 
 
 @dataclass(frozen=True)

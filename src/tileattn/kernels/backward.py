@@ -361,7 +361,7 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
     has_resid = mode in ("residual", "correct") and resid is not None and resid.shape == out.shape \
         and resid.stride() == out.stride()
     correct = mode in ("residual", "correct") and not has_resid
-    qc = cfg.dq
+    qc = cfg.dq_correct if correct and cfg.dq_correct is not None else cfg.dq
     num_m_tiles = configs.cdiv(p.max_seqlen_q, qc.block_m)
     _bwd_dq_kernel[(num_m_tiles * batch * q_heads,)](
         q, k, v, out, resid if has_resid else dummy, dout, lse, delta, dlse if dlse is not None else dummy, dq,
