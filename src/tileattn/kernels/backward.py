@@ -300,9 +300,9 @@ def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None, r
     """
     empty = p.max_seqlen_q == 0 or p.max_seqlen_k == 0 or q.numel() == 0 or k.numel() == 0
     if cfg is None and not empty and autotune.applies(q, "TILEATTN_BWD_CONFIG"):  # opt-in; scratch gradients
-        cfg = autotune.backward_config(q, max(q.shape[-1], v.shape[-1]), p,
-                                       lambda c: attention_backward(dout, q, k, v, out, lse, dlse, p, c,
-                                                                            resid=resid))
+        cfg = autotune.backward_config(
+            q, max(q.shape[-1], v.shape[-1]), p,
+            lambda c: attention_backward(dout, q, k, v, out, lse, dlse, p, c, resid=resid))
     if grads is not None:
         dq, dk, dv = grads
     else:  # varlen: rows outside every sequence get zero gradients; batched: every row is written.
