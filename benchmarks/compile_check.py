@@ -70,7 +70,7 @@ def compile_one(fn, dtype, constexprs, cfg, arch, ints=None):
     if ints is not None:  # like the launcher: 16-byte-aligned pointers, integers divisible by 16 marked so
         for i, name in enumerate(fn.arg_names):
             if sig[name].startswith("*") or (sig[name] == "i32" and name not in unspecialised
-                                             and ints.get(name, 0) % 16 == 0 and ints.get(name)):
+                                             and name in ints and ints[name] % 16 == 0):  # 0 included, as Triton
                 attrs[(i,)] = [["tt.divisibility", 16]]
     k = triton.compile(ASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", arch, 32),
