@@ -17,6 +17,8 @@ import pytest
 import torch
 
 import test_backward
+import test_features
+import test_varlen
 import test_sweep
 import tileattn
 from tileattn import configs, ops
@@ -115,3 +117,17 @@ def test_dq_tile_follows_the_delta_mode(monkeypatch, mode):
     tileattn.attention(q, k, v, causal=True).sum().backward()
     want = (16, 32, True, False) if mode == "correct" else (32, 16, False, True)
     assert seen == [want]
+
+
+@pytest.mark.parametrize("case", [(torch.float16, True, 0.2), (torch.bfloat16, False, 0.0)],
+                         ids=["fp16-causal-dropout", "bf16-full"])
+def test_correct_mode_with_every_feature(monkeypatch, case):
+    """The correcting dQ kernel (no residual; what the shim's private backward always runs) with window, softcap,
+    ALiBi, sink, GQA, d_qk != d_v (and dropout): the rule holds as it does for the default."""
+    monkeypatch.setenv("TILEATTN_DELTA", "correct")
+    test_features.test_all_features_combined(*case)
+
+
+def test_correct_mode_varlen_all_features(monkeypatch):
+    monkeypatch.setenv("TILEATTN_DELTA", "correct")
+    test_varlen.test_varlen_features("all")
