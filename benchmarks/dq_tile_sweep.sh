@@ -7,6 +7,7 @@
 #   and dQ neighbours, at the cells closest to 1.0x FA2 (D=128 causal 1k; D=64 1k and 16k).
 #   d256: D=256 pairs re-chosen by ptxas after the int32 index fix (not yet timed).
 #   run20: D=128 causal dK/dV and D=256 pairs after the residual delta (the dQ kernel lost its PK matmul).
+#   run22: D=256 dK/dV 32x64 with dQ 128x32 (left out of run 20), D=128 causal dQ 64x64x4x2.
 set -u
 OUT="${OUT:-gpu_logs}"
 run() {  # head_dim providers dkdv dq tag [causal: both|true|false] [seqlens]
@@ -14,6 +15,15 @@ run() {  # head_dim providers dkdv dq tag [causal: both|true|false] [seqlens]
     --causal "${6:-both}" --providers "$2" --out-dir "$OUT" --prefix "dq_$5" --no-plot --warmup 50 --rep 30 2>&1 \
     | grep -A12 "== bwd" | grep -v "^$"
 }
+if [ "${1:-run10}" = run22 ]; then  # not yet run: the D=256 pair run 20 left out, beside today's table
+  d256() { run 256 "$1" "$2" "$3" "d256_$4" both 1k,4k,16k; }
+  d256 tileattn,sdpa_flash 64,32,8,2 128,32,8,2 table    # dK/dV 64x32 0 B, dQ 128x32 0 B
+  d256 tileattn 32,64,8,2 128,32,8,2 dkdv32x64_dq128x32   # dK/dV 0 / 164 B causal
+  c128() { run 128 "$1" "$2" "$3" "d128c_$4" true 1k,4k; }  # a window-only dQ candidate, on causal first
+  c128 tileattn,sdpa_flash 32,64,4,2 128,64,8,3 table
+  c128 tileattn 32,64,4,2 64,64,4,2 dq64x64s2
+  exit 0
+fi
 if [ "${1:-run10}" = run20 ]; then  # after the residual delta (no PK matmul in dQ); ptxas sm_90a in brackets
   c128() { run 128 "$1" "$2" "$3" "d128c_$4" true 1k,2k,4k,16k; }
   c128 tileattn,sdpa_flash 32,128,8,3 128,64,8,3 table   # dK/dV 226 regs 0 B

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest portable features decode precision dqtiles tune bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -20,6 +20,8 @@ for stage in "$@"; do
     # the suite in two halves (each ~4 min on an H200), so that each fits a call beside other stages
     tests-sweep) python3 -m pytest tests/test_sweep.py -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 | tee "$OUT/tests_sweep.log" | tail -15 || status=1 ;;
     tests-rest) python3 -m pytest tests -q -n 14 -p no:cacheprovider -rf -p no:benchmark --ignore=tests/test_sweep.py --durations=10 2>&1 | tee "$OUT/tests_rest.log" | tail -30 || status=1 ;;
+    # the sweep configs that run on the sm90 table entries changed in d31fdd6 (benchmarks/sweep_table_subset.txt)
+    sweep-subset) python3 -m pytest $(cat benchmarks/sweep_table_subset.txt) -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 | tee "$OUT/sweep_subset.log" | tail -8 || status=1 ;;
     portable) python3 -m pytest tests/test_portable.py -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 | tee "$OUT/portable.log" | tail -5 || status=1 ;;
     features) python3 -m tileattn.bench_features --out-dir "$OUT" 2>&1 | tee "$OUT/features.log" || status=1 ;;
     decode) python3 -m tileattn.bench_decode --out-dir "$OUT" ${DECODE_ARGS:-} 2>&1 | tee "$OUT/decode.log" || status=1 ;;
