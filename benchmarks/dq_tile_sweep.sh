@@ -19,6 +19,9 @@ if [ "${1:-run10}" = run22 ]; then  # not yet run: the D=256 pair run 20 left ou
   d256() { run 256 "$1" "$2" "$3" "d256_$4" both 1k,4k,16k; }
   d256 tileattn,sdpa_flash 64,32,8,2 128,32,8,2 table    # dK/dV 64x32 0 B, dQ 128x32 0 B
   d256 tileattn 32,64,8,2 128,32,8,2 dkdv32x64_dq128x32   # dK/dV 0 / 164 B causal
+  d256 tileattn 64,32,8,3 128,32,8,2 dkdv64x32s3          # 180 regs, 0 B, 169 KB (ptxas, residual mode)
+  d256 tileattn 64,32,8,2 128,32,8,3 dq128x32s3           # 236 regs, 0 B, 224 KB
+  d256 tileattn 128,16,8,2 128,32,8,2 dkdv128x16          # 180 regs, 0 B
   c128() { run 128 "$1" "$2" "$3" "d128c_$4" true 1k,4k; }  # a window-only dQ candidate, on causal first
   c128 tileattn,sdpa_flash 32,64,4,2 128,64,8,3 table
   c128 tileattn 32,64,4,2 64,64,4,2 dq64x64s2
