@@ -87,11 +87,6 @@ FEATURES = {
 }
 
 
-def consts_paged(consts):
-    """The paged forward is inference-only (flash_attn_varlen_func's block_table): it never keeps a residual."""
-    return bool(consts.get("PAGED"))
-
-
 def typical_ints(block_d: int, seqlen: int = 4096, heads: int = 16):
     """Integer arguments of a contiguous (B, S, H, D) launch, so the compile gets the launcher's hints (integers
     divisible by 16 are marked so unless the kernel lists them in do_not_specialize). Without them this script
@@ -195,7 +190,8 @@ def main():
                 for name, fn, cfg in rows:
                     consts = {**base, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "USE_TMA": name == "fwd+tma",
                               "CORRECT": name == "dq correct", "HAS_RESID": name == "dq",
-                              "STORE_RESID": not consts_paged(base)}
+                              # the paged forward is inference-only: it never keeps a residual
+                              "STORE_RESID": not base.get("PAGED")}
                     try:
                         ints = typical_ints(block_d)
                         if consts.get("PAGED"):  # a paged launch: 16-key pages, 64 pages per sequence

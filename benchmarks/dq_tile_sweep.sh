@@ -15,24 +15,25 @@ run() {  # head_dim providers dkdv dq tag [causal: both|true|false] [seqlens]
     --causal "${6:-both}" --providers "$2" --out-dir "$OUT" --prefix "dq_$5" --no-plot --warmup 50 --rep 30 2>&1 \
     | grep -A12 "== bwd" | grep -v "^$"
 }
+# one head dim per helper: providers dkdv dq tag (C128_SEQLENS picks the D=128 causal seqlens of a set)
+d256() { run 256 "$1" "$2" "$3" "d256_$4" both 1k,4k,16k; }
+c128() { run 128 "$1" "$2" "$3" "d128c_$4" true "${C128_SEQLENS:-1k,4k}"; }
+d64() { run 64 "$1" "$2" "$3" "d64_$4" both 1k,16k; }
 if [ "${1:-run10}" = run22 ]; then  # not yet run: the D=256 pair run 20 left out, beside today's table
-  d256() { run 256 "$1" "$2" "$3" "d256_$4" both 1k,4k,16k; }
   d256 tileattn,sdpa_flash 64,32,8,2 128,32,8,2 table    # dK/dV 64x32 0 B, dQ 128x32 0 B
   d256 tileattn 32,64,8,2 128,32,8,2 dkdv32x64_dq128x32   # dK/dV 0 / 164 B causal
   d256 tileattn 64,32,8,3 128,32,8,2 dkdv64x32s3          # 180 regs, 0 B, 169 KB (ptxas, residual mode)
   d256 tileattn 64,32,8,2 128,32,8,3 dq128x32s3           # 236 regs, 0 B, 224 KB
   d256 tileattn 128,16,8,2 128,32,8,2 dkdv128x16          # 180 regs, 0 B
-  c128() { run 128 "$1" "$2" "$3" "d128c_$4" true 1k,4k; }  # a window-only dQ candidate, on causal first
-  c128 tileattn,sdpa_flash 32,64,4,2 128,64,8,3 table
+  c128 tileattn,sdpa_flash 32,64,4,2 128,64,8,3 table  # a window-only dQ candidate, on causal first
   c128 tileattn 32,64,4,2 64,64,4,2 dq64x64s2
   exit 0
 fi
 if [ "${1:-run10}" = run20 ]; then  # after the residual delta (no PK matmul in dQ); ptxas sm_90a in brackets
-  c128() { run 128 "$1" "$2" "$3" "d128c_$4" true 1k,2k,4k,16k; }
+  C128_SEQLENS=1k,2k,4k,16k
   c128 tileattn,sdpa_flash 32,128,8,3 128,64,8,3 table   # dK/dV 226 regs 0 B
   c128 tileattn 64,128,8,3 128,64,8,3 dkdv64x128         # 200 B; window/causal features run 19: +10-16%
   c128 tileattn 32,64,4,2 128,64,8,3 dkdv32x64w4s2       # 16 B
-  d256() { run 256 "$1" "$2" "$3" "d256_$4" both 1k,4k,16k; }
   d256 tileattn,sdpa_flash 32,64,8,2 64,64,8,2 table     # dK/dV 0 / 164 B causal, dQ 0 B
   d256 tileattn 64,32,8,2 64,64,8,2 dkdv64x32            # dK/dV 176 regs 0 B
   d256 tileattn 64,32,8,2 64,32,8,2 dkdv64x32_dq64x32    # dQ 208 regs 0 B
@@ -40,7 +41,6 @@ if [ "${1:-run10}" = run20 ]; then  # after the residual delta (no PK matmul in 
   exit 0
 fi
 if [ "${1:-run10}" = d256 ]; then  # after the int32 fix (562799f); ptxas sm_90a spill stores in brackets
-  d256() { run 256 "$1" "$2" "$3" "d256_$4" both 1k,4k,16k; }
   d256 tileattn,sdpa_flash 32,64,8,2 64,64,8,2 table      # dK/dV 0 B, dQ 612 B
   d256 tileattn 32,64,8,2 64,32,8,2 dq64x32               # dQ 84 B
   d256 tileattn 64,64,8,2 64,32,8,2 dkdv64x64_dq64x32     # dK/dV 280 B
@@ -48,14 +48,12 @@ if [ "${1:-run10}" = d256 ]; then  # after the int32 fix (562799f); ptxas sm_90a
   exit 0
 fi
 if [ "${1:-run10}" = run12 ]; then
-  c128() { run 128 "$1" "$2" "$3" "d128c_$4" true 1k,4k; }
   c128 tileattn,sdpa_flash 32,128,8,3 128,64,8,3 table
   c128 tileattn 32,128,8,2 128,64,8,3 dkdv32x128s2
   c128 tileattn 32,128,8,4 128,64,8,3 dkdv32x128s4
   c128 tileattn 16,128,8,3 128,64,8,3 dkdv16x128
   c128 tileattn 32,128,8,3 128,64,8,2 dq128x64s2
   c128 tileattn 32,128,8,3 128,64,8,4 dq128x64s4
-  d64() { run 64 "$1" "$2" "$3" "d64_$4" both 1k,16k; }
   d64 tileattn,sdpa_flash 32,64,4,3 128,64,8,3 table
   d64 tileattn 64,64,4,3 128,64,8,3 dkdv64x64w4
   d64 tileattn 64,64,8,3 128,64,8,3 dkdv64x64w8
