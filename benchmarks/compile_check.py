@@ -110,7 +110,7 @@ def regression_cases(arch):
               "BLOCK_N": cfg.block_n, "HAS_LEFT": False, "HAS_RIGHT": True, "HAS_SOFTCAP": False, "HAS_ALIBI": False,
               "HAS_SINK": False, "HAS_DROPOUT": False, "IS_VARLEN": False, "FP32": False, "USE_TMA": False,
               "CORRECT": False, "HAS_RESID": True, "STORE_RESID": True, "DELTA_CHUNK": 32, "HAS_DLSE": False,
-              "PAGED": False}
+              "PAGED": False, "EVEN_M": False}
     for dtype in ("fp16", "bf16"):
         for fn in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel):
             # the failing test's launch: q (2, 17, 2, 32), k/v (2, 1, 1, 32), contiguous
@@ -181,6 +181,7 @@ def main():
                         "IS_VARLEN": False, "FP32": False, "HAS_DLSE": False, "EVEN_DQK": True, "EVEN_DV": True,
                         "USE_TMA": False, "CORRECT": False, "HAS_RESID": True, "STORE_RESID": True,
                         "DELTA_CHUNK": 32, "PAGED": False, **f}
+                base["EVEN_M"] = not base["IS_VARLEN"]  # the dK/dV kernel's row checks (4k rows: batched needs none)
                 rows = [("fwd", _fwd_kernel, fc), ("dkdv", _bwd_dkdv_kernel, bc.dkdv), ("dq", _bwd_dq_kernel, bc.dq)]
                 if arch >= 90:  # the opt-in TMA forward (TILEATTN_TMA=1)
                     rows.insert(1, ("fwd+tma", _fwd_kernel, fc))

@@ -6,12 +6,12 @@ used by ``attention`` and by the flash-attn-style functions in ``tileattn.flash_
 
 import math
 import numbers
-import weakref
 from typing import Optional, Tuple
 
 import torch
 
 from . import configs
+from ._hostinfo import host_summary  # noqa: F401  (re-exported: decode.py imports it from here)
 from .ops import bwd_impl, flash_bwd, flash_fwd, fwd_impl
 
 SUPPORTED_DTYPES = (torch.float16, torch.bfloat16, torch.float32)
@@ -133,31 +133,6 @@ def check_features(q, batch: int, q_heads: int, softcap, alibi_slopes, sink, dro
             raise ValueError(f"sink is on {sink.device}, q on {q.device}")
         sink = sink.contiguous()  # the kernels read it with stride 1 (differentiable: gradients still reach it)
     return softcap, alibi_slopes, sink, dropout_p
-
-
-_HOST_SUMMARIES = {}  # (id(tensor), kind) -> (weakref, version, summary)
-
-
-def host_summary(t: torch.Tensor, kind: str):
-    """Small facts about an integer index tensor, read to the host once per tensor and in-place version (the same
-    cu_seqlens / block_table is typically passed to every layer of a step, so checks cost one sync, not one per call).
-
-    kind "cu": (first, last, non-decreasing, longest sequence); kind "range": (min, max) (0, -1 when empty).
-    """
-    key = (id(t), kind)
-    hit = _HOST_SUMMARIES.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
-        return hit[2]
-    c = t.detach().cpu()
-    if kind == "cu":
-        diffs = c[1:] - c[:-1]
-        summary = (int(c[0]), int(c[-1]), bool((diffs >= 0).all()), int(diffs.max()) if diffs.numel() else 0)
-    else:
-        summary = (int(c.min()), int(c.max())) if c.numel() else (0, -1)
-    if len(_HOST_SUMMARIES) > 256:
-        _HOST_SUMMARIES.clear()
-    _HOST_SUMMARIES[key] = (weakref.ref(t), t._version, summary)
-    return summary
 
 
 def check_int32(name, t, shape=None, device=None):

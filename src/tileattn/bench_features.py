@@ -30,8 +30,8 @@ def _visible_pairs_window(s: int, left: int, right: int) -> int:
     return int((hi - lo + 1).clamp(min=0).sum())
 
 
-def _bench(fn) -> float:
-    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median")
+def _bench(fn, grad_to_none=None) -> float:
+    return triton.testing.do_bench(fn, warmup=10, rep=50, return_mode="median", grad_to_none=grad_to_none)
 
 
 def _fwd_bwd_ms(call, inputs):
@@ -39,7 +39,9 @@ def _fwd_bwd_ms(call, inputs):
     dout = torch.randn_like(out)
     t_fwd = _bench(call)
     out = call()
-    t_bwd = _bench(lambda: out.backward(dout, retain_graph=True))
+    # grads reset between reps (as in tileattn.bench): otherwise every rep also adds into .grad (~140 us at 16k
+    # tokens, D=128: 3 elementwise passes over q/k/v-sized tensors; benchmarks/kernel_profile.py)
+    t_bwd = _bench(lambda: out.backward(dout, retain_graph=True), grad_to_none=list(inputs))
     for t in inputs:
         t.grad = None
     return t_fwd, t_bwd

@@ -14,6 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import configs
+from ._hostinfo import covers_rows
 from .kernels.backward import attention_backward
 from .kernels.forward import attention_forward
 from .kernels.params import AttnParams
@@ -81,7 +82,10 @@ def bwd_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seql
                     window_right, softcap, alibi_slopes, sink, dropout_p, rng)
     if resid is not None and resid.numel() == 0:
         resid = None
-    alloc = torch.zeros if cu_seqlens_q is not None else torch.empty
+    # varlen rows outside every sequence get zero gradients (unless the sequences are known to cover every row)
+    zero = cu_seqlens_q is not None and not (covers_rows(cu_seqlens_q, q.shape[1])
+                                             and covers_rows(cu_seqlens_k, k.shape[1]))
+    alloc = torch.zeros if zero else torch.empty
     none = lambda: q.new_empty((0,))  # noqa: E731  (distinct placeholders: outputs may not alias)
     if pack == 1:
         dqkv = alloc(q.shape[:2] + (3,) + q.shape[2:], dtype=q.dtype, device=q.device)

@@ -17,21 +17,29 @@ import triton
 import triton.language as tl
 
 from .. import autotune, configs
+from .._hostinfo import covers_rows
 from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, q_tile_range, scores,
                      seq_bounds, store_tile, visible)
 
 
 @triton.jit
-def _load_lse(LSE, rows, seqlen_q):
+def _load_lse(LSE, rows, seqlen_q, CHECK_ROWS: tl.constexpr):
     """lse in log2 units (+inf for padding rows and rows that saw no key, so their p is 0)."""
-    lse = tl.load(LSE + rows, mask=rows < seqlen_q, other=float("inf"))
+    if CHECK_ROWS:
+        lse = tl.load(LSE + rows, mask=rows < seqlen_q, other=float("inf"))
+    else:
+        lse = tl.load(LSE + rows)
     return tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
 
 
 @triton.jit
-def _load_row_stats(LSE, DELTA, rows, seqlen_q):
+def _load_row_stats(LSE, DELTA, rows, seqlen_q, CHECK_ROWS: tl.constexpr):
     """lse (as ``_load_lse``) and delta."""
-    return _load_lse(LSE, rows, seqlen_q), tl.load(DELTA + rows, mask=rows < seqlen_q, other=0.0)
+    if CHECK_ROWS:
+        delta = tl.load(DELTA + rows, mask=rows < seqlen_q, other=0.0)
+    else:
+        delta = tl.load(DELTA + rows)
+    return _load_lse(LSE, rows, seqlen_q, CHECK_ROWS), delta
 
 
 @triton.jit
@@ -40,21 +48,26 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qs, stride_dos
                 qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v,
                 EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr):
-    """Accumulate dK, dV of one key tile over query tiles [lo, hi) of one query head (transposed form)."""
+                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr,
+                CHECK_ROWS: tl.constexpr):
+    """Accumulate dK, dV of one key tile over query tiles [lo, hi) of one query head (transposed form).
+
+    CHECK_ROWS: some tile may reach past the sequence's last row (its q/dO rows load as 0 and its lse as +inf);
+    False for tiles that end inside the sequence, whose loads then need no row predicates (varlen's row bounds
+    are runtime values, so each predicate would be per element)."""
     # Masked tiles stay software-pipelined here (unlike the forward): unpipelining them cost the backward ~20% with
     # a sliding window and ~1.5% at causal 1k (H200, runs 4 vs 5 in benchmarks/NOTES.md).
     for start_m in tl.range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
-        q = load_tile(q_ptrs + start_m * stride_qs, rows, seqlen_q, offs_dqk, dqk, True, EVEN_DQK)
-        lse, delta = _load_row_stats(LSE, DELTA, rows, seqlen_q)
+        q = load_tile(q_ptrs + start_m * stride_qs, rows, seqlen_q, offs_dqk, dqk, CHECK_ROWS, EVEN_DQK)
+        lse, delta = _load_row_stats(LSE, DELTA, rows, seqlen_q, CHECK_ROWS)
         s_t, t_t = scores(mma(k, tl.trans(q), None, FP32), rows[None, :], cols[:, None], diag, qk_scale, softcap,
                           slope, HAS_SOFTCAP, HAS_ALIBI, q.dtype)
         p_t = tl.math.exp2(s_t - lse[None, :])
         if MASKED:
             p_t = tl.where(visible(rows[None, :], cols[:, None], seqlen_k, diag, win_left, win_right,
                                    HAS_LEFT, HAS_RIGHT), p_t, 0.0)
-        do = load_tile(do_ptrs + start_m * stride_dos, rows, seqlen_q, offs_dv, dim_v, True, EVEN_DV)
+        do = load_tile(do_ptrs + start_m * stride_dos, rows, seqlen_q, offs_dv, dim_v, CHECK_ROWS, EVEN_DV)
         dp_t = mma(v, tl.trans(do), None, FP32)
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, rows[None, :], cols[:, None], row_base, max_seqlen_k, dropout_p)
@@ -85,7 +98,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                     FP32: tl.constexpr):
+                     FP32: tl.constexpr, EVEN_M: tl.constexpr):
     pid = tl.program_id(0)
     bhk = pid // num_n_tiles
     start_n = (pid % num_n_tiles) * BLOCK_N  # causal: low key tiles have the most work and run first
@@ -111,6 +124,14 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
 
     lo, full_lo, full_hi, hi = q_tile_range(start_n, seqlen_q, diag, win_left, win_right, BLOCK_M, BLOCK_N,
                                             HAS_LEFT, HAS_RIGHT)
+    # Tiles before ``mid`` lie inside the sequence: no row predicates. EVEN_M (batched, seqlen_q a multiple of
+    # BLOCK_M): every tile does. Otherwise the last partial tile joins the left-window tiles, or runs alone.
+    mid = full_hi
+    if not EVEN_M:
+        mid = tl.minimum(tl.maximum(seqlen_q // BLOCK_M * BLOCK_M, full_lo), full_hi)
+    tail_hi = full_hi
+    if HAS_LEFT:
+        tail_hi = hi
     for g in range(0, group):
         h = hk * group + g
         q_ptrs = Q + b * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh \
@@ -125,18 +146,18 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
                                  offs_m, cols, offs_dqk, offs_dv, lo, full_lo, seqlen_q, seqlen_k, diag, win_left,
                                  win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
                                  dropout_p, dqk, dim_v, EVEN_DQK, EVEN_DV, BLOCK_M, HAS_LEFT,
-                                 HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32)
+                                 HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32, not EVEN_M)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0, stride_qs, stride_dos,
-                             offs_m, cols, offs_dqk, offs_dv, full_lo, full_hi, seqlen_q, seqlen_k, diag, win_left,
+                             offs_m, cols, offs_dqk, offs_dv, full_lo, mid, seqlen_q, seqlen_k, diag, win_left,
                              win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
                              dropout_p, dqk, dim_v, EVEN_DQK, EVEN_DV, BLOCK_M, HAS_LEFT,
-                             HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, FP32)
-        if HAS_LEFT:
+                             HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, FP32, False)
+        if HAS_LEFT or not EVEN_M:
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0, stride_qs, stride_dos,
-                                 offs_m, cols, offs_dqk, offs_dv, full_hi, hi, seqlen_q, seqlen_k, diag, win_left,
+                                 offs_m, cols, offs_dqk, offs_dv, mid, tail_hi, seqlen_q, seqlen_k, diag, win_left,
                                  win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
                                  dropout_p, dqk, dim_v, EVEN_DQK, EVEN_DV, BLOCK_M, HAS_LEFT,
-                                 HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32)
+                                 HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HAS_LEFT, FP32, not EVEN_M)
 
     dk = dk * sm_scale
     store_tile(DK + b * stride_dkb + hk * stride_dkh + k_rows * stride_dks + offs_dqk[None, :],
@@ -249,7 +270,7 @@ def _bwd_dq_kernel(Q, K, V, O, RESID, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIB
     if HAS_DLSE:
         dlse = tl.load(DLSE + row0 + rows, mask=rows < seqlen_q, other=0.0)
         delta -= dlse
-    lse = _load_lse(LSE + row0, rows, seqlen_q)
+    lse = _load_lse(LSE + row0, rows, seqlen_q, True)
     k_ptrs = K + b * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh \
         + offs_n[:, None] * stride_ks + offs_dqk[None, :]
     v_ptrs = V + b * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh \
@@ -306,10 +327,11 @@ def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None, r
     if grads is not None:
         dq, dk, dv = grads
     else:  # varlen: rows outside every sequence get zero gradients; batched: every row is written.
-        alloc = torch.zeros if p.varlen else torch.empty
-        dq = alloc(q.shape, dtype=q.dtype, device=q.device)
-        dk = alloc(k.shape, dtype=k.dtype, device=k.device)
-        dv = alloc(v.shape, dtype=v.dtype, device=v.device)
+        zq = p.varlen and not covers_rows(p.cu_seqlens_q, q.shape[1])
+        zk = p.varlen and not covers_rows(p.cu_seqlens_k, k.shape[1])
+        dq = (torch.zeros if zq else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+        dk = (torch.zeros if zk else torch.empty)(k.shape, dtype=k.dtype, device=k.device)
+        dv = (torch.zeros if zk else torch.empty)(v.shape, dtype=v.dtype, device=v.device)
     if empty:
         dq.zero_(), dk.zero_(), dv.zero_()
         # No keys anywhere: out = 0, so delta = -dlse (each row's sink probability is then exp(sink - lse) = 1).
@@ -389,6 +411,7 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
         p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
         dqk, dim_v, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
         EVEN_DV=block_dv == dim_v, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, **flags,
+        EVEN_M=not p.varlen and p.max_seqlen_q % kv.block_m == 0,
         num_warps=kv.num_warps, num_stages=kv.num_stages,
     )
     return delta

@@ -13,6 +13,7 @@ import triton
 import triton.language as tl
 
 from .. import autotune, configs
+from .._hostinfo import covers_rows
 from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, scores, seq_bounds,
                      store_tile, visible)
 
@@ -206,9 +207,13 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     _, rows_q, q_heads, dqk = q.shape
     kv_heads, dv = k.shape[2], v.shape[3]
     batch = p.batch
-    if p.varlen:  # rows outside every sequence: out 0, lse -inf (no kernel program writes them)
-        out = torch.zeros(q.shape[:3] + (dv,), dtype=q.dtype, device=q.device)
+    if p.varlen and not covers_rows(p.cu_seqlens_q, rows_q):  # rows outside every sequence: out 0, lse -inf
+        out = torch.zeros(q.shape[:3] + (dv,), dtype=q.dtype, device=q.device)  # (no kernel program writes them)
         lse = torch.full((q_heads, rows_q), float("-inf"), dtype=torch.float32, device=q.device)
+        stride_lb, stride_lh = 0, rows_q
+    elif p.varlen:  # the sequences cover every row (checked on the host by the API): the kernel writes all
+        out = torch.empty(q.shape[:3] + (dv,), dtype=q.dtype, device=q.device)
+        lse = torch.empty((q_heads, rows_q), dtype=torch.float32, device=q.device)
         stride_lb, stride_lh = 0, rows_q
     else:
         out = torch.empty(q.shape[:3] + (dv,), dtype=q.dtype, device=q.device)
