@@ -20,7 +20,7 @@ from tileattn.kernels.forward import _fwd_kernel
 
 FLOATS = {"qk_scale", "sm_scale", "softcap", "dropout_p"}
 INT32_PTRS = {"CU_Q", "CU_K", "SEQLENS_K", "BATCH_IDX", "BLOCK_TABLE", "LEFTPAD"}
-FP32_PTRS = {"LSE", "DELTA", "DLSE", "DSINK_ROWS", "ALIBI", "SINK", "OUT_PART", "LSE_PART"}
+FP32_PTRS = {"LSE", "DELTA", "STATS", "DLSE", "DSINK_ROWS", "ALIBI", "SINK", "OUT_PART", "LSE_PART"}
 
 
 def _ptxas_report(ptx: str, arch: int) -> str:
@@ -97,7 +97,8 @@ def typical_ints(block_d: int, seqlen: int = 4096, heads: int = 16):
         ints.update({f"stride_{t}b": seq, f"stride_{t}s": row, f"stride_{t}h": block_d})
     ints.update(stride_lb=heads * seqlen, stride_lh=seqlen, stride_ab=0, q_heads=heads, kv_heads=heads, group=1,
                 max_seqlen_q=seqlen, max_seqlen_k=seqlen, num_m_tiles=seqlen // 64, num_n_tiles=seqlen // 64,
-                win_left=-1, win_right=-1, dqk=block_d, dv=block_d, dim_v=block_d, stride_bt=0, page_size=1)
+                win_left=-1, win_right=-1, dqk=block_d, dv=block_d, dim_v=block_d, stride_bt=0, page_size=1,
+                stride_sh=16 * (1 + seqlen // 16 + 1), stride_st=heads * 16 * (1 + seqlen // 16 + 1))
     return ints
 
 
@@ -110,7 +111,8 @@ def regression_cases(arch):
               "BLOCK_N": cfg.block_n, "HAS_LEFT": False, "HAS_RIGHT": True, "HAS_SOFTCAP": False, "HAS_ALIBI": False,
               "HAS_SINK": False, "HAS_DROPOUT": False, "IS_VARLEN": False, "FP32": False, "USE_TMA": False,
               "CORRECT": False, "HAS_RESID": True, "STORE_RESID": True, "DELTA_CHUNK": 32, "HAS_DLSE": False,
-              "PAGED": False, "EVEN_M": False}
+              "PAGED": False, "EVEN_M": False, "MERGE_EDGES": configs.merge_edges(False, True),
+              "EVEN_N": False}
     for dtype in ("fp16", "bf16"):
         for fn in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel):
             # the failing test's launch: q (2, 17, 2, 32), k/v (2, 1, 1, 32), contiguous
@@ -182,6 +184,8 @@ def main():
                         "USE_TMA": False, "CORRECT": False, "HAS_RESID": True, "STORE_RESID": True,
                         "DELTA_CHUNK": 32, "PAGED": False, **f}
                 base["EVEN_M"] = not base["IS_VARLEN"]  # the dK/dV kernel's row checks (4k rows: batched needs none)
+                base["MERGE_EDGES"] = configs.merge_edges(base["HAS_LEFT"], base["HAS_RIGHT"])
+                base["EVEN_N"] = not base["IS_VARLEN"] and not base["PAGED"]  # 4k keys
                 rows = [("fwd", _fwd_kernel, fc), ("dkdv", _bwd_dkdv_kernel, bc.dkdv), ("dq", _bwd_dq_kernel, bc.dq)]
                 if arch >= 90:  # the opt-in TMA forward (TILEATTN_TMA=1)
                     rows.insert(1, ("fwd+tma", _fwd_kernel, fc))

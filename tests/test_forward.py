@@ -277,3 +277,66 @@ def test_tma_forward_varlen(tma_spy):
     keep[int(cu[1]):int(cu[2])] = False
     assert torch.isfinite(out2[keep]).all() and torch.equal(out2[keep], out[keep])
     assert tma_spy and all(tma_spy)
+
+
+EDGE_CASES = [  # (B, Sq, Sk, Hq, Hkv, D, window, softcap): causal-like calls, whose edge tiles need masks
+    (2, 63, 130, 2, 1, 64, (-1, 0), 0.0),
+    (1, 130, 63, 2, 2, 40, (-1, 0), 0.0),
+    (2, 130, 130, 2, 1, 32, (20, 5), 0.0),
+    (1, 17, 130, 2, 2, 64, (0, 0), 0.0),
+    (1, 130, 130, 2, 2, 48, (33, -1), 30.0),
+] if not LARGE else [
+    (2, 1000, 2111, 8, 2, 128, (-1, 0), 0.0),
+    (1, 4093, 4093, 4, 4, 128, (512, 512), 0.0),
+    (2, 2047, 2048, 4, 1, 64, (300, 0), 30.0),
+    (1, 4096, 4096, 2, 2, 256, (100, 700), 0.0),
+]
+
+
+@pytest.mark.parametrize("edges", ["split", "merged"])
+@pytest.mark.parametrize("case", EDGE_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-w{c[6][0]}_{c[6][1]}")
+def test_edge_loop_modes(monkeypatch, edges, case):
+    """TILEATTN_FWD_EDGES: the window / diagonal edge tiles in their own masked loops (split) or masked by a
+    branch inside the one pipelined loop (merged, the default); both meet the rule, with and without softcap."""
+    from tileattn import configs
+    from tileattn.reference import attention_ref
+    monkeypatch.setenv("TILEATTN_FWD_EDGES", edges)
+    assert configs.merge_edges(True, False) == (edges == "merged") and not configs.merge_edges(False, False)
+    B, Sq, Sk, Hq, Hkv, D, window, softcap = case
+    dtype = torch.bfloat16
+    q, k, v, _ = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("edges", case))
+    out, lse = tileattn.attention(q, k, v, window_size=window, softcap=softcap, return_lse=True)
+    ref, ref_lse = attention_ref(q, k, v, window_size=window, softcap=softcap)
+    pt, _ = attention_ref(q, k, v, window_size=window, softcap=softcap, upcast=False)
+    check_rule("out", out, ref, pt, FWD_MULT, atol_for(dtype, ref, _max_abs(v)), f"{edges} {case}")
+    seen = torch.isfinite(ref_lse)
+    assert torch.equal(torch.isfinite(lse), seen) and torch.allclose(lse[seen], ref_lse[seen].float(), atol=1e-3)
+
+
+def test_edge_loop_mode_validated(monkeypatch):
+    from tileattn import configs
+    monkeypatch.setenv("TILEATTN_FWD_EDGES", "fused")
+    with pytest.raises(ValueError, match="TILEATTN_FWD_EDGES"):
+        configs.merge_edges(True, True)
+
+
+@pytest.mark.parametrize("edges", ["split", "merged"])
+def test_edge_loop_varlen_tail_isolated(monkeypatch, edges):
+    """Varlen through the pointer path: the tile that runs past a sequence's last key (merged: it re-reads that
+    key instead of a masked load) must not see the next sequence's rows: NaN there stays there."""
+    monkeypatch.setenv("TILEATTN_FWD_EDGES", edges)
+    monkeypatch.setenv("TILEATTN_TMA", "0")
+    lens = [5, 37, 1, 64] if not LARGE else [500, 3000, 1, 1024]
+    cu = torch.tensor([0] + list(torch.tensor(lens).cumsum(0)), dtype=torch.int32, device=DEVICE)
+    total, H, D = int(cu[-1]), 2, 64
+    gen = make_gen(seed_for("edges-varlen", tuple(lens)))
+    q, k, v = (make_tensor((1, total, H, D), torch.float16, gen)[0] for _ in range(3))
+    for window in ((-1, 0), (7, 3)):
+        out = tileattn.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), window_size=window)
+        v2, k2 = v.clone(), k.clone()
+        v2[int(cu[1]):int(cu[2])] = float("nan")
+        k2[int(cu[1]):int(cu[2])] = float("nan")
+        out2 = tileattn.flash_attn_varlen_func(q, k2, v2, cu, cu, max(lens), max(lens), window_size=window)
+        keep = torch.ones(total, dtype=torch.bool, device=DEVICE)
+        keep[int(cu[1]):int(cu[2])] = False
+        assert torch.isfinite(out2[keep]).all() and torch.equal(out2[keep], out[keep]), window

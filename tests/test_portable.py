@@ -66,6 +66,34 @@ def test_override_is_validated(monkeypatch, fake_arch):
         configs._arch_override()
 
 
+def test_tma_table(monkeypatch, fake_arch):
+    """The forward's K/V path (configs.use_tma): the measured sm_90 table, the env override, and never on
+    pre-Hopper parts (also when TILEATTN_ARCH asks for their tables on a Hopper card)."""
+    monkeypatch.setattr(configs, "_interpreting", lambda: False)
+    monkeypatch.delenv("TILEATTN_TMA", raising=False)
+    monkeypatch.delenv("TILEATTN_ARCH", raising=False)
+    cuda = torch.device("cuda", 0)
+    fake_arch((9, 0))
+    bf16 = torch.bfloat16
+    assert configs.use_tma(cuda, bf16, 128) and configs.use_tma(cuda, torch.float16, 96, seqlen_k=512)
+    assert not configs.use_tma(cuda, bf16, 64) and not configs.use_tma(cuda, bf16, 128, sliding=True)
+    assert not configs.use_tma(cuda, torch.float32, 128)
+    assert configs.use_tma(cuda, bf16, 256, seqlen_k=2048) and not configs.use_tma(cuda, bf16, 256, seqlen_k=1024)
+    monkeypatch.setenv("TILEATTN_TMA", "1")
+    assert configs.use_tma(cuda, bf16, 64, sliding=True)
+    monkeypatch.setenv("TILEATTN_TMA", "0")
+    assert not configs.use_tma(cuda, bf16, 128)
+    monkeypatch.setenv("TILEATTN_TMA", "yes")
+    with pytest.raises(ValueError, match="TILEATTN_TMA"):
+        configs.use_tma(cuda, bf16, 128)
+    monkeypatch.setenv("TILEATTN_TMA", "1")
+    monkeypatch.setenv("TILEATTN_ARCH", "8.0")
+    assert not configs.use_tma(cuda, bf16, 128)
+    monkeypatch.delenv("TILEATTN_ARCH")
+    fake_arch((8, 0))
+    assert not configs.use_tma(cuda, bf16, 128)
+
+
 @gpu
 @pytest.mark.parametrize("causal", [False, True], ids=["full-fp16", "causal-bf16"])
 @pytest.mark.parametrize("head_dim", [64, 80, 128, 256])

@@ -51,11 +51,15 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 # must be set before the first ``import triton`` (see _ensure_triton_interpreter).
 
 PROVIDERS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
-# Opt-in experiments, measurable beside the default (not in the default list): tileattn_tma = the forward with
-# K/V through tensor descriptors (TILEATTN_TMA=1, sm_90+); the backward's other delta modes (configs.delta_mode):
+# Opt-in experiments, measurable beside the default (not in the default list): tileattn_tma / tileattn_notma = the
+# forward with K/V always / never through tensor descriptors (TILEATTN_TMA=1 / 0; unset, configs.use_tma's table
+# decides); tileattn_split = the forward's causal/window edge tiles in their own loops (TILEATTN_FWD_EDGES=split,
+# configs.merge_edges); the backward's other delta modes (configs.delta_mode):
 # tileattn_correct = no stored residual, delta corrected in the dQ kernel (one more matmul per tile);
 # tileattn_rounded = FlashAttention's delta from the rounded output, uncorrected.
-ENV_PROVIDERS = {"tileattn_tma": ("TILEATTN_TMA", "1"), "tileattn_correct": ("TILEATTN_DELTA", "correct"),
+ENV_PROVIDERS = {"tileattn_tma": ("TILEATTN_TMA", "1"), "tileattn_notma": ("TILEATTN_TMA", "0"),
+                 "tileattn_split": ("TILEATTN_FWD_EDGES", "split"),
+                 "tileattn_correct": ("TILEATTN_DELTA", "correct"),
                  "tileattn_rounded": ("TILEATTN_DELTA", "rounded")}
 EXTRA_PROVIDERS = tuple(ENV_PROVIDERS)
 ANCHOR_LABELS = {"sdpa_flash": "flash", "sdpa_cudnn": "cudnn", "sdpa_efficient": "effic", "flex": "flex"}
@@ -353,6 +357,8 @@ def plot_results(results: Sequence[Result], path: str, title: str = "",
               "sdpa_flash": dict(color="tab:blue", marker="s"), "sdpa_cudnn": dict(color="tab:green", marker="^"),
               "sdpa_efficient": dict(color="tab:gray", marker="v"), "flex": dict(color="tab:purple", marker="D"),
               "tileattn_tma": dict(color="tab:orange", marker="x", linestyle="--"),
+              "tileattn_notma": dict(color="tab:orange", marker="+", linestyle=":"),
+              "tileattn_split": dict(color="tab:pink", marker="x", linestyle=":"),
               "tileattn_rounded": dict(color="tab:brown", marker="+", linestyle="--"),
               "tileattn_correct": dict(color="tab:purple", marker="1", linestyle="--")}
     by = {}

@@ -124,14 +124,40 @@ def _fit(cfg: KernelConfig, block_d: int, elem: int, arch, resident: str) -> Ker
     return KernelConfig(bm, bn, warps, stages)
 
 
-def use_tma(device: torch.device) -> bool:
-    """Opt-in (``TILEATTN_TMA=1``): the forward streams K/V through tensor descriptors (TMA on sm_90+; the
-    interpreter emulates them). Off by default until measured (benchmarks/NOTES.md)."""
-    if os.environ.get("TILEATTN_TMA", "0") != "1":
-        return False
+def use_tma(device: torch.device, dtype: torch.dtype = torch.bfloat16, head_dim: int = 128,
+            sliding: bool = False, seqlen_k: int = 0) -> bool:
+    """Whether the forward streams K/V through tensor descriptors (TMA, sm_90+; the interpreter emulates them)
+    instead of pointer loads. ``TILEATTN_TMA=1`` forces it on (sm_90+), ``=0`` off; unset, the sm_90 table
+    decides (H200, run 23 in benchmarks/NOTES.md: the same call timed both paths): on for fp16/bf16 at head-dim
+    tile 128 (forward +4-5% non-causal, +6-11% causal) and at 256 from 2k keys (+7-8%; slower at 512-1k), off at
+    head dims <= 64 (1-4% slower, up to 1.8x at causal 1k-2k) and with a sliding window (window (512, 512) at D=128
+    ran 0.93-0.95x with TMA, bench_features runs 22-23)."""
+    value = os.environ.get("TILEATTN_TMA", "")
+    if value not in ("", "0", "1"):
+        raise ValueError(f"TILEATTN_TMA must be 0 or 1 (or unset: the table), got {value!r}")
     if _interpreting() or device.type != "cuda":
+        return value == "1"
+    if _arch(_device_index(device), _arch_override())[0] < 9 or value == "0":
+        return False
+    if value == "1":
         return True
-    return _arch(_device_index(device), _arch_override())[0] >= 9
+    block_d = padded_head_dim(head_dim)
+    if dtype == torch.float32 or sliding:
+        return False
+    return block_d == 128 or (block_d == 256 and seqlen_k >= 2048)
+
+
+def merge_edges(has_left: bool, has_right: bool) -> bool:
+    """Whether the forward runs a query tile's key tiles as one pipelined loop that masks only the edge tiles
+    (a sliding window's two edges, the causal diagonal) instead of separate unpipelined loops for the edges
+    (kernels/forward.py, ``_fwd_tiles``). ``TILEATTN_FWD_EDGES=merged|split`` overrides; default: merged whenever
+    there is an edge (window or causal). Without one (a plain call) there is nothing to merge."""
+    value = os.environ.get("TILEATTN_FWD_EDGES", "")
+    if value not in ("", "merged", "split"):
+        raise ValueError(f"TILEATTN_FWD_EDGES must be merged or split (or unset), got {value!r}")
+    if not (has_left or has_right):
+        return False
+    return value != "split"
 
 
 DELTA_MODES = ("residual", "correct", "rounded")

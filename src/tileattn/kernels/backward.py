@@ -23,27 +23,38 @@ from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_t
 
 
 @triton.jit
-def _load_lse(LSE, rows, seqlen_q, CHECK_ROWS: tl.constexpr):
+def _load_lse(LSE, rows, seqlen_q):
     """lse in log2 units (+inf for padding rows and rows that saw no key, so their p is 0)."""
-    if CHECK_ROWS:
-        lse = tl.load(LSE + rows, mask=rows < seqlen_q, other=float("inf"))
-    else:
-        lse = tl.load(LSE + rows)
+    lse = tl.load(LSE + rows, mask=rows < seqlen_q, other=float("inf"))
     return tl.where(lse == float("-inf"), float("inf"), lse) * LOG2E
 
 
 @triton.jit
-def _load_row_stats(LSE, DELTA, rows, seqlen_q, CHECK_ROWS: tl.constexpr):
-    """lse (as ``_load_lse``) and delta."""
-    if CHECK_ROWS:
-        delta = tl.load(DELTA + rows, mask=rows < seqlen_q, other=0.0)
-    else:
-        delta = tl.load(DELTA + rows)
-    return _load_lse(LSE, rows, seqlen_q, CHECK_ROWS), delta
+def _stats_row0(b, q_start, max_seqlen_q, IS_VARLEN: tl.constexpr):
+    """Where sequence b's rows start in the row-stats buffer (``_row_stats_buffer``): 16 * (b + first // 16)
+    with ``first`` its first packed row (b * seqlen when batched), a multiple of 16 (aligned vector loads), and
+    each sequence's slot is longer than the sequence (16 + 16 * (floor(next / 16) - floor(first / 16)) > len)."""
+    first = b * max_seqlen_q
+    if IS_VARLEN:
+        first = q_start
+    return tl.multiple_of(16 * (b + first // 16), 16)
 
 
 @triton.jit
-def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qs, stride_dos,
+def _load_row_stats(LSE2, DELTA, rows, seqlen_q, CHECK_ROWS: tl.constexpr):
+    """lse in log2 units (+inf for rows past the sequence and rows that saw no key, so their p is 0) and delta,
+    from the row-stats buffer the dQ kernel wrote."""
+    if CHECK_ROWS:
+        lse = tl.load(LSE2 + rows, mask=rows < seqlen_q, other=float("inf"))
+        delta = tl.load(DELTA + rows, mask=rows < seqlen_q, other=0.0)
+    else:
+        lse = tl.load(LSE2 + rows)
+        delta = tl.load(DELTA + rows)
+    return lse, delta
+
+
+@triton.jit
+def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE2, DELTA, stride_qs, stride_dos,
                 offs_m, cols, offs_dqk, offs_dv, lo, hi, seqlen_q, seqlen_k, diag, win_left, win_right,
                 qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dim_v,
                 EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr,
@@ -60,7 +71,7 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qs, stride_dos
     for start_m in tl.range(lo, hi, BLOCK_M):
         rows = start_m + offs_m
         q = load_tile(q_ptrs + start_m * stride_qs, rows, seqlen_q, offs_dqk, dqk, CHECK_ROWS, EVEN_DQK)
-        lse, delta = _load_row_stats(LSE, DELTA, rows, seqlen_q, CHECK_ROWS)
+        lse, delta = _load_row_stats(LSE2, DELTA, rows, seqlen_q, CHECK_ROWS)
         s_t, t_t = scores(mma(k, tl.trans(q), None, FP32), rows[None, :], cols[:, None], diag, qk_scale, softcap,
                           slope, HAS_SOFTCAP, HAS_ALIBI, q.dtype)
         p_t = tl.math.exp2(s_t - lse[None, :])
@@ -86,11 +97,11 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE, DELTA, stride_qs, stride_dos
 # divisible-by-16 hints, which halved the D=128 backward on the H200 (NOTES.md, v5); the backward kernels compile
 # fine when seqlen_k == 1 is constant-folded (benchmarks/compile_check.py's regression cases).
 @triton.jit
-def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
+def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DK, DV, CU_Q, CU_K, ALIBI, RNG,
                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                      stride_vb, stride_vs, stride_vh, stride_dob, stride_dos, stride_doh,
                      stride_dkb, stride_dks, stride_dkh, stride_dvb, stride_dvs, stride_dvh,
-                     stride_lb, stride_lh, stride_ab,
+                     stride_sh, stride_st, stride_ab,
                      q_heads, kv_heads, group, max_seqlen_q, max_seqlen_k, num_n_tiles,
                      qk_scale, sm_scale, softcap, win_left, win_right, dropout_p,
                      dqk, dim_v, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -132,28 +143,29 @@ def _bwd_dkdv_kernel(Q, K, V, DO, LSE, DELTA, DK, DV, CU_Q, CU_K, ALIBI, RNG,
     tail_hi = full_hi
     if HAS_LEFT:
         tail_hi = hi
+    srow0 = _stats_row0(b, q_start, max_seqlen_q, IS_VARLEN)
     for g in range(0, group):
         h = hk * group + g
         q_ptrs = Q + b * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh \
             + offs_m[:, None] * stride_qs + offs_dqk[None, :]
         do_ptrs = DO + b * stride_dob + q_start.to(tl.int64) * stride_dos + h * stride_doh \
             + offs_m[:, None] * stride_dos + offs_dv[None, :]
-        row0 = b * stride_lb + h.to(tl.int64) * stride_lh + q_start
+        lse2 = STATS + h.to(tl.int64) * stride_sh + srow0  # this head's rows: lse (log2 units), then delta
         slope, seed, rng_offset, row_base = feature_scalars(ALIBI, RNG, b, h, b * q_heads + h, stride_ab,
                                                             max_seqlen_q, HAS_ALIBI, HAS_DROPOUT)
         if HAS_RIGHT:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0, stride_qs, stride_dos,
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse2, lse2 + stride_st, stride_qs, stride_dos,
                                  offs_m, cols, offs_dqk, offs_dv, lo, full_lo, seqlen_q, seqlen_k, diag, win_left,
                                  win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
                                  dropout_p, dqk, dim_v, EVEN_DQK, EVEN_DV, BLOCK_M, HAS_LEFT,
                                  HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32, not EVEN_M)
-        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0, stride_qs, stride_dos,
+        dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse2, lse2 + stride_st, stride_qs, stride_dos,
                              offs_m, cols, offs_dqk, offs_dv, full_lo, mid, seqlen_q, seqlen_k, diag, win_left,
                              win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
                              dropout_p, dqk, dim_v, EVEN_DQK, EVEN_DV, BLOCK_M, HAS_LEFT,
                              HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, FP32, False)
         if HAS_LEFT or not EVEN_M:
-            dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE + row0, DELTA + row0, stride_qs, stride_dos,
+            dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse2, lse2 + stride_st, stride_qs, stride_dos,
                                  offs_m, cols, offs_dqk, offs_dv, mid, tail_hi, seqlen_q, seqlen_k, diag, win_left,
                                  win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
                                  dropout_p, dqk, dim_v, EVEN_DQK, EVEN_DV, BLOCK_M, HAS_LEFT,
@@ -205,11 +217,11 @@ def _dq_tiles(dq, pk, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride
 
 
 @triton.jit  # value-specialised: see _bwd_dkdv_kernel
-def _bwd_dq_kernel(Q, K, V, O, RESID, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIBI, RNG,
+def _bwd_dq_kernel(Q, K, V, O, RESID, DO, LSE, DELTA, DLSE, DQ, STATS, CU_Q, CU_K, ALIBI, RNG,
                    stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh,
                    stride_vb, stride_vs, stride_vh, stride_ob, stride_os, stride_oh,
                    stride_dob, stride_dos, stride_doh,
-                   stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_ab,
+                   stride_dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, stride_sh, stride_st, stride_ab,
                    q_heads, group, max_seqlen_q, max_seqlen_k, num_m_tiles,
                    qk_scale, sm_scale, softcap, win_left, win_right, dropout_p,
                    dqk, dim_v, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
@@ -270,7 +282,7 @@ def _bwd_dq_kernel(Q, K, V, O, RESID, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIB
     if HAS_DLSE:
         dlse = tl.load(DLSE + row0 + rows, mask=rows < seqlen_q, other=0.0)
         delta -= dlse
-    lse = _load_lse(LSE + row0, rows, seqlen_q, True)
+    lse = _load_lse(LSE + row0, rows, seqlen_q)
     k_ptrs = K + b * stride_kb + k_start.to(tl.int64) * stride_ks + hk * stride_kh \
         + offs_n[:, None] * stride_ks + offs_dqk[None, :]
     v_ptrs = V + b * stride_vb + k_start.to(tl.int64) * stride_vs + hk * stride_vh \
@@ -305,6 +317,10 @@ def _bwd_dq_kernel(Q, K, V, O, RESID, DO, LSE, DELTA, DLSE, DQ, CU_Q, CU_K, ALIB
         dq -= (dsum - delta)[:, None] * pk
         delta = dsum
     tl.store(DELTA + row0 + rows, delta, mask=rows < seqlen_q)
+    # the dK/dV kernel's copy: aligned rows, lse already in log2 units (``_row_stats_buffer``)
+    srows = STATS + h.to(tl.int64) * stride_sh + _stats_row0(b, q_start, max_seqlen_q, IS_VARLEN) + rows
+    tl.store(srows, lse, mask=rows < seqlen_q)
+    tl.store(srows + stride_st, delta, mask=rows < seqlen_q)
     dq = dq * sm_scale
     store_tile(DQ + b * stride_dqb + h * stride_dqh + q_rows * stride_dqs + offs_dqk[None, :],
                dq.to(DQ.dtype.element_ty), rows, seqlen_q, offs_dqk, dqk, EVEN_DQK)
@@ -345,6 +361,14 @@ def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None, r
     return dq, dk, dv, dsink
 
 
+def _row_stats_buffer(batch: int, q_heads: int, total_rows: int, device) -> torch.Tensor:
+    """(2, Hq, L) fp32: lse (log2 units) and delta per query row, written by the dQ kernel for the dK/dV kernel.
+    Sequence b's rows start at 16 * (b + first_row // 16) (``_stats_row0``): aligned whatever the varlen
+    offsets, so the dK/dV kernel reads them with vector loads (packed rows of lse's own layout start anywhere).
+    L = 16 * (batch + total_rows // 16 + 1) covers every slot: O(heads * (batch + rows)) extra memory."""
+    return torch.empty((2, q_heads, 16 * (batch + total_rows // 16 + 1)), dtype=torch.float32, device=device)
+
+
 def _sink_rows(p):
     """The sink logits shaped to broadcast against lse: (Hq, 1) varlen, (1, Hq, 1) batched."""
     return p.sink.float().view(-1, 1) if p.varlen else p.sink.float().view(1, -1, 1)
@@ -374,6 +398,7 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
                  HAS_ALIBI=p.alibi_slopes is not None, HAS_DROPOUT=p.dropout_p > 0, IS_VARLEN=p.varlen, FP32=fp32)
 
     delta = torch.empty_like(lse)
+    stats = _row_stats_buffer(batch, q_heads, rows_q if p.varlen else batch * rows_q, q.device)
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
     # The dQ kernel computes delta and runs first; the dK/dV kernel and d(sink) (attention_backward) use the delta
@@ -387,10 +412,11 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
     num_m_tiles = configs.cdiv(p.max_seqlen_q, qc.block_m)
     _bwd_dq_kernel[(num_m_tiles * batch * q_heads,)](
         q, k, v, out, resid if has_resid else dummy, dout, lse, delta, dlse if dlse is not None else dummy, dq,
-        cu_q, cu_k, alibi, rng,
+        stats, cu_q, cu_k, alibi, rng,
         sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2),
         sb(v), v.stride(1), v.stride(2), sb(out), out.stride(1), out.stride(2), sb(dout), dout.stride(1),
-        dout.stride(2), sb(dq), dq.stride(1), dq.stride(2), stride_lb, stride_lh, p.alibi_stride_b,
+        dout.stride(2), sb(dq), dq.stride(1), dq.stride(2), stride_lb, stride_lh, stats.stride(1), stats.stride(0),
+        p.alibi_stride_b,
         q_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
         p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
         dqk, dim_v, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
@@ -402,11 +428,11 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
     kv = cfg.dkdv
     num_n_tiles = configs.cdiv(p.max_seqlen_k, kv.block_n)
     _bwd_dkdv_kernel[(num_n_tiles * batch * kv_heads,)](
-        q, k, v, dout, lse, delta, dk, dv, cu_q, cu_k, alibi, rng,
+        q, k, v, dout, stats, dk, dv, cu_q, cu_k, alibi, rng,
         sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2),
         sb(v), v.stride(1), v.stride(2), sb(dout), dout.stride(1), dout.stride(2),
         sb(dk), dk.stride(1), dk.stride(2), sb(dv), dv.stride(1), dv.stride(2),
-        stride_lb, stride_lh, p.alibi_stride_b,
+        stats.stride(1), stats.stride(0), p.alibi_stride_b,
         q_heads, kv_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_n_tiles,
         p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
         dqk, dim_v, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,

@@ -19,16 +19,47 @@ from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, l
 
 
 @triton.jit
+def _probs(s, m_i, rows, cols, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
+           HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
+           MASK: tl.constexpr, IN_DTYPE: tl.constexpr):
+    """Raw q.k products of one tile -> (new row max, the shift used, unnormalised probabilities), log2 units."""
+    if not MASK and not HAS_SOFTCAP and not HAS_ALIBI:
+        # Hot path: scale folded into the row max and into one FMA before exp2.
+        m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+        m_use = m_new
+        p = tl.math.exp2(s * qk_scale - m_use[:, None])
+    else:
+        s, _ = scores(s, rows[:, None], cols[None, :], diag, qk_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI,
+                      IN_DTYPE)
+        if MASK:
+            s = tl.where(visible(rows[:, None], cols[None, :], seqlen_k, diag, win_left, win_right,
+                                 HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            # Rows that have seen no key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN.
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        else:
+            m_new = tl.maximum(m_i, tl.max(s, 1))
+            m_use = m_new
+        p = tl.math.exp2(s - m_use[:, None])
+    return m_new, m_use, p
+
+
+@triton.jit
 def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk, offs_dv,
-               lo, hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
+               lo, hi, full_lo, full_hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
                seed, rng_offset, row_base, max_seqlen_k, dropout_p,
                dqk, dv, K_DESC, V_DESC, desc_b, desc_row0, hk, BT_ROW, page_size, stride_kp, stride_vp,
                EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_N: tl.constexpr,
                BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr,
-               USE_TMA: tl.constexpr, PAGED: tl.constexpr):
+               USE_TMA: tl.constexpr, PAGED: tl.constexpr, EVEN_N: tl.constexpr):
     """Online-softmax update of (acc, m_i, l_i) over key tiles [lo, hi). Scores in log2 units.
+
+    MASKED: 0 = every tile fully visible (no masks, software-pipelined); 1 = every tile masked (unpipelined: few
+    tiles); 2 = one pipelined loop over all of a query tile's keys, masking only the tiles outside
+    [full_lo, full_hi) (a uniform branch per tile): a window's or the diagonal's edge tiles then cost no
+    separate loop, whose unpipelined loads exposed their latency (NOTES.md, v10c).
 
     PAGED: k_ptrs / v_ptrs point at the head's first element ([1, BLOCK_D]); key position j lives in page
     BT_ROW[j // page_size] (page strides stride_kp / stride_vp), slot j % page_size (strides stride_ks / stride_vs).
@@ -37,7 +68,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
     (1, BLOCK_N, 1, BLOCK_D) (TMA on Hopper; rows past the tensor and columns past the head dim read as zero)
     instead of pointer loads. Rows past the sequence inside the tensor (varlen) are masked like any key tail."""
     # Masked tiles are few (the diagonal / the edges): no software pipelining for them, which saves registers.
-    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED else None):
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED == 1 else None):
         cols = start_n + offs_n
         if USE_TMA:
             k = K_DESC.load([desc_b, desc_row0 + start_n, hk, 0]).reshape([BLOCK_N, BLOCK_DQK])
@@ -45,28 +76,38 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
             page = tl.load(BT_ROW + cols // page_size, mask=cols < seqlen_k, other=0).to(tl.int64)
             slot = cols % page_size
             k = load_tile(k_ptrs + (page * stride_kp + slot * stride_ks)[:, None], cols, seqlen_k, offs_dqk, dqk,
-                          MASKED, EVEN_DQK)
+                          MASKED != 0, EVEN_DQK)
+        elif MASKED == 2:  # rows past the keys read the last key instead of a predicate per row in every tile:
+            # the edge mask gives them p = 0 (EVEN_N: no tile reaches past the keys)
+            k_tile = k_ptrs + start_n * stride_ks
+            v_tile = v_ptrs + start_n * stride_vs
+            if not EVEN_N:
+                shift = tl.minimum(cols, seqlen_k - 1) - cols  # 0, or back to the last key
+                k_tile += (shift * stride_ks)[:, None]
+                v_tile += (shift * stride_vs)[:, None]
+            k = load_tile(k_tile, cols, seqlen_k, offs_dqk, dqk, False, EVEN_DQK)
         else:
-            k = load_tile(k_ptrs + start_n * stride_ks, cols, seqlen_k, offs_dqk, dqk, MASKED, EVEN_DQK)
+            k = load_tile(k_ptrs + start_n * stride_ks, cols, seqlen_k, offs_dqk, dqk, MASKED != 0, EVEN_DQK)
         s = mma(q, tl.trans(k), None, FP32)
-        if not MASKED and not HAS_SOFTCAP and not HAS_ALIBI:
-            # Hot path: scale folded into the row max and into one FMA before exp2.
-            m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-            m_use = m_new
-            p = tl.math.exp2(s * qk_scale - m_use[:, None])
-        else:
-            s, _ = scores(s, rows[:, None], cols[None, :], diag, qk_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI,
-                          q.dtype)
-            if MASKED:
+        if MASKED == 2:
+            # The branch only masks the scores (raw q.k, or the softcap/ALiBi scores): Triton 3.6's pipeliner
+            # fails on a branch that yields the probabilities feeding the PV matmul.
+            if HAS_SOFTCAP or HAS_ALIBI:
+                s, _ = scores(s, rows[:, None], cols[None, :], diag, qk_scale, softcap, slope, HAS_SOFTCAP,
+                              HAS_ALIBI, q.dtype)
+            if (start_n < full_lo) | (start_n >= full_hi):
                 s = tl.where(visible(rows[:, None], cols[None, :], seqlen_k, diag, win_left, win_right,
                                      HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+            if HAS_SOFTCAP or HAS_ALIBI:
                 m_new = tl.maximum(m_i, tl.max(s, 1))
-                # Rows that have seen no key yet keep m = -inf; shift by 0 so exp2 gives 0, not NaN.
-                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            else:
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-                m_use = m_new
+            else:  # raw products: the scale (> 0) folds into the max and the exp2's FMA, as in _probs
+                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+                s = s * qk_scale
+            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: exp2 gives 0, not NaN
             p = tl.math.exp2(s - m_use[:, None])
+        else:
+            m_new, m_use, p = _probs(s, m_i, rows, cols, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
+                                     slope, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, MASKED == 1, q.dtype)
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         acc = acc * alpha[:, None]
@@ -75,13 +116,18 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         if USE_TMA:
             v = V_DESC.load([desc_b, desc_row0 + start_n, hk, 0]).reshape([BLOCK_N, BLOCK_DV])
-            if MASKED:  # varlen: rows past this sequence belong to the next one (p = 0 there, but 0 * NaN = NaN)
+            if MASKED == 1:  # varlen: rows past this sequence belong to the next one (p = 0 there, 0 * NaN = NaN)
                 v = tl.where((cols < seqlen_k)[:, None], v, 0.0)
+            elif MASKED == 2:
+                if start_n + BLOCK_N > seqlen_k:
+                    v = tl.where((cols < seqlen_k)[:, None], v, 0.0)
         elif PAGED:
             v = load_tile(v_ptrs + (page * stride_vp + slot * stride_vs)[:, None], cols, seqlen_k, offs_dv, dv,
-                          MASKED, EVEN_DV)
+                          MASKED != 0, EVEN_DV)
+        elif MASKED == 2:
+            v = load_tile(v_tile, cols, seqlen_k, offs_dv, dv, False, EVEN_DV)
         else:
-            v = load_tile(v_ptrs + start_n * stride_vs, cols, seqlen_k, offs_dv, dv, MASKED, EVEN_DV)
+            v = load_tile(v_ptrs + start_n * stride_vs, cols, seqlen_k, offs_dv, dv, MASKED != 0, EVEN_DV)
         acc = mma(p.to(v.dtype), v, acc, FP32)
         m_i = m_new
     return acc, m_i, l_i
@@ -104,7 +150,7 @@ def _fwd_kernel(Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 IS_VARLEN: tl.constexpr, FP32: tl.constexpr, USE_TMA: tl.constexpr, PAGED: tl.constexpr,
-                STORE_RESID: tl.constexpr):
+                STORE_RESID: tl.constexpr, MERGE_EDGES: tl.constexpr, EVEN_N: tl.constexpr):
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     tile = pid % num_m_tiles
@@ -152,25 +198,36 @@ def _fwd_kernel(Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_
     desc_b = b
     if IS_VARLEN:  # one packed "batch": rows from k_start
         desc_b = 0
-    if HAS_LEFT:
+    # the kernel's loops over key tiles: MERGE_EDGES one pipelined loop (edge tiles masked by a uniform branch),
+    # else a masked loop per edge around the unmasked full tiles (see _fwd_tiles)
+    if MERGE_EDGES:
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
-                                   offs_dv, lo, full_lo, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
-                                   slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dv,
-                                   K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size, stride_kb, stride_vb,
-                                   EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                                   HAS_ALIBI, HAS_DROPOUT, True, FP32, USE_TMA, PAGED)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
-                               offs_dv, full_lo, full_hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
-                               slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dv,
-                               K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size, stride_kb, stride_vb,
-                               EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                               HAS_ALIBI, HAS_DROPOUT, False, FP32, USE_TMA, PAGED)
-    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
-                               offs_dv, full_hi, hi, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
-                               slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p, dqk, dv,
-                               K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size, stride_kb, stride_vb,
-                               EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP,
-                               HAS_ALIBI, HAS_DROPOUT, True, FP32, USE_TMA, PAGED)
+                                   offs_dv, lo, hi, full_lo, full_hi, seqlen_k, diag, win_left, win_right,
+                                   qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p,
+                                   dqk, dv, K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size, stride_kb,
+                                   stride_vb, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT,
+                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 2, FP32, USE_TMA, PAGED, EVEN_N)
+    else:
+        if HAS_LEFT:
+            acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n,
+                                       offs_dqk, offs_dv, lo, full_lo, full_lo, full_hi, seqlen_k, diag, win_left,
+                                       win_right, qk_scale, softcap, slope, seed, rng_offset, row_base,
+                                       max_seqlen_k, dropout_p, dqk, dv, K_DESC, V_DESC, desc_b, k_start, hk,
+                                       bt_row, page_size, stride_kb, stride_vb, EVEN_DQK, EVEN_DV, BLOCK_N,
+                                       BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
+                                       HAS_DROPOUT, 1, FP32, USE_TMA, PAGED, EVEN_N)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
+                                   offs_dv, full_lo, full_hi, full_lo, full_hi, seqlen_k, diag, win_left,
+                                   win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
+                                   dropout_p, dqk, dv, K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size,
+                                   stride_kb, stride_vb, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT,
+                                   HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 0, FP32, USE_TMA, PAGED, EVEN_N)
+        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
+                                   offs_dv, full_hi, hi, full_lo, full_hi, seqlen_k, diag, win_left, win_right,
+                                   qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p,
+                                   dqk, dv, K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size, stride_kb,
+                                   stride_vb, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT,
+                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 1, FP32, USE_TMA, PAGED, EVEN_N)
     if HAS_SINK:  # the sink joins the denominator with no value
         sink = tl.load(SINK + h).to(tl.float32) * LOG2E
         m_new = tl.maximum(m_i, sink)
@@ -231,7 +288,7 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     dummy = lse
     block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dv)
     paged = block_table is not None
-    use_tma = configs.use_tma(q.device) and not paged
+    use_tma = not paged and configs.use_tma(q.device, q.dtype, max(dqk, dv), p.window_left >= 0, p.max_seqlen_k)
     descs = _kv_descriptors(k, v, cfg.block_n, block_dqk, block_dv) if use_tma else None
     kv_b = paged or not p.varlen  # K/V's leading stride: the page stride when paged, none for packed varlen
     _fwd_kernel[grid](
@@ -253,7 +310,9 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
         HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0,
         HAS_ALIBI=p.alibi_slopes is not None, HAS_SINK=p.sink is not None, HAS_DROPOUT=p.dropout_p > 0,
         IS_VARLEN=p.varlen, FP32=q.dtype == torch.float32, USE_TMA=descs is not None, PAGED=paged,
-        STORE_RESID=residual, num_warps=cfg.num_warps, num_stages=cfg.num_stages,
+        STORE_RESID=residual, MERGE_EDGES=configs.merge_edges(p.window_left >= 0, p.window_right >= 0),
+        EVEN_N=not p.varlen and not paged and p.max_seqlen_k % cfg.block_n == 0,
+        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return (out, lse, resid) if residual else (out, lse)
 
