@@ -184,16 +184,18 @@ def main():
                         "USE_TMA": False, "CORRECT": False, "HAS_RESID": True, "STORE_RESID": True,
                         "DELTA_CHUNK": 32, "PAGED": False, **f}
                 base["EVEN_M"] = not base["IS_VARLEN"]  # the dK/dV kernel's row checks (4k rows: batched needs none)
-                base["MERGE_EDGES"] = configs.merge_edges(base["HAS_LEFT"], base["HAS_RIGHT"])
+                base["MERGE_EDGES"] = configs.merge_edges(base["HAS_LEFT"], base["HAS_RIGHT"])  # (the TMA rows: below)
                 base["EVEN_N"] = not base["IS_VARLEN"] and not base["PAGED"]  # 4k keys
                 rows = [("fwd", _fwd_kernel, fc), ("dkdv", _bwd_dkdv_kernel, bc.dkdv), ("dq", _bwd_dq_kernel, bc.dq)]
-                if arch >= 90:  # the opt-in TMA forward (TILEATTN_TMA=1)
+                if arch >= 90:  # the TMA forward (configs.use_tma: by table, or TILEATTN_TMA=1)
                     rows.insert(1, ("fwd+tma", _fwd_kernel, fc))
                 # the other delta modes (configs.delta_mode): TILEATTN_DELTA=correct / rounded
                 rows += [("dq correct", _bwd_dq_kernel, bc.dq_correct or bc.dq),
                          ("dq rounded", _bwd_dq_kernel, bc.dq)]
                 for name, fn, cfg in rows:
                     consts = {**base, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "USE_TMA": name == "fwd+tma",
+                              "MERGE_EDGES": configs.merge_edges(base["HAS_LEFT"], base["HAS_RIGHT"],
+                                                                 name == "fwd+tma"),
                               "CORRECT": name == "dq correct", "HAS_RESID": name == "dq",
                               # the paged forward is inference-only: it never keeps a residual
                               "STORE_RESID": not base.get("PAGED")}

@@ -147,17 +147,20 @@ def use_tma(device: torch.device, dtype: torch.dtype = torch.bfloat16, head_dim:
     return block_d == 128 or (block_d == 256 and seqlen_k >= 2048)
 
 
-def merge_edges(has_left: bool, has_right: bool) -> bool:
+def merge_edges(has_left: bool, has_right: bool, tma: bool = False) -> bool:
     """Whether the forward runs a query tile's key tiles as one pipelined loop that masks only the edge tiles
     (a sliding window's two edges, the causal diagonal) instead of separate unpipelined loops for the edges
-    (kernels/forward.py, ``_fwd_tiles``). ``TILEATTN_FWD_EDGES=merged|split`` overrides; default: merged whenever
-    there is an edge (window or causal). Without one (a plain call) there is nothing to merge."""
+    (kernels/forward.py, ``_fwd_tiles``). ``TILEATTN_FWD_EDGES=merged|split`` overrides. Default (H200, run 24,
+    NOTES.md v10c): merged with pointer loads (window (512, 512) forward +5-6%, D=64 causal 0.98-1.06x), split
+    with TMA descriptors (merged ran D=128/256 causal at 0.54-0.79x). A plain call has no edge to merge."""
     value = os.environ.get("TILEATTN_FWD_EDGES", "")
     if value not in ("", "merged", "split"):
         raise ValueError(f"TILEATTN_FWD_EDGES must be merged or split (or unset), got {value!r}")
     if not (has_left or has_right):
         return False
-    return value != "split"
+    if value:
+        return value == "merged"
+    return not tma
 
 
 DELTA_MODES = ("residual", "correct", "rounded")
