@@ -289,7 +289,10 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     dummy = lse
     block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dv)
     paged = block_table is not None
-    use_tma = not paged and configs.use_tma(q.device, q.dtype, max(dqk, dv), p.window_left >= 0, p.max_seqlen_k)
+    # The TMA table also picks the edge loops of a paged call (which never uses TMA), so that a paged forward
+    # matches the contiguous one bit for bit (the merged and split loops round the scale differently).
+    tma_table = configs.use_tma(q.device, q.dtype, max(dqk, dv), p.window_left >= 0, p.max_seqlen_k)
+    use_tma = tma_table and not paged
     descs = _kv_descriptors(k, v, cfg.block_n, block_dqk, block_dv) if use_tma else None
     kv_b = paged or not p.varlen  # K/V's leading stride: the page stride when paged, none for packed varlen
     _fwd_kernel[grid](
@@ -311,7 +314,7 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
         HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0,
         HAS_ALIBI=p.alibi_slopes is not None, HAS_SINK=p.sink is not None, HAS_DROPOUT=p.dropout_p > 0,
         IS_VARLEN=p.varlen, FP32=q.dtype == torch.float32, USE_TMA=descs is not None, PAGED=paged,
-        STORE_RESID=residual, MERGE_EDGES=configs.merge_edges(p.window_left >= 0, p.window_right >= 0, descs is not None),
+        STORE_RESID=residual, MERGE_EDGES=configs.merge_edges(p.window_left >= 0, p.window_right >= 0, tma_table),
         EVEN_N=not p.varlen and not paged and p.max_seqlen_k % cfg.block_n == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
