@@ -1,8 +1,10 @@
 """Backward kernels (FlashAttention-2 style, deterministic, no atomics).
 
 1. ``_bwd_dq_kernel``: one program per (query tile, batch * q_head); key tiles are streamed. It computes
-   delta = rowsum(dO * O) - dlse for its rows (no separate preprocess kernel); for fp16/bf16 it also corrects
-   delta for the rounding of O (exact sum_j P dP). It writes delta (fp32, lse's layout) for step 2.
+   delta = rowsum(dO * O) - dlse for its rows (no separate preprocess kernel); for fp16/bf16 from O plus the
+   forward's rounding residual, or corrected in the kernel (exact sum_j P dP). It writes delta (fp32, lse's
+   layout: d(sink) reads it) and, for step 2, lse (log2 units) and delta again into the row-stats buffer, whose
+   sequence slots start 16-aligned (``_row_stats_buffer``).
 2. ``_bwd_dkdv_kernel``: one program per (key tile, batch * kv_head). K and V stay in registers; the query tiles
    of every query head of the GQA group are streamed, so dK/dV are summed over the group inside the program.
 With a sink, d(sink) = -sum over rows of exp(sink - lse) * delta, from the final delta, reduced in a fixed order.
