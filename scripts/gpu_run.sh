@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -28,6 +28,12 @@ for stage in "$@"; do
     precision) python3 benchmarks/delta_precision.py 2>&1 | tee "$OUT/delta_precision.log" || status=1 ;;
     dqtiles) OUT="$OUT" bash benchmarks/dq_tile_sweep.sh "${TILES_SET:-next}" 2>&1 | tee "$OUT/dq_tiles.log" || status=1 ;;
     tune) python3 benchmarks/tune.py --head-dims "${TUNE_DIMS:-256}" --out "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" || status=1 ;;
+    # run 25's anomaly (D=128 causal 512/1k and the sink forward far below runs 23-24): the same cells again, with
+    # the TMA and edge-loop variants beside the default, twice
+    recheck) for i in 1 2; do python3 -m tileattn.bench --head-dims 128 --causal true --seqlens 512,1024,2048 \
+               --modes fwd,bwd --providers tileattn,tileattn_notma,tileattn_split,sdpa_flash,sdpa_cudnn --no-plot \
+               --out-dir "$OUT/recheck$i" 2>&1 | grep -v "it/s\]"; python3 -m tileattn.bench_features \
+               --seqlens 2048 --cases dense,causal,sink 2>&1 | grep -v "^#"; done | tee "$OUT/recheck.log" || status=1 ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;
