@@ -294,6 +294,7 @@ def test_rows_outside_sequences():
     cu_q, cu_k = seqlens_to_cu(lens_q), seqlens_to_cu(lens_k)
     out = tileattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k))
     dq, dk, dv = torch.autograd.grad(out, (q, k, v), dout)
+    assert (out[tq:] == 0).all()
     assert (dq[tq:] == 0).all() and (dk[tk:] == 0).all() and (dv[tk:] == 0).all()
     q0, k0, v0 = (x.detach()[:n].clone().requires_grad_(True) for x, n in ((q, tq), (k, tk), (v, tk)))
     out0 = tileattn.flash_attn_varlen_func(q0, k0, v0, cu_q, cu_k, max(lens_q), max(lens_k))
@@ -301,6 +302,27 @@ def test_rows_outside_sequences():
     assert torch.equal(out[:tq], out0)
     for g, gr in zip((dq[:tq], dk[:tk], dv[:tk]), g0):
         assert torch.equal(g, gr)
+
+
+def test_rows_outside_after_in_place_cu_change():
+    """Outputs and gradients skip their zero-fill only while cu_seqlens is known (host summary of this tensor
+    version) to cover every row: after an in-place edit leaves rows outside, those rows are 0 / -inf again."""
+    gen = make_gen(seed_for("outside-inplace"))
+    dtype = DTYPES[0]
+    q = rand((30, HQ, D), dtype, gen, requires_grad=True)
+    k = rand((30, HQ // 2, D), dtype, gen, requires_grad=True)
+    v = rand((30, HQ // 2, D), dtype, gen, requires_grad=True)
+    cu = torch.tensor([0, 10, 30], dtype=torch.int32, device=DEVICE)
+    for _ in range(2):  # covered: every row written by the kernels (and the allocator's blocks reused below)
+        out, _, _ = tileattn.flash_attn_varlen_func(q, k, v, cu, cu, 20, 20, return_attn_probs=True)
+        torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+        del out
+    with torch.no_grad():
+        cu[2] = 25
+    out, lse, _ = tileattn.flash_attn_varlen_func(q, k, v, cu, cu, 15, 15, return_attn_probs=True)
+    assert (out[25:] == 0).all() and (lse[:, 25:] == float("-inf")).all() and torch.isfinite(out[:25]).all()
+    dq, dk, dv = torch.autograd.grad(out, (q, k, v), torch.ones_like(out))
+    assert (dq[25:] == 0).all() and (dk[25:] == 0).all() and (dv[25:] == 0).all()
 
 
 def test_all_sequences_empty():
