@@ -129,7 +129,7 @@ def use_tma(device: torch.device, dtype: torch.dtype = torch.bfloat16, head_dim:
     """Whether the forward streams K/V through tensor descriptors (TMA, sm_90+; the interpreter emulates them)
     instead of pointer loads. ``TILEATTN_TMA=1`` forces it on (sm_90+), ``=0`` off; unset, the sm_90 table
     decides (H200, run 23 in benchmarks/NOTES.md: the same call timed both paths): on for fp16/bf16 at head-dim
-    tile 128 (forward +4-5% non-causal, +6-11% causal) and at 256 from 2k keys (+7-8%; slower at 512-1k), off at
+    tile 128 (forward +4-5% non-causal, +4-12% causal) and at 256 from 2k keys (+7-8%; slower at 512-1k), off at
     head dims <= 64 (1-4% slower, up to 1.8x at causal 1k-2k) and with a sliding window (window (512, 512) at D=128
     ran 0.93-0.95x with TMA, bench_features runs 22-23)."""
     value = os.environ.get("TILEATTN_TMA", "")
