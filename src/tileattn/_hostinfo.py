@@ -14,10 +14,9 @@ def host_summary(t: torch.Tensor, kind: str):
 
     kind "cu": (first, last, non-decreasing, longest sequence); kind "range": (min, max) (0, -1 when empty).
     """
-    key = (id(t), kind)
-    hit = _HOST_SUMMARIES.get(key)
-    if hit is not None and hit[0]() is t and hit[1] == t._version:
-        return hit[2]
+    hit = _cached(t, kind)
+    if hit is not None:
+        return hit
     c = t.detach().cpu()
     if kind == "cu":
         diffs = c[1:] - c[:-1]
@@ -26,15 +25,22 @@ def host_summary(t: torch.Tensor, kind: str):
         summary = (int(c.min()), int(c.max())) if c.numel() else (0, -1)
     if len(_HOST_SUMMARIES) > 256:
         _HOST_SUMMARIES.clear()
-    _HOST_SUMMARIES[key] = (weakref.ref(t), t._version, summary)
+    _HOST_SUMMARIES[(id(t), kind)] = (weakref.ref(t), t._version, summary)
     return summary
 
 
-def covers_rows(cu: Optional[torch.Tensor], rows: int) -> bool:
-    """Whether cumulative lengths ``cu`` are known (from an earlier ``host_summary``, never by a new device read)
-    to end at ``rows``, so that every packed row belongs to some sequence and the kernels write all of them.
-    False when unknown (e.g. inside a compiled graph, where the API skips its host reads)."""
+def _cached(t: torch.Tensor, kind: str):
+    """The summary already read for this tensor and in-place version, or None."""
+    hit = _HOST_SUMMARIES.get((id(t), kind))
+    return hit[2] if hit is not None and hit[0]() is t and hit[1] == t._version else None
+
+
+def leaves_rows(cu: Optional[torch.Tensor], rows: int) -> bool:
+    """Whether a varlen call's ``rows`` packed rows may include rows outside every sequence, which no kernel
+    program writes (their outputs and gradients must be zero-filled): True unless cumulative lengths ``cu`` are
+    known (from an earlier ``host_summary``, never by a new device read) to end at ``rows``; unknown e.g. inside a
+    compiled graph, where the API skips its host reads. False for batched calls (``cu`` None)."""
     if cu is None:
         return False
-    hit = _HOST_SUMMARIES.get((id(cu), "cu"))
-    return hit is not None and hit[0]() is cu and hit[1] == cu._version and hit[2][1] == rows
+    summary = _cached(cu, "cu")
+    return summary is None or summary[1] != rows

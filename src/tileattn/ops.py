@@ -14,7 +14,7 @@ from typing import Optional, Tuple
 import torch
 
 from . import configs
-from ._hostinfo import covers_rows
+from ._hostinfo import leaves_rows
 from .kernels.backward import attention_backward
 from .kernels.forward import attention_forward
 from .kernels.params import AttnParams
@@ -83,8 +83,7 @@ def bwd_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seql
     if resid is not None and resid.numel() == 0:
         resid = None
     # varlen rows outside every sequence get zero gradients (unless the sequences are known to cover every row)
-    zero = cu_seqlens_q is not None and not (covers_rows(cu_seqlens_q, q.shape[1])
-                                             and covers_rows(cu_seqlens_k, k.shape[1]))
+    zero = leaves_rows(cu_seqlens_q, q.shape[1]) or leaves_rows(cu_seqlens_k, k.shape[1])
     alloc = torch.zeros if zero else torch.empty
     none = lambda: q.new_empty((0,))  # noqa: E731  (distinct placeholders: outputs may not alias)
     if pack == 1:

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from .. import autotune, configs
-from .._hostinfo import covers_rows
+from .._hostinfo import leaves_rows
 from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, q_tile_range, scores,
                      seq_bounds, store_tile, visible)
 
@@ -233,7 +233,7 @@ def _bwd_dq_kernel(Q, K, V, O, RESID, DO, LSE, DELTA, DLSE, DQ, STATS, CU_Q, CU_
                    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
                    FP32: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_RESID: tl.constexpr, CORRECT: tl.constexpr,
                    DELTA_CHUNK: tl.constexpr):
-    """dQ of one query tile; launched before the dK/dV kernel, for which it writes delta (lse's layout).
+    """dQ of one query tile; launched before the dK/dV kernel, for which it writes lse and delta (STATS).
 
     delta d~ = rowsum(dO * O) - dlse is computed here in the prologue, from O and dO (no separate
     preprocess kernel and its launch; measured within ±1% of the separate kernel on the H200, run 11b).
@@ -329,12 +329,13 @@ def _bwd_dq_kernel(Q, K, V, O, RESID, DO, LSE, DELTA, DLSE, DQ, STATS, CU_Q, CU_
 
 
 def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None, resid=None):
-    """Launch the three backward kernels. Shapes as in ``attention_forward``; ``p`` its AttnParams.
+    """Launch the two backward kernels. Shapes as in ``attention_forward``; ``p`` its AttnParams.
 
     dout/q/k/v/out: last stride 1. lse: the forward's. dlse: optional gradient w.r.t. lse (same shape) or None.
     Returns (dq, dk, dv, dsink): contiguous, input dtype; dsink fp32 (Hq,) or None without a sink.
     ``cfg`` overrides the tile table (tuning). ``grads``: optional preallocated (dq, dk, dv), any strides with the
-    last one 1 (e.g. views of one packed qkv gradient), zero-filled when varlen. ``resid``: the forward's
+    last one 1 (e.g. views of one packed qkv gradient), zero-filled when varlen rows may lie outside every
+    sequence (``_hostinfo.leaves_rows``). ``resid``: the forward's
     rounding residual of out (``attention_forward(..., residual=True)``), or None (see ``_bwd_dq_kernel``).
     """
     empty = p.max_seqlen_q == 0 or p.max_seqlen_k == 0 or q.numel() == 0 or k.numel() == 0
@@ -345,11 +346,11 @@ def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None, r
     if grads is not None:
         dq, dk, dv = grads
     else:  # varlen: rows outside every sequence get zero gradients; batched: every row is written.
-        zq = p.varlen and not covers_rows(p.cu_seqlens_q, q.shape[1])
-        zk = p.varlen and not covers_rows(p.cu_seqlens_k, k.shape[1])
-        dq = (torch.zeros if zq else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
-        dk = (torch.zeros if zk else torch.empty)(k.shape, dtype=k.dtype, device=k.device)
-        dv = (torch.zeros if zk else torch.empty)(v.shape, dtype=v.dtype, device=v.device)
+        alloc_q = torch.zeros if leaves_rows(p.cu_seqlens_q, q.shape[1]) else torch.empty
+        alloc_k = torch.zeros if leaves_rows(p.cu_seqlens_k, k.shape[1]) else torch.empty
+        dq = alloc_q(q.shape, dtype=q.dtype, device=q.device)
+        dk = alloc_k(k.shape, dtype=k.dtype, device=k.device)
+        dv = alloc_k(v.shape, dtype=v.dtype, device=v.device)
     if empty:
         dq.zero_(), dk.zero_(), dv.zero_()
         # No keys anywhere: out = 0, so delta = -dlse (each row's sink probability is then exp(sink - lse) = 1).

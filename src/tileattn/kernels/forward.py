@@ -13,7 +13,7 @@ import triton
 import triton.language as tl
 
 from .. import autotune, configs
-from .._hostinfo import covers_rows
+from .._hostinfo import leaves_rows
 from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, scores, seq_bounds,
                      store_tile, visible)
 
@@ -199,30 +199,28 @@ def _fwd_kernel(Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_
     desc_b = b
     if IS_VARLEN:  # one packed "batch": rows from k_start
         desc_b = 0
-    # the kernel's loops over key tiles: MERGE_EDGES one pipelined loop (edge tiles masked by a uniform branch),
-    # else a masked loop per edge around the unmasked full tiles (see _fwd_tiles)
+    # the kernel's loops over key tiles: MERGE_EDGES one pipelined loop over [lo, hi) (edge tiles masked by a
+    # uniform branch), else a masked loop per edge around the unmasked full tiles (see _fwd_tiles)
+    main_lo = full_lo
+    main_hi = full_hi
     if MERGE_EDGES:
+        main_lo = lo
+        main_hi = hi
+    if HAS_LEFT and not MERGE_EDGES:
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
-                                   offs_dv, lo, hi, full_lo, full_hi, seqlen_k, diag, win_left, win_right,
+                                   offs_dv, lo, full_lo, full_lo, full_hi, seqlen_k, diag, win_left, win_right,
                                    qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p,
                                    dqk, dv, K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size, stride_kb,
                                    stride_vb, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT,
-                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 2, FP32, USE_TMA, PAGED, EVEN_N)
-    else:
-        if HAS_LEFT:
-            acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n,
-                                       offs_dqk, offs_dv, lo, full_lo, full_lo, full_hi, seqlen_k, diag, win_left,
-                                       win_right, qk_scale, softcap, slope, seed, rng_offset, row_base,
-                                       max_seqlen_k, dropout_p, dqk, dv, K_DESC, V_DESC, desc_b, k_start, hk,
-                                       bt_row, page_size, stride_kb, stride_vb, EVEN_DQK, EVEN_DV, BLOCK_N,
-                                       BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI,
-                                       HAS_DROPOUT, 1, FP32, USE_TMA, PAGED, EVEN_N)
-        acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
-                                   offs_dv, full_lo, full_hi, full_lo, full_hi, seqlen_k, diag, win_left,
-                                   win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
-                                   dropout_p, dqk, dv, K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size,
-                                   stride_kb, stride_vb, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT,
-                                   HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 0, FP32, USE_TMA, PAGED, EVEN_N)
+                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 1, FP32, USE_TMA, PAGED, EVEN_N)
+    acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
+                               offs_dv, main_lo, main_hi, full_lo, full_hi, seqlen_k, diag, win_left, win_right,
+                               qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p,
+                               dqk, dv, K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size, stride_kb,
+                               stride_vb, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT,
+                               HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 2 if MERGE_EDGES else 0, FP32, USE_TMA, PAGED,
+                               EVEN_N)
+    if not MERGE_EDGES:
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                                    offs_dv, full_hi, hi, full_lo, full_hi, seqlen_k, diag, win_left, win_right,
                                    qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p,
@@ -265,16 +263,13 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     _, rows_q, q_heads, dqk = q.shape
     kv_heads, dv = k.shape[2], v.shape[3]
     batch = p.batch
-    if p.varlen and not covers_rows(p.cu_seqlens_q, rows_q):  # rows outside every sequence: out 0, lse -inf
-        out = torch.zeros(q.shape[:3] + (dv,), dtype=q.dtype, device=q.device)  # (no kernel program writes them)
-        lse = torch.full((q_heads, rows_q), float("-inf"), dtype=torch.float32, device=q.device)
-        stride_lb, stride_lh = 0, rows_q
-    elif p.varlen:  # the sequences cover every row (checked on the host by the API): the kernel writes all
-        out = torch.empty(q.shape[:3] + (dv,), dtype=q.dtype, device=q.device)
-        lse = torch.empty((q_heads, rows_q), dtype=torch.float32, device=q.device)
+    outside = leaves_rows(p.cu_seqlens_q, rows_q)  # varlen rows outside every sequence: out 0, lse -inf
+    out = (torch.zeros if outside else torch.empty)(q.shape[:3] + (dv,), dtype=q.dtype, device=q.device)
+    if p.varlen:
+        lse = (torch.full((q_heads, rows_q), float("-inf"), dtype=torch.float32, device=q.device) if outside
+               else torch.empty((q_heads, rows_q), dtype=torch.float32, device=q.device))
         stride_lb, stride_lh = 0, rows_q
     else:
-        out = torch.empty(q.shape[:3] + (dv,), dtype=q.dtype, device=q.device)
         lse = torch.empty((batch, q_heads, rows_q), dtype=torch.float32, device=q.device)
         stride_lb, stride_lh = q_heads * rows_q, rows_q
     resid = torch.empty_like(out) if residual else None
