@@ -87,6 +87,20 @@ FEATURES = {
 }
 
 
+def launch_constexprs(block_d: int, **flags):
+    """The kernels' constexpr arguments for a bf16 launch at head-dim tile ``block_d`` (features off, the residual
+    kept), with ``flags`` on top; EVEN_M / EVEN_N / MERGE_EDGES, unless given, derived as the launchers derive
+    them for a batched call whose lengths are multiples of the tiles (varlen and paged lengths are runtime
+    values)."""
+    c = {"BLOCK_DQK": block_d, "BLOCK_DV": block_d, "HAS_LEFT": False, "HAS_RIGHT": False, "HAS_SOFTCAP": False,
+         "HAS_ALIBI": False, "HAS_SINK": False, "HAS_DROPOUT": False, "IS_VARLEN": False, "FP32": False,
+         "HAS_DLSE": False, "EVEN_DQK": True, "EVEN_DV": True, "USE_TMA": False, "CORRECT": False,
+         "HAS_RESID": True, "STORE_RESID": True, "DELTA_CHUNK": min(32, block_d), "PAGED": False, **flags}
+    derived = {"EVEN_M": not c["IS_VARLEN"], "EVEN_N": not c["IS_VARLEN"] and not c["PAGED"],
+               "MERGE_EDGES": configs.merge_edges(c["HAS_LEFT"], c["HAS_RIGHT"], c["USE_TMA"])}
+    return {**derived, **c}
+
+
 def typical_ints(block_d: int, seqlen: int = 4096, heads: int = 16):
     """Integer arguments of a contiguous (B, S, H, D) launch, so the compile gets the launcher's hints (integers
     divisible by 16 are marked so unless the kernel lists them in do_not_specialize). Without them this script
@@ -107,12 +121,8 @@ def regression_cases(arch):
     forward when seqlen_k == 1 and the query-tile count == 1 were both constant-folded."""
     bad = 0
     cfg = configs._table_fwd(arch // 10, 32, True)
-    consts = {"BLOCK_DQK": 32, "BLOCK_DV": 32, "EVEN_DQK": True, "EVEN_DV": True, "BLOCK_M": cfg.block_m,
-              "BLOCK_N": cfg.block_n, "HAS_LEFT": False, "HAS_RIGHT": True, "HAS_SOFTCAP": False, "HAS_ALIBI": False,
-              "HAS_SINK": False, "HAS_DROPOUT": False, "IS_VARLEN": False, "FP32": False, "USE_TMA": False,
-              "CORRECT": False, "HAS_RESID": True, "STORE_RESID": True, "DELTA_CHUNK": 32, "HAS_DLSE": False,
-              "PAGED": False, "EVEN_M": False, "MERGE_EDGES": configs.merge_edges(False, True),
-              "EVEN_N": False}
+    consts = launch_constexprs(32, HAS_RIGHT=True, EVEN_M=False, EVEN_N=False, BLOCK_M=cfg.block_m,
+                               BLOCK_N=cfg.block_n)  # 17 query rows, 1 key: no tile is whole
     for dtype in ("fp16", "bf16"):
         for fn in (_fwd_kernel, _bwd_dq_kernel, _bwd_dkdv_kernel):
             # the failing test's launch: q (2, 17, 2, 32), k/v (2, 1, 1, 32), contiguous
@@ -178,14 +188,6 @@ def main():
             fc = configs._table_fwd(arch // 10, block_d, causal)
             bc = configs._table_bwd(arch // 10, block_d, causal)
             for fname, f in feats.items():
-                base = {"BLOCK_DQK": block_d, "BLOCK_DV": block_d, "HAS_LEFT": False, "HAS_RIGHT": causal,
-                        "HAS_SOFTCAP": False, "HAS_ALIBI": False, "HAS_SINK": False, "HAS_DROPOUT": False,
-                        "IS_VARLEN": False, "FP32": False, "HAS_DLSE": False, "EVEN_DQK": True, "EVEN_DV": True,
-                        "USE_TMA": False, "CORRECT": False, "HAS_RESID": True, "STORE_RESID": True,
-                        "DELTA_CHUNK": 32, "PAGED": False, **f}
-                base["EVEN_M"] = not base["IS_VARLEN"]  # the dK/dV kernel's row checks (4k rows: batched needs none)
-                base["MERGE_EDGES"] = configs.merge_edges(base["HAS_LEFT"], base["HAS_RIGHT"])  # (the TMA rows: below)
-                base["EVEN_N"] = not base["IS_VARLEN"] and not base["PAGED"]  # 4k keys
                 rows = [("fwd", _fwd_kernel, fc), ("dkdv", _bwd_dkdv_kernel, bc.dkdv), ("dq", _bwd_dq_kernel, bc.dq)]
                 if arch >= 90:  # the TMA forward (configs.use_tma: by table, or TILEATTN_TMA=1)
                     rows.insert(1, ("fwd+tma", _fwd_kernel, fc))
@@ -193,12 +195,11 @@ def main():
                 rows += [("dq correct", _bwd_dq_kernel, bc.dq_correct or bc.dq),
                          ("dq rounded", _bwd_dq_kernel, bc.dq)]
                 for name, fn, cfg in rows:
-                    consts = {**base, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n, "USE_TMA": name == "fwd+tma",
-                              "MERGE_EDGES": configs.merge_edges(base["HAS_LEFT"], base["HAS_RIGHT"],
-                                                                 name == "fwd+tma"),
-                              "CORRECT": name == "dq correct", "HAS_RESID": name == "dq",
-                              # the paged forward is inference-only: it never keeps a residual
-                              "STORE_RESID": not base.get("PAGED")}
+                    consts = launch_constexprs(block_d, **{
+                        "HAS_RIGHT": causal, **f, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                        "USE_TMA": name == "fwd+tma", "CORRECT": name == "dq correct", "HAS_RESID": name == "dq",
+                        # the paged forward is inference-only: it never keeps a residual
+                        "STORE_RESID": not f.get("PAGED", False)})
                     try:
                         ints = typical_ints(block_d)
                         if consts.get("PAGED"):  # a paged launch: 16-key pages, 64 pages per sequence

@@ -70,13 +70,8 @@ def opcodes(body):
 
 
 def build(kind, head_dim, cfg, settings, varlen, seqlen):
-    consts = {"BLOCK_DQK": head_dim, "BLOCK_DV": head_dim, "HAS_LEFT": False, "HAS_RIGHT": False,
-              "HAS_SOFTCAP": False, "HAS_ALIBI": False, "HAS_SINK": False, "HAS_DROPOUT": False,
-              "IS_VARLEN": varlen, "FP32": False, "HAS_DLSE": False, "EVEN_DQK": True, "EVEN_DV": True,
-              "USE_TMA": False, "CORRECT": False, "HAS_RESID": True, "STORE_RESID": True, "DELTA_CHUNK": 32,
-              "PAGED": False, "EVEN_M": not varlen, "EVEN_N": not varlen, "MERGE_EDGES": False,
-              "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n}
-    consts.update(settings)
+    consts = cc.launch_constexprs(head_dim, **{"IS_VARLEN": varlen, "BLOCK_M": cfg.block_m, "BLOCK_N": cfg.block_n,
+                                               **settings})
     ints = cc.typical_ints(head_dim, seqlen)
     if varlen:
         for name in list(ints):
