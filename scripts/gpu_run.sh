@@ -28,12 +28,16 @@ for stage in "$@"; do
     precision) python3 benchmarks/delta_precision.py 2>&1 | tee "$OUT/delta_precision.log" || status=1 ;;
     dqtiles) OUT="$OUT" bash benchmarks/dq_tile_sweep.sh "${TILES_SET:-next}" 2>&1 | tee "$OUT/dq_tiles.log" || status=1 ;;
     tune) python3 benchmarks/tune.py --head-dims "${TUNE_DIMS:-256}" --out "$OUT/tune.json" 2>&1 | tee "$OUT/tune.log" || status=1 ;;
-    # run 25's anomaly (D=128 causal 512/1k and the sink forward far below runs 23-24): the same cells again, with
-    # the TMA and edge-loop variants beside the default, twice
-    recheck) for i in 1 2; do python3 -m tileattn.bench --head-dims 128 --causal true --seqlens 512,1024,2048 \
-               --modes fwd,bwd --providers tileattn,tileattn_notma,tileattn_split,sdpa_flash,sdpa_cudnn --no-plot \
-               --out-dir "$OUT/recheck$i" 2>&1 | grep -v "it/s\]"; python3 -m tileattn.bench_features \
-               --seqlens 2048 --cases dense,causal,sink 2>&1 | grep -v "^#"; done | tee "$OUT/recheck.log" || status=1 ;;
+    # run 25's anomaly (D=128 causal 512/1k far below runs 23-24) and the TMA edge loops after the V-zeroing fix:
+    # the causal forward cells with the edge-loop variants beside the default, twice; the feature costs at 2k
+    recheck) { for i in 1 2; do python3 -m tileattn.bench --head-dims 128,256 --causal true --seqlens 512,1024,2048,4096 \
+               --modes fwd --providers tileattn,tileattn_merged,tileattn_notma,sdpa_flash,sdpa_cudnn --no-plot \
+               --out-dir "$OUT/recheck$i" 2>&1 | grep -v "it/s\]"; done
+             python3 -m tileattn.bench --head-dims 128 --causal true --seqlens 512,1024 --modes bwd --no-plot \
+               --providers tileattn,sdpa_flash,sdpa_cudnn --out-dir "$OUT/recheck_bwd" 2>&1 | grep -v "it/s\]"
+             python3 -m tileattn.bench_features --seqlens 2048 --cases dense,causal,sink,window 2>&1 | grep -v "^#"
+             TILEATTN_TMA=1 python3 -m tileattn.bench_features --seqlens 2048 --cases window 2>&1 | grep -v "^#"
+             } | tee "$OUT/recheck.log" ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;

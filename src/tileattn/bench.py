@@ -53,12 +53,13 @@ from typing import Callable, Dict, Iterable, List, Optional, Sequence, Tuple
 PROVIDERS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 # Opt-in experiments, measurable beside the default (not in the default list): tileattn_tma / tileattn_notma = the
 # forward with K/V always / never through tensor descriptors (TILEATTN_TMA=1 / 0; unset, configs.use_tma's table
-# decides); tileattn_split = the forward's causal/window edge tiles in their own loops (TILEATTN_FWD_EDGES=split,
-# configs.merge_edges); the backward's other delta modes (configs.delta_mode):
+# decides); tileattn_split / tileattn_merged = the forward's causal/window edge tiles in their own loops / inside
+# the one pipelined loop (TILEATTN_FWD_EDGES=split / merged; unset, configs.merge_edges decides); the backward's other delta modes (configs.delta_mode):
 # tileattn_correct = no stored residual, delta corrected in the dQ kernel (one more matmul per tile);
 # tileattn_rounded = FlashAttention's delta from the rounded output, uncorrected.
 ENV_PROVIDERS = {"tileattn_tma": ("TILEATTN_TMA", "1"), "tileattn_notma": ("TILEATTN_TMA", "0"),
                  "tileattn_split": ("TILEATTN_FWD_EDGES", "split"),
+                 "tileattn_merged": ("TILEATTN_FWD_EDGES", "merged"),
                  "tileattn_correct": ("TILEATTN_DELTA", "correct"),
                  "tileattn_rounded": ("TILEATTN_DELTA", "rounded")}
 EXTRA_PROVIDERS = tuple(ENV_PROVIDERS)
@@ -359,6 +360,7 @@ def plot_results(results: Sequence[Result], path: str, title: str = "",
               "tileattn_tma": dict(color="tab:orange", marker="x", linestyle="--"),
               "tileattn_notma": dict(color="tab:orange", marker="+", linestyle=":"),
               "tileattn_split": dict(color="tab:pink", marker="x", linestyle=":"),
+              "tileattn_merged": dict(color="tab:pink", marker="+", linestyle="--"),
               "tileattn_rounded": dict(color="tab:brown", marker="+", linestyle="--"),
               "tileattn_correct": dict(color="tab:purple", marker="1", linestyle="--")}
     by = {}

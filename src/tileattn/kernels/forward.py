@@ -53,7 +53,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
                BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr,
-               USE_TMA: tl.constexpr, PAGED: tl.constexpr, EVEN_N: tl.constexpr):
+               USE_TMA: tl.constexpr, PAGED: tl.constexpr, EVEN_N: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Online-softmax update of (acc, m_i, l_i) over key tiles [lo, hi). Scores in log2 units.
 
     MASKED: 0 = every tile fully visible (no masks, software-pipelined); 1 = every tile masked (unpipelined: few
@@ -67,7 +67,10 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
 
     USE_TMA: K/V tiles come through host-built 4-D tensor descriptors (B, S, Hkv, D) with block
     (1, BLOCK_N, 1, BLOCK_D) (TMA on Hopper; rows past the tensor and columns past the head dim read as zero)
-    instead of pointer loads. Rows past the sequence inside the tensor (varlen) are masked like any key tail."""
+    instead of pointer loads. Rows past the sequence inside the tensor (varlen) are masked like any key tail, and
+    varlen zeroes their V rows (they hold the next sequence's values; p = 0 there, but 0 * NaN = NaN). Batched
+    calls skip that zeroing: their rows past the keys are past the tensor and read as zeros already, and the
+    zeroing costs a V round trip shared memory -> registers -> shared memory on every tile it guards."""
     # Masked tiles are few (the diagonal / the edges): no software pipelining for them, which saves registers.
     for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED == 1 else None):
         cols = start_n + offs_n
@@ -117,11 +120,12 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
         if USE_TMA:
             v = V_DESC.load([desc_b, desc_row0 + start_n, hk, 0]).reshape([BLOCK_N, BLOCK_DV])
-            if MASKED == 1:  # varlen: rows past this sequence belong to the next one (p = 0 there, 0 * NaN = NaN)
-                v = tl.where((cols < seqlen_k)[:, None], v, 0.0)
-            elif MASKED == 2:
-                if start_n + BLOCK_N > seqlen_k:
+            if IS_VARLEN:  # rows past this sequence belong to the next one (p = 0 there, 0 * NaN = NaN)
+                if MASKED == 1:
                     v = tl.where((cols < seqlen_k)[:, None], v, 0.0)
+                elif MASKED == 2:
+                    if start_n + BLOCK_N > seqlen_k:
+                        v = tl.where((cols < seqlen_k)[:, None], v, 0.0)
         elif PAGED:
             v = load_tile(v_ptrs + (page * stride_vp + slot * stride_vs)[:, None], cols, seqlen_k, offs_dv, dv,
                           MASKED != 0, EVEN_DV)
@@ -212,21 +216,21 @@ def _fwd_kernel(Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_
                                    qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p,
                                    dqk, dv, K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size, stride_kb,
                                    stride_vb, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT,
-                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 1, FP32, USE_TMA, PAGED, EVEN_N)
+                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 1, FP32, USE_TMA, PAGED, EVEN_N, IS_VARLEN)
     acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                                offs_dv, main_lo, main_hi, full_lo, full_hi, seqlen_k, diag, win_left, win_right,
                                qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p,
                                dqk, dv, K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size, stride_kb,
                                stride_vb, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT,
                                HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 2 if MERGE_EDGES else 0, FP32, USE_TMA, PAGED,
-                               EVEN_N)
+                               EVEN_N, IS_VARLEN)
     if not MERGE_EDGES:
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                                    offs_dv, full_hi, hi, full_lo, full_hi, seqlen_k, diag, win_left, win_right,
                                    qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p,
                                    dqk, dv, K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size, stride_kb,
                                    stride_vb, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT,
-                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 1, FP32, USE_TMA, PAGED, EVEN_N)
+                                   HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 1, FP32, USE_TMA, PAGED, EVEN_N, IS_VARLEN)
     if HAS_SINK:  # the sink joins the denominator with no value
         sink = tl.load(SINK + h).to(tl.float32) * LOG2E
         m_new = tl.maximum(m_i, sink)
