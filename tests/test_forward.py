@@ -316,11 +316,11 @@ def test_edge_loop_modes(monkeypatch, edges, case):
 def test_edge_loop_mode_default_and_validated(monkeypatch):
     from tileattn import configs
     monkeypatch.delenv("TILEATTN_FWD_EDGES", raising=False)
-    # the measured default: merged with pointer loads, split with TMA descriptors, nothing to merge without edges
-    assert configs.merge_edges(True, True) and configs.merge_edges(False, True, tma=False)
-    assert not configs.merge_edges(False, True, tma=True) and not configs.merge_edges(False, False)
-    monkeypatch.setenv("TILEATTN_FWD_EDGES", "merged")
-    assert configs.merge_edges(False, True, tma=True)
+    # the measured default: merged (pointer and TMA loads alike), nothing to merge without edges
+    assert configs.merge_edges(True, True) and configs.merge_edges(False, True) and configs.merge_edges(True, False)
+    assert not configs.merge_edges(False, False)
+    monkeypatch.setenv("TILEATTN_FWD_EDGES", "split")
+    assert not configs.merge_edges(False, True) and not configs.merge_edges(True, True)
     monkeypatch.setenv("TILEATTN_FWD_EDGES", "fused")
     with pytest.raises(ValueError, match="TILEATTN_FWD_EDGES"):
         configs.merge_edges(True, True)

@@ -54,7 +54,8 @@ PROVIDERS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 # Opt-in experiments, measurable beside the default (not in the default list): tileattn_tma / tileattn_notma = the
 # forward with K/V always / never through tensor descriptors (TILEATTN_TMA=1 / 0; unset, configs.use_tma's table
 # decides); tileattn_split / tileattn_merged = the forward's causal/window edge tiles in their own loops / inside
-# the one pipelined loop (TILEATTN_FWD_EDGES=split / merged; unset, configs.merge_edges decides); the backward's other delta modes (configs.delta_mode):
+# the one pipelined loop (TILEATTN_FWD_EDGES=split / merged; unset, configs.merge_edges decides); the backward's
+# other delta modes (configs.delta_mode):
 # tileattn_correct = no stored residual, delta corrected in the dQ kernel (one more matmul per tile);
 # tileattn_rounded = FlashAttention's delta from the rounded output, uncorrected.
 ENV_PROVIDERS = {"tileattn_tma": ("TILEATTN_TMA", "1"), "tileattn_notma": ("TILEATTN_TMA", "0"),

@@ -147,20 +147,19 @@ def use_tma(device: torch.device, dtype: torch.dtype = torch.bfloat16, head_dim:
     return block_d == 128 or (block_d == 256 and seqlen_k >= 2048)
 
 
-def merge_edges(has_left: bool, has_right: bool, tma: bool = False) -> bool:
+def merge_edges(has_left: bool, has_right: bool) -> bool:
     """Whether the forward runs a query tile's key tiles as one pipelined loop that masks only the edge tiles
     (a sliding window's two edges, the causal diagonal) instead of separate unpipelined loops for the edges
-    (kernels/forward.py, ``_fwd_tiles``). ``TILEATTN_FWD_EDGES=merged|split`` overrides. Default (H200, run 24,
-    NOTES.md v10c): merged with pointer loads (window (512, 512) forward +5-6%, D=64 causal 0.98-1.06x), split
-    with TMA descriptors (merged ran D=128/256 causal at 0.54-0.79x). A plain call has no edge to merge."""
+    (kernels/forward.py, ``_fwd_tiles``). ``TILEATTN_FWD_EDGES=merged|split`` overrides. Default merged (H200,
+    NOTES.md v10c and v11a): with pointer loads window (512, 512) forward +5-6%, D=64 causal 0.98-1.06x (run 24);
+    with TMA descriptors, since the V-zeroing fix, D=256 causal 2k/4k +2-4% and D=128 causal within 1% (run 26).
+    A plain call has no edge to merge."""
     value = os.environ.get("TILEATTN_FWD_EDGES", "")
     if value not in ("", "merged", "split"):
         raise ValueError(f"TILEATTN_FWD_EDGES must be merged or split (or unset), got {value!r}")
     if not (has_left or has_right):
         return False
-    if value:
-        return value == "merged"
-    return not tma
+    return value != "split"
 
 
 DELTA_MODES = ("residual", "correct", "rounded")

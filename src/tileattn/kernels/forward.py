@@ -59,8 +59,8 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
     MASKED: 0 = every tile fully visible (no masks, software-pipelined); 1 = every tile masked (unpipelined: few
     tiles); 2 = one pipelined loop over all of a query tile's keys, masking only the tiles outside
     [full_lo, full_hi) (a uniform branch per tile): a window's or the diagonal's edge tiles then cost no
-    separate loop, whose unpipelined loads exposed their latency (NOTES.md, v10c; with TMA loads the branch
-    costs more than it saves, see configs.merge_edges).
+    separate loop, whose unpipelined loads exposed their latency (NOTES.md, v10c; with TMA loads the merged loop
+    cost more than it saved until the TMA path stopped zeroing V for batched calls: v11a, configs.merge_edges).
 
     PAGED: k_ptrs / v_ptrs point at the head's first element ([1, BLOCK_D]); key position j lives in page
     BT_ROW[j // page_size] (page strides stride_kp / stride_vp), slot j % page_size (strides stride_ks / stride_vs).
@@ -288,10 +288,7 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     dummy = lse
     block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dv)
     paged = block_table is not None
-    # The TMA table also picks the edge loops of a paged call (which never uses TMA), so that a paged forward
-    # matches the contiguous one bit for bit (the merged and split loops round the scale differently).
-    tma_table = configs.use_tma(q.device, q.dtype, max(dqk, dv), p.window_left >= 0, p.max_seqlen_k)
-    use_tma = tma_table and not paged
+    use_tma = configs.use_tma(q.device, q.dtype, max(dqk, dv), p.window_left >= 0, p.max_seqlen_k) and not paged
     descs = _kv_descriptors(k, v, cfg.block_n, block_dqk, block_dv) if use_tma else None
     kv_b = paged or not p.varlen  # K/V's leading stride: the page stride when paged, none for packed varlen
     _fwd_kernel[grid](
@@ -313,7 +310,7 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
         HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0,
         HAS_ALIBI=p.alibi_slopes is not None, HAS_SINK=p.sink is not None, HAS_DROPOUT=p.dropout_p > 0,
         IS_VARLEN=p.varlen, FP32=q.dtype == torch.float32, USE_TMA=descs is not None, PAGED=paged,
-        STORE_RESID=residual, MERGE_EDGES=configs.merge_edges(p.window_left >= 0, p.window_right >= 0, tma_table),
+        STORE_RESID=residual, MERGE_EDGES=configs.merge_edges(p.window_left >= 0, p.window_right >= 0),
         EVEN_N=not p.varlen and not paged and p.max_seqlen_k % cfg.block_n == 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
