@@ -97,7 +97,7 @@ def launch_constexprs(block_d: int, **flags):
          "HAS_DLSE": False, "EVEN_DQK": True, "EVEN_DV": True, "USE_TMA": False, "CORRECT": False,
          "HAS_RESID": True, "STORE_RESID": True, "DELTA_CHUNK": min(32, block_d), "PAGED": False, **flags}
     derived = {"EVEN_M": not c["IS_VARLEN"], "EVEN_N": not c["IS_VARLEN"] and not c["PAGED"],
-               "MERGE_EDGES": configs.merge_edges(c["HAS_LEFT"], c["HAS_RIGHT"], c["USE_TMA"])}
+               "MERGE_EDGES": configs.merge_edges(c["HAS_LEFT"], c["HAS_RIGHT"])}
     return {**derived, **c}
 
 
@@ -149,14 +149,16 @@ def decode_cases(arch):
     cfg = configs.decode_config(128)
     base = {"BLOCK_M": 16, "BLOCK_N": cfg.block_n, "BLOCK_DQK": 128, "BLOCK_DV": 128, "EVEN_DQK": True,
             "EVEN_DV": True, "HAS_BATCH_IDX": False, "HAS_LEFTPAD": False, "HAS_LEFT": False, "HAS_RIGHT": False,
-            "HAS_SOFTCAP": False, "HAS_ALIBI": False, "FP32": False}
-    ints = dict(stride_qb=4096, stride_qs=4096, stride_qh=128, stride_kb=8 * 2048 * 128, stride_ks=1024,
+            "HAS_SOFTCAP": False, "HAS_ALIBI": False, "FP32": False, "FINAL": False, "HAS_SINK": False}
+    ints = dict(stride_qb=4096, stride_qs=4096, stride_qh=128, stride_ob=4096, stride_os=4096, stride_oh=128,
+                stride_kb=8 * 2048 * 128, stride_ks=1024,
                 stride_kh=128, stride_vb=8 * 2048 * 128, stride_vs=1024, stride_vh=128, stride_bt=64, stride_ab=0,
                 q_heads=32, kv_heads=8, group=4, seqlen_q=1, batch=8, split_len=4096, page_size=16,
                 win_left=-1, win_right=-1, dqk=128, dv=128)
     cases = [("decode contiguous", _decode_split_kernel, {**base, "PAGED": False}),
              ("decode paged+all", _decode_split_kernel, {**base, "PAGED": True, "HAS_LEFTPAD": True, "HAS_LEFT": True,
                                                          "HAS_RIGHT": True, "HAS_SOFTCAP": True, "HAS_ALIBI": True}),
+             ("decode one split", _decode_split_kernel, {**base, "PAGED": True, "FINAL": True, "HAS_SINK": True}),
              ("decode combine", _decode_combine_kernel, {"BLOCK_S": 32, "BLOCK_DV": 128, "HAS_SINK": True})]
     for name, fn, consts in cases:
         kcfg = configs.KernelConfig(16, cfg.block_n, cfg.num_warps, cfg.num_stages if "combine" not in name else 1)

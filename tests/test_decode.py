@@ -145,6 +145,14 @@ def test_rotary_and_batch_idx(dtype, interleaved):
     run_case(dtype, bidx=True, new=2, Sq=2, causal=True)
 
 
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_one_split_writes_final(dtype):
+    """One split: the split kernel writes out / lse itself (no combine kernel), with the sink folded in there;
+    a head dim that fills no whole tile, paged, GQA, several query rows, and an empty sequence."""
+    run_case(dtype, Sq=3, causal=True, sink=True, splits=1, d=40, dv=24, page=16, lens=[0, 37])
+    run_case(dtype, sink=True, alibi=True, softcap=3.0, splits=1, lens=[CAP, 5])
+
+
 def test_qk_v_head_dims_differ():
     run_case(DTYPES[0], d=40, dv=24, page=16, splits=2)
 

@@ -86,14 +86,16 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 raise ValueError(f"cache_batch_idx entries must be in [0, {k_cache.shape[0]})")
         elif k_cache.shape[0] < batch:
             raise ValueError(f"k_cache holds {k_cache.shape[0]} sequences, q has batch {batch}")
+    known = None  # (min, max) of cache_seqlens when the host already knows them (an int, or the default)
     if cache_seqlens is None:
-        cache_seqlens = torch.full((batch,), capacity if k is None else 0, dtype=torch.int32, device=q.device)
-    elif isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.dim() == 1:
+        cache_seqlens = capacity if k is None else 0
+    if isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.dim() == 1:
         check_int32("cache_seqlens", cache_seqlens, (batch,), q.device)
         cache_seqlens = cache_seqlens.contiguous()
     else:
-        cache_seqlens = torch.full((batch,), _as_int("cache_seqlens", cache_seqlens), dtype=torch.int32,
-                                   device=q.device)
+        value = _as_int("cache_seqlens", cache_seqlens)
+        known = (value, value)
+        cache_seqlens = torch.full((batch,), value, dtype=torch.int32, device=q.device)
     if (k is None) != (v is None):
         raise ValueError("k and v must be given together")
     new = 0 if k is None else k.shape[1]
@@ -102,10 +104,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                 or v.shape[:3] != k.shape[:3] or v.shape[3] != v_cache.shape[3]:
             raise ValueError(f"k/v must be (batch, S_new, kv_heads, head_dim) matching the cache, got "
                              f"{tuple(k.shape)} / {tuple(v.shape)}")
-    lens = cache_seqlens.to(torch.int64)
     max_len = capacity
-    if host_reads:
-        lo, hi = host_summary(cache_seqlens, "range")
+    if known is not None or host_reads:
+        lo, hi = known if known is not None else host_summary(cache_seqlens, "range")
         if lo < 0 or hi + new > capacity:
             raise ValueError(f"cache_seqlens (+ {new} new tokens) must be in [0, {capacity}] (the cache capacity), "
                              f"got [{lo}, {hi}]")
@@ -126,6 +127,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     window = check_window(window_size, bool(causal))
     softcap, alibi_slopes, sink, _ = check_features(q, batch, q_heads, softcap, alibi_slopes, sink, 0.0)
 
+    # int64 positions for rotary and the append (the attending kernels read the int32 lengths directly)
+    lens = cache_seqlens.to(torch.int64) if (k is not None or rotary_cos is not None) else None
     if rotary_cos is not None or rotary_sin is not None:
         if rotary_cos is None or rotary_sin is None or rotary_cos.shape != rotary_sin.shape or rotary_cos.dim() != 2:
             raise ValueError("rotary_cos and rotary_sin must both be given, with shape (S_rot, rotary_dim / 2)")
@@ -159,7 +162,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
                     else torch.arange(batch, device=q.device))[:, None].expand(-1, new)
             k_cache[rows, pos] = k.to(k_cache.dtype)
             v_cache[rows, pos] = v.to(v_cache.dtype)
-    seqlens_k = (lens + new).to(torch.int32)
+    seqlens_k = cache_seqlens + new if new else cache_seqlens  # int32
     if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
         raise ValueError(f"num_splits must be an int >= 0 (0 = choose), got {num_splits!r}")
     splits = num_splits or _default_splits(batch, kv_heads, attend_len, q.device,

@@ -6,6 +6,7 @@ byte is read once per group) over the split's range of cache positions, and writ
 out_part (splits, B, Hq, Sq, Dv) fp32, normalised by the split's own denominator, and lse_part (splits, B, Hq, Sq)
 fp32 (natural log, -inf for an empty split).
 ``_decode_combine_kernel``: one program per (batch, q_head, query) row merges the splits (and the sink).
+With one split the split kernel writes out / lse itself (FINAL) and the combine kernel is not launched.
 
 Caches: contiguous (B_cache, S_cache, Hkv, D) indexed through ``cache_batch_idx``, or paged (num_blocks, page_size,
 Hkv, D) through ``block_table`` (B, max_pages) int32: key position j of sequence b lives in page
@@ -20,8 +21,8 @@ from .common import LN2, LOG2E, load_tile, mma, scores, visible
 
 
 @triton.jit
-def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOCK_TABLE, ALIBI, LEFTPAD,
-                         stride_qb, stride_qs, stride_qh,
+def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOCK_TABLE, ALIBI, LEFTPAD, SINK,
+                         stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh,
                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                          stride_bt, stride_ab,
                          q_heads, kv_heads, group, seqlen_q, batch, split_len, page_size,
@@ -31,7 +32,9 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
                          EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                          PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                         HAS_ALIBI: tl.constexpr, FP32: tl.constexpr):
+                         HAS_ALIBI: tl.constexpr, FP32: tl.constexpr, FINAL: tl.constexpr, HAS_SINK: tl.constexpr):
+    """FINAL (one split): OUT_PART / LSE_PART are the call's out (B, Sq, Hq, Dv) (strides stride_o*) and lse
+    (B, Hq, Sq), written directly with the sink folded in, and no combine kernel runs."""
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // kv_heads
@@ -88,16 +91,29 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
                       EVEN_DV)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], FP32)
         m_i = m_new
+    if FINAL and HAS_SINK:  # the sink joins the denominator with no value (as in the combine kernel)
+        sink = tl.load(SINK + h, mask=row_ok, other=0.0).to(tl.float32) * LOG2E
+        m_new = tl.maximum(m_i, sink)
+        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = tl.math.exp2(m_i - m_use)
+        l_i = l_i * alpha + tl.math.exp2(sink - m_use)
+        acc = acc * alpha[:, None]
+        m_i = m_new
     l_safe = tl.where(l_i == 0.0, 1.0, l_i)
     acc = acc / l_safe[:, None]
     lse = (m_i + tl.math.log2(l_i)) * LN2
-    # partial layouts: (split, b, h, qi) rows of Dv
-    prow = ((split * batch + b64) * q_heads + h) * seqlen_q + qi
-    tl.store(LSE_PART + prow, lse, mask=row_ok)
     o_mask = row_ok[:, None]
     if not EVEN_DV:
         o_mask = o_mask & (offs_dv[None, :] < dv)
-    tl.store(OUT_PART + prow[:, None] * dv + offs_dv[None, :], acc, mask=o_mask)
+    if FINAL:
+        tl.store(LSE_PART + (b64 * q_heads + h) * seqlen_q + qi, lse, mask=row_ok)
+        tl.store(OUT_PART + b64 * stride_ob + qi[:, None] * stride_os + h[:, None] * stride_oh + offs_dv[None, :],
+                 acc.to(OUT_PART.dtype.element_ty), mask=o_mask)
+    else:
+        # partial layouts: (split, b, h, qi) rows of Dv
+        prow = ((split * batch + b64) * q_heads + h) * seqlen_q + qi
+        tl.store(LSE_PART + prow, lse, mask=row_ok)
+        tl.store(OUT_PART + prow[:, None] * dv + offs_dv[None, :], acc, mask=o_mask)
 
 
 @triton.jit
@@ -162,8 +178,12 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
     block_n = cfg.block_n
     split_len = configs.cdiv(configs.cdiv(max_seqlen_k, num_splits), block_n) * block_n
     num_splits = configs.cdiv(max_seqlen_k, split_len)
-    out_part = torch.empty((num_splits, batch, q_heads, seqlen_q, dv), dtype=torch.float32, device=q.device)
-    lse_part = torch.empty((num_splits, batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
+    final = num_splits == 1  # one split: the split kernel writes out / lse itself, no combine kernel
+    if final:
+        out_part, lse_part = out, lse
+    else:
+        out_part = torch.empty((num_splits, batch, q_heads, seqlen_q, dv), dtype=torch.float32, device=q.device)
+        lse_part = torch.empty((num_splits, batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
     paged = block_table is not None
     dummy = seqlens_k
     qk_scale = softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E_F
@@ -172,7 +192,8 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         q, k_cache, v_cache, out_part, lse_part, seqlens_k,
         cache_batch_idx if cache_batch_idx is not None else dummy, block_table if paged else dummy,
         alibi_slopes if alibi_slopes is not None else dummy, leftpad if leftpad is not None else dummy,
-        q.stride(0), q.stride(1), q.stride(2),
+        sink if sink is not None else dummy,
+        q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_table.stride(0) if paged else 0,
         alibi_slopes.stride(0) if (alibi_slopes is not None and alibi_slopes.dim() == 2) else 0,
@@ -182,9 +203,11 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         EVEN_DQK=block_dqk == dqk, EVEN_DV=block_dv == dv, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
         HAS_LEFTPAD=leftpad is not None,
         HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap > 0,
-        HAS_ALIBI=alibi_slopes is not None, FP32=q.dtype == torch.float32,
+        HAS_ALIBI=alibi_slopes is not None, FP32=q.dtype == torch.float32, FINAL=final, HAS_SINK=sink is not None,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
+    if final:
+        return out, lse
     rows_total = batch * q_heads * seqlen_q
     block_s = min(32, max(2, configs.next_pow2(num_splits)))
     _decode_combine_kernel[(rows_total,)](
