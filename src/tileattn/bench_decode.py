@@ -30,6 +30,13 @@ Anchors, timed with the same ``_bench`` after an untimed first call (compilation
   by the block mask. Without that module (torch < 2.5) the same BlockMask is built directly from the block table,
   with a mask_mod that keeps kv_idx only where page kv_idx // page_size belongs to batch row b.
 
+Two times per provider: ``us`` from eager calls (``_bench``: each call pays its host work, which on a slow host
+can exceed a small decode step's GPU time: tileattn's Python path plus two Triton launches cost ~200 µs per call
+on the benchmark machine against ~40-60 µs for an SDPA call, run 28), and ``graph us`` from replaying the call
+captured in a CUDA graph (``triton.testing.do_bench_cudagraph``), the way serving engines run decode steps: the
+GPU time alone. ``x copy`` uses the graph time when there is one. A provider that cannot be captured reads
+``-`` in the graph column.
+
 tileattn-paged and both flex anchors must match tileattn's contiguous output (max abs diff < 2e-2) or their line
 reads ``failed``. Any provider that raises prints ``failed: ...`` and the run goes on.
 Status: written without GPU time left in its session; its first GPU run is part of issue 5.
@@ -63,6 +70,16 @@ _compiled_flex = None
 
 def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
+
+
+def _bench_graph(fn) -> Optional[float]:
+    """ms per call replayed from a CUDA graph (None if the call cannot be captured)."""
+    try:
+        with torch.cuda.stream(torch.cuda.Stream()):
+            return triton.testing.do_bench_cudagraph(fn, rep=100, return_mode="median")
+    except Exception:  # noqa: BLE001 - capture unsupported by this provider
+        torch.cuda.synchronize()
+        return None
 
 
 def copy_bandwidth(device, nbytes: int = 2 << 30) -> float:
@@ -222,16 +239,16 @@ def _sdpa_skip(reason):
     return call
 
 
-def run(out_dir: str, dtype=torch.bfloat16, flex_pages=(256,), explore=()):
+def run(out_dir: str, dtype=torch.bfloat16, flex_pages=(256,), explore=(), graphs=True):
     """flex_pages: page sizes that get a flex-paged anchor; explore: TILEATTN_DECODE_CONFIG strings
-    (block_n,warps,stages,programs_per_sm) measured as extra tileattn rows."""
+    (block_n,warps,stages,programs_per_sm) measured as extra tileattn rows; graphs: also time CUDA-graph replay."""
     import tileattn
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
     print(f"# {torch.cuda.get_device_name()} | torch {torch.__version__} | triton {triton.__version__} | "
           f"copy bandwidth {bw:.0f} GB/s (same run)", flush=True)
-    print(f"{'batch':>5} {'cache':>7} {'Hq/Hkv':>7} {'D':>4} {'page':>5} {'provider':<16} {'us':>9} {'GB/s':>7} "
-          f"{'x copy':>7}", flush=True)
+    print(f"{'batch':>5} {'cache':>7} {'Hq/Hkv':>7} {'D':>4} {'page':>5} {'provider':<16} {'us':>9} "
+          f"{'graph us':>9} {'GB/s':>7} {'x copy':>7}", flush=True)
     rows = []
     for batch, cache, hq, hkv, d in CONFIGS:
         torch.manual_seed(0)
@@ -311,12 +328,15 @@ def run(out_dir: str, dtype=torch.bfloat16, flex_pages=(256,), explore=()):
                                                      f"{diff:.3g})")
                     del out
                     us = _bench(call) * 1e3
-                gbs = nbytes / us * 1e-3
+                    graph_ms = _bench_graph(call) if graphs else None
+                us_graph = graph_ms * 1e3 if graph_ms is not None else None
+                gbs = nbytes / (us_graph or us) * 1e-3
                 print(f"{batch:>5} {cache:>7} {hq:>3}/{hkv:<3} {d:>4} {str(page or '-'):>5} {name:<16} {us:9.1f} "
-                      f"{gbs:7.0f} {gbs / bw:7.2f}" + (f"  {note}" if note else ""), flush=True)
+                      f"{(f'{us_graph:9.1f}' if us_graph else '-'):>9} {gbs:7.0f} {gbs / bw:7.2f}"
+                      + (f"  {note}" if note else ""), flush=True)
                 rows.append(dict(batch=batch, cache=cache, q_heads=hq, kv_heads=hkv, head_dim=d, page=page or 0,
-                                 provider=name, us=us, gbps=gbs, x_copy=gbs / bw, copy_gbps=bw,
-                                 device=torch.cuda.get_device_name()))
+                                 provider=name, us=us, us_graph=us_graph if us_graph else "", gbps=gbs,
+                                 x_copy=gbs / bw, copy_gbps=bw, device=torch.cuda.get_device_name()))
             except Exception as e:  # noqa: BLE001
                 print(f"{batch:>5} {cache:>7} {hq:>3}/{hkv:<3} {d:>4} {str(page or '-'):>5} {name:<16} "
                       f"failed: {str(e)[:80]}", flush=True)
@@ -376,12 +396,13 @@ def main(argv=None):
                     help="page sizes with a flex-paged anchor (comma-separated; '' none)")
     ap.add_argument("--explore", default="", help="';'-separated decode configs block_n,warps,stages,programs_per_sm "
                     "measured as extra tileattn rows (e.g. '64,4,2,4;32,4,3,4')")
+    ap.add_argument("--no-graphs", action="store_true", help="eager timings only (no CUDA-graph replay column)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
         print("bench_decode needs a CUDA GPU")
         return 1
     run(args.out_dir, flex_pages=tuple(int(x) for x in args.flex_pages.split(",") if x),
-        explore=tuple(x for x in args.explore.split(";") if x))
+        explore=tuple(x for x in args.explore.split(";") if x), graphs=not args.no_graphs)
     return 0
 
 

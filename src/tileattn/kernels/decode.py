@@ -174,7 +174,7 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         return out, lse
     block_m = min(64, max(16, configs.next_pow2(seqlen_q * group)))  # chunked prefill: several row blocks
     row_blocks = configs.cdiv(seqlen_q * group, block_m)
-    cfg = configs.decode_config(max(dqk, dv))
+    cfg = configs.decode_config(max(dqk, dv), paged=block_table is not None)
     block_n = cfg.block_n
     split_len = configs.cdiv(configs.cdiv(max_seqlen_k, num_splits), block_n) * block_n
     num_splits = configs.cdiv(max_seqlen_k, split_len)
