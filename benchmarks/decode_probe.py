@@ -84,6 +84,7 @@ def main():
     ap.add_argument("--rounds", type=int, default=3)
     ap.add_argument("--variants", default="64,4,2,2;64,4,3,2;32,4,3,2;32,4,4,2;64,4,3,4")
     ap.add_argument("--page", type=int, default=16)
+    ap.add_argument("--no-paged", action="store_true", help="contiguous caches only")
     args = ap.parse_args()
     if args.host:
         return host_times()
@@ -113,7 +114,7 @@ def main():
             def paged(v=v):
                 with env_var("TILEATTN_DECODE_CONFIG", v):
                     return tileattn.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens, block_table=bt)
-            cases += [(f"contig[{v}]", contig), (f"paged{args.page}[{v}]", paged)]
+            cases += [(f"contig[{v}]", contig)] + ([] if args.no_paged else [(f"paged{args.page}[{v}]", paged)])
 
         qt, kt, vt = q.transpose(1, 2), kc.transpose(1, 2), vc.transpose(1, 2)
 
