@@ -32,7 +32,7 @@ def _peak_extra_bytes(B, S, Hq, Hkv, D, dtype, causal):
     torch.autograd.grad(out, (q, k, v), dout)
     del out
     # Nothing from the warm-up may be freed inside the measured region (that would lower peak - base): collect
-    # any cyclic garbage now (run 30: once, the 16k measurement read 33 MiB, below what dq, dk, dv alone take).
+    # any cyclic garbage now (run 30a: once, the 16k measurement read 33 MiB, below what dq, dk, dv alone take).
     gc.collect()
     torch.cuda.synchronize()
     torch.cuda.empty_cache()
