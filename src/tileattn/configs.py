@@ -316,8 +316,8 @@ def decode_config(head_dim: int, paged: bool = False) -> DecodeConfig:
     Contiguous caches, head dims <= 128: 32-key tiles, 3 stages (run 28, D=128, kernel time from torch.profiler:
     -1.4% at B=8/64k, -7% at B=1/128k, within 1% elsewhere, against 64-key tiles with 2 stages, which wait for
     every outstanding copy at the top of each tile: no overlap of a program's loads with its own compute). Paged
-    caches keep 64-key tiles, 2 stages: with 3 stages the block-table lookups join the pipeline and 32-key tiles
-    cost up to +45% (run 28). D=256: 32-key tiles, 2 stages (not measured)."""
+    caches keep 64-key tiles, 2 stages: with 3 stages the block-table lookups join the pipeline, and 32-key tiles
+    cost up to +44% (run 28). D=256: 32-key tiles, 2 stages (not measured)."""
     over = _override("TILEATTN_DECODE_CONFIG")
     if over:
         return DecodeConfig(*over)
