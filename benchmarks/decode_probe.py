@@ -24,7 +24,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
 import tileattn  # noqa: E402
 from tileattn.bench import env_var  # noqa: E402
-from tileattn.bench_decode import CONFIGS, _bench, copy_bandwidth  # noqa: E402
+from tileattn.bench_decode import CONFIGS, _bench, copy_bandwidth, decode_inputs, paged_copy  # noqa: E402
 
 
 def host_times(n=2000):
@@ -93,16 +93,8 @@ def main():
     bw = copy_bandwidth(dev)
     print(f"# {torch.cuda.get_device_name()} | copy bandwidth {bw:.0f} GB/s | rounds {args.rounds}", flush=True)
     for batch, cache, hq, hkv, d in CONFIGS:
-        torch.manual_seed(0)
-        q = torch.randn(batch, 1, hq, d, device=dev, dtype=dt)
-        kc = torch.randn(batch, cache, hkv, d, device=dev, dtype=dt)
-        vc = torch.randn(batch, cache, hkv, d, device=dev, dtype=dt)
-        lens = torch.full((batch,), cache, dtype=torch.int32, device=dev)
-        npages = cache // args.page
-        perm = torch.randperm(batch * npages, device=dev)
-        kp = kc.reshape(batch * npages, args.page, hkv, d)[perm.argsort()]
-        vp = vc.reshape(batch * npages, args.page, hkv, d)[perm.argsort()]
-        bt = perm.view(batch, npages).to(torch.int32)
+        q, kc, vc, lens = decode_inputs(batch, cache, hq, hkv, d, dev, dt)
+        kp, vp, bt = paged_copy(kc, vc, args.page)
         nbytes = (kc.numel() + vc.numel() + 2 * q.numel()) * kc.element_size()
         ref = tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens).float()
         cases = []
@@ -150,7 +142,7 @@ def main():
             print(f"  kernels {name:<22} {sum(dec.values()):8.1f} us (" + ", ".join(
                 f"{k.replace('_decode_', '')[:12]} {v:.1f}" for k, v in sorted(dec.items())) + f"; other "
                 f"{sum(per.values()) - sum(dec.values()):.1f})", flush=True)
-        q = kc = vc = kp = vp = bt = perm = ref = qt = kt = vt = cases = None
+        q = kc = vc = kp = vp = bt = ref = qt = kt = vt = cases = None
         torch.cuda.empty_cache()
 
 

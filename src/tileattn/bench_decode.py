@@ -68,6 +68,26 @@ _FLEX_DECODING_LOGGERS = ("torch._inductor.kernel.flex.flex_decoding", "torch._i
 _compiled_flex = None
 
 
+def decode_inputs(batch, cache, hq, hkv, d, device, dtype):
+    """q (B, 1, Hq, D), contiguous caches (B, cache, Hkv, D) and full cache_seqlens, seeded (torch.manual_seed(0))."""
+    torch.manual_seed(0)
+    q = torch.randn(batch, 1, hq, d, device=device, dtype=dtype)
+    kc = torch.randn(batch, cache, hkv, d, device=device, dtype=dtype)
+    vc = torch.randn(batch, cache, hkv, d, device=device, dtype=dtype)
+    return q, kc, vc, torch.full((batch,), cache, dtype=torch.int32, device=device)
+
+
+def paged_copy(kc, vc, page: int):
+    """The same keys / values as pages (num_pages, page, Hkv, D) in a random order, and the block table (B, pages)
+    int32 that maps them back."""
+    batch, cache, hkv, d = kc.shape
+    npages = cache // page
+    perm = torch.randperm(batch * npages, device=kc.device)
+    kp = kc.reshape(batch * npages, page, hkv, d)[perm.argsort()]
+    vp = vc.reshape(batch * npages, page, hkv, vc.shape[-1])[perm.argsort()]
+    return kp, vp, perm.view(batch, npages).to(torch.int32)
+
+
 def _bench(fn) -> float:
     return triton.testing.do_bench(fn, warmup=25, rep=100, return_mode="median")
 
@@ -251,11 +271,7 @@ def run(out_dir: str, dtype=torch.bfloat16, flex_pages=(256,), explore=(), graph
           f"{'graph us':>9} {'GB/s':>7} {'x copy':>7}", flush=True)
     rows = []
     for batch, cache, hq, hkv, d in CONFIGS:
-        torch.manual_seed(0)
-        q = torch.randn(batch, 1, hq, d, device=dev, dtype=dtype)
-        kc = torch.randn(batch, cache, hkv, d, device=dev, dtype=dtype)
-        vc = torch.randn(batch, cache, hkv, d, device=dev, dtype=dtype)
-        lens = torch.full((batch,), cache, dtype=torch.int32, device=dev)
+        q, kc, vc, lens = decode_inputs(batch, cache, hq, hkv, d, dev, dtype)
         nbytes = (kc.numel() + vc.numel() + 2 * q.numel()) * kc.element_size()
         cases = []
         paged = []
@@ -264,11 +280,7 @@ def run(out_dir: str, dtype=torch.bfloat16, flex_pages=(256,), explore=(), graph
                 cases.append(("tileattn", None,
                               lambda: tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens)))
             else:
-                npages = cache // page
-                perm = torch.randperm(batch * npages, device=dev)
-                kp = kc.reshape(batch * npages, page, hkv, d)[perm.argsort()]
-                vp = vc.reshape(batch * npages, page, hkv, d)[perm.argsort()]
-                bt = perm.view(batch, npages).to(torch.int32)
+                kp, vp, bt = paged_copy(kc, vc, page)
                 paged.append((page, kp, vp, bt))
                 cases.append(("tileattn-paged", page, lambda kp=kp, vp=vp, bt=bt: tileattn.flash_attn_with_kvcache(
                     q, kp, vp, cache_seqlens=lens, block_table=bt)))
@@ -342,7 +354,7 @@ def run(out_dir: str, dtype=torch.bfloat16, flex_pages=(256,), explore=(), graph
                       f"failed: {str(e)[:80]}", flush=True)
             call = None
         # free this config's tensors before the next (reassigned, not ``del``: the case closures refer to them)
-        q = kc = vc = qt = kt = vt = cases = paged = ref = kp = vp = bt = perm = None
+        q = kc = vc = qt = kt = vt = cases = paged = ref = kp = vp = bt = None
         torch.cuda.empty_cache()
     if out_dir and rows:
         os.makedirs(out_dir, exist_ok=True)
