@@ -313,6 +313,70 @@ def test_edge_loop_modes(monkeypatch, edges, case):
     assert torch.equal(torch.isfinite(lse), seen) and torch.allclose(lse[seen], ref_lse[seen].float(), atol=1e-3)
 
 
+PERSISTENT_CASES = [  # (B, Sq, Sk, Hq, Hkv, D, window, softcap, alibi, sink): both window bounds >= 0
+    (2, 130, 130, 2, 1, 32, (20, 5), 0.0, False, False),
+    (1, 17, 130, 2, 2, 64, (0, 0), 0.0, False, True),
+    (1, 130, 63, 2, 2, 40, (10, 3), 5.0, True, False),  # Sq > Sk: the first rows see no key
+    (2, 64, 200, 3, 1, 24, (150, 70), 0.0, True, True),  # n_fixed capped by the key count
+] if not LARGE else [
+    (2, 4093, 4093, 4, 4, 128, (512, 512), 0.0, False, False),
+    (1, 2048, 3000, 4, 2, 64, (300, 0), 30.0, True, True),
+]
+
+
+@pytest.mark.parametrize("case", PERSISTENT_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-w{c[6][0]}_{c[6][1]}")
+def test_persistent_forward(monkeypatch, case):
+    """TILEATTN_FWD_PERSISTENT=1 (experiment): programs walk several work items with a fixed tile count each
+    (tiles past an item's range clamped and masked whole). Same output and lse as the default grid bit for bit
+    (the extra tiles add exact zeros), and the rule against the reference."""
+    from tileattn.reference import attention_ref
+    B, Sq, Sk, Hq, Hkv, D, window, softcap, alibi, sink = case
+    dtype = torch.bfloat16
+    q, k, v, _ = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("persistent", case))
+    gen = torch.Generator().manual_seed(seed_for("persistent-extra", case))
+    slopes = (torch.rand(Hq, generator=gen) * 0.3).to(q.device) if alibi else None
+    sk = torch.randn(Hq, generator=gen).to(q.device) if sink else None
+    kw = dict(window_size=window, softcap=softcap, alibi_slopes=slopes, sink=sk, return_lse=True)
+    monkeypatch.delenv("TILEATTN_FWD_PERSISTENT", raising=False)
+    out0, lse0 = tileattn.attention(q, k, v, **kw)
+    monkeypatch.setenv("TILEATTN_FWD_PERSISTENT", "1")
+    from tileattn import configs
+    real, chosen = configs.persistent_forward, []
+    monkeypatch.setattr(configs, "persistent_forward", lambda *a, **k: chosen.append(real(*a, **k)) or chosen[-1])
+    out, lse = tileattn.attention(q, k, v, **kw)
+    assert chosen and chosen[-1][0] > 0, f"the persistent grid was not used: {chosen}"
+    assert torch.equal(out, out0) and torch.equal(lse, lse0)
+    ref, ref_lse = attention_ref(q, k, v, window_size=window, softcap=softcap, alibi_slopes=slopes, sink=sk)
+    pt, _ = attention_ref(q, k, v, window_size=window, softcap=softcap, alibi_slopes=slopes, sink=sk, upcast=False)
+    check_rule("out", out, ref, pt, FWD_MULT, atol_for(dtype, ref, _max_abs(v)), f"persistent {case}")
+
+
+def test_persistent_tile_count_covers_every_query_tile(monkeypatch):
+    """configs.persistent_forward's fixed tile count is at least what any query tile's key range needs
+    (kernels/common.kv_tile_range's bounds, recomputed here), and the mode refuses what it cannot run."""
+    from types import SimpleNamespace
+
+    from tileattn import configs
+    monkeypatch.setenv("TILEATTN_FWD_PERSISTENT", "1")
+    cpu = torch.device("cpu")
+    for sq, sk, left, right, bm, bn in [(130, 130, 20, 5, 64, 64), (17, 130, 0, 0, 16, 32), (130, 63, 10, 3, 32, 16),
+                                        (4093, 4093, 512, 512, 64, 64), (100, 5000, 777, 0, 128, 64)]:
+        p = SimpleNamespace(varlen=False, window_left=left, window_right=right, max_seqlen_k=sk)
+        _, n_fixed = configs.persistent_forward(cpu, p, bm, bn, 10)
+        diag, need = sk - sq, 0
+        for start_m in range(0, sq, bm):
+            lo = max(start_m + diag - left, 0) // bn * bn
+            hi = max(min(sk, start_m + bm + diag + right), 0)
+            need = max(need, -(-(hi - lo) // bn) if hi > lo else 0)
+        assert need <= n_fixed <= -(-sk // bn), (sq, sk, left, right, bm, bn, need, n_fixed)
+    for p in (SimpleNamespace(varlen=True, window_left=5, window_right=5, max_seqlen_k=64),
+              SimpleNamespace(varlen=False, window_left=-1, window_right=0, max_seqlen_k=64)):
+        assert configs.persistent_forward(cpu, p, 64, 64, 10) == (0, 0)
+    monkeypatch.setenv("TILEATTN_FWD_PERSISTENT", "yes")
+    with pytest.raises(ValueError, match="TILEATTN_FWD_PERSISTENT"):
+        configs.persistent_forward(cpu, p, 64, 64, 10)
+
+
 def test_edge_loop_mode_default_and_validated(monkeypatch):
     from tileattn import configs
     monkeypatch.delenv("TILEATTN_FWD_EDGES", raising=False)
