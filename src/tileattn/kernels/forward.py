@@ -110,13 +110,14 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
             if HAS_SOFTCAP or HAS_ALIBI:
                 s, _ = scores(s, rows[:, None], cols[None, :], diag, qk_scale, softcap, slope, HAS_SOFTCAP,
                               HAS_ALIBI, q.dtype)
+            edge = (start_n < full_lo) | (start_n >= full_hi)
             if FIXED:
-                if (start_n < full_lo) | (start_n >= full_hi) | dead:
-                    s = tl.where(visible(rows[:, None], cols[None, :], seqlen_k, diag, win_left, win_right,
-                                         HAS_LEFT, HAS_RIGHT) & (key_lo + it < key_hi), s, float("-inf"))
-            elif (start_n < full_lo) | (start_n >= full_hi):
-                s = tl.where(visible(rows[:, None], cols[None, :], seqlen_k, diag, win_left, win_right,
-                                     HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+                edge = edge | dead
+            if edge:
+                ok = visible(rows[:, None], cols[None, :], seqlen_k, diag, win_left, win_right, HAS_LEFT, HAS_RIGHT)
+                if FIXED:  # a tile past the item's range repeats real keys: masked whole
+                    ok = ok & (key_lo + it < key_hi)
+                s = tl.where(ok, s, float("-inf"))
             if HAS_SOFTCAP or HAS_ALIBI:
                 m_new = tl.maximum(m_i, tl.max(s, 1))
             else:  # raw products: the scale (> 0) folds into the max and the exp2's FMA, as in _probs
