@@ -4,7 +4,6 @@ Status: tested in Triton's interpreter and on an H200 (sessions 2-4, ``cache_lef
 with host reads skipped included); speed in BENCHMARKS.md (issue 5).
 """
 
-import functools
 import math
 from typing import Optional
 
@@ -16,18 +15,12 @@ from .api import (_as_int, _INTERPRETING, SUPPORTED_DTYPES, check_block_table, c
 from .kernels.decode import decode_forward
 
 
-@functools.lru_cache(maxsize=None)
-def _sm_count(index: int) -> int:
-    # cached: get_device_properties cost ~20-35 us of host time per decode call (run 29's host profile)
-    return torch.cuda.get_device_properties(index).multi_processor_count
-
-
 def _default_splits(batch, kv_heads, max_len, device, head_dim) -> int:
     """Enough (split, batch, kv_head) programs to fill every SM ``programs_per_sm`` times (configs.decode_config),
     each split with at least 512 cache positions."""
     if device.type != "cuda":
         return max(1, min(4, max_len // 64))
-    sms = _sm_count(device.index if device.index is not None else torch.cuda.current_device())
+    sms = configs.sm_count(device)
     want = math.ceil(configs.decode_config(head_dim).programs_per_sm * sms / max(1, batch * kv_heads))
     return max(1, min(want, max_len // 512, 256))
 
