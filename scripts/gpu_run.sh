@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck persistent bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -38,18 +38,6 @@ for stage in "$@"; do
              python3 -m tileattn.bench_features --seqlens 2048 --cases dense,causal,sink,window 2>&1 | grep -v "^#"
              TILEATTN_TMA=1 python3 -m tileattn.bench_features --seqlens 2048 --cases window 2>&1 | grep -v "^#"
              } | tee "$OUT/recheck.log" ;;
-    # the persistent window forward (experiment, session 7): its GPU tests, then the window rows' TF/s beside the
-    # default (bench_features always adds dense, under the same env: compare TF/s, not 'x dense')
-    persistent) { python3 -m pytest tests/test_forward.py -q -n 14 -p no:cacheprovider -p no:benchmark -k persistent \
-                    2>&1 | tail -3
-                  for mode in default persistent persistent8w; do echo "== $mode"
-                    case $mode in
-                      default) python3 -m tileattn.bench_features --seqlens 2048,8192 --cases dense,window ;;
-                      persistent) TILEATTN_FWD_PERSISTENT=1 python3 -m tileattn.bench_features --seqlens 2048,8192 \
-                                    --cases window ;;
-                      persistent8w) TILEATTN_FWD_PERSISTENT=1 TILEATTN_FWD_CONFIG=64,64,8,2 python3 -m \
-                                      tileattn.bench_features --seqlens 2048,8192 --cases window ;;
-                    esac 2>&1 | grep -v "^#"; done; } | tee "$OUT/persistent.log" ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;

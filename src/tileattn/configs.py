@@ -173,28 +173,6 @@ def _sm_count(index: int) -> int:
     return torch.cuda.get_device_properties(index).multi_processor_count
 
 
-def persistent_forward(device, p, block_m: int, block_n: int, num_work: int, paged: bool = False):
-    """(programs, tiles per work item) of the persistent forward, or (0, 0) for one program per work item.
-
-    An experiment for sliding windows (issue 3), off unless ``TILEATTN_FWD_PERSISTENT=1`` (read at each call):
-    not yet measured on a GPU (benchmarks/NOTES.md, session 7). A window program visits ~17 key tiles and pays a
-    fixed cost of ~4 tile-times (its pipeline's prologue, Q load, epilogue). The persistent grid walks several
-    work items per program in one loop that Triton 3.6 flattens with the key-tile loop (``tl.range(...,
-    flatten=True)``), which it does only when the inner trip count is the same for every item: each item runs
-    ``n = cdiv(block_m + left + right + block_n - 1, block_n)`` tiles (the most any query tile needs), clamped
-    and masked past its own range. Batched calls with both window bounds (pointer loads) only."""
-    value = os.environ.get("TILEATTN_FWD_PERSISTENT", "")
-    if value not in ("", "0", "1"):
-        raise ValueError(f"TILEATTN_FWD_PERSISTENT must be 0 or 1 (or unset), got {value!r}")
-    if value != "1" or p.varlen or paged or p.window_left < 0 or p.window_right < 0 or p.max_seqlen_k < 1:
-        return 0, 0
-    n_fixed = min(cdiv(block_m + p.window_left + p.window_right + block_n - 1, block_n),
-                  cdiv(p.max_seqlen_k, block_n))
-    if device.type != "cuda":
-        return min(num_work, 3), n_fixed
-    return min(num_work, 2 * sm_count(device)), n_fixed
-
-
 DELTA_MODES = ("residual", "correct", "rounded")
 
 

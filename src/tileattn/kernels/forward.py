@@ -53,8 +53,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
                BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr,
-               USE_TMA: tl.constexpr, PAGED: tl.constexpr, EVEN_N: tl.constexpr, IS_VARLEN: tl.constexpr,
-               key_lo=0, key_hi=0, FIXED: tl.constexpr = False):
+               USE_TMA: tl.constexpr, PAGED: tl.constexpr, EVEN_N: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Online-softmax update of (acc, m_i, l_i) over key tiles [lo, hi). Scores in log2 units.
 
     MASKED: 0 = every tile fully visible (no masks, software-pipelined); 1 = every tile masked (unpipelined: few
@@ -71,19 +70,9 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
     instead of pointer loads. Rows past the sequence inside the tensor (varlen) are masked like any key tail, and
     varlen zeroes their V rows (they hold the next sequence's values; p = 0 there, but 0 * NaN = NaN). Batched
     calls skip that zeroing: their rows past the keys are past the tensor and read as zeros already, and the
-    zeroing costs a V round trip shared memory -> registers -> shared memory on every tile it guards.
-
-    FIXED (persistent forward, MASKED == 2, pointer loads): the loop runs [lo, hi) = [0, n * BLOCK_N), a trip
-    count the same for every query tile, so that Triton can fuse it with the persistent loop over work items;
-    tile i covers keys key_lo + i * BLOCK_N, clamped to the last tile of [key_lo, key_hi), and tiles past key_hi
-    are masked whole (they repeat real keys)."""
+    zeroing costs a V round trip shared memory -> registers -> shared memory on every tile it guards."""
     # Masked tiles are few (the diagonal / the edges): no software pipelining for them, which saves registers.
-    for it in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED == 1 else None):
-        if FIXED:
-            dead = key_lo + it >= key_hi
-            start_n = tl.maximum(tl.minimum(key_lo + it, (key_hi - 1) // BLOCK_N * BLOCK_N), 0)
-        else:
-            start_n = it
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED == 1 else None):
         cols = start_n + offs_n
         if USE_TMA:
             k = K_DESC.load([desc_b, desc_row0 + start_n, hk, 0]).reshape([BLOCK_N, BLOCK_DQK])
@@ -110,14 +99,9 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
             if HAS_SOFTCAP or HAS_ALIBI:
                 s, _ = scores(s, rows[:, None], cols[None, :], diag, qk_scale, softcap, slope, HAS_SOFTCAP,
                               HAS_ALIBI, q.dtype)
-            edge = (start_n < full_lo) | (start_n >= full_hi)
-            if FIXED:
-                edge = edge | dead
-            if edge:
-                ok = visible(rows[:, None], cols[None, :], seqlen_k, diag, win_left, win_right, HAS_LEFT, HAS_RIGHT)
-                if FIXED:  # a tile past the item's range repeats real keys: masked whole
-                    ok = ok & (key_lo + it < key_hi)
-                s = tl.where(ok, s, float("-inf"))
+            if (start_n < full_lo) | (start_n >= full_hi):
+                s = tl.where(visible(rows[:, None], cols[None, :], seqlen_k, diag, win_left, win_right,
+                                     HAS_LEFT, HAS_RIGHT), s, float("-inf"))
             if HAS_SOFTCAP or HAS_ALIBI:
                 m_new = tl.maximum(m_i, tl.max(s, 1))
             else:  # raw products: the scale (> 0) folds into the max and the exp2's FMA, as in _probs
@@ -156,7 +140,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
 
 # Lengths and tile counts are not specialised on the value 1: with both seqlen_k == 1 and one query tile
 # constant-folded, ptxas (triton 3.6, sm_90a) crashes (SIGSEGV) on the causal fp16/bf16 forward.
-@triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k", "num_m_tiles", "num_work", "n_fixed"])
+@triton.jit(do_not_specialize=["max_seqlen_q", "max_seqlen_k", "num_m_tiles"])
 def _fwd_kernel(Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_DESC, BLOCK_TABLE,
                 stride_qb, stride_qs, stride_qh,
                 stride_kb, stride_ks, stride_kh,
@@ -171,49 +155,8 @@ def _fwd_kernel(Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 IS_VARLEN: tl.constexpr, FP32: tl.constexpr, USE_TMA: tl.constexpr, PAGED: tl.constexpr,
-                STORE_RESID: tl.constexpr, MERGE_EDGES: tl.constexpr, EVEN_N: tl.constexpr,
-                num_work, n_fixed, PERSISTENT: tl.constexpr):
-    """One program per work item (query tile, batch * q_head); or, PERSISTENT (an experiment, off by default:
-    configs.persistent_forward), fewer programs, each walking work items pid, pid + programs, ... in a loop that
-    Triton flattens with the key-tile loop (which then runs a fixed n_fixed tiles per item), so that the next
-    item's first K/V loads are issued while the current item finishes."""
-    if PERSISTENT:
-        for work in tl.range(tl.program_id(0), num_work, tl.num_programs(0), flatten=True):
-            _fwd_tile(work, Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_DESC, BLOCK_TABLE,
-                      stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs,
-                      stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_bt,
-                      page_size, q_heads, group, max_seqlen_q, max_seqlen_k, num_m_tiles, qk_scale, softcap,
-                      win_left, win_right, dropout_p, dqk, dv, BLOCK_DQK, BLOCK_DV, EVEN_DQK, EVEN_DV, BLOCK_M,
-                      BLOCK_N, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_SINK, HAS_DROPOUT, IS_VARLEN, FP32,
-                      USE_TMA, PAGED, STORE_RESID, MERGE_EDGES, EVEN_N, n_fixed, PERSISTENT)
-    else:
-        _fwd_tile(tl.program_id(0), Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_DESC,
-                  BLOCK_TABLE, stride_qb, stride_qs, stride_qh, stride_kb, stride_ks, stride_kh, stride_vb,
-                  stride_vs, stride_vh, stride_ob, stride_os, stride_oh, stride_lb, stride_lh, stride_ab, stride_bt,
-                  page_size, q_heads, group, max_seqlen_q, max_seqlen_k, num_m_tiles, qk_scale, softcap, win_left,
-                  win_right, dropout_p, dqk, dv, BLOCK_DQK, BLOCK_DV, EVEN_DQK, EVEN_DV, BLOCK_M, BLOCK_N, HAS_LEFT,
-                  HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_SINK, HAS_DROPOUT, IS_VARLEN, FP32, USE_TMA, PAGED,
-                  STORE_RESID, MERGE_EDGES, EVEN_N, n_fixed, PERSISTENT)
-
-
-@triton.jit
-def _fwd_tile(pid, Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_DESC, BLOCK_TABLE,
-              stride_qb, stride_qs, stride_qh,
-              stride_kb, stride_ks, stride_kh,
-              stride_vb, stride_vs, stride_vh,
-              stride_ob, stride_os, stride_oh,
-              stride_lb, stride_lh, stride_ab, stride_bt, page_size,
-              q_heads, group, max_seqlen_q, max_seqlen_k, num_m_tiles,
-              qk_scale, softcap, win_left, win_right, dropout_p,
-              dqk, dv, BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
-              EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
-              BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
-              HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-              HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
-              IS_VARLEN: tl.constexpr, FP32: tl.constexpr, USE_TMA: tl.constexpr, PAGED: tl.constexpr,
-              STORE_RESID: tl.constexpr, MERGE_EDGES: tl.constexpr, EVEN_N: tl.constexpr,
-              n_fixed, PERSISTENT: tl.constexpr):
-    """The forward of work item pid: query tile pid % num_m_tiles of (batch * q_head) pid // num_m_tiles."""
+                STORE_RESID: tl.constexpr, MERGE_EDGES: tl.constexpr, EVEN_N: tl.constexpr):
+    pid = tl.program_id(0)
     bh = pid // num_m_tiles
     tile = pid % num_m_tiles
     if HAS_RIGHT and not HAS_LEFT:
@@ -267,9 +210,6 @@ def _fwd_tile(pid, Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC,
     if MERGE_EDGES:
         main_lo = lo
         main_hi = hi
-    if PERSISTENT:  # a fixed trip count over [lo, hi), see _fwd_tiles' FIXED
-        main_lo = 0
-        main_hi = n_fixed * BLOCK_N
     if HAS_LEFT and not MERGE_EDGES:
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                                    offs_dv, lo, full_lo, full_lo, full_hi, seqlen_k, diag, win_left, win_right,
@@ -283,7 +223,7 @@ def _fwd_tile(pid, Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC,
                                dqk, dv, K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size, stride_kb,
                                stride_vb, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT,
                                HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 2 if MERGE_EDGES else 0, FP32, USE_TMA, PAGED,
-                               EVEN_N, IS_VARLEN, lo, hi, PERSISTENT)
+                               EVEN_N, IS_VARLEN)
     if not MERGE_EDGES:
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                                    offs_dv, full_hi, hi, full_lo, full_hi, seqlen_k, diag, win_left, win_right,
@@ -344,15 +284,11 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
                                       paged=block_table is not None)
     cfg = cfg or configs.forward_config(q.device, q.dtype, max(dqk, dv), p.causal_like)
     num_m_tiles = configs.cdiv(p.max_seqlen_q, cfg.block_m)
-    num_work = num_m_tiles * batch * q_heads
-    programs, n_fixed = configs.persistent_forward(q.device, p, cfg.block_m, cfg.block_n, num_work,
-                                                   paged=block_table is not None)
-    grid = (programs or num_work,)
+    grid = (num_m_tiles * batch * q_heads,)
     dummy = lse
     block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dv)
     paged = block_table is not None
-    use_tma = configs.use_tma(q.device, q.dtype, max(dqk, dv), p.window_left >= 0, p.max_seqlen_k) and not paged \
-        and not programs
+    use_tma = configs.use_tma(q.device, q.dtype, max(dqk, dv), p.window_left >= 0, p.max_seqlen_k) and not paged
     descs = _kv_descriptors(k, v, cfg.block_n, block_dqk, block_dv) if use_tma else None
     kv_b = paged or not p.varlen  # K/V's leading stride: the page stride when paged, none for packed varlen
     _fwd_kernel[grid](
@@ -374,10 +310,8 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
         HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0,
         HAS_ALIBI=p.alibi_slopes is not None, HAS_SINK=p.sink is not None, HAS_DROPOUT=p.dropout_p > 0,
         IS_VARLEN=p.varlen, FP32=q.dtype == torch.float32, USE_TMA=descs is not None, PAGED=paged,
-        STORE_RESID=residual,
-        MERGE_EDGES=programs > 0 or configs.merge_edges(p.window_left >= 0, p.window_right >= 0),
+        STORE_RESID=residual, MERGE_EDGES=configs.merge_edges(p.window_left >= 0, p.window_right >= 0),
         EVEN_N=not p.varlen and not paged and p.max_seqlen_k % cfg.block_n == 0,
-        num_work=num_work, n_fixed=n_fixed, PERSISTENT=programs > 0,
         num_warps=cfg.num_warps, num_stages=cfg.num_stages,
     )
     return (out, lse, resid) if residual else (out, lse)
