@@ -1,7 +1,7 @@
 """Where a call's host time goes (GPU machine): cProfile of back-to-back tileattn calls on tiny shapes, whose GPU
 time is negligible, so the wall time per call is the host's.
 
-Usage: PYTHONPATH=src python3 benchmarks/host_profile.py [--calls 1000] [--top 22]
+Usage: PYTHONPATH=src python3 benchmarks/host_profile.py [--calls 1000] [--top 22] [--wall-only]
 
 Cases: the forward (``tileattn.attention``, D=128, causal, 128 tokens), forward + backward, and a decode step
 (``flash_attn_with_kvcache``, 256 cached keys). For each: wall µs per call, then the functions with the most
@@ -18,7 +18,7 @@ import time
 
 import torch
 
-sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "src"))
+sys.path.insert(0, os.environ.get("TILEATTN_SRC") or os.path.join(os.path.dirname(__file__), "..", "src"))
 import tileattn  # noqa: E402
 
 
@@ -26,6 +26,7 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--calls", type=int, default=1000)
     ap.add_argument("--top", type=int, default=22)
+    ap.add_argument("--wall-only", action="store_true", help="no cProfile pass; also time SDPA (cuDNN) anchors")
     args = ap.parse_args()
     dev, dt = torch.device("cuda"), torch.bfloat16
     q = torch.randn(1, 128, 8, 128, device=dev, dtype=dt, requires_grad=True)
@@ -44,7 +45,21 @@ def main():
 
     def decode():
         tileattn.flash_attn_with_kvcache(qd, kc, kc, cache_seqlens=lens)
-    for name, fn in (("forward", fwd), ("forward+backward", fwd_bwd), ("decode", decode)):
+    from torch.nn.attention import SDPBackend, sdpa_kernel
+    qt = q.detach().transpose(1, 2).requires_grad_()
+
+    def sdpa_fwd():
+        with torch.no_grad(), sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(qt, qt, qt, is_causal=True)
+
+    def sdpa_fwd_bwd():
+        with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+            torch.nn.functional.scaled_dot_product_attention(qt, qt, qt, is_causal=True).backward(g.transpose(1, 2))
+        qt.grad = None
+    cases = [("forward", fwd), ("forward+backward", fwd_bwd), ("decode", decode)]
+    if args.wall_only:
+        cases += [("sdpa_cudnn forward", sdpa_fwd), ("sdpa_cudnn forward+backward", sdpa_fwd_bwd)]
+    for name, fn in cases:
         for _ in range(30):
             fn()
         torch.cuda.synchronize()
@@ -53,6 +68,9 @@ def main():
             fn()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / args.calls * 1e6
+        if args.wall_only:
+            print(f"== {name}: {wall:.1f} us per call (wall)", flush=True)
+            continue
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.calls):

@@ -22,6 +22,7 @@ from .. import autotune, configs
 from .._hostinfo import leaves_rows
 from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, q_tile_range, scores,
                      seq_bounds, store_tile, visible)
+from .launch import launch
 
 
 @triton.jit
@@ -413,7 +414,7 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
     correct = mode in ("residual", "correct") and not has_resid
     qc = cfg.dq_correct if correct and cfg.dq_correct is not None else cfg.dq
     num_m_tiles = configs.cdiv(p.max_seqlen_q, qc.block_m)
-    _bwd_dq_kernel[(num_m_tiles * batch * q_heads,)](
+    launch(_bwd_dq_kernel, (num_m_tiles * batch * q_heads,), (
         q, k, v, out, resid if has_resid else dummy, dout, lse, delta, dlse if dlse is not None else dummy, dq,
         stats, cu_q, cu_k, alibi, rng,
         sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2),
@@ -422,15 +423,15 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
         p.alibi_stride_b,
         q_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
         p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
-        dqk, dim_v, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
+        dqk, dim_v), dict(
+        BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
         EVEN_DV=block_dv == dim_v, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, **flags,
-        HAS_DLSE=dlse is not None, HAS_RESID=has_resid, CORRECT=correct, DELTA_CHUNK=min(32, block_dv),
-        num_warps=qc.num_warps, num_stages=qc.num_stages,
-    )
+        HAS_DLSE=dlse is not None, HAS_RESID=has_resid, CORRECT=correct, DELTA_CHUNK=min(32, block_dv)),
+        qc.num_warps, qc.num_stages)
 
     kv = cfg.dkdv
     num_n_tiles = configs.cdiv(p.max_seqlen_k, kv.block_n)
-    _bwd_dkdv_kernel[(num_n_tiles * batch * kv_heads,)](
+    launch(_bwd_dkdv_kernel, (num_n_tiles * batch * kv_heads,), (
         q, k, v, dout, stats, dk, dv, cu_q, cu_k, alibi, rng,
         sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2),
         sb(v), v.stride(1), v.stride(2), sb(dout), dout.stride(1), dout.stride(2),
@@ -438,9 +439,9 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
         stats.stride(1), stats.stride(0), p.alibi_stride_b,
         q_heads, kv_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_n_tiles,
         p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
-        dqk, dim_v, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
+        dqk, dim_v), dict(
+        BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
         EVEN_DV=block_dv == dim_v, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, **flags,
-        EVEN_M=not p.varlen and p.max_seqlen_q % kv.block_m == 0,
-        num_warps=kv.num_warps, num_stages=kv.num_stages,
-    )
+        EVEN_M=not p.varlen and p.max_seqlen_q % kv.block_m == 0),
+        kv.num_warps, kv.num_stages)
     return delta

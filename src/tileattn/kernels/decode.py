@@ -18,6 +18,7 @@ import triton
 import triton.language as tl
 
 from .common import LN2, LOG2E, load_tile, mma, scores, visible
+from .launch import launch
 
 
 @triton.jit
@@ -188,7 +189,7 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
     dummy = seqlens_k
     qk_scale = softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E_F
     block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dv)
-    _decode_split_kernel[(num_splits, batch * kv_heads, row_blocks)](
+    launch(_decode_split_kernel, (num_splits, batch * kv_heads, row_blocks), (
         q, k_cache, v_cache, out_part, lse_part, seqlens_k,
         cache_batch_idx if cache_batch_idx is not None else dummy, block_table if paged else dummy,
         alibi_slopes if alibi_slopes is not None else dummy, leftpad if leftpad is not None else dummy,
@@ -198,21 +199,20 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         v_cache.stride(2), block_table.stride(0) if paged else 0,
         alibi_slopes.stride(0) if (alibi_slopes is not None and alibi_slopes.dim() == 2) else 0,
         q_heads, kv_heads, group, seqlen_q, batch, split_len, page_size,
-        qk_scale, softcap * LOG2E_F, window[0], window[1], dqk, dv,
+        qk_scale, softcap * LOG2E_F, window[0], window[1], dqk, dv), dict(
         BLOCK_M=block_m, BLOCK_N=block_n, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv,
         EVEN_DQK=block_dqk == dqk, EVEN_DV=block_dv == dv, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
         HAS_LEFTPAD=leftpad is not None,
         HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap > 0,
-        HAS_ALIBI=alibi_slopes is not None, FP32=q.dtype == torch.float32, FINAL=final, HAS_SINK=sink is not None,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+        HAS_ALIBI=alibi_slopes is not None, FP32=q.dtype == torch.float32, FINAL=final, HAS_SINK=sink is not None),
+        cfg.num_warps, cfg.num_stages)
     if final:
         return out, lse
     rows_total = batch * q_heads * seqlen_q
     block_s = min(32, max(2, configs.next_pow2(num_splits)))
-    _decode_combine_kernel[(rows_total,)](
+    launch(_decode_combine_kernel, (rows_total,), (
         out_part, lse_part, out, lse, sink if sink is not None else dummy,
-        out.stride(0), out.stride(1), out.stride(2), q_heads, seqlen_q, rows_total, num_splits, dv,
-        BLOCK_S=block_s, BLOCK_DV=block_dv, HAS_SINK=sink is not None, num_warps=4,
-    )
+        out.stride(0), out.stride(1), out.stride(2), q_heads, seqlen_q, rows_total, num_splits, dv), dict(
+        BLOCK_S=block_s, BLOCK_DV=block_dv, HAS_SINK=sink is not None),
+        4, 3)
     return out, lse

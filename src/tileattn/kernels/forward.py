@@ -16,6 +16,7 @@ from .. import autotune, configs
 from .._hostinfo import leaves_rows
 from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, scores, seq_bounds,
                      store_tile, visible)
+from .launch import launch
 
 
 @triton.jit
@@ -291,7 +292,7 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     use_tma = configs.use_tma(q.device, q.dtype, max(dqk, dv), p.window_left >= 0, p.max_seqlen_k) and not paged
     descs = _kv_descriptors(k, v, cfg.block_n, block_dqk, block_dv) if use_tma else None
     kv_b = paged or not p.varlen  # K/V's leading stride: the page stride when paged, none for packed varlen
-    _fwd_kernel[grid](
+    launch(_fwd_kernel, grid, (
         q, k, v, out, lse, resid if residual else dummy,
         p.cu_seqlens_q if p.varlen else dummy, p.cu_seqlens_k if p.varlen else dummy,
         p.alibi_slopes if p.alibi_slopes is not None else dummy,
@@ -305,15 +306,15 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
         k.shape[1] if paged else 1,
         q_heads, q_heads // kv_heads, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
         p.qk_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
-        dqk, dv, BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk, EVEN_DV=block_dv == dv,
+        dqk, dv), dict(
+        BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk, EVEN_DV=block_dv == dv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
         HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0,
         HAS_ALIBI=p.alibi_slopes is not None, HAS_SINK=p.sink is not None, HAS_DROPOUT=p.dropout_p > 0,
         IS_VARLEN=p.varlen, FP32=q.dtype == torch.float32, USE_TMA=descs is not None, PAGED=paged,
         STORE_RESID=residual, MERGE_EDGES=configs.merge_edges(p.window_left >= 0, p.window_right >= 0),
-        EVEN_N=not p.varlen and not paged and p.max_seqlen_k % cfg.block_n == 0,
-        num_warps=cfg.num_warps, num_stages=cfg.num_stages,
-    )
+        EVEN_N=not p.varlen and not paged and p.max_seqlen_k % cfg.block_n == 0),
+        cfg.num_warps, cfg.num_stages)
     return (out, lse, resid) if residual else (out, lse)
 
 
@@ -327,5 +328,19 @@ def _kv_descriptors(k, v, block_n, block_dqk, block_dv):
         if t.numel() == 0 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]) \
                 or block_d * size < 16:
             return None
-        descs.append(TensorDescriptor(t, list(t.shape), list(t.stride()), [1, block_n, 1, block_d]))
+        descs.append(_descriptor(TensorDescriptor, t, [1, block_n, 1, block_d]))
     return descs
+
+
+def _descriptor(cls, t, block):
+    """``cls(t, shape, strides, block)`` without the dataclass's re-validation (~10 µs of host time per descriptor
+    in run 29's profile), for a tensor the caller checked by TMA's rules (the checks above); the plain constructor
+    when the class's fields are not the ones this was written against."""
+    if tuple(getattr(cls, "__dataclass_fields__", ())) == _DESC_FIELDS:
+        d = object.__new__(cls)
+        d.__dict__.update(base=t, shape=list(t.shape), strides=list(t.stride()), block_shape=block, padding="zero")
+        return d
+    return cls(t, list(t.shape), list(t.stride()), block)
+
+
+_DESC_FIELDS = ("base", "shape", "strides", "block_shape", "padding")

@@ -1,0 +1,141 @@
+"""kernels/launch.py: the launch cache must reuse a compiled kernel only for calls Triton would specialise the same.
+
+The CPU test drives ``launch`` with a stand-in kernel (the interpreter has no compiled kernels, so the cache is off
+there); the GPU tests run real kernels through it, alternating between calls that need different specialisations
+(alignment, lengths divisible by 16 or equal to 1, dtypes, features) and checking each against the uncached path.
+"""
+import inspect
+
+import pytest
+import torch
+
+import tileattn
+from tileattn.kernels import launch as launch_mod
+
+from _helpers import ON_GPU, make_gen, seed_for
+
+
+class _Compiled:
+    function, packed_metadata = "function", "packed"
+
+    def __init__(self):
+        self.runs = []
+
+    def run(self, *args):
+        self.runs.append(args)
+
+    def launch_metadata(self, *args):
+        return None
+
+
+class _Kernel:
+    """Quacks like a @triton.jit function for ``launch``: a signature and ``fn[grid](...)``."""
+
+    def __init__(self):
+        def kernel(T, n, x, FLAG, D=7):
+            pass
+        self.signature = inspect.signature(kernel)
+        self.compiles = []
+
+    def __getitem__(self, grid):
+        def go(*args, num_warps, num_stages, **kwargs):
+            self.compiles.append((grid, args, kwargs, num_warps, num_stages))
+            return _Compiled()
+        return go
+
+
+def test_launch_cache_key(monkeypatch):
+    monkeypatch.setattr(launch_mod, "_ENABLED", True)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch_mod, "_raw_stream", lambda device: 1234)
+    fn = _Kernel()
+    buf = torch.zeros(64)
+    aligned, misaligned = buf[:32], buf[1:33]  # fp32: 4-byte offset, not 16-byte aligned
+    assert aligned.data_ptr() % 16 == 0 and misaligned.data_ptr() % 16 != 0
+
+    def call(t, n, x=0.5, flag=True, warps=4, stages=2, **extra):
+        return launch_mod.launch(fn, (3, 2), (t, n), dict(x=x, FLAG=flag, **extra), warps, stages)
+
+    first = call(aligned, 32)
+    assert len(fn.compiles) == 1 and not first.runs
+    again = call(torch.zeros(32), 32)  # another tensor, same dtype and alignment: the cached kernel, launched
+    assert again is first and len(fn.compiles) == 1
+    assert first.runs == [(3, 2, 1, 1234, "function", "packed", None, None, None, again.runs[0][9], 32, 0.5, True,
+                           7)]
+    assert first.runs[0][9].data_ptr() != aligned.data_ptr()
+    misses = [dict(t=misaligned), dict(n=33), dict(n=1), dict(n=2 ** 31), dict(t=aligned.double()),
+              dict(flag=False), dict(warps=8), dict(stages=3), dict(x=1), dict(D=8), dict(n=32.0)]
+    for i, change in enumerate(misses):
+        args = dict(t=aligned, n=32)
+        args.update(change)
+        t, n = args.pop("t"), args.pop("n")
+        kernel = call(t, n, **args)
+        assert len(fn.compiles) == 2 + i, f"{change} reused a kernel compiled for another specialisation"
+        assert not kernel.runs
+        assert call(t, n, **args) is kernel and len(kernel.runs) == 1, change  # and is cached in turn
+    compiles = len(fn.compiles)  # floats key by value too (a constexpr could be a float): a new value takes
+    call(aligned, 32, x=0.25)  # Triton's path, which would find its own compiled kernel
+    assert len(fn.compiles) == compiles + 1
+
+
+def test_launch_cache_bounded(monkeypatch):
+    monkeypatch.setattr(launch_mod, "_ENABLED", True)
+    monkeypatch.setattr(launch_mod, "_MAX_ENTRIES", 3)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch_mod, "_raw_stream", lambda device: 0)
+    fn = _Kernel()
+    t = torch.zeros(8)
+    for n in range(10):
+        launch_mod.launch(fn, (1,), (t, n), dict(x=1.0, FLAG=True), 4, 2)
+    assert len(launch_mod._state[fn][2]) <= 3
+
+
+@pytest.mark.skipif(not ON_GPU, reason="the launch cache serves compiled kernels: GPU only")
+def test_launch_cache_matches_uncached_path(monkeypatch):
+    """Calls cycling through specialisations (q misaligned, lengths 1 / 16k+1 / 16k, fp16 / bf16, window, GQA,
+    sink, varlen): forward, backward and decode through the cache equal the uncached launches bit for bit."""
+    def tensors(B, Sq, Sk, H, Hkv, D, dtype, misaligned, g):
+        q, k, v = (torch.randn(B, S, heads, D, generator=g).to("cuda", dtype)
+                   for S, heads in ((Sq, H), (Sk, Hkv), (Sk, Hkv)))
+        if misaligned:  # a view one element into a buffer: q's pointer is not 16-byte aligned
+            q = torch.empty(q.numel() + 1, device="cuda", dtype=dtype)[1:].view(q.shape).copy_(q)
+            assert q.data_ptr() % 16
+        return q, k, v
+
+    cases = [  # (B, Sq, Sk, H, Hkv, D, dtype, misaligned q, kwargs)
+        (2, 128, 128, 4, 4, 128, torch.bfloat16, 0, dict(causal=True)),
+        (2, 128, 128, 4, 4, 128, torch.bfloat16, 1, dict(causal=True)),
+        (2, 129, 129, 4, 4, 128, torch.bfloat16, 0, dict(causal=True)),
+        (2, 1, 1, 4, 4, 128, torch.bfloat16, 0, dict()),
+        (1, 200, 333, 6, 2, 64, torch.float16, 0, dict(window_size=(40, 7))),
+        (1, 200, 333, 6, 2, 64, torch.float16, 0, dict(sink=True)),
+        (2, 128, 128, 4, 4, 128, torch.bfloat16, 0, dict(causal=True)),
+    ]
+    results = {}
+    for enabled in (True, False):
+        monkeypatch.setattr(launch_mod, "_ENABLED", enabled)
+        hits = launch_mod.stats["hits"]
+        for rep in range(2):
+            for i, (B, Sq, Sk, H, Hkv, D, dtype, offset, kw) in enumerate(cases):
+                g = make_gen(seed_for("launch-case", i))
+                q, k, v = tensors(B, Sq, Sk, H, Hkv, D, dtype, offset, g)
+                kw = dict(kw)
+                if kw.pop("sink", False):
+                    kw["sink"] = torch.randn(H, generator=g).cuda().requires_grad_()
+                q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+                out = tileattn.attention(q, k, v, **kw)
+                out.backward(torch.randn(out.shape, generator=g).to(out))
+                got = [out.detach(), q.grad, k.grad, v.grad]
+                results.setdefault(i, []).append(got)
+            cache = torch.zeros(2, 300, 2, 128, device="cuda", dtype=torch.bfloat16)
+            cache.copy_(torch.randn(cache.shape, generator=make_gen(seed_for("launch-decode"))))
+            qd = torch.randn(2, 1, 8, 128, generator=make_gen(seed_for("launch-qd"))).cuda().bfloat16()
+            for lens in (torch.tensor([17, 300], dtype=torch.int32, device="cuda"), 256):
+                results.setdefault(("decode", str(lens)), []).append(
+                    [tileattn.flash_attn_with_kvcache(qd, cache, cache, cache_seqlens=lens)])
+        if enabled:
+            assert launch_mod.stats["hits"] > hits + 10, "the second pass did not use the launch cache"
+    for key, runs in results.items():
+        for other in runs[1:]:
+            for a, b in zip(runs[0], other):
+                assert torch.equal(a, b), f"case {key}: cached and uncached launches differ"
