@@ -58,7 +58,9 @@ def main():
         qt.grad = None
     cases = [("forward", fwd), ("forward+backward", fwd_bwd), ("decode", decode)]
     if args.wall_only:
-        cases += [("sdpa_cudnn forward", sdpa_fwd), ("sdpa_cudnn forward+backward", sdpa_fwd_bwd)]
+        wall_only(cases + [("sdpa_cudnn forward", sdpa_fwd), ("sdpa_cudnn forward+backward", sdpa_fwd_bwd)],
+                  args.calls)
+        return
     for name, fn in cases:
         for _ in range(30):
             fn()
@@ -68,9 +70,6 @@ def main():
             fn()
         torch.cuda.synchronize()
         wall = (time.perf_counter() - t) / args.calls * 1e6
-        if args.wall_only:
-            print(f"== {name}: {wall:.1f} us per call (wall)", flush=True)
-            continue
         prof = cProfile.Profile()
         prof.enable()
         for _ in range(args.calls):
@@ -84,6 +83,40 @@ def main():
         for (file, line, func), (_, ncalls, tottime, cumtime, _) in rows:
             print(f"  {tottime / args.calls * 1e6:7.1f} self {cumtime / args.calls * 1e6:7.1f} cum  "
                   f"{ncalls / args.calls:5.1f}x  {os.path.basename(file)}:{line} {func}", flush=True)
+
+
+def wall_only(cases, calls):
+    """Host time per call, robust to a noisy host: 20 rounds, each timing every case for calls // 20 calls, with
+    tileattn's launch cache (kernels/launch.py) on and off in turn inside the same process; min and median of the
+    rounds."""
+    try:
+        from tileattn.kernels import launch
+    except ImportError:  # an older tree (TILEATTN_SRC) without the launch cache
+        import types
+        launch = types.SimpleNamespace(_ENABLED=False)
+    enabled = launch._ENABLED
+    variants = [(name + (" [launch cache off]" if not on else ""), fn, on) for name, fn in cases
+                for on in ((True, False) if enabled and not name.startswith("sdpa") else (enabled,))]
+    times = {name: [] for name, _, _ in variants}
+    per_round = max(calls // 20, 10)
+    for name, fn, on in variants:  # warm-up (compiles, caches)
+        launch._ENABLED = on
+        for _ in range(30):
+            fn()
+    torch.cuda.synchronize()
+    for _ in range(20):
+        for name, fn, on in variants:
+            launch._ENABLED = on
+            t = time.perf_counter()
+            for _ in range(per_round):
+                fn()
+            torch.cuda.synchronize()
+            times[name].append((time.perf_counter() - t) / per_round * 1e6)
+    launch._ENABLED = enabled
+    for name, _, _ in variants:
+        ts = sorted(times[name])
+        print(f"== {name}: {ts[0]:.1f} us per call min, {ts[len(ts) // 2]:.1f} median (wall, 20 rounds)",
+              flush=True)
 
 
 if __name__ == "__main__":

@@ -38,15 +38,13 @@ for stage in "$@"; do
              python3 -m tileattn.bench_features --seqlens 2048 --cases dense,causal,sink,window 2>&1 | grep -v "^#"
              TILEATTN_TMA=1 python3 -m tileattn.bench_features --seqlens 2048 --cases window 2>&1 | grep -v "^#"
              } | tee "$OUT/recheck.log" ;;
-    # host time per call (tiny shapes): this tree, this tree without the launch cache, and an older tree if
-    # bisect/old holds one (git worktree add bisect/old <sha>; carry it), interleaved twice
-    hostcost) { for pass in 1 2; do
-                  echo "== pass $pass: this tree"; python3 benchmarks/host_profile.py --wall-only --calls 2000
-                  echo "== pass $pass: TILEATTN_FAST_LAUNCH=0"
-                  TILEATTN_FAST_LAUNCH=0 python3 benchmarks/host_profile.py --wall-only --calls 2000
-                  if [ -d bisect/old/src ]; then echo "== pass $pass: bisect/old"
-                    TILEATTN_SRC=bisect/old/src python3 benchmarks/host_profile.py --wall-only --calls 2000; fi
-                done; } 2>&1 | tee "$OUT/hostcost.log" ;;
+    # host time per call (tiny shapes): this tree with the launch cache on and off (interleaved in one process),
+    # an older tree if bisect/old holds one (git worktree add bisect/old <sha>; carry it), then a cProfile
+    hostcost) { echo "== this tree"; python3 benchmarks/host_profile.py --wall-only --calls 2000
+                if [ -d bisect/old/src ]; then echo "== bisect/old"
+                  TILEATTN_SRC=bisect/old/src python3 benchmarks/host_profile.py --wall-only --calls 2000; fi
+                echo "== this tree, cProfile"; python3 benchmarks/host_profile.py --calls 500 --top 25
+              } 2>&1 | tee "$OUT/hostcost.log" ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;

@@ -139,3 +139,15 @@ def test_launch_cache_matches_uncached_path(monkeypatch):
         for other in runs[1:]:
             for a, b in zip(runs[0], other):
                 assert torch.equal(a, b), f"case {key}: cached and uncached launches differ"
+
+
+def test_launch_plain_path_for_non_kernels(monkeypatch):
+    """An object with ``fn[grid]`` but no signature (a test's spy around a kernel) is launched as is."""
+    monkeypatch.setattr(launch_mod, "_ENABLED", True)
+    seen = []
+
+    class Spy:
+        def __getitem__(self, grid):
+            return lambda *a, **kw: seen.append((grid, a, kw)) or "ran"
+    assert launch_mod.launch(Spy(), (2,), (1, 2), dict(X=3), 4, 2) == "ran"
+    assert seen == [((2,), (1, 2), dict(X=3, num_warps=4, num_stages=2))]

@@ -54,10 +54,15 @@ def _idle(hook) -> bool:
 
 
 def _kernel_state(fn):
+    """(param names, defaults, cache) of a kernel, or None for an object that only quacks like one (``fn[grid]``
+    with no signature, e.g. a test's spy): those take the plain path."""
     st = _state.get(fn)
     if st is None:
         import inspect
-        params = fn.signature.parameters
+        sig = getattr(fn, "signature", None)
+        if not isinstance(sig, inspect.Signature):
+            return None
+        params = sig.parameters
         defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
         st = _state[fn] = (tuple(params), defaults, {})
     return st
@@ -70,7 +75,10 @@ def launch(fn, grid, args, kwargs, num_warps: int, num_stages: int):
     ``kwargs`` the rest by name (constexprs included). No other launch options."""
     if not _ENABLED:
         return fn[grid](*args, **kwargs, num_warps=num_warps, num_stages=num_stages)
-    names, defaults, cache = _kernel_state(fn)
+    st = _kernel_state(fn)
+    if st is None:
+        return fn[grid](*args, **kwargs, num_warps=num_warps, num_stages=num_stages)
+    names, defaults, cache = st
     vals = list(args)
     try:
         vals.extend([kwargs[n] if n in kwargs else defaults[n] for n in names[len(args):]])
