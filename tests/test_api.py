@@ -249,3 +249,17 @@ def test_every_addressed_tensor_gets_the_int32_offset_check(monkeypatch):
     vc = torch.randn(2, 4, 2, 16, generator=gen).to(DEVICE)
     tileattn.flash_attn_varlen_func(qd[0], kc, vc, cu, cu, 5, 5, block_table=table)
     assert [s[0] for s in seen] == ["q"] and seen[0][2] == 5
+
+
+def test_getenv_follows_environment_changes(monkeypatch):
+    """configs.getenv (the per-call knob reader) sees setenv / delenv like os.environ.get does."""
+    from tileattn import configs
+    monkeypatch.delenv("TILEATTN_TEST_KNOB", raising=False)
+    assert configs.getenv("TILEATTN_TEST_KNOB") is None and configs.getenv("TILEATTN_TEST_KNOB", "d") == "d"
+    monkeypatch.setenv("TILEATTN_TEST_KNOB", "1")
+    assert configs.getenv("TILEATTN_TEST_KNOB") == "1"
+    import os
+    os.environ["TILEATTN_TEST_KNOB"] = "é2"
+    assert configs.getenv("TILEATTN_TEST_KNOB") == os.environ.get("TILEATTN_TEST_KNOB") == "é2"
+    monkeypatch.delenv("TILEATTN_TEST_KNOB")
+    assert configs.getenv("TILEATTN_TEST_KNOB", "") == ""

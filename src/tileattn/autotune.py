@@ -45,14 +45,14 @@ BWD_CANDIDATES = {  # (dK/dV tile, dQ tile)
 
 
 def enabled() -> bool:
-    return os.environ.get("TILEATTN_AUTOTUNE", "0") == "1"
+    return configs.getenv("TILEATTN_AUTOTUNE", "0") == "1"
 
 
 def applies(q: torch.Tensor, override_var: str) -> bool:
     """Tune this call? Only when enabled, for eager fp16/bf16 CUDA calls (not in the interpreter, torch.compile
     tracing or CUDA-graph capture; fp32 keeps its spill-safe table) whose tiles are not overridden by
     ``override_var`` (TILEATTN_FWD_CONFIG / TILEATTN_BWD_CONFIG)."""
-    return (enabled() and q.is_cuda and q.dtype != torch.float32 and not os.environ.get(override_var)
+    return (enabled() and q.is_cuda and q.dtype != torch.float32 and not configs.getenv(override_var)
             and not configs._interpreting() and not torch.compiler.is_compiling()
             and not torch.cuda.is_current_stream_capturing())
 

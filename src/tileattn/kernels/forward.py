@@ -8,8 +8,6 @@ Features are constexpr flags: window bounds (HAS_LEFT/HAS_RIGHT; causal = right 
 sink, dropout, varlen.
 """
 
-import os
-
 import torch
 import triton
 import triton.language as tl
@@ -291,7 +289,7 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     resid = torch.empty_like(out) if residual else None
     if out.numel() == 0 or p.max_seqlen_q == 0:
         return (out, lse, resid.zero_()) if residual else (out, lse)
-    table_cfg = cfg is None and not os.environ.get("TILEATTN_FWD_CONFIG")  # no caller / env tiles
+    table_cfg = cfg is None and not configs.getenv("TILEATTN_FWD_CONFIG")  # no caller / env tiles
     if cfg is None and autotune.applies(q, "TILEATTN_FWD_CONFIG"):  # opt-in (TILEATTN_AUTOTUNE=1), cached
         cfg = autotune.forward_config(q, max(dqk, dv), p, lambda c: attention_forward(q, k, v, p, c, block_table),
                                       paged=block_table is not None)
@@ -348,7 +346,7 @@ def _use_warp_spec(q, p, dqk, dv, use_tma, paged):
     TMA box; it does nothing at 8 warps. Hence only sm_90, K/V through TMA, Q through an on-device descriptor,
     non-causal without window, batched (no varlen / paging), key length a multiple of the key tile (no tail loop),
     head dims 128 and no softcap / ALiBi / dropout / sink. Not measured, not tested on a GPU."""
-    if os.environ.get("TILEATTN_FWD_WS", "0") != "1" or not use_tma or paged or p.varlen or q.device.type != "cuda":
+    if configs.getenv("TILEATTN_FWD_WS", "0") != "1" or not use_tma or paged or p.varlen or q.device.type != "cuda":
         return False
     if torch.cuda.get_device_capability(q.device)[0] != 9 or q.dtype == torch.float32:
         return False
