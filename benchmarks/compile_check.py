@@ -95,8 +95,7 @@ def launch_constexprs(block_d: int, **flags):
     c = {"BLOCK_DQK": block_d, "BLOCK_DV": block_d, "HAS_LEFT": False, "HAS_RIGHT": False, "HAS_SOFTCAP": False,
          "HAS_ALIBI": False, "HAS_SINK": False, "HAS_DROPOUT": False, "IS_VARLEN": False, "FP32": False,
          "HAS_DLSE": False, "EVEN_DQK": True, "EVEN_DV": True, "USE_TMA": False, "CORRECT": False,
-         "HAS_RESID": True, "STORE_RESID": True, "DELTA_CHUNK": min(32, block_d), "PAGED": False, "WARP_SPEC": False,
-         **flags}
+         "HAS_RESID": True, "STORE_RESID": True, "DELTA_CHUNK": min(32, block_d), "PAGED": False, **flags}
     derived = {"EVEN_M": not c["IS_VARLEN"], "EVEN_N": not c["IS_VARLEN"] and not c["PAGED"],
                "MERGE_EDGES": configs.merge_edges(c["HAS_LEFT"], c["HAS_RIGHT"])}
     return {**derived, **c}

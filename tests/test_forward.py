@@ -17,13 +17,11 @@ from _helpers import (
     _max_abs,
     atol_for,
     check_attention,
-    check_lse,
     check_rule,
     dtype_id,
     make_gen,
     make_qkv,
     make_tensor,
-    poisoned_empty,
     run_ours,
     seed_for,
 )
@@ -376,28 +374,3 @@ def test_forward_cuda_graph_capture(head_dim):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, call())
-
-
-@pytest.mark.skipif(not torch.cuda.is_available() or torch.cuda.get_device_capability()[0] != 9,
-                    reason="Triton's Hopper warp specialisation: sm_90 only")
-@pytest.mark.parametrize("shape", [(2, 1024, 1024, 8, 8), (1, 300, 512, 4, 2), (3, 77, 192, 2, 1)])
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16])
-def test_forward_warp_specialized(monkeypatch, shape, dtype):
-    """TILEATTN_FWD_WS=1 (experiment): the warp-specialised forward (D=128, non-causal, key length a multiple of
-    64) follows the accuracy rule, on a poisoned output, with query lengths that are not a multiple of its 128-row
-    tile, and GQA."""
-    from tileattn.kernels import forward as fwd_mod
-    from tileattn.reference import attention_ref
-    B, Sq, Sk, Hq, Hkv = shape
-    used = []
-    real = fwd_mod._use_warp_spec
-    monkeypatch.setattr(fwd_mod, "_use_warp_spec", lambda *a: used.append(real(*a)) or used[-1])
-    monkeypatch.setenv("TILEATTN_FWD_WS", "1")
-    q, k, v, _ = make_qkv(B, Sq, Sk, Hq, Hkv, 128, dtype, seed_for("ws", shape, dtype))
-    with poisoned_empty():
-        out, lse = tileattn.attention(q, k, v, return_lse=True)
-    assert used == [True]
-    ref, ref_lse = attention_ref(q, k, v)
-    pt, pt_lse = attention_ref(q, k, v, upcast=False)
-    check_rule("out", out, ref, pt, FWD_MULT, atol_for(dtype, ref, _max_abs(v)), f"warp-specialised {shape}")
-    check_lse(lse, ref_lse, pt_lse, f"warp-specialised {shape}")

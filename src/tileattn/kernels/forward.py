@@ -54,8 +54,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
                BLOCK_DQK: tl.constexpr, BLOCK_DV: tl.constexpr,
                HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr,
-               USE_TMA: tl.constexpr, PAGED: tl.constexpr, EVEN_N: tl.constexpr, IS_VARLEN: tl.constexpr,
-               WARP_SPEC: tl.constexpr = False):
+               USE_TMA: tl.constexpr, PAGED: tl.constexpr, EVEN_N: tl.constexpr, IS_VARLEN: tl.constexpr):
     """Online-softmax update of (acc, m_i, l_i) over key tiles [lo, hi). Scores in log2 units.
 
     MASKED: 0 = every tile fully visible (no masks, software-pipelined); 1 = every tile masked (unpipelined: few
@@ -74,8 +73,7 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
     calls skip that zeroing: their rows past the keys are past the tensor and read as zeros already, and the
     zeroing costs a V round trip shared memory -> registers -> shared memory on every tile it guards."""
     # Masked tiles are few (the diagonal / the edges): no software pipelining for them, which saves registers.
-    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED == 1 else None,
-                            warp_specialize=WARP_SPEC and MASKED == 0):
+    for start_n in tl.range(lo, hi, BLOCK_N, num_stages=1 if MASKED == 1 else None):
         cols = start_n + offs_n
         if USE_TMA:
             k = K_DESC.load([desc_b, desc_row0 + start_n, hk, 0]).reshape([BLOCK_N, BLOCK_DQK])
@@ -158,8 +156,7 @@ def _fwd_kernel(Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, HAS_SINK: tl.constexpr, HAS_DROPOUT: tl.constexpr,
                 IS_VARLEN: tl.constexpr, FP32: tl.constexpr, USE_TMA: tl.constexpr, PAGED: tl.constexpr,
-                STORE_RESID: tl.constexpr, MERGE_EDGES: tl.constexpr, EVEN_N: tl.constexpr,
-                WARP_SPEC: tl.constexpr = False):
+                STORE_RESID: tl.constexpr, MERGE_EDGES: tl.constexpr, EVEN_N: tl.constexpr):
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     tile = pid % num_m_tiles
@@ -195,13 +192,7 @@ def _fwd_kernel(Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_
             + offs_n[:, None] * stride_vs + offs_dv[None, :]
     bt_row = BLOCK_TABLE + b64 * stride_bt
 
-    if WARP_SPEC:  # Hopper auto-WS: Q through an on-device TMA descriptor (see attention_forward)
-        q_desc = tl.make_tensor_descriptor(Q + b64 * stride_qb + h * stride_qh + q_start.to(tl.int64) * stride_qs,
-                                           shape=[seqlen_q, dqk], strides=[stride_qs, 1],
-                                           block_shape=[BLOCK_M, BLOCK_DQK])
-        q = q_desc.load([start_m, 0])
-    else:
-        q = load_tile(q_ptrs, rows, seqlen_q, offs_dqk, dqk, True, EVEN_DQK)
+    q = load_tile(q_ptrs, rows, seqlen_q, offs_dqk, dqk, True, EVEN_DQK)
     m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
@@ -233,8 +224,8 @@ def _fwd_kernel(Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_
                                dqk, dv, K_DESC, V_DESC, desc_b, k_start, hk, bt_row, page_size, stride_kb,
                                stride_vb, EVEN_DQK, EVEN_DV, BLOCK_N, BLOCK_DQK, BLOCK_DV, HAS_LEFT, HAS_RIGHT,
                                HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, 2 if MERGE_EDGES else 0, FP32, USE_TMA, PAGED,
-                               EVEN_N, IS_VARLEN, WARP_SPEC)
-    if not MERGE_EDGES and not (WARP_SPEC and EVEN_N and not HAS_LEFT and not HAS_RIGHT):
+                               EVEN_N, IS_VARLEN)
+    if not MERGE_EDGES:
         acc, m_i, l_i = _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, offs_n, offs_dqk,
                                    offs_dv, full_hi, hi, full_lo, full_hi, seqlen_k, diag, win_left, win_right,
                                    qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k, dropout_p,
@@ -289,7 +280,6 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     resid = torch.empty_like(out) if residual else None
     if out.numel() == 0 or p.max_seqlen_q == 0:
         return (out, lse, resid.zero_()) if residual else (out, lse)
-    table_cfg = cfg is None and not configs.getenv("TILEATTN_FWD_CONFIG")  # no caller / env tiles
     if cfg is None and autotune.applies(q, "TILEATTN_FWD_CONFIG"):  # opt-in (TILEATTN_AUTOTUNE=1), cached
         cfg = autotune.forward_config(q, max(dqk, dv), p, lambda c: attention_forward(q, k, v, p, c, block_table),
                                       paged=block_table is not None)
@@ -301,15 +291,6 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     paged = block_table is not None
     use_tma = configs.use_tma(q.device, q.dtype, max(dqk, dv), p.window_left >= 0, p.max_seqlen_k) and not paged
     descs = _kv_descriptors(k, v, cfg.block_n, block_dqk, block_dv) if use_tma else None
-    warp_spec = _use_warp_spec(q, p, dqk, dv, descs is not None, paged)
-    if warp_spec and table_cfg and not autotune.applies(q, "TILEATTN_FWD_CONFIG"):
-        cfg = configs.KernelConfig(128, 64, 4, 3)  # the pass needs 4 warps (8: no-op) and 128-row tiles (2 x 64)
-        num_m_tiles = configs.cdiv(p.max_seqlen_q, cfg.block_m)
-        grid = (num_m_tiles * batch * q_heads,)
-        descs = _kv_descriptors(k, v, cfg.block_n, block_dqk, block_dv)
-    warp_spec = warp_spec and cfg.block_m == 128 and cfg.num_warps == 4 and p.max_seqlen_k % cfg.block_n == 0
-    if warp_spec:
-        _ensure_allocator()  # Q's on-device descriptor lives in global scratch
     kv_b = paged or not p.varlen  # K/V's leading stride: the page stride when paged, none for packed varlen
     launch(_fwd_kernel, grid, (
         q, k, v, out, lse, resid if residual else dummy,
@@ -332,41 +313,9 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
         HAS_ALIBI=p.alibi_slopes is not None, HAS_SINK=p.sink is not None, HAS_DROPOUT=p.dropout_p > 0,
         IS_VARLEN=p.varlen, FP32=q.dtype == torch.float32, USE_TMA=descs is not None, PAGED=paged,
         STORE_RESID=residual, MERGE_EDGES=configs.merge_edges(p.window_left >= 0, p.window_right >= 0),
-        EVEN_N=not p.varlen and not paged and p.max_seqlen_k % cfg.block_n == 0, WARP_SPEC=warp_spec),
+        EVEN_N=not p.varlen and not paged and p.max_seqlen_k % cfg.block_n == 0),
         cfg.num_warps, cfg.num_stages)
     return (out, lse, resid) if residual else (out, lse)
-
-
-def _use_warp_spec(q, p, dqk, dv, use_tma, paged):
-    """``TILEATTN_FWD_WS=1`` (experimental, off by default): tl.range(warp_specialize=True) on the forward's
-    unmasked key loop, for Triton 3.6's Hopper pass (nvgpu-warp-specialization: a TMA producer warpgroup and two
-    consumer warpgroups of 64 query rows each, setmaxnreg 40 / 232). Compiled for sm_90a only (see
-    benchmarks/ws_probe.py and NOTES): the pass crashes on a pointer-loaded Q (cp.async producer), on a second key
-    loop after the specialised one, and splits a host descriptor's 128-row Q block into 64-row copies of a 128-row
-    TMA box; it does nothing at 8 warps. Hence only sm_90, K/V through TMA, Q through an on-device descriptor,
-    non-causal without window, batched (no varlen / paging), key length a multiple of the key tile (no tail loop),
-    head dims 128 and no softcap / ALiBi / dropout / sink. Not measured, not tested on a GPU."""
-    if configs.getenv("TILEATTN_FWD_WS", "0") != "1" or not use_tma or paged or p.varlen or q.device.type != "cuda":
-        return False
-    if torch.cuda.get_device_capability(q.device)[0] != 9 or q.dtype == torch.float32:
-        return False
-    if p.window_left >= 0 or p.window_right >= 0 or p.softcap > 0 or p.alibi_slopes is not None \
-            or p.dropout_p > 0 or p.sink is not None:
-        return False
-    size = q.element_size()
-    return (dqk == dv == 128 and q.data_ptr() % 16 == 0
-            and all(st * size % 16 == 0 for st in q.stride()[:-1]) and q.stride(-1) == 1)
-
-
-def _ensure_allocator():
-    """Triton's global-scratch allocator (on-device tensor descriptors need one), set once if none is."""
-    global _ALLOCATOR_SET
-    if not _ALLOCATOR_SET:
-        triton.set_allocator(lambda size, align, stream: torch.empty(size, dtype=torch.int8, device="cuda"))
-        _ALLOCATOR_SET = True
-
-
-_ALLOCATOR_SET = False
 
 
 def _kv_descriptors(k, v, block_n, block_dqk, block_dv):
