@@ -29,6 +29,13 @@ import sass_loops as sl  # noqa: E402
 
 
 @triton.jit
+def _rows_desc(X, seqlen, stride_s, BLOCK: tl.constexpr, HEAD_DIM: tl.constexpr):
+    """An on-device descriptor over the flattened (rows, HEAD_DIM) matrix, BLOCK rows per load."""
+    return tl.make_tensor_descriptor(X, shape=[seqlen * 1024, HEAD_DIM], strides=[stride_s, 1],
+                                     block_shape=[BLOCK, HEAD_DIM])
+
+
+@triton.jit
 def _probe_fwd(Q, K, V, O, LSE, seqlen, qk_scale, stride_s,
                BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, HEAD_DIM: tl.constexpr,
                DEV_DESC: tl.constexpr, Q_DESC: tl.constexpr, O_DESC: tl.constexpr, TAIL: tl.constexpr,
@@ -38,20 +45,16 @@ def _probe_fwd(Q, K, V, O, LSE, seqlen, qk_scale, stride_s,
     off_hz = tl.program_id(1)
     y0 = off_hz * seqlen
     if DEV_DESC:
-        k_desc = tl.make_tensor_descriptor(K, shape=[seqlen * 1024, HEAD_DIM], strides=[stride_s, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
-        v_desc = tl.make_tensor_descriptor(V, shape=[seqlen * 1024, HEAD_DIM], strides=[stride_s, 1],
-                                           block_shape=[BLOCK_N, HEAD_DIM])
+        k_desc = _rows_desc(K, seqlen, stride_s, BLOCK_N, HEAD_DIM)
+        v_desc = _rows_desc(V, seqlen, stride_s, BLOCK_N, HEAD_DIM)
     else:
         k_desc = K
         v_desc = V
     offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
     offs_d = tl.arange(0, HEAD_DIM)
     if DEV_DESC:
-        q_desc = tl.make_tensor_descriptor(Q, shape=[seqlen * 1024, HEAD_DIM], strides=[stride_s, 1],
-                                           block_shape=[BLOCK_M, HEAD_DIM])
-        o_desc = tl.make_tensor_descriptor(O, shape=[seqlen * 1024, HEAD_DIM], strides=[stride_s, 1],
-                                           block_shape=[BLOCK_M, HEAD_DIM])
+        q_desc = _rows_desc(Q, seqlen, stride_s, BLOCK_M, HEAD_DIM)
+        o_desc = _rows_desc(O, seqlen, stride_s, BLOCK_M, HEAD_DIM)
     else:
         q_desc = Q
         o_desc = O
