@@ -263,3 +263,11 @@ def test_getenv_follows_environment_changes(monkeypatch):
     assert configs.getenv("TILEATTN_TEST_KNOB") == os.environ.get("TILEATTN_TEST_KNOB") == "é2"
     monkeypatch.delenv("TILEATTN_TEST_KNOB")
     assert configs.getenv("TILEATTN_TEST_KNOB", "") == ""
+
+
+def test_getenv_without_the_bytes_dict(monkeypatch):
+    """Where os.environ has no bytes dict to read (non-POSIX), configs.getenv is os.environ.get."""
+    from tileattn import configs
+    monkeypatch.setattr(configs, "_ENV_DATA", None)
+    monkeypatch.setenv("TILEATTN_TEST_KNOB", "3")
+    assert configs.getenv("TILEATTN_TEST_KNOB") == "3" and configs.getenv("TILEATTN_TEST_KNOB_UNSET", "x") == "x"
