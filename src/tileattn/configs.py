@@ -241,8 +241,8 @@ _SM90_BWD = {  # dkdv: block_m streamed, block_n resident; dq: block_m resident,
     **{(d, True): BackwardConfig(_cfg(32, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
     (128, False): BackwardConfig(_cfg(64, 128, 8, 3), _cfg(128, 64, 8, 3)),
     (128, True): BackwardConfig(_cfg(32, 64, 4, 2), _cfg(128, 64, 8, 3)),
-    (256, False): BackwardConfig(_cfg(32, 64, 8, 3), _cfg(128, 32, 8, 2), dq_correct=_cfg(64, 64, 8, 2)),
-    (256, True): BackwardConfig(_cfg(32, 64, 8, 2), _cfg(128, 32, 8, 2), dq_correct=_cfg(64, 64, 8, 2)),
+    (256, False): BackwardConfig(_cfg(32, 64, 8, 3), _cfg(128, 32, 8, 3), dq_correct=_cfg(64, 64, 8, 2)),
+    (256, True): BackwardConfig(_cfg(32, 64, 8, 2), _cfg(128, 32, 8, 3), dq_correct=_cfg(64, 64, 8, 2)),
 }
 # Backward tiles re-timed after the residual delta (the dQ kernel lost the correction's PK matmul and its second
 # fp32 accumulator; H200, run 20, NOTES.md). D=128 causal (also windows, which take the causal entries): dK/dV
@@ -254,7 +254,9 @@ _SM90_BWD = {  # dkdv: block_m streamed, block_n resident; dq: block_m resident,
 # D=256 dK/dV, session 8: the 64x32 tile runs on mma.sync (HMMA: a 32-row operand is below wgmma's 64-row
 # minimum; sass shows 128 HMMA, 0 HGMMA); 32x64 (resident 64 keys) runs on wgmma: run 35, H200, dK/dV 32x64x8w
 # with 3 stages backward 202/213 TFLOP/s non-causal at 2k/8k vs 174/181, and with 2 stages causal 162/195 vs
-# 154/173 (3 stages causal: 140/166, slower; ptxas: 2 stages causal spills 184 B).
+# 154/173 (3 stages causal: 140/166, slower; ptxas: 2 stages causal spills 184 B). Then dQ 128x32x8w with 3 stages
+# (224 KB of shared memory, no spills) instead of 2: run 37, backward 202.8/212.8 -> 220.2/232.3 non-causal,
+# 162.6/192.9 -> 175.9/206.6 causal at 2k/8k; 64x64x8w x2: 173.7/177.8, 145.2/168.7.
 # Portable tables (sm80 and the ~100 KB shared-memory parts): smaller tiles, fewer stages.
 _GENERIC_FWD = {
     **{(d, c): _cfg(128, 64, 4, 3) for d in (16, 32, 64) for c in (False, True)},
