@@ -47,7 +47,7 @@ for stage in "$@"; do
               } 2>&1 | tee "$OUT/hostcost.log" ;;
     # the opt-in 5-matmul backward (TILEATTN_BWD_FUSED=1, session 8, not yet GPU-run): its tests under a timeout
     # (a wrong wait order would hang), then backward TFLOP/s with it off and on, cuDNN beside
-    fused) { TILEATTN_BWD_FUSED=1 timeout 300 python3 -m pytest tests/test_backward.py tests/test_features.py \
+    fused) { TILEATTN_BWD_FUSED=1 TILEATTN_BWD_FUSED_TESTS=1 timeout 300 python3 -m pytest tests/test_backward.py tests/test_features.py \
                tests/test_varlen.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf 2>&1 | tail -8
              for f in 0 1; do echo "== TILEATTN_BWD_FUSED=$f"
                TILEATTN_BWD_FUSED=$f timeout 200 python3 -m tileattn.bench --head-dims 64,128,256 --modes bwd \
