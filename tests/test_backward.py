@@ -279,3 +279,26 @@ def test_fused_dq_backward(monkeypatch, case, dtype):
     for (o1, l1, g1), (o2, l2, g2) in zip(runs[:1], runs[1:]):
         for name, a, b in zip(("dq", "dk", "dv"), g1, g2):
             assert torch.equal(a, b), f"{name} differs between two identical fused backward runs"
+
+
+@pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TILEATTN_BWD_FUSED_TESTS") != "1",
+                    reason="see test_fused_dq_backward")
+@pytest.mark.parametrize("fused", [False, True])
+def test_fused_dkdv_tile(monkeypatch, fused):
+    """The fused experiment takes BackwardConfig.dkdv_fused for its dK/dV kernel (its extra dS.K tile needs other
+    tiles than the two-kernel backward's), and the plain backward keeps ``dkdv``; both follow the rule."""
+    from tileattn import configs
+    from tileattn.kernels import backward
+    cfg = configs.BackwardConfig(configs.KernelConfig(16, 32, 4, 1), configs.KernelConfig(32, 16, 4, 1),
+                                 dkdv_fused=configs.KernelConfig(16, 16, 4, 1))
+    monkeypatch.setattr(configs, "backward_config", lambda *a: cfg)
+    monkeypatch.setenv("TILEATTN_BWD_FUSED", "1" if fused else "0")
+    seen = []
+    real = backward.launch
+    monkeypatch.setattr(backward, "launch", lambda fn, grid, args, kw, *o: seen.append(
+        (fn, kw["BLOCK_M"], kw["BLOCK_N"])) or real(fn, grid, args, kw, *o))
+    q, k, v, _ = make_qkv(1, 40, 40, 2, 1, 32, torch.float16, seed_for("fused-tile", fused), requires_grad=True)
+    dout = randn((1, 40, 2, 32), torch.float16, make_gen(seed_for("fused-tile-dout", fused)))
+    check_attention(q, k, v, causal=True, dout=dout, extra=f"fused={fused}")
+    want = (16, 16) if fused else (16, 32)
+    assert [(m, n) for fn, m, n in seen if fn is backward._bwd_dkdv_kernel] == [want], seen

@@ -445,10 +445,10 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
         and resid.stride() == out.stride()
     correct = mode in ("residual", "correct") and not has_resid
     qc = cfg.dq_correct if correct and cfg.dq_correct is not None else cfg.dq
-    kv = cfg.dkdv
     # the fused experiment (dQ accumulated by the dK/dV kernel in key-tile order): not with a left window bound
     # (a query tile's first key tile would not be tile 0) nor with the correcting dQ kernel (needs its key loop)
     fused = configs.getenv("TILEATTN_BWD_FUSED", "0") == "1" and p.window_left < 0 and not correct
+    kv = cfg.dkdv_fused if fused and cfg.dkdv_fused is not None else cfg.dkdv
     num_m_tiles = configs.cdiv(p.max_seqlen_q, qc.block_m)
     launch(_bwd_dq_kernel, (num_m_tiles * batch * q_heads,), (
         q, k, v, out, resid if has_resid else dummy, dout, lse, delta, dlse if dlse is not None else dummy, dq,
