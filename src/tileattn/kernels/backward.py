@@ -191,7 +191,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DK, DV, CU_Q, CU_K, ALIBI, RNG,
                              win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
                              dropout_p, dqk, dim_v, EVEN_DQK, EVEN_DV, BLOCK_M, HAS_LEFT,
                              HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, FP32, False,
-                                 dqa_ptrs, stride_dqas, sem_ptr, rank, FUSED_DQ)
+                             dqa_ptrs, stride_dqas, sem_ptr, rank, FUSED_DQ)
         if HAS_LEFT or not EVEN_M:
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse2, lse2 + stride_st, stride_qs, stride_dos,
                                  offs_m, cols, offs_dqk, offs_dv, mid, tail_hi, seqlen_q, seqlen_k, diag, win_left,
