@@ -47,17 +47,15 @@ def _probe_fwd(Q, K, V, O, LSE, seqlen, qk_scale, stride_s,
     if DEV_DESC:
         k_desc = _rows_desc(K, seqlen, stride_s, BLOCK_N, HEAD_DIM)
         v_desc = _rows_desc(V, seqlen, stride_s, BLOCK_N, HEAD_DIM)
-    else:
-        k_desc = K
-        v_desc = V
-    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
-    offs_d = tl.arange(0, HEAD_DIM)
-    if DEV_DESC:
         q_desc = _rows_desc(Q, seqlen, stride_s, BLOCK_M, HEAD_DIM)
         o_desc = _rows_desc(O, seqlen, stride_s, BLOCK_M, HEAD_DIM)
     else:
+        k_desc = K
+        v_desc = V
         q_desc = Q
         o_desc = O
+    offs_m = start_m * BLOCK_M + tl.arange(0, BLOCK_M)
+    offs_d = tl.arange(0, HEAD_DIM)
     if Q_DESC:
         q = q_desc.load([y0 + start_m * BLOCK_M, 0])
     else:
