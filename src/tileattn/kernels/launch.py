@@ -73,16 +73,15 @@ def launch(fn, grid, args, kwargs, num_warps: int, num_stages: int):
 
     ``fn`` a ``@triton.jit`` kernel; ``grid`` a tuple of ints; ``args`` the leading positional arguments;
     ``kwargs`` the rest by name (constexprs included). No other launch options."""
-    if not _ENABLED:
-        return fn[grid](*args, **kwargs, num_warps=num_warps, num_stages=num_stages)
-    st = _kernel_state(fn)
-    if st is None:
-        return fn[grid](*args, **kwargs, num_warps=num_warps, num_stages=num_stages)
-    names, defaults, cache = st
-    vals = list(args)
-    try:
-        vals.extend([kwargs[n] if n in kwargs else defaults[n] for n in names[len(args):]])
-    except KeyError:  # a missing argument: let Triton report it
+    st = _kernel_state(fn) if _ENABLED else None
+    vals = None
+    if st is not None:
+        names, defaults, cache = st
+        try:
+            vals = list(args) + [kwargs[n] if n in kwargs else defaults[n] for n in names[len(args):]]
+        except KeyError:  # a missing argument: Triton's path reports it
+            pass
+    if vals is None:  # interpreter, cache off, not a @triton.jit kernel, or an argument missing
         return fn[grid](*args, **kwargs, num_warps=num_warps, num_stages=num_stages)
     device = torch.cuda.current_device()  # Triton compiles for and launches on the current device, as here
     key = (device, num_warps, num_stages, triton.knobs.runtime.debug, tuple(map(type, vals)),
