@@ -19,8 +19,8 @@ from tileattn.kernels.backward import _bwd_dkdv_kernel, _bwd_dq_kernel
 from tileattn.kernels.forward import _fwd_kernel
 
 FLOATS = {"qk_scale", "sm_scale", "softcap", "dropout_p"}
-INT32_PTRS = {"CU_Q", "CU_K", "SEQLENS_K", "BATCH_IDX", "BLOCK_TABLE", "LEFTPAD", "SEM"}
-FP32_PTRS = {"LSE", "DELTA", "STATS", "DLSE", "DSINK_ROWS", "ALIBI", "SINK", "OUT_PART", "LSE_PART", "DQACC"}
+INT32_PTRS = {"CU_Q", "CU_K", "SEQLENS_K", "BATCH_IDX", "BLOCK_TABLE", "LEFTPAD"}
+FP32_PTRS = {"LSE", "DELTA", "STATS", "DLSE", "DSINK_ROWS", "ALIBI", "SINK", "OUT_PART", "LSE_PART"}
 
 
 def _ptxas_report(ptx: str, arch: int) -> str:
@@ -95,8 +95,7 @@ def launch_constexprs(block_d: int, **flags):
     c = {"BLOCK_DQK": block_d, "BLOCK_DV": block_d, "HAS_LEFT": False, "HAS_RIGHT": False, "HAS_SOFTCAP": False,
          "HAS_ALIBI": False, "HAS_SINK": False, "HAS_DROPOUT": False, "IS_VARLEN": False, "FP32": False,
          "HAS_DLSE": False, "EVEN_DQK": True, "EVEN_DV": True, "USE_TMA": False, "CORRECT": False,
-         "HAS_RESID": True, "STORE_RESID": True, "DELTA_CHUNK": min(32, block_d), "PAGED": False, "DQ_LOOP": True, "FUSED_DQ": False, "DQACC": None,
-         "SEM": None, **flags}
+         "HAS_RESID": True, "STORE_RESID": True, "DELTA_CHUNK": min(32, block_d), "PAGED": False, **flags}
     derived = {"EVEN_M": not c["IS_VARLEN"], "EVEN_N": not c["IS_VARLEN"] and not c["PAGED"],
                "MERGE_EDGES": configs.merge_edges(c["HAS_LEFT"], c["HAS_RIGHT"])}
     return {**derived, **c}

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost fused bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -45,14 +45,6 @@ for stage in "$@"; do
                   TILEATTN_SRC=bisect/old/src python3 benchmarks/host_profile.py --wall-only --calls 2000; fi
                 echo "== this tree, cProfile"; python3 benchmarks/host_profile.py --calls 500 --top 25
               } 2>&1 | tee "$OUT/hostcost.log" ;;
-    # the opt-in 5-matmul backward (TILEATTN_BWD_FUSED=1, session 8, not yet GPU-run): its tests under a timeout
-    # (a wrong wait order would hang), then backward TFLOP/s with it off and on, cuDNN beside
-    fused) { TILEATTN_BWD_FUSED=1 TILEATTN_BWD_FUSED_TESTS=1 timeout 300 python3 -m pytest tests/test_backward.py tests/test_features.py \
-               tests/test_varlen.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf 2>&1 | tail -8
-             for f in 0 1; do echo "== TILEATTN_BWD_FUSED=$f"
-               TILEATTN_BWD_FUSED=$f timeout 200 python3 -m tileattn.bench --head-dims 64,128,256 --modes bwd \
-                 --providers tileattn,sdpa_cudnn --seqlens 1024,4096,16384 --check --no-plot --out-dir "$OUT/fused$f" \
-                 2>&1 | grep -v "it/s\]" | grep -E "^ *[0-9]|FAIL|x cudnn|bwd "; done; } 2>&1 | tee "$OUT/fused.log" ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;

@@ -3,8 +3,6 @@
 Rule: max|d_ours - d_ref| <= 3 * max|d_pt - d_ref| + atol (see tests/_helpers.py).
 """
 
-import os
-
 import pytest
 import torch
 
@@ -227,78 +225,3 @@ def test_value_head_dim_differs(dims, causal):
     v = make_tensor((B, Sk, Hkv, Dv), torch.float16, gen, requires_grad=True)
     dout = make_tensor((B, Sq, Hq, Dv), torch.float16, gen)
     check_attention(q, k, v, causal=causal, dout=dout, extra=f"Dv={Dv}")
-
-
-FUSED_CASES = [  # (B, Sq, Sk, Hq, Hkv, D, window); causal is window (-1, 0)
-    (2, 130, 130, 2, 1, 32, (-1, -1)), (1, 64, 200, 4, 2, 40, (-1, 0)), (2, 200, 64, 2, 2, 64, (-1, 0)),
-    (1, 17, 130, 2, 1, 16, (-1, 7)), (1, 1, 1, 2, 2, 24, (-1, -1)),
-] if not LARGE else [
-    (2, 2048, 2048, 8, 8, 128, (-1, -1)), (2, 2048, 2048, 8, 2, 128, (-1, 0)), (1, 3000, 1000, 4, 4, 64, (-1, 0)),
-    (1, 1000, 3131, 4, 1, 256, (-1, -1)), (1, 4093, 4093, 4, 4, 96, (-1, 100)),
-]
-
-
-@pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TILEATTN_BWD_FUSED_TESTS") != "1",
-                    reason="the fused experiment's GPU tests run in scripts/gpu_run.sh's fused stage, under a timeout "
-                           "(a wrong wait order would hang the whole suite)")
-@pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "x".join(map(str, c[:6])) + f"-w{c[6][0]}_{c[6][1]}")
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
-def test_fused_dq_backward(monkeypatch, case, dtype):
-    """TILEATTN_BWD_FUSED=1 (experiment): the dK/dV kernel accumulates dQ in key-tile order (5 matmuls) and the dQ
-    kernel only writes lse/delta. It must be the path taken, follow the rule, and repeat bit for bit."""
-    from tileattn.kernels import backward
-    B, Sq, Sk, Hq, Hkv, D, window = case
-    monkeypatch.setenv("TILEATTN_BWD_FUSED", "1")
-    seen = []
-    real = backward.launch
-    monkeypatch.setattr(backward, "launch", lambda fn, grid, args, kw, *o: seen.append(
-        (fn, kw.get("DQ_LOOP"), kw.get("FUSED_DQ"))) or real(fn, grid, args, kw, *o))
-    q, k, v, _ = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("fused", case, dtype), requires_grad=True)
-    dout = randn((B, Sq, Hq, D), dtype, make_gen(seed_for("fused-dout", case, dtype)))
-    left, right = window
-    causal = (left, right) == (-1, 0)
-    if causal or (left, right) == (-1, -1):
-        check_attention(q, k, v, causal=causal, dout=dout, extra="fused dQ")
-    else:  # a right-bounded window: the reference through the same helper's pieces
-        from tileattn.reference import attention_ref
-        out = tileattn.attention(q, k, v, window_size=window)
-        grads = torch.autograd.grad(out, (q, k, v), dout)
-        leaves = [t.detach().double().requires_grad_() for t in (q, k, v)]
-        ref = attention_ref(*leaves, window_size=window)[0]
-        ref_grads = torch.autograd.grad(ref, leaves, dout.double())
-        low = [t.detach().requires_grad_() for t in (q, k, v)]
-        pt = attention_ref(*low, window_size=window, upcast=False)[0]
-        pt_grads = torch.autograd.grad(pt, low, dout)
-        from _helpers import BWD_MULT, _max_abs, atol_for, check_rule
-        scale = max(_max_abs(g) for g in ref_grads)
-        for name, g, gr, gp in zip(("dq", "dk", "dv"), grads, ref_grads, pt_grads):
-            check_rule(name, g, gr, gp, BWD_MULT, atol_for(dtype, gr, scale), f"fused dQ {case}")
-    assert (backward._bwd_dq_kernel, False, None) in seen and (backward._bwd_dkdv_kernel, None, True) in seen, seen
-    runs = [run_ours(q, k, v, causal=causal, dout=dout) for _ in range(2)] if left == -1 and right in (-1, 0) \
-        else []
-    for (o1, l1, g1), (o2, l2, g2) in zip(runs[:1], runs[1:]):
-        for name, a, b in zip(("dq", "dk", "dv"), g1, g2):
-            assert torch.equal(a, b), f"{name} differs between two identical fused backward runs"
-
-
-@pytest.mark.skipif(torch.cuda.is_available() and os.environ.get("TILEATTN_BWD_FUSED_TESTS") != "1",
-                    reason="see test_fused_dq_backward")
-@pytest.mark.parametrize("fused", [False, True])
-def test_fused_dkdv_tile(monkeypatch, fused):
-    """The fused experiment takes BackwardConfig.dkdv_fused for its dK/dV kernel (its extra dS.K tile needs other
-    tiles than the two-kernel backward's), and the plain backward keeps ``dkdv``; both follow the rule."""
-    from tileattn import configs
-    from tileattn.kernels import backward
-    cfg = configs.BackwardConfig(configs.KernelConfig(16, 32, 4, 1), configs.KernelConfig(32, 16, 4, 1),
-                                 dkdv_fused=configs.KernelConfig(16, 16, 4, 1))
-    monkeypatch.setattr(configs, "backward_config", lambda *a: cfg)
-    monkeypatch.setenv("TILEATTN_BWD_FUSED", "1" if fused else "0")
-    seen = []
-    real = backward.launch
-    monkeypatch.setattr(backward, "launch", lambda fn, grid, args, kw, *o: seen.append(
-        (fn, kw["BLOCK_M"], kw["BLOCK_N"])) or real(fn, grid, args, kw, *o))
-    q, k, v, _ = make_qkv(1, 40, 40, 2, 1, 32, torch.float16, seed_for("fused-tile", fused), requires_grad=True)
-    dout = randn((1, 40, 2, 32), torch.float16, make_gen(seed_for("fused-tile-dout", fused)))
-    check_attention(q, k, v, causal=True, dout=dout, extra=f"fused={fused}")
-    want = (16, 16) if fused else (16, 32)
-    assert [(m, n) for fn, m, n in seen if fn is backward._bwd_dkdv_kernel] == [want], seen

@@ -32,9 +32,6 @@ class BackwardConfig:
     # the dQ tile when the dQ kernel corrects delta itself (no stored residual: TILEATTN_DELTA=correct, the shim's
     # private backward); its second fp32 accumulator needs smaller tiles at D=256. None: ``dq``.
     dq_correct: Optional[KernelConfig] = None
-    # the dK/dV tile of the fused backward experiment (TILEATTN_BWD_FUSED=1: the kernel also holds a dS.K tile);
-    # None: ``dkdv``.
-    dkdv_fused: Optional[KernelConfig] = None
 
 
 _ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
@@ -242,8 +239,8 @@ _SM90_FWD = {
 _SM90_BWD = {  # dkdv: block_m streamed, block_n resident; dq: block_m resident, block_n streamed
     **{(d, False): BackwardConfig(_cfg(32, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
     **{(d, True): BackwardConfig(_cfg(32, 64, 4, 3), _cfg(128, 64, 8, 3)) for d in (16, 32, 64)},
-    (128, False): BackwardConfig(_cfg(64, 128, 8, 3), _cfg(128, 64, 8, 3), dkdv_fused=_cfg(64, 64, 8, 3)),
-    (128, True): BackwardConfig(_cfg(32, 64, 4, 2), _cfg(128, 64, 8, 3), dkdv_fused=_cfg(32, 64, 8, 3)),
+    (128, False): BackwardConfig(_cfg(64, 128, 8, 3), _cfg(128, 64, 8, 3)),
+    (128, True): BackwardConfig(_cfg(32, 64, 4, 2), _cfg(128, 64, 8, 3)),
     (256, False): BackwardConfig(_cfg(32, 64, 8, 3), _cfg(128, 32, 8, 3), dq_correct=_cfg(64, 64, 8, 2)),
     (256, True): BackwardConfig(_cfg(32, 64, 8, 2), _cfg(128, 32, 8, 3), dq_correct=_cfg(64, 64, 8, 2)),
 }
@@ -260,8 +257,6 @@ _SM90_BWD = {  # dkdv: block_m streamed, block_n resident; dq: block_m resident,
 # 154/173 (3 stages causal: 140/166, slower; ptxas: 2 stages causal spills 184 B). Then dQ 128x32x8w with 3 stages
 # (224 KB of shared memory, no spills) instead of 2: run 37, backward 202.8/212.8 -> 220.2/232.3 non-causal,
 # 162.6/192.9 -> 175.9/206.6 causal at 2k/8k; 64x64x8w x2: 173.7/177.8, 145.2/168.7.
-# Fused backward (experiment, not yet timed): with the extra dS.K tile the D=128 dK/dV tiles above spill (ptxas,
-# sm_90a: 180 B non-causal, 608 B causal); 64x64x8w x3 and 32x64x8w x3 are the spill-free ones found (session 8).
 # Portable tables (sm80 and the ~100 KB shared-memory parts): smaller tiles, fewer stages.
 _GENERIC_FWD = {
     **{(d, c): _cfg(128, 64, 4, 3) for d in (16, 32, 64) for c in (False, True)},
@@ -336,9 +331,8 @@ def _backward_config(device_index: int, dtype: torch.dtype, block_d: int, causal
     elem = 4 if dtype == torch.float32 else 2
     cfg = _table_bwd(arch[0], block_d, causal) if elem == 2 else _FP32_BWD[(block_d, causal)]
     dq_correct = _fit(cfg.dq_correct, block_d, elem, arch, "mm") if cfg.dq_correct else None
-    fused = _fit(cfg.dkdv_fused, block_d, elem, arch, "n") if cfg.dkdv_fused else None
     return BackwardConfig(_fit(cfg.dkdv, block_d, elem, arch, "n"), _fit(cfg.dq, block_d, elem, arch, "mm"),
-                          dq_correct, fused)
+                          dq_correct)
 
 
 @dataclass(frozen=True)

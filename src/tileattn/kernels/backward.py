@@ -20,8 +20,8 @@ import triton.language as tl
 
 from .. import autotune, configs
 from .._hostinfo import leaves_rows
-from .common import (LOG2E, cta_barrier, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, q_tile_range,
-                     scores, seq_bounds, store_tile, visible, wait_turn)
+from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, q_tile_range, scores,
+                     seq_bounds, store_tile, visible)
 from .launch import launch
 
 
@@ -63,18 +63,12 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE2, DELTA, stride_qs, stride_do
                 EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr, BLOCK_M: tl.constexpr,
                 HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                 HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, MASKED: tl.constexpr, FP32: tl.constexpr,
-                CHECK_ROWS: tl.constexpr, dqa_ptrs=None, stride_dqas=0, sem_ptr=None, rank=0,
-                FUSED_DQ: tl.constexpr = False):
+                CHECK_ROWS: tl.constexpr):
     """Accumulate dK, dV of one key tile over query tiles [lo, hi) of one query head (transposed form).
 
     CHECK_ROWS: some tile may reach past the sequence's last row (its q/dO rows load as 0 and its lse as +inf);
     False for tiles that end inside the sequence, whose loads then need no row predicates (varlen's row bounds
-    are runtime values, so each predicate would be per element).
-
-    FUSED_DQ (experiment, ``TILEATTN_BWD_FUSED=1``): also dS·K of this key tile, added to the fp32 dQ accumulator
-    of each query tile (dqa_ptrs: the head's first row) in key-tile order: the program waits until the tile's counter
-    (sem_ptr[tile]) equals its rank (the key tiles before it that visit the tile), adds, then bumps the counter.
-    Fixed order, so bit-reproducible, with 5 matmuls in all instead of the two kernels' 7."""
+    are runtime values, so each predicate would be per element)."""
     # Masked tiles stay software-pipelined here (unlike the forward): unpipelining them cost the backward ~20% with
     # a sliding window and ~1.5% at causal 1k (H200, runs 4 vs 5 in benchmarks/NOTES.md).
     for start_m in tl.range(lo, hi, BLOCK_M):
@@ -99,15 +93,6 @@ def _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, LSE2, DELTA, stride_qs, stride_do
         if HAS_SOFTCAP:
             ds_t = ds_t * (1.0 - t_t * t_t)
         dk = mma(ds_t.to(q.dtype), q, dk, FP32)
-        if FUSED_DQ:
-            dq_part = mma(tl.trans(ds_t.to(k.dtype)), k, None, FP32)  # [BLOCK_M, BLOCK_DQK]
-            counter = sem_ptr + start_m // BLOCK_M
-            wait_turn(counter, rank)
-            acc_ptrs = dqa_ptrs + rows[:, None] * stride_dqas + offs_dqk[None, :]
-            ok = (rows[:, None] < seqlen_q) & (offs_dqk[None, :] < dqk)
-            tl.store(acc_ptrs, tl.load(acc_ptrs, mask=ok, other=0.0) + dq_part, mask=ok)
-            cta_barrier()  # every thread's part stored before the counter moves on
-            tl.atomic_add(counter, 1, sem="release")
     return dk, dv
 
 
@@ -127,9 +112,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DK, DV, CU_Q, CU_K, ALIBI, RNG,
                      BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr,
                      HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                      HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
-                     FP32: tl.constexpr, EVEN_M: tl.constexpr,
-                     DQACC=None, SEM=None, stride_dqab=0, stride_dqas=0, stride_dqah=0, num_m_tiles=0,
-                     FUSED_DQ: tl.constexpr = False):
+                     FP32: tl.constexpr, EVEN_M: tl.constexpr):
     pid = tl.program_id(0)
     bhk = pid // num_n_tiles
     start_n = (pid % num_n_tiles) * BLOCK_N  # causal: low key tiles have the most work and run first
@@ -173,32 +156,23 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DK, DV, CU_Q, CU_K, ALIBI, RNG,
         lse2 = STATS + h.to(tl.int64) * stride_sh + srow0  # this head's rows: lse (log2 units), then delta
         slope, seed, rng_offset, row_base = feature_scalars(ALIBI, RNG, b, h, b * q_heads + h, stride_ab,
                                                             max_seqlen_q, HAS_ALIBI, HAS_DROPOUT)
-        dqa_ptrs = DQACC
-        sem_ptr = SEM
-        if FUSED_DQ:  # this head's fp32 dQ rows and per-query-tile counters; rank: key tiles before this one
-            dqa_ptrs = DQACC + b * stride_dqab + q_start.to(tl.int64) * stride_dqas + h * stride_dqah
-            sem_ptr = SEM + (b * q_heads + h) * num_m_tiles
-        rank = start_n // BLOCK_N
         if HAS_RIGHT:
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse2, lse2 + stride_st, stride_qs, stride_dos,
                                  offs_m, cols, offs_dqk, offs_dv, lo, full_lo, seqlen_q, seqlen_k, diag, win_left,
                                  win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
                                  dropout_p, dqk, dim_v, EVEN_DQK, EVEN_DV, BLOCK_M, HAS_LEFT,
-                                 HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32, not EVEN_M,
-                                 dqa_ptrs, stride_dqas, sem_ptr, rank, FUSED_DQ)
+                                 HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, True, FP32, not EVEN_M)
         dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse2, lse2 + stride_st, stride_qs, stride_dos,
                              offs_m, cols, offs_dqk, offs_dv, full_lo, mid, seqlen_q, seqlen_k, diag, win_left,
                              win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
                              dropout_p, dqk, dim_v, EVEN_DQK, EVEN_DV, BLOCK_M, HAS_LEFT,
-                             HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, FP32, False,
-                             dqa_ptrs, stride_dqas, sem_ptr, rank, FUSED_DQ)
+                             HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, False, FP32, False)
         if HAS_LEFT or not EVEN_M:
             dk, dv = _dkdv_tiles(dk, dv, k, v, q_ptrs, do_ptrs, lse2, lse2 + stride_st, stride_qs, stride_dos,
                                  offs_m, cols, offs_dqk, offs_dv, mid, tail_hi, seqlen_q, seqlen_k, diag, win_left,
                                  win_right, qk_scale, softcap, slope, seed, rng_offset, row_base, max_seqlen_k,
                                  dropout_p, dqk, dim_v, EVEN_DQK, EVEN_DV, BLOCK_M, HAS_LEFT,
-                                 HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HAS_LEFT, FP32, not EVEN_M,
-                                 dqa_ptrs, stride_dqas, sem_ptr, rank, FUSED_DQ)
+                                 HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, HAS_DROPOUT, HAS_LEFT, FP32, not EVEN_M)
 
     dk = dk * sm_scale
     store_tile(DK + b * stride_dkb + hk * stride_dkh + k_rows * stride_dks + offs_dqk[None, :],
@@ -259,7 +233,7 @@ def _bwd_dq_kernel(Q, K, V, O, RESID, DO, LSE, DELTA, DLSE, DQ, STATS, CU_Q, CU_
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
                    FP32: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_RESID: tl.constexpr, CORRECT: tl.constexpr,
-                   DELTA_CHUNK: tl.constexpr, DQ_LOOP: tl.constexpr = True):
+                   DELTA_CHUNK: tl.constexpr):
     """dQ of one query tile; launched before the dK/dV kernel, for which it writes lse and delta (STATS).
 
     delta d~ = rowsum(dO * O) - dlse is computed here in the prologue, from O and dO (no separate
@@ -271,8 +245,7 @@ def _bwd_dq_kernel(Q, K, V, O, RESID, DO, LSE, DELTA, DLSE, DQ, STATS, CU_Q, CU_
     so it matches sum_j P dP to ~2^-9 of the non-maximal probability mass: as accurate as CORRECT on #200.
     CORRECT (no residual): the exact delta is d = sum_j P dP - dlse, so with e = d - d~ the exact dQ is
     sum_j P (dP - d~) K - e * sum_j P K: the kernel accumulates the second sum too (one more matmul), applies
-    the correction, and writes d to DELTA. With neither (fp32, or the rounded benchmarking mode) it writes d~.
-    DQ_LOOP False (the fused experiment, where the dK/dV kernel accumulates dQ): only lse and delta (not CORRECT)."""
+    the correction, and writes d to DELTA. With neither (fp32, or the rounded benchmarking mode) it writes d~."""
     pid = tl.program_id(0)
     bh = pid // num_m_tiles
     tile = pid % num_m_tiles
@@ -325,10 +298,6 @@ def _bwd_dq_kernel(Q, K, V, O, RESID, DO, LSE, DELTA, DLSE, DQ, STATS, CU_Q, CU_
 
     lo, full_lo, full_hi, hi = kv_tile_range(start_m, seqlen_k, diag, win_left, win_right, BLOCK_M, BLOCK_N,
                                              HAS_LEFT, HAS_RIGHT)
-    if not DQ_LOOP:
-        lo = hi  # no key tiles: the loops below run zero times
-        full_lo = hi
-        full_hi = hi
     if HAS_LEFT:
         dq, pk, dsum = _dq_tiles(dq, pk, dsum, q, do, lse, delta, k_ptrs, v_ptrs, stride_ks, stride_vs, rows,
                                  offs_n, offs_dqk, offs_dv, lo, full_lo, seqlen_k, diag, win_left, win_right,
@@ -355,10 +324,9 @@ def _bwd_dq_kernel(Q, K, V, O, RESID, DO, LSE, DELTA, DLSE, DQ, STATS, CU_Q, CU_
     srows = STATS + h.to(tl.int64) * stride_sh + _stats_row0(b, q_start, max_seqlen_q, IS_VARLEN) + rows
     tl.store(srows, lse, mask=rows < seqlen_q)
     tl.store(srows + stride_st, delta, mask=rows < seqlen_q)
-    if DQ_LOOP:
-        dq = dq * sm_scale
-        store_tile(DQ + b * stride_dqb + h * stride_dqh + q_rows * stride_dqs + offs_dqk[None, :],
-                   dq.to(DQ.dtype.element_ty), rows, seqlen_q, offs_dqk, dqk, EVEN_DQK)
+    dq = dq * sm_scale
+    store_tile(DQ + b * stride_dqb + h * stride_dqh + q_rows * stride_dqs + offs_dqk[None, :],
+               dq.to(DQ.dtype.element_ty), rows, seqlen_q, offs_dqk, dqk, EVEN_DQK)
 
 
 def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None, resid=None):
@@ -445,10 +413,6 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
         and resid.stride() == out.stride()
     correct = mode in ("residual", "correct") and not has_resid
     qc = cfg.dq_correct if correct and cfg.dq_correct is not None else cfg.dq
-    # the fused experiment (dQ accumulated by the dK/dV kernel in key-tile order): not with a left window bound
-    # (a query tile's first key tile would not be tile 0) nor with the correcting dQ kernel (needs its key loop)
-    fused = configs.getenv("TILEATTN_BWD_FUSED", "0") == "1" and p.window_left < 0 and not correct
-    kv = cfg.dkdv_fused if fused and cfg.dkdv_fused is not None else cfg.dkdv
     num_m_tiles = configs.cdiv(p.max_seqlen_q, qc.block_m)
     launch(_bwd_dq_kernel, (num_m_tiles * batch * q_heads,), (
         q, k, v, out, resid if has_resid else dummy, dout, lse, delta, dlse if dlse is not None else dummy, dq,
@@ -462,18 +426,11 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
         dqk, dim_v), dict(
         BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
         EVEN_DV=block_dv == dim_v, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, **flags,
-        HAS_DLSE=dlse is not None, HAS_RESID=has_resid, CORRECT=correct, DELTA_CHUNK=min(32, block_dv),
-        DQ_LOOP=not fused),
+        HAS_DLSE=dlse is not None, HAS_RESID=has_resid, CORRECT=correct, DELTA_CHUNK=min(32, block_dv)),
         qc.num_warps, qc.num_stages)
 
+    kv = cfg.dkdv
     num_n_tiles = configs.cdiv(p.max_seqlen_k, kv.block_n)
-    fused_args = {}
-    if fused:  # fp32 dQ accumulator shaped like q, and one counter per (batch, q head, dK/dV query tile)
-        dqacc = torch.zeros(q.shape, dtype=torch.float32, device=q.device)
-        kv_m_tiles = configs.cdiv(p.max_seqlen_q, kv.block_m)
-        sem = torch.zeros((batch * q_heads * kv_m_tiles,), dtype=torch.int32, device=q.device)
-        fused_args = dict(DQACC=dqacc, SEM=sem, stride_dqab=sb(dqacc), stride_dqas=dqacc.stride(1),
-                          stride_dqah=dqacc.stride(2), num_m_tiles=kv_m_tiles, FUSED_DQ=True)
     launch(_bwd_dkdv_kernel, (num_n_tiles * batch * kv_heads,), (
         q, k, v, dout, stats, dk, dv, cu_q, cu_k, alibi, rng,
         sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2),
@@ -485,8 +442,6 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
         dqk, dim_v), dict(
         BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
         EVEN_DV=block_dv == dim_v, BLOCK_M=kv.block_m, BLOCK_N=kv.block_n, **flags,
-        EVEN_M=not p.varlen and p.max_seqlen_q % kv.block_m == 0, **fused_args),
+        EVEN_M=not p.varlen and p.max_seqlen_q % kv.block_m == 0),
         kv.num_warps, kv.num_stages)
-    if fused:
-        dq.copy_(dqacc * p.softmax_scale)
     return delta

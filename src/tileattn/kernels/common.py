@@ -40,8 +40,6 @@ def _fast_tanh_ok() -> bool:
 
 
 FAST_TANH = tl.constexpr(_fast_tanh_ok())  # read once, at import (@triton.jit binds compiled kernels then too)
-# Inline-PTX synchronisation (wait_turn, cta_barrier) in compiled kernels; the interpreter has atomics and no PTX.
-SPIN_PTX = tl.constexpr(not triton.knobs.runtime.interpret)
 
 
 @triton.jit
@@ -205,30 +203,3 @@ def q_tile_range(start_n, seqlen_q, diag, win_left, win_right, BLOCK_M: tl.const
     full_lo = tl.minimum(full_lo, hi_tiles)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi_tiles)
     return lo, full_lo, full_hi, hi
-
-
-@triton.jit
-def wait_turn(counter, rank):
-    """Spin until *counter >= rank (acquire): the key tiles before this one have added their dQ parts. Compiled:
-    one PTX loop (inline asm), so the key loop around it stays a plain loop that Triton's pipeliner keeps (with an
-    scf.while inside it, as with tl.debug_barrier, the pipeliner dropped every cp.async of the fused dK/dV loop:
-    sm_90a TTGIR, session 8); the interpreter, which cannot run PTX, polls with atomics (its programs run one
-    after another, in order, so the wait is always already over)."""
-    if SPIN_PTX:
-        tl.inline_asm_elementwise(
-            "{ .reg .pred %p; .reg .s32 %v; spin: ld.acquire.gpu.global.s32 %v, [$1]; setp.lt.s32 %p, %v, $2; "
-            "@%p bra spin; mov.s32 $0, %v; }",
-            "=r,l,r", [counter.to(tl.int64, bitcast=True), rank], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        while tl.atomic_add(counter, 0, sem="acquire") < rank:
-            pass
-
-
-@triton.jit
-def cta_barrier():
-    """bar.sync over the program's threads. Compiled: as inline PTX, because Triton 3.6's pipeliner gives up on a
-    loop that contains tl.debug_barrier (the fused dK/dV loop lost every cp.async: benchmarks/NOTES.md)."""
-    if SPIN_PTX:
-        tl.inline_asm_elementwise("bar.sync 0; mov.u32 $0, 0;", "=r", [], dtype=tl.int32, is_pure=False, pack=1)
-    else:
-        tl.debug_barrier()
