@@ -185,6 +185,32 @@ def test_grad_through_lse(dtype, causal):
     check_attention(q, k, v, causal=causal, dout=dout, dlse=dlse, extra="grad through lse")
 
 
+@pytest.mark.parametrize("through", ["out", "lse"])
+def test_unused_output_gradient_stays_none(monkeypatch, through):
+    """A backward through out alone passes no dlse to the kernels (no zero-filled (B, H, S) buffer: HAS_DLSE off;
+    the accuracy of that path is what every other backward test checks). One through lse alone gets dout = zeros:
+    bit-equal to passing explicit zero dout with the same dlse (whose accuracy test_grad_through_lse checks)."""
+    from tileattn.kernels import backward as bwd_mod
+    B, Sq, Sk, Hq, Hkv, D = MISC_SHAPE
+    q, k, v, dout = _qkv_dout(MISC_SHAPE, torch.float16, seed_for("unused-grad", through))
+    dlse = torch.randn((B, Hq, Sq), generator=make_gen(seed_for("unused-dlse"))).to(q.device)
+    seen = []
+    real = bwd_mod.launch
+    monkeypatch.setattr(bwd_mod, "launch", lambda fn, grid, args, kw, *o: (
+        seen.append(kw["HAS_DLSE"]) if "HAS_DLSE" in kw else None) or real(fn, grid, args, kw, *o))
+    out, lse = tileattn.attention(q, k, v, causal=True, return_lse=True)
+    if through == "out":
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+    else:
+        grads = torch.autograd.grad(lse, (q, k, v), dlse)
+    assert seen == [through == "lse"]
+    if through == "lse":
+        out, lse = tileattn.attention(q, k, v, causal=True, return_lse=True)
+        want = torch.autograd.grad((out, lse), (q, k, v), (torch.zeros_like(out), dlse))
+        for name, g, w in zip(("dq", "dk", "dv"), grads, want):
+            assert torch.equal(g, w), name
+
+
 @pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16, torch.float32], ids=dtype_id)
 def test_large_logits(dtype):
     q, k, v, dout = _qkv_dout(MISC_SHAPE, dtype, seed_for("bwd-logits", dtype), scale=6.0)

@@ -239,6 +239,9 @@ def _bwd(*args):
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
     def forward(ctx, a, b, c, sink, pack, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, dropout_p, rng):
+        # a gradient that never reaches out or lse stays None: no zero-filled (B, H, S) dlse (a fill launch and
+        # the dQ kernel's HAS_DLSE variant) on every backward of a caller that uses out alone
+        ctx.set_materialize_grads(False)
         q, k, v = unpack_qkv(a, b, c, pack)
         # resid: out's rounding residual for an exact delta in the backward (empty when not kept: ops.fwd_impl)
         out, lse, resid = _fwd(q, k, v, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, sink, dropout_p,
