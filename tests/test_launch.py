@@ -141,6 +141,78 @@ def test_launch_cache_matches_uncached_path(monkeypatch):
                 assert torch.equal(a, b), f"case {key}: cached and uncached launches differ"
 
 
+def test_direct_launch_matches_triton_wrapper(monkeypatch):
+    """Cache hits call the C launcher directly (``_direct``): the arguments it receives equal those Triton's own
+    descriptor wrapper (``wrap_handle_tensordesc``, the real one) passes, descriptors expanded; an equal descriptor
+    is encoded once, one with another base address or stride is encoded anew."""
+    from triton.backends.nvidia import driver as nv_driver
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    encodes = []
+
+    def fake_encode(desc, meta):  # stands in for fill_tma_descriptor (needs a GPU): a record of the inputs
+        encodes.append(desc)
+        return [("map", desc.base.data_ptr(), tuple(desc.strides), meta["swizzle"]), *desc.shape, *desc.strides]
+    monkeypatch.setattr(nv_driver, "make_tensordesc_arg", fake_encode)
+    received = []
+    signature = {"T": "*fp32", "D": "tensordesc<fp32[1,8]>", "n": "i32", "E": "tensordesc<fp32[1,8]>", "F": "constexpr"}
+    metas = [dict(swizzle=1, elem_size=4), dict(swizzle=2, elem_size=4)]
+    wrapped = nv_driver.wrap_handle_tensordesc(lambda *a: received.append(a), signature, metas)
+
+    class Run:
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid, launch_pdl = False, True
+        launch = staticmethod(wrapped)
+
+        def __call__(self, gx, gy, gz, stream, function, *args):  # CudaLauncher.__call__ without scratch
+            self.launch(gx, gy, gz, stream, function, False, True, None, None, *args)
+
+    class Compiled:
+        function, packed_metadata = "function", "packed"
+        run = Run()
+
+    class Kernel:
+        def __init__(self):
+            def kernel(T, D, n, E, F=3):
+                pass
+            self.signature = inspect.signature(kernel)
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: Compiled()
+    monkeypatch.setattr(launch_mod, "_ENABLED", True)
+    monkeypatch.setattr(launch_mod, "_DIRECT", True)
+    monkeypatch.setattr(launch_mod, "_encoded", {})
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    monkeypatch.setattr(launch_mod, "_raw_stream", lambda device: 77)
+    fn, t = Kernel(), torch.zeros(4)
+    a, b = torch.zeros(4, 8), torch.zeros(4, 8)
+    descs = lambda x, y: (TensorDescriptor.from_tensor(x, [1, 8]), TensorDescriptor.from_tensor(y, [1, 8]))  # noqa
+
+    def call(x, y):
+        d, e = descs(x, y)
+        return launch_mod.launch(fn, (5,), (t, d, 9, e), {}, 4, 2)
+    call(a, b)  # miss: compiles (the stand-in), nothing launched
+    assert not received
+    call(a, b)
+    call(a, b)
+    assert len(received) == 2 and len(encodes) == 2  # two descriptors, encoded once
+    c = torch.zeros(4, 12)[:, :8]
+    call(b, c)  # new geometry (c's row stride is 12): a miss, then a hit
+    call(b, c)  # b with the other descriptor's metadata, c another base and stride: both encoded anew
+    assert len(received) == 3 and len(encodes) == 4
+    direct = received[-1]
+    received.clear()
+    monkeypatch.setattr(launch_mod, "_DIRECT", False)
+    monkeypatch.setattr(launch_mod, "_state", {})
+    call(b, c)
+    call(b, c)  # through Compiled.run and Triton's wrapper
+    assert len(received) == 1 and len(encodes) == 6
+    via_triton = received[0]
+    assert len(direct) == len(via_triton) == 13 + 1 + 5 + 1 + 5 + 1  # T, D (map, 2 sizes, 2 strides), n, E, F
+    for x, y in zip(direct, via_triton):
+        assert x is y or x == y, (x, y)
+    assert direct[:13] == (5, 1, 1, 77, "function", False, True, None, None, "packed", None, None, None)
+
+
 def test_launch_plain_path_for_non_kernels(monkeypatch):
     """An object with ``fn[grid]`` but no signature (a test's spy around a kernel) is launched as is."""
     monkeypatch.setattr(launch_mod, "_ENABLED", True)

@@ -15,12 +15,15 @@ shapes) take Triton's normal path, which compiles if needed and returns the kern
 Off under the interpreter (its kernels are not compiled) and with ``TILEATTN_FAST_LAUNCH=0`` (read at import).
 """
 
+import operator
 import os
 
 import torch
 import triton
 
 _ENABLED = not triton.knobs.runtime.interpret and os.environ.get("TILEATTN_FAST_LAUNCH", "1") != "0"
+# TILEATTN_DIRECT_LAUNCH=0: cache hits still go through the compiled kernel's own ``run`` (see ``_direct``)
+_DIRECT = os.environ.get("TILEATTN_DIRECT_LAUNCH", "1") != "0"
 _MAX_ENTRIES = 4096  # per kernel; keys hold exact sizes, so a stream of new shapes must not grow it forever
 
 try:
@@ -33,7 +36,7 @@ _TENSOR = torch.Tensor
 _PLAIN = frozenset((int, float, bool, str, type(None)))  # keyed by value (with the types tuple beside)
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", lambda d: torch.cuda.current_stream(d).cuda_stream)
 _DESC = TensorDescriptor
-_state = {}  # JITFunction -> (param names, defaults by name, {key: compiled kernel})
+_state = {}  # JITFunction -> (param names, defaults by name, {key: (compiled kernel, direct)}, {types: layout})
 stats = {"hits": 0, "misses": 0}  # for tests and benchmarks/host_profile.py
 
 
@@ -54,8 +57,9 @@ def _idle(hook) -> bool:
 
 
 def _kernel_state(fn):
-    """(param names, defaults, cache) of a kernel, or None for an object that only quacks like one (``fn[grid]``
-    with no signature, e.g. a test's spy): those take the plain path."""
+    """(param names, defaults, {key: (compiled kernel, direct launcher)}, {argument types: layout}) of a kernel, or
+    None for an object that only quacks like one (``fn[grid]`` with no signature, e.g. a test's spy): those take the
+    plain path."""
     st = _state.get(fn)
     if st is None:
         import inspect
@@ -64,8 +68,75 @@ def _kernel_state(fn):
             return None
         params = sig.parameters
         defaults = {n: p.default for n, p in params.items() if p.default is not inspect.Parameter.empty}
-        st = _state[fn] = (tuple(params), defaults, {})
+        st = _state[fn] = (tuple(params), defaults, {}, {})
     return st
+
+
+def _layout(types):
+    """Where the plain values, the tensors and the other arguments sit in an argument list of these types:
+    (getter of the plain values as a tuple, tensor positions, other positions). Computed once per type pattern, so
+    that a key is built by C-level item getters instead of a Python test per argument."""
+    plain = [i for i, t in enumerate(types) if t in _PLAIN]
+    tensors = tuple(i for i, t in enumerate(types) if issubclass(t, _TENSOR))
+    other = tuple(i for i, t in enumerate(types) if t not in _PLAIN and not issubclass(t, _TENSOR))
+    if len(plain) >= 2:
+        getter = operator.itemgetter(*plain)
+    elif plain:
+        getter = lambda vals, i=plain[0]: (vals[i],)  # noqa: E731
+    else:
+        getter = lambda vals: ()  # noqa: E731
+    return getter, tensors, other
+
+
+def _direct(kernel):
+    """(C launcher, descriptor positions, cooperative flag, PDL flag) to launch ``kernel`` without Triton's Python
+    wrappers, or None where its launcher is not the Triton 3.6 CUDA one this was written against (then
+    ``kernel.run`` is called as usual).
+
+    The wrapper this skips expands each host ``TensorDescriptor`` argument into an encoded CUtensorMap plus its
+    shape and strides (``make_tensordesc_arg``), re-encoding it on every launch; here the expansion is cached by
+    everything the encoding reads (base address, shape, strides, dtype and the kernel's block/swizzle metadata),
+    so an equal descriptor gets the same bytes without the encode."""
+    try:
+        run = kernel.run
+        if run.global_scratch_size or run.profile_scratch_size:
+            return None
+        wrapped, coop, pdl = run.launch, run.launch_cooperative_grid, run.launch_pdl
+    except AttributeError:
+        return None
+    code = getattr(wrapped, "__code__", None)
+    if code is None:  # the C launcher itself: no descriptor arguments
+        return wrapped, (), coop, pdl
+    cells = dict(zip(code.co_freevars, (c.cell_contents for c in wrapped.__closure__ or ())))
+    raw, positions, metas = cells.get("launcher"), cells.get("tensordesc_indices"), cells.get("tensordesc_meta")
+    if wrapped.__name__ != "inner" or raw is None or positions is None or not metas or None in metas:
+        return None
+    descs = tuple((i, m, tuple(sorted(m.items()))) for i, m in zip(sorted(positions), metas))
+    return raw, descs, coop, pdl
+
+
+_encoded = {}  # descriptor key -> [CUtensorMap, *shape, *strides]
+_MAX_ENCODED = 1024
+
+
+def _expand(vals, descs):
+    """``vals`` with each descriptor replaced by its launcher arguments (see ``_direct``)."""
+    from triton.backends.nvidia.driver import make_tensordesc_arg
+    out, prev = [], 0
+    for i, meta, meta_key in descs:
+        d = vals[i]
+        b = d.base
+        key = (b.data_ptr(), b.dtype, tuple(d.shape), tuple(d.strides), tuple(d.block_shape), d.padding, meta_key)
+        enc = _encoded.get(key)
+        if enc is None:
+            if len(_encoded) >= _MAX_ENCODED:
+                _encoded.clear()
+            enc = _encoded[key] = make_tensordesc_arg(d, meta)
+        out += vals[prev:i]
+        out += enc
+        prev = i + 1
+    out += vals[prev:]
+    return out
 
 
 def launch(fn, grid, args, kwargs, num_warps: int, num_stages: int):
@@ -76,7 +147,7 @@ def launch(fn, grid, args, kwargs, num_warps: int, num_stages: int):
     st = _kernel_state(fn) if _ENABLED else None
     vals = None
     if st is not None:
-        names, defaults, cache = st
+        names, defaults, cache, layouts = st
         try:
             vals = list(args) + [kwargs[n] if n in kwargs else defaults[n] for n in names[len(args):]]
         except KeyError:  # a missing argument: Triton's path reports it
@@ -84,24 +155,36 @@ def launch(fn, grid, args, kwargs, num_warps: int, num_stages: int):
     if vals is None:  # interpreter, cache off, not a @triton.jit kernel, or an argument missing
         return fn[grid](*args, **kwargs, num_warps=num_warps, num_stages=num_stages)
     device = torch.cuda.current_device()  # Triton compiles for and launches on the current device, as here
-    key = (device, num_warps, num_stages, triton.knobs.runtime.debug, tuple(map(type, vals)),
-           tuple([v if v.__class__ in _PLAIN else _spec(v) for v in vals]))
-    kernel = cache.get(key)
-    if kernel is None:
+    types = tuple(map(type, vals))
+    layout = layouts.get(types)
+    if layout is None:
+        layout = layouts[types] = _layout(types)
+    plain, tensors, other = layout
+    key = (device, num_warps, num_stages, triton.knobs.runtime.debug, types, plain(vals),
+           tuple([(vals[i].dtype, not vals[i].data_ptr() & 15) for i in tensors]),
+           tuple([_spec(vals[i]) for i in other]))
+    entry = cache.get(key)
+    if entry is None:
         stats["misses"] += 1
         kernel = fn[grid](*args, **kwargs, num_warps=num_warps, num_stages=num_stages)
         if hasattr(kernel, "result"):  # asynchronous compilation mode: a future
             kernel = kernel.result()
         if len(cache) >= _MAX_ENTRIES:
             cache.clear()
-        cache[key] = kernel
+        cache[key] = (kernel, _direct(kernel) if _DIRECT else None)
         return kernel
     stats["hits"] += 1
+    kernel, direct = entry
     stream = _raw_stream(device)
     g1 = grid[1] if len(grid) > 1 else 1
     g2 = grid[2] if len(grid) > 2 else 1
     enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
     if _idle(enter) and _idle(leave):  # no profiler hooked in: skip building the launch metadata
+        if direct is not None:
+            raw, descs, coop, pdl = direct
+            raw(grid[0], g1, g2, stream, kernel.function, coop, pdl, None, None, kernel.packed_metadata, None, None,
+                None, *(_expand(vals, descs) if descs else vals))
+            return kernel
         meta = enter = leave = None
     else:
         meta = kernel.launch_metadata(grid, stream, *vals)
