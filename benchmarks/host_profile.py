@@ -87,32 +87,40 @@ def main():
 
 def wall_only(cases, calls):
     """Host time per call, robust to a noisy host: 20 rounds, each timing every case for calls // 20 calls, with
-    tileattn's launch cache (kernels/launch.py) on and off in turn inside the same process; min and median of the
-    rounds."""
+    tileattn's launch cache (kernels/launch.py) on with its direct launch, on without it, and off, in turn inside
+    the same process; min and median of the rounds."""
     try:
         from tileattn.kernels import launch
     except ImportError:  # an older tree (TILEATTN_SRC) without the launch cache
         import types
         launch = types.SimpleNamespace(_ENABLED=False)
-    enabled = launch._ENABLED
-    variants = [(name + (" [launch cache off]" if not on else ""), fn, on) for name, fn in cases
-                for on in ((True, False) if enabled and not name.startswith("sdpa") else (enabled,))]
+    enabled, direct = launch._ENABLED, getattr(launch, "_DIRECT", None)
+    modes = [("", (True, True)), (" [direct launch off]", (True, False)), (" [launch cache off]", (False, False))]
+    if direct is None:  # a tree without the direct launch
+        modes = [("", (True, None)), (" [launch cache off]", (False, None))]
+    variants = [(name + suffix, fn, mode) for name, fn in cases
+                for suffix, mode in (modes if enabled and not name.startswith("sdpa") else [("", (enabled, direct))])]
     times = {name: [] for name, _, _ in variants}
     per_round = max(calls // 20, 10)
-    for name, fn, on in variants:  # warm-up (compiles, caches)
-        launch._ENABLED = on
+
+    def set_mode(mode):
+        launch._ENABLED = mode[0]
+        if mode[1] is not None:
+            launch._DIRECT = mode[1]
+    for name, fn, mode in variants:  # warm-up (compiles, caches)
+        set_mode(mode)
         for _ in range(30):
             fn()
     torch.cuda.synchronize()
     for _ in range(20):
-        for name, fn, on in variants:
-            launch._ENABLED = on
+        for name, fn, mode in variants:
+            set_mode(mode)
             t = time.perf_counter()
             for _ in range(per_round):
                 fn()
             torch.cuda.synchronize()
             times[name].append((time.perf_counter() - t) / per_round * 1e6)
-    launch._ENABLED = enabled
+    set_mode((enabled, direct))
     for name, _, _ in variants:
         ts = sorted(times[name])
         print(f"== {name}: {ts[0]:.1f} us per call min, {ts[len(ts) // 2]:.1f} median (wall, 20 rounds)",

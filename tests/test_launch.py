@@ -93,7 +93,8 @@ def test_launch_cache_bounded(monkeypatch):
 @pytest.mark.skipif(not ON_GPU, reason="the launch cache serves compiled kernels: GPU only")
 def test_launch_cache_matches_uncached_path(monkeypatch):
     """Calls cycling through specialisations (q misaligned, lengths 1 / 16k+1 / 16k, fp16 / bf16, window, GQA,
-    sink, varlen): forward, backward and decode through the cache equal the uncached launches bit for bit."""
+    sink, varlen): forward, backward and decode through the cache (with its direct C launch and without) equal the
+    uncached launches bit for bit."""
     def tensors(B, Sq, Sk, H, Hkv, D, dtype, misaligned, g):
         q, k, v = (torch.randn(B, S, heads, D, generator=g).to("cuda", dtype)
                    for S, heads in ((Sq, H), (Sk, Hkv), (Sk, Hkv)))
@@ -112,8 +113,9 @@ def test_launch_cache_matches_uncached_path(monkeypatch):
         (2, 128, 128, 4, 4, 128, torch.bfloat16, 0, dict(causal=True)),
     ]
     results = {}
-    for enabled in (True, False):
+    for enabled, direct in ((True, True), (True, False), (False, False)):  # direct C launch, cached run, uncached
         monkeypatch.setattr(launch_mod, "_ENABLED", enabled)
+        monkeypatch.setattr(launch_mod, "_DIRECT", direct)
         hits = launch_mod.stats["hits"]
         for rep in range(2):
             for i, (B, Sq, Sk, H, Hkv, D, dtype, offset, kw) in enumerate(cases):

@@ -22,7 +22,8 @@ import torch
 import triton
 
 _ENABLED = not triton.knobs.runtime.interpret and os.environ.get("TILEATTN_FAST_LAUNCH", "1") != "0"
-# TILEATTN_DIRECT_LAUNCH=0: cache hits still go through the compiled kernel's own ``run`` (see ``_direct``)
+# TILEATTN_DIRECT_LAUNCH=0 (read at import; tests and benchmarks/host_profile.py flip it): cache hits go through the
+# compiled kernel's own ``run`` instead of its C launcher (see ``_direct``)
 _DIRECT = os.environ.get("TILEATTN_DIRECT_LAUNCH", "1") != "0"
 _MAX_ENTRIES = 4096  # per kernel; keys hold exact sizes, so a stream of new shapes must not grow it forever
 
@@ -171,7 +172,7 @@ def launch(fn, grid, args, kwargs, num_warps: int, num_stages: int):
             kernel = kernel.result()
         if len(cache) >= _MAX_ENTRIES:
             cache.clear()
-        cache[key] = (kernel, _direct(kernel) if _DIRECT else None)
+        cache[key] = (kernel, _direct(kernel))
         return kernel
     stats["hits"] += 1
     kernel, direct = entry
@@ -180,7 +181,7 @@ def launch(fn, grid, args, kwargs, num_warps: int, num_stages: int):
     g2 = grid[2] if len(grid) > 2 else 1
     enter, leave = triton.knobs.runtime.launch_enter_hook, triton.knobs.runtime.launch_exit_hook
     if _idle(enter) and _idle(leave):  # no profiler hooked in: skip building the launch metadata
-        if direct is not None:
+        if direct is not None and _DIRECT:
             raw, descs, coop, pdl = direct
             raw(grid[0], g1, g2, stream, kernel.function, coop, pdl, None, None, kernel.packed_metadata, None, None,
                 None, *(_expand(vals, descs) if descs else vals))
