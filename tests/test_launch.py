@@ -157,7 +157,7 @@ def test_direct_launch_matches_triton_wrapper(monkeypatch):
     monkeypatch.setattr(nv_driver, "make_tensordesc_arg", fake_encode)
     received = []
     signature = {"T": "*fp32", "D": "tensordesc<fp32[1,8]>", "n": "i32", "E": "tensordesc<fp32[1,8]>", "F": "constexpr"}
-    metas = [dict(swizzle=1, elem_size=4), dict(swizzle=2, elem_size=4)]
+    metas = [dict(swizzle=1, elem_size=4, block_size=[1, 8]), dict(swizzle=2, elem_size=4, block_size=[1, 8])]  # as 3.6's
     wrapped = nv_driver.wrap_handle_tensordesc(lambda *a: received.append(a), signature, metas)
 
     class Run:

@@ -112,8 +112,21 @@ def _direct(kernel):
     raw, positions, metas = cells.get("launcher"), cells.get("tensordesc_indices"), cells.get("tensordesc_meta")
     if wrapped.__name__ != "inner" or raw is None or positions is None or not metas or None in metas:
         return None
-    descs = tuple((i, m, tuple(sorted(m.items()))) for i, m in zip(sorted(positions), metas))
+    descs = tuple((i, m, _frozen(m)) for i, m in zip(sorted(positions), metas))
+    try:
+        hash(tuple(d[2] for d in descs))
+    except TypeError:  # metadata of a form this does not know: Triton's own path
+        return None
     return raw, descs, coop, pdl
+
+
+def _frozen(value):
+    """A hashable copy of a descriptor's metadata (a dict holding lists, e.g. its block size)."""
+    if isinstance(value, dict):
+        return tuple((k, _frozen(v)) for k, v in sorted(value.items()))
+    if isinstance(value, (list, tuple)):
+        return tuple(_frozen(v) for v in value)
+    return value
 
 
 _encoded = {}  # descriptor key -> [CUtensorMap, *shape, *strides]
