@@ -10,7 +10,9 @@ and constexpr argument, each tensor's dtype and 16-byte alignment (what Triton s
 ``TensorDescriptor``'s dtype, shape, strides, block shape, padding and base alignment, and the launch options. Two
 calls with equal keys therefore get the same specialisation from Triton, so the kernel compiled for the first call
 is the right one for the second, which goes straight to the compiled kernel's launcher. Misses (first calls, new
-shapes) take Triton's normal path, which compiles if needed and returns the kernel cached here.
+shapes) take Triton's normal path, which compiles if needed and returns the kernel cached here. Hits call Triton's
+C launcher directly where its form is the known one, with host TMA descriptors expanded from cached encodings
+(``_direct``, ``_expand``).
 
 Off under the interpreter (its kernels are not compiled) and with ``TILEATTN_FAST_LAUNCH=0`` (read at import).
 """
