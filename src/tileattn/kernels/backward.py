@@ -387,12 +387,14 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
     block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dim_v)
     fp32 = q.dtype == torch.float32
     group = q_heads // kv_heads
+    # strides read once per tensor (host time); the batch stride is 0 for varlen's packed (1, total, H, D) rows
+    qs, ks, vs, os_, dos, dqs, dks, dvs = (t.stride() for t in (q, k, v, out, dout, dq, dk, dv))
     if p.varlen:
         stride_lb, stride_lh = 0, rows_q
-        sb = lambda t: 0  # noqa: E731
+        qb = kb = vb = ob = dob = dqb = dkb = dvb = 0
     else:
         stride_lb, stride_lh = q_heads * rows_q, rows_q
-        sb = lambda t: t.stride(0)  # noqa: E731
+        qb, kb, vb, ob, dob, dqb, dkb, dvb = qs[0], ks[0], vs[0], os_[0], dos[0], dqs[0], dks[0], dvs[0]
     dummy = lse
     cu_q = p.cu_seqlens_q if p.varlen else dummy
     cu_k = p.cu_seqlens_k if p.varlen else dummy
@@ -403,6 +405,7 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
 
     delta = torch.empty_like(lse)
     stats = _row_stats_buffer(batch, q_heads, rows_q if p.varlen else batch * rows_q, q.device)
+    sts = stats.stride()
     if dlse is not None:
         dlse = dlse.to(torch.float32).contiguous()
     # The dQ kernel computes delta and runs first; the dK/dV kernel and d(sink) (attention_backward) use the delta
@@ -417,9 +420,9 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
     launch(_bwd_dq_kernel, (num_m_tiles * batch * q_heads,), (
         q, k, v, out, resid if has_resid else dummy, dout, lse, delta, dlse if dlse is not None else dummy, dq,
         stats, cu_q, cu_k, alibi, rng,
-        sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2),
-        sb(v), v.stride(1), v.stride(2), sb(out), out.stride(1), out.stride(2), sb(dout), dout.stride(1),
-        dout.stride(2), sb(dq), dq.stride(1), dq.stride(2), stride_lb, stride_lh, stats.stride(1), stats.stride(0),
+        qb, qs[1], qs[2], kb, ks[1], ks[2],
+        vb, vs[1], vs[2], ob, os_[1], os_[2], dob, dos[1],
+        dos[2], dqb, dqs[1], dqs[2], stride_lb, stride_lh, sts[1], sts[0],
         p.alibi_stride_b,
         q_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
         p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
@@ -433,10 +436,10 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
     num_n_tiles = configs.cdiv(p.max_seqlen_k, kv.block_n)
     launch(_bwd_dkdv_kernel, (num_n_tiles * batch * kv_heads,), (
         q, k, v, dout, stats, dk, dv, cu_q, cu_k, alibi, rng,
-        sb(q), q.stride(1), q.stride(2), sb(k), k.stride(1), k.stride(2),
-        sb(v), v.stride(1), v.stride(2), sb(dout), dout.stride(1), dout.stride(2),
-        sb(dk), dk.stride(1), dk.stride(2), sb(dv), dv.stride(1), dv.stride(2),
-        stats.stride(1), stats.stride(0), p.alibi_stride_b,
+        qb, qs[1], qs[2], kb, ks[1], ks[2],
+        vb, vs[1], vs[2], dob, dos[1], dos[2],
+        dkb, dks[1], dks[2], dvb, dvs[1], dvs[2],
+        sts[1], sts[0], p.alibi_stride_b,
         q_heads, kv_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_n_tiles,
         p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
         dqk, dim_v), dict(

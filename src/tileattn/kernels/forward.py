@@ -292,16 +292,17 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     use_tma = configs.use_tma(q.device, q.dtype, max(dqk, dv), p.window_left >= 0, p.max_seqlen_k) and not paged
     descs = _kv_descriptors(k, v, cfg.block_n, block_dqk, block_dv) if use_tma else None
     kv_b = paged or not p.varlen  # K/V's leading stride: the page stride when paged, none for packed varlen
+    qs, ks, vs, os_ = q.stride(), k.stride(), v.stride(), out.stride()  # one call each (host time)
     launch(_fwd_kernel, grid, (
         q, k, v, out, lse, resid if residual else dummy,
         p.cu_seqlens_q if p.varlen else dummy, p.cu_seqlens_k if p.varlen else dummy,
         p.alibi_slopes if p.alibi_slopes is not None else dummy,
         p.sink if p.sink is not None else dummy, p.rng if p.dropout_p > 0 else dummy,
         descs[0] if descs else k, descs[1] if descs else v, block_table if paged else dummy,
-        0 if p.varlen else q.stride(0), q.stride(1), q.stride(2),
-        k.stride(0) if kv_b else 0, k.stride(1), k.stride(2),
-        v.stride(0) if kv_b else 0, v.stride(1), v.stride(2),
-        0 if p.varlen else out.stride(0), out.stride(1), out.stride(2),
+        0 if p.varlen else qs[0], qs[1], qs[2],
+        ks[0] if kv_b else 0, ks[1], ks[2],
+        vs[0] if kv_b else 0, vs[1], vs[2],
+        0 if p.varlen else os_[0], os_[1], os_[2],
         stride_lb, stride_lh, p.alibi_stride_b, block_table.stride(0) if paged else 0,
         k.shape[1] if paged else 1,
         q_heads, q_heads // kv_heads, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
