@@ -44,9 +44,8 @@ stats = {"hits": 0, "misses": 0}  # for tests and benchmarks/host_profile.py
 
 
 def _spec(v):
-    """An argument's part of the key (see the module docstring)."""
-    if isinstance(v, _TENSOR):
-        return v.dtype, v.data_ptr() % 16 == 0
+    """The key part of an argument that is neither a plain value nor a tensor (those are keyed in ``launch``: by
+    value, and by dtype and 16-byte alignment): a host descriptor's geometry, anything else itself."""
     if isinstance(v, _DESC):
         b = v.base
         return (b.dtype, b.data_ptr() % 16 == 0, tuple(v.shape), tuple(v.strides), tuple(v.block_shape),
