@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -45,6 +45,12 @@ for stage in "$@"; do
                   TILEATTN_SRC=bisect/old/src python3 benchmarks/host_profile.py --wall-only --calls 2000; fi
                 echo "== this tree, cProfile"; python3 benchmarks/host_profile.py --calls 500 --top 25
               } 2>&1 | tee "$OUT/hostcost.log" ;;
+    # the Hopper Gluon forward: its tests, then the forward grid beside the portable Triton forward and the anchors
+    gluon) python3 -m pytest tests/test_gluon_forward.py -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 \
+             | tee "$OUT/gluon_tests.log" | tail -${GLUON_TAIL:-15} || status=1
+           python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --modes fwd --check --no-plot \
+             --providers tileattn,tileattn_triton,sdpa_flash,sdpa_cudnn --out-dir "$OUT" --prefix gluon_fwd ${BENCH_ARGS:-} 2>&1 \
+             | tee "$OUT/gluon_bench.log" | grep -v "it/s\]" || status=1 ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;

@@ -57,8 +57,10 @@ PROVIDERS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 # the one pipelined loop (TILEATTN_FWD_EDGES=split / merged; unset, configs.merge_edges decides); the backward's
 # other delta modes (configs.delta_mode):
 # tileattn_correct = no stored residual, delta corrected in the dQ kernel (one more matmul per tile);
-# tileattn_rounded = FlashAttention's delta from the rounded output, uncorrected.
-ENV_PROVIDERS = {"tileattn_tma": ("TILEATTN_TMA", "1"), "tileattn_notma": ("TILEATTN_TMA", "0"),
+# tileattn_rounded = FlashAttention's delta from the rounded output, uncorrected;
+# tileattn_triton = the portable Triton forward where the Hopper Gluon forward would run (TILEATTN_GLUON=0).
+ENV_PROVIDERS = {"tileattn_triton": ("TILEATTN_GLUON", "0"),
+                 "tileattn_tma": ("TILEATTN_TMA", "1"), "tileattn_notma": ("TILEATTN_TMA", "0"),
                  "tileattn_split": ("TILEATTN_FWD_EDGES", "split"),
                  "tileattn_merged": ("TILEATTN_FWD_EDGES", "merged"),
                  "tileattn_correct": ("TILEATTN_DELTA", "correct"),

@@ -16,6 +16,7 @@ from .. import autotune, configs
 from .._hostinfo import leaves_rows
 from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, scores, seq_bounds,
                      store_tile, visible)
+from . import gluon_forward
 from .launch import launch
 
 
@@ -265,6 +266,8 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     r = O_fp32 - out, out's rounding residual in out's dtype (rows outside every varlen sequence unwritten).
     ``cfg`` overrides the tile table (tuning).
     """
+    if cfg is None and block_table is None and gluon_forward.applies(q, k, v, p):  # Hopper fast path
+        return gluon_forward.attention_forward(q, k, v, p, residual)
     _, rows_q, q_heads, dqk = q.shape
     kv_heads, dv = k.shape[2], v.shape[3]
     batch = p.batch

@@ -1,0 +1,92 @@
+"""Compile the Gluon Hopper forward for sm_90a on a machine without a GPU and report registers, spills, shared
+memory and the main loop's SASS mix (HGMMA, barriers, shuffles).
+
+Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--causal] [--config bm,bn,w,ks,vs]
+           [--resid] [--sass]
+"""
+import argparse
+import collections
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import compile_check as cc  # noqa: E402
+import sass_loops as sl  # noqa: E402
+import triton  # noqa: E402
+from triton.backends.compiler import GPUTarget  # noqa: E402
+from triton.experimental.gluon import language as gl  # noqa: E402
+from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
+
+from tileattn.kernels import gluon_forward as gf  # noqa: E402
+
+
+def compile_fwd(d=128, causal=False, cfg=None, resid=True):
+    bm, bn, warps, ks, vs = cfg or gf.config(d, causal)
+    def desc(rows):
+        layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gl.bfloat16)
+        return f"tensordesc<bf16[1,{rows},1,{d}],{layout!r}>"
+    sig = {"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn), "o_desc": desc(bm), "r_desc": desc(bm),
+           "LSE": "*fp32", "qk_scale": "fp32"}
+    consts = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=causal, STORE_RESID=resid,
+                  num_warps=warps)
+    fn = gf._fwd_kernel
+    for name in fn.arg_names:
+        if name not in sig:
+            sig[name] = "constexpr" if name in consts else "i32"
+    attrs = {(fn.arg_names.index("LSE"),): [["tt.divisibility", 16]]}
+    k = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+    return k
+
+
+def ptxas_messages(ptx: str) -> str:
+    """ptxas -v's stderr for sm_90a (register use, spills, and performance warnings such as C7514)."""
+    import subprocess
+    import tempfile
+    from triton.backends.nvidia.compiler import get_ptxas
+    p = get_ptxas(90)
+    with tempfile.TemporaryDirectory() as tmp:
+        src = os.path.join(tmp, "k.ptx")
+        open(src, "w").write(ptx)
+        r = subprocess.run([getattr(p, "path", p), "-v", "-arch=sm_90a", src, "-o", src + ".o"],
+                           capture_output=True, text=True)
+    if r.returncode:
+        raise RuntimeError(r.stderr)
+    return r.stderr
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--head-dim", type=int, default=128)
+    ap.add_argument("--causal", action="store_true")
+    ap.add_argument("--config")
+    ap.add_argument("--no-resid", action="store_true")
+    ap.add_argument("--sass", action="store_true", help="print the main loop's SASS")
+    ap.add_argument("--check", action="store_true",
+                    help="exit 1 unless ptxas reports no spills and no serialised wgmma (C7514)")
+    a = ap.parse_args()
+    cfg = tuple(int(x) for x in a.config.split(",")) if a.config else None
+    k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid)
+    if a.check:
+        report = ptxas_messages(k.asm["ptx"])
+        print(report)
+        ok = "serialized" not in report and " 0 bytes spill stores" in report
+        ok = ok and k.asm["ptx"].count("wgmma.mma_async") >= 2 * (a.head_dim // 16)
+        sys.exit(0 if ok else 1)
+    print(cc._ptxas_report(k.asm["ptx"], 90), "smem", k.metadata.shared)
+    sass = sl._sass(k.asm["ptx"])
+    for body in sl.loops(sass):
+        mix = collections.Counter()
+        for _, t in body:
+            for key, pat in list(sl.PATTERNS.items()) + [("SHFL", "SHFL"), ("MUFU", "MUFU"), ("WARPSYNC", "WARPGROUP")]:
+                if re.search(pat, t):
+                    mix[key] += 1
+        print(f"loop @{body[0][0]:#x}: {len(body)} instructions", dict(mix))
+        if a.sass:
+            for addr, t in body:
+                print(f"  {addr:#06x} {t}")
+
+
+if __name__ == "__main__":
+    main()

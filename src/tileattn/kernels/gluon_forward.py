@@ -1,0 +1,241 @@
+"""Hopper (sm90) forward in Gluon: TMA loads into shared-memory rings, asynchronous warpgroup MMAs, and the
+softmax of key tile j computed while the tensor cores run QK^T of tile j+1 (FlashAttention-3's intra-warpgroup
+overlap), written out explicitly because Triton 3.6's own pipeliner does not schedule it.
+
+Scope (``applies``): sm90, fp16/bf16, Dqk == Dv in {64, 128}, dense batched inputs (no varlen, paging, window
+left bound, softcap, ALiBi, sink or dropout), causal or not (bottom-right aligned like the portable kernel).
+Every other call, and every other GPU, takes the portable Triton kernel in ``forward.py``; both produce the same
+outputs (out, lse, and the rounding residual for the backward), checked against the same reference in the tests.
+
+Layouts: q (B, Sq, Hq, D), k / v (B, Sk, Hkv, D), any strides with the last one 1 and 16-byte aligned (TMA);
+out (B, Sq, Hq, D) contiguous; lse (B, Hq, Sq) fp32 natural log. One program per (query tile, batch * q head),
+``num_warps`` warps whose warpgroups split the tile's rows; K/V tiles are TMA-loaded 4-D boxes (1, BLOCK_N, 1, D).
+"""
+
+
+import torch
+import triton
+
+from .. import configs
+from .params import AttnParams
+
+try:  # Gluon ships with triton >= 3.5; without it every call takes the portable kernel
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - older triton
+    AVAILABLE = False
+
+
+if AVAILABLE:
+    @gluon.jit
+    def _softmax_tile(s, j, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, CAUSAL: gl.constexpr):
+        """Online-softmax step for key tile j: mask it when it is past the full tiles, then return
+        (p unnormalised fp32, alpha = exp2(m_old - m_new), m_new, l_new). Rows that have seen no key keep m = -inf."""
+        if j >= n_full:  # uniform branch: the diagonal / sequence-end tiles only
+            keys = j * s.shape[1] + cols
+            visible = (keys < seqlen_k)[None, :]
+            if CAUSAL:
+                visible = visible & (keys[None, :] <= rows[:, None] + diag)
+            s = gl.where(visible, s, float("-inf"))
+        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+        alpha = gl.exp2(m_i - m_use)
+        p = gl.exp2(s * qk_scale - m_use[:, None])
+        l_new = l_i * alpha + gl.sum(p, axis=1)
+        return p, alpha, m_new, l_new
+
+    @gluon.jit
+    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, r_desc, LSE,
+                    seqlen_q, seqlen_k, q_heads, group, num_m_tiles, qk_scale, stride_lb, stride_lh,
+                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                    K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                    STORE_RESID: gl.constexpr, num_warps: gl.constexpr):
+        dtype: gl.constexpr = q_desc.dtype
+        pid = gl.program_id(0)
+        bh = pid // num_m_tiles
+        tile = pid % num_m_tiles
+        if CAUSAL:
+            tile = num_m_tiles - 1 - tile  # longest tiles first
+        b = bh // q_heads
+        h = bh % q_heads
+        hk = h // group
+        start_m = tile * BLOCK_M
+        diag = seqlen_k - seqlen_q
+
+        # accumulator layouts of the two matmuls (one warpgroup per 64 rows) and P as wgmma's register A operand
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
+                                                           instr_shape=[16, HEAD_D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+
+        q_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, 1, HEAD_D], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, BLOCK_N, 1, HEAD_D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, 1, BLOCK_N, 1, HEAD_D], v_desc.layout)
+        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        k_bars = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        v_bars = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(q_bar, count=1)
+        for i in gl.static_range(K_STAGES):
+            mbarrier.init(k_bars.index(i), count=1)
+        for i in gl.static_range(V_STAGES):
+            mbarrier.init(v_bars.index(i), count=1)
+
+        # key tiles [0, n): causal stops at the tile's last row; tiles below n_full need no mask
+        hi = seqlen_k
+        n_full = seqlen_k // BLOCK_N
+        if CAUSAL:
+            hi = gl.minimum(seqlen_k, gl.maximum(start_m + BLOCK_M + diag, 0))
+            n_full = gl.minimum(n_full, gl.maximum(start_m + diag + 1, 0) // BLOCK_N)
+        n = gl.cdiv(hi, BLOCK_N)
+
+        kv_bytes: gl.constexpr = BLOCK_N * HEAD_D * 2
+        mbarrier.expect(q_bar, BLOCK_M * HEAD_D * 2)
+        tma.async_copy_global_to_shared(q_desc, [b, start_m, h, 0], q_bar, q_smem)
+        for i in gl.static_range(K_STAGES):
+            mbarrier.expect(k_bars.index(i), kv_bytes, pred=i < n)
+            tma.async_copy_global_to_shared(k_desc, [b, i * BLOCK_N, hk, 0], k_bars.index(i), k_smem.index(i),
+                                            pred=i < n)
+        for i in gl.static_range(V_STAGES):
+            mbarrier.expect(v_bars.index(i), kv_bytes, pred=i < n)
+            tma.async_copy_global_to_shared(v_desc, [b, i * BLOCK_N, hk, 0], v_bars.index(i), v_smem.index(i),
+                                            pred=i < n)
+
+        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
+        q2 = q_smem.reshape([BLOCK_M, HEAD_D])
+        mbarrier.wait(q_bar, 0)
+        if n > 0:
+            # FlashAttention-3's order: QK^T of tile j runs while O is rescaled, and P_{j-1} V_{j-1} runs while
+            # tile j's softmax runs; nothing is in flight across the loop's back edge (ptxas serialises every
+            # wgmma of the kernel when a register accumulator stays in flight there and is read after a wait).
+            mbarrier.wait(k_bars.index(0), 0)
+            s_tok = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+                                  use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+            p, alpha, m_i, l_i = _softmax_tile(s, 0, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, CAUSAL)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            for j in range(1, n):
+                ks = j % K_STAGES
+                mbarrier.wait(k_bars.index(ks), (j // K_STAGES) & 1)
+                s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+                                      use_acc=False, is_async=True)
+                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+                vs = (j - 1) % V_STAGES
+                mbarrier.wait(v_bars.index(vs), ((j - 1) // V_STAGES) & 1)
+                o_tok = warpgroup_mma(p_op, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+                p, alpha, m_i, l_i = _softmax_tile(s, j, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale,
+                                                   CAUSAL)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+                # every warpgroup is past tile j's QK^T and tile j-1's PV: refill those slots
+                gl.thread_barrier()
+                kt = j + K_STAGES
+                mbarrier.expect(k_bars.index(ks), kv_bytes, pred=kt < n)
+                tma.async_copy_global_to_shared(k_desc, [b, kt * BLOCK_N, hk, 0], k_bars.index(ks),
+                                                k_smem.index(ks), pred=kt < n)
+                vt = j - 1 + V_STAGES
+                mbarrier.expect(v_bars.index(vs), kv_bytes, pred=vt < n)
+                tma.async_copy_global_to_shared(v_desc, [b, vt * BLOCK_N, hk, 0], v_bars.index(vs),
+                                                v_smem.index(vs), pred=vt < n)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            vs = (n - 1) % V_STAGES
+            mbarrier.wait(v_bars.index(vs), ((n - 1) // V_STAGES) & 1)
+            o_tok = warpgroup_mma(p_op, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
+
+        mbarrier.invalidate(q_bar)
+        for i in gl.static_range(K_STAGES):
+            mbarrier.invalidate(k_bars.index(i))
+        for i in gl.static_range(V_STAGES):
+            mbarrier.invalidate(v_bars.index(i))
+
+        # rows that saw no key: l = 0, m = -inf -> out 0, lse -inf
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        acc = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
+        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+        gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows, lse, mask=rows < seqlen_q)
+        o = acc.to(dtype)
+        q2.store(o)  # Q is dead: its buffer stages the output tile (TMA clips rows past seqlen_q)
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(o_desc, [b, start_m, h, 0], q_smem)
+        if STORE_RESID:  # out's rounding residual for the backward's delta (see backward.py)
+            r = (acc - o.to(gl.float32)).to(dtype)
+            tma.store_wait(pendings=0)
+            gl.thread_barrier()
+            q2.store(r)
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(r_desc, [b, start_m, h, 0], q_smem)
+        tma.store_wait(pendings=0)
+
+
+def _enabled() -> bool:
+    return configs.getenv("TILEATTN_GLUON", "1") != "0"
+
+
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, block_table=None) -> bool:
+    """Whether this call takes the Gluon forward (see the module docstring for the scope)."""
+    if not AVAILABLE or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or not _enabled():
+        return False
+    d = q.shape[3]
+    if d not in (64, 128) or k.shape[3] != d or v.shape[3] != d or block_table is not None or p.varlen:
+        return False
+    if q.numel() == 0 or k.numel() == 0:
+        return False
+    if (p.window_left >= 0 or p.window_right not in (-1, 0) or p.softcap > 0 or p.alibi_slopes is not None
+            or p.sink is not None or p.dropout_p > 0):
+        return False
+    if configs._arch(configs._device_index(q.device), configs._arch_override())[0] != 9:
+        return False  # TILEATTN_ARCH=8.0 forces the portable path on a Hopper card
+    for t in (q, k, v):  # TMA: 16-byte aligned base and strides
+        if t.data_ptr() % 16 or any(st * 2 % 16 for st in t.stride()[:-1]) or t.stride(-1) != 1:
+            return False
+    return True
+
+
+def config(head_dim: int, causal: bool):
+    """(block_m, block_n, num_warps, k_stages, v_stages); ``TILEATTN_GLUON_FWD_CONFIG=bm,bn,w,ks,vs`` overrides."""
+    env = configs.getenv("TILEATTN_GLUON_FWD_CONFIG")
+    if env:
+        return tuple(int(x) for x in env.split(","))
+    return (128, 128, 8, 2, 2) if head_dim == 128 else (128, 128, 8, 3, 2)
+
+
+def _desc(t: torch.Tensor, block, gdtype):
+    layout = gl.NVMMASharedLayout.get_default_for(block, gdtype)
+    return GluonTensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+
+
+def attention_forward(q, k, v, p: AttnParams, residual=False):
+    """Same contract as ``forward.attention_forward`` for the calls ``applies`` accepts (batched, no features):
+    returns (out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32[, resid like out])."""
+    batch, seqlen_q, q_heads, d = q.shape
+    seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    out = torch.empty((batch, seqlen_q, q_heads, d), dtype=q.dtype, device=q.device)
+    lse = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
+    resid = torch.empty_like(out) if residual else None
+    bm, bn, warps, ks, vs = config(d, p.causal_like)
+    gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
+    q_desc = _desc(q, [1, bm, 1, d], gdtype)
+    k_desc = _desc(k, [1, bn, 1, d], gdtype)
+    v_desc = _desc(v, [1, bn, 1, d], gdtype)
+    o_desc = _desc(out, [1, bm, 1, d], gdtype)
+    r_desc = _desc(resid, [1, bm, 1, d], gdtype) if residual else o_desc
+    num_m_tiles = triton.cdiv(seqlen_q, bm)
+    _fwd_kernel[(num_m_tiles * batch * q_heads,)](
+        q_desc, k_desc, v_desc, o_desc, r_desc, lse,
+        seqlen_q, seqlen_k, q_heads, q_heads // kv_heads, num_m_tiles, p.qk_scale, q_heads * seqlen_q, seqlen_q,
+        BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=p.window_right == 0,
+        STORE_RESID=residual, num_warps=warps)
+    return (out, lse, resid) if residual else (out, lse)

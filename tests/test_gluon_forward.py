@@ -1,0 +1,137 @@
+"""The Hopper Gluon forward (kernels/gluon_forward.py).
+
+GPU (sm90): the calls it accepts go through it (spied), its out / lse / gradients pass the accuracy rule against
+the float64 reference on odd sizes, GQA, Sq != Sk, causal and strided inputs, and it agrees with the portable
+kernel (TILEATTN_GLUON=0). Every other GPU test file exercises it too, wherever a call is in its scope.
+CPU: the dispatch rules, and the kernel compiled for sm_90a with Triton's bundled ptxas (no spills, no wgmma
+serialisation), which is what a change to the kernel most easily breaks without a GPU.
+"""
+
+import os
+import subprocess
+import sys
+
+import pytest
+import torch
+
+import tileattn
+from _helpers import HALF_DTYPES, ON_GPU, check_attention, dtype_id, make_qkv, seed_for
+from tileattn.kernels import gluon_forward, params
+
+HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
+hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on sm90 only")
+needs_gluon = pytest.mark.skipif(not gluon_forward.AVAILABLE, reason="this triton has no Gluon")
+
+
+def _params(q, k, causal=False, **kw):
+    return params.AttnParams(batch=q.shape[0], max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1],
+                             softmax_scale=q.shape[-1] ** -0.5, window_right=0 if causal else -1, **kw)
+
+
+@pytest.fixture
+def spy(monkeypatch):
+    calls = []
+    real = gluon_forward.attention_forward
+
+    def wrapped(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(gluon_forward, "attention_forward", wrapped)
+    return calls
+
+
+def test_scope_on_cpu():
+    q = torch.zeros(1, 4, 2, 64)
+    assert not gluon_forward.applies(q, q, q, _params(q, q))
+
+
+@hopper
+@pytest.mark.gpu
+def test_scope_on_hopper(monkeypatch):
+    q = torch.zeros(2, 64, 4, 128, device="cuda", dtype=torch.bfloat16)
+    k = torch.zeros(2, 80, 2, 128, device="cuda", dtype=torch.bfloat16)
+    assert gluon_forward.applies(q, k, k, _params(q, k))
+    assert gluon_forward.applies(q, k, k, _params(q, k, causal=True))
+    assert not gluon_forward.applies(q.float(), k.float(), k.float(), _params(q, k))
+    assert not gluon_forward.applies(q, k, k, _params(q, k, softcap=5.0))
+    assert not gluon_forward.applies(q, k, k, _params(q, k, window_left=16))
+    assert not gluon_forward.applies(q[..., :96], k[..., :96], k[..., :96], _params(q, k))
+    assert not gluon_forward.applies(q[:, :, :, 1:65], k[..., :64], k[..., :64], _params(q, k))  # misaligned
+    monkeypatch.setenv("TILEATTN_GLUON", "0")
+    assert not gluon_forward.applies(q, k, k, _params(q, k))
+    monkeypatch.setenv("TILEATTN_GLUON", "1")
+    monkeypatch.setenv("TILEATTN_ARCH", "8.0")
+    assert not gluon_forward.applies(q, k, k, _params(q, k))
+
+
+CASES = [  # B, Sq, Sk, Hq, Hkv
+    (2, 1, 1, 2, 2), (1, 17, 17, 3, 3), (2, 130, 130, 4, 2), (1, 128, 300, 2, 1), (1, 300, 128, 2, 2),
+    (2, 1000, 1000, 2, 2), (1, 257, 1031, 4, 1), (1, 2048, 2048, 2, 2),
+]
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+def test_accuracy(case, causal, d, dtype, spy):
+    B, Sq, Sk, Hq, Hkv = case
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon", case, causal, d), requires_grad=True)
+    dout = torch.randn(B, Sq, Hq, d, dtype=dtype, device="cuda", generator=gen)
+    check_attention(q, k, v, causal=causal, dout=dout, extra="gluon")
+    assert spy, "the call did not take the Gluon forward"
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("layout", ["bhsd", "qkv_packed"])
+def test_strided_inputs(layout, spy):
+    gen = torch.Generator(device="cuda").manual_seed(7)
+    B, S, H, D = 2, 333, 4, 128
+    if layout == "bhsd":  # (B, H, S, D) storage seen as (B, S, H, D)
+        q, k, v = (torch.randn(B, H, S, D, device="cuda", dtype=torch.bfloat16, generator=gen).transpose(1, 2)
+                   for _ in range(3))
+    else:
+        q, k, v = torch.randn(B, S, 3, H, D, device="cuda", dtype=torch.bfloat16, generator=gen).unbind(2)
+    q, k, v = (t.requires_grad_() for t in (q, k, v))
+    check_attention(q, k, v, causal=True, dout=torch.randn(B, S, H, D, device="cuda", dtype=torch.bfloat16,
+                                                           generator=gen), extra=layout)
+    assert spy
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_agrees_with_portable_kernel(causal, monkeypatch):
+    q, k, v, _ = make_qkv(2, 777, 777, 4, 2, 128, torch.bfloat16, seed_for("gluon-vs-portable", causal))
+    out, lse = tileattn.attention(q, k, v, causal=causal, return_lse=True)
+    monkeypatch.setenv("TILEATTN_GLUON", "0")
+    out0, lse0 = tileattn.attention(q, k, v, causal=causal, return_lse=True)
+    torch.testing.assert_close(lse, lse0, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.float(), out0.float(), atol=2 ** -7, rtol=0)
+
+
+def _ptxas_available():
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        p = get_ptxas(90)
+        return os.path.exists(getattr(p, "path", p))
+    except Exception:
+        return False
+
+
+@needs_gluon
+@pytest.mark.skipif(not _ptxas_available(), reason="needs triton's bundled ptxas")
+@pytest.mark.parametrize("d,causal", [(128, False), (128, True), (64, False)])
+def test_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal):
+    """ptxas serialises every wgmma of a kernel (warning C7514) when a register accumulator stays in flight where
+    other instructions read it; that would silently cost most of the speed, so the CPU suite checks for it.
+    (In a subprocess: this session's TRITON_INTERPRET=1 turns Gluon's library functions into interpreted ones.)"""
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.join(root, "src") + os.pathsep + env.get("PYTHONPATH", "")
+    args = [sys.executable, os.path.join(root, "benchmarks", "gluon_compile.py"), "--check", "--head-dim", str(d)]
+    r = subprocess.run(args + (["--causal"] if causal else []), capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
