@@ -123,6 +123,10 @@ if AVAILABLE:
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
             p, alpha, m_i, l_i = _softmax_tile(s, 0, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, CAUSAL)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
+            gl.thread_barrier()  # every warpgroup is past tile 0's QK^T: its K slot takes tile K_STAGES
+            mbarrier.expect(k_bars.index(0), kv_bytes, pred=K_STAGES < n)
+            tma.async_copy_global_to_shared(k_desc, [b, K_STAGES * BLOCK_N, hk, 0], k_bars.index(0), k_smem.index(0),
+                                            pred=K_STAGES < n)
             for j in range(1, n):
                 ks = j % K_STAGES
                 mbarrier.wait(k_bars.index(ks), (j // K_STAGES) & 1)
