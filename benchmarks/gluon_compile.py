@@ -1,7 +1,7 @@
 """Compile the Gluon Hopper forward for sm_90a on a machine without a GPU and report registers, spills, shared
 memory and the main loop's SASS mix (HGMMA, barriers, shuffles).
 
-Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--causal] [--config bm,bn,w,ks,vs]
+Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--causal] [--config bn,ks,vs,creg,preg,maxnreg]
            [--resid] [--sass]
 """
 import argparse
@@ -22,21 +22,22 @@ from tileattn.kernels import gluon_forward as gf  # noqa: E402
 
 
 def compile_fwd(d=128, causal=False, cfg=None, resid=True):
-    bm, bn, warps, ks, vs = cfg or gf.config(d, causal)
+    bn, ks, vs, creg, preg, maxnreg = cfg or gf.config(d, causal)
+    bm = 64
     def desc(rows):
         layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gl.bfloat16)
         return f"tensordesc<bf16[1,{rows},1,{d}],{layout!r}>"
     sig = {"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn), "o_desc": desc(bm), "r_desc": desc(bm),
            "LSE": "*fp32", "qk_scale": "fp32"}
-    consts = dict(BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=causal, STORE_RESID=resid,
-                  num_warps=warps)
+    consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=causal, STORE_RESID=resid,
+                  CONSUMER_REGS=creg, PRODUCER_REGS=preg)
     fn = gf._fwd_kernel
     for name in fn.arg_names:
         if name not in sig:
             sig[name] = "constexpr" if name in consts else "i32"
     attrs = {(fn.arg_names.index("LSE"),): [["tt.divisibility", 16]]}
     k = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
-                       target=GPUTarget("cuda", 90, 32), options={"num_warps": warps})
+                       target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
     return k
 
 

@@ -15,7 +15,7 @@ import pytest
 import torch
 
 import tileattn
-from _helpers import HALF_DTYPES, ON_GPU, check_attention, dtype_id, make_qkv, seed_for
+from _helpers import HALF_DTYPES, ON_GPU, check_attention, dtype_id, make_qkv, randn, seed_for
 from tileattn.kernels import gluon_forward, params
 
 HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
@@ -79,7 +79,7 @@ CASES = [  # B, Sq, Sk, Hq, Hkv
 def test_accuracy(case, causal, d, dtype, spy):
     B, Sq, Sk, Hq, Hkv = case
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon", case, causal, d), requires_grad=True)
-    dout = torch.randn(B, Sq, Hq, d, dtype=dtype, device="cuda", generator=gen)
+    dout = randn((B, Sq, Hq, d), dtype, gen)
     check_attention(q, k, v, causal=causal, dout=dout, extra="gluon")
     assert spy, "the call did not take the Gluon forward"
 

@@ -49,11 +49,132 @@ if AVAILABLE:
         return p, alpha, m_new, l_new
 
     @gluon.jit
+    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, n,
+                        HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                        K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+        """Producer warp: the two Q halves, then K_j and V_j into their rings as the consumers free the slots."""
+        q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
+        for w in gl.static_range(2):
+            mbarrier.expect(q_bars.index(w), HALF_M * HEAD_D * 2)
+            tma.async_copy_global_to_shared(q_desc, [b, start_m + w * HALF_M, h, 0], q_bars.index(w),
+                                            q_smem.index(w))
+        for j in range(n):
+            ks = j % K_STAGES
+            mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(ks), BLOCK_N * HEAD_D * 2)
+            tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, hk, 0], k_ready.index(ks), k_smem.index(ks))
+            vs = j % V_STAGES
+            mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
+            mbarrier.expect(v_ready.index(vs), BLOCK_N * HEAD_D * 2)
+            tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, hk, 0], v_ready.index(vs), v_smem.index(vs))
+
+    @gluon.jit
+    def _turn_wait(turn, w: gl.constexpr, r):
+        """Ping-pong: warpgroup w issues its matmuls of round r after the other one issued its round r (w = 1) or
+        r - 1 (w = 0), so one warpgroup's softmax runs while the other's matmuls hold the tensor cores."""
+        if w == 0:
+            mbarrier.wait(turn.index(0), (r & 1) ^ 1)
+        else:
+            mbarrier.wait(turn.index(1), r & 1)
+
+    @gluon.jit
+    def _consumer(w: gl.constexpr, o_desc, r_desc, LSE, q_smem, k_smem, v_smem, bars, b, h, start_m, n,
+                  seqlen_q, seqlen_k, qk_scale, stride_lb, stride_lh,
+                  HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                  K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                  STORE_RESID: gl.constexpr):
+        """One warpgroup: rows [start_m + w * HALF_M, + HALF_M) of the query tile, all n key tiles."""
+        q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
+        dtype: gl.constexpr = o_desc.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        row0 = start_m + w * HALF_M
+        rows = row0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        diag = seqlen_k - seqlen_q
+        n_full = seqlen_k // BLOCK_N
+        if CAUSAL:
+            n_full = gl.minimum(n_full, gl.maximum(row0 + diag + 1, 0) // BLOCK_N)
+        m_i = gl.full([HALF_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        l_i = gl.zeros([HALF_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        acc = gl.zeros([HALF_M, HEAD_D], gl.float32, layout=o_layout)
+        s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
+        q_buf = q_smem.index(w)
+        q2 = q_buf.reshape([HALF_M, HEAD_D])
+        mbarrier.wait(q_bars.index(w), 0)
+        if n > 0:
+            # FlashAttention-3's order: QK^T of tile j runs while O is rescaled, and P_{j-1} V_{j-1} runs while
+            # tile j's softmax runs; nothing is in flight across the loop's back edge (ptxas serialises every
+            # wgmma of the kernel when a register accumulator stays in flight there and is read after a wait).
+            _turn_wait(turn, w, 0)
+            mbarrier.wait(k_ready.index(0), 0)
+            s_tok = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+                                  use_acc=False, is_async=True)
+            mbarrier.arrive(turn.index(1 - w), count=1)
+            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+            mbarrier.arrive(k_empty.index(0), count=1)
+            p, alpha, m_i, l_i = _softmax_tile(s, 0, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, CAUSAL)
+            p_op = gl.convert_layout(p.to(dtype), p_layout)
+            for j in range(1, n):
+                _turn_wait(turn, w, j)
+                ks = j % K_STAGES
+                mbarrier.wait(k_ready.index(ks), (j // K_STAGES) & 1)
+                s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+                                      use_acc=False, is_async=True)
+                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+                vs = (j - 1) % V_STAGES
+                mbarrier.wait(v_ready.index(vs), ((j - 1) // V_STAGES) & 1)
+                o_tok = warpgroup_mma(p_op, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
+                mbarrier.arrive(turn.index(1 - w), count=1)
+                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+                mbarrier.arrive(k_empty.index(ks), count=1)
+                p, alpha, m_i, l_i = _softmax_tile(s, j, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale,
+                                                   CAUSAL)
+                acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
+                mbarrier.arrive(v_empty.index(vs), count=1)
+                p_op = gl.convert_layout(p.to(dtype), p_layout)
+            _turn_wait(turn, w, n)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            vs = (n - 1) % V_STAGES
+            mbarrier.wait(v_ready.index(vs), ((n - 1) // V_STAGES) & 1)
+            o_tok = warpgroup_mma(p_op, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
+            mbarrier.arrive(turn.index(1 - w), count=1)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
+            mbarrier.arrive(v_empty.index(vs), count=1)
+
+        # rows that saw no key: l = 0, m = -inf -> out 0, lse -inf
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        acc = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
+        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+        gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows, lse, mask=rows < seqlen_q)
+        o = acc.to(dtype)
+        q2.store(o)  # Q is dead: its buffer stages this warpgroup's output rows (TMA clips rows past seqlen_q)
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], q_buf)
+        if STORE_RESID:  # out's rounding residual for the backward's delta (see backward.py)
+            r = (acc - o.to(gl.float32)).to(dtype)
+            tma.store_wait(pendings=0)
+            gl.thread_barrier()
+            q2.store(r)
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(r_desc, [b, row0, h, 0], q_buf)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, r_desc, LSE,
                     seqlen_q, seqlen_k, q_heads, group, num_m_tiles, qk_scale, stride_lb, stride_lh,
-                    BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                    BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                    STORE_RESID: gl.constexpr, num_warps: gl.constexpr):
+                    STORE_RESID: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
+        (64 query rows each), one more worker warp issues every TMA load."""
+        HALF_M: gl.constexpr = q_desc.block_type.shape[1]
+        BLOCK_M: gl.constexpr = 2 * HALF_M
         dtype: gl.constexpr = q_desc.dtype
         pid = gl.program_id(0)
         bh = pid // num_m_tiles
@@ -64,124 +185,41 @@ if AVAILABLE:
         h = bh % q_heads
         hk = h // group
         start_m = tile * BLOCK_M
-        diag = seqlen_k - seqlen_q
-
-        # accumulator layouts of the two matmuls (one warpgroup per 64 rows) and P as wgmma's register A operand
-        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[num_warps, 1],
-                                                           instr_shape=[16, HEAD_D, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
-        rows = start_m + gl.arange(0, BLOCK_M, layout=gl.SliceLayout(1, s_layout))
-        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-
-        q_smem = gl.allocate_shared_memory(dtype, [1, BLOCK_M, 1, HEAD_D], q_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, BLOCK_N, 1, HEAD_D], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, 1, BLOCK_N, 1, HEAD_D], v_desc.layout)
-        q_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-        k_bars = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
-        v_bars = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
-        mbarrier.init(q_bar, count=1)
-        for i in gl.static_range(K_STAGES):
-            mbarrier.init(k_bars.index(i), count=1)
-        for i in gl.static_range(V_STAGES):
-            mbarrier.init(v_bars.index(i), count=1)
-
-        # key tiles [0, n): causal stops at the tile's last row; tiles below n_full need no mask
+        # key tiles [0, n) for the whole tile (both warpgroups run the same count: the ping-pong pairs them)
         hi = seqlen_k
-        n_full = seqlen_k // BLOCK_N
         if CAUSAL:
-            hi = gl.minimum(seqlen_k, gl.maximum(start_m + BLOCK_M + diag, 0))
-            n_full = gl.minimum(n_full, gl.maximum(start_m + diag + 1, 0) // BLOCK_N)
+            hi = gl.minimum(seqlen_k, gl.maximum(start_m + BLOCK_M + seqlen_k - seqlen_q, 0))
         n = gl.cdiv(hi, BLOCK_N)
 
-        kv_bytes: gl.constexpr = BLOCK_N * HEAD_D * 2
-        mbarrier.expect(q_bar, BLOCK_M * HEAD_D * 2)
-        tma.async_copy_global_to_shared(q_desc, [b, start_m, h, 0], q_bar, q_smem)
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], q_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, BLOCK_N, 1, HEAD_D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, 1, BLOCK_N, 1, HEAD_D], v_desc.layout)
+        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_bars.index(i), count=1)
+            mbarrier.init(turn.index(i), count=1)
         for i in gl.static_range(K_STAGES):
-            mbarrier.expect(k_bars.index(i), kv_bytes, pred=i < n)
-            tma.async_copy_global_to_shared(k_desc, [b, i * BLOCK_N, hk, 0], k_bars.index(i), k_smem.index(i),
-                                            pred=i < n)
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release each slot
         for i in gl.static_range(V_STAGES):
-            mbarrier.expect(v_bars.index(i), kv_bytes, pred=i < n)
-            tma.async_copy_global_to_shared(v_desc, [b, i * BLOCK_N, hk, 0], v_bars.index(i), v_smem.index(i),
-                                            pred=i < n)
-
-        m_i = gl.full([BLOCK_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
-        l_i = gl.zeros([BLOCK_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
-        acc = gl.zeros([BLOCK_M, HEAD_D], gl.float32, layout=o_layout)
-        s_zero = gl.zeros([BLOCK_M, BLOCK_N], gl.float32, layout=s_layout)
-        q2 = q_smem.reshape([BLOCK_M, HEAD_D])
-        mbarrier.wait(q_bar, 0)
-        if n > 0:
-            # FlashAttention-3's order: QK^T of tile j runs while O is rescaled, and P_{j-1} V_{j-1} runs while
-            # tile j's softmax runs; nothing is in flight across the loop's back edge (ptxas serialises every
-            # wgmma of the kernel when a register accumulator stays in flight there and is read after a wait).
-            mbarrier.wait(k_bars.index(0), 0)
-            s_tok = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
-                                  use_acc=False, is_async=True)
-            s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-            p, alpha, m_i, l_i = _softmax_tile(s, 0, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, CAUSAL)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
-            gl.thread_barrier()  # every warpgroup is past tile 0's QK^T: its K slot takes tile K_STAGES
-            mbarrier.expect(k_bars.index(0), kv_bytes, pred=K_STAGES < n)
-            tma.async_copy_global_to_shared(k_desc, [b, K_STAGES * BLOCK_N, hk, 0], k_bars.index(0), k_smem.index(0),
-                                            pred=K_STAGES < n)
-            for j in range(1, n):
-                ks = j % K_STAGES
-                mbarrier.wait(k_bars.index(ks), (j // K_STAGES) & 1)
-                s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
-                                      use_acc=False, is_async=True)
-                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-                vs = (j - 1) % V_STAGES
-                mbarrier.wait(v_bars.index(vs), ((j - 1) // V_STAGES) & 1)
-                o_tok = warpgroup_mma(p_op, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
-                s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
-                p, alpha, m_i, l_i = _softmax_tile(s, j, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale,
-                                                   CAUSAL)
-                acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
-                p_op = gl.convert_layout(p.to(dtype), p_layout)
-                # every warpgroup is past tile j's QK^T and tile j-1's PV: refill those slots
-                gl.thread_barrier()
-                kt = j + K_STAGES
-                mbarrier.expect(k_bars.index(ks), kv_bytes, pred=kt < n)
-                tma.async_copy_global_to_shared(k_desc, [b, kt * BLOCK_N, hk, 0], k_bars.index(ks),
-                                                k_smem.index(ks), pred=kt < n)
-                vt = j - 1 + V_STAGES
-                mbarrier.expect(v_bars.index(vs), kv_bytes, pred=vt < n)
-                tma.async_copy_global_to_shared(v_desc, [b, vt * BLOCK_N, hk, 0], v_bars.index(vs),
-                                                v_smem.index(vs), pred=vt < n)
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            vs = (n - 1) % V_STAGES
-            mbarrier.wait(v_bars.index(vs), ((n - 1) // V_STAGES) & 1)
-            o_tok = warpgroup_mma(p_op, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
-
-        mbarrier.invalidate(q_bar)
-        for i in gl.static_range(K_STAGES):
-            mbarrier.invalidate(k_bars.index(i))
-        for i in gl.static_range(V_STAGES):
-            mbarrier.invalidate(v_bars.index(i))
-
-        # rows that saw no key: l = 0, m = -inf -> out 0, lse -inf
-        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-        acc = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
-        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
-        gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows, lse, mask=rows < seqlen_q)
-        o = acc.to(dtype)
-        q2.store(o)  # Q is dead: its buffer stages the output tile (TMA clips rows past seqlen_q)
-        fence_async_shared()
-        gl.thread_barrier()
-        tma.async_copy_shared_to_global(o_desc, [b, start_m, h, 0], q_smem)
-        if STORE_RESID:  # out's rounding residual for the backward's delta (see backward.py)
-            r = (acc - o.to(gl.float32)).to(dtype)
-            tma.store_wait(pendings=0)
-            gl.thread_barrier()
-            q2.store(r)
-            fence_async_shared()
-            gl.thread_barrier()
-            tma.async_copy_shared_to_global(r_desc, [b, start_m, h, 0], q_smem)
-        tma.store_wait(pendings=0)
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(v_empty.index(i), count=2)
+        bars = (q_bars, k_ready, k_empty, v_ready, v_empty, turn)
+        gl.warp_specialize([
+            (_consumer, (0, o_desc, r_desc, LSE, q_smem, k_smem, v_smem, bars, b, h, start_m, n, seqlen_q, seqlen_k,
+                         qk_scale, stride_lb, stride_lh, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
+                         STORE_RESID)),
+            (_consumer, (1, o_desc, r_desc, LSE, q_smem, k_smem, v_smem, bars, b, h, start_m, n, seqlen_q, seqlen_k,
+                         qk_scale, stride_lb, stride_lh, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
+                         STORE_RESID)),
+            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, n,
+                               HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def _enabled() -> bool:
@@ -209,11 +247,12 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
 
 
 def config(head_dim: int, causal: bool):
-    """(block_m, block_n, num_warps, k_stages, v_stages); ``TILEATTN_GLUON_FWD_CONFIG=bm,bn,w,ks,vs`` overrides."""
+    """(block_n, k_stages, v_stages, consumer_regs, producer_regs, maxnreg) for the 128-row tile (two 64-row
+    consumer warpgroups); ``TILEATTN_GLUON_FWD_CONFIG=bn,ks,vs,creg,preg,maxnreg`` overrides."""
     env = configs.getenv("TILEATTN_GLUON_FWD_CONFIG")
     if env:
         return tuple(int(x) for x in env.split(","))
-    return (128, 128, 8, 2, 2) if head_dim == 128 else (128, 128, 8, 3, 2)
+    return (128, 2, 2, 240, 24, 168) if head_dim == 128 else (128, 3, 2, 240, 24, 168)
 
 
 def _desc(t: torch.Tensor, block, gdtype):
@@ -229,17 +268,18 @@ def attention_forward(q, k, v, p: AttnParams, residual=False):
     out = torch.empty((batch, seqlen_q, q_heads, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
     resid = torch.empty_like(out) if residual else None
-    bm, bn, warps, ks, vs = config(d, p.causal_like)
+    bn, ks, vs, creg, preg, maxnreg = config(d, p.causal_like)
+    half = 64
     gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_desc = _desc(q, [1, bm, 1, d], gdtype)
+    q_desc = _desc(q, [1, half, 1, d], gdtype)
     k_desc = _desc(k, [1, bn, 1, d], gdtype)
     v_desc = _desc(v, [1, bn, 1, d], gdtype)
-    o_desc = _desc(out, [1, bm, 1, d], gdtype)
-    r_desc = _desc(resid, [1, bm, 1, d], gdtype) if residual else o_desc
-    num_m_tiles = triton.cdiv(seqlen_q, bm)
+    o_desc = _desc(out, [1, half, 1, d], gdtype)
+    r_desc = _desc(resid, [1, half, 1, d], gdtype) if residual else o_desc
+    num_m_tiles = triton.cdiv(seqlen_q, 2 * half)
     _fwd_kernel[(num_m_tiles * batch * q_heads,)](
         q_desc, k_desc, v_desc, o_desc, r_desc, lse,
         seqlen_q, seqlen_k, q_heads, q_heads // kv_heads, num_m_tiles, p.qk_scale, q_heads * seqlen_q, seqlen_q,
-        BLOCK_M=bm, BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=p.window_right == 0,
-        STORE_RESID=residual, num_warps=warps)
+        BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=p.window_right == 0,
+        STORE_RESID=residual, CONSUMER_REGS=creg, PRODUCER_REGS=preg, num_warps=4, maxnreg=maxnreg)
     return (out, lse, resid) if residual else (out, lse)
