@@ -225,3 +225,20 @@ def test_launch_plain_path_for_non_kernels(monkeypatch):
             return lambda *a, **kw: seen.append((grid, a, kw)) or "ran"
     assert launch_mod.launch(Spy(), (2,), (1, 2), dict(X=3), 4, 2) == "ran"
     assert seen == [((2,), (1, 2), dict(X=3, num_warps=4, num_stages=2))]
+
+
+def test_gluon_descriptors_keyed_by_layout():
+    """Gluon host descriptors carry the shared-memory layout the kernel is compiled for: two descriptors equal but
+    for the layout must not share a cache entry."""
+    gluon_forward = pytest.importorskip("tileattn.kernels.gluon_forward")
+    if not gluon_forward.AVAILABLE:
+        pytest.skip("this triton has no Gluon")
+    t = torch.zeros(2, 64, 4, 128, dtype=torch.bfloat16)
+    a = gluon_forward._desc(t, (1, 64, 1, 128), True)
+    b = gluon_forward._desc(t, (1, 64, 1, 128), True)
+    c = gluon_forward._desc(t, (1, 64, 1, 128), True)
+    c.layout = type(a.layout)(swizzle_byte_width=64, element_bitwidth=16, rank=4)
+    assert launch_mod._spec(a) == launch_mod._spec(b)
+    assert launch_mod._spec(a) != launch_mod._spec(c)
+    assert launch_mod._spec(a)[:6] == (torch.bfloat16, True, (2, 64, 4, 128), tuple(t.stride()), (1, 64, 1, 128),
+                                       "zero")

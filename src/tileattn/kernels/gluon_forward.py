@@ -13,10 +13,13 @@ out (B, Sq, Hq, D) contiguous; lse (B, Hq, Sq) fp32 natural log. One program per
 """
 
 
+import functools
+
 import torch
 import triton
 
 from .. import configs
+from .launch import launch
 from .params import AttnParams
 
 try:  # Gluon ships with triton >= 3.5; without it every call takes the portable kernel
@@ -255,9 +258,24 @@ def config(head_dim: int, causal: bool):
     return (128, 2, 2, 240, 24, 168) if head_dim == 128 else (128, 3, 2, 240, 24, 168)
 
 
-def _desc(t: torch.Tensor, block, gdtype):
-    layout = gl.NVMMASharedLayout.get_default_for(block, gdtype)
-    return GluonTensorDescriptor(t, list(t.shape), list(t.stride()), block, layout)
+@functools.lru_cache(maxsize=None)
+def _smem_layout(block, bf16: bool):
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if bf16 else gl.float16)
+
+
+_FIELDS = ("base", "shape", "strides", "block_shape", "layout", "padding")
+
+
+def _desc(t: torch.Tensor, block: tuple, bf16: bool):
+    """Gluon host descriptor of a (B, S, H, D) tensor that ``applies`` checked by TMA's rules, without the
+    dataclass's re-validation (host time, as forward._descriptor)."""
+    layout = _smem_layout(block, bf16)
+    if tuple(getattr(GluonTensorDescriptor, "__dataclass_fields__", ())) == _FIELDS:
+        d = object.__new__(GluonTensorDescriptor)
+        d.__dict__.update(base=t, shape=list(t.shape), strides=list(t.stride()), block_shape=list(block),
+                          layout=layout, padding="zero")
+        return d
+    return GluonTensorDescriptor(t, list(t.shape), list(t.stride()), list(block), layout)
 
 
 def attention_forward(q, k, v, p: AttnParams, residual=False):
@@ -270,16 +288,16 @@ def attention_forward(q, k, v, p: AttnParams, residual=False):
     resid = torch.empty_like(out) if residual else None
     bn, ks, vs, creg, preg, maxnreg = config(d, p.causal_like)
     half = 64
-    gdtype = gl.bfloat16 if q.dtype == torch.bfloat16 else gl.float16
-    q_desc = _desc(q, [1, half, 1, d], gdtype)
-    k_desc = _desc(k, [1, bn, 1, d], gdtype)
-    v_desc = _desc(v, [1, bn, 1, d], gdtype)
-    o_desc = _desc(out, [1, half, 1, d], gdtype)
-    r_desc = _desc(resid, [1, half, 1, d], gdtype) if residual else o_desc
+    bf16 = q.dtype == torch.bfloat16
+    q_desc = _desc(q, (1, half, 1, d), bf16)
+    k_desc = _desc(k, (1, bn, 1, d), bf16)
+    v_desc = _desc(v, (1, bn, 1, d), bf16)
+    o_desc = _desc(out, (1, half, 1, d), bf16)
+    r_desc = _desc(resid, (1, half, 1, d), bf16) if residual else o_desc
     num_m_tiles = triton.cdiv(seqlen_q, 2 * half)
-    _fwd_kernel[(num_m_tiles * batch * q_heads,)](
+    launch(_fwd_kernel, (num_m_tiles * batch * q_heads,), (
         q_desc, k_desc, v_desc, o_desc, r_desc, lse,
-        seqlen_q, seqlen_k, q_heads, q_heads // kv_heads, num_m_tiles, p.qk_scale, q_heads * seqlen_q, seqlen_q,
-        BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=p.window_right == 0,
-        STORE_RESID=residual, CONSUMER_REGS=creg, PRODUCER_REGS=preg, num_warps=4, maxnreg=maxnreg)
+        seqlen_q, seqlen_k, q_heads, q_heads // kv_heads, num_m_tiles, p.qk_scale, q_heads * seqlen_q, seqlen_q),
+        dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=p.window_right == 0, STORE_RESID=residual,
+             CONSUMER_REGS=creg, PRODUCER_REGS=preg), 4, 3, maxnreg=maxnreg)
     return (out, lse, resid) if residual else (out, lse)

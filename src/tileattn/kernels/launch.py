@@ -34,11 +34,17 @@ try:
 except ImportError:  # older Triton: no host descriptors, nothing to key on
     class TensorDescriptor:  # noqa: D401 - placeholder type that no argument is an instance of
         pass
+try:  # Gluon's host descriptor: the same fields plus the shared-memory layout, which the kernel specialises on
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+except ImportError:
+    class GluonTensorDescriptor:  # noqa: D401 - placeholder type that no argument is an instance of
+        pass
 
 _TENSOR = torch.Tensor
 _PLAIN = frozenset((int, float, bool, str, type(None)))  # keyed by value (with the types tuple beside)
 _raw_stream = getattr(torch._C, "_cuda_getCurrentRawStream", lambda d: torch.cuda.current_stream(d).cuda_stream)
-_DESC = TensorDescriptor
+_DESC = (TensorDescriptor, GluonTensorDescriptor)
+_layout_keys = {}  # id(layout) -> (layout, its repr): the layout object kept alive so that its id stays its own
 _state = {}  # JITFunction -> (param names, defaults by name, {key: (compiled kernel, direct)}, {types: layout})
 stats = {"hits": 0, "misses": 0}  # for tests and benchmarks/host_profile.py
 
@@ -48,8 +54,14 @@ def _spec(v):
     value, and by dtype and 16-byte alignment): a host descriptor's geometry, anything else itself."""
     if isinstance(v, _DESC):
         b = v.base
+        layout = getattr(v, "layout", None)  # Gluon descriptors (an unhashable dataclass): keyed by its repr
+        if layout is not None:
+            entry = _layout_keys.get(id(layout))
+            if entry is None or entry[0] is not layout:
+                entry = _layout_keys[id(layout)] = (layout, repr(layout))
+            layout = entry[1]
         return (b.dtype, b.data_ptr() % 16 == 0, tuple(v.shape), tuple(v.strides), tuple(v.block_shape),
-                v.padding)
+                v.padding, layout)
     return v
 
 
@@ -154,11 +166,13 @@ def _expand(vals, descs):
     return out
 
 
-def launch(fn, grid, args, kwargs, num_warps: int, num_stages: int):
-    """``fn[grid](*args, **kwargs, num_warps=num_warps, num_stages=num_stages)``, through the cache above.
+def launch(fn, grid, args, kwargs, num_warps: int, num_stages: int, maxnreg=None):
+    """``fn[grid](*args, **kwargs, num_warps=num_warps, num_stages=num_stages[, maxnreg=maxnreg])``, through the
+    cache above.
 
-    ``fn`` a ``@triton.jit`` kernel; ``grid`` a tuple of ints; ``args`` the leading positional arguments;
-    ``kwargs`` the rest by name (constexprs included). No other launch options."""
+    ``fn`` a ``@triton.jit`` or ``@gluon.jit`` kernel; ``grid`` a tuple of ints; ``args`` the leading positional
+    arguments; ``kwargs`` the rest by name (constexprs included). No other launch options."""
+    opts = {} if maxnreg is None else {"maxnreg": maxnreg}
     st = _kernel_state(fn) if _ENABLED else None
     vals = None
     if st is not None:
@@ -168,20 +182,20 @@ def launch(fn, grid, args, kwargs, num_warps: int, num_stages: int):
         except KeyError:  # a missing argument: Triton's path reports it
             pass
     if vals is None:  # interpreter, cache off, not a @triton.jit kernel, or an argument missing
-        return fn[grid](*args, **kwargs, num_warps=num_warps, num_stages=num_stages)
+        return fn[grid](*args, **kwargs, num_warps=num_warps, num_stages=num_stages, **opts)
     device = torch.cuda.current_device()  # Triton compiles for and launches on the current device, as here
     types = tuple(map(type, vals))
     layout = layouts.get(types)
     if layout is None:
         layout = layouts[types] = _layout(types)
     plain, tensors, other = layout
-    key = (device, num_warps, num_stages, triton.knobs.runtime.debug, types, plain(vals),
+    key = (device, num_warps, num_stages, maxnreg, triton.knobs.runtime.debug, types, plain(vals),
            tuple([(vals[i].dtype, not vals[i].data_ptr() & 15) for i in tensors]),
            tuple([_spec(vals[i]) for i in other]))
     entry = cache.get(key)
     if entry is None:
         stats["misses"] += 1
-        kernel = fn[grid](*args, **kwargs, num_warps=num_warps, num_stages=num_stages)
+        kernel = fn[grid](*args, **kwargs, num_warps=num_warps, num_stages=num_stages, **opts)
         if hasattr(kernel, "result"):  # asynchronous compilation mode: a future
             kernel = kernel.result()
         if len(cache) >= _MAX_ENTRIES:
