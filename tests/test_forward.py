@@ -207,9 +207,11 @@ def _tma_available():
 
 @pytest.fixture
 def tma_spy(monkeypatch):
-    """Turn on the opt-in TMA forward and record whether each launch built its K/V descriptors."""
+    """Turn on the opt-in TMA forward of the portable kernel (the Hopper Gluon forward off: it would take the
+    calls in its scope) and record whether each launch built its K/V descriptors."""
     from tileattn.kernels import forward as fwd_mod
     monkeypatch.setenv("TILEATTN_TMA", "1")
+    monkeypatch.setenv("TILEATTN_GLUON", "0")
     built = []
     real = fwd_mod._kv_descriptors
 
