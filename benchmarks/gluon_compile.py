@@ -22,7 +22,10 @@ from tileattn.kernels import gluon_forward as gf  # noqa: E402
 
 
 def compile_fwd(d=128, causal=False, cfg=None, resid=True):
-    bn, ks, vs, creg, preg, maxnreg = cfg or gf.config(d, causal)
+    from tileattn import configs
+    c = configs.gluon_forward_config(d)
+    bn, ks, vs, creg, preg, maxnreg = cfg or (c.block_n, c.k_stages, c.v_stages, c.consumer_regs, c.producer_regs,
+                                              c.maxnreg)
     bm = 64
     def desc(rows):
         layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gl.bfloat16)

@@ -30,6 +30,10 @@ def _params(q, k, causal=False, **kw):
 
 @pytest.fixture
 def spy(monkeypatch):
+    """Record the Gluon forward's calls; every sequence length in its scope (the table sends D=64 calls with
+    fewer than 2048 keys to the portable kernel, which is faster there)."""
+    from tileattn import configs
+    monkeypatch.setitem(configs._GLUON_FWD, 64, configs.GluonForwardConfig(128, 3, 2, 240, 24, 168))
     calls = []
     real = gluon_forward.attention_forward
 
@@ -56,6 +60,10 @@ def test_scope_on_hopper(monkeypatch):
     assert not gluon_forward.applies(q, k, k, _params(q, k, softcap=5.0))
     assert not gluon_forward.applies(q, k, k, _params(q, k, window_left=16))
     assert not gluon_forward.applies(q[..., :96], k[..., :96], k[..., :96], _params(q, k))
+    q64, k64 = q[..., :64].contiguous(), k[..., :64].contiguous()
+    assert not gluon_forward.applies(q64, k64, k64, _params(q64, k64))  # D=64: from 2048 keys only
+    k64 = torch.zeros(2, 2048, 2, 64, device="cuda", dtype=torch.bfloat16)
+    assert gluon_forward.applies(q64, k64, k64, _params(q64, k64))
     assert not gluon_forward.applies(q[:, :, :, 1:65], k[..., :64], k[..., :64], _params(q, k))  # misaligned
     monkeypatch.setenv("TILEATTN_GLUON", "0")
     assert not gluon_forward.applies(q, k, k, _params(q, k))

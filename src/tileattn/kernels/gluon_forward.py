@@ -234,9 +234,10 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
     if not AVAILABLE or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or not _enabled():
         return False
     d = q.shape[3]
-    if d not in (64, 128) or k.shape[3] != d or v.shape[3] != d or block_table is not None or p.varlen:
+    cfg = configs.gluon_forward_config(d)
+    if cfg is None or k.shape[3] != d or v.shape[3] != d or block_table is not None or p.varlen:
         return False
-    if q.numel() == 0 or k.numel() == 0:
+    if q.numel() == 0 or k.numel() == 0 or k.shape[1] < cfg.min_seqlen_k:
         return False
     if (p.window_left >= 0 or p.window_right not in (-1, 0) or p.softcap > 0 or p.alibi_slopes is not None
             or p.sink is not None or p.dropout_p > 0):
@@ -247,15 +248,6 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
         if t.data_ptr() % 16 or any(st * 2 % 16 for st in t.stride()[:-1]) or t.stride(-1) != 1:
             return False
     return True
-
-
-def config(head_dim: int, causal: bool):
-    """(block_n, k_stages, v_stages, consumer_regs, producer_regs, maxnreg) for the 128-row tile (two 64-row
-    consumer warpgroups); ``TILEATTN_GLUON_FWD_CONFIG=bn,ks,vs,creg,preg,maxnreg`` overrides."""
-    env = configs.getenv("TILEATTN_GLUON_FWD_CONFIG")
-    if env:
-        return tuple(int(x) for x in env.split(","))
-    return (128, 2, 2, 240, 24, 168) if head_dim == 128 else (128, 3, 2, 240, 24, 168)
 
 
 @functools.lru_cache(maxsize=None)
@@ -286,8 +278,8 @@ def attention_forward(q, k, v, p: AttnParams, residual=False):
     out = torch.empty((batch, seqlen_q, q_heads, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
     resid = torch.empty_like(out) if residual else None
-    bn, ks, vs, creg, preg, maxnreg = config(d, p.causal_like)
-    half = 64
+    cfg = configs.gluon_forward_config(d)
+    bn, half = cfg.block_n, 64
     bf16 = q.dtype == torch.bfloat16
     q_desc = _desc(q, (1, half, 1, d), bf16)
     k_desc = _desc(k, (1, bn, 1, d), bf16)
@@ -298,6 +290,7 @@ def attention_forward(q, k, v, p: AttnParams, residual=False):
     launch(_fwd_kernel, (num_m_tiles * batch * q_heads,), (
         q_desc, k_desc, v_desc, o_desc, r_desc, lse,
         seqlen_q, seqlen_k, q_heads, q_heads // kv_heads, num_m_tiles, p.qk_scale, q_heads * seqlen_q, seqlen_q),
-        dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=p.window_right == 0, STORE_RESID=residual,
-             CONSUMER_REGS=creg, PRODUCER_REGS=preg), 4, 3, maxnreg=maxnreg)
+        dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.k_stages, V_STAGES=cfg.v_stages, CAUSAL=p.window_right == 0,
+             STORE_RESID=residual, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs),
+        4, 3, maxnreg=cfg.maxnreg)
     return (out, lse, resid) if residual else (out, lse)
