@@ -23,7 +23,7 @@ from tileattn.kernels import gluon_forward as gf  # noqa: E402
 
 def compile_fwd(d=128, causal=False, cfg=None, resid=True):
     from tileattn import configs
-    c = configs.gluon_forward_config(d)
+    c = configs._GLUON_FWD[d]  # the table entry, whether on by default or not
     bn, ks, vs, creg, preg, maxnreg = cfg or (c.block_n, c.k_stages, c.v_stages, c.consumer_regs, c.producer_regs,
                                               c.maxnreg)
     bm = 64

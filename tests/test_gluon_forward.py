@@ -34,6 +34,7 @@ def spy(monkeypatch):
     fewer than 2048 keys to the portable kernel, which is faster there)."""
     from tileattn import configs
     monkeypatch.setitem(configs._GLUON_FWD, 64, configs.GluonForwardConfig(128, 3, 2, 240, 24, 168))
+    monkeypatch.setenv("TILEATTN_GLUON", "all")  # the entries not yet measured (D=256) as well
     calls = []
     real = gluon_forward.attention_forward
 
@@ -60,6 +61,11 @@ def test_scope_on_hopper(monkeypatch):
     assert not gluon_forward.applies(q, k, k, _params(q, k, softcap=5.0))
     assert not gluon_forward.applies(q, k, k, _params(q, k, window_left=16))
     assert not gluon_forward.applies(q[..., :96], k[..., :96], k[..., :96], _params(q, k))
+    q256, k256 = (torch.zeros(1, 64, 2, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
+    assert not gluon_forward.applies(q256, k256, k256, _params(q256, k256))  # D=256: opt-in until measured
+    monkeypatch.setenv("TILEATTN_GLUON", "all")
+    assert gluon_forward.applies(q256, k256, k256, _params(q256, k256))
+    monkeypatch.setenv("TILEATTN_GLUON", "1")
     q64, k64 = q[..., :64].contiguous(), k[..., :64].contiguous()
     assert not gluon_forward.applies(q64, k64, k64, _params(q64, k64))  # D=64: from 2048 keys only
     k64 = torch.zeros(2, 2048, 2, 64, device="cuda", dtype=torch.bfloat16)
@@ -81,7 +87,7 @@ CASES = [  # B, Sq, Sk, Hq, Hkv
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
 def test_accuracy(case, causal, d, dtype, spy):
@@ -132,7 +138,7 @@ def _ptxas_available():
 
 @needs_gluon
 @pytest.mark.skipif(not _ptxas_available(), reason="needs triton's bundled ptxas")
-@pytest.mark.parametrize("d,causal", [(128, False), (128, True), (64, False)])
+@pytest.mark.parametrize("d,causal", [(128, False), (128, True), (64, False), (256, True)])
 def test_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal):
     """ptxas serialises every wgmma of a kernel (warning C7514) when a register accumulator stays in flight where
     other instructions read it; that would silently cost most of the speed, so the CPU suite checks for it.
@@ -140,6 +146,7 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal):
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.path.join(root, "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env["TILEATTN_GLUON"] = "all"
     args = [sys.executable, os.path.join(root, "benchmarks", "gluon_compile.py"), "--check", "--head-dim", str(d)]
     r = subprocess.run(args + (["--causal"] if causal else []), capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -367,7 +367,8 @@ class GluonForwardConfig:
     """The Hopper Gluon forward (kernels/gluon_forward.py): 128 query rows per program in two 64-row consumer
     warpgroups, ``block_n`` keys per tile, K and V rings of ``k_stages`` / ``v_stages`` slots, the registers per
     thread of the consumers and of the producer warp (setmaxnreg) and the kernel's ``maxnreg`` (the pool they are
-    taken from: 12 warps x maxnreg <= 64K); calls with fewer than ``min_seqlen_k`` keys take the portable kernel."""
+    taken from: 12 warps x maxnreg <= 64K); calls with fewer than ``min_seqlen_k`` keys take the portable kernel.
+    ``default_on=False``: an entry not yet measured on a GPU, used only with ``TILEATTN_GLUON=all``."""
     block_n: int
     k_stages: int
     v_stages: int
@@ -375,19 +376,26 @@ class GluonForwardConfig:
     producer_regs: int
     maxnreg: int
     min_seqlen_k: int = 0
+    default_on: bool = True
 
 
 # Run 52 (H200, same call, forward TFLOP/s Gluon vs the portable kernel): D=128 faster from 1k (1.07-1.27x) and
 # 0.97-1.09x at 512; D=64 0.78-0.89x at 512, 0.90-1.0x at 1k, 0.99-1.02x at 2k, 1.02-1.08x from 4k.
+# D=256 (session 10, after the last GPU call): compiled for sm_90a only (0 spills, 197 KB shared memory with 64-key
+# tiles and 2+2 stages; 3 K stages need 230 KB), opt-in until measured.
 _GLUON_FWD = {64: GluonForwardConfig(128, 3, 2, 240, 24, 168, min_seqlen_k=2048),
-              128: GluonForwardConfig(128, 2, 2, 240, 24, 168)}
+              128: GluonForwardConfig(128, 2, 2, 240, 24, 168),
+              256: GluonForwardConfig(64, 2, 2, 240, 24, 168, default_on=False)}
 
 
 def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
-    """The Gluon forward's parameters for a head dim, None where it has none (then the portable kernel runs).
-    ``TILEATTN_GLUON_FWD_CONFIG=block_n,k_stages,v_stages,consumer_regs,producer_regs,maxnreg`` overrides them
-    (and takes every sequence length)."""
+    """The Gluon forward's parameters for a head dim, None where it has none or the entry is off (then the
+    portable kernel runs). ``TILEATTN_GLUON=0`` turns every entry off, ``TILEATTN_GLUON=all`` every entry on
+    (those not yet measured included). ``TILEATTN_GLUON_FWD_CONFIG=block_n,k_stages,v_stages,consumer_regs,
+    producer_regs,maxnreg`` overrides an entry's parameters (and takes every sequence length)."""
+    mode = getenv("TILEATTN_GLUON", "1")
+    cfg = _GLUON_FWD.get(head_dim)
+    if cfg is None or mode == "0" or (not cfg.default_on and mode != "all"):
+        return None
     over = _override("TILEATTN_GLUON_FWD_CONFIG")
-    if over and head_dim in _GLUON_FWD:
-        return GluonForwardConfig(*over)
-    return _GLUON_FWD.get(head_dim)
+    return GluonForwardConfig(*over) if over else cfg

@@ -2,7 +2,8 @@
 softmax of key tile j computed while the tensor cores run QK^T of tile j+1 (FlashAttention-3's intra-warpgroup
 overlap), written out explicitly because Triton 3.6's own pipeliner does not schedule it.
 
-Scope (``applies``): sm90, fp16/bf16, Dqk == Dv in {64, 128}, dense batched inputs (no varlen, paging, window
+Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_forward_config`` (64 from 2048
+keys, 128; 256 opt-in with ``TILEATTN_GLUON=all`` until measured), dense batched inputs (no varlen, paging, window
 left bound, softcap, ALiBi, sink or dropout), causal or not (bottom-right aligned like the portable kernel).
 Every other call, and every other GPU, takes the portable Triton kernel in ``forward.py``; both produce the same
 outputs (out, lse, and the rounding residual for the backward), checked against the same reference in the tests.
@@ -225,13 +226,9 @@ if AVAILABLE:
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def _enabled() -> bool:
-    return configs.getenv("TILEATTN_GLUON", "1") != "0"
-
-
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, block_table=None) -> bool:
     """Whether this call takes the Gluon forward (see the module docstring for the scope)."""
-    if not AVAILABLE or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16) or not _enabled():
+    if not AVAILABLE or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return False
     d = q.shape[3]
     cfg = configs.gluon_forward_config(d)
