@@ -82,6 +82,19 @@ if AVAILABLE:
             mbarrier.wait(turn.index(1), r & 1)
 
     @gluon.jit
+    def _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w: gl.constexpr, t):
+        """Rescale O by alpha, issue O += P_t V_t (asynchronous) once V_t has landed, and hand the tensor cores to
+        the other warpgroup. Returns the in-flight accumulator."""
+        V_STAGES: gl.constexpr = v_smem.shape[0]
+        vs = t % V_STAGES
+        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
+        mbarrier.wait(v_ready.index(vs), (t // V_STAGES) & 1)
+        o_tok = warpgroup_mma(p_op, v_smem.index(vs).reshape([v_smem.shape[2], v_smem.shape[4]]), acc,
+                              is_async=True)
+        mbarrier.arrive(turn.index(1 - w), count=1)
+        return o_tok
+
+    @gluon.jit
     def _consumer(w: gl.constexpr, o_desc, r_desc, LSE, q_smem, k_smem, v_smem, bars, b, h, start_m, n,
                   seqlen_q, seqlen_k, qk_scale, stride_lb, stride_lh,
                   HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
@@ -128,26 +141,18 @@ if AVAILABLE:
                 mbarrier.wait(k_ready.index(ks), (j // K_STAGES) & 1)
                 s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
-                acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-                vs = (j - 1) % V_STAGES
-                mbarrier.wait(v_ready.index(vs), ((j - 1) // V_STAGES) & 1)
-                o_tok = warpgroup_mma(p_op, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
-                mbarrier.arrive(turn.index(1 - w), count=1)
+                o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, j - 1)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
                 mbarrier.arrive(k_empty.index(ks), count=1)
                 p, alpha, m_i, l_i = _softmax_tile(s, j, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale,
                                                    CAUSAL)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
-                mbarrier.arrive(v_empty.index(vs), count=1)
+                mbarrier.arrive(v_empty.index((j - 1) % V_STAGES), count=1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
             _turn_wait(turn, w, n)
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            vs = (n - 1) % V_STAGES
-            mbarrier.wait(v_ready.index(vs), ((n - 1) // V_STAGES) & 1)
-            o_tok = warpgroup_mma(p_op, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]), acc, is_async=True)
-            mbarrier.arrive(turn.index(1 - w), count=1)
+            o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, n - 1)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
-            mbarrier.arrive(v_empty.index(vs), count=1)
+            mbarrier.arrive(v_empty.index((n - 1) % V_STAGES), count=1)
 
         # rows that saw no key: l = 0, m = -inf -> out 0, lse -inf
         l_safe = gl.where(l_i == 0.0, 1.0, l_i)
