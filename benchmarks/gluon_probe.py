@@ -1,7 +1,8 @@
 """GPU probe of the Gluon forward: each case in its own subprocess under a timeout (a wrong mbarrier phase hangs
 the GPU), printing the largest errors of out / lse against the float32 reference and any exception.
 
-Usage: PYTHONPATH=src python benchmarks/gluon_probe.py [--timeout 60]
+Usage: PYTHONPATH=src [TILEATTN_GLUON=all] python benchmarks/gluon_probe.py [--timeout 60]
+(the D=256 cases take the Gluon forward only with TILEATTN_GLUON=all: the "gluon=" field says which ran)
 """
 import argparse
 import os
@@ -11,7 +12,7 @@ import sys
 CASES = [  # B, Sq, Sk, Hq, Hkv, D, causal
     (1, 128, 128, 1, 1, 128, False), (1, 17, 17, 1, 1, 128, False), (1, 300, 300, 2, 2, 128, False),
     (1, 300, 300, 2, 2, 128, True), (2, 1000, 1000, 4, 2, 64, False), (1, 257, 1031, 2, 1, 128, True),
-    (2, 4096, 4096, 4, 4, 128, True),
+    (2, 4096, 4096, 4, 4, 128, True), (1, 300, 300, 2, 2, 256, True), (2, 1000, 1000, 2, 1, 256, False),
 ]
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -51,6 +51,15 @@ for stage in "$@"; do
            python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --modes fwd --check --no-plot \
              --providers tileattn,tileattn_triton,sdpa_flash,sdpa_cudnn --out-dir "$OUT" --prefix gluon_fwd ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/gluon_bench.log" | grep -v "it/s\]" || status=1 ;;
+    # session 10's leftovers: the Gluon probe with the opt-in entries (D=256), the test files run 54 did not reach,
+    # then D=256 / D=128 forwards: Gluon (all entries) vs the portable kernel vs cuDNN, same call
+    gluon-next) TILEATTN_GLUON=all python3 benchmarks/gluon_probe.py --timeout 40 2>&1 | tee "$OUT/gluon_probe.log"
+           if grep -q "TIMEOUT\|rc=" "$OUT/gluon_probe.log"; then status=1; else
+           python3 -m pytest tests -q -n 14 -p no:cacheprovider -rf -p no:benchmark --ignore=tests/test_sweep.py \
+             --ignore=tests/test_forward.py --ignore=tests/test_backward.py --ignore=tests/test_api.py \
+             --ignore=tests/test_memory.py --ignore=tests/test_flash_api.py 2>&1 | tee "$OUT/tests_rest_remainder.log" | tail -15 || status=1
+           python3 -m tileattn.bench --head-dims 256,128 --modes fwd --no-plot --out-dir "$OUT" --prefix gluon_next \
+             --providers tileattn,tileattn_gluon_all,tileattn_triton,sdpa_cudnn 2>&1 | tee "$OUT/gluon_next_bench.log" | grep -v "it/s\]"; fi ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;
