@@ -398,4 +398,7 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
     if cfg is None or mode == "0" or (not cfg.default_on and mode != "all"):
         return None
     over = _override("TILEATTN_GLUON_FWD_CONFIG")
+    if over and len(over) != 6:
+        raise ValueError("TILEATTN_GLUON_FWD_CONFIG must be 6 integers: block_n,k_stages,v_stages,consumer_regs,"
+                         f"producer_regs,maxnreg; got {over}")
     return GluonForwardConfig(*over) if over else cfg

@@ -58,6 +58,8 @@ def _spec(v):
         if layout is not None:
             entry = _layout_keys.get(id(layout))
             if entry is None or entry[0] is not layout:
+                if len(_layout_keys) >= _MAX_ENCODED:
+                    _layout_keys.clear()
                 entry = _layout_keys[id(layout)] = (layout, repr(layout))
             layout = entry[1]
         return (b.dtype, b.data_ptr() % 16 == 0, tuple(v.shape), tuple(v.strides), tuple(v.block_shape),
