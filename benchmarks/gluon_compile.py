@@ -2,7 +2,7 @@
 memory and the main loop's SASS mix (HGMMA, barriers, shuffles).
 
 Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--causal] [--config bn,ks,vs,creg,preg,maxnreg]
-           [--resid] [--sass]
+           [--no-resid] [--softcap] [--sink] [--fp16] [--sass] [--check]
 """
 import argparse
 import collections
@@ -21,24 +21,24 @@ from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 from tileattn.kernels import gluon_forward as gf  # noqa: E402
 
 
-def compile_fwd(d=128, causal=False, cfg=None, resid=True):
+def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=False, fp16=False):
     from tileattn import configs
     c = configs._GLUON_FWD[d]  # the table entry, whether on by default or not
     bn, ks, vs, creg, preg, maxnreg = cfg or (c.block_n, c.k_stages, c.v_stages, c.consumer_regs, c.producer_regs,
                                               c.maxnreg)
     bm = 64
     def desc(rows):
-        layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gl.bfloat16)
-        return f"tensordesc<bf16[1,{rows},1,{d}],{layout!r}>"
+        layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gl.float16 if fp16 else gl.bfloat16)
+        return f"tensordesc<{'fp16' if fp16 else 'bf16'}[1,{rows},1,{d}],{layout!r}>"
     sig = {"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn), "o_desc": desc(bm), "r_desc": desc(bm),
-           "LSE": "*fp32", "qk_scale": "fp32"}
+           "LSE": "*fp32", "SINK": "*fp32", "qk_scale": "fp32", "softcap": "fp32"}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=causal, STORE_RESID=resid,
-                  CONSUMER_REGS=creg, PRODUCER_REGS=preg)
+                  HAS_SOFTCAP=softcap, HAS_SINK=sink, CONSUMER_REGS=creg, PRODUCER_REGS=preg)
     fn = gf._fwd_kernel
     for name in fn.arg_names:
         if name not in sig:
             sig[name] = "constexpr" if name in consts else "i32"
-    attrs = {(fn.arg_names.index("LSE"),): [["tt.divisibility", 16]]}
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("LSE", "SINK")}
     k = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
     return k
@@ -66,12 +66,15 @@ def main():
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--config")
     ap.add_argument("--no-resid", action="store_true")
+    ap.add_argument("--softcap", action="store_true")
+    ap.add_argument("--sink", action="store_true")
+    ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--sass", action="store_true", help="print the main loop's SASS")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless ptxas reports no spills and no serialised wgmma (C7514)")
     a = ap.parse_args()
     cfg = tuple(int(x) for x in a.config.split(",")) if a.config else None
-    k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid)
+    k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, a.softcap, a.sink, a.fp16)
     if a.check:
         report = ptxas_messages(k.asm["ptx"])
         print(report)

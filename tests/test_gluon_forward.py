@@ -117,6 +117,38 @@ def test_strided_inputs(layout, spy):
 
 @hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("feat", ["softcap", "sink", "softcap+sink"])
+def test_softcap_and_sink(feat, causal, dtype, spy):
+    """Softcap and sink as the Gluon kernel's constexpr features (TILEATTN_GLUON=all until measured): out, lse and
+    the gradients (d(sink) included; the backward is the portable kernel's) against the reference."""
+    import test_features
+    B, Sq, Sk, Hq, Hkv, D = 2, 333, 777, 4, 2, 128
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("gluon-feat", feat, causal), requires_grad=True)
+    kw = {}
+    if "softcap" in feat:
+        kw["softcap"] = 5.0
+    if "sink" in feat:
+        kw["sink"] = randn((Hq,), torch.float32, gen).requires_grad_()
+    test_features._check(q, k, v, randn((B, Sq, Hq, D), dtype, gen), causal=causal, ctx="gluon", **kw)
+    assert spy, "the call did not take the Gluon forward"
+
+
+@hopper
+@pytest.mark.gpu
+def test_features_stay_portable_by_default(spy, monkeypatch):
+    monkeypatch.setenv("TILEATTN_GLUON", "1")
+    q, k, v, _ = make_qkv(1, 256, 256, 2, 2, 128, torch.bfloat16, seed_for("gluon-default-feat"))
+    tileattn.attention(q, k, v, softcap=5.0)
+    tileattn.attention(q, k, v, sink=torch.zeros(2, device="cuda"))
+    assert not spy
+    tileattn.attention(q, k, v)
+    assert spy
+
+
+@hopper
+@pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
 def test_agrees_with_portable_kernel(causal, monkeypatch):
     q, k, v, _ = make_qkv(2, 777, 777, 4, 2, 128, torch.bfloat16, seed_for("gluon-vs-portable", causal))
@@ -138,8 +170,10 @@ def _ptxas_available():
 
 @needs_gluon
 @pytest.mark.skipif(not _ptxas_available(), reason="needs triton's bundled ptxas")
-@pytest.mark.parametrize("d,causal", [(128, False), (128, True), (64, False), (256, True)])
-def test_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal):
+@pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ()), (64, False, ()), (256, True, ()),
+                                            (128, True, ("--softcap", "--sink")),
+                                            (64, False, ("--softcap", "--sink", "--fp16"))])
+def test_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal, extra):
     """ptxas serialises every wgmma of a kernel (warning C7514) when a register accumulator stays in flight where
     other instructions read it; that would silently cost most of the speed, so the CPU suite checks for it.
     (In a subprocess: this session's TRITON_INTERPRET=1 turns Gluon's library functions into interpreted ones.)"""
@@ -147,6 +181,7 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal):
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.path.join(root, "src") + os.pathsep + env.get("PYTHONPATH", "")
     env["TILEATTN_GLUON"] = "all"
+    env["TILEATTN_FAST_TANH"] = "1"  # the GPU's softcap path (hardware tanh for bf16)
     args = [sys.executable, os.path.join(root, "benchmarks", "gluon_compile.py"), "--check", "--head-dim", str(d)]
-    r = subprocess.run(args + (["--causal"] if causal else []), capture_output=True, text=True, env=env)
+    r = subprocess.run(args + (["--causal"] if causal else []) + list(extra), capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout + r.stderr

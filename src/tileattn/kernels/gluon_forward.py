@@ -4,7 +4,8 @@ overlap), written out explicitly because Triton 3.6's own pipeliner does not sch
 
 Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_forward_config`` (64 from 2048
 keys, 128; 256 opt-in with ``TILEATTN_GLUON=all`` until measured), dense batched inputs (no varlen, paging, window
-left bound, softcap, ALiBi, sink or dropout), causal or not (bottom-right aligned like the portable kernel).
+left bound, ALiBi or dropout), causal or not (bottom-right aligned like the portable kernel). Softcap and sink
+are constexpr features of the kernel, used with ``TILEATTN_GLUON=all`` until measured.
 Every other call, and every other GPU, takes the portable Triton kernel in ``forward.py``; both produce the same
 outputs (out, lse, and the rounding residual for the backward), checked against the same reference in the tests.
 
@@ -20,6 +21,7 @@ import torch
 import triton
 
 from .. import configs
+from .common import FAST_TANH
 from .launch import launch
 from .params import AttnParams
 
@@ -36,19 +38,42 @@ except ImportError:  # pragma: no cover - older triton
 
 if AVAILABLE:
     @gluon.jit
-    def _softmax_tile(s, j, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, CAUSAL: gl.constexpr):
+    def _tanh(x, IS_BF16: gl.constexpr):
+        """tanh as the portable kernel's softcap computes it (common.scores): the hardware tanh for bf16 inputs,
+        exp and an approximate reciprocal for fp16 (TILEATTN_EXACT_TANH=1: the exact formula for both)."""
+        if FAST_TANH and IS_BF16:
+            t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True,
+                                          pack=1)
+        elif FAST_TANH:
+            t = 1.0 - gl.fdiv(2.0, gl.exp(2.0 * x) + 1.0)
+        else:
+            t = 1.0 - 2.0 / (gl.exp(2.0 * x) + 1.0)
+        return t
+
+    @gluon.jit
+    def _softmax_tile(s, j, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap, CAUSAL: gl.constexpr,
+                      HAS_SOFTCAP: gl.constexpr, IS_BF16: gl.constexpr):
         """Online-softmax step for key tile j: mask it when it is past the full tiles, then return
-        (p unnormalised fp32, alpha = exp2(m_old - m_new), m_new, l_new). Rows that have seen no key keep m = -inf."""
+        (p unnormalised fp32, alpha = exp2(m_old - m_new), m_new, l_new). Rows that have seen no key keep m = -inf.
+        With a softcap the scores become softcap * tanh(q.k * qk_scale) (softcap pre-multiplied by log2 e)."""
+        if HAS_SOFTCAP:
+            s = softcap * _tanh(s * qk_scale, IS_BF16)
         if j >= n_full:  # uniform branch: the diagonal / sequence-end tiles only
             keys = j * s.shape[1] + cols
             visible = (keys < seqlen_k)[None, :]
             if CAUSAL:
                 visible = visible & (keys[None, :] <= rows[:, None] + diag)
             s = gl.where(visible, s, float("-inf"))
-        m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        if HAS_SOFTCAP:
+            m_new = gl.maximum(m_i, gl.max(s, axis=1))
+        else:
+            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_use)
-        p = gl.exp2(s * qk_scale - m_use[:, None])
+        if HAS_SOFTCAP:
+            p = gl.exp2(s - m_use[:, None])
+        else:
+            p = gl.exp2(s * qk_scale - m_use[:, None])
         l_new = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_new
 
@@ -95,11 +120,11 @@ if AVAILABLE:
         return o_tok
 
     @gluon.jit
-    def _consumer(w: gl.constexpr, o_desc, r_desc, LSE, q_smem, k_smem, v_smem, bars, b, h, start_m, n,
-                  seqlen_q, seqlen_k, qk_scale, stride_lb, stride_lh,
+    def _consumer(w: gl.constexpr, o_desc, r_desc, LSE, SINK, q_smem, k_smem, v_smem, bars, b, h, start_m, n,
+                  seqlen_q, seqlen_k, qk_scale, softcap, stride_lb, stride_lh,
                   HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                   K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                  STORE_RESID: gl.constexpr):
+                  STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr):
         """One warpgroup: rows [start_m + w * HALF_M, + HALF_M) of the query tile, all n key tiles."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         dtype: gl.constexpr = o_desc.dtype
@@ -133,7 +158,8 @@ if AVAILABLE:
             mbarrier.arrive(turn.index(1 - w), count=1)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(0), count=1)
-            p, alpha, m_i, l_i = _softmax_tile(s, 0, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, CAUSAL)
+            p, alpha, m_i, l_i = _softmax_tile(s, 0, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap,
+                                               CAUSAL, HAS_SOFTCAP, dtype == gl.bfloat16)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             for j in range(1, n):
                 _turn_wait(turn, w, j)
@@ -145,7 +171,7 @@ if AVAILABLE:
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
                 mbarrier.arrive(k_empty.index(ks), count=1)
                 p, alpha, m_i, l_i = _softmax_tile(s, j, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale,
-                                                   CAUSAL)
+                                                   softcap, CAUSAL, HAS_SOFTCAP, dtype == gl.bfloat16)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
                 mbarrier.arrive(v_empty.index((j - 1) % V_STAGES), count=1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -154,6 +180,14 @@ if AVAILABLE:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
             mbarrier.arrive(v_empty.index((n - 1) % V_STAGES), count=1)
 
+        if HAS_SINK:  # the sink joins the denominator with no value
+            sink = gl.load(SINK + h).to(gl.float32) * 1.4426950408889634
+            m_new = gl.maximum(m_i, sink)
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a -inf sink on a row with no key: stay 0 / -inf
+            alpha = gl.exp2(m_i - m_use)
+            l_i = l_i * alpha + gl.exp2(sink - m_use)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            m_i = m_new
         # rows that saw no key: l = 0, m = -inf -> out 0, lse -inf
         l_safe = gl.where(l_i == 0.0, 1.0, l_i)
         acc = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
@@ -175,11 +209,12 @@ if AVAILABLE:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, r_desc, LSE,
-                    seqlen_q, seqlen_k, q_heads, group, num_m_tiles, qk_scale, stride_lb, stride_lh,
+    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, r_desc, LSE, SINK,
+                    seqlen_q, seqlen_k, q_heads, group, num_m_tiles, qk_scale, softcap, stride_lb, stride_lh,
                     BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                    STORE_RESID: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                    STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
+                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
         (64 query rows each), one more worker warp issues every TMA load."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
@@ -220,12 +255,12 @@ if AVAILABLE:
             mbarrier.init(v_empty.index(i), count=2)
         bars = (q_bars, k_ready, k_empty, v_ready, v_empty, turn)
         gl.warp_specialize([
-            (_consumer, (0, o_desc, r_desc, LSE, q_smem, k_smem, v_smem, bars, b, h, start_m, n, seqlen_q, seqlen_k,
-                         qk_scale, stride_lb, stride_lh, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
-                         STORE_RESID)),
-            (_consumer, (1, o_desc, r_desc, LSE, q_smem, k_smem, v_smem, bars, b, h, start_m, n, seqlen_q, seqlen_k,
-                         qk_scale, stride_lb, stride_lh, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
-                         STORE_RESID)),
+            (_consumer, (0, o_desc, r_desc, LSE, SINK, q_smem, k_smem, v_smem, bars, b, h, start_m, n, seqlen_q,
+                         seqlen_k, qk_scale, softcap, stride_lb, stride_lh, HALF_M, BLOCK_N, HEAD_D, K_STAGES,
+                         V_STAGES, CAUSAL, STORE_RESID, HAS_SOFTCAP, HAS_SINK)),
+            (_consumer, (1, o_desc, r_desc, LSE, SINK, q_smem, k_smem, v_smem, bars, b, h, start_m, n, seqlen_q,
+                         seqlen_k, qk_scale, softcap, stride_lb, stride_lh, HALF_M, BLOCK_N, HEAD_D, K_STAGES,
+                         V_STAGES, CAUSAL, STORE_RESID, HAS_SOFTCAP, HAS_SINK)),
             (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, n,
                                HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -241,9 +276,10 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
         return False
     if q.numel() == 0 or k.numel() == 0 or k.shape[1] < cfg.min_seqlen_k:
         return False
-    if (p.window_left >= 0 or p.window_right not in (-1, 0) or p.softcap > 0 or p.alibi_slopes is not None
-            or p.sink is not None or p.dropout_p > 0):
+    if p.window_left >= 0 or p.window_right not in (-1, 0) or p.alibi_slopes is not None or p.dropout_p > 0:
         return False
+    if (p.softcap > 0 or p.sink is not None) and configs.getenv("TILEATTN_GLUON") != "all":
+        return False  # softcap and sink: compiled, not yet measured on a GPU
     if configs._arch(configs._device_index(q.device), configs._arch_override())[0] != 9:
         return False  # TILEATTN_ARCH=8.0 forces the portable path on a Hopper card
     for t in (q, k, v):  # TMA: 16-byte aligned base and strides
@@ -290,9 +326,11 @@ def attention_forward(q, k, v, p: AttnParams, residual=False):
     r_desc = _desc(resid, (1, half, 1, d), bf16) if residual else o_desc
     num_m_tiles = triton.cdiv(seqlen_q, 2 * half)
     launch(_fwd_kernel, (num_m_tiles * batch * q_heads,), (
-        q_desc, k_desc, v_desc, o_desc, r_desc, lse,
-        seqlen_q, seqlen_k, q_heads, q_heads // kv_heads, num_m_tiles, p.qk_scale, q_heads * seqlen_q, seqlen_q),
+        q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
+        seqlen_q, seqlen_k, q_heads, q_heads // kv_heads, num_m_tiles, p.qk_scale, p.softcap_log2,
+        q_heads * seqlen_q, seqlen_q),
         dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.k_stages, V_STAGES=cfg.v_stages, CAUSAL=p.window_right == 0,
-             STORE_RESID=residual, CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs),
+             STORE_RESID=residual, HAS_SOFTCAP=p.softcap > 0, HAS_SINK=p.sink is not None,
+             CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs),
         4, 3, maxnreg=cfg.maxnreg)
     return (out, lse, resid) if residual else (out, lse)
