@@ -59,7 +59,10 @@ for stage in "$@"; do
              --ignore=tests/test_forward.py --ignore=tests/test_backward.py --ignore=tests/test_api.py \
              --ignore=tests/test_memory.py --ignore=tests/test_flash_api.py 2>&1 | tee "$OUT/tests_rest_remainder.log" | tail -15 || status=1
            python3 -m tileattn.bench --head-dims 256,128 --modes fwd --no-plot --out-dir "$OUT" --prefix gluon_next \
-             --providers tileattn,tileattn_gluon_all,tileattn_triton,sdpa_cudnn 2>&1 | tee "$OUT/gluon_next_bench.log" | grep -v "it/s\]"; fi ;;
+             --providers tileattn,tileattn_gluon_all,tileattn_triton,sdpa_cudnn 2>&1 | tee "$OUT/gluon_next_bench.log" | grep -v "it/s\]"
+           for g in 1 all; do echo "== TILEATTN_GLUON=$g"; TILEATTN_GLUON=$g python3 -m tileattn.bench_features \
+             --cases dense,softcap,sink --seqlens 2048,8192 --head-dim 128 2>&1 | grep -v "^#"; done \
+             | tee "$OUT/gluon_next_features.log"; fi ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;
