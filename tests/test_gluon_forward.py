@@ -2,7 +2,8 @@
 
 GPU (sm90): the calls it accepts go through it (spied), its out / lse / gradients pass the accuracy rule against
 the float64 reference on odd sizes, GQA, Sq != Sk, causal and strided inputs, and it agrees with the portable
-kernel (TILEATTN_GLUON=0). Every other GPU test file exercises it too, wherever a call is in its scope.
+kernel (TILEATTN_GLUON=0); softcap and sink through it (opt-in). Every other GPU test file exercises it too,
+wherever a call is in its scope.
 CPU: the dispatch rules, and the kernel compiled for sm_90a with Triton's bundled ptxas (no spills, no wgmma
 serialisation), which is what a change to the kernel most easily breaks without a GPU.
 """
@@ -70,7 +71,8 @@ def test_scope_on_hopper(monkeypatch):
     assert not gluon_forward.applies(q64, k64, k64, _params(q64, k64))  # D=64: from 2048 keys only
     k64 = torch.zeros(2, 2048, 2, 64, device="cuda", dtype=torch.bfloat16)
     assert gluon_forward.applies(q64, k64, k64, _params(q64, k64))
-    assert not gluon_forward.applies(q[:, :, :, 1:65], k[..., :64], k[..., :64], _params(q, k))  # misaligned
+    qm = q[:, :, :, 1:65]  # the same shape, its base 2 bytes off a 16-byte boundary: TMA cannot load it
+    assert not gluon_forward.applies(qm, k64, k64, _params(qm, k64))
     monkeypatch.setenv("TILEATTN_GLUON", "0")
     assert not gluon_forward.applies(q, k, k, _params(q, k))
     monkeypatch.setenv("TILEATTN_GLUON", "1")

@@ -1,6 +1,10 @@
-"""Hopper (sm90) forward in Gluon: TMA loads into shared-memory rings, asynchronous warpgroup MMAs, and the
-softmax of key tile j computed while the tensor cores run QK^T of tile j+1 (FlashAttention-3's intra-warpgroup
-overlap), written out explicitly because Triton 3.6's own pipeliner does not schedule it.
+"""Hopper (sm90) forward in Gluon, warp-specialised as FlashAttention-3: a producer warp issues every TMA load (the
+query tile's two 64-row halves, then K and V tiles into shared-memory rings with ready/empty mbarriers); two consumer
+warpgroups (64 query rows each, 240 registers each through setmaxnreg) run the online softmax with asynchronous
+warpgroup MMAs in FA3's order (QK^T of tile j is issued before O is rescaled; P_{j-1} V_{j-1} runs during tile j's
+softmax) and take turns issuing their matmuls (ping-pong through two mbarriers), so one warpgroup's softmax runs
+while the other's matmuls hold the tensor cores. Triton 3.6's own pipeliner and warp specialisation do neither
+(NOTES.md, sessions 8 and 10).
 
 Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_forward_config`` (64 from 2048
 keys, 128; 256 opt-in with ``TILEATTN_GLUON=all`` until measured), dense batched inputs (no varlen, paging, window
@@ -10,8 +14,10 @@ Every other call, and every other GPU, takes the portable Triton kernel in ``for
 outputs (out, lse, and the rounding residual for the backward), checked against the same reference in the tests.
 
 Layouts: q (B, Sq, Hq, D), k / v (B, Sk, Hkv, D), any strides with the last one 1 and 16-byte aligned (TMA);
-out (B, Sq, Hq, D) contiguous; lse (B, Hq, Sq) fp32 natural log. One program per (query tile, batch * q head),
-``num_warps`` warps whose warpgroups split the tile's rows; K/V tiles are TMA-loaded 4-D boxes (1, BLOCK_N, 1, D).
+out (B, Sq, Hq, D) contiguous; lse (B, Hq, Sq) fp32 natural log. One program per (128-row query tile, batch *
+q head); every tile is a TMA-loaded 4-D box (1, rows, 1, D), viewed as (rows, D) in shared memory. Rows past Sq
+and keys past Sk are zero-filled by TMA (keys masked to -inf in the last tile) and out's rows past Sq are clipped
+by the TMA store. Parameters per head dim: ``configs.GluonForwardConfig``.
 """
 
 
