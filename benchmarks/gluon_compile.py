@@ -2,7 +2,7 @@
 memory and the main loop's SASS mix (HGMMA, barriers, shuffles).
 
 Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--causal] [--config bn,ks,vs,creg,preg,maxnreg]
-           [--no-resid] [--softcap] [--sink] [--fp16] [--sass] [--check]
+           [--no-resid] [--softcap] [--sink] [--fp16] [--window] [--sass] [--check]
 """
 import argparse
 import collections
@@ -21,7 +21,7 @@ from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 from tileattn.kernels import gluon_forward as gf  # noqa: E402
 
 
-def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=False, fp16=False):
+def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=False, fp16=False, window=False):
     from tileattn import configs
     c = configs._GLUON_FWD[d]  # the table entry, whether on by default or not
     bn, ks, vs, creg, preg, maxnreg = cfg or (c.block_n, c.k_stages, c.v_stages, c.consumer_regs, c.producer_regs,
@@ -33,7 +33,7 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
     sig = {"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn), "o_desc": desc(bm), "r_desc": desc(bm),
            "LSE": "*fp32", "SINK": "*fp32", "qk_scale": "fp32", "softcap": "fp32"}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=causal, STORE_RESID=resid,
-                  HAS_SOFTCAP=softcap, HAS_SINK=sink, CONSUMER_REGS=creg, PRODUCER_REGS=preg)
+                  HAS_SOFTCAP=softcap, HAS_SINK=sink, WINDOW=window, CONSUMER_REGS=creg, PRODUCER_REGS=preg)
     fn = gf._fwd_kernel
     for name in fn.arg_names:
         if name not in sig:
@@ -69,12 +69,15 @@ def main():
     ap.add_argument("--softcap", action="store_true")
     ap.add_argument("--sink", action="store_true")
     ap.add_argument("--fp16", action="store_true")
+    ap.add_argument("--window", action="store_true", help="a sliding window (left and right bounds)")
     ap.add_argument("--sass", action="store_true", help="print the main loop's SASS")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless ptxas reports no spills and no serialised wgmma (C7514)")
     a = ap.parse_args()
     cfg = tuple(int(x) for x in a.config.split(",")) if a.config else None
-    k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, a.softcap, a.sink, a.fp16)
+    if a.window and a.causal:
+        ap.error("--window is its own mask (a causal call with a left bound is a window)")
+    k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, a.softcap, a.sink, a.fp16, a.window)
     if a.check:
         report = ptxas_messages(k.asm["ptx"])
         print(report)

@@ -2,7 +2,7 @@
 
 GPU (sm90): the calls it accepts go through it (spied), its out / lse / gradients pass the accuracy rule against
 the float64 reference on odd sizes, GQA, Sq != Sk, causal and strided inputs, and it agrees with the portable
-kernel (TILEATTN_GLUON=0); softcap and sink through it (opt-in). Every other GPU test file exercises it too,
+kernel (TILEATTN_GLUON=0); softcap, sink and sliding windows through it (opt-in). Every other GPU test file exercises it too,
 wherever a call is in its scope.
 CPU: the dispatch rules, and the kernel compiled for sm_90a with Triton's bundled ptxas (no spills, no wgmma
 serialisation), which is what a change to the kernel most easily breaks without a GPU.
@@ -137,6 +137,29 @@ def test_softcap_and_sink(feat, causal, dtype, spy):
     assert spy, "the call did not take the Gluon forward"
 
 
+WINDOWS = [((0, 0), False), ((3, 2), False), ((-1, 5), False), ((37, 0), True), ((200, 100), False),
+           ((1000, -1), False), ((130, 0), False)]
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("seqs", [(333, 777), (777, 333), (1000, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
+@pytest.mark.parametrize("window,causal", WINDOWS, ids=[f"{w[0]}_{w[1]}{'-causal' if c else ''}" for w, c in WINDOWS])
+def test_sliding_window(window, causal, seqs, spy):
+    """Sliding windows in the Gluon kernel (TILEATTN_GLUON=all until measured): the key-tile range [lo, hi) of
+    each 128-row tile, masks on the edge tiles of each 64-row half; rows that see no key (window past the keys)."""
+    import test_features
+    sq, sk = seqs
+    dtype = torch.bfloat16 if (sq + window[0]) % 2 else torch.float16
+    q, k, v, gen = make_qkv(2, sq, sk, 4, 2, 128, dtype, seed_for("gluon-window", window, causal, seqs),
+                            requires_grad=True)
+    kw = dict(window_size=window, causal=causal)
+    if window == (200, 100):
+        kw.update(softcap=5.0, sink=randn((4,), torch.float32, gen).requires_grad_())
+    test_features._check(q, k, v, randn((2, sq, 4, 128), dtype, gen), ctx="gluon window", **kw)
+    assert spy, "the call did not take the Gluon forward"
+
+
 @hopper
 @pytest.mark.gpu
 def test_features_stay_portable_by_default(spy, monkeypatch):
@@ -144,6 +167,7 @@ def test_features_stay_portable_by_default(spy, monkeypatch):
     q, k, v, _ = make_qkv(1, 256, 256, 2, 2, 128, torch.bfloat16, seed_for("gluon-default-feat"))
     tileattn.attention(q, k, v, softcap=5.0)
     tileattn.attention(q, k, v, sink=torch.zeros(2, device="cuda"))
+    tileattn.attention(q, k, v, window_size=(64, 0))
     assert not spy
     tileattn.attention(q, k, v)
     assert spy
@@ -173,7 +197,7 @@ def _ptxas_available():
 @needs_gluon
 @pytest.mark.skipif(not _ptxas_available(), reason="needs triton's bundled ptxas")
 @pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ()), (64, False, ()), (256, True, ()),
-                                            (128, True, ("--softcap", "--sink")),
+                                            (128, True, ("--softcap", "--sink")), (128, False, ("--window",)),
                                             (64, False, ("--softcap", "--sink", "--fp16"))])
 def test_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal, extra):
     """ptxas serialises every wgmma of a kernel (warning C7514) when a register accumulator stays in flight where

@@ -7,9 +7,10 @@ while the other's matmuls hold the tensor cores. Triton 3.6's own pipeliner and 
 (NOTES.md, sessions 8 and 10).
 
 Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_forward_config`` (64 from 2048
-keys, 128; 256 opt-in with ``TILEATTN_GLUON=all`` until measured), dense batched inputs (no varlen, paging, window
-left bound, ALiBi or dropout), causal or not (bottom-right aligned like the portable kernel). Softcap and sink
-are constexpr features of the kernel, used with ``TILEATTN_GLUON=all`` until measured.
+keys, 128; 256 opt-in with ``TILEATTN_GLUON=all`` until measured), dense batched inputs (no varlen, paging,
+ALiBi or dropout), causal or not (bottom-right aligned like the portable kernel). Softcap, sink and sliding
+windows (the key-tile range [lo, hi) shared by both warpgroups, edge tiles masked) are constexpr features of the
+kernel, used with ``TILEATTN_GLUON=all`` until measured.
 Every other call, and every other GPU, takes the portable Triton kernel in ``forward.py``; both produce the same
 outputs (out, lse, and the rounding residual for the backward), checked against the same reference in the tests.
 
@@ -57,18 +58,27 @@ if AVAILABLE:
         return t
 
     @gluon.jit
-    def _softmax_tile(s, j, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap, CAUSAL: gl.constexpr,
-                      HAS_SOFTCAP: gl.constexpr, IS_BF16: gl.constexpr):
-        """Online-softmax step for key tile j: mask it when it is past the full tiles, then return
-        (p unnormalised fp32, alpha = exp2(m_old - m_new), m_new, l_new). Rows that have seen no key keep m = -inf.
-        With a softcap the scores become softcap * tanh(q.k * qk_scale) (softcap pre-multiplied by log2 e)."""
+    def _softmax_tile(s, j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap, win_left,
+                      win_right, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                      IS_BF16: gl.constexpr):
+        """Online-softmax step for key tile j: mask it when it is outside the full tiles [full_lo, n_full) (full_lo
+        only with a window), then return (p unnormalised fp32, alpha = exp2(m_old - m_new), m_new, l_new). Rows
+        that have seen no key keep m = -inf. With a softcap the scores become softcap * tanh(q.k * qk_scale)
+        (softcap pre-multiplied by log2 e); with a window, row r sees keys [r + diag - win_left, r + diag +
+        win_right]."""
         if HAS_SOFTCAP:
             s = softcap * _tanh(s * qk_scale, IS_BF16)
-        if j >= n_full:  # uniform branch: the diagonal / sequence-end tiles only
+        masked = j >= n_full
+        if WINDOW:
+            masked = masked | (j < full_lo)
+        if masked:  # uniform branch: the diagonal / window-edge / sequence-end tiles only
             keys = j * s.shape[1] + cols
             visible = (keys < seqlen_k)[None, :]
             if CAUSAL:
                 visible = visible & (keys[None, :] <= rows[:, None] + diag)
+            if WINDOW:
+                rel = keys[None, :] - (rows[:, None] + diag)
+                visible = visible & (rel >= -win_left) & (rel <= win_right)
             s = gl.where(visible, s, float("-inf"))
         if HAS_SOFTCAP:
             m_new = gl.maximum(m_i, gl.max(s, axis=1))
@@ -84,10 +94,11 @@ if AVAILABLE:
         return p, alpha, m_new, l_new
 
     @gluon.jit
-    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, n,
+    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
                         HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                         K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
-        """Producer warp: the two Q halves, then K_j and V_j into their rings as the consumers free the slots."""
+        """Producer warp: the two Q halves, then key tiles lo .. lo + n - 1 (K and V) into their rings as the
+        consumers free the slots (ring position j: the j-th tile loaded)."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         for w in gl.static_range(2):
             mbarrier.expect(q_bars.index(w), HALF_M * HEAD_D * 2)
@@ -97,11 +108,13 @@ if AVAILABLE:
             ks = j % K_STAGES
             mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)
             mbarrier.expect(k_ready.index(ks), BLOCK_N * HEAD_D * 2)
-            tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, hk, 0], k_ready.index(ks), k_smem.index(ks))
+            tma.async_copy_global_to_shared(k_desc, [b, (lo + j) * BLOCK_N, hk, 0], k_ready.index(ks),
+                                            k_smem.index(ks))
             vs = j % V_STAGES
             mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
             mbarrier.expect(v_ready.index(vs), BLOCK_N * HEAD_D * 2)
-            tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, hk, 0], v_ready.index(vs), v_smem.index(vs))
+            tma.async_copy_global_to_shared(v_desc, [b, (lo + j) * BLOCK_N, hk, 0], v_ready.index(vs),
+                                            v_smem.index(vs))
 
     @gluon.jit
     def _turn_wait(turn, w: gl.constexpr, r):
@@ -126,12 +139,13 @@ if AVAILABLE:
         return o_tok
 
     @gluon.jit
-    def _consumer(w: gl.constexpr, o_desc, r_desc, LSE, SINK, q_smem, k_smem, v_smem, bars, b, h, start_m, n,
-                  seqlen_q, seqlen_k, qk_scale, softcap, stride_lb, stride_lh,
+    def _consumer(w: gl.constexpr, o_desc, r_desc, LSE, SINK, q_smem, k_smem, v_smem, bars, b, h, start_m, lo, n,
+                  seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
                   HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                  K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                  K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                   STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr):
-        """One warpgroup: rows [start_m + w * HALF_M, + HALF_M) of the query tile, all n key tiles."""
+        """One warpgroup: rows [start_m + w * HALF_M, + HALF_M) of the query tile, key tiles lo .. lo + n - 1
+        (ring positions 0 .. n - 1)."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         dtype: gl.constexpr = o_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -146,6 +160,10 @@ if AVAILABLE:
         n_full = seqlen_k // BLOCK_N
         if CAUSAL:
             n_full = gl.minimum(n_full, gl.maximum(row0 + diag + 1, 0) // BLOCK_N)
+        full_lo = 0
+        if WINDOW:  # full tiles: every key visible to every row of this warpgroup
+            n_full = gl.minimum(n_full, gl.maximum(row0 + diag + win_right + 1, 0) // BLOCK_N)
+            full_lo = gl.cdiv(gl.maximum(row0 + HALF_M - 1 + diag - win_left, 0), BLOCK_N)
         m_i = gl.full([HALF_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([HALF_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
         acc = gl.zeros([HALF_M, HEAD_D], gl.float32, layout=o_layout)
@@ -164,8 +182,9 @@ if AVAILABLE:
             mbarrier.arrive(turn.index(1 - w), count=1)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(0), count=1)
-            p, alpha, m_i, l_i = _softmax_tile(s, 0, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap,
-                                               CAUSAL, HAS_SOFTCAP, dtype == gl.bfloat16)
+            p, alpha, m_i, l_i = _softmax_tile(s, lo, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale,
+                                               softcap, win_left, win_right, CAUSAL, WINDOW, HAS_SOFTCAP,
+                                               dtype == gl.bfloat16)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             for j in range(1, n):
                 _turn_wait(turn, w, j)
@@ -176,8 +195,9 @@ if AVAILABLE:
                 o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, j - 1)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
                 mbarrier.arrive(k_empty.index(ks), count=1)
-                p, alpha, m_i, l_i = _softmax_tile(s, j, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale,
-                                                   softcap, CAUSAL, HAS_SOFTCAP, dtype == gl.bfloat16)
+                p, alpha, m_i, l_i = _softmax_tile(s, lo + j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k,
+                                                   qk_scale, softcap, win_left, win_right, CAUSAL, WINDOW,
+                                                   HAS_SOFTCAP, dtype == gl.bfloat16)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
                 mbarrier.arrive(v_empty.index((j - 1) % V_STAGES), count=1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -216,9 +236,9 @@ if AVAILABLE:
 
     @gluon.jit
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, r_desc, LSE, SINK,
-                    seqlen_q, seqlen_k, q_heads, group, num_m_tiles, qk_scale, softcap, stride_lb, stride_lh,
-                    BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                    K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                    seqlen_q, seqlen_k, q_heads, group, num_m_tiles, qk_scale, softcap, win_left, win_right,
+                    stride_lb, stride_lh, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                    K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                     STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
@@ -229,17 +249,23 @@ if AVAILABLE:
         pid = gl.program_id(0)
         bh = pid // num_m_tiles
         tile = pid % num_m_tiles
-        if CAUSAL:
+        if CAUSAL or WINDOW:
             tile = num_m_tiles - 1 - tile  # longest tiles first
         b = bh // q_heads
         h = bh % q_heads
         hk = h // group
         start_m = tile * BLOCK_M
-        # key tiles [0, n) for the whole tile (both warpgroups run the same count: the ping-pong pairs them)
+        # key tiles [lo, lo + n) for the whole tile (both warpgroups run the same count: the ping-pong pairs them)
+        lo = 0
         hi = seqlen_k
         if CAUSAL:
             hi = gl.minimum(seqlen_k, gl.maximum(start_m + BLOCK_M + seqlen_k - seqlen_q, 0))
+        if WINDOW:  # row r sees keys [r + diag - win_left, r + diag + win_right]
+            lo = gl.maximum(start_m + seqlen_k - seqlen_q - win_left, 0) // BLOCK_N
+            hi = gl.minimum(seqlen_k, gl.maximum(start_m + BLOCK_M + seqlen_k - seqlen_q + win_right, 0))
         n = gl.cdiv(hi, BLOCK_N)
+        if WINDOW:
+            n = gl.maximum(n - lo, 0)
 
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, BLOCK_N, 1, HEAD_D], k_desc.layout)
@@ -261,13 +287,13 @@ if AVAILABLE:
             mbarrier.init(v_empty.index(i), count=2)
         bars = (q_bars, k_ready, k_empty, v_ready, v_empty, turn)
         gl.warp_specialize([
-            (_consumer, (0, o_desc, r_desc, LSE, SINK, q_smem, k_smem, v_smem, bars, b, h, start_m, n, seqlen_q,
-                         seqlen_k, qk_scale, softcap, stride_lb, stride_lh, HALF_M, BLOCK_N, HEAD_D, K_STAGES,
-                         V_STAGES, CAUSAL, STORE_RESID, HAS_SOFTCAP, HAS_SINK)),
-            (_consumer, (1, o_desc, r_desc, LSE, SINK, q_smem, k_smem, v_smem, bars, b, h, start_m, n, seqlen_q,
-                         seqlen_k, qk_scale, softcap, stride_lb, stride_lh, HALF_M, BLOCK_N, HEAD_D, K_STAGES,
-                         V_STAGES, CAUSAL, STORE_RESID, HAS_SOFTCAP, HAS_SINK)),
-            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, n,
+            (_consumer, (0, o_desc, r_desc, LSE, SINK, q_smem, k_smem, v_smem, bars, b, h, start_m, lo, n,
+                         seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh, HALF_M,
+                         BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK)),
+            (_consumer, (1, o_desc, r_desc, LSE, SINK, q_smem, k_smem, v_smem, bars, b, h, start_m, lo, n,
+                         seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh, HALF_M,
+                         BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK)),
+            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
                                HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
@@ -282,16 +308,21 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
         return False
     if q.numel() == 0 or k.numel() == 0 or k.shape[1] < cfg.min_seqlen_k:
         return False
-    if p.window_left >= 0 or p.window_right not in (-1, 0) or p.alibi_slopes is not None or p.dropout_p > 0:
+    if p.alibi_slopes is not None or p.dropout_p > 0:
         return False
-    if (p.softcap > 0 or p.sink is not None) and configs.getenv("TILEATTN_GLUON") != "all":
-        return False  # softcap and sink: compiled, not yet measured on a GPU
+    if (p.softcap > 0 or p.sink is not None or _window(p)) and configs.getenv("TILEATTN_GLUON") != "all":
+        return False  # softcap, sink, sliding window: compiled, not yet measured on a GPU
     if configs._arch(configs._device_index(q.device), configs._arch_override())[0] != 9:
         return False  # TILEATTN_ARCH=8.0 forces the portable path on a Hopper card
     for t in (q, k, v):  # TMA: 16-byte aligned base and strides
         if t.data_ptr() % 16 or any(st * 2 % 16 for st in t.stride()[:-1]) or t.stride(-1) != 1:
             return False
     return True
+
+
+def _window(p: AttnParams) -> bool:
+    """A window other than none or causal: a left bound, or a right bound above 0."""
+    return p.window_left >= 0 or p.window_right > 0
 
 
 @functools.lru_cache(maxsize=None)
@@ -331,11 +362,15 @@ def attention_forward(q, k, v, p: AttnParams, residual=False):
     o_desc = _desc(out, (1, half, 1, d), bf16)
     r_desc = _desc(resid, (1, half, 1, d), bf16) if residual else o_desc
     num_m_tiles = triton.cdiv(seqlen_q, 2 * half)
+    window = _window(p)
+    unbounded = seqlen_q + seqlen_k  # a window side of -1: farther than any key
     launch(_fwd_kernel, (num_m_tiles * batch * q_heads,), (
         q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
         seqlen_q, seqlen_k, q_heads, q_heads // kv_heads, num_m_tiles, p.qk_scale, p.softcap_log2,
+        p.window_left if p.window_left >= 0 else unbounded, p.window_right if p.window_right >= 0 else unbounded,
         q_heads * seqlen_q, seqlen_q),
-        dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.k_stages, V_STAGES=cfg.v_stages, CAUSAL=p.window_right == 0,
+        dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.k_stages, V_STAGES=cfg.v_stages,
+             CAUSAL=p.window_right == 0 and not window, WINDOW=window,
              STORE_RESID=residual, HAS_SOFTCAP=p.softcap > 0, HAS_SINK=p.sink is not None,
              CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs),
         4, 3, maxnreg=cfg.maxnreg)
