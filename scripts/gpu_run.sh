@@ -51,7 +51,7 @@ for stage in "$@"; do
            python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --modes fwd --check --no-plot \
              --providers tileattn,tileattn_triton,sdpa_flash,sdpa_cudnn --out-dir "$OUT" --prefix gluon_fwd ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/gluon_bench.log" | grep -v "it/s\]" || status=1 ;;
-    # session 10's leftovers: the Gluon probe with the opt-in entries (D=256), the test files run 54 did not reach,
+    # session 10's leftovers: the Gluon probe with the opt-in entries (D=256, softcap, sink, window), the test files run 54 did not reach,
     # then D=256 / D=128 forwards: Gluon (all entries) vs the portable kernel vs cuDNN, same call
     gluon-next) TILEATTN_GLUON=all python3 benchmarks/gluon_probe.py --timeout 40 2>&1 | tee "$OUT/gluon_probe.log"
            if grep -q "TIMEOUT\|rc=" "$OUT/gluon_probe.log"; then status=1; else
@@ -61,7 +61,7 @@ for stage in "$@"; do
            python3 -m tileattn.bench --head-dims 256,128 --modes fwd --no-plot --out-dir "$OUT" --prefix gluon_next \
              --providers tileattn,tileattn_gluon_all,tileattn_triton,sdpa_cudnn 2>&1 | tee "$OUT/gluon_next_bench.log" | grep -v "it/s\]"
            for g in 1 all; do echo "== TILEATTN_GLUON=$g"; TILEATTN_GLUON=$g python3 -m tileattn.bench_features \
-             --cases dense,softcap,sink --seqlens 2048,8192 --head-dim 128 2>&1 | grep -v "^#"; done \
+             --cases dense,softcap,sink,window --seqlens 2048,8192 --head-dim 128 2>&1 | grep -v "^#"; done \
              | tee "$OUT/gluon_next_features.log"; fi ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
