@@ -346,8 +346,9 @@ def _desc(t: torch.Tensor, block: tuple, bf16: bool):
 
 
 def attention_forward(q, k, v, p: AttnParams, residual=False):
-    """Same contract as ``forward.attention_forward`` for the calls ``applies`` accepts (batched, no features):
-    returns (out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32[, resid like out])."""
+    """Same contract as ``forward.attention_forward`` for the calls ``applies`` accepts (batched; causal, and with
+    ``TILEATTN_GLUON=all`` softcap, sink and sliding windows): returns (out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32
+    natural log[, resid like out])."""
     batch, seqlen_q, q_heads, d = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     out = torch.empty((batch, seqlen_q, q_heads, d), dtype=q.dtype, device=q.device)
