@@ -17,7 +17,7 @@ from .._hostinfo import leaves_rows
 from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, scores, seq_bounds,
                      store_tile, visible)
 from . import gluon_forward
-from .launch import launch
+from .launch import host_descriptor, launch, tma_aligned
 
 
 @triton.jit
@@ -266,8 +266,9 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     r = O_fp32 - out, out's rounding residual in out's dtype (rows outside every varlen sequence unwritten).
     ``cfg`` overrides the tile table (tuning).
     """
-    if cfg is None and block_table is None and gluon_forward.applies(q, k, v, p):  # Hopper fast path
-        return gluon_forward.attention_forward(q, k, v, p, residual)
+    gluon_cfg = gluon_forward.applies(q, k, v, p) if cfg is None and block_table is None else None
+    if gluon_cfg is not None:  # Hopper fast path
+        return gluon_forward.attention_forward(q, k, v, p, residual, gluon_cfg)
     _, rows_q, q_heads, dqk = q.shape
     kv_heads, dv = k.shape[2], v.shape[3]
     batch = p.batch
@@ -328,23 +329,7 @@ def _kv_descriptors(k, v, block_n, block_dqk, block_dv):
     from triton.tools.tensor_descriptor import TensorDescriptor
     descs = []
     for t, block_d in ((k, block_dqk), (v, block_dv)):
-        size = t.element_size()
-        if t.numel() == 0 or t.data_ptr() % 16 or any(st * size % 16 for st in t.stride()[:-1]) \
-                or block_d * size < 16:
+        if t.numel() == 0 or not tma_aligned(t) or block_d * t.element_size() < 16:
             return None
-        descs.append(_descriptor(TensorDescriptor, t, [1, block_n, 1, block_d]))
+        descs.append(host_descriptor(TensorDescriptor, t, [1, block_n, 1, block_d]))
     return descs
-
-
-def _descriptor(cls, t, block):
-    """``cls(t, shape, strides, block)`` without the dataclass's re-validation (~10 µs of host time per descriptor
-    in run 29's profile), for a tensor the caller checked by TMA's rules (the checks above); the plain constructor
-    when the class's fields are not the ones this was written against."""
-    if tuple(getattr(cls, "__dataclass_fields__", ())) == _DESC_FIELDS:
-        d = object.__new__(cls)
-        d.__dict__.update(base=t, shape=list(t.shape), strides=list(t.stride()), block_shape=block, padding="zero")
-        return d
-    return cls(t, list(t.shape), list(t.stride()), block)
-
-
-_DESC_FIELDS = ("base", "shape", "strides", "block_shape", "padding")

@@ -29,7 +29,7 @@ import triton
 
 from .. import configs
 from .common import FAST_TANH
-from .launch import launch
+from .launch import host_descriptor, launch, tma_aligned
 from .params import AttnParams
 
 try:  # Gluon ships with triton >= 3.5; without it every call takes the portable kernel
@@ -298,26 +298,26 @@ if AVAILABLE:
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, block_table=None) -> bool:
-    """Whether this call takes the Gluon forward (see the module docstring for the scope)."""
+def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, block_table=None):
+    """The Gluon forward's ``configs.GluonForwardConfig`` for this call, or None when the portable kernel takes it
+    (see the module docstring for the scope)."""
     if not AVAILABLE or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
-        return False
+        return None
     d = q.shape[3]
     cfg = configs.gluon_forward_config(d)
     if cfg is None or k.shape[3] != d or v.shape[3] != d or block_table is not None or p.varlen:
-        return False
+        return None
     if q.numel() == 0 or k.numel() == 0 or k.shape[1] < cfg.min_seqlen_k:
-        return False
+        return None
     if p.alibi_slopes is not None or p.dropout_p > 0:
-        return False
+        return None
     if (p.softcap > 0 or p.sink is not None or _window(p)) and configs.getenv("TILEATTN_GLUON") != "all":
-        return False  # softcap, sink, sliding window: compiled, not yet measured on a GPU
+        return None  # softcap, sink, sliding window: compiled, not yet measured on a GPU
     if configs._arch(configs._device_index(q.device), configs._arch_override())[0] != 9:
-        return False  # TILEATTN_ARCH=8.0 forces the portable path on a Hopper card
-    for t in (q, k, v):  # TMA: 16-byte aligned base and strides
-        if t.data_ptr() % 16 or any(st * 2 % 16 for st in t.stride()[:-1]) or t.stride(-1) != 1:
-            return False
-    return True
+        return None  # TILEATTN_ARCH=8.0 forces the portable path on a Hopper card
+    if any(not tma_aligned(t) or t.stride(-1) != 1 for t in (q, k, v)):
+        return None
+    return cfg
 
 
 def _window(p: AttnParams) -> bool:
@@ -330,31 +330,21 @@ def _smem_layout(block, bf16: bool):
     return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if bf16 else gl.float16)
 
 
-_FIELDS = ("base", "shape", "strides", "block_shape", "layout", "padding")
-
-
 def _desc(t: torch.Tensor, block: tuple, bf16: bool):
-    """Gluon host descriptor of a (B, S, H, D) tensor that ``applies`` checked by TMA's rules, without the
-    dataclass's re-validation (host time, as forward._descriptor)."""
-    layout = _smem_layout(block, bf16)
-    if tuple(getattr(GluonTensorDescriptor, "__dataclass_fields__", ())) == _FIELDS:
-        d = object.__new__(GluonTensorDescriptor)
-        d.__dict__.update(base=t, shape=list(t.shape), strides=list(t.stride()), block_shape=list(block),
-                          layout=layout, padding="zero")
-        return d
-    return GluonTensorDescriptor(t, list(t.shape), list(t.stride()), list(block), layout)
+    """Gluon host descriptor of a (B, S, H, D) tensor that ``applies`` checked by TMA's rules."""
+    return host_descriptor(GluonTensorDescriptor, t, block, layout=_smem_layout(block, bf16))
 
 
-def attention_forward(q, k, v, p: AttnParams, residual=False):
+def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     """Same contract as ``forward.attention_forward`` for the calls ``applies`` accepts (batched; causal, and with
     ``TILEATTN_GLUON=all`` softcap, sink and sliding windows): returns (out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32
-    natural log[, resid like out])."""
+    natural log[, resid like out]). ``cfg``: what ``applies`` returned (looked up again when not given)."""
     batch, seqlen_q, q_heads, d = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     out = torch.empty((batch, seqlen_q, q_heads, d), dtype=q.dtype, device=q.device)
     lse = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
     resid = torch.empty_like(out) if residual else None
-    cfg = configs.gluon_forward_config(d)
+    cfg = cfg or configs.gluon_forward_config(d)
     bn, half = cfg.block_n, 64
     bf16 = q.dtype == torch.bfloat16
     q_desc = _desc(q, (1, half, 1, d), bf16)
