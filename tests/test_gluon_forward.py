@@ -2,8 +2,8 @@
 
 GPU (sm90): the calls it accepts go through it (spied), its out / lse / gradients pass the accuracy rule against
 the float64 reference on odd sizes, GQA, Sq != Sk, causal and strided inputs, and it agrees with the portable
-kernel (TILEATTN_GLUON=0); softcap, sink and sliding windows through it (opt-in). Every other GPU test file exercises it too,
-wherever a call is in its scope.
+kernel (TILEATTN_GLUON=0); softcap, sink and sliding windows through it. Every other GPU test file exercises it
+too, wherever a call is in its scope.
 CPU: the dispatch rules, and the kernel compiled for sm_90a with Triton's bundled ptxas (no spills, no wgmma
 serialisation), which is what a change to the kernel most easily breaks without a GPU.
 """
@@ -31,12 +31,12 @@ def _params(q, k, causal=False, **kw):
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Record the Gluon forward's calls; every sequence length in its scope (the table sends D=64 calls with
-    fewer than 2048 keys to the portable kernel, which is faster there)."""
+    """Record the Gluon forward's calls; every sequence length in its scope (the table sends short D=64 and D=256
+    calls to the portable kernel, which is faster there)."""
     import dataclasses
     from tileattn import configs
-    monkeypatch.setitem(configs._GLUON_FWD, 64, dataclasses.replace(configs._GLUON_FWD[64], min_seqlen_k=0))
-    monkeypatch.setenv("TILEATTN_GLUON", "all")  # the entries not yet measured (D=256) as well
+    for d, cfg in list(configs._GLUON_FWD.items()):
+        monkeypatch.setitem(configs._GLUON_FWD, d, dataclasses.replace(cfg, min_seqlen_k=0, min_seqlen_k_causal=0))
     calls = []
     real = gluon_forward.attention_forward
 
@@ -60,14 +60,16 @@ def test_scope_on_hopper(monkeypatch):
     assert gluon_forward.applies(q, k, k, _params(q, k))
     assert gluon_forward.applies(q, k, k, _params(q, k, causal=True))
     assert not gluon_forward.applies(q.float(), k.float(), k.float(), _params(q, k))
-    assert not gluon_forward.applies(q, k, k, _params(q, k, softcap=5.0))
-    assert not gluon_forward.applies(q, k, k, _params(q, k, window_left=16))
+    assert gluon_forward.applies(q, k, k, _params(q, k, softcap=5.0))
+    assert gluon_forward.applies(q, k, k, _params(q, k, window_left=16))
+    assert gluon_forward.applies(q, k, k, _params(q, k, sink=torch.zeros(4, device="cuda")))
+    assert not gluon_forward.applies(q, k, k, _params(q, k, alibi_slopes=torch.zeros(4, device="cuda")))
     assert not gluon_forward.applies(q[..., :96], k[..., :96], k[..., :96], _params(q, k))
-    q256, k256 = (torch.zeros(1, 64, 2, 256, device="cuda", dtype=torch.bfloat16) for _ in range(2))
-    assert not gluon_forward.applies(q256, k256, k256, _params(q256, k256))  # D=256: opt-in until measured
-    monkeypatch.setenv("TILEATTN_GLUON", "all")
+    q256 = torch.zeros(1, 64, 2, 256, device="cuda", dtype=torch.bfloat16)
+    k256 = torch.zeros(1, 1024, 2, 256, device="cuda", dtype=torch.bfloat16)
+    assert not gluon_forward.applies(q256, q256, q256, _params(q256, q256))  # D=256: from 1024 keys
     assert gluon_forward.applies(q256, k256, k256, _params(q256, k256))
-    monkeypatch.setenv("TILEATTN_GLUON", "1")
+    assert not gluon_forward.applies(q256, k256, k256, _params(q256, k256, causal=True))  # causal: from 2048
     q64, k64 = q[..., :64].contiguous(), k[..., :64].contiguous()
     assert not gluon_forward.applies(q64, k64, k64, _params(q64, k64))  # D=64: from 2048 keys only
     k64 = torch.zeros(2, 2048, 2, 64, device="cuda", dtype=torch.bfloat16)
@@ -124,7 +126,7 @@ def test_strided_inputs(layout, spy):
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("feat", ["softcap", "sink", "softcap+sink"])
 def test_softcap_and_sink(feat, causal, dtype, spy):
-    """Softcap and sink as the Gluon kernel's constexpr features (TILEATTN_GLUON=all until measured): out, lse and
+    """Softcap and sink as the Gluon kernel's constexpr features: out, lse and
     the gradients (d(sink) included; the backward is the portable kernel's) against the reference."""
     import test_features
     B, Sq, Sk, Hq, Hkv, D = 2, 333, 777, 4, 2, 128
@@ -147,7 +149,7 @@ WINDOWS = [((0, 0), False), ((3, 2), False), ((-1, 5), False), ((37, 0), True), 
 @pytest.mark.parametrize("seqs", [(333, 777), (777, 333), (1000, 1000)], ids=lambda s: f"{s[0]}x{s[1]}")
 @pytest.mark.parametrize("window,causal", WINDOWS, ids=[f"{w[0]}_{w[1]}{'-causal' if c else ''}" for w, c in WINDOWS])
 def test_sliding_window(window, causal, seqs, spy):
-    """Sliding windows in the Gluon kernel (TILEATTN_GLUON=all until measured): the key-tile range [lo, hi) of
+    """Sliding windows in the Gluon kernel: the key-tile range [lo, hi) of
     each 128-row tile, masks on the edge tiles of each 64-row half; rows that see no key (window past the keys)."""
     import test_features
     sq, sk = seqs
@@ -163,15 +165,14 @@ def test_sliding_window(window, causal, seqs, spy):
 
 @hopper
 @pytest.mark.gpu
-def test_features_stay_portable_by_default(spy, monkeypatch):
-    monkeypatch.setenv("TILEATTN_GLUON", "1")
+def test_features_take_gluon_by_default(spy):
     q, k, v, _ = make_qkv(1, 256, 256, 2, 2, 128, torch.bfloat16, seed_for("gluon-default-feat"))
     tileattn.attention(q, k, v, softcap=5.0)
     tileattn.attention(q, k, v, sink=torch.zeros(2, device="cuda"))
     tileattn.attention(q, k, v, window_size=(64, 0))
-    assert not spy
-    tileattn.attention(q, k, v)
-    assert spy
+    assert len(spy) == 3
+    tileattn.attention(q, k, v, alibi_slopes=torch.ones(2, device="cuda"))  # ALiBi: the portable kernel's
+    assert len(spy) == 3
 
 
 @hopper

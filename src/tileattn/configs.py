@@ -367,8 +367,9 @@ class GluonForwardConfig:
     """The Hopper Gluon forward (kernels/gluon_forward.py): 128 query rows per program in two 64-row consumer
     warpgroups, ``block_n`` keys per tile, K and V rings of ``k_stages`` / ``v_stages`` slots, the registers per
     thread of the consumers and of the producer warp (setmaxnreg) and the kernel's ``maxnreg`` (the pool they are
-    taken from: 12 warps x maxnreg <= 64K); calls with fewer than ``min_seqlen_k`` keys take the portable kernel.
-    ``default_on=False``: an entry not yet measured on a GPU, used only with ``TILEATTN_GLUON=all``."""
+    taken from: 12 warps x maxnreg <= 64K); calls with fewer than ``min_seqlen_k`` keys (``min_seqlen_k_causal``
+    for causal and other right-bounded windows) take the portable kernel. ``default_on=False``: an entry not yet
+    measured on a GPU, used only with ``TILEATTN_GLUON=all``."""
     block_n: int
     k_stages: int
     v_stages: int
@@ -376,16 +377,17 @@ class GluonForwardConfig:
     producer_regs: int
     maxnreg: int
     min_seqlen_k: int = 0
+    min_seqlen_k_causal: int = 0
     default_on: bool = True
 
 
 # Run 52 (H200, same call, forward TFLOP/s Gluon vs the portable kernel): D=128 faster from 1k (1.07-1.27x) and
 # 0.97-1.09x at 512; D=64 0.78-0.89x at 512, 0.90-1.0x at 1k, 0.99-1.02x at 2k, 1.02-1.08x from 4k.
-# D=256 (session 10, after the last GPU call): compiled for sm_90a only (0 spills, 197 KB shared memory with 64-key
-# tiles and 2+2 stages; 3 K stages need 230 KB), opt-in until measured.
-_GLUON_FWD = {64: GluonForwardConfig(128, 3, 2, 240, 24, 168, min_seqlen_k=2048),
+# Run 55 (H200, same call): D=256 (64-key tiles, 2+2 stages, 197 KB shared memory) non-causal 1.41x the portable
+# kernel at 1k, 1.23-1.27x from 2k, 0.88x at 512; causal 1.24-1.25x from 2k, 0.80x at 1k, 0.86x at 512.
+_GLUON_FWD = {64: GluonForwardConfig(128, 3, 2, 240, 24, 168, min_seqlen_k=2048, min_seqlen_k_causal=2048),
               128: GluonForwardConfig(128, 2, 2, 240, 24, 168),
-              256: GluonForwardConfig(64, 2, 2, 240, 24, 168, default_on=False)}
+              256: GluonForwardConfig(64, 2, 2, 240, 24, 168, min_seqlen_k=1024, min_seqlen_k_causal=2048)}
 
 
 def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:

@@ -7,10 +7,9 @@ while the other's matmuls hold the tensor cores. Triton 3.6's own pipeliner and 
 (NOTES.md, sessions 8 and 10).
 
 Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_forward_config`` (64 from 2048
-keys, 128; 256 opt-in with ``TILEATTN_GLUON=all`` until measured), dense batched inputs (no varlen, paging,
-ALiBi or dropout), causal or not (bottom-right aligned like the portable kernel). Softcap, sink and sliding
-windows (the key-tile range [lo, hi) shared by both warpgroups, edge tiles masked) are constexpr features of the
-kernel, used with ``TILEATTN_GLUON=all`` until measured.
+keys, 128, 256 from 1024 keys or 2048 when causal), dense batched inputs (no varlen, paging, ALiBi or dropout),
+causal or not (bottom-right aligned like the portable kernel). Softcap, sink and sliding windows (the key-tile
+range [lo, hi) shared by both warpgroups, edge tiles masked) are constexpr features of the kernel.
 Every other call, and every other GPU, takes the portable Triton kernel in ``forward.py``; both produce the same
 outputs (out, lse, and the rounding residual for the backward), checked against the same reference in the tests.
 
@@ -307,12 +306,12 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
     cfg = configs.gluon_forward_config(d)
     if cfg is None or k.shape[3] != d or v.shape[3] != d or block_table is not None or p.varlen:
         return None
-    if q.numel() == 0 or k.numel() == 0 or k.shape[1] < cfg.min_seqlen_k:
+    if q.numel() == 0 or k.numel() == 0:
+        return None
+    if k.shape[1] < (cfg.min_seqlen_k_causal if p.causal_like else cfg.min_seqlen_k):
         return None
     if p.alibi_slopes is not None or p.dropout_p > 0:
         return None
-    if (p.softcap > 0 or p.sink is not None or _window(p)) and configs.getenv("TILEATTN_GLUON") != "all":
-        return None  # softcap, sink, sliding window: compiled, not yet measured on a GPU
     if configs._arch(configs._device_index(q.device), configs._arch_override())[0] != 9:
         return None  # TILEATTN_ARCH=8.0 forces the portable path on a Hopper card
     if any(not tma_aligned(t) or t.stride(-1) != 1 for t in (q, k, v)):
@@ -336,9 +335,8 @@ def _desc(t: torch.Tensor, block: tuple, bf16: bool):
 
 
 def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
-    """Same contract as ``forward.attention_forward`` for the calls ``applies`` accepts (batched; causal, and with
-    ``TILEATTN_GLUON=all`` softcap, sink and sliding windows): returns (out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32
-    natural log[, resid like out]). ``cfg``: what ``applies`` returned (looked up again when not given)."""
+    """Same contract as ``forward.attention_forward`` for the calls ``applies`` accepts (batched; causal, softcap,
+    sink and sliding windows): returns (out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32 natural log[, resid like out]). ``cfg``: what ``applies`` returned (looked up again when not given)."""
     batch, seqlen_q, q_heads, d = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     out = torch.empty((batch, seqlen_q, q_heads, d), dtype=q.dtype, device=q.device)
