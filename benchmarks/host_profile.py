@@ -4,7 +4,8 @@ time is negligible, so the wall time per call is the host's.
 Usage: PYTHONPATH=src python3 benchmarks/host_profile.py [--calls 1000] [--top 22] [--wall-only]
 
 Cases: the forward (``tileattn.attention``, D=128, causal, 128 tokens), forward + backward, and a decode step
-(``flash_attn_with_kvcache``, 256 cached keys). For each: wall µs per call, then the functions with the most
+(``flash_attn_with_kvcache``, 256 cached keys); the forward also with the Gluon forward off
+(``TILEATTN_GLUON=0``, on sm90). For each: wall µs per call, then the functions with the most
 self time (µs per call). Run 28 timed ~160-300 µs of host time per forward call against ~40-60 µs for an SDPA
 call on the benchmark machine: at 512-1k tokens tileattn's forward is then host-bound.
 """
@@ -39,6 +40,11 @@ def main():
         with torch.no_grad():
             tileattn.attention(q, q, q, causal=True)
 
+    def fwd_portable():  # the same call on the portable Triton kernel (the Gluon forward off)
+        os.environ["TILEATTN_GLUON"] = "0"
+        fwd()
+        del os.environ["TILEATTN_GLUON"]
+
     def fwd_bwd():
         tileattn.attention(q, q, q, causal=True).backward(g)
         q.grad = None
@@ -56,7 +62,8 @@ def main():
         with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
             torch.nn.functional.scaled_dot_product_attention(qt, qt, qt, is_causal=True).backward(g.transpose(1, 2))
         qt.grad = None
-    cases = [("forward", fwd), ("forward+backward", fwd_bwd), ("decode", decode)]
+    cases = [("forward", fwd), ("forward, portable kernel", fwd_portable), ("forward+backward", fwd_bwd),
+             ("decode", decode)]
     if args.wall_only:
         wall_only(cases + [("sdpa_cudnn forward", sdpa_fwd), ("sdpa_cudnn forward+backward", sdpa_fwd_bwd)],
                   args.calls)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -63,6 +63,13 @@ for stage in "$@"; do
            for g in 1 all; do echo "== TILEATTN_GLUON=$g"; TILEATTN_GLUON=$g python3 -m tileattn.bench_features \
              --cases dense,softcap,sink,window --seqlens 2048,8192 --head-dim 128 2>&1 | grep -v "^#"; done \
              | tee "$OUT/gluon_next_features.log"; fi ;;
+    # session 11: the Gluon forward's features on by default: their tests, host time, feature costs at D=64/256
+    gluon-on) python3 -m pytest tests/test_gluon_forward.py tests/test_features.py tests/test_flash_api.py tests/test_api.py \
+                -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 | tee "$OUT/gluon_on_tests.log" | tail -12 || status=1
+              python3 benchmarks/host_profile.py --wall-only --calls 2000 2>&1 | tee "$OUT/hostcost.log"
+              for d in 64 256; do for g in 1 0; do echo "== D=$d TILEATTN_GLUON=$g"; TILEATTN_GLUON=$g python3 -m tileattn.bench_features \
+                --cases dense,softcap,sink,window --seqlens 2048,8192 --head-dim $d 2>&1 | grep -v "^#\|^wrote\|^done"; done; done \
+                | tee "$OUT/gluon_on_features.log" ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;
