@@ -74,6 +74,9 @@ def test_scope_on_hopper(monkeypatch):
     assert not gluon_forward.applies(q64, k64, k64, _params(q64, k64))  # D=64: from 2048 keys only
     k64 = torch.zeros(2, 2048, 2, 64, device="cuda", dtype=torch.bfloat16)
     assert gluon_forward.applies(q64, k64, k64, _params(q64, k64))
+    assert gluon_forward.applies(q64, k64, k64, _params(q64, k64, sink=torch.zeros(4, device="cuda")))
+    assert not gluon_forward.applies(q64, k64, k64, _params(q64, k64, softcap=5.0))  # D=64: portable
+    assert not gluon_forward.applies(q64, k64, k64, _params(q64, k64, window_left=16))
     qm = q[:, :, :, 1:65]  # the same shape, its base 2 bytes off a 16-byte boundary: TMA cannot load it
     assert not gluon_forward.applies(qm, k64, k64, _params(qm, k64))
     monkeypatch.setenv("TILEATTN_GLUON", "0")

@@ -368,8 +368,9 @@ class GluonForwardConfig:
     warpgroups, ``block_n`` keys per tile, K and V rings of ``k_stages`` / ``v_stages`` slots, the registers per
     thread of the consumers and of the producer warp (setmaxnreg) and the kernel's ``maxnreg`` (the pool they are
     taken from: 12 warps x maxnreg <= 64K); calls with fewer than ``min_seqlen_k`` keys (``min_seqlen_k_causal``
-    for causal and other right-bounded windows) take the portable kernel. ``default_on=False``: an entry not yet
-    measured on a GPU, used only with ``TILEATTN_GLUON=all``."""
+    for causal and other right-bounded windows) take the portable kernel, as do softcap and sliding-window calls
+    when ``window_softcap`` is False. ``default_on=False``: an entry not yet measured on a GPU, used only with
+    ``TILEATTN_GLUON=all``."""
     block_n: int
     k_stages: int
     v_stages: int
@@ -378,6 +379,7 @@ class GluonForwardConfig:
     maxnreg: int
     min_seqlen_k: int = 0
     min_seqlen_k_causal: int = 0
+    window_softcap: bool = True
     default_on: bool = True
 
 
@@ -385,7 +387,12 @@ class GluonForwardConfig:
 # 0.97-1.09x at 512; D=64 0.78-0.89x at 512, 0.90-1.0x at 1k, 0.99-1.02x at 2k, 1.02-1.08x from 4k.
 # Run 55 (H200, same call): D=256 (64-key tiles, 2+2 stages, 197 KB shared memory) non-causal 1.41x the portable
 # kernel at 1k, 1.23-1.27x from 2k, 0.88x at 512; causal 1.24-1.25x from 2k, 0.80x at 1k, 0.86x at 512.
-_GLUON_FWD = {64: GluonForwardConfig(128, 3, 2, 240, 24, 168, min_seqlen_k=2048, min_seqlen_k_causal=2048),
+# Features, forward TFLOP/s Gluon vs portable at 2k / 8k (runs 55-56): D=128 softcap 480/527 vs 441/462, sink
+# 596/640 vs 499/499, window (512,512) 419/417 vs 353/342; D=256 softcap 589/592 vs 426/477, window 474/472 vs
+# 378/382; D=64 softcap 288/321 vs 313/330 and window 274/269 vs 303/282 (slower: those stay portable), sink
+# 401/451 vs 411/424.
+_GLUON_FWD = {64: GluonForwardConfig(128, 3, 2, 240, 24, 168, min_seqlen_k=2048, min_seqlen_k_causal=2048,
+                                     window_softcap=False),
               128: GluonForwardConfig(128, 2, 2, 240, 24, 168),
               256: GluonForwardConfig(64, 2, 2, 240, 24, 168, min_seqlen_k=1024, min_seqlen_k_causal=2048)}
 

@@ -9,7 +9,8 @@ while the other's matmuls hold the tensor cores. Triton 3.6's own pipeliner and 
 Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_forward_config`` (64 from 2048
 keys, 128, 256 from 1024 keys or 2048 when causal), dense batched inputs (no varlen, paging, ALiBi or dropout),
 causal or not (bottom-right aligned like the portable kernel). Softcap, sink and sliding windows (the key-tile
-range [lo, hi) shared by both warpgroups, edge tiles masked) are constexpr features of the kernel.
+range [lo, hi) shared by both warpgroups, edge tiles masked) are constexpr features of the kernel (D=64 takes the
+portable kernel for softcap and windows: faster there).
 Every other call, and every other GPU, takes the portable Triton kernel in ``forward.py``; both produce the same
 outputs (out, lse, and the rounding residual for the backward), checked against the same reference in the tests.
 
@@ -311,6 +312,8 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
     if k.shape[1] < (cfg.min_seqlen_k_causal if p.causal_like else cfg.min_seqlen_k):
         return None
     if p.alibi_slopes is not None or p.dropout_p > 0:
+        return None
+    if not cfg.window_softcap and (p.softcap > 0 or _window(p)):
         return None
     if configs._arch(configs._device_index(q.device), configs._arch_override())[0] != 9:
         return None  # TILEATTN_ARCH=8.0 forces the portable path on a Hopper card
