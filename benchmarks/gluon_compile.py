@@ -3,6 +3,7 @@ memory and the main loop's SASS mix (HGMMA, barriers, shuffles).
 
 Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--causal] [--config bn,ks,vs,creg,preg,maxnreg]
            [--no-resid] [--softcap] [--sink] [--fp16] [--window] [--sass] [--check]
+       ... --bwd [--head-dim 128] [--causal] [--fp16] [--config bm,stages,creg,preg,maxnreg]: the dK/dV kernel
 """
 import argparse
 import collections
@@ -44,6 +45,29 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
     return k
 
 
+def compile_bwd(d=128, causal=False, cfg=None, fp16=False):
+    """The Gluon dK/dV kernel (kernels/gluon_backward.py) for sm_90a."""
+    from tileattn import configs
+    from tileattn.kernels import gluon_backward as gb
+    c = configs._GLUON_BWD[d]
+    bm, stages, creg, preg, maxnreg = cfg or (c.block_m, c.stages, c.consumer_regs, c.producer_regs, c.maxnreg)
+    dt = gl.float16 if fp16 else gl.bfloat16
+
+    def desc(rows):
+        layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], dt)
+        return f"tensordesc<{'fp16' if fp16 else 'bf16'}[1,{rows},1,{d}],{layout!r}>"
+    sig = {"q_desc": desc(bm), "do_desc": desc(bm), "k_desc": desc(64), "v_desc": desc(64), "dk_desc": desc(64),
+           "dv_desc": desc(64), "st_desc": f"tensordesc<fp32[{bm}],{gb._stats_layout(bm)!r}>",
+           "qk_scale": "fp32", "sm_scale": "fp32"}
+    consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal, CONSUMER_REGS=creg, PRODUCER_REGS=preg)
+    fn = gb._dkdv_kernel
+    for name in fn.arg_names:
+        if name not in sig:
+            sig[name] = "constexpr" if name in consts else "i32"
+    return triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
+
+
 def ptxas_messages(ptx: str) -> str:
     """ptxas -v's stderr for sm_90a (register use, spills, and performance warnings such as C7514)."""
     import subprocess
@@ -70,19 +94,27 @@ def main():
     ap.add_argument("--sink", action="store_true")
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--window", action="store_true", help="a sliding window (left and right bounds)")
+    ap.add_argument("--bwd", action="store_true", help="the dK/dV backward kernel instead (--config bm,stages,"
+                    "creg,preg,maxnreg)")
     ap.add_argument("--sass", action="store_true", help="print the main loop's SASS")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless ptxas reports no spills and no serialised wgmma (C7514)")
+    ap.add_argument("--spill-budget", type=int, default=0,
+                    help="with --check: the spill stores (bytes) accepted (the D=128 dK/dV kernel has a few)")
     a = ap.parse_args()
     cfg = tuple(int(x) for x in a.config.split(",")) if a.config else None
     if a.window and a.causal:
         ap.error("--window is its own mask (a causal call with a left bound is a window)")
-    k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, a.softcap, a.sink, a.fp16, a.window)
+    if a.bwd:
+        k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16)
+    else:
+        k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, a.softcap, a.sink, a.fp16, a.window)
     if a.check:
         report = ptxas_messages(k.asm["ptx"])
         print(report)
-        ok = "serialized" not in report and " 0 bytes spill stores" in report
-        ok = ok and k.asm["ptx"].count("wgmma.mma_async") >= 2 * (a.head_dim // 16)
+        spill = re.search(r"(\d+) bytes spill stores", report)
+        ok = "serialized" not in report and spill is not None and int(spill.group(1)) <= a.spill_budget
+        ok = ok and k.asm["ptx"].count("wgmma.mma_async") >= (4 if a.bwd else 2) * (a.head_dim // 16)
         sys.exit(0 if ok else 1)
     print(cc._ptxas_report(k.asm["ptx"], 90), "smem", k.metadata.shared)
     sass = sl._sass(k.asm["ptx"])

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -70,6 +70,13 @@ for stage in "$@"; do
               for d in 64 256; do for g in 1 0; do echo "== D=$d TILEATTN_GLUON=$g"; TILEATTN_GLUON=$g python3 -m tileattn.bench_features \
                 --cases dense,softcap,sink,window --seqlens 2048,8192 --head-dim $d 2>&1 | grep -v "^#\|^wrote\|^done"; done; done \
                 | tee "$OUT/gluon_on_features.log" ;;
+    # session 11: the Gluon dK/dV kernel (opt-in): probe (stops on a hang), its tests, then the backward grid
+    gluon-bwd) TILEATTN_GLUON=all python3 benchmarks/gluon_probe.py --bwd --timeout 60 2>&1 | tee "$OUT/gluon_bwd_probe.log"
+           if grep -q "TIMEOUT\|rc=" "$OUT/gluon_bwd_probe.log"; then status=1; else
+           python3 -m pytest tests/test_gluon_backward.py -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 \
+             | tee "$OUT/gluon_bwd_tests.log" | tail -${GLUON_TAIL:-15} || status=1
+           python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --modes bwd --no-plot --out-dir "$OUT" --prefix gluon_bwd \
+             --providers tileattn,tileattn_gluon_all,sdpa_cudnn ${BENCH_ARGS:-} 2>&1 | tee "$OUT/gluon_bwd_bench.log" | grep -v "it/s\]"; fi ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;

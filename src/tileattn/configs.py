@@ -411,3 +411,36 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
         raise ValueError("TILEATTN_GLUON_FWD_CONFIG must be 6 integers: block_n,k_stages,v_stages,consumer_regs,"
                          f"producer_regs,maxnreg; got {over}")
     return GluonForwardConfig(*over) if over else cfg
+
+
+@dataclass(frozen=True)
+class GluonBackwardConfig:
+    """The Hopper Gluon dK/dV kernel (kernels/gluon_backward.py): 128 keys per program in two 64-key consumer
+    warpgroups, ``block_m`` query rows per step, a Q/dO ring of ``stages`` slots, the registers per thread of the
+    consumers and of the producer warp (setmaxnreg) and the kernel's ``maxnreg``."""
+    block_m: int
+    stages: int
+    consumer_regs: int
+    producer_regs: int
+    maxnreg: int
+    default_on: bool = True
+
+
+# Session 11: compiled for sm_90a (see gluon_compile.py --bwd); default_on=False until measured on a GPU.
+_GLUON_BWD = {64: GluonBackwardConfig(64, 2, 240, 24, 168, default_on=False),
+              128: GluonBackwardConfig(64, 2, 240, 24, 168, default_on=False)}
+
+
+def gluon_backward_config(head_dim: int) -> Optional[GluonBackwardConfig]:
+    """The Gluon dK/dV kernel's parameters for a head dim, None where it has none or the entry is off (the
+    portable kernel runs). ``TILEATTN_GLUON`` as for the forward (0: off; all: entries not yet measured too);
+    ``TILEATTN_GLUON_BWD_CONFIG=block_m,stages,consumer_regs,producer_regs,maxnreg`` overrides an entry."""
+    mode = getenv("TILEATTN_GLUON", "1")
+    cfg = _GLUON_BWD.get(head_dim)
+    if cfg is None or mode == "0" or (not cfg.default_on and mode != "all"):
+        return None
+    over = _override("TILEATTN_GLUON_BWD_CONFIG")
+    if over and len(over) != 5:
+        raise ValueError("TILEATTN_GLUON_BWD_CONFIG must be 5 integers: block_m,stages,consumer_regs,producer_regs,"
+                         f"maxnreg; got {over}")
+    return GluonBackwardConfig(*over) if over else cfg

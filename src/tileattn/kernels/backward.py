@@ -7,6 +7,7 @@
    sequence slots start 16-aligned (``_row_stats_buffer``).
 2. ``_bwd_dkdv_kernel``: one program per (key tile, batch * kv_head). K and V stay in registers; the query tiles
    of every query head of the GQA group are streamed, so dK/dV are summed over the group inside the program.
+   On Hopper the warp-specialised Gluon kernel in ``gluon_backward.py`` replaces it for the calls it accepts.
 With a sink, d(sink) = -sum over rows of exp(sink - lse) * delta, from the final delta, reduced in a fixed order.
 
 Every output element is written by exactly one program with a fixed reduction order, so results are
@@ -22,6 +23,7 @@ from .. import autotune, configs
 from .._hostinfo import leaves_rows
 from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, q_tile_range, scores,
                      seq_bounds, store_tile, visible)
+from . import gluon_backward
 from .launch import launch
 
 
@@ -383,6 +385,7 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
     _, rows_q, q_heads, dqk = q.shape
     kv_heads, dim_v = k.shape[2], v.shape[3]
     batch = p.batch
+    gluon_cfg = gluon_backward.applies(q, k, v, dout, dk, dv, p) if cfg is None else None
     cfg = cfg or configs.backward_config(q.device, q.dtype, max(dqk, dim_v), p.causal_like)
     block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dim_v)
     fp32 = q.dtype == torch.float32
@@ -432,6 +435,9 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
         HAS_DLSE=dlse is not None, HAS_RESID=has_resid, CORRECT=correct, DELTA_CHUNK=min(32, block_dv)),
         qc.num_warps, qc.num_stages)
 
+    if gluon_cfg is not None:  # Hopper: the warp-specialised dK/dV kernel (gluon_backward.py)
+        gluon_backward.dkdv(q, k, v, dout, stats, dk, dv, p, gluon_cfg)
+        return delta
     kv = cfg.dkdv
     num_n_tiles = configs.cdiv(p.max_seqlen_k, kv.block_n)
     launch(_bwd_dkdv_kernel, (num_n_tiles * batch * kv_heads,), (

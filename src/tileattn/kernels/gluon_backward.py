@@ -1,0 +1,228 @@
+"""Hopper (sm90) dK/dV backward kernel in Gluon, warp-specialised: a producer warp issues every TMA load (the key
+tile's K and V once, then the query tiles' Q and dO into a shared-memory ring with ready/empty mbarriers); two
+consumer warpgroups each own 64 of the tile's 128 keys and, per 64-row query tile, run
+
+    S^T = K Q^T,  dP^T = V dO^T  (asynchronous warpgroup MMAs, both A operands and Q / dO from shared memory)
+    P^T = exp2(S^T * qk_scale - lse),  dV += P^T dO  (P^T from registers, in flight while dS^T is computed)
+    dS^T = P^T (dP^T - delta),  dK += dS^T Q
+
+with nothing in flight across the loop's back edge (ptxas serialises every wgmma of a kernel when a register
+accumulator is, NOTES.md session 10). The two warpgroups do not synchronise with each other: one's elementwise work
+overlaps the other's matmuls. It replaces the portable ``_bwd_dkdv_kernel`` (backward.py) for the calls ``applies``
+accepts and reads the same row statistics (lse in log2 units and delta, ``backward._row_stats_buffer``) that the
+portable dQ kernel writes first. dK/dV of a KV head sum over the query heads of its GQA group in a fixed order, so
+results are bit-reproducible like the portable kernel's.
+
+Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_backward_config`` (64, 128),
+dense batched inputs, causal (bottom-right aligned) or not; no softcap, ALiBi, dropout or sliding window (sinks and
+dlse only change lse and delta, so they are in scope). Everything else takes the portable kernel.
+
+Layouts: q / dO (B, Sq, Hq, D), k / v / dk / dv (B, Sk, Hkv, D), any strides with the last one 1 and 16-byte
+aligned (TMA); rows past Sq load as zeros with lse +inf (P = 0); keys past Sk are computed and clipped by the TMA
+store. One program per (128-key tile, batch * kv head).
+"""
+
+import functools
+
+import torch
+import triton
+
+from .. import configs
+from .gluon_forward import AVAILABLE, _desc
+from .launch import host_descriptor, launch, tma_aligned
+from .params import AttnParams
+
+if AVAILABLE:
+    from triton.experimental import gluon
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+
+    @gluon.jit
+    def _dkdv_load(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
+                   bars, b, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st, HALF_N: gl.constexpr,
+                   BLOCK_M: gl.constexpr,
+                   HEAD_D: gl.constexpr, STAGES: gl.constexpr):
+        """Producer warp: both warpgroups' K and V halves, then Q, dO and the row statistics (lse, delta) of query
+        tiles m_lo .. m_lo + n_m - 1 of each query head of the group (step t = g * n_m + tile) into ring slot
+        t % STAGES."""
+        kv_bar, ready, empty = bars
+        mbarrier.expect(kv_bar, 4 * HALF_N * HEAD_D * 2)
+        for w in gl.static_range(2):
+            tma.async_copy_global_to_shared(k_desc, [b, start_n + w * HALF_N, hk, 0], kv_bar, k_smem.index(w))
+            tma.async_copy_global_to_shared(v_desc, [b, start_n + w * HALF_N, hk, 0], kv_bar, v_smem.index(w))
+        for t in range(group * n_m):
+            g = t // n_m
+            row = (m_lo + t - g * n_m) * BLOCK_M
+            s = t % STAGES
+            mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
+            mbarrier.expect(ready.index(s), 2 * BLOCK_M * HEAD_D * 2 + 2 * BLOCK_M * 4)
+            tma.async_copy_global_to_shared(q_desc, [b, row, hk * group + g, 0], ready.index(s), q_smem.index(s))
+            tma.async_copy_global_to_shared(do_desc, [b, row, hk * group + g, 0], ready.index(s), do_smem.index(s))
+            srow = (hk * group + g) * stride_sh + srow0 + row
+            tma.async_copy_global_to_shared(st_desc, [srow], ready.index(s), lse_smem.index(s))
+            tma.async_copy_global_to_shared(st_desc, [stride_st + srow], ready.index(s), delta_smem.index(s))
+
+    @gluon.jit
+    def _dkdv_consumer(w: gl.constexpr, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
+                       bars, b, hk,
+                       group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
+                       HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
+                       STAGES: gl.constexpr, CAUSAL: gl.constexpr):
+        """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps."""
+        kv_bar, ready, empty = bars
+        dtype: gl.constexpr = dk_desc.dtype
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, BLOCK_M, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD_D, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        key0 = start_n + w * HALF_N
+        keys = key0 + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, st_layout))
+        diag = seqlen_k - seqlen_q
+        mask_end = 0  # query tiles before it see only part of this warpgroup's keys (causal): masked
+        if CAUSAL:
+            mask_end = gl.cdiv(gl.maximum(key0 + HALF_N - 1 - diag, 0), BLOCK_M)
+        dk = gl.zeros([HALF_N, HEAD_D], gl.float32, layout=acc_layout)
+        dv = gl.zeros([HALF_N, HEAD_D], gl.float32, layout=acc_layout)
+        st_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, layout=st_layout)
+        k2 = k_smem.index(w).reshape([HALF_N, HEAD_D])
+        v2 = v_smem.index(w).reshape([HALF_N, HEAD_D])
+        mbarrier.wait(kv_bar, 0)
+        col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)  # a query row's values (lse, delta)
+        for t in range(group * n_m):
+            g = t // n_m
+            tile = m_lo + t - g * n_m
+            s = t % STAGES
+            mbarrier.wait(ready.index(s), (t // STAGES) & 1)
+            q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_D])
+            do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_D])
+            st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+            # lse and delta are read from shared memory when needed (held in registers across the waits they
+            # made the D=128 warpgroups spill); past the last row they are another sequence's: lse +inf (P = 0)
+            partial = (tile + 1) * BLOCK_M > seqlen_q
+            st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
+            lse = lse_smem.index(s).load(col_layout)
+            if partial:
+                lse = gl.where(tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout) < seqlen_q, lse,
+                               float("inf"))
+            p = gl.exp2(st * qk_scale - lse[None, :])
+            if CAUSAL:
+                if tile < mask_end:  # uniform branch: the diagonal's query tiles only
+                    rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout)
+                    p = gl.where(keys[:, None] <= rows[None, :] + diag, p, 0.0)
+            dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
+            delta = delta_smem.index(s).load(col_layout)
+            if partial:
+                delta = gl.where(tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout) < seqlen_q, delta, 0.0)
+            ds = p * (dpt - delta[None, :])
+            # both products issued after dS: P^T in flight beside the fp32 P^T and dP^T spilled at D=128
+            dv_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do2, dv, is_async=True)
+            dk_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), q2, dk, is_async=True)
+            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok))
+            mbarrier.arrive(empty.index(s), count=1)
+        # K and V are dead (only this warpgroup reads its halves): their buffers stage dK and dV for the TMA store
+        k2.store((dk * sm_scale).to(dtype))
+        v2.store(dv.to(dtype))
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(dk_desc, [b, key0, hk, 0], k_smem.index(w))
+        tma.async_copy_shared_to_global(dv_desc, [b, key0, hk, 0], v_smem.index(w))
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, seqlen_q, seqlen_k, kv_heads,
+                     group, num_n_tiles, qk_scale, sm_scale, stride_sh, stride_st, HEAD_D: gl.constexpr,
+                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                     PRODUCER_REGS: gl.constexpr):
+        """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
+        keys each), one more worker warp issues every TMA load."""
+        BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
+        HALF_N: gl.constexpr = k_desc.block_type.shape[1]
+        dtype: gl.constexpr = q_desc.dtype
+        pid = gl.program_id(0)
+        bhk = pid // num_n_tiles
+        start_n = (pid % num_n_tiles) * (2 * HALF_N)  # causal: low key tiles have the most work and run first
+        b = bhk // kv_heads
+        hk = bhk % kv_heads
+        m_lo = 0
+        if CAUSAL:  # query rows before start_n - diag see none of this tile's keys
+            m_lo = gl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M
+        n_m = gl.maximum(gl.cdiv(seqlen_q, BLOCK_M) - m_lo, 0)
+        srow0 = 16 * (b + (b * seqlen_q) // 16)  # this sequence's rows in the row-stats buffer (backward.py)
+
+        q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_D], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_D], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_N, 1, HEAD_D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_N, 1, HEAD_D], v_desc.layout)
+        lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], st_desc.layout)
+        delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], st_desc.layout)
+        kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
+        ready = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        empty = gl.allocate_shared_memory(gl.int64, [STAGES, 1], mbarrier.MBarrierLayout())
+        mbarrier.init(kv_bar, count=1)
+        for i in gl.static_range(STAGES):
+            mbarrier.init(ready.index(i), count=1)
+            mbarrier.init(empty.index(i), count=2)  # both consumer warpgroups release each slot
+        bars = (kv_bar, ready, empty)
+        gl.warp_specialize([
+            (_dkdv_consumer, (0, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, bars, b,
+                              hk, group,
+                              start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale, HALF_N, BLOCK_M, HEAD_D,
+                              STAGES, CAUSAL)),
+            (_dkdv_consumer, (1, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, bars, b,
+                              hk, group,
+                              start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale, HALF_N, BLOCK_M, HEAD_D,
+                              STAGES, CAUSAL)),
+            (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                          delta_smem, bars, b, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st, HALF_N,
+                          BLOCK_M, HEAD_D, STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def applies(q, k, v, dout, dk, dv, p: AttnParams):
+    """The Gluon dK/dV kernel's ``configs.GluonBackwardConfig`` for this call, or None when the portable kernel
+    takes it (see the module docstring for the scope)."""
+    if not AVAILABLE or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
+        return None
+    d = q.shape[3]
+    cfg = configs.gluon_backward_config(d)
+    if cfg is None or k.shape[3] != d or v.shape[3] != d or p.varlen or q.numel() == 0 or k.numel() == 0:
+        return None
+    if p.alibi_slopes is not None or p.dropout_p > 0 or p.softcap > 0 or p.window_left >= 0 or p.window_right > 0:
+        return None
+    if configs._arch(configs._device_index(q.device), configs._arch_override())[0] != 9:
+        return None
+    if any(t.dtype != q.dtype or not tma_aligned(t) or t.stride(-1) != 1 for t in (q, k, v, dout, dk, dv)):
+        return None
+    return cfg
+
+
+@functools.lru_cache(maxsize=None)
+def _stats_layout(block_m: int):
+    """Shared layout of one ring slot of lse or delta: block_m fp32, unswizzled (a 1-D TMA box of the flattened
+    row-stats buffer)."""
+    return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
+
+
+def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg):
+    """Write dk and dv (B, Sk, Hkv, D) for a call ``applies`` accepted. ``stats``: the (2, Hq, L) fp32 row
+    statistics the portable dQ kernel wrote (``backward._row_stats_buffer``)."""
+    batch, seqlen_q, q_heads, d = q.shape
+    seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    bf16 = q.dtype == torch.bfloat16
+    half_n, bm = 64, cfg.block_m
+    q_desc, do_desc = _desc(q, (1, bm, 1, d), bf16), _desc(dout, (1, bm, 1, d), bf16)
+    k_desc, v_desc = _desc(k, (1, half_n, 1, d), bf16), _desc(v, (1, half_n, 1, d), bf16)
+    dk_desc, dv_desc = _desc(dk, (1, half_n, 1, d), bf16), _desc(dv, (1, half_n, 1, d), bf16)
+    num_n_tiles = triton.cdiv(seqlen_k, 2 * half_n)
+    st_desc = host_descriptor(GluonTensorDescriptor, stats.view(-1), (bm, ), layout=_stats_layout(bm))
+    sts = stats.stride()
+    launch(_dkdv_kernel, (num_n_tiles * batch * kv_heads,), (
+        q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, seqlen_q, seqlen_k, kv_heads,
+        q_heads // kv_heads, num_n_tiles, p.qk_scale, p.softmax_scale, sts[1], sts[0]),
+        dict(HEAD_D=d, STAGES=cfg.stages, CAUSAL=p.window_right == 0, CONSUMER_REGS=cfg.consumer_regs,
+             PRODUCER_REGS=cfg.producer_regs),
+        4, 1, maxnreg=cfg.maxnreg)
