@@ -3,7 +3,7 @@ memory and the main loop's SASS mix (HGMMA, barriers, shuffles).
 
 Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--causal] [--config bn,ks,vs,creg,preg,maxnreg]
            [--no-resid] [--softcap] [--sink] [--fp16] [--window] [--sass] [--check]
-       ... --bwd [--head-dim 128] [--causal] [--fp16] [--config bm,stages,creg,preg,maxnreg]: the dK/dV kernel
+       ... --bwd [--head-dim 128] [--causal] [--fp16] [--config bm,stages,creg,preg,maxnreg,pipeline]: the dK/dV kernel
 """
 import argparse
 import collections
@@ -50,7 +50,8 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False):
     from tileattn import configs
     from tileattn.kernels import gluon_backward as gb
     c = configs._GLUON_BWD[d]
-    bm, stages, creg, preg, maxnreg = cfg or (c.block_m, c.stages, c.consumer_regs, c.producer_regs, c.maxnreg)
+    bm, stages, creg, preg, maxnreg, pipe = cfg or (c.block_m, c.stages, c.consumer_regs, c.producer_regs, c.maxnreg,
+                                                    c.pipeline)
     dt = gl.float16 if fp16 else gl.bfloat16
 
     def desc(rows):
@@ -59,7 +60,8 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False):
     sig = {"q_desc": desc(bm), "do_desc": desc(bm), "k_desc": desc(64), "v_desc": desc(64), "dk_desc": desc(64),
            "dv_desc": desc(64), "st_desc": f"tensordesc<fp32[{bm}],{gb._stats_layout(bm)!r}>",
            "qk_scale": "fp32", "sm_scale": "fp32"}
-    consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal, CONSUMER_REGS=creg, PRODUCER_REGS=preg)
+    consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal, PIPELINE=bool(pipe), CONSUMER_REGS=creg,
+                  PRODUCER_REGS=preg)
     fn = gb._dkdv_kernel
     for name in fn.arg_names:
         if name not in sig:
@@ -95,7 +97,7 @@ def main():
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--window", action="store_true", help="a sliding window (left and right bounds)")
     ap.add_argument("--bwd", action="store_true", help="the dK/dV backward kernel instead (--config bm,stages,"
-                    "creg,preg,maxnreg)")
+                    "creg,preg,maxnreg,pipeline)")
     ap.add_argument("--sass", action="store_true", help="print the main loop's SASS")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless ptxas reports no spills and no serialised wgmma (C7514)")

@@ -417,30 +417,34 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
 class GluonBackwardConfig:
     """The Hopper Gluon dK/dV kernel (kernels/gluon_backward.py): 128 keys per program in two 64-key consumer
     warpgroups, ``block_m`` query rows per step, a Q/dO ring of ``stages`` slots, the registers per thread of the
-    consumers and of the producer warp (setmaxnreg) and the kernel's ``maxnreg``."""
+    consumers and of the producer warp (setmaxnreg) and the kernel's ``maxnreg``; ``pipeline``: the consumers'
+    loop software-pipelined by one step (3+ stages)."""
     block_m: int
     stages: int
     consumer_regs: int
     producer_regs: int
     maxnreg: int
+    pipeline: bool = False
     default_on: bool = True
 
 
-# Session 11: compiled for sm_90a (see gluon_compile.py --bwd); default_on=False until measured on a GPU.
-_GLUON_BWD = {64: GluonBackwardConfig(64, 2, 240, 24, 168, default_on=False),
+# Session 11: compiled for sm_90a (see gluon_compile.py --bwd); D=128's pipelined loop needs more registers than a
+# consumer warpgroup has (ptxas serialises its wgmma, C7512).
+_GLUON_BWD = {64: GluonBackwardConfig(64, 3, 240, 24, 168, pipeline=True, default_on=False),
               128: GluonBackwardConfig(64, 2, 240, 24, 168, default_on=False)}
 
 
 def gluon_backward_config(head_dim: int) -> Optional[GluonBackwardConfig]:
     """The Gluon dK/dV kernel's parameters for a head dim, None where it has none or the entry is off (the
     portable kernel runs). ``TILEATTN_GLUON`` as for the forward (0: off; all: entries not yet measured too);
-    ``TILEATTN_GLUON_BWD_CONFIG=block_m,stages,consumer_regs,producer_regs,maxnreg`` overrides an entry."""
+    ``TILEATTN_GLUON_BWD_CONFIG=block_m,stages,consumer_regs,producer_regs,maxnreg,pipeline`` overrides an
+    entry."""
     mode = getenv("TILEATTN_GLUON", "1")
     cfg = _GLUON_BWD.get(head_dim)
     if cfg is None or mode == "0" or (not cfg.default_on and mode != "all"):
         return None
     over = _override("TILEATTN_GLUON_BWD_CONFIG")
-    if over and len(over) != 5:
-        raise ValueError("TILEATTN_GLUON_BWD_CONFIG must be 5 integers: block_m,stages,consumer_regs,producer_regs,"
-                         f"maxnreg; got {over}")
-    return GluonBackwardConfig(*over) if over else cfg
+    if over and len(over) != 6:
+        raise ValueError("TILEATTN_GLUON_BWD_CONFIG must be 6 integers: block_m,stages,consumer_regs,producer_regs,"
+                         f"maxnreg,pipeline; got {over}")
+    return GluonBackwardConfig(*over[:5], pipeline=bool(over[5])) if over else cfg

@@ -65,12 +65,41 @@ if AVAILABLE:
             tma.async_copy_global_to_shared(st_desc, [stride_st + srow], ready.index(s), delta_smem.index(s))
 
     @gluon.jit
+    def _probs(st, lse_slot, tile, keys, seqlen_q, diag, mask_end, qk_scale, BLOCK_M: gl.constexpr,
+               CAUSAL: gl.constexpr):
+        """P^T of one step from S^T: exp2(S^T * qk_scale - lse), 0 where the key is after the row (causal) and
+        for rows past the sequence (lse and delta are read from shared memory when needed: held in registers
+        across the waits they made the D=128 warpgroups spill; past the last row they are another sequence's)."""
+        col_layout: gl.constexpr = gl.SliceLayout(0, st.type.layout)
+        lse = lse_slot.load(col_layout)
+        if (tile + 1) * BLOCK_M > seqlen_q:
+            lse = gl.where(tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout) < seqlen_q, lse, float("inf"))
+        p = gl.exp2(st * qk_scale - lse[None, :])
+        if CAUSAL:
+            if tile < mask_end:  # uniform branch: the diagonal's query tiles only
+                rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout)
+                p = gl.where(keys[:, None] <= rows[None, :] + diag, p, 0.0)
+        return p
+
+    @gluon.jit
+    def _dscores(p, dpt, delta_slot, tile, seqlen_q, BLOCK_M: gl.constexpr):
+        """dS^T = P^T (dP^T - delta) of one step."""
+        col_layout: gl.constexpr = gl.SliceLayout(0, p.type.layout)
+        delta = delta_slot.load(col_layout)
+        if (tile + 1) * BLOCK_M > seqlen_q:
+            delta = gl.where(tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout) < seqlen_q, delta, 0.0)
+        return p * (dpt - delta[None, :])
+
+    @gluon.jit
     def _dkdv_consumer(w: gl.constexpr, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
-                       bars, b, hk,
-                       group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
+                       bars, b, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
                        HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
-                       STAGES: gl.constexpr, CAUSAL: gl.constexpr):
-        """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps."""
+                       STAGES: gl.constexpr, CAUSAL: gl.constexpr, PIPELINE: gl.constexpr):
+        """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps.
+        PIPELINE: software-pipelined by one step: S^T_t and dP^T_t are issued with dV += P^T_{t-1} dO_{t-1} and
+        dK += dS^T_{t-1} Q_{t-1} between them, so step t's elementwise work runs while step t-1's products hold the
+        tensor cores; every product is waited for inside its iteration (nothing in flight across the back edge).
+        Needs a ring of 3 slots (step t-1's Q and dO stay until its products finish)."""
         kv_bar, ready, empty = bars
         dtype: gl.constexpr = dk_desc.dtype
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -90,39 +119,63 @@ if AVAILABLE:
         k2 = k_smem.index(w).reshape([HALF_N, HEAD_D])
         v2 = v_smem.index(w).reshape([HALF_N, HEAD_D])
         mbarrier.wait(kv_bar, 0)
-        col_layout: gl.constexpr = gl.SliceLayout(0, st_layout)  # a query row's values (lse, delta)
-        for t in range(group * n_m):
-            g = t // n_m
-            tile = m_lo + t - g * n_m
-            s = t % STAGES
-            mbarrier.wait(ready.index(s), (t // STAGES) & 1)
-            q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_D])
-            do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_D])
-            st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-            dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-            # lse and delta are read from shared memory when needed (held in registers across the waits they
-            # made the D=128 warpgroups spill); past the last row they are another sequence's: lse +inf (P = 0)
-            partial = (tile + 1) * BLOCK_M > seqlen_q
+        n = group * n_m
+        if not PIPELINE:  # D=128: the pipelined order needs more registers (ptxas serialises its wgmma, C7512)
+            for t in range(n):
+                g = t // n_m
+                tile = m_lo + t - g * n_m
+                s = t % STAGES
+                mbarrier.wait(ready.index(s), (t // STAGES) & 1)
+                q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_D])
+                do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_D])
+                st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+                dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+                st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
+                p = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, mask_end, qk_scale, BLOCK_M, CAUSAL)
+                dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
+                ds = _dscores(p, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M)
+                # both products issued after dS (P^T in flight beside fp32 P^T and dP^T spilled at D=128)
+                dv_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do2, dv, is_async=True)
+                dk_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), q2, dk, is_async=True)
+                dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok))
+                mbarrier.arrive(empty.index(s), count=1)
+        elif n > 0:
+            mbarrier.wait(ready.index(0), 0)
+            st_tok = warpgroup_mma(k2, q_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
+                                   use_acc=False, is_async=True)
+            dpt_tok = warpgroup_mma(v2, do_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
+                                    use_acc=False, is_async=True)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-            lse = lse_smem.index(s).load(col_layout)
-            if partial:
-                lse = gl.where(tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout) < seqlen_q, lse,
-                               float("inf"))
-            p = gl.exp2(st * qk_scale - lse[None, :])
-            if CAUSAL:
-                if tile < mask_end:  # uniform branch: the diagonal's query tiles only
-                    rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout)
-                    p = gl.where(keys[:, None] <= rows[None, :] + diag, p, 0.0)
+            p = _probs(st, lse_smem.index(0), m_lo, keys, seqlen_q, diag, mask_end, qk_scale, BLOCK_M, CAUSAL)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
-            delta = delta_smem.index(s).load(col_layout)
-            if partial:
-                delta = gl.where(tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout) < seqlen_q, delta, 0.0)
-            ds = p * (dpt - delta[None, :])
-            # both products issued after dS: P^T in flight beside the fp32 P^T and dP^T spilled at D=128
-            dv_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do2, dv, is_async=True)
-            dk_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), q2, dk, is_async=True)
+            ds = _dscores(p, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M)
+            p_op = gl.convert_layout(p.to(dtype), op_layout)
+            ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+            for t in range(1, n):
+                g = t // n_m
+                tile = m_lo + t - g * n_m
+                s = t % STAGES
+                sp = (t - 1) % STAGES
+                mbarrier.wait(ready.index(s), (t // STAGES) & 1)
+                st_tok = warpgroup_mma(k2, q_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
+                                       use_acc=False, is_async=True)
+                dv_tok = warpgroup_mma(p_op, do_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dv, is_async=True)
+                dpt_tok = warpgroup_mma(v2, do_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
+                                        use_acc=False, is_async=True)
+                dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
+                st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
+                p = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, mask_end, qk_scale, BLOCK_M, CAUSAL)
+                dv, dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dpt_tok))
+                ds = _dscores(p, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M)
+                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
+                mbarrier.arrive(empty.index(sp), count=1)
+                p_op = gl.convert_layout(p.to(dtype), op_layout)
+                ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+            sp = (n - 1) % STAGES
+            dv_tok = warpgroup_mma(p_op, do_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dv, is_async=True)
+            dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
             dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok))
-            mbarrier.arrive(empty.index(s), count=1)
+            mbarrier.arrive(empty.index(sp), count=1)
         # K and V are dead (only this warpgroup reads its halves): their buffers stage dK and dV for the TMA store
         k2.store((dk * sm_scale).to(dtype))
         v2.store(dv.to(dtype))
@@ -135,7 +188,7 @@ if AVAILABLE:
     @gluon.jit
     def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, seqlen_q, seqlen_k, kv_heads,
                      group, num_n_tiles, qk_scale, sm_scale, stride_sh, stride_st, HEAD_D: gl.constexpr,
-                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, PIPELINE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                      PRODUCER_REGS: gl.constexpr):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load."""
@@ -171,11 +224,11 @@ if AVAILABLE:
             (_dkdv_consumer, (0, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, bars, b,
                               hk, group,
                               start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale, HALF_N, BLOCK_M, HEAD_D,
-                              STAGES, CAUSAL)),
+                              STAGES, CAUSAL, PIPELINE)),
             (_dkdv_consumer, (1, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, bars, b,
                               hk, group,
                               start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale, HALF_N, BLOCK_M, HEAD_D,
-                              STAGES, CAUSAL)),
+                              STAGES, CAUSAL, PIPELINE)),
             (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
                           delta_smem, bars, b, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st, HALF_N,
                           BLOCK_M, HEAD_D, STAGES)),
@@ -223,6 +276,7 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg):
     launch(_dkdv_kernel, (num_n_tiles * batch * kv_heads,), (
         q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, seqlen_q, seqlen_k, kv_heads,
         q_heads // kv_heads, num_n_tiles, p.qk_scale, p.softmax_scale, sts[1], sts[0]),
-        dict(HEAD_D=d, STAGES=cfg.stages, CAUSAL=p.window_right == 0, CONSUMER_REGS=cfg.consumer_regs,
+        dict(HEAD_D=d, STAGES=cfg.stages, CAUSAL=p.window_right == 0, PIPELINE=cfg.pipeline,
+             CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs),
         4, 1, maxnreg=cfg.maxnreg)
