@@ -428,10 +428,14 @@ class GluonBackwardConfig:
     default_on: bool = True
 
 
-# Session 11: compiled for sm_90a (see gluon_compile.py --bwd); D=128's pipelined loop needs more registers than a
-# consumer warpgroup has (ptxas serialises its wgmma, C7512).
-_GLUON_BWD = {64: GluonBackwardConfig(64, 3, 240, 24, 168, pipeline=True, default_on=False),
-              128: GluonBackwardConfig(64, 2, 240, 24, 168, default_on=False)}
+# Run 58 (H200, gluon_bwd_sweep.py, backward TFLOP/s at 1k / 4k / 16k, same process): D=128 non-causal portable
+# 290/391/421, 64-row steps plain loop 305/401/428, 32-row steps pipelined 315/414/447, 32 plain 297/387/417, 64 plain
+# 3 stages 310/407/437; causal portable 201/317/381, 64 plain 217/352/428, 32 pipelined 220/357/435, 64 plain 3 stages
+# 221/361/428. (D=128 with 64-row steps pipelined needs more registers than a consumer warpgroup has: ptxas
+# serialises its wgmma, C7512.) D=64 non-causal portable 303/350/375, 64 pipelined 307/387/411, 64 plain 294/368/395,
+# 32 pipelined 285/358/372; causal portable 201/294/333, 64 pipelined 209/326/381, 64 plain 204/319/372.
+_GLUON_BWD = {64: GluonBackwardConfig(64, 3, 240, 24, 168, pipeline=True),
+              128: GluonBackwardConfig(32, 4, 240, 24, 168, pipeline=True)}
 
 
 def gluon_backward_config(head_dim: int) -> Optional[GluonBackwardConfig]:

@@ -120,7 +120,7 @@ if AVAILABLE:
         v2 = v_smem.index(w).reshape([HALF_N, HEAD_D])
         mbarrier.wait(kv_bar, 0)
         n = group * n_m
-        if not PIPELINE:  # D=128: the pipelined order needs more registers (ptxas serialises its wgmma, C7512)
+        if not PIPELINE:  # the plain order (64-row steps at D=128 pipelined need more registers: C7512)
             for t in range(n):
                 g = t // n_m
                 tile = m_lo + t - g * n_m
