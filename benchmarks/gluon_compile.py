@@ -3,6 +3,7 @@ memory and the main loop's SASS mix (HGMMA, barriers, shuffles).
 
 Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--causal] [--config bn,ks,vs,creg,preg,maxnreg]
            [--no-resid] [--softcap] [--sink] [--fp16] [--window] [--sass] [--check]
+       ... --dq [--head-dim 128] [--causal] [--fp16] [--no-resid] [--dlse] [--config bn,kstages,creg,preg,maxnreg]
        ... --bwd [--head-dim 128] [--causal] [--fp16] [--config bm,stages,creg,preg,maxnreg,pipeline]: the dK/dV kernel
 """
 import argparse
@@ -70,6 +71,32 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False):
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
 
 
+def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False):
+    """The Gluon dQ kernel (kernels/gluon_dq.py) for sm_90a; cfg = (block_n, k_stages, creg, preg, maxnreg)."""
+    from tileattn import configs
+    from tileattn.kernels import gluon_dq as gq
+    c = configs._GLUON_BWD[d]
+    bn, ks, creg, preg, maxnreg = cfg or (c.dq_block_n, c.dq_k_stages, c.consumer_regs, c.producer_regs, c.maxnreg)
+    dt, name = (gl.float16, "fp16") if fp16 else (gl.bfloat16, "bf16")
+
+    def desc(rows):
+        layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], dt)
+        return f"tensordesc<{name}[1,{rows},1,{d}],{layout!r}>"
+    sig = {"q_desc": desc(64), "do_desc": desc(64), "k_desc": desc(bn), "v_desc": desc(bn), "dq_desc": desc(64),
+           "O": f"*{name}", "RESID": f"*{name}", "DO": f"*{name}", "LSE": "*fp32", "DLSE": "*fp32",
+           "DELTA": "*fp32", "STATS": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
+    consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=2, CAUSAL=causal, HAS_RESID=resid, HAS_DLSE=dlse,
+                  CONSUMER_REGS=creg, PRODUCER_REGS=preg)
+    fn = gq._dq_kernel
+    for arg in fn.arg_names:
+        if arg not in sig:
+            sig[arg] = "constexpr" if arg in consts else "i32"
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("O", "RESID", "DO", "LSE", "DLSE",
+                                                                          "DELTA", "STATS")}
+    return triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
+                          target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
+
+
 def ptxas_messages(ptx: str) -> str:
     """ptxas -v's stderr for sm_90a (register use, spills, and performance warnings such as C7514)."""
     import subprocess
@@ -96,6 +123,9 @@ def main():
     ap.add_argument("--sink", action="store_true")
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--window", action="store_true", help="a sliding window (left and right bounds)")
+    ap.add_argument("--dq", action="store_true", help="the dQ backward kernel instead (--config bn,kstages,creg,"
+                    "preg,maxnreg; --no-resid: delta from the rounded O; --dlse)")
+    ap.add_argument("--dlse", action="store_true")
     ap.add_argument("--bwd", action="store_true", help="the dK/dV backward kernel instead (--config bm,stages,"
                     "creg,preg,maxnreg,pipeline)")
     ap.add_argument("--sass", action="store_true", help="print the main loop's SASS")
@@ -107,7 +137,9 @@ def main():
     cfg = tuple(int(x) for x in a.config.split(",")) if a.config else None
     if a.window and a.causal:
         ap.error("--window is its own mask (a causal call with a left bound is a window)")
-    if a.bwd:
+    if a.dq:
+        k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse)
+    elif a.bwd:
         k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16)
     else:
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, a.softcap, a.sink, a.fp16, a.window)

@@ -1,4 +1,5 @@
-"""The Hopper Gluon dK/dV kernel (kernels/gluon_backward.py).
+"""The Hopper Gluon backward kernels: dK/dV (kernels/gluon_backward.py) and dQ (kernels/gluon_dq.py, opt-in with
+TILEATTN_GLUON_DQ=1 until measured).
 
 GPU (sm90): the calls it accepts go through it (spied); dq / dk / dv pass the accuracy rule against the float64
 reference on odd sizes, GQA, Sq != Sk, causal, strided and packed inputs, with a sink and with a gradient through
@@ -16,7 +17,7 @@ import torch
 
 import tileattn
 from _helpers import HALF_DTYPES, ON_GPU, check_attention, dtype_id, make_qkv, randn, seed_for
-from tileattn.kernels import gluon_backward, params
+from tileattn.kernels import gluon_backward, gluon_dq, params
 
 HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon backward runs on sm90 only")
@@ -41,9 +42,23 @@ def spy(monkeypatch):
     return calls
 
 
+@pytest.fixture
+def dq_spy(monkeypatch):
+    """Turn the Gluon dQ kernel on and record its calls."""
+    monkeypatch.setenv("TILEATTN_GLUON_DQ", "1")
+    calls = []
+    real = gluon_dq.dq
+
+    def wrapped(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(gluon_dq, "dq", wrapped)
+    return calls
+
+
 def test_scope_on_cpu():
     q = torch.zeros(1, 4, 2, 64)
-    assert not gluon_backward.applies(q, q, q, q, q, q, _params(q, q))
+    assert not gluon_backward.applies(q, q, q, q, q, q, q, _params(q, q))
 
 
 @hopper
@@ -51,7 +66,7 @@ def test_scope_on_cpu():
 def test_scope_on_hopper(monkeypatch):
     q = torch.zeros(2, 64, 4, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.zeros(2, 80, 2, 128, device="cuda", dtype=torch.bfloat16)
-    ok = (q, k, k, q, k, k)
+    ok = (q, k, k, q, q, k, k)  # q, k, v, dout, dq, dk, dv
     assert gluon_backward.applies(*ok, _params(q, k))
     assert gluon_backward.applies(*ok, _params(q, k, causal=True))
     assert gluon_backward.applies(*ok, _params(q, k, sink=torch.zeros(4, device="cuda")))
@@ -62,9 +77,9 @@ def test_scope_on_hopper(monkeypatch):
     f = [t.float() for t in ok]
     assert not gluon_backward.applies(*f, _params(q, k))
     q256 = torch.zeros(1, 64, 2, 256, device="cuda", dtype=torch.bfloat16)
-    assert not gluon_backward.applies(*(q256, ) * 6, _params(q256, q256))
+    assert not gluon_backward.applies(*(q256, ) * 7, _params(q256, q256))
     dk_odd = torch.zeros(2, 80, 2, 129, device="cuda", dtype=torch.bfloat16)[..., 1:]  # base off 16 bytes
-    assert not gluon_backward.applies(q, k, k, q, dk_odd, k, _params(q, k))
+    assert not gluon_backward.applies(q, k, k, q, q, dk_odd, k, _params(q, k))
     monkeypatch.setenv("TILEATTN_GLUON", "0")
     assert not gluon_backward.applies(*ok, _params(q, k))
     monkeypatch.setenv("TILEATTN_GLUON", "1")
@@ -156,6 +171,80 @@ def test_reproducible_and_agrees_with_portable_kernel(causal, monkeypatch):
         torch.testing.assert_close(x.float(), y.float(), atol=2 ** -6, rtol=2 ** -6)
 
 
+DQ_CASES = [(2, 1, 1, 2, 2), (1, 17, 17, 3, 3), (2, 130, 130, 4, 2), (1, 128, 300, 2, 1), (1, 300, 128, 2, 2),
+            (1, 257, 1031, 4, 1), (1, 2048, 2048, 2, 2)]
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", DQ_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_dq_kernel_accuracy(case, causal, d, dtype, spy, dq_spy):
+    B, Sq, Sk, Hq, Hkv = case
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon-dq", case, causal, d), requires_grad=True)
+    dout = randn((B, Sq, Hq, d), dtype, gen)
+    check_attention(q, k, v, causal=causal, dout=dout, extra="gluon dq")
+    assert spy and dq_spy, "the call did not take the Gluon dQ and dK/dV kernels"
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_dq_kernel_dlse_sink_and_delta_modes(causal, dq_spy, monkeypatch):
+    """dlse and a sink (delta, d(sink)); the rounded delta mode (no residual) goes through the kernel too; the
+    correcting mode (no residual kept) takes the portable dQ kernel."""
+    import test_features
+    B, Sq, Sk, Hq, Hkv, D = 2, 333, 777, 4, 2, 128
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, D, torch.bfloat16, seed_for("gluon-dq-sink", causal),
+                            requires_grad=True)
+    test_features._check(q, k, v, randn((B, Sq, Hq, D), torch.bfloat16, gen), causal=causal, ctx="gluon dq",
+                         sink=randn((Hq,), torch.float32, gen).requires_grad_())
+    check_attention(q, k, v, causal=causal, dout=randn((B, Sq, Hq, D), torch.bfloat16, gen),
+                    dlse=randn((B, Hq, Sq), torch.float32, gen), extra="gluon dq dlse")
+    assert len(dq_spy) == 2
+    dout = randn((B, Sq, Hq, D), torch.bfloat16, gen)
+
+    def grads():
+        q.grad = k.grad = v.grad = None
+        tileattn.attention(q, k, v, causal=causal).backward(dout)
+        return q.grad.float(), k.grad.float(), v.grad.float()
+    want = grads()
+    monkeypatch.setenv("TILEATTN_DELTA", "rounded")
+    rounded = grads()
+    assert len(dq_spy) == 4
+    for a, b in zip(want, rounded):  # rounded delta: FlashAttention's; close on a random (not one-hot) softmax
+        torch.testing.assert_close(a, b, atol=2 ** -5, rtol=2 ** -5)
+    monkeypatch.setenv("TILEATTN_DELTA", "correct")  # no residual stored: the portable kernel corrects delta
+    q2, k2, v2 = (t.detach().requires_grad_() for t in (q, k, v))
+    tileattn.attention(q2, k2, v2, causal=causal).backward(dout)
+    assert len(dq_spy) == 4
+    for a, b in zip(want, (q2.grad, k2.grad, v2.grad)):
+        torch.testing.assert_close(a, b.float(), atol=2 ** -6, rtol=2 ** -6)
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("causal", [False, True])
+def test_dq_kernel_reproducible_and_agrees_with_portable_kernel(causal, monkeypatch):
+    q, k, v, gen = make_qkv(2, 777, 901, 4, 2, 128, torch.bfloat16, seed_for("gluon-dq-vs-portable", causal),
+                            requires_grad=True)
+    dout = randn((2, 777, 4, 128), torch.bfloat16, gen)
+
+    def grads():
+        q.grad = k.grad = v.grad = None
+        tileattn.attention(q, k, v, causal=causal).backward(dout)
+        return q.grad.clone(), k.grad.clone(), v.grad.clone()
+    monkeypatch.setenv("TILEATTN_GLUON_DQ", "1")
+    a, b = grads(), grads()
+    assert all(torch.equal(x, y) for x, y in zip(a, b)), "not bit-reproducible"
+    monkeypatch.setenv("TILEATTN_GLUON_DQ", "0")
+    c = grads()
+    for x, y in zip(a, c):
+        torch.testing.assert_close(x.float(), y.float(), atol=2 ** -6, rtol=2 ** -6)
+
+
 def _ptxas_available():
     try:
         from triton.backends.nvidia.compiler import get_ptxas
@@ -177,5 +266,19 @@ def test_compiles_for_sm90_without_serialised_wgmma(d, causal, extra):
     env["PYTHONPATH"] = os.path.join(root, "src") + os.pathsep + env.get("PYTHONPATH", "")
     args = [sys.executable, os.path.join(root, "benchmarks", "gluon_compile.py"), "--bwd", "--check",
             "--spill-budget", "64", "--head-dim", str(d)]
+    r = subprocess.run(args + (["--causal"] if causal else []) + list(extra), capture_output=True, text=True, env=env)
+    assert r.returncode == 0, r.stdout + r.stderr
+
+
+@needs_gluon
+@pytest.mark.skipif(not _ptxas_available(), reason="needs triton's bundled ptxas")
+@pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ("--dlse", )), (64, True, ()),
+                                            (64, False, ("--fp16", "--no-resid"))])
+def test_dq_kernel_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal, extra):
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.join(root, "src") + os.pathsep + env.get("PYTHONPATH", "")
+    args = [sys.executable, os.path.join(root, "benchmarks", "gluon_compile.py"), "--dq", "--check", "--head-dim",
+            str(d)]
     r = subprocess.run(args + (["--causal"] if causal else []) + list(extra), capture_output=True, text=True, env=env)
     assert r.returncode == 0, r.stdout + r.stderr

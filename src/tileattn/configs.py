@@ -7,6 +7,7 @@ architectures get conservative tiles that fit their shared memory. ``TILEATTN_FW
 
 import functools
 import os
+import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 
@@ -418,13 +419,18 @@ class GluonBackwardConfig:
     """The Hopper Gluon dK/dV kernel (kernels/gluon_backward.py): 128 keys per program in two 64-key consumer
     warpgroups, ``block_m`` query rows per step, a Q/dO ring of ``stages`` slots, the registers per thread of the
     consumers and of the producer warp (setmaxnreg) and the kernel's ``maxnreg``; ``pipeline``: the consumers'
-    loop software-pipelined by one step (3+ stages)."""
+    loop software-pipelined by one step (3+ stages). The Gluon dQ kernel (kernels/gluon_dq.py) shares the
+    registers: ``dq_block_n`` keys per tile, a K ring of ``dq_k_stages`` slots (3: tile j-1's K stays for its
+    product while tile j+1's loads), off with ``dq=False``."""
     block_m: int
     stages: int
     consumer_regs: int
     producer_regs: int
     maxnreg: int
     pipeline: bool = False
+    dq_block_n: int = 64
+    dq_k_stages: int = 3
+    dq: bool = True
     default_on: bool = True
 
 
@@ -434,15 +440,17 @@ class GluonBackwardConfig:
 # 221/361/428. (D=128 with 64-row steps pipelined needs more registers than a consumer warpgroup has: ptxas
 # serialises its wgmma, C7512.) D=64 non-causal portable 303/350/375, 64 pipelined 307/387/411, 64 plain 294/368/395,
 # 32 pipelined 285/358/372; causal portable 201/294/333, 64 pipelined 209/326/381, 64 plain 204/319/372.
-_GLUON_BWD = {64: GluonBackwardConfig(64, 3, 240, 24, 168, pipeline=True),
-              128: GluonBackwardConfig(32, 4, 240, 24, 168, pipeline=True)}
+# The dQ kernel (session 11): compiled for sm_90a only, opt-in (TILEATTN_GLUON_DQ=1) until measured.
+_GLUON_BWD = {64: GluonBackwardConfig(64, 3, 240, 24, 168, pipeline=True, dq=False),
+              128: GluonBackwardConfig(32, 4, 240, 24, 168, pipeline=True, dq=False)}
 
 
 def gluon_backward_config(head_dim: int) -> Optional[GluonBackwardConfig]:
     """The Gluon dK/dV kernel's parameters for a head dim, None where it has none or the entry is off (the
     portable kernel runs). ``TILEATTN_GLUON`` as for the forward (0: off; all: entries not yet measured too);
     ``TILEATTN_GLUON_BWD_CONFIG=block_m,stages,consumer_regs,producer_regs,maxnreg,pipeline`` overrides an
-    entry."""
+    entry's dK/dV parameters; ``TILEATTN_GLUON_DQ=0|1`` turns the Gluon dQ kernel off / on, ``=block_n,k_stages``
+    on with those parameters."""
     mode = getenv("TILEATTN_GLUON", "1")
     cfg = _GLUON_BWD.get(head_dim)
     if cfg is None or mode == "0" or (not cfg.default_on and mode != "all"):
@@ -451,4 +459,13 @@ def gluon_backward_config(head_dim: int) -> Optional[GluonBackwardConfig]:
     if over and len(over) != 6:
         raise ValueError("TILEATTN_GLUON_BWD_CONFIG must be 6 integers: block_m,stages,consumer_regs,producer_regs,"
                          f"maxnreg,pipeline; got {over}")
-    return GluonBackwardConfig(*over[:5], pipeline=bool(over[5])) if over else cfg
+    if over:
+        cfg = dataclasses.replace(cfg, block_m=over[0], stages=over[1], consumer_regs=over[2], producer_regs=over[3],
+                                  maxnreg=over[4], pipeline=bool(over[5]))
+    dq = getenv("TILEATTN_GLUON_DQ")
+    if dq and "," in dq:
+        bn, ks = (int(x) for x in dq.split(","))
+        cfg = dataclasses.replace(cfg, dq=True, dq_block_n=bn, dq_k_stages=ks)
+    elif dq:
+        cfg = dataclasses.replace(cfg, dq=dq != "0")
+    return cfg

@@ -23,7 +23,7 @@ from .. import autotune, configs
 from .._hostinfo import leaves_rows
 from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, q_tile_range, scores,
                      seq_bounds, store_tile, visible)
-from . import gluon_backward
+from . import gluon_backward, gluon_dq
 from .launch import launch
 
 
@@ -385,7 +385,7 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
     _, rows_q, q_heads, dqk = q.shape
     kv_heads, dim_v = k.shape[2], v.shape[3]
     batch = p.batch
-    gluon_cfg = gluon_backward.applies(q, k, v, dout, dk, dv, p) if cfg is None else None
+    gluon_cfg = gluon_backward.applies(q, k, v, dout, dq, dk, dv, p) if cfg is None else None
     cfg = cfg or configs.backward_config(q.device, q.dtype, max(dqk, dim_v), p.causal_like)
     block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dim_v)
     fp32 = q.dtype == torch.float32
@@ -420,20 +420,23 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
     correct = mode in ("residual", "correct") and not has_resid
     qc = cfg.dq_correct if correct and cfg.dq_correct is not None else cfg.dq
     num_m_tiles = configs.cdiv(p.max_seqlen_q, qc.block_m)
-    launch(_bwd_dq_kernel, (num_m_tiles * batch * q_heads,), (
-        q, k, v, out, resid if has_resid else dummy, dout, lse, delta, dlse if dlse is not None else dummy, dq,
-        stats, cu_q, cu_k, alibi, rng,
-        qb, qs[1], qs[2], kb, ks[1], ks[2],
-        vb, vs[1], vs[2], ob, os_[1], os_[2], dob, dos[1],
-        dos[2], dqb, dqs[1], dqs[2], stride_lb, stride_lh, sts[1], sts[0],
-        p.alibi_stride_b,
-        q_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
-        p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
-        dqk, dim_v), dict(
-        BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
-        EVEN_DV=block_dv == dim_v, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, **flags,
-        HAS_DLSE=dlse is not None, HAS_RESID=has_resid, CORRECT=correct, DELTA_CHUNK=min(32, block_dv)),
-        qc.num_warps, qc.num_stages)
+    if gluon_cfg is not None and gluon_cfg.dq and not correct:  # Hopper: the warp-specialised dQ kernel
+        gluon_dq.dq(q, k, v, out, resid if has_resid else None, dout, lse, dlse, delta, stats, dq, p, gluon_cfg)
+    else:
+        launch(_bwd_dq_kernel, (num_m_tiles * batch * q_heads,), (
+            q, k, v, out, resid if has_resid else dummy, dout, lse, delta, dlse if dlse is not None else dummy, dq,
+            stats, cu_q, cu_k, alibi, rng,
+            qb, qs[1], qs[2], kb, ks[1], ks[2],
+            vb, vs[1], vs[2], ob, os_[1], os_[2], dob, dos[1],
+            dos[2], dqb, dqs[1], dqs[2], stride_lb, stride_lh, sts[1], sts[0],
+            p.alibi_stride_b,
+            q_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
+            p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
+            dqk, dim_v), dict(
+            BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
+            EVEN_DV=block_dv == dim_v, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, **flags,
+            HAS_DLSE=dlse is not None, HAS_RESID=has_resid, CORRECT=correct, DELTA_CHUNK=min(32, block_dv)),
+            qc.num_warps, qc.num_stages)
 
     if gluon_cfg is not None:  # Hopper: the warp-specialised dK/dV kernel (gluon_backward.py)
         gluon_backward.dkdv(q, k, v, dout, stats, dk, dv, p, gluon_cfg)

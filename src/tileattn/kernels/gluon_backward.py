@@ -235,9 +235,10 @@ if AVAILABLE:
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
-def applies(q, k, v, dout, dk, dv, p: AttnParams):
-    """The Gluon dK/dV kernel's ``configs.GluonBackwardConfig`` for this call, or None when the portable kernel
-    takes it (see the module docstring for the scope)."""
+def applies(q, k, v, dout, dq, dk, dv, p: AttnParams):
+    """The Gluon backward's ``configs.GluonBackwardConfig`` for this call (the dK/dV kernel, and the dQ kernel of
+    gluon_dq.py where its ``dq`` is on), or None when the portable kernels take it (see the module docstring for
+    the scope)."""
     if not AVAILABLE or not q.is_cuda or q.dtype not in (torch.float16, torch.bfloat16):
         return None
     d = q.shape[3]
@@ -248,7 +249,7 @@ def applies(q, k, v, dout, dk, dv, p: AttnParams):
         return None
     if configs._arch(configs._device_index(q.device), configs._arch_override())[0] != 9:
         return None
-    if any(t.dtype != q.dtype or not tma_aligned(t) or t.stride(-1) != 1 for t in (q, k, v, dout, dk, dv)):
+    if any(t.dtype != q.dtype or not tma_aligned(t) or t.stride(-1) != 1 for t in (q, k, v, dout, dq, dk, dv)):
         return None
     return cfg
 

@@ -1,0 +1,254 @@
+"""Hopper (sm90) dQ backward kernel in Gluon, warp-specialised; the first of the backward's two kernels where it
+applies (``gluon_backward.dkdv`` runs second and reads the row statistics this one writes).
+
+One program per (128-row query tile, batch * q head): a producer warp loads the tile's Q and dO halves once, then
+streams K and V tiles into shared-memory rings (ready/empty mbarriers); two consumer warpgroups (64 rows each)
+first compute their rows' delta = rowsum(dO * (O + r)) - dlse (r: the forward's rounding residual of O, see
+``backward._bwd_dq_kernel``) and lse in log2 units, write both to the row-stats buffer (and delta to its own
+output, for d(sink)), then per key tile j run
+
+    S = Q K_j^T,  dP = dO V_j^T,  P = exp2(S * qk_scale - lse),  dS = P (dP - delta),  dQ += dS K_j
+
+software-pipelined by one tile: dQ += dS_{j-1} K_{j-1} is issued between S_j and dP_j, so tile j's elementwise
+work runs while tile j-1's product holds the tensor cores; every product is waited for inside its iteration.
+
+Scope: ``gluon_backward.applies``'s, with delta from the residual (``configs.delta_mode`` "residual" with the
+forward's residual at hand) or the rounded O ("rounded"); the "correct" mode takes the portable kernel.
+Layouts: q / dO / out / resid / dq (B, Sq, Hq, D), k / v (B, Sk, Hkv, D); lse / delta (B, Hq, Sq) fp32.
+"""
+
+import torch
+import triton
+
+from .gluon_forward import AVAILABLE, _desc
+from .launch import launch
+from .params import AttnParams
+
+if AVAILABLE:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
+                                                                  warpgroup_mma_wait)
+
+    @gluon.jit
+    def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, n,
+                 HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
+                 V_STAGES: gl.constexpr):
+        """Producer warp: Q and dO halves, then key tiles 0 .. n - 1 (K and V) into their rings."""
+        q_bars, k_ready, k_empty, v_ready, v_empty = bars
+        for w in gl.static_range(2):
+            mbarrier.expect(q_bars.index(w), 2 * HALF_M * HEAD_D * 2)
+            tma.async_copy_global_to_shared(q_desc, [b, start_m + w * HALF_M, h, 0], q_bars.index(w),
+                                            q_smem.index(w))
+            tma.async_copy_global_to_shared(do_desc, [b, start_m + w * HALF_M, h, 0], q_bars.index(w),
+                                            do_smem.index(w))
+        for j in range(n):
+            ks = j % K_STAGES
+            mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(ks), BLOCK_N * HEAD_D * 2)
+            tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, hk, 0], k_ready.index(ks), k_smem.index(ks))
+            vs = j % V_STAGES
+            mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
+            mbarrier.expect(v_ready.index(vs), BLOCK_N * HEAD_D * 2)
+            tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, hk, 0], v_ready.index(vs), v_smem.index(vs))
+
+    @gluon.jit
+    def _row_stats(O, RESID, DO, LSE, DLSE, DELTA, STATS, b, h, row0, seqlen_q, stride_ob, stride_os, stride_oh,
+                   stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st, srow0,
+                   row_layout: gl.constexpr, HALF_M: gl.constexpr, HEAD_D: gl.constexpr, HAS_RESID: gl.constexpr,
+                   HAS_DLSE: gl.constexpr):
+        """This warpgroup's rows: delta = rowsum(dO * (O + r)) - dlse and lse in log2 units (+inf for rows that
+        saw no key or lie past the sequence), written to DELTA and to the row-stats buffer; returned in
+        ``row_layout``."""
+        CHUNK: gl.constexpr = 32  # columns per pass: O, r and dO tiles stay small beside nothing else
+        blk: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[8, 4], warps_per_cta=[4, 1],
+                                             order=[1, 0])
+        rows = row0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, blk))
+        cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, blk))
+        inside = (rows < seqlen_q)[:, None]
+        o_offs = b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + rows.to(gl.int64)[:, None] * stride_os
+        do_offs = b.to(gl.int64) * stride_dob + h.to(gl.int64) * stride_doh + rows.to(gl.int64)[:, None] * stride_dos
+        delta = gl.zeros([HALF_M], gl.float32, layout=gl.SliceLayout(1, blk))
+        for c0 in gl.static_range(0, HEAD_D, CHUNK):
+            o = gl.load(O + o_offs + c0 + cols[None, :], mask=inside, other=0.0).to(gl.float32)
+            if HAS_RESID:
+                o += gl.load(RESID + o_offs + c0 + cols[None, :], mask=inside, other=0.0).to(gl.float32)
+            do = gl.load(DO + do_offs + c0 + cols[None, :], mask=inside, other=0.0).to(gl.float32)
+            delta += gl.sum(o * do, axis=1)
+        delta = gl.convert_layout(delta, row_layout)
+        rows = row0 + gl.arange(0, HALF_M, layout=row_layout)
+        inside = rows < seqlen_q
+        lrow = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows
+        if HAS_DLSE:
+            delta -= gl.load(DLSE + lrow, mask=inside, other=0.0)
+        lse = gl.load(LSE + lrow, mask=inside, other=float("inf"))
+        lse = gl.where(lse == float("-inf"), float("inf"), lse) * 1.4426950408889634
+        gl.store(DELTA + lrow, delta, mask=inside)
+        srow = STATS + h.to(gl.int64) * stride_sh + srow0 + rows
+        gl.store(srow, lse, mask=inside)
+        gl.store(srow + stride_st, delta, mask=inside)
+        return lse, delta
+
+    @gluon.jit
+    def _probs(s, j, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
+        """P = exp2(S * qk_scale - lse) of key tile j, 0 past the sequence's keys and after the diagonal (causal)
+        in the tiles from n_full on."""
+        p = gl.exp2(s * qk_scale - lse[:, None])
+        if j >= n_full:  # uniform branch: the diagonal / sequence-end tiles only
+            keys = j * BLOCK_N + cols
+            visible = (keys < seqlen_k)[None, :]
+            if CAUSAL:
+                visible = visible & (keys[None, :] <= rows[:, None] + diag)
+            p = gl.where(visible, p, 0.0)
+        return p
+
+    @gluon.jit
+    def _dq_consumer(w: gl.constexpr, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, q_smem, do_smem, k_smem,
+                     v_smem, bars, b, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob, stride_os,
+                     stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st,
+                     srow0, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                     HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr):
+        """One warpgroup: rows [start_m + w * HALF_M, + HALF_M), key tiles 0 .. n - 1."""
+        q_bars, k_ready, k_empty, v_ready, v_empty = bars
+        dtype: gl.constexpr = dq_desc.dtype
+        s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, BLOCK_N, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD_D, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        row0 = start_m + w * HALF_M
+        lse, delta = _row_stats(O, RESID, DO, LSE, DLSE, DELTA, STATS, b, h, row0, seqlen_q, stride_ob, stride_os,
+                                stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh,
+                                stride_st, srow0, gl.SliceLayout(1, s_layout), HALF_M, HEAD_D, HAS_RESID, HAS_DLSE)
+        rows = row0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        diag = seqlen_k - seqlen_q
+        n_full = seqlen_k // BLOCK_N  # tiles before it need no mask for this warpgroup's rows
+        if CAUSAL:
+            n_full = gl.minimum(n_full, gl.maximum(row0 + diag + 1, 0) // BLOCK_N)
+        dq = gl.zeros([HALF_M, HEAD_D], gl.float32, layout=acc_layout)
+        s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
+        q2 = q_smem.index(w).reshape([HALF_M, HEAD_D])
+        do2 = do_smem.index(w).reshape([HALF_M, HEAD_D])
+        mbarrier.wait(q_bars.index(w), 0)
+        if n > 0:
+            mbarrier.wait(k_ready.index(0), 0)
+            s_tok = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+                                  use_acc=False, is_async=True)
+            mbarrier.wait(v_ready.index(0), 0)
+            dp_tok = warpgroup_mma(do2, v_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+                                   use_acc=False, is_async=True)
+            s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
+            p = _probs(s, 0, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, BLOCK_N, CAUSAL)
+            dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
+            mbarrier.arrive(v_empty.index(0), count=1)
+            ds_op = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), op_layout)
+            for j in range(1, n):
+                ks = j % K_STAGES
+                vs = j % V_STAGES
+                kp = (j - 1) % K_STAGES
+                mbarrier.wait(k_ready.index(ks), (j // K_STAGES) & 1)
+                s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+                                      use_acc=False, is_async=True)
+                dq_tok = warpgroup_mma(ds_op, k_smem.index(kp).reshape([BLOCK_N, HEAD_D]), dq, is_async=True)
+                mbarrier.wait(v_ready.index(vs), (j // V_STAGES) & 1)
+                dp_tok = warpgroup_mma(do2, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+                                       use_acc=False, is_async=True)
+                s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok, ))
+                p = _probs(s, j, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, BLOCK_N, CAUSAL)
+                dq, dp = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, dp_tok))
+                mbarrier.arrive(k_empty.index(kp), count=1)
+                mbarrier.arrive(v_empty.index(vs), count=1)
+                ds_op = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), op_layout)
+            kp = (n - 1) % K_STAGES
+            dq_tok = warpgroup_mma(ds_op, k_smem.index(kp).reshape([BLOCK_N, HEAD_D]), dq, is_async=True)
+            dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
+            mbarrier.arrive(k_empty.index(kp), count=1)
+        q2.store((dq * sm_scale).to(dtype))  # Q is dead: its buffer stages dQ (TMA clips rows past seqlen_q)
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(dq_desc, [b, row0, h, 0], q_smem.index(w))
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS,
+                   seqlen_q, seqlen_k, q_heads, group, num_m_tiles, qk_scale, sm_scale, stride_ob, stride_os,
+                   stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st,
+                   BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+                   CAUSAL: gl.constexpr, HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        """Warp-specialised: two consumer warpgroups (64 query rows each) and a producer warp."""
+        HALF_M: gl.constexpr = q_desc.block_type.shape[1]
+        dtype: gl.constexpr = q_desc.dtype
+        pid = gl.program_id(0)
+        bh = pid // num_m_tiles
+        tile = pid % num_m_tiles
+        if CAUSAL:
+            tile = num_m_tiles - 1 - tile  # longest tiles first
+        b = bh // q_heads
+        h = bh % q_heads
+        hk = h // group
+        start_m = tile * 2 * HALF_M
+        hi = seqlen_k
+        if CAUSAL:
+            hi = gl.minimum(seqlen_k, gl.maximum(start_m + 2 * HALF_M + seqlen_k - seqlen_q, 0))
+        n = gl.cdiv(hi, BLOCK_N)
+        srow0 = 16 * (b + (b * seqlen_q) // 16)  # this sequence's rows in the row-stats buffer (backward.py)
+
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], do_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, BLOCK_N, 1, HEAD_D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, 1, BLOCK_N, 1, HEAD_D], v_desc.layout)
+        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
+        v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+        v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(2):
+            mbarrier.init(q_bars.index(i), count=1)
+        for i in gl.static_range(K_STAGES):
+            mbarrier.init(k_ready.index(i), count=1)
+            mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release each slot
+        for i in gl.static_range(V_STAGES):
+            mbarrier.init(v_ready.index(i), count=1)
+            mbarrier.init(v_empty.index(i), count=2)
+        bars = (q_bars, k_ready, k_empty, v_ready, v_empty)
+        gl.warp_specialize([
+            (_dq_consumer, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, q_smem, do_smem, k_smem, v_smem, bars,
+                            b, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob, stride_os,
+                            stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh,
+                            stride_st, srow0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, HAS_RESID,
+                            HAS_DLSE)),
+            (_dq_consumer, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, q_smem, do_smem, k_smem, v_smem, bars,
+                            b, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob, stride_os,
+                            stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh,
+                            stride_st, srow0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, HAS_RESID,
+                            HAS_DLSE)),
+            (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m,
+                        n, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams, cfg):
+    """Write dq_out (B, Sq, Hq, D), delta (lse's layout) and the row-stats buffer for a call
+    ``gluon_backward.applies`` accepted. ``resid``: out's rounding residual (same strides as out) or None (delta
+    from the rounded out); ``dlse``: fp32 contiguous (B, Hq, Sq) or None."""
+    batch, seqlen_q, q_heads, d = q.shape
+    seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    bf16 = q.dtype == torch.bfloat16
+    half, bn = 64, cfg.dq_block_n
+    q_desc, do_desc = _desc(q, (1, half, 1, d), bf16), _desc(dout, (1, half, 1, d), bf16)
+    k_desc, v_desc = _desc(k, (1, bn, 1, d), bf16), _desc(v, (1, bn, 1, d), bf16)
+    dq_desc = _desc(dq_out, (1, half, 1, d), bf16)
+    num_m_tiles = triton.cdiv(seqlen_q, 2 * half)
+    os_, dos, sts = out.stride(), dout.stride(), stats.stride()
+    launch(_dq_kernel, (num_m_tiles * batch * q_heads,), (
+        q_desc, do_desc, k_desc, v_desc, dq_desc, out, resid if resid is not None else out, dout, lse,
+        dlse if dlse is not None else lse, delta, stats, seqlen_q, seqlen_k, q_heads, q_heads // kv_heads,
+        num_m_tiles, p.qk_scale, p.softmax_scale, os_[0], os_[1], os_[2], dos[0], dos[1], dos[2],
+        q_heads * seqlen_q, seqlen_q, sts[1], sts[0]),
+        dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.dq_k_stages, V_STAGES=2, CAUSAL=p.window_right == 0,
+             HAS_RESID=resid is not None, HAS_DLSE=dlse is not None, CONSUMER_REGS=cfg.consumer_regs,
+             PRODUCER_REGS=cfg.producer_regs),
+        4, 1, maxnreg=cfg.maxnreg)
