@@ -1,5 +1,5 @@
-"""The Hopper Gluon backward kernels: dK/dV (kernels/gluon_backward.py) and dQ (kernels/gluon_dq.py, opt-in with
-TILEATTN_GLUON_DQ=1 until measured).
+"""The Hopper Gluon backward kernels: dK/dV (kernels/gluon_backward.py) and dQ (kernels/gluon_dq.py; on by default at
+D=128, forced on with TILEATTN_GLUON_DQ=1 for D=64 here).
 
 GPU (sm90): the calls it accepts go through it (spied); dq / dk / dv pass the accuracy rule against the float64
 reference on odd sizes, GQA, Sq != Sk, causal, strided and packed inputs, with a sink and with a gradient through

@@ -440,9 +440,12 @@ class GluonBackwardConfig:
 # 221/361/428. (D=128 with 64-row steps pipelined needs more registers than a consumer warpgroup has: ptxas
 # serialises its wgmma, C7512.) D=64 non-causal portable 303/350/375, 64 pipelined 307/387/411, 64 plain 294/368/395,
 # 32 pipelined 285/358/372; causal portable 201/294/333, 64 pipelined 209/326/381, 64 plain 204/319/372.
-# The dQ kernel (session 11): compiled for sm_90a only, opt-in (TILEATTN_GLUON_DQ=1) until measured.
+# The dQ kernel, run 59 (same process, backward TFLOP/s at 1k / 4k / 16k, with the Gluon dK/dV kernel): D=128
+# non-causal portable dQ 316/413/446, Gluon dQ (64-key tiles, 3 K slots) 339/453/486, 64-key tiles 2 slots
+# 295/391/396; causal 220/354/430 vs 237/391/465. D=64 non-causal portable dQ 306/383/410, Gluon 64-key 288/380/405,
+# 128-key 3 slots 296/384/415; causal 208/328/378 vs 191/317/375 and 196/325/381: D=64 keeps the portable dQ.
 _GLUON_BWD = {64: GluonBackwardConfig(64, 3, 240, 24, 168, pipeline=True, dq=False),
-              128: GluonBackwardConfig(32, 4, 240, 24, 168, pipeline=True, dq=False)}
+              128: GluonBackwardConfig(32, 4, 240, 24, 168, pipeline=True, dq=True)}
 
 
 def gluon_backward_config(head_dim: int) -> Optional[GluonBackwardConfig]:
