@@ -190,14 +190,14 @@ def test_unused_output_gradient_stays_none(monkeypatch, through):
     """A backward through out alone passes no dlse to the kernels (no zero-filled (B, H, S) buffer: HAS_DLSE off;
     the accuracy of that path is what every other backward test checks). One through lse alone gets dout = zeros:
     bit-equal to passing explicit zero dout with the same dlse (whose accuracy test_grad_through_lse checks)."""
-    from tileattn.kernels import backward as bwd_mod
+    from tileattn.kernels import backward as bwd_mod, gluon_dq
     B, Sq, Sk, Hq, Hkv, D = MISC_SHAPE
     q, k, v, dout = _qkv_dout(MISC_SHAPE, torch.float16, seed_for("unused-grad", through))
     dlse = torch.randn((B, Hq, Sq), generator=make_gen(seed_for("unused-dlse"))).to(q.device)
     seen = []
-    real = bwd_mod.launch
-    monkeypatch.setattr(bwd_mod, "launch", lambda fn, grid, args, kw, *o: (
-        seen.append(kw["HAS_DLSE"]) if "HAS_DLSE" in kw else None) or real(fn, grid, args, kw, *o))
+    for mod in (bwd_mod, gluon_dq):  # the portable dQ kernel's launcher, or the Hopper Gluon one's (D=128)
+        monkeypatch.setattr(mod, "launch", lambda fn, grid, args, kw, *o, _real=mod.launch, **ko: (
+            seen.append(kw["HAS_DLSE"]) if "HAS_DLSE" in kw else None) or _real(fn, grid, args, kw, *o, **ko))
     out, lse = tileattn.attention(q, k, v, causal=True, return_lse=True)
     if through == "out":
         grads = torch.autograd.grad(out, (q, k, v), dout)
