@@ -293,3 +293,41 @@ def make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed, *, layout="contiguous", require
 
 def softmax_scale_default(D):
     return 1.0 / math.sqrt(D)
+
+
+# ----------------------------------------------------------------------------------- Gluon kernel tests
+
+def spy_calls(monkeypatch, module, name):
+    """Replace ``module.name`` by a wrapper that records the shape of each call's first argument; returns that
+    list (which kernel path a call took)."""
+    calls = []
+    real = getattr(module, name)
+
+    def wrapped(*args, **kwargs):
+        calls.append(args[0].shape)
+        return real(*args, **kwargs)
+    monkeypatch.setattr(module, name, wrapped)
+    return calls
+
+
+def ptxas_available() -> bool:
+    """Triton's bundled ptxas is there (compiling Gluon kernels for sm_90a without a GPU)."""
+    try:
+        from triton.backends.nvidia.compiler import get_ptxas
+        p = get_ptxas(90)
+        return os.path.exists(getattr(p, "path", p))
+    except Exception:
+        return False
+
+
+def gluon_compile_check(*args, env_extra=None):
+    """Run ``benchmarks/gluon_compile.py --check *args`` in a subprocess (this session's TRITON_INTERPRET=1 would
+    turn Gluon's library functions into interpreted ones); returns the CompletedProcess."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.join(root, "src") + os.pathsep + env.get("PYTHONPATH", "")
+    env.update(env_extra or {})
+    return subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gluon_compile.py"), "--check",
+                           *map(str, args)], capture_output=True, text=True, env=env)

@@ -8,15 +8,12 @@ CPU: the dispatch rules, and the kernel compiled for sm_90a with Triton's bundle
 spills within budget).
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import tileattn
-from _helpers import HALF_DTYPES, ON_GPU, check_attention, dtype_id, make_qkv, randn, seed_for
+from _helpers import (HALF_DTYPES, ON_GPU, check_attention, dtype_id, gluon_compile_check, make_qkv, ptxas_available,
+                      randn, seed_for, spy_calls)
 from tileattn.kernels import gluon_backward, gluon_dq, params
 
 HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
@@ -32,28 +29,14 @@ def _params(q, k, causal=False, **kw):
 @pytest.fixture
 def spy(monkeypatch):
     """Record the Gluon dK/dV kernel's calls."""
-    calls = []
-    real = gluon_backward.dkdv
-
-    def wrapped(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(gluon_backward, "dkdv", wrapped)
-    return calls
+    return spy_calls(monkeypatch, gluon_backward, "dkdv")
 
 
 @pytest.fixture
 def dq_spy(monkeypatch):
     """Turn the Gluon dQ kernel on and record its calls."""
     monkeypatch.setenv("TILEATTN_GLUON_DQ", "1")
-    calls = []
-    real = gluon_dq.dq
-
-    def wrapped(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(gluon_dq, "dq", wrapped)
-    return calls
+    return spy_calls(monkeypatch, gluon_dq, "dq")
 
 
 def test_scope_on_cpu():
@@ -151,26 +134,6 @@ def test_strided_and_packed(layout, spy):
     assert spy
 
 
-@hopper
-@pytest.mark.gpu
-@pytest.mark.parametrize("causal", [False, True])
-def test_reproducible_and_agrees_with_portable_kernel(causal, monkeypatch):
-    q, k, v, gen = make_qkv(2, 777, 901, 4, 2, 128, torch.bfloat16, seed_for("gluon-bwd-vs-portable", causal),
-                            requires_grad=True)
-    dout = randn((2, 777, 4, 128), torch.bfloat16, gen)
-
-    def grads():
-        q.grad = k.grad = v.grad = None
-        tileattn.attention(q, k, v, causal=causal).backward(dout)
-        return q.grad.clone(), k.grad.clone(), v.grad.clone()
-    a, b = grads(), grads()
-    assert all(torch.equal(x, y) for x, y in zip(a, b)), "not bit-reproducible"
-    monkeypatch.setenv("TILEATTN_GLUON", "0")
-    c = grads()
-    for x, y in zip(a, c):
-        torch.testing.assert_close(x.float(), y.float(), atol=2 ** -6, rtol=2 ** -6)
-
-
 DQ_CASES = [(2, 1, 1, 2, 2), (1, 17, 17, 3, 3), (2, 130, 130, 4, 2), (1, 128, 300, 2, 1), (1, 300, 128, 2, 2),
             (1, 257, 1031, 4, 1), (1, 2048, 2048, 2, 2)]
 
@@ -227,8 +190,11 @@ def test_dq_kernel_dlse_sink_and_delta_modes(causal, dq_spy, monkeypatch):
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
-def test_dq_kernel_reproducible_and_agrees_with_portable_kernel(causal, monkeypatch):
-    q, k, v, gen = make_qkv(2, 777, 901, 4, 2, 128, torch.bfloat16, seed_for("gluon-dq-vs-portable", causal),
+@pytest.mark.parametrize("portable", ["dq", "all"], ids=["portable-dq", "portable-both"])
+def test_reproducible_and_agrees_with_portable_kernels(portable, causal, monkeypatch):
+    """Bit-reproducible; and close to the portable dQ kernel (beside the Gluon dK/dV one) and to the portable
+    backward (TILEATTN_GLUON=0), with the Gluon dQ kernel on."""
+    q, k, v, gen = make_qkv(2, 777, 901, 4, 2, 128, torch.bfloat16, seed_for("gluon-bwd-vs-portable", causal),
                             requires_grad=True)
     dout = randn((2, 777, 4, 128), torch.bfloat16, gen)
 
@@ -240,45 +206,28 @@ def test_dq_kernel_reproducible_and_agrees_with_portable_kernel(causal, monkeypa
     a, b = grads(), grads()
     assert all(torch.equal(x, y) for x, y in zip(a, b)), "not bit-reproducible"
     monkeypatch.setenv("TILEATTN_GLUON_DQ", "0")
+    if portable == "all":
+        monkeypatch.setenv("TILEATTN_GLUON", "0")
     c = grads()
     for x, y in zip(a, c):
         torch.testing.assert_close(x.float(), y.float(), atol=2 ** -6, rtol=2 ** -6)
 
 
-def _ptxas_available():
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        p = get_ptxas(90)
-        return os.path.exists(getattr(p, "path", p))
-    except Exception:
-        return False
-
-
 @needs_gluon
-@pytest.mark.skipif(not _ptxas_available(), reason="needs triton's bundled ptxas")
+@pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
 @pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ()), (64, True, ()), (64, False, ("--fp16",)),
                                             (128, True, ("--config", "64,2,240,24,168,0"))])
 def test_compiles_for_sm90_without_serialised_wgmma(d, causal, extra):
     """No C7514 / C7512 (wgmma serialised) and at most a few spilled scalars (64 bytes: the plain loop with 64-row
     steps at D=128 has 20-36, in local memory that stays in L1). In a subprocess, as test_gluon_forward's."""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.path.join(root, "src") + os.pathsep + env.get("PYTHONPATH", "")
-    args = [sys.executable, os.path.join(root, "benchmarks", "gluon_compile.py"), "--bwd", "--check",
-            "--spill-budget", "64", "--head-dim", str(d)]
-    r = subprocess.run(args + (["--causal"] if causal else []) + list(extra), capture_output=True, text=True, env=env)
+    r = gluon_compile_check("--bwd", "--spill-budget", 64, "--head-dim", d, *(["--causal"] if causal else []), *extra)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
 @needs_gluon
-@pytest.mark.skipif(not _ptxas_available(), reason="needs triton's bundled ptxas")
+@pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
 @pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ("--dlse", )), (64, True, ()),
                                             (64, False, ("--fp16", "--no-resid"))])
 def test_dq_kernel_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal, extra):
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.path.join(root, "src") + os.pathsep + env.get("PYTHONPATH", "")
-    args = [sys.executable, os.path.join(root, "benchmarks", "gluon_compile.py"), "--dq", "--check", "--head-dim",
-            str(d)]
-    r = subprocess.run(args + (["--causal"] if causal else []) + list(extra), capture_output=True, text=True, env=env)
+    r = gluon_compile_check("--dq", "--head-dim", d, *(["--causal"] if causal else []), *extra)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -8,15 +8,12 @@ CPU: the dispatch rules, and the kernel compiled for sm_90a with Triton's bundle
 serialisation), which is what a change to the kernel most easily breaks without a GPU.
 """
 
-import os
-import subprocess
-import sys
-
 import pytest
 import torch
 
 import tileattn
-from _helpers import HALF_DTYPES, ON_GPU, check_attention, dtype_id, make_qkv, randn, seed_for
+from _helpers import (HALF_DTYPES, ON_GPU, check_attention, dtype_id, gluon_compile_check, make_qkv, ptxas_available,
+                      randn, seed_for, spy_calls)
 from tileattn.kernels import gluon_forward, params
 
 HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
@@ -37,14 +34,7 @@ def spy(monkeypatch):
     from tileattn import configs
     for d, cfg in list(configs._GLUON_FWD.items()):
         monkeypatch.setitem(configs._GLUON_FWD, d, dataclasses.replace(cfg, min_seqlen_k=0, min_seqlen_k_causal=0))
-    calls = []
-    real = gluon_forward.attention_forward
-
-    def wrapped(*args, **kwargs):
-        calls.append(args[0].shape)
-        return real(*args, **kwargs)
-    monkeypatch.setattr(gluon_forward, "attention_forward", wrapped)
-    return calls
+    return spy_calls(monkeypatch, gluon_forward, "attention_forward")
 
 
 def test_scope_on_cpu():
@@ -190,17 +180,8 @@ def test_agrees_with_portable_kernel(causal, monkeypatch):
     torch.testing.assert_close(out.float(), out0.float(), atol=2 ** -7, rtol=0)
 
 
-def _ptxas_available():
-    try:
-        from triton.backends.nvidia.compiler import get_ptxas
-        p = get_ptxas(90)
-        return os.path.exists(getattr(p, "path", p))
-    except Exception:
-        return False
-
-
 @needs_gluon
-@pytest.mark.skipif(not _ptxas_available(), reason="needs triton's bundled ptxas")
+@pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
 @pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ()), (64, False, ()), (256, True, ()),
                                             (128, True, ("--softcap", "--sink")), (128, False, ("--window",)),
                                             (64, False, ("--softcap", "--sink", "--fp16"))])
@@ -208,11 +189,6 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal, extra):
     """ptxas serialises every wgmma of a kernel (warning C7514) when a register accumulator stays in flight where
     other instructions read it; that would silently cost most of the speed, so the CPU suite checks for it.
     (In a subprocess: this session's TRITON_INTERPRET=1 turns Gluon's library functions into interpreted ones.)"""
-    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
-    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
-    env["PYTHONPATH"] = os.path.join(root, "src") + os.pathsep + env.get("PYTHONPATH", "")
-    env["TILEATTN_GLUON"] = "all"
-    env["TILEATTN_FAST_TANH"] = "1"  # the GPU's softcap path (hardware tanh for bf16)
-    args = [sys.executable, os.path.join(root, "benchmarks", "gluon_compile.py"), "--check", "--head-dim", str(d)]
-    r = subprocess.run(args + (["--causal"] if causal else []) + list(extra), capture_output=True, text=True, env=env)
+    r = gluon_compile_check("--head-dim", d, *(["--causal"] if causal else []), *extra,
+                            env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1"})  # the GPU's tanh path
     assert r.returncode == 0, r.stdout + r.stderr

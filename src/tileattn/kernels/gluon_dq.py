@@ -30,6 +30,7 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
+    from .gluon_forward import load_kv_ring
 
     @gluon.jit
     def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, n,
@@ -43,15 +44,8 @@ if AVAILABLE:
                                             q_smem.index(w))
             tma.async_copy_global_to_shared(do_desc, [b, start_m + w * HALF_M, h, 0], q_bars.index(w),
                                             do_smem.index(w))
-        for j in range(n):
-            ks = j % K_STAGES
-            mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)
-            mbarrier.expect(k_ready.index(ks), BLOCK_N * HEAD_D * 2)
-            tma.async_copy_global_to_shared(k_desc, [b, j * BLOCK_N, hk, 0], k_ready.index(ks), k_smem.index(ks))
-            vs = j % V_STAGES
-            mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
-            mbarrier.expect(v_ready.index(vs), BLOCK_N * HEAD_D * 2)
-            tma.async_copy_global_to_shared(v_desc, [b, j * BLOCK_N, hk, 0], v_ready.index(vs), v_smem.index(vs))
+        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, 0, n, BLOCK_N,
+                     HEAD_D, K_STAGES, V_STAGES)
 
     @gluon.jit
     def _row_stats(O, RESID, DO, LSE, DLSE, DELTA, STATS, b, h, row0, seqlen_q, stride_ob, stride_os, stride_oh,

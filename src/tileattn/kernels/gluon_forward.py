@@ -94,16 +94,11 @@ if AVAILABLE:
         return p, alpha, m_new, l_new
 
     @gluon.jit
-    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
-                        HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                        K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
-        """Producer warp: the two Q halves, then key tiles lo .. lo + n - 1 (K and V) into their rings as the
-        consumers free the slots (ring position j: the j-th tile loaded)."""
-        q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
-        for w in gl.static_range(2):
-            mbarrier.expect(q_bars.index(w), HALF_M * HEAD_D * 2)
-            tma.async_copy_global_to_shared(q_desc, [b, start_m + w * HALF_M, h, 0], q_bars.index(w),
-                                            q_smem.index(w))
+    def load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, lo, n,
+                     BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+        """Producer side of the K and V rings (shared with gluon_dq.py): key tiles lo .. lo + n - 1 into ring
+        position j = tile - lo, each slot refilled once the consumers released it (empty) and announced by its
+        ready barrier with the tile's byte count."""
         for j in range(n):
             ks = j % K_STAGES
             mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)
@@ -115,6 +110,20 @@ if AVAILABLE:
             mbarrier.expect(v_ready.index(vs), BLOCK_N * HEAD_D * 2)
             tma.async_copy_global_to_shared(v_desc, [b, (lo + j) * BLOCK_N, hk, 0], v_ready.index(vs),
                                             v_smem.index(vs))
+
+    @gluon.jit
+    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
+                        HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                        K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+        """Producer warp: the two Q halves, then key tiles lo .. lo + n - 1 (K and V) into their rings as the
+        consumers free the slots (ring position j: the j-th tile loaded)."""
+        q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
+        for w in gl.static_range(2):
+            mbarrier.expect(q_bars.index(w), HALF_M * HEAD_D * 2)
+            tma.async_copy_global_to_shared(q_desc, [b, start_m + w * HALF_M, h, 0], q_bars.index(w),
+                                            q_smem.index(w))
+        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, lo, n, BLOCK_N,
+                     HEAD_D, K_STAGES, V_STAGES)
 
     @gluon.jit
     def _turn_wait(turn, w: gl.constexpr, r):
