@@ -331,3 +331,13 @@ def gluon_compile_check(*args, env_extra=None):
     env.update(env_extra or {})
     return subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gluon_compile.py"), "--check",
                            *map(str, args)], capture_output=True, text=True, env=env)
+
+
+def attn_params(q, k, causal=False, **kw):
+    """Batched ``AttnParams`` for q (B, Sq, H, D) / k (B, Sk, Hkv, D) with the default scale (dispatch tests)."""
+    from tileattn.kernels import params
+    return params.AttnParams(batch=q.shape[0], max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1],
+                             softmax_scale=q.shape[-1] ** -0.5, window_right=0 if causal else -1, **kw)
+
+
+HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9

@@ -12,18 +12,12 @@ import pytest
 import torch
 
 import tileattn
-from _helpers import (HALF_DTYPES, ON_GPU, check_attention, dtype_id, gluon_compile_check, make_qkv, ptxas_available,
-                      randn, seed_for, spy_calls)
-from tileattn.kernels import gluon_backward, gluon_dq, params
+from _helpers import (HALF_DTYPES, HOPPER, attn_params, check_attention, dtype_id, gluon_compile_check, make_qkv,
+                      ptxas_available, randn, seed_for, spy_calls)
+from tileattn.kernels import gluon_backward, gluon_dq
 
-HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon backward runs on sm90 only")
 needs_gluon = pytest.mark.skipif(not gluon_backward.AVAILABLE, reason="this triton has no Gluon")
-
-
-def _params(q, k, causal=False, **kw):
-    return params.AttnParams(batch=q.shape[0], max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1],
-                             softmax_scale=q.shape[-1] ** -0.5, window_right=0 if causal else -1, **kw)
 
 
 @pytest.fixture
@@ -41,7 +35,7 @@ def dq_spy(monkeypatch):
 
 def test_scope_on_cpu():
     q = torch.zeros(1, 4, 2, 64)
-    assert not gluon_backward.applies(q, q, q, q, q, q, q, _params(q, q))
+    assert not gluon_backward.applies(q, q, q, q, q, q, q, attn_params(q, q))
 
 
 @hopper
@@ -50,24 +44,24 @@ def test_scope_on_hopper(monkeypatch):
     q = torch.zeros(2, 64, 4, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.zeros(2, 80, 2, 128, device="cuda", dtype=torch.bfloat16)
     ok = (q, k, k, q, q, k, k)  # q, k, v, dout, dq, dk, dv
-    assert gluon_backward.applies(*ok, _params(q, k))
-    assert gluon_backward.applies(*ok, _params(q, k, causal=True))
-    assert gluon_backward.applies(*ok, _params(q, k, sink=torch.zeros(4, device="cuda")))
-    assert not gluon_backward.applies(*ok, _params(q, k, softcap=5.0))
-    assert not gluon_backward.applies(*ok, _params(q, k, window_left=16))
-    assert not gluon_backward.applies(*ok, _params(q, k, alibi_slopes=torch.zeros(4, device="cuda")))
-    assert not gluon_backward.applies(*ok, _params(q, k, dropout_p=0.1))
+    assert gluon_backward.applies(*ok, attn_params(q, k))
+    assert gluon_backward.applies(*ok, attn_params(q, k, causal=True))
+    assert gluon_backward.applies(*ok, attn_params(q, k, sink=torch.zeros(4, device="cuda")))
+    assert not gluon_backward.applies(*ok, attn_params(q, k, softcap=5.0))
+    assert not gluon_backward.applies(*ok, attn_params(q, k, window_left=16))
+    assert not gluon_backward.applies(*ok, attn_params(q, k, alibi_slopes=torch.zeros(4, device="cuda")))
+    assert not gluon_backward.applies(*ok, attn_params(q, k, dropout_p=0.1))
     f = [t.float() for t in ok]
-    assert not gluon_backward.applies(*f, _params(q, k))
+    assert not gluon_backward.applies(*f, attn_params(q, k))
     q256 = torch.zeros(1, 64, 2, 256, device="cuda", dtype=torch.bfloat16)
-    assert not gluon_backward.applies(*(q256, ) * 7, _params(q256, q256))
+    assert not gluon_backward.applies(*(q256, ) * 7, attn_params(q256, q256))
     dk_odd = torch.zeros(2, 80, 2, 129, device="cuda", dtype=torch.bfloat16)[..., 1:]  # base off 16 bytes
-    assert not gluon_backward.applies(q, k, k, q, q, dk_odd, k, _params(q, k))
+    assert not gluon_backward.applies(q, k, k, q, q, dk_odd, k, attn_params(q, k))
     monkeypatch.setenv("TILEATTN_GLUON", "0")
-    assert not gluon_backward.applies(*ok, _params(q, k))
+    assert not gluon_backward.applies(*ok, attn_params(q, k))
     monkeypatch.setenv("TILEATTN_GLUON", "1")
     monkeypatch.setenv("TILEATTN_ARCH", "8.0")
-    assert not gluon_backward.applies(*ok, _params(q, k))
+    assert not gluon_backward.applies(*ok, attn_params(q, k))
 
 
 CASES = [  # B, Sq, Sk, Hq, Hkv

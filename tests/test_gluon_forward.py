@@ -12,18 +12,12 @@ import pytest
 import torch
 
 import tileattn
-from _helpers import (HALF_DTYPES, ON_GPU, check_attention, dtype_id, gluon_compile_check, make_qkv, ptxas_available,
-                      randn, seed_for, spy_calls)
-from tileattn.kernels import gluon_forward, params
+from _helpers import (HALF_DTYPES, HOPPER, attn_params, check_attention, dtype_id, gluon_compile_check, make_qkv,
+                      ptxas_available, randn, seed_for, spy_calls)
+from tileattn.kernels import gluon_forward
 
-HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on sm90 only")
 needs_gluon = pytest.mark.skipif(not gluon_forward.AVAILABLE, reason="this triton has no Gluon")
-
-
-def _params(q, k, causal=False, **kw):
-    return params.AttnParams(batch=q.shape[0], max_seqlen_q=q.shape[1], max_seqlen_k=k.shape[1],
-                             softmax_scale=q.shape[-1] ** -0.5, window_right=0 if causal else -1, **kw)
 
 
 @pytest.fixture
@@ -39,7 +33,7 @@ def spy(monkeypatch):
 
 def test_scope_on_cpu():
     q = torch.zeros(1, 4, 2, 64)
-    assert not gluon_forward.applies(q, q, q, _params(q, q))
+    assert not gluon_forward.applies(q, q, q, attn_params(q, q))
 
 
 @hopper
@@ -47,33 +41,33 @@ def test_scope_on_cpu():
 def test_scope_on_hopper(monkeypatch):
     q = torch.zeros(2, 64, 4, 128, device="cuda", dtype=torch.bfloat16)
     k = torch.zeros(2, 80, 2, 128, device="cuda", dtype=torch.bfloat16)
-    assert gluon_forward.applies(q, k, k, _params(q, k))
-    assert gluon_forward.applies(q, k, k, _params(q, k, causal=True))
-    assert not gluon_forward.applies(q.float(), k.float(), k.float(), _params(q, k))
-    assert gluon_forward.applies(q, k, k, _params(q, k, softcap=5.0))
-    assert gluon_forward.applies(q, k, k, _params(q, k, window_left=16))
-    assert gluon_forward.applies(q, k, k, _params(q, k, sink=torch.zeros(4, device="cuda")))
-    assert not gluon_forward.applies(q, k, k, _params(q, k, alibi_slopes=torch.zeros(4, device="cuda")))
-    assert not gluon_forward.applies(q[..., :96], k[..., :96], k[..., :96], _params(q, k))
+    assert gluon_forward.applies(q, k, k, attn_params(q, k))
+    assert gluon_forward.applies(q, k, k, attn_params(q, k, causal=True))
+    assert not gluon_forward.applies(q.float(), k.float(), k.float(), attn_params(q, k))
+    assert gluon_forward.applies(q, k, k, attn_params(q, k, softcap=5.0))
+    assert gluon_forward.applies(q, k, k, attn_params(q, k, window_left=16))
+    assert gluon_forward.applies(q, k, k, attn_params(q, k, sink=torch.zeros(4, device="cuda")))
+    assert not gluon_forward.applies(q, k, k, attn_params(q, k, alibi_slopes=torch.zeros(4, device="cuda")))
+    assert not gluon_forward.applies(q[..., :96], k[..., :96], k[..., :96], attn_params(q, k))
     q256 = torch.zeros(1, 64, 2, 256, device="cuda", dtype=torch.bfloat16)
     k256 = torch.zeros(1, 1024, 2, 256, device="cuda", dtype=torch.bfloat16)
-    assert not gluon_forward.applies(q256, q256, q256, _params(q256, q256))  # D=256: from 1024 keys
-    assert gluon_forward.applies(q256, k256, k256, _params(q256, k256))
-    assert not gluon_forward.applies(q256, k256, k256, _params(q256, k256, causal=True))  # causal: from 2048
+    assert not gluon_forward.applies(q256, q256, q256, attn_params(q256, q256))  # D=256: from 1024 keys
+    assert gluon_forward.applies(q256, k256, k256, attn_params(q256, k256))
+    assert not gluon_forward.applies(q256, k256, k256, attn_params(q256, k256, causal=True))  # causal: from 2048
     q64, k64 = q[..., :64].contiguous(), k[..., :64].contiguous()
-    assert not gluon_forward.applies(q64, k64, k64, _params(q64, k64))  # D=64: from 2048 keys only
+    assert not gluon_forward.applies(q64, k64, k64, attn_params(q64, k64))  # D=64: from 2048 keys only
     k64 = torch.zeros(2, 2048, 2, 64, device="cuda", dtype=torch.bfloat16)
-    assert gluon_forward.applies(q64, k64, k64, _params(q64, k64))
-    assert gluon_forward.applies(q64, k64, k64, _params(q64, k64, sink=torch.zeros(4, device="cuda")))
-    assert not gluon_forward.applies(q64, k64, k64, _params(q64, k64, softcap=5.0))  # D=64: portable
-    assert not gluon_forward.applies(q64, k64, k64, _params(q64, k64, window_left=16))
+    assert gluon_forward.applies(q64, k64, k64, attn_params(q64, k64))
+    assert gluon_forward.applies(q64, k64, k64, attn_params(q64, k64, sink=torch.zeros(4, device="cuda")))
+    assert not gluon_forward.applies(q64, k64, k64, attn_params(q64, k64, softcap=5.0))  # D=64: portable
+    assert not gluon_forward.applies(q64, k64, k64, attn_params(q64, k64, window_left=16))
     qm = q[:, :, :, 1:65]  # the same shape, its base 2 bytes off a 16-byte boundary: TMA cannot load it
-    assert not gluon_forward.applies(qm, k64, k64, _params(qm, k64))
+    assert not gluon_forward.applies(qm, k64, k64, attn_params(qm, k64))
     monkeypatch.setenv("TILEATTN_GLUON", "0")
-    assert not gluon_forward.applies(q, k, k, _params(q, k))
+    assert not gluon_forward.applies(q, k, k, attn_params(q, k))
     monkeypatch.setenv("TILEATTN_GLUON", "1")
     monkeypatch.setenv("TILEATTN_ARCH", "8.0")
-    assert not gluon_forward.applies(q, k, k, _params(q, k))
+    assert not gluon_forward.applies(q, k, k, attn_params(q, k))
 
 
 CASES = [  # B, Sq, Sk, Hq, Hkv

@@ -348,7 +348,8 @@ def _desc(t: torch.Tensor, block: tuple, bf16: bool):
 
 def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     """Same contract as ``forward.attention_forward`` for the calls ``applies`` accepts (batched; causal, softcap,
-    sink and sliding windows): returns (out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32 natural log[, resid like out]). ``cfg``: what ``applies`` returned (looked up again when not given)."""
+    sink and sliding windows): returns (out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32 natural log[, resid like out]).
+    ``cfg``: what ``applies`` returned (looked up again when not given)."""
     batch, seqlen_q, q_heads, d = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     out = torch.empty((batch, seqlen_q, q_heads, d), dtype=q.dtype, device=q.device)
