@@ -5,9 +5,9 @@ architectures get conservative tiles that fit their shared memory. ``TILEATTN_FW
 ``TILEATTN_BWD_CONFIG`` environment variables override the table for experiments (see ``_override``).
 """
 
+import dataclasses
 import functools
 import os
-import dataclasses
 from dataclasses import dataclass
 from typing import Optional
 

@@ -1,17 +1,20 @@
 """Hopper (sm90) dK/dV backward kernel in Gluon, warp-specialised: a producer warp issues every TMA load (the key
-tile's K and V once, then the query tiles' Q and dO into a shared-memory ring with ready/empty mbarriers); two
-consumer warpgroups each own 64 of the tile's 128 keys and, per 64-row query tile, run
+tile's K and V once, then the query steps' Q, dO, lse and delta into a shared-memory ring with ready/empty
+mbarriers); two consumer warpgroups each own 64 of the tile's 128 keys and, per query step (``block_m`` rows: 32 at
+D=128, 64 at D=64), run
 
     S^T = K Q^T,  dP^T = V dO^T  (asynchronous warpgroup MMAs, both A operands and Q / dO from shared memory)
-    P^T = exp2(S^T * qk_scale - lse),  dV += P^T dO  (P^T from registers, in flight while dS^T is computed)
-    dS^T = P^T (dP^T - delta),  dK += dS^T Q
+    P^T = exp2(S^T * qk_scale - lse),  dS^T = P^T (dP^T - delta)
+    dV += P^T dO,  dK += dS^T Q  (P^T and dS^T as register A operands: no transposes)
 
-with nothing in flight across the loop's back edge (ptxas serialises every wgmma of a kernel when a register
-accumulator is, NOTES.md session 10). The two warpgroups do not synchronise with each other: one's elementwise work
-overlaps the other's matmuls. It replaces the portable ``_bwd_dkdv_kernel`` (backward.py) for the calls ``applies``
-accepts and reads the same row statistics (lse in log2 units and delta, ``backward._row_stats_buffer``) that the
-portable dQ kernel writes first. dK/dV of a KV head sum over the query heads of its GQA group in a fixed order, so
-results are bit-reproducible like the portable kernel's.
+software-pipelined by one step (``pipeline``): step t's S^T / dP^T are issued around step t-1's dV / dK products,
+so the elementwise work of one step runs while the previous step's products hold the tensor cores. Nothing is in
+flight across the loop's back edge (ptxas serialises every wgmma of a kernel when a register accumulator is,
+NOTES.md session 10). The two warpgroups do not synchronise with each other. It replaces the portable
+``_bwd_dkdv_kernel`` (backward.py) for the calls ``applies`` accepts and reads the row statistics (lse in log2
+units and delta, ``backward._row_stats_buffer``) that the dQ kernel (portable, or Gluon's in ``gluon_dq.py``)
+writes first. dK/dV of a KV head sum over the query heads of its GQA group in a fixed order, so results are
+bit-reproducible like the portable kernel's.
 
 Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_backward_config`` (64, 128),
 dense batched inputs, causal (bottom-right aligned) or not; no softcap, ALiBi, dropout or sliding window (sinks and
@@ -263,7 +266,7 @@ def _stats_layout(block_m: int):
 
 def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg):
     """Write dk and dv (B, Sk, Hkv, D) for a call ``applies`` accepted. ``stats``: the (2, Hq, L) fp32 row
-    statistics the portable dQ kernel wrote (``backward._row_stats_buffer``)."""
+    statistics the dQ kernel wrote (``backward._row_stats_buffer``)."""
     batch, seqlen_q, q_heads, d = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     bf16 = q.dtype == torch.bfloat16
