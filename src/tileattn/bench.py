@@ -58,8 +58,8 @@ PROVIDERS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 # other delta modes (configs.delta_mode):
 # tileattn_correct = no stored residual, delta corrected in the dQ kernel (one more matmul per tile);
 # tileattn_rounded = FlashAttention's delta from the rounded output, uncorrected;
-# tileattn_triton = the portable Triton forward where the Hopper Gluon forward would run (TILEATTN_GLUON=0);
-# tileattn_gluon_all = the Gluon forward for its table entries not yet measured as well (TILEATTN_GLUON=all).
+# tileattn_triton = the portable Triton kernels where the Hopper Gluon kernels would run (TILEATTN_GLUON=0);
+# tileattn_gluon_all = the Gluon kernels with their table entries not yet measured as well (TILEATTN_GLUON=all).
 ENV_PROVIDERS = {"tileattn_triton": ("TILEATTN_GLUON", "0"), "tileattn_gluon_all": ("TILEATTN_GLUON", "all"),
                  "tileattn_tma": ("TILEATTN_TMA", "1"), "tileattn_notma": ("TILEATTN_TMA", "0"),
                  "tileattn_split": ("TILEATTN_FWD_EDGES", "split"),
