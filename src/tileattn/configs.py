@@ -398,14 +398,23 @@ _GLUON_FWD = {64: GluonForwardConfig(128, 3, 2, 240, 24, 168, min_seqlen_k=2048,
               256: GluonForwardConfig(64, 2, 2, 240, 24, 168, min_seqlen_k=1024, min_seqlen_k_causal=2048)}
 
 
+def _gluon_entry(table: dict, head_dim: int):
+    """A Gluon table's entry for a head dim as ``TILEATTN_GLUON`` allows it (0: none; all: also entries with
+    ``default_on=False``), or None."""
+    mode = getenv("TILEATTN_GLUON", "1")
+    cfg = table.get(head_dim)
+    if cfg is None or mode == "0" or (not cfg.default_on and mode != "all"):
+        return None
+    return cfg
+
+
 def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
     """The Gluon forward's parameters for a head dim, None where it has none or the entry is off (then the
     portable kernel runs). ``TILEATTN_GLUON=0`` turns every entry off, ``TILEATTN_GLUON=all`` every entry on
     (those not yet measured included). ``TILEATTN_GLUON_FWD_CONFIG=block_n,k_stages,v_stages,consumer_regs,
     producer_regs,maxnreg`` overrides an entry's parameters (and takes every sequence length)."""
-    mode = getenv("TILEATTN_GLUON", "1")
-    cfg = _GLUON_FWD.get(head_dim)
-    if cfg is None or mode == "0" or (not cfg.default_on and mode != "all"):
+    cfg = _gluon_entry(_GLUON_FWD, head_dim)
+    if cfg is None:
         return None
     over = _override("TILEATTN_GLUON_FWD_CONFIG")
     if over and len(over) != 6:
@@ -454,9 +463,8 @@ def gluon_backward_config(head_dim: int) -> Optional[GluonBackwardConfig]:
     ``TILEATTN_GLUON_BWD_CONFIG=block_m,stages,consumer_regs,producer_regs,maxnreg,pipeline`` overrides an
     entry's dK/dV parameters; ``TILEATTN_GLUON_DQ=0|1`` turns the Gluon dQ kernel off / on, ``=block_n,k_stages``
     on with those parameters."""
-    mode = getenv("TILEATTN_GLUON", "1")
-    cfg = _GLUON_BWD.get(head_dim)
-    if cfg is None or mode == "0" or (not cfg.default_on and mode != "all"):
+    cfg = _gluon_entry(_GLUON_BWD, head_dim)
+    if cfg is None:
         return None
     over = _override("TILEATTN_GLUON_BWD_CONFIG")
     if over and len(over) != 6:
