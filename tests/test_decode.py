@@ -37,8 +37,9 @@ def _randn(gen, *shape, dtype):
 
 def run_case(dtype, B=2, Sq=1, Hq=4, Hkv=2, d=D, dv=D, cap=CAP, page=None, new=0, causal=False, splits=0, lens=None,
              window=(-1, -1), softcap=0.0, alibi=False, sink=False, bidx=False, rot=False, interleaved=False,
-             leftpad=None):
-    """leftpad: None, a list of per-row starts, or "random" (uniform in [0, lens[b]])."""
+             leftpad=None, poison=False):
+    """leftpad: None, a list of per-row starts, or "random" (uniform in [0, lens[b]]). poison (contiguous caches):
+    NaN in every cache slot at or past each row's length (a kernel that reads them unmasked returns NaN)."""
     gen = make_gen(seed_for("decode", B, Sq, Hq, Hkv, d, cap, page, new, causal, splits, window, softcap, alibi,
                             sink, bidx, rot, str(dtype), str(leftpad)))
     q = _randn(gen, B, Sq, Hq, d, dtype=dtype)
@@ -56,6 +57,12 @@ def run_case(dtype, B=2, Sq=1, Hq=4, Hkv=2, d=D, dv=D, cap=CAP, page=None, new=0
     if lens is None:
         lens = torch.randint(0, capn - new + 1, (B,), generator=gen).tolist()
     lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    if poison:
+        assert not page
+        for b in range(B):
+            r = int(bi[b]) if bidx else b
+            kc[r, lens[b]:] = float("nan")
+            vc[r, lens[b]:] = float("nan")
     if leftpad == "random":
         leftpad = [int(torch.randint(0, n + 1, (1,), generator=gen)) for n in lens]
     lp_t = torch.tensor(leftpad, dtype=torch.int32, device=DEVICE) if leftpad is not None else None
@@ -249,6 +256,28 @@ def test_leftpad(dtype, paged):
     run_case(dtype, B=3, lens=[0, 9, 40], leftpad=[0, 9, 7], page=16 if paged else None, splits=2,
              window=(6, 0), alibi=True, sink=True)
 
+
+
+TMA_CASES = {"plain": dict(), "batch_idx_splits": dict(bidx=True, splits=3),
+             "causal_append_leftpad": dict(Sq=4, new=4, causal=True, leftpad="random", splits=2),
+             "odd_dims_features": dict(d=40, dv=24, softcap=5.0, alibi=True, sink=True, splits=2),
+             "window_empty_full": dict(window=(6, 0), lens=[0, CAP], splits=3)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(TMA_CASES))
+def test_tma_contiguous_cache(monkeypatch, dtype, case):
+    """Contiguous caches read through tensor descriptors (configs.decode_tma), with NaN in every slot past each
+    row's length (TMA reads whole tiles: the kernel must zero V rows past the sequence's end)."""
+    from tileattn import configs
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    c = configs.decode_config(128)
+    monkeypatch.setenv("TILEATTN_DECODE_CONFIG", f"{c.block_n},{c.num_warps},{c.num_stages},{c.programs_per_sm},1")
+    used, real = [], configs.decode_tma
+    monkeypatch.setattr(configs, "decode_tma", lambda *a: used.append(real(*a)) or used[-1])
+    run_case(dtype, poison=True, **TMA_CASES[case])
+    assert used and all(used)
 
 
 @pytest.mark.parametrize("sink", [False, True])

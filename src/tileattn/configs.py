@@ -342,10 +342,11 @@ class DecodeConfig:
     num_warps: int
     num_stages: int
     programs_per_sm: int  # the default split count aims at this many (split, batch, kv_head) programs per SM
+    tma: int = 0  # contiguous caches on sm_90+: K/V tiles through tensor descriptors (decode_tma)
 
 
 def decode_config(head_dim: int, paged: bool = False) -> DecodeConfig:
-    """Split-KV decode kernel launch parameters. ``TILEATTN_DECODE_CONFIG=block_n,warps,stages,programs_per_sm``
+    """Split-KV decode kernel launch parameters. ``TILEATTN_DECODE_CONFIG=block_n,warps,stages,programs_per_sm[,tma]``
     overrides them (benchmarks/experiments).
 
     Contiguous caches, head dims <= 128: 32-key tiles, 3 stages (run 28, D=128, kernel time from torch.profiler:
@@ -361,6 +362,17 @@ def decode_config(head_dim: int, paged: bool = False) -> DecodeConfig:
     if padded_head_dim(head_dim) >= 256:
         return DecodeConfig(32, 4, 2, 2)
     return DecodeConfig(64, 4, 2, 2) if paged else DecodeConfig(32, 4, 3, 2)
+
+
+def decode_tma(cfg: DecodeConfig, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
+               paged: bool) -> bool:
+    """Whether the decode kernel reads a contiguous cache through tensor descriptors (TMA): the config asks for it
+    and the GPU has TMA (sm_90+; the interpreter emulates descriptors). Paged caches use pointer loads."""
+    if not cfg.tma or paged:
+        return False
+    if _interpreting() or q.device.type != "cuda":
+        return True
+    return _arch(_device_index(q.device), _arch_override())[0] >= 9
 
 
 @dataclass(frozen=True)

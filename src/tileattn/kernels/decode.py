@@ -33,9 +33,13 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
                          EVEN_DQK: tl.constexpr, EVEN_DV: tl.constexpr,
                          PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
-                         HAS_ALIBI: tl.constexpr, FP32: tl.constexpr, FINAL: tl.constexpr, HAS_SINK: tl.constexpr):
+                         HAS_ALIBI: tl.constexpr, FP32: tl.constexpr, FINAL: tl.constexpr, HAS_SINK: tl.constexpr,
+                         USE_TMA: tl.constexpr):
     """FINAL (one split): OUT_PART / LSE_PART are the call's out (B, Sq, Hq, Dv) (strides stride_o*) and lse
-    (B, Hq, Sq), written directly with the sink folded in, and no combine kernel runs."""
+    (B, Hq, Sq), written directly with the sink folded in, and no combine kernel runs.
+    USE_TMA (contiguous caches): K and V are host tensor descriptors over the caches (B_cache, S_cache, Hkv, D) with
+    block (1, BLOCK_N, 1, BLOCK_D): rows past S_cache and columns past D read as zero; V rows in [end, S_cache) are
+    zeroed here (an unwritten cache slot may hold NaN, and 0 * NaN = NaN)."""
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // kv_heads
@@ -70,15 +74,18 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
     end = tl.minimum(start + split_len, seqlen_k)
     for start_n in tl.range(start, end, BLOCK_N):
         cols = start_n + offs_n
-        if PAGED:
+        if USE_TMA:
+            k = K.load([cb.to(tl.int32), start_n, hk, 0]).reshape([BLOCK_N, BLOCK_DQK])
+        elif PAGED:
             page = tl.load(BLOCK_TABLE + b64 * stride_bt + cols // page_size, mask=cols < seqlen_k, other=0)
             row_k = page.to(tl.int64) * stride_kb + (cols % page_size) * stride_ks
             row_v = page.to(tl.int64) * stride_vb + (cols % page_size) * stride_vs
         else:
             row_k = cb * stride_kb + cols.to(tl.int64) * stride_ks
             row_v = cb * stride_vb + cols.to(tl.int64) * stride_vs
-        k = load_tile(K + row_k[:, None] + hk * stride_kh + offs_dqk[None, :], cols, end, offs_dqk, dqk, True,
-                      EVEN_DQK)
+        if not USE_TMA:
+            k = load_tile(K + row_k[:, None] + hk * stride_kh + offs_dqk[None, :], cols, end, offs_dqk, dqk, True,
+                          EVEN_DQK)
         s, _ = scores(mma(q, tl.trans(k), None, FP32), qi[:, None], cols[None, :], diag, qk_scale, softcap,
                       slope[:, None], HAS_SOFTCAP, HAS_ALIBI, q.dtype)
         ok = visible(qi[:, None], cols[None, :], end, diag, win_left, win_right, HAS_LEFT, HAS_RIGHT)
@@ -88,8 +95,12 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
         p = tl.math.exp2(s - m_use[:, None])
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
-        v = load_tile(V + row_v[:, None] + hk * stride_vh + offs_dv[None, :], cols, end, offs_dv, dv, True,
-                      EVEN_DV)
+        if USE_TMA:
+            v = V.load([cb.to(tl.int32), start_n, hk, 0]).reshape([BLOCK_N, BLOCK_DV])
+            v = tl.where((cols < end)[:, None], v, 0.0)
+        else:
+            v = load_tile(V + row_v[:, None] + hk * stride_vh + offs_dv[None, :], cols, end, offs_dv, dv, True,
+                          EVEN_DV)
         acc = mma(p.to(v.dtype), v, acc * alpha[:, None], FP32)
         m_i = m_new
     if FINAL and HAS_SINK:  # the sink joins the denominator with no value (as in the combine kernel)
@@ -189,8 +200,12 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
     dummy = seqlens_k
     qk_scale = softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E_F
     block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dv)
+    descs = None
+    if configs.decode_tma(cfg, q, k_cache, v_cache, paged):
+        from .forward import _kv_descriptors
+        descs = _kv_descriptors(k_cache, v_cache, block_n, block_dqk, block_dv)
     launch(_decode_split_kernel, (num_splits, batch * kv_heads, row_blocks), (
-        q, k_cache, v_cache, out_part, lse_part, seqlens_k,
+        q, descs[0] if descs else k_cache, descs[1] if descs else v_cache, out_part, lse_part, seqlens_k,
         cache_batch_idx if cache_batch_idx is not None else dummy, block_table if paged else dummy,
         alibi_slopes if alibi_slopes is not None else dummy, leftpad if leftpad is not None else dummy,
         sink if sink is not None else dummy,
@@ -204,8 +219,8 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         EVEN_DQK=block_dqk == dqk, EVEN_DV=block_dv == dv, PAGED=paged, HAS_BATCH_IDX=cache_batch_idx is not None,
         HAS_LEFTPAD=leftpad is not None,
         HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap > 0,
-        HAS_ALIBI=alibi_slopes is not None, FP32=q.dtype == torch.float32, FINAL=final, HAS_SINK=sink is not None),
-        cfg.num_warps, cfg.num_stages)
+        HAS_ALIBI=alibi_slopes is not None, FP32=q.dtype == torch.float32, FINAL=final, HAS_SINK=sink is not None,
+        USE_TMA=descs is not None), cfg.num_warps, cfg.num_stages)
     if final:
         return out, lse
     rows_total = batch * q_heads * seqlen_q
