@@ -23,7 +23,8 @@ from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 from tileattn.kernels import gluon_forward as gf  # noqa: E402
 
 
-def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=False, fp16=False, window=False):
+def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=False, fp16=False, window=False,
+                varlen=False):
     from tileattn import configs
     c = configs._GLUON_FWD[d]  # the table entry, whether on by default or not
     bn, ks, vs, creg, preg, maxnreg = cfg or (c.block_n, c.k_stages, c.v_stages, c.consumer_regs, c.producer_regs,
@@ -33,14 +34,17 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
         layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gl.float16 if fp16 else gl.bfloat16)
         return f"tensordesc<{'fp16' if fp16 else 'bf16'}[1,{rows},1,{d}],{layout!r}>"
     sig = {"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn), "o_desc": desc(bm), "r_desc": desc(bm),
-           "LSE": "*fp32", "SINK": "*fp32", "qk_scale": "fp32", "softcap": "fp32"}
+           "LSE": "*fp32", "SINK": "*fp32", "qk_scale": "fp32", "softcap": "fp32",
+           "O": f"*{'fp16' if fp16 else 'bf16'}", "RESID": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32",
+           "CU_K": "*i32"}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=causal, STORE_RESID=resid,
-                  HAS_SOFTCAP=softcap, HAS_SINK=sink, WINDOW=window, CONSUMER_REGS=creg, PRODUCER_REGS=preg)
+                  HAS_SOFTCAP=softcap, HAS_SINK=sink, WINDOW=window, VARLEN=varlen, CONSUMER_REGS=creg,
+                  PRODUCER_REGS=preg)
     fn = gf._fwd_kernel
     for name in fn.arg_names:
         if name not in sig:
             sig[name] = "constexpr" if name in consts else "i32"
-    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("LSE", "SINK")}
+    attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("LSE", "SINK", "O", "RESID")}
     k = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
     return k
@@ -123,6 +127,7 @@ def main():
     ap.add_argument("--sink", action="store_true")
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--window", action="store_true", help="a sliding window (left and right bounds)")
+    ap.add_argument("--varlen", action="store_true", help="the forward's packed varlen variant")
     ap.add_argument("--dq", action="store_true", help="the dQ backward kernel instead (--config bn,kstages,creg,"
                     "preg,maxnreg; --no-resid: delta from the rounded O; --dlse)")
     ap.add_argument("--dlse", action="store_true")
@@ -142,7 +147,7 @@ def main():
     elif a.bwd:
         k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16)
     else:
-        k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, a.softcap, a.sink, a.fp16, a.window)
+        k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, a.softcap, a.sink, a.fp16, a.window, a.varlen)
     if a.check:
         report = ptxas_messages(k.asm["ptx"])
         print(report)

@@ -174,11 +174,73 @@ def test_agrees_with_portable_kernel(causal, monkeypatch):
     torch.testing.assert_close(out.float(), out0.float(), atol=2 ** -7, rtol=0)
 
 
+VARLEN_FEATS = {"plain": {}, "causal": dict(causal=True), "window+sink": dict(window_size=(300, 40), sink=True),
+                "softcap+causal": dict(softcap=8.0, causal=True)}
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("feat", list(VARLEN_FEATS))
+def test_varlen_through_gluon(feat, d, spy, monkeypatch):
+    """Packed varlen calls (D <= 128) take the Gluon forward: every sequence (lengths 0, 1, tile-crossing and
+    long, q and k lengths different, GQA) against the float64 reference on its own slice (tests/test_varlen.py's
+    rule), rows past the last sequence 0 / -inf; and the same values as the portable kernel."""
+    from _flash_helpers import seqlens_to_cu, varlen_ref
+    from _helpers import check_lse, check_rule, atol_for, make_gen
+    kw = dict(VARLEN_FEATS[feat])
+    lens_q, lens_k = [177, 0, 1, 1024, 2000, 731, 64], [1500, 5, 0, 1, 2048, 731, 130]
+    gen = make_gen(seed_for("gluon-varlen", feat, d))
+    extra = 37  # packed rows past the last sequence (outside every sequence)
+    q = randn((sum(lens_q) + extra, 8, d), torch.bfloat16, gen)
+    k = randn((sum(lens_k) + extra, 2, d), torch.bfloat16, gen)
+    v = randn((sum(lens_k) + extra, 2, d), torch.bfloat16, gen)
+    cu_q, cu_k = seqlens_to_cu(lens_q), seqlens_to_cu(lens_k)
+    sink = torch.randn(8, generator=gen).to("cuda") if kw.pop("sink", False) else None
+    out, lse, _ = tileattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), sink=sink,
+                                                  return_attn_probs=True, **kw)
+    assert spy, "the varlen call did not take the Gluon forward"
+    n = sum(lens_q)
+    ref_o, ref_lse = varlen_ref(True, q[:n], k, v, cu_q, cu_k, sink=sink, **kw)
+    pt_o, pt_lse = varlen_ref(False, q[:n], k, v, cu_q, cu_k, sink=sink, **kw)
+    check_rule("out", out[:n], ref_o, pt_o, 2, atol_for(torch.bfloat16, ref_o, 1.0), feat)
+    check_lse(lse[:, :n], ref_lse, pt_lse, feat)
+    assert not out[n:].any() and torch.isneginf(lse[:, n:]).all(), "rows outside every sequence"
+    monkeypatch.setenv("TILEATTN_GLUON", "0")
+    out0, lse0, _ = tileattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), sink=sink,
+                                                    return_attn_probs=True, **kw)
+    torch.testing.assert_close(lse, lse0, atol=1e-4, rtol=0)
+    torch.testing.assert_close(out.float(), out0.float(), atol=2 ** -7, rtol=0)
+
+
+@hopper
+@pytest.mark.gpu
+def test_varlen_scope():
+    """D=256 varlen stays portable (its masked epilogue spills); so does a varlen call whose cu_seqlens_k the API
+    never read on the host (compiled graphs)."""
+    from _flash_helpers import seqlens_to_cu
+    from tileattn._hostinfo import host_summary
+    from tileattn.kernels.params import AttnParams
+
+    def params(q, cu):
+        return AttnParams(batch=2, max_seqlen_q=200, max_seqlen_k=200, softmax_scale=q.shape[-1] ** -0.5,
+                          cu_seqlens_q=cu, cu_seqlens_k=cu)
+    q = torch.zeros(1, 300, 4, 128, device="cuda", dtype=torch.bfloat16)
+    cu = seqlens_to_cu([100, 200])
+    assert not gluon_forward.applies(q, q, q, params(q, cu))  # cu_seqlens never read on the host
+    host_summary(cu, "cu")
+    assert gluon_forward.applies(q, q, q, params(q, cu))
+    q256 = torch.zeros(1, 300, 4, 256, device="cuda", dtype=torch.bfloat16)
+    assert not gluon_forward.applies(q256, q256, q256, params(q256, cu))
+
+
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
 @pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ()), (64, False, ()), (256, True, ()),
                                             (128, True, ("--softcap", "--sink")), (128, False, ("--window",)),
-                                            (64, False, ("--softcap", "--sink", "--fp16"))])
+                                            (64, False, ("--softcap", "--sink", "--fp16")),
+                                            (128, False, ("--varlen",)), (128, True, ("--varlen", "--sink")),
+                                            (64, False, ("--varlen", "--window", "--fp16"))])
 def test_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal, extra):
     """ptxas serialises every wgmma of a kernel (warning C7514) when a register accumulator stays in flight where
     other instructions read it; that would silently cost most of the speed, so the CPU suite checks for it.

@@ -44,8 +44,8 @@ if AVAILABLE:
                                             q_smem.index(w))
             tma.async_copy_global_to_shared(do_desc, [b, start_m + w * HALF_M, h, 0], q_bars.index(w),
                                             do_smem.index(w))
-        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, 0, n, BLOCK_N,
-                     HEAD_D, K_STAGES, V_STAGES)
+        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, 0, 0, n,
+                     BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
 
     @gluon.jit
     def _row_stats(O, RESID, DO, LSE, DLSE, DELTA, STATS, b, h, row0, seqlen_q, stride_ob, stride_os, stride_oh,

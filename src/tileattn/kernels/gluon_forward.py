@@ -28,6 +28,7 @@ import torch
 import triton
 
 from .. import configs
+from .._hostinfo import _cached, leaves_rows
 from .common import FAST_TANH
 from .launch import host_descriptor, launch, tma_aligned
 from .params import AttnParams
@@ -94,36 +95,36 @@ if AVAILABLE:
         return p, alpha, m_new, l_new
 
     @gluon.jit
-    def load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, lo, n,
+    def load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, row0, lo, n,
                      BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
-        """Producer side of the K and V rings (shared with gluon_dq.py): key tiles lo .. lo + n - 1 into ring
-        position j = tile - lo, each slot refilled once the consumers released it (empty) and announced by its
-        ready barrier with the tile's byte count."""
+        """Producer side of the K and V rings (shared with gluon_dq.py): key tiles lo .. lo + n - 1 (rows from
+        row0: a varlen sequence's first packed row) into ring position j = tile - lo, each slot refilled once the
+        consumers released it (empty) and announced by its ready barrier with the tile's byte count."""
         for j in range(n):
             ks = j % K_STAGES
             mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)
             mbarrier.expect(k_ready.index(ks), BLOCK_N * HEAD_D * 2)
-            tma.async_copy_global_to_shared(k_desc, [b, (lo + j) * BLOCK_N, hk, 0], k_ready.index(ks),
+            tma.async_copy_global_to_shared(k_desc, [b, row0 + (lo + j) * BLOCK_N, hk, 0], k_ready.index(ks),
                                             k_smem.index(ks))
             vs = j % V_STAGES
             mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
             mbarrier.expect(v_ready.index(vs), BLOCK_N * HEAD_D * 2)
-            tma.async_copy_global_to_shared(v_desc, [b, (lo + j) * BLOCK_N, hk, 0], v_ready.index(vs),
+            tma.async_copy_global_to_shared(v_desc, [b, row0 + (lo + j) * BLOCK_N, hk, 0], v_ready.index(vs),
                                             v_smem.index(vs))
 
     @gluon.jit
-    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
-                        HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n, q_row0,
+                        k_row0, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                         K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
         """Producer warp: the two Q halves, then key tiles lo .. lo + n - 1 (K and V) into their rings as the
         consumers free the slots (ring position j: the j-th tile loaded)."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         for w in gl.static_range(2):
             mbarrier.expect(q_bars.index(w), HALF_M * HEAD_D * 2)
-            tma.async_copy_global_to_shared(q_desc, [b, start_m + w * HALF_M, h, 0], q_bars.index(w),
+            tma.async_copy_global_to_shared(q_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(w),
                                             q_smem.index(w))
-        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, lo, n, BLOCK_N,
-                     HEAD_D, K_STAGES, V_STAGES)
+        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, lo, n,
+                     BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
 
     @gluon.jit
     def _turn_wait(turn, w: gl.constexpr, r):
@@ -148,13 +149,49 @@ if AVAILABLE:
         return o_tok
 
     @gluon.jit
-    def _consumer(w: gl.constexpr, o_desc, r_desc, LSE, SINK, q_smem, k_smem, v_smem, bars, b, h, start_m, lo, n,
-                  seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
-                  HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+    def _store_tma(o_desc, r_desc, q_buf, acc, o, b, row, h, STORE_RESID: gl.constexpr):
+        """out (and the rounding residual) of one warpgroup's rows through Q's dead buffer and TMA stores (rows past
+        the tensor clipped)."""
+        q2 = q_buf.reshape([q_buf.shape[1], q_buf.shape[3]])
+        q2.store(o)
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(o_desc, [b, row, h, 0], q_buf)
+        if STORE_RESID:  # out's rounding residual for the backward's delta (see backward.py)
+            r = (acc - o.to(gl.float32)).to(o.dtype)
+            tma.store_wait(pendings=0)
+            gl.thread_barrier()
+            q2.store(r)
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(r_desc, [b, row, h, 0], q_buf)
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _store_rows(PTR, buf, row, h, n_rows, stride_os, stride_oh):
+        """Masked pointer store of the rows staged in shared memory ``buf`` (rows, D) to rows row .. of head h,
+        only the first n_rows of them (a varlen sequence's last tile: a TMA store would overwrite the next
+        sequence's rows), 16 rows at a time in a coalesced layout (few registers: the epilogue's are taken)."""
+        D: gl.constexpr = buf.shape[1]
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        rr = gl.arange(0, 16, layout=gl.SliceLayout(1, layout))
+        cc = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+        base = PTR + row.to(gl.int64) * stride_os + h * stride_oh
+        for i in gl.static_range(buf.shape[0] // 16):
+            x = buf.slice(16 * i, 16, dim=0).load(layout)
+            r = 16 * i + rr
+            gl.store(base + r[:, None] * stride_os + cc[None, :], x, mask=(r < n_rows)[:, None] & (cc < D)[None, :])
+
+    @gluon.jit
+    def _consumer(w: gl.constexpr, o_desc, r_desc, LSE, SINK, O, RESID, q_smem, k_smem, v_smem, bars, b, h,
+                  start_m, lo, n, seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
+                  q_row0, b_desc, stride_os, stride_oh, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                   K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
-                  STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr):
+                  STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
+                  VARLEN: gl.constexpr):
         """One warpgroup: rows [start_m + w * HALF_M, + HALF_M) of the query tile, key tiles lo .. lo + n - 1
-        (ring positions 0 .. n - 1)."""
+        (ring positions 0 .. n - 1). Rows and keys count from the sequence's start (q_row0: its first packed row
+        in a varlen call, where b_desc = 0 is the descriptors' batch index)."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         dtype: gl.constexpr = o_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -227,31 +264,37 @@ if AVAILABLE:
         l_safe = gl.where(l_i == 0.0, 1.0, l_i)
         acc = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
         lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
-        gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows, lse, mask=rows < seqlen_q)
+        gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_row0 + rows, lse,
+                 mask=rows < seqlen_q)
         o = acc.to(dtype)
-        q2.store(o)  # Q is dead: its buffer stages this warpgroup's output rows (TMA clips rows past seqlen_q)
-        fence_async_shared()
-        gl.thread_barrier()
-        tma.async_copy_shared_to_global(o_desc, [b, row0, h, 0], q_buf)
-        if STORE_RESID:  # out's rounding residual for the backward's delta (see backward.py)
-            r = (acc - o.to(gl.float32)).to(dtype)
-            tma.store_wait(pendings=0)
-            gl.thread_barrier()
-            q2.store(r)
-            fence_async_shared()
-            gl.thread_barrier()
-            tma.async_copy_shared_to_global(r_desc, [b, row0, h, 0], q_buf)
-        tma.store_wait(pendings=0)
+        # Q is dead: its buffer stages this warpgroup's output rows for TMA stores (rows past the tensor clipped)
+        if VARLEN:
+            if row0 + HALF_M > seqlen_q:  # the sequence's last rows (or none): masked pointer stores
+                q2.store(o)
+                gl.thread_barrier()
+                _store_rows(O, q2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
+                if STORE_RESID:
+                    gl.thread_barrier()
+                    q2.store((acc - o.to(gl.float32)).to(dtype))
+                    gl.thread_barrier()
+                    _store_rows(RESID, q2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
+            else:
+                _store_tma(o_desc, r_desc, q_buf, acc, o, b_desc, q_row0 + row0, h, STORE_RESID)
+        else:
+            _store_tma(o_desc, r_desc, q_buf, acc, o, b_desc, row0, h, STORE_RESID)
 
     @gluon.jit
-    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, r_desc, LSE, SINK,
+    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, r_desc, LSE, SINK, O, RESID, CU_Q, CU_K,
                     seqlen_q, seqlen_k, q_heads, group, num_m_tiles, qk_scale, softcap, win_left, win_right,
-                    stride_lb, stride_lh, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                    stride_lb, stride_lh, stride_os, stride_oh, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                     STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
-                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                    VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
-        (64 query rows each), one more worker warp issues every TMA load."""
+        (64 query rows each), one more worker warp issues every TMA load. VARLEN: q / k / v / out are packed
+        (1, total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
+        read per sequence (the arguments are the maxima). O / RESID: out and the residual as pointers, for the
+        masked stores of a sequence's last rows (varlen only)."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = 2 * HALF_M
         dtype: gl.constexpr = q_desc.dtype
@@ -264,6 +307,16 @@ if AVAILABLE:
         h = bh % q_heads
         hk = h // group
         start_m = tile * BLOCK_M
+        if VARLEN:
+            q_row0 = gl.load(CU_Q + b)
+            seqlen_q = gl.load(CU_Q + b + 1) - q_row0
+            k_row0 = gl.load(CU_K + b)
+            seqlen_k = gl.load(CU_K + b + 1) - k_row0
+            b_desc = 0
+        else:
+            q_row0 = 0
+            k_row0 = 0
+            b_desc = b
         # key tiles [lo, lo + n) for the whole tile (both warpgroups run the same count: the ping-pong pairs them)
         lo = 0
         hi = seqlen_k
@@ -275,6 +328,8 @@ if AVAILABLE:
         n = gl.cdiv(hi, BLOCK_N)
         if WINDOW:
             n = gl.maximum(n - lo, 0)
+        if VARLEN:  # a tile past its sequence's end (the grid covers the longest): no work, nothing stored
+            n = gl.where(start_m < seqlen_q, n, 0)
 
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, BLOCK_N, 1, HEAD_D], k_desc.layout)
@@ -296,14 +351,16 @@ if AVAILABLE:
             mbarrier.init(v_empty.index(i), count=2)
         bars = (q_bars, k_ready, k_empty, v_ready, v_empty, turn)
         gl.warp_specialize([
-            (_consumer, (0, o_desc, r_desc, LSE, SINK, q_smem, k_smem, v_smem, bars, b, h, start_m, lo, n,
-                         seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh, HALF_M,
-                         BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK)),
-            (_consumer, (1, o_desc, r_desc, LSE, SINK, q_smem, k_smem, v_smem, bars, b, h, start_m, lo, n,
-                         seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh, HALF_M,
-                         BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK)),
-            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
-                               HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
+            (_consumer, (0, o_desc, r_desc, LSE, SINK, O, RESID, q_smem, k_smem, v_smem, bars, b, h, start_m,
+                         lo, n, seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
+                         q_row0, b_desc, stride_os, stride_oh, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
+                         WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN)),
+            (_consumer, (1, o_desc, r_desc, LSE, SINK, O, RESID, q_smem, k_smem, v_smem, bars, b, h, start_m,
+                         lo, n, seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
+                         q_row0, b_desc, stride_os, stride_oh, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
+                         WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN)),
+            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b_desc, h, hk, start_m, lo, n,
+                               q_row0, k_row0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -314,11 +371,16 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
         return None
     d = q.shape[3]
     cfg = configs.gluon_forward_config(d)
-    if cfg is None or k.shape[3] != d or v.shape[3] != d or block_table is not None or p.varlen:
+    if cfg is None or k.shape[3] != d or v.shape[3] != d or block_table is not None:
         return None
     if q.numel() == 0 or k.numel() == 0:
         return None
-    if k.shape[1] < (cfg.min_seqlen_k_causal if p.causal_like else cfg.min_seqlen_k):
+    if p.varlen and (d > 128 or not _packed_end(p.cu_seqlens_k) or p.max_seqlen_q == 0):
+        # no keys, or their packed extent unknown (compiled graphs skip the host reads); D=256's masked epilogue
+        # spills (~650 B, ptxas): portable
+        return None
+    if (p.max_seqlen_k if p.varlen else k.shape[1]) < (cfg.min_seqlen_k_causal if p.causal_like
+                                                        else cfg.min_seqlen_k):
         return None
     if p.alibi_slopes is not None or p.dropout_p > 0:
         return None
@@ -329,6 +391,12 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
     if any(not tma_aligned(t) or t.stride(-1) != 1 for t in (q, k, v)):
         return None
     return cfg
+
+
+def _packed_end(cu):
+    """cu[-1] of a varlen call's cumulative lengths when the API's host read already has it, else None."""
+    summary = _cached(cu, "cu")
+    return None if summary is None else summary[1]
 
 
 def _window(p: AttnParams) -> bool:
@@ -347,13 +415,33 @@ def _desc(t: torch.Tensor, block: tuple, bf16: bool):
 
 
 def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
-    """Same contract as ``forward.attention_forward`` for the calls ``applies`` accepts (batched; causal, softcap,
-    sink and sliding windows): returns (out (B, Sq, Hq, D), lse (B, Hq, Sq) fp32 natural log[, resid like out]).
-    ``cfg``: what ``applies`` returned (looked up again when not given)."""
+    """Same contract as ``forward.attention_forward`` for the calls ``applies`` accepts (batched or varlen; causal,
+    softcap, sink and sliding windows): returns (out (B, Sq, Hq, D), lse fp32 natural log (B, Hq, Sq), or (Hq,
+    total_q) for varlen[, resid like out]). ``cfg``: what ``applies`` returned (looked up again when not given).
+
+    Varlen (q / k / v packed (1, total, H, D)): a key tile that crosses its sequence's end reads the next
+    sequence's rows (masked to -inf in the scores; their V rows meet P = 0), and rows past cu_seqlens_k[-1] read
+    as zero (the K/V descriptors end there). So a non-finite value in one sequence's V can reach a neighbour's
+    output through 0 * inf (the portable kernel zero-fills instead). A sequence's last query rows are stored by
+    masked pointer stores, every other tile by TMA."""
     batch, seqlen_q, q_heads, d = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
-    out = torch.empty((batch, seqlen_q, q_heads, d), dtype=q.dtype, device=q.device)
-    lse = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
+    cu_q = cu_k = None
+    if p.varlen:  # packed: the grid covers the longest sequence; rows outside every sequence are 0 / -inf
+        cu_q, cu_k, batch = p.cu_seqlens_q, p.cu_seqlens_k, p.batch
+        seqlen_q, seqlen_k = p.max_seqlen_q, p.max_seqlen_k
+        rows_q = q.shape[1]
+        outside = leaves_rows(cu_q, rows_q)
+        out = (torch.zeros if outside else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
+        lse = (torch.full((q_heads, rows_q), float("-inf"), dtype=torch.float32, device=q.device) if outside
+               else torch.empty((q_heads, rows_q), dtype=torch.float32, device=q.device))
+        stride_lb, stride_lh = 0, rows_q
+        end_k = _packed_end(cu_k)
+        k, v = k[:, :end_k], v[:, :end_k]  # views: rows past the last sequence read as zero
+    else:
+        out = torch.empty((batch, seqlen_q, q_heads, d), dtype=q.dtype, device=q.device)
+        lse = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
+        stride_lb, stride_lh = q_heads * seqlen_q, seqlen_q
     resid = torch.empty_like(out) if residual else None
     cfg = cfg or configs.gluon_forward_config(d)
     bn, half = cfg.block_n, 64
@@ -367,13 +455,14 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     window = _window(p)
     unbounded = seqlen_q + seqlen_k  # a window side of -1: farther than any key
     launch(_fwd_kernel, (num_m_tiles * batch * q_heads,), (
-        q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
+        q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse, out,
+        resid if residual else out, cu_q if cu_q is not None else lse, cu_k if cu_k is not None else lse,
         seqlen_q, seqlen_k, q_heads, q_heads // kv_heads, num_m_tiles, p.qk_scale, p.softcap_log2,
         p.window_left if p.window_left >= 0 else unbounded, p.window_right if p.window_right >= 0 else unbounded,
-        q_heads * seqlen_q, seqlen_q),
+        stride_lb, stride_lh, out.stride(1), out.stride(2)),
         dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.k_stages, V_STAGES=cfg.v_stages,
              CAUSAL=p.window_right == 0 and not window, WINDOW=window,
-             STORE_RESID=residual, HAS_SOFTCAP=p.softcap > 0, HAS_SINK=p.sink is not None,
+             STORE_RESID=residual, HAS_SOFTCAP=p.softcap > 0, HAS_SINK=p.sink is not None, VARLEN=p.varlen,
              CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs),
         4, 3, maxnreg=cfg.maxnreg)
     return (out, lse, resid) if residual else (out, lse)
