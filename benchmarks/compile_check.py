@@ -149,7 +149,8 @@ def decode_cases(arch):
     cfg = configs.decode_config(128)
     base = {"BLOCK_M": 16, "BLOCK_N": cfg.block_n, "BLOCK_DQK": 128, "BLOCK_DV": 128, "EVEN_DQK": True,
             "EVEN_DV": True, "HAS_BATCH_IDX": False, "HAS_LEFTPAD": False, "HAS_LEFT": False, "HAS_RIGHT": False,
-            "HAS_SOFTCAP": False, "HAS_ALIBI": False, "FP32": False, "FINAL": False, "HAS_SINK": False}
+            "HAS_SOFTCAP": False, "HAS_ALIBI": False, "FP32": False, "FINAL": False, "HAS_SINK": False,
+            "USE_TMA": False}
     ints = dict(stride_qb=4096, stride_qs=4096, stride_qh=128, stride_ob=4096, stride_os=4096, stride_oh=128,
                 stride_kb=8 * 2048 * 128, stride_ks=1024,
                 stride_kh=128, stride_vb=8 * 2048 * 128, stride_vs=1024, stride_vh=128, stride_bt=64, stride_ab=0,

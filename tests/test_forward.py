@@ -332,6 +332,7 @@ def test_edge_loop_mode_default_and_validated(monkeypatch):
 def test_edge_loop_varlen_tail_isolated(monkeypatch, edges):
     """Varlen through the pointer path: the tile that runs past a sequence's last key (merged: it re-reads that
     key instead of a masked load) must not see the next sequence's rows: NaN there stays there."""
+    monkeypatch.setenv("TILEATTN_GLUON", "0")  # the portable kernel's pointer path (see test_gluon_forward)
     monkeypatch.setenv("TILEATTN_FWD_EDGES", edges)
     monkeypatch.setenv("TILEATTN_TMA", "0")
     lens = [5, 37, 1, 64] if not LARGE else [500, 3000, 1, 1024]

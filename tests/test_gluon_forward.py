@@ -185,8 +185,10 @@ VARLEN_GLUON = [(128, f) for f in VARLEN_FEATS] + [(64, "plain"), (64, "causal+s
 def test_varlen_through_gluon(feat, d, spy, monkeypatch):
     """Packed varlen calls (D <= 128) take the Gluon forward: every sequence (lengths 0, 1, tile-crossing and
     long, q and k lengths different, GQA) against the float64 reference on its own slice (tests/test_varlen.py's
-    rule), rows past the last sequence 0 / -inf; and the same values as the portable kernel."""
+    rule), rows past the last sequence 0 / -inf; and the same values as the portable kernel. Opt-in
+    (TILEATTN_GLUON_VARLEN=1) while a NaN in one sequence's V can reach its neighbour (gluon_forward docstring)."""
     from _flash_helpers import seqlens_to_cu, varlen_ref
+    monkeypatch.setenv("TILEATTN_GLUON_VARLEN", "1")
     from _helpers import check_lse, check_rule, atol_for, make_gen
     kw = dict(VARLEN_FEATS[feat])
     lens_q, lens_k = [177, 0, 1, 1024, 2000, 731, 64], [1500, 5, 0, 1, 2048, 731, 130]
@@ -215,9 +217,10 @@ def test_varlen_through_gluon(feat, d, spy, monkeypatch):
 
 @hopper
 @pytest.mark.gpu
-def test_varlen_scope():
-    """D=256 varlen stays portable (its masked epilogue spills); so does a varlen call whose cu_seqlens_k the API
-    never read on the host (compiled graphs)."""
+def test_varlen_scope(monkeypatch):
+    """Varlen through the Gluon forward is opt-in (TILEATTN_GLUON_VARLEN=1); D=256 varlen stays portable (its
+    masked epilogue spills); so does a varlen call whose cu_seqlens_k the API never read on the host (compiled
+    graphs)."""
     from _flash_helpers import seqlens_to_cu
     from tileattn._hostinfo import host_summary
     from tileattn.kernels.params import AttnParams
@@ -227,9 +230,12 @@ def test_varlen_scope():
                           cu_seqlens_q=cu, cu_seqlens_k=cu)
     q = torch.zeros(1, 300, 4, 128, device="cuda", dtype=torch.bfloat16)
     cu = seqlens_to_cu([100, 200])
-    assert not gluon_forward.applies(q, q, q, params(q, cu))  # cu_seqlens never read on the host
     host_summary(cu, "cu")
+    assert not gluon_forward.applies(q, q, q, params(q, cu))  # not opted in
+    monkeypatch.setenv("TILEATTN_GLUON_VARLEN", "1")
     assert gluon_forward.applies(q, q, q, params(q, cu))
+    fresh = cu.clone()
+    assert not gluon_forward.applies(q, q, q, params(q, fresh))  # cu_seqlens never read on the host
     q256 = torch.zeros(1, 300, 4, 256, device="cuda", dtype=torch.bfloat16)
     assert not gluon_forward.applies(q256, q256, q256, params(q256, cu))
 

@@ -7,8 +7,9 @@ while the other's matmuls hold the tensor cores. Triton 3.6's own pipeliner and 
 (NOTES.md, sessions 8 and 10).
 
 Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_forward_config`` (64 from 2048
-keys, 128, 256 from 1024 keys or 2048 when causal), dense batched inputs (no varlen, paging, ALiBi or dropout),
-causal or not (bottom-right aligned like the portable kernel). Softcap, sink and sliding windows (the key-tile
+keys, 128, 256 from 1024 keys or 2048 when causal), batched inputs, and packed varlen ones at D <= 128 opt-in
+(``TILEATTN_GLUON_VARLEN=1``; see ``attention_forward``), no paging, ALiBi or dropout, causal or not (bottom-right
+aligned like the portable kernel). Softcap, sink and sliding windows (the key-tile
 range [lo, hi) shared by both warpgroups, edge tiles masked) are constexpr features of the kernel (D=64 takes the
 portable kernel for softcap and windows: faster there).
 Every other call, and every other GPU, takes the portable Triton kernel in ``forward.py``; both produce the same
@@ -375,9 +376,11 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
         return None
     if q.numel() == 0 or k.numel() == 0:
         return None
-    if p.varlen and (d > 128 or not _packed_end(p.cu_seqlens_k) or p.max_seqlen_q == 0):
-        # no keys, or their packed extent unknown (compiled graphs skip the host reads); D=256's masked epilogue
-        # spills (~650 B, ptxas): portable
+    if p.varlen and (configs.getenv("TILEATTN_GLUON_VARLEN") != "1" or d > 128 or not _packed_end(p.cu_seqlens_k)
+                     or p.max_seqlen_q == 0):
+        # opt-in (TILEATTN_GLUON_VARLEN=1) until a non-finite V row of one sequence can no longer reach its
+        # neighbour's output (attention_forward's docstring); no keys, or their packed extent unknown (compiled
+        # graphs skip the host reads); D=256's masked epilogue spills (~650 B, ptxas): portable
         return None
     if (p.max_seqlen_k if p.varlen else k.shape[1]) < (cfg.min_seqlen_k_causal if p.causal_like
                                                         else cfg.min_seqlen_k):
