@@ -186,9 +186,9 @@ if AVAILABLE:
     @gluon.jit
     def _consumer(w: gl.constexpr, o_desc, r_desc, LSE, SINK, O, RESID, q_smem, k_smem, v_smem, bars, b, h,
                   start_m, lo, n, seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
-                  q_row0, b_desc, stride_os, stride_oh, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                  K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
-                  STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
+                  q_row0, b_desc, stride_os, stride_oh, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                  WINDOW: gl.constexpr, STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
                   VARLEN: gl.constexpr):
         """One warpgroup: rows [start_m + w * HALF_M, + HALF_M) of the query tile, key tiles lo .. lo + n - 1
         (ring positions 0 .. n - 1). Rows and keys count from the sequence's start (q_row0: its first packed row
