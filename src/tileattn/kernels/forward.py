@@ -13,11 +13,11 @@ import triton
 import triton.language as tl
 
 from .. import autotune, configs
-from .._hostinfo import leaves_rows
 from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, scores, seq_bounds,
                      store_tile, visible)
 from . import gluon_forward
 from .launch import host_descriptor, launch, tma_aligned
+from .params import forward_outputs
 
 
 @triton.jit
@@ -272,15 +272,7 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     _, rows_q, q_heads, dqk = q.shape
     kv_heads, dv = k.shape[2], v.shape[3]
     batch = p.batch
-    outside = leaves_rows(p.cu_seqlens_q, rows_q)  # varlen rows outside every sequence: out 0, lse -inf
-    out = (torch.zeros if outside else torch.empty)(q.shape[:3] + (dv,), dtype=q.dtype, device=q.device)
-    if p.varlen:
-        lse = (torch.full((q_heads, rows_q), float("-inf"), dtype=torch.float32, device=q.device) if outside
-               else torch.empty((q_heads, rows_q), dtype=torch.float32, device=q.device))
-        stride_lb, stride_lh = 0, rows_q
-    else:
-        lse = torch.empty((batch, q_heads, rows_q), dtype=torch.float32, device=q.device)
-        stride_lb, stride_lh = q_heads * rows_q, rows_q
+    out, lse, stride_lb, stride_lh = forward_outputs(q, dv, p)  # varlen rows outside every sequence: 0 / -inf
     resid = torch.empty_like(out) if residual else None
     if out.numel() == 0 or p.max_seqlen_q == 0:
         return (out, lse, resid.zero_()) if residual else (out, lse)

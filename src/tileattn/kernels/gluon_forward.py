@@ -29,10 +29,10 @@ import torch
 import triton
 
 from .. import configs
-from .._hostinfo import _cached, leaves_rows
+from .._hostinfo import _cached
 from .common import FAST_TANH
 from .launch import host_descriptor, launch, tma_aligned
-from .params import AttnParams
+from .params import AttnParams, forward_outputs
 
 try:  # Gluon ships with triton >= 3.5; without it every call takes the portable kernel
     from triton.experimental import gluon
@@ -429,22 +429,13 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     masked pointer stores, every other tile by TMA."""
     batch, seqlen_q, q_heads, d = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    out, lse, stride_lb, stride_lh = forward_outputs(q, d, p)  # varlen rows outside every sequence: 0 / -inf
     cu_q = cu_k = None
-    if p.varlen:  # packed: the grid covers the longest sequence; rows outside every sequence are 0 / -inf
+    if p.varlen:  # packed: the grid covers the longest sequence
         cu_q, cu_k, batch = p.cu_seqlens_q, p.cu_seqlens_k, p.batch
         seqlen_q, seqlen_k = p.max_seqlen_q, p.max_seqlen_k
-        rows_q = q.shape[1]
-        outside = leaves_rows(cu_q, rows_q)
-        out = (torch.zeros if outside else torch.empty)(q.shape, dtype=q.dtype, device=q.device)
-        lse = (torch.full((q_heads, rows_q), float("-inf"), dtype=torch.float32, device=q.device) if outside
-               else torch.empty((q_heads, rows_q), dtype=torch.float32, device=q.device))
-        stride_lb, stride_lh = 0, rows_q
         end_k = _packed_end(cu_k)
         k, v = k[:, :end_k], v[:, :end_k]  # views: rows past the last sequence read as zero
-    else:
-        out = torch.empty((batch, seqlen_q, q_heads, d), dtype=q.dtype, device=q.device)
-        lse = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
-        stride_lb, stride_lh = q_heads * seqlen_q, seqlen_q
     resid = torch.empty_like(out) if residual else None
     cfg = cfg or configs.gluon_forward_config(d)
     bn, half = cfg.block_n, 64

@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from .._hostinfo import leaves_rows
 from .common import LOG2E_F
 
 
@@ -52,3 +53,18 @@ class AttnParams:
     def alibi_stride_b(self) -> int:
         a = self.alibi_slopes
         return a.stride(0) if (a is not None and a.dim() == 2) else 0
+
+
+def forward_outputs(q: torch.Tensor, dv: int, p: AttnParams):
+    """The forward's outputs for q (B, Sq, Hq, Dqk) (varlen: (1, total_q, Hq, Dqk)): out (B, Sq, Hq, dv) in q's
+    dtype and lse fp32 (B, Hq, Sq), or (Hq, total_q) for varlen, with lse's batch and head strides. Varlen rows
+    outside every sequence, which no kernel program writes, start as out 0 / lse -inf."""
+    _, rows_q, q_heads, _ = q.shape
+    outside = leaves_rows(p.cu_seqlens_q, rows_q)
+    out = (torch.zeros if outside else torch.empty)(q.shape[:3] + (dv,), dtype=q.dtype, device=q.device)
+    if p.varlen:
+        lse = (torch.full((q_heads, rows_q), float("-inf"), dtype=torch.float32, device=q.device) if outside
+               else torch.empty((q_heads, rows_q), dtype=torch.float32, device=q.device))
+        return out, lse, 0, rows_q
+    lse = torch.empty((q.shape[0], q_heads, rows_q), dtype=torch.float32, device=q.device)
+    return out, lse, q_heads * rows_q, rows_q
