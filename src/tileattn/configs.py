@@ -217,11 +217,16 @@ def delta_mode(dtype: torch.dtype) -> str:
     return mode
 
 
-def _override(name: str):
+def _override(name: str, fields: Optional[str] = None):
+    """The integers of a comma-separated override knob, or None when unset; ``fields`` (their names, comma-separated):
+    exactly that many are required."""
     value = getenv(name)
     if not value:
         return None
-    return [int(x) for x in value.split(",")]
+    over = [int(x) for x in value.split(",")]
+    if fields is not None and len(over) != fields.count(",") + 1:
+        raise ValueError(f"{name} must be {fields.count(',') + 1} integers: {fields}; got {over}")
+    return over
 
 
 # Tables: (head-dim tile, causal) -> config, (block_m, block_n, warps, stages).
@@ -428,10 +433,7 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
     cfg = _gluon_entry(_GLUON_FWD, head_dim)
     if cfg is None:
         return None
-    over = _override("TILEATTN_GLUON_FWD_CONFIG")
-    if over and len(over) != 6:
-        raise ValueError("TILEATTN_GLUON_FWD_CONFIG must be 6 integers: block_n,k_stages,v_stages,consumer_regs,"
-                         f"producer_regs,maxnreg; got {over}")
+    over = _override("TILEATTN_GLUON_FWD_CONFIG", "block_n,k_stages,v_stages,consumer_regs,producer_regs,maxnreg")
     return GluonForwardConfig(*over) if over else cfg
 
 
@@ -478,10 +480,7 @@ def gluon_backward_config(head_dim: int) -> Optional[GluonBackwardConfig]:
     cfg = _gluon_entry(_GLUON_BWD, head_dim)
     if cfg is None:
         return None
-    over = _override("TILEATTN_GLUON_BWD_CONFIG")
-    if over and len(over) != 6:
-        raise ValueError("TILEATTN_GLUON_BWD_CONFIG must be 6 integers: block_m,stages,consumer_regs,producer_regs,"
-                         f"maxnreg,pipeline; got {over}")
+    over = _override("TILEATTN_GLUON_BWD_CONFIG", "block_m,stages,consumer_regs,producer_regs,maxnreg,pipeline")
     if over:
         cfg = dataclasses.replace(cfg, block_m=over[0], stages=over[1], consumer_regs=over[2], producer_regs=over[3],
                                   maxnreg=over[4], pipeline=bool(over[5]))
