@@ -341,3 +341,9 @@ def attn_params(q, k, causal=False, **kw):
 
 
 HOPPER = ON_GPU and torch.cuda.get_device_capability()[0] == 9
+# Shapes (B, Sq, Sk, Hq, Hkv) of the Gluon kernels' GPU accuracy tests: 1 and odd lengths, Sq != Sk both ways, GQA,
+# several tiles, and a full 2k
+GLUON_CASES = [
+    (2, 1, 1, 2, 2), (1, 17, 17, 3, 3), (2, 130, 130, 4, 2), (1, 128, 300, 2, 1), (1, 300, 128, 2, 2),
+    (2, 1000, 1000, 2, 2), (1, 257, 1031, 4, 1), (1, 2048, 2048, 2, 2),
+]

@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import tileattn
-from _helpers import (HALF_DTYPES, HOPPER, attn_params, check_attention, dtype_id, gluon_compile_check, make_qkv,
-                      ptxas_available, randn, seed_for, spy_calls)
+from _helpers import (GLUON_CASES, HALF_DTYPES, HOPPER, attn_params, check_attention, dtype_id, gluon_compile_check,
+                      make_qkv, ptxas_available, randn, seed_for, spy_calls)
 from tileattn.kernels import gluon_backward, gluon_dq
 
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon backward runs on sm90 only")
@@ -64,18 +64,12 @@ def test_scope_on_hopper(monkeypatch):
     assert not gluon_backward.applies(*ok, attn_params(q, k))
 
 
-CASES = [  # B, Sq, Sk, Hq, Hkv
-    (2, 1, 1, 2, 2), (1, 17, 17, 3, 3), (2, 130, 130, 4, 2), (1, 128, 300, 2, 1), (1, 300, 128, 2, 2),
-    (2, 1000, 1000, 2, 2), (1, 257, 1031, 4, 1), (1, 2048, 2048, 2, 2),
-]
-
-
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("case", CASES, ids=lambda c: "x".join(map(str, c)))
+@pytest.mark.parametrize("case", GLUON_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_accuracy(case, causal, d, dtype, spy):
     B, Sq, Sk, Hq, Hkv = case
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon-bwd", case, causal, d),
