@@ -369,8 +369,7 @@ def decode_config(head_dim: int, paged: bool = False) -> DecodeConfig:
     return DecodeConfig(64, 4, 2, 2) if paged else DecodeConfig(32, 4, 3, 2)
 
 
-def decode_tma(cfg: DecodeConfig, q: torch.Tensor, k_cache: torch.Tensor, v_cache: torch.Tensor,
-               paged: bool) -> bool:
+def decode_tma(cfg: DecodeConfig, q: torch.Tensor, paged: bool) -> bool:
     """Whether the decode kernel reads a contiguous cache through tensor descriptors (TMA): the config asks for it
     and the GPU has TMA (sm_90+; the interpreter emulates descriptors). Paged caches use pointer loads."""
     if not cfg.tma or paged:

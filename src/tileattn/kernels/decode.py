@@ -201,7 +201,7 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
     qk_scale = softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E_F
     block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dv)
     descs = None
-    if configs.decode_tma(cfg, q, k_cache, v_cache, paged):
+    if configs.decode_tma(cfg, q, paged):
         from .forward import _kv_descriptors
         descs = _kv_descriptors(k_cache, v_cache, block_n, block_dqk, block_dv)
     launch(_decode_split_kernel, (num_splits, batch * kv_heads, row_blocks), (
