@@ -13,7 +13,7 @@ import torch
 
 import tileattn
 from _helpers import (GLUON_CASES, HALF_DTYPES, HOPPER, attn_params, check_attention, dtype_id, gluon_compile_check,
-                      make_qkv, ptxas_available, randn, seed_for, spy_calls)
+                      make_gen, make_qkv, ptxas_available, randn, seed_for, spy_calls)
 from tileattn.kernels import gluon_forward
 
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on sm90 only")
@@ -179,10 +179,8 @@ VARLEN_GLUON = [(128, f) for f in VARLEN_FEATS] + [(64, "plain"), (64, "causal+s
 def test_varlen_through_gluon(feat, d, spy, monkeypatch):
     """Packed varlen calls (D <= 128) take the Gluon forward: every sequence (lengths 0, 1, tile-crossing and
     long, q and k lengths different, GQA) against the float64 reference on its own slice (tests/test_varlen.py's
-    rule), rows past the last sequence 0 / -inf; and the same values as the portable kernel. Opt-in
-    (TILEATTN_GLUON_VARLEN=1) while a NaN in one sequence's V can reach its neighbour (gluon_forward docstring)."""
+    rule), rows past the last sequence 0 / -inf; and the same values as the portable kernel."""
     from _flash_helpers import seqlens_to_cu, varlen_ref
-    monkeypatch.setenv("TILEATTN_GLUON_VARLEN", "1")
     from _helpers import check_lse, check_rule, atol_for, make_gen
     kw = dict(VARLEN_FEATS[feat])
     lens_q, lens_k = [177, 0, 1, 1024, 2000, 731, 64], [1500, 5, 0, 1, 2048, 731, 130]
@@ -212,11 +210,10 @@ def test_varlen_through_gluon(feat, d, spy, monkeypatch):
 @hopper
 @pytest.mark.gpu
 def test_varlen_scope(monkeypatch):
-    """Varlen through the Gluon forward is opt-in (TILEATTN_GLUON_VARLEN=1); D=256 varlen stays portable (its
-    masked epilogue spills); so does a varlen call whose cu_seqlens_k the API never read on the host (compiled
-    graphs)."""
+    """Varlen (D <= 128) takes the Gluon forward by default, also when the API never read cu_seqlens on the host
+    (compiled graphs); TILEATTN_GLUON_VARLEN=0 opts out; D=256 varlen stays portable (its masked epilogue
+    spills)."""
     from _flash_helpers import seqlens_to_cu
-    from tileattn._hostinfo import host_summary
     from tileattn.kernels.params import AttnParams
 
     def params(q, cu):
@@ -224,14 +221,45 @@ def test_varlen_scope(monkeypatch):
                           cu_seqlens_q=cu, cu_seqlens_k=cu)
     q = torch.zeros(1, 300, 4, 128, device="cuda", dtype=torch.bfloat16)
     cu = seqlens_to_cu([100, 200])
-    host_summary(cu, "cu")
-    assert not gluon_forward.applies(q, q, q, params(q, cu))  # not opted in
-    monkeypatch.setenv("TILEATTN_GLUON_VARLEN", "1")
     assert gluon_forward.applies(q, q, q, params(q, cu))
-    fresh = cu.clone()
-    assert not gluon_forward.applies(q, q, q, params(q, fresh))  # cu_seqlens never read on the host
+    monkeypatch.setenv("TILEATTN_GLUON_VARLEN", "0")
+    assert not gluon_forward.applies(q, q, q, params(q, cu))
+    monkeypatch.delenv("TILEATTN_GLUON_VARLEN")
     q256 = torch.zeros(1, 300, 4, 256, device="cuda", dtype=torch.bfloat16)
     assert not gluon_forward.applies(q256, q256, q256, params(q256, cu))
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_varlen_nan_stays_in_its_sequence(d, spy):
+    """A NaN or inf in one sequence's K and V (and in the rows past every sequence) reaches no other sequence's
+    output or lse: the key tile that crosses a sequence's end reads the next sequence's rows, whose scores are
+    masked and whose V rows are zeroed before P V (0 * NaN would be NaN). Lengths put sequence ends inside tiles
+    of both warpgroups' halves and at a tile's last row."""
+    from _flash_helpers import seqlens_to_cu
+    lens = [70, 300, 127, 2049, 129]
+    gen = make_gen(seed_for("gluon-varlen-nan", d))
+    total = sum(lens) + 40
+    q = randn((total, 4, d), torch.bfloat16, gen)
+    k = randn((total, 2, d), torch.bfloat16, gen)
+    v = randn((total, 2, d), torch.bfloat16, gen)
+    cu = seqlens_to_cu(lens)
+    clean = tileattn.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), return_attn_probs=True)
+    assert spy, "the varlen call did not take the Gluon forward"
+    for poisoned in range(1, len(lens)):  # every sequence but the first in turn; its predecessor must not change
+        k2, v2 = k.clone(), v.clone()
+        a, b = int(cu[poisoned]), int(cu[poisoned + 1])
+        k2[a:b, 0, 0] = float("inf")
+        v2[a:b, :, :] = float("nan")
+        v2[int(cu[-1]):] = float("inf")
+        out, lse, _ = tileattn.flash_attn_varlen_func(q, k2, v2, cu, cu, max(lens), max(lens),
+                                                      return_attn_probs=True)
+        keep = torch.ones(total, dtype=torch.bool, device="cuda")
+        keep[a:b] = False
+        keep[int(cu[-1]):] = False
+        assert torch.equal(out[keep], clean[0][keep]), f"sequence {poisoned}'s NaN reached another sequence"
+        assert torch.equal(lse[:, keep], clean[1][:, keep])
 
 
 @needs_gluon

@@ -7,11 +7,11 @@ while the other's matmuls hold the tensor cores. Triton 3.6's own pipeliner and 
 (NOTES.md, sessions 8 and 10).
 
 Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_forward_config`` (64 from 2048
-keys, 128, 256 from 1024 keys or 2048 when causal), batched inputs, and packed varlen ones at D <= 128 opt-in
-(``TILEATTN_GLUON_VARLEN=1``; see ``attention_forward``), no paging, ALiBi or dropout, causal or not (bottom-right
-aligned like the portable kernel). Softcap, sink and sliding windows (the key-tile
-range [lo, hi) shared by both warpgroups, edge tiles masked) are constexpr features of the kernel (D=64 takes the
-portable kernel for softcap and windows: faster there).
+keys, 128, 256 from 1024 keys or 2048 when causal), batched inputs, and packed varlen ones at D <= 128
+(``TILEATTN_GLUON_VARLEN=0`` opts out; see ``attention_forward``), no paging, ALiBi or dropout, causal or not
+(bottom-right aligned like the portable kernel). Softcap, sink and sliding windows (the key-tile range [lo, hi)
+shared by both warpgroups, edge tiles masked) are constexpr features of the kernel (D=64 takes the portable kernel
+for softcap and windows: faster there).
 Every other call, and every other GPU, takes the portable Triton kernel in ``forward.py``; both produce the same
 outputs (out, lse, and the rounding residual for the backward), checked against the same reference in the tests.
 
@@ -29,7 +29,6 @@ import torch
 import triton
 
 from .. import configs
-from .._hostinfo import _cached
 from .common import FAST_TANH
 from .launch import host_descriptor, launch, tma_aligned
 from .params import AttnParams, forward_outputs
@@ -137,15 +136,35 @@ if AVAILABLE:
             mbarrier.wait(turn.index(1), r & 1)
 
     @gluon.jit
-    def _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w: gl.constexpr, t):
+    def zero_rows_from(buf, n_valid):
+        """Zero rows n_valid .. of the (rows, D) shared-memory tile ``buf`` (a varlen sequence's last tile, whose
+        other rows are the next sequence's: masked scores give P = 0 there, but 0 * inf / NaN is NaN), then make
+        the writes visible to the warpgroup's asynchronous MMAs. Called by every warp of a warpgroup; two
+        warpgroups may zero the same tile at once (each rewrites the same values). 16 rows per pass."""
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        rr = gl.arange(0, 16, layout=gl.SliceLayout(1, layout))
+        for i in gl.static_range(buf.shape[0] // 16):
+            if 16 * i + 16 > n_valid:  # uniform branch: chunks that hold a foreign row
+                chunk = buf.slice(16 * i, 16, dim=0)
+                x = chunk.load(layout)
+                chunk.store(gl.where((16 * i + rr < n_valid)[:, None], x, gl.zeros_like(x)))
+        fence_async_shared()
+        gl.thread_barrier()
+
+    @gluon.jit
+    def _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w: gl.constexpr, t, kv_valid, VARLEN: gl.constexpr):
         """Rescale O by alpha, issue O += P_t V_t (asynchronous) once V_t has landed, and hand the tensor cores to
-        the other warpgroup. Returns the in-flight accumulator."""
+        the other warpgroup. Returns the in-flight accumulator. VARLEN: V_t's rows from kv_valid on (the tile
+        crosses its sequence's end) are zeroed first."""
         V_STAGES: gl.constexpr = v_smem.shape[0]
         vs = t % V_STAGES
         acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
         mbarrier.wait(v_ready.index(vs), (t // V_STAGES) & 1)
-        o_tok = warpgroup_mma(p_op, v_smem.index(vs).reshape([v_smem.shape[2], v_smem.shape[4]]), acc,
-                              is_async=True)
+        v2 = v_smem.index(vs).reshape([v_smem.shape[2], v_smem.shape[4]])
+        if VARLEN:
+            if kv_valid < v_smem.shape[2]:
+                zero_rows_from(v2, kv_valid)
+        o_tok = warpgroup_mma(p_op, v2, acc, is_async=True)
         mbarrier.arrive(turn.index(1 - w), count=1)
         return o_tok
 
@@ -239,7 +258,8 @@ if AVAILABLE:
                 mbarrier.wait(k_ready.index(ks), (j // K_STAGES) & 1)
                 s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
-                o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, j - 1)
+                o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, j - 1,
+                                  seqlen_k - (lo + j - 1) * BLOCK_N, VARLEN)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
                 mbarrier.arrive(k_empty.index(ks), count=1)
                 p, alpha, m_i, l_i = _softmax_tile(s, lo + j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k,
@@ -249,7 +269,8 @@ if AVAILABLE:
                 mbarrier.arrive(v_empty.index((j - 1) % V_STAGES), count=1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
             _turn_wait(turn, w, n)
-            o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, n - 1)
+            o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, n - 1, seqlen_k - (lo + n - 1) * BLOCK_N,
+                              VARLEN)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
             mbarrier.arrive(v_empty.index((n - 1) % V_STAGES), count=1)
 
@@ -376,11 +397,9 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
         return None
     if q.numel() == 0 or k.numel() == 0:
         return None
-    if p.varlen and (configs.getenv("TILEATTN_GLUON_VARLEN") != "1" or d > 128 or not _packed_end(p.cu_seqlens_k)
-                     or p.max_seqlen_q == 0):
-        # opt-in (TILEATTN_GLUON_VARLEN=1) until a non-finite V row of one sequence can no longer reach its
-        # neighbour's output (attention_forward's docstring); no keys, or their packed extent unknown (compiled
-        # graphs skip the host reads); D=256's masked epilogue spills (~650 B, ptxas): portable
+    if p.varlen and (configs.getenv("TILEATTN_GLUON_VARLEN") == "0" or d > 128 or p.max_seqlen_q == 0):
+        # TILEATTN_GLUON_VARLEN=0: varlen takes the portable kernel; D=256's masked epilogue spills (~650 B,
+        # ptxas): portable
         return None
     if (p.max_seqlen_k if p.varlen else k.shape[1]) < (cfg.min_seqlen_k_causal if p.causal_like
                                                         else cfg.min_seqlen_k):
@@ -394,12 +413,6 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
     if any(not tma_aligned(t) or t.stride(-1) != 1 for t in (q, k, v)):
         return None
     return cfg
-
-
-def _packed_end(cu):
-    """cu[-1] of a varlen call's cumulative lengths when the API's host read already has it, else None."""
-    summary = _cached(cu, "cu")
-    return None if summary is None else summary[1]
 
 
 def _window(p: AttnParams) -> bool:
@@ -423,10 +436,10 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     total_q) for varlen[, resid like out]). ``cfg``: what ``applies`` returned (looked up again when not given).
 
     Varlen (q / k / v packed (1, total, H, D)): a key tile that crosses its sequence's end reads the next
-    sequence's rows (masked to -inf in the scores; their V rows meet P = 0), and rows past cu_seqlens_k[-1] read
-    as zero (the K/V descriptors end there). So a non-finite value in one sequence's V can reach a neighbour's
-    output through 0 * inf (the portable kernel zero-fills instead). A sequence's last query rows are stored by
-    masked pointer stores, every other tile by TMA."""
+    sequence's rows (or rows past every sequence): their scores are masked to -inf and both consumer warpgroups
+    zero their V rows in shared memory before P V (``zero_rows_from``), so no value of one sequence, NaN and inf
+    included, reaches another's output. A sequence's last query rows are stored by masked pointer stores, every
+    other tile by TMA. Needs no host read of cu_seqlens (compiled graphs take it too)."""
     batch, seqlen_q, q_heads, d = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     out, lse, stride_lb, stride_lh = forward_outputs(q, d, p)  # varlen rows outside every sequence: 0 / -inf
@@ -434,8 +447,6 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     if p.varlen:  # packed: the grid covers the longest sequence
         cu_q, cu_k, batch = p.cu_seqlens_q, p.cu_seqlens_k, p.batch
         seqlen_q, seqlen_k = p.max_seqlen_q, p.max_seqlen_k
-        end_k = _packed_end(cu_k)
-        k, v = k[:, :end_k], v[:, :end_k]  # views: rows past the last sequence read as zero
     resid = torch.empty_like(out) if residual else None
     cfg = cfg or configs.gluon_forward_config(d)
     bn, half = cfg.block_n, 64

@@ -1,0 +1,47 @@
+"""Fingerprints of the Gluon kernels' sm_90a PTX code (debug sections, .loc/.file lines, comments and $L__tmp
+labels stripped), one line per variant: run it at two revisions and diff the outputs to show that a change left
+the listed variants' code as it was (the CPU machine compiles; no GPU needed).
+
+Usage: PYTHONPATH=src python benchmarks/ptx_identity.py [--only fwd|bwd|dq]
+"""
+import argparse
+import hashlib
+import os
+import re
+import sys
+
+sys.path.insert(0, os.path.dirname(__file__))
+import gluon_compile as gc  # noqa: E402
+
+FWD = [dict(d=128), dict(d=128, causal=True), dict(d=64), dict(d=256, causal=True),
+       dict(d=128, causal=True, softcap=True, sink=True), dict(d=128, window=True), dict(d=128, fp16=True)]
+BWD = [dict(d=128), dict(d=128, causal=True), dict(d=64), dict(d=64, causal=True, fp16=True)]
+DQ = [dict(d=128), dict(d=128, causal=True), dict(d=128, dlse=True), dict(d=128, resid=False)]
+
+
+def normalised(ptx: str) -> str:
+    ptx = ptx.split("\t.section\t.debug")[0]
+    keep = []
+    for line in ptx.splitlines():
+        t = line.strip()
+        if t.startswith((".loc", ".file", "//")) or "$L__tmp" in t:
+            continue
+        keep.append(line)
+    return re.sub(r"[ \t]+", " ", "\n".join(keep))
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--only", choices=["fwd", "bwd", "dq"])
+    a = ap.parse_args()
+    for kind, cases, fn in (("fwd", FWD, gc.compile_fwd), ("bwd", BWD, gc.compile_bwd), ("dq", DQ, gc.compile_dq)):
+        if a.only and a.only != kind:
+            continue
+        for kw in cases:
+            ptx = fn(**kw).asm["ptx"]
+            print(kind, " ".join(f"{k}={v}" for k, v in kw.items()),
+                  hashlib.sha256(normalised(ptx).encode()).hexdigest()[:16], flush=True)
+
+
+if __name__ == "__main__":
+    main()
