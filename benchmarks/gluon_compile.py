@@ -50,7 +50,7 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
     return k
 
 
-def compile_bwd(d=128, causal=False, cfg=None, fp16=False):
+def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False):
     """The Gluon dK/dV kernel (kernels/gluon_backward.py) for sm_90a."""
     from tileattn import configs
     from tileattn.kernels import gluon_backward as gb
@@ -64,18 +64,20 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False):
         return f"tensordesc<{'fp16' if fp16 else 'bf16'}[1,{rows},1,{d}],{layout!r}>"
     sig = {"q_desc": desc(bm), "do_desc": desc(bm), "k_desc": desc(64), "v_desc": desc(64), "dk_desc": desc(64),
            "dv_desc": desc(64), "st_desc": f"tensordesc<fp32[{bm}],{gb._stats_layout(bm)!r}>",
-           "qk_scale": "fp32", "sm_scale": "fp32"}
-    consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal, PIPELINE=bool(pipe), CONSUMER_REGS=creg,
+           "qk_scale": "fp32", "sm_scale": "fp32", "DK": f"*{'fp16' if fp16 else 'bf16'}",
+           "DV": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32", "CU_K": "*i32"}
+    consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal, PIPELINE=bool(pipe), VARLEN=varlen, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg)
     fn = gb._dkdv_kernel
     for name in fn.arg_names:
         if name not in sig:
             sig[name] = "constexpr" if name in consts else "i32"
-    return triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts),
+    attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("DK", "DV")}
+    return triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
 
 
-def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False):
+def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False, varlen=False):
     """The Gluon dQ kernel (kernels/gluon_dq.py) for sm_90a; cfg = (block_n, k_stages, creg, preg, maxnreg)."""
     from tileattn import configs
     from tileattn.kernels import gluon_dq as gq
@@ -88,15 +90,16 @@ def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False
         return f"tensordesc<{name}[1,{rows},1,{d}],{layout!r}>"
     sig = {"q_desc": desc(64), "do_desc": desc(64), "k_desc": desc(bn), "v_desc": desc(bn), "dq_desc": desc(64),
            "O": f"*{name}", "RESID": f"*{name}", "DO": f"*{name}", "LSE": "*fp32", "DLSE": "*fp32",
-           "DELTA": "*fp32", "STATS": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32"}
+           "DELTA": "*fp32", "STATS": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32", "DQ": f"*{name}",
+           "CU_Q": "*i32", "CU_K": "*i32"}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=2, CAUSAL=causal, HAS_RESID=resid, HAS_DLSE=dlse,
-                  CONSUMER_REGS=creg, PRODUCER_REGS=preg)
+                  VARLEN=varlen, CONSUMER_REGS=creg, PRODUCER_REGS=preg)
     fn = gq._dq_kernel
     for arg in fn.arg_names:
         if arg not in sig:
             sig[arg] = "constexpr" if arg in consts else "i32"
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("O", "RESID", "DO", "LSE", "DLSE",
-                                                                          "DELTA", "STATS")}
+                                                                          "DELTA", "STATS", "DQ")}
     return triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
 
@@ -127,7 +130,7 @@ def main():
     ap.add_argument("--sink", action="store_true")
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--window", action="store_true", help="a sliding window (left and right bounds)")
-    ap.add_argument("--varlen", action="store_true", help="the forward's packed varlen variant")
+    ap.add_argument("--varlen", action="store_true", help="the packed varlen variant (forward, --bwd or --dq)")
     ap.add_argument("--dq", action="store_true", help="the dQ backward kernel instead (--config bn,kstages,creg,"
                     "preg,maxnreg; --no-resid: delta from the rounded O; --dlse)")
     ap.add_argument("--dlse", action="store_true")
@@ -143,9 +146,9 @@ def main():
     if a.window and a.causal:
         ap.error("--window is its own mask (a causal call with a left bound is a window)")
     if a.dq:
-        k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse)
+        k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen)
     elif a.bwd:
-        k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16)
+        k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen)
     else:
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, a.softcap, a.sink, a.fp16, a.window, a.varlen)
     if a.check:

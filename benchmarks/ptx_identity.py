@@ -1,5 +1,6 @@
-"""Fingerprints of the Gluon kernels' sm_90a PTX code (debug sections, .loc/.file lines, comments and $L__tmp
-labels stripped), one line per variant: run it at two revisions and diff the outputs to show that a change left
+"""Fingerprints of the Gluon kernels' sm_90a PTX code (debug sections, .loc/.file lines, comments, $L__tmp labels
+and the parameter list stripped, parameter numbers masked: a kernel that gains an argument its variant never reads
+keeps its fingerprint), one line per variant: run it at two revisions and diff the outputs to show that a change left
 the listed variants' code as it was (the CPU machine compiles; no GPU needed).
 
 Usage: PYTHONPATH=src python benchmarks/ptx_identity.py [--only fwd|bwd|dq]
@@ -24,9 +25,9 @@ def normalised(ptx: str) -> str:
     keep = []
     for line in ptx.splitlines():
         t = line.strip()
-        if t.startswith((".loc", ".file", "//")) or "$L__tmp" in t:
+        if t.startswith((".loc", ".file", "//", ".param")) or "$L__tmp" in t:
             continue
-        keep.append(line)
+        keep.append(re.sub(r"_param_\d+", "_param_N", line))
     return re.sub(r"[ \t]+", " ", "\n".join(keep))
 
 

@@ -57,6 +57,15 @@ def test_scope_on_hopper(monkeypatch):
     assert not gluon_backward.applies(*(q256, ) * 7, attn_params(q256, q256))
     dk_odd = torch.zeros(2, 80, 2, 129, device="cuda", dtype=torch.bfloat16)[..., 1:]  # base off 16 bytes
     assert not gluon_backward.applies(q, k, k, q, q, dk_odd, k, attn_params(q, k))
+    from _flash_helpers import seqlens_to_cu
+    from tileattn.kernels.params import AttnParams
+    cu = seqlens_to_cu([30, 34])
+    pv = AttnParams(batch=2, max_seqlen_q=34, max_seqlen_k=34, softmax_scale=0.1, cu_seqlens_q=cu, cu_seqlens_k=cu)
+    packed = (q[:1], q[:1, :, :2], q[:1, :, :2], q[:1], q[:1], q[:1, :, :2], q[:1, :, :2])  # (1, 64, H, 128)
+    assert gluon_backward.applies(*packed, pv)  # packed varlen: in scope
+    monkeypatch.setenv("TILEATTN_GLUON_VARLEN", "0")
+    assert not gluon_backward.applies(*packed, pv)
+    monkeypatch.delenv("TILEATTN_GLUON_VARLEN")
     monkeypatch.setenv("TILEATTN_GLUON", "0")
     assert not gluon_backward.applies(*ok, attn_params(q, k))
     monkeypatch.setenv("TILEATTN_GLUON", "1")
@@ -201,10 +210,84 @@ def test_reproducible_and_agrees_with_portable_kernels(portable, causal, monkeyp
         torch.testing.assert_close(x.float(), y.float(), atol=2 ** -6, rtol=2 ** -6)
 
 
+VARLEN_LENS = ([177, 0, 1, 1024, 2000, 731, 64], [1500, 5, 0, 1, 2048, 731, 130])  # (q lens, k lens)
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_varlen_through_gluon(causal, d, spy, monkeypatch):
+    """Packed varlen gradients (D <= 128) through the Gluon dK/dV kernel (and dQ at D=128): every sequence
+    (lengths 0, 1, tile-crossing and long, q and k lengths different, GQA 4:1) against the float64 reference on its
+    own slice under the accuracy rule, with a gradient through lse and a sink (tests/test_varlen.py's check)."""
+    import test_varlen
+    from _helpers import make_gen
+    from _flash_helpers import rand
+    monkeypatch.setattr(test_varlen, "HQ", 8)
+    dq_calls = spy_calls(monkeypatch, gluon_dq, "dq")
+    lens_q, lens_k = VARLEN_LENS
+    gen = make_gen(seed_for("gluon-bwd-varlen", causal, d))
+    dtype = torch.bfloat16 if causal else torch.float16
+    q = rand((sum(lens_q), 8, d), dtype, gen, requires_grad=True)
+    k = rand((sum(lens_k), 2, d), dtype, gen, requires_grad=True)
+    v = rand((sum(lens_k), 2, d), dtype, gen, requires_grad=True)
+    dout = rand((sum(lens_q), 8, d), dtype, gen)
+    dlse = rand((8, sum(lens_q)), torch.float32, gen)
+    sink = rand((8,), torch.float32, gen, scale=2.0).requires_grad_(True)
+    test_varlen._check_varlen(q, k, v, lens_q, lens_k, dout, dlse, causal=causal, sink=sink,
+                              ctx=f"gluon bwd D={d}")
+    assert spy, "the varlen call did not take the Gluon dK/dV kernel"
+    assert bool(dq_calls) == (d == 128), "the Gluon dQ kernel runs at D=128 only (configs)"
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+def test_varlen_reproducible_agrees_with_portable_and_isolated(d, spy, monkeypatch):
+    """Varlen through the Gluon backward: bit-reproducible; close to the portable kernels (TILEATTN_GLUON=0); and
+    a NaN in one sequence's q, k, v and dout (and in the rows past every sequence) changes no other sequence's
+    gradients, bit for bit (the tiles that cross a sequence's end read the next sequence's rows: zeroed in shared
+    memory before use). Rows outside every sequence get zero gradients."""
+    from _flash_helpers import seqlens_to_cu
+    lens = [70, 300, 127, 2049, 129, 64]
+    gen = torch.Generator(device="cuda").manual_seed(seed_for("gluon-bwd-varlen-nan", d))
+    total, extra = sum(lens), 40
+    cu = seqlens_to_cu(lens)
+    base = [torch.randn(total + extra, h, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+            for h in (8, 2, 2, 8)]  # q, k, v, dout
+
+    def grads(q, k, v, dout, causal=True):
+        q, k, v = (t.clone().requires_grad_() for t in (q, k, v))
+        out = tileattn.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=causal)
+        return torch.autograd.grad(out, (q, k, v), dout)
+    clean = grads(*base)
+    assert spy, "the varlen call did not take the Gluon dK/dV kernel"
+    assert all(torch.equal(a, b) for a, b in zip(clean, grads(*base))), "not bit-reproducible"
+    assert not any(g[total:].any() for g in clean), "rows outside every sequence"
+    for poisoned in range(1, len(lens)):  # its neighbours' gradients must not change
+        a, b = int(cu[poisoned]), int(cu[poisoned + 1])
+        bad = [t.clone() for t in base]
+        for t in bad:
+            t[a:b] = float("nan")
+            t[total:] = float("nan")
+        got = grads(*bad)
+        keep = torch.ones(total + extra, dtype=torch.bool, device="cuda")
+        keep[a:b] = False
+        for name, g, c in zip("qkv", got, clean):
+            assert torch.equal(g[keep], c[keep]), f"d{name}: sequence {poisoned}'s NaN reached another sequence"
+    ours = {True: clean, False: grads(*base, causal=False)}
+    monkeypatch.setenv("TILEATTN_GLUON", "0")
+    for causal, got in ours.items():
+        for x, y in zip(got, grads(*base, causal=causal)):
+            torch.testing.assert_close(x.float(), y.float(), atol=2 ** -6, rtol=2 ** -6)
+
+
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
 @pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ()), (64, True, ()), (64, False, ("--fp16",)),
-                                            (128, True, ("--config", "64,2,240,24,168,0"))])
+                                            (128, True, ("--config", "64,2,240,24,168,0")),
+                                            (128, True, ("--varlen",)), (64, False, ("--varlen", "--fp16"))])
 def test_compiles_for_sm90_without_serialised_wgmma(d, causal, extra):
     """No C7514 / C7512 (wgmma serialised) and at most a few spilled scalars (64 bytes: the plain loop with 64-row
     steps at D=128 has 20-36, in local memory that stays in L1). In a subprocess, as test_gluon_forward's."""
@@ -215,7 +298,8 @@ def test_compiles_for_sm90_without_serialised_wgmma(d, causal, extra):
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
 @pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ("--dlse", )), (64, True, ()),
-                                            (64, False, ("--fp16", "--no-resid"))])
+                                            (64, False, ("--fp16", "--no-resid")), (128, True, ("--varlen", "--dlse")),
+                                            (128, False, ("--varlen", "--no-resid"))])
 def test_dq_kernel_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal, extra):
     r = gluon_compile_check("--dq", "--head-dim", d, *(["--causal"] if causal else []), *extra)
     assert r.returncode == 0, r.stdout + r.stderr

@@ -17,8 +17,11 @@ writes first. dK/dV of a KV head sum over the query heads of its GQA group in a 
 bit-reproducible like the portable kernel's.
 
 Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_backward_config`` (64, 128),
-dense batched inputs, causal (bottom-right aligned) or not; no softcap, ALiBi, dropout or sliding window (sinks and
-dlse only change lse and delta, so they are in scope). Everything else takes the portable kernel.
+batched inputs and packed varlen ones (``TILEATTN_GLUON_VARLEN=0`` opts out), causal (bottom-right aligned) or not;
+no softcap, ALiBi, dropout or sliding window (sinks and dlse only change lse and delta, so they are in scope).
+Everything else takes the portable kernel. Varlen: a query tile that crosses its sequence's end reads the next
+sequence's Q / dO rows, zeroed in shared memory before use, so no value of one sequence (NaN and inf included)
+reaches another's gradients; a key half that crosses it is stored by masked pointer stores.
 
 Layouts: q / dO (B, Sq, Hq, D), k / v / dk / dv (B, Sk, Hkv, D), any strides with the last one 1 and 16-byte
 aligned (TMA); rows past Sq load as zeros with lse +inf (P = 0); keys past Sk are computed and clipped by the TMA
@@ -41,28 +44,32 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
+    from .gluon_forward import _store_rows, zero_rows_from
 
     @gluon.jit
     def _dkdv_load(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
-                   bars, b, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st, HALF_N: gl.constexpr,
-                   BLOCK_M: gl.constexpr,
-                   HEAD_D: gl.constexpr, STAGES: gl.constexpr):
+                   bars, b, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st, q_row0, k_row0,
+                   HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr):
         """Producer warp: both warpgroups' K and V halves, then Q, dO and the row statistics (lse, delta) of query
         tiles m_lo .. m_lo + n_m - 1 of each query head of the group (step t = g * n_m + tile) into ring slot
-        t % STAGES."""
+        t % STAGES. q_row0 / k_row0: the sequence's first packed row (varlen; 0 batched)."""
         kv_bar, ready, empty = bars
         mbarrier.expect(kv_bar, 4 * HALF_N * HEAD_D * 2)
         for w in gl.static_range(2):
-            tma.async_copy_global_to_shared(k_desc, [b, start_n + w * HALF_N, hk, 0], kv_bar, k_smem.index(w))
-            tma.async_copy_global_to_shared(v_desc, [b, start_n + w * HALF_N, hk, 0], kv_bar, v_smem.index(w))
+            tma.async_copy_global_to_shared(k_desc, [b, k_row0 + start_n + w * HALF_N, hk, 0], kv_bar,
+                                            k_smem.index(w))
+            tma.async_copy_global_to_shared(v_desc, [b, k_row0 + start_n + w * HALF_N, hk, 0], kv_bar,
+                                            v_smem.index(w))
         for t in range(group * n_m):
             g = t // n_m
             row = (m_lo + t - g * n_m) * BLOCK_M
             s = t % STAGES
             mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(s), 2 * BLOCK_M * HEAD_D * 2 + 2 * BLOCK_M * 4)
-            tma.async_copy_global_to_shared(q_desc, [b, row, hk * group + g, 0], ready.index(s), q_smem.index(s))
-            tma.async_copy_global_to_shared(do_desc, [b, row, hk * group + g, 0], ready.index(s), do_smem.index(s))
+            tma.async_copy_global_to_shared(q_desc, [b, q_row0 + row, hk * group + g, 0], ready.index(s),
+                                            q_smem.index(s))
+            tma.async_copy_global_to_shared(do_desc, [b, q_row0 + row, hk * group + g, 0], ready.index(s),
+                                            do_smem.index(s))
             srow = (hk * group + g) * stride_sh + srow0 + row
             tma.async_copy_global_to_shared(st_desc, [srow], ready.index(s), lse_smem.index(s))
             tma.async_copy_global_to_shared(st_desc, [stride_st + srow], ready.index(s), delta_smem.index(s))
@@ -94,15 +101,37 @@ if AVAILABLE:
         return p * (dpt - delta[None, :])
 
     @gluon.jit
-    def _dkdv_consumer(w: gl.constexpr, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
-                       bars, b, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                       HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
-                       STAGES: gl.constexpr, CAUSAL: gl.constexpr, PIPELINE: gl.constexpr):
+    def _zero_foreign_rows(q_smem, do_smem, s, tile, seqlen_q, BLOCK_M: gl.constexpr):
+        """Varlen: zero the rows of ring slot s's Q and dO past the sequence's end (query tile ``tile``)."""
+        if (tile + 1) * BLOCK_M > seqlen_q:  # uniform branch: the sequence's last query tile only
+            HEAD_D: gl.constexpr = q_smem.shape[4]
+            zero_rows_from(q_smem.index(s).reshape([BLOCK_M, HEAD_D]), seqlen_q - tile * BLOCK_M)
+            zero_rows_from(do_smem.index(s).reshape([BLOCK_M, HEAD_D]), seqlen_q - tile * BLOCK_M)
+
+    @gluon.jit
+    def _store_kv(dk_desc, dv_desc, k_smem, v_smem, w: gl.constexpr, b, row, hk):
+        """dK and dV staged in this warpgroup's K and V buffers to rows row .. by TMA (rows past the tensor
+        clipped)."""
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(dk_desc, [b, row, hk, 0], k_smem.index(w))
+        tma.async_copy_shared_to_global(dv_desc, [b, row, hk, 0], v_smem.index(w))
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _dkdv_consumer(w: gl.constexpr, dk_desc, dv_desc, DK, DV, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                       delta_smem, bars, b, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
+                       k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N: gl.constexpr,
+                       BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                       PIPELINE: gl.constexpr, VARLEN: gl.constexpr):
         """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps.
         PIPELINE: software-pipelined by one step: S^T_t and dP^T_t are issued with dV += P^T_{t-1} dO_{t-1} and
         dK += dS^T_{t-1} Q_{t-1} between them, so step t's elementwise work runs while step t-1's products hold the
         tensor cores; every product is waited for inside its iteration (nothing in flight across the back edge).
-        Needs a ring of 3 slots (step t-1's Q and dO stay until its products finish)."""
+        Needs a ring of 3 slots (step t-1's Q and dO stay until its products finish). VARLEN: the query tile that
+        crosses the sequence's end has its other rows (the next sequence's) zeroed in Q and dO before use (their
+        P is 0, but 0 * NaN is NaN), and a key half that crosses it is stored by masked pointer stores (DK /
+        DV), since a TMA store would overwrite the next sequence's rows."""
         kv_bar, ready, empty = bars
         dtype: gl.constexpr = dk_desc.dtype
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -131,6 +160,8 @@ if AVAILABLE:
                 mbarrier.wait(ready.index(s), (t // STAGES) & 1)
                 q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_D])
                 do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_D])
+                if VARLEN:
+                    _zero_foreign_rows(q_smem, do_smem, s, tile, seqlen_q, BLOCK_M)
                 st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
@@ -144,6 +175,8 @@ if AVAILABLE:
                 mbarrier.arrive(empty.index(s), count=1)
         elif n > 0:
             mbarrier.wait(ready.index(0), 0)
+            if VARLEN:
+                _zero_foreign_rows(q_smem, do_smem, 0, m_lo, seqlen_q, BLOCK_M)
             st_tok = warpgroup_mma(k2, q_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                    use_acc=False, is_async=True)
             dpt_tok = warpgroup_mma(v2, do_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
@@ -160,6 +193,8 @@ if AVAILABLE:
                 s = t % STAGES
                 sp = (t - 1) % STAGES
                 mbarrier.wait(ready.index(s), (t // STAGES) & 1)
+                if VARLEN:
+                    _zero_foreign_rows(q_smem, do_smem, s, tile, seqlen_q, BLOCK_M)
                 st_tok = warpgroup_mma(k2, q_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                        use_acc=False, is_async=True)
                 dv_tok = warpgroup_mma(p_op, do_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dv, is_async=True)
@@ -182,19 +217,27 @@ if AVAILABLE:
         # K and V are dead (only this warpgroup reads its halves): their buffers stage dK and dV for the TMA store
         k2.store((dk * sm_scale).to(dtype))
         v2.store(dv.to(dtype))
-        fence_async_shared()
-        gl.thread_barrier()
-        tma.async_copy_shared_to_global(dk_desc, [b, key0, hk, 0], k_smem.index(w))
-        tma.async_copy_shared_to_global(dv_desc, [b, key0, hk, 0], v_smem.index(w))
-        tma.store_wait(pendings=0)
+        if VARLEN:
+            if key0 + HALF_N > seqlen_k:  # the sequence's last keys (or none): masked pointer stores
+                gl.thread_barrier()
+                _store_rows(DK, k2, k_row0 + key0, hk, seqlen_k - key0, stride_dks, stride_dkh)
+                _store_rows(DV, v2, k_row0 + key0, hk, seqlen_k - key0, stride_dvs, stride_dvh)
+            else:
+                _store_kv(dk_desc, dv_desc, k_smem, v_smem, w, b, k_row0 + key0, hk)
+        else:
+            _store_kv(dk_desc, dv_desc, k_smem, v_smem, w, b, key0, hk)
 
     @gluon.jit
-    def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, seqlen_q, seqlen_k, kv_heads,
-                     group, num_n_tiles, qk_scale, sm_scale, stride_sh, stride_st, HEAD_D: gl.constexpr,
-                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, PIPELINE: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                     PRODUCER_REGS: gl.constexpr):
+    def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, DK, DV, CU_Q, CU_K, seqlen_q,
+                     seqlen_k, kv_heads, group, num_n_tiles, qk_scale, sm_scale, stride_sh, stride_st, stride_dks,
+                     stride_dkh, stride_dvs, stride_dvh, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
+                     CAUSAL: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
+                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
-        keys each), one more worker warp issues every TMA load."""
+        keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
+        total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
+        read per sequence (the arguments are the maxima). DK / DV: dk and dv as pointers (with their row and head
+        strides) for the masked stores of a sequence's last keys (varlen only)."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HALF_N: gl.constexpr = k_desc.block_type.shape[1]
         dtype: gl.constexpr = q_desc.dtype
@@ -203,11 +246,25 @@ if AVAILABLE:
         start_n = (pid % num_n_tiles) * (2 * HALF_N)  # causal: low key tiles have the most work and run first
         b = bhk // kv_heads
         hk = bhk % kv_heads
+        if VARLEN:
+            q_row0 = gl.load(CU_Q + b)
+            seqlen_q = gl.load(CU_Q + b + 1) - q_row0
+            k_row0 = gl.load(CU_K + b)
+            seqlen_k = gl.load(CU_K + b + 1) - k_row0
+            b_desc = 0
+        else:
+            q_row0 = b * seqlen_q  # only for the row-stats slot below
+            k_row0 = 0
+            b_desc = b
         m_lo = 0
         if CAUSAL:  # query rows before start_n - diag see none of this tile's keys
             m_lo = gl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M
         n_m = gl.maximum(gl.cdiv(seqlen_q, BLOCK_M) - m_lo, 0)
-        srow0 = 16 * (b + (b * seqlen_q) // 16)  # this sequence's rows in the row-stats buffer (backward.py)
+        if VARLEN:  # a key tile past its sequence's end (the grid covers the longest): nothing to do or store
+            n_m = gl.where(start_n < seqlen_k, n_m, 0)
+        srow0 = 16 * (b + q_row0 // 16)  # this sequence's rows in the row-stats buffer (backward.py)
+        if not VARLEN:
+            q_row0 = 0
 
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_D], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_D], do_desc.layout)
@@ -224,17 +281,17 @@ if AVAILABLE:
             mbarrier.init(empty.index(i), count=2)  # both consumer warpgroups release each slot
         bars = (kv_bar, ready, empty)
         gl.warp_specialize([
-            (_dkdv_consumer, (0, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, bars, b,
-                              hk, group,
-                              start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale, HALF_N, BLOCK_M, HEAD_D,
-                              STAGES, CAUSAL, PIPELINE)),
-            (_dkdv_consumer, (1, dk_desc, dv_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem, bars, b,
-                              hk, group,
-                              start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale, HALF_N, BLOCK_M, HEAD_D,
-                              STAGES, CAUSAL, PIPELINE)),
+            (_dkdv_consumer, (0, dk_desc, dv_desc, DK, DV, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
+                              bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
+                              k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N, BLOCK_M, HEAD_D,
+                              STAGES, CAUSAL, PIPELINE, VARLEN)),
+            (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
+                              bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
+                              k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N, BLOCK_M, HEAD_D,
+                              STAGES, CAUSAL, PIPELINE, VARLEN)),
             (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                          delta_smem, bars, b, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st, HALF_N,
-                          BLOCK_M, HEAD_D, STAGES)),
+                          delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
+                          q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -246,7 +303,9 @@ def applies(q, k, v, dout, dq, dk, dv, p: AttnParams):
         return None
     d = q.shape[3]
     cfg = configs.gluon_backward_config(d)
-    if cfg is None or k.shape[3] != d or v.shape[3] != d or p.varlen or q.numel() == 0 or k.numel() == 0:
+    if cfg is None or k.shape[3] != d or v.shape[3] != d or q.numel() == 0 or k.numel() == 0:
+        return None
+    if p.varlen and (configs.getenv("TILEATTN_GLUON_VARLEN") == "0" or p.max_seqlen_q == 0 or p.max_seqlen_k == 0):
         return None
     if p.alibi_slopes is not None or p.dropout_p > 0 or p.softcap > 0 or p.window_left >= 0 or p.window_right > 0:
         return None
@@ -269,6 +328,8 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg):
     statistics the dQ kernel wrote (``backward._row_stats_buffer``)."""
     batch, seqlen_q, q_heads, d = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    if p.varlen:  # packed (1, total, H, D): the grid covers the longest sequence
+        batch, seqlen_q, seqlen_k = p.batch, p.max_seqlen_q, p.max_seqlen_k
     bf16 = q.dtype == torch.bfloat16
     half_n, bm = 64, cfg.block_m
     q_desc, do_desc = _desc(q, (1, bm, 1, d), bf16), _desc(dout, (1, bm, 1, d), bf16)
@@ -278,9 +339,11 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg):
     st_desc = host_descriptor(GluonTensorDescriptor, stats.view(-1), (bm, ), layout=_stats_layout(bm))
     sts = stats.stride()
     launch(_dkdv_kernel, (num_n_tiles * batch * kv_heads,), (
-        q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, seqlen_q, seqlen_k, kv_heads,
-        q_heads // kv_heads, num_n_tiles, p.qk_scale, p.softmax_scale, sts[1], sts[0]),
-        dict(HEAD_D=d, STAGES=cfg.stages, CAUSAL=p.window_right == 0, PIPELINE=cfg.pipeline,
+        q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, dk, dv,
+        p.cu_seqlens_q if p.varlen else dk, p.cu_seqlens_k if p.varlen else dk, seqlen_q, seqlen_k, kv_heads,
+        q_heads // kv_heads, num_n_tiles, p.qk_scale, p.softmax_scale, sts[1], sts[0], dk.stride(1), dk.stride(2),
+        dv.stride(1), dv.stride(2)),
+        dict(HEAD_D=d, STAGES=cfg.stages, CAUSAL=p.window_right == 0, PIPELINE=cfg.pipeline, VARLEN=p.varlen,
              CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs),
         4, 1, maxnreg=cfg.maxnreg)

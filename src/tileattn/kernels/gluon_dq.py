@@ -15,7 +15,9 @@ work runs while tile j-1's product holds the tensor cores; every product is wait
 Scope: ``gluon_backward.applies``'s where the table's entry has ``dq`` on (D=128; D=64 measured no faster than the
 portable dQ kernel, run 59), with delta from the residual (``configs.delta_mode`` "residual" with the
 forward's residual at hand) or the rounded O ("rounded"); the "correct" mode takes the portable kernel.
-Layouts: q / dO / out / resid / dq (B, Sq, Hq, D), k / v (B, Sk, Hkv, D); lse / delta (B, Hq, Sq) fp32.
+Layouts: q / dO / out / resid / dq (B, Sq, Hq, D), k / v (B, Sk, Hkv, D); lse / delta (B, Hq, Sq) fp32; packed
+varlen: (1, total, H, D) and lse / delta (Hq, total_q), the key tile that crosses a sequence's end zeroed past it
+in shared memory (K and V), a sequence's last query rows stored by masked pointer stores.
 """
 
 import torch
@@ -30,39 +32,41 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .gluon_forward import load_kv_ring
+    from .gluon_forward import _store_rows, load_kv_ring, zero_rows_from
 
     @gluon.jit
     def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, n,
-                 HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
-                 V_STAGES: gl.constexpr):
-        """Producer warp: Q and dO halves, then key tiles 0 .. n - 1 (K and V) into their rings."""
+                 q_row0, k_row0, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+        """Producer warp: Q and dO halves, then key tiles 0 .. n - 1 (K and V) into their rings (rows from q_row0
+        / k_row0: the sequence's first packed rows, varlen)."""
         q_bars, k_ready, k_empty, v_ready, v_empty = bars
         for w in gl.static_range(2):
             mbarrier.expect(q_bars.index(w), 2 * HALF_M * HEAD_D * 2)
-            tma.async_copy_global_to_shared(q_desc, [b, start_m + w * HALF_M, h, 0], q_bars.index(w),
+            tma.async_copy_global_to_shared(q_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(w),
                                             q_smem.index(w))
-            tma.async_copy_global_to_shared(do_desc, [b, start_m + w * HALF_M, h, 0], q_bars.index(w),
+            tma.async_copy_global_to_shared(do_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(w),
                                             do_smem.index(w))
-        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, 0, 0, n,
+        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, 0, n,
                      BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
 
     @gluon.jit
     def _row_stats(O, RESID, DO, LSE, DLSE, DELTA, STATS, b, h, row0, seqlen_q, stride_ob, stride_os, stride_oh,
-                   stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st, srow0,
+                   stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st, srow0, q_row0,
                    row_layout: gl.constexpr, HALF_M: gl.constexpr, HEAD_D: gl.constexpr, HAS_RESID: gl.constexpr,
                    HAS_DLSE: gl.constexpr):
         """This warpgroup's rows: delta = rowsum(dO * (O + r)) - dlse and lse in log2 units (+inf for rows that
         saw no key or lie past the sequence), written to DELTA and to the row-stats buffer; returned in
-        ``row_layout``."""
+        ``row_layout``. Rows count from the sequence's start, packed row q_row0 (varlen; b is then 0)."""
         CHUNK: gl.constexpr = 32  # columns per pass: O, r and dO tiles stay small beside nothing else
         blk: gl.constexpr = gl.BlockedLayout(size_per_thread=[1, 8], threads_per_warp=[8, 4], warps_per_cta=[4, 1],
                                              order=[1, 0])
         rows = row0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, blk))
         cols = gl.arange(0, CHUNK, layout=gl.SliceLayout(0, blk))
         inside = (rows < seqlen_q)[:, None]
-        o_offs = b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + rows.to(gl.int64)[:, None] * stride_os
-        do_offs = b.to(gl.int64) * stride_dob + h.to(gl.int64) * stride_doh + rows.to(gl.int64)[:, None] * stride_dos
+        prow = (q_row0 + rows).to(gl.int64)[:, None]
+        o_offs = b.to(gl.int64) * stride_ob + h.to(gl.int64) * stride_oh + prow * stride_os
+        do_offs = b.to(gl.int64) * stride_dob + h.to(gl.int64) * stride_doh + prow * stride_dos
         delta = gl.zeros([HALF_M], gl.float32, layout=gl.SliceLayout(1, blk))
         for c0 in gl.static_range(0, HEAD_D, CHUNK):
             o = gl.load(O + o_offs + c0 + cols[None, :], mask=inside, other=0.0).to(gl.float32)
@@ -73,7 +77,7 @@ if AVAILABLE:
         delta = gl.convert_layout(delta, row_layout)
         rows = row0 + gl.arange(0, HALF_M, layout=row_layout)
         inside = rows < seqlen_q
-        lrow = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + rows
+        lrow = b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_row0 + rows
         if HAS_DLSE:
             delta -= gl.load(DLSE + lrow, mask=inside, other=0.0)
         lse = gl.load(LSE + lrow, mask=inside, other=float("inf"))
@@ -98,13 +102,30 @@ if AVAILABLE:
         return p
 
     @gluon.jit
-    def _dq_consumer(w: gl.constexpr, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, q_smem, do_smem, k_smem,
+    def _zero_past_end(ring, slot, j, seqlen_k):
+        """Varlen: zero the rows of ring slot ``slot`` (key tile j) past the sequence's last key."""
+        BLOCK_N: gl.constexpr = ring.shape[2]
+        if (j + 1) * BLOCK_N > seqlen_k:  # uniform branch: the sequence's last key tile only
+            zero_rows_from(ring.index(slot).reshape([BLOCK_N, ring.shape[4]]), seqlen_k - j * BLOCK_N)
+
+    @gluon.jit
+    def _store_dq(dq_desc, q_smem, w: gl.constexpr, b, row, h):
+        """dQ staged in this warpgroup's Q buffer to rows row .. by TMA (rows past the tensor clipped)."""
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(dq_desc, [b, row, h, 0], q_smem.index(w))
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
+    def _dq_consumer(w: gl.constexpr, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, q_smem, do_smem, k_smem,
                      v_smem, bars, b, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob, stride_os,
                      stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st,
-                     srow0, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                     HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr):
-        """One warpgroup: rows [start_m + w * HALF_M, + HALF_M), key tiles 0 .. n - 1."""
+                     srow0, q_row0, stride_dqs, stride_dqh, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                     HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                     HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr):
+        """One warpgroup: rows [start_m + w * HALF_M, + HALF_M), key tiles 0 .. n - 1. VARLEN: the key tile that
+        crosses the sequence's end has its other rows (the next sequence's) zeroed in K and V before use (their P
+        is 0, but 0 * NaN is NaN); the sequence's last rows are stored by masked pointer stores (DQ)."""
         q_bars, k_ready, k_empty, v_ready, v_empty = bars
         dtype: gl.constexpr = dq_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -115,7 +136,8 @@ if AVAILABLE:
         row0 = start_m + w * HALF_M
         lse, delta = _row_stats(O, RESID, DO, LSE, DLSE, DELTA, STATS, b, h, row0, seqlen_q, stride_ob, stride_os,
                                 stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh,
-                                stride_st, srow0, gl.SliceLayout(1, s_layout), HALF_M, HEAD_D, HAS_RESID, HAS_DLSE)
+                                stride_st, srow0, q_row0, gl.SliceLayout(1, s_layout), HALF_M, HEAD_D, HAS_RESID,
+                                HAS_DLSE)
         rows = row0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         diag = seqlen_k - seqlen_q
@@ -129,9 +151,13 @@ if AVAILABLE:
         mbarrier.wait(q_bars.index(w), 0)
         if n > 0:
             mbarrier.wait(k_ready.index(0), 0)
+            if VARLEN:
+                _zero_past_end(k_smem, 0, 0, seqlen_k)
             s_tok = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(0), 0)
+            if VARLEN:
+                _zero_past_end(v_smem, 0, 0, seqlen_k)
             dp_tok = warpgroup_mma(do2, v_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                    use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
@@ -144,10 +170,14 @@ if AVAILABLE:
                 vs = j % V_STAGES
                 kp = (j - 1) % K_STAGES
                 mbarrier.wait(k_ready.index(ks), (j // K_STAGES) & 1)
+                if VARLEN:
+                    _zero_past_end(k_smem, ks, j, seqlen_k)
                 s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
                 dq_tok = warpgroup_mma(ds_op, k_smem.index(kp).reshape([BLOCK_N, HEAD_D]), dq, is_async=True)
                 mbarrier.wait(v_ready.index(vs), (j // V_STAGES) & 1)
+                if VARLEN:
+                    _zero_past_end(v_smem, vs, j, seqlen_k)
                 dp_tok = warpgroup_mma(do2, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                        use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok, ))
@@ -160,20 +190,27 @@ if AVAILABLE:
             dq_tok = warpgroup_mma(ds_op, k_smem.index(kp).reshape([BLOCK_N, HEAD_D]), dq, is_async=True)
             dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
             mbarrier.arrive(k_empty.index(kp), count=1)
-        q2.store((dq * sm_scale).to(dtype))  # Q is dead: its buffer stages dQ (TMA clips rows past seqlen_q)
-        fence_async_shared()
-        gl.thread_barrier()
-        tma.async_copy_shared_to_global(dq_desc, [b, row0, h, 0], q_smem.index(w))
-        tma.store_wait(pendings=0)
+        q2.store((dq * sm_scale).to(dtype))  # Q is dead: its buffer stages dQ (TMA clips rows past the tensor)
+        if VARLEN:
+            if row0 + HALF_M > seqlen_q:  # the sequence's last rows (or none): masked pointer stores
+                gl.thread_barrier()
+                _store_rows(DQ, q2, q_row0 + row0, h, seqlen_q - row0, stride_dqs, stride_dqh)
+            else:
+                _store_dq(dq_desc, q_smem, w, b, q_row0 + row0, h)
+        else:
+            _store_dq(dq_desc, q_smem, w, b, row0, h)
 
     @gluon.jit
-    def _dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS,
+    def _dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, CU_Q, CU_K,
                    seqlen_q, seqlen_k, q_heads, group, num_m_tiles, qk_scale, sm_scale, stride_ob, stride_os,
                    stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st,
-                   BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                   CAUSAL: gl.constexpr, HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
-        """Warp-specialised: two consumer warpgroups (64 query rows each) and a producer warp."""
+                   stride_dqs, stride_dqh, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
+                   V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr,
+                   VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+        """Warp-specialised: two consumer warpgroups (64 query rows each) and a producer warp. VARLEN: packed (1,
+        total, H, D) tensors, sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are
+        then read per sequence (the arguments are the maxima); DQ: dq as a pointer (row and head strides
+        stride_dqs / stride_dqh) for the masked stores of a sequence's last rows."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         dtype: gl.constexpr = q_desc.dtype
         pid = gl.program_id(0)
@@ -185,11 +222,25 @@ if AVAILABLE:
         h = bh % q_heads
         hk = h // group
         start_m = tile * 2 * HALF_M
+        if VARLEN:
+            q_row0 = gl.load(CU_Q + b)
+            seqlen_q = gl.load(CU_Q + b + 1) - q_row0
+            k_row0 = gl.load(CU_K + b)
+            seqlen_k = gl.load(CU_K + b + 1) - k_row0
+            b_desc = 0
+        else:
+            q_row0 = 0
+            k_row0 = 0
+            b_desc = b
         hi = seqlen_k
         if CAUSAL:
             hi = gl.minimum(seqlen_k, gl.maximum(start_m + 2 * HALF_M + seqlen_k - seqlen_q, 0))
         n = gl.cdiv(hi, BLOCK_N)
-        srow0 = 16 * (b + (b * seqlen_q) // 16)  # this sequence's rows in the row-stats buffer (backward.py)
+        if VARLEN:  # a tile past its sequence's end (the grid covers the longest): no work, nothing stored
+            n = gl.where(start_m < seqlen_q, n, 0)
+            srow0 = 16 * (b + q_row0 // 16)  # this sequence's rows in the row-stats buffer (backward.py)
+        else:
+            srow0 = 16 * (b + (b * seqlen_q) // 16)
 
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], do_desc.layout)
@@ -210,18 +261,18 @@ if AVAILABLE:
             mbarrier.init(v_empty.index(i), count=2)
         bars = (q_bars, k_ready, k_empty, v_ready, v_empty)
         gl.warp_specialize([
-            (_dq_consumer, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, q_smem, do_smem, k_smem, v_smem, bars,
-                            b, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob, stride_os,
-                            stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh,
-                            stride_st, srow0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, HAS_RESID,
-                            HAS_DLSE)),
-            (_dq_consumer, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, q_smem, do_smem, k_smem, v_smem, bars,
-                            b, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob, stride_os,
-                            stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh,
-                            stride_st, srow0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, HAS_RESID,
-                            HAS_DLSE)),
-            (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m,
-                        n, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
+            (_dq_consumer, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, q_smem, do_smem, k_smem,
+                            v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
+                            stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
+                            stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, HEAD_D,
+                            K_STAGES, V_STAGES, CAUSAL, HAS_RESID, HAS_DLSE, VARLEN)),
+            (_dq_consumer, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, q_smem, do_smem, k_smem,
+                            v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
+                            stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
+                            stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, HEAD_D,
+                            K_STAGES, V_STAGES, CAUSAL, HAS_RESID, HAS_DLSE, VARLEN)),
+            (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b_desc, h, hk,
+                        start_m, n, q_row0, k_row0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -231,6 +282,11 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
     from the rounded out); ``dlse``: fp32 contiguous (B, Hq, Sq) or None."""
     batch, seqlen_q, q_heads, d = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
+    if p.varlen:  # packed (1, total, H, D), lse (Hq, total_q): the grid covers the longest sequence
+        batch, seqlen_q, seqlen_k = p.batch, p.max_seqlen_q, p.max_seqlen_k
+        stride_lb, stride_lh = 0, lse.stride(0)
+    else:
+        stride_lb, stride_lh = q_heads * seqlen_q, seqlen_q
     bf16 = q.dtype == torch.bfloat16
     half, bn = 64, cfg.dq_block_n
     q_desc, do_desc = _desc(q, (1, half, 1, d), bf16), _desc(dout, (1, half, 1, d), bf16)
@@ -240,10 +296,12 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
     os_, dos, sts = out.stride(), dout.stride(), stats.stride()
     launch(_dq_kernel, (num_m_tiles * batch * q_heads,), (
         q_desc, do_desc, k_desc, v_desc, dq_desc, out, resid if resid is not None else out, dout, lse,
-        dlse if dlse is not None else lse, delta, stats, seqlen_q, seqlen_k, q_heads, q_heads // kv_heads,
+        dlse if dlse is not None else lse, delta, stats, dq_out, p.cu_seqlens_q if p.varlen else lse,
+        p.cu_seqlens_k if p.varlen else lse, seqlen_q, seqlen_k, q_heads, q_heads // kv_heads,
         num_m_tiles, p.qk_scale, p.softmax_scale, os_[0], os_[1], os_[2], dos[0], dos[1], dos[2],
-        q_heads * seqlen_q, seqlen_q, sts[1], sts[0]),
+        stride_lb, stride_lh, sts[1], sts[0], dq_out.stride(1), dq_out.stride(2)),
         dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.dq_k_stages, V_STAGES=2, CAUSAL=p.window_right == 0,
-             HAS_RESID=resid is not None, HAS_DLSE=dlse is not None, CONSUMER_REGS=cfg.consumer_regs,
+             HAS_RESID=resid is not None, HAS_DLSE=dlse is not None, VARLEN=p.varlen,
+             CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs),
         4, 1, maxnreg=cfg.maxnreg)
