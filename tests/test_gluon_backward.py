@@ -48,7 +48,7 @@ def test_scope_on_hopper(monkeypatch):
     assert gluon_backward.applies(*ok, attn_params(q, k, causal=True))
     assert gluon_backward.applies(*ok, attn_params(q, k, sink=torch.zeros(4, device="cuda")))
     assert not gluon_backward.applies(*ok, attn_params(q, k, softcap=5.0))
-    assert not gluon_backward.applies(*ok, attn_params(q, k, window_left=16))
+    assert gluon_backward.applies(*ok, attn_params(q, k, window_left=16))  # sliding windows: in scope
     assert not gluon_backward.applies(*ok, attn_params(q, k, alibi_slopes=torch.zeros(4, device="cuda")))
     assert not gluon_backward.applies(*ok, attn_params(q, k, dropout_p=0.1))
     f = [t.float() for t in ok]
@@ -210,24 +210,54 @@ def test_reproducible_and_agrees_with_portable_kernels(portable, causal, monkeyp
         torch.testing.assert_close(x.float(), y.float(), atol=2 ** -6, rtol=2 ** -6)
 
 
+BWD_WINDOWS = [(0, 0), (3, 2), (-1, 5), (37, 0), (200, 100), (1000, -1), (130, 0), (5000, 5000)]
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("window", BWD_WINDOWS, ids=lambda w: f"{w[0]}_{w[1]}")
+def test_sliding_window(window, d, spy, monkeypatch):
+    """Sliding windows in the Gluon backward: the query-tile range of each key tile (dK/dV) and the key-tile range
+    of each query tile (dQ), masks on the edge tiles only; rows and keys that see nothing (windows past the keys),
+    Sq < Sk and Sq > Sk, GQA; with a sink and a gradient through lse on one window."""
+    import test_features
+    dq_calls = spy_calls(monkeypatch, gluon_dq, "dq")
+    for sq, sk in ((333, 777), (777, 333)):
+        dtype = torch.bfloat16 if (sq + window[0]) % 2 else torch.float16
+        q, k, v, gen = make_qkv(2, sq, sk, 4, 2, d, dtype, seed_for("gluon-bwd-window", window, sq, d),
+                                requires_grad=True)
+        kw = dict(window_size=window)
+        dlse = None
+        if window == (200, 100):
+            kw["sink"] = randn((4,), torch.float32, gen).requires_grad_()
+            dlse = randn((2, 4, sq), torch.float32, gen)
+        test_features._check(q, k, v, randn((2, sq, 4, d), dtype, gen), dlse, ctx=f"gluon bwd window D={d}", **kw)
+    assert spy, "the call did not take the Gluon dK/dV kernel"
+    assert bool(dq_calls) == (d == 128), "the Gluon dQ kernel runs at D=128 only (configs)"
+
+
 VARLEN_LENS = ([177, 0, 1, 1024, 2000, 731, 64], [1500, 5, 0, 1, 2048, 731, 130])  # (q lens, k lens)
 
 
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-def test_varlen_through_gluon(causal, d, spy, monkeypatch):
+@pytest.mark.parametrize("mask", ["full", "causal", "window"])
+def test_varlen_through_gluon(mask, d, spy, monkeypatch):
     """Packed varlen gradients (D <= 128) through the Gluon dK/dV kernel (and dQ at D=128): every sequence
     (lengths 0, 1, tile-crossing and long, q and k lengths different, GQA 4:1) against the float64 reference on its
-    own slice under the accuracy rule, with a gradient through lse and a sink (tests/test_varlen.py's check)."""
+    own slice under the accuracy rule, with a gradient through lse and a sink (tests/test_varlen.py's check);
+    causal, or a sliding window (300, 40)."""
+    causal = mask == "causal"
+    feat = dict(window_size=(300, 40)) if mask == "window" else dict(causal=causal)
     import test_varlen
     from _helpers import make_gen
     from _flash_helpers import rand
     monkeypatch.setattr(test_varlen, "HQ", 8)
     dq_calls = spy_calls(monkeypatch, gluon_dq, "dq")
     lens_q, lens_k = VARLEN_LENS
-    gen = make_gen(seed_for("gluon-bwd-varlen", causal, d))
+    gen = make_gen(seed_for("gluon-bwd-varlen", mask, d))
     dtype = torch.bfloat16 if causal else torch.float16
     q = rand((sum(lens_q), 8, d), dtype, gen, requires_grad=True)
     k = rand((sum(lens_k), 2, d), dtype, gen, requires_grad=True)
@@ -235,8 +265,7 @@ def test_varlen_through_gluon(causal, d, spy, monkeypatch):
     dout = rand((sum(lens_q), 8, d), dtype, gen)
     dlse = rand((8, sum(lens_q)), torch.float32, gen)
     sink = rand((8,), torch.float32, gen, scale=2.0).requires_grad_(True)
-    test_varlen._check_varlen(q, k, v, lens_q, lens_k, dout, dlse, causal=causal, sink=sink,
-                              ctx=f"gluon bwd D={d}")
+    test_varlen._check_varlen(q, k, v, lens_q, lens_k, dout, dlse, sink=sink, ctx=f"gluon bwd D={d}", **feat)
     assert spy, "the varlen call did not take the Gluon dK/dV kernel"
     assert bool(dq_calls) == (d == 128), "the Gluon dQ kernel runs at D=128 only (configs)"
 
@@ -287,7 +316,8 @@ def test_varlen_reproducible_agrees_with_portable_and_isolated(d, spy, monkeypat
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
 @pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ()), (64, True, ()), (64, False, ("--fp16",)),
                                             (128, True, ("--config", "64,2,240,24,168,0")),
-                                            (128, True, ("--varlen",)), (64, False, ("--varlen", "--fp16"))])
+                                            (128, True, ("--varlen",)), (64, False, ("--varlen", "--fp16")),
+                                            (128, False, ("--window",)), (64, False, ("--window", "--varlen"))])
 def test_compiles_for_sm90_without_serialised_wgmma(d, causal, extra):
     """No C7514 / C7512 (wgmma serialised) and at most a few spilled scalars (64 bytes: the plain loop with 64-row
     steps at D=128 has 20-36, in local memory that stays in L1). In a subprocess, as test_gluon_forward's."""
@@ -299,7 +329,8 @@ def test_compiles_for_sm90_without_serialised_wgmma(d, causal, extra):
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
 @pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ("--dlse", )), (64, True, ()),
                                             (64, False, ("--fp16", "--no-resid")), (128, True, ("--varlen", "--dlse")),
-                                            (128, False, ("--varlen", "--no-resid"))])
+                                            (128, False, ("--varlen", "--no-resid")), (128, False, ("--window",)),
+                                            (128, False, ("--window", "--varlen", "--dlse"))])
 def test_dq_kernel_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal, extra):
     r = gluon_compile_check("--dq", "--head-dim", d, *(["--causal"] if causal else []), *extra)
     assert r.returncode == 0, r.stdout + r.stderr

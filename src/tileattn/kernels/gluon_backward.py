@@ -34,7 +34,7 @@ import torch
 import triton
 
 from .. import configs
-from .gluon_forward import AVAILABLE, _desc
+from .gluon_forward import AVAILABLE, _desc, _window
 from .launch import host_descriptor, launch, tma_aligned
 from .params import AttnParams
 
@@ -75,11 +75,15 @@ if AVAILABLE:
             tma.async_copy_global_to_shared(st_desc, [stride_st + srow], ready.index(s), delta_smem.index(s))
 
     @gluon.jit
-    def _probs(st, lse_slot, tile, keys, seqlen_q, diag, mask_end, qk_scale, BLOCK_M: gl.constexpr,
-               CAUSAL: gl.constexpr):
-        """P^T of one step from S^T: exp2(S^T * qk_scale - lse), 0 where the key is after the row (causal) and
-        for rows past the sequence (lse and delta are read from shared memory when needed: held in registers
-        across the waits they made the D=128 warpgroups spill; past the last row they are another sequence's)."""
+    def _probs(st, lse_slot, tile, keys, seqlen_q, diag, win, qk_scale, BLOCK_M: gl.constexpr,
+               CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
+        """P^T of one step from S^T: exp2(S^T * qk_scale - lse), 0 where the key is after the row (causal) or
+        outside the row's window, and for rows past the sequence (lse and delta are read from shared memory when
+        needed: held in registers across the waits they made the D=128 warpgroups spill; past the last row they
+        are another sequence's). win = (mask_end, mask_start, win_left, win_right): query tiles before mask_end
+        see only part of the warpgroup's keys on the right (causal / window), tiles from mask_start on on the
+        left (window); row r sees keys [r + diag - win_left, r + diag + win_right]."""
+        mask_end, mask_start, win_left, win_right = win
         col_layout: gl.constexpr = gl.SliceLayout(0, st.type.layout)
         lse = lse_slot.load(col_layout)
         if (tile + 1) * BLOCK_M > seqlen_q:
@@ -89,6 +93,11 @@ if AVAILABLE:
             if tile < mask_end:  # uniform branch: the diagonal's query tiles only
                 rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout)
                 p = gl.where(keys[:, None] <= rows[None, :] + diag, p, 0.0)
+        if WINDOW:
+            if (tile < mask_end) | (tile >= mask_start):  # uniform branch: the window's edge tiles only
+                rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout)
+                rel = keys[:, None] - (rows[None, :] + diag)
+                p = gl.where((rel >= -win_left) & (rel <= win_right), p, 0.0)
         return p
 
     @gluon.jit
@@ -122,8 +131,8 @@ if AVAILABLE:
     def _dkdv_consumer(w: gl.constexpr, dk_desc, dv_desc, DK, DV, q_smem, do_smem, k_smem, v_smem, lse_smem,
                        delta_smem, bars, b, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
                        k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N: gl.constexpr,
-                       BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                       PIPELINE: gl.constexpr, VARLEN: gl.constexpr):
+                       win_left, win_right, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
+                       CAUSAL: gl.constexpr, WINDOW: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr):
         """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps.
         PIPELINE: software-pipelined by one step: S^T_t and dP^T_t are issued with dV += P^T_{t-1} dO_{t-1} and
         dK += dS^T_{t-1} Q_{t-1} between them, so step t's elementwise work runs while step t-1's products hold the
@@ -145,6 +154,11 @@ if AVAILABLE:
         mask_end = 0  # query tiles before it see only part of this warpgroup's keys (causal): masked
         if CAUSAL:
             mask_end = gl.cdiv(gl.maximum(key0 + HALF_N - 1 - diag, 0), BLOCK_M)
+        mask_start = 0  # window: query tiles from it on miss some of this warpgroup's keys on the left
+        if WINDOW:
+            mask_end = gl.cdiv(gl.maximum(key0 + HALF_N - 1 - diag - win_right, 0), BLOCK_M)
+            mask_start = gl.maximum(key0 + win_left - diag + 1, 0) // BLOCK_M
+        win = (mask_end, mask_start, win_left, win_right)
         dk = gl.zeros([HALF_N, HEAD_D], gl.float32, layout=acc_layout)
         dv = gl.zeros([HALF_N, HEAD_D], gl.float32, layout=acc_layout)
         st_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, layout=st_layout)
@@ -165,7 +179,8 @@ if AVAILABLE:
                 st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-                p = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, mask_end, qk_scale, BLOCK_M, CAUSAL)
+                p = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, BLOCK_M,
+                           CAUSAL, WINDOW)
                 dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
                 ds = _dscores(p, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M)
                 # both products issued after dS (P^T in flight beside fp32 P^T and dP^T spilled at D=128)
@@ -182,7 +197,8 @@ if AVAILABLE:
             dpt_tok = warpgroup_mma(v2, do_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                     use_acc=False, is_async=True)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-            p = _probs(st, lse_smem.index(0), m_lo, keys, seqlen_q, diag, mask_end, qk_scale, BLOCK_M, CAUSAL)
+            p = _probs(st, lse_smem.index(0), m_lo, keys, seqlen_q, diag, win, qk_scale, BLOCK_M,
+                       CAUSAL, WINDOW)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
             ds = _dscores(p, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M)
             p_op = gl.convert_layout(p.to(dtype), op_layout)
@@ -202,7 +218,8 @@ if AVAILABLE:
                                         use_acc=False, is_async=True)
                 dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
                 st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
-                p = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, mask_end, qk_scale, BLOCK_M, CAUSAL)
+                p = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, BLOCK_M,
+                           CAUSAL, WINDOW)
                 dv, dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dpt_tok))
                 ds = _dscores(p, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M)
                 dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
@@ -230,8 +247,9 @@ if AVAILABLE:
     @gluon.jit
     def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, DK, DV, CU_Q, CU_K, seqlen_q,
                      seqlen_k, kv_heads, group, num_n_tiles, qk_scale, sm_scale, stride_sh, stride_st, stride_dks,
-                     stride_dkh, stride_dvs, stride_dvh, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
-                     CAUSAL: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
+                     stride_dkh, stride_dvs, stride_dvh, win_left, win_right, HEAD_D: gl.constexpr,
+                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, PIPELINE: gl.constexpr,
+                     VARLEN: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
@@ -259,7 +277,12 @@ if AVAILABLE:
         m_lo = 0
         if CAUSAL:  # query rows before start_n - diag see none of this tile's keys
             m_lo = gl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M
-        n_m = gl.maximum(gl.cdiv(seqlen_q, BLOCK_M) - m_lo, 0)
+        if WINDOW:  # rows [start_n - diag - win_right, start_n + 2 * HALF_N - 1 - diag + win_left] see the tile
+            m_lo = gl.maximum(start_n - (seqlen_k - seqlen_q) - win_right, 0) // BLOCK_M
+            m_hi = gl.minimum(seqlen_q, gl.maximum(start_n + 2 * HALF_N - (seqlen_k - seqlen_q) + win_left, 0))
+            n_m = gl.maximum(gl.cdiv(m_hi, BLOCK_M) - m_lo, 0)
+        else:
+            n_m = gl.maximum(gl.cdiv(seqlen_q, BLOCK_M) - m_lo, 0)
         if VARLEN:  # a key tile past its sequence's end (the grid covers the longest): nothing to do or store
             n_m = gl.where(start_n < seqlen_k, n_m, 0)
         srow0 = 16 * (b + q_row0 // 16)  # this sequence's rows in the row-stats buffer (backward.py)
@@ -283,12 +306,12 @@ if AVAILABLE:
         gl.warp_specialize([
             (_dkdv_consumer, (0, dk_desc, dv_desc, DK, DV, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
                               bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                              k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N, BLOCK_M, HEAD_D,
-                              STAGES, CAUSAL, PIPELINE, VARLEN)),
+                              k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N, win_left, win_right,
+                              BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, PIPELINE, VARLEN)),
             (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
                               bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                              k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N, BLOCK_M, HEAD_D,
-                              STAGES, CAUSAL, PIPELINE, VARLEN)),
+                              k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N, win_left, win_right,
+                              BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, PIPELINE, VARLEN)),
             (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
                           delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
                           q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES)),
@@ -307,13 +330,19 @@ def applies(q, k, v, dout, dq, dk, dv, p: AttnParams):
         return None
     if p.varlen and (configs.getenv("TILEATTN_GLUON_VARLEN") == "0" or p.max_seqlen_q == 0 or p.max_seqlen_k == 0):
         return None
-    if p.alibi_slopes is not None or p.dropout_p > 0 or p.softcap > 0 or p.window_left >= 0 or p.window_right > 0:
+    if p.alibi_slopes is not None or p.dropout_p > 0 or p.softcap > 0:
         return None
     if configs._arch(configs._device_index(q.device), configs._arch_override())[0] != 9:
         return None
     if any(t.dtype != q.dtype or not tma_aligned(t) or t.stride(-1) != 1 for t in (q, k, v, dout, dq, dk, dv)):
         return None
     return cfg
+
+
+def window_bounds(p: AttnParams, seqlen_q: int, seqlen_k: int):
+    """(win_left, win_right) for the kernels: a side of -1 (unbounded) as a bound past every key."""
+    unbounded = seqlen_q + seqlen_k
+    return (p.window_left if p.window_left >= 0 else unbounded, p.window_right if p.window_right >= 0 else unbounded)
 
 
 @functools.lru_cache(maxsize=None)
@@ -342,8 +371,9 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg):
         q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, dk, dv,
         p.cu_seqlens_q if p.varlen else dk, p.cu_seqlens_k if p.varlen else dk, seqlen_q, seqlen_k, kv_heads,
         q_heads // kv_heads, num_n_tiles, p.qk_scale, p.softmax_scale, sts[1], sts[0], dk.stride(1), dk.stride(2),
-        dv.stride(1), dv.stride(2)),
-        dict(HEAD_D=d, STAGES=cfg.stages, CAUSAL=p.window_right == 0, PIPELINE=cfg.pipeline, VARLEN=p.varlen,
+        dv.stride(1), dv.stride(2), *window_bounds(p, seqlen_q, seqlen_k)),
+        dict(HEAD_D=d, STAGES=cfg.stages, CAUSAL=p.window_right == 0 and not _window(p), WINDOW=_window(p),
+             PIPELINE=cfg.pipeline, VARLEN=p.varlen,
              CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs),
         4, 1, maxnreg=cfg.maxnreg)

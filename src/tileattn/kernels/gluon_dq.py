@@ -23,7 +23,8 @@ in shared memory (K and V), a sequence's last query rows stored by masked pointe
 import torch
 import triton
 
-from .gluon_forward import AVAILABLE, _desc
+from . import gluon_backward
+from .gluon_forward import AVAILABLE, _desc, _window
 from .launch import launch
 from .params import AttnParams
 
@@ -35,10 +36,10 @@ if AVAILABLE:
     from .gluon_forward import _store_rows, load_kv_ring, zero_rows_from
 
     @gluon.jit
-    def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, n,
+    def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
                  q_row0, k_row0, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                  K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
-        """Producer warp: Q and dO halves, then key tiles 0 .. n - 1 (K and V) into their rings (rows from q_row0
+        """Producer warp: Q and dO halves, then key tiles lo .. lo + n - 1 (K and V) into their rings (rows from q_row0
         / k_row0: the sequence's first packed rows, varlen)."""
         q_bars, k_ready, k_empty, v_ready, v_empty = bars
         for w in gl.static_range(2):
@@ -47,7 +48,7 @@ if AVAILABLE:
                                             q_smem.index(w))
             tma.async_copy_global_to_shared(do_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(w),
                                             do_smem.index(w))
-        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, 0, n,
+        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, lo, n,
                      BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
 
     @gluon.jit
@@ -89,15 +90,24 @@ if AVAILABLE:
         return lse, delta
 
     @gluon.jit
-    def _probs(s, j, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr):
-        """P = exp2(S * qk_scale - lse) of key tile j, 0 past the sequence's keys and after the diagonal (causal)
-        in the tiles from n_full on."""
+    def _probs(s, j, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, BLOCK_N: gl.constexpr,
+               CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
+        """P = exp2(S * qk_scale - lse) of key tile j, 0 past the sequence's keys, after the diagonal (causal) or
+        outside the rows' windows in the tiles from n_full on and (window) before full_lo. win = (full_lo,
+        win_left, win_right): row r sees keys [r + diag - win_left, r + diag + win_right]."""
+        full_lo, win_left, win_right = win
         p = gl.exp2(s * qk_scale - lse[:, None])
-        if j >= n_full:  # uniform branch: the diagonal / sequence-end tiles only
+        masked = j >= n_full
+        if WINDOW:
+            masked = masked | (j < full_lo)
+        if masked:  # uniform branch: the diagonal / window-edge / sequence-end tiles only
             keys = j * BLOCK_N + cols
             visible = (keys < seqlen_k)[None, :]
             if CAUSAL:
                 visible = visible & (keys[None, :] <= rows[:, None] + diag)
+            if WINDOW:
+                rel = keys[None, :] - (rows[:, None] + diag)
+                visible = visible & (rel >= -win_left) & (rel <= win_right)
             p = gl.where(visible, p, 0.0)
         return p
 
@@ -121,9 +131,11 @@ if AVAILABLE:
                      v_smem, bars, b, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob, stride_os,
                      stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st,
                      srow0, q_row0, stride_dqs, stride_dqh, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                     HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                     HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr):
-        """One warpgroup: rows [start_m + w * HALF_M, + HALF_M), key tiles 0 .. n - 1. VARLEN: the key tile that
+                     lo, win_left, win_right, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+                     CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr,
+                     VARLEN: gl.constexpr):
+        """One warpgroup: rows [start_m + w * HALF_M, + HALF_M), key tiles lo .. lo + n - 1 (ring positions 0 ..
+        n - 1). VARLEN: the key tile that
         crosses the sequence's end has its other rows (the next sequence's) zeroed in K and V before use (their P
         is 0, but 0 * NaN is NaN); the sequence's last rows are stored by masked pointer stores (DQ)."""
         q_bars, k_ready, k_empty, v_ready, v_empty = bars
@@ -144,6 +156,11 @@ if AVAILABLE:
         n_full = seqlen_k // BLOCK_N  # tiles before it need no mask for this warpgroup's rows
         if CAUSAL:
             n_full = gl.minimum(n_full, gl.maximum(row0 + diag + 1, 0) // BLOCK_N)
+        full_lo = 0
+        if WINDOW:  # full tiles: every key visible to every row of this warpgroup
+            n_full = gl.minimum(n_full, gl.maximum(row0 + diag + win_right + 1, 0) // BLOCK_N)
+            full_lo = gl.cdiv(gl.maximum(row0 + HALF_M - 1 + diag - win_left, 0), BLOCK_N)
+        win = (full_lo, win_left, win_right)
         dq = gl.zeros([HALF_M, HEAD_D], gl.float32, layout=acc_layout)
         s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
         q2 = q_smem.index(w).reshape([HALF_M, HEAD_D])
@@ -152,16 +169,16 @@ if AVAILABLE:
         if n > 0:
             mbarrier.wait(k_ready.index(0), 0)
             if VARLEN:
-                _zero_past_end(k_smem, 0, 0, seqlen_k)
+                _zero_past_end(k_smem, 0, lo, seqlen_k)
             s_tok = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(0), 0)
             if VARLEN:
-                _zero_past_end(v_smem, 0, 0, seqlen_k)
+                _zero_past_end(v_smem, 0, lo, seqlen_k)
             dp_tok = warpgroup_mma(do2, v_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                    use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
-            p = _probs(s, 0, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, BLOCK_N, CAUSAL)
+            p = _probs(s, lo, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, BLOCK_N, CAUSAL, WINDOW)
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
             mbarrier.arrive(v_empty.index(0), count=1)
             ds_op = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), op_layout)
@@ -171,17 +188,18 @@ if AVAILABLE:
                 kp = (j - 1) % K_STAGES
                 mbarrier.wait(k_ready.index(ks), (j // K_STAGES) & 1)
                 if VARLEN:
-                    _zero_past_end(k_smem, ks, j, seqlen_k)
+                    _zero_past_end(k_smem, ks, lo + j, seqlen_k)
                 s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
                 dq_tok = warpgroup_mma(ds_op, k_smem.index(kp).reshape([BLOCK_N, HEAD_D]), dq, is_async=True)
                 mbarrier.wait(v_ready.index(vs), (j // V_STAGES) & 1)
                 if VARLEN:
-                    _zero_past_end(v_smem, vs, j, seqlen_k)
+                    _zero_past_end(v_smem, vs, lo + j, seqlen_k)
                 dp_tok = warpgroup_mma(do2, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                        use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok, ))
-                p = _probs(s, j, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, BLOCK_N, CAUSAL)
+                p = _probs(s, lo + j, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, BLOCK_N, CAUSAL,
+                           WINDOW)
                 dq, dp = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, dp_tok))
                 mbarrier.arrive(k_empty.index(kp), count=1)
                 mbarrier.arrive(v_empty.index(vs), count=1)
@@ -204,9 +222,10 @@ if AVAILABLE:
     def _dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, CU_Q, CU_K,
                    seqlen_q, seqlen_k, q_heads, group, num_m_tiles, qk_scale, sm_scale, stride_ob, stride_os,
                    stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st,
-                   stride_dqs, stride_dqh, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
-                   V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr,
-                   VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                   stride_dqs, stride_dqh, win_left, win_right, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                   K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+                   HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr,
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Warp-specialised: two consumer warpgroups (64 query rows each) and a producer warp. VARLEN: packed (1,
         total, H, D) tensors, sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are
         then read per sequence (the arguments are the maxima); DQ: dq as a pointer (row and head strides
@@ -216,7 +235,7 @@ if AVAILABLE:
         pid = gl.program_id(0)
         bh = pid // num_m_tiles
         tile = pid % num_m_tiles
-        if CAUSAL:
+        if CAUSAL or WINDOW:
             tile = num_m_tiles - 1 - tile  # longest tiles first
         b = bh // q_heads
         h = bh % q_heads
@@ -232,10 +251,16 @@ if AVAILABLE:
             q_row0 = 0
             k_row0 = 0
             b_desc = b
+        lo = 0
         hi = seqlen_k
         if CAUSAL:
             hi = gl.minimum(seqlen_k, gl.maximum(start_m + 2 * HALF_M + seqlen_k - seqlen_q, 0))
+        if WINDOW:  # row r sees keys [r + diag - win_left, r + diag + win_right]
+            lo = gl.maximum(start_m + seqlen_k - seqlen_q - win_left, 0) // BLOCK_N
+            hi = gl.minimum(seqlen_k, gl.maximum(start_m + 2 * HALF_M + seqlen_k - seqlen_q + win_right, 0))
         n = gl.cdiv(hi, BLOCK_N)
+        if WINDOW:
+            n = gl.maximum(n - lo, 0)
         if VARLEN:  # a tile past its sequence's end (the grid covers the longest): no work, nothing stored
             n = gl.where(start_m < seqlen_q, n, 0)
             srow0 = 16 * (b + q_row0 // 16)  # this sequence's rows in the row-stats buffer (backward.py)
@@ -264,15 +289,17 @@ if AVAILABLE:
             (_dq_consumer, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, q_smem, do_smem, k_smem,
                             v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
                             stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
-                            stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, HEAD_D,
-                            K_STAGES, V_STAGES, CAUSAL, HAS_RESID, HAS_DLSE, VARLEN)),
+                            stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, lo,
+                            win_left, win_right, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_RESID, HAS_DLSE,
+                            VARLEN)),
             (_dq_consumer, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, q_smem, do_smem, k_smem,
                             v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
                             stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
-                            stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, HEAD_D,
-                            K_STAGES, V_STAGES, CAUSAL, HAS_RESID, HAS_DLSE, VARLEN)),
+                            stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, lo,
+                            win_left, win_right, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_RESID, HAS_DLSE,
+                            VARLEN)),
             (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b_desc, h, hk,
-                        start_m, n, q_row0, k_row0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
+                        start_m, lo, n, q_row0, k_row0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -299,8 +326,10 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
         dlse if dlse is not None else lse, delta, stats, dq_out, p.cu_seqlens_q if p.varlen else lse,
         p.cu_seqlens_k if p.varlen else lse, seqlen_q, seqlen_k, q_heads, q_heads // kv_heads,
         num_m_tiles, p.qk_scale, p.softmax_scale, os_[0], os_[1], os_[2], dos[0], dos[1], dos[2],
-        stride_lb, stride_lh, sts[1], sts[0], dq_out.stride(1), dq_out.stride(2)),
-        dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.dq_k_stages, V_STAGES=2, CAUSAL=p.window_right == 0,
+        stride_lb, stride_lh, sts[1], sts[0], dq_out.stride(1), dq_out.stride(2),
+        *gluon_backward.window_bounds(p, seqlen_q, seqlen_k)),
+        dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.dq_k_stages, V_STAGES=2,
+             CAUSAL=p.window_right == 0 and not _window(p), WINDOW=_window(p),
              HAS_RESID=resid is not None, HAS_DLSE=dlse is not None, VARLEN=p.varlen,
              CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs),
