@@ -50,7 +50,7 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
     return k
 
 
-def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=False):
+def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=False, softcap=False):
     """The Gluon dK/dV kernel (kernels/gluon_backward.py) for sm_90a."""
     from tileattn import configs
     from tileattn.kernels import gluon_backward as gb
@@ -64,10 +64,10 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
         return f"tensordesc<{'fp16' if fp16 else 'bf16'}[1,{rows},1,{d}],{layout!r}>"
     sig = {"q_desc": desc(bm), "do_desc": desc(bm), "k_desc": desc(64), "v_desc": desc(64), "dk_desc": desc(64),
            "dv_desc": desc(64), "st_desc": f"tensordesc<fp32[{bm}],{gb._stats_layout(bm)!r}>",
-           "qk_scale": "fp32", "sm_scale": "fp32", "DK": f"*{'fp16' if fp16 else 'bf16'}",
+           "qk_scale": "fp32", "sm_scale": "fp32", "softcap": "fp32", "DK": f"*{'fp16' if fp16 else 'bf16'}",
            "DV": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32", "CU_K": "*i32"}
     consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal and not window, WINDOW=window, PIPELINE=bool(pipe),
-                  VARLEN=varlen, CONSUMER_REGS=creg, PRODUCER_REGS=preg)
+                  VARLEN=varlen, HAS_SOFTCAP=softcap, CONSUMER_REGS=creg, PRODUCER_REGS=preg)
     fn = gb._dkdv_kernel
     for name in fn.arg_names:
         if name not in sig:
@@ -77,7 +77,8 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
 
 
-def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False, varlen=False, window=False):
+def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False, varlen=False, window=False,
+               softcap=False):
     """The Gluon dQ kernel (kernels/gluon_dq.py) for sm_90a; cfg = (block_n, k_stages, creg, preg, maxnreg)."""
     from tileattn import configs
     from tileattn.kernels import gluon_dq as gq
@@ -90,10 +91,12 @@ def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False
         return f"tensordesc<{name}[1,{rows},1,{d}],{layout!r}>"
     sig = {"q_desc": desc(64), "do_desc": desc(64), "k_desc": desc(bn), "v_desc": desc(bn), "dq_desc": desc(64),
            "O": f"*{name}", "RESID": f"*{name}", "DO": f"*{name}", "LSE": "*fp32", "DLSE": "*fp32",
-           "DELTA": "*fp32", "STATS": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32", "DQ": f"*{name}",
+           "DELTA": "*fp32", "STATS": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32", "softcap": "fp32",
+           "DQ": f"*{name}",
            "CU_Q": "*i32", "CU_K": "*i32"}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=2, CAUSAL=causal and not window, WINDOW=window,
-                  HAS_RESID=resid, HAS_DLSE=dlse, VARLEN=varlen, CONSUMER_REGS=creg, PRODUCER_REGS=preg)
+                  HAS_RESID=resid, HAS_DLSE=dlse, VARLEN=varlen, HAS_SOFTCAP=softcap, CONSUMER_REGS=creg,
+                  PRODUCER_REGS=preg)
     fn = gq._dq_kernel
     for arg in fn.arg_names:
         if arg not in sig:
@@ -146,9 +149,9 @@ def main():
     if a.window and a.causal:
         ap.error("--window is its own mask (a causal call with a left bound is a window)")
     if a.dq:
-        k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen, a.window)
+        k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen, a.window, a.softcap)
     elif a.bwd:
-        k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window)
+        k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap)
     else:
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, a.softcap, a.sink, a.fp16, a.window, a.varlen)
     if a.check:

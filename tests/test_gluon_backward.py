@@ -47,7 +47,7 @@ def test_scope_on_hopper(monkeypatch):
     assert gluon_backward.applies(*ok, attn_params(q, k))
     assert gluon_backward.applies(*ok, attn_params(q, k, causal=True))
     assert gluon_backward.applies(*ok, attn_params(q, k, sink=torch.zeros(4, device="cuda")))
-    assert not gluon_backward.applies(*ok, attn_params(q, k, softcap=5.0))
+    assert gluon_backward.applies(*ok, attn_params(q, k, softcap=5.0))  # softcap: in scope
     assert gluon_backward.applies(*ok, attn_params(q, k, window_left=16))  # sliding windows: in scope
     assert not gluon_backward.applies(*ok, attn_params(q, k, alibi_slopes=torch.zeros(4, device="cuda")))
     assert not gluon_backward.applies(*ok, attn_params(q, k, dropout_p=0.1))
@@ -210,6 +210,27 @@ def test_reproducible_and_agrees_with_portable_kernels(portable, causal, monkeyp
         torch.testing.assert_close(x.float(), y.float(), atol=2 ** -6, rtol=2 ** -6)
 
 
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_softcap(causal, d, dtype, spy, monkeypatch):
+    """Softcap in the Gluon backward: the scores softcap * tanh(S * scale / softcap) with the forward's tanh, dS
+    through the tanh (times 1 - tanh^2); small and large caps (tanh saturated on most scores with 2.0), odd sizes,
+    GQA, Sq != Sk, against the float64 reference."""
+    import test_features
+    dq_calls = spy_calls(monkeypatch, gluon_dq, "dq")
+    for (B, Sq, Sk, Hq, Hkv), cap, scale in (((2, 333, 777, 4, 2), 5.0, 1.0), ((1, 1031, 257, 4, 1), 2.0, 1.5),
+                                             ((1, 2048, 2048, 2, 2), 30.0, 1.0)):
+        q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon-bwd-softcap", causal, d, Sq),
+                                requires_grad=True, scale=scale)
+        test_features._check(q, k, v, randn((B, Sq, Hq, d), dtype, gen), causal=causal, softcap=cap,
+                             ctx=f"gluon bwd softcap D={d}")
+    assert spy, "the call did not take the Gluon dK/dV kernel"
+    assert bool(dq_calls) == (d == 128), "the Gluon dQ kernel runs at D=128 only (configs)"
+
+
 BWD_WINDOWS = [(0, 0), (3, 2), (-1, 5), (37, 0), (200, 100), (1000, -1), (130, 0), (5000, 5000)]
 
 
@@ -220,7 +241,7 @@ BWD_WINDOWS = [(0, 0), (3, 2), (-1, 5), (37, 0), (200, 100), (1000, -1), (130, 0
 def test_sliding_window(window, d, spy, monkeypatch):
     """Sliding windows in the Gluon backward: the query-tile range of each key tile (dK/dV) and the key-tile range
     of each query tile (dQ), masks on the edge tiles only; rows and keys that see nothing (windows past the keys),
-    Sq < Sk and Sq > Sk, GQA; with a sink and a gradient through lse on one window."""
+    Sq < Sk and Sq > Sk, GQA; with a softcap, a sink and a gradient through lse on one window."""
     import test_features
     dq_calls = spy_calls(monkeypatch, gluon_dq, "dq")
     for sq, sk in ((333, 777), (777, 333)):
@@ -230,6 +251,7 @@ def test_sliding_window(window, d, spy, monkeypatch):
         kw = dict(window_size=window)
         dlse = None
         if window == (200, 100):
+            kw["softcap"] = 5.0
             kw["sink"] = randn((4,), torch.float32, gen).requires_grad_()
             dlse = randn((2, 4, sq), torch.float32, gen)
         test_features._check(q, k, v, randn((2, sq, 4, d), dtype, gen), dlse, ctx=f"gluon bwd window D={d}", **kw)
@@ -317,11 +339,13 @@ def test_varlen_reproducible_agrees_with_portable_and_isolated(d, spy, monkeypat
 @pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ()), (64, True, ()), (64, False, ("--fp16",)),
                                             (128, True, ("--config", "64,2,240,24,168,0")),
                                             (128, True, ("--varlen",)), (64, False, ("--varlen", "--fp16")),
-                                            (128, False, ("--window",)), (64, False, ("--window", "--varlen"))])
+                                            (128, False, ("--window",)), (64, False, ("--window", "--varlen")),
+                                            (128, True, ("--softcap",)), (64, False, ("--softcap", "--window"))])
 def test_compiles_for_sm90_without_serialised_wgmma(d, causal, extra):
     """No C7514 / C7512 (wgmma serialised) and at most a few spilled scalars (64 bytes: the plain loop with 64-row
     steps at D=128 has 20-36, in local memory that stays in L1). In a subprocess, as test_gluon_forward's."""
-    r = gluon_compile_check("--bwd", "--spill-budget", 64, "--head-dim", d, *(["--causal"] if causal else []), *extra)
+    r = gluon_compile_check("--bwd", "--spill-budget", 64, "--head-dim", d, *(["--causal"] if causal else []), *extra,
+                            env_extra={"TILEATTN_FAST_TANH": "1"})  # the GPU's tanh path (softcap, bf16)
     assert r.returncode == 0, r.stdout + r.stderr
 
 
@@ -330,7 +354,9 @@ def test_compiles_for_sm90_without_serialised_wgmma(d, causal, extra):
 @pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ("--dlse", )), (64, True, ()),
                                             (64, False, ("--fp16", "--no-resid")), (128, True, ("--varlen", "--dlse")),
                                             (128, False, ("--varlen", "--no-resid")), (128, False, ("--window",)),
-                                            (128, False, ("--window", "--varlen", "--dlse"))])
+                                            (128, False, ("--window", "--varlen", "--dlse")),
+                                            (128, True, ("--softcap", "--fp16"))])
 def test_dq_kernel_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal, extra):
-    r = gluon_compile_check("--dq", "--head-dim", d, *(["--causal"] if causal else []), *extra)
+    r = gluon_compile_check("--dq", "--head-dim", d, *(["--causal"] if causal else []), *extra,
+                            env_extra={"TILEATTN_FAST_TANH": "1"})
     assert r.returncode == 0, r.stdout + r.stderr

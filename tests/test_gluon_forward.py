@@ -108,7 +108,7 @@ def test_strided_inputs(layout, spy):
 @pytest.mark.parametrize("feat", ["softcap", "sink", "softcap+sink"])
 def test_softcap_and_sink(feat, causal, dtype, spy):
     """Softcap and sink as the Gluon kernel's constexpr features: out, lse and
-    the gradients (d(sink) included; the backward is the portable kernel's) against the reference."""
+    the gradients (d(sink) included; the backward is the Gluon one's too) against the reference."""
     import test_features
     B, Sq, Sk, Hq, Hkv, D = 2, 333, 777, 4, 2, 128
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("gluon-feat", feat, causal), requires_grad=True)

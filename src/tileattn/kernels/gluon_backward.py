@@ -17,9 +17,10 @@ writes first. dK/dV of a KV head sum over the query heads of its GQA group in a 
 bit-reproducible like the portable kernel's.
 
 Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_backward_config`` (64, 128),
-batched inputs and packed varlen ones (``TILEATTN_GLUON_VARLEN=0`` opts out), causal (bottom-right aligned) or not;
-no softcap, ALiBi, dropout or sliding window (sinks and dlse only change lse and delta, so they are in scope).
-Everything else takes the portable kernel. Varlen: a query tile that crosses its sequence's end reads the next
+batched inputs and packed varlen ones (``TILEATTN_GLUON_VARLEN=0`` opts out), causal (bottom-right aligned) or not,
+sliding windows (the query-tile range of each key tile, masks on the window's edge tiles) and softcap (dS through
+the tanh, with the forward's tanh); no ALiBi or dropout (sinks and dlse only change lse and delta, so they are in
+scope). Everything else takes the portable kernel. Varlen: a query tile that crosses its sequence's end reads the next
 sequence's Q / dO rows, zeroed in shared memory before use, so no value of one sequence (NaN and inf included)
 reaches another's gradients; a key half that crosses it is stored by masked pointer stores.
 
@@ -34,7 +35,7 @@ import torch
 import triton
 
 from .. import configs
-from .gluon_forward import AVAILABLE, _desc, _window
+from .gluon_forward import AVAILABLE, _desc, _tanh, _window
 from .launch import host_descriptor, launch, tma_aligned
 from .params import AttnParams
 
@@ -75,20 +76,26 @@ if AVAILABLE:
             tma.async_copy_global_to_shared(st_desc, [stride_st + srow], ready.index(s), delta_smem.index(s))
 
     @gluon.jit
-    def _probs(st, lse_slot, tile, keys, seqlen_q, diag, win, qk_scale, BLOCK_M: gl.constexpr,
-               CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
+    def _probs(st, lse_slot, tile, keys, seqlen_q, diag, win, qk_scale, softcap, BLOCK_M: gl.constexpr,
+               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr, IS_BF16: gl.constexpr):
         """P^T of one step from S^T: exp2(S^T * qk_scale - lse), 0 where the key is after the row (causal) or
         outside the row's window, and for rows past the sequence (lse and delta are read from shared memory when
         needed: held in registers across the waits they made the D=128 warpgroups spill; past the last row they
         are another sequence's). win = (mask_end, mask_start, win_left, win_right): query tiles before mask_end
         see only part of the warpgroup's keys on the right (causal / window), tiles from mask_start on on the
-        left (window); row r sees keys [r + diag - win_left, r + diag + win_right]."""
+        left (window); row r sees keys [r + diag - win_left, r + diag + win_right]. HAS_SOFTCAP: the scores are
+        softcap * tanh(S^T * qk_scale) (softcap pre-multiplied by log2 e, tanh as the forward's); returns (P^T,
+        1 - tanh^2: the factor of dS^T), else (P^T, P^T)."""
         mask_end, mask_start, win_left, win_right = win
         col_layout: gl.constexpr = gl.SliceLayout(0, st.type.layout)
         lse = lse_slot.load(col_layout)
         if (tile + 1) * BLOCK_M > seqlen_q:
             lse = gl.where(tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout) < seqlen_q, lse, float("inf"))
-        p = gl.exp2(st * qk_scale - lse[None, :])
+        if HAS_SOFTCAP:
+            t = _tanh(st * qk_scale, IS_BF16)
+            p = gl.exp2(softcap * t - lse[None, :])
+        else:
+            p = gl.exp2(st * qk_scale - lse[None, :])
         if CAUSAL:
             if tile < mask_end:  # uniform branch: the diagonal's query tiles only
                 rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout)
@@ -98,16 +105,22 @@ if AVAILABLE:
                 rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout)
                 rel = keys[:, None] - (rows[None, :] + diag)
                 p = gl.where((rel >= -win_left) & (rel <= win_right), p, 0.0)
-        return p
+        if HAS_SOFTCAP:
+            return p, 1.0 - t * t
+        else:
+            return p, p
 
     @gluon.jit
-    def _dscores(p, dpt, delta_slot, tile, seqlen_q, BLOCK_M: gl.constexpr):
+    def _dscores(p, g, dpt, delta_slot, tile, seqlen_q, BLOCK_M: gl.constexpr, HAS_SOFTCAP: gl.constexpr):
         """dS^T = P^T (dP^T - delta) of one step."""
         col_layout: gl.constexpr = gl.SliceLayout(0, p.type.layout)
         delta = delta_slot.load(col_layout)
         if (tile + 1) * BLOCK_M > seqlen_q:
             delta = gl.where(tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout) < seqlen_q, delta, 0.0)
-        return p * (dpt - delta[None, :])
+        ds = p * (dpt - delta[None, :])
+        if HAS_SOFTCAP:  # through the tanh: g = 1 - tanh^2 (``_probs``)
+            ds = ds * g
+        return ds
 
     @gluon.jit
     def _zero_foreign_rows(q_smem, do_smem, s, tile, seqlen_q, BLOCK_M: gl.constexpr):
@@ -131,8 +144,9 @@ if AVAILABLE:
     def _dkdv_consumer(w: gl.constexpr, dk_desc, dv_desc, DK, DV, q_smem, do_smem, k_smem, v_smem, lse_smem,
                        delta_smem, bars, b, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
                        k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N: gl.constexpr,
-                       win_left, win_right, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
-                       CAUSAL: gl.constexpr, WINDOW: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr):
+                       win_left, win_right, softcap, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
+                       STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                       PIPELINE: gl.constexpr, VARLEN: gl.constexpr):
         """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps.
         PIPELINE: software-pipelined by one step: S^T_t and dP^T_t are issued with dV += P^T_{t-1} dO_{t-1} and
         dK += dS^T_{t-1} Q_{t-1} between them, so step t's elementwise work runs while step t-1's products hold the
@@ -179,10 +193,10 @@ if AVAILABLE:
                 st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-                p = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, BLOCK_M,
-                           CAUSAL, WINDOW)
+                p, g = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
+                              BLOCK_M, CAUSAL, WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16)
                 dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
-                ds = _dscores(p, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M)
+                ds = _dscores(p, g, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
                 # both products issued after dS (P^T in flight beside fp32 P^T and dP^T spilled at D=128)
                 dv_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do2, dv, is_async=True)
                 dk_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), q2, dk, is_async=True)
@@ -197,10 +211,10 @@ if AVAILABLE:
             dpt_tok = warpgroup_mma(v2, do_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                     use_acc=False, is_async=True)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-            p = _probs(st, lse_smem.index(0), m_lo, keys, seqlen_q, diag, win, qk_scale, BLOCK_M,
-                       CAUSAL, WINDOW)
+            p, g = _probs(st, lse_smem.index(0), m_lo, keys, seqlen_q, diag, win, qk_scale, softcap,
+                          BLOCK_M, CAUSAL, WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
-            ds = _dscores(p, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M)
+            ds = _dscores(p, g, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M, HAS_SOFTCAP)
             p_op = gl.convert_layout(p.to(dtype), op_layout)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             for t in range(1, n):
@@ -218,10 +232,10 @@ if AVAILABLE:
                                         use_acc=False, is_async=True)
                 dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
                 st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
-                p = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, BLOCK_M,
-                           CAUSAL, WINDOW)
+                p, g = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
+                              BLOCK_M, CAUSAL, WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16)
                 dv, dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dpt_tok))
-                ds = _dscores(p, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M)
+                ds = _dscores(p, g, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
                 dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
                 mbarrier.arrive(empty.index(sp), count=1)
                 p_op = gl.convert_layout(p.to(dtype), op_layout)
@@ -247,8 +261,9 @@ if AVAILABLE:
     @gluon.jit
     def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, DK, DV, CU_Q, CU_K, seqlen_q,
                      seqlen_k, kv_heads, group, num_n_tiles, qk_scale, sm_scale, stride_sh, stride_st, stride_dks,
-                     stride_dkh, stride_dvs, stride_dvh, win_left, win_right, HEAD_D: gl.constexpr,
-                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, PIPELINE: gl.constexpr,
+                     stride_dkh, stride_dvs, stride_dvh, win_left, win_right, softcap, HEAD_D: gl.constexpr,
+                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                     PIPELINE: gl.constexpr,
                      VARLEN: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
@@ -307,11 +322,11 @@ if AVAILABLE:
             (_dkdv_consumer, (0, dk_desc, dv_desc, DK, DV, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
                               bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
                               k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N, win_left, win_right,
-                              BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, PIPELINE, VARLEN)),
+                              softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP, PIPELINE, VARLEN)),
             (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
                               bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
                               k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N, win_left, win_right,
-                              BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, PIPELINE, VARLEN)),
+                              softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP, PIPELINE, VARLEN)),
             (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
                           delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
                           q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES)),
@@ -330,7 +345,7 @@ def applies(q, k, v, dout, dq, dk, dv, p: AttnParams):
         return None
     if p.varlen and (configs.getenv("TILEATTN_GLUON_VARLEN") == "0" or p.max_seqlen_q == 0 or p.max_seqlen_k == 0):
         return None
-    if p.alibi_slopes is not None or p.dropout_p > 0 or p.softcap > 0:
+    if p.alibi_slopes is not None or p.dropout_p > 0:
         return None
     if configs._arch(configs._device_index(q.device), configs._arch_override())[0] != 9:
         return None
@@ -371,8 +386,9 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg):
         q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, dk, dv,
         p.cu_seqlens_q if p.varlen else dk, p.cu_seqlens_k if p.varlen else dk, seqlen_q, seqlen_k, kv_heads,
         q_heads // kv_heads, num_n_tiles, p.qk_scale, p.softmax_scale, sts[1], sts[0], dk.stride(1), dk.stride(2),
-        dv.stride(1), dv.stride(2), *window_bounds(p, seqlen_q, seqlen_k)),
+        dv.stride(1), dv.stride(2), *window_bounds(p, seqlen_q, seqlen_k), p.softcap_log2),
         dict(HEAD_D=d, STAGES=cfg.stages, CAUSAL=p.window_right == 0 and not _window(p), WINDOW=_window(p),
+             HAS_SOFTCAP=p.softcap > 0,
              PIPELINE=cfg.pipeline, VARLEN=p.varlen,
              CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs),

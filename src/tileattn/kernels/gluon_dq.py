@@ -24,7 +24,7 @@ import torch
 import triton
 
 from . import gluon_backward
-from .gluon_forward import AVAILABLE, _desc, _window
+from .gluon_forward import AVAILABLE, _desc, _tanh, _window
 from .launch import launch
 from .params import AttnParams
 
@@ -90,13 +90,19 @@ if AVAILABLE:
         return lse, delta
 
     @gluon.jit
-    def _probs(s, j, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, BLOCK_N: gl.constexpr,
-               CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
+    def _probs(s, j, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, softcap, BLOCK_N: gl.constexpr,
+               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr, IS_BF16: gl.constexpr):
         """P = exp2(S * qk_scale - lse) of key tile j, 0 past the sequence's keys, after the diagonal (causal) or
         outside the rows' windows in the tiles from n_full on and (window) before full_lo. win = (full_lo,
-        win_left, win_right): row r sees keys [r + diag - win_left, r + diag + win_right]."""
+        win_left, win_right): row r sees keys [r + diag - win_left, r + diag + win_right]. HAS_SOFTCAP: the scores
+        are softcap * tanh(S * qk_scale) (softcap pre-multiplied by log2 e, tanh as the forward's); returns (P,
+        1 - tanh^2: the factor of dS), else (P, P)."""
         full_lo, win_left, win_right = win
-        p = gl.exp2(s * qk_scale - lse[:, None])
+        if HAS_SOFTCAP:
+            t = _tanh(s * qk_scale, IS_BF16)
+            p = gl.exp2(softcap * t - lse[:, None])
+        else:
+            p = gl.exp2(s * qk_scale - lse[:, None])
         masked = j >= n_full
         if WINDOW:
             masked = masked | (j < full_lo)
@@ -109,7 +115,18 @@ if AVAILABLE:
                 rel = keys[None, :] - (rows[:, None] + diag)
                 visible = visible & (rel >= -win_left) & (rel <= win_right)
             p = gl.where(visible, p, 0.0)
-        return p
+        if HAS_SOFTCAP:
+            return p, 1.0 - t * t
+        else:
+            return p, p
+
+    @gluon.jit
+    def _dscores_op(p, g, dp, delta, dtype: gl.constexpr, op_layout: gl.constexpr, HAS_SOFTCAP: gl.constexpr):
+        """dS = P (dP - delta) (times g = 1 - tanh^2 with a softcap) as the dQ product's A operand."""
+        ds = p * (dp - delta[:, None])
+        if HAS_SOFTCAP:
+            ds = ds * g
+        return gl.convert_layout(ds.to(dtype), op_layout)
 
     @gluon.jit
     def _zero_past_end(ring, slot, j, seqlen_k):
@@ -131,9 +148,9 @@ if AVAILABLE:
                      v_smem, bars, b, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob, stride_os,
                      stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st,
                      srow0, q_row0, stride_dqs, stride_dqh, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                     lo, win_left, win_right, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                     CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr,
-                     VARLEN: gl.constexpr):
+                     lo, win_left, win_right, softcap, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
+                     V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                     HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr):
         """One warpgroup: rows [start_m + w * HALF_M, + HALF_M), key tiles lo .. lo + n - 1 (ring positions 0 ..
         n - 1). VARLEN: the key tile that
         crosses the sequence's end has its other rows (the next sequence's) zeroed in K and V before use (their P
@@ -178,10 +195,11 @@ if AVAILABLE:
             dp_tok = warpgroup_mma(do2, v_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                    use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
-            p = _probs(s, lo, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, BLOCK_N, CAUSAL, WINDOW)
+            p, g = _probs(s, lo, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, softcap, BLOCK_N, CAUSAL,
+                          WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16)
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
             mbarrier.arrive(v_empty.index(0), count=1)
-            ds_op = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), op_layout)
+            ds_op = _dscores_op(p, g, dp, delta, dtype, op_layout, HAS_SOFTCAP)
             for j in range(1, n):
                 ks = j % K_STAGES
                 vs = j % V_STAGES
@@ -198,12 +216,12 @@ if AVAILABLE:
                 dp_tok = warpgroup_mma(do2, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                        use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok, ))
-                p = _probs(s, lo + j, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, BLOCK_N, CAUSAL,
-                           WINDOW)
+                p, g = _probs(s, lo + j, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, softcap, BLOCK_N,
+                              CAUSAL, WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16)
                 dq, dp = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, dp_tok))
                 mbarrier.arrive(k_empty.index(kp), count=1)
                 mbarrier.arrive(v_empty.index(vs), count=1)
-                ds_op = gl.convert_layout((p * (dp - delta[:, None])).to(dtype), op_layout)
+                ds_op = _dscores_op(p, g, dp, delta, dtype, op_layout, HAS_SOFTCAP)
             kp = (n - 1) % K_STAGES
             dq_tok = warpgroup_mma(ds_op, k_smem.index(kp).reshape([BLOCK_N, HEAD_D]), dq, is_async=True)
             dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
@@ -222,8 +240,9 @@ if AVAILABLE:
     def _dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, CU_Q, CU_K,
                    seqlen_q, seqlen_k, q_heads, group, num_m_tiles, qk_scale, sm_scale, stride_ob, stride_os,
                    stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st,
-                   stride_dqs, stride_dqh, win_left, win_right, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                   K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+                   stride_dqs, stride_dqh, win_left, win_right, softcap, BLOCK_N: gl.constexpr,
+                   HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                   WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                    HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Warp-specialised: two consumer warpgroups (64 query rows each) and a producer warp. VARLEN: packed (1,
@@ -290,14 +309,14 @@ if AVAILABLE:
                             v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
                             stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
                             stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, lo,
-                            win_left, win_right, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_RESID, HAS_DLSE,
-                            VARLEN)),
+                            win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
+                            HAS_RESID, HAS_DLSE, VARLEN)),
             (_dq_consumer, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, q_smem, do_smem, k_smem,
                             v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
                             stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
                             stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, lo,
-                            win_left, win_right, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_RESID, HAS_DLSE,
-                            VARLEN)),
+                            win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
+                            HAS_RESID, HAS_DLSE, VARLEN)),
             (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b_desc, h, hk,
                         start_m, lo, n, q_row0, k_row0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -327,9 +346,9 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
         p.cu_seqlens_k if p.varlen else lse, seqlen_q, seqlen_k, q_heads, q_heads // kv_heads,
         num_m_tiles, p.qk_scale, p.softmax_scale, os_[0], os_[1], os_[2], dos[0], dos[1], dos[2],
         stride_lb, stride_lh, sts[1], sts[0], dq_out.stride(1), dq_out.stride(2),
-        *gluon_backward.window_bounds(p, seqlen_q, seqlen_k)),
+        *gluon_backward.window_bounds(p, seqlen_q, seqlen_k), p.softcap_log2),
         dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.dq_k_stages, V_STAGES=2,
-             CAUSAL=p.window_right == 0 and not _window(p), WINDOW=_window(p),
+             CAUSAL=p.window_right == 0 and not _window(p), WINDOW=_window(p), HAS_SOFTCAP=p.softcap > 0,
              HAS_RESID=resid is not None, HAS_DLSE=dlse is not None, VARLEN=p.varlen,
              CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs),
