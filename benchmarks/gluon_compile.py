@@ -24,7 +24,7 @@ from tileattn.kernels import gluon_forward as gf  # noqa: E402
 
 
 def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=False, fp16=False, window=False,
-                varlen=False):
+                varlen=False, alibi=False):
     from tileattn import configs
     c = configs._GLUON_FWD[d]  # the table entry, whether on by default or not
     bn, ks, vs, creg, preg, maxnreg = cfg or (c.block_n, c.k_stages, c.v_stages, c.consumer_regs, c.producer_regs,
@@ -34,11 +34,11 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
         layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gl.float16 if fp16 else gl.bfloat16)
         return f"tensordesc<{'fp16' if fp16 else 'bf16'}[1,{rows},1,{d}],{layout!r}>"
     sig = {"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn), "o_desc": desc(bm), "r_desc": desc(bm),
-           "LSE": "*fp32", "SINK": "*fp32", "qk_scale": "fp32", "softcap": "fp32",
+           "LSE": "*fp32", "SINK": "*fp32", "ALIBI": "*fp32", "qk_scale": "fp32", "softcap": "fp32",
            "O": f"*{'fp16' if fp16 else 'bf16'}", "RESID": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32",
            "CU_K": "*i32"}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=causal, STORE_RESID=resid,
-                  HAS_SOFTCAP=softcap, HAS_SINK=sink, WINDOW=window, VARLEN=varlen, CONSUMER_REGS=creg,
+                  HAS_SOFTCAP=softcap, HAS_SINK=sink, WINDOW=window, VARLEN=varlen, HAS_ALIBI=alibi, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg)
     fn = gf._fwd_kernel
     for name in fn.arg_names:
@@ -50,7 +50,7 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
     return k
 
 
-def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=False, softcap=False):
+def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=False, softcap=False, alibi=False):
     """The Gluon dK/dV kernel (kernels/gluon_backward.py) for sm_90a."""
     from tileattn import configs
     from tileattn.kernels import gluon_backward as gb
@@ -65,9 +65,9 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
     sig = {"q_desc": desc(bm), "do_desc": desc(bm), "k_desc": desc(64), "v_desc": desc(64), "dk_desc": desc(64),
            "dv_desc": desc(64), "st_desc": f"tensordesc<fp32[{bm}],{gb._stats_layout(bm)!r}>",
            "qk_scale": "fp32", "sm_scale": "fp32", "softcap": "fp32", "DK": f"*{'fp16' if fp16 else 'bf16'}",
-           "DV": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32", "CU_K": "*i32"}
+           "DV": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32"}
     consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal and not window, WINDOW=window, PIPELINE=bool(pipe),
-                  VARLEN=varlen, HAS_SOFTCAP=softcap, CONSUMER_REGS=creg, PRODUCER_REGS=preg)
+                  VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, CONSUMER_REGS=creg, PRODUCER_REGS=preg)
     fn = gb._dkdv_kernel
     for name in fn.arg_names:
         if name not in sig:
@@ -78,7 +78,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
 
 
 def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False, varlen=False, window=False,
-               softcap=False):
+               softcap=False, alibi=False):
     """The Gluon dQ kernel (kernels/gluon_dq.py) for sm_90a; cfg = (block_n, k_stages, creg, preg, maxnreg)."""
     from tileattn import configs
     from tileattn.kernels import gluon_dq as gq
@@ -93,10 +93,10 @@ def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False
            "O": f"*{name}", "RESID": f"*{name}", "DO": f"*{name}", "LSE": "*fp32", "DLSE": "*fp32",
            "DELTA": "*fp32", "STATS": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32", "softcap": "fp32",
            "DQ": f"*{name}",
-           "CU_Q": "*i32", "CU_K": "*i32"}
+           "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32"}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=2, CAUSAL=causal and not window, WINDOW=window,
-                  HAS_RESID=resid, HAS_DLSE=dlse, VARLEN=varlen, HAS_SOFTCAP=softcap, CONSUMER_REGS=creg,
-                  PRODUCER_REGS=preg)
+                  HAS_RESID=resid, HAS_DLSE=dlse, VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
+                  CONSUMER_REGS=creg, PRODUCER_REGS=preg)
     fn = gq._dq_kernel
     for arg in fn.arg_names:
         if arg not in sig:
@@ -133,6 +133,7 @@ def main():
     ap.add_argument("--sink", action="store_true")
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--window", action="store_true", help="a sliding window (left and right bounds)")
+    ap.add_argument("--alibi", action="store_true", help="ALiBi slopes")
     ap.add_argument("--varlen", action="store_true", help="the packed varlen variant (forward, --bwd or --dq)")
     ap.add_argument("--dq", action="store_true", help="the dQ backward kernel instead (--config bn,kstages,creg,"
                     "preg,maxnreg; --no-resid: delta from the rounded O; --dlse)")
@@ -149,11 +150,13 @@ def main():
     if a.window and a.causal:
         ap.error("--window is its own mask (a causal call with a left bound is a window)")
     if a.dq:
-        k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen, a.window, a.softcap)
+        k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen, a.window, a.softcap,
+                       a.alibi)
     elif a.bwd:
-        k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap)
+        k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi)
     else:
-        k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, a.softcap, a.sink, a.fp16, a.window, a.varlen)
+        k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, a.softcap, a.sink, a.fp16, a.window, a.varlen,
+                        a.alibi)
     if a.check:
         report = ptxas_messages(k.asm["ptx"])
         print(report)

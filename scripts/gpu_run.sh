@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window softcap bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -99,14 +99,15 @@ for stage in "$@"; do
               --cases dense,window,varlen --out-dir "$OUT/w$w" 2>&1 | grep -v "^#"; done | tee "$OUT/window_features.log"
             python3 -m tileattn.bench_features --seqlens 2048,8192 --head-dim 64 --cases dense,window --out-dir "$OUT/d64" \
               2>&1 | grep -v "^#" | tee -a "$OUT/window_features.log"; fi ;;
-    # session 13: softcap through the Gluon backward: a hang-safe first look, the test files whose feature calls go
-    # through the Gluon kernels, then every feature's cost per useful FLOP at D=128 and 64
-    softcap) timeout 200 python3 -m pytest tests/test_gluon_backward.py -k "softcap and 128 and bf16" -x -q \
-               -p no:cacheprovider -rf -p no:benchmark 2>&1 | tee "$OUT/softcap_probe.log" | tail -8
+    # session 13: softcap and ALiBi through the Gluon kernels: a hang-safe first look, the test files whose feature
+    # calls go through them, then every feature's cost per useful FLOP at D=128 and 64
+    gluon-features) timeout 240 python3 -m pytest tests/test_gluon_backward.py tests/test_gluon_forward.py -x -q \
+               -k "(softcap and 128 and bf16) or (test_alibi and 128 and head)" -p no:cacheprovider -rf \
+               -p no:benchmark 2>&1 | tee "$OUT/features_probe.log" | tail -8
              if [ "${PIPESTATUS[0]}" != 0 ]; then status=1; else
              timeout 420 python3 -m pytest tests/test_gluon_backward.py tests/test_gluon_forward.py tests/test_features.py \
                tests/test_varlen.py tests/test_flash_api.py tests/test_api.py -q -n 14 -p no:cacheprovider -rf \
-               -p no:benchmark 2>&1 | tee "$OUT/softcap_tests.log" | tail -15 || status=1
+               -p no:benchmark 2>&1 | tee "$OUT/features_tests.log" | tail -15 || status=1
              for d in 128 64; do python3 -m tileattn.bench_features --seqlens 2048,8192 --head-dim $d \
                --out-dir "$OUT/d$d" 2>&1 | grep -v "^#"; done | tee "$OUT/features.log"; fi ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \

@@ -13,7 +13,7 @@ import torch
 
 import tileattn
 from _helpers import (GLUON_CASES, HALF_DTYPES, HOPPER, attn_params, check_attention, dtype_id, gluon_compile_check,
-                      make_qkv, ptxas_available, randn, seed_for, spy_calls)
+                      make_gen, make_qkv, ptxas_available, randn, seed_for, spy_calls)
 from tileattn.kernels import gluon_backward, gluon_dq
 
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon backward runs on sm90 only")
@@ -49,7 +49,7 @@ def test_scope_on_hopper(monkeypatch):
     assert gluon_backward.applies(*ok, attn_params(q, k, sink=torch.zeros(4, device="cuda")))
     assert gluon_backward.applies(*ok, attn_params(q, k, softcap=5.0))  # softcap: in scope
     assert gluon_backward.applies(*ok, attn_params(q, k, window_left=16))  # sliding windows: in scope
-    assert not gluon_backward.applies(*ok, attn_params(q, k, alibi_slopes=torch.zeros(4, device="cuda")))
+    assert gluon_backward.applies(*ok, attn_params(q, k, alibi_slopes=torch.zeros(4, device="cuda")))
     assert not gluon_backward.applies(*ok, attn_params(q, k, dropout_p=0.1))
     f = [t.float() for t in ok]
     assert not gluon_backward.applies(*f, attn_params(q, k))
@@ -231,6 +231,35 @@ def test_softcap(causal, d, dtype, spy, monkeypatch):
     assert bool(dq_calls) == (d == 128), "the Gluon dQ kernel runs at D=128 only (configs)"
 
 
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("kind,causal", [("head", False), ("batch", True)])
+def test_alibi(kind, causal, d, spy, monkeypatch):
+    """ALiBi in the Gluon backward: the slope of each query head of the GQA group in dK/dV (per ring step), per
+    (batch, head) slopes, Sq != Sk both ways; varlen with per-sequence slopes; against the float64 reference."""
+    import test_features
+    import test_varlen
+    from _flash_helpers import rand
+    dq_calls = spy_calls(monkeypatch, gluon_dq, "dq")
+    for sq, sk in ((333, 777), (777, 333)):
+        q, k, v, gen = make_qkv(2, sq, sk, 8, 2, d, torch.bfloat16, seed_for("gluon-bwd-alibi", kind, causal, d, sq),
+                                requires_grad=True)
+        test_features._check(q, k, v, randn((2, sq, 8, d), torch.bfloat16, gen), causal=causal,
+                             alibi_slopes=test_features._alibi(kind, 2, 8, gen), ctx=f"gluon bwd alibi D={d}")
+    lens_q, lens_k = VARLEN_LENS
+    gen = make_gen(seed_for("gluon-bwd-alibi-varlen", kind, causal, d))
+    q = rand((sum(lens_q), 8, d), torch.float16, gen, requires_grad=True)
+    k = rand((sum(lens_k), 2, d), torch.float16, gen, requires_grad=True)
+    v = rand((sum(lens_k), 2, d), torch.float16, gen, requires_grad=True)
+    monkeypatch.setattr(test_varlen, "HQ", 8)
+    test_varlen._check_varlen(q, k, v, lens_q, lens_k, rand((sum(lens_q), 8, d), torch.float16, gen), None,
+                              causal=causal, alibi_slopes=test_features._alibi(kind, len(lens_q), 8, gen),
+                              ctx=f"gluon bwd alibi D={d}")
+    assert spy, "the call did not take the Gluon dK/dV kernel"
+    assert bool(dq_calls) == (d == 128), "the Gluon dQ kernel runs at D=128 only (configs)"
+
+
 BWD_WINDOWS = [(0, 0), (3, 2), (-1, 5), (37, 0), (200, 100), (1000, -1), (130, 0), (5000, 5000)]
 
 
@@ -274,7 +303,6 @@ def test_varlen_through_gluon(mask, d, spy, monkeypatch):
     causal = mask == "causal"
     feat = dict(window_size=(300, 40)) if mask == "window" else dict(causal=causal)
     import test_varlen
-    from _helpers import make_gen
     from _flash_helpers import rand
     monkeypatch.setattr(test_varlen, "HQ", 8)
     dq_calls = spy_calls(monkeypatch, gluon_dq, "dq")
@@ -340,7 +368,8 @@ def test_varlen_reproducible_agrees_with_portable_and_isolated(d, spy, monkeypat
                                             (128, True, ("--config", "64,2,240,24,168,0")),
                                             (128, True, ("--varlen",)), (64, False, ("--varlen", "--fp16")),
                                             (128, False, ("--window",)), (64, False, ("--window", "--varlen")),
-                                            (128, True, ("--softcap",)), (64, False, ("--softcap", "--window"))])
+                                            (128, True, ("--softcap",)), (64, False, ("--softcap", "--window")),
+                                            (128, True, ("--alibi", "--varlen")), (64, False, ("--alibi",))])
 def test_compiles_for_sm90_without_serialised_wgmma(d, causal, extra):
     """No C7514 / C7512 (wgmma serialised) and at most a few spilled scalars (64 bytes: the plain loop with 64-row
     steps at D=128 has 20-36, in local memory that stays in L1). In a subprocess, as test_gluon_forward's."""
@@ -355,7 +384,8 @@ def test_compiles_for_sm90_without_serialised_wgmma(d, causal, extra):
                                             (64, False, ("--fp16", "--no-resid")), (128, True, ("--varlen", "--dlse")),
                                             (128, False, ("--varlen", "--no-resid")), (128, False, ("--window",)),
                                             (128, False, ("--window", "--varlen", "--dlse")),
-                                            (128, True, ("--softcap", "--fp16"))])
+                                            (128, True, ("--softcap", "--fp16")),
+                                            (128, False, ("--alibi", "--softcap"))])
 def test_dq_kernel_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal, extra):
     r = gluon_compile_check("--dq", "--head-dim", d, *(["--causal"] if causal else []), *extra,
                             env_extra={"TILEATTN_FAST_TANH": "1"})

@@ -47,7 +47,7 @@ def test_scope_on_hopper(monkeypatch):
     assert gluon_forward.applies(q, k, k, attn_params(q, k, softcap=5.0))
     assert gluon_forward.applies(q, k, k, attn_params(q, k, window_left=16))
     assert gluon_forward.applies(q, k, k, attn_params(q, k, sink=torch.zeros(4, device="cuda")))
-    assert not gluon_forward.applies(q, k, k, attn_params(q, k, alibi_slopes=torch.zeros(4, device="cuda")))
+    assert gluon_forward.applies(q, k, k, attn_params(q, k, alibi_slopes=torch.zeros(4, device="cuda")))
     assert not gluon_forward.applies(q[..., :96], k[..., :96], k[..., :96], attn_params(q, k))
     q256 = torch.zeros(1, 64, 2, 256, device="cuda", dtype=torch.bfloat16)
     k256 = torch.zeros(1, 1024, 2, 256, device="cuda", dtype=torch.bfloat16)
@@ -151,9 +151,38 @@ def test_features_take_gluon_by_default(spy):
     tileattn.attention(q, k, v, softcap=5.0)
     tileattn.attention(q, k, v, sink=torch.zeros(2, device="cuda"))
     tileattn.attention(q, k, v, window_size=(64, 0))
-    assert len(spy) == 3
-    tileattn.attention(q, k, v, alibi_slopes=torch.ones(2, device="cuda"))  # ALiBi: the portable kernel's
-    assert len(spy) == 3
+    tileattn.attention(q, k, v, alibi_slopes=torch.ones(2, device="cuda"))
+    assert len(spy) == 4
+    tileattn.attention(q, k, v, dropout_p=0.1)  # dropout: the portable kernel's
+    assert len(spy) == 4
+
+
+ALIBI_CASES = [("head", False, ()), ("batch", True, ()), ("batch", False, ("softcap", "sink")),
+               ("head", True, ("window",))]
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("kind,causal,extra", ALIBI_CASES, ids=["-".join((k, str(c)) + e) for k, c, e in ALIBI_CASES])
+def test_alibi(kind, causal, extra, dtype, spy):
+    """ALiBi in the Gluon forward (and backward): slopes (H,) (the standard geometric ones) or random (B, H), with
+    causal, softcap, sink and a window; Sq != Sk (bottom-right aligned distances), GQA; out, lse and gradients
+    against the float64 reference."""
+    import test_features
+    B, Sq, Sk, Hq, Hkv, D = 2, 333, 777, 4, 2, 128
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("gluon-alibi", kind, causal, extra),
+                            requires_grad=True)
+    kw = dict(causal=causal, alibi_slopes=test_features._alibi(kind, B, Hq, gen))
+    if "softcap" in extra:
+        kw["softcap"] = 5.0
+    if "sink" in extra:
+        kw["sink"] = randn((Hq,), torch.float32, gen).requires_grad_()
+    if "window" in extra:
+        kw["window_size"] = (100, 0)
+        kw.pop("causal")
+    test_features._check(q, k, v, randn((B, Sq, Hq, D), dtype, gen), ctx="gluon alibi", **kw)
+    assert spy, "the call did not take the Gluon forward"
 
 
 @hopper
@@ -268,7 +297,9 @@ def test_varlen_nan_stays_in_its_sequence(d, spy):
                                             (128, True, ("--softcap", "--sink")), (128, False, ("--window",)),
                                             (64, False, ("--softcap", "--sink", "--fp16")),
                                             (128, False, ("--varlen",)), (128, True, ("--varlen", "--sink")),
-                                            (64, False, ("--varlen", "--window", "--fp16"))])
+                                            (64, False, ("--varlen", "--window", "--fp16")),
+                                            (128, True, ("--alibi", "--softcap", "--sink")),
+                                            (256, False, ("--alibi",))])
 def test_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal, extra):
     """ptxas serialises every wgmma of a kernel (warning C7514) when a register accumulator stays in flight where
     other instructions read it; that would silently cost most of the speed, so the CPU suite checks for it.

@@ -18,11 +18,12 @@ bit-reproducible like the portable kernel's.
 
 Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_backward_config`` (64, 128),
 batched inputs and packed varlen ones (``TILEATTN_GLUON_VARLEN=0`` opts out), causal (bottom-right aligned) or not,
-sliding windows (the query-tile range of each key tile, masks on the window's edge tiles) and softcap (dS through
-the tanh, with the forward's tanh); no ALiBi or dropout (sinks and dlse only change lse and delta, so they are in
-scope). Everything else takes the portable kernel. Varlen: a query tile that crosses its sequence's end reads the next
-sequence's Q / dO rows, zeroed in shared memory before use, so no value of one sequence (NaN and inf included)
-reaches another's gradients; a key half that crosses it is stored by masked pointer stores.
+sliding windows (the query-tile range of each key tile, masks on the window's edge tiles), softcap (dS through
+the tanh, with the forward's tanh) and ALiBi (its slope per query head); no dropout (sinks and dlse only change lse
+and delta, so they are in scope). Everything else takes the portable kernel. Varlen: a query tile that crosses its
+sequence's end reads the next sequence's Q / dO rows, zeroed in shared memory before use, so no value of one
+sequence (NaN and inf included) reaches another's gradients; a key half that crosses it is stored by masked pointer
+stores.
 
 Layouts: q / dO (B, Sq, Hq, D), k / v / dk / dv (B, Sk, Hkv, D), any strides with the last one 1 and 16-byte
 aligned (TMA); rows past Sq load as zeros with lse +inf (P = 0); keys past Sk are computed and clipped by the TMA
@@ -76,8 +77,9 @@ if AVAILABLE:
             tma.async_copy_global_to_shared(st_desc, [stride_st + srow], ready.index(s), delta_smem.index(s))
 
     @gluon.jit
-    def _probs(st, lse_slot, tile, keys, seqlen_q, diag, win, qk_scale, softcap, BLOCK_M: gl.constexpr,
-               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr, IS_BF16: gl.constexpr):
+    def _probs(st, lse_slot, tile, keys, seqlen_q, diag, win, qk_scale, softcap, slope, BLOCK_M: gl.constexpr,
+               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr, IS_BF16: gl.constexpr,
+               HAS_ALIBI: gl.constexpr):
         """P^T of one step from S^T: exp2(S^T * qk_scale - lse), 0 where the key is after the row (causal) or
         outside the row's window, and for rows past the sequence (lse and delta are read from shared memory when
         needed: held in registers across the waits they made the D=128 warpgroups spill; past the last row they
@@ -85,7 +87,8 @@ if AVAILABLE:
         see only part of the warpgroup's keys on the right (causal / window), tiles from mask_start on on the
         left (window); row r sees keys [r + diag - win_left, r + diag + win_right]. HAS_SOFTCAP: the scores are
         softcap * tanh(S^T * qk_scale) (softcap pre-multiplied by log2 e, tanh as the forward's); returns (P^T,
-        1 - tanh^2: the factor of dS^T), else (P^T, P^T)."""
+        1 - tanh^2: the factor of dS^T), else (P^T, P^T). HAS_ALIBI: minus slope * |r + diag - key| (log2
+        units)."""
         mask_end, mask_start, win_left, win_right = win
         col_layout: gl.constexpr = gl.SliceLayout(0, st.type.layout)
         lse = lse_slot.load(col_layout)
@@ -93,7 +96,14 @@ if AVAILABLE:
             lse = gl.where(tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout) < seqlen_q, lse, float("inf"))
         if HAS_SOFTCAP:
             t = _tanh(st * qk_scale, IS_BF16)
-            p = gl.exp2(softcap * t - lse[None, :])
+            sc = softcap * t
+        else:
+            sc = st * qk_scale
+        if HAS_ALIBI:
+            rows_f = (tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout) + diag).to(gl.float32)
+            sc = sc - slope * gl.abs(rows_f[None, :] - keys.to(gl.float32)[:, None])
+        if HAS_SOFTCAP or HAS_ALIBI:
+            p = gl.exp2(sc - lse[None, :])
         else:
             p = gl.exp2(st * qk_scale - lse[None, :])
         if CAUSAL:
@@ -109,6 +119,14 @@ if AVAILABLE:
             return p, 1.0 - t * t
         else:
             return p, p
+
+    @gluon.jit
+    def _slope(ALIBI_B, hq, HAS_ALIBI: gl.constexpr):
+        """Query head hq's ALiBi slope in log2 units (0.0 without ALiBi); ALIBI_B: the sequence's slopes (Hq,)."""
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = gl.load(ALIBI_B + hq).to(gl.float32) * 1.4426950408889634
+        return slope
 
     @gluon.jit
     def _dscores(p, g, dpt, delta_slot, tile, seqlen_q, BLOCK_M: gl.constexpr, HAS_SOFTCAP: gl.constexpr):
@@ -141,12 +159,12 @@ if AVAILABLE:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _dkdv_consumer(w: gl.constexpr, dk_desc, dv_desc, DK, DV, q_smem, do_smem, k_smem, v_smem, lse_smem,
+    def _dkdv_consumer(w: gl.constexpr, dk_desc, dv_desc, DK, DV, ALIBI_B, q_smem, do_smem, k_smem, v_smem, lse_smem,
                        delta_smem, bars, b, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
                        k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N: gl.constexpr,
                        win_left, win_right, softcap, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                       PIPELINE: gl.constexpr, VARLEN: gl.constexpr):
+                       PIPELINE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr):
         """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps.
         PIPELINE: software-pipelined by one step: S^T_t and dP^T_t are issued with dV += P^T_{t-1} dO_{t-1} and
         dK += dS^T_{t-1} Q_{t-1} between them, so step t's elementwise work runs while step t-1's products hold the
@@ -193,10 +211,11 @@ if AVAILABLE:
                 st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-                p, g = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
-                              BLOCK_M, CAUSAL, WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16)
+                p, dtanh = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
+                                  _slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
+                                  HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
                 dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
-                ds = _dscores(p, g, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
+                ds = _dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
                 # both products issued after dS (P^T in flight beside fp32 P^T and dP^T spilled at D=128)
                 dv_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do2, dv, is_async=True)
                 dk_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), q2, dk, is_async=True)
@@ -211,10 +230,11 @@ if AVAILABLE:
             dpt_tok = warpgroup_mma(v2, do_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                     use_acc=False, is_async=True)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-            p, g = _probs(st, lse_smem.index(0), m_lo, keys, seqlen_q, diag, win, qk_scale, softcap,
-                          BLOCK_M, CAUSAL, WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16)
+            p, dtanh = _probs(st, lse_smem.index(0), m_lo, keys, seqlen_q, diag, win, qk_scale, softcap,
+                              _slope(ALIBI_B, hk * group, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
+                              HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
-            ds = _dscores(p, g, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M, HAS_SOFTCAP)
+            ds = _dscores(p, dtanh, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M, HAS_SOFTCAP)
             p_op = gl.convert_layout(p.to(dtype), op_layout)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             for t in range(1, n):
@@ -232,10 +252,11 @@ if AVAILABLE:
                                         use_acc=False, is_async=True)
                 dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
                 st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
-                p, g = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
-                              BLOCK_M, CAUSAL, WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16)
+                p, dtanh = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
+                                  _slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
+                                  HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
                 dv, dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dpt_tok))
-                ds = _dscores(p, g, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
+                ds = _dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
                 dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
                 mbarrier.arrive(empty.index(sp), count=1)
                 p_op = gl.convert_layout(p.to(dtype), op_layout)
@@ -259,18 +280,19 @@ if AVAILABLE:
             _store_kv(dk_desc, dv_desc, k_smem, v_smem, w, b, key0, hk)
 
     @gluon.jit
-    def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, DK, DV, CU_Q, CU_K, seqlen_q,
-                     seqlen_k, kv_heads, group, num_n_tiles, qk_scale, sm_scale, stride_sh, stride_st, stride_dks,
-                     stride_dkh, stride_dvs, stride_dvh, win_left, win_right, softcap, HEAD_D: gl.constexpr,
-                     STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                     PIPELINE: gl.constexpr,
-                     VARLEN: gl.constexpr,
+    def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, DK, DV, CU_Q, CU_K, ALIBI,
+                     seqlen_q, seqlen_k, kv_heads, group, num_n_tiles, qk_scale, sm_scale, stride_sh, stride_st,
+                     stride_dks, stride_dkh, stride_dvs, stride_dvh, win_left, win_right, softcap, stride_ab,
+                     HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+                     HAS_SOFTCAP: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
+                     HAS_ALIBI: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
         total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
         read per sequence (the arguments are the maxima). DK / DV: dk and dv as pointers (with their row and head
-        strides) for the masked stores of a sequence's last keys (varlen only)."""
+        strides) for the masked stores of a sequence's last keys (varlen only). ALIBI: fp32 slopes (Hq,) or (B,
+        Hq) (batch stride stride_ab, 0 for (Hq,))."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HALF_N: gl.constexpr = k_desc.block_type.shape[1]
         dtype: gl.constexpr = q_desc.dtype
@@ -318,15 +340,20 @@ if AVAILABLE:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)  # both consumer warpgroups release each slot
         bars = (kv_bar, ready, empty)
+        alibi_b = ALIBI
+        if HAS_ALIBI:
+            alibi_b = ALIBI + b * stride_ab
         gl.warp_specialize([
-            (_dkdv_consumer, (0, dk_desc, dv_desc, DK, DV, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
-                              bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                              k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N, win_left, win_right,
-                              softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP, PIPELINE, VARLEN)),
-            (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
-                              bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                              k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N, win_left, win_right,
-                              softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP, PIPELINE, VARLEN)),
+            (_dkdv_consumer, (0, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                              delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
+                              qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
+                              win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
+                              PIPELINE, VARLEN, HAS_ALIBI)),
+            (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                              delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
+                              qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
+                              win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
+                              PIPELINE, VARLEN, HAS_ALIBI)),
             (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
                           delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
                           q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES)),
@@ -345,7 +372,7 @@ def applies(q, k, v, dout, dq, dk, dv, p: AttnParams):
         return None
     if p.varlen and (configs.getenv("TILEATTN_GLUON_VARLEN") == "0" or p.max_seqlen_q == 0 or p.max_seqlen_k == 0):
         return None
-    if p.alibi_slopes is not None or p.dropout_p > 0:
+    if p.dropout_p > 0:
         return None
     if configs._arch(configs._device_index(q.device), configs._arch_override())[0] != 9:
         return None
@@ -384,11 +411,12 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg):
     sts = stats.stride()
     launch(_dkdv_kernel, (num_n_tiles * batch * kv_heads,), (
         q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, dk, dv,
-        p.cu_seqlens_q if p.varlen else dk, p.cu_seqlens_k if p.varlen else dk, seqlen_q, seqlen_k, kv_heads,
+        p.cu_seqlens_q if p.varlen else dk, p.cu_seqlens_k if p.varlen else dk,
+        p.alibi_slopes if p.alibi_slopes is not None else stats, seqlen_q, seqlen_k, kv_heads,
         q_heads // kv_heads, num_n_tiles, p.qk_scale, p.softmax_scale, sts[1], sts[0], dk.stride(1), dk.stride(2),
-        dv.stride(1), dv.stride(2), *window_bounds(p, seqlen_q, seqlen_k), p.softcap_log2),
+        dv.stride(1), dv.stride(2), *window_bounds(p, seqlen_q, seqlen_k), p.softcap_log2, p.alibi_stride_b),
         dict(HEAD_D=d, STAGES=cfg.stages, CAUSAL=p.window_right == 0 and not _window(p), WINDOW=_window(p),
-             HAS_SOFTCAP=p.softcap > 0,
+             HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=p.alibi_slopes is not None,
              PIPELINE=cfg.pipeline, VARLEN=p.varlen,
              CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs),

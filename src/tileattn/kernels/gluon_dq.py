@@ -33,6 +33,7 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
+    from .gluon_backward import _slope
     from .gluon_forward import _store_rows, load_kv_ring, zero_rows_from
 
     @gluon.jit
@@ -90,17 +91,25 @@ if AVAILABLE:
         return lse, delta
 
     @gluon.jit
-    def _probs(s, j, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, softcap, BLOCK_N: gl.constexpr,
-               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr, IS_BF16: gl.constexpr):
+    def _probs(s, j, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, softcap, slope, BLOCK_N: gl.constexpr,
+               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr, IS_BF16: gl.constexpr,
+               HAS_ALIBI: gl.constexpr):
         """P = exp2(S * qk_scale - lse) of key tile j, 0 past the sequence's keys, after the diagonal (causal) or
         outside the rows' windows in the tiles from n_full on and (window) before full_lo. win = (full_lo,
         win_left, win_right): row r sees keys [r + diag - win_left, r + diag + win_right]. HAS_SOFTCAP: the scores
         are softcap * tanh(S * qk_scale) (softcap pre-multiplied by log2 e, tanh as the forward's); returns (P,
-        1 - tanh^2: the factor of dS), else (P, P)."""
+        1 - tanh^2: the factor of dS), else (P, P). HAS_ALIBI: minus slope * |r + diag - key| (log2 units)."""
         full_lo, win_left, win_right = win
         if HAS_SOFTCAP:
             t = _tanh(s * qk_scale, IS_BF16)
-            p = gl.exp2(softcap * t - lse[:, None])
+            sc = softcap * t
+        else:
+            sc = s * qk_scale
+        if HAS_ALIBI:
+            keys_f = (j * BLOCK_N + cols).to(gl.float32)
+            sc = sc - slope * gl.abs((rows + diag).to(gl.float32)[:, None] - keys_f[None, :])
+        if HAS_SOFTCAP or HAS_ALIBI:
+            p = gl.exp2(sc - lse[:, None])
         else:
             p = gl.exp2(s * qk_scale - lse[:, None])
         masked = j >= n_full
@@ -144,13 +153,13 @@ if AVAILABLE:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _dq_consumer(w: gl.constexpr, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, q_smem, do_smem, k_smem,
-                     v_smem, bars, b, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob, stride_os,
-                     stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st,
-                     srow0, q_row0, stride_dqs, stride_dqh, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
+    def _dq_consumer(w: gl.constexpr, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI_B, q_smem, do_smem,
+                     k_smem, v_smem, bars, b, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
+                     stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh,
+                     stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
                      lo, win_left, win_right, softcap, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
                      V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                     HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr):
+                     HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr):
         """One warpgroup: rows [start_m + w * HALF_M, + HALF_M), key tiles lo .. lo + n - 1 (ring positions 0 ..
         n - 1). VARLEN: the key tile that
         crosses the sequence's end has its other rows (the next sequence's) zeroed in K and V before use (their P
@@ -178,6 +187,7 @@ if AVAILABLE:
             n_full = gl.minimum(n_full, gl.maximum(row0 + diag + win_right + 1, 0) // BLOCK_N)
             full_lo = gl.cdiv(gl.maximum(row0 + HALF_M - 1 + diag - win_left, 0), BLOCK_N)
         win = (full_lo, win_left, win_right)
+        slope = _slope(ALIBI_B, h, HAS_ALIBI)
         dq = gl.zeros([HALF_M, HEAD_D], gl.float32, layout=acc_layout)
         s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
         q2 = q_smem.index(w).reshape([HALF_M, HEAD_D])
@@ -195,11 +205,11 @@ if AVAILABLE:
             dp_tok = warpgroup_mma(do2, v_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                    use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
-            p, g = _probs(s, lo, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, softcap, BLOCK_N, CAUSAL,
-                          WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16)
+            p, dtanh = _probs(s, lo, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, softcap, slope, BLOCK_N,
+                              CAUSAL, WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
             mbarrier.arrive(v_empty.index(0), count=1)
-            ds_op = _dscores_op(p, g, dp, delta, dtype, op_layout, HAS_SOFTCAP)
+            ds_op = _dscores_op(p, dtanh, dp, delta, dtype, op_layout, HAS_SOFTCAP)
             for j in range(1, n):
                 ks = j % K_STAGES
                 vs = j % V_STAGES
@@ -216,12 +226,12 @@ if AVAILABLE:
                 dp_tok = warpgroup_mma(do2, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                        use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok, ))
-                p, g = _probs(s, lo + j, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, softcap, BLOCK_N,
-                              CAUSAL, WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16)
+                p, dtanh = _probs(s, lo + j, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, softcap, slope,
+                                  BLOCK_N, CAUSAL, WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
                 dq, dp = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, dp_tok))
                 mbarrier.arrive(k_empty.index(kp), count=1)
                 mbarrier.arrive(v_empty.index(vs), count=1)
-                ds_op = _dscores_op(p, g, dp, delta, dtype, op_layout, HAS_SOFTCAP)
+                ds_op = _dscores_op(p, dtanh, dp, delta, dtype, op_layout, HAS_SOFTCAP)
             kp = (n - 1) % K_STAGES
             dq_tok = warpgroup_mma(ds_op, k_smem.index(kp).reshape([BLOCK_N, HEAD_D]), dq, is_async=True)
             dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
@@ -238,17 +248,19 @@ if AVAILABLE:
 
     @gluon.jit
     def _dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, CU_Q, CU_K,
+                   ALIBI,
                    seqlen_q, seqlen_k, q_heads, group, num_m_tiles, qk_scale, sm_scale, stride_ob, stride_os,
                    stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st,
-                   stride_dqs, stride_dqh, win_left, win_right, softcap, BLOCK_N: gl.constexpr,
+                   stride_dqs, stride_dqh, win_left, win_right, softcap, stride_ab, BLOCK_N: gl.constexpr,
                    HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                    WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                   HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr,
+                   HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Warp-specialised: two consumer warpgroups (64 query rows each) and a producer warp. VARLEN: packed (1,
         total, H, D) tensors, sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are
         then read per sequence (the arguments are the maxima); DQ: dq as a pointer (row and head strides
-        stride_dqs / stride_dqh) for the masked stores of a sequence's last rows."""
+        stride_dqs / stride_dqh) for the masked stores of a sequence's last rows. ALIBI: fp32 slopes (Hq,) or (B,
+        Hq) (batch stride stride_ab, 0 for (Hq,))."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         dtype: gl.constexpr = q_desc.dtype
         pid = gl.program_id(0)
@@ -304,19 +316,22 @@ if AVAILABLE:
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(v_empty.index(i), count=2)
         bars = (q_bars, k_ready, k_empty, v_ready, v_empty)
+        alibi_b = ALIBI
+        if HAS_ALIBI:
+            alibi_b = ALIBI + b * stride_ab
         gl.warp_specialize([
-            (_dq_consumer, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, q_smem, do_smem, k_smem,
-                            v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
-                            stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
+            (_dq_consumer, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, alibi_b, q_smem, do_smem,
+                            k_smem, v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale,
+                            stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
                             stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, lo,
                             win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                            HAS_RESID, HAS_DLSE, VARLEN)),
-            (_dq_consumer, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, q_smem, do_smem, k_smem,
-                            v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
-                            stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
+                            HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI)),
+            (_dq_consumer, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, alibi_b, q_smem, do_smem,
+                            k_smem, v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale,
+                            stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
                             stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, lo,
                             win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                            HAS_RESID, HAS_DLSE, VARLEN)),
+                            HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI)),
             (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b_desc, h, hk,
                         start_m, lo, n, q_row0, k_row0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -343,12 +358,14 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
     launch(_dq_kernel, (num_m_tiles * batch * q_heads,), (
         q_desc, do_desc, k_desc, v_desc, dq_desc, out, resid if resid is not None else out, dout, lse,
         dlse if dlse is not None else lse, delta, stats, dq_out, p.cu_seqlens_q if p.varlen else lse,
-        p.cu_seqlens_k if p.varlen else lse, seqlen_q, seqlen_k, q_heads, q_heads // kv_heads,
+        p.cu_seqlens_k if p.varlen else lse, p.alibi_slopes if p.alibi_slopes is not None else lse, seqlen_q,
+        seqlen_k, q_heads, q_heads // kv_heads,
         num_m_tiles, p.qk_scale, p.softmax_scale, os_[0], os_[1], os_[2], dos[0], dos[1], dos[2],
         stride_lb, stride_lh, sts[1], sts[0], dq_out.stride(1), dq_out.stride(2),
-        *gluon_backward.window_bounds(p, seqlen_q, seqlen_k), p.softcap_log2),
+        *gluon_backward.window_bounds(p, seqlen_q, seqlen_k), p.softcap_log2, p.alibi_stride_b),
         dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.dq_k_stages, V_STAGES=2,
              CAUSAL=p.window_right == 0 and not _window(p), WINDOW=_window(p), HAS_SOFTCAP=p.softcap > 0,
+             HAS_ALIBI=p.alibi_slopes is not None,
              HAS_RESID=resid is not None, HAS_DLSE=dlse is not None, VARLEN=p.varlen,
              CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs),

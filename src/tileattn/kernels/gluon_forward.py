@@ -8,10 +8,10 @@ while the other's matmuls hold the tensor cores. Triton 3.6's own pipeliner and 
 
 Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_forward_config`` (64 from 2048
 keys, 128, 256 from 1024 keys or 2048 when causal), batched inputs, and packed varlen ones at D <= 128
-(``TILEATTN_GLUON_VARLEN=0`` opts out; see ``attention_forward``), no paging, ALiBi or dropout, causal or not
-(bottom-right aligned like the portable kernel). Softcap, sink and sliding windows (the key-tile range [lo, hi)
-shared by both warpgroups, edge tiles masked) are constexpr features of the kernel (D=64 takes the portable kernel
-for softcap and windows: faster there).
+(``TILEATTN_GLUON_VARLEN=0`` opts out; see ``attention_forward``), no paging or dropout, causal or not
+(bottom-right aligned like the portable kernel). Softcap, sink, ALiBi and sliding windows (the key-tile range
+[lo, hi) shared by both warpgroups, edge tiles masked) are constexpr features of the kernel (D=64 takes the portable
+kernel for softcap, ALiBi and windows: faster there for the first two, measured).
 Every other call, and every other GPU, takes the portable Triton kernel in ``forward.py``; both produce the same
 outputs (out, lse, and the rounding residual for the backward), checked against the same reference in the tests.
 
@@ -60,15 +60,21 @@ if AVAILABLE:
 
     @gluon.jit
     def _softmax_tile(s, j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap, win_left,
-                      win_right, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                      IS_BF16: gl.constexpr):
+                      win_right, slope, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                      IS_BF16: gl.constexpr, HAS_ALIBI: gl.constexpr):
         """Online-softmax step for key tile j: mask it when it is outside the full tiles [full_lo, n_full) (full_lo
         only with a window), then return (p unnormalised fp32, alpha = exp2(m_old - m_new), m_new, l_new). Rows
         that have seen no key keep m = -inf. With a softcap the scores become softcap * tanh(q.k * qk_scale)
         (softcap pre-multiplied by log2 e); with a window, row r sees keys [r + diag - win_left, r + diag +
-        win_right]."""
+        win_right]; ALiBi subtracts slope * |r + diag - key| (slope in log2 units; positions as fp32, exact below
+        2^24), on every tile."""
         if HAS_SOFTCAP:
             s = softcap * _tanh(s * qk_scale, IS_BF16)
+        elif HAS_ALIBI:
+            s = s * qk_scale
+        if HAS_ALIBI:
+            keys_f = (j * s.shape[1] + cols).to(gl.float32)
+            s = s - slope * gl.abs((rows + diag).to(gl.float32)[:, None] - keys_f[None, :])
         masked = j >= n_full
         if WINDOW:
             masked = masked | (j < full_lo)
@@ -81,13 +87,13 @@ if AVAILABLE:
                 rel = keys[None, :] - (rows[:, None] + diag)
                 visible = visible & (rel >= -win_left) & (rel <= win_right)
             s = gl.where(visible, s, float("-inf"))
-        if HAS_SOFTCAP:
+        if HAS_SOFTCAP or HAS_ALIBI:  # s already in log2 units
             m_new = gl.maximum(m_i, gl.max(s, axis=1))
         else:
             m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_use)
-        if HAS_SOFTCAP:
+        if HAS_SOFTCAP or HAS_ALIBI:
             p = gl.exp2(s - m_use[:, None])
         else:
             p = gl.exp2(s * qk_scale - m_use[:, None])
@@ -203,15 +209,16 @@ if AVAILABLE:
             gl.store(base + r[:, None] * stride_os + cc[None, :], x, mask=(r < n_rows)[:, None] & (cc < D)[None, :])
 
     @gluon.jit
-    def _consumer(w: gl.constexpr, o_desc, r_desc, LSE, SINK, O, RESID, q_smem, k_smem, v_smem, bars, b, h,
+    def _consumer(w: gl.constexpr, o_desc, r_desc, LSE, SINK, ALIBI_B, O, RESID, q_smem, k_smem, v_smem, bars, b, h,
                   start_m, lo, n, seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
                   q_row0, b_desc, stride_os, stride_oh, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
                   HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                   WINDOW: gl.constexpr, STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
-                  VARLEN: gl.constexpr):
+                  VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr):
         """One warpgroup: rows [start_m + w * HALF_M, + HALF_M) of the query tile, key tiles lo .. lo + n - 1
         (ring positions 0 .. n - 1). Rows and keys count from the sequence's start (q_row0: its first packed row
-        in a varlen call, where b_desc = 0 is the descriptors' batch index)."""
+        in a varlen call, where b_desc = 0 is the descriptors' batch index). ALIBI_B: this sequence's ALiBi
+        slopes (Hq,)."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         dtype: gl.constexpr = o_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -230,6 +237,9 @@ if AVAILABLE:
         if WINDOW:  # full tiles: every key visible to every row of this warpgroup
             n_full = gl.minimum(n_full, gl.maximum(row0 + diag + win_right + 1, 0) // BLOCK_N)
             full_lo = gl.cdiv(gl.maximum(row0 + HALF_M - 1 + diag - win_left, 0), BLOCK_N)
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = gl.load(ALIBI_B + h).to(gl.float32) * 1.4426950408889634
         m_i = gl.full([HALF_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([HALF_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
         acc = gl.zeros([HALF_M, HEAD_D], gl.float32, layout=o_layout)
@@ -249,8 +259,8 @@ if AVAILABLE:
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(0), count=1)
             p, alpha, m_i, l_i = _softmax_tile(s, lo, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale,
-                                               softcap, win_left, win_right, CAUSAL, WINDOW, HAS_SOFTCAP,
-                                               dtype == gl.bfloat16)
+                                               softcap, win_left, win_right, slope, CAUSAL, WINDOW, HAS_SOFTCAP,
+                                               dtype == gl.bfloat16, HAS_ALIBI)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             for j in range(1, n):
                 _turn_wait(turn, w, j)
@@ -263,8 +273,8 @@ if AVAILABLE:
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
                 mbarrier.arrive(k_empty.index(ks), count=1)
                 p, alpha, m_i, l_i = _softmax_tile(s, lo + j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k,
-                                                   qk_scale, softcap, win_left, win_right, CAUSAL, WINDOW,
-                                                   HAS_SOFTCAP, dtype == gl.bfloat16)
+                                                   qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
+                                                   HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
                 mbarrier.arrive(v_empty.index((j - 1) % V_STAGES), count=1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -306,17 +316,19 @@ if AVAILABLE:
             _store_tma(o_desc, r_desc, q_buf, acc, o, b_desc, row0, h, STORE_RESID)
 
     @gluon.jit
-    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, r_desc, LSE, SINK, O, RESID, CU_Q, CU_K,
+    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, CU_Q, CU_K,
                     seqlen_q, seqlen_k, q_heads, group, num_m_tiles, qk_scale, softcap, win_left, win_right,
-                    stride_lb, stride_lh, stride_os, stride_oh, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                    stride_lb, stride_lh, stride_os, stride_oh, stride_ab, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                     STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
-                    VARLEN: gl.constexpr, CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                    VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    PRODUCER_REGS: gl.constexpr):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
         (64 query rows each), one more worker warp issues every TMA load. VARLEN: q / k / v / out are packed
         (1, total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
         read per sequence (the arguments are the maxima). O / RESID: out and the residual as pointers, for the
-        masked stores of a sequence's last rows (varlen only)."""
+        masked stores of a sequence's last rows (varlen only). ALIBI: fp32 slopes (Hq,) or (B, Hq) (batch stride
+        stride_ab, 0 for (Hq,))."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = 2 * HALF_M
         dtype: gl.constexpr = q_desc.dtype
@@ -372,15 +384,18 @@ if AVAILABLE:
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(v_empty.index(i), count=2)
         bars = (q_bars, k_ready, k_empty, v_ready, v_empty, turn)
+        alibi_b = ALIBI
+        if HAS_ALIBI:
+            alibi_b = ALIBI + b * stride_ab
         gl.warp_specialize([
-            (_consumer, (0, o_desc, r_desc, LSE, SINK, O, RESID, q_smem, k_smem, v_smem, bars, b, h, start_m,
+            (_consumer, (0, o_desc, r_desc, LSE, SINK, alibi_b, O, RESID, q_smem, k_smem, v_smem, bars, b, h, start_m,
                          lo, n, seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
                          q_row0, b_desc, stride_os, stride_oh, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
-                         WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN)),
-            (_consumer, (1, o_desc, r_desc, LSE, SINK, O, RESID, q_smem, k_smem, v_smem, bars, b, h, start_m,
+                         WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI)),
+            (_consumer, (1, o_desc, r_desc, LSE, SINK, alibi_b, O, RESID, q_smem, k_smem, v_smem, bars, b, h, start_m,
                          lo, n, seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
                          q_row0, b_desc, stride_os, stride_oh, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
-                         WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN)),
+                         WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI)),
             (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b_desc, h, hk, start_m, lo, n,
                                q_row0, k_row0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -404,9 +419,9 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
     if (p.max_seqlen_k if p.varlen else k.shape[1]) < (cfg.min_seqlen_k_causal if p.causal_like
                                                         else cfg.min_seqlen_k):
         return None
-    if p.alibi_slopes is not None or p.dropout_p > 0:
+    if p.dropout_p > 0:
         return None
-    if not cfg.window_softcap and (p.softcap > 0 or _window(p)):
+    if not cfg.window_softcap and (p.softcap > 0 or _window(p) or p.alibi_slopes is not None):
         return None
     if configs._arch(configs._device_index(q.device), configs._arch_override())[0] != 9:
         return None  # TILEATTN_ARCH=8.0 forces the portable path on a Hopper card
@@ -460,14 +475,16 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     window = _window(p)
     unbounded = seqlen_q + seqlen_k  # a window side of -1: farther than any key
     launch(_fwd_kernel, (num_m_tiles * batch * q_heads,), (
-        q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse, out,
+        q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
+        p.alibi_slopes if p.alibi_slopes is not None else lse, out,
         resid if residual else out, cu_q if cu_q is not None else lse, cu_k if cu_k is not None else lse,
         seqlen_q, seqlen_k, q_heads, q_heads // kv_heads, num_m_tiles, p.qk_scale, p.softcap_log2,
         p.window_left if p.window_left >= 0 else unbounded, p.window_right if p.window_right >= 0 else unbounded,
-        stride_lb, stride_lh, out.stride(1), out.stride(2)),
+        stride_lb, stride_lh, out.stride(1), out.stride(2), p.alibi_stride_b),
         dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.k_stages, V_STAGES=cfg.v_stages,
              CAUSAL=p.window_right == 0 and not window, WINDOW=window,
              STORE_RESID=residual, HAS_SOFTCAP=p.softcap > 0, HAS_SINK=p.sink is not None, VARLEN=p.varlen,
+             HAS_ALIBI=p.alibi_slopes is not None,
              CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs),
         4, 3, maxnreg=cfg.maxnreg)
     return (out, lse, resid) if residual else (out, lse)
