@@ -204,12 +204,15 @@ VARLEN_GLUON = [(128, f) for f in VARLEN_FEATS] + [(64, "plain"), (64, "causal+s
 
 @hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("tilemap", ["0", "1"], ids=["grid", "tilemap"])
 @pytest.mark.parametrize("d,feat", VARLEN_GLUON, ids=[f"{d}-{f}" for d, f in VARLEN_GLUON])
-def test_varlen_through_gluon(feat, d, spy, monkeypatch):
+def test_varlen_through_gluon(feat, d, tilemap, spy, monkeypatch):
     """Packed varlen calls (D <= 128) take the Gluon forward: every sequence (lengths 0, 1, tile-crossing and
     long, q and k lengths different, GQA) against the float64 reference on its own slice (tests/test_varlen.py's
-    rule), rows past the last sequence 0 / -inf; and the same values as the portable kernel."""
+    rule), rows past the last sequence 0 / -inf; and the same values as the portable kernel. With the grid over
+    the longest sequence, and with the work list (TILEATTN_VARLEN_TILEMAP=1, _hostinfo.tile_map)."""
     from _flash_helpers import seqlens_to_cu, varlen_ref
+    monkeypatch.setenv("TILEATTN_VARLEN_TILEMAP", tilemap)
     from _helpers import check_lse, check_rule, atol_for, make_gen
     kw = dict(VARLEN_FEATS[feat])
     lens_q, lens_k = [177, 0, 1, 1024, 2000, 731, 64], [1500, 5, 0, 1, 2048, 731, 130]
@@ -260,13 +263,15 @@ def test_varlen_scope(monkeypatch):
 
 @hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("tilemap", ["0", "1"], ids=["grid", "tilemap"])
 @pytest.mark.parametrize("d", [64, 128])
-def test_varlen_nan_stays_in_its_sequence(d, spy):
+def test_varlen_nan_stays_in_its_sequence(d, tilemap, spy, monkeypatch):
     """A NaN or inf in one sequence's K and V (and in the rows past every sequence) reaches no other sequence's
     output or lse: the key tile that crosses a sequence's end reads the next sequence's rows, whose scores are
     masked and whose V rows are zeroed before P V (0 * NaN would be NaN). Lengths put sequence ends inside tiles
     of both warpgroups' halves and at a tile's last row."""
     from _flash_helpers import seqlens_to_cu
+    monkeypatch.setenv("TILEATTN_VARLEN_TILEMAP", tilemap)
     lens = [70, 300, 127, 2049, 129]
     gen = make_gen(seed_for("gluon-varlen-nan", d))
     total = sum(lens) + 40
@@ -299,6 +304,7 @@ def test_varlen_nan_stays_in_its_sequence(d, spy):
                                             (128, False, ("--varlen",)), (128, True, ("--varlen", "--sink")),
                                             (64, False, ("--varlen", "--window", "--fp16")),
                                             (128, True, ("--alibi", "--softcap", "--sink")),
+                                            (128, True, ("--varlen", "--tile-map")),
                                             (256, False, ("--alibi",))])
 def test_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal, extra):
     """ptxas serialises every wgmma of a kernel (warning C7514) when a register accumulator stays in flight where

@@ -434,3 +434,35 @@ def test_paged_kv_bad_input():
         call(q, k, v, *args, block_table=table)
     with pytest.raises(ValueError, match="no backward"):
         call(q.detach().requires_grad_(), kc, vc, *args, block_table=table)
+
+
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+def test_tile_map(causal):
+    """The varlen forward's work list (_hostinfo.tile_map, TILEATTN_VARLEN_TILEMAP=1): exactly one entry
+    tile * batch + b per query tile holding rows of sequence b (none for empty sequences or past a sequence's end),
+    longest first by key tiles visited; None until both cu_seqlens were read on the host; rebuilt after an in-place
+    change. Host-only: runs on the CPU."""
+    from tileattn._hostinfo import host_summary, tile_map
+    lens_q, lens_k = [130, 0, 1, 300, 64, 5], [40, 7, 0, 300, 500, 129]
+    cu_q, cu_k = seqlens_to_cu(lens_q), seqlens_to_cu(lens_k)
+    assert tile_map(cu_q, cu_k, 128, causal) is None  # never read on the host
+    host_summary(cu_q, "cu"), host_summary(cu_k, "cu")
+    m = tile_map(cu_q, cu_k, 128, causal)
+    assert m.dtype == torch.int32 and m.device == cu_q.device
+    batch = len(lens_q)
+    got = [(int(e) % batch, int(e) // batch) for e in m]
+    want = {(b, t) for b, n in enumerate(lens_q) for t in range(-(-n // 128))}
+    assert sorted(got) == sorted(want) and len(got) == len(want)
+
+    def work(b, t):
+        nq, nk = lens_q[b], lens_k[b]
+        hi = min(nk, max((t + 1) * 128 + nk - nq, 0)) if causal else nk
+        return -(-hi // 128)
+    works = [work(b, t) for b, t in got]
+    assert works == sorted(works, reverse=True), works
+    assert tile_map(cu_q, cu_k, 128, causal) is m  # cached
+    with torch.no_grad():
+        cu_q[-1] += 200  # the last sequence grows: two more tiles
+    host_summary(cu_q, "cu")
+    m2 = tile_map(cu_q, cu_k, 128, causal)
+    assert m2 is not m and m2.numel() == m.numel() + 1

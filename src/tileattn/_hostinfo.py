@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 _HOST_SUMMARIES = {}  # (id(tensor), kind) -> (weakref, version, summary)
+_HOST_COPIES = {}  # id(cu_seqlens) -> (weakref, version, host int64 tensor): kept by host_summary for tile_map
 
 
 def host_summary(t: torch.Tensor, kind: str):
@@ -19,6 +20,9 @@ def host_summary(t: torch.Tensor, kind: str):
         return hit
     c = t.detach().cpu()
     if kind == "cu":
+        if len(_HOST_COPIES) > 256:
+            _HOST_COPIES.clear()
+        _HOST_COPIES[id(t)] = (weakref.ref(t), t._version, c.to(torch.int64))
         diffs = c[1:] - c[:-1]
         summary = (int(c[0]), int(c[-1]), bool((diffs >= 0).all()), int(diffs.max()) if diffs.numel() else 0)
     else:
@@ -44,3 +48,37 @@ def leaves_rows(cu: Optional[torch.Tensor], rows: int) -> bool:
         return False
     summary = _cached(cu, "cu")
     return summary is None or summary[1] != rows
+
+
+def _host_copy(t: torch.Tensor):
+    hit = _HOST_COPIES.get(id(t))
+    return hit[2] if hit is not None and hit[0]() is t and hit[1] == t._version else None
+
+
+def tile_map(cu_q: torch.Tensor, cu_k: torch.Tensor, block_m: int, causal: bool) -> Optional[torch.Tensor]:
+    """A varlen forward's work list: one int32 entry tile * batch + b per query tile of block_m rows that holds a
+    row of sequence b (no entry for the tiles past a sequence's end, which a grid over the longest sequence would
+    launch empty), longest first by key tiles visited (causal: up to the tile's diagonal), on cu_q's device.
+    Built from the host copies ``host_summary`` kept of both cumulative-lengths tensors and cached per tensor
+    version; None when either was never read on the host (e.g. inside a compiled graph) or a CUDA graph is being
+    captured (no host-to-device copy there)."""
+    key = (id(cu_q), f"tiles{block_m},{int(causal)},{id(cu_k)},{cu_k._version}")
+    hit = _HOST_SUMMARIES.get(key)
+    if hit is not None and hit[0]() is cu_q and hit[1] == cu_q._version:
+        return hit[2]
+    cq, ck = _host_copy(cu_q), _host_copy(cu_k)
+    if cq is None or ck is None or (cu_q.is_cuda and torch.cuda.is_current_stream_capturing()):
+        return None
+    lq, lk = (cq[1:] - cq[:-1]).tolist(), (ck[1:] - ck[:-1]).tolist()
+    batch = len(lq)
+    work = []
+    for b, (nq, nk) in enumerate(zip(lq, lk)):
+        for t in range(-(-nq // block_m)):
+            hi = min(nk, max((t + 1) * block_m + nk - nq, 0)) if causal else nk
+            work.append((-(-hi // block_m), t * batch + b))
+    work.sort(key=lambda w: -w[0])  # stable: equal work keeps sequence order
+    m = torch.tensor([e for _, e in work], dtype=torch.int32, device=cu_q.device)
+    if len(_HOST_SUMMARIES) > 256:
+        _HOST_SUMMARIES.clear()
+    _HOST_SUMMARIES[key] = (weakref.ref(cu_q), cu_q._version, m)
+    return m

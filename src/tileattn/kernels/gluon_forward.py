@@ -29,6 +29,7 @@ import torch
 import triton
 
 from .. import configs
+from .._hostinfo import tile_map
 from .common import FAST_TANH
 from .launch import host_descriptor, launch, tma_aligned
 from .params import AttnParams, forward_outputs
@@ -316,29 +317,37 @@ if AVAILABLE:
             _store_tma(o_desc, r_desc, q_buf, acc, o, b_desc, row0, h, STORE_RESID)
 
     @gluon.jit
-    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, CU_Q, CU_K,
+    def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, CU_Q, CU_K, TILE_MAP,
                     seqlen_q, seqlen_k, q_heads, group, num_m_tiles, qk_scale, softcap, win_left, win_right,
                     stride_lb, stride_lh, stride_os, stride_oh, stride_ab, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                     STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
-                    VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, CONSUMER_REGS: gl.constexpr,
+                    VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     PRODUCER_REGS: gl.constexpr):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
         (64 query rows each), one more worker warp issues every TMA load. VARLEN: q / k / v / out are packed
         (1, total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
         read per sequence (the arguments are the maxima). O / RESID: out and the residual as pointers, for the
         masked stores of a sequence's last rows (varlen only). ALIBI: fp32 slopes (Hq,) or (B, Hq) (batch stride
-        stride_ab, 0 for (Hq,))."""
+        stride_ab, 0 for (Hq,)). USE_MAP (varlen): program pid runs query head pid % q_heads of the query tile
+        TILE_MAP[pid // q_heads] = tile * num_m_tiles + b (``_hostinfo.tile_map``; num_m_tiles is then the
+        batch), so no program is launched for a tile past its sequence's end, and the longest run first."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = 2 * HALF_M
         dtype: gl.constexpr = q_desc.dtype
         pid = gl.program_id(0)
-        bh = pid // num_m_tiles
-        tile = pid % num_m_tiles
-        if CAUSAL or WINDOW:
-            tile = num_m_tiles - 1 - tile  # longest tiles first
-        b = bh // q_heads
-        h = bh % q_heads
+        if USE_MAP:
+            entry = gl.load(TILE_MAP + pid // q_heads)
+            h = pid % q_heads
+            b = entry % num_m_tiles
+            tile = entry // num_m_tiles
+        else:
+            bh = pid // num_m_tiles
+            tile = pid % num_m_tiles
+            if CAUSAL or WINDOW:
+                tile = num_m_tiles - 1 - tile  # longest tiles first
+            b = bh // q_heads
+            h = bh % q_heads
         hk = h // group
         start_m = tile * BLOCK_M
         if VARLEN:
@@ -472,19 +481,26 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     o_desc = _desc(out, (1, half, 1, d), bf16)
     r_desc = _desc(resid, (1, half, 1, d), bf16) if residual else o_desc
     num_m_tiles = triton.cdiv(seqlen_q, 2 * half)
+    grid = num_m_tiles * batch * q_heads
     window = _window(p)
+    tiles = None
+    if p.varlen and configs.getenv("TILEATTN_VARLEN_TILEMAP") == "1":  # opt-in until measured
+        tiles = tile_map(cu_q, cu_k, 2 * half, p.window_right == 0 and not window)
+    if tiles is not None:  # a program per (query tile that holds rows, head), longest first
+        num_m_tiles, grid = batch, tiles.numel() * q_heads
     unbounded = seqlen_q + seqlen_k  # a window side of -1: farther than any key
-    launch(_fwd_kernel, (num_m_tiles * batch * q_heads,), (
+    launch(_fwd_kernel, (grid,), (
         q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
         p.alibi_slopes if p.alibi_slopes is not None else lse, out,
         resid if residual else out, cu_q if cu_q is not None else lse, cu_k if cu_k is not None else lse,
+        tiles if tiles is not None else lse,
         seqlen_q, seqlen_k, q_heads, q_heads // kv_heads, num_m_tiles, p.qk_scale, p.softcap_log2,
         p.window_left if p.window_left >= 0 else unbounded, p.window_right if p.window_right >= 0 else unbounded,
         stride_lb, stride_lh, out.stride(1), out.stride(2), p.alibi_stride_b),
         dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.k_stages, V_STAGES=cfg.v_stages,
              CAUSAL=p.window_right == 0 and not window, WINDOW=window,
              STORE_RESID=residual, HAS_SOFTCAP=p.softcap > 0, HAS_SINK=p.sink is not None, VARLEN=p.varlen,
-             HAS_ALIBI=p.alibi_slopes is not None,
+             HAS_ALIBI=p.alibi_slopes is not None, USE_MAP=tiles is not None,
              CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs),
         4, 3, maxnreg=cfg.maxnreg)
     return (out, lse, resid) if residual else (out, lse)
