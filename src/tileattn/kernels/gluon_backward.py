@@ -46,7 +46,7 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .gluon_forward import _store_rows, zero_rows_from
+    from .gluon_forward import _store_rows, seq_bounds, zero_rows_from
 
     @gluon.jit
     def _dkdv_load(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
@@ -301,16 +301,9 @@ if AVAILABLE:
         start_n = (pid % num_n_tiles) * (2 * HALF_N)  # causal: low key tiles have the most work and run first
         b = bhk // kv_heads
         hk = bhk % kv_heads
-        if VARLEN:
-            q_row0 = gl.load(CU_Q + b)
-            seqlen_q = gl.load(CU_Q + b + 1) - q_row0
-            k_row0 = gl.load(CU_K + b)
-            seqlen_k = gl.load(CU_K + b + 1) - k_row0
-            b_desc = 0
-        else:
+        q_row0, seqlen_q, k_row0, seqlen_k, b_desc = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
+        if not VARLEN:
             q_row0 = b * seqlen_q  # only for the row-stats slot below
-            k_row0 = 0
-            b_desc = b
         m_lo = 0
         if CAUSAL:  # query rows before start_n - diag see none of this tile's keys
             m_lo = gl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M

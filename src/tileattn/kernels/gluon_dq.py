@@ -34,7 +34,7 @@ if AVAILABLE:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from .gluon_backward import _slope
-    from .gluon_forward import _store_rows, load_kv_ring, zero_rows_from
+    from .gluon_forward import _store_rows, key_tiles, load_kv_ring, seq_bounds, zero_rows_from
 
     @gluon.jit
     def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
@@ -272,29 +272,11 @@ if AVAILABLE:
         h = bh % q_heads
         hk = h // group
         start_m = tile * 2 * HALF_M
-        if VARLEN:
-            q_row0 = gl.load(CU_Q + b)
-            seqlen_q = gl.load(CU_Q + b + 1) - q_row0
-            k_row0 = gl.load(CU_K + b)
-            seqlen_k = gl.load(CU_K + b + 1) - k_row0
-            b_desc = 0
-        else:
-            q_row0 = 0
-            k_row0 = 0
-            b_desc = b
-        lo = 0
-        hi = seqlen_k
-        if CAUSAL:
-            hi = gl.minimum(seqlen_k, gl.maximum(start_m + 2 * HALF_M + seqlen_k - seqlen_q, 0))
-        if WINDOW:  # row r sees keys [r + diag - win_left, r + diag + win_right]
-            lo = gl.maximum(start_m + seqlen_k - seqlen_q - win_left, 0) // BLOCK_N
-            hi = gl.minimum(seqlen_k, gl.maximum(start_m + 2 * HALF_M + seqlen_k - seqlen_q + win_right, 0))
-        n = gl.cdiv(hi, BLOCK_N)
-        if WINDOW:
-            n = gl.maximum(n - lo, 0)
-        if VARLEN:  # a tile past its sequence's end (the grid covers the longest): no work, nothing stored
-            n = gl.where(start_m < seqlen_q, n, 0)
-            srow0 = 16 * (b + q_row0 // 16)  # this sequence's rows in the row-stats buffer (backward.py)
+        q_row0, seqlen_q, k_row0, seqlen_k, b_desc = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
+        lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW,
+                          VARLEN)
+        if VARLEN:  # this sequence's rows in the row-stats buffer (backward.py)
+            srow0 = 16 * (b + q_row0 // 16)
         else:
             srow0 = 16 * (b + (b * seqlen_q) // 16)
 

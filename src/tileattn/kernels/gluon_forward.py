@@ -317,6 +317,43 @@ if AVAILABLE:
             _store_tma(o_desc, r_desc, q_buf, acc, o, b_desc, row0, h, STORE_RESID)
 
     @gluon.jit
+    def seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: gl.constexpr):
+        """(q_row0, seqlen_q, k_row0, seqlen_k, b_desc) of program batch index b: varlen sequence b spans packed
+        rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K) of the descriptors' batch 0; batched, rows count from 0 in batch
+        b and the lengths are the arguments (shared with gluon_dq.py and gluon_backward.py)."""
+        if VARLEN:
+            q_row0 = gl.load(CU_Q + b)
+            seqlen_q = gl.load(CU_Q + b + 1) - q_row0
+            k_row0 = gl.load(CU_K + b)
+            seqlen_k = gl.load(CU_K + b + 1) - k_row0
+            b_desc = 0
+        else:
+            q_row0 = 0
+            k_row0 = 0
+            b_desc = b
+        return q_row0, seqlen_q, k_row0, seqlen_k, b_desc
+
+    @gluon.jit
+    def key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr):
+        """(lo, n): the key tiles lo .. lo + n - 1 that query rows [start_m, start_m + BLOCK_M) see (causal:
+        up to the bottom-right diagonal; window: row r sees keys [r + diag - win_left, r + diag + win_right]);
+        n = 0 for a varlen tile past its sequence's end (shared with gluon_dq.py)."""
+        lo = 0
+        hi = seqlen_k
+        if CAUSAL:
+            hi = gl.minimum(seqlen_k, gl.maximum(start_m + BLOCK_M + seqlen_k - seqlen_q, 0))
+        if WINDOW:
+            lo = gl.maximum(start_m + seqlen_k - seqlen_q - win_left, 0) // BLOCK_N
+            hi = gl.minimum(seqlen_k, gl.maximum(start_m + BLOCK_M + seqlen_k - seqlen_q + win_right, 0))
+        n = gl.cdiv(hi, BLOCK_N)
+        if WINDOW:
+            n = gl.maximum(n - lo, 0)
+        if VARLEN:  # a tile past its sequence's end (the grid covers the longest): no work, nothing stored
+            n = gl.where(start_m < seqlen_q, n, 0)
+        return lo, n
+
+    @gluon.jit
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, CU_Q, CU_K, TILE_MAP,
                     seqlen_q, seqlen_k, q_heads, group, num_m_tiles, qk_scale, softcap, win_left, win_right,
                     stride_lb, stride_lh, stride_os, stride_oh, stride_ab, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
@@ -350,29 +387,9 @@ if AVAILABLE:
             h = bh % q_heads
         hk = h // group
         start_m = tile * BLOCK_M
-        if VARLEN:
-            q_row0 = gl.load(CU_Q + b)
-            seqlen_q = gl.load(CU_Q + b + 1) - q_row0
-            k_row0 = gl.load(CU_K + b)
-            seqlen_k = gl.load(CU_K + b + 1) - k_row0
-            b_desc = 0
-        else:
-            q_row0 = 0
-            k_row0 = 0
-            b_desc = b
+        q_row0, seqlen_q, k_row0, seqlen_k, b_desc = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
         # key tiles [lo, lo + n) for the whole tile (both warpgroups run the same count: the ping-pong pairs them)
-        lo = 0
-        hi = seqlen_k
-        if CAUSAL:
-            hi = gl.minimum(seqlen_k, gl.maximum(start_m + BLOCK_M + seqlen_k - seqlen_q, 0))
-        if WINDOW:  # row r sees keys [r + diag - win_left, r + diag + win_right]
-            lo = gl.maximum(start_m + seqlen_k - seqlen_q - win_left, 0) // BLOCK_N
-            hi = gl.minimum(seqlen_k, gl.maximum(start_m + BLOCK_M + seqlen_k - seqlen_q + win_right, 0))
-        n = gl.cdiv(hi, BLOCK_N)
-        if WINDOW:
-            n = gl.maximum(n - lo, 0)
-        if VARLEN:  # a tile past its sequence's end (the grid covers the longest): no work, nothing stored
-            n = gl.where(start_m < seqlen_q, n, 0)
+        lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, VARLEN)
 
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, BLOCK_N, 1, HEAD_D], k_desc.layout)
