@@ -473,7 +473,7 @@ def _desc(t: torch.Tensor, block: tuple, bf16: bool):
 
 def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     """Same contract as ``forward.attention_forward`` for the calls ``applies`` accepts (batched or varlen; causal,
-    softcap, sink and sliding windows): returns (out (B, Sq, Hq, D), lse fp32 natural log (B, Hq, Sq), or (Hq,
+    softcap, ALiBi, sink and sliding windows): returns (out (B, Sq, Hq, D), lse fp32 natural log (B, Hq, Sq), or (Hq,
     total_q) for varlen[, resid like out]). ``cfg``: what ``applies`` returned (looked up again when not given).
 
     Varlen (q / k / v packed (1, total, H, D)): a key tile that crosses its sequence's end reads the next
@@ -501,7 +501,7 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     grid = num_m_tiles * batch * q_heads
     window = _window(p)
     tiles = None
-    if p.varlen and configs.getenv("TILEATTN_VARLEN_TILEMAP") == "1":  # opt-in until measured
+    if p.varlen and configs.getenv("TILEATTN_VARLEN_TILEMAP") == "1":  # opt-in: slower at 8k (run 71, NOTES v17d)
         tiles = tile_map(cu_q, cu_k, 2 * half, p.window_right == 0 and not window)
     if tiles is not None:  # a program per (query tile that holds rows, head), longest first
         num_m_tiles, grid = batch, tiles.numel() * q_heads
