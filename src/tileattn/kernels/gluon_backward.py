@@ -36,7 +36,7 @@ import torch
 import triton
 
 from .. import configs
-from .gluon_forward import AVAILABLE, _desc, _tanh, _window
+from .gluon_forward import AVAILABLE, _desc, _window, window_bounds
 from .launch import host_descriptor, launch, tma_aligned
 from .params import AttnParams
 
@@ -46,7 +46,7 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .gluon_forward import _store_rows, seq_bounds, zero_rows_from
+    from .gluon_forward import _store_rows, feature_scores, seq_bounds, zero_rows_from
 
     @gluon.jit
     def _dkdv_load(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
@@ -94,15 +94,10 @@ if AVAILABLE:
         lse = lse_slot.load(col_layout)
         if (tile + 1) * BLOCK_M > seqlen_q:
             lse = gl.where(tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout) < seqlen_q, lse, float("inf"))
-        if HAS_SOFTCAP:
-            t = _tanh(st * qk_scale, IS_BF16)
-            sc = softcap * t
-        else:
-            sc = st * qk_scale
-        if HAS_ALIBI:
-            rows_f = (tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout) + diag).to(gl.float32)
-            sc = sc - slope * gl.abs(rows_f[None, :] - keys.to(gl.float32)[:, None])
         if HAS_SOFTCAP or HAS_ALIBI:
+            rows_f = (tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout) + diag).to(gl.float32)
+            sc, t = feature_scores(st, qk_scale, softcap, slope, rows_f[None, :], keys.to(gl.float32)[:, None],
+                                   HAS_SOFTCAP, HAS_ALIBI, IS_BF16)
             p = gl.exp2(sc - lse[None, :])
         else:
             p = gl.exp2(st * qk_scale - lse[None, :])
@@ -119,6 +114,16 @@ if AVAILABLE:
             return p, 1.0 - t * t
         else:
             return p, p
+
+    @gluon.jit
+    def stats_row0(b, q_row0, seqlen_q, VARLEN: gl.constexpr):
+        """Where sequence b's rows start in the row-stats buffer (``backward._row_stats_buffer``): 16 * (b +
+        first // 16), first = its first packed row q_row0 (varlen) or b * seqlen_q (shared with gluon_dq.py)."""
+        if VARLEN:
+            srow0 = 16 * (b + q_row0 // 16)
+        else:
+            srow0 = 16 * (b + (b * seqlen_q) // 16)
+        return srow0
 
     @gluon.jit
     def _slope(ALIBI_B, hq, HAS_ALIBI: gl.constexpr):
@@ -302,8 +307,6 @@ if AVAILABLE:
         b = bhk // kv_heads
         hk = bhk % kv_heads
         q_row0, seqlen_q, k_row0, seqlen_k, b_desc = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
-        if not VARLEN:
-            q_row0 = b * seqlen_q  # only for the row-stats slot below
         m_lo = 0
         if CAUSAL:  # query rows before start_n - diag see none of this tile's keys
             m_lo = gl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M
@@ -315,9 +318,7 @@ if AVAILABLE:
             n_m = gl.maximum(gl.cdiv(seqlen_q, BLOCK_M) - m_lo, 0)
         if VARLEN:  # a key tile past its sequence's end (the grid covers the longest): nothing to do or store
             n_m = gl.where(start_n < seqlen_k, n_m, 0)
-        srow0 = 16 * (b + q_row0 // 16)  # this sequence's rows in the row-stats buffer (backward.py)
-        if not VARLEN:
-            q_row0 = 0
+        srow0 = stats_row0(b, q_row0, seqlen_q, VARLEN)
 
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_D], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_D], do_desc.layout)
@@ -372,12 +373,6 @@ def applies(q, k, v, dout, dq, dk, dv, p: AttnParams):
     if any(t.dtype != q.dtype or not tma_aligned(t) or t.stride(-1) != 1 for t in (q, k, v, dout, dq, dk, dv)):
         return None
     return cfg
-
-
-def window_bounds(p: AttnParams, seqlen_q: int, seqlen_k: int):
-    """(win_left, win_right) for the kernels: a side of -1 (unbounded) as a bound past every key."""
-    unbounded = seqlen_q + seqlen_k
-    return (p.window_left if p.window_left >= 0 else unbounded, p.window_right if p.window_right >= 0 else unbounded)
 
 
 @functools.lru_cache(maxsize=None)

@@ -23,8 +23,7 @@ in shared memory (K and V), a sequence's last query rows stored by masked pointe
 import torch
 import triton
 
-from . import gluon_backward
-from .gluon_forward import AVAILABLE, _desc, _tanh, _window
+from .gluon_forward import AVAILABLE, _desc, _window, window_bounds
 from .launch import launch
 from .params import AttnParams
 
@@ -33,8 +32,9 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .gluon_backward import _slope
-    from .gluon_forward import _store_rows, key_tiles, load_kv_ring, seq_bounds, zero_rows_from
+    from .gluon_backward import _slope, stats_row0
+    from .gluon_forward import (_store_rows, feature_scores, key_tiles, load_kv_ring, program_tile, seq_bounds,
+                                zero_rows_from)
 
     @gluon.jit
     def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
@@ -100,15 +100,9 @@ if AVAILABLE:
         are softcap * tanh(S * qk_scale) (softcap pre-multiplied by log2 e, tanh as the forward's); returns (P,
         1 - tanh^2: the factor of dS), else (P, P). HAS_ALIBI: minus slope * |r + diag - key| (log2 units)."""
         full_lo, win_left, win_right = win
-        if HAS_SOFTCAP:
-            t = _tanh(s * qk_scale, IS_BF16)
-            sc = softcap * t
-        else:
-            sc = s * qk_scale
-        if HAS_ALIBI:
-            keys_f = (j * BLOCK_N + cols).to(gl.float32)
-            sc = sc - slope * gl.abs((rows + diag).to(gl.float32)[:, None] - keys_f[None, :])
         if HAS_SOFTCAP or HAS_ALIBI:
+            sc, t = feature_scores(s, qk_scale, softcap, slope, (rows + diag).to(gl.float32)[:, None],
+                                   (j * BLOCK_N + cols).to(gl.float32)[None, :], HAS_SOFTCAP, HAS_ALIBI, IS_BF16)
             p = gl.exp2(sc - lse[:, None])
         else:
             p = gl.exp2(s * qk_scale - lse[:, None])
@@ -263,22 +257,13 @@ if AVAILABLE:
         Hq) (batch stride stride_ab, 0 for (Hq,))."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         dtype: gl.constexpr = q_desc.dtype
-        pid = gl.program_id(0)
-        bh = pid // num_m_tiles
-        tile = pid % num_m_tiles
-        if CAUSAL or WINDOW:
-            tile = num_m_tiles - 1 - tile  # longest tiles first
-        b = bh // q_heads
-        h = bh % q_heads
+        b, h, tile = program_tile(gl.program_id(0), num_m_tiles, q_heads, CAUSAL or WINDOW)
         hk = h // group
         start_m = tile * 2 * HALF_M
         q_row0, seqlen_q, k_row0, seqlen_k, b_desc = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
         lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW,
                           VARLEN)
-        if VARLEN:  # this sequence's rows in the row-stats buffer (backward.py)
-            srow0 = 16 * (b + q_row0 // 16)
-        else:
-            srow0 = 16 * (b + (b * seqlen_q) // 16)
+        srow0 = stats_row0(b, q_row0, seqlen_q, VARLEN)
 
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], do_desc.layout)
@@ -344,7 +329,7 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
         seqlen_k, q_heads, q_heads // kv_heads,
         num_m_tiles, p.qk_scale, p.softmax_scale, os_[0], os_[1], os_[2], dos[0], dos[1], dos[2],
         stride_lb, stride_lh, sts[1], sts[0], dq_out.stride(1), dq_out.stride(2),
-        *gluon_backward.window_bounds(p, seqlen_q, seqlen_k), p.softcap_log2, p.alibi_stride_b),
+        *window_bounds(p, seqlen_q, seqlen_k), p.softcap_log2, p.alibi_stride_b),
         dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.dq_k_stages, V_STAGES=2,
              CAUSAL=p.window_right == 0 and not _window(p), WINDOW=_window(p), HAS_SOFTCAP=p.softcap > 0,
              HAS_ALIBI=p.alibi_slopes is not None,

@@ -60,6 +60,24 @@ if AVAILABLE:
         return t
 
     @gluon.jit
+    def feature_scores(s, qk_scale, softcap, slope, q_pos, k_pos, HAS_SOFTCAP: gl.constexpr,
+                       HAS_ALIBI: gl.constexpr, IS_BF16: gl.constexpr):
+        """Raw q.k products -> scores in log2 units with a softcap and / or ALiBi (shared with the backward
+        kernels; without either, callers fold qk_scale into their exp2 instead): softcap * tanh(s * qk_scale)
+        (softcap pre-multiplied by log2 e) or s * qk_scale, minus slope * |q_pos - k_pos| (slope in log2 units;
+        q_pos = row + diag and k_pos = key as fp32, exact below 2^24, broadcast to s's shape by the caller).
+        Returns (scores, tanh(...)) with a softcap, else (scores, scores)."""
+        if HAS_SOFTCAP:
+            t = _tanh(s * qk_scale, IS_BF16)
+            sc = softcap * t
+        else:
+            sc = s * qk_scale
+            t = sc
+        if HAS_ALIBI:
+            sc = sc - slope * gl.abs(q_pos - k_pos)
+        return sc, t
+
+    @gluon.jit
     def _softmax_tile(s, j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap, win_left,
                       win_right, slope, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                       IS_BF16: gl.constexpr, HAS_ALIBI: gl.constexpr):
@@ -69,13 +87,9 @@ if AVAILABLE:
         (softcap pre-multiplied by log2 e); with a window, row r sees keys [r + diag - win_left, r + diag +
         win_right]; ALiBi subtracts slope * |r + diag - key| (slope in log2 units; positions as fp32, exact below
         2^24), on every tile."""
-        if HAS_SOFTCAP:
-            s = softcap * _tanh(s * qk_scale, IS_BF16)
-        elif HAS_ALIBI:
-            s = s * qk_scale
-        if HAS_ALIBI:
-            keys_f = (j * s.shape[1] + cols).to(gl.float32)
-            s = s - slope * gl.abs((rows + diag).to(gl.float32)[:, None] - keys_f[None, :])
+        if HAS_SOFTCAP or HAS_ALIBI:
+            s, _ = feature_scores(s, qk_scale, softcap, slope, (rows + diag).to(gl.float32)[:, None],
+                                  (j * s.shape[1] + cols).to(gl.float32)[None, :], HAS_SOFTCAP, HAS_ALIBI, IS_BF16)
         masked = j >= n_full
         if WINDOW:
             masked = masked | (j < full_lo)
@@ -317,6 +331,17 @@ if AVAILABLE:
             _store_tma(o_desc, r_desc, q_buf, acc, o, b_desc, row0, h, STORE_RESID)
 
     @gluon.jit
+    def program_tile(pid, num_m_tiles, q_heads, LONGEST_FIRST: gl.constexpr):
+        """(b, h, tile) of program pid in a grid of num_m_tiles query tiles per (batch, head), heads inner; with
+        LONGEST_FIRST (causal / window) the tiles of each (batch, head) run last to first (shared with
+        gluon_dq.py)."""
+        bh = pid // num_m_tiles
+        tile = pid % num_m_tiles
+        if LONGEST_FIRST:
+            tile = num_m_tiles - 1 - tile  # longest tiles first
+        return bh // q_heads, bh % q_heads, tile
+
+    @gluon.jit
     def seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: gl.constexpr):
         """(q_row0, seqlen_q, k_row0, seqlen_k, b_desc) of program batch index b: varlen sequence b spans packed
         rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K) of the descriptors' batch 0; batched, rows count from 0 in batch
@@ -379,12 +404,7 @@ if AVAILABLE:
             b = entry % num_m_tiles
             tile = entry // num_m_tiles
         else:
-            bh = pid // num_m_tiles
-            tile = pid % num_m_tiles
-            if CAUSAL or WINDOW:
-                tile = num_m_tiles - 1 - tile  # longest tiles first
-            b = bh // q_heads
-            h = bh % q_heads
+            b, h, tile = program_tile(pid, num_m_tiles, q_heads, CAUSAL or WINDOW)
         hk = h // group
         start_m = tile * BLOCK_M
         q_row0, seqlen_q, k_row0, seqlen_k, b_desc = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
@@ -456,6 +476,12 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
     return cfg
 
 
+def window_bounds(p: AttnParams, seqlen_q: int, seqlen_k: int):
+    """(win_left, win_right) for the Gluon kernels: a side of -1 (unbounded) as a bound past every key."""
+    unbounded = seqlen_q + seqlen_k
+    return (p.window_left if p.window_left >= 0 else unbounded, p.window_right if p.window_right >= 0 else unbounded)
+
+
 def _window(p: AttnParams) -> bool:
     """A window other than none or causal: a left bound, or a right bound above 0."""
     return p.window_left >= 0 or p.window_right > 0
@@ -505,14 +531,13 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
         tiles = tile_map(cu_q, cu_k, 2 * half, p.window_right == 0 and not window)
     if tiles is not None:  # a program per (query tile that holds rows, head), longest first
         num_m_tiles, grid = batch, tiles.numel() * q_heads
-    unbounded = seqlen_q + seqlen_k  # a window side of -1: farther than any key
     launch(_fwd_kernel, (grid,), (
         q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
         p.alibi_slopes if p.alibi_slopes is not None else lse, out,
         resid if residual else out, cu_q if cu_q is not None else lse, cu_k if cu_k is not None else lse,
         tiles if tiles is not None else lse,
         seqlen_q, seqlen_k, q_heads, q_heads // kv_heads, num_m_tiles, p.qk_scale, p.softcap_log2,
-        p.window_left if p.window_left >= 0 else unbounded, p.window_right if p.window_right >= 0 else unbounded,
+        *window_bounds(p, seqlen_q, seqlen_k),
         stride_lb, stride_lh, out.stride(1), out.stride(2), p.alibi_stride_b),
         dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.k_stages, V_STAGES=cfg.v_stages,
              CAUSAL=p.window_right == 0 and not window, WINDOW=window,
