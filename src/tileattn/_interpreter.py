@@ -1,4 +1,4 @@
-"""Work-arounds for bfloat16 in Triton's CPU interpreter (``TRITON_INTERPRET=1``).
+"""Work-arounds for bfloat16 (and fp32 dot rounding) in Triton's CPU interpreter (``TRITON_INTERPRET=1``).
 
 The interpreter (``triton/runtime/interpreter.py``, checked against triton 3.6)
 stores bfloat16 values as raw ``uint16`` bit patterns in numpy arrays. Three
@@ -16,9 +16,25 @@ places then go wrong:
 :func:`patch_interpreter_bf16_dot` monkeypatches those builder methods so
 bfloat16 operands are decoded exactly (``bits << 16`` viewed as float32), the
 arithmetic is done in float32, and bfloat16 results are rounded to nearest
-even, as on the GPU. Nothing else in the interpreter changes (reductions such
-as ``tl.sum`` on a bfloat16 tensor are still wrong: kernels should reduce in
-float32, as they do for accuracy anyway).
+even, as on the GPU.
+
+It also makes every floating ``tl.dot`` with a float32 accumulator (fp16, bf16
+or fp32 operands) compute in float64 and round once. The interpreter's own
+float32 ``np.matmul`` rounds an element differently depending on the operands'
+shapes and transposition (the BLAS kernel picks its summation order by shape:
+q @ k.T and (k @ q.T).T differed by 2.4e-4 at |s| ~ 2000 on one CI machine,
+by nothing on another). The attention backward recomputes the forward's scores
+in other tile shapes, transposed, and exp(s - lse) is only as good as the two
+computations of s agree: with large fp32 logits that disagreement alone broke
+the gradient rule on one CI machine. On the GPU the two agree (an fp32
+``ieee`` dot accumulates over k in a fixed order, so q.k and k.q give the same
+bits). The float64 form gives the interpreter that agreement; it is also more
+accurate than the GPU's fp32 accumulation, which the GPU suite judges at full
+size.
+
+Nothing else in the interpreter changes (reductions such as ``tl.sum`` on a
+bfloat16 tensor are still wrong: kernels should reduce in float32, as they do
+for accuracy anyway).
 """
 
 import os
@@ -80,12 +96,15 @@ def patch_interpreter_bf16_dot():
     orig_dot = builder_cls.create_dot
 
     def create_dot(self, a, b, d, input_precision, max_num_imprecise_acc):
-        if not (is_bf16(a) or is_bf16(b)):
+        wide = (np.float16, np.float32)
+        if not (is_bf16(a) or is_bf16(b)) and not (a.data.dtype in wide and b.data.dtype in wide
+                                                   and d.data.dtype == np.float32):
             return orig_dot(self, a, b, d, input_precision, max_num_imprecise_acc)
-        a_data = as_f32(a).astype(np.float32)
-        b_data = as_f32(b).astype(np.float32)
+        # float64 products and sums, rounded once: see the module docstring (shape-independent rounding)
+        a_data = as_f32(a).astype(np.float64)
+        b_data = as_f32(b).astype(np.float64)
         acc = as_f32(d)
-        out = np.matmul(a_data, b_data, dtype=np.float32) + acc
+        out = (np.matmul(a_data, b_data) + acc).astype(np.float32)
         if is_bf16(d):  # bf16 accumulator: round the result back
             return TensorHandle(_f32_to_bf16_bits(out), d.dtype.scalar)
         return TensorHandle(out.astype(acc.dtype, copy=False), d.dtype.scalar)
