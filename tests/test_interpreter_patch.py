@@ -1,4 +1,4 @@
-"""tileattn._interpreter: bfloat16 tl.dot / arithmetic / casts in Triton's CPU interpreter.
+"""tileattn._interpreter: bfloat16 tl.dot / arithmetic / casts and fp32 dot rounding in Triton's CPU interpreter.
 
 On a GPU these kernels are compiled normally; the same checks then verify the
 real hardware path (and that the patch is a no-op there).
@@ -41,6 +41,16 @@ def _dot_acc_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl
     acc = tl.full((M, N), 1.0, tl.float32)
     acc = tl.dot(a.to(b.dtype), b, acc)
     tl.store(c_ptr + rm[:, None] * N + rn[None, :], acc)
+
+
+@triton.jit
+def _dot_ieee_kernel(a_ptr, b_ptr, c_ptr, M: tl.constexpr, N: tl.constexpr, K: tl.constexpr):
+    rm = tl.arange(0, M)
+    rn = tl.arange(0, N)
+    rk = tl.arange(0, K)
+    a = tl.load(a_ptr + rm[:, None] * K + rk[None, :])
+    b = tl.load(b_ptr + rk[:, None] * N + rn[None, :])
+    tl.store(c_ptr + rm[:, None] * N + rn[None, :], tl.dot(a, b, input_precision="ieee"))
 
 
 @triton.jit
@@ -113,6 +123,23 @@ def test_fp16_dot_unchanged():
     c = torch.empty(16, 16, dtype=torch.float32, device=DEVICE)
     _dot_kernel[(1,)](a, b, c, 16, 16, 32)
     torch.testing.assert_close(c.double(), a.double() @ b.double(), rtol=0, atol=1e-5 * 32)
+
+
+def test_fp32_dot_same_bits_transposed():
+    """An fp32 (ieee) dot gives the same bits for a @ b and (b.T @ a.T).T, whatever the tile shapes: the attention
+    backward recomputes the forward's scores transposed and in other tiles (the interpreter's float32 np.matmul
+    did not: large-logit fp32 gradients failed the accuracy rule on one CI machine). Checked on the GPU too (an
+    fp32 ieee dot accumulates over k in a fixed order there)."""
+    gen = torch.Generator().manual_seed(4)
+    for M, N, K in ((32, 16, 64), (16, 64, 64)):
+        a = (torch.randn(M, K, generator=gen) * 6).to(DEVICE)
+        b = (torch.randn(K, N, generator=gen) * 6).to(DEVICE)
+        c = torch.empty(M, N, dtype=torch.float32, device=DEVICE)
+        ct = torch.empty(N, M, dtype=torch.float32, device=DEVICE)
+        _dot_ieee_kernel[(1,)](a, b, c, M, N, K)
+        _dot_ieee_kernel[(1,)](b.t().contiguous(), a.t().contiguous(), ct, N, M, K)
+        assert torch.equal(c, ct.t()), (c - ct.t()).abs().max()
+        torch.testing.assert_close(c.double(), a.double() @ b.double(), rtol=0, atol=4e-7 * K * 36)
 
 
 def test_bf16_elementwise_and_casts():
