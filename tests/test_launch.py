@@ -230,13 +230,13 @@ def test_launch_plain_path_for_non_kernels(monkeypatch):
 def test_gluon_descriptors_keyed_by_layout():
     """Gluon host descriptors carry the shared-memory layout the kernel is compiled for: two descriptors equal but
     for the layout must not share a cache entry."""
-    gluon_forward = pytest.importorskip("tileattn.kernels.gluon_forward")
-    if not gluon_forward.AVAILABLE:
+    gluon_common = pytest.importorskip("tileattn.kernels.gluon_common")
+    if not gluon_common.AVAILABLE:
         pytest.skip("this triton has no Gluon")
     t = torch.zeros(2, 64, 4, 128, dtype=torch.bfloat16)
-    a = gluon_forward._desc(t, (1, 64, 1, 128), True)
-    b = gluon_forward._desc(t, (1, 64, 1, 128), True)
-    c = gluon_forward._desc(t, (1, 64, 1, 128), True)
+    a = gluon_common.make_desc(t, (1, 64, 1, 128), True)
+    b = gluon_common.make_desc(t, (1, 64, 1, 128), True)
+    c = gluon_common.make_desc(t, (1, 64, 1, 128), True)
     c.layout = type(a.layout)(swizzle_byte_width=64, element_bitwidth=16, rank=4)
     assert launch_mod._spec(a) == launch_mod._spec(b)
     assert launch_mod._spec(a) != launch_mod._spec(c)

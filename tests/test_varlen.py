@@ -439,30 +439,42 @@ def test_paged_kv_bad_input():
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 def test_tile_map(causal):
     """The varlen forward's work list (_hostinfo.tile_map, TILEATTN_VARLEN_TILEMAP=1): exactly one entry
-    tile * batch + b per query tile holding rows of sequence b (none for empty sequences or past a sequence's end),
-    longest first by key tiles visited; None until both cu_seqlens were read on the host; rebuilt after an in-place
-    change. Host-only: runs on the CPU."""
+    (tile * batch + b) * heads + h per (query tile holding rows of sequence b, head h), none for empty sequences or
+    past a sequence's end; sequences by decreasing work (key tiles visited), each sequence's entries contiguous,
+    head by head, its tiles last-first when causal; None until both cu_seqlens were read on the host; rebuilt after
+    an in-place change. Host-only: runs on the CPU."""
     from tileattn._hostinfo import host_summary, tile_map
     lens_q, lens_k = [130, 0, 1, 300, 64, 5], [40, 7, 0, 300, 500, 129]
+    heads = 3
     cu_q, cu_k = seqlens_to_cu(lens_q), seqlens_to_cu(lens_k)
-    assert tile_map(cu_q, cu_k, 128, causal) is None  # never read on the host
+    assert tile_map(cu_q, cu_k, 128, causal, heads) is None  # never read on the host
     host_summary(cu_q, "cu"), host_summary(cu_k, "cu")
-    m = tile_map(cu_q, cu_k, 128, causal)
+    m = tile_map(cu_q, cu_k, 128, causal, heads)
     assert m.dtype == torch.int32 and m.device == cu_q.device
     batch = len(lens_q)
-    got = [(int(e) % batch, int(e) // batch) for e in m]
-    want = {(b, t) for b, n in enumerate(lens_q) for t in range(-(-n // 128))}
+    got = [(int(e) // heads % batch, int(e) % heads, int(e) // heads // batch) for e in m]  # (b, h, tile)
+    want = {(b, h, t) for b, n in enumerate(lens_q) for h in range(heads) for t in range(-(-n // 128))}
     assert sorted(got) == sorted(want) and len(got) == len(want)
 
     def work(b, t):
         nq, nk = lens_q[b], lens_k[b]
         hi = min(nk, max((t + 1) * 128 + nk - nq, 0)) if causal else nk
         return -(-hi // 128)
-    works = [work(b, t) for b, t in got]
-    assert works == sorted(works, reverse=True), works
-    assert tile_map(cu_q, cu_k, 128, causal) is m  # cached
+    order = []  # sequences in the order of their first entry; each one's entries contiguous
+    for b, h, t in got:
+        if not order or order[-1] != b:
+            assert b not in order, "a sequence's entries are split"
+            order.append(b)
+    seq_work = [sum(work(b, t) for t in range(-(-lens_q[b] // 128))) for b in order]
+    assert seq_work == sorted(seq_work, reverse=True), seq_work
+    for b in order:  # per sequence: head by head, tiles longest first when causal (in order otherwise)
+        mine = [(h, t) for bb, h, t in got if bb == b]
+        tiles = list(range(-(-lens_q[b] // 128)))
+        assert mine == [(h, t) for h in range(heads) for t in (tiles[::-1] if causal else tiles)]
+    assert tile_map(cu_q, cu_k, 128, causal, heads) is m  # cached
+    assert tile_map(cu_q, cu_k, 128, causal, 1) is not m  # per head count
     with torch.no_grad():
         cu_q[-1] += 200  # the last sequence grows: two more tiles
     host_summary(cu_q, "cu")
-    m2 = tile_map(cu_q, cu_k, 128, causal)
-    assert m2 is not m and m2.numel() == m.numel() + 1
+    m2 = tile_map(cu_q, cu_k, 128, causal, heads)
+    assert m2 is not m and m2.numel() == m.numel() + heads

@@ -36,7 +36,7 @@ import torch
 import triton
 
 from .. import configs
-from .gluon_forward import AVAILABLE, _desc, _window, window_bounds
+from .gluon_common import AVAILABLE, has_window, make_desc, window_bounds
 from .launch import host_descriptor, launch, tma_aligned
 from .params import AttnParams
 
@@ -46,7 +46,8 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .gluon_forward import _store_rows, feature_scores, seq_bounds, zero_rows_from
+    from .gluon_common import (alibi_slope, feature_scores, seq_bounds, stats_row0, store_rows,
+                               zero_rows_from)
 
     @gluon.jit
     def _dkdv_load(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
@@ -114,24 +115,6 @@ if AVAILABLE:
             return p, 1.0 - t * t
         else:
             return p, p
-
-    @gluon.jit
-    def stats_row0(b, q_row0, seqlen_q, VARLEN: gl.constexpr):
-        """Where sequence b's rows start in the row-stats buffer (``backward._row_stats_buffer``): 16 * (b +
-        first // 16), first = its first packed row q_row0 (varlen) or b * seqlen_q (shared with gluon_dq.py)."""
-        if VARLEN:
-            srow0 = 16 * (b + q_row0 // 16)
-        else:
-            srow0 = 16 * (b + (b * seqlen_q) // 16)
-        return srow0
-
-    @gluon.jit
-    def _slope(ALIBI_B, hq, HAS_ALIBI: gl.constexpr):
-        """Query head hq's ALiBi slope in log2 units (0.0 without ALiBi); ALIBI_B: the sequence's slopes (Hq,)."""
-        slope = 0.0
-        if HAS_ALIBI:
-            slope = gl.load(ALIBI_B + hq).to(gl.float32) * 1.4426950408889634
-        return slope
 
     @gluon.jit
     def _dscores(p, g, dpt, delta_slot, tile, seqlen_q, BLOCK_M: gl.constexpr, HAS_SOFTCAP: gl.constexpr):
@@ -217,7 +200,7 @@ if AVAILABLE:
                 dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
                 p, dtanh = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
-                                  _slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
+                                  alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
                                   HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
                 dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
                 ds = _dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
@@ -236,7 +219,7 @@ if AVAILABLE:
                                     use_acc=False, is_async=True)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
             p, dtanh = _probs(st, lse_smem.index(0), m_lo, keys, seqlen_q, diag, win, qk_scale, softcap,
-                              _slope(ALIBI_B, hk * group, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
+                              alibi_slope(ALIBI_B, hk * group, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
                               HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
             ds = _dscores(p, dtanh, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M, HAS_SOFTCAP)
@@ -258,7 +241,7 @@ if AVAILABLE:
                 dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
                 st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
                 p, dtanh = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
-                                  _slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
+                                  alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
                                   HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
                 dv, dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dpt_tok))
                 ds = _dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
@@ -277,8 +260,8 @@ if AVAILABLE:
         if VARLEN:
             if key0 + HALF_N > seqlen_k:  # the sequence's last keys (or none): masked pointer stores
                 gl.thread_barrier()
-                _store_rows(DK, k2, k_row0 + key0, hk, seqlen_k - key0, stride_dks, stride_dkh)
-                _store_rows(DV, v2, k_row0 + key0, hk, seqlen_k - key0, stride_dvs, stride_dvh)
+                store_rows(DK, k2, k_row0 + key0, hk, seqlen_k - key0, stride_dks, stride_dkh)
+                store_rows(DV, v2, k_row0 + key0, hk, seqlen_k - key0, stride_dvs, stride_dvh)
             else:
                 _store_kv(dk_desc, dv_desc, k_smem, v_smem, w, b, k_row0 + key0, hk)
         else:
@@ -391,9 +374,9 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg):
         batch, seqlen_q, seqlen_k = p.batch, p.max_seqlen_q, p.max_seqlen_k
     bf16 = q.dtype == torch.bfloat16
     half_n, bm = 64, cfg.block_m
-    q_desc, do_desc = _desc(q, (1, bm, 1, d), bf16), _desc(dout, (1, bm, 1, d), bf16)
-    k_desc, v_desc = _desc(k, (1, half_n, 1, d), bf16), _desc(v, (1, half_n, 1, d), bf16)
-    dk_desc, dv_desc = _desc(dk, (1, half_n, 1, d), bf16), _desc(dv, (1, half_n, 1, d), bf16)
+    q_desc, do_desc = make_desc(q, (1, bm, 1, d), bf16), make_desc(dout, (1, bm, 1, d), bf16)
+    k_desc, v_desc = make_desc(k, (1, half_n, 1, d), bf16), make_desc(v, (1, half_n, 1, d), bf16)
+    dk_desc, dv_desc = make_desc(dk, (1, half_n, 1, d), bf16), make_desc(dv, (1, half_n, 1, d), bf16)
     num_n_tiles = triton.cdiv(seqlen_k, 2 * half_n)
     st_desc = host_descriptor(GluonTensorDescriptor, stats.view(-1), (bm, ), layout=_stats_layout(bm))
     sts = stats.stride()
@@ -403,7 +386,7 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg):
         p.alibi_slopes if p.alibi_slopes is not None else stats, seqlen_q, seqlen_k, kv_heads,
         q_heads // kv_heads, num_n_tiles, p.qk_scale, p.softmax_scale, sts[1], sts[0], dk.stride(1), dk.stride(2),
         dv.stride(1), dv.stride(2), *window_bounds(p, seqlen_q, seqlen_k), p.softcap_log2, p.alibi_stride_b),
-        dict(HEAD_D=d, STAGES=cfg.stages, CAUSAL=p.window_right == 0 and not _window(p), WINDOW=_window(p),
+        dict(HEAD_D=d, STAGES=cfg.stages, CAUSAL=p.window_right == 0 and not has_window(p), WINDOW=has_window(p),
              HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=p.alibi_slopes is not None,
              PIPELINE=cfg.pipeline, VARLEN=p.varlen,
              CONSUMER_REGS=cfg.consumer_regs,

@@ -23,7 +23,7 @@ in shared memory (K and V), a sequence's last query rows stored by masked pointe
 import torch
 import triton
 
-from .gluon_forward import AVAILABLE, _desc, _window, window_bounds
+from .gluon_common import AVAILABLE, has_window, make_desc, window_bounds
 from .launch import launch
 from .params import AttnParams
 
@@ -32,9 +32,8 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .gluon_backward import _slope, stats_row0
-    from .gluon_forward import (_store_rows, feature_scores, key_tiles, load_kv_ring, program_tile, seq_bounds,
-                                zero_rows_from)
+    from .gluon_common import (alibi_slope, feature_scores, key_tiles, load_kv_ring, program_tile, seq_bounds,
+                               stats_row0, store_rows, zero_rows_from)
 
     @gluon.jit
     def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
@@ -181,7 +180,7 @@ if AVAILABLE:
             n_full = gl.minimum(n_full, gl.maximum(row0 + diag + win_right + 1, 0) // BLOCK_N)
             full_lo = gl.cdiv(gl.maximum(row0 + HALF_M - 1 + diag - win_left, 0), BLOCK_N)
         win = (full_lo, win_left, win_right)
-        slope = _slope(ALIBI_B, h, HAS_ALIBI)
+        slope = alibi_slope(ALIBI_B, h, HAS_ALIBI)
         dq = gl.zeros([HALF_M, HEAD_D], gl.float32, layout=acc_layout)
         s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
         q2 = q_smem.index(w).reshape([HALF_M, HEAD_D])
@@ -234,7 +233,7 @@ if AVAILABLE:
         if VARLEN:
             if row0 + HALF_M > seqlen_q:  # the sequence's last rows (or none): masked pointer stores
                 gl.thread_barrier()
-                _store_rows(DQ, q2, q_row0 + row0, h, seqlen_q - row0, stride_dqs, stride_dqh)
+                store_rows(DQ, q2, q_row0 + row0, h, seqlen_q - row0, stride_dqs, stride_dqh)
             else:
                 _store_dq(dq_desc, q_smem, w, b, q_row0 + row0, h)
         else:
@@ -317,9 +316,9 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
         stride_lb, stride_lh = q_heads * seqlen_q, seqlen_q
     bf16 = q.dtype == torch.bfloat16
     half, bn = 64, cfg.dq_block_n
-    q_desc, do_desc = _desc(q, (1, half, 1, d), bf16), _desc(dout, (1, half, 1, d), bf16)
-    k_desc, v_desc = _desc(k, (1, bn, 1, d), bf16), _desc(v, (1, bn, 1, d), bf16)
-    dq_desc = _desc(dq_out, (1, half, 1, d), bf16)
+    q_desc, do_desc = make_desc(q, (1, half, 1, d), bf16), make_desc(dout, (1, half, 1, d), bf16)
+    k_desc, v_desc = make_desc(k, (1, bn, 1, d), bf16), make_desc(v, (1, bn, 1, d), bf16)
+    dq_desc = make_desc(dq_out, (1, half, 1, d), bf16)
     num_m_tiles = triton.cdiv(seqlen_q, 2 * half)
     os_, dos, sts = out.stride(), dout.stride(), stats.stride()
     launch(_dq_kernel, (num_m_tiles * batch * q_heads,), (
@@ -331,7 +330,7 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
         stride_lb, stride_lh, sts[1], sts[0], dq_out.stride(1), dq_out.stride(2),
         *window_bounds(p, seqlen_q, seqlen_k), p.softcap_log2, p.alibi_stride_b),
         dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.dq_k_stages, V_STAGES=2,
-             CAUSAL=p.window_right == 0 and not _window(p), WINDOW=_window(p), HAS_SOFTCAP=p.softcap > 0,
+             CAUSAL=p.window_right == 0 and not has_window(p), WINDOW=has_window(p), HAS_SOFTCAP=p.softcap > 0,
              HAS_ALIBI=p.alibi_slopes is not None,
              HAS_RESID=resid is not None, HAS_DLSE=dlse is not None, VARLEN=p.varlen,
              CONSUMER_REGS=cfg.consumer_regs,

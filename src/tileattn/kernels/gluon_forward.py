@@ -23,59 +23,22 @@ by the TMA store. Parameters per head dim: ``configs.GluonForwardConfig``.
 """
 
 
-import functools
-
 import torch
 import triton
 
 from .. import configs
 from .._hostinfo import tile_map
-from .common import FAST_TANH
-from .launch import host_descriptor, launch, tma_aligned
+from .gluon_common import AVAILABLE, has_window, make_desc, window_bounds
+from .launch import launch, tma_aligned
 from .params import AttnParams, forward_outputs
 
-try:  # Gluon ships with triton >= 3.5; without it every call takes the portable kernel
+if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
-    AVAILABLE = True
-except ImportError:  # pragma: no cover - older triton
-    AVAILABLE = False
-
-
-if AVAILABLE:
-    @gluon.jit
-    def _tanh(x, IS_BF16: gl.constexpr):
-        """tanh as the portable kernel's softcap computes it (common.scores): the hardware tanh for bf16 inputs,
-        exp and an approximate reciprocal for fp16 (TILEATTN_EXACT_TANH=1: the exact formula for both)."""
-        if FAST_TANH and IS_BF16:
-            t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True,
-                                          pack=1)
-        elif FAST_TANH:
-            t = 1.0 - gl.fdiv(2.0, gl.exp(2.0 * x) + 1.0)
-        else:
-            t = 1.0 - 2.0 / (gl.exp(2.0 * x) + 1.0)
-        return t
-
-    @gluon.jit
-    def feature_scores(s, qk_scale, softcap, slope, q_pos, k_pos, HAS_SOFTCAP: gl.constexpr,
-                       HAS_ALIBI: gl.constexpr, IS_BF16: gl.constexpr):
-        """Raw q.k products -> scores in log2 units with a softcap and / or ALiBi (shared with the backward
-        kernels; without either, callers fold qk_scale into their exp2 instead): softcap * tanh(s * qk_scale)
-        (softcap pre-multiplied by log2 e) or s * qk_scale, minus slope * |q_pos - k_pos| (slope in log2 units;
-        q_pos = row + diag and k_pos = key as fp32, exact below 2^24, broadcast to s's shape by the caller).
-        Returns (scores, tanh(...)) with a softcap, else (scores, scores)."""
-        if HAS_SOFTCAP:
-            t = _tanh(s * qk_scale, IS_BF16)
-            sc = softcap * t
-        else:
-            sc = s * qk_scale
-            t = sc
-        if HAS_ALIBI:
-            sc = sc - slope * gl.abs(q_pos - k_pos)
-        return sc, t
+    from .gluon_common import (feature_scores, key_tiles, load_kv_ring, program_tile, seq_bounds, store_rows,
+                               zero_rows_from)
 
     @gluon.jit
     def _softmax_tile(s, j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap, win_left,
@@ -116,24 +79,6 @@ if AVAILABLE:
         return p, alpha, m_new, l_new
 
     @gluon.jit
-    def load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, row0, lo, n,
-                     BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
-        """Producer side of the K and V rings (shared with gluon_dq.py): key tiles lo .. lo + n - 1 (rows from
-        row0: a varlen sequence's first packed row) into ring position j = tile - lo, each slot refilled once the
-        consumers released it (empty) and announced by its ready barrier with the tile's byte count."""
-        for j in range(n):
-            ks = j % K_STAGES
-            mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)
-            mbarrier.expect(k_ready.index(ks), BLOCK_N * HEAD_D * 2)
-            tma.async_copy_global_to_shared(k_desc, [b, row0 + (lo + j) * BLOCK_N, hk, 0], k_ready.index(ks),
-                                            k_smem.index(ks))
-            vs = j % V_STAGES
-            mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
-            mbarrier.expect(v_ready.index(vs), BLOCK_N * HEAD_D * 2)
-            tma.async_copy_global_to_shared(v_desc, [b, row0 + (lo + j) * BLOCK_N, hk, 0], v_ready.index(vs),
-                                            v_smem.index(vs))
-
-    @gluon.jit
     def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n, q_row0,
                         k_row0, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                         K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
@@ -155,22 +100,6 @@ if AVAILABLE:
             mbarrier.wait(turn.index(0), (r & 1) ^ 1)
         else:
             mbarrier.wait(turn.index(1), r & 1)
-
-    @gluon.jit
-    def zero_rows_from(buf, n_valid):
-        """Zero rows n_valid .. of the (rows, D) shared-memory tile ``buf`` (a varlen sequence's last tile, whose
-        other rows are the next sequence's: masked scores give P = 0 there, but 0 * inf / NaN is NaN), then make
-        the writes visible to the warpgroup's asynchronous MMAs. Called by every warp of a warpgroup; two
-        warpgroups may zero the same tile at once (each rewrites the same values). 16 rows per pass."""
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        rr = gl.arange(0, 16, layout=gl.SliceLayout(1, layout))
-        for i in gl.static_range(buf.shape[0] // 16):
-            if 16 * i + 16 > n_valid:  # uniform branch: chunks that hold a foreign row
-                chunk = buf.slice(16 * i, 16, dim=0)
-                x = chunk.load(layout)
-                chunk.store(gl.where((16 * i + rr < n_valid)[:, None], x, gl.zeros_like(x)))
-        fence_async_shared()
-        gl.thread_barrier()
 
     @gluon.jit
     def _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w: gl.constexpr, t, kv_valid, VARLEN: gl.constexpr):
@@ -207,21 +136,6 @@ if AVAILABLE:
             gl.thread_barrier()
             tma.async_copy_shared_to_global(r_desc, [b, row, h, 0], q_buf)
         tma.store_wait(pendings=0)
-
-    @gluon.jit
-    def _store_rows(PTR, buf, row, h, n_rows, stride_os, stride_oh):
-        """Masked pointer store of the rows staged in shared memory ``buf`` (rows, D) to rows row .. of head h,
-        only the first n_rows of them (a varlen sequence's last tile: a TMA store would overwrite the next
-        sequence's rows), 16 rows at a time in a coalesced layout (few registers: the epilogue's are taken)."""
-        D: gl.constexpr = buf.shape[1]
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
-        rr = gl.arange(0, 16, layout=gl.SliceLayout(1, layout))
-        cc = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
-        base = PTR + row.to(gl.int64) * stride_os + h * stride_oh
-        for i in gl.static_range(buf.shape[0] // 16):
-            x = buf.slice(16 * i, 16, dim=0).load(layout)
-            r = 16 * i + rr
-            gl.store(base + r[:, None] * stride_os + cc[None, :], x, mask=(r < n_rows)[:, None] & (cc < D)[None, :])
 
     @gluon.jit
     def _consumer(w: gl.constexpr, o_desc, r_desc, LSE, SINK, ALIBI_B, O, RESID, q_smem, k_smem, v_smem, bars, b, h,
@@ -319,64 +233,16 @@ if AVAILABLE:
             if row0 + HALF_M > seqlen_q:  # the sequence's last rows (or none): masked pointer stores
                 q2.store(o)
                 gl.thread_barrier()
-                _store_rows(O, q2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
+                store_rows(O, q2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
                 if STORE_RESID:
                     gl.thread_barrier()
                     q2.store((acc - o.to(gl.float32)).to(dtype))
                     gl.thread_barrier()
-                    _store_rows(RESID, q2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
+                    store_rows(RESID, q2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
             else:
                 _store_tma(o_desc, r_desc, q_buf, acc, o, b_desc, q_row0 + row0, h, STORE_RESID)
         else:
             _store_tma(o_desc, r_desc, q_buf, acc, o, b_desc, row0, h, STORE_RESID)
-
-    @gluon.jit
-    def program_tile(pid, num_m_tiles, q_heads, LONGEST_FIRST: gl.constexpr):
-        """(b, h, tile) of program pid in a grid of num_m_tiles query tiles per (batch, head), heads inner; with
-        LONGEST_FIRST (causal / window) the tiles of each (batch, head) run last to first (shared with
-        gluon_dq.py)."""
-        bh = pid // num_m_tiles
-        tile = pid % num_m_tiles
-        if LONGEST_FIRST:
-            tile = num_m_tiles - 1 - tile  # longest tiles first
-        return bh // q_heads, bh % q_heads, tile
-
-    @gluon.jit
-    def seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: gl.constexpr):
-        """(q_row0, seqlen_q, k_row0, seqlen_k, b_desc) of program batch index b: varlen sequence b spans packed
-        rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K) of the descriptors' batch 0; batched, rows count from 0 in batch
-        b and the lengths are the arguments (shared with gluon_dq.py and gluon_backward.py)."""
-        if VARLEN:
-            q_row0 = gl.load(CU_Q + b)
-            seqlen_q = gl.load(CU_Q + b + 1) - q_row0
-            k_row0 = gl.load(CU_K + b)
-            seqlen_k = gl.load(CU_K + b + 1) - k_row0
-            b_desc = 0
-        else:
-            q_row0 = 0
-            k_row0 = 0
-            b_desc = b
-        return q_row0, seqlen_q, k_row0, seqlen_k, b_desc
-
-    @gluon.jit
-    def key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr):
-        """(lo, n): the key tiles lo .. lo + n - 1 that query rows [start_m, start_m + BLOCK_M) see (causal:
-        up to the bottom-right diagonal; window: row r sees keys [r + diag - win_left, r + diag + win_right]);
-        n = 0 for a varlen tile past its sequence's end (shared with gluon_dq.py)."""
-        lo = 0
-        hi = seqlen_k
-        if CAUSAL:
-            hi = gl.minimum(seqlen_k, gl.maximum(start_m + BLOCK_M + seqlen_k - seqlen_q, 0))
-        if WINDOW:
-            lo = gl.maximum(start_m + seqlen_k - seqlen_q - win_left, 0) // BLOCK_N
-            hi = gl.minimum(seqlen_k, gl.maximum(start_m + BLOCK_M + seqlen_k - seqlen_q + win_right, 0))
-        n = gl.cdiv(hi, BLOCK_N)
-        if WINDOW:
-            n = gl.maximum(n - lo, 0)
-        if VARLEN:  # a tile past its sequence's end (the grid covers the longest): no work, nothing stored
-            n = gl.where(start_m < seqlen_q, n, 0)
-        return lo, n
 
     @gluon.jit
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, CU_Q, CU_K, TILE_MAP,
@@ -391,18 +257,18 @@ if AVAILABLE:
         (1, total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
         read per sequence (the arguments are the maxima). O / RESID: out and the residual as pointers, for the
         masked stores of a sequence's last rows (varlen only). ALIBI: fp32 slopes (Hq,) or (B, Hq) (batch stride
-        stride_ab, 0 for (Hq,)). USE_MAP (varlen): program pid runs query head pid % q_heads of the query tile
-        TILE_MAP[pid // q_heads] = tile * num_m_tiles + b (``_hostinfo.tile_map``; num_m_tiles is then the
-        batch), so no program is launched for a tile past its sequence's end, and the longest run first."""
+        stride_ab, 0 for (Hq,)). USE_MAP (varlen): program pid runs entry TILE_MAP[pid] = (tile * num_m_tiles +
+        b) * q_heads + h (``_hostinfo.tile_map``; num_m_tiles is then the batch), so no program is launched for a
+        tile past its sequence's end, and the longest sequences run first."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = 2 * HALF_M
         dtype: gl.constexpr = q_desc.dtype
         pid = gl.program_id(0)
         if USE_MAP:
-            entry = gl.load(TILE_MAP + pid // q_heads)
-            h = pid % q_heads
-            b = entry % num_m_tiles
-            tile = entry // num_m_tiles
+            entry = gl.load(TILE_MAP + pid)
+            h = entry % q_heads
+            b = (entry // q_heads) % num_m_tiles
+            tile = entry // q_heads // num_m_tiles
         else:
             b, h, tile = program_tile(pid, num_m_tiles, q_heads, CAUSAL or WINDOW)
         hk = h // group
@@ -467,34 +333,13 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
         return None
     if p.dropout_p > 0:
         return None
-    if not cfg.window_softcap and (p.softcap > 0 or _window(p) or p.alibi_slopes is not None):
+    if not cfg.window_softcap and (p.softcap > 0 or has_window(p) or p.alibi_slopes is not None):
         return None
     if configs._arch(configs._device_index(q.device), configs._arch_override())[0] != 9:
         return None  # TILEATTN_ARCH=8.0 forces the portable path on a Hopper card
     if any(not tma_aligned(t) or t.stride(-1) != 1 for t in (q, k, v)):
         return None
     return cfg
-
-
-def window_bounds(p: AttnParams, seqlen_q: int, seqlen_k: int):
-    """(win_left, win_right) for the Gluon kernels: a side of -1 (unbounded) as a bound past every key."""
-    unbounded = seqlen_q + seqlen_k
-    return (p.window_left if p.window_left >= 0 else unbounded, p.window_right if p.window_right >= 0 else unbounded)
-
-
-def _window(p: AttnParams) -> bool:
-    """A window other than none or causal: a left bound, or a right bound above 0."""
-    return p.window_left >= 0 or p.window_right > 0
-
-
-@functools.lru_cache(maxsize=None)
-def _smem_layout(block, bf16: bool):
-    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if bf16 else gl.float16)
-
-
-def _desc(t: torch.Tensor, block: tuple, bf16: bool):
-    """Gluon host descriptor of a (B, S, H, D) tensor that ``applies`` checked by TMA's rules."""
-    return host_descriptor(GluonTensorDescriptor, t, block, layout=_smem_layout(block, bf16))
 
 
 def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
@@ -518,19 +363,19 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     cfg = cfg or configs.gluon_forward_config(d)
     bn, half = cfg.block_n, 64
     bf16 = q.dtype == torch.bfloat16
-    q_desc = _desc(q, (1, half, 1, d), bf16)
-    k_desc = _desc(k, (1, bn, 1, d), bf16)
-    v_desc = _desc(v, (1, bn, 1, d), bf16)
-    o_desc = _desc(out, (1, half, 1, d), bf16)
-    r_desc = _desc(resid, (1, half, 1, d), bf16) if residual else o_desc
+    q_desc = make_desc(q, (1, half, 1, d), bf16)
+    k_desc = make_desc(k, (1, bn, 1, d), bf16)
+    v_desc = make_desc(v, (1, bn, 1, d), bf16)
+    o_desc = make_desc(out, (1, half, 1, d), bf16)
+    r_desc = make_desc(resid, (1, half, 1, d), bf16) if residual else o_desc
     num_m_tiles = triton.cdiv(seqlen_q, 2 * half)
     grid = num_m_tiles * batch * q_heads
-    window = _window(p)
+    window = has_window(p)
     tiles = None
-    if p.varlen and configs.getenv("TILEATTN_VARLEN_TILEMAP") == "1":  # opt-in: slower at 8k (run 71, NOTES v17d)
-        tiles = tile_map(cu_q, cu_k, 2 * half, p.window_right == 0 and not window)
-    if tiles is not None:  # a program per (query tile that holds rows, head), longest first
-        num_m_tiles, grid = batch, tiles.numel() * q_heads
+    if p.varlen and configs.getenv("TILEATTN_VARLEN_TILEMAP") == "1":  # opt-in until measured (NOTES v17d, v18a)
+        tiles = tile_map(cu_q, cu_k, 2 * half, p.window_right == 0 and not window, q_heads)
+    if tiles is not None:  # a program per (query tile that holds rows, head), longest sequences first
+        num_m_tiles, grid = batch, tiles.numel()
     launch(_fwd_kernel, (grid,), (
         q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
         p.alibi_slopes if p.alibi_slopes is not None else lse, out,

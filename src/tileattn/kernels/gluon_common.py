@@ -1,0 +1,190 @@
+"""Pieces shared by the Hopper Gluon kernels (``gluon_forward.py``, ``gluon_dq.py``, ``gluon_backward.py``): the
+softcap / ALiBi scores, the program -> (batch, head, tile) map, a varlen sequence's bounds, the key-tile range of a
+query tile, the producer's K/V ring, shared-memory row zeroing and masked row stores for varlen, the row-stats slot
+and the ALiBi slope; on the host, TMA descriptors and the window bounds.
+"""
+
+import functools
+
+import torch
+
+from .common import FAST_TANH
+from .launch import host_descriptor
+from .params import AttnParams
+
+try:  # Gluon ships with triton >= 3.5; without it every call takes the portable kernel
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
+    AVAILABLE = True
+except ImportError:  # pragma: no cover - older triton
+    AVAILABLE = False
+
+
+def window_bounds(p: AttnParams, seqlen_q: int, seqlen_k: int):
+    """(win_left, win_right) for the Gluon kernels: a side of -1 (unbounded) as a bound past every key."""
+    unbounded = seqlen_q + seqlen_k
+    return (p.window_left if p.window_left >= 0 else unbounded, p.window_right if p.window_right >= 0 else unbounded)
+
+
+def has_window(p: AttnParams) -> bool:
+    """A window other than none or causal: a left bound, or a right bound above 0."""
+    return p.window_left >= 0 or p.window_right > 0
+
+
+@functools.lru_cache(maxsize=None)
+def _smem_layout(block, bf16: bool):
+    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if bf16 else gl.float16)
+
+
+def make_desc(t: torch.Tensor, block: tuple, bf16: bool):
+    """Gluon host descriptor of a (B, S, H, D) tensor that ``applies`` checked by TMA's rules."""
+    return host_descriptor(GluonTensorDescriptor, t, block, layout=_smem_layout(block, bf16))
+
+
+if AVAILABLE:
+    @gluon.jit
+    def _tanh(x, IS_BF16: gl.constexpr):
+        """tanh as the portable kernel's softcap computes it (common.scores): the hardware tanh for bf16 inputs,
+        exp and an approximate reciprocal for fp16 (TILEATTN_EXACT_TANH=1: the exact formula for both)."""
+        if FAST_TANH and IS_BF16:
+            t = gl.inline_asm_elementwise("tanh.approx.f32 $0, $1;", "=f,f", [x], dtype=gl.float32, is_pure=True,
+                                          pack=1)
+        elif FAST_TANH:
+            t = 1.0 - gl.fdiv(2.0, gl.exp(2.0 * x) + 1.0)
+        else:
+            t = 1.0 - 2.0 / (gl.exp(2.0 * x) + 1.0)
+        return t
+
+    @gluon.jit
+    def feature_scores(s, qk_scale, softcap, slope, q_pos, k_pos, HAS_SOFTCAP: gl.constexpr,
+                       HAS_ALIBI: gl.constexpr, IS_BF16: gl.constexpr):
+        """Raw q.k products -> scores in log2 units with a softcap and / or ALiBi (without either, callers
+        fold qk_scale into their exp2 instead): softcap * tanh(s * qk_scale)
+        (softcap pre-multiplied by log2 e) or s * qk_scale, minus slope * |q_pos - k_pos| (slope in log2 units;
+        q_pos = row + diag and k_pos = key as fp32, exact below 2^24, broadcast to s's shape by the caller).
+        Returns (scores, tanh(...)) with a softcap, else (scores, scores)."""
+        if HAS_SOFTCAP:
+            t = _tanh(s * qk_scale, IS_BF16)
+            sc = softcap * t
+        else:
+            sc = s * qk_scale
+            t = sc
+        if HAS_ALIBI:
+            sc = sc - slope * gl.abs(q_pos - k_pos)
+        return sc, t
+
+    @gluon.jit
+    def program_tile(pid, num_m_tiles, q_heads, LONGEST_FIRST: gl.constexpr):
+        """(b, h, tile) of program pid in a grid of num_m_tiles query tiles per (batch, head), heads inner; with
+        LONGEST_FIRST (causal / window) the tiles of each (batch, head) run last to first."""
+        bh = pid // num_m_tiles
+        tile = pid % num_m_tiles
+        if LONGEST_FIRST:
+            tile = num_m_tiles - 1 - tile  # longest tiles first
+        return bh // q_heads, bh % q_heads, tile
+
+    @gluon.jit
+    def seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: gl.constexpr):
+        """(q_row0, seqlen_q, k_row0, seqlen_k, b_desc) of program batch index b: varlen sequence b spans packed
+        rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K) of the descriptors' batch 0; batched, rows count from 0 in batch
+        b and the lengths are the arguments."""
+        if VARLEN:
+            q_row0 = gl.load(CU_Q + b)
+            seqlen_q = gl.load(CU_Q + b + 1) - q_row0
+            k_row0 = gl.load(CU_K + b)
+            seqlen_k = gl.load(CU_K + b + 1) - k_row0
+            b_desc = 0
+        else:
+            q_row0 = 0
+            k_row0 = 0
+            b_desc = b
+        return q_row0, seqlen_q, k_row0, seqlen_k, b_desc
+
+    @gluon.jit
+    def key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                  CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr):
+        """(lo, n): the key tiles lo .. lo + n - 1 that query rows [start_m, start_m + BLOCK_M) see (causal:
+        up to the bottom-right diagonal; window: row r sees keys [r + diag - win_left, r + diag + win_right]);
+        n = 0 for a varlen tile past its sequence's end."""
+        lo = 0
+        hi = seqlen_k
+        if CAUSAL:
+            hi = gl.minimum(seqlen_k, gl.maximum(start_m + BLOCK_M + seqlen_k - seqlen_q, 0))
+        if WINDOW:
+            lo = gl.maximum(start_m + seqlen_k - seqlen_q - win_left, 0) // BLOCK_N
+            hi = gl.minimum(seqlen_k, gl.maximum(start_m + BLOCK_M + seqlen_k - seqlen_q + win_right, 0))
+        n = gl.cdiv(hi, BLOCK_N)
+        if WINDOW:
+            n = gl.maximum(n - lo, 0)
+        if VARLEN:  # a tile past its sequence's end (the grid covers the longest): no work, nothing stored
+            n = gl.where(start_m < seqlen_q, n, 0)
+        return lo, n
+
+    @gluon.jit
+    def load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, row0, lo, n,
+                     BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
+        """Producer side of the K and V rings: key tiles lo .. lo + n - 1 (rows from
+        row0: a varlen sequence's first packed row) into ring position j = tile - lo, each slot refilled once the
+        consumers released it (empty) and announced by its ready barrier with the tile's byte count."""
+        for j in range(n):
+            ks = j % K_STAGES
+            mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)
+            mbarrier.expect(k_ready.index(ks), BLOCK_N * HEAD_D * 2)
+            tma.async_copy_global_to_shared(k_desc, [b, row0 + (lo + j) * BLOCK_N, hk, 0], k_ready.index(ks),
+                                            k_smem.index(ks))
+            vs = j % V_STAGES
+            mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
+            mbarrier.expect(v_ready.index(vs), BLOCK_N * HEAD_D * 2)
+            tma.async_copy_global_to_shared(v_desc, [b, row0 + (lo + j) * BLOCK_N, hk, 0], v_ready.index(vs),
+                                            v_smem.index(vs))
+
+    @gluon.jit
+    def zero_rows_from(buf, n_valid):
+        """Zero rows n_valid .. of the (rows, D) shared-memory tile ``buf`` (a varlen sequence's last tile, whose
+        other rows are the next sequence's: masked scores give P = 0 there, but 0 * inf / NaN is NaN), then make
+        the writes visible to the warpgroup's asynchronous MMAs. Called by every warp of a warpgroup; two
+        warpgroups may zero the same tile at once (each rewrites the same values). 16 rows per pass."""
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        rr = gl.arange(0, 16, layout=gl.SliceLayout(1, layout))
+        for i in gl.static_range(buf.shape[0] // 16):
+            if 16 * i + 16 > n_valid:  # uniform branch: chunks that hold a foreign row
+                chunk = buf.slice(16 * i, 16, dim=0)
+                x = chunk.load(layout)
+                chunk.store(gl.where((16 * i + rr < n_valid)[:, None], x, gl.zeros_like(x)))
+        fence_async_shared()
+        gl.thread_barrier()
+
+    @gluon.jit
+    def store_rows(PTR, buf, row, h, n_rows, stride_os, stride_oh):
+        """Masked pointer store of the rows staged in shared memory ``buf`` (rows, D) to rows row .. of head h,
+        only the first n_rows of them (a varlen sequence's last tile: a TMA store would overwrite the next
+        sequence's rows), 16 rows at a time in a coalesced layout (few registers: the epilogue's are taken)."""
+        D: gl.constexpr = buf.shape[1]
+        layout: gl.constexpr = gl.BlockedLayout([1, 8], [4, 8], [4, 1], [1, 0])
+        rr = gl.arange(0, 16, layout=gl.SliceLayout(1, layout))
+        cc = gl.arange(0, D, layout=gl.SliceLayout(0, layout))
+        base = PTR + row.to(gl.int64) * stride_os + h * stride_oh
+        for i in gl.static_range(buf.shape[0] // 16):
+            x = buf.slice(16 * i, 16, dim=0).load(layout)
+            r = 16 * i + rr
+            gl.store(base + r[:, None] * stride_os + cc[None, :], x, mask=(r < n_rows)[:, None] & (cc < D)[None, :])
+
+    @gluon.jit
+    def stats_row0(b, q_row0, seqlen_q, VARLEN: gl.constexpr):
+        """Where sequence b's rows start in the row-stats buffer (``backward._row_stats_buffer``): 16 * (b +
+        first // 16), first = its first packed row q_row0 (varlen) or b * seqlen_q."""
+        if VARLEN:
+            srow0 = 16 * (b + q_row0 // 16)
+        else:
+            srow0 = 16 * (b + (b * seqlen_q) // 16)
+        return srow0
+
+    @gluon.jit
+    def alibi_slope(ALIBI_B, hq, HAS_ALIBI: gl.constexpr):
+        """Query head hq's ALiBi slope in log2 units (0.0 without ALiBi); ALIBI_B: the sequence's slopes (Hq,)."""
+        slope = 0.0
+        if HAS_ALIBI:
+            slope = gl.load(ALIBI_B + hq).to(gl.float32) * 1.4426950408889634
+        return slope
