@@ -144,6 +144,24 @@ def test_window_right_ignored_with_causal():
     torch.testing.assert_close(c, d, rtol=0, atol=0)
 
 
+HUGE = 2**31 - 1
+
+
+@pytest.mark.parametrize("window", [(0, HUGE), (-1, HUGE), (HUGE, -1), (HUGE, HUGE), (HUGE, 3)],
+                         ids=["0-huge", "unb-huge", "huge-unb", "huge-huge", "huge-3"])
+def test_window_huge_bounds(window):
+    """Bounds up to int32's maximum mean "every key on that side" (they once overflowed the kernels' int32
+    position arithmetic: silently wrong output and gradients); bounds past it (2**64) give the same bits."""
+    sq, sk = SEQS[2]  # Sq > Sk: a left bound must reach past Sk - Sq as well
+    dtype = DTYPES[0]
+    q, k, v, dout, dlse, _ = _inputs((1, sq, sk, HQ, HQ // 2, HEAD_DIMS[0]), dtype, seed_for("whuge", window))
+    _check(q, k, v, dout, dlse, window_size=window)
+    with torch.no_grad():
+        beyond = tuple(2**64 if w == HUGE else w for w in window)
+        assert torch.equal(tileattn.flash_attn_func(q, k, v, window_size=beyond),
+                           tileattn.flash_attn_func(q, k, v, window_size=window))
+
+
 def _int_forms(value):
     """The same window bound as int, numpy int, 0-d tensor and 1-element tensor (on CPU and on the device)."""
     return {

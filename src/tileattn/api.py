@@ -44,6 +44,9 @@ def _as_float(name: str, value) -> float:
     return float(value)
 
 
+_INT32_MAX = 2**31 - 1
+
+
 def check_window(window_size, causal: bool) -> Tuple[int, int]:
     """window_size=(left, right) ints or one-element tensors, -1 = unbounded; causal forces right = 0."""
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
@@ -53,7 +56,10 @@ def check_window(window_size, causal: bool) -> Tuple[int, int]:
         raise ValueError(f"window_size values must be >= -1 (-1 = unbounded), got {(left, right)}")
     if causal:
         right = 0
-    return left, right
+    # Every bound at or past 2**31 - 1 reaches beyond any sequence (one sequence spans < 2**31 elements): keep
+    # it in int32; the launchers clamp further to the call's lengths (ops.make_params, decode), so that no
+    # kernel's position arithmetic overflows.
+    return min(left, _INT32_MAX), min(right, _INT32_MAX)
 
 
 def check_qkv(q, k, v, causal, softmax_scale, varlen: bool = False) -> float:

@@ -23,6 +23,10 @@ from .kernels.params import AttnParams
 def make_params(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
                 window_right, softcap, alibi_slopes, sink, dropout_p, rng) -> AttnParams:
     batch = cu_seqlens_q.shape[0] - 1 if cu_seqlens_q is not None else q.shape[0]
+    # For query i < Sq and key j < Sk, j - (i + Sk - Sq) lies in [1 - Sk, Sq - 1]: a window bound of Sq + Sk
+    # or more changes nothing. Clamping to it keeps the kernels' int32 position arithmetic from overflowing.
+    reach = max_seqlen_q + max_seqlen_k
+    window_left, window_right = min(window_left, reach), min(window_right, reach)
     return AttnParams(batch=batch, max_seqlen_q=max_seqlen_q, max_seqlen_k=max_seqlen_k,
                       softmax_scale=softmax_scale, window_left=window_left, window_right=window_right,
                       softcap=softcap, alibi_slopes=alibi_slopes, sink=sink, dropout_p=dropout_p, rng=rng,

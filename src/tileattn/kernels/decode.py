@@ -197,6 +197,10 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         out_part = torch.empty((num_splits, batch, q_heads, seqlen_q, dv), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((num_splits, batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
     paged = block_table is not None
+    # key positions stay below the capacity: a window bound of Sq + capacity or more admits every key, and
+    # clamping to it keeps the kernel's int32 position arithmetic from overflowing
+    reach = seqlen_q + (block_table.shape[1] * page_size if paged else k_cache.shape[1])
+    window = (min(window[0], reach), min(window[1], reach))
     dummy = seqlens_k
     qk_scale = softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E_F
     block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dv)
