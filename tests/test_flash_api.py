@@ -140,6 +140,48 @@ def test_qkvpacked(variant, causal, i):
             assert torch.equal(grads[name], g), f"packed {name} != unpacked {name}"
 
 
+@pytest.mark.parametrize("form", ["qkv", "kv", "varlen-qkv", "varlen-kv"])
+def test_packed_gradient_written_in_place(form, monkeypatch):
+    """The packed gradient is allocated once, packed, and the backward kernels write dq / dk / dv into its views:
+    no per-part gradients concatenated afterwards (the spy sees the views the kernels get, and the gradient
+    autograd returns is the tensor they belong to)."""
+    from tileattn import ops
+    seen = []
+    real = ops.attention_backward
+
+    def spy(*args, grads=None, **kw):
+        seen.append(grads)
+        return real(*args, grads=grads, **kw)
+    monkeypatch.setattr(ops, "attention_backward", spy)
+    gen = make_gen(seed_for("packed-in-place", form))
+    d, dtype = HEAD_DIMS[0], DTYPES[0]
+    varlen = form.startswith("varlen")
+    lead = (B * S,) if varlen else (B, S)
+    cu = seqlens_to_cu([S] * B) if varlen else None
+    if form.endswith("qkv"):
+        packed = rand(lead + (3, HQ, d), dtype, gen, requires_grad=True)
+        leaves = (packed,)
+        out = (tileattn.flash_attn_varlen_qkvpacked_func(packed, cu, S) if varlen
+               else tileattn.flash_attn_qkvpacked_func(packed))
+        parts = 3
+    else:
+        q = rand(lead + (HQ, d), dtype, gen, requires_grad=True)
+        packed = rand(lead + (2, HQ // 2, d), dtype, gen, requires_grad=True)
+        leaves = (q, packed)
+        out = (tileattn.flash_attn_varlen_kvpacked_func(q, packed, cu, cu, S, S) if varlen
+               else tileattn.flash_attn_kvpacked_func(q, packed))
+        parts = 2
+    grads = torch.autograd.grad(out, leaves, rand(out.shape, dtype, gen))
+    g = grads[-1]
+    assert g.shape == packed.shape and len(seen) == 1 and seen[0] is not None
+    views = seen[0][-parts:]  # the kernels' dq, dk, dv (qkv) or dk, dv (kv)
+    for i, view in enumerate(views):
+        assert view.untyped_storage().data_ptr() == g.untyped_storage().data_ptr()
+        part = g.select(-3, i)  # varlen: the kernels see it with a leading batch of 1
+        assert view.data_ptr() == part.data_ptr() and view.shape[-part.dim():] == part.shape
+        assert view.stride()[-part.dim():] == part.stride()
+
+
 KV_CASES = [(0, False, 0.0), (1, True, 0.0), (2, False, 0.0), (1, False, 0.3)]
 
 
@@ -218,6 +260,11 @@ _OTHER_DEVICE = "cpu" if ON_GPU else "meta"
 
 # id -> (builder of a zero-argument call, exception type, regex the message must match)
 BAD_VARLEN = {
+    "cu-q-none": (lambda: _varlen_call(cu_seqlens_q=None), ValueError, r"cu_seqlens_q"),
+    "cu-k-none": (lambda: _varlen_call(cu_seqlens_k=None), ValueError, r"cu_seqlens_k"),
+    "qkvpacked-cu-none": (lambda: (lambda qkv=torch.zeros(7, 3, 2, 16, dtype=torch.float16, device=DEVICE):
+                                   tileattn.flash_attn_varlen_qkvpacked_func(qkv, None, 4)), ValueError,
+                          r"cu_seqlens"),
     "cu-not-monotonic": (lambda: _varlen_call(cu_seqlens_q=_cu([0, 4, 3])), ValueError, r"cu_seqlens_q"),
     "cu-k-not-monotonic": (lambda: _varlen_call(cu_seqlens_k=_cu([0, 6, 5])), ValueError, r"cu_seqlens_k"),
     "cu-not-from-0": (lambda: _varlen_call(cu_seqlens_q=_cu([1, 3, 7])), ValueError, r"cu_seqlens_q"),

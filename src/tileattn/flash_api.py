@@ -41,8 +41,7 @@ def _check_packed(name, t, rank, n):
 
 
 def _run(q, k, v, pack, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs,
-         sink, cu_q=None, cu_k=None, max_q=None, max_k=None):
-    varlen = cu_q is not None
+         sink, cu_q=None, cu_k=None, max_q=None, max_k=None, varlen=False):
     qv, kv, vv = (q, k, v) if pack == 0 else (
         q.unbind(-3) if pack == 1 else (q,) + tuple(k.unbind(-3)))
     scale = check_qkv(qv, kv, vv, causal, softmax_scale, varlen=varlen)
@@ -100,7 +99,7 @@ def flash_attn_varlen_func(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, ma
         return _run_paged(q, k, v, block_table, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p,
                           softmax_scale, causal, window_size, softcap, alibi_slopes, return_attn_probs, sink)
     return _run(q, k, v, 0, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                return_attn_probs, sink, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                return_attn_probs, sink, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, varlen=True)
 
 
 def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0, softmax_scale=None, causal=False,
@@ -109,7 +108,7 @@ def flash_attn_varlen_qkvpacked_func(qkv, cu_seqlens, max_seqlen, dropout_p=0.0,
     """qkv (total, 3, H, D) -> out (total, H, D); packed gradient."""
     _check_packed("qkv", qkv, 4, 3)
     return _run(qkv, None, None, 1, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                return_attn_probs, sink, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen)
+                return_attn_probs, sink, cu_seqlens, cu_seqlens, max_seqlen, max_seqlen, varlen=True)
 
 
 def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, dropout_p=0.0,
@@ -119,7 +118,7 @@ def flash_attn_varlen_kvpacked_func(q, kv, cu_seqlens_q, cu_seqlens_k, max_seqle
     """q (total_q, Hq, D), kv (total_k, 2, Hkv, D) -> out (total_q, Hq, D); kv's gradient comes back packed."""
     _check_packed("kv", kv, 4, 2)
     return _run(q, kv, None, 2, dropout_p, softmax_scale, causal, window_size, softcap, alibi_slopes,
-                return_attn_probs, sink, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k)
+                return_attn_probs, sink, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, varlen=True)
 
 
 def _run_paged(q, k, v, block_table, cu_q, cu_k, max_q, max_k, dropout_p, softmax_scale, causal, window_size,
