@@ -69,7 +69,8 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
            "qk_scale": "fp32", "sm_scale": "fp32", "softcap": "fp32", "DK": f"*{'fp16' if fp16 else 'bf16'}",
            "DV": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32"}
     consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal and not window, WINDOW=window, PIPELINE=bool(pipe),
-                  VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, CONSUMER_REGS=creg, PRODUCER_REGS=preg)
+                  VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, SPLIT=c.split, CONSUMER_REGS=creg,
+                  PRODUCER_REGS=preg)
     fn = gb._dkdv_kernel
     for name in fn.arg_names:
         if name not in sig:
@@ -165,7 +166,11 @@ def main():
         print(report)
         spill = re.search(r"(\d+) bytes spill stores", report)
         ok = "serialized" not in report and spill is not None and int(spill.group(1)) <= a.spill_budget
-        ok = ok and k.asm["ptx"].count("wgmma.mma_async") >= (4 if a.bwd else 2) * (a.head_dim // 16)
+        # the products contracting over the head dim: Q K^T and P V (forward), S^T and dP^T per consumer warpgroup
+        # (dK/dV; with ``split`` one of the two per warpgroup)
+        from tileattn import configs
+        per = 2 if (not a.bwd or configs._GLUON_BWD[a.head_dim].split) else 4
+        ok = ok and k.asm["ptx"].count("wgmma.mma_async") >= per * (a.head_dim // 16)
         sys.exit(0 if ok else 1)
     print(cc._ptxas_report(k.asm["ptx"], 90), "smem", k.metadata.shared)
     sass = sl._sass(k.asm["ptx"])

@@ -54,7 +54,11 @@ def test_scope_on_hopper(monkeypatch):
     f = [t.float() for t in ok]
     assert not gluon_backward.applies(*f, attn_params(q, k))
     q256 = torch.zeros(1, 64, 2, 256, device="cuda", dtype=torch.bfloat16)
-    assert not gluon_backward.applies(*(q256, ) * 7, attn_params(q256, q256))
+    assert not gluon_backward.applies(*(q256, ) * 7, attn_params(q256, q256))  # the split kernel: opt-in
+    monkeypatch.setenv("TILEATTN_GLUON", "all")
+    assert gluon_backward.applies(*(q256, ) * 7, attn_params(q256, q256)).split
+    assert not gluon_backward.applies(*(q256, ) * 7, attn_params(q256, q256, softcap=5.0))
+    monkeypatch.delenv("TILEATTN_GLUON")
     dk_odd = torch.zeros(2, 80, 2, 129, device="cuda", dtype=torch.bfloat16)[..., 1:]  # base off 16 bytes
     assert not gluon_backward.applies(q, k, k, q, q, dk_odd, k, attn_params(q, k))
     from _flash_helpers import seqlens_to_cu
@@ -260,6 +264,58 @@ def test_alibi(kind, causal, d, spy, monkeypatch):
     assert bool(dq_calls) == (d == 128), "the Gluon dQ kernel runs at D=128 only (configs)"
 
 
+D256_CASES = [(2, 1, 1, 2, 2), (1, 130, 130, 4, 2), (1, 257, 1031, 4, 1), (1, 1031, 257, 2, 2), (2, 1000, 1000, 2, 2)]
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("case", D256_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_split_d256_accuracy(case, causal, dtype, spy, monkeypatch):
+    """D=256 through the split dK/dV kernel (64 keys per program, warpgroup 0 accumulating dV, warpgroup 1 dK, P
+    handed over in shared memory; TILEATTN_GLUON=all while it is not on by default): odd sizes, GQA, Sq != Sk
+    both ways, against the float64 reference."""
+    monkeypatch.setenv("TILEATTN_GLUON", "all")
+    B, Sq, Sk, Hq, Hkv = case
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, 256, dtype, seed_for("gluon-bwd-256", case, causal),
+                            requires_grad=True)
+    check_attention(q, k, v, causal=causal, dout=randn((B, Sq, Hq, 256), dtype, gen), extra="gluon bwd split")
+    assert spy and spy[-1][-1] == 256, "the call did not take the (split) Gluon dK/dV kernel"
+
+
+@hopper
+@pytest.mark.gpu
+def test_split_d256_features_reproducible(spy, monkeypatch):
+    """The split kernel (D=256) with a sliding window, ALiBi per (batch, head), a sink and a gradient through lse;
+    bit-reproducible and close to the portable backward; softcap and varlen stay portable."""
+    import test_features
+    monkeypatch.setenv("TILEATTN_GLUON", "all")
+    for sq, sk in ((333, 777), (777, 333)):
+        q, k, v, gen = make_qkv(2, sq, sk, 4, 2, 256, torch.bfloat16, seed_for("gluon-bwd-256-feat", sq),
+                                requires_grad=True)
+        dout = randn((2, sq, 4, 256), torch.bfloat16, gen)
+        test_features._check(q, k, v, dout, randn((2, 4, sq), torch.float32, gen), window_size=(200, 100),
+                             sink=randn((4,), torch.float32, gen).requires_grad_(), ctx="gluon bwd split window")
+        test_features._check(q, k, v, dout, causal=True, alibi_slopes=test_features._alibi("batch", 2, 4, gen),
+                             ctx="gluon bwd split alibi")
+    assert len(spy) == 4
+
+    def grads():
+        q.grad = k.grad = v.grad = None
+        tileattn.attention(q, k, v, causal=True).backward(dout)
+        return q.grad.clone(), k.grad.clone(), v.grad.clone()
+    a, b = grads(), grads()
+    assert all(torch.equal(x, y) for x, y in zip(a, b)), "not bit-reproducible"
+    monkeypatch.setenv("TILEATTN_GLUON", "0")
+    for x, y in zip(a, grads()):
+        torch.testing.assert_close(x.float(), y.float(), atol=2 ** -6, rtol=2 ** -6)
+    monkeypatch.setenv("TILEATTN_GLUON", "all")
+    n = len(spy)
+    test_features._check(q, k, v, dout, softcap=5.0, ctx="D=256 softcap (portable backward)")
+    assert len(spy) == n, "softcap at D=256 must stay on the portable backward"
+
+
 BWD_WINDOWS = [(0, 0), (3, 2), (-1, 5), (37, 0), (200, 100), (1000, -1), (130, 0), (5000, 5000)]
 
 
@@ -369,7 +425,9 @@ def test_varlen_reproducible_agrees_with_portable_and_isolated(d, spy, monkeypat
                                             (128, True, ("--varlen",)), (64, False, ("--varlen", "--fp16")),
                                             (128, False, ("--window",)), (64, False, ("--window", "--varlen")),
                                             (128, True, ("--softcap",)), (64, False, ("--softcap", "--window")),
-                                            (128, True, ("--alibi", "--varlen")), (64, False, ("--alibi",))])
+                                            (128, True, ("--alibi", "--varlen")), (64, False, ("--alibi",)),
+                                            (256, False, ()), (256, True, ("--fp16",)), (256, False, ("--window",)),
+                                            (256, True, ("--alibi",))])
 def test_compiles_for_sm90_without_serialised_wgmma(d, causal, extra):
     """No C7514 / C7512 (wgmma serialised) and at most a few spilled scalars (64 bytes: the plain loop with 64-row
     steps at D=128 has 20-36, in local memory that stays in L1). In a subprocess, as test_gluon_forward's."""

@@ -439,7 +439,7 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
 @dataclass(frozen=True)
 class GluonBackwardConfig:
     """The Hopper Gluon dK/dV kernel (kernels/gluon_backward.py): 128 keys per program in two 64-key consumer
-    warpgroups, ``block_m`` query rows per step, a Q/dO ring of ``stages`` slots, the registers per thread of the
+    warpgroups (``split``: 64 keys per program, warpgroup 0 accumulating dV and warpgroup 1 dK), ``block_m`` query rows per step, a Q/dO ring of ``stages`` slots, the registers per thread of the
     consumers and of the producer warp (setmaxnreg) and the kernel's ``maxnreg``; ``pipeline``: the consumers'
     loop software-pipelined by one step (3+ stages). The Gluon dQ kernel (kernels/gluon_dq.py) shares the
     registers: ``dq_block_n`` keys per tile, a K ring of ``dq_k_stages`` slots (3: tile j-1's K stays for its
@@ -453,6 +453,7 @@ class GluonBackwardConfig:
     dq_block_n: int = 64
     dq_k_stages: int = 3
     dq: bool = True
+    split: bool = False
     default_on: bool = True
 
 
@@ -467,7 +468,10 @@ class GluonBackwardConfig:
 # 295/391/396; causal 220/354/430 vs 237/391/465. D=64 non-causal portable dQ 306/383/410, Gluon 64-key 288/380/405,
 # 128-key 3 slots 296/384/415; causal 208/328/378 vs 191/317/375 and 196/325/381: D=64 keeps the portable dQ.
 _GLUON_BWD = {64: GluonBackwardConfig(64, 3, 240, 24, 168, pipeline=True, dq=False),
-              128: GluonBackwardConfig(32, 4, 240, 24, 168, pipeline=True, dq=True)}
+              128: GluonBackwardConfig(32, 4, 240, 24, 168, pipeline=True, dq=True),
+              # D=256: 64 keys per program, one accumulator per warpgroup (``split``; session 14, compiled for
+              # sm_90a only, not yet GPU-run: TILEATTN_GLUON=all)
+              256: GluonBackwardConfig(32, 3, 240, 24, 168, dq=False, split=True, default_on=False)}
 
 
 def gluon_backward_config(head_dim: int) -> Optional[GluonBackwardConfig]:

@@ -52,13 +52,15 @@ if AVAILABLE:
     @gluon.jit
     def _dkdv_load(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
                    bars, b, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st, q_row0, k_row0,
-                   HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr):
-        """Producer warp: both warpgroups' K and V halves, then Q, dO and the row statistics (lse, delta) of query
-        tiles m_lo .. m_lo + n_m - 1 of each query head of the group (step t = g * n_m + tile) into ring slot
-        t % STAGES. q_row0 / k_row0: the sequence's first packed row (varlen; 0 batched)."""
+                   HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
+                   KV_PARTS: gl.constexpr):
+        """Producer warp: the tile's K and V (KV_PARTS parts of HALF_N keys: one per warpgroup, or one shared by
+        both with SPLIT), then Q, dO and the row statistics (lse, delta) of query tiles m_lo .. m_lo + n_m - 1 of
+        each query head of the group (step t = g * n_m + tile) into ring slot t % STAGES. q_row0 / k_row0: the
+        sequence's first packed row (varlen; 0 batched)."""
         kv_bar, ready, empty = bars
-        mbarrier.expect(kv_bar, 4 * HALF_N * HEAD_D * 2)
-        for w in gl.static_range(2):
+        mbarrier.expect(kv_bar, KV_PARTS * 2 * HALF_N * HEAD_D * 2)
+        for w in gl.static_range(KV_PARTS):
             tma.async_copy_global_to_shared(k_desc, [b, k_row0 + start_n + w * HALF_N, hk, 0], kv_bar,
                                             k_smem.index(w))
             tma.async_copy_global_to_shared(v_desc, [b, k_row0 + start_n + w * HALF_N, hk, 0], kv_bar,
@@ -268,25 +270,104 @@ if AVAILABLE:
             _store_kv(dk_desc, dv_desc, k_smem, v_smem, w, b, key0, hk)
 
     @gluon.jit
+    def _split_consumer(w: gl.constexpr, dk_desc, dv_desc, ALIBI_B, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                        delta_smem, p_smem, bars, p_bars, b, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
+                        qk_scale, sm_scale, win_left, win_right, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
+                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_ALIBI: gl.constexpr):
+        """SPLIT (D=256, where one warpgroup cannot hold both [64, D] fp32 accumulators): both warpgroups work on
+        the program's 64 keys. Warpgroup 0 runs S^T = K Q^T, P^T and dV += P^T dO and hands P^T (fp32) to
+        warpgroup 1 through a 2-slot shared-memory ring (p_ready / p_free); warpgroup 1 runs dP^T = V dO^T, dS^T
+        = P^T (dP^T - delta) and dK += dS^T Q. Each holds one accumulator (128 registers at D=256) and runs two of
+        the step's four products. At the end each stages its result in the K or V buffer only it read (dV in K's,
+        dK in V's) for the TMA store."""
+        kv_bar, ready, empty = bars
+        p_ready, p_free = p_bars
+        dtype: gl.constexpr = dk_desc.dtype
+        HALF_N: gl.constexpr = k_smem.shape[2]
+        st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                            instr_shape=[16, BLOCK_M, 16])
+        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                             instr_shape=[16, HEAD_D, 16])
+        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
+        keys = start_n + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, st_layout))
+        diag = seqlen_k - seqlen_q
+        mask_end = 0  # as in _dkdv_consumer (only warpgroup 0 masks: P^T is 0 where masked, so is dS^T)
+        if CAUSAL:
+            mask_end = gl.cdiv(gl.maximum(start_n + HALF_N - 1 - diag, 0), BLOCK_M)
+        mask_start = 0
+        if WINDOW:
+            mask_end = gl.cdiv(gl.maximum(start_n + HALF_N - 1 - diag - win_right, 0), BLOCK_M)
+            mask_start = gl.maximum(start_n + win_left - diag + 1, 0) // BLOCK_M
+        win = (mask_end, mask_start, win_left, win_right)
+        acc = gl.zeros([HALF_N, HEAD_D], gl.float32, layout=acc_layout)
+        st_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, layout=st_layout)
+        k2 = k_smem.index(0).reshape([HALF_N, HEAD_D])
+        v2 = v_smem.index(0).reshape([HALF_N, HEAD_D])
+        mbarrier.wait(kv_bar, 0)
+        for t in range(group * n_m):
+            g = t // n_m
+            tile = m_lo + t - g * n_m
+            s = t % STAGES
+            ps = t % 2
+            mbarrier.wait(ready.index(s), (t // STAGES) & 1)
+            q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_D])
+            do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_D])
+            if w == 0:
+                st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+                st = warpgroup_mma_wait(num_outstanding=0, deps=(st_tok, ))
+                p, _ = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, 0.0,
+                              alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW, False,
+                              dtype == gl.bfloat16, HAS_ALIBI)
+                mbarrier.wait(p_free.index(ps), ((t // 2) & 1) ^ 1)
+                p_smem.index(ps).store(p)
+                gl.thread_barrier()
+                mbarrier.arrive(p_ready.index(ps), count=1)
+                tok = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do2, acc, is_async=True)
+            else:
+                dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+                dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
+                mbarrier.wait(p_ready.index(ps), (t // 2) & 1)
+                p = p_smem.index(ps).load(st_layout)
+                gl.thread_barrier()
+                mbarrier.arrive(p_free.index(ps), count=1)
+                ds = _dscores(p, p, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, False)
+                tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), q2, acc, is_async=True)
+            acc = warpgroup_mma_wait(num_outstanding=0, deps=(tok, ))
+            mbarrier.arrive(empty.index(s), count=1)
+        if w == 0:  # dV, staged in K's buffer (only this warpgroup read K)
+            k2.store(acc.to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(dv_desc, [b, start_n, hk, 0], k_smem.index(0))
+        else:  # dK, staged in V's buffer (only this warpgroup read V)
+            v2.store((acc * sm_scale).to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(dk_desc, [b, start_n, hk, 0], v_smem.index(0))
+        tma.store_wait(pendings=0)
+
+    @gluon.jit
     def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, DK, DV, CU_Q, CU_K, ALIBI,
                      seqlen_q, seqlen_k, kv_heads, group, num_n_tiles, qk_scale, sm_scale, stride_sh, stride_st,
                      stride_dks, stride_dkh, stride_dvs, stride_dvh, win_left, win_right, softcap, stride_ab,
                      HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                      HAS_SOFTCAP: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
-                     HAS_ALIBI: gl.constexpr,
+                     HAS_ALIBI: gl.constexpr, SPLIT: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
         total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
         read per sequence (the arguments are the maxima). DK / DV: dk and dv as pointers (with their row and head
         strides) for the masked stores of a sequence's last keys (varlen only). ALIBI: fp32 slopes (Hq,) or (B,
-        Hq) (batch stride stride_ab, 0 for (Hq,))."""
+        Hq) (batch stride stride_ab, 0 for (Hq,)). SPLIT: 64 keys per program, shared by both consumer warpgroups
+        (``_split_consumer``; no varlen or softcap)."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HALF_N: gl.constexpr = k_desc.block_type.shape[1]
+        KV_PARTS: gl.constexpr = 1 if SPLIT else 2  # key parts of HALF_N per program
         dtype: gl.constexpr = q_desc.dtype
         pid = gl.program_id(0)
         bhk = pid // num_n_tiles
-        start_n = (pid % num_n_tiles) * (2 * HALF_N)  # causal: low key tiles have the most work and run first
+        start_n = (pid % num_n_tiles) * (KV_PARTS * HALF_N)  # causal: low key tiles have the most work, run first
         b = bhk // kv_heads
         hk = bhk % kv_heads
         q_row0, seqlen_q, k_row0, seqlen_k, b_desc = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
@@ -295,7 +376,8 @@ if AVAILABLE:
             m_lo = gl.maximum(start_n - (seqlen_k - seqlen_q), 0) // BLOCK_M
         if WINDOW:  # rows [start_n - diag - win_right, start_n + 2 * HALF_N - 1 - diag + win_left] see the tile
             m_lo = gl.maximum(start_n - (seqlen_k - seqlen_q) - win_right, 0) // BLOCK_M
-            m_hi = gl.minimum(seqlen_q, gl.maximum(start_n + 2 * HALF_N - (seqlen_k - seqlen_q) + win_left, 0))
+            m_hi = gl.minimum(seqlen_q, gl.maximum(start_n + KV_PARTS * HALF_N - (seqlen_k - seqlen_q) + win_left,
+                                                   0))
             n_m = gl.maximum(gl.cdiv(m_hi, BLOCK_M) - m_lo, 0)
         else:
             n_m = gl.maximum(gl.cdiv(seqlen_q, BLOCK_M) - m_lo, 0)
@@ -305,8 +387,8 @@ if AVAILABLE:
 
         q_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_D], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [STAGES, 1, BLOCK_M, 1, HEAD_D], do_desc.layout)
-        k_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_N, 1, HEAD_D], k_desc.layout)
-        v_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_N, 1, HEAD_D], v_desc.layout)
+        k_smem = gl.allocate_shared_memory(dtype, [KV_PARTS, 1, HALF_N, 1, HEAD_D], k_desc.layout)
+        v_smem = gl.allocate_shared_memory(dtype, [KV_PARTS, 1, HALF_N, 1, HEAD_D], v_desc.layout)
         lse_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], st_desc.layout)
         delta_smem = gl.allocate_shared_memory(gl.float32, [STAGES, BLOCK_M], st_desc.layout)
         kv_bar = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
@@ -320,6 +402,29 @@ if AVAILABLE:
         alibi_b = ALIBI
         if HAS_ALIBI:
             alibi_b = ALIBI + b * stride_ab
+        if SPLIT:
+            p_smem = gl.allocate_shared_memory(gl.float32, [2, HALF_N, BLOCK_M],
+                                               gl.NVMMASharedLayout.get_default_for([HALF_N, BLOCK_M], gl.float32))
+            p_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            p_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(2):
+                mbarrier.init(p_ready.index(i), count=1)
+                mbarrier.init(p_free.index(i), count=1)
+            p_bars = (p_ready, p_free)
+            gl.warp_specialize([
+                (_split_consumer, (0, dk_desc, dv_desc, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                                   delta_smem, p_smem, bars, p_bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q,
+                                   seqlen_k, qk_scale, sm_scale, win_left, win_right, BLOCK_M, HEAD_D, STAGES,
+                                   CAUSAL, WINDOW, HAS_ALIBI)),
+                (_split_consumer, (1, dk_desc, dv_desc, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                                   delta_smem, p_smem, bars, p_bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q,
+                                   seqlen_k, qk_scale, sm_scale, win_left, win_right, BLOCK_M, HEAD_D, STAGES,
+                                   CAUSAL, WINDOW, HAS_ALIBI)),
+                (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                              delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
+                              q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+            return
         gl.warp_specialize([
             (_dkdv_consumer, (0, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
@@ -333,7 +438,7 @@ if AVAILABLE:
                               PIPELINE, VARLEN, HAS_ALIBI)),
             (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
                           delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
-                          q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES)),
+                          q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
@@ -349,7 +454,7 @@ def applies(q, k, v, dout, dq, dk, dv, p: AttnParams):
         return None
     if p.varlen and (configs.getenv("TILEATTN_GLUON_VARLEN") == "0" or p.max_seqlen_q == 0 or p.max_seqlen_k == 0):
         return None
-    if p.dropout_p > 0:
+    if p.dropout_p > 0 or (cfg.split and (p.varlen or p.softcap > 0)):  # SPLIT: neither yet
         return None
     if configs._arch(configs._device_index(q.device), configs._arch_override())[0] != 9:
         return None
@@ -377,7 +482,7 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg):
     q_desc, do_desc = make_desc(q, (1, bm, 1, d), bf16), make_desc(dout, (1, bm, 1, d), bf16)
     k_desc, v_desc = make_desc(k, (1, half_n, 1, d), bf16), make_desc(v, (1, half_n, 1, d), bf16)
     dk_desc, dv_desc = make_desc(dk, (1, half_n, 1, d), bf16), make_desc(dv, (1, half_n, 1, d), bf16)
-    num_n_tiles = triton.cdiv(seqlen_k, 2 * half_n)
+    num_n_tiles = triton.cdiv(seqlen_k, (1 if cfg.split else 2) * half_n)
     st_desc = host_descriptor(GluonTensorDescriptor, stats.view(-1), (bm, ), layout=_stats_layout(bm))
     sts = stats.stride()
     launch(_dkdv_kernel, (num_n_tiles * batch * kv_heads,), (
@@ -388,7 +493,7 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg):
         dv.stride(1), dv.stride(2), *window_bounds(p, seqlen_q, seqlen_k), p.softcap_log2, p.alibi_stride_b),
         dict(HEAD_D=d, STAGES=cfg.stages, CAUSAL=p.window_right == 0 and not has_window(p), WINDOW=has_window(p),
              HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=p.alibi_slopes is not None,
-             PIPELINE=cfg.pipeline, VARLEN=p.varlen,
+             PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs),
         4, 1, maxnreg=cfg.maxnreg)
