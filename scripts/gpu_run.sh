@@ -124,6 +124,11 @@ for stage in "$@"; do
            | tee "$OUT/s14_tests2.log" | tail -10 || status=1
          python3 -m tileattn.bench --head-dims 256 --modes bwd --no-plot --out-dir "$OUT" --prefix d256_bwd \
            --providers tileattn,tileattn_gluon_all,sdpa_cudnn 2>&1 | tee "$OUT/d256_bwd.log" | grep -v "it/s\]"
+         echo "== split pipelined (TILEATTN_GLUON_BWD_CONFIG=32,3,240,24,168,1)"
+         TILEATTN_GLUON=all TILEATTN_GLUON_BWD_CONFIG=32,3,240,24,168,1 timeout 120 python3 -m pytest tests/test_gluon_backward.py \
+           -x -q -p no:cacheprovider -p no:benchmark -k "split_d256_accuracy" 2>&1 | tail -3 | tee "$OUT/s14_pipe_tests.log"
+         TILEATTN_GLUON_BWD_CONFIG=32,3,240,24,168,1 python3 -m tileattn.bench --head-dims 256 --modes bwd --no-plot --out-dir "$OUT" \
+           --prefix d256_bwd_pipe --providers tileattn_gluon_all,sdpa_cudnn 2>&1 | tee "$OUT/d256_bwd_pipe.log" | grep -v "it/s\]"
          for m in 0 1 0 1; do echo "== TILEATTN_VARLEN_TILEMAP=$m"; TILEATTN_VARLEN_TILEMAP=$m python3 -m tileattn.bench_features \
            --seqlens 2048,8192 --cases dense,varlen,varlen_equal 2>&1 | grep -v "^#"; done | tee "$OUT/tilemap.log"; fi ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \

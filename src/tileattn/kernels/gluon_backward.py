@@ -46,8 +46,8 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .gluon_common import (alibi_slope, feature_scores, seq_bounds, stats_row0, store_rows,
-                               zero_rows_from)
+    from .gluon_backward_split import _split_consumer
+    from .gluon_common import alibi_slope, dkdv_dscores, dkdv_probs, seq_bounds, stats_row0, store_rows, zero_rows_from
 
     @gluon.jit
     def _dkdv_load(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
@@ -78,57 +78,6 @@ if AVAILABLE:
             srow = (hk * group + g) * stride_sh + srow0 + row
             tma.async_copy_global_to_shared(st_desc, [srow], ready.index(s), lse_smem.index(s))
             tma.async_copy_global_to_shared(st_desc, [stride_st + srow], ready.index(s), delta_smem.index(s))
-
-    @gluon.jit
-    def _probs(st, lse_slot, tile, keys, seqlen_q, diag, win, qk_scale, softcap, slope, BLOCK_M: gl.constexpr,
-               CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr, IS_BF16: gl.constexpr,
-               HAS_ALIBI: gl.constexpr):
-        """P^T of one step from S^T: exp2(S^T * qk_scale - lse), 0 where the key is after the row (causal) or
-        outside the row's window, and for rows past the sequence (lse and delta are read from shared memory when
-        needed: held in registers across the waits they made the D=128 warpgroups spill; past the last row they
-        are another sequence's). win = (mask_end, mask_start, win_left, win_right): query tiles before mask_end
-        see only part of the warpgroup's keys on the right (causal / window), tiles from mask_start on on the
-        left (window); row r sees keys [r + diag - win_left, r + diag + win_right]. HAS_SOFTCAP: the scores are
-        softcap * tanh(S^T * qk_scale) (softcap pre-multiplied by log2 e, tanh as the forward's); returns (P^T,
-        1 - tanh^2: the factor of dS^T), else (P^T, P^T). HAS_ALIBI: minus slope * |r + diag - key| (log2
-        units)."""
-        mask_end, mask_start, win_left, win_right = win
-        col_layout: gl.constexpr = gl.SliceLayout(0, st.type.layout)
-        lse = lse_slot.load(col_layout)
-        if (tile + 1) * BLOCK_M > seqlen_q:
-            lse = gl.where(tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout) < seqlen_q, lse, float("inf"))
-        if HAS_SOFTCAP or HAS_ALIBI:
-            rows_f = (tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout) + diag).to(gl.float32)
-            sc, t = feature_scores(st, qk_scale, softcap, slope, rows_f[None, :], keys.to(gl.float32)[:, None],
-                                   HAS_SOFTCAP, HAS_ALIBI, IS_BF16)
-            p = gl.exp2(sc - lse[None, :])
-        else:
-            p = gl.exp2(st * qk_scale - lse[None, :])
-        if CAUSAL:
-            if tile < mask_end:  # uniform branch: the diagonal's query tiles only
-                rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout)
-                p = gl.where(keys[:, None] <= rows[None, :] + diag, p, 0.0)
-        if WINDOW:
-            if (tile < mask_end) | (tile >= mask_start):  # uniform branch: the window's edge tiles only
-                rows = tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout)
-                rel = keys[:, None] - (rows[None, :] + diag)
-                p = gl.where((rel >= -win_left) & (rel <= win_right), p, 0.0)
-        if HAS_SOFTCAP:
-            return p, 1.0 - t * t
-        else:
-            return p, p
-
-    @gluon.jit
-    def _dscores(p, g, dpt, delta_slot, tile, seqlen_q, BLOCK_M: gl.constexpr, HAS_SOFTCAP: gl.constexpr):
-        """dS^T = P^T (dP^T - delta) of one step."""
-        col_layout: gl.constexpr = gl.SliceLayout(0, p.type.layout)
-        delta = delta_slot.load(col_layout)
-        if (tile + 1) * BLOCK_M > seqlen_q:
-            delta = gl.where(tile * BLOCK_M + gl.arange(0, BLOCK_M, layout=col_layout) < seqlen_q, delta, 0.0)
-        ds = p * (dpt - delta[None, :])
-        if HAS_SOFTCAP:  # through the tanh: g = 1 - tanh^2 (``_probs``)
-            ds = ds * g
-        return ds
 
     @gluon.jit
     def _zero_foreign_rows(q_smem, do_smem, s, tile, seqlen_q, BLOCK_M: gl.constexpr):
@@ -201,11 +150,11 @@ if AVAILABLE:
                 st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-                p, dtanh = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
+                p, dtanh = dkdv_probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
                                   alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
                                   HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
                 dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
-                ds = _dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
+                ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
                 # both products issued after dS (P^T in flight beside fp32 P^T and dP^T spilled at D=128)
                 dv_tok = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do2, dv, is_async=True)
                 dk_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), q2, dk, is_async=True)
@@ -220,11 +169,11 @@ if AVAILABLE:
             dpt_tok = warpgroup_mma(v2, do_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                     use_acc=False, is_async=True)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-            p, dtanh = _probs(st, lse_smem.index(0), m_lo, keys, seqlen_q, diag, win, qk_scale, softcap,
+            p, dtanh = dkdv_probs(st, lse_smem.index(0), m_lo, keys, seqlen_q, diag, win, qk_scale, softcap,
                               alibi_slope(ALIBI_B, hk * group, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
                               HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
-            ds = _dscores(p, dtanh, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M, HAS_SOFTCAP)
+            ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M, HAS_SOFTCAP)
             p_op = gl.convert_layout(p.to(dtype), op_layout)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             for t in range(1, n):
@@ -242,11 +191,11 @@ if AVAILABLE:
                                         use_acc=False, is_async=True)
                 dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
                 st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
-                p, dtanh = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
+                p, dtanh = dkdv_probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
                                   alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
                                   HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
                 dv, dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dpt_tok))
-                ds = _dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
+                ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
                 dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
                 mbarrier.arrive(empty.index(sp), count=1)
                 p_op = gl.convert_layout(p.to(dtype), op_layout)
@@ -268,83 +217,6 @@ if AVAILABLE:
                 _store_kv(dk_desc, dv_desc, k_smem, v_smem, w, b, k_row0 + key0, hk)
         else:
             _store_kv(dk_desc, dv_desc, k_smem, v_smem, w, b, key0, hk)
-
-    @gluon.jit
-    def _split_consumer(w: gl.constexpr, dk_desc, dv_desc, ALIBI_B, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                        delta_smem, p_smem, bars, p_bars, b, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
-                        qk_scale, sm_scale, win_left, win_right, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
-                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_ALIBI: gl.constexpr):
-        """SPLIT (D=256, where one warpgroup cannot hold both [64, D] fp32 accumulators): both warpgroups work on
-        the program's 64 keys. Warpgroup 0 runs S^T = K Q^T, P^T and dV += P^T dO and hands P^T (fp32) to
-        warpgroup 1 through a 2-slot shared-memory ring (p_ready / p_free); warpgroup 1 runs dP^T = V dO^T, dS^T
-        = P^T (dP^T - delta) and dK += dS^T Q. Each holds one accumulator (128 registers at D=256) and runs two of
-        the step's four products. At the end each stages its result in the K or V buffer only it read (dV in K's,
-        dK in V's) for the TMA store."""
-        kv_bar, ready, empty = bars
-        p_ready, p_free = p_bars
-        dtype: gl.constexpr = dk_desc.dtype
-        HALF_N: gl.constexpr = k_smem.shape[2]
-        st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                            instr_shape=[16, BLOCK_M, 16])
-        acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                             instr_shape=[16, HEAD_D, 16])
-        op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
-        keys = start_n + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, st_layout))
-        diag = seqlen_k - seqlen_q
-        mask_end = 0  # as in _dkdv_consumer (only warpgroup 0 masks: P^T is 0 where masked, so is dS^T)
-        if CAUSAL:
-            mask_end = gl.cdiv(gl.maximum(start_n + HALF_N - 1 - diag, 0), BLOCK_M)
-        mask_start = 0
-        if WINDOW:
-            mask_end = gl.cdiv(gl.maximum(start_n + HALF_N - 1 - diag - win_right, 0), BLOCK_M)
-            mask_start = gl.maximum(start_n + win_left - diag + 1, 0) // BLOCK_M
-        win = (mask_end, mask_start, win_left, win_right)
-        acc = gl.zeros([HALF_N, HEAD_D], gl.float32, layout=acc_layout)
-        st_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, layout=st_layout)
-        k2 = k_smem.index(0).reshape([HALF_N, HEAD_D])
-        v2 = v_smem.index(0).reshape([HALF_N, HEAD_D])
-        mbarrier.wait(kv_bar, 0)
-        for t in range(group * n_m):
-            g = t // n_m
-            tile = m_lo + t - g * n_m
-            s = t % STAGES
-            ps = t % 2
-            mbarrier.wait(ready.index(s), (t // STAGES) & 1)
-            q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_D])
-            do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_D])
-            if w == 0:
-                st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-                st = warpgroup_mma_wait(num_outstanding=0, deps=(st_tok, ))
-                p, _ = _probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, 0.0,
-                              alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW, False,
-                              dtype == gl.bfloat16, HAS_ALIBI)
-                mbarrier.wait(p_free.index(ps), ((t // 2) & 1) ^ 1)
-                p_smem.index(ps).store(p)
-                gl.thread_barrier()
-                mbarrier.arrive(p_ready.index(ps), count=1)
-                tok = warpgroup_mma(gl.convert_layout(p.to(dtype), op_layout), do2, acc, is_async=True)
-            else:
-                dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-                dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
-                mbarrier.wait(p_ready.index(ps), (t // 2) & 1)
-                p = p_smem.index(ps).load(st_layout)
-                gl.thread_barrier()
-                mbarrier.arrive(p_free.index(ps), count=1)
-                ds = _dscores(p, p, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, False)
-                tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), q2, acc, is_async=True)
-            acc = warpgroup_mma_wait(num_outstanding=0, deps=(tok, ))
-            mbarrier.arrive(empty.index(s), count=1)
-        if w == 0:  # dV, staged in K's buffer (only this warpgroup read K)
-            k2.store(acc.to(dtype))
-            fence_async_shared()
-            gl.thread_barrier()
-            tma.async_copy_shared_to_global(dv_desc, [b, start_n, hk, 0], k_smem.index(0))
-        else:  # dK, staged in V's buffer (only this warpgroup read V)
-            v2.store((acc * sm_scale).to(dtype))
-            fence_async_shared()
-            gl.thread_barrier()
-            tma.async_copy_shared_to_global(dk_desc, [b, start_n, hk, 0], v_smem.index(0))
-        tma.store_wait(pendings=0)
 
     @gluon.jit
     def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, DK, DV, CU_Q, CU_K, ALIBI,
@@ -415,11 +287,11 @@ if AVAILABLE:
                 (_split_consumer, (0, dk_desc, dv_desc, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
                                    delta_smem, p_smem, bars, p_bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q,
                                    seqlen_k, qk_scale, sm_scale, win_left, win_right, BLOCK_M, HEAD_D, STAGES,
-                                   CAUSAL, WINDOW, HAS_ALIBI)),
+                                   CAUSAL, WINDOW, HAS_ALIBI, PIPELINE)),
                 (_split_consumer, (1, dk_desc, dv_desc, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
                                    delta_smem, p_smem, bars, p_bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q,
                                    seqlen_k, qk_scale, sm_scale, win_left, win_right, BLOCK_M, HEAD_D, STAGES,
-                                   CAUSAL, WINDOW, HAS_ALIBI)),
+                                   CAUSAL, WINDOW, HAS_ALIBI, PIPELINE)),
                 (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
                               q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
