@@ -1,8 +1,9 @@
 """Greedy generation from a small randomly initialised decoder with a paged KV cache.
 
-Prefill runs ``tileattn.flash_attn_func`` (causal) and writes the prompt's K/V into the pages; each decode step
-calls ``tileattn.flash_attn_with_kvcache`` with ``block_table``, appending the new token's K/V in place. The script
-checks that decoding with the cache gives the same logits as re-running the whole sequence without a cache.
+Prefill and decode both run ``tileattn.flash_attn_with_kvcache`` with ``block_table`` and ``causal=True``: the
+prefill passes the whole prompt as q and its K/V as k/v at ``cache_seqlens`` 0, appending them into the empty
+pages; each decode step appends the new token's K/V in place. The script checks that decoding with the cache gives
+the same logits as re-running the whole sequence without a cache (``tileattn.flash_attn_func``, causal).
 
 Usage: python examples/generate_paged.py   (GPU; without one it runs tiny in Triton's interpreter)
 """

@@ -4,6 +4,7 @@ Each sequence's visible keys are gathered from the cache (after the in-place app
 attention_ref on that sequence, with flash-attn's rule (error <= 2x the same computation at the input dtype + atol).
 """
 
+import numpy as np
 import pytest
 import torch
 
@@ -37,9 +38,10 @@ def _randn(gen, *shape, dtype):
 
 def run_case(dtype, B=2, Sq=1, Hq=4, Hkv=2, d=D, dv=D, cap=CAP, page=None, new=0, causal=False, splits=0, lens=None,
              window=(-1, -1), softcap=0.0, alibi=False, sink=False, bidx=False, rot=False, interleaved=False,
-             leftpad=None, poison=False):
+             leftpad=None, poison=False, int_lens=False):
     """leftpad: None, a list of per-row starts, or "random" (uniform in [0, lens[b]]). poison (contiguous caches):
-    NaN in every cache slot at or past each row's length (a kernel that reads them unmasked returns NaN)."""
+    NaN in every cache slot at or past each row's length (a kernel that reads them unmasked returns NaN).
+    int_lens: pass cache_seqlens as a Python int (every entry of lens equal)."""
     gen = make_gen(seed_for("decode", B, Sq, Hq, Hkv, d, cap, page, new, causal, splits, window, softcap, alibi,
                             sink, bidx, rot, str(dtype), str(leftpad)))
     q = _randn(gen, B, Sq, Hq, d, dtype=dtype)
@@ -57,6 +59,9 @@ def run_case(dtype, B=2, Sq=1, Hq=4, Hkv=2, d=D, dv=D, cap=CAP, page=None, new=0
     if lens is None:
         lens = torch.randint(0, capn - new + 1, (B,), generator=gen).tolist()
     lens_t = torch.tensor(lens, dtype=torch.int32, device=DEVICE)
+    if int_lens:
+        assert len(set(lens)) == 1
+        lens_t = int(lens[0])
     if poison:
         assert not page
         for b in range(B):
@@ -91,6 +96,12 @@ def run_case(dtype, B=2, Sq=1, Hq=4, Hkv=2, d=D, dv=D, cap=CAP, page=None, new=0
             kk, vv = kc[r, :L], vc[r, :L]
         if new and not rot:  # the new tokens were written in place
             assert torch.equal(kk[lens[b]:], k[b]) and torch.equal(vv[lens[b]:], v[b])
+        if new and rot:  # k was rotated (float64 formula, at positions lens[b] ...) before the write; v as given
+            kpos = torch.arange(lens[b], lens[b] + new, device=DEVICE)
+            k_ro = _rotate(k[b:b + 1].double(), cos[kpos][None], sin[kpos][None], interleaved)[0]
+            k_err = (kk[lens[b]:].double() - k_ro).abs().max().item()
+            assert k_err <= 2 * U[dtype] * max(1.0, k[b].abs().max().item()), f"b={b}: appended k not rotated"
+            assert torch.equal(vv[lens[b]:], v[b])
         qb = q[b:b + 1]
         if rot:
             ar = torch.arange(Sq, device=DEVICE)
@@ -116,9 +127,11 @@ def test_contiguous_splits(dtype, splits):
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
-@pytest.mark.parametrize("page", [1, 16, 64] + ([256] if LARGE else []))
+@pytest.mark.parametrize("page", [1, 16, 64, 256])
 def test_paged_shuffled(dtype, page):
-    run_case(dtype, page=page, cap=max(CAP, page * 2), splits=2)
+    # page 256 in the interpreter: a small cache (2 pages per sequence, one kv head, head dim 16)
+    small = dict(Hq=2, Hkv=1, d=16, dv=16) if page == 256 and not LARGE else {}
+    run_case(dtype, page=page, cap=max(CAP, page * 2), splits=2, **small)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -136,7 +149,13 @@ def test_lengths_zero_and_full(dtype):
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 def test_append_at_page_boundary(dtype):
-    run_case(dtype, page=8, cap=64, new=5, lens=[59, 3])  # crosses a page boundary; the other starts mid-page
+    """Each sequence's appended tokens span two pages (page 8): starting on a page's last slot, mid-page, on a
+    page's first slot (ending on the next page's first slot), and filling the cache to its capacity."""
+    page, cap = 8, 64
+    for lens, new in (([55, 6], 5), ([55, 0], 9)):
+        for n in lens:
+            assert n // page + 1 == (n + new - 1) // page and n + new <= cap, "the append must span two pages"
+        run_case(dtype, page=page, cap=cap, new=new, lens=lens, Sq=new if new > 5 else 1, causal=new > 5)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -150,6 +169,29 @@ def test_rotary_and_batch_idx(dtype, interleaved):
     run_case(dtype, rot=True, new=2, Sq=2, causal=True, interleaved=interleaved)
     run_case(dtype, rot=True, new=2, Sq=2, causal=False, interleaved=interleaved)  # q tokens all at cache_seqlens
     run_case(dtype, bidx=True, new=2, Sq=2, causal=True)
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("interleaved", [False, True])
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged16"])
+def test_rotary_append_rotates_k(dtype, paged, interleaved):
+    """With rotary_cos/sin and k/v, the cache rows cache_seqlens[b] ... hold k rotated at those positions (run_case
+    compares them with a float64 rotation) and v unchanged; q rotated alike (causal: per token; else all at
+    cache_seqlens), partial rotary dim (16 of 32)."""
+    page = 16 if paged else None
+    run_case(dtype, rot=True, new=3, Sq=3, causal=True, page=page, interleaved=interleaved, splits=2)
+    run_case(dtype, rot=True, new=2, Sq=1, page=page, interleaved=interleaved, lens=[0, CAP - 2 - CAP % 16])
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+def test_combined_features(dtype):
+    """Rotary with cache_leftpad (positions stay absolute, as flash-attn's), rotary with cache_batch_idx (contiguous
+    cache), softcap with a paged cache, and cache_seqlens given as a Python int (contiguous and paged)."""
+    run_case(dtype, B=3, rot=True, new=2, Sq=2, causal=True, leftpad="random", splits=2)
+    run_case(dtype, rot=True, bidx=True, new=2, Sq=2, causal=True, interleaved=True)
+    run_case(dtype, page=16, softcap=5.0, Sq=2, new=2, causal=True, splits=2)
+    run_case(dtype, lens=[37, 37], int_lens=True, new=2, Sq=2, causal=True)
+    run_case(dtype, lens=[21, 21], int_lens=True, new=1, page=16, splits=2)
 
 
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
@@ -202,6 +244,79 @@ def test_bad_inputs(case, exc, pattern):
         args["k"] = case["k"]
     with pytest.raises(exc, match=pattern):
         tileattn.flash_attn_with_kvcache(**args)
+
+
+def _kv(*shape, dtype=torch.float32, device=None):
+    return torch.zeros(*shape, dtype=dtype, device=device or DEVICE)
+
+
+_LENS = torch.tensor([3, 4], dtype=torch.int32)
+_BT = torch.tensor([[0], [1]], dtype=torch.int32)  # one 16-key page per sequence: capacity 16
+
+
+@pytest.mark.parametrize("case, exc, pattern", [
+    (dict(k=_kv(2, 1, 2, 16), v=_kv(2, 1, 2, 16)), ValueError, "cache_seqlens must be given with k/v"),
+    (dict(k="k", v=_kv(2, 1, 2, 16), cache_seqlens=_LENS), TypeError, r"^k must be a torch.Tensor"),
+    (dict(k=_kv(2, 1, 2, 16), v=[0.0], cache_seqlens=_LENS), TypeError, r"^v must be a torch.Tensor"),
+    (dict(k=_kv(16), v=_kv(2, 1, 2, 16), cache_seqlens=_LENS), ValueError, r"^k must be 4-D"),
+    (dict(k=_kv(2, 1, 2, 16), v=_kv(2, 2, 16), cache_seqlens=_LENS), ValueError, r"^v must be 4-D"),
+    (dict(k=_kv(2, 1, 2, 16, dtype=torch.float64), v=_kv(2, 1, 2, 16), cache_seqlens=_LENS), TypeError,
+     r"^k has dtype torch.float64"),
+    (dict(k=_kv(2, 1, 2, 16), v=_kv(2, 1, 2, 16, dtype=torch.int64), cache_seqlens=_LENS), TypeError,
+     r"^v has dtype torch.int64"),
+    (dict(k=_kv(2, 1, 2, 16, device="meta"), v=_kv(2, 1, 2, 16), cache_seqlens=_LENS), ValueError, r"^k is on meta"),
+    (dict(k=_kv(2, 1, 2, 16), v=_kv(2, 1, 2, 16, device="meta"), cache_seqlens=_LENS), ValueError, r"^v is on meta"),
+    (dict(causal="no"), TypeError, "causal must be a bool"),
+    (dict(causal=1), TypeError, "causal must be a bool"),
+    (dict(softmax_scale=True), TypeError, "softmax_scale must be None or a real number"),
+    (dict(softmax_scale="x"), TypeError, "softmax_scale must be None or a real number"),
+    (dict(num_splits=2.0), TypeError, "num_splits"),
+    (dict(num_splits=True), TypeError, "num_splits"),
+    (dict(num_splits=np.int64(-2)), ValueError, "num_splits"),
+    (dict(rotary_cos=torch.zeros(32, 0), rotary_sin=torch.zeros(32, 0)), ValueError, r"rotary dim \(2 \* 0\)"),
+    (dict(block_table=_BT, cache_seqlens=17), ValueError, "cache_seqlens"),
+    (dict(block_table=_BT, cache_seqlens=torch.tensor([3, 17], dtype=torch.int32)), ValueError, "cache_seqlens"),
+    (dict(block_table=_BT, cache_seqlens=torch.tensor([15, 2], dtype=torch.int32), k=_kv(2, 2, 2, 16),
+          v=_kv(2, 2, 2, 16)), ValueError, r"cache_seqlens \(\+ 2 new tokens\)"),
+])
+def test_bad_arguments(case, exc, pattern):
+    """k/v (type, rank, dtype, device; cache_seqlens required with them), causal, softmax_scale, num_splits,
+    an empty rotary table, and lengths past a paged cache's capacity; the caches are left untouched."""
+    case = {n: (t.to(DEVICE) if isinstance(t, torch.Tensor) and t.device.type != "meta" else t)
+            for n, t in case.items()}
+    args = _bad(**case)
+    args["k_cache"].normal_()
+    args["v_cache"].normal_()
+    kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
+    with pytest.raises(exc, match=pattern):
+        tileattn.flash_attn_with_kvcache(**args)
+    assert torch.equal(args["k_cache"], kc) and torch.equal(args["v_cache"], vc)
+
+
+def test_bad_arguments_leave_cache_untouched():
+    """An argument error found with k/v given is raised before the append writes the cache."""
+    gen = make_gen(5)
+    args = _bad(k=_randn(gen, 2, 1, 2, 16, dtype=torch.float32), v=_randn(gen, 2, 1, 2, 16, dtype=torch.float32),
+                cache_seqlens=_LENS.to(DEVICE))
+    kc, vc = args["k_cache"].clone(), args["v_cache"].clone()
+    for bad in (dict(num_splits=-1), dict(num_splits=1.5), dict(causal="yes"), dict(softmax_scale=-1.0),
+                dict(rotary_cos=_kv(32, 0), rotary_sin=_kv(32, 0))):
+        with pytest.raises((TypeError, ValueError)):
+            tileattn.flash_attn_with_kvcache(**args, **bad)
+        assert torch.equal(args["k_cache"], kc) and torch.equal(args["v_cache"], vc), bad
+
+
+def test_numpy_scalars_accepted():
+    """numpy bool_ causal, numpy float softmax_scale and numpy int num_splits act as the Python values."""
+    gen = make_gen(9)
+    q = _randn(gen, 2, 2, 4, 16, dtype=torch.float32)
+    kc, vc = _randn(gen, 2, 40, 2, 16, dtype=torch.float32), _randn(gen, 2, 40, 2, 16, dtype=torch.float32)
+    lens = torch.tensor([40, 17], dtype=torch.int32, device=DEVICE)
+    a = tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=True, softmax_scale=0.5, num_splits=2)
+    b = tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=np.bool_(True),
+                                         softmax_scale=np.float32(0.5), num_splits=np.int64(2))
+    c = tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, causal=False, softmax_scale=0.5, num_splits=2)
+    assert torch.equal(a, b) and not torch.equal(a, c)
 
 
 def test_leftpad_bad_input():

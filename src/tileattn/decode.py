@@ -5,6 +5,7 @@ with host reads skipped included); speed in BENCHMARKS.md (issue 5).
 """
 
 import math
+import numbers
 from typing import Optional
 
 import torch
@@ -34,12 +35,19 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     """flash-attn 2.8's decode entry point (no autograd).
 
     q (B, Sq, Hq, D); k_cache/v_cache (B_cache, S_cache, Hkv, D) contiguous, or paged (num_blocks, page_size, Hkv, D)
-    with ``block_table`` (B, max_pages) int32. ``k``/``v`` (B, S_new, Hkv, D): written into the cache in place at
-    positions cache_seqlens[b] ... (after rotary) before attending. ``cache_seqlens``: int or (B,) int32, the
-    cache lengths before the append (default: the full capacity). Causal is aligned bottom-right to each
-    sequence's length. ``rotary_cos/sin`` (S_rot, rotary_dim / 2): k is rotated at its positions; q at positions
-    cache_seqlens + i when causal or local, else at cache_seqlens. Returns out (B, Sq, Hq, Dv), and lse fp32
-    (B, Hq, Sq) with ``return_softmax_lse``.
+    with ``block_table`` (B, max_pages) int32. ``k``/``v`` (B, S_new, Hkv, D / Dv), the cache's dtype, on q's device:
+    written into the cache in place at positions cache_seqlens[b] ... (k after rotary) before attending; they need
+    ``cache_seqlens`` (as in flash-attn: a ValueError without it). ``cache_seqlens``: int or (B,) int32, the cache
+    lengths before the append (default, allowed only without k/v: the full capacity). Causal is aligned
+    bottom-right to each sequence's length. ``rotary_cos/sin`` (S_rot, rotary_dim / 2), rotary_dim >= 2: k is
+    rotated at its positions; q at positions cache_seqlens + i when causal or local, else at cache_seqlens.
+    ``causal`` a bool; ``softmax_scale`` None (1 / sqrt(D)) or a positive real number. ``num_splits`` an int >= 0
+    (0 = choose from the batch, heads and lengths). Each split covers a whole number of the kernel's key blocks
+    (block_n keys), so the kernel runs ceil(L / split_len) splits, split_len = block_n * ceil(ceil(L / num_splits) /
+    block_n), L = the longest attended key range: a requested count is honoured up to the number of key blocks in L
+    (more become one split per block), and may come out a little lower where L / num_splits is not a whole number
+    of blocks (flash-attn also caps its splits). Returns out (B, Sq, Hq, Dv), and lse fp32 (B, Hq, Sq) with
+    ``return_softmax_lse``.
     """
     for name, t in (("q", q), ("k_cache", k_cache), ("v_cache", v_cache)):
         if not isinstance(t, torch.Tensor):
@@ -54,6 +62,32 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         raise ValueError("q, k_cache, v_cache must be on one device")
     if q.device.type == "cpu" and not _INTERPRETING:
         raise ValueError("q is a CPU tensor: tileattn needs a CUDA device, or TRITON_INTERPRET=1")
+    if (k is None) != (v is None):
+        raise ValueError("k and v must be given together")
+    if k is not None:
+        for name, t, cache in (("k", k, k_cache), ("v", v, v_cache)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor or None, got {type(t).__name__}")
+            if t.dim() != 4:
+                raise ValueError(f"{name} must be 4-D (batch, S_new, kv_heads, head_dim), got shape {tuple(t.shape)}")
+            if t.dtype != cache.dtype:
+                raise TypeError(f"{name} has dtype {t.dtype}; it must match the cache's dtype {cache.dtype}")
+            if t.device != q.device:
+                raise ValueError(f"{name} is on {t.device}, q on {q.device}")
+        if cache_seqlens is None:
+            raise ValueError("cache_seqlens must be given with k/v (the cache lengths before the append: where the "
+                             "new tokens are written)")
+    if not (isinstance(causal, bool) or (type(causal).__module__ == "numpy" and type(causal).__name__ in
+                                         ("bool_", "bool"))):
+        raise TypeError(f"causal must be a bool, got {type(causal).__name__}")
+    causal = bool(causal)
+    if softmax_scale is not None and (isinstance(softmax_scale, bool) or not isinstance(softmax_scale, numbers.Real)):
+        raise TypeError(f"softmax_scale must be None or a real number, got {type(softmax_scale).__name__}")
+    if isinstance(num_splits, bool) or not isinstance(num_splits, numbers.Integral):
+        raise TypeError(f"num_splits must be an int >= 0 (0 = choose), got {type(num_splits).__name__}")
+    if num_splits < 0:
+        raise ValueError(f"num_splits must be an int >= 0 (0 = choose), got {num_splits!r}")
+    num_splits = int(num_splits)
     batch, seqlen_q, q_heads, dqk = q.shape
     kv_heads = k_cache.shape[2]
     if k_cache.shape[:3] != v_cache.shape[:3] or k_cache.shape[3] != dqk:
@@ -87,8 +121,8 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         elif k_cache.shape[0] < batch:
             raise ValueError(f"k_cache holds {k_cache.shape[0]} sequences, q has batch {batch}")
     known = None  # (min, max) of cache_seqlens when the host already knows them (an int, or the default)
-    if cache_seqlens is None:
-        cache_seqlens = capacity if k is None else 0
+    if cache_seqlens is None:  # (k/v given without it were refused above)
+        cache_seqlens = capacity
     if isinstance(cache_seqlens, torch.Tensor) and cache_seqlens.dim() == 1:
         check_int32("cache_seqlens", cache_seqlens, (batch,), q.device)
         cache_seqlens = cache_seqlens.contiguous()
@@ -96,11 +130,9 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
         value = _as_int("cache_seqlens", cache_seqlens)
         known = (value, value)
         cache_seqlens = torch.full((batch,), value, dtype=torch.int32, device=q.device)
-    if (k is None) != (v is None):
-        raise ValueError("k and v must be given together")
     new = 0 if k is None else k.shape[1]
     if k is not None:
-        if k.dim() != 4 or k.shape[0] != batch or k.shape[2] != kv_heads or k.shape[3] != dqk \
+        if k.shape[0] != batch or k.shape[2] != kv_heads or k.shape[3] != dqk \
                 or v.shape[:3] != k.shape[:3] or v.shape[3] != v_cache.shape[3]:
             raise ValueError(f"k/v must be (batch, S_new, kv_heads, head_dim) matching the cache, got "
                              f"{tuple(k.shape)} / {tuple(v.shape)}")
@@ -124,15 +156,23 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
     softmax_scale = 1.0 / math.sqrt(dqk) if softmax_scale is None else float(softmax_scale)
     if not (math.isfinite(softmax_scale) and softmax_scale > 0):
         raise ValueError(f"softmax_scale must be a positive finite number, got {softmax_scale}")
-    window = check_window(window_size, bool(causal))
+    window = check_window(window_size, causal)
     softcap, alibi_slopes, sink, _ = check_features(q, batch, q_heads, softcap, alibi_slopes, sink, 0.0)
 
     # int64 positions for rotary and the append (the attending kernels read the int32 lengths directly)
     lens = cache_seqlens.to(torch.int64) if (k is not None or rotary_cos is not None) else None
     if rotary_cos is not None or rotary_sin is not None:
-        if rotary_cos is None or rotary_sin is None or rotary_cos.shape != rotary_sin.shape or rotary_cos.dim() != 2:
+        if rotary_cos is None or rotary_sin is None:
+            raise ValueError("rotary_cos and rotary_sin must both be given, with shape (S_rot, rotary_dim / 2)")
+        for name, t in (("rotary_cos", rotary_cos), ("rotary_sin", rotary_sin)):
+            if not isinstance(t, torch.Tensor):
+                raise TypeError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
+        if rotary_cos.shape != rotary_sin.shape or rotary_cos.dim() != 2:
             raise ValueError("rotary_cos and rotary_sin must both be given, with shape (S_rot, rotary_dim / 2)")
         rot_dim = 2 * rotary_cos.shape[1]
+        if rot_dim < 2:
+            raise ValueError(f"rotary_cos/sin have shape {tuple(rotary_cos.shape)}: rotary dim (2 * "
+                             f"{rotary_cos.shape[1]}) must be >= 2 (at least one column)")
         if rot_dim > dqk:
             raise ValueError(f"rotary dim ({rot_dim}) must be <= head dim ({dqk})")
         q_per_token = causal or window != (-1, -1)  # else every query token sits at position cache_seqlens
@@ -163,8 +203,6 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             k_cache[rows, pos] = k.to(k_cache.dtype)
             v_cache[rows, pos] = v.to(v_cache.dtype)
     seqlens_k = cache_seqlens + new if new else cache_seqlens  # int32
-    if isinstance(num_splits, bool) or not isinstance(num_splits, int) or num_splits < 0:
-        raise ValueError(f"num_splits must be an int >= 0 (0 = choose), got {num_splits!r}")
     splits = num_splits or _default_splits(batch, kv_heads, attend_len, q.device,
                                            max(q.shape[-1], v_cache.shape[-1]))
     out, lse = decode_forward(q, k_cache, v_cache, seqlens_k, softmax_scale=softmax_scale, window=window,
