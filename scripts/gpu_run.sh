@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -110,27 +110,27 @@ for stage in "$@"; do
                -p no:benchmark 2>&1 | tee "$OUT/features_tests.log" | tail -15 || status=1
              for d in 128 64; do python3 -m tileattn.bench_features --seqlens 2048,8192 --head-dim $d \
                --out-dir "$OUT/d$d" 2>&1 | grep -v "^#"; done | tee "$OUT/features.log"; fi ;;
-    # session 14 (no device time then): the split D=256 dK/dV kernel (opt-in) hang-safe first, then the tests of what
-    # session 14 changed, then D=256 backward Gluon-all vs default vs cuDNN, then the varlen work list off / on
+    # session 14: the split D=256 dK/dV kernel hang-safe first, then D=256 backward Gluon-all (plain, pipelined) vs the
+    # default vs cuDNN, the varlen work list off/on twice; s14t: session 14's tests
     s14) TILEATTN_GLUON=all timeout 240 python3 -m pytest tests/test_gluon_backward.py -x -q -p no:cacheprovider -rf \
            -p no:benchmark -k "split_d256_accuracy and 1x130" 2>&1 | tee "$OUT/s14_probe.log" | tail -8
          if [ "${PIPESTATUS[0]}" != 0 ]; then status=1; else
-         timeout 420 python3 -m pytest tests/test_gluon_backward.py tests/test_interpreter_patch.py tests/test_varlen.py \
+         python3 -m tileattn.bench --head-dims 256 --modes bwd --no-plot --out-dir "$OUT" --prefix d256_bwd \
+           --providers tileattn,tileattn_gluon_all,sdpa_cudnn 2>&1 | tee "$OUT/d256_bwd.log" | grep -v "it/s\]"
+         echo "== split pipelined (TILEATTN_GLUON_BWD_CONFIG=32,3,240,24,168,1)"
+         TILEATTN_GLUON=all TILEATTN_GLUON_BWD_CONFIG=32,3,240,24,168,1 timeout 120 python3 -m pytest tests/test_gluon_backward.py \
+           -x -q -p no:cacheprovider -p no:benchmark -k "split_d256_accuracy and 1x130" 2>&1 | tail -3 | tee "$OUT/s14_pipe_tests.log"
+         TILEATTN_GLUON_BWD_CONFIG=32,3,240,24,168,1 python3 -m tileattn.bench --head-dims 256 --modes bwd --no-plot --out-dir "$OUT" \
+           --prefix d256_bwd_pipe --providers tileattn_gluon_all,sdpa_cudnn 2>&1 | tee "$OUT/d256_bwd_pipe.log" | grep -v "it/s\]"
+         for m in 0 1 0 1; do echo "== TILEATTN_VARLEN_TILEMAP=$m"; TILEATTN_VARLEN_TILEMAP=$m python3 -m tileattn.bench_features \
+           --seqlens 2048,8192 --cases dense,varlen,varlen_equal 2>&1 | grep -v "^#"; done | tee "$OUT/tilemap.log"; fi ;;
+    s14t) timeout 420 python3 -m pytest tests/test_gluon_backward.py tests/test_interpreter_patch.py tests/test_varlen.py \
            tests/test_decode.py tests/test_launch.py -q -n 14 -p no:cacheprovider -rf -p no:benchmark \
            -k "split or scope or compiles or interpreter or fp32 or tile_map or varlen or decode or kvcache or launch" \
            2>&1 | tee "$OUT/s14_tests.log" | tail -15 || status=1
          timeout 300 python3 -m pytest tests/test_gluon_forward.py tests/test_features.py tests/test_flash_api.py -q -n 14 \
            -p no:cacheprovider -rf -p no:benchmark -k "varlen or huge or in_place or bad" 2>&1 \
-           | tee "$OUT/s14_tests2.log" | tail -10 || status=1
-         python3 -m tileattn.bench --head-dims 256 --modes bwd --no-plot --out-dir "$OUT" --prefix d256_bwd \
-           --providers tileattn,tileattn_gluon_all,sdpa_cudnn 2>&1 | tee "$OUT/d256_bwd.log" | grep -v "it/s\]"
-         echo "== split pipelined (TILEATTN_GLUON_BWD_CONFIG=32,3,240,24,168,1)"
-         TILEATTN_GLUON=all TILEATTN_GLUON_BWD_CONFIG=32,3,240,24,168,1 timeout 120 python3 -m pytest tests/test_gluon_backward.py \
-           -x -q -p no:cacheprovider -p no:benchmark -k "split_d256_accuracy" 2>&1 | tail -3 | tee "$OUT/s14_pipe_tests.log"
-         TILEATTN_GLUON_BWD_CONFIG=32,3,240,24,168,1 python3 -m tileattn.bench --head-dims 256 --modes bwd --no-plot --out-dir "$OUT" \
-           --prefix d256_bwd_pipe --providers tileattn_gluon_all,sdpa_cudnn 2>&1 | tee "$OUT/d256_bwd_pipe.log" | grep -v "it/s\]"
-         for m in 0 1 0 1; do echo "== TILEATTN_VARLEN_TILEMAP=$m"; TILEATTN_VARLEN_TILEMAP=$m python3 -m tileattn.bench_features \
-           --seqlens 2048,8192 --cases dense,varlen,varlen_equal 2>&1 | grep -v "^#"; done | tee "$OUT/tilemap.log"; fi ;;
+           | tee "$OUT/s14_tests2.log" | tail -10 || status=1 ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;
