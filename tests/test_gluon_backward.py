@@ -12,6 +12,7 @@ import pytest
 import torch
 
 import tileattn
+from tileattn import configs
 from _helpers import (GLUON_CASES, HALF_DTYPES, HOPPER, attn_params, check_attention, dtype_id, gluon_compile_check,
                       make_gen, make_qkv, ptxas_available, randn, seed_for, spy_calls)
 from tileattn.kernels import gluon_backward, gluon_dq
@@ -54,10 +55,10 @@ def test_scope_on_hopper(monkeypatch):
     f = [t.float() for t in ok]
     assert not gluon_backward.applies(*f, attn_params(q, k))
     q256 = torch.zeros(1, 64, 2, 256, device="cuda", dtype=torch.bfloat16)
-    assert not gluon_backward.applies(*(q256, ) * 7, attn_params(q256, q256))  # the split kernel: opt-in
-    monkeypatch.setenv("TILEATTN_GLUON", "all")
-    assert gluon_backward.applies(*(q256, ) * 7, attn_params(q256, q256)).split
+    assert gluon_backward.applies(*(q256, ) * 7, attn_params(q256, q256)).split  # the split kernel: on by default
     assert not gluon_backward.applies(*(q256, ) * 7, attn_params(q256, q256, softcap=5.0))
+    monkeypatch.setenv("TILEATTN_GLUON", "0")
+    assert not gluon_backward.applies(*(q256, ) * 7, attn_params(q256, q256))
     monkeypatch.delenv("TILEATTN_GLUON")
     dk_odd = torch.zeros(2, 80, 2, 129, device="cuda", dtype=torch.bfloat16)[..., 1:]  # base off 16 bytes
     assert not gluon_backward.applies(q, k, k, q, q, dk_odd, k, attn_params(q, k))
@@ -271,12 +272,15 @@ D256_CASES = [(2, 1, 1, 2, 2), (1, 130, 130, 4, 2), (1, 257, 1031, 4, 1), (1, 10
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("pipeline", [True, False], ids=["pipelined", "plain"])
 @pytest.mark.parametrize("case", D256_CASES, ids=lambda c: "x".join(map(str, c)))
-def test_split_d256_accuracy(case, causal, dtype, spy, monkeypatch):
+def test_split_d256_accuracy(case, causal, dtype, pipeline, spy, monkeypatch):
     """D=256 through the split dK/dV kernel (64 keys per program, warpgroup 0 accumulating dV, warpgroup 1 dK, P
-    handed over in shared memory; TILEATTN_GLUON=all while it is not on by default): odd sizes, GQA, Sq != Sk
-    both ways, against the float64 reference."""
-    monkeypatch.setenv("TILEATTN_GLUON", "all")
+    handed over in shared memory), its loop pipelined (the default) and plain: odd sizes, GQA, Sq != Sk both
+    ways, against the float64 reference."""
+    cfg = configs.gluon_backward_config(256)
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_CONFIG", f"{cfg.block_m},{cfg.stages},{cfg.consumer_regs},"
+                       f"{cfg.producer_regs},{cfg.maxnreg},{int(pipeline)}")
     B, Sq, Sk, Hq, Hkv = case
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, 256, dtype, seed_for("gluon-bwd-256", case, causal),
                             requires_grad=True)
@@ -290,7 +294,6 @@ def test_split_d256_features_reproducible(spy, monkeypatch):
     """The split kernel (D=256) with a sliding window, ALiBi per (batch, head), a sink and a gradient through lse;
     bit-reproducible and close to the portable backward; softcap and varlen stay portable."""
     import test_features
-    monkeypatch.setenv("TILEATTN_GLUON", "all")
     for sq, sk in ((333, 777), (777, 333)):
         q, k, v, gen = make_qkv(2, sq, sk, 4, 2, 256, torch.bfloat16, seed_for("gluon-bwd-256-feat", sq),
                                 requires_grad=True)

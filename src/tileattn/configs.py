@@ -469,9 +469,14 @@ class GluonBackwardConfig:
 # 128-key 3 slots 296/384/415; causal 208/328/378 vs 191/317/375 and 196/325/381: D=64 keeps the portable dQ.
 _GLUON_BWD = {64: GluonBackwardConfig(64, 3, 240, 24, 168, pipeline=True, dq=False),
               128: GluonBackwardConfig(32, 4, 240, 24, 168, pipeline=True, dq=True),
-              # D=256: 64 keys per program, one accumulator per warpgroup (``split``; session 14, compiled for
-              # sm_90a only, not yet GPU-run: TILEATTN_GLUON=all)
-              256: GluonBackwardConfig(32, 3, 240, 24, 168, dq=False, split=True, default_on=False)}
+              # D=256: 64 keys per program, one accumulator per warpgroup (``split``). Run 61 (H200, one process,
+              # backward TFLOP/s 512/1k/2k/4k/8k/16k): non-causal portable 178/205/222/229/233/239, split plain
+              # 267/315/347/365/377/379, cuDNN 241/299/343/365/355/360; causal portable 118/151/176/192/208/210,
+              # split plain 176/243/291/325/349/374, cuDNN 177/246/297/345/376/379. Split pipelined (next run in
+              # the same call): non-causal 265/321/360/378/385/391 vs cuDNN 242/298/345/366/359/358, causal
+              # 183/250/302/336/367/387 vs 178/235/301/343/376/380. dQ stays portable (a [block_m, 256] fp32
+              # accumulator per warpgroup leaves no registers for the pipeline).
+              256: GluonBackwardConfig(32, 3, 240, 24, 168, pipeline=True, dq=False, split=True)}
 
 
 def gluon_backward_config(head_dim: int) -> Optional[GluonBackwardConfig]:
