@@ -1,5 +1,5 @@
 """The Hopper Gluon backward kernels: dK/dV (kernels/gluon_backward.py) and dQ (kernels/gluon_dq.py; on by default at
-D=128, forced on with TILEATTN_GLUON_DQ=1 for D=64 here).
+D=128 and 256, forced on with TILEATTN_GLUON_DQ=1 for D=64 here).
 
 GPU (sm90): the calls it accepts go through it (spied); dq / dk / dv pass the accuracy rule against the float64
 reference on odd sizes, GQA, Sq != Sk, causal, strided and packed inputs, with a sink and with a gradient through
@@ -143,7 +143,7 @@ DQ_CASES = [(2, 1, 1, 2, 2), (1, 17, 17, 3, 3), (2, 130, 130, 4, 2), (1, 128, 30
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("d", [64, 128, 256])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("case", DQ_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_dq_kernel_accuracy(case, causal, d, dtype, spy, dq_spy):
@@ -233,7 +233,7 @@ def test_softcap(causal, d, dtype, spy, monkeypatch):
         test_features._check(q, k, v, randn((B, Sq, Hq, d), dtype, gen), causal=causal, softcap=cap,
                              ctx=f"gluon bwd softcap D={d}")
     assert spy, "the call did not take the Gluon dK/dV kernel"
-    assert bool(dq_calls) == (d == 128), "the Gluon dQ kernel runs at D=128 only (configs)"
+    assert bool(dq_calls) == (d == 128), "the Gluon dQ kernel runs at D=128 and 256, not 64 (configs)"
 
 
 @hopper
@@ -262,7 +262,7 @@ def test_alibi(kind, causal, d, spy, monkeypatch):
                               causal=causal, alibi_slopes=test_features._alibi(kind, len(lens_q), 8, gen),
                               ctx=f"gluon bwd alibi D={d}")
     assert spy, "the call did not take the Gluon dK/dV kernel"
-    assert bool(dq_calls) == (d == 128), "the Gluon dQ kernel runs at D=128 only (configs)"
+    assert bool(dq_calls) == (d == 128), "the Gluon dQ kernel runs at D=128 and 256, not 64 (configs)"
 
 
 D256_CASES = [(2, 1, 1, 2, 2), (1, 130, 130, 4, 2), (1, 257, 1031, 4, 1), (1, 1031, 257, 2, 2), (2, 1000, 1000, 2, 2)]
@@ -344,7 +344,7 @@ def test_sliding_window(window, d, spy, monkeypatch):
             dlse = randn((2, 4, sq), torch.float32, gen)
         test_features._check(q, k, v, randn((2, sq, 4, d), dtype, gen), dlse, ctx=f"gluon bwd window D={d}", **kw)
     assert spy, "the call did not take the Gluon dK/dV kernel"
-    assert bool(dq_calls) == (d == 128), "the Gluon dQ kernel runs at D=128 only (configs)"
+    assert bool(dq_calls) == (d == 128), "the Gluon dQ kernel runs at D=128 and 256, not 64 (configs)"
 
 
 VARLEN_LENS = ([177, 0, 1, 1024, 2000, 731, 64], [1500, 5, 0, 1, 2048, 731, 130])  # (q lens, k lens)
@@ -376,7 +376,7 @@ def test_varlen_through_gluon(mask, d, spy, monkeypatch):
     sink = rand((8,), torch.float32, gen, scale=2.0).requires_grad_(True)
     test_varlen._check_varlen(q, k, v, lens_q, lens_k, dout, dlse, sink=sink, ctx=f"gluon bwd D={d}", **feat)
     assert spy, "the varlen call did not take the Gluon dK/dV kernel"
-    assert bool(dq_calls) == (d == 128), "the Gluon dQ kernel runs at D=128 only (configs)"
+    assert bool(dq_calls) == (d == 128), "the Gluon dQ kernel runs at D=128 and 256, not 64 (configs)"
 
 
 @hopper
@@ -446,7 +446,8 @@ def test_compiles_for_sm90_without_serialised_wgmma(d, causal, extra):
                                             (128, False, ("--varlen", "--no-resid")), (128, False, ("--window",)),
                                             (128, False, ("--window", "--varlen", "--dlse")),
                                             (128, True, ("--softcap", "--fp16")),
-                                            (128, False, ("--alibi", "--softcap"))])
+                                            (128, False, ("--alibi", "--softcap")), (256, False, ()),
+                                            (256, True, ("--fp16", "--dlse")), (256, False, ("--window", "--alibi"))])
 def test_dq_kernel_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal, extra):
     r = gluon_compile_check("--dq", "--head-dim", d, *(["--causal"] if causal else []), *extra,
                             env_extra={"TILEATTN_FAST_TANH": "1"})

@@ -474,9 +474,13 @@ _GLUON_BWD = {64: GluonBackwardConfig(64, 3, 240, 24, 168, pipeline=True, dq=Fal
               # 267/315/347/365/377/379, cuDNN 241/299/343/365/355/360; causal portable 118/151/176/192/208/210,
               # split plain 176/243/291/325/349/374, cuDNN 177/246/297/345/376/379. Split pipelined (next run in
               # the same call): non-causal 265/321/360/378/385/391 vs cuDNN 242/298/345/366/359/358, causal
-              # 183/250/302/336/367/387 vs 178/235/301/343/376/380. dQ stays portable (a [block_m, 256] fp32
-              # accumulator per warpgroup leaves no registers for the pipeline).
-              256: GluonBackwardConfig(32, 3, 240, 24, 168, pipeline=True, dq=False, split=True)}
+              # 183/250/302/336/367/387 vs 178/235/301/343/376/380. A 4-slot Q/dO ring: the same within noise
+              # (run 75). The Gluon dQ kernel with 32-key tiles and 3 K/V slots (64-key tiles need 256 KB of
+              # shared memory; 2 slots were slower), run 76, one process, TFLOP/s 512..16k: portable dQ
+              # non-causal 264/323/358/376/389/384, Gluon dQ 273/331/362/387/398/400, cuDNN 237/290/339/360/352/351;
+              # causal 182/250/304/335/361/382 vs 199/261/315/348/377/396, cuDNN 179/245/299/337/366/374.
+              256: GluonBackwardConfig(32, 3, 240, 24, 168, pipeline=True, dq=True, dq_block_n=32, dq_k_stages=3,
+                                       split=True)}
 
 
 def gluon_backward_config(head_dim: int) -> Optional[GluonBackwardConfig]:
