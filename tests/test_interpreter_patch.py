@@ -4,8 +4,6 @@ On a GPU these kernels are compiled normally; the same checks then verify the
 real hardware path (and that the patch is a no-op there).
 """
 
-import os
-
 import numpy as np
 import pytest
 import torch
