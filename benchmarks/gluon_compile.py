@@ -4,7 +4,7 @@ memory and the main loop's SASS mix (HGMMA, barriers, shuffles).
 Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--causal] [--config bn,ks,vs,creg,preg,maxnreg]
            [--no-resid] [--softcap] [--sink] [--fp16] [--window] [--sass] [--check]
        ... --dq [--head-dim 128] [--causal] [--fp16] [--no-resid] [--dlse] [--config bn,kstages,creg,preg,maxnreg]
-       ... --bwd [--head-dim 128] [--causal] [--fp16] [--config bm,stages,creg,preg,maxnreg,pipeline]: the dK/dV kernel
+       ... --bwd [--head-dim 128] [--causal] [--fp16] [--config bm,stages,creg,preg,maxnreg,pipeline[,split]]: the dK/dV kernel
 """
 import argparse
 import collections
@@ -57,8 +57,9 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
     from tileattn import configs
     from tileattn.kernels import gluon_backward as gb
     c = configs._GLUON_BWD[d]
-    bm, stages, creg, preg, maxnreg, pipe = cfg or (c.block_m, c.stages, c.consumer_regs, c.producer_regs, c.maxnreg,
-                                                    c.pipeline)
+    bm, stages, creg, preg, maxnreg, pipe = (cfg or (c.block_m, c.stages, c.consumer_regs, c.producer_regs,
+                                                     c.maxnreg, c.pipeline))[:6]
+    split = bool(cfg[6]) if cfg and len(cfg) > 6 else c.split
     dt = gl.float16 if fp16 else gl.bfloat16
 
     def desc(rows):
@@ -69,7 +70,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
            "qk_scale": "fp32", "sm_scale": "fp32", "softcap": "fp32", "DK": f"*{'fp16' if fp16 else 'bf16'}",
            "DV": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32"}
     consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal and not window, WINDOW=window, PIPELINE=bool(pipe),
-                  VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, SPLIT=c.split, CONSUMER_REGS=creg,
+                  VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, SPLIT=split, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg)
     fn = gb._dkdv_kernel
     for name in fn.arg_names:
@@ -169,7 +170,9 @@ def main():
         # the products contracting over the head dim: Q K^T and P V (forward), S^T and dP^T per consumer warpgroup
         # (dK/dV; with ``split`` one of the two per warpgroup)
         from tileattn import configs
-        per = 2 if (not a.bwd or configs._GLUON_BWD[a.head_dim].split) else 4
+        split = bool(cfg[6]) if a.bwd and cfg and len(cfg) > 6 else configs._GLUON_BWD.get(a.head_dim) and \
+            configs._GLUON_BWD[a.head_dim].split
+        per = 2 if (not a.bwd or split) else 4
         ok = ok and k.asm["ptx"].count("wgmma.mma_async") >= per * (a.head_dim // 16)
         sys.exit(0 if ok else 1)
     print(cc._ptxas_report(k.asm["ptx"], 90), "smem", k.metadata.shared)

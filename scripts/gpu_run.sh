@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s16 bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -131,6 +131,23 @@ for stage in "$@"; do
          timeout 300 python3 -m pytest tests/test_gluon_forward.py tests/test_features.py tests/test_flash_api.py -q -n 14 \
            -p no:cacheprovider -rf -p no:benchmark -k "varlen or huge or in_place or bad" 2>&1 \
            | tee "$OUT/s14_tests2.log" | tail -10 || status=1 ;;
+    # session 15's leftovers for session 16 (run tests-rest and tests-sweep first: the Gluon dQ at D=256 is new):
+    # the split dK/dV form at D=128 (opt-in via TILEATTN_GLUON_BWD_CONFIG's 7th value), hang-safe accuracy first,
+    # then the D=128 backward default vs split variants (one process each, each with cuDNN); then the window's
+    # forward with 64-key tiles (TILEATTN_GLUON_FWD_CONFIG) against the default, both beside their own dense call
+    s16) TILEATTN_GLUON_BWD_CONFIG=64,3,240,24,168,1,1 timeout 240 python3 -m pytest tests/test_gluon_backward.py -q -n 14 \
+           -p no:cacheprovider -p no:benchmark -k "(test_accuracy or test_dlse_and_sink or test_sliding_window or test_alibi) and 128" \
+           2>&1 | tee "$OUT/split128_tests.log" | tail -6
+         if [ "${PIPESTATUS[0]}" != 0 ]; then status=1; else
+         for c in default 64,3,240,24,168,1,1 64,3,240,24,168,0,1 128,2,240,24,168,0,1; do echo "== dK/dV $c"
+           if [ "$c" = default ]; then unset TILEATTN_GLUON_BWD_CONFIG; else export TILEATTN_GLUON_BWD_CONFIG=$c; fi
+           timeout 120 python3 -m tileattn.bench --head-dims 128 --modes bwd --providers tileattn,sdpa_cudnn --no-plot \
+             --out-dir "$OUT/split128_$(echo $c | tr , _)" 2>&1 | grep -A8 "== bwd" | grep -v "^$"; done | tee "$OUT/split128.log"
+         unset TILEATTN_GLUON_BWD_CONFIG; fi
+         for c in default 64,3,3,240,24,168; do echo "== forward $c"
+           if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi
+           timeout 120 python3 -m tileattn.bench_features --seqlens 2048,8192 --cases dense,causal,window 2>&1 | grep -v "^#"
+         done | tee "$OUT/window64.log"; unset TILEATTN_GLUON_FWD_CONFIG ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;

@@ -39,6 +39,25 @@ def test_scope_on_cpu():
     assert not gluon_backward.applies(q, q, q, q, q, q, q, attn_params(q, q))
 
 
+def test_config_override(monkeypatch):
+    """TILEATTN_GLUON_BWD_CONFIG: six values keep the entry's split flag, a seventh sets it; other counts are a
+    ValueError naming the knob."""
+    base = configs.gluon_backward_config(128)
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_CONFIG", "64,3,232,40,168,0")
+    c = configs.gluon_backward_config(128)
+    assert (c.block_m, c.stages, c.consumer_regs, c.producer_regs, c.maxnreg, c.pipeline, c.split) == \
+        (64, 3, 232, 40, 168, False, base.split)
+    assert c.dq == base.dq and c.dq_block_n == base.dq_block_n
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_CONFIG", "64,3,240,24,168,1,1")
+    assert configs.gluon_backward_config(128).split and configs.gluon_backward_config(128).pipeline
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_CONFIG", "32,3,240,24,168,1,0")
+    assert not configs.gluon_backward_config(256).split
+    for bad in ("64,3,240,24,168", "64,3,240,24,168,1,1,1"):
+        monkeypatch.setenv("TILEATTN_GLUON_BWD_CONFIG", bad)
+        with pytest.raises(ValueError, match="TILEATTN_GLUON_BWD_CONFIG"):
+            configs.gluon_backward_config(128)
+
+
 @hopper
 @pytest.mark.gpu
 def test_scope_on_hopper(monkeypatch):

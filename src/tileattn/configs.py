@@ -486,16 +486,19 @@ _GLUON_BWD = {64: GluonBackwardConfig(64, 3, 240, 24, 168, pipeline=True, dq=Fal
 def gluon_backward_config(head_dim: int) -> Optional[GluonBackwardConfig]:
     """The Gluon dK/dV kernel's parameters for a head dim, None where it has none or the entry is off (the
     portable kernel runs). ``TILEATTN_GLUON`` as for the forward (0: off; all: entries not yet measured too);
-    ``TILEATTN_GLUON_BWD_CONFIG=block_m,stages,consumer_regs,producer_regs,maxnreg,pipeline`` overrides an
-    entry's dK/dV parameters; ``TILEATTN_GLUON_DQ=0|1`` turns the Gluon dQ kernel off / on, ``=block_n,k_stages``
+    ``TILEATTN_GLUON_BWD_CONFIG=block_m,stages,consumer_regs,producer_regs,maxnreg,pipeline[,split]`` overrides
+    an entry's dK/dV parameters (split: 64 keys per program, one warpgroup accumulating dV and the other dK); ``TILEATTN_GLUON_DQ=0|1`` turns the Gluon dQ kernel off / on, ``=block_n,k_stages``
     on with those parameters."""
     cfg = _gluon_entry(_GLUON_BWD, head_dim)
     if cfg is None:
         return None
-    over = _override("TILEATTN_GLUON_BWD_CONFIG", "block_m,stages,consumer_regs,producer_regs,maxnreg,pipeline")
+    value = getenv("TILEATTN_GLUON_BWD_CONFIG")
+    over = _override("TILEATTN_GLUON_BWD_CONFIG", "block_m,stages,consumer_regs,producer_regs,maxnreg,pipeline"
+                     + (",split" if value and value.count(",") == 6 else ""))
     if over:
         cfg = dataclasses.replace(cfg, block_m=over[0], stages=over[1], consumer_regs=over[2], producer_regs=over[3],
-                                  maxnreg=over[4], pipeline=bool(over[5]))
+                                  maxnreg=over[4], pipeline=bool(over[5]),
+                                  split=bool(over[6]) if len(over) == 7 else cfg.split)
     dq = getenv("TILEATTN_GLUON_DQ")
     if dq and "," in dq:
         bn, ks = (int(x) for x in dq.split(","))
