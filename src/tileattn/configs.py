@@ -469,7 +469,7 @@ class GluonBackwardConfig:
 # 128-key 3 slots 296/384/415; causal 208/328/378 vs 191/317/375 and 196/325/381: D=64 keeps the portable dQ.
 _GLUON_BWD = {64: GluonBackwardConfig(64, 3, 240, 24, 168, pipeline=True, dq=False),
               128: GluonBackwardConfig(32, 4, 240, 24, 168, pipeline=True, dq=True),
-              # D=256: 64 keys per program, one accumulator per warpgroup (``split``). Run 61 (H200, one process,
+              # D=256: 64 keys per program, one accumulator per warpgroup (``split``). Run 72 (H200, one process,
               # backward TFLOP/s 512/1k/2k/4k/8k/16k): non-causal portable 178/205/222/229/233/239, split plain
               # 267/315/347/365/377/379, cuDNN 241/299/343/365/355/360; causal portable 118/151/176/192/208/210,
               # split plain 176/243/291/325/349/374, cuDNN 177/246/297/345/376/379. Split pipelined (next run in
@@ -487,8 +487,9 @@ def gluon_backward_config(head_dim: int) -> Optional[GluonBackwardConfig]:
     """The Gluon dK/dV kernel's parameters for a head dim, None where it has none or the entry is off (the
     portable kernel runs). ``TILEATTN_GLUON`` as for the forward (0: off; all: entries not yet measured too);
     ``TILEATTN_GLUON_BWD_CONFIG=block_m,stages,consumer_regs,producer_regs,maxnreg,pipeline[,split]`` overrides
-    an entry's dK/dV parameters (split: 64 keys per program, one warpgroup accumulating dV and the other dK); ``TILEATTN_GLUON_DQ=0|1`` turns the Gluon dQ kernel off / on, ``=block_n,k_stages``
-    on with those parameters."""
+    an entry's dK/dV parameters (split: 64 keys per program, one warpgroup accumulating dV and the other dK);
+    ``TILEATTN_GLUON_DQ=0|1`` turns the Gluon dQ kernel off / on, ``=block_n,k_stages`` on with those
+    parameters."""
     cfg = _gluon_entry(_GLUON_BWD, head_dim)
     if cfg is None:
         return None
