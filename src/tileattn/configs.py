@@ -439,11 +439,12 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
 @dataclass(frozen=True)
 class GluonBackwardConfig:
     """The Hopper Gluon dK/dV kernel (kernels/gluon_backward.py): 128 keys per program in two 64-key consumer
-    warpgroups (``split``: 64 keys per program, warpgroup 0 accumulating dV and warpgroup 1 dK), ``block_m``
-    query rows per step, a Q/dO ring of ``stages`` slots, the registers per thread of the consumers and of the producer warp (setmaxnreg) and the kernel's ``maxnreg``; ``pipeline``: the consumers'
-    loop software-pipelined by one step (3+ stages). The Gluon dQ kernel (kernels/gluon_dq.py) shares the
-    registers: ``dq_block_n`` keys per tile, a K ring of ``dq_k_stages`` slots (3: tile j-1's K stays for its
-    product while tile j+1's loads), off with ``dq=False``."""
+    warpgroups (``split``: 64 keys per program, warpgroup 0 accumulating dV and warpgroup 1 dK), ``block_m`` query
+    rows per step, a Q/dO ring of ``stages`` slots, the registers per thread of the consumers and of the producer
+    warp (setmaxnreg) and the kernel's ``maxnreg``; ``pipeline``: the consumers' loop software-pipelined by one step
+    (3+ stages). The Gluon dQ kernel (kernels/gluon_dq.py) shares the registers: ``dq_block_n`` keys per tile, a K
+    ring of ``dq_k_stages`` slots (3: tile j-1's K stays for its product while tile j+1's loads), off with
+    ``dq=False``."""
     block_m: int
     stages: int
     consumer_regs: int

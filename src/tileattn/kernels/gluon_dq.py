@@ -14,7 +14,8 @@ work runs while tile j-1's product holds the tensor cores; every product is wait
 
 Scope: ``gluon_backward.applies``'s where the table's entry has ``dq`` on (D=128, and D=256 with 32-key
 tiles; D=64 measured no faster than the portable dQ kernel, run 59), with delta from the residual
-(``configs.delta_mode`` "residual" with the forward's residual at hand) or the rounded O ("rounded"); the "correct" mode takes the portable kernel.
+(``configs.delta_mode`` "residual" with the forward's residual at hand) or the rounded O ("rounded"); the
+"correct" mode takes the portable kernel.
 Layouts: q / dO / out / resid / dq (B, Sq, Hq, D), k / v (B, Sk, Hkv, D); lse / delta (B, Hq, Sq) fp32; packed
 varlen: (1, total, H, D) and lse / delta (Hq, total_q), the key tile that crosses a sequence's end zeroed past it
 in shared memory (K and V), a sequence's last query rows stored by masked pointer stores.
