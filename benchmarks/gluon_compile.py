@@ -24,7 +24,7 @@ from tileattn.kernels import gluon_forward as gf  # noqa: E402
 
 
 def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=False, fp16=False, window=False,
-                varlen=False, alibi=False, tile_map=False):
+                varlen=False, alibi=False, tile_map=False, persistent=False):
     from tileattn import configs
     c = configs._GLUON_FWD[d]  # the table entry, whether on by default or not
     bn, ks, vs, creg, preg, maxnreg = cfg or (c.block_n, c.k_stages, c.v_stages, c.consumer_regs, c.producer_regs,
@@ -41,7 +41,7 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=causal, STORE_RESID=resid,
                   HAS_SOFTCAP=softcap, HAS_SINK=sink, WINDOW=window, VARLEN=varlen, HAS_ALIBI=alibi,
                   USE_MAP=tile_map, CONSUMER_REGS=creg,
-                  PRODUCER_REGS=preg)
+                  PRODUCER_REGS=preg, PERSISTENT=persistent)
     fn = gf._fwd_kernel
     for name in fn.arg_names:
         if name not in sig:
@@ -139,6 +139,7 @@ def main():
     ap.add_argument("--window", action="store_true", help="a sliding window (left and right bounds)")
     ap.add_argument("--alibi", action="store_true", help="ALiBi slopes")
     ap.add_argument("--tile-map", action="store_true", help="with --varlen: the forward's work list")
+    ap.add_argument("--persistent", action="store_true", help="the persistent forward (batched calls)")
     ap.add_argument("--varlen", action="store_true", help="the packed varlen variant (forward, --bwd or --dq)")
     ap.add_argument("--dq", action="store_true", help="the dQ backward kernel instead (--config bn,kstages,creg,"
                     "preg,maxnreg; --no-resid: delta from the rounded O; --dlse)")
@@ -161,7 +162,7 @@ def main():
         k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi)
     else:
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, a.softcap, a.sink, a.fp16, a.window, a.varlen,
-                        a.alibi, a.tile_map)
+                        a.alibi, a.tile_map, a.persistent)
     if a.check:
         report = ptxas_messages(k.asm["ptx"])
         print(report)

@@ -132,10 +132,16 @@ for stage in "$@"; do
            -p no:cacheprovider -rf -p no:benchmark -k "varlen or huge or in_place or bad" 2>&1 \
            | tee "$OUT/s14_tests2.log" | tail -10 || status=1 ;;
     # session 15's leftovers for session 16 (run tests-rest and tests-sweep first: the Gluon dQ at D=256 is new):
-    # the split dK/dV form at D=128 (opt-in via TILEATTN_GLUON_BWD_CONFIG's 7th value), hang-safe accuracy first,
+    # the persistent Gluon forward (opt-in, v19a): its tests (bit-identical to the grid), then fwd D=128/64 beside
+    # the default and cuDNN; the split dK/dV form at D=128 (opt-in via TILEATTN_GLUON_BWD_CONFIG's 7th value), hang-safe accuracy first,
     # then the D=128 backward default vs split variants (one process each, each with cuDNN); then the window's
     # forward with 64-key tiles (TILEATTN_GLUON_FWD_CONFIG) against the default, both beside their own dense call
-    s16) TILEATTN_GLUON_BWD_CONFIG=64,3,240,24,168,1,1 timeout 240 python3 -m pytest tests/test_gluon_backward.py -q -n 14 \
+    s16) timeout 300 python3 -m pytest tests/test_gluon_forward.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
+           -k "persistent" 2>&1 | tee "$OUT/persistent_tests.log" | tail -6
+         if [ "${PIPESTATUS[0]}" = 0 ]; then python3 -m tileattn.bench --head-dims 128,64 --modes fwd --no-plot \
+           --providers tileattn,tileattn_persistent,sdpa_cudnn --out-dir "$OUT" --prefix persistent 2>&1 \
+           | tee "$OUT/persistent_bench.log" | grep -v "it/s\]"; else status=1; fi
+         TILEATTN_GLUON_BWD_CONFIG=64,3,240,24,168,1,1 timeout 240 python3 -m pytest tests/test_gluon_backward.py -q -n 14 \
            -p no:cacheprovider -p no:benchmark -k "(test_accuracy or test_dlse_and_sink or test_sliding_window or test_alibi) and 128" \
            2>&1 | tee "$OUT/split128_tests.log" | tail -6
          if [ "${PIPESTATUS[0]}" != 0 ]; then status=1; else

@@ -123,19 +123,21 @@ if AVAILABLE:
         return lo, n
 
     @gluon.jit
-    def load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, row0, lo, n,
+    def load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, row0, lo, n, t0,
                      BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
         """Producer side of the K and V rings: key tiles lo .. lo + n - 1 (rows from
-        row0: a varlen sequence's first packed row) into ring position j = tile - lo, each slot refilled once the
-        consumers released it (empty) and announced by its ready barrier with the tile's byte count."""
+        row0: a varlen sequence's first packed row) into ring position t = t0 + tile - lo (t0: the tiles this
+        program's ring carried before, 0 but in the persistent forward), each slot refilled once the consumers
+        released it (empty) and announced by its ready barrier with the tile's byte count."""
         for j in range(n):
-            ks = j % K_STAGES
-            mbarrier.wait(k_empty.index(ks), ((j // K_STAGES) & 1) ^ 1)
+            t = t0 + j
+            ks = t % K_STAGES
+            mbarrier.wait(k_empty.index(ks), ((t // K_STAGES) & 1) ^ 1)
             mbarrier.expect(k_ready.index(ks), BLOCK_N * HEAD_D * 2)
             tma.async_copy_global_to_shared(k_desc, [b, row0 + (lo + j) * BLOCK_N, hk, 0], k_ready.index(ks),
                                             k_smem.index(ks))
-            vs = j % V_STAGES
-            mbarrier.wait(v_empty.index(vs), ((j // V_STAGES) & 1) ^ 1)
+            vs = t % V_STAGES
+            mbarrier.wait(v_empty.index(vs), ((t // V_STAGES) & 1) ^ 1)
             mbarrier.expect(v_ready.index(vs), BLOCK_N * HEAD_D * 2)
             tma.async_copy_global_to_shared(v_desc, [b, row0 + (lo + j) * BLOCK_N, hk, 0], v_ready.index(vs),
                                             v_smem.index(vs))

@@ -49,7 +49,7 @@ if AVAILABLE:
                                             q_smem.index(w))
             tma.async_copy_global_to_shared(do_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(w),
                                             do_smem.index(w))
-        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, lo, n,
+        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, lo, n, 0,
                      BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
 
     @gluon.jit

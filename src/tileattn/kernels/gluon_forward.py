@@ -80,17 +80,39 @@ if AVAILABLE:
 
     @gluon.jit
     def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n, q_row0,
-                        k_row0, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                        k_row0, t0, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                         K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
         """Producer warp: the two Q halves, then key tiles lo .. lo + n - 1 (K and V) into their rings as the
-        consumers free the slots (ring position j: the j-th tile loaded)."""
+        consumers free the slots (ring position t0 + j: the j-th tile loaded; t0 = 0 but in the persistent
+        kernel)."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         for w in gl.static_range(2):
             mbarrier.expect(q_bars.index(w), HALF_M * HEAD_D * 2)
             tma.async_copy_global_to_shared(q_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(w),
                                             q_smem.index(w))
-        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, lo, n,
+        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, lo, n, t0,
                      BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
+
+    @gluon.jit
+    def _load_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid, num_items, nprog,
+                         num_m_tiles, q_heads, group, seqlen_q, seqlen_k, win_left, win_right,
+                         HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
+                         V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
+        """Persistent producer: the work items pid, pid + nprog, ... in turn (``_load_partition`` each); an item's
+        Q halves load once both consumer warpgroups released the previous item's (``q_empty``, after their last
+        Q K^T), and the K/V rings run on across items (positions t0 + j)."""
+        t0 = gl.to_tensor(0)
+        for item in range(pid, num_items, nprog):
+            it = (item - pid) // nprog
+            b, h, tile = program_tile(item, num_m_tiles, q_heads, CAUSAL or WINDOW)
+            start_m = tile * 2 * HALF_M
+            lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW,
+                              False)
+            for w in gl.static_range(2):
+                mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)
+            _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, h // group, start_m, lo, n,
+                            0, 0, t0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
+            t0 += n
 
     @gluon.jit
     def _turn_wait(turn, w: gl.constexpr, r):
@@ -140,14 +162,16 @@ if AVAILABLE:
     @gluon.jit
     def _consumer(w: gl.constexpr, o_desc, r_desc, LSE, SINK, ALIBI_B, O, RESID, q_smem, k_smem, v_smem, bars, b, h,
                   start_m, lo, n, seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
-                  q_row0, b_desc, stride_os, stride_oh, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
-                  HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                  WINDOW: gl.constexpr, STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
-                  VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr):
+                  q_row0, b_desc, stride_os, stride_oh, t0, r0, q_phase, o_smem, q_empty, HALF_M: gl.constexpr,
+                  BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+                  CAUSAL: gl.constexpr, WINDOW: gl.constexpr, STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                  HAS_SINK: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, PERSISTENT: gl.constexpr):
         """One warpgroup: rows [start_m + w * HALF_M, + HALF_M) of the query tile, key tiles lo .. lo + n - 1
-        (ring positions 0 .. n - 1). Rows and keys count from the sequence's start (q_row0: its first packed row
-        in a varlen call, where b_desc = 0 is the descriptors' batch index). ALIBI_B: this sequence's ALiBi
-        slopes (Hq,)."""
+        (ring positions t0 .. t0 + n - 1, ping-pong rounds r0 .. r0 + n, Q's barrier phase q_phase: 0, 0, 0 but
+        in the persistent kernel). Rows and keys count from the sequence's start (q_row0: its first packed row in
+        a varlen call, where b_desc = 0 is the descriptors' batch index). ALIBI_B: this sequence's ALiBi slopes
+        (Hq,). PERSISTENT: Q's buffer is released (``q_empty``) after the last Q K^T, and the output is staged in
+        ``o_smem`` instead, so the next item's Q loads during this item's last P V and epilogue."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         dtype: gl.constexpr = o_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -175,29 +199,30 @@ if AVAILABLE:
         s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
         q_buf = q_smem.index(w)
         q2 = q_buf.reshape([HALF_M, HEAD_D])
-        mbarrier.wait(q_bars.index(w), 0)
+        mbarrier.wait(q_bars.index(w), q_phase)
         if n > 0:
             # FlashAttention-3's order: QK^T of tile j runs while O is rescaled, and P_{j-1} V_{j-1} runs while
             # tile j's softmax runs; nothing is in flight across the loop's back edge (ptxas serialises every
             # wgmma of the kernel when a register accumulator stays in flight there and is read after a wait).
-            _turn_wait(turn, w, 0)
-            mbarrier.wait(k_ready.index(0), 0)
-            s_tok = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+            _turn_wait(turn, w, r0)
+            ks = t0 % K_STAGES
+            mbarrier.wait(k_ready.index(ks), (t0 // K_STAGES) & 1)
+            s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)
             mbarrier.arrive(turn.index(1 - w), count=1)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
-            mbarrier.arrive(k_empty.index(0), count=1)
+            mbarrier.arrive(k_empty.index(ks), count=1)
             p, alpha, m_i, l_i = _softmax_tile(s, lo, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale,
                                                softcap, win_left, win_right, slope, CAUSAL, WINDOW, HAS_SOFTCAP,
                                                dtype == gl.bfloat16, HAS_ALIBI)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             for j in range(1, n):
-                _turn_wait(turn, w, j)
-                ks = j % K_STAGES
-                mbarrier.wait(k_ready.index(ks), (j // K_STAGES) & 1)
+                _turn_wait(turn, w, r0 + j)
+                ks = (t0 + j) % K_STAGES
+                mbarrier.wait(k_ready.index(ks), ((t0 + j) // K_STAGES) & 1)
                 s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
-                o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, j - 1,
+                o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t0 + j - 1,
                                   seqlen_k - (lo + j - 1) * BLOCK_N, VARLEN)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
                 mbarrier.arrive(k_empty.index(ks), count=1)
@@ -205,13 +230,19 @@ if AVAILABLE:
                                                    qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
                                                    HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
-                mbarrier.arrive(v_empty.index((j - 1) % V_STAGES), count=1)
+                mbarrier.arrive(v_empty.index((t0 + j - 1) % V_STAGES), count=1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
-            _turn_wait(turn, w, n)
-            o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, n - 1, seqlen_k - (lo + n - 1) * BLOCK_N,
-                              VARLEN)
+            if PERSISTENT:  # every Q K^T of this item is done: the next item's Q may load
+                mbarrier.arrive(q_empty.index(w), count=1)
+            _turn_wait(turn, w, r0 + n)
+            o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t0 + n - 1,
+                              seqlen_k - (lo + n - 1) * BLOCK_N, VARLEN)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
-            mbarrier.arrive(v_empty.index((n - 1) % V_STAGES), count=1)
+            mbarrier.arrive(v_empty.index((t0 + n - 1) % V_STAGES), count=1)
+        elif PERSISTENT:  # no key tile: one empty ping-pong round, so that every item takes n + 1 rounds
+            mbarrier.arrive(q_empty.index(w), count=1)
+            _turn_wait(turn, w, r0)
+            mbarrier.arrive(turn.index(1 - w), count=1)
 
         if HAS_SINK:  # the sink joins the denominator with no value
             sink = gl.load(SINK + h).to(gl.float32) * 1.4426950408889634
@@ -241,8 +272,37 @@ if AVAILABLE:
                     store_rows(RESID, q2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
             else:
                 _store_tma(o_desc, r_desc, q_buf, acc, o, b_desc, q_row0 + row0, h, STORE_RESID)
+        elif PERSISTENT:
+            _store_tma(o_desc, r_desc, o_smem.index(w), acc, o, b_desc, row0, h, STORE_RESID)
         else:
             _store_tma(o_desc, r_desc, q_buf, acc, o, b_desc, row0, h, STORE_RESID)
+
+    @gluon.jit
+    def _consumer_persistent(w: gl.constexpr, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
+                             bars, o_smem, q_empty, pid, num_items, nprog, num_m_tiles, q_heads, seqlen_q, seqlen_k,
+                             qk_scale, softcap, win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
+                             stride_ab, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                             K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                             WINDOW: gl.constexpr, STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                             HAS_SINK: gl.constexpr, HAS_ALIBI: gl.constexpr):
+        """Persistent consumer warpgroup w: ``_consumer`` on the work items pid, pid + nprog, ... (batched calls),
+        the K/V ring positions t0 carried across items; the it-th item's ping-pong rounds start at t0 + it (every
+        item takes n + 1 rounds) and its Q phase is it & 1 (derived, not carried: fewer live registers)."""
+        t0 = gl.to_tensor(0)
+        for item in range(pid, num_items, nprog):
+            it = (item - pid) // nprog
+            b, h, tile = program_tile(item, num_m_tiles, q_heads, CAUSAL or WINDOW)
+            start_m = tile * 2 * HALF_M
+            lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW,
+                              False)
+            alibi_b = ALIBI
+            if HAS_ALIBI:
+                alibi_b = ALIBI + b * stride_ab
+            _consumer(w, o_desc, r_desc, LSE, SINK, alibi_b, O, RESID, q_smem, k_smem, v_smem, bars, b, h, start_m,
+                      lo, n, seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh, 0, b,
+                      stride_os, stride_oh, t0, t0 + it, it & 1, o_smem, q_empty, HALF_M, BLOCK_N, HEAD_D, K_STAGES,
+                      V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, False, HAS_ALIBI, True)
+            t0 += n
 
     @gluon.jit
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, CU_Q, CU_K, TILE_MAP,
@@ -251,7 +311,7 @@ if AVAILABLE:
                     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                     STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
                     VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                    PRODUCER_REGS: gl.constexpr):
+                    PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr = False, num_items=0):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
         (64 query rows each), one more worker warp issues every TMA load. VARLEN: q / k / v / out are packed
         (1, total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
@@ -259,7 +319,10 @@ if AVAILABLE:
         masked stores of a sequence's last rows (varlen only). ALIBI: fp32 slopes (Hq,) or (B, Hq) (batch stride
         stride_ab, 0 for (Hq,)). USE_MAP (varlen): program pid runs entry TILE_MAP[pid] = (tile * num_m_tiles +
         b) * q_heads + h (``_hostinfo.tile_map``; num_m_tiles is then the batch), so no program is launched for a
-        tile past its sequence's end, and the longest sequences run first."""
+        tile past its sequence's end, and the longest sequences run first. PERSISTENT (batched calls, opt-in):
+        a grid of at most one program per multiprocessor, program pid running the items (tiles of the default
+        grid's order) pid, pid + grid, ... < num_items, with the output staged in its own buffer so that the next
+        item's loads overlap this item's last P V and epilogue (``_consumer_persistent``)."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = 2 * HALF_M
         dtype: gl.constexpr = q_desc.dtype
@@ -299,18 +362,42 @@ if AVAILABLE:
         alibi_b = ALIBI
         if HAS_ALIBI:
             alibi_b = ALIBI + b * stride_ab
-        gl.warp_specialize([
-            (_consumer, (0, o_desc, r_desc, LSE, SINK, alibi_b, O, RESID, q_smem, k_smem, v_smem, bars, b, h, start_m,
-                         lo, n, seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
-                         q_row0, b_desc, stride_os, stride_oh, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
-                         WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI)),
-            (_consumer, (1, o_desc, r_desc, LSE, SINK, alibi_b, O, RESID, q_smem, k_smem, v_smem, bars, b, h, start_m,
-                         lo, n, seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
-                         q_row0, b_desc, stride_os, stride_oh, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
-                         WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI)),
-            (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b_desc, h, hk, start_m, lo, n,
-                               q_row0, k_row0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        if PERSISTENT:
+            o_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], o_desc.layout)
+            q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(2):
+                mbarrier.init(q_empty.index(i), count=1)
+            nprog = gl.num_programs(0)
+            gl.warp_specialize([
+                (_consumer_persistent, (0, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem, bars,
+                                        o_smem, q_empty, pid, num_items, nprog, num_m_tiles, q_heads, seqlen_q,
+                                        seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
+                                        stride_os, stride_oh, stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES,
+                                        CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, HAS_ALIBI)),
+                (_consumer_persistent, (1, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem, bars,
+                                        o_smem, q_empty, pid, num_items, nprog, num_m_tiles, q_heads, seqlen_q,
+                                        seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
+                                        stride_os, stride_oh, stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES,
+                                        CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, HAS_ALIBI)),
+                (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid, num_items,
+                                    nprog, num_m_tiles, q_heads, group, seqlen_q, seqlen_k, win_left, win_right,
+                                    HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_consumer, (0, o_desc, r_desc, LSE, SINK, alibi_b, O, RESID, q_smem, k_smem, v_smem, bars, b, h,
+                             start_m, lo, n, seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb,
+                             stride_lh, q_row0, b_desc, stride_os, stride_oh, 0, 0, 0, q_smem, q_bars, HALF_M,
+                             BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK,
+                             VARLEN, HAS_ALIBI, False)),
+                (_consumer, (1, o_desc, r_desc, LSE, SINK, alibi_b, O, RESID, q_smem, k_smem, v_smem, bars, b, h,
+                             start_m, lo, n, seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb,
+                             stride_lh, q_row0, b_desc, stride_os, stride_oh, 0, 0, 0, q_smem, q_bars, HALF_M,
+                             BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK,
+                             VARLEN, HAS_ALIBI, False)),
+                (_load_partition, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b_desc, h, hk, start_m, lo,
+                                   n, q_row0, k_row0, 0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 
 def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, block_table=None):
@@ -376,6 +463,11 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
         tiles = tile_map(cu_q, cu_k, 2 * half, p.window_right == 0 and not window, q_heads)
     if tiles is not None:  # a program per (query tile that holds rows, head), longest sequences first
         num_m_tiles, grid = batch, tiles.numel()
+    # opt-in until measured (NOTES v19a): batched calls, D <= 128 (the output's own staging buffer must fit)
+    persistent = not p.varlen and d <= 128 and configs.getenv("TILEATTN_GLUON_PERSISTENT") == "1"
+    num_items = grid
+    if persistent:
+        grid = min(grid, configs.sm_count(q.device))
     launch(_fwd_kernel, (grid,), (
         q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
         p.alibi_slopes if p.alibi_slopes is not None else lse, out,
@@ -388,6 +480,7 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
              CAUSAL=p.window_right == 0 and not window, WINDOW=window,
              STORE_RESID=residual, HAS_SOFTCAP=p.softcap > 0, HAS_SINK=p.sink is not None, VARLEN=p.varlen,
              HAS_ALIBI=p.alibi_slopes is not None, USE_MAP=tiles is not None,
-             CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs),
+             CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, PERSISTENT=persistent,
+             num_items=num_items),
         4, 3, maxnreg=cfg.maxnreg)
     return (out, lse, resid) if residual else (out, lse)
