@@ -163,6 +163,16 @@ def test_features(dtype):
     run_case(dtype, Sq=3, causal=True, window=(10, 0), softcap=5.0, alibi=True, sink=True, splits=3)
 
 
+@pytest.mark.parametrize("paged", [None, 16], ids=["contiguous", "paged"])
+def test_window_huge_bounds(paged):
+    """Window bounds up to int32's maximum mean "every key on that side" (the launcher clamps them to Sq + cache
+    capacity: unclamped they overflowed the kernel's int32 positions), against the float64 reference."""
+    huge = 2**31 - 1
+    for window in ((huge, huge), (huge, 0), (3, huge)):
+        run_case(DTYPES[0], Sq=3, page=paged, window=window, splits=2)
+    run_case(DTYPES[0], Sq=2, page=paged, causal=True, window=(huge, 0))
+
+
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("interleaved", [False, True])
 def test_rotary_and_batch_idx(dtype, interleaved):
