@@ -140,7 +140,11 @@ for stage in "$@"; do
            -k "persistent" 2>&1 | tee "$OUT/persistent_tests.log" | tail -6
          if [ "${PIPESTATUS[0]}" = 0 ]; then python3 -m tileattn.bench --head-dims 128,64 --modes fwd --no-plot \
            --providers tileattn,tileattn_persistent,sdpa_cudnn --out-dir "$OUT" --prefix persistent 2>&1 \
-           | tee "$OUT/persistent_bench.log" | grep -v "it/s\]"; else status=1; fi
+           | tee "$OUT/persistent_bench.log" | grep -v "it/s\]"
+           for m in "0 0" "1 0" "0 1" "1 1"; do set -- $m; echo "== persistent=$1 tilemap=$2"
+             TILEATTN_GLUON_PERSISTENT=$1 TILEATTN_VARLEN_TILEMAP=$2 python3 -m tileattn.bench_features --seqlens 2048,8192 \
+               --cases dense,causal,varlen,varlen_equal 2>&1 | grep -v "^#"; done | tee "$OUT/persistent_features.log"
+         else status=1; fi
          TILEATTN_GLUON_BWD_CONFIG=64,3,240,24,168,1,1 timeout 240 python3 -m pytest tests/test_gluon_backward.py -q -n 14 \
            -p no:cacheprovider -p no:benchmark -k "(test_accuracy or test_dlse_and_sink or test_sliding_window or test_alibi) and 128" \
            2>&1 | tee "$OUT/split128_tests.log" | tail -6

@@ -237,17 +237,25 @@ VARLEN_FEATS = {"plain": {}, "causal": dict(causal=True), "causal+sink": dict(ca
 VARLEN_GLUON = [(128, f) for f in VARLEN_FEATS] + [(64, "plain"), (64, "causal+sink")]  # D=64: no window/softcap
 
 
+TILEMAP_MODES = {"grid": ("0", None), "tilemap": ("1", None), "persistent-grid": ("0", "1"),
+                 "persistent-tilemap": ("1", "1")}
+
+
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("tilemap", ["0", "1"], ids=["grid", "tilemap"])
+@pytest.mark.parametrize("mode", list(TILEMAP_MODES))
 @pytest.mark.parametrize("d,feat", VARLEN_GLUON, ids=[f"{d}-{f}" for d, f in VARLEN_GLUON])
-def test_varlen_through_gluon(feat, d, tilemap, spy, monkeypatch):
+def test_varlen_through_gluon(feat, d, mode, spy, monkeypatch):
     """Packed varlen calls (D <= 128) take the Gluon forward: every sequence (lengths 0, 1, tile-crossing and
     long, q and k lengths different, GQA) against the float64 reference on its own slice (tests/test_varlen.py's
     rule), rows past the last sequence 0 / -inf; and the same values as the portable kernel. With the grid over
-    the longest sequence, and with the work list (TILEATTN_VARLEN_TILEMAP=1, _hostinfo.tile_map)."""
+    the longest sequence, with the work list (TILEATTN_VARLEN_TILEMAP=1, _hostinfo.tile_map), and either one
+    on the persistent grid (TILEATTN_GLUON_PERSISTENT=1: bit-identical to the plain grid)."""
     from _flash_helpers import seqlens_to_cu, varlen_ref
+    tilemap, persistent = TILEMAP_MODES[mode]
     monkeypatch.setenv("TILEATTN_VARLEN_TILEMAP", tilemap)
+    if persistent:
+        monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", persistent)
     from _helpers import check_lse, check_rule, atol_for, make_gen
     kw = dict(VARLEN_FEATS[feat])
     lens_q, lens_k = [177, 0, 1, 1024, 2000, 731, 64], [1500, 5, 0, 1, 2048, 731, 130]
@@ -267,6 +275,12 @@ def test_varlen_through_gluon(feat, d, tilemap, spy, monkeypatch):
     check_rule("out", out[:n], ref_o, pt_o, 2, atol_for(torch.bfloat16, ref_o, 1.0), feat)
     check_lse(lse[:, :n], ref_lse, pt_lse, feat)
     assert not out[n:].any() and torch.isneginf(lse[:, n:]).all(), "rows outside every sequence"
+    if persistent:
+        monkeypatch.delenv("TILEATTN_GLUON_PERSISTENT")
+        monkeypatch.setenv("TILEATTN_VARLEN_TILEMAP", "0")
+        grid = tileattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), sink=sink,
+                                               return_attn_probs=True, **kw)
+        assert torch.equal(out, grid[0]) and torch.equal(lse, grid[1]), "persistent != grid"
     monkeypatch.setenv("TILEATTN_GLUON", "0")
     out0, lse0, _ = tileattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), sink=sink,
                                                     return_attn_probs=True, **kw)
@@ -298,15 +312,18 @@ def test_varlen_scope(monkeypatch):
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("tilemap", ["0", "1"], ids=["grid", "tilemap"])
+@pytest.mark.parametrize("mode", list(TILEMAP_MODES))
 @pytest.mark.parametrize("d", [64, 128])
-def test_varlen_nan_stays_in_its_sequence(d, tilemap, spy, monkeypatch):
+def test_varlen_nan_stays_in_its_sequence(d, mode, spy, monkeypatch):
     """A NaN or inf in one sequence's K and V (and in the rows past every sequence) reaches no other sequence's
     output or lse: the key tile that crosses a sequence's end reads the next sequence's rows, whose scores are
     masked and whose V rows are zeroed before P V (0 * NaN would be NaN). Lengths put sequence ends inside tiles
     of both warpgroups' halves and at a tile's last row."""
     from _flash_helpers import seqlens_to_cu
+    tilemap, persistent = TILEMAP_MODES[mode]
     monkeypatch.setenv("TILEATTN_VARLEN_TILEMAP", tilemap)
+    if persistent:
+        monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", persistent)
     lens = [70, 300, 127, 2049, 129]
     gen = make_gen(seed_for("gluon-varlen-nan", d))
     total = sum(lens) + 40
@@ -353,11 +370,14 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal, extra):
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
 @pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ("--softcap", "--sink")), (64, True, ()),
-                                            (128, False, ("--window", "--alibi", "--fp16"))])
+                                            (128, False, ("--window", "--alibi", "--fp16")),
+                                            (128, True, ("--varlen", "--tile-map")),
+                                            (128, False, ("--varlen", "--window", "--sink"))])
 def test_persistent_compiles_for_sm90(d, causal, extra):
     """The persistent forward (opt-in) for sm_90a: no serialised wgmma; a few spilled bytes allowed (the item loop's
-    scalars: one 4-byte value per key tile in the causal D=128 consumer, NOTES v19a), more would be a regression."""
-    r = gluon_compile_check("--head-dim", d, "--persistent", "--spill-budget", 32,
+    scalars: one 4-byte value per key tile in the causal D=128 consumer, 40 bytes with varlen + window + sink,
+    NOTES v19a), more would be a regression."""
+    r = gluon_compile_check("--head-dim", d, "--persistent", "--spill-budget", 48,
                             *(["--causal"] if causal else []), *extra,
                             env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1"})
     assert r.returncode == 0, r.stdout + r.stderr

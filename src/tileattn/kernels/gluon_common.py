@@ -1,7 +1,8 @@
 """Pieces shared by the Hopper Gluon kernels (``gluon_forward.py``, ``gluon_dq.py``, ``gluon_backward.py``): the
 softcap / ALiBi scores, the program -> (batch, head, tile) map, a varlen sequence's bounds, the key-tile range of a
-query tile, the producer's K/V ring, shared-memory row zeroing and masked row stores for varlen, the row-stats slot
-the ALiBi slope, and the dK/dV kernels' P^T and dS^T of one step; on the host, TMA descriptors and the window bounds.
+query tile, the forward's work items, the producer's K/V ring, shared-memory row zeroing and masked row stores for
+varlen, the row-stats slot, the ALiBi slope, and the dK/dV kernels' P^T and dS^T of one step; on the host, TMA
+descriptors and the window bounds.
 """
 
 import functools
@@ -121,6 +122,27 @@ if AVAILABLE:
         if VARLEN:  # a tile past its sequence's end (the grid covers the longest): no work, nothing stored
             n = gl.where(start_m < seqlen_q, n, 0)
         return lo, n
+
+    @gluon.jit
+    def item_bounds(item, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
+                     BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+                     VARLEN: gl.constexpr, USE_MAP: gl.constexpr):
+        """The Gluon forward's work item -> (b, h, start_m, q_row0, seqlen_q, k_row0, seqlen_k, b_desc, lo, n): the query tile's batch /
+        sequence b, head h and first row, its sequence's bounds (``seq_bounds``) and key tiles lo .. lo + n - 1.
+        USE_MAP: item is a work-list index, entry TILE_MAP[item] = (tile * num_m_tiles + b) * q_heads + h
+        (num_m_tiles is then the batch); else the grid's order (``program_tile``)."""
+        if USE_MAP:
+            entry = gl.load(TILE_MAP + item)
+            h = entry % q_heads
+            b = (entry // q_heads) % num_m_tiles
+            tile = entry // q_heads // num_m_tiles
+        else:
+            b, h, tile = program_tile(item, num_m_tiles, q_heads, CAUSAL or WINDOW)
+        start_m = tile * BLOCK_M
+        q_row0, seqlen_q, k_row0, seqlen_k, b_desc = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
+        # key tiles [lo, lo + n) for the whole tile (both warpgroups run the same count: the ping-pong pairs them)
+        lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, VARLEN)
+        return b, h, start_m, q_row0, seqlen_q, k_row0, seqlen_k, b_desc, lo, n
 
     @gluon.jit
     def load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, row0, lo, n, t0,

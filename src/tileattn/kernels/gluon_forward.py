@@ -37,8 +37,7 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .gluon_common import (feature_scores, key_tiles, load_kv_ring, program_tile, seq_bounds, store_rows,
-                               zero_rows_from)
+    from .gluon_common import feature_scores, item_bounds, load_kv_ring, store_rows, zero_rows_from
 
     @gluon.jit
     def _softmax_tile(s, j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap, win_left,
@@ -95,23 +94,23 @@ if AVAILABLE:
 
     @gluon.jit
     def _load_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid, num_items, nprog,
-                         num_m_tiles, q_heads, group, seqlen_q, seqlen_k, win_left, win_right,
+                         TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group, seqlen_q, seqlen_k, win_left, win_right,
                          HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
-                         V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
+                         V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr,
+                         USE_MAP: gl.constexpr):
         """Persistent producer: the work items pid, pid + nprog, ... in turn (``_load_partition`` each); an item's
         Q halves load once both consumer warpgroups released the previous item's (``q_empty``, after their last
         Q K^T), and the K/V rings run on across items (positions t0 + j)."""
         t0 = gl.to_tensor(0)
         for item in range(pid, num_items, nprog):
             it = (item - pid) // nprog
-            b, h, tile = program_tile(item, num_m_tiles, q_heads, CAUSAL or WINDOW)
-            start_m = tile * 2 * HALF_M
-            lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW,
-                              False)
+            b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = item_bounds(
+                item, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
+                2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
             for w in gl.static_range(2):
                 mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)
-            _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, h // group, start_m, lo, n,
-                            0, 0, t0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
+            _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b_desc, h, h // group, start_m, lo,
+                            n, q_row0, k_row0, t0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
             t0 += n
 
     @gluon.jit
@@ -259,49 +258,52 @@ if AVAILABLE:
         gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_row0 + rows, lse,
                  mask=rows < seqlen_q)
         o = acc.to(dtype)
-        # Q is dead: its buffer stages this warpgroup's output rows for TMA stores (rows past the tensor clipped)
+        # Q is dead: its buffer stages this warpgroup's output rows for TMA stores (rows past the tensor clipped);
+        # PERSISTENT: the next item's Q may be loading into it, the output has its own buffer
+        stage = q_buf
+        if PERSISTENT:
+            stage = o_smem.index(w)
+        st2 = stage.reshape([HALF_M, HEAD_D])
         if VARLEN:
             if row0 + HALF_M > seqlen_q:  # the sequence's last rows (or none): masked pointer stores
-                q2.store(o)
+                st2.store(o)
                 gl.thread_barrier()
-                store_rows(O, q2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
+                store_rows(O, st2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
                 if STORE_RESID:
                     gl.thread_barrier()
-                    q2.store((acc - o.to(gl.float32)).to(dtype))
+                    st2.store((acc - o.to(gl.float32)).to(dtype))
                     gl.thread_barrier()
-                    store_rows(RESID, q2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
+                    store_rows(RESID, st2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
             else:
-                _store_tma(o_desc, r_desc, q_buf, acc, o, b_desc, q_row0 + row0, h, STORE_RESID)
-        elif PERSISTENT:
-            _store_tma(o_desc, r_desc, o_smem.index(w), acc, o, b_desc, row0, h, STORE_RESID)
+                _store_tma(o_desc, r_desc, stage, acc, o, b_desc, q_row0 + row0, h, STORE_RESID)
         else:
-            _store_tma(o_desc, r_desc, q_buf, acc, o, b_desc, row0, h, STORE_RESID)
+            _store_tma(o_desc, r_desc, stage, acc, o, b_desc, row0, h, STORE_RESID)
 
     @gluon.jit
     def _consumer_persistent(w: gl.constexpr, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
-                             bars, o_smem, q_empty, pid, num_items, nprog, num_m_tiles, q_heads, seqlen_q, seqlen_k,
-                             qk_scale, softcap, win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
-                             stride_ab, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                             K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                             WINDOW: gl.constexpr, STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                             HAS_SINK: gl.constexpr, HAS_ALIBI: gl.constexpr):
-        """Persistent consumer warpgroup w: ``_consumer`` on the work items pid, pid + nprog, ... (batched calls),
-        the K/V ring positions t0 carried across items; the it-th item's ping-pong rounds start at t0 + it (every
-        item takes n + 1 rounds) and its Q phase is it & 1 (derived, not carried: fewer live registers)."""
+                             bars, o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads,
+                             seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
+                             stride_os, stride_oh, stride_ab, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                             HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
+                             CAUSAL: gl.constexpr, WINDOW: gl.constexpr, STORE_RESID: gl.constexpr,
+                             HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr, VARLEN: gl.constexpr,
+                             HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr):
+        """Persistent consumer warpgroup w: ``_consumer`` on the work items pid, pid + nprog, ..., the K/V ring
+        positions t0 carried across items; the it-th item's ping-pong rounds start at t0 + it (every item takes
+        n + 1 rounds) and its Q phase is it & 1 (derived, not carried: fewer live registers)."""
         t0 = gl.to_tensor(0)
         for item in range(pid, num_items, nprog):
             it = (item - pid) // nprog
-            b, h, tile = program_tile(item, num_m_tiles, q_heads, CAUSAL or WINDOW)
-            start_m = tile * 2 * HALF_M
-            lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW,
-                              False)
+            b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = item_bounds(
+                item, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
+                2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
             alibi_b = ALIBI
             if HAS_ALIBI:
                 alibi_b = ALIBI + b * stride_ab
             _consumer(w, o_desc, r_desc, LSE, SINK, alibi_b, O, RESID, q_smem, k_smem, v_smem, bars, b, h, start_m,
-                      lo, n, seqlen_q, seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh, 0, b,
+                      lo, n, sq, sk, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh, q_row0, b_desc,
                       stride_os, stride_oh, t0, t0 + it, it & 1, o_smem, q_empty, HALF_M, BLOCK_N, HEAD_D, K_STAGES,
-                      V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, False, HAS_ALIBI, True)
+                      V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, True)
             t0 += n
 
     @gluon.jit
@@ -319,26 +321,19 @@ if AVAILABLE:
         masked stores of a sequence's last rows (varlen only). ALIBI: fp32 slopes (Hq,) or (B, Hq) (batch stride
         stride_ab, 0 for (Hq,)). USE_MAP (varlen): program pid runs entry TILE_MAP[pid] = (tile * num_m_tiles +
         b) * q_heads + h (``_hostinfo.tile_map``; num_m_tiles is then the batch), so no program is launched for a
-        tile past its sequence's end, and the longest sequences run first. PERSISTENT (batched calls, opt-in):
-        a grid of at most one program per multiprocessor, program pid running the items (tiles of the default
-        grid's order) pid, pid + grid, ... < num_items, with the output staged in its own buffer so that the next
+        tile past its sequence's end, and the longest sequences run first. PERSISTENT (D <= 128, opt-in): a grid
+        of at most one program per multiprocessor, program pid running the items (the default grid's tiles, or
+        the work list's entries) pid, pid + grid, ... < num_items, with the output staged in its own buffer so that the next
         item's loads overlap this item's last P V and epilogue (``_consumer_persistent``)."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = 2 * HALF_M
         dtype: gl.constexpr = q_desc.dtype
         pid = gl.program_id(0)
-        if USE_MAP:
-            entry = gl.load(TILE_MAP + pid)
-            h = entry % q_heads
-            b = (entry // q_heads) % num_m_tiles
-            tile = entry // q_heads // num_m_tiles
-        else:
-            b, h, tile = program_tile(pid, num_m_tiles, q_heads, CAUSAL or WINDOW)
+        max_seqlen_q, max_seqlen_k = seqlen_q, seqlen_k
+        b, h, start_m, q_row0, seqlen_q, k_row0, seqlen_k, b_desc, lo, n = item_bounds(
+            pid, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M,
+            BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
         hk = h // group
-        start_m = tile * BLOCK_M
-        q_row0, seqlen_q, k_row0, seqlen_k, b_desc = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
-        # key tiles [lo, lo + n) for the whole tile (both warpgroups run the same count: the ping-pong pairs them)
-        lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, VARLEN)
 
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, BLOCK_N, 1, HEAD_D], k_desc.layout)
@@ -370,18 +365,21 @@ if AVAILABLE:
             nprog = gl.num_programs(0)
             gl.warp_specialize([
                 (_consumer_persistent, (0, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem, bars,
-                                        o_smem, q_empty, pid, num_items, nprog, num_m_tiles, q_heads, seqlen_q,
-                                        seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
-                                        stride_os, stride_oh, stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES,
-                                        CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, HAS_ALIBI)),
+                                        o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles,
+                                        q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap, win_left, win_right,
+                                        stride_lb, stride_lh, stride_os, stride_oh, stride_ab, HALF_M, BLOCK_N,
+                                        HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP,
+                                        HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
                 (_consumer_persistent, (1, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem, bars,
-                                        o_smem, q_empty, pid, num_items, nprog, num_m_tiles, q_heads, seqlen_q,
-                                        seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh,
-                                        stride_os, stride_oh, stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES,
-                                        CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, HAS_ALIBI)),
+                                        o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles,
+                                        q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap, win_left, win_right,
+                                        stride_lb, stride_lh, stride_os, stride_oh, stride_ab, HALF_M, BLOCK_N,
+                                        HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP,
+                                        HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
                 (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid, num_items,
-                                    nprog, num_m_tiles, q_heads, group, seqlen_q, seqlen_k, win_left, win_right,
-                                    HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW)),
+                                    nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group, max_seqlen_q,
+                                    max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES,
+                                    CAUSAL, WINDOW, VARLEN, USE_MAP)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
@@ -463,8 +461,8 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
         tiles = tile_map(cu_q, cu_k, 2 * half, p.window_right == 0 and not window, q_heads)
     if tiles is not None:  # a program per (query tile that holds rows, head), longest sequences first
         num_m_tiles, grid = batch, tiles.numel()
-    # opt-in until measured (NOTES v19a): batched calls, D <= 128 (the output's own staging buffer must fit)
-    persistent = not p.varlen and d <= 128 and configs.getenv("TILEATTN_GLUON_PERSISTENT") == "1"
+    # opt-in until measured (NOTES v19a): D <= 128 (the output's own staging buffer must fit)
+    persistent = d <= 128 and configs.getenv("TILEATTN_GLUON_PERSISTENT") == "1"
     num_items = grid
     if persistent:
         grid = min(grid, configs.sm_count(q.device))
