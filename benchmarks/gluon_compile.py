@@ -4,7 +4,8 @@ memory and the main loop's SASS mix (HGMMA, barriers, shuffles).
 Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--causal] [--config bn,ks,vs,creg,preg,maxnreg]
            [--no-resid] [--softcap] [--sink] [--fp16] [--window] [--sass] [--check]
        ... --dq [--head-dim 128] [--causal] [--fp16] [--no-resid] [--dlse] [--config bn,kstages,creg,preg,maxnreg]
-       ... --bwd [--head-dim 128] [--causal] [--fp16] [--config bm,stages,creg,preg,maxnreg,pipeline[,split]]: the dK/dV kernel
+       ... --bwd [--head-dim 128] [--causal] [--fp16] [--config bm,stages,creg,preg,maxnreg,pipeline[,split]]:
+           the dK/dV kernel
 """
 import argparse
 import collections
@@ -139,7 +140,7 @@ def main():
     ap.add_argument("--window", action="store_true", help="a sliding window (left and right bounds)")
     ap.add_argument("--alibi", action="store_true", help="ALiBi slopes")
     ap.add_argument("--tile-map", action="store_true", help="with --varlen: the forward's work list")
-    ap.add_argument("--persistent", action="store_true", help="the persistent forward (batched calls)")
+    ap.add_argument("--persistent", action="store_true", help="the persistent forward")
     ap.add_argument("--varlen", action="store_true", help="the packed varlen variant (forward, --bwd or --dq)")
     ap.add_argument("--dq", action="store_true", help="the dQ backward kernel instead (--config bn,kstages,creg,"
                     "preg,maxnreg; --no-resid: delta from the rounded O; --dlse)")

@@ -60,7 +60,7 @@ PROVIDERS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 # tileattn_rounded = FlashAttention's delta from the rounded output, uncorrected;
 # tileattn_triton = the portable Triton kernels where the Hopper Gluon kernels would run (TILEATTN_GLUON=0);
 # tileattn_gluon_all = the Gluon kernels with their table entries not yet measured as well (TILEATTN_GLUON=all);
-# tileattn_persistent = the Gluon forward with a persistent grid (TILEATTN_GLUON_PERSISTENT=1, batched D <= 128).
+# tileattn_persistent = the Gluon forward with a persistent grid (TILEATTN_GLUON_PERSISTENT=1, D <= 128).
 ENV_PROVIDERS = {"tileattn_triton": ("TILEATTN_GLUON", "0"), "tileattn_gluon_all": ("TILEATTN_GLUON", "all"),
                  "tileattn_persistent": ("TILEATTN_GLUON_PERSISTENT", "1"),
                  "tileattn_tma": ("TILEATTN_TMA", "1"), "tileattn_notma": ("TILEATTN_TMA", "0"),

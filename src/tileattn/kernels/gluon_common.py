@@ -127,8 +127,9 @@ if AVAILABLE:
     def item_bounds(item, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
                      BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                      VARLEN: gl.constexpr, USE_MAP: gl.constexpr):
-        """The Gluon forward's work item -> (b, h, start_m, q_row0, seqlen_q, k_row0, seqlen_k, b_desc, lo, n): the query tile's batch /
-        sequence b, head h and first row, its sequence's bounds (``seq_bounds``) and key tiles lo .. lo + n - 1.
+        """The Gluon forward's work item -> (b, h, start_m, q_row0, seqlen_q, k_row0, seqlen_k, b_desc, lo, n): the
+        query tile's batch / sequence b, head h and first row, its sequence's bounds (``seq_bounds``) and key
+        tiles lo .. lo + n - 1.
         USE_MAP: item is a work-list index, entry TILE_MAP[item] = (tile * num_m_tiles + b) * q_heads + h
         (num_m_tiles is then the batch); else the grid's order (``program_tile``)."""
         if USE_MAP:
