@@ -6,6 +6,7 @@ Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--cau
        ... --dq [--head-dim 128] [--causal] [--fp16] [--no-resid] [--dlse] [--config bn,kstages,creg,preg,maxnreg]
        ... --bwd [--head-dim 128] [--causal] [--fp16] [--config bm,stages,creg,preg,maxnreg,pipeline[,split]]:
            the dK/dV kernel
+       ... --many < variants: one variant's arguments per line, each checked as with --check, in one process
 """
 import argparse
 import collections
@@ -128,7 +129,8 @@ def ptxas_messages(ptx: str) -> str:
     return r.stderr
 
 
-def main():
+def main(argv=None):
+    """One variant (argv: this script's arguments); with --check returns 0 when it passes, else 1."""
     ap = argparse.ArgumentParser()
     ap.add_argument("--head-dim", type=int, default=128)
     ap.add_argument("--causal", action="store_true")
@@ -152,7 +154,7 @@ def main():
                     help="exit 1 unless ptxas reports no spills and no serialised wgmma (C7514)")
     ap.add_argument("--spill-budget", type=int, default=0,
                     help="with --check: the spill stores (bytes) accepted (the D=128 dK/dV kernel has a few)")
-    a = ap.parse_args()
+    a = ap.parse_args(argv)
     cfg = tuple(int(x) for x in a.config.split(",")) if a.config else None
     if a.window and a.causal:
         ap.error("--window is its own mask (a causal call with a left bound is a window)")
@@ -176,7 +178,7 @@ def main():
             configs._GLUON_BWD[a.head_dim].split
         per = 2 if (not a.bwd or split) else 4
         ok = ok and k.asm["ptx"].count("wgmma.mma_async") >= per * (a.head_dim // 16)
-        sys.exit(0 if ok else 1)
+        return 0 if ok else 1
     print(cc._ptxas_report(k.asm["ptx"], 90), "smem", k.metadata.shared)
     sass = sl._sass(k.asm["ptx"])
     for body in sl.loops(sass):
@@ -191,5 +193,26 @@ def main():
                 print(f"  {addr:#06x} {t}")
 
 
+def many(lines):
+    """--many: one variant's arguments per line (stdin), all checked in this one process (the imports cost ~5 s
+    per process); prints each variant's result between markers; returns 0 when every one passed."""
+    import contextlib
+    import io
+    import shlex
+    import traceback
+    failed = 0
+    for line in filter(None, (x.strip() for x in lines)):
+        buf = io.StringIO()
+        try:
+            with contextlib.redirect_stdout(buf):
+                rc = main(shlex.split(line) + ["--check"])
+        except BaseException:  # a compile error (or argparse's exit) fails this variant only
+            rc = 1
+            buf.write(traceback.format_exc())
+        failed += rc != 0
+        print(f"=== VARIANT {line}\n=== {'ok' if rc == 0 else 'FAIL'}\n{buf.getvalue()}", flush=True)
+    return 1 if failed else 0
+
+
 if __name__ == "__main__":
-    main()
+    sys.exit(many(sys.stdin) if sys.argv[1:] == ["--many"] else main())

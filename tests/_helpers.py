@@ -320,17 +320,34 @@ def ptxas_available() -> bool:
         return False
 
 
-def gluon_compile_check(*args, env_extra=None):
-    """Run ``benchmarks/gluon_compile.py --check *args`` in a subprocess (this session's TRITON_INTERPRET=1 would
-    turn Gluon's library functions into interpreted ones); returns the CompletedProcess."""
+def gluon_compile_check_many(variants, env_extra=None):
+    """Check every variant (a sequence of ``benchmarks/gluon_compile.py`` arguments) as ``--check`` does, all in one
+    subprocess (its imports cost ~5 s); returns the list of (variant as one string, passed, report) and asserts
+    nothing: callers assert, naming the variants that failed."""
+    import shlex
     import subprocess
     import sys
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
     env["PYTHONPATH"] = os.path.join(root, "src") + os.pathsep + env.get("PYTHONPATH", "")
     env.update(env_extra or {})
-    return subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gluon_compile.py"), "--check",
-                           *map(str, args)], capture_output=True, text=True, env=env)
+    lines = [shlex.join(map(str, v)) for v in variants]
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gluon_compile.py"), "--many"],
+                       input="\n".join(lines) + "\n", capture_output=True, text=True, env=env)
+    results = []
+    for block in r.stdout.split("=== VARIANT ")[1:]:
+        head, _, rest = block.partition("\n")
+        status, _, report = rest.partition("\n")
+        results.append((head, status == "=== ok", report))
+    assert len(results) == len(lines), f"gluon_compile.py --many reported {len(results)} of {len(lines)} variants:\n" \
+        + r.stdout[-4000:] + r.stderr[-4000:]
+    return results
+
+
+def assert_compiles(variants, env_extra=None):
+    """``gluon_compile_check_many`` and fail with the reports of every variant that did not pass."""
+    bad = [f"--- {v}\n{report}" for v, ok, report in gluon_compile_check_many(variants, env_extra) if not ok]
+    assert not bad, f"{len(bad)} of {len(variants)} variants failed:\n" + "\n".join(bad)
 
 
 def attn_params(q, k, causal=False, **kw):

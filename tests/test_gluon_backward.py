@@ -13,7 +13,7 @@ import torch
 
 import tileattn
 from tileattn import configs
-from _helpers import (GLUON_CASES, HALF_DTYPES, HOPPER, attn_params, check_attention, dtype_id, gluon_compile_check,
+from _helpers import (GLUON_CASES, HALF_DTYPES, HOPPER, attn_params, check_attention, dtype_id, assert_compiles,
                       make_gen, make_qkv, ptxas_available, randn, seed_for, spy_calls)
 from tileattn.kernels import gluon_backward, gluon_dq
 
@@ -440,34 +440,38 @@ def test_varlen_reproducible_agrees_with_portable_and_isolated(d, spy, monkeypat
             torch.testing.assert_close(x.float(), y.float(), atol=2 ** -6, rtol=2 ** -6)
 
 
+BWD_COMPILE = [(128, False, ()), (128, True, ()), (64, True, ()), (64, False, ("--fp16",)),
+               (128, True, ("--config", "64,2,240,24,168,0")),
+               (128, True, ("--varlen",)), (64, False, ("--varlen", "--fp16")),
+               (128, False, ("--window",)), (64, False, ("--window", "--varlen")),
+               (128, True, ("--softcap",)), (64, False, ("--softcap", "--window")),
+               (128, True, ("--alibi", "--varlen")), (64, False, ("--alibi",)),
+               (256, False, ()), (256, True, ("--fp16",)), (256, False, ("--window",)),
+               (256, True, ("--alibi",))]
+
+
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
-@pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ()), (64, True, ()), (64, False, ("--fp16",)),
-                                            (128, True, ("--config", "64,2,240,24,168,0")),
-                                            (128, True, ("--varlen",)), (64, False, ("--varlen", "--fp16")),
-                                            (128, False, ("--window",)), (64, False, ("--window", "--varlen")),
-                                            (128, True, ("--softcap",)), (64, False, ("--softcap", "--window")),
-                                            (128, True, ("--alibi", "--varlen")), (64, False, ("--alibi",)),
-                                            (256, False, ()), (256, True, ("--fp16",)), (256, False, ("--window",)),
-                                            (256, True, ("--alibi",))])
-def test_compiles_for_sm90_without_serialised_wgmma(d, causal, extra):
+def test_compiles_for_sm90_without_serialised_wgmma():
     """No C7514 / C7512 (wgmma serialised) and at most a few spilled scalars (64 bytes: the plain loop with 64-row
     steps at D=128 has 20-36, in local memory that stays in L1). In a subprocess, as test_gluon_forward's."""
-    r = gluon_compile_check("--bwd", "--spill-budget", 64, "--head-dim", d, *(["--causal"] if causal else []), *extra,
-                            env_extra={"TILEATTN_FAST_TANH": "1"})  # the GPU's tanh path (softcap, bf16)
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert_compiles([("--bwd", "--spill-budget", 64, "--head-dim", d, *(["--causal"] if causal else []), *extra)
+                     for d, causal, extra in BWD_COMPILE],
+                    env_extra={"TILEATTN_FAST_TANH": "1"})  # the GPU's tanh path (softcap, bf16)
+
+
+
+DQ_COMPILE = [(128, False, ()), (128, True, ("--dlse", )), (64, True, ()),
+              (64, False, ("--fp16", "--no-resid")), (128, True, ("--varlen", "--dlse")),
+              (128, False, ("--varlen", "--no-resid")), (128, False, ("--window",)),
+              (128, False, ("--window", "--varlen", "--dlse")),
+              (128, True, ("--softcap", "--fp16")),
+              (128, False, ("--alibi", "--softcap")), (256, False, ()),
+              (256, True, ("--fp16", "--dlse")), (256, False, ("--window", "--alibi"))]
 
 
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
-@pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ("--dlse", )), (64, True, ()),
-                                            (64, False, ("--fp16", "--no-resid")), (128, True, ("--varlen", "--dlse")),
-                                            (128, False, ("--varlen", "--no-resid")), (128, False, ("--window",)),
-                                            (128, False, ("--window", "--varlen", "--dlse")),
-                                            (128, True, ("--softcap", "--fp16")),
-                                            (128, False, ("--alibi", "--softcap")), (256, False, ()),
-                                            (256, True, ("--fp16", "--dlse")), (256, False, ("--window", "--alibi"))])
-def test_dq_kernel_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal, extra):
-    r = gluon_compile_check("--dq", "--head-dim", d, *(["--causal"] if causal else []), *extra,
-                            env_extra={"TILEATTN_FAST_TANH": "1"})
-    assert r.returncode == 0, r.stdout + r.stderr
+def test_dq_kernel_compiles_for_sm90_without_spills_or_serialised_wgmma():
+    assert_compiles([("--dq", "--head-dim", d, *(["--causal"] if causal else []), *extra)
+                     for d, causal, extra in DQ_COMPILE], env_extra={"TILEATTN_FAST_TANH": "1"})

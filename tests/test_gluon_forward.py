@@ -12,7 +12,7 @@ import pytest
 import torch
 
 import tileattn
-from _helpers import (GLUON_CASES, HALF_DTYPES, HOPPER, attn_params, check_attention, dtype_id, gluon_compile_check,
+from _helpers import (GLUON_CASES, HALF_DTYPES, HOPPER, attn_params, check_attention, dtype_id, assert_compiles,
                       make_gen, make_qkv, ptxas_available, randn, seed_for, spy_calls)
 from tileattn.kernels import gluon_forward
 
@@ -348,36 +348,39 @@ def test_varlen_nan_stays_in_its_sequence(d, mode, spy, monkeypatch):
         assert torch.equal(lse[:, keep], clean[1][:, keep])
 
 
+FWD_COMPILE = [(128, False, ()), (128, True, ()), (64, False, ()), (256, True, ()),
+               (128, True, ("--softcap", "--sink")), (128, False, ("--window",)),
+               (64, False, ("--softcap", "--sink", "--fp16")),
+               (128, False, ("--varlen",)), (128, True, ("--varlen", "--sink")),
+               (64, False, ("--varlen", "--window", "--fp16")),
+               (128, True, ("--alibi", "--softcap", "--sink")),
+               (128, True, ("--varlen", "--tile-map")),
+               (256, False, ("--alibi",))]
+
+
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
-@pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ()), (64, False, ()), (256, True, ()),
-                                            (128, True, ("--softcap", "--sink")), (128, False, ("--window",)),
-                                            (64, False, ("--softcap", "--sink", "--fp16")),
-                                            (128, False, ("--varlen",)), (128, True, ("--varlen", "--sink")),
-                                            (64, False, ("--varlen", "--window", "--fp16")),
-                                            (128, True, ("--alibi", "--softcap", "--sink")),
-                                            (128, True, ("--varlen", "--tile-map")),
-                                            (256, False, ("--alibi",))])
-def test_compiles_for_sm90_without_spills_or_serialised_wgmma(d, causal, extra):
+def test_compiles_for_sm90_without_spills_or_serialised_wgmma():
     """ptxas serialises every wgmma of a kernel (warning C7514) when a register accumulator stays in flight where
     other instructions read it; that would silently cost most of the speed, so the CPU suite checks for it.
     (In a subprocess: this session's TRITON_INTERPRET=1 turns Gluon's library functions into interpreted ones.)"""
-    r = gluon_compile_check("--head-dim", d, *(["--causal"] if causal else []), *extra,
-                            env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1"})  # the GPU's tanh path
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert_compiles([("--head-dim", d, *(["--causal"] if causal else []), *extra) for d, causal, extra in FWD_COMPILE],
+                    env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1"})  # the GPU's tanh path
+
+
+
+PERSISTENT_COMPILE = [(128, False, ()), (128, True, ("--softcap", "--sink")), (64, True, ()),
+                      (128, False, ("--window", "--alibi", "--fp16")),
+                      (128, True, ("--varlen", "--tile-map")),
+                      (128, False, ("--varlen", "--window", "--sink"))]
 
 
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
-@pytest.mark.parametrize("d,causal,extra", [(128, False, ()), (128, True, ("--softcap", "--sink")), (64, True, ()),
-                                            (128, False, ("--window", "--alibi", "--fp16")),
-                                            (128, True, ("--varlen", "--tile-map")),
-                                            (128, False, ("--varlen", "--window", "--sink"))])
-def test_persistent_compiles_for_sm90(d, causal, extra):
+def test_persistent_compiles_for_sm90():
     """The persistent forward (opt-in) for sm_90a: no serialised wgmma; a few spilled bytes allowed (the item loop's
     scalars: one 4-byte value per key tile in the causal D=128 consumer, 40 bytes with varlen + window + sink,
     NOTES v19a), more would be a regression."""
-    r = gluon_compile_check("--head-dim", d, "--persistent", "--spill-budget", 48,
-                            *(["--causal"] if causal else []), *extra,
-                            env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1"})
-    assert r.returncode == 0, r.stdout + r.stderr
+    assert_compiles([("--head-dim", d, "--persistent", "--spill-budget", 48, *(["--causal"] if causal else []), *extra)
+                     for d, causal, extra in PERSISTENT_COMPILE],
+                    env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1"})
