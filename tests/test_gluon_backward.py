@@ -447,7 +447,8 @@ BWD_COMPILE = [(128, False, ()), (128, True, ()), (64, True, ()), (64, False, ("
                (128, True, ("--softcap",)), (64, False, ("--softcap", "--window")),
                (128, True, ("--alibi", "--varlen")), (64, False, ("--alibi",)),
                (256, False, ()), (256, True, ("--fp16",)), (256, False, ("--window",)),
-               (256, True, ("--alibi",))]
+               (256, True, ("--alibi",)),
+               (128, True, ("--config", "64,3,240,24,168,1,1"))]  # the split form at D=128 (opt-in, gpu_run s16)
 
 
 @needs_gluon
@@ -458,7 +459,6 @@ def test_compiles_for_sm90_without_serialised_wgmma():
     assert_compiles([("--bwd", "--spill-budget", 64, "--head-dim", d, *(["--causal"] if causal else []), *extra)
                      for d, causal, extra in BWD_COMPILE],
                     env_extra={"TILEATTN_FAST_TANH": "1"})  # the GPU's tanh path (softcap, bf16)
-
 
 
 DQ_COMPILE = [(128, False, ()), (128, True, ("--dlse", )), (64, True, ()),

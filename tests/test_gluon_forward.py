@@ -368,7 +368,6 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma():
                     env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1"})  # the GPU's tanh path
 
 
-
 PERSISTENT_COMPILE = [(128, False, ()), (128, True, ("--softcap", "--sink")), (64, True, ()),
                       (128, False, ("--window", "--alibi", "--fp16")),
                       (128, True, ("--varlen", "--tile-map")),
