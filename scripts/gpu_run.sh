@@ -136,9 +136,12 @@ for stage in "$@"; do
     # the default and cuDNN; the split dK/dV form at D=128 (opt-in via TILEATTN_GLUON_BWD_CONFIG's 7th value), hang-safe accuracy first,
     # then the D=128 backward default vs split variants (one process each, each with cuDNN); then the window's
     # forward with 64-key tiles (TILEATTN_GLUON_FWD_CONFIG) against the default, both beside their own dense call
-    s16) timeout 300 python3 -m pytest tests/test_gluon_forward.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
-           -k "persistent" 2>&1 | tee "$OUT/persistent_tests.log" | tail -6
-         if [ "${PIPESTATUS[0]}" = 0 ]; then python3 -m tileattn.bench --head-dims 128,64 --modes fwd --no-plot \
+    s16) TILEATTN_GLUON_PERSISTENT=1 timeout 90 python3 -m tileattn.bench --head-dims 128 --seqlens 1024 --causal false \
+           --modes fwd --providers tileattn --no-plot --out-dir "$OUT/probe" 2>&1 | grep -v "it/s\]" | tail -4  # hang-safe
+         ok=${PIPESTATUS[0]}
+         if [ "$ok" = 0 ]; then timeout 300 python3 -m pytest tests/test_gluon_forward.py -q -n 14 -p no:cacheprovider \
+           -p no:benchmark -rf -k "persistent" 2>&1 | tee "$OUT/persistent_tests.log" | tail -6; ok=${PIPESTATUS[0]}; fi
+         if [ "$ok" = 0 ]; then python3 -m tileattn.bench --head-dims 128,64 --modes fwd --no-plot \
            --providers tileattn,tileattn_persistent,sdpa_cudnn --out-dir "$OUT" --prefix persistent 2>&1 \
            | tee "$OUT/persistent_bench.log" | grep -v "it/s\]"
            for m in "0 0" "1 0" "0 1" "1 1"; do set -- $m; echo "== persistent=$1 tilemap=$2"
