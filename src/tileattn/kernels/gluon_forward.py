@@ -479,6 +479,6 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
              STORE_RESID=residual, HAS_SOFTCAP=p.softcap > 0, HAS_SINK=p.sink is not None, VARLEN=p.varlen,
              HAS_ALIBI=p.alibi_slopes is not None, USE_MAP=tiles is not None,
              CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, PERSISTENT=persistent,
-             num_items=num_items),
+             num_items=num_items if persistent else 0),  # 0: unused, and no extra specialisations (% 16, == 1)
         4, 3, maxnreg=cfg.maxnreg)
     return (out, lse, resid) if residual else (out, lse)
