@@ -47,7 +47,8 @@ if AVAILABLE:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from .gluon_backward_split import _split_consumer
-    from .gluon_common import alibi_slope, dkdv_dscores, dkdv_probs, seq_bounds, stats_row0, store_rows, zero_rows_from
+    from .gluon_common import (alibi_slope, dkdv_dscores, dkdv_mask_bounds, dkdv_probs, seq_bounds, stats_row0,
+                               store_rows, zero_rows_from)
 
     @gluon.jit
     def _dkdv_load(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
@@ -122,14 +123,7 @@ if AVAILABLE:
         key0 = start_n + w * HALF_N
         keys = key0 + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, st_layout))
         diag = seqlen_k - seqlen_q
-        mask_end = 0  # query tiles before it see only part of this warpgroup's keys (causal): masked
-        if CAUSAL:
-            mask_end = gl.cdiv(gl.maximum(key0 + HALF_N - 1 - diag, 0), BLOCK_M)
-        mask_start = 0  # window: query tiles from it on miss some of this warpgroup's keys on the left
-        if WINDOW:
-            mask_end = gl.cdiv(gl.maximum(key0 + HALF_N - 1 - diag - win_right, 0), BLOCK_M)
-            mask_start = gl.maximum(key0 + win_left - diag + 1, 0) // BLOCK_M
-        win = (mask_end, mask_start, win_left, win_right)
+        win = dkdv_mask_bounds(key0, diag, win_left, win_right, HALF_N, BLOCK_M, CAUSAL, WINDOW)
         dk = gl.zeros([HALF_N, HEAD_D], gl.float32, layout=acc_layout)
         dv = gl.zeros([HALF_N, HEAD_D], gl.float32, layout=acc_layout)
         st_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, layout=st_layout)
@@ -151,8 +145,8 @@ if AVAILABLE:
                 dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
                 p, dtanh = dkdv_probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
-                                  alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
-                                  HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
+                                      alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
+                                      HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
                 dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
                 ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
                 # both products issued after dS (P^T in flight beside fp32 P^T and dP^T spilled at D=128)
@@ -170,8 +164,8 @@ if AVAILABLE:
                                     use_acc=False, is_async=True)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
             p, dtanh = dkdv_probs(st, lse_smem.index(0), m_lo, keys, seqlen_q, diag, win, qk_scale, softcap,
-                              alibi_slope(ALIBI_B, hk * group, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
-                              HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
+                                  alibi_slope(ALIBI_B, hk * group, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
+                                  HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
             ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M, HAS_SOFTCAP)
             p_op = gl.convert_layout(p.to(dtype), op_layout)
@@ -192,8 +186,8 @@ if AVAILABLE:
                 dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
                 st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
                 p, dtanh = dkdv_probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
-                                  alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
-                                  HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
+                                      alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
+                                      HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
                 dv, dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dpt_tok))
                 ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
                 dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))

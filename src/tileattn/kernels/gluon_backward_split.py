@@ -11,7 +11,7 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .gluon_common import alibi_slope, dkdv_dscores, dkdv_probs
+    from .gluon_common import alibi_slope, dkdv_dscores, dkdv_mask_bounds, dkdv_probs
 
     @gluon.jit
     def _split_front(w: gl.constexpr, x, t, s, tile, g, lse_smem, delta_smem, p_smem, p_bars, keys, seqlen_q, diag,
@@ -23,8 +23,8 @@ if AVAILABLE:
         ps = t % 2
         if w == 0:
             y, _ = dkdv_probs(x, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, 0.0,
-                          alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW, False, IS_BF16,
-                          HAS_ALIBI)
+                              alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW, False,
+                              IS_BF16, HAS_ALIBI)
             mbarrier.wait(p_free.index(ps), ((t // 2) & 1) ^ 1)
             p_smem.index(ps).store(y)
             gl.thread_barrier()
@@ -61,14 +61,8 @@ if AVAILABLE:
         op_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=acc_layout, k_width=2)
         keys = start_n + gl.arange(0, HALF_N, layout=gl.SliceLayout(1, st_layout))
         diag = seqlen_k - seqlen_q
-        mask_end = 0  # as in _dkdv_consumer (only warpgroup 0 masks: P^T is 0 where masked, so is dS^T)
-        if CAUSAL:
-            mask_end = gl.cdiv(gl.maximum(start_n + HALF_N - 1 - diag, 0), BLOCK_M)
-        mask_start = 0
-        if WINDOW:
-            mask_end = gl.cdiv(gl.maximum(start_n + HALF_N - 1 - diag - win_right, 0), BLOCK_M)
-            mask_start = gl.maximum(start_n + win_left - diag + 1, 0) // BLOCK_M
-        win = (mask_end, mask_start, win_left, win_right)
+        # only warpgroup 0 masks: P^T is 0 where masked, so is dS^T
+        win = dkdv_mask_bounds(start_n, diag, win_left, win_right, HALF_N, BLOCK_M, CAUSAL, WINDOW)
         acc = gl.zeros([HALF_N, HEAD_D], gl.float32, layout=acc_layout)
         st_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, layout=st_layout)
         a2 = k_smem.index(0).reshape([HALF_N, HEAD_D])  # the first product's A: K (S^T) or V (dP^T)

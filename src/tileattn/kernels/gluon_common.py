@@ -215,6 +215,21 @@ if AVAILABLE:
         return slope
 
     @gluon.jit
+    def dkdv_mask_bounds(key0, diag, win_left, win_right, HALF_N: gl.constexpr, BLOCK_M: gl.constexpr,
+                         CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
+        """The dK/dV kernels' ``win`` for keys key0 .. key0 + HALF_N - 1 (``dkdv_probs``): (mask_end, mask_start,
+        win_left, win_right); query tiles before mask_end see only part of these keys on the right (causal /
+        window), tiles from mask_start on miss some on the left (window)."""
+        mask_end = 0
+        if CAUSAL:
+            mask_end = gl.cdiv(gl.maximum(key0 + HALF_N - 1 - diag, 0), BLOCK_M)
+        mask_start = 0
+        if WINDOW:
+            mask_end = gl.cdiv(gl.maximum(key0 + HALF_N - 1 - diag - win_right, 0), BLOCK_M)
+            mask_start = gl.maximum(key0 + win_left - diag + 1, 0) // BLOCK_M
+        return mask_end, mask_start, win_left, win_right
+
+    @gluon.jit
     def dkdv_probs(st, lse_slot, tile, keys, seqlen_q, diag, win, qk_scale, softcap, slope, BLOCK_M: gl.constexpr,
                    CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr, IS_BF16: gl.constexpr,
                    HAS_ALIBI: gl.constexpr):
