@@ -463,9 +463,9 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
         num_m_tiles, grid = batch, tiles.numel()
     # opt-in until measured (NOTES v19a): D <= 128 (the output's own staging buffer must fit)
     persistent = d <= 128 and configs.getenv("TILEATTN_GLUON_PERSISTENT") == "1"
-    num_items = grid
+    num_items = 0  # unused without PERSISTENT: a constant adds no Triton specialisations (% 16, == 1)
     if persistent:
-        grid = min(grid, configs.sm_count(q.device))
+        num_items, grid = grid, min(grid, configs.sm_count(q.device))
     launch(_fwd_kernel, (grid,), (
         q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
         p.alibi_slopes if p.alibi_slopes is not None else lse, out,
@@ -479,6 +479,6 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
              STORE_RESID=residual, HAS_SOFTCAP=p.softcap > 0, HAS_SINK=p.sink is not None, VARLEN=p.varlen,
              HAS_ALIBI=p.alibi_slopes is not None, USE_MAP=tiles is not None,
              CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, PERSISTENT=persistent,
-             num_items=num_items if persistent else 0),  # 0: unused, and no extra specialisations (% 16, == 1)
+             num_items=num_items),
         4, 3, maxnreg=cfg.maxnreg)
     return (out, lse, resid) if residual else (out, lse)
