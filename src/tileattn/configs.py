@@ -494,9 +494,10 @@ def gluon_backward_config(head_dim: int) -> Optional[GluonBackwardConfig]:
     cfg = _gluon_entry(_GLUON_BWD, head_dim)
     if cfg is None:
         return None
-    value = getenv("TILEATTN_GLUON_BWD_CONFIG")
-    over = _override("TILEATTN_GLUON_BWD_CONFIG", "block_m,stages,consumer_regs,producer_regs,maxnreg,pipeline"
-                     + (",split" if value and value.count(",") == 6 else ""))
+    over = _override("TILEATTN_GLUON_BWD_CONFIG")
+    if over and len(over) not in (6, 7):
+        raise ValueError("TILEATTN_GLUON_BWD_CONFIG must be 6 or 7 integers: block_m,stages,consumer_regs,"
+                         f"producer_regs,maxnreg,pipeline[,split]; got {over}")
     if over:
         cfg = dataclasses.replace(cfg, block_m=over[0], stages=over[1], consumer_regs=over[2], producer_regs=over[3],
                                   maxnreg=over[4], pipeline=bool(over[5]),
