@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s16 bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s16 s16b bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -161,6 +161,18 @@ for stage in "$@"; do
            if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi
            timeout 120 python3 -m tileattn.bench_features --seqlens 2048,8192 --cases dense,causal,window 2>&1 | grep -v "^#"
          done | tee "$OUT/window64.log"; unset TILEATTN_GLUON_FWD_CONFIG ;;
+    # session 16: the persistent forward on by default for unmasked D <= 128 calls (and the varlen work list with
+    # it): the sweep, the files whose calls take the forward, then the forward grid beside the plain grid and cuDNN,
+    # varlen / dense per useful FLOP with the default schedule
+    s16b) timeout 300 python3 -m pytest tests/test_sweep.py -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 \
+            | tee "$OUT/tests_sweep.log" | tail -6 || status=1
+          timeout 200 python3 -m pytest tests/test_gluon_forward.py tests/test_varlen.py tests/test_features.py \
+            tests/test_flash_api.py tests/test_api.py -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 \
+            | tee "$OUT/tests_fwd.log" | tail -8 || status=1
+          python3 -m tileattn.bench --head-dims 128,64 --modes fwd --no-plot --providers tileattn,tileattn_grid,sdpa_cudnn \
+            --out-dir "$OUT" --prefix schedule 2>&1 | tee "$OUT/schedule_bench.log" | grep -v "it/s\]"
+          for i in 1 2; do python3 -m tileattn.bench_features --seqlens 2048,8192 --cases dense,causal,varlen,varlen_equal \
+            2>&1 | grep -v "^#"; done | tee "$OUT/schedule_features.log" ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;

@@ -201,7 +201,8 @@ PERSISTENT_CASES = [(2, 2100, 2100, 16, 8, 128, {}), (2, 2048, 2048, 16, 4, 128,
                     (1, 1031, 257, 4, 1, 128, dict(causal=True)),
                     (3, 257, 1031, 4, 2, 128, dict(causal=True, sink=True)), (2, 1000, 1000, 4, 4, 64, {}),
                     (2, 999, 999, 2, 2, 128, dict(window_size=(300, 40), softcap=8.0)),
-                    (1, 130, 4000, 4, 2, 128, dict(causal=True, alibi=True)), (4, 64, 64, 2, 1, 128, {})]
+                    (1, 130, 4000, 4, 2, 128, dict(causal=True, alibi=True)), (4, 64, 64, 2, 1, 128, {}),
+                    (2, 1500, 1300, 8, 2, 128, dict(softcap=8.0, alibi=True)), (2, 2048, 2048, 8, 8, 64, dict(sink=True))]
 
 
 @hopper
@@ -209,8 +210,8 @@ PERSISTENT_CASES = [(2, 2100, 2100, 16, 8, 128, {}), (2, 2048, 2048, 16, 4, 128,
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", PERSISTENT_CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "-".join(c[6]))
 def test_persistent_matches_grid(case, dtype, spy, monkeypatch):
-    """TILEATTN_GLUON_PERSISTENT=1 (a program per multiprocessor walking the default grid's tiles, the K/V ring
-    and the ping-pong carried across tiles): out and lse bit-identical to the default grid's (every tile's
+    """TILEATTN_GLUON_PERSISTENT=1 (a program per multiprocessor walking the plain grid's tiles, the K/V ring
+    and the ping-pong carried across tiles): out and lse bit-identical to the plain grid's (=0; every tile's
     arithmetic is the same), and within the accuracy rule (out, lse, gradients) against the float64 reference;
     more tiles than multiprocessors (up to 544 on 132), Sq != Sk both ways, GQA, causal, window + softcap, sink,
     ALiBi."""
@@ -222,6 +223,7 @@ def test_persistent_matches_grid(case, dtype, spy, monkeypatch):
         kw["sink"] = randn((Hq,), torch.float32, gen)
     if kw.pop("alibi", False):
         kw["alibi_slopes"] = randn((Hq,), torch.float32, gen).abs() * 0.1
+    monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "0")
     ref = tileattn.attention(q, k, v, return_lse=True, **kw)
     n = len(spy)
     monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "1")
@@ -232,13 +234,47 @@ def test_persistent_matches_grid(case, dtype, spy, monkeypatch):
     test_features._check(q, k, v, randn((B, Sq, Hq, d), dtype, gen), entry="tileattn", ctx="gluon persistent", **kw)
 
 
+def set_schedule(monkeypatch, tilemap, persistent):
+    """Force the Gluon forward's work list and persistent grid on ("1") or off ("0"), or leave them to the table
+    (None: configs.gluon_forward_schedule)."""
+    for name, value in (("TILEATTN_VARLEN_TILEMAP", tilemap), ("TILEATTN_GLUON_PERSISTENT", persistent)):
+        if value is None:
+            monkeypatch.delenv(name, raising=False)
+        else:
+            monkeypatch.setenv(name, value)
+
+
+def test_schedule_table(monkeypatch):
+    """configs.gluon_forward_schedule: the persistent grid for unmasked calls at D <= 128 where the entry says so,
+    the varlen work list with it; either one forced by its variable; bad values refused."""
+    from tileattn import configs
+    set_schedule(monkeypatch, None, None)
+    cfg = configs._GLUON_FWD[128]
+    assert cfg.persistent and configs._GLUON_FWD[64].persistent and not configs._GLUON_FWD[256].persistent
+    schedule = configs.gluon_forward_schedule
+    assert schedule(cfg, 128, False, False) == (True, False)
+    assert schedule(cfg, 128, False, True) == (True, True)
+    assert schedule(cfg, 128, True, True) == (False, False)  # causal / window: the plain grid (run 78)
+    assert schedule(configs._GLUON_FWD[256], 256, False, False) == (False, False)
+    set_schedule(monkeypatch, "1", "0")
+    assert schedule(cfg, 128, False, True) == (False, True)
+    set_schedule(monkeypatch, "0", "1")
+    assert schedule(cfg, 128, True, True) == (True, False)
+    assert schedule(cfg, 256, False, False) == (False, False)  # D=256: the output's staging buffer does not fit
+    for name in ("TILEATTN_GLUON_PERSISTENT", "TILEATTN_VARLEN_TILEMAP"):
+        set_schedule(monkeypatch, None, None)
+        monkeypatch.setenv(name, "yes")
+        with pytest.raises(ValueError, match=name):
+            schedule(cfg, 128, False, True)
+
+
 VARLEN_FEATS = {"plain": {}, "causal": dict(causal=True), "causal+sink": dict(causal=True, sink=True),
                 "window+sink": dict(window_size=(300, 40), sink=True), "softcap+causal": dict(softcap=8.0, causal=True)}
 VARLEN_GLUON = [(128, f) for f in VARLEN_FEATS] + [(64, "plain"), (64, "causal+sink")]  # D=64: no window/softcap
 
 
-TILEMAP_MODES = {"grid": ("0", None), "tilemap": ("1", None), "persistent-grid": ("0", "1"),
-                 "persistent-tilemap": ("1", "1")}
+TILEMAP_MODES = {"grid": ("0", "0"), "tilemap": ("1", "0"), "persistent-grid": ("0", "1"),
+                 "persistent-tilemap": ("1", "1"), "default": (None, None)}
 
 
 @hopper
@@ -252,10 +288,7 @@ def test_varlen_through_gluon(feat, d, mode, spy, monkeypatch):
     the longest sequence, with the work list (TILEATTN_VARLEN_TILEMAP=1, _hostinfo.tile_map), and either one
     on the persistent grid (TILEATTN_GLUON_PERSISTENT=1: bit-identical to the plain grid)."""
     from _flash_helpers import seqlens_to_cu, varlen_ref
-    tilemap, persistent = TILEMAP_MODES[mode]
-    monkeypatch.setenv("TILEATTN_VARLEN_TILEMAP", tilemap)
-    if persistent:
-        monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", persistent)
+    set_schedule(monkeypatch, *TILEMAP_MODES[mode])
     from _helpers import check_lse, check_rule, atol_for, make_gen
     kw = dict(VARLEN_FEATS[feat])
     lens_q, lens_k = [177, 0, 1, 1024, 2000, 731, 64], [1500, 5, 0, 1, 2048, 731, 130]
@@ -275,9 +308,8 @@ def test_varlen_through_gluon(feat, d, mode, spy, monkeypatch):
     check_rule("out", out[:n], ref_o, pt_o, 2, atol_for(torch.bfloat16, ref_o, 1.0), feat)
     check_lse(lse[:, :n], ref_lse, pt_lse, feat)
     assert not out[n:].any() and torch.isneginf(lse[:, n:]).all(), "rows outside every sequence"
-    if persistent:
-        monkeypatch.delenv("TILEATTN_GLUON_PERSISTENT")
-        monkeypatch.setenv("TILEATTN_VARLEN_TILEMAP", "0")
+    if mode != "grid":
+        set_schedule(monkeypatch, "0", "0")
         grid = tileattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), sink=sink,
                                                return_attn_probs=True, **kw)
         assert torch.equal(out, grid[0]) and torch.equal(lse, grid[1]), "persistent != grid"
@@ -320,10 +352,7 @@ def test_varlen_nan_stays_in_its_sequence(d, mode, spy, monkeypatch):
     masked and whose V rows are zeroed before P V (0 * NaN would be NaN). Lengths put sequence ends inside tiles
     of both warpgroups' halves and at a tile's last row."""
     from _flash_helpers import seqlens_to_cu
-    tilemap, persistent = TILEMAP_MODES[mode]
-    monkeypatch.setenv("TILEATTN_VARLEN_TILEMAP", tilemap)
-    if persistent:
-        monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", persistent)
+    set_schedule(monkeypatch, *TILEMAP_MODES[mode])
     lens = [70, 300, 127, 2049, 129]
     gen = make_gen(seed_for("gluon-varlen-nan", d))
     total = sum(lens) + 40
@@ -368,7 +397,8 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma():
                     env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1"})  # the GPU's tanh path
 
 
-PERSISTENT_COMPILE = [(128, False, ()), (128, True, ("--softcap", "--sink")), (64, True, ()),
+PERSISTENT_COMPILE = [(128, False, ()), (128, True, ("--softcap", "--sink")), (64, True, ()), (64, False, ("--sink",)),
+                      (128, False, ("--softcap", "--alibi", "--sink")),
                       (128, False, ("--window", "--alibi", "--fp16")),
                       (128, True, ("--varlen", "--tile-map")),
                       (128, False, ("--varlen", "--window", "--sink"))]

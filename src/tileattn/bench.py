@@ -60,9 +60,11 @@ PROVIDERS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 # tileattn_rounded = FlashAttention's delta from the rounded output, uncorrected;
 # tileattn_triton = the portable Triton kernels where the Hopper Gluon kernels would run (TILEATTN_GLUON=0);
 # tileattn_gluon_all = the Gluon kernels with their table entries not yet measured as well (TILEATTN_GLUON=all);
-# tileattn_persistent = the Gluon forward with a persistent grid (TILEATTN_GLUON_PERSISTENT=1, D <= 128).
+# tileattn_persistent / tileattn_grid = the Gluon forward always / never on a persistent grid
+# (TILEATTN_GLUON_PERSISTENT=1 / 0, D <= 128; unset, configs.gluon_forward_schedule decides).
 ENV_PROVIDERS = {"tileattn_triton": ("TILEATTN_GLUON", "0"), "tileattn_gluon_all": ("TILEATTN_GLUON", "all"),
                  "tileattn_persistent": ("TILEATTN_GLUON_PERSISTENT", "1"),
+                 "tileattn_grid": ("TILEATTN_GLUON_PERSISTENT", "0"),
                  "tileattn_tma": ("TILEATTN_TMA", "1"), "tileattn_notma": ("TILEATTN_TMA", "0"),
                  "tileattn_split": ("TILEATTN_FWD_EDGES", "split"),
                  "tileattn_merged": ("TILEATTN_FWD_EDGES", "merged"),
@@ -369,7 +371,8 @@ def plot_results(results: Sequence[Result], path: str, title: str = "",
               "tileattn_merged": dict(color="tab:pink", marker="+", linestyle="--"),
               "tileattn_rounded": dict(color="tab:brown", marker="+", linestyle="--"),
               "tileattn_correct": dict(color="tab:purple", marker="1", linestyle="--"),
-              "tileattn_persistent": dict(color="tab:olive", marker="*", linestyle="--")}
+              "tileattn_persistent": dict(color="tab:olive", marker="*", linestyle="--"),
+              "tileattn_grid": dict(color="tab:olive", marker="+", linestyle=":")}
     by = {}
     for r in results:
         by.setdefault((r.mode, r.head_dim, r.causal, r.provider), []).append(r)

@@ -387,7 +387,8 @@ class GluonForwardConfig:
     taken from: 12 warps x maxnreg <= 64K); calls with fewer than ``min_seqlen_k`` keys (``min_seqlen_k_causal``
     for causal and other right-bounded windows) take the portable kernel, as do softcap and sliding-window calls
     when ``window_softcap`` is False. ``default_on=False``: an entry not yet measured on a GPU, used only with
-    ``TILEATTN_GLUON=all``."""
+    ``TILEATTN_GLUON=all``. ``persistent``: calls without a causal or sliding-window mask run on a persistent grid
+    (``gluon_forward_schedule``)."""
     block_n: int
     k_stages: int
     v_stages: int
@@ -398,6 +399,7 @@ class GluonForwardConfig:
     min_seqlen_k_causal: int = 0
     window_softcap: bool = True
     default_on: bool = True
+    persistent: bool = False
 
 
 # Run 52 (H200, same call, forward TFLOP/s Gluon vs the portable kernel): D=128 faster from 1k (1.07-1.27x) and
@@ -408,9 +410,13 @@ class GluonForwardConfig:
 # 596/640 vs 499/499, window (512,512) 419/417 vs 353/342; D=256 softcap 589/592 vs 426/477, window 474/472 vs
 # 378/382; D=64 softcap 288/321 vs 313/330 and window 274/269 vs 303/282 (slower: those stay portable), sink
 # 401/451 vs 411/424.
+# Run 78 (H200, same process): the persistent grid (v19a) vs the plain grid, fwd D=128 non-causal 1.08x at 1k,
+# 1.05x at 2k, 1.02x at 4k, 1.00x from 8k; causal 0.85x at 512, 0.92x at 1k, 0.75x at 16k (static round-robin over
+# tiles of unequal length), so causal and windowed calls keep the grid; D=64 non-causal 1.04x at 2k, 1.02x at 4k,
+# 1.00x from 8k. Packed varlen (D=128, 2k random lengths) 1.13x with the work list, 0.99x without; 8k 1.02x / 0.90x.
 _GLUON_FWD = {64: GluonForwardConfig(128, 3, 2, 240, 24, 168, min_seqlen_k=2048, min_seqlen_k_causal=2048,
-                                     window_softcap=False),
-              128: GluonForwardConfig(128, 2, 2, 240, 24, 168),
+                                     window_softcap=False, persistent=True),
+              128: GluonForwardConfig(128, 2, 2, 240, 24, 168, persistent=True),
               256: GluonForwardConfig(64, 2, 2, 240, 24, 168, min_seqlen_k=1024, min_seqlen_k_causal=2048)}
 
 
@@ -434,6 +440,22 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
         return None
     over = _override("TILEATTN_GLUON_FWD_CONFIG", "block_n,k_stages,v_stages,consumer_regs,producer_regs,maxnreg")
     return GluonForwardConfig(*over) if over else cfg
+
+
+def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, masked: bool, varlen: bool):
+    """(persistent, work_list) for a Gluon forward call: a persistent grid (one program per multiprocessor walking
+    the tiles, D <= 128 only: the output needs its own staging buffer) where the entry says so and the call has no
+    causal or sliding-window mask (``masked``); packed varlen calls on it walk the work list of the query tiles that
+    hold rows (_hostinfo.tile_map), which it needs to beat the plain grid (run 78). ``TILEATTN_GLUON_PERSISTENT``
+    and ``TILEATTN_VARLEN_TILEMAP`` (0 or 1) force either one."""
+    forced = getenv("TILEATTN_GLUON_PERSISTENT", "")
+    if forced not in ("", "0", "1"):
+        raise ValueError(f"TILEATTN_GLUON_PERSISTENT must be 0 or 1 (or unset), got {forced!r}")
+    persistent = head_dim <= 128 and (forced == "1" if forced else cfg.persistent and not masked)
+    tiles = getenv("TILEATTN_VARLEN_TILEMAP", "")
+    if tiles not in ("", "0", "1"):
+        raise ValueError(f"TILEATTN_VARLEN_TILEMAP must be 0 or 1 (or unset), got {tiles!r}")
+    return persistent, varlen and (tiles == "1" if tiles else persistent)
 
 
 @dataclass(frozen=True)

@@ -456,13 +456,13 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     num_m_tiles = triton.cdiv(seqlen_q, 2 * half)
     grid = num_m_tiles * batch * q_heads
     window = has_window(p)
-    tiles = None
-    if p.varlen and configs.getenv("TILEATTN_VARLEN_TILEMAP") == "1":  # opt-in until measured (NOTES v17d, v18a)
-        tiles = tile_map(cu_q, cu_k, 2 * half, p.window_right == 0 and not window, q_heads)
+    causal = p.window_right == 0 and not window
+    persistent, work_list = configs.gluon_forward_schedule(cfg, d, causal or window, p.varlen)
+    tiles = tile_map(cu_q, cu_k, 2 * half, causal, q_heads) if work_list else None
+    if work_list and tiles is None and configs.getenv("TILEATTN_GLUON_PERSISTENT") != "1":
+        persistent = False  # no host copy of cu_seqlens (compiled graphs): the list-less varlen grid loses there
     if tiles is not None:  # a program per (query tile that holds rows, head), longest sequences first
         num_m_tiles, grid = batch, tiles.numel()
-    # opt-in until measured (NOTES v19a): D <= 128 (the output's own staging buffer must fit)
-    persistent = d <= 128 and configs.getenv("TILEATTN_GLUON_PERSISTENT") == "1"
     num_items = 0  # unused without PERSISTENT: a constant adds no Triton specialisations (% 16, == 1)
     if persistent:
         num_items, grid = grid, min(grid, configs.sm_count(q.device))
@@ -475,7 +475,7 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
         *window_bounds(p, seqlen_q, seqlen_k),
         stride_lb, stride_lh, out.stride(1), out.stride(2), p.alibi_stride_b),
         dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.k_stages, V_STAGES=cfg.v_stages,
-             CAUSAL=p.window_right == 0 and not window, WINDOW=window,
+             CAUSAL=causal, WINDOW=window,
              STORE_RESID=residual, HAS_SOFTCAP=p.softcap > 0, HAS_SINK=p.sink is not None, VARLEN=p.varlen,
              HAS_ALIBI=p.alibi_slopes is not None, USE_MAP=tiles is not None,
              CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, PERSISTENT=persistent,
