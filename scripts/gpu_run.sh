@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s16 s16b bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17 bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -10,6 +10,9 @@ export PYTHONPATH="$ROOT/src" PYTHONUNBUFFERED=1
 OUT="${OUT:-$ROOT/gpu_logs}"
 mkdir -p "$OUT"
 status=0
+# a test run cut by its timeout can leave pytest-xdist workers running kernels: stop them before anything is timed
+# (run 79's benchmark ran beside such workers)
+reap() { pkill -9 -f "pytest|xdist|execnet" 2>/dev/null; sleep 1; }
 for stage in "$@"; do
   echo "=== $stage $(date +%T)"
   case "$stage" in
@@ -131,48 +134,29 @@ for stage in "$@"; do
          timeout 300 python3 -m pytest tests/test_gluon_forward.py tests/test_features.py tests/test_flash_api.py -q -n 14 \
            -p no:cacheprovider -rf -p no:benchmark -k "varlen or huge or in_place or bad" 2>&1 \
            | tee "$OUT/s14_tests2.log" | tail -10 || status=1 ;;
-    # session 15's leftovers for session 16 (run tests-rest and tests-sweep first: the Gluon dQ at D=256 is new):
-    # the persistent Gluon forward (opt-in, v19a): its tests (bit-identical to the grid), then fwd D=128/64 beside
-    # the default and cuDNN; the split dK/dV form at D=128 (opt-in via TILEATTN_GLUON_BWD_CONFIG's 7th value), hang-safe accuracy first,
-    # then the D=128 backward default vs split variants (one process each, each with cuDNN); then the window's
-    # forward with 64-key tiles (TILEATTN_GLUON_FWD_CONFIG) against the default, both beside their own dense call
-    s16) TILEATTN_GLUON_PERSISTENT=1 timeout 90 python3 -m tileattn.bench --head-dims 128 --seqlens 1024 --causal false \
-           --modes fwd --providers tileattn --no-plot --out-dir "$OUT/probe" 2>&1 | grep -v "it/s\]" | tail -4  # hang-safe
-         ok=${PIPESTATUS[0]}
-         if [ "$ok" = 0 ]; then timeout 300 python3 -m pytest tests/test_gluon_forward.py -q -n 14 -p no:cacheprovider \
-           -p no:benchmark -rf -k "persistent" 2>&1 | tee "$OUT/persistent_tests.log" | tail -6; ok=${PIPESTATUS[0]}; fi
-         if [ "$ok" = 0 ]; then python3 -m tileattn.bench --head-dims 128,64 --modes fwd --no-plot \
-           --providers tileattn,tileattn_persistent,sdpa_cudnn --out-dir "$OUT" --prefix persistent 2>&1 \
-           | tee "$OUT/persistent_bench.log" | grep -v "it/s\]"
-           for m in "0 0" "1 0" "0 1" "1 1"; do set -- $m; echo "== persistent=$1 tilemap=$2"
-             TILEATTN_GLUON_PERSISTENT=$1 TILEATTN_VARLEN_TILEMAP=$2 python3 -m tileattn.bench_features --seqlens 2048,8192 \
-               --cases dense,causal,varlen,varlen_equal 2>&1 | grep -v "^#"; done | tee "$OUT/persistent_features.log"
-         else status=1; fi
+    # session 16's leftovers for session 17: the persistent forward on causal calls in the LPT order (v19b, opt-in
+    # through TILEATTN_GLUON_PERSISTENT=1), hang-safe first, its tests (bit-identical to the plain grid), then the
+    # causal forward default (plain grid) vs persistent vs cuDNN; the split dK/dV form at D=128 (7th value of
+    # TILEATTN_GLUON_BWD_CONFIG), accuracy first, then the D=128 backward default vs split variants, one process each
+    s17) TILEATTN_GLUON_PERSISTENT=1 timeout 90 python3 -m tileattn.bench --head-dims 128 --seqlens 1024 --causal true \
+           --modes fwd --providers tileattn --no-plot --out-dir "$OUT/probe" 2>&1 | grep -v "it/s\]" | tail -3  # hang-safe
+         ok=${PIPESTATUS[0]}; reap
+         if [ "$ok" = 0 ]; then timeout 240 python3 -m pytest tests/test_gluon_forward.py -q -n 14 -p no:cacheprovider \
+           -p no:benchmark -rf -k "persistent or default or schedule" 2>&1 | tee "$OUT/persistent_tests.log" | tail -6
+           ok=${PIPESTATUS[0]}; reap; fi
+         if [ "$ok" = 0 ]; then python3 -m tileattn.bench --head-dims 128,64 --causal true --modes fwd --no-plot \
+           --providers tileattn,tileattn_persistent,sdpa_cudnn --out-dir "$OUT" --prefix lpt 2>&1 \
+           | tee "$OUT/lpt_bench.log" | grep -v "it/s\]"; else status=1; fi
          TILEATTN_GLUON_BWD_CONFIG=64,3,240,24,168,1,1 timeout 240 python3 -m pytest tests/test_gluon_backward.py -q -n 14 \
            -p no:cacheprovider -p no:benchmark -k "(test_accuracy or test_dlse_and_sink or test_sliding_window or test_alibi) and 128" \
            2>&1 | tee "$OUT/split128_tests.log" | tail -6
-         if [ "${PIPESTATUS[0]}" != 0 ]; then status=1; else
+         ok=${PIPESTATUS[0]}; reap
+         if [ "$ok" != 0 ]; then status=1; else
          for c in default 64,3,240,24,168,1,1 64,3,240,24,168,0,1 128,2,240,24,168,0,1; do echo "== dK/dV $c"
            if [ "$c" = default ]; then unset TILEATTN_GLUON_BWD_CONFIG; else export TILEATTN_GLUON_BWD_CONFIG=$c; fi
            timeout 120 python3 -m tileattn.bench --head-dims 128 --modes bwd --providers tileattn,sdpa_cudnn --no-plot \
              --out-dir "$OUT/split128_$(echo $c | tr , _)" 2>&1 | grep -A8 "== bwd" | grep -v "^$"; done | tee "$OUT/split128.log"
-         unset TILEATTN_GLUON_BWD_CONFIG; fi
-         for c in default 64,3,3,240,24,168; do echo "== forward $c"
-           if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi
-           timeout 120 python3 -m tileattn.bench_features --seqlens 2048,8192 --cases dense,causal,window 2>&1 | grep -v "^#"
-         done | tee "$OUT/window64.log"; unset TILEATTN_GLUON_FWD_CONFIG ;;
-    # session 16: the persistent forward on by default for unmasked D <= 128 calls (and the varlen work list with
-    # it): the sweep, the files whose calls take the forward, then the forward grid beside the plain grid and cuDNN,
-    # varlen / dense per useful FLOP with the default schedule
-    s16b) timeout 300 python3 -m pytest tests/test_sweep.py -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 \
-            | tee "$OUT/tests_sweep.log" | tail -6 || status=1
-          timeout 200 python3 -m pytest tests/test_gluon_forward.py tests/test_varlen.py tests/test_features.py \
-            tests/test_flash_api.py tests/test_api.py -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 \
-            | tee "$OUT/tests_fwd.log" | tail -8 || status=1
-          python3 -m tileattn.bench --head-dims 128,64 --modes fwd --no-plot --providers tileattn,tileattn_grid,sdpa_cudnn \
-            --out-dir "$OUT" --prefix schedule 2>&1 | tee "$OUT/schedule_bench.log" | grep -v "it/s\]"
-          for i in 1 2; do python3 -m tileattn.bench_features --seqlens 2048,8192 --cases dense,causal,varlen,varlen_equal \
-            2>&1 | grep -v "^#"; done | tee "$OUT/schedule_features.log" ;;
+         unset TILEATTN_GLUON_BWD_CONFIG; fi ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;

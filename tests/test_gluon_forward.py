@@ -202,7 +202,8 @@ PERSISTENT_CASES = [(2, 2100, 2100, 16, 8, 128, {}), (2, 2048, 2048, 16, 4, 128,
                     (3, 257, 1031, 4, 2, 128, dict(causal=True, sink=True)), (2, 1000, 1000, 4, 4, 64, {}),
                     (2, 999, 999, 2, 2, 128, dict(window_size=(300, 40), softcap=8.0)),
                     (1, 130, 4000, 4, 2, 128, dict(causal=True, alibi=True)), (4, 64, 64, 2, 1, 128, {}),
-                    (2, 1500, 1300, 8, 2, 128, dict(softcap=8.0, alibi=True)), (2, 2048, 2048, 8, 8, 64, dict(sink=True))]
+                    (2, 1500, 1300, 8, 2, 128, dict(softcap=8.0, alibi=True)), (2, 2048, 2048, 8, 8, 64, dict(sink=True)),
+                    (2, 1400, 1400, 12, 4, 128, dict(causal=True))]  # 264 items: 2 full rounds of 132, odd one last
 
 
 @hopper
@@ -213,8 +214,8 @@ def test_persistent_matches_grid(case, dtype, spy, monkeypatch):
     """TILEATTN_GLUON_PERSISTENT=1 (a program per multiprocessor walking the plain grid's tiles, the K/V ring
     and the ping-pong carried across tiles): out and lse bit-identical to the plain grid's (=0; every tile's
     arithmetic is the same), and within the accuracy rule (out, lse, gradients) against the float64 reference;
-    more tiles than multiprocessors (up to 544 on 132), Sq != Sk both ways, GQA, causal, window + softcap, sink,
-    ALiBi."""
+    more tiles than multiprocessors (up to 544 on 132), Sq != Sk both ways, GQA, causal (gluon_common.persistent_item's
+    longest-first order: partial last rounds, and a full reversed round last), window + softcap, sink, ALiBi."""
     B, Sq, Sk, Hq, Hkv, d, feat = case
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon-persistent", case[:6], dtype),
                             requires_grad=True)

@@ -87,6 +87,24 @@ if AVAILABLE:
         return bh // q_heads, bh % q_heads, tile
 
     @gluon.jit
+    def persistent_item(pos, pid, nprog, num_items, num_m_tiles, LPT: gl.constexpr):
+        """The grid index (``program_tile``'s pid) of the pos-th item of a persistent grid of nprog programs, program
+        pid running positions pid, pid + nprog, ... < num_items. Without LPT the identity. LPT (causal): every
+        (batch, head)'s longest tile first, then every one's second longest, ..., and each full round of nprog
+        positions taken in reverse by the programs on odd rounds (program 0 gets the round's longest item on even
+        rounds and its shortest on odd ones), so a static round-robin sees items of nearly equal length per round
+        and no program collects the long ones; the grid's own order ((batch, head) outer) gave programs up to 3x
+        each other's work at 16k (NOTES v19b). A bijection on [0, num_items): the last, partial round keeps its
+        order. ``benchmarks/persistent_balance.py`` mirrors it on the host."""
+        if LPT:
+            r = pos // nprog
+            if (r % 2 == 1) & ((r + 1) * nprog <= num_items):
+                pos = r * nprog + nprog - 1 - pid
+            nbh = num_items // num_m_tiles
+            pos = (pos % nbh) * num_m_tiles + pos // nbh
+        return pos
+
+    @gluon.jit
     def seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN: gl.constexpr):
         """(q_row0, seqlen_q, k_row0, seqlen_k, b_desc) of program batch index b: varlen sequence b spans packed
         rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K) of the descriptors' batch 0; batched, rows count from 0 in batch

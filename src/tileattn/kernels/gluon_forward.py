@@ -37,7 +37,8 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .gluon_common import feature_scores, item_bounds, load_kv_ring, store_rows, zero_rows_from
+    from .gluon_common import (feature_scores, item_bounds, load_kv_ring, persistent_item, store_rows,
+                                   zero_rows_from)
 
     @gluon.jit
     def _softmax_tile(s, j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap, win_left,
@@ -98,14 +99,16 @@ if AVAILABLE:
                          HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
                          V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr,
                          USE_MAP: gl.constexpr):
-        """Persistent producer: the work items pid, pid + nprog, ... in turn (``_load_partition`` each); an item's
-        Q halves load once both consumer warpgroups released the previous item's (``q_empty``, after their last
-        Q K^T), and the K/V rings run on across items (positions t0 + j)."""
+        """Persistent producer: the work items pid, pid + nprog, ... in turn (``_load_partition`` each; causal: in
+        ``persistent_item``'s longest-first order); an item's Q halves load once both consumer warpgroups released
+        the previous item's (``q_empty``, after their last Q K^T), and the K/V rings run on across items
+        (positions t0 + j)."""
         t0 = gl.to_tensor(0)
         for item in range(pid, num_items, nprog):
             it = (item - pid) // nprog
+            g = persistent_item(item, pid, nprog, num_items, num_m_tiles, CAUSAL and not USE_MAP)
             b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = item_bounds(
-                item, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
+                g, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
                 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
             for w in gl.static_range(2):
                 mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)
@@ -288,14 +291,16 @@ if AVAILABLE:
                              CAUSAL: gl.constexpr, WINDOW: gl.constexpr, STORE_RESID: gl.constexpr,
                              HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr, VARLEN: gl.constexpr,
                              HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr):
-        """Persistent consumer warpgroup w: ``_consumer`` on the work items pid, pid + nprog, ..., the K/V ring
-        positions t0 carried across items; the it-th item's ping-pong rounds start at t0 + it (every item takes
-        n + 1 rounds) and its Q phase is it & 1 (derived, not carried: fewer live registers)."""
+        """Persistent consumer warpgroup w: ``_consumer`` on the work items pid, pid + nprog, ... (causal: in
+        ``persistent_item``'s order), the K/V ring positions t0 carried across items; the it-th item's ping-pong
+        rounds start at t0 + it (every item takes n + 1 rounds) and its Q phase is it & 1 (derived, not carried:
+        fewer live registers)."""
         t0 = gl.to_tensor(0)
         for item in range(pid, num_items, nprog):
             it = (item - pid) // nprog
+            g = persistent_item(item, pid, nprog, num_items, num_m_tiles, CAUSAL and not USE_MAP)
             b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = item_bounds(
-                item, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
+                g, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
                 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
             alibi_b = ALIBI
             if HAS_ALIBI:
