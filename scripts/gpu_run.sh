@@ -136,7 +136,8 @@ for stage in "$@"; do
            | tee "$OUT/s14_tests2.log" | tail -10 || status=1 ;;
     # session 16's leftovers for session 17: the persistent forward on causal calls in the LPT order (v19b, opt-in
     # through TILEATTN_GLUON_PERSISTENT=1), hang-safe first, its tests (bit-identical to the plain grid), then the
-    # causal forward default (plain grid) vs persistent vs cuDNN; the split dK/dV form at D=128 (7th value of
+    # causal forward default (plain grid) vs persistent vs cuDNN, D=64's short calls on the Gluon forward, windows on
+    # the persistent grid; the split dK/dV form at D=128 (7th value of
     # TILEATTN_GLUON_BWD_CONFIG), accuracy first, then the D=128 backward default vs split variants, one process each
     s17) TILEATTN_GLUON_PERSISTENT=1 timeout 90 python3 -m tileattn.bench --head-dims 128 --seqlens 1024 --causal true \
            --modes fwd --providers tileattn --no-plot --out-dir "$OUT/probe" 2>&1 | grep -v "it/s\]" | tail -3  # hang-safe
@@ -146,7 +147,16 @@ for stage in "$@"; do
            ok=${PIPESTATUS[0]}; reap; fi
          if [ "$ok" = 0 ]; then python3 -m tileattn.bench --head-dims 128,64 --causal true --modes fwd --no-plot \
            --providers tileattn,tileattn_persistent,sdpa_cudnn --out-dir "$OUT" --prefix lpt 2>&1 \
-           | tee "$OUT/lpt_bench.log" | grep -v "it/s\]"; else status=1; fi
+           | tee "$OUT/lpt_bench.log" | grep -v "it/s\]"
+           # D=64 below 2k keys: the Gluon forward (every length, persistent incl. causal) vs the portable kernel
+           TILEATTN_GLUON_FWD_CONFIG=128,3,2,240,24,168 TILEATTN_GLUON_PERSISTENT=1 python3 -m tileattn.bench \
+             --head-dims 64 --seqlens 512,1024,2048 --modes fwd --no-plot --providers tileattn,tileattn_triton,sdpa_cudnn \
+             --out-dir "$OUT" --prefix d64short 2>&1 | tee "$OUT/d64short_bench.log" | grep -v "it/s\]"
+           # windows on the persistent grid (forced) against the plain grid (default), twice each
+           for m in 0 1 0 1; do echo "== TILEATTN_GLUON_PERSISTENT=$m"; TILEATTN_GLUON_PERSISTENT=$m python3 -m \
+             tileattn.bench_features --seqlens 2048,8192 --cases dense,causal,window,softcap 2>&1 | grep -v "^#"; done \
+             | tee "$OUT/persistent_window.log"
+         else status=1; fi
          TILEATTN_GLUON_BWD_CONFIG=64,3,240,24,168,1,1 timeout 240 python3 -m pytest tests/test_gluon_backward.py -q -n 14 \
            -p no:cacheprovider -p no:benchmark -k "(test_accuracy or test_dlse_and_sink or test_sliding_window or test_alibi) and 128" \
            2>&1 | tee "$OUT/split128_tests.log" | tail -6

@@ -434,12 +434,13 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
     """The Gluon forward's parameters for a head dim, None where it has none or the entry is off (then the
     portable kernel runs). ``TILEATTN_GLUON=0`` turns every entry off, ``TILEATTN_GLUON=all`` every entry on
     (those not yet measured included). ``TILEATTN_GLUON_FWD_CONFIG=block_n,k_stages,v_stages,consumer_regs,
-    producer_regs,maxnreg`` overrides an entry's parameters (and takes every sequence length)."""
+    producer_regs,maxnreg`` overrides an entry's parameters (and takes every sequence length; the entry's grid
+    schedule stays)."""
     cfg = _gluon_entry(_GLUON_FWD, head_dim)
     if cfg is None:
         return None
     over = _override("TILEATTN_GLUON_FWD_CONFIG", "block_n,k_stages,v_stages,consumer_regs,producer_regs,maxnreg")
-    return GluonForwardConfig(*over) if over else cfg
+    return GluonForwardConfig(*over, persistent=cfg.persistent) if over else cfg
 
 
 def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, masked: bool, varlen: bool):
