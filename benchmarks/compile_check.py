@@ -19,7 +19,7 @@ from tileattn.kernels.backward import _bwd_dkdv_kernel, _bwd_dq_kernel
 from tileattn.kernels.forward import _fwd_kernel
 
 FLOATS = {"qk_scale", "sm_scale", "softcap", "dropout_p"}
-INT32_PTRS = {"CU_Q", "CU_K", "SEQLENS_K", "BATCH_IDX", "BLOCK_TABLE", "LEFTPAD"}
+INT32_PTRS = {"CU_Q", "CU_K", "SEQLENS_K", "BATCH_IDX", "BLOCK_TABLE", "LEFTPAD", "COUNTERS"}
 FP32_PTRS = {"LSE", "DELTA", "STATS", "DLSE", "DSINK_ROWS", "ALIBI", "SINK", "OUT_PART", "LSE_PART"}
 
 
@@ -143,15 +143,16 @@ def regression_cases(arch):
 
 
 def decode_cases(arch):
-    """The split-KV decode kernels (contiguous and paged with every option, the combine kernel)."""
+    """The split-KV decode kernels (contiguous and paged with every option, the fused combine, the combine
+    kernel)."""
     from tileattn.kernels.decode import _decode_combine_kernel, _decode_split_kernel
     bad = 0
     cfg = configs.decode_config(128)
     base = {"BLOCK_M": 16, "BLOCK_N": cfg.block_n, "BLOCK_DQK": 128, "BLOCK_DV": 128, "EVEN_DQK": True,
             "EVEN_DV": True, "HAS_BATCH_IDX": False, "HAS_LEFTPAD": False, "HAS_LEFT": False, "HAS_RIGHT": False,
             "HAS_SOFTCAP": False, "HAS_ALIBI": False, "FP32": False, "FINAL": False, "HAS_SINK": False,
-            "USE_TMA": False}
-    ints = dict(stride_qb=4096, stride_qs=4096, stride_qh=128, stride_ob=4096, stride_os=4096, stride_oh=128,
+            "USE_TMA": False, "FUSED_COMBINE": False}
+    ints = dict(num_splits=40, stride_qb=4096, stride_qs=4096, stride_qh=128, stride_ob=4096, stride_os=4096, stride_oh=128,
                 stride_kb=8 * 2048 * 128, stride_ks=1024,
                 stride_kh=128, stride_vb=8 * 2048 * 128, stride_vs=1024, stride_vh=128, stride_bt=64, stride_ab=0,
                 q_heads=32, kv_heads=8, group=4, seqlen_q=1, batch=8, split_len=4096, page_size=16,
@@ -160,6 +161,8 @@ def decode_cases(arch):
              ("decode paged+all", _decode_split_kernel, {**base, "PAGED": True, "HAS_LEFTPAD": True, "HAS_LEFT": True,
                                                          "HAS_RIGHT": True, "HAS_SOFTCAP": True, "HAS_ALIBI": True}),
              ("decode one split", _decode_split_kernel, {**base, "PAGED": True, "FINAL": True, "HAS_SINK": True}),
+             ("decode split + merge", _decode_split_kernel, {**base, "PAGED": False, "FUSED_COMBINE": True,
+                                                             "HAS_SINK": True}),
              ("decode combine", _decode_combine_kernel, {"BLOCK_S": 32, "BLOCK_DV": 128, "HAS_SINK": True})]
     for name, fn, consts in cases:
         kcfg = configs.KernelConfig(16, cfg.block_n, cfg.num_warps, cfg.num_stages if "combine" not in name else 1)

@@ -454,3 +454,50 @@ def test_cuda_graph_capture(paged):
     torch.cuda.synchronize()
     assert torch.equal(kc, kc_ref) and torch.equal(vc, vc_ref), "the replay appended somewhere else"
     torch.testing.assert_close(out.float(), ref.float(), atol=2e-2, rtol=2e-2)
+
+
+FUSED_CASES = {"splits3": dict(splits=3), "many_sink": dict(B=2, Hq=2, Hkv=1, cap=608, lens=[600, 0], splits=40,
+                                                                  sink=True),
+               "chunk_gqa": dict(Sq=16, Hq=8, Hkv=1, causal=True, splits=4),
+               "paged16": dict(page=16, splits=5, new=3), "features": dict(softcap=4.0, alibi=True, splits=2,
+                                                                           window=(9, 0), Sq=2, causal=True)}
+
+
+@pytest.mark.parametrize("case", list(FUSED_CASES))
+def test_fused_combine(monkeypatch, case):
+    """TILEATTN_DECODE_COMBINE=fused: the last split program of each row block merges the splits (no combine
+    kernel): the reference rule as with the combine kernel (several row blocks: Sq=16 x group 8; empty rows; a
+    sink; paged with an append; softcap + ALiBi + window); a second call on the same inputs is bit-identical (the
+    ticket counters were reset); and it agrees with the combine kernel within rounding."""
+    from tileattn.kernels import decode
+    kw = FUSED_CASES[case]
+    if case == "many_sink":
+        monkeypatch.setenv("TILEATTN_DECODE_CONFIG", "16,4,1,2")
+    monkeypatch.setenv("TILEATTN_DECODE_COMBINE", "fused")
+    launched = []
+    real = decode.launch
+    monkeypatch.setattr(decode, "launch", lambda fn, *a, **k: launched.append(fn) or real(fn, *a, **k))
+    run_case(DTYPES[0], **kw)
+    assert decode._decode_combine_kernel not in launched and decode._decode_split_kernel in launched
+    dtype = DTYPES[0]
+    gen = make_gen(seed_for("decode-fused", case))
+    B, Hq, Hkv, cap = kw.get("B", 2), kw.get("Hq", 4), kw.get("Hkv", 2), kw.get("cap", CAP)
+    q = _randn(gen, B, kw.get("Sq", 1), Hq, D, dtype=dtype)
+    kc, vc = _randn(gen, B, cap, Hkv, D, dtype=dtype), _randn(gen, B, cap, Hkv, D, dtype=dtype)
+    lens = torch.tensor([cap, cap // 3][:B], dtype=torch.int32, device=DEVICE)
+    sink = torch.randn(Hq, generator=gen).to(DEVICE) if kw.get("sink") else None
+    call = lambda: tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=kw["splits"],  # noqa: E731
+                                                    causal=kw.get("causal", False), sink=sink,
+                                                    return_softmax_lse=True)
+    a, b = call(), call()
+    assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), "second call differs: counters not reset"
+    monkeypatch.setenv("TILEATTN_DECODE_COMBINE", "kernel")
+    c = call()
+    torch.testing.assert_close(a[0].float(), c[0].float(), atol=4 * U[dtype], rtol=4 * U[dtype])
+    torch.testing.assert_close(a[1], c[1], atol=1e-5, rtol=1e-5)
+
+
+def test_fused_combine_bad_env(monkeypatch):
+    monkeypatch.setenv("TILEATTN_DECODE_COMBINE", "yes")
+    with pytest.raises(ValueError, match="TILEATTN_DECODE_COMBINE"):
+        run_case(DTYPES[0], splits=3)

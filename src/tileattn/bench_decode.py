@@ -261,7 +261,8 @@ def _sdpa_skip(reason):
 
 def run(out_dir: str, dtype=torch.bfloat16, flex_pages=(256,), explore=(), graphs=True):
     """flex_pages: page sizes that get a flex-paged anchor; explore: TILEATTN_DECODE_CONFIG strings
-    (block_n,warps,stages,programs_per_sm) measured as extra tileattn rows; graphs: also time CUDA-graph replay."""
+    (block_n,warps,stages,programs_per_sm) or NAME=VALUE environment settings, measured as extra tileattn rows;
+    graphs: also time CUDA-graph replay."""
     import tileattn
     dev = torch.device("cuda")
     bw = copy_bandwidth(dev)
@@ -303,8 +304,10 @@ def run(out_dir: str, dtype=torch.bfloat16, flex_pages=(256,), explore=(), graph
         # Launch-parameter variants of tileattn (configs.decode_config via TILEATTN_DECODE_CONFIG), same run
         for variant in explore:
             def with_variant(fn, variant=variant):
+                name, value = variant.split("=", 1) if "=" in variant else ("TILEATTN_DECODE_CONFIG", variant)
+
                 def call():
-                    with env_var("TILEATTN_DECODE_CONFIG", variant):
+                    with env_var(name, value):
                         return fn()
                 return call
             cases.append((f"tileattn[{variant}]", None, with_variant(
@@ -407,7 +410,8 @@ def main(argv=None):
     ap.add_argument("--flex-pages", default="256",
                     help="page sizes with a flex-paged anchor (comma-separated; '' none)")
     ap.add_argument("--explore", default="", help="';'-separated decode configs block_n,warps,stages,programs_per_sm "
-                    "measured as extra tileattn rows (e.g. '64,4,2,4;32,4,3,4')")
+                    "or NAME=VALUE environment settings, measured as extra tileattn rows (e.g. "
+                    "'64,4,2,4;TILEATTN_DECODE_COMBINE=fused')")
     ap.add_argument("--no-graphs", action="store_true", help="eager timings only (no CUDA-graph replay column)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():

@@ -369,6 +369,16 @@ def decode_config(head_dim: int, paged: bool = False) -> DecodeConfig:
     return DecodeConfig(64, 4, 2, 2) if paged else DecodeConfig(32, 4, 3, 2)
 
 
+def decode_fused_combine() -> bool:
+    """Whether a split decode merges its splits inside the split kernel (the last program of each row block to
+    finish does it; ``kernels/decode.py``) instead of in a second kernel. ``TILEATTN_DECODE_COMBINE=fused|kernel``;
+    unset: kernel (the fused form is not yet measured on a GPU, NOTES v19e)."""
+    value = getenv("TILEATTN_DECODE_COMBINE", "")
+    if value not in ("", "fused", "kernel"):
+        raise ValueError(f"TILEATTN_DECODE_COMBINE must be fused or kernel (or unset), got {value!r}")
+    return value == "fused"
+
+
 def decode_tma(cfg: DecodeConfig, q: torch.Tensor, paged: bool) -> bool:
     """Whether the decode kernel reads a contiguous cache through tensor descriptors (TMA): the config asks for it
     and the GPU has TMA (sm_90+; the interpreter emulates descriptors). Paged caches use pointer loads."""

@@ -6,7 +6,9 @@ byte is read once per group) over the split's range of cache positions, and writ
 out_part (splits, B, Hq, Sq, Dv) fp32, normalised by the split's own denominator, and lse_part (splits, B, Hq, Sq)
 fp32 (natural log, -inf for an empty split).
 ``_decode_combine_kernel``: one program per (batch, q_head, query) row merges the splits (and the sink).
-With one split the split kernel writes out / lse itself (FINAL) and the combine kernel is not launched.
+With one split the split kernel writes out / lse itself (FINAL) and the combine kernel is not launched; with
+``TILEATTN_DECODE_COMBINE=fused`` (opt-in) the last split program of each row block merges them
+(``_merge_splits``) and no combine kernel runs either.
 
 Caches: contiguous (B_cache, S_cache, Hkv, D) indexed through ``cache_batch_idx``, or paged (num_blocks, page_size,
 Hkv, D) through ``block_table`` (B, max_pages) int32: key position j of sequence b lives in page
@@ -23,7 +25,7 @@ from .launch import launch
 
 @triton.jit
 def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOCK_TABLE, ALIBI, LEFTPAD, SINK,
-                         stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh,
+                         OUT, LSE, COUNTERS, num_splits, stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh,
                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                          stride_bt, stride_ab,
                          q_heads, kv_heads, group, seqlen_q, batch, split_len, page_size,
@@ -34,12 +36,17 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
                          PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, FP32: tl.constexpr, FINAL: tl.constexpr, HAS_SINK: tl.constexpr,
-                         USE_TMA: tl.constexpr):
+                         USE_TMA: tl.constexpr, FUSED_COMBINE: tl.constexpr):
     """FINAL (one split): OUT_PART / LSE_PART are the call's out (B, Sq, Hq, Dv) (strides stride_o*) and lse
     (B, Hq, Sq), written directly with the sink folded in, and no combine kernel runs.
     USE_TMA (contiguous caches): K and V are host tensor descriptors over the caches (B_cache, S_cache, Hkv, D) with
     block (1, BLOCK_N, 1, BLOCK_D): rows past S_cache and columns past D read as zero; V rows in [end, S_cache) are
-    zeroed here (an unwritten cache slot may hold NaN, and 0 * NaN = NaN)."""
+    zeroed here (an unwritten cache slot may hold NaN, and 0 * NaN = NaN).
+    FUSED_COMBINE (several splits): after writing its partials, each program takes a ticket from its rows'
+    counter (COUNTERS[bhk * row_blocks + row block], int32, zero between calls); the program that draws the last
+    ticket merges every split's partials of those rows into OUT / LSE (``_merge_splits``) and resets the counter,
+    so no combine kernel runs. The merge reads the splits in order 0 .. num_splits - 1 whichever program draws it:
+    results do not depend on the programs' timing."""
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // kv_heads
@@ -126,6 +133,44 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
         prow = ((split * batch + b64) * q_heads + h) * seqlen_q + qi
         tl.store(LSE_PART + prow, lse, mask=row_ok)
         tl.store(OUT_PART + prow[:, None] * dv + offs_dv[None, :], acc, mask=o_mask)
+        if FUSED_COMBINE:
+            tl.debug_barrier()  # every thread's partial stores precede the ticket (its release publishes them)
+            counter = COUNTERS + bhk * tl.num_programs(2) + tl.program_id(2)
+            if tl.atomic_add(counter, 1, sem="acq_rel", scope="gpu") == num_splits - 1:
+                rows_total = batch * q_heads * seqlen_q
+                _merge_splits(OUT_PART, LSE_PART, OUT, LSE, SINK, prow - split * rows_total, rows_total, num_splits,
+                              b64 * stride_ob + qi * stride_os + h * stride_oh, (b64 * q_heads + h) * seqlen_q + qi,
+                              row_ok, o_mask, offs_dv, h, dv, BLOCK_M, BLOCK_DV, HAS_SINK)
+                tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
+
+
+@triton.jit
+def _merge_splits(OUT_PART, LSE_PART, OUT, LSE, SINK, prow0, rows_total, num_splits, out_row, lse_row, row_ok,
+                  o_mask, offs_dv, h, dv, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SINK: tl.constexpr):
+    """The fused combine of a block of rows (split 0's partial rows prow0, BLOCK_M of them): the same merge as
+    ``_decode_combine_kernel``, reading split s's partials at prow0 + s * rows_total around L1 (.cg: other
+    programs wrote them, and this SM may hold stale lines of the buffer from an earlier call)."""
+    m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    for sp in range(num_splits):
+        m = tl.maximum(m, tl.load(LSE_PART + prow0 + sp * rows_total, mask=row_ok, other=float("-inf"),
+                                  cache_modifier=".cg"))
+    if HAS_SINK:
+        sink = tl.load(SINK + h, mask=row_ok, other=float("-inf")).to(tl.float32)
+        m = tl.maximum(m, sink)
+    m_use = tl.where(m == float("-inf"), 0.0, m)
+    denom = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for sp in range(num_splits):
+        prow = prow0 + sp * rows_total
+        w = tl.exp(tl.load(LSE_PART + prow, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m_use)
+        denom += w
+        part = tl.load(OUT_PART + prow[:, None] * dv + offs_dv[None, :], mask=o_mask, other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * part
+    if HAS_SINK:
+        denom += tl.exp(sink - m_use)
+    out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
+    tl.store(LSE + lse_row, m_use + tl.log(denom), mask=row_ok)
+    tl.store(OUT + out_row[:, None] + offs_dv[None, :], out.to(OUT.dtype.element_ty), mask=o_mask)
 
 
 @triton.jit
@@ -168,6 +213,24 @@ def _decode_combine_kernel(OUT_PART, LSE_PART, OUT, LSE, SINK, stride_ob, stride
     tl.store(OUT + b * stride_ob + qi * stride_os + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
+_COUNTERS = {}
+
+
+def _counters(device: torch.device, n: int):
+    """The fused combine's ticket counters: a zeroed int32 buffer of at least n entries per (device, stream),
+    kept across calls (each call's last programs reset what they used). Streams get their own, so that calls on
+    two streams never share a counter. None while a CUDA graph is being captured and no buffer is big enough
+    (an allocation would belong to the graph's pool): that call takes the combine kernel."""
+    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    key = (device.type, device.index, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+            return None
+        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
 def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, softcap, alibi_slopes, sink,
                    block_table, cache_batch_idx, num_splits, page_size, max_seqlen_k, leftpad=None):
     """q (B, Sq, Hq, Dqk); caches contiguous (B_cache, S_cache, Hkv, D) or paged (blocks, page_size, Hkv, D);
@@ -191,9 +254,11 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
     split_len = configs.cdiv(configs.cdiv(max_seqlen_k, num_splits), block_n) * block_n
     num_splits = configs.cdiv(max_seqlen_k, split_len)
     final = num_splits == 1  # one split: the split kernel writes out / lse itself, no combine kernel
+    counters = None
     if final:
         out_part, lse_part = out, lse
     else:
+        counters = _counters(q.device, batch * kv_heads * row_blocks) if configs.decode_fused_combine() else None
         out_part = torch.empty((num_splits, batch, q_heads, seqlen_q, dv), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((num_splits, batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
     paged = block_table is not None
@@ -212,7 +277,7 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         q, descs[0] if descs else k_cache, descs[1] if descs else v_cache, out_part, lse_part, seqlens_k,
         cache_batch_idx if cache_batch_idx is not None else dummy, block_table if paged else dummy,
         alibi_slopes if alibi_slopes is not None else dummy, leftpad if leftpad is not None else dummy,
-        sink if sink is not None else dummy,
+        sink if sink is not None else dummy, out, lse, counters if counters is not None else dummy, num_splits,
         q.stride(0), q.stride(1), q.stride(2), out.stride(0), out.stride(1), out.stride(2),
         k_cache.stride(0), k_cache.stride(1), k_cache.stride(2), v_cache.stride(0), v_cache.stride(1),
         v_cache.stride(2), block_table.stride(0) if paged else 0,
@@ -224,8 +289,8 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         HAS_LEFTPAD=leftpad is not None,
         HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, FP32=q.dtype == torch.float32, FINAL=final, HAS_SINK=sink is not None,
-        USE_TMA=descs is not None), cfg.num_warps, cfg.num_stages)
-    if final:
+        USE_TMA=descs is not None, FUSED_COMBINE=counters is not None), cfg.num_warps, cfg.num_stages)
+    if final or counters is not None:
         return out, lse
     rows_total = batch * q_heads * seqlen_q
     block_s = min(32, max(2, configs.next_pow2(num_splits)))
