@@ -152,7 +152,8 @@ def decode_cases(arch):
             "EVEN_DV": True, "HAS_BATCH_IDX": False, "HAS_LEFTPAD": False, "HAS_LEFT": False, "HAS_RIGHT": False,
             "HAS_SOFTCAP": False, "HAS_ALIBI": False, "FP32": False, "FINAL": False, "HAS_SINK": False,
             "USE_TMA": False, "FUSED_COMBINE": False}
-    ints = dict(num_splits=40, stride_qb=4096, stride_qs=4096, stride_qh=128, stride_ob=4096, stride_os=4096, stride_oh=128,
+    ints = dict(num_splits=40, stride_qb=4096, stride_qs=4096, stride_qh=128, stride_ob=4096, stride_os=4096,
+                stride_oh=128,
                 stride_kb=8 * 2048 * 128, stride_ks=1024,
                 stride_kh=128, stride_vb=8 * 2048 * 128, stride_vs=1024, stride_vh=128, stride_bt=64, stride_ab=0,
                 q_heads=32, kv_heads=8, group=4, seqlen_q=1, batch=8, split_len=4096, page_size=16,

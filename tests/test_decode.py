@@ -486,9 +486,10 @@ def test_fused_combine(monkeypatch, case):
     kc, vc = _randn(gen, B, cap, Hkv, D, dtype=dtype), _randn(gen, B, cap, Hkv, D, dtype=dtype)
     lens = torch.tensor([cap, cap // 3][:B], dtype=torch.int32, device=DEVICE)
     sink = torch.randn(Hq, generator=gen).to(DEVICE) if kw.get("sink") else None
-    call = lambda: tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=kw["splits"],  # noqa: E731
-                                                    causal=kw.get("causal", False), sink=sink,
-                                                    return_softmax_lse=True)
+
+    def call():
+        return tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, num_splits=kw["splits"],
+                                                causal=kw.get("causal", False), sink=sink, return_softmax_lse=True)
     a, b = call(), call()
     assert torch.equal(a[0], b[0]) and torch.equal(a[1], b[1]), "second call differs: counters not reset"
     monkeypatch.setenv("TILEATTN_DECODE_COMBINE", "kernel")

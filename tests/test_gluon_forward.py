@@ -202,7 +202,8 @@ PERSISTENT_CASES = [(2, 2100, 2100, 16, 8, 128, {}), (2, 2048, 2048, 16, 4, 128,
                     (3, 257, 1031, 4, 2, 128, dict(causal=True, sink=True)), (2, 1000, 1000, 4, 4, 64, {}),
                     (2, 999, 999, 2, 2, 128, dict(window_size=(300, 40), softcap=8.0)),
                     (1, 130, 4000, 4, 2, 128, dict(causal=True, alibi=True)), (4, 64, 64, 2, 1, 128, {}),
-                    (2, 1500, 1300, 8, 2, 128, dict(softcap=8.0, alibi=True)), (2, 2048, 2048, 8, 8, 64, dict(sink=True)),
+                    (2, 1500, 1300, 8, 2, 128, dict(softcap=8.0, alibi=True)),
+                    (2, 2048, 2048, 8, 8, 64, dict(sink=True)),
                     (2, 1400, 1400, 12, 4, 128, dict(causal=True))]  # 264 items: 2 full rounds of 132, odd one last
 
 

@@ -23,9 +23,10 @@ from .common import LN2, LOG2E, load_tile, mma, scores, visible
 from .launch import launch
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])  # read by FUSED_COMBINE only: no extra compiles as it varies
 def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOCK_TABLE, ALIBI, LEFTPAD, SINK,
-                         OUT, LSE, COUNTERS, num_splits, stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh,
+                         OUT, LSE, COUNTERS, num_splits,
+                         stride_qb, stride_qs, stride_qh, stride_ob, stride_os, stride_oh,
                          stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                          stride_bt, stride_ab,
                          q_heads, kv_heads, group, seqlen_q, batch, split_len, page_size,
