@@ -154,9 +154,11 @@ for stage in "$@"; do
            TILEATTN_GLUON_FWD_CONFIG=128,3,2,240,24,168 TILEATTN_GLUON_PERSISTENT=1 python3 -m tileattn.bench \
              --head-dims 64 --seqlens 512,1024,2048 --modes fwd --no-plot --providers tileattn,tileattn_triton,sdpa_cudnn \
              --out-dir "$OUT" --prefix d64short 2>&1 | tee "$OUT/d64short_bench.log" | grep -v "it/s\]"
-           # windows on the persistent grid (forced) against the plain grid (default), twice each
+           # windows on the persistent grid (forced) against the plain grid (default); varlen: the plain grid without
+           # the work list against the default (persistent, the list in reversed odd rounds, v19f); twice each
            for m in 0 1 0 1; do echo "== TILEATTN_GLUON_PERSISTENT=$m"; TILEATTN_GLUON_PERSISTENT=$m python3 -m \
-             tileattn.bench_features --seqlens 2048,8192 --cases dense,causal,window,softcap 2>&1 | grep -v "^#"; done \
+             tileattn.bench_features --seqlens 2048,8192 --cases dense,causal,window,softcap,varlen,varlen_equal 2>&1 \
+             | grep -v "^#"; done \
              | tee "$OUT/persistent_window.log"
          else status=1; fi ;;
     s17b) TILEATTN_GLUON_BWD_CONFIG=64,3,240,24,168,1,1 timeout 240 python3 -m pytest tests/test_gluon_backward.py -q -n 14 \

@@ -441,8 +441,9 @@ def test_tile_map(causal):
     """The varlen forward's work list (_hostinfo.tile_map, TILEATTN_VARLEN_TILEMAP=1): exactly one entry
     (tile * batch + b) * heads + h per (query tile holding rows of sequence b, head h), none for empty sequences or
     past a sequence's end; sequences by decreasing work (key tiles visited), each sequence's entries contiguous,
-    head by head, its tiles last-first when causal; None until both cu_seqlens were read on the host; rebuilt after
-    an in-place change. Host-only: runs on the CPU."""
+    head by head, its tiles last-first when causal; with ``rounds`` (the persistent grid) every odd full round of
+    that many entries reversed; None until both cu_seqlens were read on the host; rebuilt after an in-place
+    change. Host-only: runs on the CPU."""
     from tileattn._hostinfo import host_summary, tile_map
     lens_q, lens_k = [130, 0, 1, 300, 64, 5], [40, 7, 0, 300, 500, 129]
     heads = 3
@@ -473,6 +474,11 @@ def test_tile_map(causal):
         assert mine == [(h, t) for h in range(heads) for t in (tiles[::-1] if causal else tiles)]
     assert tile_map(cu_q, cu_k, 128, causal, heads) is m  # cached
     assert tile_map(cu_q, cu_k, 128, causal, 1) is not m  # per head count
+    for rounds in (4, 5, m.numel(), m.numel() + 1):  # the persistent grid's order: odd full rounds reversed
+        mr, want = tile_map(cu_q, cu_k, 128, causal, heads, rounds).tolist(), m.tolist()
+        for r in range(1, len(want) // rounds, 2):
+            want[r * rounds:(r + 1) * rounds] = want[r * rounds:(r + 1) * rounds][::-1]
+        assert mr == want and (rounds >= m.numel() or mr != m.tolist())
     with torch.no_grad():
         cu_q[-1] += 200  # the last sequence grows: two more tiles
     host_summary(cu_q, "cu")

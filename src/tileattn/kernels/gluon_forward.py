@@ -463,14 +463,15 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     window = has_window(p)
     causal = p.window_right == 0 and not window
     persistent, work_list = configs.gluon_forward_schedule(cfg, d, causal or window, p.varlen)
-    tiles = tile_map(cu_q, cu_k, 2 * half, causal, q_heads) if work_list else None
+    nprog = configs.sm_count(q.device) if persistent else 0  # the persistent grid's programs (at most)
+    tiles = tile_map(cu_q, cu_k, 2 * half, causal, q_heads, nprog) if work_list else None
     if work_list and tiles is None and configs.getenv("TILEATTN_GLUON_PERSISTENT") != "1":
         persistent = False  # no host copy of cu_seqlens (compiled graphs): the list-less varlen grid loses there
     if tiles is not None:  # a program per (query tile that holds rows, head), longest sequences first
         num_m_tiles, grid = batch, tiles.numel()
     num_items = 0  # unused without PERSISTENT: a constant adds no Triton specialisations (% 16, == 1)
     if persistent:
-        num_items, grid = grid, min(grid, configs.sm_count(q.device))
+        num_items, grid = grid, min(grid, nprog)
     launch(_fwd_kernel, (grid,), (
         q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
         p.alibi_slopes if p.alibi_slopes is not None else lse, out,
