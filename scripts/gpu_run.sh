@@ -137,8 +137,8 @@ for stage in "$@"; do
     # session 16's leftovers for session 17, in two calls (s17 ~5 min, s17b ~5 min; tests-sweep and tests-rest in
     # calls of their own). s17: the persistent forward on causal calls in the LPT order (v19c, opt-in through
     # TILEATTN_GLUON_PERSISTENT=1), hang-safe first, its tests (bit-identical to the plain grid), then the causal
-    # forward default (plain grid) vs persistent vs cuDNN, D=64's short calls on the Gluon forward, windows on the
-    # persistent grid. s17b: the split dK/dV form at D=128 (7th value of TILEATTN_GLUON_BWD_CONFIG), accuracy first,
+    # forward default (plain grid) vs persistent vs cuDNN, D=64's short calls on the Gluon forward, windows and
+    # varlen on the persistent grid, D=256 forward stages. s17b: the split dK/dV form at D=128 (7th value of TILEATTN_GLUON_BWD_CONFIG), accuracy first,
     # then the D=128 backward default vs split variants, one process each; the fused decode combine (v19e): the
     # decode tests with it, then the decode table
     s17) TILEATTN_GLUON_PERSISTENT=1 timeout 90 python3 -m tileattn.bench --head-dims 128 --seqlens 1024 --causal true \
@@ -160,6 +160,12 @@ for stage in "$@"; do
              tileattn.bench_features --seqlens 2048,8192 --cases dense,causal,window,softcap,varlen,varlen_equal 2>&1 \
              | grep -v "^#"; done \
              | tee "$OUT/persistent_window.log"
+           # D=256 forward: 3 K or 3 V slots (225 KB of shared memory) against the table's 2 + 2, each with cuDNN
+           for c in default 64,3,2,240,24,168 64,2,3,240,24,168; do echo "== D=256 forward $c"
+             if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi
+             timeout 120 python3 -m tileattn.bench --head-dims 256 --seqlens 1024,2048,4096,8192,16384 --modes fwd \
+               --providers tileattn,sdpa_cudnn --no-plot --out-dir "$OUT/d256_$(echo $c | tr , _)" 2>&1 \
+               | grep -A8 "== fwd" | grep -v "^$"; done | tee "$OUT/d256_stages.log"; unset TILEATTN_GLUON_FWD_CONFIG
          else status=1; fi ;;
     s17b) TILEATTN_GLUON_BWD_CONFIG=64,3,240,24,168,1,1 timeout 240 python3 -m pytest tests/test_gluon_backward.py -q -n 14 \
            -p no:cacheprovider -p no:benchmark -k "(test_accuracy or test_dlse_and_sink or test_sliding_window or test_alibi) and 128" \
