@@ -221,7 +221,9 @@ def _counters(device: torch.device, n: int):
     """The fused combine's ticket counters: a zeroed int32 buffer of at least n entries per (device, stream),
     kept across calls (each call's last programs reset what they used). Streams get their own, so that calls on
     two streams never share a counter. None while a CUDA graph is being captured and no buffer is big enough
-    (an allocation would belong to the graph's pool): that call takes the combine kernel."""
+    (an allocation would belong to the graph's pool): that call takes the combine kernel. A captured graph keeps
+    its capture stream's buffer: replaying it on another stream while calls run on the capture stream would
+    share counters, so replay graphs on the stream they were captured on (the usual serving loop does)."""
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device.type, device.index, stream)
     buf = _COUNTERS.get(key)
