@@ -134,13 +134,13 @@ for stage in "$@"; do
          timeout 300 python3 -m pytest tests/test_gluon_forward.py tests/test_features.py tests/test_flash_api.py -q -n 14 \
            -p no:cacheprovider -rf -p no:benchmark -k "varlen or huge or in_place or bad" 2>&1 \
            | tee "$OUT/s14_tests2.log" | tail -10 || status=1 ;;
-    # session 16's leftovers for session 17, in two calls (s17 ~5 min, s17b ~5 min; tests-sweep and tests-rest in
+    # session 16's leftovers for session 17, in two calls (s17 ~7 min, s17b ~5 min; tests-sweep and tests-rest in
     # calls of their own). s17: the persistent forward on causal calls in the LPT order (v19c, opt-in through
     # TILEATTN_GLUON_PERSISTENT=1), hang-safe first, its tests (bit-identical to the plain grid), then the causal
     # forward default (plain grid) vs persistent vs cuDNN, D=64's short calls on the Gluon forward, windows and
-    # varlen on the persistent grid, D=256 forward stages. s17b: the split dK/dV form at D=128 (7th value of TILEATTN_GLUON_BWD_CONFIG), accuracy first,
-    # then the D=128 backward default vs split variants, one process each; the fused decode combine (v19e): the
-    # decode tests with it, then the decode table
+    # varlen on the persistent grid, D=256 forward stages. s17b: the split dK/dV form at D=128 (7th value of
+    # TILEATTN_GLUON_BWD_CONFIG), accuracy first, then the D=128 backward default vs split variants, one process
+    # each; the fused decode combine (v19e): the decode tests with it, then the decode table
     s17) TILEATTN_GLUON_PERSISTENT=1 timeout 90 python3 -m tileattn.bench --head-dims 128 --seqlens 1024 --causal true \
            --modes fwd --providers tileattn --no-plot --out-dir "$OUT/probe" 2>&1 | grep -v "it/s\]" | tail -3  # hang-safe
          ok=${PIPESTATUS[0]}; reap
