@@ -502,3 +502,24 @@ def test_fused_combine_bad_env(monkeypatch):
     monkeypatch.setenv("TILEATTN_DECODE_COMBINE", "yes")
     with pytest.raises(ValueError, match="TILEATTN_DECODE_COMBINE"):
         run_case(DTYPES[0], splits=3)
+
+
+def test_fused_combine_counters():
+    """The fused combine's counter buffers: one per (device, stream) for eager calls, reused while big enough,
+    replaced by a bigger zeroed one; every entry zero again after a call (the merging programs reset them)."""
+    from tileattn.kernels import decode
+    dev = torch.empty(0, device=DEVICE).device  # with its index, as the launcher sees q.device
+    a = decode._counters(dev, 10)
+    assert a.dtype == torch.int32 and a.numel() >= 10 and not a.any()
+    assert decode._counters(dev, 10) is a
+    b = decode._counters(dev, a.numel() + 1)
+    assert b is not a and b.numel() > a.numel() and not b.any()
+
+
+def test_fused_combine_resets_counters(monkeypatch):
+    """After a fused call (3 x 2 row blocks of counters) the shared buffer is all zero again."""
+    from tileattn.kernels import decode
+    monkeypatch.setenv("TILEATTN_DECODE_COMBINE", "fused")
+    run_case(DTYPES[0], B=3, Sq=4, Hq=4, Hkv=2, causal=True, splits=3)
+    buf = decode._counters(torch.empty(0, device=DEVICE).device, 1)
+    assert buf.numel() >= 3 * 2 and not buf.any(), "a counter was left non-zero"

@@ -217,19 +217,21 @@ def _decode_combine_kernel(OUT_PART, LSE_PART, OUT, LSE, SINK, stride_ob, stride
 _COUNTERS = {}
 
 
-def _counters(device: torch.device, n: int):
-    """The fused combine's ticket counters: a zeroed int32 buffer of at least n entries per (device, stream),
-    kept across calls (each call's last programs reset what they used). Streams get their own, so that calls on
-    two streams never share a counter. None while a CUDA graph is being captured and no buffer is big enough
-    (an allocation would belong to the graph's pool): that call takes the combine kernel. A captured graph keeps
-    its capture stream's buffer: replaying it on another stream while calls run on the capture stream would
-    share counters, so replay graphs on the stream they were captured on (the usual serving loop does)."""
+def _counters(device: torch.device, n: int) -> torch.Tensor:
+    """The fused combine's ticket counters (n int32 entries, zero when the kernel starts; its merging programs
+    reset the ones they used). Eager calls share one buffer per (device, stream), kept across calls: calls on one
+    stream run in order, calls on two streams never share a counter, and a buffer replaced by a bigger one is freed
+    in stream order. A call being captured in a CUDA graph gets a buffer of its own, zeroed by a memset node of the
+    graph and owned by the graph's memory pool (torch.cuda.graph captures on a private stream, and a graph may be
+    replayed on any stream), so no graph shares counters with eager calls or with another graph, and no graph
+    keeps a freed buffer. A launch that died between taking a ticket and merging would leave a counter non-zero;
+    the CUDA context is unusable after such a fault anyway."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
     stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
     key = (device.type, device.index, stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
-        if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-            return None
         buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
     return buf
 
