@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import LN2, LOG2E, load_tile, mma, scores, visible
-from .launch import launch
+from .launch import _raw_stream, launch
 
 
 @triton.jit(do_not_specialize=["num_splits"])  # read by FUSED_COMBINE only: no extra compiles as it varies
@@ -228,7 +228,7 @@ def _counters(device: torch.device, n: int) -> torch.Tensor:
     the CUDA context is unusable after such a fault anyway."""
     if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
         return torch.zeros(n, dtype=torch.int32, device=device)
-    stream = torch.cuda.current_stream(device).cuda_stream if device.type == "cuda" else 0
+    stream = _raw_stream(device.index) if device.type == "cuda" else 0
     key = (device.type, device.index, stream)
     buf = _COUNTERS.get(key)
     if buf is None or buf.numel() < n:
