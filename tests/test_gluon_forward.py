@@ -270,6 +270,37 @@ def test_schedule_table(monkeypatch):
             schedule(cfg, 128, False, True)
 
 
+@hopper
+@pytest.mark.gpu
+def test_default_schedule_reaches_the_launch(spy, monkeypatch):
+    """The table's schedule reaches the kernel: an unmasked D=128 call launches PERSISTENT on at most one program
+    per multiprocessor, a causal one the plain grid; a packed varlen call (cu_seqlens read on the host) the
+    persistent grid over the work list."""
+    from _flash_helpers import seqlens_to_cu
+    from tileattn import configs
+    set_schedule(monkeypatch, None, None)
+    seen = []
+    real = gluon_forward.launch
+
+    def launch(fn, grid, args, kw, *rest, **opts):
+        seen.append((grid, kw))
+        return real(fn, grid, args, kw, *rest, **opts)
+    monkeypatch.setattr(gluon_forward, "launch", launch)
+    q = torch.randn(2, 2048, 16, 128, device="cuda", dtype=torch.bfloat16)
+    sms = configs.sm_count(q.device)
+    tileattn.attention(q, q, q)
+    tileattn.attention(q, q, q, causal=True)
+    (g0, kw0), (g1, kw1) = seen
+    assert kw0["PERSISTENT"] and g0[0] == min(sms, 16 * 2 * 16) and kw0["num_items"] == 16 * 2 * 16
+    assert not kw1["PERSISTENT"] and g1[0] == 16 * 2 * 16
+    lens = [2000, 1, 700, 1300]
+    qv = torch.randn(sum(lens), 8, 128, device="cuda", dtype=torch.bfloat16)
+    cu = seqlens_to_cu(lens)
+    tileattn.flash_attn_varlen_func(qv, qv, qv, cu, cu, max(lens), max(lens))
+    grid, kw = seen[-1]
+    assert kw["PERSISTENT"] and kw["USE_MAP"] and kw["num_items"] == sum(-(-n // 128) for n in lens) * 8
+
+
 VARLEN_FEATS = {"plain": {}, "causal": dict(causal=True), "causal+sink": dict(causal=True, sink=True),
                 "window+sink": dict(window_size=(300, 40), sink=True), "softcap+causal": dict(softcap=8.0, causal=True)}
 VARLEN_GLUON = [(128, f) for f in VARLEN_FEATS] + [(64, "plain"), (64, "causal+sink")]  # D=64: no window/softcap
