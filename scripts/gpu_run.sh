@@ -134,11 +134,11 @@ for stage in "$@"; do
          timeout 300 python3 -m pytest tests/test_gluon_forward.py tests/test_features.py tests/test_flash_api.py -q -n 14 \
            -p no:cacheprovider -rf -p no:benchmark -k "varlen or huge or in_place or bad" 2>&1 \
            | tee "$OUT/s14_tests2.log" | tail -10 || status=1 ;;
-    # session 16's leftovers for session 17, in two calls (s17 ~7 min, s17b ~5 min; tests-sweep and tests-rest in
+    # session 16's leftovers for session 17, in two calls (s17 ~8 min, s17b ~5 min; tests-sweep and tests-rest in
     # calls of their own). s17: the persistent forward on causal calls in the LPT order (v19c, opt-in through
     # TILEATTN_GLUON_PERSISTENT=1), hang-safe first, its tests (bit-identical to the plain grid), then the causal
     # forward default (plain grid) vs persistent vs cuDNN, D=64's short calls on the Gluon forward, windows and
-    # varlen on the persistent grid, D=256 forward stages. s17b: the split dK/dV form at D=128 (7th value of
+    # varlen on the persistent grid, the softcap FFMA fold (v19g), D=256 forward stages. s17b: the split dK/dV form at D=128 (7th value of
     # TILEATTN_GLUON_BWD_CONFIG), accuracy first, then the D=128 backward default vs split variants, one process
     # each; the fused decode combine (v19e): the decode tests with it, then the decode table
     s17) TILEATTN_GLUON_PERSISTENT=1 timeout 90 python3 -m tileattn.bench --head-dims 128 --seqlens 1024 --causal true \
@@ -160,6 +160,14 @@ for stage in "$@"; do
              tileattn.bench_features --seqlens 2048,8192 --cases dense,causal,window,softcap,varlen,varlen_equal 2>&1 \
              | grep -v "^#"; done \
              | tee "$OUT/persistent_window.log"
+           # the softcap forward with softcap * tanh folded into the exp2's FFMA (v19g, opt-in): its tests, then
+           # softcap / dense off and on, twice
+           TILEATTN_SOFTCAP_FFMA=1 timeout 200 python3 -m pytest tests/test_gluon_forward.py tests/test_features.py -q \
+             -n 14 -p no:cacheprovider -p no:benchmark -rf -k softcap 2>&1 | tee "$OUT/softcap_ffma_tests.log" | tail -4
+           reap
+           for v in 0 1 0 1; do echo "== TILEATTN_SOFTCAP_FFMA=$v"; TILEATTN_SOFTCAP_FFMA=$v python3 -m \
+             tileattn.bench_features --seqlens 2048,8192 --cases dense,softcap 2>&1 | grep -v "^#"; done \
+             | tee "$OUT/softcap_ffma.log"
            # D=256 forward: 3 K or 3 V slots (225 KB of shared memory) against the table's 2 + 2, each with cuDNN
            for c in default 64,3,2,240,24,168 64,2,3,240,24,168; do echo "== D=256 forward $c"
              if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi

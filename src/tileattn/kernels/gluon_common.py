@@ -6,8 +6,10 @@ descriptors and the window bounds.
 """
 
 import functools
+import os
 
 import torch
+import triton.language as tl
 
 from .common import FAST_TANH
 from .launch import host_descriptor
@@ -21,6 +23,12 @@ try:  # Gluon ships with triton >= 3.5; without it every call takes the portable
     AVAILABLE = True
 except ImportError:  # pragma: no cover - older triton
     AVAILABLE = False
+
+
+# TILEATTN_SOFTCAP_FFMA=1 (read at import; opt-in until measured, NOTES v19g): the Gluon forward keeps tanh(...) as
+# the score and softcap as the exp2's scale, so softcap * t is folded into the FFMA with the row max (one FMUL per
+# score less: 3000 of the D=128 softcap kernel's 64927 SASS instructions)
+SOFTCAP_FFMA = tl.constexpr(os.environ.get("TILEATTN_SOFTCAP_FFMA", "0") == "1")
 
 
 def window_bounds(p: AttnParams, seqlen_q: int, seqlen_k: int):

@@ -37,8 +37,8 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .gluon_common import (feature_scores, item_bounds, load_kv_ring, persistent_item, store_rows,
-                                   zero_rows_from)
+    from .gluon_common import (SOFTCAP_FFMA, _tanh, feature_scores, item_bounds, load_kv_ring, persistent_item,
+                               store_rows, zero_rows_from)
 
     @gluon.jit
     def _softmax_tile(s, j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap, win_left,
@@ -50,9 +50,14 @@ if AVAILABLE:
         (softcap pre-multiplied by log2 e); with a window, row r sees keys [r + diag - win_left, r + diag +
         win_right]; ALiBi subtracts slope * |r + diag - key| (slope in log2 units; positions as fp32, exact below
         2^24), on every tile."""
-        if HAS_SOFTCAP or HAS_ALIBI:
+        scale = qk_scale  # what s is multiplied by inside the exp2 (FFMA with the max), unless s is in log2 units
+        LOG2_UNITS: gl.constexpr = HAS_ALIBI or (HAS_SOFTCAP and not SOFTCAP_FFMA)
+        if LOG2_UNITS:
             s, _ = feature_scores(s, qk_scale, softcap, slope, (rows + diag).to(gl.float32)[:, None],
                                   (j * s.shape[1] + cols).to(gl.float32)[None, :], HAS_SOFTCAP, HAS_ALIBI, IS_BF16)
+        elif HAS_SOFTCAP:  # SOFTCAP_FFMA: s = tanh(...), softcap the scale, so softcap * t joins the exp2's FFMA
+            s = _tanh(s * qk_scale, IS_BF16)
+            scale = softcap
         masked = j >= n_full
         if WINDOW:
             masked = masked | (j < full_lo)
@@ -65,16 +70,16 @@ if AVAILABLE:
                 rel = keys[None, :] - (rows[:, None] + diag)
                 visible = visible & (rel >= -win_left) & (rel <= win_right)
             s = gl.where(visible, s, float("-inf"))
-        if HAS_SOFTCAP or HAS_ALIBI:  # s already in log2 units
+        if LOG2_UNITS:
             m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        else:
-            m_new = gl.maximum(m_i, gl.max(s, axis=1) * qk_scale)
+        else:  # scale > 0: max(s) * scale = max(s * scale)
+            m_new = gl.maximum(m_i, gl.max(s, axis=1) * scale)
         m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
         alpha = gl.exp2(m_i - m_use)
-        if HAS_SOFTCAP or HAS_ALIBI:
+        if LOG2_UNITS:
             p = gl.exp2(s - m_use[:, None])
         else:
-            p = gl.exp2(s * qk_scale - m_use[:, None])
+            p = gl.exp2(s * scale - m_use[:, None])
         l_new = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_new
 
