@@ -430,6 +430,15 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma():
                     env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1"})  # the GPU's tanh path
 
 
+@needs_gluon
+@pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
+def test_softcap_ffma_compiles_for_sm90():
+    """The opt-in softcap fold (TILEATTN_SOFTCAP_FFMA=1, read at import): no spills, no serialised wgmma."""
+    assert_compiles([("--head-dim", 128, "--softcap", "--persistent", "--spill-budget", 48),
+                     ("--head-dim", 128, "--causal", "--softcap", "--sink")],
+                    env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1", "TILEATTN_SOFTCAP_FFMA": "1"})
+
+
 PERSISTENT_COMPILE = [(128, False, ()), (128, True, ("--softcap", "--sink")), (64, True, ()), (64, False, ("--sink",)),
                       (128, False, ("--softcap", "--alibi", "--sink")),
                       (128, False, ("--window", "--alibi", "--fp16")),
