@@ -168,6 +168,11 @@ for stage in "$@"; do
            for v in 0 1 0 1; do echo "== TILEATTN_SOFTCAP_FFMA=$v"; TILEATTN_SOFTCAP_FFMA=$v python3 -m \
              tileattn.bench_features --seqlens 2048,8192 --cases dense,softcap 2>&1 | grep -v "^#"; done \
              | tee "$OUT/softcap_ffma.log"
+           # D=64 softcap (portable by the table: the Gluon form was slower in run 56) on the Gluon forward with the fold
+           for c in default 128,3,2,240,24,168; do echo "== D=64 forward $c"
+             if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi
+             TILEATTN_SOFTCAP_FFMA=1 python3 -m tileattn.bench_features --seqlens 2048,8192 --head-dim 64 \
+               --cases dense,softcap 2>&1 | grep -v "^#"; done | tee -a "$OUT/softcap_ffma.log"; unset TILEATTN_GLUON_FWD_CONFIG
            # D=256 forward: 3 K or 3 V slots (225 KB of shared memory) against the table's 2 + 2, each with cuDNN
            for c in default 64,3,2,240,24,168 64,2,3,240,24,168; do echo "== D=256 forward $c"
              if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi
