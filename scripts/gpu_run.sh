@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17 s17b bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17 s17s s17b bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -134,13 +134,14 @@ for stage in "$@"; do
          timeout 300 python3 -m pytest tests/test_gluon_forward.py tests/test_features.py tests/test_flash_api.py -q -n 14 \
            -p no:cacheprovider -rf -p no:benchmark -k "varlen or huge or in_place or bad" 2>&1 \
            | tee "$OUT/s14_tests2.log" | tail -10 || status=1 ;;
-    # session 16's leftovers for session 17, in two calls (s17 ~8 min, s17b ~5 min; tests-sweep and tests-rest in
-    # calls of their own). s17: the persistent forward on causal calls in the LPT order (v19c, opt-in through
-    # TILEATTN_GLUON_PERSISTENT=1), hang-safe first, its tests (bit-identical to the plain grid), then the causal
-    # forward default (plain grid) vs persistent vs cuDNN, D=64's short calls on the Gluon forward, windows and
-    # varlen on the persistent grid, the softcap FFMA fold (v19g), D=256 forward stages. s17b: the split dK/dV form at D=128 (7th value of
-    # TILEATTN_GLUON_BWD_CONFIG), accuracy first, then the D=128 backward default vs split variants, one process
-    # each; the fused decode combine (v19e): the decode tests with it, then the decode table
+    # session 16's leftovers for session 17, in three calls (s17 ~5 min, s17s ~4 min, s17b ~5 min; tests-sweep and
+    # tests-rest in calls of their own). s17: the persistent forward on causal calls in the LPT order (v19c, opt-in
+    # through TILEATTN_GLUON_PERSISTENT=1), hang-safe first, its tests (bit-identical to the plain grid), then the
+    # causal forward default (plain grid) vs persistent vs cuDNN, D=64's short calls on the Gluon forward, windows
+    # and varlen on the persistent grid. s17s: the softcap FFMA fold and FMA-pipe exp2 (v19g, v19h), D=256 forward
+    # stages. s17b: the split dK/dV form at D=128 (7th value of TILEATTN_GLUON_BWD_CONFIG), accuracy first, then
+    # the D=128 backward default vs split variants, one process each; the fused decode combine (v19e): the decode
+    # tests with it, then the decode table
     s17) TILEATTN_GLUON_PERSISTENT=1 timeout 90 python3 -m tileattn.bench --head-dims 128 --seqlens 1024 --causal true \
            --modes fwd --providers tileattn --no-plot --out-dir "$OUT/probe" 2>&1 | grep -v "it/s\]" | tail -3  # hang-safe
          ok=${PIPESTATUS[0]}; reap
@@ -160,26 +161,28 @@ for stage in "$@"; do
              tileattn.bench_features --seqlens 2048,8192 --cases dense,causal,window,softcap,varlen,varlen_equal 2>&1 \
              | grep -v "^#"; done \
              | tee "$OUT/persistent_window.log"
-           # the softcap forward with softcap * tanh folded into the exp2's FFMA (v19g, opt-in): its tests, then
-           # softcap / dense off and on, twice
-           TILEATTN_SOFTCAP_FFMA=1 timeout 200 python3 -m pytest tests/test_gluon_forward.py tests/test_features.py -q \
-             -n 14 -p no:cacheprovider -p no:benchmark -rf -k softcap 2>&1 | tee "$OUT/softcap_ffma_tests.log" | tail -4
-           reap
-           for v in 0 1 0 1; do echo "== TILEATTN_SOFTCAP_FFMA=$v"; TILEATTN_SOFTCAP_FFMA=$v python3 -m \
-             tileattn.bench_features --seqlens 2048,8192 --cases dense,softcap 2>&1 | grep -v "^#"; done \
-             | tee "$OUT/softcap_ffma.log"
-           # D=64 softcap (portable by the table: the Gluon form was slower in run 56) on the Gluon forward with the fold
-           for c in default 128,3,2,240,24,168; do echo "== D=64 forward $c"
-             if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi
-             TILEATTN_SOFTCAP_FFMA=1 python3 -m tileattn.bench_features --seqlens 2048,8192 --head-dim 64 \
-               --cases dense,softcap 2>&1 | grep -v "^#"; done | tee -a "$OUT/softcap_ffma.log"; unset TILEATTN_GLUON_FWD_CONFIG
-           # D=256 forward: 3 K or 3 V slots (225 KB of shared memory) against the table's 2 + 2, each with cuDNN
-           for c in default 64,3,2,240,24,168 64,2,3,240,24,168; do echo "== D=256 forward $c"
-             if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi
-             timeout 120 python3 -m tileattn.bench --head-dims 256 --seqlens 1024,2048,4096,8192,16384 --modes fwd \
-               --providers tileattn,sdpa_cudnn --no-plot --out-dir "$OUT/d256_$(echo $c | tr , _)" 2>&1 \
-               | grep -A8 "== fwd" | grep -v "^$"; done | tee "$OUT/d256_stages.log"; unset TILEATTN_GLUON_FWD_CONFIG
          else status=1; fi ;;
+    s17s) # the softcap forward with softcap * tanh folded into the exp2's FFMA (v19g) and with half its exp2s on the
+         # FMA pipe (v19h), both opt-in: the tests with both on, then softcap / dense for off-off, on-off, on-on, twice
+         TILEATTN_SOFTCAP_FFMA=1 TILEATTN_EXP2_POLY=1 timeout 200 python3 -m pytest tests/test_gluon_forward.py \
+           tests/test_features.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf -k softcap 2>&1 \
+           | tee "$OUT/softcap_ffma_tests.log" | tail -4
+         reap
+         for v in "0 0" "1 0" "1 1" "0 0" "1 0" "1 1"; do set -- $v; echo "== SOFTCAP_FFMA=$1 EXP2_POLY=$2"
+           TILEATTN_SOFTCAP_FFMA=$1 TILEATTN_EXP2_POLY=$2 python3 -m tileattn.bench_features --seqlens 2048,8192 \
+             --cases dense,softcap 2>&1 | grep -v "^#"; done | tee "$OUT/softcap_ffma.log"
+         # D=64 softcap (portable by the table: the Gluon form was slower in run 56) on the Gluon forward with both
+         for c in default 128,3,2,240,24,168; do echo "== D=64 forward $c"
+           if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi
+           TILEATTN_SOFTCAP_FFMA=1 TILEATTN_EXP2_POLY=1 python3 -m tileattn.bench_features --seqlens 2048,8192 \
+             --head-dim 64 --cases dense,softcap 2>&1 | grep -v "^#"; done | tee -a "$OUT/softcap_ffma.log"
+         unset TILEATTN_GLUON_FWD_CONFIG
+         # D=256 forward: 3 K or 3 V slots (225 KB of shared memory) against the table's 2 + 2, each with cuDNN
+         for c in default 64,3,2,240,24,168 64,2,3,240,24,168; do echo "== D=256 forward $c"
+           if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi
+           timeout 120 python3 -m tileattn.bench --head-dims 256 --seqlens 1024,2048,4096,8192,16384 --modes fwd \
+             --providers tileattn,sdpa_cudnn --no-plot --out-dir "$OUT/d256_$(echo $c | tr , _)" 2>&1 \
+             | grep -A8 "== fwd" | grep -v "^$"; done | tee "$OUT/d256_stages.log"; unset TILEATTN_GLUON_FWD_CONFIG ;;
     s17b) TILEATTN_GLUON_BWD_CONFIG=64,3,240,24,168,1,1 timeout 240 python3 -m pytest tests/test_gluon_backward.py -q -n 14 \
            -p no:cacheprovider -p no:benchmark -k "(test_accuracy or test_dlse_and_sink or test_sliding_window or test_alibi) and 128" \
            2>&1 | tee "$OUT/split128_tests.log" | tail -6

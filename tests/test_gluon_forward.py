@@ -433,10 +433,13 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma():
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
 def test_softcap_ffma_compiles_for_sm90():
-    """The opt-in softcap fold (TILEATTN_SOFTCAP_FFMA=1, read at import): no spills, no serialised wgmma."""
+    """The opt-in softcap fold and FMA-pipe exp2 (TILEATTN_SOFTCAP_FFMA=1, TILEATTN_EXP2_POLY=1, read at import):
+    no spills, no serialised wgmma."""
     assert_compiles([("--head-dim", 128, "--softcap", "--persistent", "--spill-budget", 48),
-                     ("--head-dim", 128, "--causal", "--softcap", "--sink")],
-                    env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1", "TILEATTN_SOFTCAP_FFMA": "1"})
+                     ("--head-dim", 128, "--causal", "--softcap", "--sink"),
+                     ("--head-dim", 64, "--softcap", "--persistent", "--fp16")],
+                    env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1", "TILEATTN_SOFTCAP_FFMA": "1",
+                               "TILEATTN_EXP2_POLY": "1"})
 
 
 PERSISTENT_COMPILE = [(128, False, ()), (128, True, ("--softcap", "--sink")), (64, True, ()), (64, False, ("--sink",)),
