@@ -248,21 +248,24 @@ def set_schedule(monkeypatch, tilemap, persistent):
 
 def test_schedule_table(monkeypatch):
     """configs.gluon_forward_schedule: the persistent grid for unmasked calls at D <= 128 where the entry says so,
-    the varlen work list with it; either one forced by its variable; bad values refused."""
+    the varlen work list with it (and the plain grid where the list cannot be built, unless forced); either one
+    forced by its variable; bad values refused."""
     from tileattn import configs
     set_schedule(monkeypatch, None, None)
     cfg = configs._GLUON_FWD[128]
     assert cfg.persistent and configs._GLUON_FWD[64].persistent and not configs._GLUON_FWD[256].persistent
     schedule = configs.gluon_forward_schedule
-    assert schedule(cfg, 128, False, False) == (True, False)
-    assert schedule(cfg, 128, False, True) == (True, True)
-    assert schedule(cfg, 128, True, True) == (False, False)  # causal / window: the plain grid (run 78)
-    assert schedule(configs._GLUON_FWD[256], 256, False, False) == (False, False)
+    assert schedule(cfg, 128, False, False) == (True, False, False)
+    assert schedule(cfg, 128, False, True) == (True, True, True)  # no list (compiled graph): plain grid
+    assert schedule(cfg, 128, True, True) == (False, False, False)  # causal / window: the plain grid (run 78)
+    assert schedule(configs._GLUON_FWD[256], 256, False, False) == (False, False, False)
     set_schedule(monkeypatch, "1", "0")
-    assert schedule(cfg, 128, False, True) == (False, True)
+    assert schedule(cfg, 128, False, True) == (False, True, False)
+    set_schedule(monkeypatch, "1", "1")
+    assert schedule(cfg, 128, False, True) == (True, True, False)  # forced: persistent with or without the list
     set_schedule(monkeypatch, "0", "1")
-    assert schedule(cfg, 128, True, True) == (True, False)
-    assert schedule(cfg, 256, False, False) == (False, False)  # D=256: the output's staging buffer does not fit
+    assert schedule(cfg, 128, True, True) == (True, False, False)
+    assert schedule(cfg, 256, False, False) == (False, False, False)  # D=256: the output's staging buffer does not fit
     for name in ("TILEATTN_GLUON_PERSISTENT", "TILEATTN_VARLEN_TILEMAP"):
         set_schedule(monkeypatch, None, None)
         monkeypatch.setenv(name, "yes")

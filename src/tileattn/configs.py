@@ -454,11 +454,13 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
 
 
 def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, masked: bool, varlen: bool):
-    """(persistent, work_list) for a Gluon forward call: a persistent grid (one program per multiprocessor walking
-    the tiles, D <= 128 only: the output needs its own staging buffer) where the entry says so and the call has no
-    causal or sliding-window mask (``masked``); packed varlen calls on it walk the work list of the query tiles that
-    hold rows (_hostinfo.tile_map), which it needs to beat the plain grid (run 78). ``TILEATTN_GLUON_PERSISTENT``
-    and ``TILEATTN_VARLEN_TILEMAP`` (0 or 1) force either one."""
+    """(persistent, work_list, needs_list) for a Gluon forward call: a persistent grid (one program per
+    multiprocessor walking the tiles, D <= 128 only: the output needs its own staging buffer) where the entry says
+    so and the call has no causal or sliding-window mask (``masked``); packed varlen calls on it walk the work list
+    of the query tiles that hold rows (_hostinfo.tile_map), which it needs to beat the plain grid (run 78): with
+    ``needs_list``, a call whose list cannot be built (no host copy of cu_seqlens, e.g. in a compiled graph) takes
+    the plain grid instead. ``TILEATTN_GLUON_PERSISTENT`` and ``TILEATTN_VARLEN_TILEMAP`` (0 or 1) force either
+    one (a forced persistent grid runs with or without the list)."""
     forced = getenv("TILEATTN_GLUON_PERSISTENT", "")
     if forced not in ("", "0", "1"):
         raise ValueError(f"TILEATTN_GLUON_PERSISTENT must be 0 or 1 (or unset), got {forced!r}")
@@ -466,7 +468,8 @@ def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, masked: bool,
     tiles = getenv("TILEATTN_VARLEN_TILEMAP", "")
     if tiles not in ("", "0", "1"):
         raise ValueError(f"TILEATTN_VARLEN_TILEMAP must be 0 or 1 (or unset), got {tiles!r}")
-    return persistent, varlen and (tiles == "1" if tiles else persistent)
+    work_list = varlen and (tiles == "1" if tiles else persistent)
+    return persistent, work_list, work_list and persistent and forced != "1"
 
 
 @dataclass(frozen=True)

@@ -471,11 +471,11 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     grid = num_m_tiles * batch * q_heads
     window = has_window(p)
     causal = p.window_right == 0 and not window
-    persistent, work_list = configs.gluon_forward_schedule(cfg, d, causal or window, p.varlen)
+    persistent, work_list, needs_list = configs.gluon_forward_schedule(cfg, d, causal or window, p.varlen)
     nprog = configs.sm_count(q.device) if persistent else 0  # the persistent grid's programs (at most)
     tiles = tile_map(cu_q, cu_k, 2 * half, causal, q_heads, nprog) if work_list else None
-    if work_list and tiles is None and configs.getenv("TILEATTN_GLUON_PERSISTENT") != "1":
-        persistent = False  # no host copy of cu_seqlens (compiled graphs): the list-less varlen grid loses there
+    if needs_list and tiles is None:
+        persistent = False
     if tiles is not None:  # a program per (query tile that holds rows, head), longest sequences first
         num_m_tiles, grid = batch, tiles.numel()
     num_items = 0  # unused without PERSISTENT: a constant adds no Triton specialisations (% 16, == 1)
