@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17 s17s s17b bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17 s17b s18 bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -21,7 +21,7 @@ for stage in "$@"; do
     smoke) python3 benchmarks/smoke.py 2>&1 | tee "$OUT/smoke.log" || status=1 ;;
     tests) python3 -m pytest tests -q -n 14 -p no:cacheprovider -rf -v -p no:benchmark --durations=15 2>&1 | tee "$OUT/tests.log" | tail -40 || status=1 ;;
     # the suite in two halves (each ~4 min on an H200), so that each fits a call beside other stages
-    tests-sweep) python3 -m pytest tests/test_sweep.py -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 | tee "$OUT/tests_sweep.log" | tail -15 || status=1 ;;
+    tests-sweep) timeout 400 python3 -m pytest tests/test_sweep.py -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 | tee "$OUT/tests_sweep.log" | tail -15 || status=1 ;;
     tests-rest) python3 -m pytest tests -q -n 14 -p no:cacheprovider -rf -p no:benchmark --ignore=tests/test_sweep.py --durations=10 2>&1 | tee "$OUT/tests_rest.log" | tail -30 || status=1 ;;
     # the sweep configs that run on the sm90 table entries changed in d31fdd6 (benchmarks/sweep_table_subset.txt)
     sweep-subset) python3 -m pytest $(cat benchmarks/sweep_table_subset.txt) -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 | tee "$OUT/sweep_subset.log" | tail -8 || status=1 ;;
@@ -162,27 +162,14 @@ for stage in "$@"; do
              | grep -v "^#"; done \
              | tee "$OUT/persistent_window.log"
          else status=1; fi ;;
-    s17s) # the softcap forward with softcap * tanh folded into the exp2's FFMA (v19g) and with half its exp2s on the
-         # FMA pipe (v19h), both opt-in: the tests with both on, then softcap / dense for off-off, on-off, on-on, twice
-         TILEATTN_SOFTCAP_FFMA=1 TILEATTN_EXP2_POLY=1 timeout 200 python3 -m pytest tests/test_gluon_forward.py \
-           tests/test_features.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf -k softcap 2>&1 \
-           | tee "$OUT/softcap_ffma_tests.log" | tail -4
-         reap
-         for v in "0 0" "1 0" "1 1" "0 0" "1 0" "1 1"; do set -- $v; echo "== SOFTCAP_FFMA=$1 EXP2_POLY=$2"
-           TILEATTN_SOFTCAP_FFMA=$1 TILEATTN_EXP2_POLY=$2 python3 -m tileattn.bench_features --seqlens 2048,8192 \
-             --cases dense,softcap 2>&1 | grep -v "^#"; done | tee "$OUT/softcap_ffma.log"
-         # D=64 softcap (portable by the table: the Gluon form was slower in run 56) on the Gluon forward with both
-         for c in default 128,3,2,240,24,168; do echo "== D=64 forward $c"
-           if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi
-           TILEATTN_SOFTCAP_FFMA=1 TILEATTN_EXP2_POLY=1 python3 -m tileattn.bench_features --seqlens 2048,8192 \
-             --head-dim 64 --cases dense,softcap 2>&1 | grep -v "^#"; done | tee -a "$OUT/softcap_ffma.log"
-         unset TILEATTN_GLUON_FWD_CONFIG
-         # D=256 forward: 3 K or 3 V slots (225 KB of shared memory) against the table's 2 + 2, each with cuDNN
-         for c in default 64,3,2,240,24,168 64,2,3,240,24,168; do echo "== D=256 forward $c"
-           if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi
-           timeout 120 python3 -m tileattn.bench --head-dims 256 --seqlens 1024,2048,4096,8192,16384 --modes fwd \
-             --providers tileattn,sdpa_cudnn --no-plot --out-dir "$OUT/d256_$(echo $c | tr , _)" 2>&1 \
-             | grep -A8 "== fwd" | grep -v "^$"; done | tee "$OUT/d256_stages.log"; unset TILEATTN_GLUON_FWD_CONFIG ;;
+    s18) # HEAD's defaults from runs 85-86 (D=64 non-causal Gluon from 512 keys, D=256 3 K slots and causal from 1k,
+         # the softcap fold on): the forward-side tests, then those shapes' forward against the portable kernel
+         timeout 200 python3 -m pytest tests/test_gluon_forward.py tests/test_features.py -q -n 14 -p no:cacheprovider \
+           -p no:benchmark -rf -k "not compiles" 2>&1 | tee "$OUT/s18_tests.log" | tail -4
+         [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+         timeout 150 python3 -m tileattn.bench --head-dims 64,256 --seqlens 512,1024,2048 --modes fwd --no-plot \
+           --providers tileattn,tileattn_triton,sdpa_cudnn --out-dir "$OUT" --prefix s18 2>&1 | tee "$OUT/s18_bench.log" \
+           | grep -v "it/s\]" ;;
     s17b) TILEATTN_GLUON_BWD_CONFIG=64,3,240,24,168,1,1 timeout 240 python3 -m pytest tests/test_gluon_backward.py -q -n 14 \
            -p no:cacheprovider -p no:benchmark -k "(test_accuracy or test_dlse_and_sink or test_sliding_window or test_alibi) and 128" \
            2>&1 | tee "$OUT/split128_tests.log" | tail -6

@@ -53,10 +53,16 @@ def test_scope_on_hopper(monkeypatch):
     k256 = torch.zeros(1, 1024, 2, 256, device="cuda", dtype=torch.bfloat16)
     assert not gluon_forward.applies(q256, q256, q256, attn_params(q256, q256))  # D=256: from 1024 keys
     assert gluon_forward.applies(q256, k256, k256, attn_params(q256, k256))
-    assert not gluon_forward.applies(q256, k256, k256, attn_params(q256, k256, causal=True))  # causal: from 2048
+    assert gluon_forward.applies(q256, k256, k256, attn_params(q256, k256, causal=True))  # causal too (run 86)
+    k256 = k256[:, :1023]
+    assert not gluon_forward.applies(q256, k256, k256, attn_params(q256, k256, causal=True))
     q64, k64 = q[..., :64].contiguous(), k[..., :64].contiguous()
-    assert not gluon_forward.applies(q64, k64, k64, attn_params(q64, k64))  # D=64: from 2048 keys only
+    assert not gluon_forward.applies(q64, k64, k64, attn_params(q64, k64))  # D=64: from 512 keys (run 85)
+    k64 = torch.zeros(2, 512, 2, 64, device="cuda", dtype=torch.bfloat16)
+    assert gluon_forward.applies(q64, k64, k64, attn_params(q64, k64))
+    assert not gluon_forward.applies(q64, k64, k64, attn_params(q64, k64, causal=True))  # causal: from 2048
     k64 = torch.zeros(2, 2048, 2, 64, device="cuda", dtype=torch.bfloat16)
+    assert gluon_forward.applies(q64, k64, k64, attn_params(q64, k64, causal=True))
     assert gluon_forward.applies(q64, k64, k64, attn_params(q64, k64))
     assert gluon_forward.applies(q64, k64, k64, attn_params(q64, k64, sink=torch.zeros(4, device="cuda")))
     assert not gluon_forward.applies(q64, k64, k64, attn_params(q64, k64, softcap=5.0))  # D=64: portable
@@ -435,14 +441,13 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma():
 
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
-def test_softcap_ffma_compiles_for_sm90():
-    """The opt-in softcap fold and FMA-pipe exp2 (TILEATTN_SOFTCAP_FFMA=1, TILEATTN_EXP2_POLY=1, read at import):
-    no spills, no serialised wgmma."""
+def test_softcap_log2_scores_compiles_for_sm90():
+    """The softcap forward with the fold turned off (TILEATTN_SOFTCAP_FFMA=0, read at import: scores in log2 units,
+    the form before v19g): no spills, no serialised wgmma."""
     assert_compiles([("--head-dim", 128, "--softcap", "--persistent", "--spill-budget", 48),
                      ("--head-dim", 128, "--causal", "--softcap", "--sink"),
                      ("--head-dim", 64, "--softcap", "--persistent", "--fp16")],
-                    env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1", "TILEATTN_SOFTCAP_FFMA": "1",
-                               "TILEATTN_EXP2_POLY": "1"})
+                    env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1", "TILEATTN_SOFTCAP_FFMA": "0"})
 
 
 PERSISTENT_COMPILE = [(128, False, ()), (128, True, ("--softcap", "--sink")), (64, True, ()), (64, False, ("--sink",)),

@@ -424,10 +424,15 @@ class GluonForwardConfig:
 # 1.05x at 2k, 1.02x at 4k, 1.00x from 8k; causal 0.85x at 512, 0.92x at 1k, 0.75x at 16k (static round-robin over
 # tiles of unequal length), so causal and windowed calls keep the grid; D=64 non-causal 1.04x at 2k, 1.02x at 4k,
 # 1.00x from 8k. Packed varlen (D=128, 2k random lengths) 1.13x with the work list, 0.99x without; 8k 1.02x / 0.90x.
-_GLUON_FWD = {64: GluonForwardConfig(128, 3, 2, 240, 24, 168, min_seqlen_k=2048, min_seqlen_k_causal=2048,
+# Run 85 (H200, same process): causal on the persistent grid with longest items first (v19c) still 0.93-0.98x the
+# plain grid at D=128 and D=64 (512-16k): causal stays on the grid. D=64 non-causal on the Gluon persistent forward
+# 1.10x the portable kernel at 512 keys, 1.08x at 1k and 2k (causal 0.94-0.97x: keeps 2048).
+# Run 86 (H200, same process): D=256 with 3 K slots (225 KB of shared memory) against 2 + 2: causal 1k 364 vs the
+# portable kernel's 292 TFLOP/s (the 2 + 2 form lost there in run 55), 2k-8k 1.01-1.03x, non-causal 0.98-1.02x.
+_GLUON_FWD = {64: GluonForwardConfig(128, 3, 2, 240, 24, 168, min_seqlen_k=512, min_seqlen_k_causal=2048,
                                      window_softcap=False, persistent=True),
               128: GluonForwardConfig(128, 2, 2, 240, 24, 168, persistent=True),
-              256: GluonForwardConfig(64, 2, 2, 240, 24, 168, min_seqlen_k=1024, min_seqlen_k_causal=2048)}
+              256: GluonForwardConfig(64, 3, 2, 240, 24, 168, min_seqlen_k=1024, min_seqlen_k_causal=1024)}
 
 
 def _gluon_entry(table: dict, head_dim: int):

@@ -25,13 +25,11 @@ except ImportError:  # pragma: no cover - older triton
     AVAILABLE = False
 
 
-# TILEATTN_SOFTCAP_FFMA=1 (read at import; opt-in until measured, NOTES v19g): the Gluon forward keeps tanh(...) as
-# the score and softcap as the exp2's scale, so softcap * t is folded into the FFMA with the row max (one FMUL per
-# score less: 3000 of the D=128 softcap kernel's 64927 SASS instructions)
-SOFTCAP_FFMA = tl.constexpr(os.environ.get("TILEATTN_SOFTCAP_FFMA", "0") == "1")
-# TILEATTN_EXP2_POLY=1 (read at import; opt-in until measured, NOTES v19h): the Gluon forward's softcap calls compute
-# every other exp2 of P on the FMA pipe (``exp2_fma``) instead of the MUFU, which the tanh already loads
-EXP2_POLY = tl.constexpr(os.environ.get("TILEATTN_EXP2_POLY", "0") == "1")
+# TILEATTN_SOFTCAP_FFMA (read at import; default 1, NOTES v19g, run 86: softcap forward 0.74-0.78 -> 0.79-0.80 of
+# dense at D=128): the Gluon forward keeps tanh(...) as the score and softcap as the exp2's scale, so softcap * t is
+# folded into the FFMA with the row max (one FMUL per score less: 3000 of the D=128 softcap kernel's 64927 SASS
+# instructions); 0 restores the scores in log2 units
+SOFTCAP_FFMA = tl.constexpr(os.environ.get("TILEATTN_SOFTCAP_FFMA", "1") != "0")
 
 
 def window_bounds(p: AttnParams, seqlen_q: int, seqlen_k: int):
@@ -68,26 +66,6 @@ if AVAILABLE:
         else:
             t = 1.0 - 2.0 / (gl.exp(2.0 * x) + 1.0)
         return t
-
-    @gluon.jit
-    def exp2_fma(x):
-        """2^x on the FMA pipe: 2^floor(x) * p(frac(x)), p a cubic fitted to 2^f on [0, 1) (relative error
-        1.0e-4, under bf16's and fp16's rounding of P), the power of two added to the exponent bits; x < -126
-        (masked scores: -inf) gives exactly 0."""
-        xc = gl.maximum(x, -126.0)
-        j = gl.floor(xc)
-        f = xc - j
-        p = gl.fma(gl.fma(gl.fma(f, 0.0790857, 0.22451634), f, 0.69639055), f, 0.99989669)
-        bits = p.to(gl.int32, bitcast=True) + (j.to(gl.int32) << 23)
-        return gl.where(x < -126.0, 0.0, bits.to(gl.float32, bitcast=True))
-
-    @gluon.jit
-    def exp2_split(x, HALF_N: gl.constexpr):
-        """exp2 of a (rows, 2 * HALF_N) tile: the even columns on the MUFU, the odd ones on the FMA pipe
-        (``exp2_fma``), so that neither pipe carries all of them."""
-        a, b = gl.split(gl.reshape(x, [x.shape[0], HALF_N, 2]))
-        y = gl.reshape(gl.join(gl.exp2(a), exp2_fma(b)), [x.shape[0], 2 * HALF_N])
-        return gl.convert_layout(y, x.type.layout)
 
     @gluon.jit
     def feature_scores(s, qk_scale, softcap, slope, q_pos, k_pos, HAS_SOFTCAP: gl.constexpr,

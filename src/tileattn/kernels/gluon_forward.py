@@ -37,7 +37,7 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .gluon_common import (EXP2_POLY, SOFTCAP_FFMA, _tanh, exp2_split, feature_scores, item_bounds,
+    from .gluon_common import (SOFTCAP_FFMA, _tanh, feature_scores, item_bounds,
                                load_kv_ring, persistent_item, store_rows, zero_rows_from)
 
     @gluon.jit
@@ -80,10 +80,7 @@ if AVAILABLE:
             x = s - m_use[:, None]
         else:
             x = s * scale - m_use[:, None]
-        if EXP2_POLY and HAS_SOFTCAP:  # the softcap's tanh makes the MUFU the bottleneck (NOTES v19h)
-            p = exp2_split(x, s.shape[1] // 2)
-        else:
-            p = gl.exp2(x)
+        p = gl.exp2(x)
         l_new = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_new
 
