@@ -53,7 +53,7 @@ def test_scope_on_hopper(monkeypatch):
     k256 = torch.zeros(1, 1024, 2, 256, device="cuda", dtype=torch.bfloat16)
     assert not gluon_forward.applies(q256, q256, q256, attn_params(q256, q256))  # D=256: from 1024 keys
     assert gluon_forward.applies(q256, k256, k256, attn_params(q256, k256))
-    assert gluon_forward.applies(q256, k256, k256, attn_params(q256, k256, causal=True))  # causal too (run 86)
+    assert gluon_forward.applies(q256, k256, k256, attn_params(q256, k256, causal=True))  # causal too (run 87)
     k256 = k256[:, :1023]
     assert not gluon_forward.applies(q256, k256, k256, attn_params(q256, k256, causal=True))
     q64, k64 = q[..., :64].contiguous(), k[..., :64].contiguous()

@@ -427,7 +427,7 @@ class GluonForwardConfig:
 # Run 85 (H200, same process): causal on the persistent grid with longest items first (v19c) still 0.93-0.98x the
 # plain grid at D=128 and D=64 (512-16k): causal stays on the grid. D=64 non-causal on the Gluon persistent forward
 # 1.10x the portable kernel at 512 keys, 1.08x at 1k and 2k (causal 0.94-0.97x: keeps 2048).
-# Run 86 (H200, same process): D=256 with 3 K slots (225 KB of shared memory) against 2 + 2: causal 1k 364 vs the
+# Run 87 (H200, same process): D=256 with 3 K slots (225 KB of shared memory) against 2 + 2: causal 1k 364 vs the
 # portable kernel's 292 TFLOP/s (the 2 + 2 form lost there in run 55), 2k-8k 1.01-1.03x, non-causal 0.98-1.02x.
 _GLUON_FWD = {64: GluonForwardConfig(128, 3, 2, 240, 24, 168, min_seqlen_k=512, min_seqlen_k_causal=2048,
                                      window_softcap=False, persistent=True),

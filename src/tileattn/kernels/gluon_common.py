@@ -25,7 +25,7 @@ except ImportError:  # pragma: no cover - older triton
     AVAILABLE = False
 
 
-# TILEATTN_SOFTCAP_FFMA (read at import; default 1, NOTES v19g, run 86: softcap forward 0.74-0.78 -> 0.79-0.80 of
+# TILEATTN_SOFTCAP_FFMA (read at import; default 1, NOTES v19g, run 87: softcap forward 0.74-0.78 -> 0.79-0.80 of
 # dense at D=128): the Gluon forward keeps tanh(...) as the score and softcap as the exp2's scale, so softcap * t is
 # folded into the FFMA with the row max (one FMUL per score less: 3000 of the D=128 softcap kernel's 64927 SASS
 # instructions); 0 restores the scores in log2 units
