@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17 s17b s18 bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -134,42 +134,8 @@ for stage in "$@"; do
          timeout 300 python3 -m pytest tests/test_gluon_forward.py tests/test_features.py tests/test_flash_api.py -q -n 14 \
            -p no:cacheprovider -rf -p no:benchmark -k "varlen or huge or in_place or bad" 2>&1 \
            | tee "$OUT/s14_tests2.log" | tail -10 || status=1 ;;
-    # session 16's leftovers for session 17, in three calls (s17 ~5 min, s17s ~4 min, s17b ~5 min; tests-sweep and
-    # tests-rest in calls of their own). s17: the persistent forward on causal calls in the LPT order (v19c, opt-in
-    # through TILEATTN_GLUON_PERSISTENT=1), hang-safe first, its tests (bit-identical to the plain grid), then the
-    # causal forward default (plain grid) vs persistent vs cuDNN, D=64's short calls on the Gluon forward, windows
-    # and varlen on the persistent grid. s17s: the softcap FFMA fold and FMA-pipe exp2 (v19g, v19h), D=256 forward
-    # stages. s17b: the split dK/dV form at D=128 (7th value of TILEATTN_GLUON_BWD_CONFIG), accuracy first, then
-    # the D=128 backward default vs split variants, one process each; the fused decode combine (v19e): the decode
-    # tests with it, then the decode table
-    s17) TILEATTN_GLUON_PERSISTENT=1 timeout 90 python3 -m tileattn.bench --head-dims 128 --seqlens 1024 --causal true \
-           --modes fwd --providers tileattn --no-plot --out-dir "$OUT/probe" 2>&1 | grep -v "it/s\]" | tail -3  # hang-safe
-         ok=${PIPESTATUS[0]}; reap
-         if [ "$ok" = 0 ]; then timeout 240 python3 -m pytest tests/test_gluon_forward.py -q -n 14 -p no:cacheprovider \
-           -p no:benchmark -rf -k "persistent or default or schedule" 2>&1 | tee "$OUT/persistent_tests.log" | tail -6
-           ok=${PIPESTATUS[0]}; reap; fi
-         if [ "$ok" = 0 ]; then python3 -m tileattn.bench --head-dims 128,64 --causal true --modes fwd --no-plot \
-           --providers tileattn,tileattn_persistent,sdpa_cudnn --out-dir "$OUT" --prefix lpt 2>&1 \
-           | tee "$OUT/lpt_bench.log" | grep -v "it/s\]"
-           # D=64 below 2k keys: the Gluon forward (every length, persistent incl. causal) vs the portable kernel
-           TILEATTN_GLUON_FWD_CONFIG=128,3,2,240,24,168 TILEATTN_GLUON_PERSISTENT=1 python3 -m tileattn.bench \
-             --head-dims 64 --seqlens 512,1024,2048 --modes fwd --no-plot --providers tileattn,tileattn_triton,sdpa_cudnn \
-             --out-dir "$OUT" --prefix d64short 2>&1 | tee "$OUT/d64short_bench.log" | grep -v "it/s\]"
-           # windows on the persistent grid (forced) against the plain grid (default); varlen: the plain grid without
-           # the work list against the default (persistent, the list in reversed odd rounds, v19f); twice each
-           for m in 0 1 0 1; do echo "== TILEATTN_GLUON_PERSISTENT=$m"; TILEATTN_GLUON_PERSISTENT=$m python3 -m \
-             tileattn.bench_features --seqlens 2048,8192 --cases dense,causal,window,softcap,varlen,varlen_equal 2>&1 \
-             | grep -v "^#"; done \
-             | tee "$OUT/persistent_window.log"
-         else status=1; fi ;;
-    s18) # HEAD's defaults from runs 85-86 (D=64 non-causal Gluon from 512 keys, D=256 3 K slots and causal from 1k,
-         # the softcap fold on): the forward-side tests, then those shapes' forward against the portable kernel
-         timeout 200 python3 -m pytest tests/test_gluon_forward.py tests/test_features.py -q -n 14 -p no:cacheprovider \
-           -p no:benchmark -rf -k "not compiles" 2>&1 | tee "$OUT/s18_tests.log" | tail -4
-         [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-         timeout 150 python3 -m tileattn.bench --head-dims 64,256 --seqlens 512,1024,2048 --modes fwd --no-plot \
-           --providers tileattn,tileattn_triton,sdpa_cudnn --out-dir "$OUT" --prefix s18 2>&1 | tee "$OUT/s18_bench.log" \
-           | grep -v "it/s\]" ;;
+    # s17b: the split dK/dV form at D=128 (7th value of TILEATTN_GLUON_BWD_CONFIG), accuracy first, then the D=128
+    # backward default vs split variants, one process each (runs 85-87 measured the rest of session 16's stages)
     s17b) TILEATTN_GLUON_BWD_CONFIG=64,3,240,24,168,1,1 timeout 240 python3 -m pytest tests/test_gluon_backward.py -q -n 14 \
            -p no:cacheprovider -p no:benchmark -k "(test_accuracy or test_dlse_and_sink or test_sliding_window or test_alibi) and 128" \
            2>&1 | tee "$OUT/split128_tests.log" | tail -6
@@ -179,14 +145,18 @@ for stage in "$@"; do
            if [ "$c" = default ]; then unset TILEATTN_GLUON_BWD_CONFIG; else export TILEATTN_GLUON_BWD_CONFIG=$c; fi
            timeout 120 python3 -m tileattn.bench --head-dims 128 --modes bwd --providers tileattn,sdpa_cudnn --no-plot \
              --out-dir "$OUT/split128_$(echo $c | tr , _)" 2>&1 | grep -A8 "== bwd" | grep -v "^$"; done | tee "$OUT/split128.log"
-         unset TILEATTN_GLUON_BWD_CONFIG; fi
-         # the fused decode combine (v19e, opt-in): every decode test with it forced, then the decode table with it
-         # as an extra row beside the default and the anchors
-         TILEATTN_DECODE_COMBINE=fused timeout 200 python3 -m pytest tests/test_decode.py -q -n 14 -p no:cacheprovider \
-           -p no:benchmark -rf 2>&1 | tee "$OUT/fused_combine_tests.log" | tail -5
-         ok=${PIPESTATUS[0]}; reap
-         if [ "$ok" = 0 ]; then timeout 300 python3 -m tileattn.bench_decode --out-dir "$OUT" \
-           --explore "TILEATTN_DECODE_COMBINE=fused" 2>&1 | tee "$OUT/decode_fused.log"; else status=1; fi ;;
+         unset TILEATTN_GLUON_BWD_CONFIG; fi ;;
+    # the whole grid with every anchor (SDPA flash / cuDNN / mem-efficient, compiled FlexAttention), fwd and bwd
+    grid) timeout 560 python3 -m tileattn.bench --modes fwd,bwd --out-dir "$OUT" --prefix grid 2>&1 \
+            | tee "$OUT/grid.log" | grep -v "it/s\]" || status=1 ;;
+    s18) # the defaults from runs 85-87 (D=64 non-causal Gluon from 512 keys, D=256 3 K slots and causal from 1k,
+         # the softcap fold on): the forward-side tests, then those shapes' forward against the portable kernel
+         timeout 200 python3 -m pytest tests/test_gluon_forward.py tests/test_features.py -q -n 14 -p no:cacheprovider \
+           -p no:benchmark -rf -k "not compiles" 2>&1 | tee "$OUT/s18_tests.log" | tail -4
+         [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+         timeout 150 python3 -m tileattn.bench --head-dims 64,256 --seqlens 512,1024,2048 --modes fwd --no-plot \
+           --providers tileattn,tileattn_triton,sdpa_cudnn --out-dir "$OUT" --prefix s18 2>&1 | tee "$OUT/s18_bench.log" \
+           | grep -v "it/s\]" ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;

@@ -263,7 +263,7 @@ def test_schedule_table(monkeypatch):
     schedule = configs.gluon_forward_schedule
     assert schedule(cfg, 128, False, False) == (True, False, False)
     assert schedule(cfg, 128, False, True) == (True, True, True)  # no list (compiled graph): plain grid
-    assert schedule(cfg, 128, True, True) == (False, False, False)  # causal / window: the plain grid (run 78)
+    assert schedule(cfg, 128, True, True) == (False, False, False)  # uneven tiles (causal): the plain grid (run 78)
     assert schedule(configs._GLUON_FWD[256], 256, False, False) == (False, False, False)
     set_schedule(monkeypatch, "1", "0")
     assert schedule(cfg, 128, False, True) == (False, True, False)
@@ -283,7 +283,7 @@ def test_schedule_table(monkeypatch):
 @pytest.mark.gpu
 def test_default_schedule_reaches_the_launch(spy, monkeypatch):
     """The table's schedule reaches the kernel: an unmasked D=128 call launches PERSISTENT on at most one program
-    per multiprocessor, a causal one the plain grid; a packed varlen call (cu_seqlens read on the host) the
+    per multiprocessor, and so do windows bounded on both sides; a causal one and a one-sided window the plain grid; a packed varlen call (cu_seqlens read on the host) the
     persistent grid over the work list."""
     from _flash_helpers import seqlens_to_cu
     from tileattn import configs
@@ -299,9 +299,14 @@ def test_default_schedule_reaches_the_launch(spy, monkeypatch):
     sms = configs.sm_count(q.device)
     tileattn.attention(q, q, q)
     tileattn.attention(q, q, q, causal=True)
-    (g0, kw0), (g1, kw1) = seen
+    tileattn.attention(q, q, q, window_size=(512, 512))
+    tileattn.attention(q, q, q, window_size=(512, 0))
+    tileattn.attention(q, q, q, window_size=(-1, 512))
+    (g0, kw0), (g1, kw1), (g2, kw2), (g3, kw3), (g4, kw4) = seen
     assert kw0["PERSISTENT"] and g0[0] == min(sms, 16 * 2 * 16) and kw0["num_items"] == 16 * 2 * 16
     assert not kw1["PERSISTENT"] and g1[0] == 16 * 2 * 16
+    assert kw2["PERSISTENT"] and kw3["PERSISTENT"], "windows bounded on both sides: persistent"
+    assert not kw4["PERSISTENT"] and g4[0] == 16 * 2 * 16, "a window open on one side: the plain grid"
     lens = [2000, 1, 700, 1300]
     qv = torch.randn(sum(lens), 8, 128, device="cuda", dtype=torch.bfloat16)
     cu = seqlens_to_cu(lens)

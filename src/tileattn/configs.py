@@ -397,8 +397,8 @@ class GluonForwardConfig:
     taken from: 12 warps x maxnreg <= 64K); calls with fewer than ``min_seqlen_k`` keys (``min_seqlen_k_causal``
     for causal and other right-bounded windows) take the portable kernel, as do softcap and sliding-window calls
     when ``window_softcap`` is False. ``default_on=False``: an entry not yet measured on a GPU, used only with
-    ``TILEATTN_GLUON=all``. ``persistent``: calls without a causal or sliding-window mask run on a persistent grid
-    (``gluon_forward_schedule``)."""
+    ``TILEATTN_GLUON=all``. ``persistent``: calls whose query tiles see about the same number of keys (no mask,
+    or a window bounded on both sides) run on a persistent grid (``gluon_forward_schedule``)."""
     block_n: int
     k_stages: int
     v_stages: int
@@ -458,18 +458,20 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
     return GluonForwardConfig(*over, persistent=cfg.persistent) if over else cfg
 
 
-def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, masked: bool, varlen: bool):
+def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool, varlen: bool):
     """(persistent, work_list, needs_list) for a Gluon forward call: a persistent grid (one program per
     multiprocessor walking the tiles, D <= 128 only: the output needs its own staging buffer) where the entry says
-    so and the call has no causal or sliding-window mask (``masked``); packed varlen calls on it walk the work list
-    of the query tiles that hold rows (_hostinfo.tile_map), which it needs to beat the plain grid (run 78): with
-    ``needs_list``, a call whose list cannot be built (no host copy of cu_seqlens, e.g. in a compiled graph) takes
-    the plain grid instead. ``TILEATTN_GLUON_PERSISTENT`` and ``TILEATTN_VARLEN_TILEMAP`` (0 or 1) force either
-    one (a forced persistent grid runs with or without the list)."""
+    so and the call's query tiles see about the same number of keys (``uneven``: causal, or a window open on one
+    side; a static round-robin over those loses to the hardware's dynamic scheduling, runs 78 and 85; windows
+    bounded on both sides gain, 1.03x at 2k and 1.08x at 8k for (512, 512) in run 85); packed varlen calls on it
+    walk the work list of the query tiles that hold rows (_hostinfo.tile_map), which it needs to beat the plain
+    grid (run 78): with ``needs_list``, a call whose list cannot be built (no host copy of cu_seqlens, e.g. in a
+    compiled graph) takes the plain grid instead. ``TILEATTN_GLUON_PERSISTENT`` and ``TILEATTN_VARLEN_TILEMAP``
+    (0 or 1) force either one (a forced persistent grid runs with or without the list)."""
     forced = getenv("TILEATTN_GLUON_PERSISTENT", "")
     if forced not in ("", "0", "1"):
         raise ValueError(f"TILEATTN_GLUON_PERSISTENT must be 0 or 1 (or unset), got {forced!r}")
-    persistent = head_dim <= 128 and (forced == "1" if forced else cfg.persistent and not masked)
+    persistent = head_dim <= 128 and (forced == "1" if forced else cfg.persistent and not uneven)
     tiles = getenv("TILEATTN_VARLEN_TILEMAP", "")
     if tiles not in ("", "0", "1"):
         raise ValueError(f"TILEATTN_VARLEN_TILEMAP must be 0 or 1 (or unset), got {tiles!r}")

@@ -468,7 +468,10 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     grid = num_m_tiles * batch * q_heads
     window = has_window(p)
     causal = p.window_right == 0 and not window
-    persistent, work_list, needs_list = configs.gluon_forward_schedule(cfg, d, causal or window, p.varlen)
+    # tiles of unequal length: causal, or a window open on one side (rows see up to a diagonal); a window bounded
+    # on both sides (incl. (w, 0)) gives every tile but the edge ones the same number of keys
+    uneven = causal or (window and (p.window_left < 0 or p.window_right < 0))
+    persistent, work_list, needs_list = configs.gluon_forward_schedule(cfg, d, uneven, p.varlen)
     nprog = configs.sm_count(q.device) if persistent else 0  # the persistent grid's programs (at most)
     tiles = tile_map(cu_q, cu_k, 2 * half, causal, q_heads, nprog) if work_list else None
     if needs_list and tiles is None:
