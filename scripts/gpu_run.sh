@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s19q bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -157,6 +157,15 @@ for stage in "$@"; do
          timeout 150 python3 -m tileattn.bench --head-dims 64,256 --seqlens 512,1024,2048 --modes fwd --no-plot \
            --providers tileattn,tileattn_triton,sdpa_cudnn --out-dir "$OUT" --prefix s18 2>&1 | tee "$OUT/s18_bench.log" \
            | grep -v "it/s\]" ;;
+    s19q) # v20b: softcap with Q pre-multiplied by qk_scale (opt-in TILEATTN_SOFTCAP_QSCALE=1): the softcap tests with
+         # it, then softcap / dense off / on, twice, at D=128 and D=256
+         TILEATTN_SOFTCAP_QSCALE=1 timeout 200 python3 -m pytest tests/test_gluon_forward.py tests/test_features.py \
+           tests/test_flash_api.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf -k "softcap and not compiles" 2>&1 \
+           | tee "$OUT/qscale_tests.log" | tail -4
+         ok=${PIPESTATUS[0]}; reap
+         if [ "$ok" = 0 ]; then for d in 128 256; do for v in 0 1 0 1; do echo "== D=$d SOFTCAP_QSCALE=$v"
+           TILEATTN_SOFTCAP_QSCALE=$v python3 -m tileattn.bench_features --seqlens 2048,8192 --head-dim $d \
+             --cases dense,softcap 2>&1 | grep -v "^#"; done; done | tee "$OUT/qscale.log"; else status=1; fi ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;

@@ -446,13 +446,17 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma():
 
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
-def test_softcap_log2_scores_compiles_for_sm90():
-    """The softcap forward with the fold turned off (TILEATTN_SOFTCAP_FFMA=0, read at import: scores in log2 units,
-    the form before v19g): no spills, no serialised wgmma."""
+@pytest.mark.parametrize("variant", [{"TILEATTN_SOFTCAP_FFMA": "0"}, {"TILEATTN_SOFTCAP_QSCALE": "1"}],
+                         ids=["log2-scores", "q-scaled"])
+def test_softcap_variants_compile_for_sm90(variant):
+    """The softcap forward's other forms (read at import): the fold turned off (TILEATTN_SOFTCAP_FFMA=0, scores in
+    log2 units, the form before v19g) and Q pre-multiplied by qk_scale in shared memory (opt-in
+    TILEATTN_SOFTCAP_QSCALE=1, v20b): no spills, no serialised wgmma."""
     assert_compiles([("--head-dim", 128, "--softcap", "--persistent", "--spill-budget", 48),
                      ("--head-dim", 128, "--causal", "--softcap", "--sink"),
+                     ("--head-dim", 256, "--softcap"),
                      ("--head-dim", 64, "--softcap", "--persistent", "--fp16")],
-                    env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1", "TILEATTN_SOFTCAP_FFMA": "0"})
+                    env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1", **variant})
 
 
 PERSISTENT_COMPILE = [(128, False, ()), (128, True, ("--softcap", "--sink")), (64, True, ()), (64, False, ("--sink",)),
