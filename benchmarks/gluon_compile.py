@@ -137,6 +137,8 @@ def main(argv=None):
     ap.add_argument("--config")
     ap.add_argument("--no-resid", action="store_true")
     ap.add_argument("--softcap", action="store_true")
+    ap.add_argument("--softcap-fixed-max", action="store_true",
+                    help="forward: the softcap form with a fixed softmax max (HAS_SOFTCAP=2, NOTES v20c)")
     ap.add_argument("--sink", action="store_true")
     ap.add_argument("--fp16", action="store_true")
     ap.add_argument("--window", action="store_true", help="a sliding window (left and right bounds)")
@@ -164,7 +166,8 @@ def main(argv=None):
     elif a.bwd:
         k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi)
     else:
-        k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, a.softcap, a.sink, a.fp16, a.window, a.varlen,
+        softcap = 2 if a.softcap_fixed_max else a.softcap
+        k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, softcap, a.sink, a.fp16, a.window, a.varlen,
                         a.alibi, a.tile_map, a.persistent)
     if a.check:
         report = ptxas_messages(k.asm["ptx"])

@@ -157,15 +157,18 @@ for stage in "$@"; do
          timeout 150 python3 -m tileattn.bench --head-dims 64,256 --seqlens 512,1024,2048 --modes fwd --no-plot \
            --providers tileattn,tileattn_triton,sdpa_cudnn --out-dir "$OUT" --prefix s18 2>&1 | tee "$OUT/s18_bench.log" \
            | grep -v "it/s\]" ;;
-    s19q) # v20b: softcap with Q pre-multiplied by qk_scale (opt-in TILEATTN_SOFTCAP_QSCALE=1): the softcap tests with
-         # it, then softcap / dense off / on, twice, at D=128 and D=256
-         TILEATTN_SOFTCAP_QSCALE=1 timeout 200 python3 -m pytest tests/test_gluon_forward.py tests/test_features.py \
-           tests/test_flash_api.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf -k "softcap and not compiles" 2>&1 \
-           | tee "$OUT/qscale_tests.log" | tail -4
+    s19q) # v20b / v20c: softcap with Q pre-multiplied by qk_scale (TILEATTN_SOFTCAP_QSCALE=1) and with a fixed softmax
+         # max (TILEATTN_SOFTCAP_FIXED_MAX=1), both opt-in: the softcap tests with both on (the fixed-max test sets
+         # its own variable), then softcap / dense for QSCALE,FIXED_MAX = 00 10 01 11 twice at D=128, 00 11 at D=256
+         TILEATTN_SOFTCAP_QSCALE=1 TILEATTN_SOFTCAP_FIXED_MAX=1 timeout 240 python3 -m pytest tests/test_gluon_forward.py \
+           tests/test_features.py tests/test_flash_api.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
+           -k "(softcap or fixed_max) and not compiles" 2>&1 | tee "$OUT/qscale_tests.log" | tail -4
          ok=${PIPESTATUS[0]}; reap
-         if [ "$ok" = 0 ]; then for d in 128 256; do for v in 0 1 0 1; do echo "== D=$d SOFTCAP_QSCALE=$v"
-           TILEATTN_SOFTCAP_QSCALE=$v python3 -m tileattn.bench_features --seqlens 2048,8192 --head-dim $d \
-             --cases dense,softcap 2>&1 | grep -v "^#"; done; done | tee "$OUT/qscale.log"; else status=1; fi ;;
+         if [ "$ok" = 0 ]; then for run in "128 00 10 01 11 00 10 01 11" "256 00 11 00 11"; do set -- $run; d=$1; shift
+           for v in "$@"; do echo "== D=$d SOFTCAP_QSCALE=${v:0:1} SOFTCAP_FIXED_MAX=${v:1:1}"
+             TILEATTN_SOFTCAP_QSCALE=${v:0:1} TILEATTN_SOFTCAP_FIXED_MAX=${v:1:1} python3 -m tileattn.bench_features \
+               --seqlens 2048,8192 --head-dim $d --cases dense,softcap 2>&1 | grep -v "^#"; done; done \
+           | tee "$OUT/qscale.log"; else status=1; fi ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;

@@ -283,8 +283,8 @@ def test_schedule_table(monkeypatch):
 @pytest.mark.gpu
 def test_default_schedule_reaches_the_launch(spy, monkeypatch):
     """The table's schedule reaches the kernel: an unmasked D=128 call launches PERSISTENT on at most one program
-    per multiprocessor, and so do windows bounded on both sides; a causal one and a one-sided window the plain grid; a packed varlen call (cu_seqlens read on the host) the
-    persistent grid over the work list."""
+    per multiprocessor, and so do windows bounded on both sides; a causal one and a one-sided window the plain
+    grid; a packed varlen call (cu_seqlens read on the host) the persistent grid over the work list."""
     from _flash_helpers import seqlens_to_cu
     from tileattn import configs
     set_schedule(monkeypatch, None, None)
@@ -444,18 +444,83 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma():
                     env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1"})  # the GPU's tanh path
 
 
+def test_softcap_fixed_max_scope(monkeypatch):
+    """softcap_fixed_max (opt-in TILEATTN_SOFTCAP_FIXED_MAX=1): bf16 softcap calls up to the limit without ALiBi;
+    never fp16, ALiBi, a larger softcap, or with the variable unset."""
+    from tileattn.kernels import gluon_common
+    q = torch.zeros(1, 4, 2, 128, dtype=torch.bfloat16)
+    fixed = gluon_common.softcap_fixed_max
+    ffma = bool(gluon_common.SOFTCAP_FFMA.value)
+    monkeypatch.delenv("TILEATTN_SOFTCAP_FIXED_MAX", raising=False)
+    assert not fixed(attn_params(q, q, softcap=30.0), torch.bfloat16)
+    monkeypatch.setenv("TILEATTN_SOFTCAP_FIXED_MAX", "1")
+    assert fixed(attn_params(q, q, softcap=30.0), torch.bfloat16) == ffma
+    limit = gluon_common.SOFTCAP_FIXED_MAX_LIMIT
+    assert fixed(attn_params(q, q, softcap=limit), torch.bfloat16) == ffma
+    assert not fixed(attn_params(q, q, softcap=limit * 1.01), torch.bfloat16)
+    assert not fixed(attn_params(q, q, softcap=30.0), torch.float16)
+    assert not fixed(attn_params(q, q), torch.bfloat16)
+    assert not fixed(attn_params(q, q, softcap=30.0, alibi_slopes=torch.zeros(2)), torch.bfloat16)
+
+
+FIXED_MAX_CASES = [(2, 777, 1031, 4, 2, 128, 5.0, dict(causal=True)), (1, 1031, 1031, 4, 4, 128, 50.0, {}),
+                   (2, 300, 1500, 4, 1, 256, 30.0, dict(causal=True, sink=True)),
+                   (1, 999, 999, 2, 2, 128, 8.0, dict(window_size=(300, 40)))]
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", FIXED_MAX_CASES, ids=lambda c: "x".join(map(str, c[:7])) + "-" + "-".join(c[7]))
+@pytest.mark.parametrize("extreme", [False, True], ids=["randn", "saturated"])
+def test_softcap_fixed_max(case, extreme, spy, monkeypatch):
+    """The softcap forward with a fixed softmax max (TILEATTN_SOFTCAP_FIXED_MAX=1, NOTES v20c) against the
+    float64 reference (out, lse, gradients): random inputs, and saturated ones (scores far beyond +-softcap, so
+    whole rows sit at -softcap, the smallest p = 2^-c, or at +softcap, the largest, with values of 1e-3 and 1e3)."""
+    B, Sq, Sk, Hq, Hkv, d, softcap, feat = case
+    monkeypatch.setenv("TILEATTN_SOFTCAP_FIXED_MAX", "1")
+    seen = []
+    real = gluon_forward.launch
+
+    def launch(fn, grid, args, kw, *rest, **opts):
+        seen.append(kw["HAS_SOFTCAP"])
+        return real(fn, grid, args, kw, *rest, **opts)
+    monkeypatch.setattr(gluon_forward, "launch", launch)
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, torch.bfloat16, seed_for("gluon-fixed-max", case[:7], extreme))
+    if extreme:  # half the query rows score ~ -60 * softcap against every key, half ~ +60 * softcap
+        with torch.no_grad():
+            k.copy_(k.abs() + 1.0)
+            q.copy_(q.abs() + 1.0)
+            q[:, ::2] *= -1.0
+            q.mul_(softcap * 60.0 / (d ** 0.5))
+            v[..., : d // 2] *= 1e-3
+            v[..., d // 2:] *= 1e3
+    q, k, v = (t.detach().requires_grad_() for t in (q, k, v))
+    kw = dict(feat, softcap=softcap)
+    if kw.pop("sink", False):
+        kw["sink"] = randn((Hq,), torch.float32, gen).requires_grad_()
+    import test_features
+    test_features._check(q, k, v, randn((B, Sq, Hq, d), torch.bfloat16, gen), entry="tileattn",
+                         ctx="gluon softcap fixed max", **kw)
+    assert seen and all(x == 2 for x in seen), "the fixed-max form did not run"
+
+
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
-@pytest.mark.parametrize("variant", [{"TILEATTN_SOFTCAP_FFMA": "0"}, {"TILEATTN_SOFTCAP_QSCALE": "1"}],
-                         ids=["log2-scores", "q-scaled"])
+@pytest.mark.parametrize("variant", [{"TILEATTN_SOFTCAP_FFMA": "0"}, {"TILEATTN_SOFTCAP_QSCALE": "1"},
+                                     {"TILEATTN_SOFTCAP_QSCALE": "1", "FIXED_MAX": "1"}],
+                         ids=["log2-scores", "q-scaled", "q-scaled-fixed-max"])
 def test_softcap_variants_compile_for_sm90(variant):
     """The softcap forward's other forms (read at import): the fold turned off (TILEATTN_SOFTCAP_FFMA=0, scores in
     log2 units, the form before v19g) and Q pre-multiplied by qk_scale in shared memory (opt-in
-    TILEATTN_SOFTCAP_QSCALE=1, v20b): no spills, no serialised wgmma."""
-    assert_compiles([("--head-dim", 128, "--softcap", "--persistent", "--spill-budget", 48),
-                     ("--head-dim", 128, "--causal", "--softcap", "--sink"),
-                     ("--head-dim", 256, "--softcap"),
-                     ("--head-dim", 64, "--softcap", "--persistent", "--fp16")],
+    TILEATTN_SOFTCAP_QSCALE=1, v20b), also with the fixed softmax max (v20c): no spills, no serialised wgmma."""
+    variant = dict(variant)
+    softcap = "--softcap-fixed-max" if variant.pop("FIXED_MAX", None) else "--softcap"
+    assert_compiles([("--head-dim", 128, softcap, "--persistent", "--spill-budget", 48),
+                     ("--head-dim", 128, "--causal", softcap, "--sink"),
+                     ("--head-dim", 256, softcap),
+                     ("--head-dim", 128, softcap, "--persistent", "--varlen", "--window", "--sink",
+                      "--spill-budget", 48)]
+                    + ([] if softcap != "--softcap" else [("--head-dim", 64, "--softcap", "--persistent", "--fp16")]),
                     env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1", **variant})
 
 

@@ -1,8 +1,8 @@
 """Pieces shared by the Hopper Gluon kernels (``gluon_forward.py``, ``gluon_dq.py``, ``gluon_backward.py``): the
 softcap / ALiBi scores, the program -> (batch, head, tile) map, a varlen sequence's bounds, the key-tile range of a
 query tile, the forward's work items, the producer's K/V ring, shared-memory row zeroing and masked row stores for
-varlen, the row-stats slot, the ALiBi slope, and the dK/dV kernels' P^T and dS^T of one step; on the host, TMA
-descriptors and the window bounds.
+varlen, the forward's TMA output stores and in-place Q scaling, the row-stats slot, the ALiBi slope, and the dK/dV
+kernels' P^T and dS^T of one step; on the host, TMA descriptors, the window bounds and the softcap fixed-max rule.
 """
 
 import functools
@@ -11,6 +11,7 @@ import os
 import torch
 import triton.language as tl
 
+from ..configs import getenv
 from .common import FAST_TANH
 from .launch import host_descriptor
 from .params import AttnParams
@@ -34,6 +35,19 @@ SOFTCAP_FFMA = tl.constexpr(os.environ.get("TILEATTN_SOFTCAP_FFMA", "1") != "0")
 # softcap calls multiply Q by qk_scale in shared memory once per query tile, so the tanh takes q.k as it comes out of
 # the wgmma (one FMUL per score less; Q is rounded once more, to the input dtype)
 SOFTCAP_QSCALE = tl.constexpr(os.environ.get("TILEATTN_SOFTCAP_QSCALE", "0") == "1")
+
+
+# the softcap bound below which the fixed max applies: p = exp2(softcap * log2 e * t) stays within [2^-72.2, 2^72.2],
+# so O's accumulator (sum of p * v over the keys) overflows fp32 only for |v| * keys above ~2^55
+SOFTCAP_FIXED_MAX_LIMIT = 50.0
+
+
+def softcap_fixed_max(p: AttnParams, dtype) -> bool:
+    """Whether a softcap call runs with a fixed softmax max of 0 (``TILEATTN_SOFTCAP_FIXED_MAX=1``, opt-in until
+    measured, NOTES v20c): the fold on (SOFTCAP_FFMA), no ALiBi (unbounded scores), bf16 (P keeps fp32's exponent
+    range; fp16's would overflow), softcap <= SOFTCAP_FIXED_MAX_LIMIT."""
+    return (getenv("TILEATTN_SOFTCAP_FIXED_MAX") == "1" and 0 < p.softcap <= SOFTCAP_FIXED_MAX_LIMIT
+            and SOFTCAP_FFMA.value and p.alibi_slopes is None and dtype == torch.bfloat16)
 
 
 def window_bounds(p: AttnParams, seqlen_q: int, seqlen_k: int):
@@ -82,6 +96,25 @@ if AVAILABLE:
         buf.store((x.to(gl.float32) * scale).to(buf.dtype))
         fence_async_shared()
         gl.thread_barrier()
+
+    @gluon.jit
+    def store_tile_tma(o_desc, r_desc, q_buf, acc, o, b, row, h, STORE_RESID: gl.constexpr):
+        """out (and the rounding residual) of one warpgroup's rows through Q's dead buffer and TMA stores (rows past
+        the tensor clipped)."""
+        q2 = q_buf.reshape([q_buf.shape[1], q_buf.shape[3]])
+        q2.store(o)
+        fence_async_shared()
+        gl.thread_barrier()
+        tma.async_copy_shared_to_global(o_desc, [b, row, h, 0], q_buf)
+        if STORE_RESID:  # out's rounding residual for the backward's delta (see backward.py)
+            r = (acc - o.to(gl.float32)).to(o.dtype)
+            tma.store_wait(pendings=0)
+            gl.thread_barrier()
+            q2.store(r)
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(r_desc, [b, row, h, 0], q_buf)
+        tma.store_wait(pendings=0)
 
     @gluon.jit
     def feature_scores(s, qk_scale, softcap, slope, q_pos, k_pos, HAS_SOFTCAP: gl.constexpr,

@@ -28,17 +28,16 @@ import triton
 
 from .. import configs
 from .._hostinfo import tile_map
-from .gluon_common import AVAILABLE, has_window, make_desc, window_bounds
+from .gluon_common import AVAILABLE, has_window, make_desc, softcap_fixed_max, window_bounds
 from .launch import launch, tma_aligned
 from .params import AttnParams, forward_outputs
 
 if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
-                                                                  warpgroup_mma_wait)
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from .gluon_common import (SOFTCAP_FFMA, SOFTCAP_QSCALE, _tanh, feature_scores, item_bounds, load_kv_ring,
-                               persistent_item, scale_smem, store_rows, zero_rows_from)
+                               persistent_item, scale_smem, store_rows, store_tile_tma, zero_rows_from)
 
     @gluon.jit
     def _softmax_tile(s, j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap, win_left,
@@ -49,7 +48,9 @@ if AVAILABLE:
         that have seen no key keep m = -inf. With a softcap the scores become softcap * tanh(q.k * qk_scale)
         (softcap pre-multiplied by log2 e); with a window, row r sees keys [r + diag - win_left, r + diag +
         win_right]; ALiBi subtracts slope * |r + diag - key| (slope in log2 units; positions as fp32, exact below
-        2^24), on every tile."""
+        2^24), on every tile. HAS_SOFTCAP == 2 (the fold, no ALiBi, bf16, softcap <= 50; opt-in, NOTES v20c): the
+        max stays 0, as softcap * t <= softcap bounds every score: p = exp2(softcap * t) in [2^-c, 2^c] (c = softcap
+        * log2 e <= 72.2), no row max and alpha = 1 (the caller skips O's rescale)."""
         scale = qk_scale  # what s is multiplied by inside the exp2 (FFMA with the max), unless s is in log2 units
         LOG2_UNITS: gl.constexpr = HAS_ALIBI or (HAS_SOFTCAP and not SOFTCAP_FFMA)
         if LOG2_UNITS:
@@ -73,18 +74,24 @@ if AVAILABLE:
                 rel = keys[None, :] - (rows[:, None] + diag)
                 visible = visible & (rel >= -win_left) & (rel <= win_right)
             s = gl.where(visible, s, float("-inf"))
-        if LOG2_UNITS:
-            m_new = gl.maximum(m_i, gl.max(s, axis=1))
-        else:  # scale > 0: max(s) * scale = max(s * scale)
-            m_new = gl.maximum(m_i, gl.max(s, axis=1) * scale)
-        m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = gl.exp2(m_i - m_use)
-        if LOG2_UNITS:
-            x = s - m_use[:, None]
+        if HAS_SOFTCAP == 2:
+            m_new = m_i
+            alpha = m_i  # not read (no rescale)
+            p = gl.exp2(s * scale)
+            l_new = l_i + gl.sum(p, axis=1)
         else:
-            x = s * scale - m_use[:, None]
-        p = gl.exp2(x)
-        l_new = l_i * alpha + gl.sum(p, axis=1)
+            if LOG2_UNITS:
+                m_new = gl.maximum(m_i, gl.max(s, axis=1))
+            else:  # scale > 0: max(s) * scale = max(s * scale)
+                m_new = gl.maximum(m_i, gl.max(s, axis=1) * scale)
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
+            alpha = gl.exp2(m_i - m_use)
+            if LOG2_UNITS:
+                x = s - m_use[:, None]
+            else:
+                x = s * scale - m_use[:, None]
+            p = gl.exp2(x)
+            l_new = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_new
 
     @gluon.jit
@@ -135,13 +142,15 @@ if AVAILABLE:
             mbarrier.wait(turn.index(1), r & 1)
 
     @gluon.jit
-    def _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w: gl.constexpr, t, kv_valid, VARLEN: gl.constexpr):
-        """Rescale O by alpha, issue O += P_t V_t (asynchronous) once V_t has landed, and hand the tensor cores to
-        the other warpgroup. Returns the in-flight accumulator. VARLEN: V_t's rows from kv_valid on (the tile
-        crosses its sequence's end) are zeroed first."""
+    def _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w: gl.constexpr, t, kv_valid, VARLEN: gl.constexpr,
+                  RESCALE: gl.constexpr):
+        """Rescale O by alpha (RESCALE), issue O += P_t V_t (asynchronous) once V_t has landed, and hand the tensor
+        cores to the other warpgroup. Returns the in-flight accumulator. VARLEN: V_t's rows from kv_valid on (the
+        tile crosses its sequence's end) are zeroed first."""
         V_STAGES: gl.constexpr = v_smem.shape[0]
         vs = t % V_STAGES
-        acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
+        if RESCALE:
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
         mbarrier.wait(v_ready.index(vs), (t // V_STAGES) & 1)
         v2 = v_smem.index(vs).reshape([v_smem.shape[2], v_smem.shape[4]])
         if VARLEN:
@@ -150,25 +159,6 @@ if AVAILABLE:
         o_tok = warpgroup_mma(p_op, v2, acc, is_async=True)
         mbarrier.arrive(turn.index(1 - w), count=1)
         return o_tok
-
-    @gluon.jit
-    def _store_tma(o_desc, r_desc, q_buf, acc, o, b, row, h, STORE_RESID: gl.constexpr):
-        """out (and the rounding residual) of one warpgroup's rows through Q's dead buffer and TMA stores (rows past
-        the tensor clipped)."""
-        q2 = q_buf.reshape([q_buf.shape[1], q_buf.shape[3]])
-        q2.store(o)
-        fence_async_shared()
-        gl.thread_barrier()
-        tma.async_copy_shared_to_global(o_desc, [b, row, h, 0], q_buf)
-        if STORE_RESID:  # out's rounding residual for the backward's delta (see backward.py)
-            r = (acc - o.to(gl.float32)).to(o.dtype)
-            tma.store_wait(pendings=0)
-            gl.thread_barrier()
-            q2.store(r)
-            fence_async_shared()
-            gl.thread_barrier()
-            tma.async_copy_shared_to_global(r_desc, [b, row, h, 0], q_buf)
-        tma.store_wait(pendings=0)
 
     @gluon.jit
     def _consumer(w: gl.constexpr, o_desc, r_desc, LSE, SINK, ALIBI_B, O, RESID, q_smem, k_smem, v_smem, bars, b, h,
@@ -204,7 +194,10 @@ if AVAILABLE:
         slope = 0.0
         if HAS_ALIBI:
             slope = gl.load(ALIBI_B + h).to(gl.float32) * 1.4426950408889634
-        m_i = gl.full([HALF_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
+        if HAS_SOFTCAP == 2:  # the fixed max (_softmax_tile)
+            m_i = gl.zeros([HALF_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
+        else:
+            m_i = gl.full([HALF_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
         l_i = gl.zeros([HALF_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
         acc = gl.zeros([HALF_M, HEAD_D], gl.float32, layout=o_layout)
         s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
@@ -237,7 +230,8 @@ if AVAILABLE:
                 s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
                 o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t0 + j - 1,
-                                  seqlen_k - (lo + j - 1) * BLOCK_N, VARLEN)
+                                  seqlen_k - (lo + j - 1) * BLOCK_N, VARLEN,
+                                  HAS_SOFTCAP != 2)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
                 mbarrier.arrive(k_empty.index(ks), count=1)
                 p, alpha, m_i, l_i = _softmax_tile(s, lo + j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k,
@@ -250,7 +244,8 @@ if AVAILABLE:
                 mbarrier.arrive(q_empty.index(w), count=1)
             _turn_wait(turn, w, r0 + n)
             o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t0 + n - 1,
-                              seqlen_k - (lo + n - 1) * BLOCK_N, VARLEN)
+                              seqlen_k - (lo + n - 1) * BLOCK_N, VARLEN,
+                              HAS_SOFTCAP != 2)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
             mbarrier.arrive(v_empty.index((t0 + n - 1) % V_STAGES), count=1)
         elif PERSISTENT:  # no key tile: one empty ping-pong round, so that every item takes n + 1 rounds
@@ -290,9 +285,9 @@ if AVAILABLE:
                     gl.thread_barrier()
                     store_rows(RESID, st2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
             else:
-                _store_tma(o_desc, r_desc, stage, acc, o, b_desc, q_row0 + row0, h, STORE_RESID)
+                store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, q_row0 + row0, h, STORE_RESID)
         else:
-            _store_tma(o_desc, r_desc, stage, acc, o, b_desc, row0, h, STORE_RESID)
+            store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, row0, h, STORE_RESID)
 
     @gluon.jit
     def _consumer_persistent(w: gl.constexpr, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
@@ -497,7 +492,8 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
         stride_lb, stride_lh, out.stride(1), out.stride(2), p.alibi_stride_b),
         dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.k_stages, V_STAGES=cfg.v_stages,
              CAUSAL=causal, WINDOW=window,
-             STORE_RESID=residual, HAS_SOFTCAP=p.softcap > 0, HAS_SINK=p.sink is not None, VARLEN=p.varlen,
+             STORE_RESID=residual, HAS_SOFTCAP=2 if softcap_fixed_max(p, q.dtype) else p.softcap > 0,
+             HAS_SINK=p.sink is not None, VARLEN=p.varlen,
              HAS_ALIBI=p.alibi_slopes is not None, USE_MAP=tiles is not None,
              CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, PERSISTENT=persistent,
              num_items=num_items),
