@@ -160,6 +160,7 @@ for stage in "$@"; do
     s19q) # v20b / v20c: softcap with Q pre-multiplied by qk_scale (TILEATTN_SOFTCAP_QSCALE=1) and with a fixed softmax
          # max (TILEATTN_SOFTCAP_FIXED_MAX=1), both opt-in: the softcap tests with both on (the fixed-max test sets
          # its own variable), then softcap / dense for QSCALE,FIXED_MAX = 00 10 01 11 twice at D=128, 00 11 at D=256
+         # (where only QSCALE applies: the fixed max is for D <= 128)
          TILEATTN_SOFTCAP_QSCALE=1 TILEATTN_SOFTCAP_FIXED_MAX=1 timeout 240 python3 -m pytest tests/test_gluon_forward.py \
            tests/test_features.py tests/test_flash_api.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
            -k "(softcap or fixed_max) and not compiles" 2>&1 | tee "$OUT/qscale_tests.log" | tail -4

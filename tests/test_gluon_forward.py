@@ -445,26 +445,28 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma():
 
 
 def test_softcap_fixed_max_scope(monkeypatch):
-    """softcap_fixed_max (opt-in TILEATTN_SOFTCAP_FIXED_MAX=1): bf16 softcap calls up to the limit without ALiBi;
-    never fp16, ALiBi, a larger softcap, or with the variable unset."""
+    """softcap_fixed_max (opt-in TILEATTN_SOFTCAP_FIXED_MAX=1): bf16 softcap calls up to the limit without ALiBi at
+    head dims up to 128; never fp16, ALiBi, a larger softcap, D=256, or with the variable unset."""
     from tileattn.kernels import gluon_common
     q = torch.zeros(1, 4, 2, 128, dtype=torch.bfloat16)
     fixed = gluon_common.softcap_fixed_max
     ffma = bool(gluon_common.SOFTCAP_FFMA.value)
     monkeypatch.delenv("TILEATTN_SOFTCAP_FIXED_MAX", raising=False)
-    assert not fixed(attn_params(q, q, softcap=30.0), torch.bfloat16)
+    assert not fixed(attn_params(q, q, softcap=30.0), torch.bfloat16, 128)
     monkeypatch.setenv("TILEATTN_SOFTCAP_FIXED_MAX", "1")
-    assert fixed(attn_params(q, q, softcap=30.0), torch.bfloat16) == ffma
+    assert fixed(attn_params(q, q, softcap=30.0), torch.bfloat16, 128) == ffma
+    assert fixed(attn_params(q, q, softcap=30.0), torch.bfloat16, 64) == ffma
+    assert not fixed(attn_params(q, q, softcap=30.0), torch.bfloat16, 256)
     limit = gluon_common.SOFTCAP_FIXED_MAX_LIMIT
-    assert fixed(attn_params(q, q, softcap=limit), torch.bfloat16) == ffma
-    assert not fixed(attn_params(q, q, softcap=limit * 1.01), torch.bfloat16)
-    assert not fixed(attn_params(q, q, softcap=30.0), torch.float16)
-    assert not fixed(attn_params(q, q), torch.bfloat16)
-    assert not fixed(attn_params(q, q, softcap=30.0, alibi_slopes=torch.zeros(2)), torch.bfloat16)
+    assert fixed(attn_params(q, q, softcap=limit), torch.bfloat16, 128) == ffma
+    assert not fixed(attn_params(q, q, softcap=limit * 1.01), torch.bfloat16, 128)
+    assert not fixed(attn_params(q, q, softcap=30.0), torch.float16, 128)
+    assert not fixed(attn_params(q, q), torch.bfloat16, 128)
+    assert not fixed(attn_params(q, q, softcap=30.0, alibi_slopes=torch.zeros(2)), torch.bfloat16, 128)
 
 
 FIXED_MAX_CASES = [(2, 777, 1031, 4, 2, 128, 5.0, dict(causal=True)), (1, 1031, 1031, 4, 4, 128, 50.0, {}),
-                   (2, 300, 1500, 4, 1, 256, 30.0, dict(causal=True, sink=True)),
+                   (2, 300, 1500, 4, 1, 128, 30.0, dict(causal=True, sink=True)),
                    (1, 999, 999, 2, 2, 128, 8.0, dict(window_size=(300, 40)))]
 
 
@@ -504,24 +506,29 @@ def test_softcap_fixed_max(case, extreme, spy, monkeypatch):
     assert seen and all(x == 2 for x in seen), "the fixed-max form did not run"
 
 
+SOFTCAP_FORMS = {
+    # the fold turned off (scores in log2 units, the form before v19g)
+    "log2-scores": ({"TILEATTN_SOFTCAP_FFMA": "0"},
+                    [("--head-dim", 128, "--softcap", "--persistent", "--spill-budget", 48),
+                     ("--head-dim", 128, "--causal", "--softcap", "--sink"),
+                     ("--head-dim", 64, "--softcap", "--persistent", "--fp16")]),
+    # Q pre-multiplied by qk_scale (v20b) with the fixed softmax max (v20c)
+    "q-scaled-fixed-max": ({"TILEATTN_SOFTCAP_QSCALE": "1"},
+                           [("--head-dim", 128, "--softcap-fixed-max", "--persistent", "--spill-budget", 48),
+                            ("--head-dim", 128, "--causal", "--softcap-fixed-max", "--sink"),
+                            ("--head-dim", 128, "--softcap-fixed-max", "--persistent", "--varlen", "--window",
+                             "--sink", "--spill-budget", 48)]),
+}
+
+
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
-@pytest.mark.parametrize("variant", [{"TILEATTN_SOFTCAP_FFMA": "0"}, {"TILEATTN_SOFTCAP_QSCALE": "1"},
-                                     {"TILEATTN_SOFTCAP_QSCALE": "1", "FIXED_MAX": "1"}],
-                         ids=["log2-scores", "q-scaled", "q-scaled-fixed-max"])
-def test_softcap_variants_compile_for_sm90(variant):
-    """The softcap forward's other forms (read at import): the fold turned off (TILEATTN_SOFTCAP_FFMA=0, scores in
-    log2 units, the form before v19g) and Q pre-multiplied by qk_scale in shared memory (opt-in
-    TILEATTN_SOFTCAP_QSCALE=1, v20b), also with the fixed softmax max (v20c): no spills, no serialised wgmma."""
-    variant = dict(variant)
-    softcap = "--softcap-fixed-max" if variant.pop("FIXED_MAX", None) else "--softcap"
-    assert_compiles([("--head-dim", 128, softcap, "--persistent", "--spill-budget", 48),
-                     ("--head-dim", 128, "--causal", softcap, "--sink"),
-                     ("--head-dim", 256, softcap),
-                     ("--head-dim", 128, softcap, "--persistent", "--varlen", "--window", "--sink",
-                      "--spill-budget", 48)]
-                    + ([] if softcap != "--softcap" else [("--head-dim", 64, "--softcap", "--persistent", "--fp16")]),
-                    env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1", **variant})
+@pytest.mark.parametrize("form", list(SOFTCAP_FORMS))
+def test_softcap_forms_compile_for_sm90(form):
+    """The softcap forward's other forms (TILEATTN_SOFTCAP_FFMA / TILEATTN_SOFTCAP_QSCALE are read at import, so
+    in a subprocess): no spills beyond the persistent kernel's budget, no serialised wgmma."""
+    env, variants = SOFTCAP_FORMS[form]
+    assert_compiles(variants, env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1", **env})
 
 
 PERSISTENT_COMPILE = [(128, False, ()), (128, True, ("--softcap", "--sink")), (64, True, ()), (64, False, ("--sink",)),

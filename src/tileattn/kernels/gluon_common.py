@@ -42,12 +42,13 @@ SOFTCAP_QSCALE = tl.constexpr(os.environ.get("TILEATTN_SOFTCAP_QSCALE", "0") == 
 SOFTCAP_FIXED_MAX_LIMIT = 50.0
 
 
-def softcap_fixed_max(p: AttnParams, dtype) -> bool:
+def softcap_fixed_max(p: AttnParams, dtype, head_dim: int) -> bool:
     """Whether a softcap call runs with a fixed softmax max of 0 (``TILEATTN_SOFTCAP_FIXED_MAX=1``, opt-in until
     measured, NOTES v20c): the fold on (SOFTCAP_FFMA), no ALiBi (unbounded scores), bf16 (P keeps fp32's exponent
-    range; fp16's would overflow), softcap <= SOFTCAP_FIXED_MAX_LIMIT."""
+    range; fp16's would overflow), softcap <= SOFTCAP_FIXED_MAX_LIMIT, head dim <= 128 (at 256 the kernel with a
+    sink spills 76 bytes)."""
     return (getenv("TILEATTN_SOFTCAP_FIXED_MAX") == "1" and 0 < p.softcap <= SOFTCAP_FIXED_MAX_LIMIT
-            and SOFTCAP_FFMA.value and p.alibi_slopes is None and dtype == torch.bfloat16)
+            and SOFTCAP_FFMA.value and p.alibi_slopes is None and dtype == torch.bfloat16 and head_dim <= 128)
 
 
 def window_bounds(p: AttnParams, seqlen_q: int, seqlen_k: int):
@@ -89,11 +90,15 @@ if AVAILABLE:
     def scale_smem(buf, scale, NUM_WARPS: gl.constexpr):
         """buf (rows, cols), a shared-memory tile that TMA filled and that an mbarrier wait made visible, times
         scale in place, by this partition's NUM_WARPS warps (each thread rewrites the elements it read); then
-        fenced for the async proxy (wgmma reads it next) and a barrier of the partition."""
+        fenced for the async proxy (wgmma reads it next) and a barrier of the partition. In chunks of rows of at
+        most 32 elements per thread (one load of a 64 x 256 tile would take 128 registers and spill)."""
         TPW_N: gl.constexpr = 32 if buf.shape[1] >= 256 else buf.shape[1] // 8
         layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_N, TPW_N], [NUM_WARPS, 1], [1, 0])
-        x = buf.load(layout)
-        buf.store((x.to(gl.float32) * scale).to(buf.dtype))
+        CHUNK: gl.constexpr = min(buf.shape[0], 32 * 32 * NUM_WARPS // buf.shape[1])
+        for c in gl.static_range(buf.shape[0] // CHUNK):
+            part = buf.slice(c * CHUNK, CHUNK)
+            x = part.load(layout)
+            part.store((x.to(gl.float32) * scale).to(buf.dtype))
         fence_async_shared()
         gl.thread_barrier()
 

@@ -492,7 +492,7 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
         stride_lb, stride_lh, out.stride(1), out.stride(2), p.alibi_stride_b),
         dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.k_stages, V_STAGES=cfg.v_stages,
              CAUSAL=causal, WINDOW=window,
-             STORE_RESID=residual, HAS_SOFTCAP=2 if softcap_fixed_max(p, q.dtype) else p.softcap > 0,
+             STORE_RESID=residual, HAS_SOFTCAP=2 if softcap_fixed_max(p, q.dtype, d) else p.softcap > 0,
              HAS_SINK=p.sink is not None, VARLEN=p.varlen,
              HAS_ALIBI=p.alibi_slopes is not None, USE_MAP=tiles is not None,
              CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, PERSISTENT=persistent,
