@@ -242,6 +242,18 @@ def test_persistent_matches_grid(case, dtype, spy, monkeypatch):
     test_features._check(q, k, v, randn((B, Sq, Hq, d), dtype, gen), entry="tileattn", ctx="gluon persistent", **kw)
 
 
+def record_launches(monkeypatch):
+    """A list that collects (grid, constexpr kwargs) of every Gluon forward launch from now on."""
+    seen = []
+    real = gluon_forward.launch
+
+    def launch(fn, grid, args, kw, *rest, **opts):
+        seen.append((grid, kw))
+        return real(fn, grid, args, kw, *rest, **opts)
+    monkeypatch.setattr(gluon_forward, "launch", launch)
+    return seen
+
+
 def set_schedule(monkeypatch, tilemap, persistent):
     """Force the Gluon forward's work list and persistent grid on ("1") or off ("0"), or leave them to the table
     (None: configs.gluon_forward_schedule)."""
@@ -288,13 +300,7 @@ def test_default_schedule_reaches_the_launch(spy, monkeypatch):
     from _flash_helpers import seqlens_to_cu
     from tileattn import configs
     set_schedule(monkeypatch, None, None)
-    seen = []
-    real = gluon_forward.launch
-
-    def launch(fn, grid, args, kw, *rest, **opts):
-        seen.append((grid, kw))
-        return real(fn, grid, args, kw, *rest, **opts)
-    monkeypatch.setattr(gluon_forward, "launch", launch)
+    seen = record_launches(monkeypatch)
     q = torch.randn(2, 2048, 16, 128, device="cuda", dtype=torch.bfloat16)
     sms = configs.sm_count(q.device)
     tileattn.attention(q, q, q)
@@ -480,13 +486,7 @@ def test_softcap_fixed_max(case, extreme, spy, monkeypatch):
     whole rows sit at -softcap, the smallest p = 2^-c, or at +softcap, the largest, with values of 1e-3 and 1e3)."""
     B, Sq, Sk, Hq, Hkv, d, softcap, feat = case
     monkeypatch.setenv("TILEATTN_SOFTCAP_FIXED_MAX", "1")
-    seen = []
-    real = gluon_forward.launch
-
-    def launch(fn, grid, args, kw, *rest, **opts):
-        seen.append(kw["HAS_SOFTCAP"])
-        return real(fn, grid, args, kw, *rest, **opts)
-    monkeypatch.setattr(gluon_forward, "launch", launch)
+    seen = record_launches(monkeypatch)
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, torch.bfloat16, seed_for("gluon-fixed-max", case[:7], extreme))
     if extreme:  # half the query rows score ~ -60 * softcap against every key, half ~ +60 * softcap
         with torch.no_grad():
@@ -503,7 +503,7 @@ def test_softcap_fixed_max(case, extreme, spy, monkeypatch):
     import test_features
     test_features._check(q, k, v, randn((B, Sq, Hq, d), torch.bfloat16, gen), entry="tileattn",
                          ctx="gluon softcap fixed max", **kw)
-    assert seen and all(x == 2 for x in seen), "the fixed-max form did not run"
+    assert seen and all(kw["HAS_SOFTCAP"] == 2 for _, kw in seen), "the fixed-max form did not run"
 
 
 SOFTCAP_FORMS = {

@@ -47,7 +47,7 @@ def softcap_fixed_max(p: AttnParams, dtype, head_dim: int) -> bool:
     measured, NOTES v20c): the fold on (SOFTCAP_FFMA), no ALiBi (unbounded scores), bf16 (P keeps fp32's exponent
     range; fp16's would overflow), softcap <= SOFTCAP_FIXED_MAX_LIMIT, head dim <= 128 (at 256 the kernel with a
     sink spills 76 bytes)."""
-    return (getenv("TILEATTN_SOFTCAP_FIXED_MAX") == "1" and 0 < p.softcap <= SOFTCAP_FIXED_MAX_LIMIT
+    return (0 < p.softcap <= SOFTCAP_FIXED_MAX_LIMIT and getenv("TILEATTN_SOFTCAP_FIXED_MAX") == "1"
             and SOFTCAP_FFMA.value and p.alibi_slopes is None and dtype == torch.bfloat16 and head_dim <= 128)
 
 

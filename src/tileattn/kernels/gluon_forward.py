@@ -204,10 +204,9 @@ if AVAILABLE:
         q_buf = q_smem.index(w)
         q2 = q_buf.reshape([HALF_M, HEAD_D])
         mbarrier.wait(q_bars.index(w), q_phase)
-        if SOFTCAP_QSCALE and SOFTCAP_FFMA and HAS_SOFTCAP and not HAS_ALIBI:  # what _softmax_tile expects
-            if n > 0:
-                scale_smem(q2, qk_scale, 4)
         if n > 0:
+            if SOFTCAP_QSCALE and SOFTCAP_FFMA and HAS_SOFTCAP and not HAS_ALIBI:  # what _softmax_tile expects
+                scale_smem(q2, qk_scale, 4)
             # FlashAttention-3's order: QK^T of tile j runs while O is rescaled, and P_{j-1} V_{j-1} runs while
             # tile j's softmax runs; nothing is in flight across the loop's back edge (ptxas serialises every
             # wgmma of the kernel when a register accumulator stays in flight there and is read after a wait).
