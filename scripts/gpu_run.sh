@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s19q bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s19q s20 bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -170,6 +170,16 @@ for stage in "$@"; do
              TILEATTN_SOFTCAP_QSCALE=${v:0:1} TILEATTN_SOFTCAP_FIXED_MAX=${v:1:1} python3 -m tileattn.bench_features \
                --seqlens 2048,8192 --head-dim $d --cases dense,softcap 2>&1 | grep -v "^#"; done; done \
            | tee "$OUT/qscale.log"; else status=1; fi ;;
+    s20) # session 18: softcap forms' speed (softcap / dense; QSCALE,FIXED_MAX = 00 10 01, twice) and the split
+         # dK/dV D=128 backward speed (its accuracy passed in run 4 of session 18) without re-running the tests
+         for v in 00 10 01 00 10 01; do echo "== D=128 SOFTCAP_QSCALE=${v:0:1} SOFTCAP_FIXED_MAX=${v:1:1}"
+           TILEATTN_SOFTCAP_QSCALE=${v:0:1} TILEATTN_SOFTCAP_FIXED_MAX=${v:1:1} timeout 90 python3 -m tileattn.bench_features \
+             --seqlens 2048,8192 --head-dim 128 --cases dense,softcap 2>&1 | grep -v "^#"; done | tee "$OUT/qscale.log"
+         for c in default 64,3,240,24,168,1,1 64,3,240,24,168,0,1; do echo "== dK/dV $c"
+           if [ "$c" = default ]; then unset TILEATTN_GLUON_BWD_CONFIG; else export TILEATTN_GLUON_BWD_CONFIG=$c; fi
+           timeout 120 python3 -m tileattn.bench --head-dims 128 --modes bwd --providers tileattn,sdpa_cudnn --no-plot \
+             --out-dir "$OUT/split128_$(echo $c | tr , _)" 2>&1 | grep -A8 "== bwd" | grep -v "^$"; done | tee "$OUT/split128.log"
+         unset TILEATTN_GLUON_BWD_CONFIG ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;

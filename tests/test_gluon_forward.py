@@ -370,7 +370,9 @@ def test_varlen_through_gluon(feat, d, mode, spy, monkeypatch):
     out0, lse0, _ = tileattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), sink=sink,
                                                     return_attn_probs=True, **kw)
     torch.testing.assert_close(lse, lse0, atol=1e-4, rtol=0)
-    torch.testing.assert_close(out.float(), out0.float(), atol=2 ** -7, rtol=0)
+    # one bf16 rounding apart at any magnitude (2**-7 alone is one step only below 2; values near 2 occur in rows
+    # with one or two keys)
+    torch.testing.assert_close(out.float(), out0.float(), atol=2 ** -7, rtol=2 ** -8)
 
 
 @hopper
@@ -451,15 +453,15 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma():
 
 
 def test_softcap_fixed_max_scope(monkeypatch):
-    """softcap_fixed_max (opt-in TILEATTN_SOFTCAP_FIXED_MAX=1): bf16 softcap calls up to the limit without ALiBi at
-    head dims up to 128; never fp16, ALiBi, a larger softcap, D=256, or with the variable unset."""
+    """softcap_fixed_max (default; TILEATTN_SOFTCAP_FIXED_MAX=0 opts out): bf16 softcap calls up to the limit
+    without ALiBi at head dims up to 128; never fp16, ALiBi, a larger softcap, D=256, or with the variable 0."""
     from tileattn.kernels import gluon_common
     q = torch.zeros(1, 4, 2, 128, dtype=torch.bfloat16)
     fixed = gluon_common.softcap_fixed_max
     ffma = bool(gluon_common.SOFTCAP_FFMA.value)
-    monkeypatch.delenv("TILEATTN_SOFTCAP_FIXED_MAX", raising=False)
+    monkeypatch.setenv("TILEATTN_SOFTCAP_FIXED_MAX", "0")
     assert not fixed(attn_params(q, q, softcap=30.0), torch.bfloat16, 128)
-    monkeypatch.setenv("TILEATTN_SOFTCAP_FIXED_MAX", "1")
+    monkeypatch.delenv("TILEATTN_SOFTCAP_FIXED_MAX", raising=False)
     assert fixed(attn_params(q, q, softcap=30.0), torch.bfloat16, 128) == ffma
     assert fixed(attn_params(q, q, softcap=30.0), torch.bfloat16, 64) == ffma
     assert not fixed(attn_params(q, q, softcap=30.0), torch.bfloat16, 256)
