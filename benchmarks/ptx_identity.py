@@ -16,7 +16,8 @@ import gluon_compile as gc  # noqa: E402
 
 FWD = [dict(d=128), dict(d=128, causal=True), dict(d=64), dict(d=256, causal=True),
        dict(d=128, causal=True, softcap=True, sink=True), dict(d=128, window=True), dict(d=128, fp16=True),
-       dict(d=128, varlen=True), dict(d=128, causal=True, varlen=True, tile_map=True), dict(d=128, alibi=True)]
+       dict(d=128, varlen=True), dict(d=128, causal=True, varlen=True, tile_map=True), dict(d=128, alibi=True),
+       dict(d=128, softcap=2, persistent=True), dict(d=64, causal=True, softcap=2, sink=True)]
 BWD = [dict(d=128), dict(d=128, causal=True), dict(d=64), dict(d=64, causal=True, fp16=True),
        dict(d=128, causal=True, varlen=True), dict(d=128, window=True), dict(d=128, softcap=True, alibi=True),
        dict(d=256), dict(d=256, causal=True)]

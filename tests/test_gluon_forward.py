@@ -514,12 +514,12 @@ SOFTCAP_FORMS = {
                     [("--head-dim", 128, "--softcap", "--persistent", "--spill-budget", 48),
                      ("--head-dim", 128, "--causal", "--softcap", "--sink"),
                      ("--head-dim", 64, "--softcap", "--persistent", "--fp16")]),
-    # Q pre-multiplied by qk_scale (v20b) with the fixed softmax max (v20c)
-    "q-scaled-fixed-max": ({"TILEATTN_SOFTCAP_QSCALE": "1"},
-                           [("--head-dim", 128, "--softcap-fixed-max", "--persistent", "--spill-budget", 48),
-                            ("--head-dim", 128, "--causal", "--softcap-fixed-max", "--sink"),
-                            ("--head-dim", 128, "--softcap-fixed-max", "--persistent", "--varlen", "--window",
-                             "--sink", "--spill-budget", 48)]),
+    # the fixed softmax max (v20c, the default for bf16 softcap <= 50 at D <= 128)
+    "fixed-max": ({},
+                  [("--head-dim", 128, "--softcap-fixed-max", "--persistent", "--spill-budget", 48),
+                   ("--head-dim", 128, "--causal", "--softcap-fixed-max", "--sink"),
+                   ("--head-dim", 128, "--softcap-fixed-max", "--persistent", "--varlen", "--window", "--sink",
+                    "--spill-budget", 48)]),
 }
 
 
@@ -527,8 +527,8 @@ SOFTCAP_FORMS = {
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
 @pytest.mark.parametrize("form", list(SOFTCAP_FORMS))
 def test_softcap_forms_compile_for_sm90(form):
-    """The softcap forward's other forms (TILEATTN_SOFTCAP_FFMA / TILEATTN_SOFTCAP_QSCALE are read at import, so
-    in a subprocess): no spills beyond the persistent kernel's budget, no serialised wgmma."""
+    """The softcap forward's other forms (TILEATTN_SOFTCAP_FFMA is read at import, so in a
+    subprocess): no spills beyond the persistent kernel's budget, no serialised wgmma."""
     env, variants = SOFTCAP_FORMS[form]
     assert_compiles(variants, env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1", **env})
 

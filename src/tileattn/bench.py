@@ -84,7 +84,7 @@ SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float6
 
 CSV_COLUMNS = ("provider", "head_dim", "causal", "seqlen", "batch", "heads", "mode", "ms", "tflops", "device",
                "dtype", "status", "note", "max_abs_diff", "first_call_s", "commit", "timestamp", "tag", "torch",
-               "triton", "tileattn")
+               "triton", "tileattn", "sm_clock_mhz")
 
 
 # ----------------------------------------------------------------------------------------------- pure helpers
@@ -161,6 +161,8 @@ class Result:
     max_abs_diff: float = float("nan")  # tileattn vs SDPA output (--check)
     first_call_s: float = float("nan")  # warm-up call (compilation / JIT) wall time
     bench_s: float = float("nan")  # wall time spent in the timer
+    sm_clock_mhz: float = float("nan")  # median SM clock over the timing (bench_clock; NaN without nvidia-smi)
+    bench_window: Optional[Tuple[float, float]] = None  # time.time() at the timing's start and end
 
     @classmethod
     def of(cls, provider: str, shape: Shape, mode: str, ms: float = float("nan"), status: str = "ok",
@@ -318,7 +320,8 @@ def write_csv(results: Sequence[Result], path: str, meta: Optional[Dict[str, str
             row.update(provider=r.provider, head_dim=r.head_dim, causal=r.causal, seqlen=r.seqlen,
                        batch=r.batch, heads=r.heads, mode=r.mode, ms=_csv_float(r.ms, ".6g"),
                        tflops=_csv_float(r.tflops, ".4g"), status=r.status, note=r.note,
-                       max_abs_diff=_csv_float(r.max_abs_diff, ".3e"), first_call_s=_csv_float(r.first_call_s, ".3g"))
+                       max_abs_diff=_csv_float(r.max_abs_diff, ".3e"), first_call_s=_csv_float(r.first_call_s, ".3g"),
+                       sm_clock_mhz=_csv_float(r.sm_clock_mhz, ".0f"))
             w.writerow(row)
     os.replace(tmp, path)
     return path
@@ -339,7 +342,8 @@ def read_csv(path: str) -> List[Result]:
                               ms=float(row["ms"] or "nan"), tflops=float(row["tflops"] or "nan"),
                               status=row.get("status") or "ok", note=row.get("note") or "",
                               max_abs_diff=float(row.get("max_abs_diff") or "nan"),
-                              first_call_s=float(row.get("first_call_s") or "nan")))
+                              first_call_s=float(row.get("first_call_s") or "nan"),
+                              sm_clock_mhz=float(row.get("sm_clock_mhz") or "nan")))
     return out
 
 
@@ -855,16 +859,16 @@ def _measure_one(provider: Provider, shape: Shape, mode: str, q, k, v, dout, ben
                     eager = [str(w.message) for w in wlist if "without torch.compile" in str(w.message)]
                     if eager:
                         raise RuntimeError("flex_attention ran eagerly (unfused): " + eager[0][:120])
-                    t1 = time.perf_counter()
+                    t1, w0 = time.perf_counter(), time.time()
                     ms = bench(fn, leaves)
-                    bench_s = time.perf_counter() - t1
+                    bench_s, w1 = time.perf_counter() - t1, time.time()
             finally:
                 caught = [str(w.message) for w in wlist]
                 fn = None  # drop a saved forward graph (bwd mode)
         if first_s > 5 and log is not None:
             log(f"  ({provider.name} {mode} {shape.label()}: first call took {first_s:.1f} s)")
         r = Result.of(provider.name, shape, mode, ms=ms)
-        r.first_call_s, r.bench_s = first_s, bench_s
+        r.first_call_s, r.bench_s, r.bench_window = first_s, bench_s, (w0, w1)
         return r
     except Exception as e:  # noqa: BLE001 - any failure becomes a NaN row
         status, note = classify_error(e, caught)
@@ -1080,6 +1084,18 @@ def format_header(info: Dict[str, str], args: Optional[argparse.Namespace] = Non
     return "\n".join(lines)
 
 
+def fill_clocks(results: Sequence[Result], clock) -> str:
+    """Set each timed result's ``sm_clock_mhz`` from ``clock`` (a bench_clock.ClockSampler, or None) where its
+    samples have arrived; return the report's clock line (bench_clock.slow_clock_note), '' without samples."""
+    if clock is None:
+        return ""
+    from .bench_clock import slow_clock_note
+    for r in results:
+        if r.bench_window is not None and not math.isfinite(r.sm_clock_mhz):
+            r.sm_clock_mhz = clock.median(*r.bench_window)
+    return slow_clock_note(results)
+
+
 def format_time_split(results: Sequence[Result]) -> str:
     """Wall time per provider: warm-up calls (compilation / JIT / autotuning) and timing."""
     parts = []
@@ -1114,6 +1130,12 @@ def run_benchmark(args: argparse.Namespace, device=None, bench: Optional[BenchFn
     base = os.path.join(args.out_dir, output_basename(args.prefix, info["device"], args.dtype_name, args.tag))
     csv_path, txt_path, png_path = base + ".csv", base + ".txt", base + ".png"
     progress = Progress(len(shapes) * len(args.providers) * len(args.modes))
+    clock = None
+    if getattr(device, "type", "cpu") == "cuda":  # the SM clock beside every timing (bench_clock)
+        from .bench_clock import ClockSampler, nvml_index
+        clock = ClockSampler(nvml_index(device.index if device.index is not None else torch.cuda.current_device()))
+        if not clock.start():
+            clock = None
     t_start = time.perf_counter()
     log_lines: List[str] = []
     plain_log = progress.log
@@ -1126,12 +1148,14 @@ def run_benchmark(args: argparse.Namespace, device=None, bench: Optional[BenchFn
     results: List[Result] = []
 
     def write_reports(final: bool, interrupted: bool = False) -> Tuple[str, str]:
+        clock_note = fill_clocks(results, clock)
         write_csv(results, csv_path, info)
         summary = format_summary(results, args.providers)
         n_ok = sum(r.status == "ok" for r in results)
         footer = (f"{n_ok} of {len(results)} measurements ok, {time.perf_counter() - t_start:.0f} s in all"
                   + ("" if final and not interrupted else " (partial: interrupted)" if interrupted
-                     else " (partial: still running)") + "\n" + format_time_split(results))
+                     else " (partial: still running)") + "\n" + format_time_split(results)
+                  + ("\n" + clock_note if clock_note else ""))
         checks = [ln for ln in log_lines if ln.startswith("check ")]
         with open(txt_path + ".tmp", "w") as f:
             f.write(header + "\n\n")
@@ -1168,6 +1192,11 @@ def run_benchmark(args: argparse.Namespace, device=None, bench: Optional[BenchFn
         interrupted = True
     finally:
         progress.close()
+        if clock is not None:
+            last = max((r.bench_window[1] for r in results if r.bench_window), default=None)
+            if last is not None:
+                clock.settle(last)
+            clock.stop()
         if old_term is not None:
             import signal
             signal.signal(signal.SIGTERM, old_term)

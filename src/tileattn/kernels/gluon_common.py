@@ -31,10 +31,6 @@ except ImportError:  # pragma: no cover - older triton
 # folded into the FFMA with the row max (one FMUL per score less: 3000 of the D=128 softcap kernel's 64927 SASS
 # instructions); 0 restores the scores in log2 units
 SOFTCAP_FFMA = tl.constexpr(os.environ.get("TILEATTN_SOFTCAP_FFMA", "1") != "0")
-# TILEATTN_SOFTCAP_QSCALE=1 (read at import; opt-in until measured, NOTES v20b): with the fold (and without ALiBi),
-# softcap calls multiply Q by qk_scale in shared memory once per query tile, so the tanh takes q.k as it comes out of
-# the wgmma (one FMUL per score less; Q is rounded once more, to the input dtype)
-SOFTCAP_QSCALE = tl.constexpr(os.environ.get("TILEATTN_SOFTCAP_QSCALE", "0") == "1")
 
 
 # the softcap bound below which the fixed max applies: p = exp2(softcap * log2 e * t) stays within [2^-72.2, 2^72.2],
@@ -85,22 +81,6 @@ if AVAILABLE:
         else:
             t = 1.0 - 2.0 / (gl.exp(2.0 * x) + 1.0)
         return t
-
-    @gluon.jit
-    def scale_smem(buf, scale, NUM_WARPS: gl.constexpr):
-        """buf (rows, cols), a shared-memory tile that TMA filled and that an mbarrier wait made visible, times
-        scale in place, by this partition's NUM_WARPS warps (each thread rewrites the elements it read); then
-        fenced for the async proxy (wgmma reads it next) and a barrier of the partition. In chunks of rows of at
-        most 32 elements per thread (one load of a 64 x 256 tile would take 128 registers and spill)."""
-        TPW_N: gl.constexpr = 32 if buf.shape[1] >= 256 else buf.shape[1] // 8
-        layout: gl.constexpr = gl.BlockedLayout([1, 8], [32 // TPW_N, TPW_N], [NUM_WARPS, 1], [1, 0])
-        CHUNK: gl.constexpr = min(buf.shape[0], 32 * 32 * NUM_WARPS // buf.shape[1])
-        for c in gl.static_range(buf.shape[0] // CHUNK):
-            part = buf.slice(c * CHUNK, CHUNK)
-            x = part.load(layout)
-            part.store((x.to(gl.float32) * scale).to(buf.dtype))
-        fence_async_shared()
-        gl.thread_barrier()
 
     @gluon.jit
     def store_tile_tma(o_desc, r_desc, q_buf, acc, o, b, row, h, STORE_RESID: gl.constexpr):

@@ -36,8 +36,8 @@ if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from .gluon_common import (SOFTCAP_FFMA, SOFTCAP_QSCALE, _tanh, feature_scores, item_bounds, load_kv_ring,
-                               persistent_item, scale_smem, store_rows, store_tile_tma, zero_rows_from)
+    from .gluon_common import (SOFTCAP_FFMA, _tanh, feature_scores, item_bounds, load_kv_ring, persistent_item,
+                               store_rows, store_tile_tma, zero_rows_from)
 
     @gluon.jit
     def _softmax_tile(s, j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap, win_left,
@@ -57,10 +57,7 @@ if AVAILABLE:
             s, _ = feature_scores(s, qk_scale, softcap, slope, (rows + diag).to(gl.float32)[:, None],
                                   (j * s.shape[1] + cols).to(gl.float32)[None, :], HAS_SOFTCAP, HAS_ALIBI, IS_BF16)
         elif HAS_SOFTCAP:  # SOFTCAP_FFMA: s = tanh(...), softcap the scale, so softcap * t joins the exp2's FFMA
-            if SOFTCAP_QSCALE:  # Q came pre-multiplied by qk_scale (_consumer)
-                s = _tanh(s, IS_BF16)
-            else:
-                s = _tanh(s * qk_scale, IS_BF16)
+            s = _tanh(s * qk_scale, IS_BF16)
             scale = softcap
         masked = j >= n_full
         if WINDOW:
@@ -205,8 +202,6 @@ if AVAILABLE:
         q2 = q_buf.reshape([HALF_M, HEAD_D])
         mbarrier.wait(q_bars.index(w), q_phase)
         if n > 0:
-            if SOFTCAP_QSCALE and SOFTCAP_FFMA and HAS_SOFTCAP and not HAS_ALIBI:  # what _softmax_tile expects
-                scale_smem(q2, qk_scale, 4)
             # FlashAttention-3's order: QK^T of tile j runs while O is rescaled, and P_{j-1} V_{j-1} runs while
             # tile j's softmax runs; nothing is in flight across the loop's back edge (ptxas serialises every
             # wgmma of the kernel when a register accumulator stays in flight there and is read after a wait).
