@@ -26,7 +26,7 @@ from tileattn.kernels import gluon_forward as gf  # noqa: E402
 
 
 def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=False, fp16=False, window=False,
-                varlen=False, alibi=False, tile_map=False, persistent=False):
+                varlen=False, alibi=False, tile_map=False, persistent=False, flat=False):
     from tileattn import configs
     c = configs._GLUON_FWD[d]  # the table entry, whether on by default or not
     bn, ks, vs, creg, preg, maxnreg = cfg or (c.block_n, c.k_stages, c.v_stages, c.consumer_regs, c.producer_regs,
@@ -43,7 +43,7 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=causal, STORE_RESID=resid,
                   HAS_SOFTCAP=softcap, HAS_SINK=sink, WINDOW=window, VARLEN=varlen, HAS_ALIBI=alibi,
                   USE_MAP=tile_map, CONSUMER_REGS=creg,
-                  PRODUCER_REGS=preg, PERSISTENT=persistent)
+                  PRODUCER_REGS=preg, PERSISTENT=persistent or flat, FLAT=flat)  # flat: kernels/gluon_flat.py
     fn = gf._fwd_kernel
     for name in fn.arg_names:
         if name not in sig:
@@ -145,6 +145,7 @@ def main(argv=None):
     ap.add_argument("--alibi", action="store_true", help="ALiBi slopes")
     ap.add_argument("--tile-map", action="store_true", help="with --varlen: the forward's work list")
     ap.add_argument("--persistent", action="store_true", help="the persistent forward")
+    ap.add_argument("--flat", action="store_true", help="the persistent forward, one pipeline across items")
     ap.add_argument("--varlen", action="store_true", help="the packed varlen variant (forward, --bwd or --dq)")
     ap.add_argument("--dq", action="store_true", help="the dQ backward kernel instead (--config bn,kstages,creg,"
                     "preg,maxnreg; --no-resid: delta from the rounded O; --dlse)")
@@ -168,7 +169,7 @@ def main(argv=None):
     else:
         softcap = 2 if a.softcap_fixed_max else a.softcap
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, softcap, a.sink, a.fp16, a.window, a.varlen,
-                        a.alibi, a.tile_map, a.persistent)
+                        a.alibi, a.tile_map, a.persistent, a.flat)
     if a.check:
         report = ptxas_messages(k.asm["ptx"])
         print(report)

@@ -435,3 +435,16 @@ def test_decode_plot_and_cli(tmp_path, capsys):
         return
     path = plot_decode(rows, str(tmp_path / "decode.png"))
     assert path and (tmp_path / "decode.png").stat().st_size > 1000
+
+
+def test_env_providers_set_and_restore(monkeypatch):
+    """An extra provider switches its variables on while it runs and restores them after: one pair
+    (tileattn_grid) or several (tileattn_flat: the persistent grid and the flat pipeline)."""
+    monkeypatch.delenv("TILEATTN_GLUON_FLAT", raising=False)
+    monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "0")
+    with bench.make_provider("tileattn_flat").context():
+        assert os.environ["TILEATTN_GLUON_PERSISTENT"] == "1" and os.environ["TILEATTN_GLUON_FLAT"] == "1"
+    assert os.environ["TILEATTN_GLUON_PERSISTENT"] == "0" and "TILEATTN_GLUON_FLAT" not in os.environ
+    with bench.make_provider("tileattn_grid").context():
+        assert os.environ["TILEATTN_GLUON_PERSISTENT"] == "0"
+    assert "tileattn_flat" in bench.EXTRA_PROVIDERS

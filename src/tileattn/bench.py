@@ -61,7 +61,9 @@ PROVIDERS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 # tileattn_triton = the portable Triton kernels where the Hopper Gluon kernels would run (TILEATTN_GLUON=0);
 # tileattn_gluon_all = the Gluon kernels with their table entries not yet measured as well (TILEATTN_GLUON=all);
 # tileattn_persistent / tileattn_grid = the Gluon forward always / never on a persistent grid
-# (TILEATTN_GLUON_PERSISTENT=1 / 0, D <= 128; unset, configs.gluon_forward_schedule decides).
+# (TILEATTN_GLUON_PERSISTENT=1 / 0, D <= 128; unset, configs.gluon_forward_schedule decides);
+# tileattn_flat = the persistent grid with one pipeline across its items (TILEATTN_GLUON_FLAT=1, kernels/gluon_flat.py;
+# the persistent grid forced on too, so causal calls take it). A value is one (variable, value) pair or a tuple of them.
 ENV_PROVIDERS = {"tileattn_triton": ("TILEATTN_GLUON", "0"), "tileattn_gluon_all": ("TILEATTN_GLUON", "all"),
                  "tileattn_persistent": ("TILEATTN_GLUON_PERSISTENT", "1"),
                  "tileattn_grid": ("TILEATTN_GLUON_PERSISTENT", "0"),
@@ -69,7 +71,8 @@ ENV_PROVIDERS = {"tileattn_triton": ("TILEATTN_GLUON", "0"), "tileattn_gluon_all
                  "tileattn_split": ("TILEATTN_FWD_EDGES", "split"),
                  "tileattn_merged": ("TILEATTN_FWD_EDGES", "merged"),
                  "tileattn_correct": ("TILEATTN_DELTA", "correct"),
-                 "tileattn_rounded": ("TILEATTN_DELTA", "rounded")}
+                 "tileattn_rounded": ("TILEATTN_DELTA", "rounded"),
+                 "tileattn_flat": (("TILEATTN_GLUON_PERSISTENT", "1"), ("TILEATTN_GLUON_FLAT", "1"))}
 EXTRA_PROVIDERS = tuple(ENV_PROVIDERS)
 ANCHOR_LABELS = {"sdpa_flash": "flash", "sdpa_cudnn": "cudnn", "sdpa_efficient": "effic", "flex": "flex"}
 MODES = ("fwd", "bwd", "fwd_bwd")
@@ -635,10 +638,14 @@ class TileattnEnvProvider(TileattnProvider):
     """tileattn with an opt-in mode switched on by an environment variable while it runs."""
     def __init__(self, name: str):
         super().__init__()
-        self.name, (self._var, self._value) = name, ENV_PROVIDERS[name]
+        pairs = ENV_PROVIDERS[name]
+        self.name, self._pairs = name, pairs if isinstance(pairs[0], tuple) else (pairs,)
 
     def context(self):
-        return env_var(self._var, self._value)
+        stack = contextlib.ExitStack()
+        for var, value in self._pairs:
+            stack.enter_context(env_var(var, value))
+        return stack
 
 
 class SdpaProvider(Provider):

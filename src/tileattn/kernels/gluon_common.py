@@ -39,10 +39,10 @@ SOFTCAP_FIXED_MAX_LIMIT = 50.0
 
 
 def softcap_fixed_max(p: AttnParams, dtype, head_dim: int) -> bool:
-    """Whether a softcap call runs with a fixed softmax max of 0 (default since session 18, +4-8% at D=128 on the
-    H200; ``TILEATTN_SOFTCAP_FIXED_MAX=0`` opts out; NOTES v20c): the fold on (SOFTCAP_FFMA), no ALiBi (unbounded scores), bf16 (P keeps fp32's exponent
-    range; fp16's would overflow), softcap <= SOFTCAP_FIXED_MAX_LIMIT, head dim <= 128 (at 256 the kernel with a
-    sink spills 76 bytes)."""
+    """Whether a softcap call runs with a fixed softmax max of 0 (default since session 18, +2-8% at D=128 on the
+    H200; ``TILEATTN_SOFTCAP_FIXED_MAX=0`` opts out; NOTES v20c): the fold on (SOFTCAP_FFMA), no ALiBi (unbounded
+    scores), bf16 (P keeps fp32's exponent range; fp16's would overflow), softcap <= SOFTCAP_FIXED_MAX_LIMIT, head
+    dim <= 128 (at 256 the kernel with a sink spills 76 bytes)."""
     return (0 < p.softcap <= SOFTCAP_FIXED_MAX_LIMIT and getenv("TILEATTN_SOFTCAP_FIXED_MAX") != "0"
             and SOFTCAP_FFMA.value and p.alibi_slopes is None and dtype == torch.bfloat16 and head_dim <= 128)
 
@@ -340,3 +340,60 @@ if AVAILABLE:
         if HAS_SOFTCAP:  # through the tanh: g = 1 - tanh^2 (``dkdv_probs``)
             ds = ds * g
         return ds
+
+    @gluon.jit
+    def row_bounds(row0, seqlen_q, seqlen_k, win_left, win_right, s_layout: gl.constexpr, HALF_M: gl.constexpr,
+                   BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
+        """A warpgroup's rows row0 .. row0 + HALF_M - 1 (in s_layout's row slice), a key tile's columns, the causal
+        diagonal's offset and its full key tiles [full_lo, n_full): every key of them visible to every row."""
+        rows = row0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
+        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
+        diag = seqlen_k - seqlen_q
+        n_full = seqlen_k // BLOCK_N
+        if CAUSAL:
+            n_full = gl.minimum(n_full, gl.maximum(row0 + diag + 1, 0) // BLOCK_N)
+        full_lo = 0
+        if WINDOW:  # full tiles: every key visible to every row of this warpgroup
+            n_full = gl.minimum(n_full, gl.maximum(row0 + diag + win_right + 1, 0) // BLOCK_N)
+            full_lo = gl.cdiv(gl.maximum(row0 + HALF_M - 1 + diag - win_left, 0), BLOCK_N)
+        return rows, cols, diag, n_full, full_lo
+
+    @gluon.jit
+    def epilogue(acc, m_i, l_i, stage, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
+                 b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M: gl.constexpr, HEAD_D: gl.constexpr,
+                 STORE_RESID: gl.constexpr, HAS_SINK: gl.constexpr, VARLEN: gl.constexpr):
+        """The Gluon forward's epilogue for a warpgroup's rows after their last key tile: the sink joins the
+        denominator, out = acc / l and lse are stored (out through ``stage``, a dead (1, HALF_M, 1, HEAD_D) shared
+        buffer, by TMA; a varlen sequence's last rows by masked pointer stores)."""
+        dtype: gl.constexpr = o_desc.dtype
+        o_layout: gl.constexpr = acc.type.layout
+        if HAS_SINK:  # the sink joins the denominator with no value
+            sink = gl.load(SINK + h).to(gl.float32) * 1.4426950408889634
+            m_new = gl.maximum(m_i, sink)
+            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a -inf sink on a row with no key: stay 0 / -inf
+            alpha = gl.exp2(m_i - m_use)
+            l_i = l_i * alpha + gl.exp2(sink - m_use)
+            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
+            m_i = m_new
+        # rows that saw no key: l = 0, m = -inf -> out 0, lse -inf
+        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
+        acc = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
+        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
+        gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_row0 + rows, lse,
+                 mask=rows < seqlen_q)
+        o = acc.to(dtype)
+        st2 = stage.reshape([HALF_M, HEAD_D])
+        if VARLEN:
+            if row0 + HALF_M > seqlen_q:  # the sequence's last rows (or none): masked pointer stores
+                st2.store(o)
+                gl.thread_barrier()
+                store_rows(O, st2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
+                if STORE_RESID:
+                    gl.thread_barrier()
+                    st2.store((acc - o.to(gl.float32)).to(dtype))
+                    gl.thread_barrier()
+                    store_rows(RESID, st2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
+            else:
+                store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, q_row0 + row0, h, STORE_RESID)
+        else:
+            store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, row0, h, STORE_RESID)

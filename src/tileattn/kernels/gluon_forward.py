@@ -11,7 +11,9 @@ keys, 128, 256 from 1024 keys or 2048 when causal), batched inputs, and packed v
 (``TILEATTN_GLUON_VARLEN=0`` opts out; see ``attention_forward``), no paging or dropout, causal or not
 (bottom-right aligned like the portable kernel). Softcap, sink, ALiBi and sliding windows (the key-tile range
 [lo, hi) shared by both warpgroups, edge tiles masked) are constexpr features of the kernel (D=64 takes the portable
-kernel for softcap, ALiBi and windows: faster there for the first two, measured).
+kernel for softcap, ALiBi and windows: faster there for the first two, measured). Calls whose tiles see about the
+same number of keys run on a persistent grid (``configs.gluon_forward_schedule``); ``TILEATTN_GLUON_FLAT=1`` runs
+that grid with one software pipeline across a program's tiles (``gluon_flat.py``, opt-in until measured).
 Every other call, and every other GPU, takes the portable Triton kernel in ``forward.py``; both produce the same
 outputs (out, lse, and the rounding residual for the backward), checked against the same reference in the tests.
 
@@ -36,8 +38,8 @@ if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from .gluon_common import (SOFTCAP_FFMA, _tanh, feature_scores, item_bounds, load_kv_ring, persistent_item,
-                               store_rows, store_tile_tma, zero_rows_from)
+    from .gluon_common import (SOFTCAP_FFMA, _tanh, epilogue, feature_scores, item_bounds, load_kv_ring,
+                               persistent_item, row_bounds, zero_rows_from)
 
     @gluon.jit
     def _softmax_tile(s, j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap, win_left,
@@ -48,7 +50,7 @@ if AVAILABLE:
         that have seen no key keep m = -inf. With a softcap the scores become softcap * tanh(q.k * qk_scale)
         (softcap pre-multiplied by log2 e); with a window, row r sees keys [r + diag - win_left, r + diag +
         win_right]; ALiBi subtracts slope * |r + diag - key| (slope in log2 units; positions as fp32, exact below
-        2^24), on every tile. HAS_SOFTCAP == 2 (the fold, no ALiBi, bf16, softcap <= 50; opt-in, NOTES v20c): the
+        2^24), on every tile. HAS_SOFTCAP == 2 (the fold, no ALiBi, bf16, softcap <= 50; the default, NOTES v20c): the
         max stays 0, as softcap * t <= softcap bounds every score: p = exp2(softcap * t) in [2^-c, 2^c] (c = softcap
         * log2 e <= 72.2), no row max and alpha = 1 (the caller skips O's rescale)."""
         scale = qk_scale  # what s is multiplied by inside the exp2 (FFMA with the max), unless s is in log2 units
@@ -178,16 +180,8 @@ if AVAILABLE:
                                                            instr_shape=[16, HEAD_D, 16])
         p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         row0 = start_m + w * HALF_M
-        rows = row0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
-        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        diag = seqlen_k - seqlen_q
-        n_full = seqlen_k // BLOCK_N
-        if CAUSAL:
-            n_full = gl.minimum(n_full, gl.maximum(row0 + diag + 1, 0) // BLOCK_N)
-        full_lo = 0
-        if WINDOW:  # full tiles: every key visible to every row of this warpgroup
-            n_full = gl.minimum(n_full, gl.maximum(row0 + diag + win_right + 1, 0) // BLOCK_N)
-            full_lo = gl.cdiv(gl.maximum(row0 + HALF_M - 1 + diag - win_left, 0), BLOCK_N)
+        rows, cols, diag, n_full, full_lo = row_bounds(row0, seqlen_q, seqlen_k, win_left, win_right, s_layout,
+                                                       HALF_M, BLOCK_N, CAUSAL, WINDOW)
         slope = 0.0
         if HAS_ALIBI:
             slope = gl.load(ALIBI_B + h).to(gl.float32) * 1.4426950408889634
@@ -247,41 +241,13 @@ if AVAILABLE:
             _turn_wait(turn, w, r0)
             mbarrier.arrive(turn.index(1 - w), count=1)
 
-        if HAS_SINK:  # the sink joins the denominator with no value
-            sink = gl.load(SINK + h).to(gl.float32) * 1.4426950408889634
-            m_new = gl.maximum(m_i, sink)
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)  # a -inf sink on a row with no key: stay 0 / -inf
-            alpha = gl.exp2(m_i - m_use)
-            l_i = l_i * alpha + gl.exp2(sink - m_use)
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, o_layout))[:, None]
-            m_i = m_new
-        # rows that saw no key: l = 0, m = -inf -> out 0, lse -inf
-        l_safe = gl.where(l_i == 0.0, 1.0, l_i)
-        acc = acc / gl.convert_layout(l_safe, gl.SliceLayout(1, o_layout))[:, None]
-        lse = (m_i + gl.log2(l_i)) * 0.6931471805599453
-        gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_row0 + rows, lse,
-                 mask=rows < seqlen_q)
-        o = acc.to(dtype)
         # Q is dead: its buffer stages this warpgroup's output rows for TMA stores (rows past the tensor clipped);
         # PERSISTENT: the next item's Q may be loading into it, the output has its own buffer
         stage = q_buf
         if PERSISTENT:
             stage = o_smem.index(w)
-        st2 = stage.reshape([HALF_M, HEAD_D])
-        if VARLEN:
-            if row0 + HALF_M > seqlen_q:  # the sequence's last rows (or none): masked pointer stores
-                st2.store(o)
-                gl.thread_barrier()
-                store_rows(O, st2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
-                if STORE_RESID:
-                    gl.thread_barrier()
-                    st2.store((acc - o.to(gl.float32)).to(dtype))
-                    gl.thread_barrier()
-                    store_rows(RESID, st2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
-            else:
-                store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, q_row0 + row0, h, STORE_RESID)
-        else:
-            store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, row0, h, STORE_RESID)
+        epilogue(acc, m_i, l_i, stage, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
+                  b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID, HAS_SINK, VARLEN)
 
     @gluon.jit
     def _consumer_persistent(w: gl.constexpr, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
@@ -319,7 +285,8 @@ if AVAILABLE:
                     K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                     STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
                     VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
-                    PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr = False, num_items=0):
+                    PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr = False, num_items=0,
+                    FLAT: gl.constexpr = False):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
         (64 query rows each), one more worker warp issues every TMA load. VARLEN: q / k / v / out are packed
         (1, total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
@@ -341,10 +308,11 @@ if AVAILABLE:
             BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
         hk = h // group
 
-        q_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], q_desc.layout)
+        NQ: gl.constexpr = 4 if FLAT else 2  # FLAT: two Q buffers per warpgroup (gluon_flat)
+        q_smem = gl.allocate_shared_memory(dtype, [NQ, 1, HALF_M, 1, HEAD_D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, BLOCK_N, 1, HEAD_D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, 1, BLOCK_N, 1, HEAD_D], v_desc.layout)
-        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+        q_bars = gl.allocate_shared_memory(gl.int64, [NQ, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
@@ -353,6 +321,8 @@ if AVAILABLE:
         for i in gl.static_range(2):
             mbarrier.init(q_bars.index(i), count=1)
             mbarrier.init(turn.index(i), count=1)
+        for i in gl.static_range(2, NQ):
+            mbarrier.init(q_bars.index(i), count=1)
         for i in gl.static_range(K_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
             mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release each slot
@@ -363,7 +333,29 @@ if AVAILABLE:
         alibi_b = ALIBI
         if HAS_ALIBI:
             alibi_b = ALIBI + b * stride_ab
-        if PERSISTENT:
+        if FLAT:  # PERSISTENT with one pipeline across items (gluon_flat): outputs staged in the dead Q buffers
+            gl.static_assert(not WINDOW and not VARLEN and not USE_MAP, "FLAT: batched calls without a window")
+            q_empty = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(4):
+                mbarrier.init(q_empty.index(i), count=1)
+            nprog = gl.num_programs(0)
+            gl.warp_specialize([
+                (consumer_flat, (0, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem, bars,
+                                 q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads,
+                                 max_seqlen_q, max_seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb,
+                                 stride_lh, stride_os, stride_oh, stride_ab, HALF_M, BLOCK_N, HEAD_D, CAUSAL,
+                                 STORE_RESID, HAS_SOFTCAP, HAS_SINK, HAS_ALIBI, USE_MAP)),
+                (consumer_flat, (1, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem, bars,
+                                 q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads,
+                                 max_seqlen_q, max_seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb,
+                                 stride_lh, stride_os, stride_oh, stride_ab, HALF_M, BLOCK_N, HEAD_D, CAUSAL,
+                                 STORE_RESID, HAS_SOFTCAP, HAS_SINK, HAS_ALIBI, USE_MAP)),
+                (load_flat, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid, num_items, nprog,
+                             TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group, max_seqlen_q, max_seqlen_k, win_left,
+                             win_right, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN,
+                             USE_MAP)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        elif PERSISTENT:
             o_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], o_desc.layout)
             q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(2):
@@ -476,6 +468,10 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     num_items = 0  # unused without PERSISTENT: a constant adds no Triton specialisations (% 16, == 1)
     if persistent:
         num_items, grid = grid, min(grid, nprog)
+    # opt-in (TILEATTN_GLUON_FLAT=1, NOTES v21a): one pipeline across a persistent program's items (gluon_flat),
+    # for calls whose every item has a key tile: batched, no sliding window, causal only with seqlen_k >= seqlen_q
+    flat = (persistent and tiles is None and not p.varlen and not window and (not causal or seqlen_k >= seqlen_q)
+            and configs.getenv("TILEATTN_GLUON_FLAT") == "1")
     launch(_fwd_kernel, (grid,), (
         q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
         p.alibi_slopes if p.alibi_slopes is not None else lse, out,
@@ -490,6 +486,10 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
              HAS_SINK=p.sink is not None, VARLEN=p.varlen,
              HAS_ALIBI=p.alibi_slopes is not None, USE_MAP=tiles is not None,
              CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, PERSISTENT=persistent,
-             num_items=num_items),
+             num_items=num_items, **({"FLAT": True} if flat else {})),
         4, 3, maxnreg=cfg.maxnreg)
     return (out, lse, resid) if residual else (out, lse)
+
+
+if AVAILABLE:  # last: gluon_flat reads this module's helpers (an import cycle)
+    from .gluon_flat import consumer_flat, load_flat  # noqa: E402

@@ -1,0 +1,112 @@
+"""The persistent Gluon forward with one pipeline across work items (kernels/gluon_flat.py, opt-in
+TILEATTN_GLUON_FLAT=1).
+
+GPU (sm90): bit-identical to the plain grid (same arithmetic per query tile, in the same order) with more items
+than multiprocessors and fewer, causal in the persistent longest-first order, GQA, Sq != Sk, sink, softcap (both
+forms), ALiBi, fp16/bf16, and within the accuracy rule; calls outside its scope (varlen, windows, causal with
+seqlen_q > seqlen_k, the plain grid) never launch it.
+CPU: compiled for sm_90a with Triton's bundled ptxas: no serialised wgmma, spills within the measured budget.
+"""
+
+import pytest
+import torch
+
+import tileattn
+from _helpers import HALF_DTYPES, HOPPER, assert_compiles, dtype_id, make_qkv, ptxas_available, randn, seed_for
+from tileattn.kernels import gluon_forward
+
+hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on sm90 only")
+needs_gluon = pytest.mark.skipif(not gluon_forward.AVAILABLE, reason="this triton has no Gluon")
+
+
+def _launches(monkeypatch):
+    """(grid, constexpr kwargs) of every Gluon forward launch from now on, the table's length limits lifted."""
+    import dataclasses
+    from tileattn import configs
+    for d, cfg in list(configs._GLUON_FWD.items()):
+        monkeypatch.setitem(configs._GLUON_FWD, d, dataclasses.replace(cfg, min_seqlen_k=0, min_seqlen_k_causal=0))
+    seen = []
+    real = gluon_forward.launch
+
+    def launch(fn, grid, args, kw, *rest, **opts):
+        seen.append((grid, kw))
+        return real(fn, grid, args, kw, *rest, **opts)
+    monkeypatch.setattr(gluon_forward, "launch", launch)
+    return seen
+
+
+# (B, Sq, Sk, Hq, Hkv, D, features): 2 x 17 x 16 = 544 items on 132 programs (4-5 each), 8 items (fewer than
+# programs: one item each), causal rounds in the longest-first order incl. Sq < Sk, one-tile items (Sk <= 128)
+FLAT_CASES = [(2, 2100, 2100, 16, 8, 128, {}), (1, 1000, 1000, 8, 8, 128, {}),
+              (2, 2048, 2048, 16, 4, 128, dict(causal=True)), (3, 257, 1031, 4, 2, 128, dict(causal=True, sink=True)),
+              (2, 1000, 1000, 4, 4, 64, {}), (2, 1400, 1400, 12, 4, 64, dict(causal=True)),
+              (4, 300, 100, 8, 2, 128, {}), (2, 1500, 1300, 8, 2, 128, dict(softcap=8.0, alibi=True)),
+              (2, 1031, 1031, 8, 2, 128, dict(softcap=30.0, sink=True)), (1, 130, 4000, 4, 2, 128, dict(causal=True))]
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", FLAT_CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "-".join(c[6]))
+def test_flat_matches_grid(case, dtype, monkeypatch):
+    """TILEATTN_GLUON_FLAT=1 with the persistent grid forced: out and lse bit-identical to the plain grid's, and
+    within the accuracy rule (out, lse, gradients) against the float64 reference."""
+    B, Sq, Sk, Hq, Hkv, d, feat = case
+    seen = _launches(monkeypatch)
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon-flat", case[:6], dtype), requires_grad=True)
+    kw = dict(feat)
+    if kw.pop("sink", False):
+        kw["sink"] = randn((Hq,), torch.float32, gen)
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = randn((Hq,), torch.float32, gen).abs() * 0.1
+    monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "0")
+    ref = tileattn.attention(q, k, v, return_lse=True, **kw)
+    assert seen and not seen[-1][1].get("FLAT", False) and not seen[-1][1]["PERSISTENT"]
+    monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "1")
+    monkeypatch.setenv("TILEATTN_GLUON_FLAT", "1")
+    got = tileattn.attention(q, k, v, return_lse=True, **kw)
+    assert seen[-1][1].get("FLAT", False), "the call did not take the flat pipeline"
+    assert torch.equal(got[1], ref[1]), "lse differs from the plain grid's"
+    assert torch.equal(got[0], ref[0]), "out differs from the plain grid's"
+    import test_features
+    test_features._check(q, k, v, randn((B, Sq, Hq, d), dtype, gen), entry="tileattn", ctx="gluon flat", **kw)
+    assert seen[-1][1].get("FLAT", False)
+
+
+@hopper
+@pytest.mark.gpu
+def test_flat_scope(monkeypatch):
+    """With TILEATTN_GLUON_FLAT=1 only persistent batched calls without a window whose every query tile has a key
+    tile take it: not windows, varlen, causal with seqlen_q > seqlen_k, or the plain grid."""
+    from _flash_helpers import seqlens_to_cu
+    seen = _launches(monkeypatch)
+    monkeypatch.setenv("TILEATTN_GLUON_FLAT", "1")
+    monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "1")
+    q = torch.randn(2, 1024, 8, 128, device="cuda", dtype=torch.bfloat16)
+    short = torch.randn(2, 512, 8, 128, device="cuda", dtype=torch.bfloat16)
+
+    def flat(**kw):
+        tileattn.attention(kw.pop("q", q), kw.pop("k", q), kw.pop("v", q), **kw)
+        return bool(seen[-1][1].get("FLAT", False))
+    assert flat() and flat(causal=True) and flat(q=short, causal=True)
+    assert not flat(window_size=(256, 256)) and not flat(k=short, v=short, causal=True)
+    cu = seqlens_to_cu([700, 1348])
+    tileattn.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 1348, 1348)
+    assert not seen[-1][1].get("FLAT", False)
+    monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "0")
+    assert not flat()
+
+
+# measured with this triton's ptxas (NOTES v21a): the item boundary's scalars and the next item's first softmax
+# beside the epilogue spill 16-32 bytes at D=64 and 144-556 at D=128; none inside the per-tile loop
+FLAT_COMPILE = [(128, False, ()), (128, True, ("--sink", "--softcap-fixed-max")), (64, True, ()),
+                (128, False, ("--softcap", "--alibi", "--fp16"))]
+
+
+@needs_gluon
+@pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
+def test_flat_compiles_for_sm90():
+    """The flat persistent forward for sm_90a: no serialised wgmma, spills within 640 bytes."""
+    assert_compiles([("--head-dim", d, "--flat", "--spill-budget", 640, *(["--causal"] if causal else []), *extra)
+                     for d, causal, extra in FLAT_COMPILE],
+                    env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1"})
