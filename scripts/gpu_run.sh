@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s19q s20 bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -157,29 +157,16 @@ for stage in "$@"; do
          timeout 150 python3 -m tileattn.bench --head-dims 64,256 --seqlens 512,1024,2048 --modes fwd --no-plot \
            --providers tileattn,tileattn_triton,sdpa_cudnn --out-dir "$OUT" --prefix s18 2>&1 | tee "$OUT/s18_bench.log" \
            | grep -v "it/s\]" ;;
-    s19q) # v20b / v20c: softcap with Q pre-multiplied by qk_scale (TILEATTN_SOFTCAP_QSCALE=1) and with a fixed softmax
-         # max (TILEATTN_SOFTCAP_FIXED_MAX=1), both opt-in: the softcap tests with both on (the fixed-max test sets
-         # its own variable), then softcap / dense for QSCALE,FIXED_MAX = 00 10 01 11 twice at D=128, 00 11 at D=256
-         # (where only QSCALE applies: the fixed max is for D <= 128)
-         TILEATTN_SOFTCAP_QSCALE=1 TILEATTN_SOFTCAP_FIXED_MAX=1 timeout 240 python3 -m pytest tests/test_gluon_forward.py \
-           tests/test_features.py tests/test_flash_api.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
-           -k "(softcap or fixed_max) and not compiles" 2>&1 | tee "$OUT/qscale_tests.log" | tail -4
+    s21) # session 19's first stage: the flat persistent forward (v21a, TILEATTN_GLUON_FLAT=1): its GPU tests
+         # (bit-identity with the plain grid, scope), then forward TFLOP/s default / flat / persistent / cuDNN at
+         # D=128 and 64, causal and not, 512..4k and 16k (the SM clock beside each timing, bench_clock)
+         timeout 240 python3 -m pytest tests/test_gluon_flat.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
+           2>&1 | tee "$OUT/flat_tests.log" | tail -6
          ok=${PIPESTATUS[0]}; reap
-         if [ "$ok" = 0 ]; then for run in "128 00 10 01 11 00 10 01 11" "256 00 11 00 11"; do set -- $run; d=$1; shift
-           for v in "$@"; do echo "== D=$d SOFTCAP_QSCALE=${v:0:1} SOFTCAP_FIXED_MAX=${v:1:1}"
-             TILEATTN_SOFTCAP_QSCALE=${v:0:1} TILEATTN_SOFTCAP_FIXED_MAX=${v:1:1} python3 -m tileattn.bench_features \
-               --seqlens 2048,8192 --head-dim $d --cases dense,softcap 2>&1 | grep -v "^#"; done; done \
-           | tee "$OUT/qscale.log"; else status=1; fi ;;
-    s20) # session 18: softcap forms' speed (softcap / dense; QSCALE,FIXED_MAX = 00 10 01, twice) and the split
-         # dK/dV D=128 backward speed (its accuracy passed in run 4 of session 18) without re-running the tests
-         for v in 00 10 01 00 10 01; do echo "== D=128 SOFTCAP_QSCALE=${v:0:1} SOFTCAP_FIXED_MAX=${v:1:1}"
-           TILEATTN_SOFTCAP_QSCALE=${v:0:1} TILEATTN_SOFTCAP_FIXED_MAX=${v:1:1} timeout 90 python3 -m tileattn.bench_features \
-             --seqlens 2048,8192 --head-dim 128 --cases dense,softcap 2>&1 | grep -v "^#"; done | tee "$OUT/qscale.log"
-         for c in default 64,3,240,24,168,1,1 64,3,240,24,168,0,1; do echo "== dK/dV $c"
-           if [ "$c" = default ]; then unset TILEATTN_GLUON_BWD_CONFIG; else export TILEATTN_GLUON_BWD_CONFIG=$c; fi
-           timeout 120 python3 -m tileattn.bench --head-dims 128 --modes bwd --providers tileattn,sdpa_cudnn --no-plot \
-             --out-dir "$OUT/split128_$(echo $c | tr , _)" 2>&1 | grep -A8 "== bwd" | grep -v "^$"; done | tee "$OUT/split128.log"
-         unset TILEATTN_GLUON_BWD_CONFIG ;;
+         if [ "$ok" != 0 ]; then status=1; else
+           timeout 300 python3 -m tileattn.bench --head-dims 128,64 --modes fwd --seqlens 512,1024,2048,4096,16384 \
+             --providers tileattn,tileattn_flat,tileattn_persistent,sdpa_cudnn --out-dir "$OUT" --prefix flat \
+             2>&1 | grep -v "meas/s" | tee "$OUT/flat_bench.log" | tail -60; fi ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;
