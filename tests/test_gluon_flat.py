@@ -2,9 +2,9 @@
 TILEATTN_GLUON_FLAT=1).
 
 GPU (sm90): bit-identical to the plain grid (same arithmetic per query tile, in the same order) with more items
-than multiprocessors and fewer, causal in the persistent longest-first order, GQA, Sq != Sk, sink, softcap (both
-forms), ALiBi, fp16/bf16, and within the accuracy rule; calls outside its scope (varlen, windows, causal with
-seqlen_q > seqlen_k, the plain grid) never launch it.
+than multiprocessors and fewer, causal in the persistent longest-first order, sliding windows, GQA, Sq != Sk,
+sink, softcap (both forms), ALiBi, fp16/bf16, and within the accuracy rule; calls outside its scope (varlen, causal
+or windowed with seqlen_q > seqlen_k, the plain grid) never launch it.
 CPU: compiled for sm_90a with Triton's bundled ptxas: no serialised wgmma, spills within the measured budget.
 """
 
@@ -36,12 +36,16 @@ def _launches(monkeypatch):
 
 
 # (B, Sq, Sk, Hq, Hkv, D, features): 2 x 17 x 16 = 544 items on 132 programs (4-5 each), 8 items (fewer than
-# programs: one item each), causal rounds in the longest-first order incl. Sq < Sk, one-tile items (Sk <= 128)
+# programs: one item each), causal rounds in the longest-first order incl. Sq < Sk, one-tile items (Sk <= 128),
+# windows bounded on both sides and on one
 FLAT_CASES = [(2, 2100, 2100, 16, 8, 128, {}), (1, 1000, 1000, 8, 8, 128, {}),
               (2, 2048, 2048, 16, 4, 128, dict(causal=True)), (3, 257, 1031, 4, 2, 128, dict(causal=True, sink=True)),
               (2, 1000, 1000, 4, 4, 64, {}), (2, 1400, 1400, 12, 4, 64, dict(causal=True)),
               (4, 300, 100, 8, 2, 128, {}), (2, 1500, 1300, 8, 2, 128, dict(softcap=8.0, alibi=True)),
-              (2, 1031, 1031, 8, 2, 128, dict(softcap=30.0, sink=True)), (1, 130, 4000, 4, 2, 128, dict(causal=True))]
+              (2, 1031, 1031, 8, 2, 128, dict(softcap=30.0, sink=True)), (1, 130, 4000, 4, 2, 128, dict(causal=True)),
+              (1, 2048, 2048, 8, 8, 128, dict(window_size=(512, 512))),
+              (2, 999, 1200, 4, 2, 128, dict(window_size=(300, 40), softcap=8.0, sink=True)),
+              (2, 1500, 1500, 4, 2, 128, dict(window_size=(-1, 64)))]
 
 
 @hopper
@@ -76,8 +80,9 @@ def test_flat_matches_grid(case, dtype, monkeypatch):
 @hopper
 @pytest.mark.gpu
 def test_flat_scope(monkeypatch):
-    """With TILEATTN_GLUON_FLAT=1 only persistent batched calls without a window whose every query tile has a key
-    tile take it: not windows, varlen, causal with seqlen_q > seqlen_k, or the plain grid."""
+    """With TILEATTN_GLUON_FLAT=1 only persistent batched calls whose every query tile has a key tile take it:
+    causal and windowed ones with seqlen_k >= seqlen_q; not those with seqlen_q > seqlen_k, varlen, or the plain
+    grid."""
     from _flash_helpers import seqlens_to_cu
     seen = _launches(monkeypatch)
     monkeypatch.setenv("TILEATTN_GLUON_FLAT", "1")
@@ -88,8 +93,9 @@ def test_flat_scope(monkeypatch):
     def flat(**kw):
         tileattn.attention(kw.pop("q", q), kw.pop("k", q), kw.pop("v", q), **kw)
         return bool(seen[-1][1].get("FLAT", False))
-    assert flat() and flat(causal=True) and flat(q=short, causal=True)
-    assert not flat(window_size=(256, 256)) and not flat(k=short, v=short, causal=True)
+    assert flat() and flat(causal=True) and flat(q=short, causal=True) and flat(window_size=(256, 256))
+    assert flat(q=short, window_size=(-1, 0)) and flat(k=short, v=short)
+    assert not flat(k=short, v=short, causal=True) and not flat(k=short, v=short, window_size=(256, 256))
     cu = seqlens_to_cu([700, 1348])
     tileattn.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 1348, 1348)
     assert not seen[-1][1].get("FLAT", False)
@@ -100,7 +106,7 @@ def test_flat_scope(monkeypatch):
 # measured with this triton's ptxas (NOTES v21a): the item boundary's scalars and the next item's first softmax
 # beside the epilogue spill 16-32 bytes at D=64 and 144-556 at D=128; none inside the per-tile loop
 FLAT_COMPILE = [(128, False, ()), (128, True, ("--sink", "--softcap-fixed-max")), (64, True, ()),
-                (128, False, ("--softcap", "--alibi", "--fp16"))]
+                (128, False, ("--softcap", "--alibi", "--fp16")), (128, False, ("--window", "--sink"))]
 
 
 @needs_gluon

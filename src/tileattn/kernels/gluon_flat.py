@@ -14,10 +14,10 @@ for the program's it-th item), and item i's output is staged in its own Q buffer
 is released to the producer once the TMA store has read it. Shared memory stays that of the plain persistent
 kernel (the output's own staging buffer goes).
 
-Scope (the launcher's ``flat`` condition): persistent batched calls without a sliding window, and causal calls only
-with seqlen_k >= seqlen_q, so that every item has at least one key tile (the pipeline issues item i + 1's first
-Q K^T unconditionally). Per item the arithmetic is the plain kernel's, in the same order: results are
-bit-identical to it.
+Scope (the launcher's ``flat`` condition): persistent batched calls, causal or windowed ones only with seqlen_k >=
+seqlen_q (then every query row sees its own diagonal key), so that every item has at least one key tile (the
+pipeline issues item i + 1's first Q K^T unconditionally). Per item the arithmetic is the plain kernel's, in the
+same order: results are bit-identical to it.
 """
 
 from .gluon_common import AVAILABLE
@@ -73,7 +73,7 @@ if AVAILABLE:
     @gluon.jit
     def _item_rounds(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, w: gl.constexpr, it, t, n, lo,
                      acc, alpha, p_op, m_i, l_i, rows, cols, diag, n_full, full_lo, sk, qk_scale, softcap, win_left,
-                     win_right, slope, s_zero, CAUSAL: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                     win_right, slope, s_zero, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                      HAS_ALIBI: gl.constexpr):
         """Rounds t + 1 .. t + n - 1 of the it-th item (key tiles at ring positions t .. t + n - 1): Q K^T_j beside
         P_{j-1} V_{j-1}, as gluon_forward._consumer's loop. Returns (acc, alpha, p_op, m_i, l_i) after tile
@@ -90,7 +90,7 @@ if AVAILABLE:
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index((t + j) % k_smem.shape[0]), count=1)
             p, alpha, m_i, l_i = fwd._softmax_tile(s, lo + j, full_lo, n_full, m_i, l_i, rows, cols, diag, sk,
-                                                   qk_scale, softcap, win_left, win_right, slope, CAUSAL, False,
+                                                   qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
                                                    HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
             mbarrier.arrive(v_empty.index((t + j - 1) % V_STAGES), count=1)
@@ -100,16 +100,17 @@ if AVAILABLE:
     @gluon.jit
     def _item(it, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k,
               win_left, win_right, ALIBI, stride_ab, w: gl.constexpr, s_layout: gl.constexpr, HALF_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr):
+              BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_ALIBI: gl.constexpr,
+              USE_MAP: gl.constexpr):
         """The program's it-th item (clamped to the last one) as (b, h, start_m, seqlen_q, seqlen_k, lo, n, rows,
         diag, n_full, full_lo, slope) for warpgroup w."""
         g = persistent_item(gl.minimum(pid + it * nprog, num_items - 1), pid, nprog, num_items, num_m_tiles,
                             CAUSAL and not USE_MAP)
         b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = item_bounds(
             g, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, win_left, win_right,
-            2 * HALF_M, BLOCK_N, CAUSAL, False, False, USE_MAP)
+            2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, False, USE_MAP)
         rows, _, diag, n_full, full_lo = row_bounds(start_m + w * HALF_M, sq, sk, win_left, win_right,
-                                                         s_layout, HALF_M, BLOCK_N, CAUSAL, False)
+                                                         s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW)
         slope = 0.0
         if HAS_ALIBI:
             slope = gl.load(ALIBI + b * stride_ab + h).to(gl.float32) * 1.4426950408889634
@@ -120,8 +121,9 @@ if AVAILABLE:
                       q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q,
                       max_seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                       stride_ab, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                      CAUSAL: gl.constexpr, STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                      HAS_SINK: gl.constexpr, HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr):
+                      CAUSAL: gl.constexpr, WINDOW: gl.constexpr, STORE_RESID: gl.constexpr,
+                      HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr, HAS_ALIBI: gl.constexpr,
+                      USE_MAP: gl.constexpr):
         """Consumer warpgroup w over the program's items pid, pid + nprog, ... (see the module docstring). Round r
         issues the Q K^T of the key tile at ring position r (r = 0: the first item's first tile alone) beside the
         P V of position r - 1; the last item's final P V runs alone after the loop."""
@@ -147,7 +149,8 @@ if AVAILABLE:
         # round 0: the first item's first Q K^T alone
         b, h, start_m, sq, sk, lo, n, rows, diag, n_full, full_lo, slope = _item(
             0, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, win_left,
-            win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, HAS_ALIBI, USE_MAP)
+            win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, HAS_ALIBI,
+            USE_MAP)
         t = gl.to_tensor(0)  # ring position (and round) of the current item's first key tile
         mbarrier.wait(q_bars.index(w), 0)
         fwd._turn_wait(turn, w, t)
@@ -156,7 +159,7 @@ if AVAILABLE:
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(0), count=1)
         p, alpha, m_i, l_i = fwd._softmax_tile(s, lo, full_lo, n_full, m_start, l_start, rows, cols, diag, sk,
-                                               qk_scale, softcap, win_left, win_right, slope, CAUSAL, False,
+                                               qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
                                                HAS_SOFTCAP, IS_BF16, HAS_ALIBI)
         p_op = gl.convert_layout(p.to(dtype), p_layout)
         acc = gl.zeros([HALF_M, HEAD_D], gl.float32, layout=o_layout)
@@ -164,11 +167,12 @@ if AVAILABLE:
             # the item's bounds, recomputed here rather than carried across the loop (fewer live registers)
             b, h, start_m, sq, sk, lo, n, rows, diag, n_full, full_lo, slope = _item(
                 it, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k,
-                win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, HAS_ALIBI, USE_MAP)
+                win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, HAS_ALIBI,
+                USE_MAP)
             acc, alpha, p_op, m_i, l_i = _item_rounds(
                 q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, w, it, t, n, lo, acc, alpha, p_op,
                 m_i, l_i, rows, cols, diag, n_full, full_lo, sk, qk_scale, softcap, win_left, win_right, slope, s_zero,
-                CAUSAL, HAS_SOFTCAP, HAS_ALIBI)
+                CAUSAL, WINDOW, HAS_SOFTCAP, HAS_ALIBI)
             # round t + n: the next item's Q K^T_0 beside this item's last P V
             fwd._turn_wait(turn, w, t + n)
             mbarrier.wait(q_bars.index(2 * ((it + 1) % 2) + w), ((it + 1) // 2) & 1)
@@ -189,9 +193,10 @@ if AVAILABLE:
             mbarrier.arrive(q_empty.index(qi), count=1)  # item it + 2's Q may load into it
             _, _, _, _, nsk, nlo, _, nrows, ndiag, nfull, nfull_lo, nslope = _item(
                 it + 1, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k,
-                win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, HAS_ALIBI, USE_MAP)
+                win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, HAS_ALIBI,
+                USE_MAP)
             p, nalpha, nm, nl = fwd._softmax_tile(s, nlo, nfull_lo, nfull, m_start, l_start, nrows, cols, ndiag,
-                                                  nsk, qk_scale, softcap, win_left, win_right, nslope, CAUSAL, False,
+                                                  nsk, qk_scale, softcap, win_left, win_right, nslope, CAUSAL, WINDOW,
                                                   HAS_SOFTCAP, IS_BF16, HAS_ALIBI)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             t = t + n
@@ -201,11 +206,12 @@ if AVAILABLE:
         last = my_items - 1
         b, h, start_m, sq, sk, lo, n, rows, diag, n_full, full_lo, slope = _item(
             last, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k,
-            win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, HAS_ALIBI, USE_MAP)
+            win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, HAS_ALIBI,
+            USE_MAP)
         acc, alpha, p_op, m_i, l_i = _item_rounds(
             q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, w, last, t, n, lo, acc, alpha, p_op,
             m_i, l_i, rows, cols, diag, n_full, full_lo, sk, qk_scale, softcap, win_left, win_right, slope, s_zero,
-            CAUSAL, HAS_SOFTCAP, HAS_ALIBI)
+            CAUSAL, WINDOW, HAS_SOFTCAP, HAS_ALIBI)
         fwd._turn_wait(turn, w, t + n)
         o_tok = fwd._pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + n - 1, BLOCK_N, False,
                               HAS_SOFTCAP != 2)

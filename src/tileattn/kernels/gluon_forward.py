@@ -334,7 +334,7 @@ if AVAILABLE:
         if HAS_ALIBI:
             alibi_b = ALIBI + b * stride_ab
         if FLAT:  # PERSISTENT with one pipeline across items (gluon_flat): outputs staged in the dead Q buffers
-            gl.static_assert(not WINDOW and not VARLEN and not USE_MAP, "FLAT: batched calls without a window")
+            gl.static_assert(not VARLEN and not USE_MAP, "FLAT: batched calls")
             q_empty = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(4):
                 mbarrier.init(q_empty.index(i), count=1)
@@ -344,12 +344,12 @@ if AVAILABLE:
                                  q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads,
                                  max_seqlen_q, max_seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb,
                                  stride_lh, stride_os, stride_oh, stride_ab, HALF_M, BLOCK_N, HEAD_D, CAUSAL,
-                                 STORE_RESID, HAS_SOFTCAP, HAS_SINK, HAS_ALIBI, USE_MAP)),
+                                 WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, HAS_ALIBI, USE_MAP)),
                 (consumer_flat, (1, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem, bars,
                                  q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads,
                                  max_seqlen_q, max_seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb,
                                  stride_lh, stride_os, stride_oh, stride_ab, HALF_M, BLOCK_N, HEAD_D, CAUSAL,
-                                 STORE_RESID, HAS_SOFTCAP, HAS_SINK, HAS_ALIBI, USE_MAP)),
+                                 WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, HAS_ALIBI, USE_MAP)),
                 (load_flat, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid, num_items, nprog,
                              TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group, max_seqlen_q, max_seqlen_k, win_left,
                              win_right, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN,
@@ -469,8 +469,8 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     if persistent:
         num_items, grid = grid, min(grid, nprog)
     # opt-in (TILEATTN_GLUON_FLAT=1, NOTES v21a): one pipeline across a persistent program's items (gluon_flat),
-    # for calls whose every item has a key tile: batched, no sliding window, causal only with seqlen_k >= seqlen_q
-    flat = (persistent and tiles is None and not p.varlen and not window and (not causal or seqlen_k >= seqlen_q)
+    # for calls whose every item has a key tile: batched, causal or windowed only with seqlen_k >= seqlen_q
+    flat = (persistent and tiles is None and not p.varlen and (not (causal or window) or seqlen_k >= seqlen_q)
             and configs.getenv("TILEATTN_GLUON_FLAT") == "1")
     launch(_fwd_kernel, (grid,), (
         q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
