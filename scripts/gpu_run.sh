@@ -159,14 +159,19 @@ for stage in "$@"; do
            | grep -v "it/s\]" ;;
     s21) # session 19's first stage: the flat persistent forward (v21a, TILEATTN_GLUON_FLAT=1): its GPU tests
          # (bit-identity with the plain grid, scope), then forward TFLOP/s default / flat / persistent / cuDNN at
-         # D=128 and 64, causal and not, 512..4k and 16k (the SM clock beside each timing, bench_clock)
+         # D=128 and 64, causal and not, 512..4k and 16k (the SM clock beside each timing, bench_clock), then the
+         # feature cases per dense (window per useful FLOP) with the flat pipeline off / on, twice
          timeout 240 python3 -m pytest tests/test_gluon_flat.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
            2>&1 | tee "$OUT/flat_tests.log" | tail -6
          ok=${PIPESTATUS[0]}; reap
          if [ "$ok" != 0 ]; then status=1; else
            timeout 300 python3 -m tileattn.bench --head-dims 128,64 --modes fwd --seqlens 512,1024,2048,4096,16384 \
              --providers tileattn,tileattn_flat,tileattn_persistent,sdpa_cudnn --out-dir "$OUT" --prefix flat \
-             2>&1 | grep -v "meas/s" | tee "$OUT/flat_bench.log" | tail -60; fi ;;
+             2>&1 | grep -v "meas/s" | tee "$OUT/flat_bench.log" | tail -60
+           for v in 0 1 0 1; do echo "== TILEATTN_GLUON_FLAT=$v (persistent forced)"
+             TILEATTN_GLUON_PERSISTENT=1 TILEATTN_GLUON_FLAT=$v timeout 90 python3 -m tileattn.bench_features \
+               --seqlens 2048,8192 --head-dim 128 --cases dense,causal,window,softcap 2>&1 | grep -v "^#"; done \
+             | tee "$OUT/flat_features.log"; fi ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;
