@@ -294,10 +294,12 @@ if AVAILABLE:
         masked stores of a sequence's last rows (varlen only). ALIBI: fp32 slopes (Hq,) or (B, Hq) (batch stride
         stride_ab, 0 for (Hq,)). USE_MAP (varlen): program pid runs entry TILE_MAP[pid] = (tile * num_m_tiles +
         b) * q_heads + h (``_hostinfo.tile_map``; num_m_tiles is then the batch), so no program is launched for a
-        tile past its sequence's end, and the longest sequences run first. PERSISTENT (D <= 128, opt-in): a grid
-        of at most one program per multiprocessor, program pid running the items (the default grid's tiles, or
-        the work list's entries) pid, pid + grid, ... < num_items, with the output staged in its own buffer so
-        that the next item's loads overlap this item's last P V and epilogue (``_consumer_persistent``)."""
+        tile past its sequence's end, and the longest sequences run first. PERSISTENT (D <= 128; the schedule
+        table decides): a grid of at most one program per multiprocessor, program pid running the items (the
+        default grid's tiles, or the work list's entries) pid, pid + grid, ... < num_items, with the output staged
+        in its own buffer so that the next item's loads overlap this item's last P V and epilogue
+        (``_consumer_persistent``). FLAT (with PERSISTENT, batched, opt-in): the same items as one pipeline across
+        item boundaries, Q double-buffered (``gluon_flat``)."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = 2 * HALF_M
         dtype: gl.constexpr = q_desc.dtype
