@@ -310,6 +310,28 @@ def spy_calls(monkeypatch, module, name):
     return calls
 
 
+def lift_gluon_length_limits(monkeypatch):
+    """Every sequence length in the Gluon forward's scope for this test (the table sends short D=64 and D=256
+    calls to the portable kernel, which is faster there)."""
+    import dataclasses
+    from tileattn import configs
+    for d, cfg in list(configs._GLUON_FWD.items()):
+        monkeypatch.setitem(configs._GLUON_FWD, d, dataclasses.replace(cfg, min_seqlen_k=0, min_seqlen_k_causal=0))
+
+
+def record_gluon_launches(monkeypatch):
+    """A list that collects (grid, constexpr kwargs) of every Gluon forward launch from now on."""
+    from tileattn.kernels import gluon_forward
+    seen = []
+    real = gluon_forward.launch
+
+    def launch(fn, grid, args, kw, *rest, **opts):
+        seen.append((grid, kw))
+        return real(fn, grid, args, kw, *rest, **opts)
+    monkeypatch.setattr(gluon_forward, "launch", launch)
+    return seen
+
+
 def ptxas_available() -> bool:
     """Triton's bundled ptxas is there (compiling Gluon kernels for sm_90a without a GPU)."""
     try:

@@ -12,7 +12,8 @@ import pytest
 import torch
 
 import tileattn
-from _helpers import HALF_DTYPES, HOPPER, assert_compiles, dtype_id, make_qkv, ptxas_available, randn, seed_for
+from _helpers import (HALF_DTYPES, HOPPER, assert_compiles, dtype_id, lift_gluon_length_limits, make_qkv,
+                      ptxas_available, randn, record_gluon_launches, seed_for)
 from tileattn.kernels import gluon_forward
 
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on sm90 only")
@@ -21,18 +22,8 @@ needs_gluon = pytest.mark.skipif(not gluon_forward.AVAILABLE, reason="this trito
 
 def _launches(monkeypatch):
     """(grid, constexpr kwargs) of every Gluon forward launch from now on, the table's length limits lifted."""
-    import dataclasses
-    from tileattn import configs
-    for d, cfg in list(configs._GLUON_FWD.items()):
-        monkeypatch.setitem(configs._GLUON_FWD, d, dataclasses.replace(cfg, min_seqlen_k=0, min_seqlen_k_causal=0))
-    seen = []
-    real = gluon_forward.launch
-
-    def launch(fn, grid, args, kw, *rest, **opts):
-        seen.append((grid, kw))
-        return real(fn, grid, args, kw, *rest, **opts)
-    monkeypatch.setattr(gluon_forward, "launch", launch)
-    return seen
+    lift_gluon_length_limits(monkeypatch)
+    return record_gluon_launches(monkeypatch)
 
 
 # (B, Sq, Sk, Hq, Hkv, D, features): 2 x 17 x 16 = 544 items on 132 programs (4-5 each), 8 items (fewer than

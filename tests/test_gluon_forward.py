@@ -13,7 +13,8 @@ import torch
 
 import tileattn
 from _helpers import (GLUON_CASES, HALF_DTYPES, HOPPER, attn_params, check_attention, dtype_id, assert_compiles,
-                      make_gen, make_qkv, ptxas_available, randn, seed_for, spy_calls)
+                      lift_gluon_length_limits, make_gen, make_qkv, ptxas_available, randn, record_gluon_launches,
+                      seed_for, spy_calls)
 from tileattn.kernels import gluon_forward
 
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on sm90 only")
@@ -22,12 +23,8 @@ needs_gluon = pytest.mark.skipif(not gluon_forward.AVAILABLE, reason="this trito
 
 @pytest.fixture
 def spy(monkeypatch):
-    """Record the Gluon forward's calls; every sequence length in its scope (the table sends short D=64 and D=256
-    calls to the portable kernel, which is faster there)."""
-    import dataclasses
-    from tileattn import configs
-    for d, cfg in list(configs._GLUON_FWD.items()):
-        monkeypatch.setitem(configs._GLUON_FWD, d, dataclasses.replace(cfg, min_seqlen_k=0, min_seqlen_k_causal=0))
+    """Record the Gluon forward's calls; every sequence length in its scope (``lift_gluon_length_limits``)."""
+    lift_gluon_length_limits(monkeypatch)
     return spy_calls(monkeypatch, gluon_forward, "attention_forward")
 
 
@@ -242,18 +239,6 @@ def test_persistent_matches_grid(case, dtype, spy, monkeypatch):
     test_features._check(q, k, v, randn((B, Sq, Hq, d), dtype, gen), entry="tileattn", ctx="gluon persistent", **kw)
 
 
-def record_launches(monkeypatch):
-    """A list that collects (grid, constexpr kwargs) of every Gluon forward launch from now on."""
-    seen = []
-    real = gluon_forward.launch
-
-    def launch(fn, grid, args, kw, *rest, **opts):
-        seen.append((grid, kw))
-        return real(fn, grid, args, kw, *rest, **opts)
-    monkeypatch.setattr(gluon_forward, "launch", launch)
-    return seen
-
-
 def set_schedule(monkeypatch, tilemap, persistent):
     """Force the Gluon forward's work list and persistent grid on ("1") or off ("0"), or leave them to the table
     (None: configs.gluon_forward_schedule)."""
@@ -300,7 +285,7 @@ def test_default_schedule_reaches_the_launch(spy, monkeypatch):
     from _flash_helpers import seqlens_to_cu
     from tileattn import configs
     set_schedule(monkeypatch, None, None)
-    seen = record_launches(monkeypatch)
+    seen = record_gluon_launches(monkeypatch)
     q = torch.randn(2, 2048, 16, 128, device="cuda", dtype=torch.bfloat16)
     sms = configs.sm_count(q.device)
     tileattn.attention(q, q, q)
@@ -488,7 +473,7 @@ def test_softcap_fixed_max(case, extreme, spy, monkeypatch):
     whole rows sit at -softcap, the smallest p = 2^-c, or at +softcap, the largest, with values of 1e-3 and 1e3)."""
     B, Sq, Sk, Hq, Hkv, d, softcap, feat = case
     monkeypatch.setenv("TILEATTN_SOFTCAP_FIXED_MAX", "1")
-    seen = record_launches(monkeypatch)
+    seen = record_gluon_launches(monkeypatch)
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, torch.bfloat16, seed_for("gluon-fixed-max", case[:7], extreme))
     if extreme:  # half the query rows score ~ -60 * softcap against every key, half ~ +60 * softcap
         with torch.no_grad():
