@@ -310,6 +310,17 @@ def spy_calls(monkeypatch, module, name):
     return calls
 
 
+def feature_kwargs(feat: dict, q_heads: int, gen) -> dict:
+    """A test case's feature dict as attention keywords: ``sink=True`` becomes random logits (q_heads,) and
+    ``alibi=True`` random positive slopes (q_heads,) (fp32, drawn from ``gen``); everything else as given."""
+    kw = dict(feat)
+    if kw.pop("sink", False):
+        kw["sink"] = randn((q_heads,), torch.float32, gen)
+    if kw.pop("alibi", False):
+        kw["alibi_slopes"] = randn((q_heads,), torch.float32, gen).abs() * 0.1
+    return kw
+
+
 def lift_gluon_length_limits(monkeypatch):
     """Every sequence length in the Gluon forward's scope for this test (the table sends short D=64 and D=256
     calls to the portable kernel, which is faster there)."""

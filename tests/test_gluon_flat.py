@@ -12,8 +12,8 @@ import pytest
 import torch
 
 import tileattn
-from _helpers import (HALF_DTYPES, HOPPER, assert_compiles, dtype_id, lift_gluon_length_limits, make_qkv,
-                      ptxas_available, randn, record_gluon_launches, seed_for)
+from _helpers import (HALF_DTYPES, HOPPER, assert_compiles, dtype_id, feature_kwargs, lift_gluon_length_limits,
+                      make_qkv, ptxas_available, randn, record_gluon_launches, seed_for)
 from tileattn.kernels import gluon_forward
 
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on sm90 only")
@@ -49,11 +49,7 @@ def test_flat_matches_grid(case, dtype, monkeypatch):
     B, Sq, Sk, Hq, Hkv, d, feat = case
     seen = _launches(monkeypatch)
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon-flat", case[:6], dtype), requires_grad=True)
-    kw = dict(feat)
-    if kw.pop("sink", False):
-        kw["sink"] = randn((Hq,), torch.float32, gen)
-    if kw.pop("alibi", False):
-        kw["alibi_slopes"] = randn((Hq,), torch.float32, gen).abs() * 0.1
+    kw = feature_kwargs(feat, Hq, gen)
     monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "0")
     ref = tileattn.attention(q, k, v, return_lse=True, **kw)
     assert seen and not seen[-1][1].get("FLAT", False) and not seen[-1][1]["PERSISTENT"]

@@ -13,8 +13,8 @@ import torch
 
 import tileattn
 from _helpers import (GLUON_CASES, HALF_DTYPES, HOPPER, attn_params, check_attention, dtype_id, assert_compiles,
-                      lift_gluon_length_limits, make_gen, make_qkv, ptxas_available, randn, record_gluon_launches,
-                      seed_for, spy_calls)
+                      feature_kwargs, lift_gluon_length_limits, make_gen, make_qkv, ptxas_available, randn,
+                      record_gluon_launches, seed_for, spy_calls)
 from tileattn.kernels import gluon_forward
 
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on sm90 only")
@@ -223,11 +223,7 @@ def test_persistent_matches_grid(case, dtype, spy, monkeypatch):
     B, Sq, Sk, Hq, Hkv, d, feat = case
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon-persistent", case[:6], dtype),
                             requires_grad=True)
-    kw = dict(feat)
-    if kw.pop("sink", False):
-        kw["sink"] = randn((Hq,), torch.float32, gen)
-    if kw.pop("alibi", False):
-        kw["alibi_slopes"] = randn((Hq,), torch.float32, gen).abs() * 0.1
+    kw = feature_kwargs(feat, Hq, gen)
     monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "0")
     ref = tileattn.attention(q, k, v, return_lse=True, **kw)
     n = len(spy)
