@@ -168,6 +168,10 @@ for stage in "$@"; do
            timeout 300 python3 -m tileattn.bench --head-dims 128,64 --modes fwd --seqlens 512,1024,2048,4096,16384 \
              --providers tileattn,tileattn_flat,tileattn_persistent,sdpa_cudnn --out-dir "$OUT" --prefix flat \
              2>&1 | grep -v "meas/s" | tee "$OUT/flat_bench.log" | tail -60
+           # D=64 below the table's Gluon thresholds (portable by default): the Gluon grid vs flat there
+           TILEATTN_GLUON_FWD_CONFIG=128,3,2,240,24,168 timeout 120 python3 -m tileattn.bench --head-dims 64 \
+             --modes fwd --seqlens 512,1024,2048 --providers tileattn,tileattn_flat,sdpa_cudnn --no-plot \
+             --out-dir "$OUT" --prefix flat64 2>&1 | grep -v "meas/s" | tee "$OUT/flat64_bench.log" | tail -20
            for v in 0 1 0 1; do echo "== TILEATTN_GLUON_FLAT=$v (persistent forced)"
              TILEATTN_GLUON_PERSISTENT=1 TILEATTN_GLUON_FLAT=$v timeout 90 python3 -m tileattn.bench_features \
                --seqlens 2048,8192 --head-dim 128 --cases dense,causal,window,softcap 2>&1 | grep -v "^#"; done \
