@@ -147,10 +147,6 @@ if AVAILABLE:
         my_items = (num_items - pid + nprog - 1) // nprog  # >= 1: the grid has at most num_items programs
 
         # round 0: the first item's first Q K^T alone
-        b, h, start_m, sq, sk, lo, n, rows, diag, n_full, full_lo, slope = _item(
-            0, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, win_left,
-            win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, HAS_ALIBI,
-            USE_MAP)
         t = gl.to_tensor(0)  # ring position (and round) of the current item's first key tile
         mbarrier.wait(q_bars.index(w), 0)
         fwd._turn_wait(turn, w, t)
@@ -158,58 +154,51 @@ if AVAILABLE:
         mbarrier.arrive(turn.index(1 - w), count=1)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
         mbarrier.arrive(k_empty.index(0), count=1)
-        p, alpha, m_i, l_i = fwd._softmax_tile(s, lo, full_lo, n_full, m_start, l_start, rows, cols, diag, sk,
-                                               qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
-                                               HAS_SOFTCAP, IS_BF16, HAS_ALIBI)
-        p_op = gl.convert_layout(p.to(dtype), p_layout)
-        acc = gl.zeros([HALF_M, HEAD_D], gl.float32, layout=o_layout)
+        # Each iteration starts with its item's S_0 in registers (fp32: carrying P as bf16 across this loop made
+        # the compiler keep it unpacked, 64 PRMT more per key tile) and ends with the next item's.
         for it in range(my_items - 1):
             # the item's bounds, recomputed here rather than carried across the loop (fewer live registers)
             b, h, start_m, sq, sk, lo, n, rows, diag, n_full, full_lo, slope = _item(
                 it, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k,
                 win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, HAS_ALIBI,
                 USE_MAP)
+            p, alpha, m_i, l_i = fwd._softmax_tile(s, lo, full_lo, n_full, m_start, l_start, rows, cols, diag, sk,
+                                                   qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
+                                                   HAS_SOFTCAP, IS_BF16, HAS_ALIBI)
             acc, alpha, p_op, m_i, l_i = _item_rounds(
-                q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, w, it, t, n, lo, acc, alpha, p_op,
-                m_i, l_i, rows, cols, diag, n_full, full_lo, sk, qk_scale, softcap, win_left, win_right, slope, s_zero,
-                CAUSAL, WINDOW, HAS_SOFTCAP, HAS_ALIBI)
+                q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, w, it, t, n, lo,
+                gl.zeros([HALF_M, HEAD_D], gl.float32, layout=o_layout), alpha,
+                gl.convert_layout(p.to(dtype), p_layout), m_i, l_i, rows, cols, diag, n_full, full_lo, sk, qk_scale,
+                softcap, win_left, win_right, slope, s_zero, CAUSAL, WINDOW, HAS_SOFTCAP, HAS_ALIBI)
             # round t + n: the next item's Q K^T_0 beside this item's last P V
             fwd._turn_wait(turn, w, t + n)
             mbarrier.wait(q_bars.index(2 * ((it + 1) % 2) + w), ((it + 1) // 2) & 1)
             s_tok = _qk_issue(_q_view(q_smem, w, it + 1), k_smem, k_ready, t + n, s_zero)
             o_tok = fwd._pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + n - 1, BLOCK_N, False,
                                   HAS_SOFTCAP != 2)
-            # this item's epilogue first (the next item's S_0 waits in its registers), then that S_0's softmax while
-            # the other warpgroup's matmuls run; in the other order the epilogue ran beside the next item's softmax
-            # state and ptxas spilled ~290 bytes
+            # this item's epilogue while the other warpgroup's matmuls run (the next item's S_0 waits in registers;
+            # its softmax comes at the top of the next iteration)
             s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, o_tok))
             mbarrier.arrive(k_empty.index((t + n) % K_STAGES), count=1)
             mbarrier.arrive(v_empty.index((t + n - 1) % V_STAGES), count=1)
             qi = 2 * (it % 2) + w  # this item's Q buffer, dead since its last Q K^T: it stages the output
-            epilogue(acc, m_i, l_i, q_smem.index(qi), o_desc, r_desc, LSE, SINK, O, RESID, b, h,
-                          start_m + w * HALF_M, rows, sq, 0, b, stride_lb, stride_lh, stride_os, stride_oh, HALF_M,
-                          HEAD_D, STORE_RESID, HAS_SINK, False)
+            epilogue(acc, m_i, l_i, q_smem.index(qi), o_desc, r_desc, LSE, SINK, O, RESID, b, h, start_m + w * HALF_M,
+                     rows, sq, 0, b, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID,
+                     HAS_SINK, False)
             gl.thread_barrier()  # every thread past the store's read of the buffer
             mbarrier.arrive(q_empty.index(qi), count=1)  # item it + 2's Q may load into it
-            _, _, _, _, nsk, nlo, _, nrows, ndiag, nfull, nfull_lo, nslope = _item(
-                it + 1, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k,
-                win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, HAS_ALIBI,
-                USE_MAP)
-            p, nalpha, nm, nl = fwd._softmax_tile(s, nlo, nfull_lo, nfull, m_start, l_start, nrows, cols, ndiag,
-                                                  nsk, qk_scale, softcap, win_left, win_right, nslope, CAUSAL, WINDOW,
-                                                  HAS_SOFTCAP, IS_BF16, HAS_ALIBI)
-            p_op = gl.convert_layout(p.to(dtype), p_layout)
             t = t + n
-            alpha, m_i, l_i = nalpha, nm, nl
-            acc = gl.zeros([HALF_M, HEAD_D], gl.float32, layout=o_layout)
         # the last item: its rounds, then its final P V alone (round t + n) and its epilogue
         last = my_items - 1
         b, h, start_m, sq, sk, lo, n, rows, diag, n_full, full_lo, slope = _item(
             last, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k,
-            win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, HAS_ALIBI,
-            USE_MAP)
+            win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, HAS_ALIBI, USE_MAP)
+        p, alpha, m_i, l_i = fwd._softmax_tile(s, lo, full_lo, n_full, m_start, l_start, rows, cols, diag, sk,
+                                               qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
+                                               HAS_SOFTCAP, IS_BF16, HAS_ALIBI)
         acc, alpha, p_op, m_i, l_i = _item_rounds(
-            q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, w, last, t, n, lo, acc, alpha, p_op,
+            q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, w, last, t, n, lo,
+            gl.zeros([HALF_M, HEAD_D], gl.float32, layout=o_layout), alpha, gl.convert_layout(p.to(dtype), p_layout),
             m_i, l_i, rows, cols, diag, n_full, full_lo, sk, qk_scale, softcap, win_left, win_right, slope, s_zero,
             CAUSAL, WINDOW, HAS_SOFTCAP, HAS_ALIBI)
         fwd._turn_wait(turn, w, t + n)
@@ -218,5 +207,5 @@ if AVAILABLE:
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
         mbarrier.arrive(v_empty.index((t + n - 1) % V_STAGES), count=1)
         epilogue(acc, m_i, l_i, q_smem.index(2 * (last % 2) + w), o_desc, r_desc, LSE, SINK, O, RESID, b, h,
-                      start_m + w * HALF_M, rows, sq, 0, b, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D,
-                      STORE_RESID, HAS_SINK, False)
+                 start_m + w * HALF_M, rows, sq, 0, b, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D,
+                 STORE_RESID, HAS_SINK, False)
