@@ -174,7 +174,7 @@ for stage in "$@"; do
              --out-dir "$OUT" --prefix flat64 2>&1 | grep -v "meas/s" | tee "$OUT/flat64_bench.log" | tail -20
            for v in 0 1 0 1; do echo "== TILEATTN_GLUON_FLAT=$v (persistent forced)"
              TILEATTN_GLUON_PERSISTENT=1 TILEATTN_GLUON_FLAT=$v timeout 90 python3 -m tileattn.bench_features \
-               --seqlens 2048,8192 --head-dim 128 --cases dense,causal,window,softcap 2>&1 | grep -v "^#"; done \
+               --seqlens 2048,8192 --head-dim 128 --cases dense,causal,window,softcap,varlen 2>&1 | grep -v "^#"; done \
              | tee "$OUT/flat_features.log"; fi ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;

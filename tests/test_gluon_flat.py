@@ -3,8 +3,9 @@ TILEATTN_GLUON_FLAT=1).
 
 GPU (sm90): bit-identical to the plain grid (same arithmetic per query tile, in the same order) with more items
 than multiprocessors and fewer, causal in the persistent longest-first order, sliding windows, GQA, Sq != Sk,
-sink, softcap (both forms), ALiBi, fp16/bf16, and within the accuracy rule; calls outside its scope (varlen, causal
-or windowed with seqlen_q > seqlen_k, the plain grid) never launch it.
+sink, softcap (both forms), ALiBi, fp16/bf16, packed varlen on the work list, and within the accuracy rule; calls
+outside its scope (causal or windowed with seqlen_q > seqlen_k, varlen sequences without keys or off the work
+list, the plain grid) never launch it.
 CPU: compiled for sm_90a with Triton's bundled ptxas: no serialised wgmma, spills within the measured budget.
 """
 
@@ -90,10 +91,76 @@ def test_flat_scope(monkeypatch):
     assert not flat()
 
 
+VARLEN_FLAT = [("full", {}), ("causal", dict(causal=True)), ("window+sink", dict(window_size=(200, 70), sink=True)),
+               ("softcap+alibi", dict(softcap=20.0, alibi=True))]
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("d", [64, 128])
+@pytest.mark.parametrize("name,feat", VARLEN_FLAT, ids=[n for n, _ in VARLEN_FLAT])
+def test_flat_varlen_matches_grid(name, feat, d, monkeypatch):
+    """Packed varlen calls on the persistent work list with the flat pipeline (every sequence with rows has at
+    least as many keys as queries; an empty sequence among them): out and lse bit-identical to the plain grid
+    over the longest sequence, and within the accuracy rule against the float64 reference per sequence."""
+    from _flash_helpers import seqlens_to_cu, varlen_ref
+    from _helpers import check_lse, check_rule, atol_for, make_gen
+    if d == 64 and (feat.get("window_size") or feat.get("softcap") or feat.get("alibi")):
+        pytest.skip("D=64 windows / softcap / ALiBi take the portable kernel")
+    seen = _launches(monkeypatch)
+    lens_q, lens_k = [177, 0, 1024, 2000, 731, 64, 1], [1500, 0, 1024, 2048, 731, 130, 9]
+    gen = make_gen(seed_for("gluon-flat-varlen", name, d))
+    q = randn((sum(lens_q), 8, d), torch.bfloat16, gen)
+    k = randn((sum(lens_k), 2, d), torch.bfloat16, gen)
+    v = randn((sum(lens_k), 2, d), torch.bfloat16, gen)
+    cu_q, cu_k = seqlens_to_cu(lens_q), seqlens_to_cu(lens_k)
+    kw = feature_kwargs(feat, 8, gen)
+    monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "0")
+    monkeypatch.setenv("TILEATTN_VARLEN_TILEMAP", "0")
+    ref = tileattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k), return_attn_probs=True,
+                                          **kw)
+    monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "1")
+    monkeypatch.setenv("TILEATTN_VARLEN_TILEMAP", "1")
+    monkeypatch.setenv("TILEATTN_GLUON_FLAT", "1")
+    out, lse, _ = tileattn.flash_attn_varlen_func(q, k, v, cu_q, cu_k, max(lens_q), max(lens_k),
+                                                  return_attn_probs=True, **kw)
+    assert seen[-1][1].get("FLAT", False) and seen[-1][1]["USE_MAP"], "the call did not take the flat work list"
+    assert torch.equal(lse, ref[1]) and torch.equal(out, ref[0]), "flat != plain grid"
+    ref_o, ref_lse = varlen_ref(True, q, k, v, cu_q, cu_k, **kw)
+    pt_o, pt_lse = varlen_ref(False, q, k, v, cu_q, cu_k, **kw)
+    check_rule("out", out, ref_o, pt_o, 2, atol_for(torch.bfloat16, ref_o, 1.0), name)
+    check_lse(lse, ref_lse, pt_lse, name)
+
+
+@hopper
+@pytest.mark.gpu
+def test_flat_varlen_scope(monkeypatch):
+    """Varlen calls take the flat pipeline only on the work list and when every sequence with rows has its keys:
+    not with a sequence that has queries and no keys (its tile would have no key tile), not with causal and
+    fewer keys than queries, not without the work list."""
+    from _flash_helpers import seqlens_to_cu
+    seen = _launches(monkeypatch)
+    monkeypatch.setenv("TILEATTN_GLUON_FLAT", "1")
+    monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "1")
+    monkeypatch.setenv("TILEATTN_VARLEN_TILEMAP", "1")
+
+    def flat(lens_q, lens_k, causal=False):
+        q = torch.randn(sum(lens_q), 4, 128, device="cuda", dtype=torch.bfloat16)
+        k = torch.randn(sum(lens_k), 4, 128, device="cuda", dtype=torch.bfloat16)
+        tileattn.flash_attn_varlen_func(q, k, k, seqlens_to_cu(lens_q), seqlens_to_cu(lens_k), max(lens_q),
+                                        max(lens_k), causal=causal)
+        return bool(seen[-1][1].get("FLAT", False))
+    assert flat([300, 0, 77], [300, 5, 100], causal=True) and flat([300, 77], [9, 1])
+    assert not flat([300, 77], [300, 0]) and not flat([300, 77], [299, 100], causal=True)
+    monkeypatch.setenv("TILEATTN_VARLEN_TILEMAP", "0")
+    assert not flat([300, 77], [300, 100])
+
+
 # measured with this triton's ptxas (NOTES v21a): none for the plain D=64 / D=128 kernels, 40-132 bytes with a
 # mask or features (328 with causal + softcap + ALiBi + sink in fp16), at the item boundary, none in the per-tile loop
 FLAT_COMPILE = [(128, False, ()), (128, True, ("--sink", "--softcap-fixed-max")), (64, True, ()),
-                (128, False, ("--softcap", "--alibi", "--fp16")), (128, False, ("--window", "--sink"))]
+                (128, False, ("--softcap", "--alibi", "--fp16")), (128, False, ("--window", "--sink")),
+                (128, True, ("--varlen", "--tile-map")), (128, False, ("--varlen", "--tile-map", "--window", "--sink"))]
 
 
 @needs_gluon

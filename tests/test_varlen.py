@@ -484,3 +484,19 @@ def test_tile_map(causal):
     host_summary(cu_q, "cu")
     m2 = tile_map(cu_q, cu_k, 128, causal, heads)
     assert m2 is not m and m2.numel() == m.numel() + heads
+
+
+def test_keys_for_every_tile():
+    """_hostinfo.keys_for_every_tile (the flat Gluon forward's varlen condition): every sequence with query rows
+    has a key (and, with a causal mask or window, at least as many keys as queries); empty query sequences don't
+    count; False until both cu_seqlens were read on the host. Host-only: runs on the CPU."""
+    from tileattn._hostinfo import host_summary, keys_for_every_tile
+
+    def check(lens_q, lens_k, diagonal):
+        cu_q, cu_k = seqlens_to_cu(lens_q), seqlens_to_cu(lens_k)
+        assert not keys_for_every_tile(cu_q, cu_k, diagonal)  # never read on the host
+        host_summary(cu_q, "cu"), host_summary(cu_k, "cu")
+        return keys_for_every_tile(cu_q, cu_k, diagonal)
+    assert check([130, 0, 1, 300], [130, 0, 5, 300], True) and check([130, 0, 1], [1, 0, 1], False)
+    assert not check([130, 0, 1], [129, 0, 1], True)  # a causal row past the keys' start sees nothing
+    assert not check([130, 2, 1], [130, 0, 1], False)  # rows with no key at all

@@ -102,3 +102,15 @@ def tile_map(cu_q: torch.Tensor, cu_k: torch.Tensor, block_m: int, causal: bool,
         _HOST_SUMMARIES.clear()
     _HOST_SUMMARIES[key] = (weakref.ref(cu_q), cu_q._version, m)
     return m
+
+
+def keys_for_every_tile(cu_q: torch.Tensor, cu_k: torch.Tensor, diagonal: bool) -> bool:
+    """Whether every sequence with query rows has keys for each of its rows to see: seqlen_k >= 1, and with a causal
+    mask or a window (``diagonal``: every row sees at least its own diagonal key then) seqlen_k >= seqlen_q.
+    From the host copies ``host_summary`` kept (no new device read); False when either was never read."""
+    cq, ck = _host_copy(cu_q), _host_copy(cu_k)
+    if cq is None or ck is None:
+        return False
+    lq, lk = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
+    need = torch.maximum(lq, torch.ones_like(lq)) if diagonal else torch.ones_like(lq)
+    return bool(((lq == 0) | (lk >= need)).all())

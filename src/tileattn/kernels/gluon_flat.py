@@ -14,9 +14,10 @@ for the program's it-th item), and item i's output is staged in its own Q buffer
 is released to the producer once the TMA store has read it. Shared memory stays that of the plain persistent
 kernel (the output's own staging buffer goes).
 
-Scope (the launcher's ``flat`` condition): persistent batched calls, causal or windowed ones only with seqlen_k >=
-seqlen_q (then every query row sees its own diagonal key), so that every item has at least one key tile (the
-pipeline issues item i + 1's first Q K^T unconditionally). Per item the arithmetic is the plain kernel's, in the
+Scope (the launcher's ``flat`` condition): persistent calls whose every item has at least one key tile (the
+pipeline issues item i + 1's first Q K^T unconditionally): batched ones, causal or windowed only with seqlen_k >=
+seqlen_q (then every query row sees its own diagonal key); packed varlen ones on the work list when that holds for
+every sequence with rows (``_hostinfo.keys_for_every_tile``). Per item the arithmetic is the plain kernel's, in the
 same order: results are bit-identical to it.
 """
 
@@ -74,7 +75,7 @@ if AVAILABLE:
     def _item_rounds(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, w: gl.constexpr, it, t, n, lo,
                      acc, alpha, p_op, m_i, l_i, rows, cols, diag, n_full, full_lo, sk, qk_scale, softcap, win_left,
                      win_right, slope, s_zero, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                     HAS_ALIBI: gl.constexpr):
+                     VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr):
         """Rounds t + 1 .. t + n - 1 of the it-th item (key tiles at ring positions t .. t + n - 1): Q K^T_j beside
         P_{j-1} V_{j-1}, as gluon_forward._consumer's loop. Returns (acc, alpha, p_op, m_i, l_i) after tile
         n - 1's softmax, its P V not issued."""
@@ -85,8 +86,8 @@ if AVAILABLE:
         for j in range(1, n):
             fwd._turn_wait(turn, w, t + j)
             s_tok = _qk_issue(q2, k_smem, k_ready, t + j, s_zero)
-            o_tok = fwd._pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + j - 1, k_smem.shape[2], False,
-                                  HAS_SOFTCAP != 2)
+            o_tok = fwd._pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + j - 1,
+                                  sk - (lo + j - 1) * k_smem.shape[2], VARLEN, HAS_SOFTCAP != 2)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index((t + j) % k_smem.shape[0]), count=1)
             p, alpha, m_i, l_i = fwd._softmax_tile(s, lo + j, full_lo, n_full, m_i, l_i, rows, cols, diag, sk,
@@ -100,21 +101,21 @@ if AVAILABLE:
     @gluon.jit
     def _item(it, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k,
               win_left, win_right, ALIBI, stride_ab, w: gl.constexpr, s_layout: gl.constexpr, HALF_M: gl.constexpr,
-              BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_ALIBI: gl.constexpr,
-              USE_MAP: gl.constexpr):
-        """The program's it-th item (clamped to the last one) as (b, h, start_m, seqlen_q, seqlen_k, lo, n, rows,
-        diag, n_full, full_lo, slope) for warpgroup w."""
+              BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr,
+              HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr):
+        """The program's it-th item (clamped to the last one) as (b, h, start_m, q_row0, seqlen_q, seqlen_k, b_desc,
+        lo, n, rows, diag, n_full, full_lo, slope) for warpgroup w (varlen: its sequence's bounds)."""
         g = persistent_item(gl.minimum(pid + it * nprog, num_items - 1), pid, nprog, num_items, num_m_tiles,
                             CAUSAL and not USE_MAP)
         b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = item_bounds(
             g, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, win_left, win_right,
-            2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, False, USE_MAP)
+            2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
         rows, _, diag, n_full, full_lo = row_bounds(start_m + w * HALF_M, sq, sk, win_left, win_right,
                                                          s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW)
         slope = 0.0
         if HAS_ALIBI:
             slope = gl.load(ALIBI + b * stride_ab + h).to(gl.float32) * 1.4426950408889634
-        return b, h, start_m, sq, sk, lo, n, rows, diag, n_full, full_lo, slope
+        return b, h, start_m, q_row0, sq, sk, b_desc, lo, n, rows, diag, n_full, full_lo, slope
 
     @gluon.jit
     def consumer_flat(w: gl.constexpr, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem, bars,
@@ -122,8 +123,8 @@ if AVAILABLE:
                       max_seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                       stride_ab, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                       CAUSAL: gl.constexpr, WINDOW: gl.constexpr, STORE_RESID: gl.constexpr,
-                      HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                      USE_MAP: gl.constexpr):
+                      HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr, VARLEN: gl.constexpr,
+                      HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr):
         """Consumer warpgroup w over the program's items pid, pid + nprog, ... (see the module docstring). Round r
         issues the Q K^T of the key tile at ring position r (r = 0: the first item's first tile alone) beside the
         P V of position r - 1; the last item's final P V runs alone after the loop."""
@@ -158,10 +159,10 @@ if AVAILABLE:
         # the compiler keep it unpacked, 64 PRMT more per key tile) and ends with the next item's.
         for it in range(my_items - 1):
             # the item's bounds, recomputed here rather than carried across the loop (fewer live registers)
-            b, h, start_m, sq, sk, lo, n, rows, diag, n_full, full_lo, slope = _item(
+            b, h, start_m, q_row0, sq, sk, b_desc, lo, n, rows, diag, n_full, full_lo, slope = _item(
                 it, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k,
-                win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, HAS_ALIBI,
-                USE_MAP)
+                win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN,
+                HAS_ALIBI, USE_MAP)
             p, alpha, m_i, l_i = fwd._softmax_tile(s, lo, full_lo, n_full, m_start, l_start, rows, cols, diag, sk,
                                                    qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
                                                    HAS_SOFTCAP, IS_BF16, HAS_ALIBI)
@@ -169,13 +170,13 @@ if AVAILABLE:
                 q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, w, it, t, n, lo,
                 gl.zeros([HALF_M, HEAD_D], gl.float32, layout=o_layout), alpha,
                 gl.convert_layout(p.to(dtype), p_layout), m_i, l_i, rows, cols, diag, n_full, full_lo, sk, qk_scale,
-                softcap, win_left, win_right, slope, s_zero, CAUSAL, WINDOW, HAS_SOFTCAP, HAS_ALIBI)
+                softcap, win_left, win_right, slope, s_zero, CAUSAL, WINDOW, HAS_SOFTCAP, VARLEN, HAS_ALIBI)
             # round t + n: the next item's Q K^T_0 beside this item's last P V
             fwd._turn_wait(turn, w, t + n)
             mbarrier.wait(q_bars.index(2 * ((it + 1) % 2) + w), ((it + 1) // 2) & 1)
             s_tok = _qk_issue(_q_view(q_smem, w, it + 1), k_smem, k_ready, t + n, s_zero)
-            o_tok = fwd._pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + n - 1, BLOCK_N, False,
-                                  HAS_SOFTCAP != 2)
+            o_tok = fwd._pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + n - 1,
+                                  sk - (lo + n - 1) * BLOCK_N, VARLEN, HAS_SOFTCAP != 2)
             # this item's epilogue while the other warpgroup's matmuls run (the next item's S_0 waits in registers;
             # its softmax comes at the top of the next iteration)
             s, acc = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, o_tok))
@@ -183,16 +184,17 @@ if AVAILABLE:
             mbarrier.arrive(v_empty.index((t + n - 1) % V_STAGES), count=1)
             qi = 2 * (it % 2) + w  # this item's Q buffer, dead since its last Q K^T: it stages the output
             epilogue(acc, m_i, l_i, q_smem.index(qi), o_desc, r_desc, LSE, SINK, O, RESID, b, h, start_m + w * HALF_M,
-                     rows, sq, 0, b, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID,
-                     HAS_SINK, False)
+                     rows, sq, q_row0, b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D,
+                     STORE_RESID, HAS_SINK, VARLEN)
             gl.thread_barrier()  # every thread past the store's read of the buffer
             mbarrier.arrive(q_empty.index(qi), count=1)  # item it + 2's Q may load into it
             t = t + n
         # the last item: its rounds, then its final P V alone (round t + n) and its epilogue
         last = my_items - 1
-        b, h, start_m, sq, sk, lo, n, rows, diag, n_full, full_lo, slope = _item(
+        b, h, start_m, q_row0, sq, sk, b_desc, lo, n, rows, diag, n_full, full_lo, slope = _item(
             last, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k,
-            win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, HAS_ALIBI, USE_MAP)
+            win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN,
+            HAS_ALIBI, USE_MAP)
         p, alpha, m_i, l_i = fwd._softmax_tile(s, lo, full_lo, n_full, m_start, l_start, rows, cols, diag, sk,
                                                qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
                                                HAS_SOFTCAP, IS_BF16, HAS_ALIBI)
@@ -200,12 +202,12 @@ if AVAILABLE:
             q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, w, last, t, n, lo,
             gl.zeros([HALF_M, HEAD_D], gl.float32, layout=o_layout), alpha, gl.convert_layout(p.to(dtype), p_layout),
             m_i, l_i, rows, cols, diag, n_full, full_lo, sk, qk_scale, softcap, win_left, win_right, slope, s_zero,
-            CAUSAL, WINDOW, HAS_SOFTCAP, HAS_ALIBI)
+            CAUSAL, WINDOW, HAS_SOFTCAP, VARLEN, HAS_ALIBI)
         fwd._turn_wait(turn, w, t + n)
-        o_tok = fwd._pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + n - 1, BLOCK_N, False,
-                              HAS_SOFTCAP != 2)
+        o_tok = fwd._pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + n - 1,
+                              sk - (lo + n - 1) * BLOCK_N, VARLEN, HAS_SOFTCAP != 2)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
         mbarrier.arrive(v_empty.index((t + n - 1) % V_STAGES), count=1)
         epilogue(acc, m_i, l_i, q_smem.index(2 * (last % 2) + w), o_desc, r_desc, LSE, SINK, O, RESID, b, h,
-                 start_m + w * HALF_M, rows, sq, 0, b, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D,
-                 STORE_RESID, HAS_SINK, False)
+                 start_m + w * HALF_M, rows, sq, q_row0, b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M,
+                 HEAD_D, STORE_RESID, HAS_SINK, VARLEN)

@@ -29,7 +29,7 @@ import torch
 import triton
 
 from .. import configs
-from .._hostinfo import tile_map
+from .._hostinfo import keys_for_every_tile, tile_map
 from .gluon_common import AVAILABLE, has_window, make_desc, softcap_fixed_max, window_bounds
 from .launch import launch, tma_aligned
 from .params import AttnParams, forward_outputs
@@ -298,8 +298,8 @@ if AVAILABLE:
         table decides): a grid of at most one program per multiprocessor, program pid running the items (the
         default grid's tiles, or the work list's entries) pid, pid + grid, ... < num_items, with the output staged
         in its own buffer so that the next item's loads overlap this item's last P V and epilogue
-        (``_consumer_persistent``). FLAT (with PERSISTENT, batched, opt-in): the same items as one pipeline across
-        item boundaries, Q double-buffered (``gluon_flat``)."""
+        (``_consumer_persistent``). FLAT (with PERSISTENT, opt-in): the same items as one pipeline across item
+        boundaries, Q double-buffered (``gluon_flat``; varlen only on the work list)."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = 2 * HALF_M
         dtype: gl.constexpr = q_desc.dtype
@@ -336,7 +336,6 @@ if AVAILABLE:
         if HAS_ALIBI:
             alibi_b = ALIBI + b * stride_ab
         if FLAT:  # PERSISTENT with one pipeline across items (gluon_flat): outputs staged in the dead Q buffers
-            gl.static_assert(not VARLEN and not USE_MAP, "FLAT: batched calls")
             q_empty = gl.allocate_shared_memory(gl.int64, [4, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(4):
                 mbarrier.init(q_empty.index(i), count=1)
@@ -346,12 +345,12 @@ if AVAILABLE:
                                  q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads,
                                  max_seqlen_q, max_seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb,
                                  stride_lh, stride_os, stride_oh, stride_ab, HALF_M, BLOCK_N, HEAD_D, CAUSAL,
-                                 WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, HAS_ALIBI, USE_MAP)),
+                                 WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
                 (consumer_flat, (1, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem, bars,
                                  q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads,
                                  max_seqlen_q, max_seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb,
                                  stride_lh, stride_os, stride_oh, stride_ab, HALF_M, BLOCK_N, HEAD_D, CAUSAL,
-                                 WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, HAS_ALIBI, USE_MAP)),
+                                 WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
                 (load_flat, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid, num_items, nprog,
                              TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group, max_seqlen_q, max_seqlen_k, win_left,
                              win_right, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN,
@@ -471,9 +470,11 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     if persistent:
         num_items, grid = grid, min(grid, nprog)
     # opt-in (TILEATTN_GLUON_FLAT=1, NOTES v21a): one pipeline across a persistent program's items (gluon_flat),
-    # for calls whose every item has a key tile: batched, causal or windowed only with seqlen_k >= seqlen_q
-    flat = (persistent and tiles is None and not p.varlen and (not (causal or window) or seqlen_k >= seqlen_q)
-            and configs.getenv("TILEATTN_GLUON_FLAT") == "1")
+    # for calls whose every item has a key tile: causal or windowed ones only with seqlen_k >= seqlen_q, varlen
+    # ones on the work list with that known for every sequence (host copies of cu_seqlens)
+    flat = persistent and configs.getenv("TILEATTN_GLUON_FLAT") == "1" and (
+        keys_for_every_tile(cu_q, cu_k, causal or window) if p.varlen and tiles is not None
+        else not p.varlen and (not (causal or window) or seqlen_k >= seqlen_q))
     launch(_fwd_kernel, (grid,), (
         q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
         p.alibi_slopes if p.alibi_slopes is not None else lse, out,
