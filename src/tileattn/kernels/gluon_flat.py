@@ -110,8 +110,8 @@ if AVAILABLE:
         b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = item_bounds(
             g, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, win_left, win_right,
             2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
-        rows, _, diag, n_full, full_lo = row_bounds(start_m + w * HALF_M, sq, sk, win_left, win_right,
-                                                         s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW)
+        rows, _, diag, n_full, full_lo = row_bounds(start_m + w * HALF_M, sq, sk, win_left, win_right, s_layout,
+                                                    HALF_M, BLOCK_N, CAUSAL, WINDOW)
         slope = 0.0
         if HAS_ALIBI:
             slope = gl.load(ALIBI + b * stride_ab + h).to(gl.float32) * 1.4426950408889634
