@@ -37,9 +37,10 @@ def _ptxas_report(ptx: str, arch: int) -> str:
     return f"regs {regs.group(1) if regs else '?'} spill_stores {spill.group(1) if spill else '?'}"
 
 
-def compile_one(fn, dtype, constexprs, cfg, arch, ints=None):
+def compile_one(fn, dtype, constexprs, cfg, arch, ints=None, descs=("K_DESC", "V_DESC")):
     """Compile ``fn`` for sm_<arch>. ``ints``: runtime values of integer arguments; like Triton's launcher, a value
-    of 1 becomes a compile-time constant unless the kernel lists the argument in ``do_not_specialize``."""
+    of 1 becomes a compile-time constant unless the kernel lists the argument in ``do_not_specialize``. ``descs``:
+    the K and V arguments, host tensor descriptors when USE_TMA (else pointers)."""
     constexprs = dict(constexprs)
     unspecialised = {param.name for param in getattr(fn, "params", []) if param.do_not_specialize}
     for param in getattr(fn, "params", []):
@@ -49,8 +50,8 @@ def compile_one(fn, dtype, constexprs, cfg, arch, ints=None):
     for name in fn.arg_names:
         if name in constexprs:
             sig[name] = "constexpr"
-        elif name in ("K_DESC", "V_DESC"):  # forward's TMA descriptors (USE_TMA), else unused pointers
-            block_d = constexprs["BLOCK_DQK" if name == "K_DESC" else "BLOCK_DV"]
+        elif name in descs:  # TMA descriptors (USE_TMA), else pointers
+            block_d = constexprs["BLOCK_DQK" if name == descs[0] else "BLOCK_DV"]
             sig[name] = (f"tensordesc<{dtype}[1,{constexprs['BLOCK_N']},1,{block_d}]>" if constexprs.get("USE_TMA")
                          else f"*{dtype}")
         elif name in INT32_PTRS:
@@ -165,12 +166,19 @@ def decode_cases(arch):
              ("decode split + merge", _decode_split_kernel, {**base, "PAGED": False, "FUSED_COMBINE": True,
                                                              "HAS_SINK": True}),
              ("decode combine", _decode_combine_kernel, {"BLOCK_S": 32, "BLOCK_DV": 128, "HAS_SINK": True})]
+    if arch >= 90:  # caches through tensor descriptors: contiguous (cfg.tma) and paged (TILEATTN_DECODE_PAGED_TMA)
+        pcfg = configs.decode_config(128, paged=True)
+        cases += [("decode tma", _decode_split_kernel, {**base, "PAGED": False, "USE_TMA": True}),
+                  ("decode paged tma", _decode_split_kernel, {**base, "BLOCK_N": pcfg.block_n, "PAGED": True,
+                                                              "USE_TMA": True, "HAS_SINK": True})]
     for name, fn, consts in cases:
-        kcfg = configs.KernelConfig(16, cfg.block_n, cfg.num_warps, cfg.num_stages if "combine" not in name else 1)
+        block_n, stages = (pcfg.block_n, pcfg.num_stages) if name == "decode paged tma" else (cfg.block_n,
+                                                                                            cfg.num_stages)
+        kcfg = configs.KernelConfig(16, block_n, cfg.num_warps, stages if "combine" not in name else 1)
         try:
             rep, smem = compile_one(fn, "bf16", consts, kcfg, arch, ints if "combine" not in name else
                                     dict(stride_ob=4096, stride_os=4096, stride_oh=128, q_heads=32, seqlen_q=1,
-                                         rows_total=256, num_splits=40, dv=128))
+                                         rows_total=256, num_splits=40, dv=128), descs=("K", "V"))
             print(f"sm{arch} {name}: {rep} smem {smem}", flush=True)
         except Exception as e:  # noqa: BLE001
             bad += 1

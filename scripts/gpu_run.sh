@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -176,6 +176,14 @@ for stage in "$@"; do
              TILEATTN_GLUON_PERSISTENT=1 TILEATTN_GLUON_FLAT=$v timeout 90 python3 -m tileattn.bench_features \
                --seqlens 2048,8192 --head-dim 128 --cases dense,causal,window,softcap,varlen 2>&1 | grep -v "^#"; done \
              | tee "$OUT/flat_features.log"; fi ;;
+    s21d) # paged decode through tensor descriptors (opt-in TILEATTN_DECODE_PAGED_TMA=1, session 18): its GPU tests,
+          # then the decode table with it as extra rows (every page size; it applies where page % 64 == 0)
+          timeout 200 python3 -m pytest tests/test_decode.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
+            -k "paged_cache or tma_contiguous or paged" 2>&1 | tee "$OUT/paged_tma_tests.log" | tail -4
+          ok=${PIPESTATUS[0]}; reap
+          if [ "$ok" != 0 ]; then status=1; else
+            timeout 300 python3 -m tileattn.bench_decode --out-dir "$OUT" --explore "TILEATTN_DECODE_PAGED_TMA=1" \
+              2>&1 | tee "$OUT/paged_tma_decode.log" | tail -40; fi ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;
     *) echo "unknown stage $stage"; status=1 ;;

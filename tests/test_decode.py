@@ -39,8 +39,9 @@ def _randn(gen, *shape, dtype):
 def run_case(dtype, B=2, Sq=1, Hq=4, Hkv=2, d=D, dv=D, cap=CAP, page=None, new=0, causal=False, splits=0, lens=None,
              window=(-1, -1), softcap=0.0, alibi=False, sink=False, bidx=False, rot=False, interleaved=False,
              leftpad=None, poison=False, int_lens=False):
-    """leftpad: None, a list of per-row starts, or "random" (uniform in [0, lens[b]]). poison (contiguous caches):
-    NaN in every cache slot at or past each row's length (a kernel that reads them unmasked returns NaN).
+    """leftpad: None, a list of per-row starts, or "random" (uniform in [0, lens[b]]). poison: NaN in every cache
+    slot at or past each row's length (paged: in the pages of its block table; a kernel that reads them unmasked
+    returns NaN).
     int_lens: pass cache_seqlens as a Python int (every entry of lens equal)."""
     gen = make_gen(seed_for("decode", B, Sq, Hq, Hkv, d, cap, page, new, causal, splits, window, softcap, alibi,
                             sink, bidx, rot, str(dtype), str(leftpad)))
@@ -63,8 +64,13 @@ def run_case(dtype, B=2, Sq=1, Hq=4, Hkv=2, d=D, dv=D, cap=CAP, page=None, new=0
         assert len(set(lens)) == 1
         lens_t = int(lens[0])
     if poison:
-        assert not page
         for b in range(B):
+            if page:
+                for pg in range(capn // page):
+                    blk = int(bt[b, pg])
+                    kc[blk, max(lens[b] - pg * page, 0):] = float("nan")
+                    vc[blk, max(lens[b] - pg * page, 0):] = float("nan")
+                continue
             r = int(bi[b]) if bidx else b
             kc[r, lens[b]:] = float("nan")
             vc[r, lens[b]:] = float("nan")
@@ -403,6 +409,31 @@ def test_tma_contiguous_cache(monkeypatch, dtype, case):
     monkeypatch.setattr(configs, "decode_tma", lambda *a: used.append(real(*a)) or used[-1])
     run_case(dtype, poison=True, **TMA_CASES[case])
     assert used and all(used)
+
+
+PAGED_TMA_CASES = {"p64": dict(page=64),
+                   "p128_causal_append_splits": dict(page=128, Sq=4, new=4, causal=True, splits=3),
+                   "p64_features": dict(page=64, softcap=5.0, alibi=True, sink=True, window=(40, 0), splits=2),
+                   "p64_empty_full": dict(page=64, lens=[0, 256], splits=3)}
+
+
+@pytest.mark.parametrize("dtype", DTYPES, ids=str)
+@pytest.mark.parametrize("case", list(PAGED_TMA_CASES))
+def test_tma_paged_cache(monkeypatch, dtype, case):
+    """Paged caches read through tensor descriptors (opt-in TILEATTN_DECODE_PAGED_TMA=1: one block-table entry per
+    key tile, whose keys lie in one page), shuffled block tables, NaN in every slot past each row's length; with
+    cache_leftpad (tiles no longer start at page-aligned keys) the gather path runs instead."""
+    from tileattn import configs
+    if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
+        pytest.skip("TMA needs sm_90+")
+    monkeypatch.setenv("TILEATTN_DECODE_PAGED_TMA", "1")
+    used, real = [], configs.decode_tma
+    monkeypatch.setattr(configs, "decode_tma", lambda *a: used.append(real(*a)) or used[-1])
+    run_case(dtype, cap=256, poison=True, **PAGED_TMA_CASES[case])
+    assert used and all(used)
+    used.clear()
+    run_case(dtype, cap=256, page=64, leftpad="random", splits=2)
+    assert used and not any(used)
 
 
 @pytest.mark.parametrize("sink", [False, True])

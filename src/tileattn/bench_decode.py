@@ -312,11 +312,10 @@ def run(out_dir: str, dtype=torch.bfloat16, flex_pages=(256,), explore=(), graph
                 return call
             cases.append((f"tileattn[{variant}]", None, with_variant(
                 lambda: tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens))))
-            for page, kp, vp, bt in paged:
-                if page == min(p for p, *_ in paged):
-                    cases.append((f"tileattn-paged[{variant}]", page, with_variant(
-                        lambda kp=kp, vp=vp, bt=bt: tileattn.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens,
-                                                                                     block_table=bt))))
+            for page, kp, vp, bt in paged:  # every page size (TILEATTN_DECODE_PAGED_TMA applies to large pages)
+                cases.append((f"tileattn-paged[{variant}]", page, with_variant(
+                    lambda kp=kp, vp=vp, bt=bt: tileattn.flash_attn_with_kvcache(q, kp, vp, cache_seqlens=lens,
+                                                                                 block_table=bt))))
         ref = None
         for name, page, call in cases:
             note = ""

@@ -379,10 +379,16 @@ def decode_fused_combine() -> bool:
     return value == "fused"
 
 
-def decode_tma(cfg: DecodeConfig, q: torch.Tensor, paged: bool) -> bool:
-    """Whether the decode kernel reads a contiguous cache through tensor descriptors (TMA): the config asks for it
-    and the GPU has TMA (sm_90+; the interpreter emulates descriptors). Paged caches use pointer loads."""
-    if not cfg.tma or paged:
+def decode_tma(cfg: DecodeConfig, q: torch.Tensor, paged: bool, page_size: int = 0, leftpad: bool = False) -> bool:
+    """Whether the decode kernel reads the cache through tensor descriptors (TMA), on GPUs that have TMA (sm_90+;
+    the interpreter emulates descriptors). Contiguous caches: when the config asks for it (measured no faster,
+    run 64). Paged caches: opt-in ``TILEATTN_DECODE_PAGED_TMA=1`` (session 18, not yet measured), where every key
+    tile lies in one page (page_size a multiple of the tile's keys, no cache_leftpad shifting the tiles): one
+    block-table entry per tile, then a (1, block_n, 1, D) box of that page, instead of a gather of block_n rows."""
+    if paged:
+        if getenv("TILEATTN_DECODE_PAGED_TMA") != "1" or page_size % cfg.block_n or leftpad:
+            return False
+    elif not cfg.tma:
         return False
     if _interpreting() or q.device.type != "cuda":
         return True

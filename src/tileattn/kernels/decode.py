@@ -40,9 +40,11 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
                          USE_TMA: tl.constexpr, FUSED_COMBINE: tl.constexpr):
     """FINAL (one split): OUT_PART / LSE_PART are the call's out (B, Sq, Hq, Dv) (strides stride_o*) and lse
     (B, Hq, Sq), written directly with the sink folded in, and no combine kernel runs.
-    USE_TMA (contiguous caches): K and V are host tensor descriptors over the caches (B_cache, S_cache, Hkv, D) with
-    block (1, BLOCK_N, 1, BLOCK_D): rows past S_cache and columns past D read as zero; V rows in [end, S_cache) are
-    zeroed here (an unwritten cache slot may hold NaN, and 0 * NaN = NaN).
+    USE_TMA: K and V are host tensor descriptors over the caches (B_cache, S_cache, Hkv, D) with block
+    (1, BLOCK_N, 1, BLOCK_D): rows past S_cache and columns past D read as zero; V rows in [end, S_cache) are
+    zeroed here (an unwritten cache slot may hold NaN, and 0 * NaN = NaN). With PAGED the descriptors cover the
+    paged caches (num_blocks, page_size, Hkv, D) and a tile (which lies in one page: page_size % BLOCK_N == 0 and
+    tiles start at multiples of BLOCK_N, ``configs.decode_tma``) is the box at (page, slot of its first key).
     FUSED_COMBINE (several splits): after writing its partials, each program takes a ticket from its rows'
     counter (COUNTERS[bhk * row_blocks + row block], int32, zero between calls); the program that draws the last
     ticket merges every split's partials of those rows into OUT / LSE (``_merge_splits``) and resets the counter,
@@ -83,7 +85,13 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
     for start_n in tl.range(start, end, BLOCK_N):
         cols = start_n + offs_n
         if USE_TMA:
-            k = K.load([cb.to(tl.int32), start_n, hk, 0]).reshape([BLOCK_N, BLOCK_DQK])
+            if PAGED:  # the tile's page, and its first key's slot there
+                box_b = tl.load(BLOCK_TABLE + b64 * stride_bt + start_n // page_size)
+                box_s = start_n % page_size
+            else:
+                box_b = cb.to(tl.int32)
+                box_s = start_n
+            k = K.load([box_b, box_s, hk, 0]).reshape([BLOCK_N, BLOCK_DQK])
         elif PAGED:
             page = tl.load(BLOCK_TABLE + b64 * stride_bt + cols // page_size, mask=cols < seqlen_k, other=0)
             row_k = page.to(tl.int64) * stride_kb + (cols % page_size) * stride_ks
@@ -104,7 +112,7 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
         alpha = tl.math.exp2(m_i - m_use)
         l_i = l_i * alpha + tl.sum(p, 1)
         if USE_TMA:
-            v = V.load([cb.to(tl.int32), start_n, hk, 0]).reshape([BLOCK_N, BLOCK_DV])
+            v = V.load([box_b, box_s, hk, 0]).reshape([BLOCK_N, BLOCK_DV])
             v = tl.where((cols < end)[:, None], v, 0.0)
         else:
             v = load_tile(V + row_v[:, None] + hk * stride_vh + offs_dv[None, :], cols, end, offs_dv, dv, True,
@@ -275,7 +283,7 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
     qk_scale = softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E_F
     block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dv)
     descs = None
-    if configs.decode_tma(cfg, q, paged):
+    if configs.decode_tma(cfg, q, paged, page_size, leftpad is not None):
         from .forward import _kv_descriptors
         descs = _kv_descriptors(k_cache, v_cache, block_n, block_dqk, block_dv)
     launch(_decode_split_kernel, (num_splits, batch * kv_heads, row_blocks), (
