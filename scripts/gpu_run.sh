@@ -168,6 +168,12 @@ for stage in "$@"; do
            timeout 300 python3 -m tileattn.bench --head-dims 128,64 --modes fwd --seqlens 512,1024,2048,4096,16384 \
              --providers tileattn,tileattn_flat,tileattn_persistent,sdpa_cudnn --out-dir "$OUT" --prefix flat \
              2>&1 | grep -v "meas/s" | tee "$OUT/flat_bench.log" | tail -60
+           # D=256 at 512-1k: the default (portable below 1k keys) and the Gluon forward with the threshold lifted
+           for c in default 64,3,2,240,24,168; do echo "== D=256 TILEATTN_GLUON_FWD_CONFIG=$c"
+             if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi
+             timeout 120 python3 -m tileattn.bench --head-dims 256 --modes fwd --seqlens 512,1024 \
+               --providers tileattn,sdpa_cudnn --no-plot --out-dir "$OUT/d256_$c" 2>&1 | grep -A4 "== fwd"; done \
+             | tee "$OUT/d256_short.log"; unset TILEATTN_GLUON_FWD_CONFIG
            # D=64 below the table's Gluon thresholds (portable by default): the Gluon grid vs flat there
            TILEATTN_GLUON_FWD_CONFIG=128,3,2,240,24,168 timeout 120 python3 -m tileattn.bench --head-dims 64 \
              --modes fwd --seqlens 512,1024,2048 --providers tileattn,tileattn_flat,sdpa_cudnn --no-plot \
