@@ -172,7 +172,7 @@ for stage in "$@"; do
            for c in default 64,3,2,240,24,168; do echo "== D=256 TILEATTN_GLUON_FWD_CONFIG=$c"
              if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi
              timeout 120 python3 -m tileattn.bench --head-dims 256 --modes fwd --seqlens 512,1024 \
-               --providers tileattn,sdpa_cudnn --no-plot --out-dir "$OUT/d256_$c" 2>&1 | grep -A4 "== fwd"; done \
+               --providers tileattn,sdpa_cudnn --no-plot --out-dir "$OUT/d256_$(echo $c | tr , _)" 2>&1 | grep -A4 "== fwd"; done \
              | tee "$OUT/d256_short.log"; unset TILEATTN_GLUON_FWD_CONFIG
            # D=64 below the table's Gluon thresholds (portable by default): the Gluon grid vs flat there
            TILEATTN_GLUON_FWD_CONFIG=128,3,2,240,24,168 timeout 120 python3 -m tileattn.bench --head-dims 64 \
