@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -159,29 +159,30 @@ for stage in "$@"; do
            | grep -v "it/s\]" ;;
     s21) # session 19's first stage: the flat persistent forward (v21a, TILEATTN_GLUON_FLAT=1): its GPU tests
          # (bit-identity with the plain grid, scope), then forward TFLOP/s default / flat / persistent / cuDNN at
-         # D=128 and 64, causal and not, 512..4k and 16k (the SM clock beside each timing, bench_clock), then the
-         # feature cases per dense (window per useful FLOP) with the flat pipeline off / on, twice
+         # D=128 and 64, causal and not, 512..4k and 16k (the SM clock beside each timing, bench_clock)
          timeout 240 python3 -m pytest tests/test_gluon_flat.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
            2>&1 | tee "$OUT/flat_tests.log" | tail -6
          ok=${PIPESTATUS[0]}; reap
          if [ "$ok" != 0 ]; then status=1; else
            timeout 300 python3 -m tileattn.bench --head-dims 128,64 --modes fwd --seqlens 512,1024,2048,4096,16384 \
              --providers tileattn,tileattn_flat,tileattn_persistent,sdpa_cudnn --out-dir "$OUT" --prefix flat \
-             2>&1 | grep -v "meas/s" | tee "$OUT/flat_bench.log" | tail -60
-           # D=256 at 512-1k: the default (portable below 1k keys) and the Gluon forward with the threshold lifted
-           for c in default 64,3,2,240,24,168; do echo "== D=256 TILEATTN_GLUON_FWD_CONFIG=$c"
-             if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi
-             timeout 120 python3 -m tileattn.bench --head-dims 256 --modes fwd --seqlens 512,1024 \
-               --providers tileattn,sdpa_cudnn --no-plot --out-dir "$OUT/d256_$(echo $c | tr , _)" 2>&1 | grep -A4 "== fwd"; done \
-             | tee "$OUT/d256_short.log"; unset TILEATTN_GLUON_FWD_CONFIG
-           # D=64 below the table's Gluon thresholds (portable by default): the Gluon grid vs flat there
-           TILEATTN_GLUON_FWD_CONFIG=128,3,2,240,24,168 timeout 120 python3 -m tileattn.bench --head-dims 64 \
-             --modes fwd --seqlens 512,1024,2048 --providers tileattn,tileattn_flat,sdpa_cudnn --no-plot \
-             --out-dir "$OUT" --prefix flat64 2>&1 | grep -v "meas/s" | tee "$OUT/flat64_bench.log" | tail -20
-           for v in 0 1 0 1; do echo "== TILEATTN_GLUON_FLAT=$v (persistent forced)"
-             TILEATTN_GLUON_PERSISTENT=1 TILEATTN_GLUON_FLAT=$v timeout 90 python3 -m tileattn.bench_features \
-               --seqlens 2048,8192 --head-dim 128 --cases dense,causal,window,softcap,varlen 2>&1 | grep -v "^#"; done \
-             | tee "$OUT/flat_features.log"; fi ;;
+             2>&1 | grep -v "meas/s" | tee "$OUT/flat_bench.log" | tail -60; fi ;;
+    s21b) # the flat forward's feature cases per dense (window and varlen per useful FLOP) off / on, twice; D=64
+          # below the table's Gluon thresholds (portable by default): the Gluon grid vs flat; D=256 at 512-1k: the
+          # default (portable below 1k keys) vs the Gluon forward with the threshold lifted
+          for v in 0 1 0 1; do echo "== TILEATTN_GLUON_FLAT=$v (persistent forced)"
+            TILEATTN_GLUON_PERSISTENT=1 TILEATTN_GLUON_FLAT=$v timeout 90 python3 -m tileattn.bench_features \
+              --seqlens 2048,8192 --head-dim 128 --cases dense,causal,window,softcap,varlen 2>&1 | grep -v "^#"; done \
+            | tee "$OUT/flat_features.log"
+          TILEATTN_GLUON_FWD_CONFIG=128,3,2,240,24,168 timeout 120 python3 -m tileattn.bench --head-dims 64 \
+            --modes fwd --seqlens 512,1024,2048 --providers tileattn,tileattn_flat,sdpa_cudnn --no-plot \
+            --out-dir "$OUT" --prefix flat64 2>&1 | grep -v "meas/s" | tee "$OUT/flat64_bench.log" | tail -20
+          for c in default 64,3,2,240,24,168; do echo "== D=256 TILEATTN_GLUON_FWD_CONFIG=$c"
+            if [ "$c" = default ]; then unset TILEATTN_GLUON_FWD_CONFIG; else export TILEATTN_GLUON_FWD_CONFIG=$c; fi
+            timeout 120 python3 -m tileattn.bench --head-dims 256 --modes fwd --seqlens 512,1024 \
+              --providers tileattn,sdpa_cudnn --no-plot --out-dir "$OUT/d256_$(echo $c | tr , _)" 2>&1 \
+              | grep -A4 "== fwd"; done | tee "$OUT/d256_short.log"
+          unset TILEATTN_GLUON_FWD_CONFIG ;;
     s21d) # paged decode through tensor descriptors (opt-in TILEATTN_DECODE_PAGED_TMA=1, session 18): its GPU tests,
           # then the decode table with it as extra rows (every page size; it applies where page % 64 == 0)
           timeout 200 python3 -m pytest tests/test_decode.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
