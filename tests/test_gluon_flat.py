@@ -170,3 +170,21 @@ def test_flat_compiles_for_sm90():
     assert_compiles([("--head-dim", d, "--flat", "--spill-budget", 160, *(["--causal"] if causal else []), *extra)
                      for d, causal, extra in FLAT_COMPILE],
                     env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1"})
+
+
+def test_flat_protocol_model():
+    """benchmarks/flat_protocol.py, the host model of the flat kernel's barriers (producer, two consumer
+    warpgroups, TMA copies landing in random order): no deadlock, every read of its own tile, no buffer refilled
+    while in use, the warpgroups' tensor-core rounds in order — for one-item programs, one-tile items, and random
+    programs. (A model of the kernel's barrier code: the two must change together.)"""
+    import os
+    import random
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import flat_protocol
+    for items, ks, vs in (([1], 2, 2), ([5], 3, 2), ([1, 1, 1, 1], 2, 2), ([9, 1, 9, 1, 2], 4, 3)):
+        assert len(flat_protocol.check(items, ks, vs)) == 2 * (sum(items) + 1)
+    rng = random.Random(18)
+    for _ in range(200):
+        items = [rng.randint(1, 9) for _ in range(rng.randint(1, 7))]
+        flat_protocol.check(items, rng.choice((2, 3, 4)), rng.choice((2, 3)), seed=rng.randrange(1 << 30))
