@@ -182,7 +182,14 @@ for stage in "$@"; do
             timeout 120 python3 -m tileattn.bench --head-dims 256 --modes fwd --seqlens 512,1024 \
               --providers tileattn,sdpa_cudnn --no-plot --out-dir "$OUT/d256_$(echo $c | tr , _)" 2>&1 \
               | grep -A4 "== fwd"; done | tee "$OUT/d256_short.log"
-          unset TILEATTN_GLUON_FWD_CONFIG ;;
+          unset TILEATTN_GLUON_FWD_CONFIG
+          # the portable kernel's fixed softmax max (TILEATTN_SOFTCAP_FIXED_MAX=all; D=64 softcap runs portable):
+          # its tests, then softcap / dense at D=64 with 1 (default) / all, twice
+          TILEATTN_SOFTCAP_FIXED_MAX=all timeout 120 python3 -m pytest tests/test_forward.py -q -n 14 \
+            -p no:cacheprovider -p no:benchmark -rf -k portable_softcap_fixed_max 2>&1 | tail -3; reap
+          for v in 1 all 1 all; do echo "== D=64 TILEATTN_SOFTCAP_FIXED_MAX=$v"
+            TILEATTN_SOFTCAP_FIXED_MAX=$v timeout 90 python3 -m tileattn.bench_features --seqlens 2048,8192 \
+              --head-dim 64 --cases dense,softcap 2>&1 | grep -v "^#"; done | tee "$OUT/portable_fixed_max.log" ;;
     s21d) # paged decode through tensor descriptors (opt-in TILEATTN_DECODE_PAGED_TMA=1, session 18): its GPU tests,
           # then the decode table with it as extra rows (every page size; it applies where page % 64 == 0)
           timeout 200 python3 -m pytest tests/test_decode.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \

@@ -17,6 +17,7 @@ from _helpers import (
     _max_abs,
     atol_for,
     check_attention,
+    check_lse,
     check_rule,
     dtype_id,
     make_gen,
@@ -377,3 +378,49 @@ def test_forward_cuda_graph_capture(head_dim):
     graph.replay()
     torch.cuda.synchronize()
     assert torch.equal(out, call())
+
+
+# (B, Sq, Sk, Hq, Hkv, D, softcap, features)
+FIXED_MAX_CASES = [(2, 63, 130, 4, 2, 32, 5.0, dict(causal=True)), (1, 130, 130, 2, 2, 64, 50.0, {}),
+                   (2, 17, 130, 4, 1, 40, 30.0, dict(window_size=(20, 5), sink=True))] if not LARGE else [
+    (2, 1000, 2111, 8, 2, 64, 5.0, dict(causal=True)), (1, 2047, 2048, 4, 4, 128, 50.0, {}),
+    (2, 1031, 1031, 4, 1, 96, 30.0, dict(window_size=(300, 40), sink=True)), (1, 777, 1031, 4, 2, 256, 8.0, {})]
+
+
+@pytest.mark.parametrize("extreme", [False, True], ids=["randn", "saturated"])
+@pytest.mark.parametrize("case", FIXED_MAX_CASES, ids=lambda c: "x".join(map(str, c[:7])) + "-" + "-".join(c[7]))
+def test_portable_softcap_fixed_max(monkeypatch, case, extreme):
+    """TILEATTN_SOFTCAP_FIXED_MAX=all: the portable kernel's bf16 softcap forward with the softmax max fixed at 0
+    (no row max, no rescale of O; every score is at most softcap * log2 e) meets the rule for out and lse against
+    the float64 reference, also with saturated rows (scores far past +-softcap, values 1e-3 and 1e3); the launch
+    really was the fixed-max form. Gluon off, so that the portable kernel takes every call."""
+    from tileattn.kernels import forward as fwd_mod
+    from tileattn.reference import attention_ref
+    monkeypatch.setenv("TILEATTN_SOFTCAP_FIXED_MAX", "all")
+    monkeypatch.setenv("TILEATTN_GLUON", "0")
+    seen = []
+    real = fwd_mod.launch
+
+    def launch(fn, grid, args, kw, *rest, **opts):
+        seen.append(kw.get("HAS_SOFTCAP"))
+        return real(fn, grid, args, kw, *rest, **opts)
+    monkeypatch.setattr(fwd_mod, "launch", launch)
+    B, Sq, Sk, Hq, Hkv, D, softcap, feat = case
+    dtype = torch.bfloat16
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("portable-fixed-max", case[:7], extreme))
+    if extreme:  # half the query rows score ~ -60 * softcap against every key, half ~ +60 * softcap
+        q, k = q.abs() + 1.0, k.abs() + 1.0
+        q[:, ::2] *= -1.0
+        q = (q * (softcap * 60.0 / D ** 0.5)).to(dtype)
+        v = v.clone()
+        v[..., : D // 2] *= 1e-3
+        v[..., D // 2:] *= 1e3
+    kw = dict(feat, softcap=softcap)
+    if kw.pop("sink", False):
+        kw["sink"] = torch.randn(Hq, generator=gen).to(DEVICE)
+    out, lse = tileattn.attention(q, k, v, return_lse=True, **kw)
+    assert seen and all(s == 2 for s in seen), f"the fixed-max form did not run: {seen}"
+    ref, ref_lse = attention_ref(q, k, v, **kw)
+    pt, pt_lse = attention_ref(q, k, v, upcast=False, **kw)
+    check_rule("out", out, ref, pt, FWD_MULT, atol_for(dtype, ref, _max_abs(v)), f"fixed max {case}")
+    check_lse(lse, ref_lse, pt_lse, f"fixed max {case}")

@@ -16,6 +16,7 @@ from .. import autotune, configs
 from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, scores, seq_bounds,
                      store_tile, visible)
 from . import gluon_forward
+from .gluon_common import portable_softcap_fixed_max
 from .launch import host_descriptor, launch, tma_aligned
 from .params import forward_outputs
 
@@ -24,8 +25,19 @@ from .params import forward_outputs
 def _probs(s, m_i, rows, cols, seqlen_k, diag, win_left, win_right, qk_scale, softcap, slope,
            HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr, HAS_ALIBI: tl.constexpr,
            MASK: tl.constexpr, IN_DTYPE: tl.constexpr):
-    """Raw q.k products of one tile -> (new row max, the shift used, unnormalised probabilities), log2 units."""
-    if not MASK and not HAS_SOFTCAP and not HAS_ALIBI:
+    """Raw q.k products of one tile -> (new row max, the shift used, unnormalised probabilities), log2 units.
+    HAS_SOFTCAP == 2 (bf16 softcap <= 50, no ALiBi: ``portable_softcap_fixed_max``): the max stays 0, as every score
+    is at most softcap * log2 e <= 72.2, so no row max is taken and the caller skips O's rescale (alpha = 1)."""
+    if HAS_SOFTCAP == 2:
+        s, _ = scores(s, rows[:, None], cols[None, :], diag, qk_scale, softcap, slope, HAS_SOFTCAP, HAS_ALIBI,
+                      IN_DTYPE)
+        if MASK:
+            s = tl.where(visible(rows[:, None], cols[None, :], seqlen_k, diag, win_left, win_right,
+                                 HAS_LEFT, HAS_RIGHT), s, float("-inf"))
+        m_new = m_i
+        m_use = m_i
+        p = tl.math.exp2(s)
+    elif not MASK and not HAS_SOFTCAP and not HAS_ALIBI:
         # Hot path: scale folded into the row max and into one FMA before exp2.
         m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
         m_use = m_new
@@ -104,19 +116,27 @@ def _fwd_tiles(acc, m_i, l_i, q, k_ptrs, v_ptrs, stride_ks, stride_vs, rows, off
             if (start_n < full_lo) | (start_n >= full_hi):
                 s = tl.where(visible(rows[:, None], cols[None, :], seqlen_k, diag, win_left, win_right,
                                      HAS_LEFT, HAS_RIGHT), s, float("-inf"))
-            if HAS_SOFTCAP or HAS_ALIBI:
-                m_new = tl.maximum(m_i, tl.max(s, 1))
-            else:  # raw products: the scale (> 0) folds into the max and the exp2's FMA, as in _probs
-                m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
-                s = s * qk_scale
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: exp2 gives 0, not NaN
-            p = tl.math.exp2(s - m_use[:, None])
+            if HAS_SOFTCAP == 2:  # the fixed max (_probs)
+                m_new = m_i
+                m_use = m_i
+                p = tl.math.exp2(s)
+            else:
+                if HAS_SOFTCAP or HAS_ALIBI:
+                    m_new = tl.maximum(m_i, tl.max(s, 1))
+                else:  # raw products: the scale (> 0) folds into the max and the exp2's FMA, as in _probs
+                    m_new = tl.maximum(m_i, tl.max(s, 1) * qk_scale)
+                    s = s * qk_scale
+                m_use = tl.where(m_new == float("-inf"), 0.0, m_new)  # rows with no key yet: exp2 gives 0
+                p = tl.math.exp2(s - m_use[:, None])
         else:
             m_new, m_use, p = _probs(s, m_i, rows, cols, seqlen_k, diag, win_left, win_right, qk_scale, softcap,
                                      slope, HAS_LEFT, HAS_RIGHT, HAS_SOFTCAP, HAS_ALIBI, MASKED == 1, q.dtype)
-        alpha = tl.math.exp2(m_i - m_use)
-        l_i = l_i * alpha + tl.sum(p, 1)
-        acc = acc * alpha[:, None]
+        if HAS_SOFTCAP == 2:  # the fixed max: no rescale
+            l_i = l_i + tl.sum(p, 1)
+        else:
+            alpha = tl.math.exp2(m_i - m_use)
+            l_i = l_i * alpha + tl.sum(p, 1)
+            acc = acc * alpha[:, None]
         if HAS_DROPOUT:
             keep = dropout_keep(seed, rng_offset, rows[:, None], cols[None, :], row_base, max_seqlen_k, dropout_p)
             p = tl.where(keep, p / (1.0 - dropout_p), 0.0)
@@ -194,7 +214,7 @@ def _fwd_kernel(Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_
     bt_row = BLOCK_TABLE + b64 * stride_bt
 
     q = load_tile(q_ptrs, rows, seqlen_q, offs_dqk, dqk, True, EVEN_DQK)
-    m_i = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
+    m_i = tl.full([BLOCK_M], 0.0 if HAS_SOFTCAP == 2 else float("-inf"), dtype=tl.float32)
     l_i = tl.zeros([BLOCK_M], dtype=tl.float32)
     acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
     slope, seed, rng_offset, row_base = feature_scalars(ALIBI, RNG, b, h, bh, stride_ab, max_seqlen_q,
@@ -306,7 +326,8 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
         dqk, dv), dict(
         BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk, EVEN_DV=block_dv == dv,
         BLOCK_M=cfg.block_m, BLOCK_N=cfg.block_n,
-        HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0,
+        HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0,
+        HAS_SOFTCAP=2 if portable_softcap_fixed_max(p, q.dtype) else p.softcap > 0,
         HAS_ALIBI=p.alibi_slopes is not None, HAS_SINK=p.sink is not None, HAS_DROPOUT=p.dropout_p > 0,
         IS_VARLEN=p.varlen, FP32=q.dtype == torch.float32, USE_TMA=descs is not None, PAGED=paged,
         STORE_RESID=residual, MERGE_EDGES=configs.merge_edges(p.window_left >= 0, p.window_right >= 0),
