@@ -118,6 +118,36 @@ if AVAILABLE:
         return b, h, start_m, q_row0, sq, sk, b_desc, lo, n, rows, diag, n_full, full_lo, slope
 
     @gluon.jit
+    def _run_item(s, it, t, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q,
+                  max_seqlen_k, win_left, win_right, ALIBI, stride_ab, q_smem, k_smem, v_smem, k_ready, k_empty,
+                  v_ready, v_empty, turn, m_start, l_start, cols, qk_scale, softcap, s_zero, w: gl.constexpr,
+                  HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, CAUSAL: gl.constexpr,
+                  WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr,
+                  USE_MAP: gl.constexpr):
+        """The program's it-th item up to its last P V: its bounds (``_item``), the softmax of its S_0 (``s``, in
+        registers) and its rounds (``_item_rounds``; key tiles at ring positions t ..). Returns what the caller's
+        last P V and epilogue need: (b, h, start_m, q_row0, sq, sk, b_desc, lo, n, rows, acc, alpha, p_op, m_i,
+        l_i)."""
+        s_layout: gl.constexpr = s.type.layout
+        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                           instr_shape=[16, HEAD_D, 16])
+        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
+        dtype: gl.constexpr = q_smem.dtype
+        b, h, start_m, q_row0, sq, sk, b_desc, lo, n, rows, diag, n_full, full_lo, slope = _item(
+            it, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k,
+            win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, HAS_ALIBI,
+            USE_MAP)
+        p, alpha, m_i, l_i = fwd._softmax_tile(s, lo, full_lo, n_full, m_start, l_start, rows, cols, diag, sk,
+                                               qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
+                                               HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
+        acc, alpha, p_op, m_i, l_i = _item_rounds(
+            q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, w, it, t, n, lo,
+            gl.zeros([HALF_M, HEAD_D], gl.float32, layout=o_layout), alpha, gl.convert_layout(p.to(dtype), p_layout),
+            m_i, l_i, rows, cols, diag, n_full, full_lo, sk, qk_scale, softcap, win_left, win_right, slope, s_zero,
+            CAUSAL, WINDOW, HAS_SOFTCAP, VARLEN, HAS_ALIBI)
+        return b, h, start_m, q_row0, sq, sk, b_desc, lo, n, rows, acc, alpha, p_op, m_i, l_i
+
+    @gluon.jit
     def consumer_flat(w: gl.constexpr, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem, bars,
                       q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q,
                       max_seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
@@ -131,13 +161,8 @@ if AVAILABLE:
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         K_STAGES: gl.constexpr = k_smem.shape[0]
         V_STAGES: gl.constexpr = v_smem.shape[0]
-        dtype: gl.constexpr = o_desc.dtype
-        IS_BF16: gl.constexpr = dtype == gl.bfloat16
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
-        o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                           instr_shape=[16, HEAD_D, 16])
-        p_layout: gl.constexpr = gl.DotOperandLayout(operand_index=0, parent=o_layout, k_width=2)
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
         if HAS_SOFTCAP == 2:  # the fixed max (gluon_forward._softmax_tile)
@@ -158,19 +183,12 @@ if AVAILABLE:
         # Each iteration starts with its item's S_0 in registers (fp32: carrying P as bf16 across this loop made
         # the compiler keep it unpacked, 64 PRMT more per key tile) and ends with the next item's.
         for it in range(my_items - 1):
-            # the item's bounds, recomputed here rather than carried across the loop (fewer live registers)
-            b, h, start_m, q_row0, sq, sk, b_desc, lo, n, rows, diag, n_full, full_lo, slope = _item(
-                it, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k,
-                win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN,
-                HAS_ALIBI, USE_MAP)
-            p, alpha, m_i, l_i = fwd._softmax_tile(s, lo, full_lo, n_full, m_start, l_start, rows, cols, diag, sk,
-                                                   qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
-                                                   HAS_SOFTCAP, IS_BF16, HAS_ALIBI)
-            acc, alpha, p_op, m_i, l_i = _item_rounds(
-                q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, w, it, t, n, lo,
-                gl.zeros([HALF_M, HEAD_D], gl.float32, layout=o_layout), alpha,
-                gl.convert_layout(p.to(dtype), p_layout), m_i, l_i, rows, cols, diag, n_full, full_lo, sk, qk_scale,
-                softcap, win_left, win_right, slope, s_zero, CAUSAL, WINDOW, HAS_SOFTCAP, VARLEN, HAS_ALIBI)
+            # the item's bounds are recomputed per item rather than carried across the loop (fewer live registers)
+            b, h, start_m, q_row0, sq, sk, b_desc, lo, n, rows, acc, alpha, p_op, m_i, l_i = _run_item(
+                s, it, t, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q,
+                max_seqlen_k, win_left, win_right, ALIBI, stride_ab, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready,
+                v_empty, turn, m_start, l_start, cols, qk_scale, softcap, s_zero, w, HALF_M, BLOCK_N, HEAD_D, CAUSAL,
+                WINDOW, HAS_SOFTCAP, VARLEN, HAS_ALIBI, USE_MAP)
             # round t + n: the next item's Q K^T_0 beside this item's last P V
             fwd._turn_wait(turn, w, t + n)
             mbarrier.wait(q_bars.index(2 * ((it + 1) % 2) + w), ((it + 1) // 2) & 1)
@@ -191,18 +209,11 @@ if AVAILABLE:
             t = t + n
         # the last item: its rounds, then its final P V alone (round t + n) and its epilogue
         last = my_items - 1
-        b, h, start_m, q_row0, sq, sk, b_desc, lo, n, rows, diag, n_full, full_lo, slope = _item(
-            last, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k,
-            win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN,
-            HAS_ALIBI, USE_MAP)
-        p, alpha, m_i, l_i = fwd._softmax_tile(s, lo, full_lo, n_full, m_start, l_start, rows, cols, diag, sk,
-                                               qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
-                                               HAS_SOFTCAP, IS_BF16, HAS_ALIBI)
-        acc, alpha, p_op, m_i, l_i = _item_rounds(
-            q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, w, last, t, n, lo,
-            gl.zeros([HALF_M, HEAD_D], gl.float32, layout=o_layout), alpha, gl.convert_layout(p.to(dtype), p_layout),
-            m_i, l_i, rows, cols, diag, n_full, full_lo, sk, qk_scale, softcap, win_left, win_right, slope, s_zero,
-            CAUSAL, WINDOW, HAS_SOFTCAP, VARLEN, HAS_ALIBI)
+        b, h, start_m, q_row0, sq, sk, b_desc, lo, n, rows, acc, alpha, p_op, m_i, l_i = _run_item(
+            s, last, t, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k,
+            win_left, win_right, ALIBI, stride_ab, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
+            m_start, l_start, cols, qk_scale, softcap, s_zero, w, HALF_M, BLOCK_N, HEAD_D, CAUSAL, WINDOW,
+            HAS_SOFTCAP, VARLEN, HAS_ALIBI, USE_MAP)
         fwd._turn_wait(turn, w, t + n)
         o_tok = fwd._pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + n - 1,
                               sk - (lo + n - 1) * BLOCK_N, VARLEN, HAS_SOFTCAP != 2)
