@@ -33,8 +33,8 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .gluon_common import (alibi_slope, feature_scores, key_tiles, load_kv_ring, program_tile, seq_bounds,
-                               stats_row0, store_rows, zero_rows_from)
+    from .gluon_common import (alibi_slope, feature_scores, key_tiles, load_kv_ring, program_tile, row_bounds,
+                               seq_bounds, stats_row0, store_rows, zero_rows_from)
 
     @gluon.jit
     def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
@@ -170,16 +170,9 @@ if AVAILABLE:
                                 stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh,
                                 stride_st, srow0, q_row0, gl.SliceLayout(1, s_layout), HALF_M, HEAD_D, HAS_RESID,
                                 HAS_DLSE)
-        rows = row0 + gl.arange(0, HALF_M, layout=gl.SliceLayout(1, s_layout))
-        cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
-        diag = seqlen_k - seqlen_q
-        n_full = seqlen_k // BLOCK_N  # tiles before it need no mask for this warpgroup's rows
-        if CAUSAL:
-            n_full = gl.minimum(n_full, gl.maximum(row0 + diag + 1, 0) // BLOCK_N)
-        full_lo = 0
-        if WINDOW:  # full tiles: every key visible to every row of this warpgroup
-            n_full = gl.minimum(n_full, gl.maximum(row0 + diag + win_right + 1, 0) // BLOCK_N)
-            full_lo = gl.cdiv(gl.maximum(row0 + HALF_M - 1 + diag - win_left, 0), BLOCK_N)
+        # full key tiles [full_lo, n_full): no mask for this warpgroup's rows
+        rows, cols, diag, n_full, full_lo = row_bounds(row0, seqlen_q, seqlen_k, win_left, win_right, s_layout,
+                                                       HALF_M, BLOCK_N, CAUSAL, WINDOW)
         win = (full_lo, win_left, win_right)
         slope = alibi_slope(ALIBI_B, h, HAS_ALIBI)
         dq = gl.zeros([HALF_M, HEAD_D], gl.float32, layout=acc_layout)
