@@ -8,8 +8,9 @@ tries every runnable agent in turn. It checks, for any list of per-item key-tile
 * the producer never refills a K/V slot or a Q buffer that a consumer is still reading (issue .. release),
 * the two warpgroups alternate on the tensor cores in the round order the turn barriers promise.
 
-It mirrors the kernel's barrier operations line by line (``load_flat``, ``consumer_flat``, ``_item_rounds``,
-gluon_forward's ``_turn_wait`` / ``_pv_issue``); a change to one must be made to the other. Usage:
+It mirrors the kernel's barrier operations line by line (gluon_forward's ``_load_persistent`` with FLAT,
+``_turn_wait`` and ``_pv_issue``; gluon_flat's ``consumer_flat`` and ``_item_rounds``); a change to one must be
+made to the other. Usage:
 ``python benchmarks/flat_protocol.py [--cases 2000]`` (random cases), or ``check(n_items, k_stages, v_stages)``.
 """
 import argparse
@@ -74,8 +75,9 @@ def check(n_items, k_stages=2, v_stages=2, seed=0):
         t0 = 0
         for it, n in enumerate(n_items):
             qb = 2 * (it % 2)
-            for w in range(2):
+            for w in range(2):  # both warpgroups' buffers released, then both loads (_load_partition)
                 yield from wait(("q_empty", qb + w), ((it // 2) & 1) ^ 1)
+            for w in range(2):
                 assert not q_users[qb + w], f"Q buffer {qb + w} refilled while in use by {q_users[qb + w]}"
                 in_flight.append((("q_bars", qb + w), q_buf, qb + w, it))
                 yield

@@ -26,36 +26,9 @@ from .gluon_common import AVAILABLE
 if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
+    from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
     from . import gluon_forward as fwd  # its helpers (a cycle: gluon_forward imports this module at its end)
-    from .gluon_common import epilogue, item_bounds, load_kv_ring, persistent_item, row_bounds
-
-    @gluon.jit
-    def load_flat(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid, num_items, nprog, TILE_MAP,
-                  CU_Q, CU_K, num_m_tiles, q_heads, group, seqlen_q, seqlen_k, win_left, win_right,
-                  HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
-                  V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr,
-                  USE_MAP: gl.constexpr):
-        """Producer warp: for the program's it-th item, its two Q halves into buffers 2 * (it % 2) + w once the
-        consumers released them (``q_empty``: item it - 2's output has left them), then its key tiles into the
-        K/V rings (positions t0 + j, carried across items)."""
-        q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
-        t0 = gl.to_tensor(0)
-        for item in range(pid, num_items, nprog):
-            it = (item - pid) // nprog
-            g = persistent_item(item, pid, nprog, num_items, num_m_tiles, CAUSAL and not USE_MAP)
-            b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = item_bounds(
-                g, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
-                2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
-            qb = 2 * (it % 2)
-            for w in gl.static_range(2):
-                mbarrier.wait(q_empty.index(qb + w), ((it // 2) & 1) ^ 1)
-                mbarrier.expect(q_bars.index(qb + w), HALF_M * HEAD_D * 2)
-                tma.async_copy_global_to_shared(q_desc, [b_desc, q_row0 + start_m + w * HALF_M, h, 0],
-                                                q_bars.index(qb + w), q_smem.index(qb + w))
-            load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b_desc, h // group,
-                         k_row0, lo, n, t0, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
-            t0 += n
+    from .gluon_common import epilogue, item_bounds, persistent_item, row_bounds
 
     @gluon.jit
     def _q_view(q_smem, w: gl.constexpr, it):

@@ -96,15 +96,15 @@ if AVAILABLE:
     @gluon.jit
     def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n, q_row0,
                         k_row0, t0, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                        K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
-        """Producer warp: the two Q halves, then key tiles lo .. lo + n - 1 (K and V) into their rings as the
-        consumers free the slots (ring position t0 + j: the j-th tile loaded; t0 = 0 but in the persistent
-        kernel)."""
+                        K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, qb=0):
+        """Producer warp: the two Q halves (into Q buffers qb and qb + 1: 0 but in the flat kernel), then key tiles
+        lo .. lo + n - 1 (K and V) into their rings as the consumers free the slots (ring position t0 + j: the j-th
+        tile loaded; t0 = 0 but in the persistent kernel)."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         for w in gl.static_range(2):
-            mbarrier.expect(q_bars.index(w), HALF_M * HEAD_D * 2)
-            tma.async_copy_global_to_shared(q_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(w),
-                                            q_smem.index(w))
+            mbarrier.expect(q_bars.index(qb + w), HALF_M * HEAD_D * 2)
+            tma.async_copy_global_to_shared(q_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(qb + w),
+                                            q_smem.index(qb + w))
         load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, lo, n, t0,
                      BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
 
@@ -113,11 +113,13 @@ if AVAILABLE:
                          TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group, seqlen_q, seqlen_k, win_left, win_right,
                          HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
                          V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr,
-                         USE_MAP: gl.constexpr):
+                         USE_MAP: gl.constexpr, FLAT: gl.constexpr = False):
         """Persistent producer: the work items pid, pid + nprog, ... in turn (``_load_partition`` each; causal: in
         ``persistent_item``'s longest-first order); an item's Q halves load once both consumer warpgroups released
         the previous item's (``q_empty``, after their last Q K^T), and the K/V rings run on across items
-        (positions t0 + j)."""
+        (positions t0 + j). FLAT (gluon_flat): two sets of Q buffers, the it-th item's in set it % 2, released
+        by item it - 2's epilogue."""
+        Q_SETS: gl.constexpr = 2 if FLAT else 1
         t0 = gl.to_tensor(0)
         for item in range(pid, num_items, nprog):
             it = (item - pid) // nprog
@@ -125,10 +127,11 @@ if AVAILABLE:
             b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = item_bounds(
                 g, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
                 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
+            qb = 2 * (it % Q_SETS)
             for w in gl.static_range(2):
-                mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)
+                mbarrier.wait(q_empty.index(qb + w), ((it // Q_SETS) & 1) ^ 1)
             _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b_desc, h, h // group, start_m, lo,
-                            n, q_row0, k_row0, t0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
+                            n, q_row0, k_row0, t0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, qb)
             t0 += n
 
     @gluon.jit
@@ -351,10 +354,10 @@ if AVAILABLE:
                                  max_seqlen_q, max_seqlen_k, qk_scale, softcap, win_left, win_right, stride_lb,
                                  stride_lh, stride_os, stride_oh, stride_ab, HALF_M, BLOCK_N, HEAD_D, CAUSAL,
                                  WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
-                (load_flat, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid, num_items, nprog,
-                             TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group, max_seqlen_q, max_seqlen_k, win_left,
-                             win_right, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN,
-                             USE_MAP)),
+                (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid, num_items,
+                                    nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group, max_seqlen_q,
+                                    max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES,
+                                    CAUSAL, WINDOW, VARLEN, USE_MAP, True)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         elif PERSISTENT:
             o_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], o_desc.layout)
@@ -495,4 +498,4 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
 
 
 if AVAILABLE:  # last: gluon_flat reads this module's helpers (an import cycle)
-    from .gluon_flat import consumer_flat, load_flat  # noqa: E402
+    from .gluon_flat import consumer_flat  # noqa: E402
