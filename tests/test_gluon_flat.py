@@ -68,9 +68,9 @@ def test_flat_matches_grid(case, dtype, monkeypatch):
 @hopper
 @pytest.mark.gpu
 def test_flat_scope(monkeypatch):
-    """With TILEATTN_GLUON_FLAT=1 only persistent batched calls whose every query tile has a key tile take it:
-    causal and windowed ones with seqlen_k >= seqlen_q; not those with seqlen_q > seqlen_k, varlen, or the plain
-    grid."""
+    """With TILEATTN_GLUON_FLAT=1 only persistent calls whose every query tile has a key tile take it: batched
+    causal and windowed ones with seqlen_k >= seqlen_q, packed varlen ones with that true of every sequence; not
+    those with seqlen_q > seqlen_k (batched or in one sequence), or the plain grid."""
     from _flash_helpers import seqlens_to_cu
     seen = _launches(monkeypatch)
     monkeypatch.setenv("TILEATTN_GLUON_FLAT", "1")
@@ -84,8 +84,11 @@ def test_flat_scope(monkeypatch):
     assert flat() and flat(causal=True) and flat(q=short, causal=True) and flat(window_size=(256, 256))
     assert flat(q=short, window_size=(-1, 0)) and flat(k=short, v=short)
     assert not flat(k=short, v=short, causal=True) and not flat(k=short, v=short, window_size=(256, 256))
-    cu = seqlens_to_cu([700, 1348])
-    tileattn.flash_attn_varlen_func(q[0], q[0], q[0], cu, cu, 1348, 1348)
+    packed = q.reshape(2048, 8, 128)
+    cu, cu_short = seqlens_to_cu([700, 1348]), seqlens_to_cu([300, 1348])
+    tileattn.flash_attn_varlen_func(packed, packed, packed, cu, cu, 1348, 1348, causal=True)
+    assert seen[-1][1].get("FLAT", False)
+    tileattn.flash_attn_varlen_func(packed, packed[:1648], packed[:1648], cu, cu_short, 1348, 1348, causal=True)
     assert not seen[-1][1].get("FLAT", False)
     monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "0")
     assert not flat()

@@ -436,7 +436,7 @@ def test_compiles_for_sm90_without_spills_or_serialised_wgmma():
 def test_softcap_fixed_max_scope(monkeypatch):
     """softcap_fixed_max (default; TILEATTN_SOFTCAP_FIXED_MAX=0 opts out): bf16 softcap calls up to the limit
     without ALiBi at head dims up to 128; never fp16, ALiBi, a larger softcap, D=256, or with the variable 0. The
-    portable kernel's (portable_softcap_fixed_max) only with the variable "all"."""
+    portable kernel's (portable_softcap_fixed_max, any head dim) by default too; off with 0 or "gluon"."""
     from tileattn.kernels import gluon_common
     q = torch.zeros(1, 4, 2, 128, dtype=torch.bfloat16)
     fixed = gluon_common.softcap_fixed_max
@@ -453,13 +453,16 @@ def test_softcap_fixed_max_scope(monkeypatch):
     assert not fixed(attn_params(q, q, softcap=30.0), torch.float16, 128)
     assert not fixed(attn_params(q, q), torch.bfloat16, 128)
     assert not fixed(attn_params(q, q, softcap=30.0, alibi_slopes=torch.zeros(2)), torch.bfloat16, 128)
-    # the portable kernel's form (v21c): only with TILEATTN_SOFTCAP_FIXED_MAX=all, which keeps the Gluon one on
+    # the portable kernel's form (v21c): default; the variable "gluon" keeps only the Gluon one, 0 neither
     portable = gluon_common.portable_softcap_fixed_max
-    assert not portable(attn_params(q, q, softcap=30.0), torch.bfloat16)
-    monkeypatch.setenv("TILEATTN_SOFTCAP_FIXED_MAX", "all")
     assert portable(attn_params(q, q, softcap=30.0), torch.bfloat16) and portable(attn_params(q, q, softcap=limit),
                                                                                   torch.bfloat16)
+    monkeypatch.setenv("TILEATTN_SOFTCAP_FIXED_MAX", "gluon")
+    assert not portable(attn_params(q, q, softcap=30.0), torch.bfloat16)
     assert fixed(attn_params(q, q, softcap=30.0), torch.bfloat16, 128) == ffma
+    monkeypatch.setenv("TILEATTN_SOFTCAP_FIXED_MAX", "0")
+    assert not portable(attn_params(q, q, softcap=30.0), torch.bfloat16)
+    monkeypatch.delenv("TILEATTN_SOFTCAP_FIXED_MAX", raising=False)
     assert not portable(attn_params(q, q, softcap=30.0), torch.float16)
     assert not portable(attn_params(q, q, softcap=limit * 1.01), torch.bfloat16)
     assert not portable(attn_params(q, q, softcap=30.0, alibi_slopes=torch.zeros(2)), torch.bfloat16)

@@ -40,7 +40,7 @@ SOFTCAP_FIXED_MAX_LIMIT = 50.0
 
 def softcap_fixed_max(p: AttnParams, dtype, head_dim: int) -> bool:
     """Whether a softcap call runs with a fixed softmax max of 0 (default since session 18, +2-8% at D=128 on the
-    H200; ``TILEATTN_SOFTCAP_FIXED_MAX=0`` opts out, ``=all`` adds the portable kernel's; NOTES v20c): the fold on
+    H200; ``TILEATTN_SOFTCAP_FIXED_MAX=0`` opts out here and in the portable kernel; NOTES v20c): the fold on
     (SOFTCAP_FFMA), no ALiBi (unbounded scores), bf16 (P keeps fp32's exponent range; fp16's would overflow),
     softcap <= SOFTCAP_FIXED_MAX_LIMIT, head dim <= 128 (at 256 the kernel with a sink spills 76 bytes)."""
     return (0 < p.softcap <= SOFTCAP_FIXED_MAX_LIMIT and getenv("TILEATTN_SOFTCAP_FIXED_MAX") != "0"
@@ -48,11 +48,12 @@ def softcap_fixed_max(p: AttnParams, dtype, head_dim: int) -> bool:
 
 
 def portable_softcap_fixed_max(p: AttnParams, dtype) -> bool:
-    """The same fixed softmax max for the portable Triton forward (kernels/forward.py): opt-in with
-    ``TILEATTN_SOFTCAP_FIXED_MAX=all`` until measured (session 18); bf16, softcap <= SOFTCAP_FIXED_MAX_LIMIT, no
-    ALiBi, any head dim (its scores are in log2 units: softcap * log2 e <= 72.2)."""
+    """The same fixed softmax max for the portable Triton forward (kernels/forward.py; NOTES v21c): default since
+    session 19 (D=64 softcap forward +4-8% on the H200, run 2 of session 19); ``TILEATTN_SOFTCAP_FIXED_MAX=0`` opts
+    out of both forms, ``=gluon`` keeps only the Gluon kernel's; bf16, softcap <= SOFTCAP_FIXED_MAX_LIMIT, no ALiBi,
+    any head dim (its scores are in log2 units: softcap * log2 e <= 72.2)."""
     return (0 < p.softcap <= SOFTCAP_FIXED_MAX_LIMIT and p.alibi_slopes is None and dtype == torch.bfloat16
-            and getenv("TILEATTN_SOFTCAP_FIXED_MAX") == "all")
+            and getenv("TILEATTN_SOFTCAP_FIXED_MAX") not in ("0", "gluon"))
 
 
 def window_bounds(p: AttnParams, seqlen_q: int, seqlen_k: int):
