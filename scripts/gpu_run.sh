@@ -190,6 +190,18 @@ for stage in "$@"; do
           for v in 1 all 1 all; do echo "== D=64 TILEATTN_SOFTCAP_FIXED_MAX=$v"
             TILEATTN_SOFTCAP_FIXED_MAX=$v timeout 90 python3 -m tileattn.bench_features --seqlens 2048,8192 \
               --head-dim 64 --cases dense,softcap 2>&1 | grep -v "^#"; done | tee "$OUT/portable_fixed_max.log" ;;
+    s19f) # session 19's last call: D=256 at 512-1k with causal 512 on Gluon (the new table) against the portable
+          # kernel and cuDNN, then with the non-causal threshold lifted too (run 99's non-causal 512: Gluon 201 vs
+          # portable 294); paged decode through descriptors with 32- and 64-key tiles at 3 stages
+          timeout 120 python3 -m tileattn.bench --head-dims 256 --modes fwd --seqlens 512,1024 \
+            --providers tileattn,tileattn_triton,sdpa_cudnn --no-plot --out-dir "$OUT/d256" 2>&1 \
+            | grep -v "meas/s" | tee "$OUT/d256.log" | grep -A4 "== fwd"
+          TILEATTN_GLUON_FWD_CONFIG=64,3,2,240,24,168 timeout 120 python3 -m tileattn.bench --head-dims 256 \
+            --modes fwd --seqlens 512 --providers tileattn,tileattn_triton,sdpa_cudnn --no-plot \
+            --out-dir "$OUT/d256_lifted" 2>&1 | grep -v "meas/s" | tee "$OUT/d256_lifted.log" | grep -A3 "== fwd"
+          timeout 300 python3 -m tileattn.bench_decode --out-dir "$OUT" --explore \
+            "TILEATTN_DECODE_PAGED_TMA=1;TILEATTN_DECODE_PAGED_TMA=1&32,4,3,2;TILEATTN_DECODE_PAGED_TMA=1&64,4,3,2" \
+            2>&1 | tee "$OUT/paged_tma_decode.log" | tail -60 ;;
     s21d) # paged decode through tensor descriptors (opt-in TILEATTN_DECODE_PAGED_TMA=1, session 18): its GPU tests,
           # then the decode table with it as extra rows (every page size; it applies where page % 64 == 0)
           timeout 200 python3 -m pytest tests/test_decode.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \

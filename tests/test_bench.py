@@ -437,6 +437,17 @@ def test_decode_plot_and_cli(tmp_path, capsys):
     assert path and (tmp_path / "decode.png").stat().st_size > 1000
 
 
+def test_decode_explore_settings(monkeypatch):
+    """A decode --explore row sets each of its '&'-joined settings (a bare config string is TILEATTN_DECODE_CONFIG)
+    while it runs and restores them after."""
+    from tileattn.bench_decode import explore_settings
+    monkeypatch.delenv("TILEATTN_DECODE_PAGED_TMA", raising=False)
+    monkeypatch.setenv("TILEATTN_DECODE_CONFIG", "64,4,2,2")
+    with explore_settings("TILEATTN_DECODE_PAGED_TMA=1&32,4,3,2"):
+        assert os.environ["TILEATTN_DECODE_PAGED_TMA"] == "1" and os.environ["TILEATTN_DECODE_CONFIG"] == "32,4,3,2"
+    assert "TILEATTN_DECODE_PAGED_TMA" not in os.environ and os.environ["TILEATTN_DECODE_CONFIG"] == "64,4,2,2"
+
+
 def test_env_providers_set_and_restore(monkeypatch):
     """An extra provider switches its variables on while it runs and restores them after: one pair
     (tileattn_grid) or several (tileattn_flat: the persistent grid and the flat pipeline)."""

@@ -259,6 +259,17 @@ def _sdpa_skip(reason):
     return call
 
 
+@contextlib.contextmanager
+def explore_settings(variant: str):
+    """The environment of one ``--explore`` row while it runs: ``&``-joined parts, each NAME=VALUE or a bare
+    TILEATTN_DECODE_CONFIG string (block_n,warps,stages,programs_per_sm); restored after."""
+    with contextlib.ExitStack() as stack:
+        for part in variant.split("&"):
+            name, value = part.split("=", 1) if "=" in part else ("TILEATTN_DECODE_CONFIG", part)
+            stack.enter_context(env_var(name, value))
+        yield
+
+
 def run(out_dir: str, dtype=torch.bfloat16, flex_pages=(256,), explore=(), graphs=True):
     """flex_pages: page sizes that get a flex-paged anchor; explore: TILEATTN_DECODE_CONFIG strings
     (block_n,warps,stages,programs_per_sm) or NAME=VALUE environment settings, measured as extra tileattn rows;
@@ -304,10 +315,8 @@ def run(out_dir: str, dtype=torch.bfloat16, flex_pages=(256,), explore=(), graph
         # Launch-parameter variants of tileattn (configs.decode_config via TILEATTN_DECODE_CONFIG), same run
         for variant in explore:
             def with_variant(fn, variant=variant):
-                name, value = variant.split("=", 1) if "=" in variant else ("TILEATTN_DECODE_CONFIG", variant)
-
                 def call():
-                    with env_var(name, value):
+                    with explore_settings(variant):
                         return fn()
                 return call
             cases.append((f"tileattn[{variant}]", None, with_variant(
@@ -409,8 +418,9 @@ def main(argv=None):
     ap.add_argument("--flex-pages", default="256",
                     help="page sizes with a flex-paged anchor (comma-separated; '' none)")
     ap.add_argument("--explore", default="", help="';'-separated decode configs block_n,warps,stages,programs_per_sm "
-                    "or NAME=VALUE environment settings, measured as extra tileattn rows (e.g. "
-                    "'64,4,2,4;TILEATTN_DECODE_COMBINE=fused')")
+                    "or NAME=VALUE environment settings ('&' joins several in one row), measured as extra "
+                    "tileattn rows (e.g. '64,4,2,4;TILEATTN_DECODE_COMBINE=fused;"
+                    "TILEATTN_DECODE_PAGED_TMA=1&32,4,3,2')")
     ap.add_argument("--no-graphs", action="store_true", help="eager timings only (no CUDA-graph replay column)")
     args = ap.parse_args(argv)
     if not torch.cuda.is_available():
