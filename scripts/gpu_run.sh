@@ -192,7 +192,10 @@ for stage in "$@"; do
               --head-dim 64 --cases dense,softcap 2>&1 | grep -v "^#"; done | tee "$OUT/portable_fixed_max.log" ;;
     s19f) # session 19's last call: D=256 at 512-1k with causal 512 on Gluon (the new table) against the portable
           # kernel and cuDNN, then with the non-causal threshold lifted too (run 99's non-causal 512: Gluon 201 vs
-          # portable 294); paged decode through descriptors with 32- and 64-key tiles at 3 stages
+          # portable 294); paged decode through descriptors with 32- and 64-key tiles at 3 stages. First the routing
+          # test and the D=256 accuracy tests of the Gluon forward
+          timeout 150 python3 -m pytest tests/test_gluon_forward.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
+            -k "scope_on_hopper or (accuracy and 256)" 2>&1 | tee "$OUT/d256_tests.log" | tail -3; reap
           timeout 120 python3 -m tileattn.bench --head-dims 256 --modes fwd --seqlens 512,1024 \
             --providers tileattn,tileattn_triton,sdpa_cudnn --no-plot --out-dir "$OUT/d256" 2>&1 \
             | grep -v "meas/s" | tee "$OUT/d256.log" | grep -A4 "== fwd"

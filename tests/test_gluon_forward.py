@@ -52,6 +52,9 @@ def test_scope_on_hopper(monkeypatch):
     assert gluon_forward.applies(q256, k256, k256, attn_params(q256, k256))
     assert gluon_forward.applies(q256, k256, k256, attn_params(q256, k256, causal=True))  # causal too (run 87)
     k256 = k256[:, :1023]
+    assert not gluon_forward.applies(q256, k256, k256, attn_params(q256, k256))
+    assert gluon_forward.applies(q256, k256, k256, attn_params(q256, k256, causal=True))  # causal from 512 (s19)
+    k256 = k256[:, :511]
     assert not gluon_forward.applies(q256, k256, k256, attn_params(q256, k256, causal=True))
     q64, k64 = q[..., :64].contiguous(), k[..., :64].contiguous()
     assert not gluon_forward.applies(q64, k64, k64, attn_params(q64, k64))  # D=64: from 512 keys (run 85)
