@@ -205,6 +205,12 @@ for stage in "$@"; do
           timeout 300 python3 -m tileattn.bench_decode --out-dir "$OUT" --explore \
             "TILEATTN_DECODE_PAGED_TMA=1;TILEATTN_DECODE_PAGED_TMA=1&32,4,3,2;TILEATTN_DECODE_PAGED_TMA=1&64,4,3,2" \
             2>&1 | tee "$OUT/paged_tma_decode.log" | tail -60 ;;
+    s19g) # D=256 from 512 keys on Gluon (both masks): the routing test, then the default against the portable kernel
+          timeout 100 python3 -m pytest tests/test_gluon_forward.py -q -n 4 -p no:cacheprovider -p no:benchmark -rf \
+            -k "scope_on_hopper or features_take_gluon" 2>&1 | tee "$OUT/scope.log" | tail -3; reap
+          timeout 100 python3 -m tileattn.bench --head-dims 256 --modes fwd --seqlens 512,768,1024 \
+            --providers tileattn,tileattn_triton,sdpa_cudnn --no-plot --out-dir "$OUT" 2>&1 | grep -v "meas/s" \
+            | tee "$OUT/d256_default.log" | grep -A5 "== fwd\|SM clock" ;;
     s21d) # paged decode through tensor descriptors (opt-in TILEATTN_DECODE_PAGED_TMA=1, session 18): its GPU tests,
           # then the decode table with it as extra rows (every page size; it applies where page % 64 == 0)
           timeout 200 python3 -m pytest tests/test_decode.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \

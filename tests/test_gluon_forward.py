@@ -48,13 +48,14 @@ def test_scope_on_hopper(monkeypatch):
     assert not gluon_forward.applies(q[..., :96], k[..., :96], k[..., :96], attn_params(q, k))
     q256 = torch.zeros(1, 64, 2, 256, device="cuda", dtype=torch.bfloat16)
     k256 = torch.zeros(1, 1024, 2, 256, device="cuda", dtype=torch.bfloat16)
-    assert not gluon_forward.applies(q256, q256, q256, attn_params(q256, q256))  # D=256: from 1024 keys
+    assert not gluon_forward.applies(q256, q256, q256, attn_params(q256, q256))  # D=256: from 512 keys (s19)
     assert gluon_forward.applies(q256, k256, k256, attn_params(q256, k256))
-    assert gluon_forward.applies(q256, k256, k256, attn_params(q256, k256, causal=True))  # causal too (run 87)
-    k256 = k256[:, :1023]
-    assert not gluon_forward.applies(q256, k256, k256, attn_params(q256, k256))
-    assert gluon_forward.applies(q256, k256, k256, attn_params(q256, k256, causal=True))  # causal from 512 (s19)
+    assert gluon_forward.applies(q256, k256, k256, attn_params(q256, k256, causal=True))  # causal too
+    k256 = k256[:, :512]
+    assert gluon_forward.applies(q256, k256, k256, attn_params(q256, k256))
+    assert gluon_forward.applies(q256, k256, k256, attn_params(q256, k256, causal=True))
     k256 = k256[:, :511]
+    assert not gluon_forward.applies(q256, k256, k256, attn_params(q256, k256))
     assert not gluon_forward.applies(q256, k256, k256, attn_params(q256, k256, causal=True))
     q64, k64 = q[..., :64].contiguous(), k[..., :64].contiguous()
     assert not gluon_forward.applies(q64, k64, k64, attn_params(q64, k64))  # D=64: from 512 keys (run 85)
