@@ -435,10 +435,10 @@ class GluonForwardConfig:
 # 1.10x the portable kernel at 512 keys, 1.08x at 1k and 2k (causal 0.94-0.97x: keeps 2048).
 # Run 87 (H200, same process): D=256 with 3 K slots (225 KB of shared memory) against 2 + 2: causal 1k 364 vs the
 # portable kernel's 292 TFLOP/s (the 2 + 2 form lost there in run 55), 2k-8k 1.01-1.03x, non-causal 0.98-1.02x.
-# Session 19, runs 102-103 (H200, the 3-slot form against the portable kernel in the same process): D=256 from 512
+# Session 19, runs 103-105 (H200, the 3-slot form against the portable kernel in the same process): D=256 from 512
 # keys 1.33-1.40x non-causal (512: 389-408 vs 293 TFLOP/s; 768: 447 vs 332) and 1.23-1.29x causal (512: 250-261
 # vs 202), so both take Gluon from 512 keys (run 99's non-causal 512 at 201 was its process's first measurement;
-# run 103's first process measured both kernels low as well).
+# run 104's first process measured both kernels low as well).
 _GLUON_FWD = {64: GluonForwardConfig(128, 3, 2, 240, 24, 168, min_seqlen_k=512, min_seqlen_k_causal=2048,
                                      window_softcap=False, persistent=True),
               128: GluonForwardConfig(128, 2, 2, 240, 24, 168, persistent=True),
