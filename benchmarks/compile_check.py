@@ -167,7 +167,7 @@ def decode_cases(arch):
                                                              "HAS_SINK": True}),
              ("decode combine", _decode_combine_kernel, {"BLOCK_S": 32, "BLOCK_DV": 128, "HAS_SINK": True})]
     if arch >= 90:  # caches through tensor descriptors: contiguous (cfg.tma) and paged (TILEATTN_DECODE_PAGED_TMA)
-        pcfg = configs.decode_config(128, paged=True)
+        pcfg = configs.decode_config(128, paged=True, paged_tma=True)
         cases += [("decode tma", _decode_split_kernel, {**base, "PAGED": False, "USE_TMA": True}),
                   ("decode paged tma", _decode_split_kernel, {**base, "BLOCK_N": pcfg.block_n, "PAGED": True,
                                                               "USE_TMA": True, "HAS_SINK": True})]

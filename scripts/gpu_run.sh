@@ -211,8 +211,9 @@ for stage in "$@"; do
           timeout 100 python3 -m tileattn.bench --head-dims 256 --modes fwd --seqlens 512,768,1024 \
             --providers tileattn,tileattn_triton,sdpa_cudnn --no-plot --out-dir "$OUT" 2>&1 | grep -v "meas/s" \
             | tee "$OUT/d256_default.log" | grep -A5 "== fwd\|SM clock" ;;
-    s21d) # paged decode through tensor descriptors (opt-in TILEATTN_DECODE_PAGED_TMA=1, session 18): its GPU tests,
-          # then the decode table with it as extra rows (every page size; it applies where page % 64 == 0)
+    s21d) # paged decode through tensor descriptors (opt-in TILEATTN_DECODE_PAGED_TMA=1, session 18; 3 stages since
+          # session 19): its GPU tests, then the decode table with it as extra rows (every page size; it applies
+          # where page % 64 == 0)
           timeout 200 python3 -m pytest tests/test_decode.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
             -k "paged_cache or tma_contiguous or paged" 2>&1 | tee "$OUT/paged_tma_tests.log" | tail -4
           ok=${PIPESTATUS[0]}; reap

@@ -422,18 +422,23 @@ PAGED_TMA_CASES = {"p64": dict(page=64),
 def test_tma_paged_cache(monkeypatch, dtype, case):
     """Paged caches read through tensor descriptors (opt-in TILEATTN_DECODE_PAGED_TMA=1: one block-table entry per
     key tile, whose keys lie in one page), shuffled block tables, NaN in every slot past each row's length; with
-    cache_leftpad (tiles no longer start at page-aligned keys) the gather path runs instead."""
+    cache_leftpad (tiles no longer start at page-aligned keys) the gather path runs instead. The descriptor form
+    takes its own config (decode_config(paged_tma=True): 3 stages on the GPU), the gather form never."""
     from tileattn import configs
     if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs sm_90+")
     monkeypatch.setenv("TILEATTN_DECODE_PAGED_TMA", "1")
     used, real = [], configs.decode_tma
     monkeypatch.setattr(configs, "decode_tma", lambda *a: used.append(real(*a)) or used[-1])
+    tma_cfgs, real_cfg = [], configs.decode_config
+    monkeypatch.setattr(configs, "decode_config",
+                        lambda *a, **kw: tma_cfgs.append(kw.get("paged_tma", False)) or real_cfg(*a, **kw))
     run_case(dtype, cap=256, poison=True, **PAGED_TMA_CASES[case])
-    assert used and all(used)
+    assert used and all(used) and any(tma_cfgs)
     used.clear()
+    tma_cfgs.clear()
     run_case(dtype, cap=256, page=64, leftpad="random", splits=2)
-    assert used and not any(used)
+    assert used and not any(used) and not any(tma_cfgs)
 
 
 @pytest.mark.parametrize("sink", [False, True])

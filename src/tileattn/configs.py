@@ -350,7 +350,7 @@ class DecodeConfig:
     tma: int = 0  # contiguous caches on sm_90+: K/V tiles through tensor descriptors (decode_tma)
 
 
-def decode_config(head_dim: int, paged: bool = False) -> DecodeConfig:
+def decode_config(head_dim: int, paged: bool = False, paged_tma: bool = False) -> DecodeConfig:
     """Split-KV decode kernel launch parameters. ``TILEATTN_DECODE_CONFIG=block_n,warps,stages,programs_per_sm[,tma]``
     overrides them (benchmarks/experiments).
 
@@ -358,7 +358,11 @@ def decode_config(head_dim: int, paged: bool = False) -> DecodeConfig:
     -1.4% at B=8/64k, -7% at B=1/128k, within 1% elsewhere, against 64-key tiles with 2 stages, which wait for
     every outstanding copy at the top of each tile: no overlap of a program's loads with its own compute). Paged
     caches keep 64-key tiles, 2 stages: with 3 stages the block-table lookups join the pipeline, and 32-key tiles
-    cost up to +44% (run 28). D=256: 32-key tiles, 2 stages (not measured)."""
+    cost up to +44% (run 28). Paged caches read through tensor descriptors (``paged_tma``, opt-in
+    ``TILEATTN_DECODE_PAGED_TMA=1``, ``decode_tma``), head dims <= 128: 64-key tiles, 3 stages — one block-table
+    entry per tile, which the pipeline carries well (session 19, run 103, H200, page 256, CUDA-graph µs against the
+    gather form: 8x64k 532 vs 561, 64x4k 246 vs 248, B=1 131k 142 vs 170, 16x16k 255 vs 263; with 2 stages 64x4k
+    read 327). D=256: 32-key tiles, 2 stages (not measured)."""
     over = _override("TILEATTN_DECODE_CONFIG")
     if over:
         return DecodeConfig(*over)
@@ -366,7 +370,9 @@ def decode_config(head_dim: int, paged: bool = False) -> DecodeConfig:
         return DecodeConfig(32, 4, 1, 2)
     if padded_head_dim(head_dim) >= 256:
         return DecodeConfig(32, 4, 2, 2)
-    return DecodeConfig(64, 4, 2, 2) if paged else DecodeConfig(32, 4, 3, 2)
+    if paged:
+        return DecodeConfig(64, 4, 3 if paged_tma else 2, 2)
+    return DecodeConfig(32, 4, 3, 2)
 
 
 def decode_fused_combine() -> bool:
@@ -382,8 +388,9 @@ def decode_fused_combine() -> bool:
 def decode_tma(cfg: DecodeConfig, q: torch.Tensor, paged: bool, page_size: int = 0, leftpad: bool = False) -> bool:
     """Whether the decode kernel reads the cache through tensor descriptors (TMA), on GPUs that have TMA (sm_90+;
     the interpreter emulates descriptors). Contiguous caches: when the config asks for it (measured no faster,
-    run 64). Paged caches: opt-in ``TILEATTN_DECODE_PAGED_TMA=1`` (session 18, not yet measured), where every key
-    tile lies in one page (page_size a multiple of the tile's keys, no cache_leftpad shifting the tiles): one
+    run 64). Paged caches: opt-in ``TILEATTN_DECODE_PAGED_TMA=1`` (session 18; run 103: faster than the gather
+    form on four shapes with 3 stages, ``decode_config(paged_tma=True)``; GPU tests at 3 stages pending), where
+    every key tile lies in one page (page_size a multiple of the tile's keys, no cache_leftpad shifting the tiles): one
     block-table entry per tile, then a (1, block_n, 1, D) box of that page, instead of a gather of block_n rows."""
     if paged:
         if getenv("TILEATTN_DECODE_PAGED_TMA") != "1" or page_size % cfg.block_n or leftpad:

@@ -262,7 +262,11 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         return out, lse
     block_m = min(64, max(16, configs.next_pow2(seqlen_q * group)))  # chunked prefill: several row blocks
     row_blocks = configs.cdiv(seqlen_q * group, block_m)
-    cfg = configs.decode_config(max(dqk, dv), paged=block_table is not None)
+    paged = block_table is not None
+    cfg = configs.decode_config(max(dqk, dv), paged=paged)
+    use_tma = configs.decode_tma(cfg, q, paged, page_size, leftpad is not None)
+    if use_tma and paged:  # the descriptor form's own pipeline depth (same tile, so decode_tma still holds)
+        cfg = configs.decode_config(max(dqk, dv), paged=True, paged_tma=True)
     block_n = cfg.block_n
     split_len = configs.cdiv(configs.cdiv(max_seqlen_k, num_splits), block_n) * block_n
     num_splits = configs.cdiv(max_seqlen_k, split_len)
@@ -274,7 +278,6 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         counters = _counters(q.device, batch * kv_heads * row_blocks) if configs.decode_fused_combine() else None
         out_part = torch.empty((num_splits, batch, q_heads, seqlen_q, dv), dtype=torch.float32, device=q.device)
         lse_part = torch.empty((num_splits, batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
-    paged = block_table is not None
     # key positions stay below the capacity: a window bound of Sq + capacity or more admits every key, and
     # clamping to it keeps the kernel's int32 position arithmetic from overflowing
     reach = seqlen_q + (block_table.shape[1] * page_size if paged else k_cache.shape[1])
@@ -283,7 +286,7 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
     qk_scale = softmax_scale / softcap if softcap > 0 else softmax_scale * LOG2E_F
     block_dqk, block_dv = configs.padded_head_dim(dqk), configs.padded_head_dim(dv)
     descs = None
-    if configs.decode_tma(cfg, q, paged, page_size, leftpad is not None):
+    if use_tma:
         from .forward import _kv_descriptors
         descs = _kv_descriptors(k_cache, v_cache, block_n, block_dqk, block_dv)
     launch(_decode_split_kernel, (num_splits, batch * kv_heads, row_blocks), (
