@@ -87,7 +87,7 @@ SHORT_DTYPE = {"bfloat16": "bf16", "float16": "fp16", "float32": "fp32", "float6
 
 CSV_COLUMNS = ("provider", "head_dim", "causal", "seqlen", "batch", "heads", "mode", "ms", "tflops", "device",
                "dtype", "status", "note", "max_abs_diff", "first_call_s", "commit", "timestamp", "tag", "torch",
-               "triton", "tileattn", "sm_clock_mhz")
+               "triton", "tileattn", "sm_clock_mhz", "power_w", "power_capped")
 
 
 # ----------------------------------------------------------------------------------------------- pure helpers
@@ -165,6 +165,8 @@ class Result:
     first_call_s: float = float("nan")  # warm-up call (compilation / JIT) wall time
     bench_s: float = float("nan")  # wall time spent in the timer
     sm_clock_mhz: float = float("nan")  # median SM clock over the timing (bench_clock; NaN without nvidia-smi)
+    power_w: float = float("nan")  # median power draw over the timing (bench_clock)
+    power_capped: float = float("nan")  # fraction of its samples with the power cap holding the clock (bench_clock)
     bench_window: Optional[Tuple[float, float]] = None  # time.time() at the timing's start and end
 
     @classmethod
@@ -324,7 +326,8 @@ def write_csv(results: Sequence[Result], path: str, meta: Optional[Dict[str, str
                        batch=r.batch, heads=r.heads, mode=r.mode, ms=_csv_float(r.ms, ".6g"),
                        tflops=_csv_float(r.tflops, ".4g"), status=r.status, note=r.note,
                        max_abs_diff=_csv_float(r.max_abs_diff, ".3e"), first_call_s=_csv_float(r.first_call_s, ".3g"),
-                       sm_clock_mhz=_csv_float(r.sm_clock_mhz, ".0f"))
+                       sm_clock_mhz=_csv_float(r.sm_clock_mhz, ".0f"), power_w=_csv_float(r.power_w, ".0f"),
+                       power_capped=_csv_float(r.power_capped, ".2f"))
             w.writerow(row)
     os.replace(tmp, path)
     return path
@@ -346,7 +349,9 @@ def read_csv(path: str) -> List[Result]:
                               status=row.get("status") or "ok", note=row.get("note") or "",
                               max_abs_diff=float(row.get("max_abs_diff") or "nan"),
                               first_call_s=float(row.get("first_call_s") or "nan"),
-                              sm_clock_mhz=float(row.get("sm_clock_mhz") or "nan")))
+                              sm_clock_mhz=float(row.get("sm_clock_mhz") or "nan"),
+                              power_w=float(row.get("power_w") or "nan"),
+                              power_capped=float(row.get("power_capped") or "nan")))
     return out
 
 
@@ -1092,14 +1097,17 @@ def format_header(info: Dict[str, str], args: Optional[argparse.Namespace] = Non
 
 
 def fill_clocks(results: Sequence[Result], clock) -> str:
-    """Set each timed result's ``sm_clock_mhz`` from ``clock`` (a bench_clock.ClockSampler, or None) where its
-    samples have arrived; return the report's clock line (bench_clock.slow_clock_note), '' without samples."""
+    """Set each timed result's ``sm_clock_mhz`` (and ``power_w`` / ``power_capped``) from ``clock`` (a
+    bench_clock.ClockSampler, or None) where its samples have arrived; return the report's clock line
+    (bench_clock.slow_clock_note), '' without samples."""
     if clock is None:
         return ""
     from .bench_clock import slow_clock_note
     for r in results:
         if r.bench_window is not None and not math.isfinite(r.sm_clock_mhz):
             r.sm_clock_mhz = clock.median(*r.bench_window)
+            if hasattr(clock, "power"):
+                r.power_w, r.power_capped = clock.power(*r.bench_window), clock.capped(*r.bench_window)
     return slow_clock_note(results)
 
 
