@@ -12,10 +12,10 @@ nvidia-smi's own timestamps, so pipe buffering delays the reading but not the da
 a field makes nvidia-smi refuse the whole query: the sampler then tries the older ``clocks_throttle_reasons.active``
 name, then the clock alone. Without nvidia-smi it records nothing and every window reads NaN.
 
-Why the power: session 19 (run 100, H200) found kernels that keep the tensor cores busier run at a lower SM clock
-(the persistent forward 1740-1800 MHz where the plain grid held 1950-1965 in the same shape), so a gain per clock
-vanished in wall time. The power draw and the driver's "power cap" reason bits per timing tell that apart from a
-thermal or idle clock.
+Limits (session 19, run 100, H200): samples 20 ms apart catch an idle or ramping clock, but not a few percent
+between kernels — one kernel timed twice in a row read the same TFLOP/s at medians 10% apart (D=128 16k, 617 at
+1845 MHz and 618 at 1695). The power draw and the driver's power-cap bits are recorded for the same coarse
+question (was the card held down by its power limit during a timing?), with the same sampling caveat.
 """
 
 import datetime
