@@ -190,6 +190,18 @@ for stage in "$@"; do
           for v in 1 all 1 all; do echo "== D=64 TILEATTN_SOFTCAP_FIXED_MAX=$v"
             TILEATTN_SOFTCAP_FIXED_MAX=$v timeout 90 python3 -m tileattn.bench_features --seqlens 2048,8192 \
               --head-dim 64 --cases dense,softcap 2>&1 | grep -v "^#"; done | tee "$OUT/portable_fixed_max.log" ;;
+    s22) # session 20's first stage: causal calls on the persistent grid walking the host's L2-grouped work list
+         # (v22a, _hostinfo.causal_schedule): its GPU tests (bit-identity with the plain grid, list and LPT), then
+         # forward TFLOP/s plain grid (default) / persistent + list / persistent + LPT / cuDNN, D=128 and 64 causal
+         timeout 300 python3 -m pytest tests/test_gluon_forward.py tests/test_gluon_flat.py -q -n 14 \
+           -p no:cacheprovider -p no:benchmark -rf -k "work_list or causal_schedule or persistent or flat" \
+           2>&1 | tee "$OUT/causal_list_tests.log" | tail -6
+         ok=${PIPESTATUS[0]}; reap
+         if [ "$ok" != 0 ]; then status=1; fi
+         for i in 1 2; do timeout 240 python3 -m tileattn.bench --head-dims 128,64 --modes fwd --causal true \
+           --seqlens 512,1024,2048,4096,8192,16384 --no-plot \
+           --providers tileattn,tileattn_persistent,tileattn_persistent_lpt,sdpa_cudnn --out-dir "$OUT/causal_list_$i" \
+           2>&1 | grep -v "meas/s" | tee "$OUT/causal_list_bench_$i.log" | tail -30; done ;;
     s19f) # session 19's last call: D=256 at 512-1k with causal 512 on Gluon (the new table) against the portable
           # kernel and cuDNN, then with the non-causal threshold lifted too (run 99's non-causal 512: Gluon 201 vs
           # portable 294); paged decode through descriptors with 32- and 64-key tiles at 3 stages. First the routing

@@ -222,8 +222,9 @@ def test_persistent_matches_grid(case, dtype, spy, monkeypatch):
     """TILEATTN_GLUON_PERSISTENT=1 (a program per multiprocessor walking the plain grid's tiles, the K/V ring
     and the ping-pong carried across tiles): out and lse bit-identical to the plain grid's (=0; every tile's
     arithmetic is the same), and within the accuracy rule (out, lse, gradients) against the float64 reference;
-    more tiles than multiprocessors (up to 544 on 132), Sq != Sk both ways, GQA, causal (gluon_common.persistent_item's
-    longest-first order: partial last rounds, and a full reversed round last), window + softcap, sink, ALiBi."""
+    more tiles than multiprocessors (up to 544 on 132), Sq != Sk both ways, GQA, causal (the host's work list,
+    _hostinfo.causal_schedule; the kernel's LPT order in test_causal_work_list_matches_grid), window + softcap,
+    sink, ALiBi."""
     B, Sq, Sk, Hq, Hkv, d, feat = case
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon-persistent", case[:6], dtype),
                             requires_grad=True)
@@ -237,6 +238,130 @@ def test_persistent_matches_grid(case, dtype, spy, monkeypatch):
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     import test_features
     test_features._check(q, k, v, randn((B, Sq, Hq, d), dtype, gen), entry="tileattn", ctx="gluon persistent", **kw)
+
+
+@pytest.mark.parametrize("shape", [(2, 16, 4, 2048, 2048, 128), (3, 4, 2, 257, 1031, 128), (2, 8, 2, 1500, 700, 128),
+                                   (16, 32, 32, 1024, 1024, 64), (1, 16, 16, 16384, 16384, 128), (1, 2, 1, 100, 100, 64),
+                                   (4, 16, 16, 4096, 4096, 128)], ids=lambda s: "x".join(map(str, s)))
+def test_causal_schedule(shape):
+    """_hostinfo.causal_schedule (the persistent forward's work list for batched causal calls): every (b, h, query
+    tile) exactly once in item_bounds' USE_MAP form; each head group's K/V within CAUSAL_LIST_L2_FRACTION of the
+    L2 unless a group must be larger to fill a round (nprog / query tiles heads), and the programs running at once
+    (any window of nprog consecutive positions) read the K/V of at most three groups (the kernel's LPT order: of up
+    to nprog heads); within a group the tiles go longest first level by level (a program's items in a group never
+    get longer); the busiest program's modelled work is the returned balance times the mean and within 6% of a
+    lower bound (the mean, or the longest item). Host-only: runs on the CPU."""
+    from tileattn import _hostinfo
+    batch, hq, hkv, sq, sk, d = shape
+    nprog, l2 = 132, 50 << 20
+    entries, balance, per_group = _hostinfo.causal_schedule(batch, hq, hq // hkv, sq, sk, 128, 128, 2 * d * 2, nprog,
+                                                            l2)
+    num_m = -(-sq // 128)
+    decoded = [((e // hq) % batch, e % hq, e // hq // batch) for e in entries]  # (b, h, tile)
+    assert sorted(decoded) == sorted((b, h, t) for b in range(batch) for h in range(hq) for t in range(num_m))
+    head_bytes = sk * 2 * d * 2 // (hq // hkv)
+    least = -(-min(nprog, batch * hq * num_m) // num_m)
+    assert per_group <= least or per_group * head_bytes <= l2 * _hostinfo.CAUSAL_LIST_L2_FRACTION
+    group_of = [(b * hq + h) // per_group for b, h, _ in decoded]
+    progs = min(nprog, len(entries))
+    for w in range(0, len(entries), 7):
+        groups = {group_of[i] for i in range(w, min(len(entries), w + progs))}
+        assert max(groups) - min(groups) <= 2, (w, sorted(groups))
+
+    def key_tiles(t):
+        hi = min(sk, (t + 1) * 128 + sk - sq)
+        return -(-hi // 128) if hi > 0 else 0
+    load = []
+    for p in range(progs):
+        mine = [(group_of[i], key_tiles(decoded[i][2])) for i in range(p, len(entries), progs)]
+        assert all(a[0] < b[0] or (a[0] == b[0] and a[1] >= b[1]) for a, b in zip(mine, mine[1:])), p
+        load.append(sum(n + _hostinfo.CAUSAL_LIST_ITEM_COST for _, n in mine))
+    mean = sum(load) / progs
+    assert max(load) / mean == pytest.approx(balance)
+    longest = max(key_tiles(t) for t in range(num_m)) + _hostinfo.CAUSAL_LIST_ITEM_COST
+    assert max(load) <= 1.06 * max(mean, longest), (balance, mean, longest)  # within 6% of a lower bound
+
+
+# (B, Sq, Sk, Hq, Hkv, D, features): 2 x 16 x 16 = 512 items in groups of heads, GQA; Sq > Sk (the top tiles see
+# no key: items with n = 0); Sq < Sk; D=64 (its Gluon causal threshold lifted by the spy fixture); a sink
+CAUSAL_LIST_CASES = [(2, 2048, 2048, 16, 4, 128, {}), (2, 1500, 700, 8, 2, 128, {}), (3, 257, 1031, 4, 2, 128,
+                     dict(sink=True)), (2, 1400, 1400, 12, 4, 64, {}), (1, 4096, 4096, 16, 16, 128, {})]
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", CAUSAL_LIST_CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "-".join(c[6]))
+def test_causal_work_list_matches_grid(case, dtype, spy, monkeypatch):
+    """Batched causal calls on the persistent grid walk the host's L2-grouped work list (_hostinfo.causal_schedule:
+    the launch has USE_MAP and a list of every tile) by default, the kernel's LPT order with TILEATTN_CAUSAL_LIST=0;
+    both bit-identical to the plain grid (out, lse), and the list's call within the accuracy rule against the
+    float64 reference (out, lse, gradients)."""
+    B, Sq, Sk, Hq, Hkv, d, feat = case
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("causal-list", case[:6], dtype),
+                            requires_grad=True)
+    kw = dict(feature_kwargs(feat, Hq, gen), causal=True)
+    seen = record_gluon_launches(monkeypatch)
+    monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "0")
+    ref = tileattn.attention(q, k, v, return_lse=True, **kw)
+    assert seen and not seen[-1][1]["PERSISTENT"]
+    monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "1")
+    for on in ("1", "0"):
+        monkeypatch.setenv("TILEATTN_CAUSAL_LIST", on)
+        got = tileattn.attention(q, k, v, return_lse=True, **kw)
+        grid, consts = seen[-1]
+        assert consts["PERSISTENT"] and consts["USE_MAP"] == (on == "1"), (on, consts)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), f"TILEATTN_CAUSAL_LIST={on}"
+    monkeypatch.setenv("TILEATTN_CAUSAL_LIST", "1")
+    import test_features
+    test_features._check(q, k, v, randn((B, Sq, Hq, d), dtype, gen), entry="tileattn", ctx="causal work list", **kw)
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("kind", ["batched-causal", "varlen"])
+def test_work_list_survives_in_a_cuda_graph(kind, spy, monkeypatch):
+    """A work list (the batched causal one on the forced persistent grid, or the varlen one) cached before a CUDA
+    graph captured the call stays alive while the graph lives, even when the caches drop it (the graph reads its
+    address on every replay): replayed after the caches were emptied and the freed memory refilled with junk, the
+    graph's output equals an eager call's."""
+    from tileattn import _hostinfo
+    from _flash_helpers import seqlens_to_cu
+    monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "1")
+    gen = make_gen(seed_for("work-list-graph", kind))
+    if kind == "varlen":
+        cu = seqlens_to_cu([700, 1, 0, 1347])
+        q, k, v = (torch.randn(2048, 8, 128, generator=gen).to("cuda", torch.bfloat16) for _ in range(3))
+
+        def call():
+            with torch.no_grad():
+                return tileattn.flash_attn_varlen_func(q, k, v, cu, cu, 1347, 1347, causal=True)
+    else:
+        q, k, v = (torch.randn(2, 1400, 8, 128, generator=gen).to("cuda", torch.bfloat16) for _ in range(3))
+
+        def call():
+            with torch.no_grad():
+                return tileattn.attention(q, k, v, causal=True)
+    seen = record_gluon_launches(monkeypatch)
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        call()
+    torch.cuda.current_stream().wait_stream(side)
+    assert seen[-1][1]["USE_MAP"], "the call did not walk a work list"
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = call()
+    assert seen[-1][1]["USE_MAP"]
+    _hostinfo._CAUSAL_LISTS.clear()
+    _hostinfo._HOST_SUMMARIES.clear()
+    junk = [torch.full((1 << 16,), 2**30, dtype=torch.int32, device="cuda") for _ in range(64)]
+    for t in (q, k, v):
+        t.copy_(torch.randn(t.shape, generator=gen).to("cuda", torch.bfloat16))
+    graph.replay()
+    torch.cuda.synchronize()
+    del junk
+    assert torch.equal(out, call())
 
 
 def set_schedule(monkeypatch, tilemap, persistent):

@@ -6,6 +6,7 @@ from typing import Optional
 import torch
 
 _HOST_SUMMARIES = {}  # (id(tensor), kind) -> (weakref, version, summary)
+_CAPTURED = []  # cached device lists a CUDA graph captured: kept alive, since the graph reads them on every replay
 _HOST_COPIES = {}  # id(cu_seqlens) -> (weakref, version, host int64 tensor): kept by host_summary for tile_map
 
 
@@ -50,6 +51,14 @@ def leaves_rows(cu: Optional[torch.Tensor], rows: int) -> bool:
     return summary is None or summary[1] != rows
 
 
+def _pin_if_capturing(t: torch.Tensor) -> torch.Tensor:
+    """A cached device tensor handed to a kernel: while a CUDA graph is being captured, also kept alive for good
+    (the graph holds its address, and a cache may drop its entry later, which would free the memory under it)."""
+    if t.is_cuda and torch.cuda.is_current_stream_capturing() and not any(p is t for p in _CAPTURED):
+        _CAPTURED.append(t)
+    return t
+
+
 def _host_copy(t: torch.Tensor):
     hit = _HOST_COPIES.get(id(t))
     return hit[2] if hit is not None and hit[0]() is t and hit[1] == t._version else None
@@ -75,7 +84,7 @@ def tile_map(cu_q: torch.Tensor, cu_k: torch.Tensor, block_m: int, causal: bool,
     key = (id(cu_q), f"tiles{block_m},{int(causal)},{q_heads},{rounds},{id(cu_k)},{cu_k._version}")
     hit = _HOST_SUMMARIES.get(key)
     if hit is not None and hit[0]() is cu_q and hit[1] == cu_q._version:
-        return hit[2]
+        return _pin_if_capturing(hit[2])
     cq, ck = _host_copy(cu_q), _host_copy(cu_k)
     if cq is None or ck is None or (cu_q.is_cuda and torch.cuda.is_current_stream_capturing()):
         return None
@@ -114,3 +123,92 @@ def keys_for_every_tile(cu_q: torch.Tensor, cu_k: torch.Tensor, diagonal: bool) 
     lq, lk = cq[1:] - cq[:-1], ck[1:] - ck[:-1]
     need = torch.maximum(lq, torch.ones_like(lq)) if diagonal else torch.ones_like(lq)
     return bool(((lq == 0) | (lk >= need)).all())
+
+
+# the causal work list's group of heads whose K/V stay in L2 while their items run: at most a quarter of the L2
+# (H100 / H200: 50 MB -> 12.5 MB), since the items running at once span a group and part of the next, Hopper's L2 is
+# two halves (data read from both sides may sit in both) and Q / O stream through it too
+CAUSAL_LIST_L2_FRACTION = 0.25
+CAUSAL_LIST_ITEM_COST = 1.5  # a work item's fixed cost (Q load, epilogue) in key tiles, for the balance
+_CAUSAL_LISTS = {}
+
+
+def causal_schedule(batch: int, q_heads: int, group: int, seqlen_q: int, seqlen_k: int, block_m: int, block_n: int,
+                    kv_bytes_per_key: int, nprog: int, l2_bytes: int):
+    """The persistent forward's work list for a batched causal call, as a Python list of entries
+    (tile * batch + b) * q_heads + h (``gluon_common.item_bounds``' USE_MAP form; program p runs entries p,
+    p + nprog, ...), with the busiest program's modelled work over the mean and the heads per group.
+
+    Heads are taken in groups small enough that a group's K/V (``kv_bytes_per_key`` bytes per key and KV head,
+    shared by ``group`` consecutive query heads) fills at most a fraction CAUSAL_LIST_L2_FRACTION of the L2: the
+    items running at once then read the K/V of at most two groups, which stay in L2 while every query tile of those
+    heads passes over them. The in-kernel order it replaces (``persistent_item``'s LPT: every head's longest tile,
+    then every head's second longest, ...) runs tiles of up to nprog different heads at once, so at 1k-16k each
+    head's K/V leaves L2 between its tiles (D=128 causal 1k: ~4.6x the plain grid's HBM reads, by this model),
+    which is where the persistent grid lost 2-25% to the plain grid on causal calls (runs 78, 85; the varlen work
+    list learnt the same in v17d). Within a group the tiles go longest first, level by level; each round of nprog
+    positions hands its items, longest first, to the programs with the least modelled work so far (key tiles +
+    CAUSAL_LIST_ITEM_COST per item), and the programs are numbered so that those with an item in the last, partial
+    round come first (program p's it-th item sits at p + it * nprog). A round of nprog items spans at least
+    nprog / num_m heads however the groups are cut, and with groups of G heads the items running at once touch about
+    G heads, so the group size runs from that floor to what fits; the balance moves by a few percent with it, so up
+    to 12 sizes in that range are built and the best balanced taken (host model, flash-attn's grid: 1.006-1.021 at
+    D=128, against the kernel's LPT order's 1.008-1.031)."""
+    num_m = -(-seqlen_q // block_m)
+
+    def key_tiles(t):  # causal, bottom-right aligned: tile t's last row sees keys < (t + 1) * block_m + Sk - Sq
+        hi = min(seqlen_k, (t + 1) * block_m + seqlen_k - seqlen_q)
+        return -(-hi // block_n) if hi > 0 else 0
+
+    levels = [(key_tiles(t), t) for t in range(num_m - 1, -1, -1)]
+    nbh = batch * q_heads
+    per_head = max(1, seqlen_k * kv_bytes_per_key // max(1, group))  # one query head's share of its KV head
+    # a round of nprog items spans at least nprog / num_m heads whatever the groups: smaller groups only cost balance
+    least = max(1, -(-min(nprog, nbh * num_m) // max(1, num_m)))
+    fit = max(least, int(l2_bytes * CAUSAL_LIST_L2_FRACTION) // per_head)
+
+    def build(heads_per_group):
+        order = []  # (key tiles, entry)
+        for g0 in range(0, nbh, heads_per_group):
+            members = range(g0, min(nbh, g0 + heads_per_group))
+            for n, t in levels:
+                order.extend((n, (t * batch + bh // q_heads) * q_heads + bh % q_heads) for bh in members)
+        progs = min(nprog, len(order))
+        load = [0.0] * progs
+        assigned = [[] for _ in range(progs)]
+        for r0 in range(0, len(order), progs):
+            items = sorted(order[r0:r0 + progs], key=lambda it: -it[0])  # stable
+            for (n, entry), p in zip(items, sorted(range(progs), key=lambda q: load[q])):
+                assigned[p].append(entry)
+                load[p] += n + CAUSAL_LIST_ITEM_COST
+        rank = sorted(range(progs), key=lambda q: -len(assigned[q]))  # stable: the last round's programs first
+        entries = [0] * len(order)
+        for new_p, p in enumerate(rank):
+            for it, entry in enumerate(assigned[p]):
+                entries[new_p + it * progs] = entry
+        return entries, (max(load) / (sum(load) / progs) if progs and sum(load) else 1.0), heads_per_group
+
+    step = max(1, (fit - least + 11) // 12)  # at most 12 sizes: each build is a few ms of host time, once per shape
+    sizes = range(least, fit + 1, step)
+    return min((build(g) for g in sizes), key=lambda r: (round(r[1], 3), r[2]))
+
+
+def causal_work_list(batch: int, q_heads: int, group: int, seqlen_q: int, seqlen_k: int, block_m: int,
+                     block_n: int, kv_bytes_per_key: int, nprog: int, device: torch.device) -> Optional[torch.Tensor]:
+    """``causal_schedule``'s entries as an int32 tensor on ``device``, cached per shape (the first call of a shape
+    pays the schedule's host time: 1-100 ms); None while a CUDA graph is being captured and the list is not cached
+    yet (no host-to-device copy there: the kernel's own order runs), or when an entry would not fit in int32."""
+    index = device.index if device.index is not None else torch.cuda.current_device()
+    key = (batch, q_heads, group, seqlen_q, seqlen_k, block_m, block_n, kv_bytes_per_key, nprog, index)
+    hit = _CAUSAL_LISTS.get(key)
+    if hit is not None:
+        return _pin_if_capturing(hit)
+    if torch.cuda.is_current_stream_capturing() or (-(-seqlen_q // block_m) * batch + batch) * q_heads >= 2**31:
+        return None
+    l2 = torch.cuda.get_device_properties(index).L2_cache_size
+    entries, _, _ = causal_schedule(batch, q_heads, group, seqlen_q, seqlen_k, block_m, block_n,
+                                    kv_bytes_per_key, nprog, l2)
+    lst = torch.tensor(entries, dtype=torch.int32, device=device)
+    if len(_CAUSAL_LISTS) < 256:  # never evicted (a captured graph may hold one); past 256 shapes, built per call
+        _CAUSAL_LISTS[key] = lst
+    return lst

@@ -61,11 +61,14 @@ PROVIDERS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 # tileattn_triton = the portable Triton kernels where the Hopper Gluon kernels would run (TILEATTN_GLUON=0);
 # tileattn_gluon_all = the Gluon kernels with their table entries not yet measured as well (TILEATTN_GLUON=all);
 # tileattn_persistent / tileattn_grid = the Gluon forward always / never on a persistent grid
-# (TILEATTN_GLUON_PERSISTENT=1 / 0, D <= 128; unset, configs.gluon_forward_schedule decides);
+# (TILEATTN_GLUON_PERSISTENT=1 / 0, D <= 128; unset, configs.gluon_forward_schedule decides; causal calls on it walk
+# the host's L2-grouped work list, _hostinfo.causal_schedule); tileattn_persistent_lpt = the same with the kernel's
+# LPT order instead (TILEATTN_CAUSAL_LIST=0);
 # tileattn_flat = the persistent grid with one pipeline across its items (TILEATTN_GLUON_FLAT=1, kernels/gluon_flat.py;
 # the persistent grid forced on too, so causal calls take it). A value is one (variable, value) pair or a tuple of them.
 ENV_PROVIDERS = {"tileattn_triton": ("TILEATTN_GLUON", "0"), "tileattn_gluon_all": ("TILEATTN_GLUON", "all"),
                  "tileattn_persistent": ("TILEATTN_GLUON_PERSISTENT", "1"),
+                 "tileattn_persistent_lpt": (("TILEATTN_GLUON_PERSISTENT", "1"), ("TILEATTN_CAUSAL_LIST", "0")),
                  "tileattn_grid": ("TILEATTN_GLUON_PERSISTENT", "0"),
                  "tileattn_tma": ("TILEATTN_TMA", "1"), "tileattn_notma": ("TILEATTN_TMA", "0"),
                  "tileattn_split": ("TILEATTN_FWD_EDGES", "split"),

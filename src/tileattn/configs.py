@@ -496,6 +496,16 @@ def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool,
     return persistent, work_list, work_list and persistent and forced != "1"
 
 
+def causal_work_list_on() -> bool:
+    """Whether batched causal calls on the persistent Gluon forward (``TILEATTN_GLUON_PERSISTENT=1``; causal calls
+    keep the plain grid by default) walk the host's L2-grouped work list (``_hostinfo.causal_schedule``, session 19,
+    not yet measured) instead of the kernel's LPT order; ``TILEATTN_CAUSAL_LIST=0`` restores the LPT order."""
+    value = getenv("TILEATTN_CAUSAL_LIST", "1")
+    if value not in ("0", "1"):
+        raise ValueError(f"TILEATTN_CAUSAL_LIST must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 @dataclass(frozen=True)
 class GluonBackwardConfig:
     """The Hopper Gluon dK/dV kernel (kernels/gluon_backward.py): 128 keys per program in two 64-key consumer

@@ -29,7 +29,7 @@ import torch
 import triton
 
 from .. import configs
-from .._hostinfo import keys_for_every_tile, tile_map
+from .._hostinfo import causal_work_list, keys_for_every_tile, tile_map
 from .gluon_common import AVAILABLE, has_window, make_desc, softcap_fixed_max, window_bounds
 from .launch import launch, tma_aligned
 from .params import AttnParams, forward_outputs
@@ -467,6 +467,11 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     tiles = tile_map(cu_q, cu_k, 2 * half, causal, q_heads, nprog) if work_list else None
     if needs_list and tiles is None:
         persistent = False
+    if persistent and causal and not p.varlen and configs.causal_work_list_on():
+        # batched causal on the persistent grid (forced until measured): the host's L2-grouped, balanced work list
+        # in place of the kernel's LPT order (_hostinfo.causal_schedule, NOTES v22a); None (LPT) while capturing
+        tiles = causal_work_list(batch, q_heads, q_heads // kv_heads, seqlen_q, seqlen_k, 2 * half, bn,
+                                 2 * d * q.element_size(), nprog, q.device)
     if tiles is not None:  # a program per (query tile that holds rows, head), longest sequences first
         num_m_tiles, grid = batch, tiles.numel()
     num_items = 0  # unused without PERSISTENT: a constant adds no Triton specialisations (% 16, == 1)
