@@ -49,7 +49,7 @@ def softcap_fixed_max(p: AttnParams, dtype, head_dim: int) -> bool:
 
 def portable_softcap_fixed_max(p: AttnParams, dtype) -> bool:
     """The same fixed softmax max for the portable Triton forward (kernels/forward.py; NOTES v21c): default since
-    session 19 (D=64 softcap forward +4-8% on the H200, run 2 of session 19); ``TILEATTN_SOFTCAP_FIXED_MAX=0`` opts
+    session 19 (D=64 softcap forward +4-8% on the H200, run 99); ``TILEATTN_SOFTCAP_FIXED_MAX=0`` opts
     out of both forms, ``=gluon`` keeps only the Gluon kernel's; bf16, softcap <= SOFTCAP_FIXED_MAX_LIMIT, no ALiBi,
     any head dim (its scores are in log2 units: softcap * log2 e <= 72.2)."""
     return (0 < p.softcap <= SOFTCAP_FIXED_MAX_LIMIT and p.alibi_slopes is None and dtype == torch.bfloat16
