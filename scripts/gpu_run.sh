@@ -201,7 +201,13 @@ for stage in "$@"; do
          for i in 1 2; do timeout 240 python3 -m tileattn.bench --head-dims 128,64 --modes fwd --causal true \
            --seqlens 512,1024,2048,4096,8192,16384 --no-plot \
            --providers tileattn,tileattn_persistent,tileattn_persistent_lpt,sdpa_cudnn --out-dir "$OUT/causal_list_$i" \
-           2>&1 | grep -v "meas/s" | tee "$OUT/causal_list_bench_$i.log" | tail -30; done ;;
+           2>&1 | grep -v "meas/s" | tee "$OUT/causal_list_bench_$i.log" | tail -30; done
+         # D=64 causal below 2048 keys runs the portable kernel by default: the Gluon grid and persistent + list with
+         # the table's thresholds lifted (the config override) against it
+         TILEATTN_GLUON_FWD_CONFIG=128,3,2,240,24,168 timeout 120 python3 -m tileattn.bench --head-dims 64 \
+           --modes fwd --causal true --seqlens 512,1024,2048 --no-plot --out-dir "$OUT/causal_list_d64" \
+           --providers tileattn_triton,tileattn,tileattn_persistent,sdpa_cudnn 2>&1 | grep -v "meas/s" \
+           | tee "$OUT/causal_list_d64.log" | tail -12 ;;
     s19f) # session 19's last call: D=256 at 512-1k with causal 512 on Gluon (the new table) against the portable
           # kernel and cuDNN, then with the non-causal threshold lifted too (run 99's non-causal 512: Gluon 201 vs
           # portable 294); paged decode through descriptors with 32- and 64-key tiles at 3 stages. First the routing
