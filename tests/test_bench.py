@@ -271,6 +271,37 @@ def test_run_grid_cpu():
     assert fake.prepared and all(c == 3 for c in calls)
 
 
+def test_run_grid_rounds_cpu():
+    """rounds=3: every provider timed three times per shape, taking turns (A B A B A B), one result per (provider,
+    mode) from the median round (its note lists the three); unavailable providers once; the median picks the
+    middle time, an all-failed cell keeps the first round's failure."""
+    shapes = bench.make_grid([16], [32], [False], total_tokens=64, model_dim=32)
+    order = []
+
+    class Timed(_FakeProvider):
+        def __call__(self, q, k, v):
+            order.append(self.name)
+            return super().__call__(q, k, v)
+    provs = {"tileattn": Timed("tileattn"), "b": Timed("b"), "broken": _Broken()}
+    times = iter([3.0, 1.0, 2.0, 5.0, 4.0, 6.0])
+
+    def timer(fn, grad_to_none):
+        fn()
+        return next(times)
+    rs = bench.run_grid(shapes, ["tileattn", "b", "broken"], ["fwd"], torch.float32, torch.device("cpu"), timer,
+                        providers=provs, rounds=3)
+    assert [(r.provider, r.status) for r in rs] == [("tileattn", "ok"), ("b", "ok"), ("broken", "error")]
+    assert rs[0].ms == 3.0 and rs[1].ms == 5.0  # rounds: tileattn 3, 2, 4 and b 1, 5, 6
+    assert "rounds (ms): 3 / 2 / 4" in rs[0].note and "rounds (ms): 1 / 5 / 6" in rs[1].note
+    turns = [n for i, n in enumerate(order) if i == 0 or order[i - 1] != n]  # warm-up + timed call per turn
+    assert turns == ["tileattn", "b"] * 3
+    bad = [bench.Result.of("x", shapes[0], "fwd", status="error", note="first")] * 2
+    assert bench.combine_rounds(bad).note == "first"
+    assert bench.parse_args(["--rounds", "2"]).rounds == 2
+    with pytest.raises(SystemExit):
+        bench.parse_args(["--rounds", "0"])
+
+
 def test_measure_modes_reset_grads_and_time_backward():
     shape = bench.Shape(16, True, 32, 2, 2)
     q, k, v, dout = bench.make_inputs(shape, torch.float32, "cpu", seed=3)

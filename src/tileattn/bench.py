@@ -519,6 +519,8 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--warmup", type=float, default=100,
                    help="do_bench warm-up time (ms); long enough for the clocks to leave idle (H200: 480 MHz)")
     p.add_argument("--rep", type=float, default=50, help="do_bench measuring time (ms); the median is reported")
+    p.add_argument("--rounds", type=int, default=1,
+                   help="time every provider this many times per shape, taking turns, and keep the median round")
     p.add_argument("--out-dir", default=os.path.join("benchmarks", "results"), help="where CSV / TXT / PNG go")
     p.add_argument("--prefix", default="tileattn", help="output file name prefix")
     p.add_argument("--tag", default="", help="label added to the file names and the CSV 'tag' column")
@@ -555,6 +557,8 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
             p.error(f"no {name} given")
     if not args.head_dims or not args.seqlens:
         p.error("need at least one head dim and one seqlen")
+    if args.rounds < 1:
+        p.error(f"--rounds must be at least 1, got {args.rounds}")
     args.causals = {"both": [False, True], "true": [True], "false": [False]}[args.causal]
     args.dtype_name = DTYPE_NAMES[args.dtype]
     return args
@@ -960,17 +964,38 @@ def _max_abs(a) -> float:
     return a.masked_fill(a.isinf(), 0.0).abs().max().item()
 
 
+def combine_rounds(rounds: Sequence[Result]) -> Result:
+    """One result from a (provider, shape, mode)'s timings in several rounds (``run_grid(rounds=N)``): the round
+    with the median time among the successful ones (the lower middle for an even count), its note listing every
+    round's ms, its timing window spanning all rounds (the clock column then covers them all); the first round's
+    result when none succeeded."""
+    ok = [r for r in rounds if r.status == "ok" and math.isfinite(r.ms)]
+    if not ok:
+        return rounds[0]
+    pick = sorted(ok, key=lambda r: r.ms)[(len(ok) - 1) // 2]
+    windows = [r.bench_window for r in ok if r.bench_window is not None]
+    if windows:
+        pick.bench_window = (min(w[0] for w in windows), max(w[1] for w in windows))
+    pick.first_call_s = rounds[0].first_call_s
+    if len(rounds) > 1:
+        spread = "rounds (ms): " + " / ".join(f"{r.ms:.4g}" if r in ok else r.status for r in rounds)
+        pick.note = (pick.note + "; " if pick.note else "") + spread
+    return pick
+
+
 def run_grid(shapes: Sequence[Shape], provider_names: Sequence[str], modes: Sequence[str], dtype, device,
              bench: BenchFn, *, providers: Optional[Dict[str, Provider]] = None, flex_dynamic: bool = True,
              check: bool = False, progress: Optional[Progress] = None,
              on_group_done: Optional[Callable[[List[Result]], None]] = None,
-             results: Optional[List[Result]] = None) -> List[Result]:
+             results: Optional[List[Result]] = None, rounds: int = 1) -> List[Result]:
     """Measure every (shape, provider, mode); failures become NaN rows. Device-agnostic (tests run it on CPU).
 
     Results are appended to ``results`` (a new list by default) as they come, so a caller keeps the partial
-    list when the run is interrupted.
+    list when the run is interrupted. ``rounds`` > 1: at each shape every provider is timed that many times, the
+    providers taking turns (A B C A B C ...), and the median round kept (``combine_rounds``), so that a transient
+    disturbance of the card (session 19 saw single short-shape timings read 2x low) costs one round, not the cell.
     """
-    progress = progress or Progress(len(shapes) * len(provider_names) * len(modes), enabled=False)
+    progress = progress or Progress(len(shapes) * len(provider_names) * len(modes) * rounds, enabled=False)
     providers = dict(providers or {})
     for name in provider_names:
         if name in providers:
@@ -1015,19 +1040,29 @@ def run_grid(shapes: Sequence[Shape], provider_names: Sequence[str], modes: Sequ
             for t in (q, k, v):
                 t.grad = None
             _free_memory(device)
+        timed: Dict[str, List[List[Result]]] = {}
+        for rnd in range(rounds):
+            for name in provider_names:
+                prov = providers[name]
+                if not isinstance(prov, Provider):
+                    if rnd == 0:
+                        status, note = classify_error(prov)
+                        status = "unsupported" if status == "error" else status
+                        for mode in modes:
+                            r = Result.of(name, shape, mode, status=status, note=f"unavailable: {note}")
+                            results.append(r)
+                            progress.step(f"{name} {mode} {shape.label()}", r)
+                    continue
+                if rnd > 0 and all(r.status in ("unsupported", "oom") for r in timed[name][0]):
+                    continue  # nothing to repeat
+                timed.setdefault(name, []).append(measure_provider(
+                    prov, shape, modes, q, k, v, dout, bench, device,
+                    on_result=lambda r: progress.step(f"{r.provider} {r.mode} {shape.label()}", r),
+                    log=progress.log))
         for name in provider_names:
-            prov = providers[name]
-            if not isinstance(prov, Provider):
-                status, note = classify_error(prov)
-                status = "unsupported" if status == "error" else status
-                for mode in modes:
-                    r = Result.of(name, shape, mode, status=status, note=f"unavailable: {note}")
-                    results.append(r)
-                    progress.step(f"{name} {mode} {shape.label()}", r)
+            if name not in timed:
                 continue
-            rs = measure_provider(prov, shape, modes, q, k, v, dout, bench, device,
-                                  on_result=lambda r: progress.step(f"{r.provider} {r.mode} {shape.label()}", r),
-                                  log=progress.log)
+            rs = [combine_rounds([rnd[i] for rnd in timed[name]]) for i in range(len(modes))]
             if name == "tileattn":
                 for r in rs:
                     r.max_abs_diff = check_diff
@@ -1095,7 +1130,9 @@ def format_header(info: Dict[str, str], args: Optional[argparse.Namespace] = Non
         lines.append(f"  grid     : head dims {args.head_dims}, seqlens {args.seqlens}, causal {args.causals}, "
                      f"{args.total_tokens} tokens/batch, model dim {args.model_dim}, {args.dtype}")
         lines.append(f"  measure  : modes {args.modes}, providers {args.providers}, do_bench warmup {args.warmup:g} ms"
-                     f" rep {args.rep:g} ms (median), flex compile {args.flex_compile}")
+                     f" rep {args.rep:g} ms (median)"
+                     + (f", {args.rounds} rounds (median round)" if getattr(args, "rounds", 1) > 1 else "")
+                     + f", flex compile {args.flex_compile}")
     return "\n".join(lines)
 
 
@@ -1147,7 +1184,7 @@ def run_benchmark(args: argparse.Namespace, device=None, bench: Optional[BenchFn
     print(header, flush=True)
     base = os.path.join(args.out_dir, output_basename(args.prefix, info["device"], args.dtype_name, args.tag))
     csv_path, txt_path, png_path = base + ".csv", base + ".txt", base + ".png"
-    progress = Progress(len(shapes) * len(args.providers) * len(args.modes))
+    progress = Progress(len(shapes) * len(args.providers) * len(args.modes) * args.rounds)
     clock = None
     if getattr(device, "type", "cpu") == "cuda":  # the SM clock beside every timing (bench_clock)
         from .bench_clock import ClockSampler, nvml_index
@@ -1205,7 +1242,7 @@ def run_benchmark(args: argparse.Namespace, device=None, bench: Optional[BenchFn
     try:
         run_grid(shapes, args.providers, args.modes, dtype, device, bench,
                  flex_dynamic=args.flex_compile == "dynamic", check=args.check, progress=progress,
-                 on_group_done=on_group_done, results=results)
+                 on_group_done=on_group_done, results=results, rounds=args.rounds)
     except KeyboardInterrupt:
         interrupted = True
     finally:
