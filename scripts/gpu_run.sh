@@ -235,8 +235,14 @@ for stage in "$@"; do
           timeout 200 python3 -m pytest tests/test_decode.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
             -k "paged_cache or tma_contiguous or paged" 2>&1 | tee "$OUT/paged_tma_tests.log" | tail -4
           ok=${PIPESTATUS[0]}; reap
+          # every contiguous decode call on 64-key tiles with 3 stages (opt-in TILEATTN_DECODE_LONG_SPLITS, here
+          # from one split): the decode tests against the float64 reference
+          TILEATTN_DECODE_LONG_SPLITS=1 timeout 200 python3 -m pytest tests/test_decode.py -q -n 14 \
+            -p no:cacheprovider -p no:benchmark -rf 2>&1 | tee "$OUT/long_splits_tests.log" | tail -4
+          [ "${PIPESTATUS[0]}" = 0 ] || ok=1; reap
           if [ "$ok" != 0 ]; then status=1; else
-            timeout 300 python3 -m tileattn.bench_decode --out-dir "$OUT" --explore "TILEATTN_DECODE_PAGED_TMA=1" \
+            timeout 300 python3 -m tileattn.bench_decode --out-dir "$OUT" \
+              --explore "TILEATTN_DECODE_PAGED_TMA=1;TILEATTN_DECODE_LONG_SPLITS=16" \
               2>&1 | tee "$OUT/paged_tma_decode.log" | tail -40; fi ;;
     bench) python3 -m tileattn.bench --head-dims "${BENCH_DIMS:-64,128}" --out-dir "$OUT" ${BENCH_ARGS:-} 2>&1 \
              | tee "$OUT/bench.log" | grep -v "it/s\]" || status=1 ;;

@@ -411,6 +411,33 @@ def test_tma_contiguous_cache(monkeypatch, dtype, case):
     assert used and all(used)
 
 
+def test_decode_config_table(monkeypatch):
+    """configs.decode_config off the interpreter: contiguous 32-key tiles with 3 stages, paged 64 with 2, paged
+    through descriptors 64 with 3, D=256 32 with 2; opt-in TILEATTN_DECODE_LONG_SPLITS=N gives contiguous calls with
+    N or more splits 64-key tiles with 3 stages; bad values refused; TILEATTN_DECODE_CONFIG overrides all.
+    Host-only."""
+    from tileattn import configs
+    monkeypatch.setattr(configs, "_interpreting", lambda: False)
+    monkeypatch.delenv("TILEATTN_DECODE_CONFIG", raising=False)
+    monkeypatch.delenv("TILEATTN_DECODE_LONG_SPLITS", raising=False)
+    shape = lambda c: (c.block_n, c.num_stages)  # noqa: E731
+    assert shape(configs.decode_config(128)) == (32, 3) and shape(configs.decode_config(128, splits=64)) == (32, 3)
+    assert shape(configs.decode_config(128, paged=True)) == (64, 2)
+    assert shape(configs.decode_config(128, paged=True, paged_tma=True)) == (64, 3)
+    assert shape(configs.decode_config(256, splits=64)) == (32, 2)
+    monkeypatch.setenv("TILEATTN_DECODE_LONG_SPLITS", "16")
+    assert shape(configs.decode_config(128, splits=33)) == (64, 3)
+    assert shape(configs.decode_config(64, splits=16)) == (64, 3)
+    assert shape(configs.decode_config(128, splits=15)) == (32, 3)
+    assert shape(configs.decode_config(128, paged=True, splits=33)) == (64, 2)  # paged: unchanged
+    for bad in ("0", "x", "-3"):
+        monkeypatch.setenv("TILEATTN_DECODE_LONG_SPLITS", bad)
+        with pytest.raises(ValueError, match="TILEATTN_DECODE_LONG_SPLITS"):
+            configs.decode_config(128, splits=4)
+    monkeypatch.setenv("TILEATTN_DECODE_CONFIG", "16,4,1,2")
+    assert shape(configs.decode_config(128, splits=33)) == (16, 1)
+
+
 PAGED_TMA_CASES = {"p64": dict(page=64),
                    "p128_causal_append_splits": dict(page=128, Sq=4, new=4, causal=True, splits=3),
                    "p64_features": dict(page=64, softcap=5.0, alibi=True, sink=True, window=(40, 0), splits=2),

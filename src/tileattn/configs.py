@@ -350,7 +350,7 @@ class DecodeConfig:
     tma: int = 0  # contiguous caches on sm_90+: K/V tiles through tensor descriptors (decode_tma)
 
 
-def decode_config(head_dim: int, paged: bool = False, paged_tma: bool = False) -> DecodeConfig:
+def decode_config(head_dim: int, paged: bool = False, paged_tma: bool = False, splits: int = 0) -> DecodeConfig:
     """Split-KV decode kernel launch parameters. ``TILEATTN_DECODE_CONFIG=block_n,warps,stages,programs_per_sm[,tma]``
     overrides them (benchmarks/experiments).
 
@@ -362,7 +362,10 @@ def decode_config(head_dim: int, paged: bool = False, paged_tma: bool = False) -
     ``TILEATTN_DECODE_PAGED_TMA=1``, ``decode_tma``), head dims <= 128: 64-key tiles, 3 stages — one block-table
     entry per tile, which the pipeline carries well (session 19, run 103, H200, page 256, CUDA-graph µs against the
     gather form: 8x64k 532 vs 561, 64x4k 246 vs 248, B=1 131k 142 vs 170, 16x16k 255 vs 263; with 2 stages 64x4k
-    read 327). D=256: 32-key tiles, 2 stages (not measured)."""
+    read 327). D=256: 32-key tiles, 2 stages (not measured). Opt-in ``TILEATTN_DECODE_LONG_SPLITS=N``: contiguous
+    caches, head dims <= 128, calls with ``splits`` >= N take 64-key tiles with 3 stages (run 103, H200, CUDA-graph
+    µs, that config on every call: B=1 131k, 33 splits, 126.5 vs 130.9 — cuDNN 126.4 — but 8x64k, 5 splits, 522 vs
+    504, 16x16k 250 vs 247, 64x4k, one split, 277 vs 245; not measured as a rule)."""
     over = _override("TILEATTN_DECODE_CONFIG")
     if over:
         return DecodeConfig(*over)
@@ -372,6 +375,12 @@ def decode_config(head_dim: int, paged: bool = False, paged_tma: bool = False) -
         return DecodeConfig(32, 4, 2, 2)
     if paged:
         return DecodeConfig(64, 4, 3 if paged_tma else 2, 2)
+    long_splits = getenv("TILEATTN_DECODE_LONG_SPLITS", "")
+    if long_splits:
+        if not long_splits.isdigit() or int(long_splits) < 1:
+            raise ValueError(f"TILEATTN_DECODE_LONG_SPLITS must be a positive integer, got {long_splits!r}")
+        if splits >= int(long_splits):
+            return DecodeConfig(64, 4, 3, 2)
     return DecodeConfig(32, 4, 3, 2)
 
 

@@ -263,7 +263,7 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
     block_m = min(64, max(16, configs.next_pow2(seqlen_q * group)))  # chunked prefill: several row blocks
     row_blocks = configs.cdiv(seqlen_q * group, block_m)
     paged = block_table is not None
-    cfg = configs.decode_config(max(dqk, dv), paged=paged)
+    cfg = configs.decode_config(max(dqk, dv), paged=paged, splits=num_splits)
     use_tma = configs.decode_tma(cfg, q, paged, page_size, leftpad is not None)
     if use_tma and paged:  # the descriptor form's own pipeline depth (same tile, so decode_tma still holds)
         cfg = configs.decode_config(max(dqk, dv), paged=True, paged_tma=True)
