@@ -192,7 +192,8 @@ for stage in "$@"; do
               --head-dim 64 --cases dense,softcap 2>&1 | grep -v "^#"; done | tee "$OUT/portable_fixed_max.log" ;;
     s22) # session 20's first stage: causal calls on the persistent grid walking the host's L2-grouped work list
          # (v22a, _hostinfo.causal_schedule): its GPU tests (bit-identity with the plain grid, list and LPT), then
-         # forward TFLOP/s plain grid (default) / persistent + list / persistent + LPT / cuDNN, D=128 and 64 causal
+         # forward TFLOP/s plain grid (default) / persistent + list / persistent + LPT / flat + list / cuDNN, D=128
+         # and 64 causal, twice
          timeout 300 python3 -m pytest tests/test_gluon_forward.py tests/test_gluon_flat.py -q -n 14 \
            -p no:cacheprovider -p no:benchmark -rf -k "work_list or causal_schedule or persistent or flat" \
            2>&1 | tee "$OUT/causal_list_tests.log" | tail -6
@@ -200,7 +201,8 @@ for stage in "$@"; do
          if [ "$ok" != 0 ]; then status=1; fi
          for i in 1 2; do timeout 240 python3 -m tileattn.bench --head-dims 128,64 --modes fwd --causal true \
            --seqlens 512,1024,2048,4096,8192,16384 --no-plot \
-           --providers tileattn,tileattn_persistent,tileattn_persistent_lpt,sdpa_cudnn --out-dir "$OUT/causal_list_$i" \
+           --providers tileattn,tileattn_persistent,tileattn_persistent_lpt,tileattn_flat,sdpa_cudnn \
+           --out-dir "$OUT/causal_list_$i" \
            2>&1 | grep -v "meas/s" | tee "$OUT/causal_list_bench_$i.log" | tail -30; done
          # D=64 causal below 2048 keys runs the portable kernel by default: the Gluon grid and persistent + list with
          # the table's thresholds lifted (the config override) against it
