@@ -130,6 +130,7 @@ def keys_for_every_tile(cu_q: torch.Tensor, cu_k: torch.Tensor, diagonal: bool) 
 # two halves (data read from both sides may sit in both) and Q / O stream through it too
 CAUSAL_LIST_L2_FRACTION = 0.25
 CAUSAL_LIST_ITEM_COST = 1.5  # a work item's fixed cost (Q load, epilogue) in key tiles, for the balance
+CAUSAL_LIST_MAX_ITEMS = 1 << 15  # query tiles x batch x heads: the Python schedule takes ~1 us per item and size
 _CAUSAL_LISTS = {}
 
 
@@ -152,7 +153,7 @@ def causal_schedule(batch: int, q_heads: int, group: int, seqlen_q: int, seqlen_
     round come first (program p's it-th item sits at p + it * nprog). A round of nprog items spans at least
     nprog / num_m heads however the groups are cut, and with groups of G heads the items running at once touch about
     G heads, so the group size runs from that floor to what fits; the balance moves by a few percent with it, so up
-    to 12 sizes in that range are built and the best balanced taken (host model, flash-attn's grid, makespan over
+    to 12 sizes in that range (fewer for long lists) are built and the best balanced taken (host model, flash-attn's grid, makespan over
     mean: 1.015-1.027 at D=128 and 1.007-1.010 at D=64, against the kernel's LPT order's 1.008-1.031 and
     1.002-1.023; benchmarks/persistent_balance.py)."""
     num_m = -(-seqlen_q // block_m)
@@ -189,7 +190,8 @@ def causal_schedule(batch: int, q_heads: int, group: int, seqlen_q: int, seqlen_
                 entries[new_p + it * progs] = entry
         return entries, (max(load) / (sum(load) / progs) if progs and sum(load) else 1.0), heads_per_group
 
-    step = max(1, (fit - least + 11) // 12)  # at most 12 sizes: each build is a few ms of host time, once per shape
+    tries = max(2, min(12, 200_000 // max(1, len(levels) * nbh)))  # host time: ~1 us per item and size tried
+    step = max(1, (fit - least + tries - 1) // tries)
     sizes = range(least, fit + 1, step)
     return min((build(g) for g in sizes), key=lambda r: (round(r[1], 3), r[2]))
 
@@ -197,14 +199,16 @@ def causal_schedule(batch: int, q_heads: int, group: int, seqlen_q: int, seqlen_
 def causal_work_list(batch: int, q_heads: int, group: int, seqlen_q: int, seqlen_k: int, block_m: int,
                      block_n: int, kv_bytes_per_key: int, nprog: int, device: torch.device) -> Optional[torch.Tensor]:
     """``causal_schedule``'s entries as an int32 tensor on ``device``, cached per shape (the first call of a shape
-    pays the schedule's host time: 1-100 ms); None while a CUDA graph is being captured and the list is not cached
-    yet (no host-to-device copy there: the kernel's own order runs), or when an entry would not fit in int32."""
+    pays the schedule's host time: 1-100 ms at flash-attn's grid, ~0.2 s at the cap); None (the kernel's own order
+    runs) while a CUDA graph is being captured and the list is not cached yet (no host-to-device copy there), for
+    no items, or past CAUSAL_LIST_MAX_ITEMS items."""
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (batch, q_heads, group, seqlen_q, seqlen_k, block_m, block_n, kv_bytes_per_key, nprog, index)
     hit = _CAUSAL_LISTS.get(key)
     if hit is not None:
         return _pin_if_capturing(hit)
-    if torch.cuda.is_current_stream_capturing() or (-(-seqlen_q // block_m) * batch + batch) * q_heads >= 2**31:
+    items = -(-seqlen_q // block_m) * batch * q_heads
+    if not 0 < items <= CAUSAL_LIST_MAX_ITEMS or torch.cuda.is_current_stream_capturing():
         return None
     l2 = torch.cuda.get_device_properties(index).L2_cache_size
     entries, _, _ = causal_schedule(batch, q_heads, group, seqlen_q, seqlen_k, block_m, block_n,
