@@ -282,6 +282,16 @@ def test_causal_schedule(shape):
     assert max(load) <= 1.06 * max(mean, longest), (balance, mean, longest)  # within 6% of a lower bound
 
 
+def test_causal_work_list_limits():
+    """No work list (the kernel's own order runs) for a call without query tiles or past CAUSAL_LIST_MAX_ITEMS
+    items, whose Python schedule would cost too much host time. Host-only."""
+    from tileattn import _hostinfo
+    cpu = torch.device("cpu")
+    assert _hostinfo.causal_work_list(2, 4, 1, 0, 100, 128, 128, 512, 132, cpu) is None
+    tiles = _hostinfo.CAUSAL_LIST_MAX_ITEMS // (8 * 32) + 1
+    assert _hostinfo.causal_work_list(8, 32, 1, tiles * 128, tiles * 128, 128, 128, 512, 132, cpu) is None
+
+
 # (B, Sq, Sk, Hq, Hkv, D, features): 2 x 16 x 16 = 512 items in groups of heads, GQA; Sq > Sk (the top tiles see
 # no key: items with n = 0); Sq < Sk; D=64 (its Gluon causal threshold lifted by the spy fixture); a sink
 CAUSAL_LIST_CASES = [(2, 2048, 2048, 16, 4, 128, {}), (2, 1500, 700, 8, 2, 128, {}), (3, 257, 1031, 4, 2, 128,

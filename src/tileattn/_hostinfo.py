@@ -202,13 +202,15 @@ def causal_work_list(batch: int, q_heads: int, group: int, seqlen_q: int, seqlen
     pays the schedule's host time: 1-100 ms at flash-attn's grid, ~0.2 s at the cap); None (the kernel's own order
     runs) while a CUDA graph is being captured and the list is not cached yet (no host-to-device copy there), for
     no items, or past CAUSAL_LIST_MAX_ITEMS items."""
+    items = -(-seqlen_q // block_m) * batch * q_heads
+    if not 0 < items <= CAUSAL_LIST_MAX_ITEMS:
+        return None
     index = device.index if device.index is not None else torch.cuda.current_device()
     key = (batch, q_heads, group, seqlen_q, seqlen_k, block_m, block_n, kv_bytes_per_key, nprog, index)
     hit = _CAUSAL_LISTS.get(key)
     if hit is not None:
         return _pin_if_capturing(hit)
-    items = -(-seqlen_q // block_m) * batch * q_heads
-    if not 0 < items <= CAUSAL_LIST_MAX_ITEMS or torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_current_stream_capturing():
         return None
     l2 = torch.cuda.get_device_properties(index).L2_cache_size
     entries, _, _ = causal_schedule(batch, q_heads, group, seqlen_q, seqlen_k, block_m, block_n,
