@@ -282,15 +282,17 @@ def test_run_grid_rounds_cpu():
         def __call__(self, q, k, v):
             order.append(self.name)
             return super().__call__(q, k, v)
-    provs = {"tileattn": Timed("tileattn"), "b": Timed("b"), "broken": _Broken()}
+    provs = {"tileattn": Timed("tileattn"), "b": Timed("b"), "broken": _Broken(), "gone": RuntimeError("no such")}
     times = iter([3.0, 1.0, 2.0, 5.0, 4.0, 6.0])
 
     def timer(fn, grad_to_none):
         fn()
         return next(times)
-    rs = bench.run_grid(shapes, ["tileattn", "b", "broken"], ["fwd"], torch.float32, torch.device("cpu"), timer,
-                        providers=provs, rounds=3)
-    assert [(r.provider, r.status) for r in rs] == [("tileattn", "ok"), ("b", "ok"), ("broken", "error")]
+    rs = bench.run_grid(shapes, ["gone", "tileattn", "b", "broken"], ["fwd"], torch.float32, torch.device("cpu"),
+                        timer, providers=provs, rounds=3)
+    assert [(r.provider, r.status) for r in rs] == [("gone", "unsupported"), ("tileattn", "ok"), ("b", "ok"),
+                                                    ("broken", "error")]
+    rs = rs[1:]
     assert rs[0].ms == 3.0 and rs[1].ms == 5.0  # rounds: tileattn 3, 2, 4 and b 1, 5, 6
     assert "rounds (ms): 3 / 2 / 4" in rs[0].note and "rounds (ms): 1 / 5 / 6" in rs[1].note
     turns = [n for i, n in enumerate(order) if i == 0 or order[i - 1] != n]  # warm-up + timed call per turn
