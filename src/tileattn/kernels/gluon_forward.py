@@ -295,9 +295,10 @@ if AVAILABLE:
         (1, total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
         read per sequence (the arguments are the maxima). O / RESID: out and the residual as pointers, for the
         masked stores of a sequence's last rows (varlen only). ALIBI: fp32 slopes (Hq,) or (B, Hq) (batch stride
-        stride_ab, 0 for (Hq,)). USE_MAP (varlen): program pid runs entry TILE_MAP[pid] = (tile * num_m_tiles +
-        b) * q_heads + h (``_hostinfo.tile_map``; num_m_tiles is then the batch), so no program is launched for a
-        tile past its sequence's end, and the longest sequences run first. PERSISTENT (D <= 128; the schedule
+        stride_ab, 0 for (Hq,)). USE_MAP (varlen; or batched causal on the persistent grid): program pid runs
+        entry TILE_MAP[pid] = (tile * num_m_tiles + b) * q_heads + h (``_hostinfo.tile_map`` /
+        ``causal_work_list``; num_m_tiles is then the batch), so no program is launched for a tile past its
+        sequence's end, and the longest sequences run first. PERSISTENT (D <= 128; the schedule
         table decides): a grid of at most one program per multiprocessor, program pid running the items (the
         default grid's tiles, or the work list's entries) pid, pid + grid, ... < num_items, with the output staged
         in its own buffer so that the next item's loads overlap this item's last P V and epilogue
