@@ -6,8 +6,8 @@ softmax) and take turns issuing their matmuls (ping-pong through two mbarriers),
 while the other's matmuls hold the tensor cores. Triton 3.6's own pipeliner and warp specialisation do neither
 (NOTES.md, sessions 8 and 10).
 
-Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_forward_config`` (64 from 2048
-keys, 128, 256 from 1024 keys or 2048 when causal), batched inputs, and packed varlen ones at D <= 128
+Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_forward_config`` (64 from 512
+keys or 2048 when causal, 128, 256 from 512 keys; the table's thresholds), batched inputs, and packed varlen ones at D <= 128
 (``TILEATTN_GLUON_VARLEN=0`` opts out; see ``attention_forward``), no paging or dropout, causal or not
 (bottom-right aligned like the portable kernel). Softcap, sink, ALiBi and sliding windows (the key-tile range
 [lo, hi) shared by both warpgroups, edge tiles masked) are constexpr features of the kernel (D=64 takes the portable
