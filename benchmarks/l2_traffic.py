@@ -16,13 +16,8 @@ import sys
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, os.path.join(os.path.dirname(os.path.abspath(__file__)), "..", "src"))
-from persistent_balance import lpt_index  # noqa: E402
+from persistent_balance import lpt_index, tiles_of  # noqa: E402
 from tileattn._hostinfo import causal_schedule  # noqa: E402
-
-
-def key_tiles(tile, num_m):
-    """Causal, Sq == Sk, 128-row and 128-key tiles: query tile t sees key tiles 0 .. t."""
-    return tile + 1
 
 
 def simulate(programs, tile_bytes, l2_bytes, item_cost, shared=0):
@@ -63,27 +58,27 @@ def simulate(programs, tile_bytes, l2_bytes, item_cost, shared=0):
     return misses * tile_bytes
 
 
-def schedules(seqlen, head_dim, sms, item_cost, l2_bytes):
+def schedules(seqlen, head_dim, sms, l2_bytes):
     heads = 2048 // head_dim
     batch = 16384 // seqlen
     num_m = seqlen // 128
     nbh = batch * heads
     n_items = num_m * nbh
     # the plain grid: (batch, head) outer, tiles last to first (program_tile with LONGEST_FIRST)
-    grid = [(g // num_m, key_tiles(num_m - 1 - g % num_m, num_m)) for g in range(n_items)]
+    grid = [(g // num_m, tiles_of(g, num_m)) for g in range(n_items)]
     nprog = min(sms, n_items)
     lpt = [[] for _ in range(nprog)]
     for p in range(nprog):
         for pos in range(p, n_items, nprog):
             g = lpt_index(pos, p, nprog, n_items, num_m)
-            lpt[p].append((g // num_m, key_tiles(num_m - 1 - g % num_m, num_m)))
+            lpt[p].append((g // num_m, tiles_of(g, num_m)))
     entries, _, _ = causal_schedule(batch, heads, 1, seqlen, seqlen, 128, 128, 4 * head_dim, sms, l2_bytes * 2)
     lst = [[] for _ in range(nprog)]
     for p in range(nprog):
         for i in range(p, len(entries), nprog):
             e = entries[i]
             h, b, t = e % heads, (e // heads) % batch, e // heads // batch
-            lst[p].append((b * heads + h, key_tiles(t, num_m)))
+            lst[p].append((b * heads + h, t + 1))  # Sq == Sk: query tile t sees key tiles 0 .. t
     return grid, lpt, lst, nprog
 
 
@@ -99,7 +94,7 @@ def main():
     print(f"causal, D={a.head_dim}, {a.sms} programs, LRU {a.l2_mb:g} MB: K/V bytes read from HBM per call (MB)")
     print("seqlen  batch   grid     lpt  (x grid)   list  (x grid)")
     for s in (512, 1024, 2048, 4096, 8192, 16384):
-        grid, lpt, lst, nprog = schedules(s, a.head_dim, a.sms, a.item_cost, l2)
+        grid, lpt, lst, nprog = schedules(s, a.head_dim, a.sms, l2)
         g = simulate([grid], tile_bytes, l2, a.item_cost, shared=nprog) / 2**20
         p = simulate(lpt, tile_bytes, l2, a.item_cost) / 2**20
         w = simulate(lst, tile_bytes, l2, a.item_cost) / 2**20

@@ -292,7 +292,7 @@ def test_causal_list_l2_traffic_model():
     import l2_traffic
     l2 = 25 << 20
     for seqlen, d in ((1024, 128), (2048, 128), (2048, 64)):
-        grid, lpt, lst, nprog = l2_traffic.schedules(seqlen, d, 132, 1.5, l2)
+        grid, lpt, lst, nprog = l2_traffic.schedules(seqlen, d, 132, l2)
         tile = 128 * d * 4
         g = l2_traffic.simulate([grid], tile, l2, 1.5, shared=nprog)
         assert g == 128 << 20  # every K/V tile of the call once: 16k tokens x 2048 x K and V x 2 bytes

@@ -64,6 +64,13 @@ def _host_copy(t: torch.Tensor):
     return hit[2] if hit is not None and hit[0]() is t and hit[1] == t._version else None
 
 
+def causal_key_tiles(tile: int, seqlen_q: int, seqlen_k: int, block_m: int, block_n: int) -> int:
+    """Key tiles (of block_n keys) that query tile ``tile`` (of block_m rows) visits under a causal mask aligned
+    bottom-right: its last row sees keys below (tile + 1) * block_m + seqlen_k - seqlen_q; 0 when none."""
+    hi = min(seqlen_k, max((tile + 1) * block_m + seqlen_k - seqlen_q, 0))
+    return -(-hi // block_n)
+
+
 def tile_map(cu_q: torch.Tensor, cu_k: torch.Tensor, block_m: int, causal: bool,
              q_heads: int, rounds: int = 0) -> Optional[torch.Tensor]:
     """A varlen forward's work list: one int32 entry (tile * batch + b) * q_heads + h per (query tile of block_m
@@ -97,7 +104,7 @@ def tile_map(cu_q: torch.Tensor, cu_k: torch.Tensor, block_m: int, causal: bool,
         tiles = range(-(-nq // block_m))
         if causal:
             tiles = tiles[::-1]
-            work = sum(-(-min(nk, max((t + 1) * block_m + nk - nq, 0)) // block_m) for t in tiles)
+            work = sum(causal_key_tiles(t, nq, nk, block_m, block_m) for t in tiles)
         else:
             work = len(tiles) * -(-nk // block_m)
         seqs.append((work, b, tiles))
@@ -158,11 +165,7 @@ def causal_schedule(batch: int, q_heads: int, group: int, seqlen_q: int, seqlen_
     1.002-1.023; benchmarks/persistent_balance.py)."""
     num_m = -(-seqlen_q // block_m)
 
-    def key_tiles(t):  # causal, bottom-right aligned: tile t's last row sees keys < (t + 1) * block_m + Sk - Sq
-        hi = min(seqlen_k, (t + 1) * block_m + seqlen_k - seqlen_q)
-        return -(-hi // block_n) if hi > 0 else 0
-
-    levels = [(key_tiles(t), t) for t in range(num_m - 1, -1, -1)]
+    levels = [(causal_key_tiles(t, seqlen_q, seqlen_k, block_m, block_n), t) for t in range(num_m - 1, -1, -1)]
     nbh = batch * q_heads
     per_head = max(1, seqlen_k * kv_bytes_per_key // max(1, group))  # one query head's share of its KV head
     # a round of nprog items spans at least nprog / num_m heads whatever the groups: smaller groups only cost balance
