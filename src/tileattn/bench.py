@@ -646,6 +646,15 @@ def env_var(name: str, value: str):
             os.environ[name] = old
 
 
+@contextlib.contextmanager
+def env_vars(pairs):
+    """``env_var`` for several (name, value) pairs at once, all restored after the block."""
+    with contextlib.ExitStack() as stack:
+        for name, value in pairs:
+            stack.enter_context(env_var(name, value))
+        yield
+
+
 class TileattnEnvProvider(TileattnProvider):
     """tileattn with an opt-in mode switched on by an environment variable while it runs."""
     def __init__(self, name: str):
@@ -654,10 +663,7 @@ class TileattnEnvProvider(TileattnProvider):
         self.name, self._pairs = name, pairs if isinstance(pairs[0], tuple) else (pairs,)
 
     def context(self):
-        stack = contextlib.ExitStack()
-        for var, value in self._pairs:
-            stack.enter_context(env_var(var, value))
-        return stack
+        return env_vars(self._pairs)
 
 
 class SdpaProvider(Provider):

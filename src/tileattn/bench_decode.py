@@ -56,7 +56,7 @@ import torch
 import triton
 from torch.nn.attention import SDPBackend, sdpa_kernel
 
-from tileattn.bench import env_var
+from tileattn.bench import env_vars
 
 # (batch, cache length, q heads, kv heads, head dim)
 CONFIGS = [(8, 65536, 32, 8, 128), (64, 4096, 32, 8, 128), (1, 131072, 8, 8, 128), (16, 16384, 64, 8, 128)]
@@ -259,15 +259,11 @@ def _sdpa_skip(reason):
     return call
 
 
-@contextlib.contextmanager
 def explore_settings(variant: str):
-    """The environment of one ``--explore`` row while it runs: ``&``-joined parts, each NAME=VALUE or a bare
-    TILEATTN_DECODE_CONFIG string (block_n,warps,stages,programs_per_sm); restored after."""
-    with contextlib.ExitStack() as stack:
-        for part in variant.split("&"):
-            name, value = part.split("=", 1) if "=" in part else ("TILEATTN_DECODE_CONFIG", part)
-            stack.enter_context(env_var(name, value))
-        yield
+    """The environment of one ``--explore`` row while it runs (a context manager): ``&``-joined parts, each
+    NAME=VALUE or a bare TILEATTN_DECODE_CONFIG string (block_n,warps,stages,programs_per_sm); restored after."""
+    return env_vars([part.split("=", 1) if "=" in part else ("TILEATTN_DECODE_CONFIG", part)
+                     for part in variant.split("&")])
 
 
 def run(out_dir: str, dtype=torch.bfloat16, flex_pages=(256,), explore=(), graphs=True):
