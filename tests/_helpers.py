@@ -327,7 +327,9 @@ def lift_gluon_length_limits(monkeypatch):
     import dataclasses
     from tileattn import configs
     for d, cfg in list(configs._GLUON_FWD.items()):
-        monkeypatch.setitem(configs._GLUON_FWD, d, dataclasses.replace(cfg, min_seqlen_k=0, min_seqlen_k_causal=0))
+        monkeypatch.setitem(configs._GLUON_FWD, d, dataclasses.replace(
+            cfg, min_seqlen_k=0, min_seqlen_k_causal=0,
+            min_seqlen_k_causal_list=None if cfg.min_seqlen_k_causal_list is None else 0))
 
 
 def record_gluon_launches(monkeypatch):

@@ -412,25 +412,27 @@ def test_tma_contiguous_cache(monkeypatch, dtype, case):
 
 
 def test_decode_config_table(monkeypatch):
-    """configs.decode_config off the interpreter: contiguous 32-key tiles with 3 stages, paged 64 with 2, paged
-    through descriptors 64 with 3, D=256 32 with 2; opt-in TILEATTN_DECODE_LONG_SPLITS=N gives contiguous calls with
-    N or more splits 64-key tiles with 3 stages; bad values refused; TILEATTN_DECODE_CONFIG overrides all.
-    Host-only."""
+    """configs.decode_config off the interpreter: contiguous 32-key tiles with 3 stages, 64 with 3 from
+    TILEATTN_DECODE_LONG_SPLITS splits (default 16, 0 off), paged 64 with 2, paged through descriptors 64 with 3,
+    D=256 32 with 2; bad values refused; TILEATTN_DECODE_CONFIG overrides all. Host-only."""
     from tileattn import configs
     monkeypatch.setattr(configs, "_interpreting", lambda: False)
     monkeypatch.delenv("TILEATTN_DECODE_CONFIG", raising=False)
     monkeypatch.delenv("TILEATTN_DECODE_LONG_SPLITS", raising=False)
     shape = lambda c: (c.block_n, c.num_stages)  # noqa: E731
-    assert shape(configs.decode_config(128)) == (32, 3) and shape(configs.decode_config(128, splits=64)) == (32, 3)
+    assert shape(configs.decode_config(128)) == (32, 3) and shape(configs.decode_config(128, splits=15)) == (32, 3)
+    assert shape(configs.decode_config(128, splits=16)) == (64, 3) and shape(configs.decode_config(64, splits=33)) \
+        == (64, 3)
     assert shape(configs.decode_config(128, paged=True)) == (64, 2)
     assert shape(configs.decode_config(128, paged=True, paged_tma=True)) == (64, 3)
-    assert shape(configs.decode_config(256, splits=64)) == (32, 2)
-    monkeypatch.setenv("TILEATTN_DECODE_LONG_SPLITS", "16")
-    assert shape(configs.decode_config(128, splits=33)) == (64, 3)
-    assert shape(configs.decode_config(64, splits=16)) == (64, 3)
-    assert shape(configs.decode_config(128, splits=15)) == (32, 3)
     assert shape(configs.decode_config(128, paged=True, splits=33)) == (64, 2)  # paged: unchanged
-    for bad in ("0", "x", "-3"):
+    assert shape(configs.decode_config(256, splits=64)) == (32, 2)
+    monkeypatch.setenv("TILEATTN_DECODE_LONG_SPLITS", "40")
+    assert shape(configs.decode_config(128, splits=33)) == (32, 3)
+    assert shape(configs.decode_config(128, splits=40)) == (64, 3)
+    monkeypatch.setenv("TILEATTN_DECODE_LONG_SPLITS", "0")
+    assert shape(configs.decode_config(128, splits=1000)) == (32, 3)
+    for bad in ("x", "-3", "1.5"):
         monkeypatch.setenv("TILEATTN_DECODE_LONG_SPLITS", bad)
         with pytest.raises(ValueError, match="TILEATTN_DECODE_LONG_SPLITS"):
             configs.decode_config(128, splits=4)
@@ -447,14 +449,15 @@ PAGED_TMA_CASES = {"p64": dict(page=64),
 @pytest.mark.parametrize("dtype", DTYPES, ids=str)
 @pytest.mark.parametrize("case", list(PAGED_TMA_CASES))
 def test_tma_paged_cache(monkeypatch, dtype, case):
-    """Paged caches read through tensor descriptors (opt-in TILEATTN_DECODE_PAGED_TMA=1: one block-table entry per
-    key tile, whose keys lie in one page), shuffled block tables, NaN in every slot past each row's length; with
-    cache_leftpad (tiles no longer start at page-aligned keys) the gather path runs instead. The descriptor form
-    takes its own config (decode_config(paged_tma=True): 3 stages on the GPU), the gather form never."""
+    """Paged caches read through tensor descriptors (the default where a page holds whole key tiles: one
+    block-table entry per key tile, whose keys lie in one page), shuffled block tables, NaN in every slot past each
+    row's length; with cache_leftpad (tiles no longer start at page-aligned keys) or TILEATTN_DECODE_PAGED_TMA=0 the
+    gather path runs instead. The descriptor form takes its own config (decode_config(paged_tma=True): 3 stages on
+    the GPU), the gather form never."""
     from tileattn import configs
     if DEVICE == "cuda" and torch.cuda.get_device_capability()[0] < 9:
         pytest.skip("TMA needs sm_90+")
-    monkeypatch.setenv("TILEATTN_DECODE_PAGED_TMA", "1")
+    monkeypatch.delenv("TILEATTN_DECODE_PAGED_TMA", raising=False)
     used, real = [], configs.decode_tma
     monkeypatch.setattr(configs, "decode_tma", lambda *a: used.append(real(*a)) or used[-1])
     tma_cfgs, real_cfg = [], configs.decode_config
@@ -466,6 +469,13 @@ def test_tma_paged_cache(monkeypatch, dtype, case):
     tma_cfgs.clear()
     run_case(dtype, cap=256, page=64, leftpad="random", splits=2)
     assert used and not any(used) and not any(tma_cfgs)
+    used.clear()
+    monkeypatch.setenv("TILEATTN_DECODE_PAGED_TMA", "0")
+    run_case(dtype, cap=256, page=64, splits=2)
+    assert used and not any(used) and not any(tma_cfgs)
+    monkeypatch.setenv("TILEATTN_DECODE_PAGED_TMA", "yes")
+    with pytest.raises(ValueError, match="TILEATTN_DECODE_PAGED_TMA"):
+        run_case(dtype, cap=256, page=64)
 
 
 @pytest.mark.parametrize("sink", [False, True])

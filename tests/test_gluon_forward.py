@@ -62,6 +62,12 @@ def test_scope_on_hopper(monkeypatch):
     k64 = torch.zeros(2, 512, 2, 64, device="cuda", dtype=torch.bfloat16)
     assert gluon_forward.applies(q64, k64, k64, attn_params(q64, k64))
     assert not gluon_forward.applies(q64, k64, k64, attn_params(q64, k64, causal=True))  # causal: from 2048
+    k64 = torch.zeros(2, 1024, 2, 64, device="cuda", dtype=torch.bfloat16)
+    assert gluon_forward.applies(q64, k64, k64, attn_params(q64, k64, causal=True))  # 1k on the causal list (s20)
+    assert not gluon_forward.applies(q64, k64, k64, attn_params(q64, k64, window_left=16, causal=True))
+    monkeypatch.setenv("TILEATTN_CAUSAL_LIST", "0")
+    assert not gluon_forward.applies(q64, k64, k64, attn_params(q64, k64, causal=True))  # no list: from 2048
+    monkeypatch.delenv("TILEATTN_CAUSAL_LIST")
     k64 = torch.zeros(2, 2048, 2, 64, device="cuda", dtype=torch.bfloat16)
     assert gluon_forward.applies(q64, k64, k64, attn_params(q64, k64, causal=True))
     assert gluon_forward.applies(q64, k64, k64, attn_params(q64, k64))
@@ -321,10 +327,11 @@ CAUSAL_LIST_CASES = [(2, 2048, 2048, 16, 4, 128, {}), (2, 1500, 700, 8, 2, 128, 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", CAUSAL_LIST_CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "-".join(c[6]))
 def test_causal_work_list_matches_grid(case, dtype, spy, monkeypatch):
-    """Batched causal calls on the persistent grid walk the host's L2-grouped work list (_hostinfo.causal_schedule:
-    the launch has USE_MAP and a list of every tile) by default, the kernel's LPT order with TILEATTN_CAUSAL_LIST=0;
-    both bit-identical to the plain grid (out, lse), and the list's call within the accuracy rule against the
-    float64 reference (out, lse, gradients)."""
+    """Batched causal calls on the forced persistent grid walk the host's L2-grouped work list
+    (_hostinfo.causal_schedule: the launch has USE_MAP and a list of every tile), the kernel's LPT order with
+    TILEATTN_CAUSAL_LIST=0; unforced (the default) the persistent grid over the list, the plain grid with
+    TILEATTN_CAUSAL_LIST=0 or when no list can be had (the shape cache full). All bit-identical to the plain grid
+    (out, lse), and the list's call within the accuracy rule against the float64 reference (out, lse, gradients)."""
     B, Sq, Sk, Hq, Hkv, d, feat = case
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("causal-list", case[:6], dtype),
                             requires_grad=True)
@@ -340,7 +347,20 @@ def test_causal_work_list_matches_grid(case, dtype, spy, monkeypatch):
         grid, consts = seen[-1]
         assert consts["PERSISTENT"] and consts["USE_MAP"] == (on == "1"), (on, consts)
         assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), f"TILEATTN_CAUSAL_LIST={on}"
-    monkeypatch.setenv("TILEATTN_CAUSAL_LIST", "1")
+    # the default: the persistent grid over the list; TILEATTN_CAUSAL_LIST=0, or no list to be had (here: the
+    # shape cache full), the plain grid
+    from tileattn import _hostinfo
+    monkeypatch.delenv("TILEATTN_GLUON_PERSISTENT")
+    for on, full in (("1", False), ("0", False), ("1", True)):
+        monkeypatch.setenv("TILEATTN_CAUSAL_LIST", on)
+        if full:
+            monkeypatch.setattr(_hostinfo, "_CAUSAL_LISTS", {})
+            monkeypatch.setattr(_hostinfo, "CAUSAL_LIST_MAX_SHAPES", 0)
+        got = tileattn.attention(q, k, v, return_lse=True, **kw)
+        listed = on == "1" and not full
+        assert seen[-1][1]["PERSISTENT"] == listed and seen[-1][1]["USE_MAP"] == listed, (on, full)
+        assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1]), (on, full)
+    monkeypatch.setattr(_hostinfo, "CAUSAL_LIST_MAX_SHAPES", 256)
     import test_features
     test_features._check(q, k, v, randn((B, Sq, Hq, d), dtype, gen), entry="tileattn", ctx="causal work list", **kw)
 
@@ -414,11 +434,13 @@ def test_schedule_table(monkeypatch):
     assert schedule(cfg, 128, False, False) == (True, False, False)
     assert schedule(cfg, 128, False, True) == (True, True, True)  # no list (compiled graph): plain grid
     assert schedule(cfg, 128, True, True) == (False, False, False)  # uneven tiles (causal): the plain grid (run 78)
+    assert schedule(cfg, 128, True, False, True) == (True, False, True)  # batched causal on the host's list (s20)
     assert schedule(configs._GLUON_FWD[256], 256, False, False) == (False, False, False)
     set_schedule(monkeypatch, "1", "0")
     assert schedule(cfg, 128, False, True) == (False, True, False)
     set_schedule(monkeypatch, "1", "1")
     assert schedule(cfg, 128, False, True) == (True, True, False)  # forced: persistent with or without the list
+    assert schedule(cfg, 128, True, False, True) == (True, False, False)
     set_schedule(monkeypatch, "0", "1")
     assert schedule(cfg, 128, True, True) == (True, False, False)
     assert schedule(cfg, 256, False, False) == (False, False, False)  # D=256: the output's staging buffer does not fit
@@ -433,8 +455,9 @@ def test_schedule_table(monkeypatch):
 @pytest.mark.gpu
 def test_default_schedule_reaches_the_launch(spy, monkeypatch):
     """The table's schedule reaches the kernel: an unmasked D=128 call launches PERSISTENT on at most one program
-    per multiprocessor, and so do windows bounded on both sides; a causal one and a one-sided window the plain
-    grid; a packed varlen call (cu_seqlens read on the host) the persistent grid over the work list."""
+    per multiprocessor, and so do windows bounded on both sides and a causal call (over the host's work list); a
+    one-sided window the plain grid; a packed varlen call (cu_seqlens read on the host) the persistent grid over
+    the work list."""
     from _flash_helpers import seqlens_to_cu
     from tileattn import configs
     set_schedule(monkeypatch, None, None)
@@ -448,7 +471,7 @@ def test_default_schedule_reaches_the_launch(spy, monkeypatch):
     tileattn.attention(q, q, q, window_size=(-1, 512))
     (g0, kw0), (g1, kw1), (g2, kw2), (g3, kw3), (g4, kw4) = seen
     assert kw0["PERSISTENT"] and g0[0] == min(sms, 16 * 2 * 16) and kw0["num_items"] == 16 * 2 * 16
-    assert not kw1["PERSISTENT"] and g1[0] == 16 * 2 * 16
+    assert kw1["PERSISTENT"] and kw1["USE_MAP"] and g1[0] == min(sms, 16 * 2 * 16), "causal: the host's work list"
     assert kw2["PERSISTENT"] and kw3["PERSISTENT"], "windows bounded on both sides: persistent"
     assert not kw4["PERSISTENT"] and g4[0] == 16 * 2 * 16, "a window open on one side: the plain grid"
     lens = [2000, 1, 700, 1300]

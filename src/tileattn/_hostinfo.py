@@ -138,6 +138,7 @@ def keys_for_every_tile(cu_q: torch.Tensor, cu_k: torch.Tensor, diagonal: bool) 
 CAUSAL_LIST_L2_FRACTION = 0.25
 CAUSAL_LIST_ITEM_COST = 1.5  # a work item's fixed cost (Q load, epilogue) in key tiles, for the balance
 CAUSAL_LIST_MAX_ITEMS = 1 << 15  # query tiles x batch x heads: the Python schedule takes ~1 us per item and size
+CAUSAL_LIST_MAX_SHAPES = 256  # causal work lists kept (never evicted); a new shape past them takes the plain grid
 _CAUSAL_LISTS = {}
 
 
@@ -202,9 +203,11 @@ def causal_schedule(batch: int, q_heads: int, group: int, seqlen_q: int, seqlen_
 def causal_work_list(batch: int, q_heads: int, group: int, seqlen_q: int, seqlen_k: int, block_m: int,
                      block_n: int, kv_bytes_per_key: int, nprog: int, device: torch.device) -> Optional[torch.Tensor]:
     """``causal_schedule``'s entries as an int32 tensor on ``device``, cached per shape (the first call of a shape
-    pays the schedule's host time: 1-100 ms at flash-attn's grid, ~0.2 s at the cap); None (the kernel's own order
-    runs) while a CUDA graph is being captured and the list is not cached yet (no host-to-device copy there), for
-    no items, or past CAUSAL_LIST_MAX_ITEMS items."""
+    pays the schedule's host time: 1-30 ms at flash-attn's grid, ~0.2 s at the cap); None (the plain grid runs by
+    default, the kernel's own order on a forced persistent grid) while a CUDA graph is being captured and the list
+    is not cached yet (no host-to-device copy there), for no items, past CAUSAL_LIST_MAX_ITEMS items, or for a new
+    shape once CAUSAL_LIST_MAX_SHAPES are cached (lists are never evicted, as a captured graph may hold one, and
+    building one per call would cost its host time on every call)."""
     items = -(-seqlen_q // block_m) * batch * q_heads
     if not 0 < items <= CAUSAL_LIST_MAX_ITEMS:
         return None
@@ -213,12 +216,10 @@ def causal_work_list(batch: int, q_heads: int, group: int, seqlen_q: int, seqlen
     hit = _CAUSAL_LISTS.get(key)
     if hit is not None:
         return _pin_if_capturing(hit)
-    if torch.cuda.is_current_stream_capturing():
+    if torch.cuda.is_current_stream_capturing() or len(_CAUSAL_LISTS) >= CAUSAL_LIST_MAX_SHAPES:
         return None
     l2 = torch.cuda.get_device_properties(index).L2_cache_size
     entries, _, _ = causal_schedule(batch, q_heads, group, seqlen_q, seqlen_k, block_m, block_n,
                                     kv_bytes_per_key, nprog, l2)
-    lst = torch.tensor(entries, dtype=torch.int32, device=device)
-    if len(_CAUSAL_LISTS) < 256:  # never evicted (a captured graph may hold one); past 256 shapes, built per call
-        _CAUSAL_LISTS[key] = lst
+    lst = _CAUSAL_LISTS[key] = torch.tensor(entries, dtype=torch.int32, device=device)
     return lst

@@ -358,14 +358,15 @@ def decode_config(head_dim: int, paged: bool = False, paged_tma: bool = False, s
     -1.4% at B=8/64k, -7% at B=1/128k, within 1% elsewhere, against 64-key tiles with 2 stages, which wait for
     every outstanding copy at the top of each tile: no overlap of a program's loads with its own compute). Paged
     caches keep 64-key tiles, 2 stages: with 3 stages the block-table lookups join the pipeline, and 32-key tiles
-    cost up to +44% (run 28). Paged caches read through tensor descriptors (``paged_tma``, opt-in
-    ``TILEATTN_DECODE_PAGED_TMA=1``, ``decode_tma``), head dims <= 128: 64-key tiles, 3 stages — one block-table
-    entry per tile, which the pipeline carries well (session 19, run 103, H200, page 256, CUDA-graph µs against the
-    gather form: 8x64k 532 vs 561, 64x4k 246 vs 248, B=1 131k 142 vs 170, 16x16k 255 vs 263; with 2 stages 64x4k
-    read 327). D=256: 32-key tiles, 2 stages (not measured). Opt-in ``TILEATTN_DECODE_LONG_SPLITS=N``: contiguous
-    caches, head dims <= 128, calls with ``splits`` >= N take 64-key tiles with 3 stages (run 103, H200, CUDA-graph
-    µs, that config on every call: B=1 131k, 33 splits, 126.5 vs 130.9 — cuDNN 126.4 — but 8x64k, 5 splits, 522 vs
-    504, 16x16k 250 vs 247, 64x4k, one split, 277 vs 245; not measured as a rule)."""
+    cost up to +44% (run 28). Paged caches read through tensor descriptors (``paged_tma``, ``decode_tma``), head
+    dims <= 128: 64-key tiles, 3 stages — one block-table entry per tile, which the pipeline carries well (H200,
+    page 256, CUDA-graph µs against the gather form, run 103 / run 108: 8x64k 532 / 533 vs 561 / 562, 64x4k 246 /
+    246 vs 248 / 247, B=1 131k 142 / 142 vs 170 / 169, 16x16k 255 / 254 vs 263 / 263; with 2 stages 64x4k read 327).
+    D=256: 32-key tiles, 2 stages (not measured). Contiguous caches, head dims <= 128, calls with ``splits`` >=
+    ``TILEATTN_DECODE_LONG_SPLITS`` (default 16; 0 turns it off) take 64-key tiles with 3 stages (H200, CUDA-graph
+    µs, B=1 131k with 33 splits: run 103 126.5 vs 130.9, cuDNN 126.4; run 108 126.9 vs 131.4, cuDNN 125.9. That
+    config on every call lost elsewhere in run 103: 8x64k, 5 splits, 522 vs 504, 16x16k 250 vs 247, 64x4k, one
+    split, 277 vs 245)."""
     over = _override("TILEATTN_DECODE_CONFIG")
     if over:
         return DecodeConfig(*over)
@@ -375,12 +376,11 @@ def decode_config(head_dim: int, paged: bool = False, paged_tma: bool = False, s
         return DecodeConfig(32, 4, 2, 2)
     if paged:
         return DecodeConfig(64, 4, 3 if paged_tma else 2, 2)
-    long_splits = getenv("TILEATTN_DECODE_LONG_SPLITS", "")
-    if long_splits:
-        if not long_splits.isdigit() or int(long_splits) < 1:
-            raise ValueError(f"TILEATTN_DECODE_LONG_SPLITS must be a positive integer, got {long_splits!r}")
-        if splits >= int(long_splits):
-            return DecodeConfig(64, 4, 3, 2)
+    long_splits = getenv("TILEATTN_DECODE_LONG_SPLITS", "16")
+    if not long_splits.isdigit():
+        raise ValueError(f"TILEATTN_DECODE_LONG_SPLITS must be a split count (0: off), got {long_splits!r}")
+    if int(long_splits) and splits >= int(long_splits):
+        return DecodeConfig(64, 4, 3, 2)
     return DecodeConfig(32, 4, 3, 2)
 
 
@@ -397,12 +397,16 @@ def decode_fused_combine() -> bool:
 def decode_tma(cfg: DecodeConfig, q: torch.Tensor, paged: bool, page_size: int = 0, leftpad: bool = False) -> bool:
     """Whether the decode kernel reads the cache through tensor descriptors (TMA), on GPUs that have TMA (sm_90+;
     the interpreter emulates descriptors). Contiguous caches: when the config asks for it (measured no faster,
-    run 64). Paged caches: opt-in ``TILEATTN_DECODE_PAGED_TMA=1`` (session 18; run 103: faster than the gather
-    form on four shapes with 3 stages, ``decode_config(paged_tma=True)``; GPU tests at 3 stages pending), where
-    every key tile lies in one page (page_size a multiple of the tile's keys, no cache_leftpad shifting the tiles): one
-    block-table entry per tile, then a (1, block_n, 1, D) box of that page, instead of a gather of block_n rows."""
+    run 64). Paged caches (session 18; default since session 20, runs 103 and 108: faster than the gather form on
+    four shapes with 3 stages, ``decode_config(paged_tma=True)``; ``TILEATTN_DECODE_PAGED_TMA=0`` turns it off),
+    where every key tile lies in one page (page_size a multiple of the tile's keys, no cache_leftpad shifting the
+    tiles): one block-table entry per tile, then a (1, block_n, 1, D) box of that page, instead of a gather of
+    block_n rows."""
     if paged:
-        if getenv("TILEATTN_DECODE_PAGED_TMA") != "1" or page_size % cfg.block_n or leftpad:
+        on = getenv("TILEATTN_DECODE_PAGED_TMA", "1")
+        if on not in ("0", "1"):
+            raise ValueError(f"TILEATTN_DECODE_PAGED_TMA must be 0 or 1, got {on!r}")
+        if on == "0" or page_size % cfg.block_n or leftpad:
             return False
     elif not cfg.tma:
         return False
@@ -417,7 +421,9 @@ class GluonForwardConfig:
     warpgroups, ``block_n`` keys per tile, K and V rings of ``k_stages`` / ``v_stages`` slots, the registers per
     thread of the consumers and of the producer warp (setmaxnreg) and the kernel's ``maxnreg`` (the pool they are
     taken from: 12 warps x maxnreg <= 64K); calls with fewer than ``min_seqlen_k`` keys (``min_seqlen_k_causal``
-    for causal and other right-bounded windows) take the portable kernel, as do softcap and sliding-window calls
+    for causal and other right-bounded windows; ``min_seqlen_k_causal_list``, where set, for batched causal calls
+    that run on the persistent grid with the host's work list) take the portable kernel, as do softcap and
+    sliding-window calls
     when ``window_softcap`` is False. ``default_on=False``: an entry not yet measured on a GPU, used only with
     ``TILEATTN_GLUON=all``. ``persistent``: calls whose query tiles see about the same number of keys (no mask,
     or a window bounded on both sides) run on a persistent grid (``gluon_forward_schedule``)."""
@@ -429,6 +435,7 @@ class GluonForwardConfig:
     maxnreg: int
     min_seqlen_k: int = 0
     min_seqlen_k_causal: int = 0
+    min_seqlen_k_causal_list: Optional[int] = None
     window_softcap: bool = True
     default_on: bool = True
     persistent: bool = False
@@ -455,8 +462,11 @@ class GluonForwardConfig:
 # keys 1.33-1.40x non-causal (512: 389-408 vs 293 TFLOP/s; 768: 447 vs 332) and 1.23-1.29x causal (512: 250-261
 # vs 202), so both take Gluon from 512 keys (run 99's non-causal 512 at 201 was its process's first measurement;
 # run 104's first process measured both kernels low as well).
+# Session 20, run 107 (H200, same process, D=64 causal, thresholds lifted): the persistent grid with the causal work
+# list 193 vs the portable kernel's 191 TFLOP/s at 512 keys, 277 vs 261 at 1k, 343 vs 319 at 2k (the plain Gluon
+# grid 149 / 233 / 315): batched causal calls on it take Gluon from 1k keys.
 _GLUON_FWD = {64: GluonForwardConfig(128, 3, 2, 240, 24, 168, min_seqlen_k=512, min_seqlen_k_causal=2048,
-                                     window_softcap=False, persistent=True),
+                                     min_seqlen_k_causal_list=1024, window_softcap=False, persistent=True),
               128: GluonForwardConfig(128, 2, 2, 240, 24, 168, persistent=True),
               256: GluonForwardConfig(64, 3, 2, 240, 24, 168, min_seqlen_k=512, min_seqlen_k_causal=512)}
 
@@ -484,31 +494,37 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
     return GluonForwardConfig(*over, persistent=cfg.persistent) if over else cfg
 
 
-def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool, varlen: bool):
+def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool, varlen: bool,
+                           causal_list: bool = False):
     """(persistent, work_list, needs_list) for a Gluon forward call: a persistent grid (one program per
     multiprocessor walking the tiles, D <= 128 only: the output needs its own staging buffer) where the entry says
     so and the call's query tiles see about the same number of keys (``uneven``: causal, or a window open on one
     side; a static round-robin over those loses to the hardware's dynamic scheduling, runs 78 and 85; windows
-    bounded on both sides gain, 1.03x at 2k and 1.08x at 8k for (512, 512) in run 85); packed varlen calls on it
+    bounded on both sides gain, 1.03x at 2k and 1.08x at 8k for (512, 512) in run 85), or the call is batched
+    causal and walks the host's L2-grouped work list (``causal_list``: ``causal_work_list_on()``; session 20, run
+    107, H200, two processes, against the plain grid: D=128 1.04-1.27x at 512, 1.11x at 1k, 1.02-1.12x at 2k, 1.07x
+    at 4k-8k, 1.00x at 16k; D=64 1.07-1.10x at 2k-4k, 1.03-1.04x at 8k, 1.00x at 16k); packed varlen calls on it
     walk the work list of the query tiles that hold rows (_hostinfo.tile_map), which it needs to beat the plain
-    grid (run 78): with ``needs_list``, a call whose list cannot be built (no host copy of cu_seqlens, e.g. in a
-    compiled graph) takes the plain grid instead. ``TILEATTN_GLUON_PERSISTENT`` and ``TILEATTN_VARLEN_TILEMAP``
-    (0 or 1) force either one (a forced persistent grid runs with or without the list)."""
+    grid (run 78). With ``needs_list``, a call whose list cannot be built (varlen: no host copy of cu_seqlens, e.g.
+    in a compiled graph; causal: a CUDA graph capturing a shape not seen before, or more items than the list
+    takes) takes the plain grid instead. ``TILEATTN_GLUON_PERSISTENT`` and ``TILEATTN_VARLEN_TILEMAP`` (0 or 1)
+    force either one (a forced persistent grid runs with or without a list)."""
     forced = getenv("TILEATTN_GLUON_PERSISTENT", "")
     if forced not in ("", "0", "1"):
         raise ValueError(f"TILEATTN_GLUON_PERSISTENT must be 0 or 1 (or unset), got {forced!r}")
-    persistent = head_dim <= 128 and (forced == "1" if forced else cfg.persistent and not uneven)
+    persistent = head_dim <= 128 and (forced == "1" if forced else cfg.persistent and (not uneven or causal_list))
     tiles = getenv("TILEATTN_VARLEN_TILEMAP", "")
     if tiles not in ("", "0", "1"):
         raise ValueError(f"TILEATTN_VARLEN_TILEMAP must be 0 or 1 (or unset), got {tiles!r}")
     work_list = varlen and (tiles == "1" if tiles else persistent)
-    return persistent, work_list, work_list and persistent and forced != "1"
+    return persistent, work_list, (work_list or causal_list) and persistent and forced != "1"
 
 
 def causal_work_list_on() -> bool:
-    """Whether batched causal calls on the persistent Gluon forward (``TILEATTN_GLUON_PERSISTENT=1``; causal calls
-    keep the plain grid by default) walk the host's L2-grouped work list (``_hostinfo.causal_schedule``, session 19,
-    not yet measured) instead of the kernel's LPT order; ``TILEATTN_CAUSAL_LIST=0`` restores the LPT order."""
+    """Whether batched causal calls run on the persistent Gluon forward walking the host's L2-grouped work list
+    (``_hostinfo.causal_schedule``, session 19; default since session 20, ``gluon_forward_schedule``).
+    ``TILEATTN_CAUSAL_LIST=0`` puts them back on the plain grid (with ``TILEATTN_GLUON_PERSISTENT=1``: the
+    persistent grid in the kernel's LPT order)."""
     value = getenv("TILEATTN_CAUSAL_LIST", "1")
     if value not in ("0", "1"):
         raise ValueError(f"TILEATTN_CAUSAL_LIST must be 0 or 1, got {value!r}")

@@ -416,8 +416,11 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
         # TILEATTN_GLUON_VARLEN=0: varlen takes the portable kernel; D=256's masked epilogue spills (~650 B,
         # ptxas): portable
         return None
-    if (p.max_seqlen_k if p.varlen else k.shape[1]) < (cfg.min_seqlen_k_causal if p.causal_like
-                                                        else cfg.min_seqlen_k):
+    least = cfg.min_seqlen_k_causal if p.causal_like else cfg.min_seqlen_k
+    if (cfg.min_seqlen_k_causal_list is not None and p.window_right == 0 and not has_window(p) and not p.varlen
+            and configs.gluon_forward_schedule(cfg, d, True, False, configs.causal_work_list_on())[0]):
+        least = cfg.min_seqlen_k_causal_list  # batched causal on the persistent grid with the host's work list
+    if (p.max_seqlen_k if p.varlen else k.shape[1]) < least:
         return None
     if p.dropout_p > 0:
         return None
@@ -463,16 +466,17 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     # tiles of unequal length: causal, or a window open on one side (rows see up to a diagonal); a window bounded
     # on both sides (incl. (w, 0)) gives every tile but the edge ones the same number of keys
     uneven = causal or (window and (p.window_left < 0 or p.window_right < 0))
-    persistent, work_list, needs_list = configs.gluon_forward_schedule(cfg, d, uneven, p.varlen)
+    causal_list = causal and not p.varlen and configs.causal_work_list_on()
+    persistent, work_list, needs_list = configs.gluon_forward_schedule(cfg, d, uneven, p.varlen, causal_list)
     nprog = configs.sm_count(q.device) if persistent else 0  # the persistent grid's programs (at most)
     tiles = tile_map(cu_q, cu_k, 2 * half, causal, q_heads, nprog) if work_list else None
-    if needs_list and tiles is None:
-        persistent = False
-    if persistent and causal and not p.varlen and configs.causal_work_list_on():
-        # batched causal on the persistent grid (forced until measured): the host's L2-grouped, balanced work list
-        # in place of the kernel's LPT order (_hostinfo.causal_schedule, NOTES v22a); None (LPT) while capturing
+    if persistent and causal_list:
+        # batched causal: the host's L2-grouped, balanced work list in place of the kernel's LPT order
+        # (_hostinfo.causal_schedule, NOTES v22a); None while capturing a new shape or past its item cap
         tiles = causal_work_list(batch, q_heads, q_heads // kv_heads, seqlen_q, seqlen_k, 2 * half, bn,
                                  2 * d * q.element_size(), nprog, q.device)
+    if needs_list and tiles is None:
+        persistent = False
     if tiles is not None:  # a program per (query tile that holds rows, head), longest sequences first
         num_m_tiles, grid = batch, tiles.numel()
     num_items = 0  # unused without PERSISTENT: a constant adds no Triton specialisations (% 16, == 1)
