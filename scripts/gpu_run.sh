@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -22,6 +22,15 @@ for stage in "$@"; do
     tests) python3 -m pytest tests -q -n 14 -p no:cacheprovider -rf -v -p no:benchmark --durations=15 2>&1 | tee "$OUT/tests.log" | tail -40 || status=1 ;;
     # the suite in two halves (each ~4 min on an H200), so that each fits a call beside other stages
     tests-sweep) timeout 400 python3 -m pytest tests/test_sweep.py -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 | tee "$OUT/tests_sweep.log" | tail -15 || status=1 ;;
+    # tests-rest in two calls of under 10 minutes each: the Gluon kernels' tests and sm_90a/sm_80 compile checks,
+    # then the rest (neither has test_sweep.py: tests-sweep)
+    tests-gluon) python3 -m pytest tests/test_gluon_forward.py tests/test_gluon_backward.py tests/test_gluon_flat.py \
+                   tests/test_gpu_compile.py -q -n 14 -p no:cacheprovider -rf -p no:benchmark --durations=5 2>&1 \
+                   | tee "$OUT/tests_gluon.log" | tail -20; [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
+    tests-core) python3 -m pytest tests -q -n 14 -p no:cacheprovider -rf -p no:benchmark --ignore=tests/test_sweep.py \
+                  --ignore=tests/test_gluon_forward.py --ignore=tests/test_gluon_backward.py \
+                  --ignore=tests/test_gluon_flat.py --ignore=tests/test_gpu_compile.py --durations=5 2>&1 \
+                  | tee "$OUT/tests_core.log" | tail -20; [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     tests-rest) python3 -m pytest tests -q -n 14 -p no:cacheprovider -rf -p no:benchmark --ignore=tests/test_sweep.py --durations=10 2>&1 | tee "$OUT/tests_rest.log" | tail -30 || status=1 ;;
     # the sweep configs that run on the sm90 table entries changed in d31fdd6 (benchmarks/sweep_table_subset.txt)
     sweep-subset) python3 -m pytest $(cat benchmarks/sweep_table_subset.txt) -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 | tee "$OUT/sweep_subset.log" | tail -8 || status=1 ;;
