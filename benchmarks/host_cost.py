@@ -1,6 +1,8 @@
 """Host time per call (enqueue only, no sync inside the loop) of tileattn.attention against SDPA cuDNN, forward with
 requires_grad inputs as the bench times it: if it nears the kernel's GPU time the timing is host-bound.
+Each tileattn call is measured with its launch plans on (the default, kernels/forward_plan.py) and off.
 Usage: PYTHONPATH=src python3 benchmarks/host_cost.py"""
+import os
 import time
 
 import torch
@@ -29,13 +31,18 @@ def main():
         q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
         for causal in (False, True):
-            ours = host_us(lambda: tileattn.attention(q, k, v, causal=causal))
-            with torch.no_grad():
-                ours_ng = host_us(lambda: tileattn.attention(q, k, v, causal=causal))
+            line = []
+            for plans in ("1", "0"):
+                os.environ["TILEATTN_FWD_PLAN"] = plans
+                ours = host_us(lambda: tileattn.attention(q, k, v, causal=causal))
+                with torch.no_grad():
+                    ours_ng = host_us(lambda: tileattn.attention(q, k, v, causal=causal))
+                line.append(f"plans {'on' if plans == '1' else 'off'} {ours:.1f} (no_grad {ours_ng:.1f})")
+            os.environ.pop("TILEATTN_FWD_PLAN")
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 cud = host_us(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
-            print(f"D={d} B={b} H={h} S={s} causal={causal}: host us/call tileattn {ours:.1f} (no_grad {ours_ng:.1f}),"
-                  f" sdpa_cudnn {cud:.1f}", flush=True)
+            print(f"D={d} B={b} H={h} S={s} causal={causal}: host us/call tileattn {', '.join(line)}; "
+                  f"sdpa_cudnn {cud:.1f}", flush=True)
 
 
 if __name__ == "__main__":

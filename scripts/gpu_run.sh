@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -31,6 +31,17 @@ for stage in "$@"; do
                   --ignore=tests/test_gluon_forward.py --ignore=tests/test_gluon_backward.py \
                   --ignore=tests/test_gluon_flat.py --ignore=tests/test_gpu_compile.py --durations=5 2>&1 \
                   | tee "$OUT/tests_core.log" | tail -20; [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
+    plan) # session 20: the forward's launch plans (kernels/forward_plan.py): their tests, the forward and feature
+          # tests with plans on (the suite runs with them off: conftest), then host time per call on / off
+          timeout 300 python3 -m pytest tests/test_forward_plan.py -q -n 8 -p no:cacheprovider -p no:benchmark -rf \
+            2>&1 | tee "$OUT/plan_tests.log" | tail -4
+          [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+          if [ -n "${PLAN_SUITE:-}" ]; then
+            TILEATTN_FWD_PLAN=1 timeout 400 python3 -m pytest tests/test_forward.py tests/test_features.py \
+              tests/test_api.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf 2>&1 \
+              | tee "$OUT/plan_suite.log" | tail -4
+            [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap; fi
+          timeout 120 python3 benchmarks/host_cost.py 2>&1 | tee "$OUT/host_cost.log" ;;
     tests-rest) python3 -m pytest tests -q -n 14 -p no:cacheprovider -rf -p no:benchmark --ignore=tests/test_sweep.py --durations=10 2>&1 | tee "$OUT/tests_rest.log" | tail -30 || status=1 ;;
     # the sweep configs that run on the sm90 table entries changed in d31fdd6 (benchmarks/sweep_table_subset.txt)
     sweep-subset) python3 -m pytest $(cat benchmarks/sweep_table_subset.txt) -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 | tee "$OUT/sweep_subset.log" | tail -8 || status=1 ;;

@@ -5,6 +5,7 @@ architectures get conservative tiles that fit their shared memory. ``TILEATTN_FW
 ``TILEATTN_BWD_CONFIG`` environment variables override the table for experiments (see ``_override``).
 """
 
+import contextlib
 import dataclasses
 import functools
 import os
@@ -39,17 +40,49 @@ _ENV_DATA = getattr(os.environ, "_data", None) if os.name == "posix" else None
 _ENV_KEYS = {}
 
 
+_ENV_LOG = None  # while ``env_log`` records: the list of (name, value or None) that getenv read
+
+
 def getenv(name: str, default=None):
     """``os.environ.get(name, default)`` for the knobs read on every call: a lookup in os.environ's own bytes dict
     (what ``os.environ[...] = ...``, ``monkeypatch.setenv`` and ``del`` update) instead of the Mapping ABC's get,
     ~1-2 µs per read on the benchmark host, and a call reads ~8 of them."""
     if _ENV_DATA is None:
-        return os.environ.get(name, default)
-    key = _ENV_KEYS.get(name)
-    if key is None:
-        key = _ENV_KEYS[name] = os.fsencode(name)
-    value = _ENV_DATA.get(key)
-    return default if value is None else os.fsdecode(value)
+        value = os.environ.get(name)
+    else:
+        key = _ENV_KEYS.get(name)
+        if key is None:
+            key = _ENV_KEYS[name] = os.fsencode(name)
+        value = _ENV_DATA.get(key)
+        if value is not None:
+            value = os.fsdecode(value)
+    if _ENV_LOG is not None:
+        _ENV_LOG.append((name, value))
+    return default if value is None else value
+
+
+@contextlib.contextmanager
+def env_log():
+    """Record every knob ``getenv`` reads inside the block: yields the list of (name, value or None), which
+    ``env_unchanged`` checks later (the forward's launch plans: a plan stands while the knobs its call read are
+    unchanged)."""
+    global _ENV_LOG
+    outer, _ENV_LOG = _ENV_LOG, []
+    log = _ENV_LOG
+    try:
+        yield log
+    finally:
+        _ENV_LOG = outer
+        if outer is not None:
+            outer.extend(log)
+
+
+def env_unchanged(log) -> bool:
+    """Whether every knob in an ``env_log`` record still has the value it had."""
+    for name, value in log:
+        if getenv(name) != value:
+            return False
+    return True
 
 
 def next_pow2(n: int) -> int:

@@ -189,6 +189,18 @@ def _expand(vals, descs):
     return out
 
 
+def _cache_key(vals, layouts, device, num_warps, num_stages, maxnreg):
+    """``launch``'s cache key of an argument list (see the module docstring)."""
+    types = tuple(map(type, vals))
+    layout = layouts.get(types)
+    if layout is None:
+        layout = layouts[types] = _layout(types)
+    plain, tensors, other = layout
+    return (device, num_warps, num_stages, maxnreg, triton.knobs.runtime.debug, types, plain(vals),
+            tuple([(vals[i].dtype, not vals[i].data_ptr() & 15) for i in tensors]),
+            tuple([_spec(vals[i]) for i in other]))
+
+
 def launch(fn, grid, args, kwargs, num_warps: int, num_stages: int, maxnreg=None):
     """``fn[grid](*args, **kwargs, num_warps=num_warps, num_stages=num_stages[, maxnreg=maxnreg])``, through the
     cache above.
@@ -207,14 +219,7 @@ def launch(fn, grid, args, kwargs, num_warps: int, num_stages: int, maxnreg=None
     if vals is None:  # interpreter, cache off, not a @triton.jit kernel, or an argument missing
         return fn[grid](*args, **kwargs, num_warps=num_warps, num_stages=num_stages, **opts)
     device = torch.cuda.current_device()  # Triton compiles for and launches on the current device, as here
-    types = tuple(map(type, vals))
-    layout = layouts.get(types)
-    if layout is None:
-        layout = layouts[types] = _layout(types)
-    plain, tensors, other = layout
-    key = (device, num_warps, num_stages, maxnreg, triton.knobs.runtime.debug, types, plain(vals),
-           tuple([(vals[i].dtype, not vals[i].data_ptr() & 15) for i in tensors]),
-           tuple([_spec(vals[i]) for i in other]))
+    key = _cache_key(vals, layouts, device, num_warps, num_stages, maxnreg)
     entry = cache.get(key)
     if entry is None:
         stats["misses"] += 1
@@ -242,3 +247,100 @@ def launch(fn, grid, args, kwargs, num_warps: int, num_stages: int, maxnreg=None
         meta = kernel.launch_metadata(grid, stream, *vals)
     kernel.run(grid[0], g1, g2, stream, kernel.function, kernel.packed_metadata, meta, enter, leave, *vals)
     return kernel
+
+
+class _DescView:
+    """What ``make_tensordesc_arg`` reads of a host descriptor (base, shape, strides, padding), over a new base."""
+    __slots__ = ("base", "shape", "strides", "padding")
+
+    def __init__(self, base, shape, strides, padding):
+        self.base, self.shape, self.strides, self.padding = base, shape, strides, padding
+
+
+class LaunchPlan:
+    """One compiled kernel's launch with every argument fixed but the tensors of named roles (``plan``): a call of
+    the same shape, dtype, flags and alignment as the one it was made from replays it with its own tensors through
+    Triton's C launcher, without building the argument list, the cache key or the host descriptors again (each
+    role's descriptor is re-encoded per base address, cached). ``run`` returns False, launching nothing, where a
+    launch hook (a profiler) is set or Triton's debug knob changed: the caller takes the usual path then."""
+    __slots__ = ("raw", "function", "packed", "coop", "pdl", "grid", "device", "debug", "template", "tensor_slots",
+                 "desc_slots", "keep", "encoded")
+
+    def run(self, tensors) -> bool:
+        knobs = triton.knobs.runtime
+        if not (_idle(knobs.launch_enter_hook) and _idle(knobs.launch_exit_hook)) or knobs.debug != self.debug:
+            return False
+        flat = self.template.copy()
+        for pos, role in self.tensor_slots:
+            flat[pos] = tensors[role]
+        encoded = self.encoded
+        for pos, n, role, shape, strides, padding, meta in self.desc_slots:
+            t = tensors[role]
+            enc = encoded.get((pos, t.data_ptr()))
+            if enc is None:
+                from triton.backends.nvidia.driver import make_tensordesc_arg
+                if len(encoded) >= _MAX_PLAN_ENCODED:
+                    encoded.clear()
+                enc = encoded[(pos, t.data_ptr())] = make_tensordesc_arg(_DescView(t, shape, strides, padding), meta)
+            flat[pos:pos + n] = enc
+        g = self.grid
+        self.raw(g[0], g[1], g[2], _raw_stream(self.device), self.function, self.coop, self.pdl, None, None,
+                 self.packed, None, None, None, *flat)
+        return True
+
+
+_MAX_PLAN_ENCODED = 64  # per plan: (descriptor, base address) encodings kept
+
+
+def plan(fn, grid, args, kwargs, num_warps: int, num_stages: int, maxnreg=None, roles=None, keep=()):
+    """A ``LaunchPlan`` of a launch that ``launch`` just made with these arguments (so its compiled kernel is
+    cached), or None where the direct launcher does not apply (interpreter, cache or direct launch off, a
+    launcher of another form) or an argument tensor is neither in ``roles`` nor in ``keep``.
+
+    ``roles``: {id(tensor): role name} for the tensors a replay passes anew (each host descriptor's base included);
+    ``keep``: tensors the plan holds as they are (e.g. a cached work list). The caller keys its plans on everything
+    else the arguments depend on — shapes, strides, dtypes, scalars, flags, 16-byte alignment of every role tensor
+    and which roles are one tensor — so that a replay's arguments equal a fresh launch's but for the roles'
+    addresses."""
+    st = _kernel_state(fn) if _ENABLED and _DIRECT else None
+    if st is None or roles is None:
+        return None
+    names, defaults, cache, layouts = st
+    try:
+        vals = list(args) + [kwargs[n] if n in kwargs else defaults[n] for n in names[len(args):]]
+    except KeyError:
+        return None
+    device = torch.cuda.current_device()
+    entry = cache.get(_cache_key(vals, layouts, device, num_warps, num_stages, maxnreg))
+    if entry is None or entry[1] is None:
+        return None
+    kernel, (raw, descs, coop, pdl) = entry
+    from triton.backends.nvidia.driver import make_tensordesc_arg
+    metas = {i: meta for i, meta, _ in descs}
+    kept = {id(t) for t in keep}
+    template, tensor_slots, desc_slots = [], [], []
+    for i, val in enumerate(vals):
+        if i in metas:
+            role = roles.get(id(val.base))
+            if role is None and id(val.base) not in kept:
+                return None
+            enc = make_tensordesc_arg(val, metas[i])
+            if role is not None:
+                desc_slots.append((len(template), len(enc), role, list(val.shape), list(val.strides), val.padding,
+                                   metas[i]))
+            template += enc
+        elif isinstance(val, _TENSOR):
+            role = roles.get(id(val))
+            if role is None and id(val) not in kept:
+                return None
+            if role is not None:
+                tensor_slots.append((len(template), role))
+            template.append(None if role is not None else val)  # no reference to this call's tensors
+        else:
+            template.append(val)
+    lp = LaunchPlan()
+    lp.raw, lp.function, lp.packed, lp.coop, lp.pdl = raw, kernel.function, kernel.packed_metadata, coop, pdl
+    lp.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
+    lp.device, lp.debug, lp.template = device, triton.knobs.runtime.debug, template
+    lp.tensor_slots, lp.desc_slots, lp.keep, lp.encoded = tuple(tensor_slots), tuple(desc_slots), tuple(keep), {}
+    return lp

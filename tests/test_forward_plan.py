@@ -1,0 +1,171 @@
+"""Launch plans of the Gluon forward (kernels/forward_plan.py): a replayed call gives bit-for-bit what a fresh
+launch gives, for every feature the kernel takes, with new tensors at new addresses; a plan follows the knobs its
+call read, yields to launch hooks, and works inside a CUDA graph. The CPU tests check the knob recording."""
+
+import pytest
+import torch
+
+import tileattn
+from tileattn import configs
+from tileattn.kernels import forward_plan
+from _helpers import HALF_DTYPES, dtype_id, feature_kwargs, make_gen, make_qkv, randn, seed_for
+
+HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
+hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on sm90 only")
+
+
+def test_env_log_records_the_knobs_read(monkeypatch):
+    """configs.env_log records every getenv inside it (set or not), nested logs reach the outer one, and
+    env_unchanged notices a knob set, changed or removed."""
+    monkeypatch.setenv("TILEATTN_PLAN_TEST_A", "1")
+    monkeypatch.delenv("TILEATTN_PLAN_TEST_B", raising=False)
+    with configs.env_log() as outer:
+        configs.getenv("TILEATTN_PLAN_TEST_A")
+        with configs.env_log() as inner:
+            assert configs.getenv("TILEATTN_PLAN_TEST_B", "x") == "x"
+    assert inner == [("TILEATTN_PLAN_TEST_B", None)]
+    assert outer == [("TILEATTN_PLAN_TEST_A", "1"), ("TILEATTN_PLAN_TEST_B", None)]
+    configs.getenv("TILEATTN_PLAN_TEST_A")
+    assert len(outer) == 2, "recorded outside the block"
+    assert configs.env_unchanged(outer)
+    monkeypatch.setenv("TILEATTN_PLAN_TEST_B", "")
+    assert not configs.env_unchanged(outer)
+    monkeypatch.delenv("TILEATTN_PLAN_TEST_B")
+    monkeypatch.setenv("TILEATTN_PLAN_TEST_A", "2")
+    assert not configs.env_unchanged(outer)
+    monkeypatch.delenv("TILEATTN_PLAN_TEST_A")
+    assert not configs.env_unchanged(outer)
+
+
+def test_no_plans_off_the_gpu(monkeypatch):
+    """CPU (interpreter) calls take no plan: the key needs CUDA tensors and the compiled launcher."""
+    monkeypatch.setenv("TILEATTN_FWD_PLAN", "1")
+    if torch.cuda.is_available():
+        pytest.skip("CPU-only property")
+    q, k, v, _ = make_qkv(1, 17, 17, 2, 1, 16, torch.float32, seed_for("plan-cpu"))
+    for _ in range(2):
+        tileattn.attention(q, k, v, causal=True)
+    assert forward_plan._PLANS == {}
+
+
+# (B, Sq, Sk, Hq, Hkv, D, features): plain grid / persistent grid / causal work list / window / softcap / ALiBi
+# per batch / sink / Sq != Sk / D=64 / D=256 (3 K slots, plain grid)
+PLAN_CASES = [(2, 1024, 1024, 8, 2, 128, {}), (2, 1500, 1500, 8, 8, 128, dict(causal=True)),
+              (1, 777, 2048, 4, 2, 128, dict(causal=True, sink=True)),
+              (2, 1024, 1024, 4, 4, 128, dict(window_size=(300, 40))), (2, 1024, 1024, 4, 2, 128, dict(softcap=6.0)),
+              (2, 900, 1100, 4, 2, 128, dict(alibi=True)), (2, 2048, 2048, 4, 1, 64, dict(causal=True)),
+              (2, 1024, 1024, 4, 4, 256, dict(causal=True))]
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", PLAN_CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "-".join(c[6]))
+def test_replay_equals_a_fresh_launch(case, dtype, monkeypatch):
+    """A call's second run replays its plan (stats), with the same out / lse bits as a call with plans off, for
+    inference and for training (the residual output, then the same gradients); a third call on other tensors at
+    other addresses (same values) replays too and matches."""
+    B, Sq, Sk, Hq, Hkv, d, feat = case
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("plan", case[:6], dtype), requires_grad=True)
+    kw = feature_kwargs(feat, Hq, gen)
+    if "alibi_slopes" in kw:
+        kw["alibi_slopes"] = randn((B, Hq), torch.float32, gen).abs() * 0.1
+    dout = randn((B, Sq, Hq, d), dtype, gen)
+
+    def run(q, k, v):
+        out, lse = tileattn.attention(q, k, v, return_lse=True, **kw)
+        grads = torch.autograd.grad(out, (q, k, v), dout)
+        with torch.no_grad():
+            inf = tileattn.attention(q, k, v, return_lse=True, **kw)
+        return (out, lse) + grads + inf
+
+    monkeypatch.setenv("TILEATTN_FWD_PLAN", "0")
+    ref = run(q, k, v)
+    monkeypatch.setenv("TILEATTN_FWD_PLAN", "1")
+    run(q, k, v)  # builds the plans (training and inference keys)
+    replays = forward_plan.stats["replays"]
+    got = run(q, k, v)
+    assert forward_plan.stats["replays"] == replays + 2, "the second call did not replay its plans"
+    clones = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
+    assert all(c.data_ptr() != t.data_ptr() for c, t in zip(clones, (q, k, v)))
+    again = run(*clones)
+    assert forward_plan.stats["replays"] == replays + 4
+    for name, a, b, c in zip(("out", "lse", "dq", "dk", "dv", "out (no grad)", "lse (no grad)"), ref, got, again):
+        assert torch.equal(a, b) and torch.equal(a, c), name
+
+
+@hopper
+@pytest.mark.gpu
+def test_replay_with_aliased_and_strided_inputs(monkeypatch):
+    """q is k is v (self-attention on one tensor) and q / k / v as strided views of one packed tensor: replays
+    equal fresh launches; the aliased and the separate calls of one shape are different plans."""
+    monkeypatch.setenv("TILEATTN_FWD_PLAN", "1")
+    gen = make_gen(seed_for("plan-alias"))
+    x = randn((2, 1024, 8, 128), torch.bfloat16, gen)
+    qkv = randn((2, 1024, 3, 8, 128), torch.bfloat16, gen)
+    y = x.clone()
+    calls = [lambda: tileattn.attention(x, x, x, causal=True), lambda: tileattn.attention(x, y, x, causal=True),
+             lambda: tileattn.attention(*qkv.unbind(2))]
+    monkeypatch.setenv("TILEATTN_FWD_PLAN", "0")
+    refs = [c() for c in calls]
+    monkeypatch.setenv("TILEATTN_FWD_PLAN", "1")
+    for c in calls:
+        c()
+    replays = forward_plan.stats["replays"]
+    for c, ref in zip(calls, refs):
+        assert torch.equal(c(), ref)
+    assert forward_plan.stats["replays"] == replays + 3
+
+
+@hopper
+@pytest.mark.gpu
+def test_plan_follows_knobs_and_hooks(monkeypatch):
+    """A knob the call read changes (TILEATTN_GLUON=0: the portable kernel): no replay, the portable kernel's
+    result; back to the default: a replay again. A launch hook set (a profiler): the plan declines and the hook
+    sees the launch."""
+    import triton
+    monkeypatch.setenv("TILEATTN_FWD_PLAN", "1")
+    q, k, v, _ = make_qkv(2, 1024, 1024, 8, 2, 128, torch.bfloat16, seed_for("plan-knobs"))
+    first = tileattn.attention(q, k, v)
+    replays = forward_plan.stats["replays"]
+    monkeypatch.setenv("TILEATTN_GLUON", "0")
+    portable = tileattn.attention(q, k, v)
+    assert forward_plan.stats["replays"] == replays
+    monkeypatch.setenv("TILEATTN_FWD_PLAN", "0")
+    assert torch.equal(portable, tileattn.attention(q, k, v))  # the portable kernel, plans off
+    monkeypatch.setenv("TILEATTN_FWD_PLAN", "1")
+    monkeypatch.delenv("TILEATTN_GLUON")
+    tileattn.attention(q, k, v)  # the plan was replaced by the portable call's entry: built again
+    assert torch.equal(tileattn.attention(q, k, v), first)
+    replays = forward_plan.stats["replays"]
+    seen = []
+    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda *a: seen.append(1))
+    assert torch.equal(tileattn.attention(q, k, v), first)
+    assert seen and forward_plan.stats["replays"] == replays
+
+
+@hopper
+@pytest.mark.gpu
+def test_replay_in_a_cuda_graph(monkeypatch):
+    """A replayed call captured in a CUDA graph: the graph's replays follow new input values (a causal call, whose
+    plan holds the host's work list)."""
+    monkeypatch.setenv("TILEATTN_FWD_PLAN", "1")
+    gen = make_gen(seed_for("plan-graph"))
+    q, k, v = (randn((2, 1400, 8, 128), torch.bfloat16, gen) for _ in range(3))
+    side = torch.cuda.Stream()
+    side.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(side):
+        for _ in range(2):
+            tileattn.attention(q, k, v, causal=True)
+    torch.cuda.current_stream().wait_stream(side)
+    replays = forward_plan.stats["replays"]
+    graph = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(graph):
+        out = tileattn.attention(q, k, v, causal=True)
+    assert forward_plan.stats["replays"] == replays + 1
+    for t in (q, k, v):
+        t.copy_(randn(t.shape, torch.bfloat16, gen))
+    graph.replay()
+    torch.cuda.synchronize()
+    monkeypatch.setenv("TILEATTN_FWD_PLAN", "0")
+    assert torch.equal(out, tileattn.attention(q, k, v, causal=True))
