@@ -139,8 +139,14 @@ def test_plan_follows_knobs_and_hooks(monkeypatch):
     assert torch.equal(tileattn.attention(q, k, v), first)
     replays = forward_plan.stats["replays"]
     seen = []
-    monkeypatch.setattr(triton.knobs.runtime, "launch_enter_hook", lambda *a: seen.append(1))
-    assert torch.equal(tileattn.attention(q, k, v), first)
+
+    def hook(*args):
+        seen.append(1)
+    triton.knobs.runtime.launch_enter_hook.add(hook)
+    try:
+        assert torch.equal(tileattn.attention(q, k, v), first)
+    finally:
+        triton.knobs.runtime.launch_enter_hook.remove(hook)
     assert seen and forward_plan.stats["replays"] == replays
 
 
