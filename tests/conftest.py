@@ -70,9 +70,10 @@ def gen(request):
 
 @pytest.fixture(autouse=True)
 def _forward_plans_off(monkeypatch):
-    """Launch plans (kernels/forward_plan.py) replay a call without going through the launchers that tests spy on
-    or the tables they patch: off in every test unless TILEATTN_FWD_PLAN is set outside (a GPU stage runs the
-    forward tests again with it on) or the test turns it on (tests/test_forward_plan.py). Plans start empty."""
+    """Launch plans (kernels/forward_plan.py, opt-in for now) replay a call without going through the launchers
+    that tests spy on or the tables they patch: off in every test unless TILEATTN_FWD_PLAN is set outside (a GPU
+    stage runs the forward tests again with it on) or the test turns it on (tests/test_forward_plan.py). Plans
+    start empty."""
     from tileattn.kernels import forward_plan
     monkeypatch.setattr(forward_plan, "_PLANS", {})
     if "TILEATTN_FWD_PLAN" not in os.environ:

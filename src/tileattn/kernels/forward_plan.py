@@ -8,8 +8,10 @@ equal an earlier call's, and whose knobs (every ``configs.getenv`` the earlier c
 ``configs.env_log``) are unchanged, replays that call's ``launch.LaunchPlan`` with its own tensors: the outputs are
 allocated and the compiled kernel launched through Triton's C launcher, the descriptors re-encoded per base
 address (cached). Calls the Gluon kernel does not take are remembered the same way (the portable path then runs
-without the scope check). Varlen calls and calls made while a CUDA graph is captured build no plan;
-``TILEATTN_FWD_PLAN=0`` turns plans off.
+without the scope check). Varlen calls and calls made while a CUDA graph is captured build no plan.
+
+Opt-in (``TILEATTN_FWD_PLAN=1``) until its GPU tests (tests/test_forward_plan.py, ``gpu_run.sh plan``) have run:
+written in session 20 after the device budget was spent.
 """
 
 import torch
@@ -50,7 +52,7 @@ def gluon_forward_call(q, k, v, p, residual: bool):
     does not take (the caller runs the portable kernel). Shapes and layouts as ``forward.attention_forward``."""
     key = None
     if (not p.varlen and q.is_cuda and launch._ENABLED and launch._DIRECT
-            and configs.getenv("TILEATTN_FWD_PLAN") != "0"):
+            and configs.getenv("TILEATTN_FWD_PLAN") == "1"):
         key = _key(q, k, v, p, residual)
         entry = _PLANS.get(key)
         if entry is not None and configs.env_unchanged(entry[0]):
