@@ -1,7 +1,7 @@
 """Host time per call (enqueue only, no sync inside the loop) of tileattn.attention against SDPA cuDNN, forward with
 requires_grad inputs as the bench times it: if it nears the kernel's GPU time the timing is host-bound.
-Each tileattn call is measured with the forward's launch plans on (opt-in TILEATTN_FWD_PLAN=1,
-kernels/forward_plan.py) and off.
+Each tileattn call is measured with the forward's launch plans on (opt-in TILEATTN_LAUNCH_PLANS=1,
+kernels/plans.py) and off.
 Usage: PYTHONPATH=src python3 benchmarks/host_cost.py"""
 import os
 import time
@@ -34,12 +34,12 @@ def main():
         for causal in (False, True):
             line = []
             for plans in ("1", "0"):
-                os.environ["TILEATTN_FWD_PLAN"] = plans
+                os.environ["TILEATTN_LAUNCH_PLANS"] = plans
                 ours = host_us(lambda: tileattn.attention(q, k, v, causal=causal))
                 with torch.no_grad():
                     ours_ng = host_us(lambda: tileattn.attention(q, k, v, causal=causal))
                 line.append(f"plans {'on' if plans == '1' else 'off'} {ours:.1f} (no_grad {ours_ng:.1f})")
-            os.environ.pop("TILEATTN_FWD_PLAN")
+            os.environ.pop("TILEATTN_LAUNCH_PLANS")
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 cud = host_us(lambda: F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal))
             print(f"D={d} B={b} H={h} S={s} causal={causal}: host us/call tileattn {', '.join(line)}; "

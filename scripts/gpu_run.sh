@@ -31,14 +31,15 @@ for stage in "$@"; do
                   --ignore=tests/test_gluon_forward.py --ignore=tests/test_gluon_backward.py \
                   --ignore=tests/test_gluon_flat.py --ignore=tests/test_gpu_compile.py --durations=5 2>&1 \
                   | tee "$OUT/tests_core.log" | tail -20; [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
-    plan) # session 20: the forward's launch plans (kernels/forward_plan.py): their tests, the forward and feature
-          # tests with plans on (the suite runs with them off: conftest), then host time per call on / off
-          timeout 300 python3 -m pytest tests/test_forward_plan.py -q -n 8 -p no:cacheprovider -p no:benchmark -rf \
-            2>&1 | tee "$OUT/plan_tests.log" | tail -4
+    plan) # session 20: launch plans (kernels/plans.py, opt-in TILEATTN_LAUNCH_PLANS=1): their tests and the launch
+          # cache's, then (PLAN_SUITE=1) the forward, backward, feature and API tests with plans on (the suite runs
+          # with them off: conftest), then host time per call with plans on / off
+          timeout 300 python3 -m pytest tests/test_plans.py tests/test_launch.py -q -n 8 -p no:cacheprovider \
+            -p no:benchmark -rf 2>&1 | tee "$OUT/plan_tests.log" | tail -4
           [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
           if [ -n "${PLAN_SUITE:-}" ]; then
-            TILEATTN_FWD_PLAN=1 timeout 400 python3 -m pytest tests/test_forward.py tests/test_features.py \
-              tests/test_api.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf 2>&1 \
+            TILEATTN_LAUNCH_PLANS=1 timeout 420 python3 -m pytest tests/test_forward.py tests/test_backward.py \
+              tests/test_features.py tests/test_api.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf 2>&1 \
               | tee "$OUT/plan_suite.log" | tail -4
             [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap; fi
           timeout 120 python3 benchmarks/host_cost.py 2>&1 | tee "$OUT/host_cost.log" ;;

@@ -69,12 +69,12 @@ def gen(request):
 
 
 @pytest.fixture(autouse=True)
-def _forward_plans_off(monkeypatch):
-    """Launch plans (kernels/forward_plan.py, opt-in for now) replay a call without going through the launchers
-    that tests spy on or the tables they patch: off in every test unless TILEATTN_FWD_PLAN is set outside (a GPU
-    stage runs the forward tests again with it on) or the test turns it on (tests/test_forward_plan.py). Plans
-    start empty."""
-    from tileattn.kernels import forward_plan
-    monkeypatch.setattr(forward_plan, "_PLANS", {})
-    if "TILEATTN_FWD_PLAN" not in os.environ:
-        monkeypatch.setenv("TILEATTN_FWD_PLAN", "0")
+def _launch_plans_off(monkeypatch):
+    """Launch plans (kernels/plans.py, opt-in for now) replay a call without going through the launchers that
+    tests spy on or the tables they patch: off in every test unless TILEATTN_LAUNCH_PLANS is set outside (a GPU
+    stage runs the forward, backward and feature tests again with it on) or the test turns it on
+    (tests/test_plans.py). Plans start empty."""
+    from tileattn.kernels import plans
+    monkeypatch.setattr(plans, "_PLANS", {})
+    if "TILEATTN_LAUNCH_PLANS" not in os.environ:
+        monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "0")

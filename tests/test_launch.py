@@ -242,3 +242,71 @@ def test_gluon_descriptors_keyed_by_layout():
     assert launch_mod._spec(a) != launch_mod._spec(c)
     assert launch_mod._spec(a)[:6] == (torch.bfloat16, True, (2, 64, 4, 128), tuple(t.stride()), (1, 64, 1, 128),
                                        "zero")
+
+
+def test_launch_plan_replays_the_direct_launch(monkeypatch):
+    """launch.plan from a recorded launch (stand-in kernel and C launcher, as above): replayed with other tensors of
+    the same geometry, the plan passes the C launcher exactly what a direct launch of those tensors passes
+    (descriptors encoded for the new base addresses); an argument tensor outside the roles (unless kept, or a view
+    at a role's address when that role is listed in views) gives no plan; the plan holds no tensor of the call it
+    was made from."""
+    from triton.backends.nvidia import driver as nv_driver
+    from triton.tools.tensor_descriptor import TensorDescriptor
+
+    def fake_encode(desc, meta):
+        return [("map", desc.base.data_ptr(), tuple(desc.strides), meta["swizzle"]), *desc.shape, *desc.strides]
+    monkeypatch.setattr(nv_driver, "make_tensordesc_arg", fake_encode)
+    received = []
+    signature = {"T": "*fp32", "D": "tensordesc<fp32[1,8]>", "n": "i32", "E": "tensordesc<fp32[1,8]>", "F": "constexpr"}
+    metas = [dict(swizzle=1, elem_size=4, block_size=[1, 8]), dict(swizzle=2, elem_size=4, block_size=[1, 8])]
+    wrapped = nv_driver.wrap_handle_tensordesc(lambda *a: received.append(a), signature, metas)
+
+    class Run:
+        global_scratch_size = profile_scratch_size = 0
+        launch_cooperative_grid, launch_pdl = False, True
+        launch = staticmethod(wrapped)
+
+    class Compiled:
+        function, packed_metadata = "function", "packed"
+        run = Run()
+
+    class Kernel:
+        def __init__(self):
+            def kernel(T, D, n, E, F=3):
+                pass
+            self.signature = inspect.signature(kernel)
+
+        def __getitem__(self, grid):
+            return lambda *a, **kw: Compiled()
+    for name, value in (("_ENABLED", True), ("_DIRECT", True), ("_encoded", {}), ("_state", {}),
+                        ("_raw_stream", lambda device: 77)):
+        monkeypatch.setattr(launch_mod, name, value)
+    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
+    fn = Kernel()
+
+    def call(t, a, b):
+        d, e = TensorDescriptor.from_tensor(a, [1, 8]), TensorDescriptor.from_tensor(b, [1, 8])
+        return launch_mod.launch(fn, (5, 2), (t, d, 9, e), {}, 4, 2)
+    t, a, b = torch.zeros(4), torch.zeros(4, 8), torch.zeros(4, 8)
+    call(t, a, b)  # compiles (the stand-in)
+    with launch_mod.recording() as record:
+        call(t, a, b)
+    assert len(record) == 1 and len(received) == 1
+    lp = launch_mod.plan(*record[0], roles=dict(t=t, a=a, b=b))
+    assert lp is not None and lp.keep == ()
+    assert all(x is None or not isinstance(x, torch.Tensor) for x in lp.template)
+    t2, a2, b2 = torch.ones(4), torch.ones(4, 8), torch.ones(4, 8)
+    assert launch_mod.plans_ready() and lp.current()
+    lp.launch(dict(t=t2, a=a2, b=b2))
+    call(t2, a2, b2)
+    replayed, direct = received[-2:]
+    assert len(replayed) == len(direct)
+    for x, y in zip(replayed, direct):
+        assert x is y or x == y, (x, y)
+    assert replayed[13] is t2 and replayed[14][1] == a2.data_ptr()
+    assert launch_mod.plan(*record[0], roles=dict(t=t, a=a)) is None  # b: not a role
+    assert launch_mod.plan(*record[0], roles=dict(t=t, a=a), keep=(b,)).keep == (b,)
+    with launch_mod.recording() as record:
+        call(t, a.view(4, 8), b)  # a view of a: another object at a's address
+    assert launch_mod.plan(*record[0], roles=dict(t=t, a=a, b=b)) is None
+    assert launch_mod.plan(*record[0], roles=dict(t=t, a=a, b=b), views=("a",)) is not None

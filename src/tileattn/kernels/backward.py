@@ -23,7 +23,7 @@ from .. import autotune, configs
 from .._hostinfo import leaves_rows
 from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, q_tile_range, scores,
                      seq_bounds, store_tile, visible)
-from . import gluon_backward, gluon_dq
+from . import gluon_backward, gluon_dq, plans
 from .launch import launch
 
 
@@ -359,7 +359,8 @@ def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None, r
         # No keys anywhere: out = 0, so delta = -dlse (each row's sink probability is then exp(sink - lse) = 1).
         delta = -dlse.float() if dlse is not None else torch.zeros_like(lse)
     else:
-        delta = _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid)
+        delta = plans.backward_call(_launch_backward, _backward_buffers, dout, q, k, v, out, lse, dlse, p, cfg,
+                                    dq, dk, dv, resid)
     dsink = None
     if p.sink is not None:  # rows outside every sequence (varlen) have lse = -inf: no share
         rows = torch.where(lse == float("-inf"), 0.0, -torch.exp(_sink_rows(p) - lse) * delta)
@@ -380,8 +381,17 @@ def _sink_rows(p):
     return p.sink.float().view(-1, 1) if p.varlen else p.sink.float().view(1, -1, 1)
 
 
-def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
-    """Writes dq, dk, dv; returns the final delta (fp32, lse's layout)."""
+def _backward_buffers(q, lse, dlse, p):
+    """The backward's own buffers: (delta like lse, the row-stats buffer, dlse as fp32 contiguous or None)."""
+    _, rows_q, q_heads, _ = q.shape
+    delta = torch.empty_like(lse)
+    stats = _row_stats_buffer(p.batch, q_heads, rows_q if p.varlen else p.batch * rows_q, q.device)
+    return delta, stats, (dlse.to(torch.float32).contiguous() if dlse is not None else None)
+
+
+def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid, buffers=None):
+    """Writes dq, dk, dv; returns the final delta (fp32, lse's layout). ``buffers``: ``_backward_buffers``' result
+    when the caller made them (a launch plan's first call), else made here."""
     _, rows_q, q_heads, dqk = q.shape
     kv_heads, dim_v = k.shape[2], v.shape[3]
     batch = p.batch
@@ -406,11 +416,8 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
     flags = dict(HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0,
                  HAS_ALIBI=p.alibi_slopes is not None, HAS_DROPOUT=p.dropout_p > 0, IS_VARLEN=p.varlen, FP32=fp32)
 
-    delta = torch.empty_like(lse)
-    stats = _row_stats_buffer(batch, q_heads, rows_q if p.varlen else batch * rows_q, q.device)
+    delta, stats, dlse = buffers if buffers is not None else _backward_buffers(q, lse, dlse, p)
     sts = stats.stride()
-    if dlse is not None:
-        dlse = dlse.to(torch.float32).contiguous()
     # The dQ kernel computes delta and runs first; the dK/dV kernel and d(sink) (attention_backward) use the delta
     # it writes. fp16/bf16: from O plus the forward's residual, else corrected in the dQ kernel (see
     # _bwd_dq_kernel; configs.delta_mode). fp32 keeps O unrounded: its rowsum is already exact.

@@ -15,7 +15,7 @@ import triton.language as tl
 from .. import autotune, configs
 from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, scores, seq_bounds,
                      store_tile, visible)
-from . import forward_plan
+from . import plans
 from .gluon_common import portable_softcap_fixed_max
 from .launch import host_descriptor, launch, tma_aligned
 from .params import forward_outputs
@@ -287,7 +287,7 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     ``cfg`` overrides the tile table (tuning).
     """
     if cfg is None and block_table is None:  # the Hopper kernel where it applies, through a launch plan if any
-        result = forward_plan.gluon_forward_call(q, k, v, p, residual)
+        result = plans.forward_call(q, k, v, p, residual)
         if result is not None:
             return result
     _, rows_q, q_heads, dqk = q.shape

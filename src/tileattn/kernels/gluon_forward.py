@@ -31,7 +31,7 @@ import triton
 from .. import configs
 from .._hostinfo import causal_work_list, keys_for_every_tile, tile_map
 from .gluon_common import AVAILABLE, has_window, make_desc, softcap_fixed_max, window_bounds
-from .launch import launch, plan, tma_aligned
+from .launch import launch, tma_aligned
 from .params import AttnParams, forward_outputs
 
 if AVAILABLE:
@@ -433,7 +433,7 @@ def applies(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, p: AttnParams, bl
     return cfg
 
 
-def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None, want_plan=False):
+def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     """Same contract as ``forward.attention_forward`` for the calls ``applies`` accepts (batched or varlen; causal,
     softcap, ALiBi, sink and sliding windows): returns (out (B, Sq, Hq, D), lse fp32 natural log (B, Hq, Sq), or (Hq,
     total_q) for varlen[, resid like out]). ``cfg``: what ``applies`` returned (looked up again when not given).
@@ -488,30 +488,23 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None, want_pla
     flat = persistent and configs.getenv("TILEATTN_GLUON_FLAT") == "1" and (
         keys_for_every_tile(cu_q, cu_k, causal or window) if p.varlen and tiles is not None
         else not p.varlen and (not (causal or window) or seqlen_k >= seqlen_q))
-    args = (  # (positional arguments, keyword arguments)
-        (q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
-         p.alibi_slopes if p.alibi_slopes is not None else lse, out,
-         resid if residual else out, cu_q if cu_q is not None else lse, cu_k if cu_k is not None else lse,
-         tiles if tiles is not None else lse,
-         seqlen_q, seqlen_k, q_heads, q_heads // kv_heads, num_m_tiles, p.qk_scale, p.softcap_log2,
-         *window_bounds(p, seqlen_q, seqlen_k),
-         stride_lb, stride_lh, out.stride(1), out.stride(2), p.alibi_stride_b),
+    launch(_fwd_kernel, (grid,), (
+        q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
+        p.alibi_slopes if p.alibi_slopes is not None else lse, out,
+        resid if residual else out, cu_q if cu_q is not None else lse, cu_k if cu_k is not None else lse,
+        tiles if tiles is not None else lse,
+        seqlen_q, seqlen_k, q_heads, q_heads // kv_heads, num_m_tiles, p.qk_scale, p.softcap_log2,
+        *window_bounds(p, seqlen_q, seqlen_k),
+        stride_lb, stride_lh, out.stride(1), out.stride(2), p.alibi_stride_b),
         dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.k_stages, V_STAGES=cfg.v_stages,
              CAUSAL=causal, WINDOW=window,
              STORE_RESID=residual, HAS_SOFTCAP=2 if softcap_fixed_max(p, q.dtype, d) else p.softcap > 0,
              HAS_SINK=p.sink is not None, VARLEN=p.varlen,
              HAS_ALIBI=p.alibi_slopes is not None, USE_MAP=tiles is not None,
              CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, PERSISTENT=persistent,
-             num_items=num_items, **({"FLAT": True} if flat else {})))
-    launch(_fwd_kernel, (grid,), *args, 4, 3, maxnreg=cfg.maxnreg)
-    result = (out, lse, resid) if residual else (out, lse)
-    if not want_plan:
-        return result
-    roles = {id(t): name for name, t in (("q", q), ("k", k), ("v", v), ("out", out), ("lse", lse),
-                                         ("resid", resid), ("sink", p.sink), ("alibi", p.alibi_slopes))
-             if t is not None}
-    keep = () if tiles is None else (tiles,)
-    return result, plan(_fwd_kernel, (grid,), *args, 4, 3, maxnreg=cfg.maxnreg, roles=roles, keep=keep)
+             num_items=num_items, **({"FLAT": True} if flat else {})),
+        4, 3, maxnreg=cfg.maxnreg)
+    return (out, lse, resid) if residual else (out, lse)
 
 
 if AVAILABLE:  # last: gluon_flat reads this module's helpers (an import cycle)

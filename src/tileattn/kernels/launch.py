@@ -17,6 +17,7 @@ C launcher directly where its form is the known one, with host TMA descriptors e
 Off under the interpreter (its kernels are not compiled) and with ``TILEATTN_FAST_LAUNCH=0`` (read at import).
 """
 
+import contextlib
 import operator
 import os
 
@@ -165,6 +166,7 @@ def _frozen(value):
     return value
 
 
+_RECORD = None  # while ``recording``: the list of launch() calls (for launch plans)
 _encoded = {}  # descriptor key -> [CUtensorMap, *shape, *strides]
 _MAX_ENCODED = 1024
 
@@ -207,6 +209,8 @@ def launch(fn, grid, args, kwargs, num_warps: int, num_stages: int, maxnreg=None
 
     ``fn`` a ``@triton.jit`` or ``@gluon.jit`` kernel; ``grid`` a tuple of ints; ``args`` the leading positional
     arguments; ``kwargs`` the rest by name (constexprs included). No other launch options."""
+    if _RECORD is not None:
+        _RECORD.append((fn, grid, args, kwargs, num_warps, num_stages, maxnreg))
     opts = {} if maxnreg is None else {"maxnreg": maxnreg}
     st = _kernel_state(fn) if _ENABLED else None
     vals = None
@@ -249,6 +253,23 @@ def launch(fn, grid, args, kwargs, num_warps: int, num_stages: int, maxnreg=None
     return kernel
 
 
+
+
+@contextlib.contextmanager
+def recording():
+    """Record every ``launch`` call inside the block (its arguments as given): yields the list that ``plan`` turns
+    into ``LaunchPlan`` objects."""
+    global _RECORD
+    outer, _RECORD = _RECORD, []
+    record = _RECORD
+    try:
+        yield record
+    finally:
+        _RECORD = outer
+        if outer is not None:
+            outer.extend(record)
+
+
 class _DescView:
     """What ``make_tensordesc_arg`` reads of a host descriptor (base, shape, strides, padding), over a new base."""
     __slots__ = ("base", "shape", "strides", "padding")
@@ -257,19 +278,26 @@ class _DescView:
         self.base, self.shape, self.strides, self.padding = base, shape, strides, padding
 
 
+def plans_ready() -> bool:
+    """Whether ``LaunchPlan.launch`` may run now: no launch hook set (a profiler wants Triton's own path)."""
+    knobs = triton.knobs.runtime
+    return _idle(knobs.launch_enter_hook) and _idle(knobs.launch_exit_hook)
+
+
 class LaunchPlan:
     """One compiled kernel's launch with every argument fixed but the tensors of named roles (``plan``): a call of
-    the same shape, dtype, flags and alignment as the one it was made from replays it with its own tensors through
-    Triton's C launcher, without building the argument list, the cache key or the host descriptors again (each
-    role's descriptor is re-encoded per base address, cached). ``run`` returns False, launching nothing, where a
-    launch hook (a profiler) is set or Triton's debug knob changed: the caller takes the usual path then."""
+    the same shapes, strides, dtypes, scalars, flags and alignment as the one it was made from replays it with its
+    own tensors through Triton's C launcher, without building the argument list, the cache key or the host
+    descriptors again (each role's descriptor is re-encoded per base address, cached). Call ``launch`` only while
+    ``plans_ready()`` and ``current()`` hold."""
     __slots__ = ("raw", "function", "packed", "coop", "pdl", "grid", "device", "debug", "template", "tensor_slots",
                  "desc_slots", "keep", "encoded")
 
-    def run(self, tensors) -> bool:
-        knobs = triton.knobs.runtime
-        if not (_idle(knobs.launch_enter_hook) and _idle(knobs.launch_exit_hook)) or knobs.debug != self.debug:
-            return False
+    def current(self) -> bool:
+        """Triton's debug knob (part of the compiled kernel's key) is what it was when the plan was made."""
+        return triton.knobs.runtime.debug == self.debug
+
+    def launch(self, tensors):
         flat = self.template.copy()
         for pos, role in self.tensor_slots:
             flat[pos] = tensors[role]
@@ -286,24 +314,27 @@ class LaunchPlan:
         g = self.grid
         self.raw(g[0], g[1], g[2], _raw_stream(self.device), self.function, self.coop, self.pdl, None, None,
                  self.packed, None, None, None, *flat)
-        return True
 
 
 _MAX_PLAN_ENCODED = 64  # per plan: (descriptor, base address) encodings kept
 
 
-def plan(fn, grid, args, kwargs, num_warps: int, num_stages: int, maxnreg=None, roles=None, keep=()):
-    """A ``LaunchPlan`` of a launch that ``launch`` just made with these arguments (so its compiled kernel is
-    cached), or None where the direct launcher does not apply (interpreter, cache or direct launch off, a
-    launcher of another form) or an argument tensor is neither in ``roles`` nor in ``keep``.
+def plan(fn, grid, args, kwargs, num_warps: int, num_stages: int, maxnreg=None, *, roles, keep=(), views=()):
+    """A ``LaunchPlan`` of a launch that ``launch`` made with these arguments (a ``recording`` entry; its compiled
+    kernel is then cached), or None where the direct launcher does not apply (interpreter, cache or direct launch
+    off, a launcher of another form) or an argument tensor (or descriptor base) is none of these:
 
-    ``roles``: {id(tensor): role name} for the tensors a replay passes anew (each host descriptor's base included);
-    ``keep``: tensors the plan holds as they are (e.g. a cached work list). The caller keys its plans on everything
-    else the arguments depend on — shapes, strides, dtypes, scalars, flags, 16-byte alignment of every role tensor
-    and which roles are one tensor — so that a replay's arguments equal a fresh launch's but for the roles'
-    addresses."""
+    - ``roles``: {role name: tensor} of the tensors a replay passes anew, matched by identity;
+    - ``views``: role names whose tensor may also appear as another tensor object starting at the same address
+      (a view such as ``stats.view(-1)``): matched by address, replayed as the role's tensor (the launcher reads a
+      tensor's address only, and a host descriptor's base address only, its geometry being fixed);
+    - ``keep``: tensors the plan holds as they are (e.g. a cached work list).
+
+    The caller keys its plans on everything else the arguments depend on — shapes, strides, dtypes, scalars,
+    flags, the 16-byte alignment of every role's tensor and which roles share a tensor — so that a replay's
+    arguments equal a fresh launch's but for the roles' addresses."""
     st = _kernel_state(fn) if _ENABLED and _DIRECT else None
-    if st is None or roles is None:
+    if st is None:
         return None
     names, defaults, cache, layouts = st
     try:
@@ -316,13 +347,29 @@ def plan(fn, grid, args, kwargs, num_warps: int, num_stages: int, maxnreg=None, 
         return None
     kernel, (raw, descs, coop, pdl) = entry
     from triton.backends.nvidia.driver import make_tensordesc_arg
+    by_id = {id(t): name for name, t in roles.items() if t is not None}
+    by_address = {roles[name].data_ptr(): name for name in views if roles.get(name) is not None}
+    kept = {id(t): t for t in keep}
+    used = {}
+
+    def role_of(t):
+        """(role name or None, known): a role, a kept tensor (None, True), or unknown (None, False)."""
+        name = by_id.get(id(t))
+        if name is None:
+            name = by_address.get(t.data_ptr())
+        if name is not None:
+            return name, True
+        if id(t) in kept:
+            used[id(t)] = t
+            return None, True
+        return None, False
+
     metas = {i: meta for i, meta, _ in descs}
-    kept = {id(t) for t in keep}
     template, tensor_slots, desc_slots = [], [], []
     for i, val in enumerate(vals):
         if i in metas:
-            role = roles.get(id(val.base))
-            if role is None and id(val.base) not in kept:
+            role, known = role_of(val.base)
+            if not known:
                 return None
             enc = make_tensordesc_arg(val, metas[i])
             if role is not None:
@@ -330,8 +377,8 @@ def plan(fn, grid, args, kwargs, num_warps: int, num_stages: int, maxnreg=None, 
                                    metas[i]))
             template += enc
         elif isinstance(val, _TENSOR):
-            role = roles.get(id(val))
-            if role is None and id(val) not in kept:
+            role, known = role_of(val)
+            if not known:
                 return None
             if role is not None:
                 tensor_slots.append((len(template), role))
@@ -342,5 +389,5 @@ def plan(fn, grid, args, kwargs, num_warps: int, num_stages: int, maxnreg=None, 
     lp.raw, lp.function, lp.packed, lp.coop, lp.pdl = raw, kernel.function, kernel.packed_metadata, coop, pdl
     lp.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
     lp.device, lp.debug, lp.template = device, triton.knobs.runtime.debug, template
-    lp.tensor_slots, lp.desc_slots, lp.keep, lp.encoded = tuple(tensor_slots), tuple(desc_slots), tuple(keep), {}
+    lp.tensor_slots, lp.desc_slots, lp.keep, lp.encoded = tuple(tensor_slots), tuple(desc_slots), tuple(used.values()), {}
     return lp

@@ -1,13 +1,14 @@
-"""Launch plans of the Gluon forward (kernels/forward_plan.py): a replayed call gives bit-for-bit what a fresh
-launch gives, for every feature the kernel takes, with new tensors at new addresses; a plan follows the knobs its
-call read, yields to launch hooks, and works inside a CUDA graph. The CPU tests check the knob recording."""
+"""Launch plans (kernels/plans.py): a replayed forward or backward gives bit-for-bit what fresh launches give,
+for the Gluon and the portable kernels and every feature, with new tensors at new addresses; a plan follows the
+knobs its call read, yields to launch hooks, and works inside a CUDA graph. The CPU tests check the knob recording
+(the plans themselves need compiled kernels; tests/test_launch.py checks a plan's arguments with a stand-in)."""
 
 import pytest
 import torch
 
 import tileattn
 from tileattn import configs
-from tileattn.kernels import forward_plan
+from tileattn.kernels import plans
 from _helpers import HALF_DTYPES, dtype_id, feature_kwargs, make_gen, make_qkv, randn, seed_for
 
 HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
@@ -39,22 +40,24 @@ def test_env_log_records_the_knobs_read(monkeypatch):
 
 def test_no_plans_off_the_gpu(monkeypatch):
     """CPU (interpreter) calls take no plan: the key needs CUDA tensors and the compiled launcher."""
-    monkeypatch.setenv("TILEATTN_FWD_PLAN", "1")
+    monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "1")
     if torch.cuda.is_available():
         pytest.skip("CPU-only property")
     q, k, v, _ = make_qkv(1, 17, 17, 2, 1, 16, torch.float32, seed_for("plan-cpu"))
     for _ in range(2):
         tileattn.attention(q, k, v, causal=True)
-    assert forward_plan._PLANS == {}
+    assert plans._PLANS == {}
 
 
 # (B, Sq, Sk, Hq, Hkv, D, features): plain grid / persistent grid / causal work list / window / softcap / ALiBi
-# per batch / sink / Sq != Sk / D=64 / D=256 (3 K slots, plain grid)
+# per batch / sink / Sq != Sk / D=64 / D=256 (3 K slots, plain grid; the split backward) / dropout (the portable
+# forward, not planned, and the portable backward, planned with its rng) / D=64 causal 512 (portable forward)
 PLAN_CASES = [(2, 1024, 1024, 8, 2, 128, {}), (2, 1500, 1500, 8, 8, 128, dict(causal=True)),
               (1, 777, 2048, 4, 2, 128, dict(causal=True, sink=True)),
               (2, 1024, 1024, 4, 4, 128, dict(window_size=(300, 40))), (2, 1024, 1024, 4, 2, 128, dict(softcap=6.0)),
               (2, 900, 1100, 4, 2, 128, dict(alibi=True)), (2, 2048, 2048, 4, 1, 64, dict(causal=True)),
-              (2, 1024, 1024, 4, 4, 256, dict(causal=True))]
+              (2, 1024, 1024, 4, 4, 256, dict(causal=True)), (2, 512, 512, 4, 2, 64, dict(dropout_p=0.1)),
+              (2, 512, 512, 4, 4, 64, dict(causal=True))]
 
 
 @hopper
@@ -62,9 +65,9 @@ PLAN_CASES = [(2, 1024, 1024, 8, 2, 128, {}), (2, 1500, 1500, 8, 8, 128, dict(ca
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", PLAN_CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "-".join(c[6]))
 def test_replay_equals_a_fresh_launch(case, dtype, monkeypatch):
-    """A call's second run replays its plan (stats), with the same out / lse bits as a call with plans off, for
-    inference and for training (the residual output, then the same gradients); a third call on other tensors at
-    other addresses (same values) replays too and matches."""
+    """A call's second run replays its plans (stats), with the same out / lse / gradient bits as with plans off,
+    for training (forward with the residual, backward) and inference; a third run on other tensors at other
+    addresses (same values) replays too and matches."""
     B, Sq, Sk, Hq, Hkv, d, feat = case
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("plan", case[:6], dtype), requires_grad=True)
     kw = feature_kwargs(feat, Hq, gen)
@@ -73,23 +76,28 @@ def test_replay_equals_a_fresh_launch(case, dtype, monkeypatch):
     dout = randn((B, Sq, Hq, d), dtype, gen)
 
     def run(q, k, v):
+        torch.manual_seed(1234)  # dropout: the same mask in every run
         out, lse = tileattn.attention(q, k, v, return_lse=True, **kw)
         grads = torch.autograd.grad(out, (q, k, v), dout)
+        torch.manual_seed(1234)
         with torch.no_grad():
             inf = tileattn.attention(q, k, v, return_lse=True, **kw)
         return (out, lse) + grads + inf
 
-    monkeypatch.setenv("TILEATTN_FWD_PLAN", "0")
+    monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "0")
     ref = run(q, k, v)
-    monkeypatch.setenv("TILEATTN_FWD_PLAN", "1")
-    run(q, k, v)  # builds the plans (training and inference keys)
-    replays = forward_plan.stats["replays"]
+    monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "1")
+    run(q, k, v)  # builds the plans (training forward, backward, inference forward)
+    replays = plans.stats["replays"]
     got = run(q, k, v)
-    assert forward_plan.stats["replays"] == replays + 2, "the second call did not replay its plans"
+    per_run = plans.stats["replays"] - replays
+    assert per_run >= 1, "the second run replayed nothing"
+    if "dropout_p" not in feat and (d == 128 or Sk >= 2048 or d == 256 and Sk >= 512):  # Gluon forward
+        assert per_run == 3, per_run
     clones = [t.detach().clone().requires_grad_(True) for t in (q, k, v)]
     assert all(c.data_ptr() != t.data_ptr() for c, t in zip(clones, (q, k, v)))
     again = run(*clones)
-    assert forward_plan.stats["replays"] == replays + 4
+    assert plans.stats["replays"] == replays + 2 * per_run
     for name, a, b, c in zip(("out", "lse", "dq", "dk", "dv", "out (no grad)", "lse (no grad)"), ref, got, again):
         assert torch.equal(a, b) and torch.equal(a, c), name
 
@@ -99,22 +107,22 @@ def test_replay_equals_a_fresh_launch(case, dtype, monkeypatch):
 def test_replay_with_aliased_and_strided_inputs(monkeypatch):
     """q is k is v (self-attention on one tensor) and q / k / v as strided views of one packed tensor: replays
     equal fresh launches; the aliased and the separate calls of one shape are different plans."""
-    monkeypatch.setenv("TILEATTN_FWD_PLAN", "1")
+    monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "1")
     gen = make_gen(seed_for("plan-alias"))
     x = randn((2, 1024, 8, 128), torch.bfloat16, gen)
     qkv = randn((2, 1024, 3, 8, 128), torch.bfloat16, gen)
     y = x.clone()
     calls = [lambda: tileattn.attention(x, x, x, causal=True), lambda: tileattn.attention(x, y, x, causal=True),
              lambda: tileattn.attention(*qkv.unbind(2))]
-    monkeypatch.setenv("TILEATTN_FWD_PLAN", "0")
+    monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "0")
     refs = [c() for c in calls]
-    monkeypatch.setenv("TILEATTN_FWD_PLAN", "1")
+    monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "1")
     for c in calls:
         c()
-    replays = forward_plan.stats["replays"]
+    replays = plans.stats["replays"]
     for c, ref in zip(calls, refs):
         assert torch.equal(c(), ref)
-    assert forward_plan.stats["replays"] == replays + 3
+    assert plans.stats["replays"] == replays + 3
 
 
 @hopper
@@ -124,20 +132,20 @@ def test_plan_follows_knobs_and_hooks(monkeypatch):
     result; back to the default: a replay again. A launch hook set (a profiler): the plan declines and the hook
     sees the launch."""
     import triton
-    monkeypatch.setenv("TILEATTN_FWD_PLAN", "1")
+    monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "1")
     q, k, v, _ = make_qkv(2, 1024, 1024, 8, 2, 128, torch.bfloat16, seed_for("plan-knobs"))
     first = tileattn.attention(q, k, v)
-    replays = forward_plan.stats["replays"]
+    replays = plans.stats["replays"]
     monkeypatch.setenv("TILEATTN_GLUON", "0")
     portable = tileattn.attention(q, k, v)
-    assert forward_plan.stats["replays"] == replays
-    monkeypatch.setenv("TILEATTN_FWD_PLAN", "0")
+    assert plans.stats["replays"] == replays
+    monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "0")
     assert torch.equal(portable, tileattn.attention(q, k, v))  # the portable kernel, plans off
-    monkeypatch.setenv("TILEATTN_FWD_PLAN", "1")
+    monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "1")
     monkeypatch.delenv("TILEATTN_GLUON")
     tileattn.attention(q, k, v)  # the plan was replaced by the portable call's entry: built again
     assert torch.equal(tileattn.attention(q, k, v), first)
-    replays = forward_plan.stats["replays"]
+    replays = plans.stats["replays"]
     seen = []
 
     def hook(*args):
@@ -147,7 +155,7 @@ def test_plan_follows_knobs_and_hooks(monkeypatch):
         assert torch.equal(tileattn.attention(q, k, v), first)
     finally:
         triton.knobs.runtime.launch_enter_hook.remove(hook)
-    assert seen and forward_plan.stats["replays"] == replays
+    assert seen and plans.stats["replays"] == replays
 
 
 @hopper
@@ -155,7 +163,7 @@ def test_plan_follows_knobs_and_hooks(monkeypatch):
 def test_replay_in_a_cuda_graph(monkeypatch):
     """A replayed call captured in a CUDA graph: the graph's replays follow new input values (a causal call, whose
     plan holds the host's work list)."""
-    monkeypatch.setenv("TILEATTN_FWD_PLAN", "1")
+    monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "1")
     gen = make_gen(seed_for("plan-graph"))
     q, k, v = (randn((2, 1400, 8, 128), torch.bfloat16, gen) for _ in range(3))
     side = torch.cuda.Stream()
@@ -164,14 +172,14 @@ def test_replay_in_a_cuda_graph(monkeypatch):
         for _ in range(2):
             tileattn.attention(q, k, v, causal=True)
     torch.cuda.current_stream().wait_stream(side)
-    replays = forward_plan.stats["replays"]
+    replays = plans.stats["replays"]
     graph = torch.cuda.CUDAGraph()
     with torch.cuda.graph(graph):
         out = tileattn.attention(q, k, v, causal=True)
-    assert forward_plan.stats["replays"] == replays + 1
+    assert plans.stats["replays"] == replays + 1
     for t in (q, k, v):
         t.copy_(randn(t.shape, torch.bfloat16, gen))
     graph.replay()
     torch.cuda.synchronize()
-    monkeypatch.setenv("TILEATTN_FWD_PLAN", "0")
+    monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "0")
     assert torch.equal(out, tileattn.attention(q, k, v, causal=True))

@@ -1,0 +1,143 @@
+"""Launch plans: less host time for forward and backward calls whose shape repeats.
+
+A call spends host time on validation, the scope checks (``gluon_forward.applies``, ``gluon_backward.applies``),
+schedules, host descriptors and each launch's argument list and cache key: a forward 120-290 µs on the H200
+benchmark host (run 114) against SDPA cuDNN's 23-46 µs, which decides the speed of short calls (512 tokens; NOTES,
+session 20). A batched call whose shapes, strides, dtypes, scalars, features, 16-byte alignment, aliasing and
+current device equal an earlier call's, and whose knobs (every ``configs.getenv`` the earlier call read, recorded
+by ``configs.env_log``) are unchanged, replays the earlier call's launches (``launch.recording`` / ``launch.plan``)
+with its own tensors: its outputs and buffers are allocated as the launchers allocate them and each compiled
+kernel is launched through Triton's C launcher. Forward calls the Gluon kernel does not take are remembered the
+same way (the portable path then runs without the scope check); the backward plans both its paths. Varlen calls,
+calls with a tile config given (tuning) and calls made while a CUDA graph is captured build no plan, and a
+profiler's launch hooks make a replay step aside.
+
+Opt-in (``TILEATTN_LAUNCH_PLANS=1``) until its GPU tests (tests/test_plans.py, ``gpu_run.sh plan``) have run: written
+in session 20 after the device budget was spent.
+"""
+
+import torch
+
+from .. import configs
+from .. import _hostinfo
+from . import gluon_forward, launch
+
+_PLANS = {}  # key -> (knobs read, plans): a tuple of LaunchPlan, or None for "not the Gluon forward"
+_MAX_PLANS = 512
+stats = {"replays": 0, "plans": 0}  # for tests
+
+
+def _on(q, p) -> bool:
+    return (not p.varlen and q.is_cuda and launch._ENABLED and launch._DIRECT
+            and configs.getenv("TILEATTN_LAUNCH_PLANS") == "1")
+
+
+def _geometry(t):
+    return None if t is None else (t.shape, t.stride(), t.dtype)
+
+
+def _params_key(p):
+    s, a = p.sink, p.alibi_slopes
+    return (p.softmax_scale, p.window_left, p.window_right, p.softcap, p.dropout_p, _geometry(s), _geometry(a))
+
+
+def _alignment(*tensors) -> int:
+    """The OR of the tensors' addresses modulo 16 (0: every one 16-byte aligned)."""
+    bits = 0
+    for t in tensors:
+        if t is not None:
+            bits |= t.data_ptr()
+    return bits & 15
+
+
+def _lookup(key):
+    entry = _PLANS.get(key)
+    if entry is not None and configs.env_unchanged(entry[0]):
+        return entry
+    return None
+
+
+def _store(key, env, plans):
+    if torch.cuda.is_current_stream_capturing():
+        return
+    if len(_PLANS) >= _MAX_PLANS:
+        _PLANS.clear()
+    _PLANS[key] = (tuple(env), plans)
+    stats["plans"] += 1
+
+
+def _ready(plans) -> bool:
+    return launch.plans_ready() and all(lp.current() for lp in plans)
+
+
+def _make(record, roles, views=()):
+    """LaunchPlans of every recorded launch, or None if one of them cannot be planned."""
+    keep = tuple(_hostinfo._CAUSAL_LISTS.values())  # the batched causal work lists a plan may hold
+    plans = tuple(launch.plan(*entry, roles=roles, keep=keep, views=views) for entry in record)
+    return plans if plans and all(lp is not None for lp in plans) else None
+
+
+def forward_call(q, k, v, p, residual: bool):
+    """The Gluon forward's result for a call it takes (``gluon_forward.attention_forward``'s: (out, lse) or (out,
+    lse, resid)), None for a call it does not take (the caller runs the portable kernel). Shapes and layouts as
+    ``forward.attention_forward``."""
+    key = None
+    if _on(q, p):
+        key = ("fwd", _geometry(q), _geometry(k), _geometry(v), q.device, torch.cuda.current_device(),
+               _alignment(q, k, v, p.sink, p.alibi_slopes), k is q, v is q, v is k, _params_key(p), bool(residual))
+        entry = _lookup(key)
+        if entry is not None:
+            if entry[1] is None:
+                return None
+            if _ready(entry[1]):
+                batch, seqlen_q, q_heads, _ = q.shape
+                out = torch.empty((batch, seqlen_q, q_heads, v.shape[3]), dtype=q.dtype, device=q.device)
+                lse = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
+                resid = torch.empty_like(out) if residual else None
+                roles = dict(q=q, k=k, v=v, out=out, lse=lse, resid=resid, sink=p.sink, alibi=p.alibi_slopes)
+                for lp in entry[1]:
+                    lp.launch(roles)
+                stats["replays"] += 1
+                return (out, lse, resid) if residual else (out, lse)
+    with configs.env_log() as env, launch.recording() as record:
+        cfg = gluon_forward.applies(q, k, v, p)
+        result = None if cfg is None else gluon_forward.attention_forward(q, k, v, p, residual, cfg)
+    if key is not None:
+        if result is None:
+            _store(key, env, None)
+        else:
+            out, lse = result[0], result[1]
+            roles = dict(q=q, k=k, v=v, out=out, lse=lse, resid=result[2] if residual else None, sink=p.sink,
+                         alibi=p.alibi_slopes)
+            plans = _make(record, roles)
+            if plans is not None:
+                _store(key, env, plans)
+    return result
+
+
+def backward_call(run, buffers, dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
+    """``run(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid, buffers=...)`` (backward._launch_backward:
+    writes dq, dk, dv, returns delta) through a plan where one stands; ``buffers(q, lse, dlse, p)`` makes the
+    backward's own buffers (delta, row stats, fp32 dlse), the same way on the first call and on replays."""
+    if cfg is not None or not _on(q, p):
+        return run(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid)
+    rng = p.rng if p.dropout_p > 0 else None
+    key = ("bwd", _geometry(dout), _geometry(q), _geometry(k), _geometry(v), _geometry(out), _geometry(lse),
+           _geometry(dlse), _geometry(resid), _geometry(dq), _geometry(dk), _geometry(dv), _geometry(rng), q.device,
+           torch.cuda.current_device(), _alignment(dout, q, k, v, out, resid, dq, dk, dv, p.sink, p.alibi_slopes),
+           k is q, v is q, v is k, _params_key(p))
+    entry = _lookup(key)
+    bufs = buffers(q, lse, dlse, p)
+    roles = dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse, resid=resid, dq=dq, dk=dk, dv=dv, delta=bufs[0],
+                 stats=bufs[1], dlse=bufs[2], sink=p.sink, alibi=p.alibi_slopes, rng=rng)
+    if entry is not None and entry[1] is not None and _ready(entry[1]):
+        for lp in entry[1]:
+            lp.launch(roles)
+        stats["replays"] += 1
+        return bufs[0]
+    with configs.env_log() as env, launch.recording() as record:
+        delta = run(dout, q, k, v, out, lse, dlse, p, None, dq, dk, dv, resid, buffers=bufs)
+    plans = _make(record, roles, views=("stats",))
+    if plans is not None:
+        _store(key, env, plans)
+    return delta
