@@ -389,5 +389,6 @@ def plan(fn, grid, args, kwargs, num_warps: int, num_stages: int, maxnreg=None, 
     lp.raw, lp.function, lp.packed, lp.coop, lp.pdl = raw, kernel.function, kernel.packed_metadata, coop, pdl
     lp.grid = (grid[0], grid[1] if len(grid) > 1 else 1, grid[2] if len(grid) > 2 else 1)
     lp.device, lp.debug, lp.template = device, triton.knobs.runtime.debug, template
-    lp.tensor_slots, lp.desc_slots, lp.keep, lp.encoded = tuple(tensor_slots), tuple(desc_slots), tuple(used.values()), {}
+    lp.tensor_slots, lp.desc_slots = tuple(tensor_slots), tuple(desc_slots)
+    lp.keep, lp.encoded = tuple(used.values()), {}
     return lp

@@ -50,6 +50,12 @@ def _alignment(*tensors) -> int:
     return bits & 15
 
 
+def _aliases(*tensors):
+    """Which arguments are one tensor object (for each, the position of its first occurrence): a plan maps its
+    roles by identity, so calls that share tensors differently need different plans."""
+    return tuple(next(j for j in range(i + 1) if tensors[j] is t) for i, t in enumerate(tensors))
+
+
 def _lookup(key):
     entry = _PLANS.get(key)
     if entry is not None and configs.env_unchanged(entry[0]):
@@ -84,7 +90,8 @@ def forward_call(q, k, v, p, residual: bool):
     key = None
     if _on(q, p):
         key = ("fwd", _geometry(q), _geometry(k), _geometry(v), q.device, torch.cuda.current_device(),
-               _alignment(q, k, v, p.sink, p.alibi_slopes), k is q, v is q, v is k, _params_key(p), bool(residual))
+               _alignment(q, k, v, p.sink, p.alibi_slopes), _aliases(q, k, v, p.sink, p.alibi_slopes), _params_key(p),
+               bool(residual))
         entry = _lookup(key)
         if entry is not None:
             if entry[1] is None:
@@ -122,10 +129,9 @@ def backward_call(run, buffers, dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, d
     if cfg is not None or not _on(q, p):
         return run(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid)
     rng = p.rng if p.dropout_p > 0 else None
-    key = ("bwd", _geometry(dout), _geometry(q), _geometry(k), _geometry(v), _geometry(out), _geometry(lse),
-           _geometry(dlse), _geometry(resid), _geometry(dq), _geometry(dk), _geometry(dv), _geometry(rng), q.device,
-           torch.cuda.current_device(), _alignment(dout, q, k, v, out, resid, dq, dk, dv, p.sink, p.alibi_slopes),
-           k is q, v is q, v is k, _params_key(p))
+    given = (dout, q, k, v, out, lse, dlse, resid, dq, dk, dv, rng, p.sink, p.alibi_slopes)
+    key = ("bwd", tuple(_geometry(t) for t in given[:12]), q.device, torch.cuda.current_device(), _alignment(*given),
+           _aliases(*given), _params_key(p))
     entry = _lookup(key)
     bufs = buffers(q, lse, dlse, p)
     roles = dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse, resid=resid, dq=dq, dk=dk, dv=dv, delta=bufs[0],
