@@ -51,8 +51,12 @@ def _alignment(*tensors) -> int:
 
 
 def _aliases(*tensors):
-    """Which arguments are one tensor object (for each, the position of its first occurrence): a plan maps its
-    roles by identity, so calls that share tensors differently need different plans."""
+    """Which arguments are one tensor object: None when no two are (the usual case), else for each the position
+    of its first occurrence. A plan maps its roles by identity, so calls that share tensors differently need
+    different plans."""
+    ids = [id(t) for t in tensors if t is not None]
+    if len(set(ids)) == len(ids):
+        return None
     return tuple(next(j for j in range(i + 1) if tensors[j] is t) for i, t in enumerate(tensors))
 
 
