@@ -42,7 +42,11 @@ for stage in "$@"; do
               tests/test_features.py tests/test_api.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf 2>&1 \
               | tee "$OUT/plan_suite.log" | tail -4
             [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap; fi
-          timeout 120 python3 benchmarks/host_cost.py 2>&1 | tee "$OUT/host_cost.log" ;;
+          timeout 120 python3 benchmarks/host_cost.py 2>&1 | tee "$OUT/host_cost.log"
+          # the short cells with plans off / on against cuDNN, three rounds each (providers take turns)
+          timeout 240 python3 -m tileattn.bench --head-dims 128,64,256 --modes fwd,bwd --causal both \
+            --seqlens 512,1024 --providers tileattn_noplans,tileattn_plans,sdpa_cudnn --rounds 3 --no-plot \
+            --out-dir "$OUT/plans_bench" 2>&1 | grep -v "meas/s" | tee "$OUT/plans_bench.log" | tail -60 ;;
     tests-rest) python3 -m pytest tests -q -n 14 -p no:cacheprovider -rf -p no:benchmark --ignore=tests/test_sweep.py --durations=10 2>&1 | tee "$OUT/tests_rest.log" | tail -30 || status=1 ;;
     # the sweep configs that run on the sm90 table entries changed in d31fdd6 (benchmarks/sweep_table_subset.txt)
     sweep-subset) python3 -m pytest $(cat benchmarks/sweep_table_subset.txt) -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 | tee "$OUT/sweep_subset.log" | tail -8 || status=1 ;;

@@ -65,7 +65,8 @@ PROVIDERS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 # the host's L2-grouped work list, _hostinfo.causal_schedule); tileattn_persistent_lpt = the same with the kernel's
 # LPT order instead (TILEATTN_CAUSAL_LIST=0);
 # tileattn_flat = the persistent grid with one pipeline across its items (TILEATTN_GLUON_FLAT=1, kernels/gluon_flat.py;
-# the persistent grid forced on too, so causal calls take it). A value is one (variable, value) pair or a tuple of them.
+# the persistent grid forced on too, so causal calls take it); tileattn_plans / tileattn_noplans = launch plans on / off
+# (TILEATTN_LAUNCH_PLANS, kernels/plans.py). A value is one (variable, value) pair or a tuple of them.
 ENV_PROVIDERS = {"tileattn_triton": ("TILEATTN_GLUON", "0"), "tileattn_gluon_all": ("TILEATTN_GLUON", "all"),
                  "tileattn_persistent": ("TILEATTN_GLUON_PERSISTENT", "1"),
                  "tileattn_persistent_lpt": (("TILEATTN_GLUON_PERSISTENT", "1"), ("TILEATTN_CAUSAL_LIST", "0")),
@@ -75,7 +76,8 @@ ENV_PROVIDERS = {"tileattn_triton": ("TILEATTN_GLUON", "0"), "tileattn_gluon_all
                  "tileattn_merged": ("TILEATTN_FWD_EDGES", "merged"),
                  "tileattn_correct": ("TILEATTN_DELTA", "correct"),
                  "tileattn_rounded": ("TILEATTN_DELTA", "rounded"),
-                 "tileattn_flat": (("TILEATTN_GLUON_PERSISTENT", "1"), ("TILEATTN_GLUON_FLAT", "1"))}
+                 "tileattn_flat": (("TILEATTN_GLUON_PERSISTENT", "1"), ("TILEATTN_GLUON_FLAT", "1")),
+                 "tileattn_plans": ("TILEATTN_LAUNCH_PLANS", "1"), "tileattn_noplans": ("TILEATTN_LAUNCH_PLANS", "0")}
 EXTRA_PROVIDERS = tuple(ENV_PROVIDERS)
 ANCHOR_LABELS = {"sdpa_flash": "flash", "sdpa_cudnn": "cudnn", "sdpa_efficient": "effic", "flex": "flex"}
 MODES = ("fwd", "bwd", "fwd_bwd")
