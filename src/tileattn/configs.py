@@ -64,7 +64,7 @@ def getenv(name: str, default=None):
 @contextlib.contextmanager
 def env_log():
     """Record every knob ``getenv`` reads inside the block: yields the list of (name, value or None), which
-    ``env_unchanged`` checks later (the forward's launch plans: a plan stands while the knobs its call read are
+    ``env_unchanged`` checks later (kernels/plans.py: a launch plan stands while the knobs its first call read are
     unchanged)."""
     global _ENV_LOG
     outer, _ENV_LOG = _ENV_LOG, []

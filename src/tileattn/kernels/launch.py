@@ -253,8 +253,6 @@ def launch(fn, grid, args, kwargs, num_warps: int, num_stages: int, maxnreg=None
     return kernel
 
 
-
-
 @contextlib.contextmanager
 def recording():
     """Record every ``launch`` call inside the block (its arguments as given): yields the list that ``plan`` turns
