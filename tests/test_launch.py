@@ -143,12 +143,12 @@ def test_launch_cache_matches_uncached_path(monkeypatch):
                 assert torch.equal(a, b), f"case {key}: cached and uncached launches differ"
 
 
-def test_direct_launch_matches_triton_wrapper(monkeypatch):
-    """Cache hits call the C launcher directly (``_direct``): the arguments it receives equal those Triton's own
-    descriptor wrapper (``wrap_handle_tensordesc``, the real one) passes, descriptors expanded; an equal descriptor
-    is encoded once, one with another base address or stride is encoded anew."""
+def _stand_in_direct_kernel(monkeypatch):
+    """A stand-in for a compiled kernel with two host-descriptor arguments, kernel(T, D, n, E, F=3), whose C
+    launcher is Triton's real descriptor wrapper (``wrap_handle_tensordesc``) around a recorder, with the launch
+    cache and direct launches on and the descriptor encoding (which needs a GPU) replaced by a record of its inputs.
+    Returns (kernel, launcher calls received, descriptors encoded)."""
     from triton.backends.nvidia import driver as nv_driver
-    from triton.tools.tensor_descriptor import TensorDescriptor
     encodes = []
 
     def fake_encode(desc, meta):  # stands in for fill_tma_descriptor (needs a GPU): a record of the inputs
@@ -180,12 +180,20 @@ def test_direct_launch_matches_triton_wrapper(monkeypatch):
 
         def __getitem__(self, grid):
             return lambda *a, **kw: Compiled()
-    monkeypatch.setattr(launch_mod, "_ENABLED", True)
-    monkeypatch.setattr(launch_mod, "_DIRECT", True)
-    monkeypatch.setattr(launch_mod, "_encoded", {})
+    for name, value in (("_ENABLED", True), ("_DIRECT", True), ("_encoded", {}), ("_state", {}),
+                        ("_raw_stream", lambda device: 77)):
+        monkeypatch.setattr(launch_mod, name, value)
     monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    monkeypatch.setattr(launch_mod, "_raw_stream", lambda device: 77)
-    fn, t = Kernel(), torch.zeros(4)
+    return Kernel(), received, encodes
+
+
+def test_direct_launch_matches_triton_wrapper(monkeypatch):
+    """Cache hits call the C launcher directly (``_direct``): the arguments it receives equal those Triton's own
+    descriptor wrapper (``wrap_handle_tensordesc``, the real one) passes, descriptors expanded; an equal descriptor
+    is encoded once, one with another base address or stride is encoded anew."""
+    from triton.tools.tensor_descriptor import TensorDescriptor
+    kernel, received, encodes = _stand_in_direct_kernel(monkeypatch)
+    fn, t = kernel, torch.zeros(4)
     a, b = torch.zeros(4, 8), torch.zeros(4, 8)
     descs = lambda x, y: (TensorDescriptor.from_tensor(x, [1, 8]), TensorDescriptor.from_tensor(y, [1, 8]))  # noqa
 
@@ -250,39 +258,8 @@ def test_launch_plan_replays_the_direct_launch(monkeypatch):
     (descriptors encoded for the new base addresses); an argument tensor outside the roles (unless kept, or a view
     at a role's address when that role is listed in views) gives no plan; the plan holds no tensor of the call it
     was made from."""
-    from triton.backends.nvidia import driver as nv_driver
     from triton.tools.tensor_descriptor import TensorDescriptor
-
-    def fake_encode(desc, meta):
-        return [("map", desc.base.data_ptr(), tuple(desc.strides), meta["swizzle"]), *desc.shape, *desc.strides]
-    monkeypatch.setattr(nv_driver, "make_tensordesc_arg", fake_encode)
-    received = []
-    signature = {"T": "*fp32", "D": "tensordesc<fp32[1,8]>", "n": "i32", "E": "tensordesc<fp32[1,8]>", "F": "constexpr"}
-    metas = [dict(swizzle=1, elem_size=4, block_size=[1, 8]), dict(swizzle=2, elem_size=4, block_size=[1, 8])]
-    wrapped = nv_driver.wrap_handle_tensordesc(lambda *a: received.append(a), signature, metas)
-
-    class Run:
-        global_scratch_size = profile_scratch_size = 0
-        launch_cooperative_grid, launch_pdl = False, True
-        launch = staticmethod(wrapped)
-
-    class Compiled:
-        function, packed_metadata = "function", "packed"
-        run = Run()
-
-    class Kernel:
-        def __init__(self):
-            def kernel(T, D, n, E, F=3):
-                pass
-            self.signature = inspect.signature(kernel)
-
-        def __getitem__(self, grid):
-            return lambda *a, **kw: Compiled()
-    for name, value in (("_ENABLED", True), ("_DIRECT", True), ("_encoded", {}), ("_state", {}),
-                        ("_raw_stream", lambda device: 77)):
-        monkeypatch.setattr(launch_mod, name, value)
-    monkeypatch.setattr(torch.cuda, "current_device", lambda: 0)
-    fn = Kernel()
+    fn, received, _ = _stand_in_direct_kernel(monkeypatch)
 
     def call(t, a, b):
         d, e = TensorDescriptor.from_tensor(a, [1, 8]), TensorDescriptor.from_tensor(b, [1, 8])
