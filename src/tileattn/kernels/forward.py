@@ -15,7 +15,7 @@ import triton.language as tl
 from .. import autotune, configs
 from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, scores, seq_bounds,
                      store_tile, visible)
-from . import plans
+from . import gluon_forward, plans
 from .gluon_common import portable_softcap_fixed_max
 from .launch import host_descriptor, launch, tma_aligned
 from .params import forward_outputs
@@ -286,10 +286,17 @@ def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     r = O_fp32 - out, out's rounding residual in out's dtype (rows outside every varlen sequence unwritten).
     ``cfg`` overrides the tile table (tuning).
     """
-    if cfg is None and block_table is None:  # the Hopper kernel where it applies, through a launch plan if any
-        result = plans.forward_call(q, k, v, p, residual)
-        if result is not None:
-            return result
+    if cfg is None and block_table is None:  # through a launch plan where one stands (kernels/plans.py)
+        return plans.forward_call(_launch_forward, q, k, v, p, residual)
+    return _launch_forward(q, k, v, p, cfg, block_table, residual)
+
+
+def _launch_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
+    """``attention_forward`` without the launch plans: the Hopper Gluon kernel where it applies, else the portable
+    one."""
+    gluon_cfg = gluon_forward.applies(q, k, v, p) if cfg is None and block_table is None else None
+    if gluon_cfg is not None:  # Hopper fast path
+        return gluon_forward.attention_forward(q, k, v, p, residual, gluon_cfg)
     _, rows_q, q_heads, dqk = q.shape
     kv_heads, dv = k.shape[2], v.shape[3]
     batch = p.batch

@@ -7,10 +7,9 @@ session 20). A batched call whose shapes, strides, dtypes, scalars, features, 16
 current device equal an earlier call's, and whose knobs (every ``configs.getenv`` the earlier call read, recorded
 by ``configs.env_log``) are unchanged, replays the earlier call's launches (``launch.recording`` / ``launch.plan``)
 with its own tensors: its outputs and buffers are allocated as the launchers allocate them and each compiled
-kernel is launched through Triton's C launcher. Forward calls the Gluon kernel does not take are remembered the
-same way (the portable path then runs without the scope check); the backward plans both its paths. Varlen calls,
-calls with a tile config given (tuning) and calls made while a CUDA graph is captured build no plan, and a
-profiler's launch hooks make a replay step aside.
+kernel is launched through Triton's C launcher. The Gluon and the portable kernels, forward and backward, are
+planned alike. Varlen and paged calls, calls with a tile config given or autotuning on, and calls made while a
+CUDA graph is captured build no plan, and a profiler's launch hooks make a replay step aside.
 
 Opt-in (``TILEATTN_LAUNCH_PLANS=1``) until its GPU tests (tests/test_plans.py, ``gpu_run.sh plan``) have run: written
 in session 20 after the device budget was spent.
@@ -19,17 +18,19 @@ in session 20 after the device budget was spent.
 import torch
 
 from .. import configs
-from .. import _hostinfo
-from . import gluon_forward, launch
+from .. import _hostinfo, autotune
+from . import launch
 
-_PLANS = {}  # key -> (knobs read, plans): a tuple of LaunchPlan, or None for "not the Gluon forward"
+_PLANS = {}  # key -> (knobs read, a tuple of LaunchPlan)
 _MAX_PLANS = 512
 stats = {"replays": 0, "plans": 0}  # for tests
 
 
 def _on(q, p) -> bool:
+    """Plans for this call: batched, on the GPU, with the launch cache's direct launches, and not tuning (an
+    autotuned call's first launches are its trials)."""
     return (not p.varlen and q.is_cuda and launch._ENABLED and launch._DIRECT
-            and configs.getenv("TILEATTN_LAUNCH_PLANS") == "1")
+            and configs.getenv("TILEATTN_LAUNCH_PLANS") == "1" and not autotune.enabled())
 
 
 def _geometry(t):
@@ -61,6 +62,7 @@ def _aliases(*tensors):
 
 
 def _lookup(key):
+    """The plan stored for a key, if the knobs its first call read are unchanged."""
     entry = _PLANS.get(key)
     if entry is not None and configs.env_unchanged(entry[0]):
         return entry
@@ -87,42 +89,33 @@ def _make(record, roles, views=()):
     return plans if plans and all(lp is not None for lp in plans) else None
 
 
-def forward_call(q, k, v, p, residual: bool):
-    """The Gluon forward's result for a call it takes (``gluon_forward.attention_forward``'s: (out, lse) or (out,
-    lse, resid)), None for a call it does not take (the caller runs the portable kernel). Shapes and layouts as
-    ``forward.attention_forward``."""
-    key = None
-    if _on(q, p):
-        key = ("fwd", _geometry(q), _geometry(k), _geometry(v), q.device, torch.cuda.current_device(),
-               _alignment(q, k, v, p.sink, p.alibi_slopes), _aliases(q, k, v, p.sink, p.alibi_slopes), _params_key(p),
-               bool(residual))
-        entry = _lookup(key)
-        if entry is not None:
-            if entry[1] is None:
-                return None
-            if _ready(entry[1]):
-                batch, seqlen_q, q_heads, _ = q.shape
-                out = torch.empty((batch, seqlen_q, q_heads, v.shape[3]), dtype=q.dtype, device=q.device)
-                lse = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
-                resid = torch.empty_like(out) if residual else None
-                roles = dict(q=q, k=k, v=v, out=out, lse=lse, resid=resid, sink=p.sink, alibi=p.alibi_slopes)
-                for lp in entry[1]:
-                    lp.launch(roles)
-                stats["replays"] += 1
-                return (out, lse, resid) if residual else (out, lse)
+def forward_call(run, q, k, v, p, residual: bool):
+    """``run(q, k, v, p, None, None, residual)`` (forward._launch_forward: (out, lse) or (out, lse, resid)) through a
+    plan where one stands. Shapes and layouts as ``forward.attention_forward``."""
+    if not _on(q, p):
+        return run(q, k, v, p, None, None, residual)
+    rng = p.rng if p.dropout_p > 0 else None
+    given = (q, k, v, rng, p.sink, p.alibi_slopes)
+    key = ("fwd", _geometry(q), _geometry(k), _geometry(v), _geometry(rng), q.device, torch.cuda.current_device(),
+           _alignment(*given), _aliases(*given), _params_key(p), bool(residual))
+    entry = _lookup(key)
+    if entry is not None and _ready(entry[1]):
+        batch, seqlen_q, q_heads, _ = q.shape
+        out = torch.empty((batch, seqlen_q, q_heads, v.shape[3]), dtype=q.dtype, device=q.device)
+        lse = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
+        resid = torch.empty_like(out) if residual else None
+        roles = dict(q=q, k=k, v=v, out=out, lse=lse, resid=resid, rng=rng, sink=p.sink, alibi=p.alibi_slopes)
+        for lp in entry[1]:
+            lp.launch(roles)
+        stats["replays"] += 1
+        return (out, lse, resid) if residual else (out, lse)
     with configs.env_log() as env, launch.recording() as record:
-        cfg = gluon_forward.applies(q, k, v, p)
-        result = None if cfg is None else gluon_forward.attention_forward(q, k, v, p, residual, cfg)
-    if key is not None:
-        if result is None:
-            _store(key, env, None)
-        else:
-            out, lse = result[0], result[1]
-            roles = dict(q=q, k=k, v=v, out=out, lse=lse, resid=result[2] if residual else None, sink=p.sink,
-                         alibi=p.alibi_slopes)
-            plans = _make(record, roles)
-            if plans is not None:
-                _store(key, env, plans)
+        result = run(q, k, v, p, None, None, residual)
+    roles = dict(q=q, k=k, v=v, out=result[0], lse=result[1], resid=result[2] if residual else None, rng=rng,
+                 sink=p.sink, alibi=p.alibi_slopes)
+    plans = _make(record, roles)
+    if plans is not None:
+        _store(key, env, plans)
     return result
 
 
