@@ -37,6 +37,8 @@ def _as_int(name: str, value) -> int:
 
 
 def _as_float(name: str, value) -> float:
+    if type(value) is float:
+        return value
     if isinstance(value, torch.Tensor) and value.numel() == 1:
         value = value.item()
     if isinstance(value, bool) or not isinstance(value, numbers.Real):
@@ -51,7 +53,9 @@ def check_window(window_size, causal: bool) -> Tuple[int, int]:
     """window_size=(left, right) ints or one-element tensors, -1 = unbounded; causal forces right = 0."""
     if not isinstance(window_size, (tuple, list)) or len(window_size) != 2:
         raise TypeError(f"window_size must be a pair (left, right), got {window_size!r}")
-    left, right = (_as_int("window_size", w) for w in window_size)
+    left, right = window_size
+    if type(left) is not int or type(right) is not int:  # plain ints (the usual case) need no conversion
+        left, right = _as_int("window_size", left), _as_int("window_size", right)
     if left < -1 or right < -1:
         raise ValueError(f"window_size values must be >= -1 (-1 = unbounded), got {(left, right)}")
     if causal:
@@ -192,6 +196,8 @@ def check_cu_seqlens(name: str, cu, device, rows: Optional[int]):
 def check_int32_offsets(name: str, t: torch.Tensor, seqlen: int):
     """The kernels address one sequence of one tensor with 32-bit offsets (batch and sequence starts are 64-bit):
     refuse, rather than silently wrap, a sequence whose elements span 2**31 or more."""
+    if t.is_contiguous() and t.numel() < 2 ** 31:  # one sequence spans at most the whole tensor
+        return
     span = max(seqlen - 1, 0) * abs(t.stride(-3)) + (t.shape[-2] - 1) * abs(t.stride(-2)) + t.shape[-1]
     if span >= 2 ** 31:
         raise ValueError(f"{name}: one sequence spans {span} elements (seqlen {seqlen} x stride {t.stride(-3)}); "
@@ -244,7 +250,10 @@ def _bwd(*args):
 
 class _FlashAttention(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, a, b, c, sink, pack, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, dropout_p, rng):
+    def forward(ctx, a, b, c, sink, rest):
+        # rest: the arguments without a gradient in one tuple (autograd.Function.apply walks every argument in
+        # Python on every call: host time)
+        pack, cu_q, cu_k, max_q, max_k, scale, wl, wr, softcap, alibi, dropout_p, rng = rest
         # a gradient that never reaches out or lse stays None: no zero-filled (B, H, S) dlse (a fill launch and
         # the dQ kernel's HAS_DLSE variant) on every backward of a caller that uses out alone
         ctx.set_materialize_grads(False)
@@ -268,7 +277,7 @@ class _FlashAttention(torch.autograd.Function):
                                  scale, wl, wr, softcap, alibi, sink, dropout_p, rng, pack, resid)
         dsink = dsink.to(sink.dtype) if sink is not None else None
         grads = (g0, g1 if pack != 1 else None, g2 if pack == 0 else None)
-        return grads + (dsink,) + (None,) * 12
+        return grads + (dsink, None)
 
 
 def new_rng_state(device) -> torch.Tensor:
@@ -297,9 +306,9 @@ def attention_impl(q, k, v, *, softmax_scale: float, window: Tuple[int, int], so
         check_int32_offsets(name, t, seqlen)
     rng = new_rng_state(qv.device) if dropout_p > 0 else None
     if torch.is_grad_enabled() and any(t is not None and t.requires_grad for t in (*tensors, sink)):
-        out, lse = _FlashAttention.apply(*tensors, sink, pack, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
-                                         max_seqlen_k, softmax_scale, window[0], window[1], softcap, alibi_slopes,
-                                         dropout_p, rng)
+        out, lse = _FlashAttention.apply(*tensors, sink, (pack, cu_seqlens_q, cu_seqlens_k, max_seqlen_q,
+                                                           max_seqlen_k, softmax_scale, window[0], window[1],
+                                                           softcap, alibi_slopes, dropout_p, rng))
     else:  # inference: no graph to record, skip the autograd.Function
         out, lse, _ = _fwd(qv, kv_, vv, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,
                            window[0], window[1], softcap, alibi_slopes, sink, dropout_p, rng)
