@@ -74,7 +74,7 @@ def _store(key, env, plans):
         return
     if len(_PLANS) >= _MAX_PLANS:
         _PLANS.clear()
-    _PLANS[key] = (tuple(env), plans)
+    _PLANS[key] = (tuple(dict.fromkeys(env)), plans)  # each knob once (a call reads some several times)
     stats["plans"] += 1
 
 
