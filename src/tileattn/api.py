@@ -196,7 +196,7 @@ def check_cu_seqlens(name: str, cu, device, rows: Optional[int]):
 def check_int32_offsets(name: str, t: torch.Tensor, seqlen: int):
     """The kernels address one sequence of one tensor with 32-bit offsets (batch and sequence starts are 64-bit):
     refuse, rather than silently wrap, a sequence whose elements span 2**31 or more."""
-    if t.is_contiguous() and t.numel() < 2 ** 31:  # one sequence spans at most the whole tensor
+    if seqlen <= t.shape[-3] and t.is_contiguous() and t.numel() < 2 ** 31:  # a sequence spans at most the tensor
         return
     span = max(seqlen - 1, 0) * abs(t.stride(-3)) + (t.shape[-2] - 1) * abs(t.stride(-2)) + t.shape[-1]
     if span >= 2 ** 31:
