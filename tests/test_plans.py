@@ -189,3 +189,42 @@ def test_replay_in_a_cuda_graph(monkeypatch):
     torch.cuda.synchronize()
     monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "0")
     assert torch.equal(out, tileattn.attention(q, k, v, causal=True))
+
+
+def test_plan_keys_tell_calls_apart():
+    """Every input a launch depends on, other than the tensors' addresses, reaches the plan keys: each AttnParams
+    field a batched call can vary, each tensor's shape, strides and dtype, 16-byte alignment, which arguments are
+    one object, the residual flag and the device; calls equal in all of those share a key (new tensors elsewhere
+    in memory). Host-only (the keys read no GPU state)."""
+    import dataclasses
+    from tileattn.kernels.params import AttnParams
+    gen = make_gen(seed_for("plan-keys"))
+    q, k, v = (randn((2, 64, 4, 32), torch.float16, gen, device="cpu") for _ in range(3))
+    base = AttnParams(batch=2, max_seqlen_q=64, max_seqlen_k=64, softmax_scale=0.125)
+    sink, alibi = torch.zeros(4), torch.zeros(2, 4)
+    key = plans.forward_key(q, k, v, base, True, 0)
+    assert plans.forward_key(q.clone(), k.clone(), v.clone(), base, True, 0) == key
+    variants = [dict(softmax_scale=0.2), dict(window_left=3), dict(window_right=0), dict(softcap=5.0),
+                dict(dropout_p=0.1, rng=torch.zeros(2, dtype=torch.int64)), dict(sink=sink), dict(alibi_slopes=alibi),
+                dict(alibi_slopes=alibi[0])]
+    keys = {key}
+    for change in variants:
+        keys.add(plans.forward_key(q, k, v, dataclasses.replace(base, **change), True, 0))
+    keys.add(plans.forward_key(q, k, v, base, False, 0))
+    keys.add(plans.forward_key(q, k, v, base, True, 1))
+    keys.add(plans.forward_key(q, k, k, base, True, 0))  # k is v
+    keys.add(plans.forward_key(q, q, q, base, True, 0))
+    keys.add(plans.forward_key(q.transpose(1, 2).contiguous().transpose(1, 2), k, v, base, True, 0))  # strides
+    keys.add(plans.forward_key(q.float(), k, v, base, True, 0))
+    keys.add(plans.forward_key(q[:, :63], k, v, base, True, 0))
+    shifted = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view(q.shape)  # 2 bytes off a 16-byte boundary
+    keys.add(plans.forward_key(shifted, k, v, base, True, 0))
+    assert len(keys) == 1 + len(variants) + 8, "two different calls share a plan key"
+    dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
+    lse, out = torch.zeros(2, 4, 64), torch.empty_like(q)
+
+    def bkey(dout=q, dlse=None, resid=None, p=base, dq=dq):
+        return plans.backward_key(dout, q, k, v, out, lse, dlse, p, dq, dk, dv, resid, 0)
+    bkeys = {bkey(), bkey(dout=q.clone()), bkey(dlse=lse), bkey(resid=out.clone()), bkey(p=dataclasses.replace(
+        base, window_right=0)), bkey(dq=torch.empty(2, 64, 4, 48)[..., :32])}
+    assert len(bkeys) == 6 and bkey(dout=torch.randn(q.shape).half()) == bkey(dout=q.clone())

@@ -61,6 +61,23 @@ def _aliases(*tensors):
     return tuple(next(j for j in range(i + 1) if tensors[j] is t) for i, t in enumerate(tensors))
 
 
+def forward_key(q, k, v, p, residual: bool, device_index: int):
+    """A batched forward call's plan key: everything its launches depend on but the tensors' addresses (their
+    16-byte alignment, which Triton specialises on, included). ``device_index``: the current CUDA device."""
+    rng = p.rng if p.dropout_p > 0 else None
+    given = (q, k, v, rng, p.sink, p.alibi_slopes)
+    return ("fwd", _geometry(q), _geometry(k), _geometry(v), _geometry(rng), q.device, device_index,
+            _alignment(*given), _aliases(*given), _params_key(p), bool(residual))
+
+
+def backward_key(dout, q, k, v, out, lse, dlse, p, dq, dk, dv, resid, device_index: int):
+    """A batched backward call's plan key (as ``forward_key``)."""
+    rng = p.rng if p.dropout_p > 0 else None
+    given = (dout, q, k, v, out, lse, dlse, resid, dq, dk, dv, rng, p.sink, p.alibi_slopes)
+    return ("bwd", tuple(_geometry(t) for t in given[:12]), q.device, device_index, _alignment(*given),
+            _aliases(*given), _params_key(p))
+
+
 def _lookup(key):
     """The plan stored for a key, if the knobs its first call read are unchanged."""
     entry = _PLANS.get(key)
@@ -95,9 +112,7 @@ def forward_call(run, q, k, v, p, residual: bool):
     if not _on(q, p):
         return run(q, k, v, p, None, None, residual)
     rng = p.rng if p.dropout_p > 0 else None
-    given = (q, k, v, rng, p.sink, p.alibi_slopes)
-    key = ("fwd", _geometry(q), _geometry(k), _geometry(v), _geometry(rng), q.device, torch.cuda.current_device(),
-           _alignment(*given), _aliases(*given), _params_key(p), bool(residual))
+    key = forward_key(q, k, v, p, residual, torch.cuda.current_device())
     entry = _lookup(key)
     if entry is not None and _ready(entry[1]):
         batch, seqlen_q, q_heads, _ = q.shape
@@ -126,9 +141,7 @@ def backward_call(run, buffers, dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, d
     if cfg is not None or not _on(q, p):
         return run(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid)
     rng = p.rng if p.dropout_p > 0 else None
-    given = (dout, q, k, v, out, lse, dlse, resid, dq, dk, dv, rng, p.sink, p.alibi_slopes)
-    key = ("bwd", tuple(_geometry(t) for t in given[:12]), q.device, torch.cuda.current_device(), _alignment(*given),
-           _aliases(*given), _params_key(p))
+    key = backward_key(dout, q, k, v, out, lse, dlse, p, dq, dk, dv, resid, torch.cuda.current_device())
     entry = _lookup(key)
     bufs = buffers(q, lse, dlse, p)
     roles = dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse, resid=resid, dq=dq, dk=dk, dv=dv, delta=bufs[0],
