@@ -76,5 +76,6 @@ def _launch_plans_off(monkeypatch):
     (tests/test_plans.py). Plans start empty."""
     from tileattn.kernels import plans
     monkeypatch.setattr(plans, "_PLANS", {})
+    monkeypatch.setattr(plans, "_SEEN", set())
     if "TILEATTN_LAUNCH_PLANS" not in os.environ:
         monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "0")

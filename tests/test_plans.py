@@ -87,7 +87,11 @@ def test_replay_equals_a_fresh_launch(case, dtype, monkeypatch):
     monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "0")
     ref = run(q, k, v)
     monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "1")
-    run(q, k, v)  # builds the plans (training forward, backward, inference forward)
+    built = plans.stats["plans"]
+    run(q, k, v)  # a key's first call: no plan yet
+    assert plans.stats["plans"] == built
+    run(q, k, v)  # the second: builds the plans (training forward, backward, inference forward)
+    assert plans.stats["plans"] == built + 3
     replays = plans.stats["replays"]
     got = run(q, k, v)
     per_run = plans.stats["replays"] - replays
@@ -115,7 +119,7 @@ def test_replay_with_aliased_and_strided_inputs(monkeypatch):
     monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "0")
     refs = [c() for c in calls]
     monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "1")
-    for c in calls:
+    for c in calls + calls:  # each key's first call, then its plan
         c()
     replays = plans.stats["replays"]
     for c, ref in zip(calls, refs):
@@ -138,19 +142,20 @@ def test_plan_follows_knobs_and_hooks(monkeypatch):
     monkeypatch.delenv("TILEATTN_GLUON")
     monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "1")
 
-    def call(expect, replayed):
+    def call(expect, replayed, built):
         before = dict(plans.stats)
         assert torch.equal(tileattn.attention(q, k, v), expect)
         assert plans.stats["replays"] - before["replays"] == replayed
-        assert plans.stats["plans"] - before["plans"] == 1 - replayed
-    call(first, 0)  # builds the plan
-    call(first, 1)
-    monkeypatch.setenv("TILEATTN_GLUON", "0")  # read by the first call: its plan no longer stands
-    call(portable, 0)
-    call(portable, 1)
+        assert plans.stats["plans"] - before["plans"] == built
+    call(first, 0, 0)  # the key's first call
+    call(first, 0, 1)  # builds the plan
+    call(first, 1, 0)
+    monkeypatch.setenv("TILEATTN_GLUON", "0")  # read by the plan's call: the plan no longer stands
+    call(portable, 0, 1)
+    call(portable, 1, 0)
     monkeypatch.delenv("TILEATTN_GLUON")
-    call(first, 0)
-    call(first, 1)
+    call(first, 0, 1)
+    call(first, 1, 0)
     replays = plans.stats["replays"]
     seen = []
 
@@ -175,7 +180,7 @@ def test_replay_in_a_cuda_graph(monkeypatch):
     side = torch.cuda.Stream()
     side.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(side):
-        for _ in range(2):
+        for _ in range(3):
             tileattn.attention(q, k, v, causal=True)
     torch.cuda.current_stream().wait_stream(side)
     replays = plans.stats["replays"]

@@ -7,8 +7,9 @@ session 20). A batched call whose shapes, strides, dtypes, scalars, features, 16
 current device equal an earlier call's, and whose knobs (every ``configs.getenv`` the earlier call read, recorded
 by ``configs.env_log``) are unchanged, replays the earlier call's launches (``launch.recording`` / ``launch.plan``)
 with its own tensors: its outputs and buffers are allocated as the launchers allocate them and each compiled
-kernel is launched through Triton's C launcher. The Gluon and the portable kernels, forward and backward, are
-planned alike. Varlen and paged calls, calls with a tile config given or autotuning on, and calls made while a
+kernel is launched through Triton's C launcher. A key's first call runs as usual (calls whose keys never repeat
+pay nothing), its second call records the plan, later calls replay it. The Gluon and the portable kernels,
+forward and backward, are planned alike. Varlen and paged calls, calls with a tile config given or autotuning on, and calls made while a
 CUDA graph is captured build no plan, and a profiler's launch hooks make a replay step aside.
 
 Opt-in (``TILEATTN_LAUNCH_PLANS=1``) until its GPU tests (tests/test_plans.py, ``gpu_run.sh plan``) have run: written
@@ -23,6 +24,8 @@ from . import launch
 
 _PLANS = {}  # key -> (knobs read, a tuple of LaunchPlan)
 _MAX_PLANS = 512
+_SEEN = set()  # keys called once: a plan is made on a key's second call, so that calls whose keys never repeat
+_MAX_SEEN = 4096  # (shapes that change every step) pay nothing for plans they would never replay
 stats = {"replays": 0, "plans": 0}  # for tests
 
 
@@ -86,6 +89,16 @@ def _lookup(key):
     return None
 
 
+def _first_call(key) -> bool:
+    """True (and the key remembered) on a key's first call: that call runs without recording."""
+    if key in _SEEN:
+        return False
+    if len(_SEEN) >= _MAX_SEEN:
+        _SEEN.clear()
+    _SEEN.add(key)
+    return True
+
+
 def _store(key, env, plans):
     if torch.cuda.is_current_stream_capturing():
         return
@@ -124,6 +137,8 @@ def forward_call(run, q, k, v, p, residual: bool):
             lp.launch(roles)
         stats["replays"] += 1
         return (out, lse, resid) if residual else (out, lse)
+    if _first_call(key):
+        return run(q, k, v, p, None, None, residual)
     with configs.env_log() as env, launch.recording() as record:
         result = run(q, k, v, p, None, None, residual)
     roles = dict(q=q, k=k, v=v, out=result[0], lse=result[1], resid=result[2] if residual else None, rng=rng,
@@ -151,6 +166,8 @@ def backward_call(run, buffers, dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, d
             lp.launch(roles)
         stats["replays"] += 1
         return bufs[0]
+    if _first_call(key):
+        return run(dout, q, k, v, out, lse, dlse, p, None, dq, dk, dv, resid, buffers=bufs)
     with configs.env_log() as env, launch.recording() as record:
         delta = run(dout, q, k, v, out, lse, dlse, p, None, dq, dk, dv, resid, buffers=bufs)
     plans = _make(record, roles, views=("stats",))
