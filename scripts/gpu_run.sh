@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -32,21 +32,20 @@ for stage in "$@"; do
                   --ignore=tests/test_gluon_flat.py --ignore=tests/test_gpu_compile.py --durations=5 2>&1 \
                   | tee "$OUT/tests_core.log" | tail -20; [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     plan) # session 20: launch plans (kernels/plans.py, opt-in TILEATTN_LAUNCH_PLANS=1): their tests and the launch
-          # cache's, then (PLAN_SUITE=1) the forward, backward, feature and API tests with plans on (the suite runs
-          # with them off: conftest), then host time per call with plans on / off
-          timeout 300 python3 -m pytest tests/test_plans.py tests/test_launch.py -q -n 8 -p no:cacheprovider \
+          # cache's, host time per call with plans on / off, the short cells with plans off / on against cuDNN
+          timeout 240 python3 -m pytest tests/test_plans.py tests/test_launch.py -q -n 8 -p no:cacheprovider \
             -p no:benchmark -rf 2>&1 | tee "$OUT/plan_tests.log" | tail -4
           [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-          if [ -n "${PLAN_SUITE:-}" ]; then
-            TILEATTN_LAUNCH_PLANS=1 timeout 420 python3 -m pytest tests/test_forward.py tests/test_backward.py \
-              tests/test_features.py tests/test_api.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf 2>&1 \
-              | tee "$OUT/plan_suite.log" | tail -4
-            [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap; fi
-          timeout 120 python3 benchmarks/host_cost.py 2>&1 | tee "$OUT/host_cost.log"
-          # the short cells with plans off / on against cuDNN, three rounds each (providers take turns)
-          timeout 240 python3 -m tileattn.bench --head-dims 128,64,256 --modes fwd,bwd --causal both \
+          timeout 90 python3 benchmarks/host_cost.py 2>&1 | tee "$OUT/host_cost.log"
+          timeout 220 python3 -m tileattn.bench --head-dims 128,64,256 --modes fwd,bwd --causal both \
             --seqlens 512,1024 --providers tileattn_noplans,tileattn_plans,sdpa_cudnn --rounds 3 --no-plot \
             --out-dir "$OUT/plans_bench" 2>&1 | grep -v "meas/s" | tee "$OUT/plans_bench.log" | tail -60 ;;
+    plan-suite) # the forward, backward, feature and API tests with launch plans on (the suite runs with them off:
+                # conftest) — each test's repeated calls replay plans
+          TILEATTN_LAUNCH_PLANS=1 timeout 560 python3 -m pytest tests/test_forward.py tests/test_backward.py \
+            tests/test_features.py tests/test_api.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf 2>&1 \
+            | tee "$OUT/plan_suite.log" | tail -6
+          [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
     tests-rest) python3 -m pytest tests -q -n 14 -p no:cacheprovider -rf -p no:benchmark --ignore=tests/test_sweep.py --durations=10 2>&1 | tee "$OUT/tests_rest.log" | tail -30 || status=1 ;;
     # the sweep configs that run on the sm90 table entries changed in d31fdd6 (benchmarks/sweep_table_subset.txt)
     sweep-subset) python3 -m pytest $(cat benchmarks/sweep_table_subset.txt) -q -n 14 -p no:cacheprovider -rf -p no:benchmark 2>&1 | tee "$OUT/sweep_subset.log" | tail -8 || status=1 ;;
