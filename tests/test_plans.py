@@ -224,7 +224,8 @@ def test_plan_keys_tell_calls_apart():
     keys.add(plans.forward_key(q[:, :63], k, v, base, True, 0))
     shifted = torch.empty(q.numel() + 1, dtype=q.dtype)[1:].view(q.shape)  # 2 bytes off a 16-byte boundary
     keys.add(plans.forward_key(shifted, k, v, base, True, 0))
-    assert len(keys) == 1 + len(variants) + 8, "two different calls share a plan key"
+    keys.add(plans.forward_key(q, shifted, v, base, True, 0))  # which tensor is misaligned matters
+    assert len(keys) == 1 + len(variants) + 9, "two different calls share a plan key"
     dq, dk, dv = (torch.empty_like(t) for t in (q, k, v))
     lse, out = torch.zeros(2, 4, 64), torch.empty_like(q)
 

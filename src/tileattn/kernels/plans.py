@@ -46,12 +46,12 @@ def _params_key(p):
 
 
 def _alignment(*tensors) -> int:
-    """The OR of the tensors' addresses modulo 16 (0: every one 16-byte aligned)."""
+    """Which tensors' addresses are not 16-byte aligned (Triton specialises each pointer on it), as a bit mask."""
     bits = 0
-    for t in tensors:
-        if t is not None:
-            bits |= t.data_ptr()
-    return bits & 15
+    for i, t in enumerate(tensors):
+        if t is not None and t.data_ptr() & 15:
+            bits |= 1 << i
+    return bits
 
 
 def _aliases(*tensors):
