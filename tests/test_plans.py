@@ -163,10 +163,12 @@ def test_plan_follows_knobs_and_hooks(monkeypatch):
         seen.append(1)
     triton.knobs.runtime.launch_enter_hook.add(hook)
     try:
+        built = plans.stats["plans"]
         assert torch.equal(tileattn.attention(q, k, v), first)
     finally:
         triton.knobs.runtime.launch_enter_hook.remove(hook)
-    assert seen and plans.stats["replays"] == replays
+    assert seen and plans.stats["replays"] == replays and plans.stats["plans"] == built
+    call(first, 1, 0)  # the plan stands once the hook is gone
 
 
 @hopper

@@ -137,7 +137,7 @@ def forward_call(run, q, k, v, p, residual: bool):
             lp.launch(roles)
         stats["replays"] += 1
         return (out, lse, resid) if residual else (out, lse)
-    if _first_call(key):
+    if not launch.plans_ready() or _first_call(key):  # a profiler's hooks: no recording either
         return run(q, k, v, p, None, None, residual)
     with configs.env_log() as env, launch.recording() as record:
         result = run(q, k, v, p, None, None, residual)
@@ -161,12 +161,12 @@ def backward_call(run, buffers, dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, d
     bufs = buffers(q, lse, dlse, p)
     roles = dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse, resid=resid, dq=dq, dk=dk, dv=dv, delta=bufs[0],
                  stats=bufs[1], dlse=bufs[2], sink=p.sink, alibi=p.alibi_slopes, rng=rng)
-    if entry is not None and entry[1] is not None and _ready(entry[1]):
+    if entry is not None and _ready(entry[1]):
         for lp in entry[1]:
             lp.launch(roles)
         stats["replays"] += 1
         return bufs[0]
-    if _first_call(key):
+    if not launch.plans_ready() or _first_call(key):
         return run(dout, q, k, v, out, lse, dlse, p, None, dq, dk, dv, resid, buffers=bufs)
     with configs.env_log() as env, launch.recording() as record:
         delta = run(dout, q, k, v, out, lse, dlse, p, None, dq, dk, dv, resid, buffers=bufs)
