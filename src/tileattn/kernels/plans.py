@@ -9,8 +9,9 @@ by ``configs.env_log``) are unchanged, replays the earlier call's launches (``la
 with its own tensors: its outputs and buffers are allocated as the launchers allocate them and each compiled
 kernel is launched through Triton's C launcher. A key's first call runs as usual (calls whose keys never repeat
 pay nothing), its second call records the plan, later calls replay it. The Gluon and the portable kernels,
-forward and backward, are planned alike. Varlen and paged calls, calls with a tile config given or autotuning on, and calls made while a
-CUDA graph is captured build no plan, and a profiler's launch hooks make a replay step aside.
+forward and backward, are planned alike. Varlen and paged calls, calls with a tile config given or autotuning
+on, and calls made while a CUDA graph is captured build no plan, and a profiler's launch hooks make a replay step
+aside.
 
 Opt-in (``TILEATTN_LAUNCH_PLANS=1``) until its GPU tests (tests/test_plans.py, ``gpu_run.sh plan``) have run: written
 in session 20 after the device budget was spent.
