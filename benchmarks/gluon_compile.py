@@ -26,7 +26,7 @@ from tileattn.kernels import gluon_forward as gf  # noqa: E402
 
 
 def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=False, fp16=False, window=False,
-                varlen=False, alibi=False, tile_map=False, persistent=False, flat=False):
+                varlen=False, alibi=False, tile_map=False, persistent=False, flat=False, resid8=False):
     from tileattn import configs
     c = configs._GLUON_FWD[d]  # the table entry, whether on by default or not
     bn, ks, vs, creg, preg, maxnreg = cfg or (c.block_n, c.k_stages, c.v_stages, c.consumer_regs, c.producer_regs,
@@ -35,9 +35,12 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
     def desc(rows):
         layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gl.float16 if fp16 else gl.bfloat16)
         return f"tensordesc<{'fp16' if fp16 else 'bf16'}[1,{rows},1,{d}],{layout!r}>"
-    sig = {"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn), "o_desc": desc(bm), "r_desc": desc(bm),
+    r_layout = gl.NVMMASharedLayout.get_default_for([1, bm, 1, d], gl.int8)
+    sig = {"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn), "o_desc": desc(bm),
+           "r_desc": f"tensordesc<i8[1,{bm},1,{d}],{r_layout!r}>" if resid8 else desc(bm),
            "LSE": "*fp32", "SINK": "*fp32", "ALIBI": "*fp32", "qk_scale": "fp32", "softcap": "fp32",
-           "O": f"*{'fp16' if fp16 else 'bf16'}", "RESID": f"*{'fp16' if fp16 else 'bf16'}", "TILE_MAP": "*i32",
+           "O": f"*{'fp16' if fp16 else 'bf16'}", "RESID": "*i8" if resid8 else f"*{'fp16' if fp16 else 'bf16'}",
+           "TILE_MAP": "*i32",
            "CU_Q": "*i32",
            "CU_K": "*i32"}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=causal, STORE_RESID=resid,
@@ -84,7 +87,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
 
 
 def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False, varlen=False, window=False,
-               softcap=False, alibi=False):
+               softcap=False, alibi=False, resid8=False):
     """The Gluon dQ kernel (kernels/gluon_dq.py) for sm_90a; cfg = (block_n, k_stages, creg, preg, maxnreg)."""
     from tileattn import configs
     from tileattn.kernels import gluon_dq as gq
@@ -96,7 +99,7 @@ def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False
         layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], dt)
         return f"tensordesc<{name}[1,{rows},1,{d}],{layout!r}>"
     sig = {"q_desc": desc(64), "do_desc": desc(64), "k_desc": desc(bn), "v_desc": desc(bn), "dq_desc": desc(64),
-           "O": f"*{name}", "RESID": f"*{name}", "DO": f"*{name}", "LSE": "*fp32", "DLSE": "*fp32",
+           "O": f"*{name}", "RESID": "*i8" if resid8 else f"*{name}", "DO": f"*{name}", "LSE": "*fp32", "DLSE": "*fp32",
            "DELTA": "*fp32", "STATS": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32", "softcap": "fp32",
            "DQ": f"*{name}",
            "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32"}
@@ -136,6 +139,7 @@ def main(argv=None):
     ap.add_argument("--causal", action="store_true")
     ap.add_argument("--config")
     ap.add_argument("--no-resid", action="store_true")
+    ap.add_argument("--resid8", action="store_true", help="the residual packed to int8 (TILEATTN_RESIDUAL=int8)")
     ap.add_argument("--softcap", action="store_true")
     ap.add_argument("--softcap-fixed-max", action="store_true",
                     help="forward: the softcap form with a fixed softmax max (HAS_SOFTCAP=2, NOTES v20c)")
@@ -163,13 +167,13 @@ def main(argv=None):
         ap.error("--window is its own mask (a causal call with a left bound is a window)")
     if a.dq:
         k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen, a.window, a.softcap,
-                       a.alibi)
+                       a.alibi, a.resid8)
     elif a.bwd:
         k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi)
     else:
         softcap = 2 if a.softcap_fixed_max else a.softcap
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, softcap, a.sink, a.fp16, a.window, a.varlen,
-                        a.alibi, a.tile_map, a.persistent, a.flat)
+                        a.alibi, a.tile_map, a.persistent, a.flat, a.resid8)
     if a.check:
         report = ptxas_messages(k.asm["ptx"])
         print(report)

@@ -9,7 +9,10 @@ delta ("correct", no extra memory; also what the flash-attn shim's private backw
 1. On #200's inputs both remedies give gradients far more accurate than the rounded delta
    (TILEATTN_DELTA=rounded, the FlashAttention behaviour), for dq and dk.
 2. The forward op keeps the residual only when it is used: fp16/bf16, a backward to come, "residual" mode; it is
-   out's rounding residual (|r| <= half an ulp of out).
+   out's rounding residual (|r| <= half an ulp of out), in out's dtype or packed to int8 (TILEATTN_RESIDUAL=int8:
+   q = round(r / P 2^(m+8) 127/128), P the power of two at or below |out|, which must give r back to
+   P 2^-(m+9) 128/127), and
+   either gives #200 its accuracy.
 3. The rounded-delta mode (a benchmarking knob) still runs and still meets the rule on an ordinary case.
 """
 
@@ -32,7 +35,7 @@ def _grad_errors(q, k, v, do, causal, scale):
     return [(g.double() - r.double()).abs().max().item() for g, r in zip((qq.grad, kk.grad), g_ref[:2])]
 
 
-@pytest.mark.parametrize("mode", ["residual", "correct"])
+@pytest.mark.parametrize("mode", ["residual", "residual-int8", "correct"])
 def test_one_hot_softmax(monkeypatch, mode):
     """Sweep config #200's inputs (its seed, whatever the size mode): the rounded-O delta costs dq and dk most of
     their accuracy; either remedy recovers it (>= 4x smaller error; CPU interpreter: dq 0.153 -> ~0.01)."""
@@ -45,7 +48,8 @@ def test_one_hot_softmax(monkeypatch, mode):
     shapes = [(c["B"], c["Sq"], c["Hq"], c["D"]), (c["B"], c["Sk"], c["Hkv"], c["D"]),
               (c["B"], c["Sk"], c["Hkv"], c["D"]), (c["B"], c["Sq"], c["Hq"], c["D"])]
     q, k, v, do = (make_tensor(s, c["dtype"], gen, layout=c["layout"]) for s in shapes)
-    monkeypatch.setenv("TILEATTN_DELTA", mode)
+    monkeypatch.setenv("TILEATTN_DELTA", mode.split("-")[0])
+    monkeypatch.setenv("TILEATTN_RESIDUAL", "int8" if mode.endswith("int8") else "full")
     corrected = _grad_errors(q, k, v, do, c["causal"], c["softmax_scale"])
     monkeypatch.setenv("TILEATTN_DELTA", "rounded")
     rounded = _grad_errors(q, k, v, do, c["causal"], c["softmax_scale"])
@@ -53,9 +57,11 @@ def test_one_hot_softmax(monkeypatch, mode):
         assert good * 4 <= bad, (name, bad, good)
 
 
+@pytest.mark.parametrize("fmt", ["full", "int8"])
 @pytest.mark.parametrize("dtype", HALF_DTYPES + [torch.float32], ids=str)
 @pytest.mark.parametrize("varlen", [False, True], ids=["batched", "varlen"])
-def test_residual_kept_only_when_used(monkeypatch, dtype, varlen):
+def test_residual_kept_only_when_used(monkeypatch, dtype, varlen, fmt):
+    monkeypatch.setenv("TILEATTN_RESIDUAL", fmt)
     gen = make_gen(seed_for("residual", dtype, varlen))
     q, k, v = (make_tensor((2, 37, 2, 24), dtype, gen) for _ in range(3))
     args = [None, None, 37, 37, 0.3, -1, -1, 0.0, None, None, 0.0, None]
@@ -67,11 +73,24 @@ def test_residual_kept_only_when_used(monkeypatch, dtype, varlen):
     if dtype == torch.float32:
         assert resid.numel() == 0
         return
-    assert resid.shape == out.shape and resid.dtype == out.dtype and resid.stride() == out.stride()
+    assert resid.shape == out.shape and resid.stride() == out.stride()
+    assert resid.dtype == (torch.int8 if fmt == "int8" else out.dtype)
     # r = O_fp32 - O: at most half an ulp of O (round to nearest), and nonzero somewhere
     ulp = torch.finfo(dtype).eps * out.float().abs()
-    assert (resid.float().abs() <= ulp / 2 + torch.finfo(dtype).tiny).all()
+    mant, fi = (7 if dtype == torch.bfloat16 else 10), torch.finfo(dtype)
+    # the int8 format's unit P: the power of two at or below |out|, the smallest normal's for subnormals and 0
+    a = out.float().abs()
+    unit = torch.where(a < fi.tiny, fi.tiny, torch.ldexp(torch.ones_like(a), torch.frexp(a)[1] - 1))
+    r = resid.float() * unit * 2.0 ** -(mant + 8) * 128 / 127 if fmt == "int8" else resid.float()
+    assert (r.abs() <= ulp / 2 + torch.finfo(dtype).tiny).all()
     assert (resid != 0).any()
+    if fmt == "int8":  # the packed residual is the full one to within P 2^-(m+9) 128/127 (plus the full one's own
+        # rounding to out's dtype: half an ulp of r, subnormal spacing included)
+        monkeypatch.setenv("TILEATTN_RESIDUAL", "full")
+        full = ops.fwd_impl(q, k, v, *args, True)[2].float()
+        tol = unit * 2.0 ** -(mant + 9) * 128 / 127 * 1.001 + full.abs() * fi.eps / 2 + fi.tiny * fi.eps / 2
+        assert ((r - full).abs() <= tol).all()
+        assert resid.abs().max() <= 127
     out2, lse2, none = ops.fwd_impl(q, k, v, *args, False)  # inference: not kept
     assert none.numel() == 0 and torch.equal(out2, out) and torch.equal(lse2, lse)
     for mode in ("correct", "rounded"):
@@ -83,6 +102,18 @@ def test_bad_delta_mode(monkeypatch):
     monkeypatch.setenv("TILEATTN_DELTA", "fast")
     with pytest.raises(ValueError, match="TILEATTN_DELTA"):
         configs.delta_mode(torch.bfloat16)
+    monkeypatch.setenv("TILEATTN_RESIDUAL", "fp8")
+    with pytest.raises(ValueError, match="TILEATTN_RESIDUAL"):
+        configs.residual_dtype(torch.bfloat16)
+
+
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)
+def test_int8_residual_training(monkeypatch, dtype):
+    """The packed residual through the whole training path (forward keeps it, the backward's delta reads it):
+    GQA gradients and a gradient through lse meet the rule as with the full residual."""
+    monkeypatch.setenv("TILEATTN_RESIDUAL", "int8")
+    test_backward.test_gqa(test_backward.GQA_HEADS[-1], True, dtype)
+    test_backward.test_grad_through_lse(dtype, True)
 
 
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=str)

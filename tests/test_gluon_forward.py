@@ -600,7 +600,8 @@ FWD_COMPILE = [(128, False, ()), (128, True, ()), (64, False, ()), (256, True, (
                (64, False, ("--varlen", "--window", "--fp16")),
                (128, True, ("--alibi", "--softcap", "--sink")),
                (128, True, ("--varlen", "--tile-map")),
-               (256, False, ("--alibi",))]
+               (256, False, ("--alibi",)), (256, True, ("--resid8",)), (64, False, ("--resid8", "--fp16")),
+               (128, True, ("--varlen", "--resid8"))]  # --resid8: the int8 residual (TILEATTN_RESIDUAL=int8)
 
 
 @needs_gluon

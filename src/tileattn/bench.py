@@ -66,7 +66,9 @@ PROVIDERS = ("tileattn", "sdpa_flash", "sdpa_cudnn", "sdpa_efficient", "flex")
 # LPT order instead (TILEATTN_CAUSAL_LIST=0);
 # tileattn_flat = the persistent grid with one pipeline across its items (TILEATTN_GLUON_FLAT=1, kernels/gluon_flat.py;
 # the persistent grid forced on too, so causal calls take it); tileattn_plans / tileattn_noplans = launch plans on / off
-# (TILEATTN_LAUNCH_PLANS, kernels/plans.py). A value is one (variable, value) pair or a tuple of them.
+# (TILEATTN_LAUNCH_PLANS, kernels/plans.py); tileattn_r8 / tileattn_r16 = the forward's rounding residual packed to
+# int8 / in the input dtype (TILEATTN_RESIDUAL, configs.residual_dtype). A value is one (variable, value) pair or a
+# tuple of them.
 ENV_PROVIDERS = {"tileattn_triton": ("TILEATTN_GLUON", "0"), "tileattn_gluon_all": ("TILEATTN_GLUON", "all"),
                  "tileattn_persistent": ("TILEATTN_GLUON_PERSISTENT", "1"),
                  "tileattn_persistent_lpt": (("TILEATTN_GLUON_PERSISTENT", "1"), ("TILEATTN_CAUSAL_LIST", "0")),
@@ -77,7 +79,8 @@ ENV_PROVIDERS = {"tileattn_triton": ("TILEATTN_GLUON", "0"), "tileattn_gluon_all
                  "tileattn_correct": ("TILEATTN_DELTA", "correct"),
                  "tileattn_rounded": ("TILEATTN_DELTA", "rounded"),
                  "tileattn_flat": (("TILEATTN_GLUON_PERSISTENT", "1"), ("TILEATTN_GLUON_FLAT", "1")),
-                 "tileattn_plans": ("TILEATTN_LAUNCH_PLANS", "1"), "tileattn_noplans": ("TILEATTN_LAUNCH_PLANS", "0")}
+                 "tileattn_plans": ("TILEATTN_LAUNCH_PLANS", "1"), "tileattn_noplans": ("TILEATTN_LAUNCH_PLANS", "0"),
+                 "tileattn_r8": ("TILEATTN_RESIDUAL", "int8"), "tileattn_r16": ("TILEATTN_RESIDUAL", "full")}
 EXTRA_PROVIDERS = tuple(ENV_PROVIDERS)
 ANCHOR_LABELS = {"sdpa_flash": "flash", "sdpa_cudnn": "cudnn", "sdpa_efficient": "effic", "flex": "flex"}
 MODES = ("fwd", "bwd", "fwd_bwd")

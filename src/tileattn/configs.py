@@ -232,7 +232,8 @@ def delta_mode(dtype: torch.dtype) -> str:
 
     ``TILEATTN_DELTA`` (read at each call):
     - ``residual`` (default): the forward also stores r = O_fp32 - O, O's rounding residual, in the input dtype
-      (one more output-sized tensor kept for the backward), and delta = rowsum(dO * (O + r)).
+      or as int8 (``residual_dtype``; one more output-sized tensor kept for the backward), and
+      delta = rowsum(dO * (O + r)).
     - ``correct``: no extra memory; the dQ kernel accumulates the exact sum_j P dP and corrects dQ and delta
       (one more matmul per tile). Also what a backward without a residual (the flash-attn shim's private
       ``_flash_attn_backward``) uses.
@@ -248,6 +249,25 @@ def delta_mode(dtype: torch.dtype) -> str:
     if mode not in DELTA_MODES:
         raise ValueError(f"TILEATTN_DELTA must be one of {DELTA_MODES}, got {mode!r}")
     return mode
+
+
+RESIDUAL_FORMATS = ("full", "int8")
+
+
+def residual_dtype(dtype: torch.dtype) -> torch.dtype:
+    """The storage of out's rounding residual (delta mode "residual") for an fp16/bf16 out.
+
+    ``TILEATTN_RESIDUAL`` (read at each forward call; the backward reads the format from the tensor it gets):
+    - ``full``: r = O_fp32 - O in out's dtype (as many bytes as out).
+    - ``int8``: r in units of O's own exponent: with P = 2^floor(log2 |O|) (from O's bits; subnormals and zeros
+      take the smallest normal's), q = round(r / P * 2^(m+8) * 127/128) (m: the mantissa bits, 7 for bf16, 10
+      for fp16; |r| <= half an ulp = P 2^-(m+1), so |q| <= 127) and r ~ q P 2^-(m+8) * 128/127: half the bytes,
+      r kept to P 2^-(m+9) * 128/127 (about 2^-16 |O| for bf16) against O's own rounding of up to P 2^-(m+1).
+    """
+    fmt = getenv("TILEATTN_RESIDUAL", "full") or "full"
+    if fmt not in RESIDUAL_FORMATS:
+        raise ValueError(f"TILEATTN_RESIDUAL must be one of {RESIDUAL_FORMATS}, got {fmt!r}")
+    return torch.int8 if fmt == "int8" else dtype
 
 
 def _override(name: str, fields: Optional[str] = None):

@@ -17,7 +17,7 @@ from . import configs
 from ._hostinfo import leaves_rows
 from .kernels.backward import attention_backward
 from .kernels.forward import attention_forward
-from .kernels.params import AttnParams
+from .kernels.params import AttnParams, residual_like
 
 
 def make_params(q, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale, window_left,
@@ -70,7 +70,7 @@ def _(q, k, v, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_s
         lse = q.new_empty((q_heads, rows_q), dtype=torch.float32)
     else:
         lse = q.new_empty((batch, q_heads, rows_q), dtype=torch.float32)
-    return out, lse, (torch.empty_like(out) if keeps_residual(q, save_residual) else q.new_empty((0,)))
+    return out, lse, (residual_like(out) if keeps_residual(q, save_residual) else q.new_empty((0,)))
 
 
 def bwd_impl(dout, q, k, v, out, lse, dlse, cu_seqlens_q, cu_seqlens_k, max_seqlen_q, max_seqlen_k, softmax_scale,

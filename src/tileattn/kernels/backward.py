@@ -21,8 +21,8 @@ import triton.language as tl
 
 from .. import autotune, configs
 from .._hostinfo import leaves_rows
-from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, q_tile_range, scores,
-                     seq_bounds, store_tile, visible)
+from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, q_tile_range,
+                     residual_value, scores, seq_bounds, store_tile, visible)
 from . import gluon_backward, gluon_dq, plans
 from .launch import launch
 
@@ -274,10 +274,11 @@ def _bwd_dq_kernel(Q, K, V, O, RESID, DO, LSE, DELTA, DLSE, DQ, STATS, CU_Q, CU_
     for d0 in tl.static_range(0, BLOCK_DV, DELTA_CHUNK):  # in column chunks: a whole O tile live
         # beside q and dO made ptxas spill 6x more at D=128 (812 vs 140 B, sm_90a)
         offs_c = d0 + tl.arange(0, DELTA_CHUNK)
-        o_c = load_tile(O + o_offs + offs_c[None, :], rows, seqlen_q, offs_c, dim_v, True, EVEN_DV).to(tl.float32)
+        o_c = load_tile(O + o_offs + offs_c[None, :], rows, seqlen_q, offs_c, dim_v, True, EVEN_DV)
         if HAS_RESID:
-            o_c += load_tile(RESID + o_offs + offs_c[None, :], rows, seqlen_q, offs_c, dim_v, True,
-                             EVEN_DV).to(tl.float32)
+            o_c = o_c.to(tl.float32) + residual_value(load_tile(RESID + o_offs + offs_c[None, :], rows, seqlen_q,
+                                                                offs_c, dim_v, True, EVEN_DV), o_c)
+        o_c = o_c.to(tl.float32)
         do_c = load_tile(do_ptrs + offs_c[None, :], rows, seqlen_q, offs_c, dim_v, True, EVEN_DV)
         delta += tl.sum(o_c * do_c.to(tl.float32), 1)
     q = load_tile(Q + b * stride_qb + h * stride_qh + q_rows * stride_qs + offs_dqk[None, :],

@@ -77,6 +77,50 @@ def store_tile(ptrs, x, offs_row, n_rows, offs_d, head_dim, EVEN_D: tl.constexpr
 
 
 @triton.jit
+def residual_unit(o):
+    """P = 2^e, the power of two at or below |o| (subnormals and zeros take the smallest normal's, whose ulp they
+    share), and 1 / P, from o's bits alone (fp16 or bf16, through its exact fp32 value): the scale of the int8
+    residual format (``configs.residual_dtype``), computed alike where it is packed and unpacked. inf / NaN
+    outputs get a meaningless scale (their delta is NaN whatever it is)."""
+    e32 = o.to(tl.float32).to(tl.int32, bitcast=True) & 0x7F800000  # the fp32 exponent field, in place
+    if o.dtype == tl.bfloat16:
+        e32 = tl.maximum(e32, 1 << 23)
+    else:
+        e32 = tl.maximum(e32, 113 << 23)  # fp16's smallest normal, 2^-14
+    return e32.to(tl.float32, bitcast=True), ((254 << 23) - e32).to(tl.float32, bitcast=True)
+
+
+@triton.jit
+def residual_store_value(acc, o, R_DTYPE: tl.constexpr):
+    """out's rounding residual r = acc - o (acc the fp32 output, o its rounding) in the residual buffer's dtype:
+    out's own, or int8 q = round(r / P * 2^(m+8) * 127/128) (P = ``residual_unit``; m = 7 for bf16, 10 for fp16;
+    |r| <= half an ulp = P 2^-(m+1), so |q| <= 127; the clamp only guards inf / NaN outputs)."""
+    r = acc - o.to(tl.float32)
+    if R_DTYPE == tl.int8:
+        _, inv = residual_unit(o)
+        if o.dtype == tl.bfloat16:
+            x = r * (inv * 32512.0)
+        else:
+            x = r * (inv * 260096.0)
+        x = tl.minimum(tl.maximum(x, -127.0), 127.0)
+        r = x + tl.where(x >= 0.0, 0.5, -0.5)  # rounded half away from zero by the truncating conversion
+    return r.to(R_DTYPE)
+
+
+@triton.jit
+def residual_value(r, o):
+    """The fp32 residual from a stored one (``residual_store_value``) and out's stored value o."""
+    x = r.to(tl.float32)
+    if r.dtype == tl.int8:
+        unit, _ = residual_unit(o)
+        if o.dtype == tl.bfloat16:
+            x = x * unit * (1.0 / 32512.0)
+        else:
+            x = x * unit * (1.0 / 260096.0)
+    return x
+
+
+@triton.jit
 def seq_bounds(CU, b, max_seqlen, IS_VARLEN: tl.constexpr):
     """(start row, length) of sequence b, int32 tensors: from cumulative lengths when varlen, else (0, max_seqlen).
 

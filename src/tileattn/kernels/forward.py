@@ -13,12 +13,12 @@ import triton
 import triton.language as tl
 
 from .. import autotune, configs
-from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, scores, seq_bounds,
-                     store_tile, visible)
+from .common import (LN2, LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, residual_store_value,
+                     scores, seq_bounds, store_tile, visible)
 from . import gluon_forward, plans
 from .gluon_common import portable_softcap_fixed_max
 from .launch import host_descriptor, launch, tma_aligned
-from .params import forward_outputs
+from .params import forward_outputs, residual_like
 
 
 @triton.jit
@@ -271,8 +271,8 @@ def _fwd_kernel(Q, K, V, O, LSE, RESID, CU_Q, CU_K, ALIBI, SINK, RNG, K_DESC, V_
     o = acc.to(O.dtype.element_ty)
     store_tile(O + o_offs, o, rows, seqlen_q, offs_dv, dv, EVEN_DV)
     if STORE_RESID:  # O's rounding residual (same layout as O) for the backward's delta: see backward.py
-        store_tile(RESID + o_offs, (acc - o.to(tl.float32)).to(O.dtype.element_ty), rows, seqlen_q, offs_dv, dv,
-                   EVEN_DV)
+        store_tile(RESID + o_offs, residual_store_value(acc, o, RESID.dtype.element_ty), rows, seqlen_q, offs_dv,
+                   dv, EVEN_DV)
 
 
 def attention_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
@@ -301,7 +301,7 @@ def _launch_forward(q, k, v, p, cfg=None, block_table=None, residual=False):
     kv_heads, dv = k.shape[2], v.shape[3]
     batch = p.batch
     out, lse, stride_lb, stride_lh = forward_outputs(q, dv, p)  # varlen rows outside every sequence: 0 / -inf
-    resid = torch.empty_like(out) if residual else None
+    resid = residual_like(out) if residual else None
     if out.numel() == 0 or p.max_seqlen_q == 0:
         return (out, lse, resid.zero_()) if residual else (out, lse)
     if cfg is None and autotune.applies(q, "TILEATTN_FWD_CONFIG"):  # opt-in (TILEATTN_AUTOTUNE=1), cached

@@ -68,13 +68,16 @@ def has_window(p: AttnParams) -> bool:
 
 
 @functools.lru_cache(maxsize=None)
-def _smem_layout(block, bf16: bool):
-    return gl.NVMMASharedLayout.get_default_for(list(block), gl.bfloat16 if bf16 else gl.float16)
+def _smem_layout(block, kind):
+    dtype = {"int8": gl.int8, True: gl.bfloat16, False: gl.float16}[kind]
+    return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
 
 
 def make_desc(t: torch.Tensor, block: tuple, bf16: bool):
-    """Gluon host descriptor of a (B, S, H, D) tensor that ``applies`` checked by TMA's rules."""
-    return host_descriptor(GluonTensorDescriptor, t, block, layout=_smem_layout(block, bf16))
+    """Gluon host descriptor of a (B, S, H, D) tensor that ``applies`` checked by TMA's rules (bf16 / fp16 as
+    ``bf16`` says; an int8 tensor, the forward's packed residual, gets int8's shared layout)."""
+    return host_descriptor(GluonTensorDescriptor, t, block,
+                           layout=_smem_layout(block, "int8" if t.dtype == torch.int8 else bf16))
 
 
 if AVAILABLE:
@@ -92,6 +95,52 @@ if AVAILABLE:
         return t
 
     @gluon.jit
+    def residual_unit(o):
+        """(P, 1 / P) of the int8 residual format from out's bits (``common.residual_unit``, the same arithmetic)."""
+        e32 = o.to(gl.float32).to(gl.int32, bitcast=True) & 0x7F800000
+        if o.dtype == gl.bfloat16:
+            e32 = gl.maximum(e32, 1 << 23)
+        else:
+            e32 = gl.maximum(e32, 113 << 23)
+        return e32.to(gl.float32, bitcast=True), ((254 << 23) - e32).to(gl.float32, bitcast=True)
+
+    @gluon.jit
+    def residual_store_value(acc, o, R_DTYPE: gl.constexpr):
+        """out's rounding residual acc - o in the residual buffer's dtype: out's own, or the int8 format
+        (``common.residual_store_value``, the same arithmetic)."""
+        r = acc - o.to(gl.float32)
+        if R_DTYPE == gl.int8:
+            _, inv = residual_unit(o)
+            if o.dtype == gl.bfloat16:
+                x = r * (inv * 32512.0)
+            else:
+                x = r * (inv * 260096.0)
+            x = gl.minimum(gl.maximum(x, -127.0), 127.0)
+            r = x + gl.where(x >= 0.0, 0.5, -0.5)  # rounded half away from zero by the truncating conversion
+        return r.to(R_DTYPE)
+
+    @gluon.jit
+    def residual_value(r, o):
+        """The fp32 residual from a stored one and out's stored value o (``common.residual_value``)."""
+        x = r.to(gl.float32)
+        if r.dtype == gl.int8:
+            unit, _ = residual_unit(o)
+            if o.dtype == gl.bfloat16:
+                x = x * unit * (1.0 / 32512.0)
+            else:
+                x = x * unit * (1.0 / 260096.0)
+        return x
+
+    @gluon.jit
+    def residual_stage(stage, r_desc):
+        """The shared buffer that stages the residual's rows: out's dead ``stage`` itself, or for an int8 residual
+        its first half viewed in int8's layout."""
+        buf = stage
+        if r_desc.dtype == gl.int8:  # a compile-time choice (one return: Gluon types both branches' returns)
+            buf = stage._reinterpret(r_desc.dtype, r_desc.block_shape, r_desc.layout)
+        return buf
+
+    @gluon.jit
     def store_tile_tma(o_desc, r_desc, q_buf, acc, o, b, row, h, STORE_RESID: gl.constexpr):
         """out (and the rounding residual) of one warpgroup's rows through Q's dead buffer and TMA stores (rows past
         the tensor clipped)."""
@@ -101,13 +150,14 @@ if AVAILABLE:
         gl.thread_barrier()
         tma.async_copy_shared_to_global(o_desc, [b, row, h, 0], q_buf)
         if STORE_RESID:  # out's rounding residual for the backward's delta (see backward.py)
-            r = (acc - o.to(gl.float32)).to(o.dtype)
+            r = residual_store_value(acc, o, r_desc.dtype)
+            r_buf = residual_stage(q_buf, r_desc)
             tma.store_wait(pendings=0)
             gl.thread_barrier()
-            q2.store(r)
+            r_buf.reshape([q_buf.shape[1], q_buf.shape[3]]).store(r)
             fence_async_shared()
             gl.thread_barrier()
-            tma.async_copy_shared_to_global(r_desc, [b, row, h, 0], q_buf)
+            tma.async_copy_shared_to_global(r_desc, [b, row, h, 0], r_buf)
         tma.store_wait(pendings=0)
 
     @gluon.jit
@@ -398,10 +448,11 @@ if AVAILABLE:
                 gl.thread_barrier()
                 store_rows(O, st2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
                 if STORE_RESID:
+                    r2 = residual_stage(stage, r_desc).reshape([HALF_M, HEAD_D])
                     gl.thread_barrier()
-                    st2.store((acc - o.to(gl.float32)).to(dtype))
+                    r2.store(residual_store_value(acc, o, r_desc.dtype))
                     gl.thread_barrier()
-                    store_rows(RESID, st2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
+                    store_rows(RESID, r2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
             else:
                 store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, q_row0 + row0, h, STORE_RESID)
         else:

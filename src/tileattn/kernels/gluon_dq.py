@@ -33,8 +33,8 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .gluon_common import (alibi_slope, feature_scores, key_tiles, load_kv_ring, program_tile, row_bounds,
-                               seq_bounds, stats_row0, store_rows, zero_rows_from)
+    from .gluon_common import (alibi_slope, feature_scores, key_tiles, load_kv_ring, program_tile, residual_value,
+                               row_bounds, seq_bounds, stats_row0, store_rows, zero_rows_from)
 
     @gluon.jit
     def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
@@ -71,9 +71,11 @@ if AVAILABLE:
         do_offs = b.to(gl.int64) * stride_dob + h.to(gl.int64) * stride_doh + prow * stride_dos
         delta = gl.zeros([HALF_M], gl.float32, layout=gl.SliceLayout(1, blk))
         for c0 in gl.static_range(0, HEAD_D, CHUNK):
-            o = gl.load(O + o_offs + c0 + cols[None, :], mask=inside, other=0.0).to(gl.float32)
-            if HAS_RESID:
-                o += gl.load(RESID + o_offs + c0 + cols[None, :], mask=inside, other=0.0).to(gl.float32)
+            o = gl.load(O + o_offs + c0 + cols[None, :], mask=inside, other=0.0)
+            if HAS_RESID:  # out's rounding residual, in out's dtype or int8 (``residual_value``)
+                o = o.to(gl.float32) + residual_value(gl.load(RESID + o_offs + c0 + cols[None, :], mask=inside,
+                                                              other=0.0), o)
+            o = o.to(gl.float32)
             do = gl.load(DO + do_offs + c0 + cols[None, :], mask=inside, other=0.0).to(gl.float32)
             delta += gl.sum(o * do, axis=1)
         delta = gl.convert_layout(delta, row_layout)

@@ -32,7 +32,7 @@ from .. import configs
 from .._hostinfo import causal_work_list, keys_for_every_tile, tile_map
 from .gluon_common import AVAILABLE, has_window, make_desc, softcap_fixed_max, window_bounds
 from .launch import launch, tma_aligned
-from .params import AttnParams, forward_outputs
+from .params import AttnParams, forward_outputs, residual_like
 
 if AVAILABLE:
     from triton.experimental import gluon
@@ -450,7 +450,7 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     if p.varlen:  # packed: the grid covers the longest sequence
         cu_q, cu_k, batch = p.cu_seqlens_q, p.cu_seqlens_k, p.batch
         seqlen_q, seqlen_k = p.max_seqlen_q, p.max_seqlen_k
-    resid = torch.empty_like(out) if residual else None
+    resid = residual_like(out) if residual else None
     cfg = cfg or configs.gluon_forward_config(d)
     bn, half = cfg.block_n, 64
     bf16 = q.dtype == torch.bfloat16
@@ -458,7 +458,7 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     k_desc = make_desc(k, (1, bn, 1, d), bf16)
     v_desc = make_desc(v, (1, bn, 1, d), bf16)
     o_desc = make_desc(out, (1, half, 1, d), bf16)
-    r_desc = make_desc(resid, (1, half, 1, d), bf16) if residual else o_desc
+    r_desc = make_desc(resid, (1, half, 1, d), bf16) if residual else o_desc  # int8 resid: an int8 descriptor
     num_m_tiles = triton.cdiv(seqlen_q, 2 * half)
     grid = num_m_tiles * batch * q_heads
     window = has_window(p)

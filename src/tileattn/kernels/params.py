@@ -5,6 +5,7 @@ from typing import Optional
 
 import torch
 
+from .. import configs
 from .._hostinfo import leaves_rows
 from .common import LOG2E_F
 
@@ -68,3 +69,9 @@ def forward_outputs(q: torch.Tensor, dv: int, p: AttnParams):
         return out, lse, 0, rows_q
     lse = torch.empty((q.shape[0], q_heads, rows_q), dtype=torch.float32, device=q.device)
     return out, lse, q_heads * rows_q, rows_q
+
+
+def residual_like(out: torch.Tensor) -> torch.Tensor:
+    """An uninitialised buffer for out's rounding residual: out's shape and strides, in the format
+    ``configs.residual_dtype`` names (out's dtype, or int8 scaled by |out|: the kernels tell them apart by dtype)."""
+    return torch.empty_like(out, dtype=configs.residual_dtype(out.dtype))
