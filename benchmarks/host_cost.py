@@ -1,7 +1,7 @@
 """Host time per call (enqueue only, no sync inside the loop) of tileattn.attention against SDPA cuDNN, forward with
 requires_grad inputs as the bench times it: if it nears the kernel's GPU time the timing is host-bound.
-Each tileattn call is measured with the forward's launch plans on (opt-in TILEATTN_LAUNCH_PLANS=1,
-kernels/plans.py) and off.
+Each tileattn call is measured with the forward's launch plans on (the default since session 21) and off
+(TILEATTN_LAUNCH_PLANS=0, kernels/plans.py).
 Usage: PYTHONPATH=src python3 benchmarks/host_cost.py"""
 import os
 import time

@@ -31,7 +31,7 @@ for stage in "$@"; do
                   --ignore=tests/test_gluon_forward.py --ignore=tests/test_gluon_backward.py \
                   --ignore=tests/test_gluon_flat.py --ignore=tests/test_gpu_compile.py --durations=5 2>&1 \
                   | tee "$OUT/tests_core.log" | tail -20; [ "${PIPESTATUS[0]}" = 0 ] || status=1 ;;
-    plan) # session 20: launch plans (kernels/plans.py, opt-in TILEATTN_LAUNCH_PLANS=1): their tests and the launch
+    plan) # session 20: launch plans (kernels/plans.py, default since session 21): their tests and the launch
           # cache's, host time per call with plans on / off, the short cells with plans off / on against cuDNN
           timeout 240 python3 -m pytest tests/test_plans.py tests/test_launch.py -q -n 8 -p no:cacheprovider \
             -p no:benchmark -rf 2>&1 | tee "$OUT/plan_tests.log" | tail -4

@@ -70,10 +70,10 @@ def gen(request):
 
 @pytest.fixture(autouse=True)
 def _launch_plans_off(monkeypatch):
-    """Launch plans (kernels/plans.py, opt-in for now) replay a call without going through the launchers that
-    tests spy on or the tables they patch: off in every test unless TILEATTN_LAUNCH_PLANS is set outside (a GPU
-    stage runs the forward, backward and feature tests again with it on) or the test turns it on
-    (tests/test_plans.py). Plans start empty."""
+    """Launch plans (kernels/plans.py, on by default for users since session 21) replay a call without going
+    through the launchers that tests spy on or the tables they patch: off in every test unless
+    TILEATTN_LAUNCH_PLANS is set outside (``gpu_run.sh plan-suite`` runs the forward, backward, feature and API
+    tests again with it on) or the test turns it on (tests/test_plans.py). Plans start empty."""
     from tileattn.kernels import plans
     monkeypatch.setattr(plans, "_PLANS", {})
     monkeypatch.setattr(plans, "_SEEN", set())
