@@ -110,13 +110,15 @@ if AVAILABLE:
         (``common.residual_store_value``, the same arithmetic)."""
         r = acc - o.to(gl.float32)
         if R_DTYPE == gl.int8:
-            _, inv = residual_unit(o)
+            _, inv = residual_unit(o)  # r * inv first (|r| / P <= 2^-(m+1)): no overflow at tiny P
             if o.dtype == gl.bfloat16:
-                x = r * (inv * 32512.0)
+                x = (r * inv) * 32512.0
             else:
-                x = r * (inv * 260096.0)
+                x = (r * inv) * 260096.0
             x = gl.minimum(gl.maximum(x, -127.0), 127.0)
-            r = x + gl.where(x >= 0.0, 0.5, -0.5)  # rounded half away from zero by the truncating conversion
+            # round to nearest (even) by adding 1.5 * 2^23: the sum's low mantissa bits are round(x) in two's
+            # complement, and the int32 -> int8 truncation keeps them (no float -> int conversion: quarter rate)
+            r = (x + 12582912.0).to(gl.int32, bitcast=True)
         return r.to(R_DTYPE)
 
     @gluon.jit
