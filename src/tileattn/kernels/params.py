@@ -73,5 +73,6 @@ def forward_outputs(q: torch.Tensor, dv: int, p: AttnParams):
 
 def residual_like(out: torch.Tensor) -> torch.Tensor:
     """An uninitialised buffer for out's rounding residual: out's shape and strides, in the format
-    ``configs.residual_dtype`` names (out's dtype, or int8 scaled by |out|: the kernels tell them apart by dtype)."""
+    ``configs.residual_dtype`` names (out's dtype, or int8 in units of out's exponent: the kernels tell them apart
+    by dtype)."""
     return torch.empty_like(out, dtype=configs.residual_dtype(out.dtype))
