@@ -35,9 +35,9 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
     def desc(rows):
         layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gl.float16 if fp16 else gl.bfloat16)
         return f"tensordesc<{'fp16' if fp16 else 'bf16'}[1,{rows},1,{d}],{layout!r}>"
-    r_layout = gl.NVMMASharedLayout.get_default_for([1, bm, 1, d], gl.int8)
+    r_layout = gl.NVMMASharedLayout.get_default_for([1, bm, 1, d // 2], gl.int16)  # int8 pairs (make_desc)
     sig = {"q_desc": desc(bm), "k_desc": desc(bn), "v_desc": desc(bn), "o_desc": desc(bm),
-           "r_desc": f"tensordesc<i8[1,{bm},1,{d}],{r_layout!r}>" if resid8 else desc(bm),
+           "r_desc": f"tensordesc<i16[1,{bm},1,{d // 2}],{r_layout!r}>" if resid8 else desc(bm),
            "LSE": "*fp32", "SINK": "*fp32", "ALIBI": "*fp32", "qk_scale": "fp32", "softcap": "fp32",
            "O": f"*{'fp16' if fp16 else 'bf16'}", "RESID": "*i8" if resid8 else f"*{'fp16' if fp16 else 'bf16'}",
            "TILE_MAP": "*i32",

@@ -69,15 +69,18 @@ def has_window(p: AttnParams) -> bool:
 
 @functools.lru_cache(maxsize=None)
 def _smem_layout(block, kind):
-    dtype = {"int8": gl.int8, True: gl.bfloat16, False: gl.float16}[kind]
+    dtype = {"int16": gl.int16, True: gl.bfloat16, False: gl.float16}[kind]
     return gl.NVMMASharedLayout.get_default_for(list(block), dtype)
 
 
 def make_desc(t: torch.Tensor, block: tuple, bf16: bool):
     """Gluon host descriptor of a (B, S, H, D) tensor that ``applies`` checked by TMA's rules (bf16 / fp16 as
-    ``bf16`` says; an int8 tensor, the forward's packed residual, gets int8's shared layout)."""
-    return host_descriptor(GluonTensorDescriptor, t, block,
-                           layout=_smem_layout(block, "int8" if t.dtype == torch.int8 else bf16))
+    ``bf16`` says). An int8 tensor (the forward's packed residual) is described as int16 column pairs, (B, S, H,
+    D / 2) over the same bytes, ``block``'s last size halved: the kernel stores pairs (``store_tile_tma``)."""
+    if t.dtype == torch.int8:
+        t, block = t.view(torch.int16), block[:-1] + (block[-1] // 2,)
+        return host_descriptor(GluonTensorDescriptor, t, block, layout=_smem_layout(block, "int16"))
+    return host_descriptor(GluonTensorDescriptor, t, block, layout=_smem_layout(block, bf16))
 
 
 if AVAILABLE:
@@ -107,9 +110,11 @@ if AVAILABLE:
     @gluon.jit
     def residual_store_value(acc, o, R_DTYPE: gl.constexpr):
         """out's rounding residual acc - o in the residual buffer's dtype: out's own, or the int8 format
-        (``common.residual_store_value``, the same arithmetic)."""
+        (``common.residual_store_value``, the same arithmetic), or (int16) that format's bytes of column pairs
+        2j, 2j + 1 packed low / high, so that a thread stores 16-bit values (a thread of the MMA layout holds column
+        pairs; int8 stores into the swizzled layout were byte-wide: NOTES v23a)."""
         r = acc - o.to(gl.float32)
-        if R_DTYPE == gl.int8:
+        if R_DTYPE == gl.int8 or R_DTYPE == gl.int16:
             _, inv = residual_unit(o)  # r * inv first (|r| / P <= 2^-(m+1)): no overflow at tiny P
             if o.dtype == gl.bfloat16:
                 x = (r * inv) * 32512.0
@@ -119,6 +124,9 @@ if AVAILABLE:
             # round to nearest (even) by adding 1.5 * 2^23: the sum's low mantissa bits are round(x) in two's
             # complement, and the int32 -> int8 truncation keeps them (no float -> int conversion: quarter rate)
             r = (x + 12582912.0).to(gl.int32, bitcast=True)
+            if R_DTYPE == gl.int16:
+                lo, hi = gl.split(gl.reshape(r, [r.shape[0], r.shape[1] // 2, 2]))
+                r = (lo & 0xFF) | (hi << 8)
         return r.to(R_DTYPE)
 
     @gluon.jit
@@ -136,9 +144,9 @@ if AVAILABLE:
     @gluon.jit
     def residual_stage(stage, r_desc):
         """The shared buffer that stages the residual's rows: out's dead ``stage`` itself, or for an int8 residual
-        its first half viewed in int8's layout."""
+        (``r_desc`` int16 pairs, ``make_desc``) its first half viewed in the pairs' layout."""
         buf = stage
-        if r_desc.dtype == gl.int8:  # a compile-time choice (one return: Gluon types both branches' returns)
+        if r_desc.dtype == gl.int16:  # a compile-time choice (one return: Gluon types both branches' returns)
             buf = stage._reinterpret(r_desc.dtype, r_desc.block_shape, r_desc.layout)
         return buf
 
@@ -156,7 +164,7 @@ if AVAILABLE:
             r_buf = residual_stage(q_buf, r_desc)
             tma.store_wait(pendings=0)
             gl.thread_barrier()
-            r_buf.reshape([q_buf.shape[1], q_buf.shape[3]]).store(r)
+            r_buf.reshape([r_buf.shape[1], r_buf.shape[3]]).store(r)
             fence_async_shared()
             gl.thread_barrier()
             tma.async_copy_shared_to_global(r_desc, [b, row, h, 0], r_buf)
@@ -450,11 +458,16 @@ if AVAILABLE:
                 gl.thread_barrier()
                 store_rows(O, st2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
                 if STORE_RESID:
-                    r2 = residual_stage(stage, r_desc).reshape([HALF_M, HEAD_D])
+                    r_buf = residual_stage(stage, r_desc)
+                    r2 = r_buf.reshape([HALF_M, r_buf.shape[3]])
                     gl.thread_barrier()
                     r2.store(residual_store_value(acc, o, r_desc.dtype))
                     gl.thread_barrier()
-                    store_rows(RESID, r2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
+                    if r_desc.dtype == gl.int16:  # int8 pairs: the rows through an int16 view (strides halved)
+                        store_rows(RESID.to(gl.pointer_type(gl.int16), bitcast=True), r2, q_row0 + row0, h,
+                                   seqlen_q - row0, stride_os // 2, stride_oh // 2)
+                    else:
+                        store_rows(RESID, r2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
             else:
                 store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, q_row0 + row0, h, STORE_RESID)
         else:

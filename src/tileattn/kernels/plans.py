@@ -145,7 +145,8 @@ def forward_call(run, q, k, v, p, residual: bool):
         result = run(q, k, v, p, None, None, residual)
     roles = dict(q=q, k=k, v=v, out=result[0], lse=result[1], resid=result[2] if residual else None, rng=rng,
                  sink=p.sink, alibi=p.alibi_slopes)
-    plans = _make(record, roles)
+    # views: the Gluon forward describes an int8 residual through an int16 view of it (gluon_common.make_desc)
+    plans = _make(record, roles, views=("resid",))
     if plans is not None:
         _store(key, env, plans)
     return result
