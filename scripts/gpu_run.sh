@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -40,6 +40,18 @@ for stage in "$@"; do
           timeout 220 python3 -m tileattn.bench --head-dims 128,64,256 --modes fwd,bwd --causal both \
             --seqlens 512,1024 --providers tileattn_noplans,tileattn_plans,sdpa_cudnn --rounds 3 --no-plot \
             --out-dir "$OUT/plans_bench" 2>&1 | grep -v "meas/s" | tee "$OUT/plans_bench.log" | tail -60 ;;
+    r8) # session 21's int8 residual (NOTES v23a/v23b, opt-in TILEATTN_RESIDUAL=int8): its GPU tests with it on
+        # (test_gluon_forward's int8 test compares both formats itself), then the short cells full / int8 / cuDNN
+        # and the forward's GPU time with gradients under both formats
+        TILEATTN_RESIDUAL=int8 timeout 300 python3 -m pytest tests/test_delta_correction.py tests/test_plans.py \
+          tests/test_backward.py tests/test_gluon_forward.py -k "not compiles" -q -n 14 -p no:cacheprovider \
+          -p no:benchmark -rf 2>&1 | tee "$OUT/r8_tests.log" | tail -6
+        [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+        timeout 150 python3 -m tileattn.bench --head-dims 64,128,256 --modes fwd,bwd --causal both \
+          --seqlens 512,1024,2048 --providers tileattn_r16,tileattn_r8,sdpa_cudnn --no-plot --out-dir "$OUT/r8" 2>&1 \
+          | grep -v "meas/s" | tee "$OUT/r8_bench.log" | tail -60
+        for f in full int8; do echo "== TILEATTN_RESIDUAL=$f"
+          TILEATTN_RESIDUAL=$f timeout 60 python3 benchmarks/kernel_vs_wall.py --grad; done 2>&1 | tee "$OUT/r8_kvw.log" ;;
     plan-suite) # the forward, backward, feature and API tests with launch plans on (the suite runs with them off:
                 # conftest) — each test's repeated calls replay plans
           TILEATTN_LAUNCH_PLANS=1 timeout 560 python3 -m pytest tests/test_forward.py tests/test_backward.py \

@@ -725,3 +725,44 @@ def test_persistent_compiles_for_sm90():
     assert_compiles([("--head-dim", d, "--persistent", "--spill-budget", 48, *(["--causal"] if causal else []), *extra)
                      for d, causal, extra in PERSISTENT_COMPILE],
                     env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1"})
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("d, varlen, causal", [(64, False, True), (128, False, False), (256, False, True),
+                                               (128, True, True), (64, True, False)])
+def test_int8_residual_matches_the_full_one(spy, monkeypatch, dtype, d, varlen, causal):
+    """The int8 residual (TILEATTN_RESIDUAL=int8; the Gluon epilogue stores column pairs as int16 by TMA, and a
+    varlen sequence's last rows by pointer stores through an int16 view) against the full residual of the same
+    call: out and lse bit-identical, r to within P 2^-(m+9) 128/127 (P the power of two at or below |out|) plus
+    the full residual's own rounding to out's dtype, and nonzero. CPU twin: test_delta_correction."""
+    from _flash_helpers import seqlens_to_cu
+    from tileattn import ops
+    gen = make_gen(seed_for("int8_residual_gluon", dtype, d, varlen, causal))
+    heads, scale = 3, d ** -0.5
+    if varlen:
+        lens = [300, 67, 1, 193]  # odd lengths: each sequence's last rows take the pointer-store path
+        total = sum(lens)
+        q, k, v = (randn((1, total, heads, d), dtype, gen) for _ in range(3))
+        cu = seqlens_to_cu(lens)
+        args = [cu, cu, max(lens), max(lens)]
+    else:
+        q, k, v = (randn((2, 611, heads, d), dtype, gen) for _ in range(3))
+        args = [None, None, 611, 611]
+    args += [scale, -1, 0 if causal else -1, 0.0, None, None, 0.0, None]
+    results = {}
+    for fmt in ("full", "int8"):
+        monkeypatch.setenv("TILEATTN_RESIDUAL", fmt)
+        results[fmt] = ops.fwd_impl(q, k, v, *args, True)
+    assert len(spy) == 2, "the calls did not take the Gluon forward"
+    (out, lse, full), (out8, lse8, r8) = results["full"], results["int8"]
+    assert torch.equal(out, out8) and torch.equal(lse, lse8)
+    assert r8.dtype == torch.int8 and r8.shape == out.shape and r8.abs().max() <= 127 and (r8 != 0).any()
+    mant, fi = (7 if dtype == torch.bfloat16 else 10), torch.finfo(dtype)
+    a = out.float().abs()
+    unit = torch.where(a < fi.tiny, fi.tiny, torch.ldexp(torch.ones_like(a), torch.frexp(a)[1] - 1))
+    r = r8.float() * unit * 2.0 ** -(mant + 8) * 128 / 127
+    full = full.float()
+    tol = unit * 2.0 ** -(mant + 9) * 128 / 127 * 1.001 + full.abs() * fi.eps / 2 + fi.tiny * fi.eps / 2
+    assert ((r - full).abs() <= tol).all()
