@@ -11,8 +11,7 @@ delta ("correct", no extra memory; also what the flash-attn shim's private backw
 2. The forward op keeps the residual only when it is used: fp16/bf16, a backward to come, "residual" mode; it is
    out's rounding residual (|r| <= half an ulp of out), in out's dtype or packed to int8 (TILEATTN_RESIDUAL=int8:
    q = round(r / P 2^(m+8) 127/128), P the power of two at or below |out|, which must give r back to
-   P 2^-(m+9) 128/127), and
-   either gives #200 its accuracy.
+   P 2^-(m+9) 128/127), and either gives #200 its accuracy.
 3. The rounded-delta mode (a benchmarking knob) still runs and still meets the rule on an ordinary case.
 """
 
