@@ -94,9 +94,12 @@ def residual_unit(o):
 def residual_store_value(acc, o, R_DTYPE: tl.constexpr):
     """out's rounding residual r = acc - o (acc the fp32 output, o its rounding) in the residual buffer's dtype:
     out's own, or int8 q = round(r / P * 2^(m+8) * 127/128) (P = ``residual_unit``; m = 7 for bf16, 10 for fp16;
-    |r| <= half an ulp = P 2^-(m+1), so |q| <= 127; the clamp only guards inf / NaN outputs)."""
+    |r| <= half an ulp = P 2^-(m+1), so |q| <= 127; the clamp only guards inf / NaN outputs), or int16: the int8
+    format's bytes of columns 2j, 2j + 1 packed low / high (the Gluon epilogue: a thread of the MMA layout holds
+    column pairs, and stores 16-bit values where int8 stores into the swizzled layout were byte-wide, NOTES v23a;
+    [rows, D] -> [rows, D / 2])."""
     r = acc - o.to(tl.float32)
-    if R_DTYPE == tl.int8:
+    if R_DTYPE == tl.int8 or R_DTYPE == tl.int16:
         _, inv = residual_unit(o)  # r * inv first (|r| / P <= 2^-(m+1)): no overflow at tiny P
         if o.dtype == tl.bfloat16:
             x = (r * inv) * 32512.0
@@ -106,6 +109,9 @@ def residual_store_value(acc, o, R_DTYPE: tl.constexpr):
         # round to nearest (even) by adding 1.5 * 2^23: the sum's low mantissa bits are round(x) in two's
         # complement, and the int32 -> int8 truncation keeps them (no float -> int conversion: quarter rate)
         r = (x + 12582912.0).to(tl.int32, bitcast=True)
+        if R_DTYPE == tl.int16:
+            lo, hi = tl.split(tl.reshape(r, [r.shape[0], r.shape[1] // 2, 2]))
+            r = (lo & 0xFF) | (hi << 8)
     return r.to(R_DTYPE)
 
 

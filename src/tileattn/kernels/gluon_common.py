@@ -12,7 +12,7 @@ import torch
 import triton.language as tl
 
 from ..configs import getenv
-from .common import FAST_TANH
+from .common import FAST_TANH, residual_store_value
 from .launch import host_descriptor
 from .params import AttnParams
 
@@ -96,50 +96,6 @@ if AVAILABLE:
         else:
             t = 1.0 - 2.0 / (gl.exp(2.0 * x) + 1.0)
         return t
-
-    @gluon.jit
-    def residual_unit(o):
-        """(P, 1 / P) of the int8 residual format from out's bits (``common.residual_unit``, the same arithmetic)."""
-        e32 = o.to(gl.float32).to(gl.int32, bitcast=True) & 0x7F800000
-        if o.dtype == gl.bfloat16:
-            e32 = gl.maximum(e32, 1 << 23)
-        else:
-            e32 = gl.maximum(e32, 113 << 23)
-        return e32.to(gl.float32, bitcast=True), ((254 << 23) - e32).to(gl.float32, bitcast=True)
-
-    @gluon.jit
-    def residual_store_value(acc, o, R_DTYPE: gl.constexpr):
-        """out's rounding residual acc - o in the residual buffer's dtype: out's own, or the int8 format
-        (``common.residual_store_value``, the same arithmetic), or (int16) that format's bytes of column pairs
-        2j, 2j + 1 packed low / high, so that a thread stores 16-bit values (a thread of the MMA layout holds column
-        pairs; int8 stores into the swizzled layout were byte-wide: NOTES v23a)."""
-        r = acc - o.to(gl.float32)
-        if R_DTYPE == gl.int8 or R_DTYPE == gl.int16:
-            _, inv = residual_unit(o)  # r * inv first (|r| / P <= 2^-(m+1)): no overflow at tiny P
-            if o.dtype == gl.bfloat16:
-                x = (r * inv) * 32512.0
-            else:
-                x = (r * inv) * 260096.0
-            x = gl.minimum(gl.maximum(x, -127.0), 127.0)
-            # round to nearest (even) by adding 1.5 * 2^23: the sum's low mantissa bits are round(x) in two's
-            # complement, and the int32 -> int8 truncation keeps them (no float -> int conversion: quarter rate)
-            r = (x + 12582912.0).to(gl.int32, bitcast=True)
-            if R_DTYPE == gl.int16:
-                lo, hi = gl.split(gl.reshape(r, [r.shape[0], r.shape[1] // 2, 2]))
-                r = (lo & 0xFF) | (hi << 8)
-        return r.to(R_DTYPE)
-
-    @gluon.jit
-    def residual_value(r, o):
-        """The fp32 residual from a stored one and out's stored value o (``common.residual_value``)."""
-        x = r.to(gl.float32)
-        if r.dtype == gl.int8:
-            unit, _ = residual_unit(o)
-            if o.dtype == gl.bfloat16:
-                x = x * unit * (1.0 / 32512.0)
-            else:
-                x = x * unit * (1.0 / 260096.0)
-        return x
 
     @gluon.jit
     def residual_stage(stage, r_desc):

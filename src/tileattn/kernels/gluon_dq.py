@@ -33,8 +33,9 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .gluon_common import (alibi_slope, feature_scores, key_tiles, load_kv_ring, program_tile, residual_value,
-                               row_bounds, seq_bounds, stats_row0, store_rows, zero_rows_from)
+    from .common import residual_value  # a @triton.jit helper: Gluon kernels call it like their own
+    from .gluon_common import (alibi_slope, feature_scores, key_tiles, load_kv_ring, program_tile, row_bounds,
+                               seq_bounds, stats_row0, store_rows, zero_rows_from)
 
     @gluon.jit
     def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
