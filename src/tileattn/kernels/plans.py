@@ -22,7 +22,7 @@ import torch
 from .. import configs
 from .. import _hostinfo, autotune
 from . import launch
-from .params import residual_like
+from .params import forward_outputs, residual_like
 
 _PLANS = {}  # key -> (knobs read, a tuple of LaunchPlan)
 _MAX_PLANS = 512
@@ -130,9 +130,7 @@ def forward_call(run, q, k, v, p, residual: bool):
     key = forward_key(q, k, v, p, residual, torch.cuda.current_device())
     entry = _lookup(key)
     if entry is not None and _ready(entry[1]):
-        batch, seqlen_q, q_heads, _ = q.shape
-        out = torch.empty((batch, seqlen_q, q_heads, v.shape[3]), dtype=q.dtype, device=q.device)
-        lse = torch.empty((batch, q_heads, seqlen_q), dtype=torch.float32, device=q.device)
+        out, lse, _, _ = forward_outputs(q, v.shape[3], p)  # as the launchers allocate them
         resid = residual_like(out) if residual else None
         roles = dict(q=q, k=k, v=v, out=out, lse=lse, resid=resid, rng=rng, sink=p.sink, alibi=p.alibi_slopes)
         for lp in entry[1]:
