@@ -476,10 +476,9 @@ class GluonForwardConfig:
     taken from: 12 warps x maxnreg <= 64K); calls with fewer than ``min_seqlen_k`` keys (``min_seqlen_k_causal``
     for causal and other right-bounded windows; ``min_seqlen_k_causal_list``, where set, for batched causal calls
     that run on the persistent grid with the host's work list) take the portable kernel, as do softcap and
-    sliding-window calls
-    when ``window_softcap`` is False. ``default_on=False``: an entry not yet measured on a GPU, used only with
-    ``TILEATTN_GLUON=all``. ``persistent``: calls whose query tiles see about the same number of keys (no mask,
-    or a window bounded on both sides) run on a persistent grid (``gluon_forward_schedule``)."""
+    sliding-window calls when ``window_softcap`` is False. ``default_on=False``: an entry not yet measured on a
+    GPU, used only with ``TILEATTN_GLUON=all``. ``persistent``: calls whose query tiles see about the same number
+    of keys (no mask, or a window bounded on both sides) run on a persistent grid (``gluon_forward_schedule``)."""
     block_n: int
     k_stages: int
     v_stages: int

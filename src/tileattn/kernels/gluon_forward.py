@@ -7,8 +7,8 @@ while the other's matmuls hold the tensor cores. Triton 3.6's own pipeliner and 
 (NOTES.md, sessions 8 and 10).
 
 Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_forward_config`` (64 from 512
-keys or 2048 when causal, 128, 256 from 512 keys; the table's thresholds), batched inputs, and packed varlen ones at D <= 128
-(``TILEATTN_GLUON_VARLEN=0`` opts out; see ``attention_forward``), no paging or dropout, causal or not
+keys or 2048 when causal, 128, 256 from 512 keys; the table's thresholds), batched inputs, and packed varlen ones
+at D <= 128 (``TILEATTN_GLUON_VARLEN=0`` opts out; see ``attention_forward``), no paging or dropout, causal or not
 (bottom-right aligned like the portable kernel). Softcap, sink, ALiBi and sliding windows (the key-tile range
 [lo, hi) shared by both warpgroups, edge tiles masked) are constexpr features of the kernel (D=64 takes the portable
 kernel for softcap, ALiBi and windows: faster there for the first two, measured). Calls whose tiles see about the
@@ -458,7 +458,7 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     k_desc = make_desc(k, (1, bn, 1, d), bf16)
     v_desc = make_desc(v, (1, bn, 1, d), bf16)
     o_desc = make_desc(out, (1, half, 1, d), bf16)
-    r_desc = make_desc(resid, (1, half, 1, d), bf16) if residual else o_desc  # int8 resid: an int8 descriptor
+    r_desc = make_desc(resid, (1, half, 1, d), bf16) if residual else o_desc  # int8 resid: int16 pairs (make_desc)
     num_m_tiles = triton.cdiv(seqlen_q, 2 * half)
     grid = num_m_tiles * batch * q_heads
     window = has_window(p)
