@@ -148,22 +148,21 @@ def causal_schedule(batch: int, q_heads: int, group: int, seqlen_q: int, seqlen_
     (tile * batch + b) * q_heads + h (``gluon_common.item_bounds``' USE_MAP form; program p runs entries p,
     p + nprog, ...), with the busiest program's modelled work over the mean and the heads per group.
 
-    Heads are taken in groups small enough that a group's K/V (``kv_bytes_per_key`` bytes per key and KV head,
-    shared by ``group`` consecutive query heads) fills at most a fraction CAUSAL_LIST_L2_FRACTION of the L2: the
-    items running at once then read the K/V of a group or two (three at a group's edge), which stay in L2 while
-    every query tile of those heads passes over them. The in-kernel order it replaces (``persistent_item``'s LPT:
-    every head's longest tile, then every head's second longest, ...) runs tiles of up to nprog different heads at
-    once, so at 1k-16k each head's K/V leaves L2 between its tiles (D=128 causal 1k: ~4.6x the plain grid's HBM
-    reads, by this model), which is where the persistent grid lost 2-25% to the plain grid on causal calls (runs
-    78, 85; the varlen work list learnt the same in v17d). Within a group the tiles go longest first, level by level; each round of nprog
-    positions hands its items, longest first, to the programs with the least modelled work so far (key tiles +
-    CAUSAL_LIST_ITEM_COST per item), and the programs are numbered so that those with an item in the last, partial
-    round come first (program p's it-th item sits at p + it * nprog). A round of nprog items spans at least
-    nprog / num_m heads however the groups are cut, and with groups of G heads the items running at once touch about
-    G heads, so the group size runs from that floor to what fits; the balance moves by a few percent with it, so up
-    to 12 sizes in that range (fewer for long lists) are built and the best balanced taken (host model,
-    flash-attn's grid, makespan over mean: 1.015-1.027 at D=128 and 1.007-1.010 at D=64, against the kernel's LPT
-    order's 1.008-1.031 and 1.002-1.023; benchmarks/persistent_balance.py)."""
+    Heads are taken in groups small enough that a group's K/V (``kv_bytes_per_key`` bytes per key and KV head, shared by
+    ``group`` consecutive query heads) fills at most a fraction CAUSAL_LIST_L2_FRACTION of the L2: the items running at
+    once then read the K/V of a group or two (three at a group's edge), which stay in L2 while every query tile of those
+    heads passes over them. The in-kernel order it replaces (``persistent_item``'s LPT: every head's longest tile, then
+    every head's second longest, ...) runs tiles of up to nprog different heads at once, so at 1k-16k each head's K/V
+    leaves L2 between its tiles (D=128 causal 1k: ~4.6x the plain grid's HBM reads, by this model), which is where the
+    persistent grid lost 2-25% to the plain grid on causal calls (runs 78, 85; the varlen work list learnt the same in
+    v17d). Within a group the tiles go longest first, level by level; each round of nprog positions hands its items,
+    longest first, to the programs with the least modelled work so far (key tiles + CAUSAL_LIST_ITEM_COST per item), and
+    the programs are numbered so that those with an item in the last, partial round come first (program p's it-th item
+    sits at p + it * nprog). A round of nprog items spans at least nprog / num_m heads however the groups are cut, and
+    with groups of G heads the items running at once touch about G heads, so the group size runs from that floor to what
+    fits; the balance moves by a few percent with it, so up to 12 sizes in that range (fewer for long lists) are built
+    and the best balanced taken (host model, flash-attn's grid, makespan over mean: 1.015-1.027 at D=128 and 1.007-1.010
+    at D=64, against the kernel's LPT order's 1.008-1.031 and 1.002-1.023; benchmarks/persistent_balance.py)."""
     num_m = -(-seqlen_q // block_m)
 
     levels = [(causal_key_tiles(t, seqlen_q, seqlen_k, block_m, block_n), t) for t in range(num_m - 1, -1, -1)]
