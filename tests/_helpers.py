@@ -399,3 +399,27 @@ GLUON_CASES = [
     (2, 1, 1, 2, 2), (1, 17, 17, 3, 3), (2, 130, 130, 4, 2), (1, 128, 300, 2, 1), (1, 300, 128, 2, 2),
     (2, 1000, 1000, 2, 2), (1, 257, 1031, 4, 1), (1, 2048, 2048, 2, 2),
 ]
+
+
+def int8_residual(r8, out):
+    """(r, P): the fp32 residual an int8 one (``TILEATTN_RESIDUAL=int8``, ``configs.residual_dtype``) stands for,
+    r = q P 2^-(m+8) 128/127, and its unit P, the power of two at or below |out| (the smallest normal's for
+    subnormals and 0)."""
+    fi = torch.finfo(out.dtype)
+    mant = 7 if out.dtype == torch.bfloat16 else 10
+    a = out.float().abs()
+    unit = torch.where(a < fi.tiny, fi.tiny, torch.ldexp(torch.ones_like(a), torch.frexp(a)[1] - 1))
+    return r8.float() * unit * 2.0 ** -(mant + 8) * 128 / 127, unit
+
+
+def assert_int8_residual_matches(r8, full, out):
+    """The int8 residual ``r8`` is the full one (``full``, out's dtype, the same call's) to within
+    P 2^-(m+9) 128/127, plus the full one's own rounding to out's dtype (half an ulp of r, subnormal spacing
+    included); |q| <= 127."""
+    fi = torch.finfo(out.dtype)
+    mant = 7 if out.dtype == torch.bfloat16 else 10
+    r, unit = int8_residual(r8, out)
+    full = full.float()
+    tol = unit * 2.0 ** -(mant + 9) * 128 / 127 * 1.001 + full.abs() * fi.eps / 2 + fi.tiny * fi.eps / 2
+    assert ((r - full).abs() <= tol).all()
+    assert r8.abs().max() <= 127

@@ -24,7 +24,8 @@ import test_varlen
 import test_sweep
 import tileattn
 from tileattn import configs, ops
-from _helpers import HALF_DTYPES, make_gen, make_tensor, run_reference, seed_for
+from _helpers import (HALF_DTYPES, assert_int8_residual_matches, int8_residual, make_gen, make_tensor, run_reference,
+                      seed_for)
 
 
 def _grad_errors(q, k, v, do, causal, scale):
@@ -76,20 +77,12 @@ def test_residual_kept_only_when_used(monkeypatch, dtype, varlen, fmt):
     assert resid.dtype == (torch.int8 if fmt == "int8" else out.dtype)
     # r = O_fp32 - O: at most half an ulp of O (round to nearest), and nonzero somewhere
     ulp = torch.finfo(dtype).eps * out.float().abs()
-    mant, fi = (7 if dtype == torch.bfloat16 else 10), torch.finfo(dtype)
-    # the int8 format's unit P: the power of two at or below |out|, the smallest normal's for subnormals and 0
-    a = out.float().abs()
-    unit = torch.where(a < fi.tiny, fi.tiny, torch.ldexp(torch.ones_like(a), torch.frexp(a)[1] - 1))
-    r = resid.float() * unit * 2.0 ** -(mant + 8) * 128 / 127 if fmt == "int8" else resid.float()
+    r = int8_residual(resid, out)[0] if fmt == "int8" else resid.float()
     assert (r.abs() <= ulp / 2 + torch.finfo(dtype).tiny).all()
     assert (resid != 0).any()
-    if fmt == "int8":  # the packed residual is the full one to within P 2^-(m+9) 128/127 (plus the full one's own
-        # rounding to out's dtype: half an ulp of r, subnormal spacing included)
+    if fmt == "int8":  # the packed residual is the full one to within the format's precision
         monkeypatch.setenv("TILEATTN_RESIDUAL", "full")
-        full = ops.fwd_impl(q, k, v, *args, True)[2].float()
-        tol = unit * 2.0 ** -(mant + 9) * 128 / 127 * 1.001 + full.abs() * fi.eps / 2 + fi.tiny * fi.eps / 2
-        assert ((r - full).abs() <= tol).all()
-        assert resid.abs().max() <= 127
+        assert_int8_residual_matches(resid, ops.fwd_impl(q, k, v, *args, True)[2], out)
     out2, lse2, none = ops.fwd_impl(q, k, v, *args, False)  # inference: not kept
     assert none.numel() == 0 and torch.equal(out2, out) and torch.equal(lse2, lse)
     for mode in ("correct", "rounded"):
