@@ -40,7 +40,8 @@ def graph_us(fn, reps=10):
 
 def main():
     grad = "--grad" in sys.argv
-    print(f"# grad={grad} {torch.cuda.get_device_name()}: us per forward call (eager = do_bench as the bench, graph = CUDA-graph replay)")
+    print(f"# grad={grad} {torch.cuda.get_device_name()}: us per forward call (eager = do_bench as the bench, "
+          f"graph = CUDA-graph replay)")
     for d, b, h, s, causal in ((128, 32, 16, 512, True), (128, 16, 16, 1024, True), (64, 32, 32, 512, True),
                                (64, 16, 32, 1024, True), (256, 32, 8, 512, True), (256, 16, 8, 1024, True),
                                (256, 32, 8, 512, False), (128, 32, 16, 512, False), (64, 32, 32, 512, False)):
@@ -53,7 +54,8 @@ def main():
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
                 return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
         with torch.set_grad_enabled(grad):
-            row = [triton.testing.do_bench(ours) * 1e3, graph_us(ours), triton.testing.do_bench(cud) * 1e3, graph_us(cud)]
+            row = [triton.testing.do_bench(ours) * 1e3, graph_us(ours), triton.testing.do_bench(cud) * 1e3,
+                   graph_us(cud)]
         print(f"D={d} B={b} H={h} S={s} causal={causal}: tileattn eager {row[0]:.1f} graph {row[1]:.1f} | "
               f"cudnn eager {row[2]:.1f} graph {row[3]:.1f} | graph ratio {row[3] / row[1]:.2f}", flush=True)
 

@@ -9,9 +9,8 @@ import torch
 import tileattn
 from tileattn import configs
 from tileattn.kernels import plans
-from _helpers import HALF_DTYPES, dtype_id, feature_kwargs, make_gen, make_qkv, randn, seed_for
+from _helpers import HALF_DTYPES, HOPPER, dtype_id, feature_kwargs, make_gen, make_qkv, randn, seed_for
 
-HOPPER = torch.cuda.is_available() and torch.cuda.get_device_capability()[0] == 9
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on sm90 only")
 
 
