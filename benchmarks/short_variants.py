@@ -1,0 +1,97 @@
+"""Short forward cells under knob variants, one process: each cell's forward (inputs requiring gradients, as the
+bench's forward cells time it; --no-grad: under no_grad) replayed from a CUDA graph (10 calls per graph, no host
+work between them), once per variant, beside SDPA cuDNN's. The knobs are read per call (configs.getenv) and launch
+plans key on the knobs a call read, so switching os.environ between variants is safe.
+
+A variant is NAME or NAME@DIMS:VAR=value[,VAR=value...], DIMS a '/'-separated list of head dims it applies to (all
+when left out); a variant is skipped on cells of other head dims. The default (no knob) is always measured.
+Usage: PYTHONPATH=src python3 benchmarks/short_variants.py [--no-grad] [--cells d,b,h,s,causal;...] VARIANT ..."""
+import argparse
+import os
+
+import torch
+import torch.nn.functional as F
+from torch.nn.attention import SDPBackend, sdpa_kernel
+
+import tileattn
+
+CELLS = ((128, 32, 16, 512, True), (128, 16, 16, 1024, True), (64, 32, 32, 512, True), (64, 16, 32, 1024, True),
+         (256, 32, 8, 512, True), (256, 16, 8, 1024, True), (256, 32, 8, 512, False), (128, 32, 16, 512, False),
+         (64, 32, 32, 512, False))
+
+
+def graph_us(fn, reps=10):
+    s = torch.cuda.Stream()
+    s.wait_stream(torch.cuda.current_stream())
+    with torch.cuda.stream(s):
+        for _ in range(3):
+            fn()
+    torch.cuda.current_stream().wait_stream(s)
+    g = torch.cuda.CUDAGraph()
+    with torch.cuda.graph(g):
+        for _ in range(reps):
+            fn()
+    g.replay()
+    torch.cuda.synchronize()
+    best = float("inf")
+    for _ in range(10):
+        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        a.record()
+        g.replay()
+        b.record()
+        torch.cuda.synchronize()
+        best = min(best, a.elapsed_time(b) * 1e3 / reps)
+    return best
+
+
+def parse_variant(text):
+    name, _, knobs = text.partition(":")
+    name, _, dims = name.partition("@")
+    env = dict(kv.split("=", 1) for kv in knobs.split(",") if kv)
+    return name, ({int(d) for d in dims.split("/")} if dims else None), env
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--no-grad", action="store_true")
+    ap.add_argument("--cells", default="")
+    ap.add_argument("variants", nargs="*")
+    args = ap.parse_args()
+    grad = not args.no_grad
+    cells = CELLS if not args.cells else [tuple(int(x) for x in c.split(",")) for c in args.cells.split(";")]
+    variants = [("default", None, {})] + [parse_variant(v) for v in args.variants]
+    print(f"# grad={grad} {torch.cuda.get_device_name()}: us per forward call, CUDA-graph replay; "
+          f"ratio = cuDNN / variant (above 1: faster than cuDNN)")
+    for d, b, h, s, causal in cells:
+        causal = bool(causal)
+        q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
+                   for _ in range(3))
+        qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+
+        def cud():
+            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+        with torch.set_grad_enabled(grad):
+            ref = graph_us(cud)
+            parts = [f"cudnn {ref:.1f}"]
+            for name, dims, env in variants:
+                if dims is not None and d not in dims:
+                    continue
+                saved = {key: os.environ.get(key) for key in env}
+                os.environ.update(env)
+                try:
+                    us = graph_us(lambda: tileattn.attention(q, k, v, causal=causal))
+                    parts.append(f"{name} {us:.1f} ({ref / us:.2f})")
+                except Exception as e:  # a variant that does not apply to the cell (e.g. a config that won't fit)
+                    parts.append(f"{name} failed: {type(e).__name__}: {str(e)[:80]}")
+                finally:
+                    for key, value in saved.items():
+                        if value is None:
+                            os.environ.pop(key, None)
+                        else:
+                            os.environ[key] = value
+        print(f"D={d} B={b} H={h} S={s} causal={causal}: " + " | ".join(parts), flush=True)
+
+
+if __name__ == "__main__":
+    main()
