@@ -3,7 +3,7 @@ bench's forward cells time it; --no-grad: under no_grad) replayed from a CUDA gr
 work between them), once per variant, beside SDPA cuDNN's. The knobs are read per call (configs.getenv) and launch
 plans key on the knobs a call read, so switching os.environ between variants is safe.
 
-A variant is NAME or NAME@DIMS:VAR=value[,VAR=value...], DIMS a '/'-separated list of head dims it applies to (all
+A variant is NAME or NAME@DIMS:VAR=value[+VAR=value...], DIMS a '/'-separated list of head dims it applies to (all
 when left out); a variant is skipped on cells of other head dims. The default (no knob) is always measured.
 Usage: PYTHONPATH=src python3 benchmarks/short_variants.py [--no-grad] [--cells d,b,h,s,causal;...] VARIANT ..."""
 import argparse
@@ -47,7 +47,7 @@ def graph_us(fn, reps=10):
 def parse_variant(text):
     name, _, knobs = text.partition(":")
     name, _, dims = name.partition("@")
-    env = dict(kv.split("=", 1) for kv in knobs.split(",") if kv)
+    env = dict(kv.split("=", 1) for kv in knobs.split("+") if kv)
     return name, ({int(d) for d in dims.split("/")} if dims else None), env
 
 
