@@ -5,6 +5,7 @@ plans key on the knobs a call read, so switching os.environ between variants is 
 
 A variant is NAME or NAME@DIMS:VAR=value[+VAR=value...], DIMS a '/'-separated list of head dims it applies to (all
 when left out); a variant is skipped on cells of other head dims. The default (no knob) is always measured.
+--step: forward and backward (the attention of a training step).
 Usage: PYTHONPATH=src python3 benchmarks/short_variants.py [--no-grad] [--cells d,b,h,s,causal;...] VARIANT ..."""
 import argparse
 import os
@@ -54,23 +55,32 @@ def parse_variant(text):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--no-grad", action="store_true")
+    ap.add_argument("--step", action="store_true", help="time forward + backward (a training step's attention)")
     ap.add_argument("--cells", default="")
     ap.add_argument("variants", nargs="*")
     args = ap.parse_args()
-    grad = not args.no_grad
+    grad = not args.no_grad or args.step
     cells = CELLS if not args.cells else [tuple(int(x) for x in c.split(",")) for c in args.cells.split(";")]
     variants = [("default", None, {})] + [parse_variant(v) for v in args.variants]
-    print(f"# grad={grad} {torch.cuda.get_device_name()}: us per forward call, CUDA-graph replay; "
+    print(f"# grad={grad} step={args.step} {torch.cuda.get_device_name()}: us per call, CUDA-graph replay; "
           f"ratio = cuDNN / variant (above 1: faster than cuDNN)")
     for d, b, h, s, causal in cells:
         causal = bool(causal)
         q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=grad)
                    for _ in range(3))
         qt, kt, vt = (t.transpose(1, 2) for t in (q, k, v))
+        do = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
 
         def cud():
             with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                return F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+                out = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+            if args.step:
+                out.backward(do.transpose(1, 2))
+
+        def ours():
+            out = tileattn.attention(q, k, v, causal=causal)
+            if args.step:
+                out.backward(do)
         with torch.set_grad_enabled(grad):
             ref = graph_us(cud)
             parts = [f"cudnn {ref:.1f}"]
@@ -80,7 +90,7 @@ def main():
                 saved = {key: os.environ.get(key) for key in env}
                 os.environ.update(env)
                 try:
-                    us = graph_us(lambda: tileattn.attention(q, k, v, causal=causal))
+                    us = graph_us(ours)
                     parts.append(f"{name} {us:.1f} ({ref / us:.2f})")
                 except Exception as e:  # a variant that does not apply to the cell (e.g. a config that won't fit)
                     parts.append(f"{name} failed: {type(e).__name__}: {str(e)[:80]}")
