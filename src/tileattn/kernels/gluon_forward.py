@@ -246,11 +246,14 @@ if AVAILABLE:
 
         # Q is dead: its buffer stages this warpgroup's output rows for TMA stores (rows past the tensor clipped);
         # PERSISTENT: the next item's Q may be loading into it, the output has its own buffer
-        stage = q_buf
-        if PERSISTENT:
-            stage = o_smem.index(w)
-        epilogue(acc, m_i, l_i, stage, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
-                  b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID, HAS_SINK, VARLEN)
+        if PERSISTENT:  # out and the residual in their own buffers, stores left in flight (the next epilogue
+            # and the program's end wait for them)
+            epilogue(acc, m_i, l_i, o_smem.index(w), o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q,
+                     q_row0, b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID,
+                     HAS_SINK, VARLEN, o_smem.index(2 * STORE_RESID + w), True)
+        else:
+            epilogue(acc, m_i, l_i, q_buf, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
+                     b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID, HAS_SINK, VARLEN)
 
     @gluon.jit
     def _consumer_persistent(w: gl.constexpr, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
@@ -280,6 +283,7 @@ if AVAILABLE:
                       stride_os, stride_oh, t0, t0 + it, it & 1, o_smem, q_empty, HALF_M, BLOCK_N, HEAD_D, K_STAGES,
                       V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, True)
             t0 += n
+        tma.store_wait(pendings=0)  # the last item's stores (left in flight by the epilogue) have read shared memory
 
     @gluon.jit
     def _fwd_kernel(q_desc, k_desc, v_desc, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, CU_Q, CU_K, TILE_MAP,
@@ -361,7 +365,8 @@ if AVAILABLE:
                                     CAUSAL, WINDOW, VARLEN, USE_MAP, True)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         elif PERSISTENT:
-            o_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], o_desc.layout)
+            # out's staging buffers (one per consumer warpgroup), then the residual's
+            o_smem = gl.allocate_shared_memory(dtype, [2 + 2 * STORE_RESID, 1, HALF_M, 1, HEAD_D], o_desc.layout)
             q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(2):
                 mbarrier.init(q_empty.index(i), count=1)
