@@ -108,13 +108,12 @@ if AVAILABLE:
 
     @gluon.jit
     def store_tile_tma(o_desc, r_desc, q_buf, acc, o, b, row, h, STORE_RESID: gl.constexpr, r_stage,
-                       OWN_R: gl.constexpr, DEFER: gl.constexpr):
+                       DEFER: gl.constexpr):
         """out (and the rounding residual) of one warpgroup's rows through a dead shared buffer ``q_buf`` and TMA
-        stores (rows past the tensor clipped). OWN_R: the residual is staged in its own dead buffer ``r_stage``,
-        so both stores are in flight at once; otherwise it reuses ``q_buf`` once out's store has read it. DEFER
-        (the persistent forward): nothing waits for the stores here: the caller waits (``tma.store_wait``) before
-        it writes either buffer again and before the program ends; otherwise they are waited for before
-        returning."""
+        stores (rows past the tensor clipped). DEFER (the persistent forward): the residual is staged in its own
+        buffer ``r_stage`` and nothing waits for the stores here: the caller waits (``tma.store_wait``) before it
+        writes either buffer again and before the program ends. Otherwise the residual reuses ``q_buf`` once out's
+        store has read it, and the stores are waited for before returning."""
         q2 = q_buf.reshape([q_buf.shape[1], q_buf.shape[3]])
         q2.store(o)
         fence_async_shared()
@@ -122,7 +121,7 @@ if AVAILABLE:
         tma.async_copy_shared_to_global(o_desc, [b, row, h, 0], q_buf)
         if STORE_RESID:  # out's rounding residual for the backward's delta (see backward.py)
             r = residual_store_value(acc, o, r_desc.dtype)
-            if OWN_R:
+            if DEFER:
                 r_buf = residual_stage(r_stage, r_desc)
             else:
                 r_buf = residual_stage(q_buf, r_desc)
@@ -396,12 +395,12 @@ if AVAILABLE:
     def epilogue(acc, m_i, l_i, stage, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
                  b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M: gl.constexpr, HEAD_D: gl.constexpr,
                  STORE_RESID: gl.constexpr, HAS_SINK: gl.constexpr, VARLEN: gl.constexpr, r_stage=None,
-                 OWN_R: gl.constexpr = False, DEFER: gl.constexpr = False):
+                 DEFER: gl.constexpr = False):
         """The Gluon forward's epilogue for a warpgroup's rows after their last key tile: the sink joins the
         denominator, out = acc / l and lse are stored (out through ``stage``, a dead (1, HALF_M, 1, HEAD_D) shared
-        buffer, by TMA; a varlen sequence's last rows by masked pointer stores). OWN_R, DEFER
-        (``store_tile_tma``): the residual has its own dead staging buffer ``r_stage``; the TMA stores are left in
-        flight, and this waits for the previous epilogue's stores before writing the buffers again."""
+        buffer, by TMA; a varlen sequence's last rows by masked pointer stores). DEFER (``store_tile_tma``): the
+        residual has its own staging buffer ``r_stage``, the TMA stores are left in flight, and this waits for
+        the previous epilogue's stores before writing the buffers again."""
         dtype: gl.constexpr = o_desc.dtype
         o_layout: gl.constexpr = acc.type.layout
         if HAS_SINK:  # the sink joins the denominator with no value
@@ -440,7 +439,6 @@ if AVAILABLE:
                     else:
                         store_rows(RESID, r2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
             else:
-                store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, q_row0 + row0, h, STORE_RESID, r_stage, OWN_R,
-                               DEFER)
+                store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, q_row0 + row0, h, STORE_RESID, r_stage, DEFER)
         else:
-            store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, row0, h, STORE_RESID, r_stage, OWN_R, DEFER)
+            store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, row0, h, STORE_RESID, r_stage, DEFER)

@@ -250,17 +250,7 @@ if AVAILABLE:
             # and the program's end wait for them)
             epilogue(acc, m_i, l_i, o_smem.index(w), o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q,
                      q_row0, b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID,
-                     HAS_SINK, VARLEN, o_smem.index(2 * STORE_RESID + w), True, True)
-        elif STORE_RESID and BLOCK_N == HALF_M:
-            # one program per tile (D=256): the residual is staged in the V slot of key tile n - 2 (one that no
-            # tile reloads, and that both warpgroups have released: its empty barrier's last phase; slots past
-            # n - 1 when n < 2 were never loaded), so that out's and the residual's stores are in flight together
-            rs = (n + V_STAGES - 2) % V_STAGES
-            if n >= 2:
-                mbarrier.wait(v_empty.index(rs), ((n - 2) // V_STAGES) & 1)
-            epilogue(acc, m_i, l_i, q_buf, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
-                     b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID, HAS_SINK, VARLEN,
-                     v_smem.index(rs), True, False)
+                     HAS_SINK, VARLEN, o_smem.index(2 * STORE_RESID + w), True)
         else:
             epilogue(acc, m_i, l_i, q_buf, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
                      b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID, HAS_SINK, VARLEN)
