@@ -9,6 +9,7 @@ when left out); a variant is skipped on cells of other head dims. The default (n
 Usage: PYTHONPATH=src python3 benchmarks/short_variants.py [--no-grad] [--cells d,b,h,s,causal;...] VARIANT ..."""
 import argparse
 import os
+import sys
 
 import torch
 import torch.nn.functional as F
@@ -16,33 +17,12 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 
 import tileattn
 
+sys.path.insert(0, os.path.dirname(__file__))
+from kernel_vs_wall import graph_us  # noqa: E402
+
 CELLS = ((128, 32, 16, 512, True), (128, 16, 16, 1024, True), (64, 32, 32, 512, True), (64, 16, 32, 1024, True),
          (256, 32, 8, 512, True), (256, 16, 8, 1024, True), (256, 32, 8, 512, False), (128, 32, 16, 512, False),
          (64, 32, 32, 512, False))
-
-
-def graph_us(fn, reps=10):
-    s = torch.cuda.Stream()
-    s.wait_stream(torch.cuda.current_stream())
-    with torch.cuda.stream(s):
-        for _ in range(3):
-            fn()
-    torch.cuda.current_stream().wait_stream(s)
-    g = torch.cuda.CUDAGraph()
-    with torch.cuda.graph(g):
-        for _ in range(reps):
-            fn()
-    g.replay()
-    torch.cuda.synchronize()
-    best = float("inf")
-    for _ in range(10):
-        a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-        a.record()
-        g.replay()
-        b.record()
-        torch.cuda.synchronize()
-        best = min(best, a.elapsed_time(b) * 1e3 / reps)
-    return best
 
 
 def parse_variant(text):
