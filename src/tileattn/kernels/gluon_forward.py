@@ -304,9 +304,9 @@ if AVAILABLE:
         ``causal_work_list``; num_m_tiles is then the batch), so no program is launched for a tile past its
         sequence's end, and the longest sequences run first. PERSISTENT (D <= 128; the schedule
         table decides): a grid of at most one program per multiprocessor, program pid running the items (the
-        default grid's tiles, or the work list's entries) pid, pid + grid, ... < num_items, with the output staged
-        in its own buffer so that the next item's loads overlap this item's last P V and epilogue
-        (``_consumer_persistent``). FLAT (with PERSISTENT, opt-in): the same items as one pipeline across item
+        default grid's tiles, or the work list's entries) pid, pid + grid, ... < num_items, with the output and
+        the residual staged in their own buffers so that the next item's loads overlap this item's last P V and
+        epilogue, whose stores are left in flight (``_consumer_persistent``, ``store_tile_tma``). FLAT (with PERSISTENT, opt-in): the same items as one pipeline across item
         boundaries, Q double-buffered (``gluon_flat``; varlen only on the work list)."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = 2 * HALF_M
