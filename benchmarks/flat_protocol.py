@@ -8,7 +8,7 @@ tries every runnable agent in turn. It checks, for any list of per-item key-tile
 * the producer never refills a K/V slot or a Q buffer that a consumer is still reading (issue .. release),
 * the two warpgroups alternate on the tensor cores in the round order the turn barriers promise.
 
-It mirrors the kernel's barrier operations line by line (gluon_forward's ``_load_persistent`` with FLAT,
+It mirrors the kernel's barrier operations line by line (gluon_loads' ``_load_persistent`` with FLAT,
 ``_turn_wait`` and ``_pv_issue``; gluon_flat's ``consumer_flat`` and ``_item_rounds``); a change to one must be
 made to the other. Usage:
 ``python benchmarks/flat_protocol.py [--cases 2000]`` (random cases), or ``check(n_items, k_stages, v_stages)``.

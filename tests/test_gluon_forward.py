@@ -217,7 +217,11 @@ PERSISTENT_CASES = [(2, 2100, 2100, 16, 8, 128, {}), (2, 2048, 2048, 16, 4, 128,
                     (1, 130, 4000, 4, 2, 128, dict(causal=True, alibi=True)), (4, 64, 64, 2, 1, 128, {}),
                     (2, 1500, 1300, 8, 2, 128, dict(softcap=8.0, alibi=True)),
                     (2, 2048, 2048, 8, 8, 64, dict(sink=True)),
-                    (2, 1400, 1400, 12, 4, 128, dict(causal=True))]  # 264 items: 2 full rounds of 132, odd one last
+                    (2, 1400, 1400, 12, 4, 128, dict(causal=True)),  # 264 items: 2 full rounds of 132, odd one last
+                    # D=256 (forced only: the output staged in Q's buffer, session 22's v25a)
+                    (2, 2100, 2100, 8, 8, 256, {}), (2, 1400, 1400, 8, 4, 256, dict(causal=True)),
+                    (3, 257, 1031, 4, 2, 256, dict(causal=True, sink=True)),
+                    (2, 1500, 1300, 8, 2, 256, dict(softcap=8.0, alibi=True))]
 
 
 @hopper
@@ -230,7 +234,7 @@ def test_persistent_matches_grid(case, dtype, spy, monkeypatch):
     arithmetic is the same), and within the accuracy rule (out, lse, gradients) against the float64 reference;
     more tiles than multiprocessors (up to 544 on 132), Sq != Sk both ways, GQA, causal (the host's work list,
     _hostinfo.causal_schedule; the kernel's LPT order in test_causal_work_list_matches_grid), window + softcap,
-    sink, ALiBi."""
+    sink, ALiBi; D=64, 128 and 256 (whose output is staged in Q's buffer)."""
     B, Sq, Sk, Hq, Hkv, d, feat = case
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon-persistent", case[:6], dtype),
                             requires_grad=True)
@@ -239,8 +243,10 @@ def test_persistent_matches_grid(case, dtype, spy, monkeypatch):
     ref = tileattn.attention(q, k, v, return_lse=True, **kw)
     n = len(spy)
     monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "1")
+    seen = record_gluon_launches(monkeypatch)
     got = tileattn.attention(q, k, v, return_lse=True, **kw)
     assert len(spy) == n + 1, "the call did not take the Gluon forward"
+    assert seen and seen[-1][1]["PERSISTENT"], "the call did not run on the persistent grid"
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     import test_features
     test_features._check(q, k, v, randn((B, Sq, Hq, d), dtype, gen), entry="tileattn", ctx="gluon persistent", **kw)
@@ -444,7 +450,8 @@ def test_schedule_table(monkeypatch):
     assert schedule(cfg, 128, True, False, True) == (True, False, False)
     set_schedule(monkeypatch, "0", "1")
     assert schedule(cfg, 128, True, True) == (True, False, False)
-    assert schedule(cfg, 256, False, False) == (False, False, False)  # D=256: the output's staging buffer does not fit
+    # D=256 forced: persistent, its output staged in Q's buffer (the default stays the plain grid, above)
+    assert schedule(configs._GLUON_FWD[256], 256, False, False) == (True, False, False)
     for name in ("TILEATTN_GLUON_PERSISTENT", "TILEATTN_VARLEN_TILEMAP"):
         set_schedule(monkeypatch, None, None)
         monkeypatch.setenv(name, "yes")
@@ -714,7 +721,8 @@ PERSISTENT_COMPILE = [(128, False, ()), (128, True, ("--softcap", "--sink")), (6
                       (128, False, ("--softcap", "--alibi", "--sink")),
                       (128, False, ("--window", "--alibi", "--fp16")),
                       (128, True, ("--varlen", "--tile-map")),
-                      (128, False, ("--varlen", "--window", "--sink"))]
+                      (128, False, ("--varlen", "--window", "--sink")),
+                      (256, False, ()), (256, True, ("--tile-map", "--softcap", "--sink"))]
 
 
 @needs_gluon

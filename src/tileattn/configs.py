@@ -549,7 +549,8 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
 def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool, varlen: bool,
                            causal_list: bool = False):
     """(persistent, work_list, needs_list) for a Gluon forward call: a persistent grid (one program per
-    multiprocessor walking the tiles, D <= 128 only: the output needs its own staging buffer) where the entry says
+    multiprocessor walking the tiles; by default D <= 128 only, whose outputs get their own staging buffers; forced
+    also at D=256, which stages them in Q's buffer: session 22's v25a, not yet measured) where the entry says
     so and the call's query tiles see about the same number of keys (``uneven``: causal, or a window open on one
     side; a static round-robin over those loses to the hardware's dynamic scheduling, runs 78 and 85; windows
     bounded on both sides gain, 1.03x at 2k and 1.08x at 8k for (512, 512) in run 85), or the call is batched
@@ -564,7 +565,8 @@ def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool,
     forced = getenv("TILEATTN_GLUON_PERSISTENT", "")
     if forced not in ("", "0", "1"):
         raise ValueError(f"TILEATTN_GLUON_PERSISTENT must be 0 or 1 (or unset), got {forced!r}")
-    persistent = head_dim <= 128 and (forced == "1" if forced else cfg.persistent and (not uneven or causal_list))
+    # D=256 only when forced (its output is staged in Q's buffer, so the next item's Q loads after the epilogue)
+    persistent = forced == "1" if forced else head_dim <= 128 and cfg.persistent and (not uneven or causal_list)
     tiles = getenv("TILEATTN_VARLEN_TILEMAP", "")
     if tiles not in ("", "0", "1"):
         raise ValueError(f"TILEATTN_VARLEN_TILEMAP must be 0 or 1 (or unset), got {tiles!r}")

@@ -4,7 +4,7 @@ warpgroups (64 query rows each, 240 registers each through setmaxnreg) run the o
 warpgroup MMAs in FA3's order (QK^T of tile j is issued before O is rescaled; P_{j-1} V_{j-1} runs during tile j's
 softmax) and take turns issuing their matmuls (ping-pong through two mbarriers), so one warpgroup's softmax runs
 while the other's matmuls hold the tensor cores. Triton 3.6's own pipeliner and warp specialisation do neither
-(NOTES.md, sessions 8 and 10).
+(NOTES.md, sessions 8 and 10). The producer's loads are in ``gluon_loads.py``.
 
 Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_forward_config`` (64 from 512
 keys or 2048 when causal, 128, 256 from 512 keys; the table's thresholds), batched inputs, and packed varlen ones
@@ -38,8 +38,9 @@ if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from .gluon_common import (SOFTCAP_FFMA, _tanh, epilogue, feature_scores, item_bounds, load_kv_ring,
-                               persistent_item, row_bounds, zero_rows_from)
+    from .gluon_common import (SOFTCAP_FFMA, _tanh, epilogue, feature_scores, item_bounds, persistent_item,
+                               row_bounds, zero_rows_from)
+    from .gluon_loads import _load_partition, _load_persistent
 
     @gluon.jit
     def _softmax_tile(s, j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap, win_left,
@@ -94,47 +95,6 @@ if AVAILABLE:
         return p, alpha, m_new, l_new
 
     @gluon.jit
-    def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n, q_row0,
-                        k_row0, t0, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                        K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, qb=0):
-        """Producer warp: the two Q halves (into Q buffers qb and qb + 1: 0 but in the flat kernel), then key tiles
-        lo .. lo + n - 1 (K and V) into their rings as the consumers free the slots (ring position t0 + j: the j-th
-        tile loaded; t0 = 0 but in the persistent kernel)."""
-        q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
-        for w in gl.static_range(2):
-            mbarrier.expect(q_bars.index(qb + w), HALF_M * HEAD_D * 2)
-            tma.async_copy_global_to_shared(q_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(qb + w),
-                                            q_smem.index(qb + w))
-        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, lo, n, t0,
-                     BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
-
-    @gluon.jit
-    def _load_persistent(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid, num_items, nprog,
-                         TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group, seqlen_q, seqlen_k, win_left, win_right,
-                         HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
-                         V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr,
-                         USE_MAP: gl.constexpr, FLAT: gl.constexpr = False):
-        """Persistent producer: the work items pid, pid + nprog, ... in turn (``_load_partition`` each; causal: in
-        ``persistent_item``'s longest-first order); an item's Q halves load once both consumer warpgroups released
-        the previous item's (``q_empty``, after their last Q K^T), and the K/V rings run on across items
-        (positions t0 + j). FLAT (gluon_flat): two sets of Q buffers, the it-th item's in set it % 2, released
-        by item it - 2's epilogue."""
-        Q_SETS: gl.constexpr = 2 if FLAT else 1
-        t0 = gl.to_tensor(0)
-        for item in range(pid, num_items, nprog):
-            it = (item - pid) // nprog
-            g = persistent_item(item, pid, nprog, num_items, num_m_tiles, CAUSAL and not USE_MAP)
-            b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = item_bounds(
-                g, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
-                2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
-            qb = 2 * (it % Q_SETS)
-            for w in gl.static_range(2):
-                mbarrier.wait(q_empty.index(qb + w), ((it // Q_SETS) & 1) ^ 1)
-            _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b_desc, h, h // group, start_m, lo,
-                            n, q_row0, k_row0, t0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, qb)
-            t0 += n
-
-    @gluon.jit
     def _turn_wait(turn, w: gl.constexpr, r):
         """Ping-pong: warpgroup w issues its matmuls of round r after the other one issued its round r (w = 1) or
         r - 1 (w = 0), so one warpgroup's softmax runs while the other's matmuls hold the tensor cores."""
@@ -177,6 +137,9 @@ if AVAILABLE:
         ``o_smem`` instead, so the next item's Q loads during this item's last P V and epilogue."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         dtype: gl.constexpr = o_desc.dtype
+        # the persistent grid at D=256 (forced only): no room for separate staging buffers, so the output is
+        # staged in Q's buffer and the next item's Q loads after this item's stores have read it
+        Q_STAGE: gl.constexpr = PERSISTENT and HEAD_D > 128
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -231,7 +194,7 @@ if AVAILABLE:
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
                 mbarrier.arrive(v_empty.index((t0 + j - 1) % V_STAGES), count=1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
-            if PERSISTENT:  # every Q K^T of this item is done: the next item's Q may load
+            if PERSISTENT and not Q_STAGE:  # every Q K^T of this item is done: the next item's Q may load
                 mbarrier.arrive(q_empty.index(w), count=1)
             _turn_wait(turn, w, r0 + n)
             o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t0 + n - 1,
@@ -240,13 +203,19 @@ if AVAILABLE:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
             mbarrier.arrive(v_empty.index((t0 + n - 1) % V_STAGES), count=1)
         elif PERSISTENT:  # no key tile: one empty ping-pong round, so that every item takes n + 1 rounds
-            mbarrier.arrive(q_empty.index(w), count=1)
+            if not Q_STAGE:
+                mbarrier.arrive(q_empty.index(w), count=1)
             _turn_wait(turn, w, r0)
             mbarrier.arrive(turn.index(1 - w), count=1)
 
         # Q is dead: its buffer stages this warpgroup's output rows for TMA stores (rows past the tensor clipped);
         # PERSISTENT: the next item's Q may be loading into it, the output has its own buffer
-        if PERSISTENT:  # out and the residual in their own buffers, stores left in flight (the next epilogue
+        if Q_STAGE:  # out and the residual staged in Q's buffer; released once the stores have read it
+            epilogue(acc, m_i, l_i, q_buf, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
+                     b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID, HAS_SINK, VARLEN)
+            gl.thread_barrier()
+            mbarrier.arrive(q_empty.index(w), count=1)
+        elif PERSISTENT:  # out and the residual in their own buffers, stores left in flight (the next epilogue
             # and the program's end wait for them)
             epilogue(acc, m_i, l_i, o_smem.index(w), o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q,
                      q_row0, b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID,
@@ -365,8 +334,13 @@ if AVAILABLE:
                                     CAUSAL, WINDOW, VARLEN, USE_MAP, True)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         elif PERSISTENT:
-            # out's staging buffers (one per consumer warpgroup), then the residual's
-            o_smem = gl.allocate_shared_memory(dtype, [2 + 2 * STORE_RESID, 1, HALF_M, 1, HEAD_D], o_desc.layout)
+            # out's staging buffers (one per consumer warpgroup), then the residual's; D=256 stages in Q's
+            # (``_consumer``'s Q_STAGE)
+            if HEAD_D > 128:
+                o_smem = q_smem
+            else:
+                o_smem = gl.allocate_shared_memory(dtype, [2 + 2 * STORE_RESID, 1, HALF_M, 1, HEAD_D],
+                                                   o_desc.layout)
             q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(2):
                 mbarrier.init(q_empty.index(i), count=1)
@@ -490,7 +464,7 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     # opt-in (TILEATTN_GLUON_FLAT=1, NOTES v21a): one pipeline across a persistent program's items (gluon_flat),
     # for calls whose every item has a key tile: causal or windowed ones only with seqlen_k >= seqlen_q, varlen
     # ones on the work list with that known for every sequence (host copies of cu_seqlens)
-    flat = persistent and configs.getenv("TILEATTN_GLUON_FLAT") == "1" and (
+    flat = persistent and d <= 128 and configs.getenv("TILEATTN_GLUON_FLAT") == "1" and (
         keys_for_every_tile(cu_q, cu_k, causal or window) if p.varlen and tiles is not None
         else not p.varlen and (not (causal or window) or seqlen_k >= seqlen_q))
     launch(_fwd_kernel, (grid,), (
