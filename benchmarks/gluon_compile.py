@@ -25,6 +25,9 @@ from triton.experimental.gluon._runtime import GluonASTSource  # noqa: E402
 from tileattn.kernels import gluon_forward as gf  # noqa: E402
 
 
+SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KB, opt-in)
+
+
 def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=False, fp16=False, window=False,
                 varlen=False, alibi=False, tile_map=False, persistent=False, flat=False, resid8=False):
     from tileattn import configs
@@ -158,7 +161,8 @@ def main(argv=None):
                     "creg,preg,maxnreg,pipeline)")
     ap.add_argument("--sass", action="store_true", help="print the main loop's SASS")
     ap.add_argument("--check", action="store_true",
-                    help="exit 1 unless ptxas reports no spills and no serialised wgmma (C7514)")
+                    help="exit 1 unless ptxas reports no spills and no serialised wgmma (C7514), and the kernel's "
+                         "shared memory fits sm_90's 227 KB")
     ap.add_argument("--spill-budget", type=int, default=0,
                     help="with --check: the spill stores (bytes) accepted (the D=128 dK/dV kernel has a few)")
     a = ap.parse_args(argv)
@@ -186,6 +190,11 @@ def main(argv=None):
             configs._GLUON_BWD[a.head_dim].split
         per = 2 if (not a.bwd or split) else 4
         ok = ok and k.asm["ptx"].count("wgmma.mma_async") >= per * (a.head_dim // 16)
+        # shared memory within sm_90's per-block limit (227 KB): ptxas does not check it, the launch would fail
+        # (the persistent D=128 forward uses 229.8 KB of the 232,448 bytes since session 22's v24a)
+        if k.metadata.shared > SM90_MAX_SHARED:
+            print(f"shared memory {k.metadata.shared} B exceeds sm_90's {SM90_MAX_SHARED} B per block")
+            ok = False
         return 0 if ok else 1
     print(cc._ptxas_report(k.asm["ptx"], 90), "smem", k.metadata.shared)
     sass = sl._sass(k.asm["ptx"])
