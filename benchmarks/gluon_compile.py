@@ -60,7 +60,8 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
     return k
 
 
-def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=False, softcap=False, alibi=False):
+def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=False, softcap=False, alibi=False,
+                dq_probe=False):
     """The Gluon dK/dV kernel (kernels/gluon_backward.py) for sm_90a."""
     from tileattn import configs
     from tileattn.kernels import gluon_backward as gb
@@ -79,7 +80,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
            "DV": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32"}
     consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal and not window, WINDOW=window, PIPELINE=bool(pipe),
                   VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, SPLIT=split, CONSUMER_REGS=creg,
-                  PRODUCER_REGS=preg)
+                  PRODUCER_REGS=preg, DQ_PROBE=dq_probe)
     fn = gb._dkdv_kernel
     for name in fn.arg_names:
         if name not in sig:
@@ -157,6 +158,8 @@ def main(argv=None):
     ap.add_argument("--dq", action="store_true", help="the dQ backward kernel instead (--config bn,kstages,creg,"
                     "preg,maxnreg; --no-resid: delta from the rounded O; --dlse)")
     ap.add_argument("--dlse", action="store_true")
+    ap.add_argument("--dq-probe", action="store_true", help="with --bwd: the fused backward's main loop "
+                    "(TILEATTN_GLUON_BWD_PROBE=dq)")
     ap.add_argument("--bwd", action="store_true", help="the dK/dV backward kernel instead (--config bm,stages,"
                     "creg,preg,maxnreg,pipeline)")
     ap.add_argument("--sass", action="store_true", help="print the main loop's SASS")
@@ -173,7 +176,7 @@ def main(argv=None):
         k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen, a.window, a.softcap,
                        a.alibi, a.resid8)
     elif a.bwd:
-        k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi)
+        k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi, a.dq_probe)
     else:
         softcap = 2 if a.softcap_fixed_max else a.softcap
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, softcap, a.sink, a.fp16, a.window, a.varlen,

@@ -52,16 +52,22 @@ for stage in "$@"; do
           | grep -v "meas/s" | tee "$OUT/r8_bench.log" | tail -60
         for f in full int8; do echo "== TILEATTN_RESIDUAL=$f"
           TILEATTN_RESIDUAL=$f timeout 60 python3 benchmarks/kernel_vs_wall.py --grad; done 2>&1 | tee "$OUT/r8_kvw.log" ;;
-    s22) # session 22's leftovers: v25a (the persistent forward at D=256, forced: TILEATTN_GLUON_PERSISTENT=1) — its
-         # tests (test_persistent_matches_grid: bit-identical to the plain grid, accuracy rule), then its speed at
-         # D=256 512-2k in CUDA-graph replay beside the plain grid and cuDNN; the GC probe (run 129's anomaly)
+    s22) # session 22's leftovers (~6 min): v25a (the persistent forward at D=256, forced: TILEATTN_GLUON_PERSISTENT=1)
+         # — its tests (test_persistent_matches_grid: bit-identical to the plain grid, accuracy rule), then its speed
+         # at D=256 512-2k in CUDA-graph replay beside the plain grid and cuDNN; the GC probe (run 129's anomaly);
+         # the fused backward's main-loop probe
          timeout 240 python3 -m pytest tests/test_gluon_forward.py -k "persistent" -q -n 14 -p no:cacheprovider \
            -p no:benchmark -rf 2>&1 | tee "$OUT/s22_tests.log" | tail -6
          [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
          timeout 150 python3 benchmarks/short_variants.py "pers@256:TILEATTN_GLUON_PERSISTENT=1" \
            --cells "256,32,8,512,1;256,16,8,1024,1;256,8,8,2048,1;256,32,8,512,0;256,16,8,1024,0;256,8,8,2048,0" \
            2>&1 | grep -v Warning | tee "$OUT/s22_short.log"
-         timeout 150 python3 benchmarks/gc_probe.py 2>&1 | grep -v Warning | tee "$OUT/s22_gc.log" ;;
+         timeout 150 python3 benchmarks/gc_probe.py 2>&1 | grep -v Warning | tee "$OUT/s22_gc.log"
+         # the fused backward's main loop (TILEATTN_GLUON_BWD_PROBE=dq): its test, then its time per kernel
+         timeout 120 python3 -m pytest tests/test_gluon_backward.py -k "probe" -q -n 4 -p no:cacheprovider \
+           -p no:benchmark -rf 2>&1 | tee "$OUT/s22_probe_tests.log" | tail -4
+         [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+         timeout 200 python3 benchmarks/bwd_probe.py 2>&1 | grep -v Warning | tee "$OUT/s22_bwd_probe.log" ;;
     plan-suite) # the forward, backward, feature and API tests with launch plans on (the suite runs with them off:
                 # conftest) — each test's repeated calls replay plans
           TILEATTN_LAUNCH_PLANS=1 timeout 560 python3 -m pytest tests/test_forward.py tests/test_backward.py \

@@ -99,12 +99,30 @@ if AVAILABLE:
         tma.store_wait(pendings=0)
 
     @gluon.jit
+    def _probe_stage(ds, ds_slots, ds_ready, ds_free, w: gl.constexpr, t):
+        """DQ_PROBE: this warpgroup's dS^T of step t into slot (t % 2, w) once both warpgroups' dQ^T products of
+        step t - 2 have read it, then announced (``_dkdv_consumer``)."""
+        mbarrier.wait(ds_free.index(t % 2), ((t // 2) & 1) ^ 1)
+        ds_slots.index(2 * (t % 2) + w).store(ds)
+        fence_async_shared()
+        gl.thread_barrier()
+        mbarrier.arrive(ds_ready.index(t % 2), count=1)
+
+    @gluon.jit
+    def _probe_issue(k_lo, k_hi, ds_slots, ds_ready, dqt, t):
+        """DQ_PROBE: dQ^T += K^T dS^T of step t over both warpgroups' keys (asynchronous; returns the token)."""
+        mbarrier.wait(ds_ready.index(t % 2), (t // 2) & 1)
+        tok = warpgroup_mma(k_lo, ds_slots.index(2 * (t % 2)), dqt, is_async=True)
+        return warpgroup_mma(k_hi, ds_slots.index(2 * (t % 2) + 1), tok, is_async=True)
+
+    @gluon.jit
     def _dkdv_consumer(w: gl.constexpr, dk_desc, dv_desc, DK, DV, ALIBI_B, q_smem, do_smem, k_smem, v_smem, lse_smem,
                        delta_smem, bars, b, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
                        k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N: gl.constexpr,
                        win_left, win_right, softcap, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                       PIPELINE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr):
+                       PIPELINE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, probe=None,
+                       DQ_PROBE: gl.constexpr = False):
         """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps.
         PIPELINE: software-pipelined by one step: S^T_t and dP^T_t are issued with dV += P^T_{t-1} dO_{t-1} and
         dK += dS^T_{t-1} Q_{t-1} between them, so step t's elementwise work runs while step t-1's products hold the
@@ -112,7 +130,14 @@ if AVAILABLE:
         Needs a ring of 3 slots (step t-1's Q and dO stay until its products finish). VARLEN: the query tile that
         crosses the sequence's end has its other rows (the next sequence's) zeroed in Q and dO before use (their
         P is 0, but 0 * NaN is NaN), and a key half that crosses it is stored by masked pointer stores (DK /
-        DV), since a TMA store would overwrite the next sequence's rows."""
+        DV), since a TMA store would overwrite the next sequence's rows.
+
+        DQ_PROBE (a measurement, ``TILEATTN_GLUON_BWD_PROBE=dq``; D=128, PIPELINE): the main loop of a fused
+        5-product backward. Each step's dS^T is staged in shared memory (``probe``: (slots (2 steps x 2
+        warpgroups, HALF_N, BLOCK_M), ready, free barriers of 2 arrivals)) and, issued with the next step's
+        products, each warpgroup computes half of dQ^T = K^T dS^T (its 64 of D's rows, over both warpgroups'
+        keys); the products are summed over the steps and discarded (the dQ kernel still runs, so gradients stay
+        right): what is left to a fused kernel is dQ's reduction across programs."""
         kv_bar, ready, empty = bars
         dtype: gl.constexpr = dk_desc.dtype
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -168,6 +193,12 @@ if AVAILABLE:
                                   HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
             ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M, HAS_SOFTCAP)
+            if DQ_PROBE:
+                ds_slots, ds_ready, ds_free = probe
+                dqt = st_zero  # (HEAD_D / 2, BLOCK_M): this warpgroup's rows of dQ^T, summed over the steps
+                k_lo = k_smem.index(0).reshape([HALF_N, HEAD_D]).slice(w * HALF_N, HALF_N, dim=1).permute((1, 0))
+                k_hi = k_smem.index(1).reshape([HALF_N, HEAD_D]).slice(w * HALF_N, HALF_N, dim=1).permute((1, 0))
+                _probe_stage(ds.to(dtype), ds_slots, ds_ready, ds_free, w, 0)
             p_op = gl.convert_layout(p.to(dtype), op_layout)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             for t in range(1, n):
@@ -184,20 +215,38 @@ if AVAILABLE:
                 dpt_tok = warpgroup_mma(v2, do_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                         use_acc=False, is_async=True)
                 dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
-                st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
+                if DQ_PROBE:  # dQ^T_{t-1} (this warpgroup's half of D) over both warpgroups' keys
+                    dq_tok = _probe_issue(k_lo, k_hi, ds_slots, ds_ready, dqt, t - 1)
+                    st = warpgroup_mma_wait(num_outstanding=5, deps=(st_tok, ))
+                else:
+                    st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
                 p, dtanh = dkdv_probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
                                       alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
                                       HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
-                dv, dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dpt_tok))
+                if DQ_PROBE:
+                    dv, dpt = warpgroup_mma_wait(num_outstanding=3, deps=(dv_tok, dpt_tok))
+                else:
+                    dv, dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dpt_tok))
                 ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
-                dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
+                if DQ_PROBE:
+                    dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, dq_tok))
+                    mbarrier.arrive(ds_free.index((t - 1) % 2), count=1)
+                    _probe_stage(ds.to(dtype), ds_slots, ds_ready, ds_free, w, t)
+                else:
+                    dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
                 mbarrier.arrive(empty.index(sp), count=1)
                 p_op = gl.convert_layout(p.to(dtype), op_layout)
                 ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             sp = (n - 1) % STAGES
             dv_tok = warpgroup_mma(p_op, do_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dv, is_async=True)
             dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
-            dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok))
+            if DQ_PROBE:
+                dq_tok = _probe_issue(k_lo, k_hi, ds_slots, ds_ready, dqt, n - 1)
+                dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok))
+                if seqlen_q < 0:  # never (a runtime test the compiler cannot fold): keeps the products alive
+                    gl.store(DK, gl.sum(gl.sum(dqt, axis=1), axis=0).to(dtype))
+            else:
+                dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok))
             mbarrier.arrive(empty.index(sp), count=1)
         # K and V are dead (only this warpgroup reads its halves): their buffers stage dK and dV for the TMA store
         k2.store((dk * sm_scale).to(dtype))
@@ -219,7 +268,7 @@ if AVAILABLE:
                      HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                      HAS_SOFTCAP: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
                      HAS_ALIBI: gl.constexpr, SPLIT: gl.constexpr,
-                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
+                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, DQ_PROBE: gl.constexpr = False):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
         total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
@@ -291,21 +340,56 @@ if AVAILABLE:
                               q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
             return
-        gl.warp_specialize([
-            (_dkdv_consumer, (0, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                              delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
-                              qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
-                              win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                              PIPELINE, VARLEN, HAS_ALIBI)),
-            (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                              delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
-                              qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
-                              win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                              PIPELINE, VARLEN, HAS_ALIBI)),
-            (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                          delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
-                          q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        if DQ_PROBE:  # the fused backward's main loop, timed (``_dkdv_consumer``)
+            ds_slots = gl.allocate_shared_memory(dtype, [4, HALF_N, BLOCK_M],
+                                                 gl.NVMMASharedLayout.get_default_for([HALF_N, BLOCK_M], dtype))
+            ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(2):
+                mbarrier.init(ds_ready.index(i), count=2)
+                mbarrier.init(ds_free.index(i), count=2)
+            probe = (ds_slots, ds_ready, ds_free)
+            gl.warp_specialize([
+                (_dkdv_consumer, (0, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                                  delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
+                                  qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
+                                  win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
+                                  PIPELINE, VARLEN, HAS_ALIBI, probe, True)),
+                (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                                  delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
+                                  qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
+                                  win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
+                                  PIPELINE, VARLEN, HAS_ALIBI, probe, True)),
+                (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                              delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
+                              q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            gl.warp_specialize([
+                (_dkdv_consumer, (0, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                                  delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
+                                  qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
+                                  win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
+                                  PIPELINE, VARLEN, HAS_ALIBI)),
+                (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                                  delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
+                                  qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
+                                  win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
+                                  PIPELINE, VARLEN, HAS_ALIBI)),
+                (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                              delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
+                              q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+
+def _dq_probe(cfg, head_dim: int) -> bool:
+    """``TILEATTN_GLUON_BWD_PROBE=dq`` (a measurement, off by default): at D=128 the dK/dV kernel also computes and
+    discards dQ (``_dkdv_consumer``'s DQ_PROBE), timing the main loop of a fused 5-product backward against the
+    two-kernel form (NOTES, session 22); gradients stay right (the dQ kernel still runs)."""
+    value = configs.getenv("TILEATTN_GLUON_BWD_PROBE", "")
+    if value not in ("", "dq"):
+        raise ValueError(f"TILEATTN_GLUON_BWD_PROBE must be 'dq' or unset, got {value!r}")
+    return value == "dq" and head_dim == 128 and cfg.pipeline and not cfg.split
 
 
 def applies(q, k, v, dout, dq, dk, dv, p: AttnParams):
@@ -361,5 +445,5 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg):
              HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=p.alibi_slopes is not None,
              PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
-             PRODUCER_REGS=cfg.producer_regs),
+             PRODUCER_REGS=cfg.producer_regs, **({"DQ_PROBE": True} if _dq_probe(cfg, d) else {})),
         4, 1, maxnreg=cfg.maxnreg)
