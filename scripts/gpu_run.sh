@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -52,22 +52,30 @@ for stage in "$@"; do
           | grep -v "meas/s" | tee "$OUT/r8_bench.log" | tail -60
         for f in full int8; do echo "== TILEATTN_RESIDUAL=$f"
           TILEATTN_RESIDUAL=$f timeout 60 python3 benchmarks/kernel_vs_wall.py --grad; done 2>&1 | tee "$OUT/r8_kvw.log" ;;
-    s22) # session 22's leftovers (~6 min): v25a (the persistent forward at D=256, forced: TILEATTN_GLUON_PERSISTENT=1)
+    s22) # session 22's leftovers (~4 min): v25a (the persistent forward at D=256, forced: TILEATTN_GLUON_PERSISTENT=1)
          # — its tests (test_persistent_matches_grid: bit-identical to the plain grid, accuracy rule), then its speed
-         # at D=256 512-2k in CUDA-graph replay beside the plain grid and cuDNN; the GC probe (run 129's anomaly);
-         # the fused backward's main-loop probe
+         # at D=256 512-2k in CUDA-graph replay beside the plain grid and cuDNN; the GC probe (run 129's anomaly)
          timeout 240 python3 -m pytest tests/test_gluon_forward.py -k "persistent" -q -n 14 -p no:cacheprovider \
            -p no:benchmark -rf 2>&1 | tee "$OUT/s22_tests.log" | tail -6
          [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
          timeout 150 python3 benchmarks/short_variants.py "pers@256:TILEATTN_GLUON_PERSISTENT=1" \
            --cells "256,32,8,512,1;256,16,8,1024,1;256,8,8,2048,1;256,32,8,512,0;256,16,8,1024,0;256,8,8,2048,0" \
            2>&1 | grep -v Warning | tee "$OUT/s22_short.log"
-         timeout 150 python3 benchmarks/gc_probe.py 2>&1 | grep -v Warning | tee "$OUT/s22_gc.log"
-         # the fused backward's main loop (TILEATTN_GLUON_BWD_PROBE=dq): its test, then its time per kernel
-         timeout 120 python3 -m pytest tests/test_gluon_backward.py -k "probe" -q -n 4 -p no:cacheprovider \
-           -p no:benchmark -rf 2>&1 | tee "$OUT/s22_probe_tests.log" | tail -4
-         [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-         timeout 200 python3 benchmarks/bwd_probe.py 2>&1 | grep -v Warning | tee "$OUT/s22_bwd_probe.log" ;;
+         timeout 150 python3 benchmarks/gc_probe.py 2>&1 | grep -v Warning | tee "$OUT/s22_gc.log" ;;
+    s22b) # (~6 min) the fused backward's main loop (TILEATTN_GLUON_BWD_PROBE=dq, v26a): its test, then its time per
+          # kernel; the forward's exp2 half on the FMA units (TILEATTN_POLY_EXP=1, read at import, v27a): the
+          # Gluon forward's tests with it on, then the forward cells without / with it (two processes, each with
+          # its cuDNN anchor)
+          timeout 120 python3 -m pytest tests/test_gluon_backward.py -k "probe" -q -n 4 -p no:cacheprovider \
+            -p no:benchmark -rf 2>&1 | tee "$OUT/s22_probe_tests.log" | tail -4
+          [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+          timeout 150 python3 benchmarks/bwd_probe.py 2>&1 | grep -v Warning | tee "$OUT/s22_bwd_probe.log"
+          TILEATTN_POLY_EXP=1 timeout 200 python3 -m pytest tests/test_gluon_forward.py -k "not compiles" -q -n 14 \
+            -p no:cacheprovider -p no:benchmark -rf 2>&1 | tee "$OUT/s22_poly_tests.log" | tail -6
+          [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+          for f in 0 1; do TILEATTN_POLY_EXP=$f timeout 100 python3 -m tileattn.bench --head-dims 64,128 --modes fwd \
+            --causal both --seqlens 1024,4096,16384 --providers tileattn,sdpa_cudnn --no-plot \
+            --out-dir "$OUT/poly$f" 2>&1 | grep -v "meas/s" | tee "$OUT/s22_poly$f.log" | tail -30; done ;;
     plan-suite) # the forward, backward, feature and API tests with launch plans on (the suite runs with them off:
                 # conftest) — each test's repeated calls replay plans
           TILEATTN_LAUNCH_PLANS=1 timeout 560 python3 -m pytest tests/test_forward.py tests/test_backward.py \

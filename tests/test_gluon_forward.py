@@ -769,3 +769,54 @@ def test_int8_residual_matches_the_full_one(spy, monkeypatch, dtype, d, varlen, 
     assert torch.equal(out, out8) and torch.equal(lse, lse8)
     assert r8.dtype == torch.int8 and r8.shape == out.shape and (r8 != 0).any()
     assert_int8_residual_matches(r8, full, out)
+
+
+def _emulate_exp2_pair_asm(x):
+    """float32 emulation of gluon_common._EXP2_PAIR_ASM's polynomial element (constants read from the asm text, so
+    this follows the kernel's code): clamp, round by the 1.5 * 2^23 sum, Horner, times 2^n from the bits."""
+    import re
+    import numpy as np
+    from tileattn.kernels import gluon_common
+    asm = str(gluon_common._EXP2_PAIR_ASM.value)
+
+    def const(line):  # the PTX hex float constants of one instruction, as float32
+        return [np.uint32(int(h, 16)).view(np.float32) for h in re.findall(r"0f([0-9A-F]{8})", line)]
+    lines = [ln.strip() for ln in asm.splitlines()]
+    lo = const(next(ln for ln in lines if ln.startswith("max.NaN.f32")))[0]
+    magic = const(next(ln for ln in lines if ln.startswith("add.rn.f32")))[0]
+    fmas = [const(ln) for ln in lines if ln.startswith("fma.rn.f32")]
+    x = np.asarray(x, np.float32)
+    t = np.where(np.isnan(x), x, np.maximum(x, lo)).astype(np.float32)
+    r = (t + magic).astype(np.float32)
+    f = (t - (r - magic)).astype(np.float32)
+    q = (f * fmas[0][0] + fmas[0][1]).astype(np.float32)
+    for (c,) in fmas[1:]:
+        q = (q * f + c).astype(np.float32)
+    bits = ((r.view(np.uint32).astype(np.uint64) + 127) << np.uint64(23)) & np.uint64(0xFFFFFFFF)
+    return (q * bits.astype(np.uint32).view(np.float32)).astype(np.float32)
+
+
+def test_exp2_polynomial_emulated():
+    """The polynomial half of TILEATTN_POLY_EXP's exp2 (session 22, v27a), emulated in float32 from the asm's own
+    constants: relative error <= 1.1e-4 on the scores' range, exact powers of two at integers (a row maximum keeps
+    p = 1), exactly 0 for -inf and anything below -127, NaN kept."""
+    import numpy as np
+    x = np.concatenate([np.linspace(-126, 0, 400001, dtype=np.float32), -np.random.default_rng(0).exponential(
+        8, 100000).astype(np.float32)])
+    x = x[x >= -126]
+    y = _emulate_exp2_pair_asm(x)
+    assert np.max(np.abs(y / np.exp2(x.astype(np.float64)) - 1)) <= 1.1e-4
+    ints = np.arange(-126, 1, dtype=np.float32)
+    assert np.array_equal(_emulate_exp2_pair_asm(ints), np.exp2(ints))
+    special = _emulate_exp2_pair_asm([-np.inf, -1e30, -200.0, -127.0, np.nan])
+    assert np.array_equal(special[:4], np.zeros(4, np.float32)) and np.isnan(special[4])
+
+
+@needs_gluon
+@pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
+def test_poly_exp_compiles_for_sm90():
+    """TILEATTN_POLY_EXP=1 (read at import: in a subprocess) compiles without spills or serialised wgmma."""
+    assert_compiles([("--head-dim", 64, "--persistent"), ("--head-dim", 128, "--persistent"),
+                     ("--head-dim", 64, "--persistent", "--causal", "--tile-map", "--spill-budget", 48),
+                     ("--head-dim", 256, "--causal")],
+                    env_extra={"TILEATTN_POLY_EXP": "1", "TILEATTN_FAST_TANH": "1"})

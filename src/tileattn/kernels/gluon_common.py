@@ -33,6 +33,37 @@ except ImportError:  # pragma: no cover - older triton
 SOFTCAP_FFMA = tl.constexpr(os.environ.get("TILEATTN_SOFTCAP_FFMA", "1") != "0")
 
 
+# TILEATTN_POLY_EXP (read at import; default 0; session 22's v27a, not yet measured): the Gluon forward computes half
+# of each tile's exp2 with a polynomial on the FMA units instead of the MUFU unit (FlashAttention-4's trick). At D=64
+# the MUFU's exp2 (16 per clock per SM) takes as long as the tile's two matmuls, so the softmax, not the tensor
+# cores, bounds the forward; pairs of elements go one to ex2.approx and one to the polynomial (``exp2_tile``)
+POLY_EXP = tl.constexpr(os.environ.get("TILEATTN_POLY_EXP", "0") == "1")
+
+# 2^x for one element of each pair by range reduction and a degree-3 polynomial with p(0) = 1 (relative error <=
+# 1.0e-4 on [-0.5, 0.5] in fp32 Horner, exact at integers, so a row's maximum still gets p = 1; P is rounded to
+# bf16/fp16 for P V anyway, and l's sum sees 1e-4 at most): x clamped at -127 (max.NaN keeps a NaN), n = round(x)
+# by adding 1.5 * 2^23 (the sum's low mantissa bits hold n), f = x - n in [-0.5, 0.5], p(f) by Horner, then times
+# 2^n built as the float bits (n + 127) << 23 — 0 for n = -127, so masked scores (-inf) give exactly 0 as
+# ex2.approx does. The other element of the pair takes ex2.approx.ftz. tests/test_gluon_forward.py emulates it.
+_EXP2_PAIR_ASM = tl.constexpr("""{
+.reg .f32 t, r, f, q, e;
+.reg .b32 j;
+ex2.approx.ftz.f32 $0, $2;
+max.NaN.f32 t, $3, 0fC2FE0000;
+add.rn.f32 r, t, 0f4B400000;
+sub.rn.f32 f, r, 0f4B400000;
+sub.rn.f32 f, t, f;
+fma.rn.f32 q, f, 0f3D61510B, 0f3E780626;
+fma.rn.f32 q, q, f, 0f3F317AFD;
+fma.rn.f32 q, q, f, 0f3F800000;
+mov.b32 j, r;
+add.s32 j, j, 127;
+shl.b32 j, j, 23;
+mov.b32 e, j;
+mul.rn.f32 $1, q, e;
+}""")
+
+
 # the softcap bound below which the fixed max applies: p = exp2(softcap * log2 e * t) stays within [2^-72.2, 2^72.2],
 # so O's accumulator (sum of p * v over the keys) overflows fp32 only for |v| * keys above ~2^55
 SOFTCAP_FIXED_MAX_LIMIT = 50.0
@@ -96,6 +127,16 @@ if AVAILABLE:
         else:
             t = 1.0 - 2.0 / (gl.exp(2.0 * x) + 1.0)
         return t
+
+    @gluon.jit
+    def exp2_tile(x):
+        """exp2 of a score tile: ex2.approx for every element, or with POLY_EXP one of each pair of elements by the
+        FMA units' polynomial (``_EXP2_PAIR_ASM``)."""
+        if POLY_EXP:
+            y = gl.inline_asm_elementwise(_EXP2_PAIR_ASM, "=f,=f,f,f", [x], dtype=gl.float32, is_pure=True, pack=2)
+        else:
+            y = gl.exp2(x)
+        return y
 
     @gluon.jit
     def residual_stage(stage, r_desc):

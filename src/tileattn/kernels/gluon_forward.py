@@ -38,8 +38,8 @@ if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from .gluon_common import (SOFTCAP_FFMA, _tanh, epilogue, feature_scores, item_bounds, persistent_item,
-                               row_bounds, zero_rows_from)
+    from .gluon_common import (SOFTCAP_FFMA, _tanh, epilogue, exp2_tile, feature_scores, item_bounds,
+                               persistent_item, row_bounds, zero_rows_from)
     from .gluon_loads import _load_partition, _load_persistent
 
     @gluon.jit
@@ -77,7 +77,7 @@ if AVAILABLE:
         if HAS_SOFTCAP == 2:
             m_new = m_i
             alpha = m_i  # not read (no rescale)
-            p = gl.exp2(s * scale)
+            p = exp2_tile(s * scale)
             l_new = l_i + gl.sum(p, axis=1)
         else:
             if LOG2_UNITS:
@@ -90,7 +90,7 @@ if AVAILABLE:
                 x = s - m_use[:, None]
             else:
                 x = s * scale - m_use[:, None]
-            p = gl.exp2(x)
+            p = exp2_tile(x)
             l_new = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_new
 
