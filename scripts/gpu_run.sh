@@ -75,7 +75,9 @@ for stage in "$@"; do
           [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
           for f in 0 1; do TILEATTN_POLY_EXP=$f timeout 100 python3 -m tileattn.bench --head-dims 64,128 --modes fwd \
             --causal both --seqlens 1024,4096,16384 --providers tileattn,sdpa_cudnn --no-plot \
-            --out-dir "$OUT/poly$f" 2>&1 | grep -v "meas/s" | tee "$OUT/s22_poly$f.log" | tail -30; done ;;
+            --out-dir "$OUT/poly$f" 2>&1 | grep -v "meas/s" | tee "$OUT/s22_poly$f.log" | tail -30
+            TILEATTN_POLY_EXP=$f timeout 60 python3 -m tileattn.bench_features --seqlens 2048,8192 \
+              --cases dense,softcap --out-dir "$OUT/poly$f" 2>&1 | grep -v "^#" | tee -a "$OUT/s22_poly$f.log"; done ;;
     plan-suite) # the forward, backward, feature and API tests with launch plans on (the suite runs with them off:
                 # conftest) — each test's repeated calls replay plans
           TILEATTN_LAUNCH_PLANS=1 timeout 560 python3 -m pytest tests/test_forward.py tests/test_backward.py \
