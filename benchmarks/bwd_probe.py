@@ -7,7 +7,8 @@ and discards it; the dQ kernel still runs), each kernel's GPU time from torch.pr
 SDPA cuDNN's backward. "fused est." = the probe's dK/dV kernel plus the backward's other kernels but the dQ
 kernel: a fused kernel's time before its dQ reduction across programs (v16a: +15% for unordered adds, 2–6%
 more for the ordered, deterministic ones) and without the delta pass the dQ kernel now does on the way (a fused
-backward needs a separate one: one read of dO, out and its residual, ~0.5% of the backward at 16k). TFLOP/s by flash-attn's convention (bwd = 2.5 x fwd).
+backward needs a separate one: one read of dO, out and its residual, ~0.5% of the backward at 16k). TFLOP/s by
+flash-attn's convention (bwd = 2.5 x fwd).
 
 Usage: PYTHONPATH=src python3 benchmarks/bwd_probe.py [--seqlens 1024,4096,16384]"""
 import argparse

@@ -4,8 +4,8 @@ memory and the main loop's SASS mix (HGMMA, barriers, shuffles).
 Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--causal] [--config bn,ks,vs,creg,preg,maxnreg]
            [--no-resid] [--softcap] [--sink] [--fp16] [--window] [--sass] [--check]
        ... --dq [--head-dim 128] [--causal] [--fp16] [--no-resid] [--dlse] [--config bn,kstages,creg,preg,maxnreg]
-       ... --bwd [--head-dim 128] [--causal] [--fp16] [--config bm,stages,creg,preg,maxnreg,pipeline[,split]]:
-           the dK/dV kernel
+       ... --bwd [--head-dim 128] [--causal] [--fp16] [--config bm,stages,creg,preg,maxnreg,pipeline[,split]]
+           [--dq-probe]: the dK/dV kernel
        ... --many < variants: one variant's arguments per line, each checked as with --check, in one process
 """
 import argparse

@@ -134,7 +134,8 @@ if AVAILABLE:
         in the persistent kernel). Rows and keys count from the sequence's start (q_row0: its first packed row in
         a varlen call, where b_desc = 0 is the descriptors' batch index). ALIBI_B: this sequence's ALiBi slopes
         (Hq,). PERSISTENT: Q's buffer is released (``q_empty``) after the last Q K^T, and the output is staged in
-        ``o_smem`` instead, so the next item's Q loads during this item's last P V and epilogue."""
+        ``o_smem`` instead, so the next item's Q loads during this item's last P V and epilogue (D=256: staged in
+        Q's buffer, released after the epilogue)."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         dtype: gl.constexpr = o_desc.dtype
         # the persistent grid at D=256 (forced only): no room for separate staging buffers, so the output is
@@ -209,7 +210,7 @@ if AVAILABLE:
             mbarrier.arrive(turn.index(1 - w), count=1)
 
         # Q is dead: its buffer stages this warpgroup's output rows for TMA stores (rows past the tensor clipped);
-        # PERSISTENT: the next item's Q may be loading into it, the output has its own buffer
+        # PERSISTENT at D <= 128: the next item's Q may be loading into it, the output has its own buffers
         if Q_STAGE:  # out and the residual staged in Q's buffer; released once the stores have read it
             epilogue(acc, m_i, l_i, q_buf, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
                      b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID, HAS_SINK, VARLEN)
@@ -271,12 +272,14 @@ if AVAILABLE:
         stride_ab, 0 for (Hq,)). USE_MAP (varlen; or batched causal on the persistent grid): program pid runs
         entry TILE_MAP[pid] = (tile * num_m_tiles + b) * q_heads + h (``_hostinfo.tile_map`` /
         ``causal_work_list``; num_m_tiles is then the batch), so no program is launched for a tile past its
-        sequence's end, and the longest sequences run first. PERSISTENT (D <= 128; the schedule
-        table decides): a grid of at most one program per multiprocessor, program pid running the items (the
+        sequence's end, and the longest sequences run first. PERSISTENT (the schedule table decides; D=256 only
+        when forced): a grid of at most one program per multiprocessor, program pid running the items (the
         default grid's tiles, or the work list's entries) pid, pid + grid, ... < num_items, with the output and
         the residual staged in their own buffers so that the next item's loads overlap this item's last P V and
-        epilogue, whose stores are left in flight (``_consumer_persistent``, ``store_tile_tma``). FLAT (with PERSISTENT, opt-in): the same items as one pipeline across item
-        boundaries, Q double-buffered (``gluon_flat``; varlen only on the work list)."""
+        epilogue, whose stores are left in flight (``_consumer_persistent``, ``store_tile_tma``; D=256 stages
+        them in Q's buffer and overlaps only the next item's K/V loads). FLAT (with PERSISTENT, opt-in, D <= 128):
+        the same items as one pipeline across item boundaries, Q double-buffered (``gluon_flat``; varlen only on
+        the work list)."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = 2 * HALF_M
         dtype: gl.constexpr = q_desc.dtype
