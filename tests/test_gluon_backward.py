@@ -208,6 +208,13 @@ def test_dq_kernel_dlse_sink_and_delta_modes(causal, dq_spy, monkeypatch):
         torch.testing.assert_close(a, b.float(), atol=2 ** -6, rtol=2 ** -6)
 
 
+def _fresh_grads(q, k, v, dout, causal):
+    """(dq, dk, dv) of one backward through tileattn.attention, the inputs' .grad cleared first."""
+    q.grad = k.grad = v.grad = None
+    tileattn.attention(q, k, v, causal=causal).backward(dout)
+    return q.grad.clone(), k.grad.clone(), v.grad.clone()
+
+
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
@@ -220,9 +227,7 @@ def test_reproducible_and_agrees_with_portable_kernels(portable, causal, monkeyp
     dout = randn((2, 777, 4, 128), torch.bfloat16, gen)
 
     def grads():
-        q.grad = k.grad = v.grad = None
-        tileattn.attention(q, k, v, causal=causal).backward(dout)
-        return q.grad.clone(), k.grad.clone(), v.grad.clone()
+        return _fresh_grads(q, k, v, dout, causal)
     monkeypatch.setenv("TILEATTN_GLUON_DQ", "1")
     a, b = grads(), grads()
     assert all(torch.equal(x, y) for x, y in zip(a, b)), "not bit-reproducible"
@@ -487,9 +492,7 @@ def test_dq_probe_leaves_gradients_unchanged(causal, monkeypatch):
     dout = randn((2, 1500, 8, 128), torch.bfloat16, gen)
 
     def grads():
-        q.grad = k.grad = v.grad = None
-        tileattn.attention(q, k, v, causal=causal).backward(dout)
-        return q.grad.clone(), k.grad.clone(), v.grad.clone()
+        return _fresh_grads(q, k, v, dout, causal)
     want = grads()
     seen = []
     real = gluon_backward.launch
