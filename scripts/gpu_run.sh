@@ -62,10 +62,10 @@ for stage in "$@"; do
            --cells "256,32,8,512,1;256,16,8,1024,1;256,8,8,2048,1;256,32,8,512,0;256,16,8,1024,0;256,8,8,2048,0" \
            2>&1 | grep -v Warning | tee "$OUT/s22_short.log"
          timeout 150 python3 benchmarks/gc_probe.py 2>&1 | grep -v Warning | tee "$OUT/s22_gc.log" ;;
-    s22b) # (~6 min) the fused backward's main loop (TILEATTN_GLUON_BWD_PROBE=dq, v26a): its test, then its time per
+    s22b) # (~7 min) the fused backward's main loop (TILEATTN_GLUON_BWD_PROBE=dq, v26a): its test, then its time per
           # kernel; the forward's exp2 half on the FMA units (TILEATTN_POLY_EXP=1, read at import, v27a): the
-          # Gluon forward's tests with it on, then the forward cells without / with it (two processes, each with
-          # its cuDNN anchor)
+          # Gluon forward's tests with it on, then the forward cells without it / one exp2 in 2 / one in 4 on the
+          # polynomial (three processes, each with its cuDNN anchor)
           timeout 120 python3 -m pytest tests/test_gluon_backward.py -k "probe" -q -n 4 -p no:cacheprovider \
             -p no:benchmark -rf 2>&1 | tee "$OUT/s22_probe_tests.log" | tail -4
           [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
@@ -73,7 +73,7 @@ for stage in "$@"; do
           TILEATTN_POLY_EXP=1 timeout 200 python3 -m pytest tests/test_gluon_forward.py -k "not compiles" -q -n 14 \
             -p no:cacheprovider -p no:benchmark -rf 2>&1 | tee "$OUT/s22_poly_tests.log" | tail -6
           [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-          for f in 0 1; do TILEATTN_POLY_EXP=$f timeout 100 python3 -m tileattn.bench --head-dims 64,128 --modes fwd \
+          for f in 0 1 4; do TILEATTN_POLY_EXP=$f timeout 100 python3 -m tileattn.bench --head-dims 64,128 --modes fwd \
             --causal both --seqlens 1024,4096,16384 --providers tileattn,sdpa_cudnn --no-plot \
             --out-dir "$OUT/poly$f" 2>&1 | grep -v "meas/s" | tee "$OUT/s22_poly$f.log" | tail -30
             TILEATTN_POLY_EXP=$f timeout 60 python3 -m tileattn.bench_features --seqlens 2048,8192 \

@@ -772,12 +772,12 @@ def test_int8_residual_matches_the_full_one(spy, monkeypatch, dtype, d, varlen, 
 
 
 def _emulate_exp2_pair_asm(x):
-    """float32 emulation of gluon_common._EXP2_PAIR_ASM's polynomial element (constants read from the asm text, so
+    """float32 emulation of the polynomial element of gluon_common's exp2 asm (constants read from the asm text, so
     this follows the kernel's code): clamp, round by the 1.5 * 2^23 sum, Horner, times 2^n from the bits."""
     import re
     import numpy as np
     from tileattn.kernels import gluon_common
-    asm = str(gluon_common._EXP2_PAIR_ASM.value)
+    asm = gluon_common._exp2_group_asm(2)
 
     def const(line):  # the PTX hex float constants of one instruction, as float32
         return [np.uint32(int(h, 16)).view(np.float32) for h in re.findall(r"0f([0-9A-F]{8})", line)]
@@ -814,9 +814,15 @@ def test_exp2_polynomial_emulated():
 
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
-def test_poly_exp_compiles_for_sm90():
-    """TILEATTN_POLY_EXP=1 (read at import: in a subprocess) compiles without spills or serialised wgmma."""
+@pytest.mark.parametrize("form", ["1", "4"])
+def test_poly_exp_compiles_for_sm90(form):
+    """TILEATTN_POLY_EXP=1 / 4 (read at import: in a subprocess) compiles without spills or serialised wgmma; the
+    asm holds one polynomial per group of 2 / 4 elements."""
+    from tileattn.kernels import gluon_common
+    n = 2 if form == "1" else 4
+    asm = gluon_common._exp2_group_asm(n)
+    assert asm.count("ex2.approx") == n - 1 and asm.count("max.NaN.f32") == 1 and f"${2 * n - 1}," in asm
     assert_compiles([("--head-dim", 64, "--persistent"), ("--head-dim", 128, "--persistent"),
                      ("--head-dim", 64, "--persistent", "--causal", "--tile-map", "--spill-budget", 48),
                      ("--head-dim", 256, "--causal")],
-                    env_extra={"TILEATTN_POLY_EXP": "1", "TILEATTN_FAST_TANH": "1"})
+                    env_extra={"TILEATTN_POLY_EXP": form, "TILEATTN_FAST_TANH": "1"})

@@ -33,23 +33,25 @@ except ImportError:  # pragma: no cover - older triton
 SOFTCAP_FFMA = tl.constexpr(os.environ.get("TILEATTN_SOFTCAP_FFMA", "1") != "0")
 
 
-# TILEATTN_POLY_EXP (read at import; default 0; session 22's v27a, not yet measured): the Gluon forward computes half
+# TILEATTN_POLY_EXP (read at import; default 0; session 22's v27a, not yet measured): the Gluon forward computes part
 # of each tile's exp2 with a polynomial on the FMA units instead of the MUFU unit (FlashAttention-4's trick). At D=64
 # the MUFU's exp2 (16 per clock per SM) takes as long as the tile's two matmuls, so the softmax, not the tensor
-# cores, bounds the forward; pairs of elements go one to ex2.approx and one to the polynomial (``exp2_tile``)
-POLY_EXP = tl.constexpr(os.environ.get("TILEATTN_POLY_EXP", "0") == "1")
+# cores, bounds the forward. 1: one of each pair of elements to the polynomial, the other to ex2.approx; 4: one of
+# each four (``exp2_tile``); by the count in NOTES v27a, 1 balances the MUFU and FMA pipes better, 4 leaves the FMA
+# pipe more room for the softmax's other work.
+_POLY = os.environ.get("TILEATTN_POLY_EXP", "0")
+if _POLY not in ("0", "1", "4"):
+    raise ValueError(f"TILEATTN_POLY_EXP must be 0, 1 or 4, got {_POLY!r}")
+POLY_EXP = tl.constexpr({"0": 0, "1": 2, "4": 4}[_POLY])  # elements per group, one of them on the polynomial
 
-# 2^x for one element of each pair by range reduction and a degree-3 polynomial with p(0) = 1 (relative error <=
-# 1.0e-4 on [-0.5, 0.5] in fp32 Horner, exact at integers, so a row's maximum still gets p = 1; P is rounded to
+# 2^x for the last element of each group by range reduction and a degree-3 polynomial with p(0) = 1 (relative error
+# <= 1.0e-4 on [-0.5, 0.5] in fp32 Horner, exact at integers, so a row's maximum still gets p = 1; P is rounded to
 # bf16/fp16 for P V anyway, and l's sum sees 1e-4 at most): x clamped at -127 (max.NaN keeps a NaN), n = round(x)
 # by adding 1.5 * 2^23 (the sum's low mantissa bits hold n), f = x - n in [-0.5, 0.5], p(f) by Horner, then times
 # 2^n built as the float bits (n + 127) << 23 — 0 for n = -127, so masked scores (-inf) give exactly 0 as
-# ex2.approx does. The other element of the pair takes ex2.approx.ftz. tests/test_gluon_forward.py emulates it.
-_EXP2_PAIR_ASM = tl.constexpr("""{
-.reg .f32 t, r, f, q, e;
-.reg .b32 j;
-ex2.approx.ftz.f32 $0, $2;
-max.NaN.f32 t, $3, 0fC2FE0000;
+# ex2.approx does (valid for x <= 127: the forward's arguments are <= 0, or <= 72.2 with softcap's fixed max). The
+# group's other elements take ex2.approx.ftz. tests/test_gluon_forward.py emulates it.
+_POLY_ASM = """max.NaN.f32 t, ${x}, 0fC2FE0000;
 add.rn.f32 r, t, 0f4B400000;
 sub.rn.f32 f, r, 0f4B400000;
 sub.rn.f32 f, t, f;
@@ -60,8 +62,20 @@ mov.b32 j, r;
 add.s32 j, j, 127;
 shl.b32 j, j, 23;
 mov.b32 e, j;
-mul.rn.f32 $1, q, e;
-}""")
+mul.rn.f32 ${y}, q, e;"""
+
+
+def _exp2_group_asm(n: int) -> str:
+    """The inline asm for a group of n elements ($0 .. $n-1 out, $n .. $2n-1 in): ex2.approx for all but the last,
+    the polynomial for the last."""
+    lines = ["{", ".reg .f32 t, r, f, q, e;", ".reg .b32 j;"]
+    lines += [f"ex2.approx.ftz.f32 ${i}, ${n + i};" for i in range(n - 1)]
+    lines += [_POLY_ASM.replace("${x}", f"${2 * n - 1}").replace("${y}", f"${n - 1}"), "}"]
+    return "\n".join(lines)
+
+
+_EXP2_ASM = tl.constexpr(_exp2_group_asm(POLY_EXP.value) if POLY_EXP.value else "")
+_EXP2_CONSTRAINTS = tl.constexpr(",".join(["=f"] * POLY_EXP.value + ["f"] * POLY_EXP.value))
 
 
 # the softcap bound below which the fixed max applies: p = exp2(softcap * log2 e * t) stays within [2^-72.2, 2^72.2],
@@ -130,10 +144,11 @@ if AVAILABLE:
 
     @gluon.jit
     def exp2_tile(x):
-        """exp2 of a score tile: ex2.approx for every element, or with POLY_EXP one of each pair of elements by the
-        FMA units' polynomial (``_EXP2_PAIR_ASM``)."""
+        """exp2 of a score tile: ex2.approx for every element, or with POLY_EXP one element of each group of
+        POLY_EXP by the FMA units' polynomial (``_exp2_group_asm``)."""
         if POLY_EXP:
-            y = gl.inline_asm_elementwise(_EXP2_PAIR_ASM, "=f,=f,f,f", [x], dtype=gl.float32, is_pure=True, pack=2)
+            y = gl.inline_asm_elementwise(_EXP2_ASM, _EXP2_CONSTRAINTS, [x], dtype=gl.float32, is_pure=True,
+                                          pack=POLY_EXP)
         else:
             y = gl.exp2(x)
         return y
