@@ -525,3 +525,36 @@ DQ_COMPILE = [(128, False, ()), (128, True, ("--dlse", )), (64, True, ()),
 def test_dq_kernel_compiles_for_sm90_without_spills_or_serialised_wgmma():
     assert_compiles([("--dq", "--head-dim", d, *(["--causal"] if causal else []), *extra)
                      for d, causal, extra in DQ_COMPILE], env_extra={"TILEATTN_FAST_TANH": "1"})
+
+
+@needs_gluon
+@pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
+def test_tma_reduce_add_lowers_to_a_bulk_tensor_reduce():
+    """gluon_common.tma_reduce_add (for a fused backward's dQ adds): a Gluon kernel that stages an fp32 tile in
+    shared memory and reduce-adds it through a host descriptor compiles for sm_90a to one
+    cp.reduce.async.bulk.tensor ... add (CPU: no GPU needed to compile)."""
+    import triton
+    from triton.backends.compiler import GPUTarget
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon._runtime import GluonASTSource
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, tma
+    from tileattn.kernels.gluon_common import tma_reduce_add
+
+    @gluon.jit
+    def kernel(desc):
+        layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, 32, 16])
+        buf = gl.allocate_shared_memory(gl.float32, [64, 32], desc.layout)
+        buf.store(gl.full([64, 32], 1.0, gl.float32, layout=layout))
+        fence_async_shared()
+        gl.thread_barrier()
+        tma_reduce_add(desc, [gl.program_id(0) * 64, 0], buf)
+        tma.store_wait(pendings=0)
+
+    layout = gl.NVMMASharedLayout.get_default_for([64, 32], gl.float32)
+    compiled = triton.compile(GluonASTSource(fn=kernel, signature={"desc": f"tensordesc<fp32[64,32],{layout!r}>"},
+                                             constexprs={}), target=GPUTarget("cuda", 90, 32),
+                              options={"num_warps": 4})
+    ptx = compiled.asm["ptx"]
+    assert ptx.count("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add") == 1

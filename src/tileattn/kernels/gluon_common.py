@@ -129,6 +129,19 @@ def make_desc(t: torch.Tensor, block: tuple, bf16: bool):
 
 
 if AVAILABLE:
+    from triton._C.libtriton import ir as _ir
+    from triton.experimental.gluon.language._core import builtin as _builtin
+
+    @_builtin
+    def tma_reduce_add(tensor_desc, coord, src, _semantic=None):
+        """TMA reduce-add of the shared-memory tile ``src`` into the global box at ``coord`` of ``tensor_desc``
+        (``cp.reduce.async.bulk.tensor ... .add``, one bulk group: wait with ``tma.store_wait``). Gluon 3.6's
+        hopper ``tma`` module has no such call; its builder does (``create_async_tma_reduce``). For a fused
+        backward's dQ adds (NOTES, session 22: v26a); the adds' order, and so fp32 rounding, is the caller's."""
+        coord = _semantic._convert_to_ir_values(coord, require_i64=False)
+        _semantic.builder.create_async_tma_reduce(_ir.DESCRIPTOR_REDUCE_KIND.ADD, tensor_desc.handle, coord,
+                                                  src.handle)
+
     @gluon.jit
     def _tanh(x, IS_BF16: gl.constexpr):
         """tanh as the portable kernel's softcap computes it (common.scores): the hardware tanh for bf16 inputs,
