@@ -90,6 +90,29 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
 
 
+def compile_reduce_add():
+    """A minimal Gluon kernel around ``gluon_common.tma_reduce_add`` (an fp32 [64, 32] tile staged in shared memory,
+    reduce-added through a host descriptor), for sm_90a."""
+    from triton.experimental import gluon
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, tma
+    from tileattn.kernels.gluon_common import tma_reduce_add
+
+    @gluon.jit
+    def kernel(desc):
+        layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
+                                                         instr_shape=[16, 32, 16])
+        buf = gl.allocate_shared_memory(gl.float32, [64, 32], desc.layout)
+        buf.store(gl.full([64, 32], 1.0, gl.float32, layout=layout))
+        fence_async_shared()
+        gl.thread_barrier()
+        tma_reduce_add(desc, [gl.program_id(0) * 64, 0], buf)
+        tma.store_wait(pendings=0)
+
+    layout = gl.NVMMASharedLayout.get_default_for([64, 32], gl.float32)
+    return triton.compile(GluonASTSource(fn=kernel, signature={"desc": f"tensordesc<fp32[64,32],{layout!r}>"},
+                                         constexprs={}), target=GPUTarget("cuda", 90, 32), options={"num_warps": 4})
+
+
 def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False, varlen=False, window=False,
                softcap=False, alibi=False, resid8=False):
     """The Gluon dQ kernel (kernels/gluon_dq.py) for sm_90a; cfg = (block_n, k_stages, creg, preg, maxnreg)."""
@@ -158,6 +181,8 @@ def main(argv=None):
     ap.add_argument("--dq", action="store_true", help="the dQ backward kernel instead (--config bn,kstages,creg,"
                     "preg,maxnreg; --no-resid: delta from the rounded O; --dlse)")
     ap.add_argument("--dlse", action="store_true")
+    ap.add_argument("--reduce-add", action="store_true", help="print how many TMA reduce-adds a minimal kernel "
+                    "around gluon_common.tma_reduce_add compiles to")
     ap.add_argument("--dq-probe", action="store_true", help="with --bwd: the fused backward's main loop "
                     "(TILEATTN_GLUON_BWD_PROBE=dq)")
     ap.add_argument("--bwd", action="store_true", help="the dK/dV backward kernel instead (--config bm,stages,"
@@ -172,6 +197,10 @@ def main(argv=None):
     cfg = tuple(int(x) for x in a.config.split(",")) if a.config else None
     if a.window and a.causal:
         ap.error("--window is its own mask (a causal call with a left bound is a window)")
+    if a.reduce_add:
+        ptx = compile_reduce_add().asm["ptx"]
+        print("reduce-adds", ptx.count("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add"))
+        return 0
     if a.dq:
         k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen, a.window, a.softcap,
                        a.alibi, a.resid8)

@@ -8,6 +8,8 @@ CPU: the dispatch rules, and the kernel compiled for sm_90a with Triton's bundle
 spills within budget).
 """
 
+import os
+
 import pytest
 import torch
 
@@ -532,29 +534,13 @@ def test_dq_kernel_compiles_for_sm90_without_spills_or_serialised_wgmma():
 def test_tma_reduce_add_lowers_to_a_bulk_tensor_reduce():
     """gluon_common.tma_reduce_add (for a fused backward's dQ adds): a Gluon kernel that stages an fp32 tile in
     shared memory and reduce-adds it through a host descriptor compiles for sm_90a to one
-    cp.reduce.async.bulk.tensor ... add (CPU: no GPU needed to compile)."""
-    import triton
-    from triton.backends.compiler import GPUTarget
-    from triton.experimental import gluon
-    from triton.experimental.gluon import language as gl
-    from triton.experimental.gluon._runtime import GluonASTSource
-    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, tma
-    from tileattn.kernels.gluon_common import tma_reduce_add
-
-    @gluon.jit
-    def kernel(desc):
-        layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
-                                                         instr_shape=[16, 32, 16])
-        buf = gl.allocate_shared_memory(gl.float32, [64, 32], desc.layout)
-        buf.store(gl.full([64, 32], 1.0, gl.float32, layout=layout))
-        fence_async_shared()
-        gl.thread_barrier()
-        tma_reduce_add(desc, [gl.program_id(0) * 64, 0], buf)
-        tma.store_wait(pendings=0)
-
-    layout = gl.NVMMASharedLayout.get_default_for([64, 32], gl.float32)
-    compiled = triton.compile(GluonASTSource(fn=kernel, signature={"desc": f"tensordesc<fp32[64,32],{layout!r}>"},
-                                             constexprs={}), target=GPUTarget("cuda", 90, 32),
-                              options={"num_warps": 4})
-    ptx = compiled.asm["ptx"]
-    assert ptx.count("cp.reduce.async.bulk.tensor.2d.global.shared::cta.add") == 1
+    cp.reduce.async.bulk.tensor ... add (``gluon_compile.py --reduce-add``, in a subprocess as the other compile
+    tests: this session's TRITON_INTERPRET=1 would interpret Gluon's library)."""
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {k: v for k, v in os.environ.items() if k != "TRITON_INTERPRET"}
+    env["PYTHONPATH"] = os.path.join(root, "src") + os.pathsep + env.get("PYTHONPATH", "")
+    r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gluon_compile.py"), "--reduce-add"],
+                       capture_output=True, text=True, env=env)
+    assert "reduce-adds 1" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
