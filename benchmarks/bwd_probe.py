@@ -1,16 +1,17 @@
 """How fast could a fused 5-product backward's main loop be? (NOTES, session 22: the two-kernel backward executes
 7 matmuls at ~86% of the ceiling; only the 5-product form can pass cuDNN at D=64/128.)
 
-For D=128 cells (bf16, flash-attn's grid: 16k tokens, 16 heads), one process: the backward's time (do_bench) with
-the default two kernels and with ``TILEATTN_GLUON_BWD_PROBE=dq`` (the dK/dV kernel also computes every dQ product
-and discards it; the dQ kernel still runs), each kernel's GPU time from torch.profiler (µs per backward), and
+For D=128 and D=64 cells (bf16, flash-attn's grid: 16k tokens, model dim 2048), one process: the backward's time
+(do_bench) with the default two kernels and with ``TILEATTN_GLUON_BWD_PROBE=dq`` (the dK/dV kernel also computes
+every dQ product and discards it; the dQ kernel still runs), each kernel's GPU time from torch.profiler (µs per
+backward), and
 SDPA cuDNN's backward. "fused est." = the probe's dK/dV kernel plus the backward's other kernels but the dQ
 kernel: a fused kernel's time before its dQ reduction across programs (v16a: +15% for unordered adds, 2–6%
 more for the ordered, deterministic ones) and without the delta pass the dQ kernel now does on the way (a fused
 backward needs a separate one: one read of dO, out and its residual, ~0.5% of the backward at 16k). TFLOP/s by
 flash-attn's convention (bwd = 2.5 x fwd).
 
-Usage: PYTHONPATH=src python3 benchmarks/bwd_probe.py [--seqlens 1024,4096,16384]"""
+Usage: PYTHONPATH=src python3 benchmarks/bwd_probe.py [--seqlens 1024,4096,16384] [--head-dims 128,64]"""
 import argparse
 import collections
 import os
@@ -45,10 +46,11 @@ def kernel_us(fn, calls=5):
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlens", default="1024,4096,16384")
+    ap.add_argument("--head-dims", default="128,64")
     args = ap.parse_args()
-    d, h = 128, 16
-    print(f"# {torch.cuda.get_device_name()}: D=128 bf16 backward, µs per call (TFLOP/s reported), one process")
-    for s in (int(x) for x in args.seqlens.split(",")):
+    print(f"# {torch.cuda.get_device_name()}: bf16 backward, µs per call (TFLOP/s reported), one process")
+    for d, s in ((int(d), int(s)) for d in args.head_dims.split(",") for s in args.seqlens.split(",")):
+        h = 2048 // d
         b = 16384 // s
         for causal in (False, True):
             q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
@@ -79,7 +81,8 @@ def main():
 
             def tf(us):
                 return flops / us / 1e6
-            print(f"S={s} causal={causal}: two-kernel {rows['two-kernel'][0]:.0f} ({tf(rows['two-kernel'][0]):.0f}) | "
+            two = rows["two-kernel"][0]
+            print(f"D={d} S={s} causal={causal}: two-kernel {two:.0f} ({tf(two):.0f}) | "
                   f"with probe {rows['probe'][0]:.0f} | fused est. {fused:.0f} ({tf(fused):.0f}) | cuDNN {cud_us:.0f} "
                   f"({tf(cud_us):.0f})", flush=True)
             print("   kernels, two-kernel: " + ", ".join(f"{n} {u:.0f}" for n, u in base.most_common(6)))

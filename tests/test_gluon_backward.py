@@ -475,23 +475,24 @@ def test_compiles_for_sm90_without_serialised_wgmma():
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
 def test_dq_probe_compiles_for_sm90():
-    """The fused backward's main-loop probe (TILEATTN_GLUON_BWD_PROBE=dq, a measurement, D=128): no serialised
-    wgmma, shared memory within the limit, its spills bounded (36 B plain, 76 B causal at 168 registers: dQ^T's 16
-    accumulator registers on top of dK / dV, a few scalars in local memory)."""
-    assert_compiles([("--bwd", "--dq-probe", "--spill-budget", 80, "--head-dim", 128, *(["--causal"] if causal else []))
-                     for causal in (False, True)], env_extra={"TILEATTN_FAST_TANH": "1"})
+    """The fused backward's main-loop probe (TILEATTN_GLUON_BWD_PROBE=dq, a measurement, D=64/128): no serialised
+    wgmma, shared memory within the limit, its spills bounded (D=128 36 B plain, 76 B causal at 168 registers:
+    dQ^T's 16 accumulator registers on top of dK / dV; D=64 8 / 20 B)."""
+    assert_compiles([("--bwd", "--dq-probe", "--spill-budget", 80, "--head-dim", d, *(["--causal"] if causal else []))
+                     for d in (64, 128) for causal in (False, True)], env_extra={"TILEATTN_FAST_TANH": "1"})
 
 
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("causal", [False, True])
-def test_dq_probe_leaves_gradients_unchanged(causal, monkeypatch):
+@pytest.mark.parametrize("d", [64, 128])
+def test_dq_probe_leaves_gradients_unchanged(d, causal, monkeypatch):
     """TILEATTN_GLUON_BWD_PROBE=dq adds the fused backward's dQ products to the dK/dV kernel and discards them (the
     dQ kernel still runs): the probe variant is launched, finishes (its two warpgroups' dS^T exchange does not
     deadlock over many steps, GQA), and every gradient is bit-identical to the default's."""
-    q, k, v, gen = make_qkv(2, 1500, 1300, 8, 2, 128, torch.bfloat16, seed_for("gluon-bwd-probe", causal),
+    q, k, v, gen = make_qkv(2, 1500, 1300, 8, 2, d, torch.bfloat16, seed_for("gluon-bwd-probe", d, causal),
                             requires_grad=True)
-    dout = randn((2, 1500, 8, 128), torch.bfloat16, gen)
+    dout = randn((2, 1500, 8, d), torch.bfloat16, gen)
 
     def grads():
         return _fresh_grads(q, k, v, dout, causal)

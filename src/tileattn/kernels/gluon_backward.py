@@ -99,21 +99,31 @@ if AVAILABLE:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _probe_stage(ds, ds_slots, ds_ready, ds_free, w: gl.constexpr, t):
-        """DQ_PROBE: this warpgroup's dS^T of step t into slot (t % 2, w) once both warpgroups' dQ^T products of
-        step t - 2 have read it, then announced (``_dkdv_consumer``)."""
-        mbarrier.wait(ds_free.index(t % 2), ((t // 2) & 1) ^ 1)
-        ds_slots.index(2 * (t % 2) + w).store(ds)
+    def _probe_stage(ds, ds_slots, ds_ready, ds_free, w: gl.constexpr, t, EXCHANGE: gl.constexpr):
+        """DQ_PROBE: this warpgroup's dS^T of step t into its slot. EXCHANGE (D=128): slot (t % 2, w), once both
+        warpgroups' dQ^T products of step t - 2 have read it, then announced; else (D=64) slot w, which the
+        warpgroup's own product of step t - 1 has read (``_dkdv_consumer``)."""
+        if EXCHANGE:
+            mbarrier.wait(ds_free.index(t % 2), ((t // 2) & 1) ^ 1)
+            ds_slots.index(2 * (t % 2) + w).store(ds)
+        else:
+            ds_slots.index(w).store(ds)
         fence_async_shared()
         gl.thread_barrier()
-        mbarrier.arrive(ds_ready.index(t % 2), count=1)
+        if EXCHANGE:
+            mbarrier.arrive(ds_ready.index(t % 2), count=1)
 
     @gluon.jit
-    def _probe_issue(k_lo, k_hi, ds_slots, ds_ready, dqt, t):
-        """DQ_PROBE: dQ^T += K^T dS^T of step t over both warpgroups' keys (asynchronous; returns the token)."""
-        mbarrier.wait(ds_ready.index(t % 2), (t // 2) & 1)
-        tok = warpgroup_mma(k_lo, ds_slots.index(2 * (t % 2)), dqt, is_async=True)
-        return warpgroup_mma(k_hi, ds_slots.index(2 * (t % 2) + 1), tok, is_async=True)
+    def _probe_issue(k_lo, k_hi, ds_slots, ds_ready, dqt, w: gl.constexpr, t, EXCHANGE: gl.constexpr):
+        """DQ_PROBE: dQ^T += K^T dS^T of step t, asynchronous (returns the token). EXCHANGE: this warpgroup's half
+        of D over both warpgroups' keys (two products); else its own keys' share of all of D (one product)."""
+        if EXCHANGE:
+            mbarrier.wait(ds_ready.index(t % 2), (t // 2) & 1)
+            tok = warpgroup_mma(k_lo, ds_slots.index(2 * (t % 2)), dqt, is_async=True)
+            tok = warpgroup_mma(k_hi, ds_slots.index(2 * (t % 2) + 1), tok, is_async=True)
+        else:
+            tok = warpgroup_mma(k_lo, ds_slots.index(w), dqt, is_async=True)
+        return tok
 
     @gluon.jit
     def _dkdv_consumer(w: gl.constexpr, dk_desc, dv_desc, DK, DV, ALIBI_B, q_smem, do_smem, k_smem, v_smem, lse_smem,
@@ -132,14 +142,18 @@ if AVAILABLE:
         P is 0, but 0 * NaN is NaN), and a key half that crosses it is stored by masked pointer stores (DK /
         DV), since a TMA store would overwrite the next sequence's rows.
 
-        DQ_PROBE (a measurement, ``TILEATTN_GLUON_BWD_PROBE=dq``; D=128, PIPELINE): the main loop of a fused
-        5-product backward. Each step's dS^T is staged in shared memory (``probe``: (slots (2 steps x 2
+        DQ_PROBE (a measurement, ``TILEATTN_GLUON_BWD_PROBE=dq``; D=64 and 128, PIPELINE): the main loop of a
+        fused 5-product backward. Each step's dS^T is staged in shared memory (``probe``: (slots (2 steps x 2
         warpgroups, HALF_N, BLOCK_M), ready, free barriers of 2 arrivals)) and, issued with the next step's
-        products, each warpgroup computes half of dQ^T = K^T dS^T (its 64 of D's rows, over both warpgroups'
-        keys); the products are summed over the steps and discarded (the dQ kernel still runs, so gradients stay
-        right): what is left to a fused kernel is dQ's reduction across programs."""
+        products, each warpgroup computes a share of dQ^T = K^T dS^T: at D=128 its 64 of D's rows over both
+        warpgroups' keys (dS^T exchanged through the barriers: a 16-register accumulator instead of 32), at D=64
+        all of D over its own keys (32 registers; no exchange); the products are summed over the steps and
+        discarded (the dQ kernel still runs, so gradients stay right): what is left to a fused kernel is dQ's
+        reduction across programs (and warpgroups, at D=64)."""
         kv_bar, ready, empty = bars
         dtype: gl.constexpr = dk_desc.dtype
+        EXCHANGE: gl.constexpr = HEAD_D == 2 * HALF_N  # DQ_PROBE's form (D=128; D=64: own keys)
+        PROBE_MMAS: gl.constexpr = 2 if EXCHANGE else 1
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, BLOCK_M, 16])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -195,10 +209,17 @@ if AVAILABLE:
             ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M, HAS_SOFTCAP)
             if DQ_PROBE:
                 ds_slots, ds_ready, ds_free = probe
-                dqt = st_zero  # (HEAD_D / 2, BLOCK_M): this warpgroup's rows of dQ^T, summed over the steps
-                k_lo = k_smem.index(0).reshape([HALF_N, HEAD_D]).slice(w * HALF_N, HALF_N, dim=1).permute((1, 0))
-                k_hi = k_smem.index(1).reshape([HALF_N, HEAD_D]).slice(w * HALF_N, HALF_N, dim=1).permute((1, 0))
-                _probe_stage(ds.to(dtype), ds_slots, ds_ready, ds_free, w, 0)
+                # (HALF_N, BLOCK_M) of dQ^T, summed over the steps: D=128 this warpgroup's 64 rows of D over both
+                # warpgroups' keys (EXCHANGE); D=64 all of D over its own keys (a fused kernel would add both
+                # warpgroups' shares into dQ, as it adds the programs')
+                dqt = st_zero
+                if EXCHANGE:
+                    k_lo = k_smem.index(0).reshape([HALF_N, HEAD_D]).slice(w * HALF_N, HALF_N, dim=1).permute((1, 0))
+                    k_hi = k_smem.index(1).reshape([HALF_N, HEAD_D]).slice(w * HALF_N, HALF_N, dim=1).permute((1, 0))
+                else:
+                    k_lo = k2.permute((1, 0))
+                    k_hi = k_lo
+                _probe_stage(ds.to(dtype), ds_slots, ds_ready, ds_free, w, 0, EXCHANGE)
             p_op = gl.convert_layout(p.to(dtype), op_layout)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             for t in range(1, n):
@@ -215,23 +236,24 @@ if AVAILABLE:
                 dpt_tok = warpgroup_mma(v2, do_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                         use_acc=False, is_async=True)
                 dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
-                if DQ_PROBE:  # dQ^T_{t-1} (this warpgroup's half of D) over both warpgroups' keys
-                    dq_tok = _probe_issue(k_lo, k_hi, ds_slots, ds_ready, dqt, t - 1)
-                    st = warpgroup_mma_wait(num_outstanding=5, deps=(st_tok, ))
+                if DQ_PROBE:  # dQ^T_{t-1}
+                    dq_tok = _probe_issue(k_lo, k_hi, ds_slots, ds_ready, dqt, w, t - 1, EXCHANGE)
+                    st = warpgroup_mma_wait(num_outstanding=3 + PROBE_MMAS, deps=(st_tok, ))
                 else:
                     st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
                 p, dtanh = dkdv_probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
                                       alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
                                       HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
                 if DQ_PROBE:
-                    dv, dpt = warpgroup_mma_wait(num_outstanding=3, deps=(dv_tok, dpt_tok))
+                    dv, dpt = warpgroup_mma_wait(num_outstanding=1 + PROBE_MMAS, deps=(dv_tok, dpt_tok))
                 else:
                     dv, dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dpt_tok))
                 ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
                 if DQ_PROBE:
                     dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, dq_tok))
-                    mbarrier.arrive(ds_free.index((t - 1) % 2), count=1)
-                    _probe_stage(ds.to(dtype), ds_slots, ds_ready, ds_free, w, t)
+                    if EXCHANGE:
+                        mbarrier.arrive(ds_free.index((t - 1) % 2), count=1)
+                    _probe_stage(ds.to(dtype), ds_slots, ds_ready, ds_free, w, t, EXCHANGE)
                 else:
                     dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
                 mbarrier.arrive(empty.index(sp), count=1)
@@ -241,7 +263,7 @@ if AVAILABLE:
             dv_tok = warpgroup_mma(p_op, do_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dv, is_async=True)
             dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
             if DQ_PROBE:
-                dq_tok = _probe_issue(k_lo, k_hi, ds_slots, ds_ready, dqt, n - 1)
+                dq_tok = _probe_issue(k_lo, k_hi, ds_slots, ds_ready, dqt, w, n - 1, EXCHANGE)
                 dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok))
                 if seqlen_q < 0:  # never (a runtime test the compiler cannot fold): keeps the products alive
                     gl.store(DK, gl.sum(gl.sum(dqt, axis=1), axis=0).to(dtype))
@@ -368,13 +390,13 @@ if AVAILABLE:
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
 def _dq_probe(cfg, head_dim: int) -> bool:
-    """``TILEATTN_GLUON_BWD_PROBE=dq`` (a measurement, off by default): at D=128 the dK/dV kernel also computes and
-    discards dQ (``_dkdv_consumer``'s DQ_PROBE), timing the main loop of a fused 5-product backward against the
+    """``TILEATTN_GLUON_BWD_PROBE=dq`` (a measurement, off by default): at D=64/128 the dK/dV kernel also computes
+    and discards dQ (``_dkdv_consumer``'s DQ_PROBE), timing the main loop of a fused 5-product backward against the
     two-kernel form (NOTES, session 22); gradients stay right (the dQ kernel still runs)."""
     value = configs.getenv("TILEATTN_GLUON_BWD_PROBE", "")
     if value not in ("", "dq"):
         raise ValueError(f"TILEATTN_GLUON_BWD_PROBE must be 'dq' or unset, got {value!r}")
-    return value == "dq" and head_dim == 128 and cfg.pipeline and not cfg.split
+    return value == "dq" and head_dim in (64, 128) and cfg.pipeline and not cfg.split
 
 
 def applies(q, k, v, dout, dq, dk, dv, p: AttnParams):
