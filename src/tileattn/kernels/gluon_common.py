@@ -309,6 +309,16 @@ if AVAILABLE:
         return b, h, start_m, q_row0, seqlen_q, k_row0, seqlen_k, b_desc, lo, n
 
     @gluon.jit
+    def persistent_bounds(pos, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q,
+                          seqlen_k, win_left, win_right, BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                          CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr, USE_MAP: gl.constexpr):
+        """``item_bounds`` of a persistent program's pos-th position (``persistent_item``'s order: the kernel's LPT
+        for causal calls without a work list): one decoding for the producer and the consumers, which must agree."""
+        g = persistent_item(pos, pid, nprog, num_items, num_m_tiles, CAUSAL and not USE_MAP)
+        return item_bounds(g, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
+                           BLOCK_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
+
+    @gluon.jit
     def load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, row0, lo, n, t0,
                      BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
         """Producer side of the K and V rings: key tiles lo .. lo + n - 1 (rows from

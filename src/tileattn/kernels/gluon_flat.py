@@ -28,7 +28,7 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
     from . import gluon_forward as fwd  # its helpers (a cycle: gluon_forward imports this module at its end)
-    from .gluon_common import epilogue, item_bounds, persistent_item, row_bounds
+    from .gluon_common import epilogue, persistent_bounds, row_bounds
 
     @gluon.jit
     def _q_view(q_smem, w: gl.constexpr, it):
@@ -78,11 +78,10 @@ if AVAILABLE:
               HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr):
         """The program's it-th item (clamped to the last one) as (b, h, start_m, q_row0, seqlen_q, seqlen_k, b_desc,
         lo, n, rows, diag, n_full, full_lo, slope) for warpgroup w (varlen: its sequence's bounds)."""
-        g = persistent_item(gl.minimum(pid + it * nprog, num_items - 1), pid, nprog, num_items, num_m_tiles,
-                            CAUSAL and not USE_MAP)
-        b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = item_bounds(
-            g, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, win_left, win_right,
-            2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
+        b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = persistent_bounds(
+            gl.minimum(pid + it * nprog, num_items - 1), pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles,
+            q_heads, max_seqlen_q, max_seqlen_k, win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN,
+            USE_MAP)
         rows, _, diag, n_full, full_lo = row_bounds(start_m + w * HALF_M, sq, sk, win_left, win_right, s_layout,
                                                     HALF_M, BLOCK_N, CAUSAL, WINDOW)
         slope = 0.0

@@ -39,7 +39,7 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from .gluon_common import (SOFTCAP_FFMA, _tanh, epilogue, exp2_tile, feature_scores, item_bounds,
-                               persistent_item, row_bounds, zero_rows_from)
+                               persistent_bounds, row_bounds, zero_rows_from)
     from .gluon_loads import _load_partition, _load_persistent
 
     @gluon.jit
@@ -241,10 +241,9 @@ if AVAILABLE:
         t0 = gl.to_tensor(0)
         for item in range(pid, num_items, nprog):
             it = (item - pid) // nprog
-            g = persistent_item(item, pid, nprog, num_items, num_m_tiles, CAUSAL and not USE_MAP)
-            b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = item_bounds(
-                g, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
-                2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
+            b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = persistent_bounds(
+                item, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k,
+                win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
             alibi_b = ALIBI
             if HAS_ALIBI:
                 alibi_b = ALIBI + b * stride_ab

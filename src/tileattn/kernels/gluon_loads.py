@@ -9,7 +9,7 @@ if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
-    from .gluon_common import item_bounds, load_kv_ring, persistent_item
+    from .gluon_common import load_kv_ring, persistent_bounds
 
     @gluon.jit
     def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n, q_row0,
@@ -47,10 +47,9 @@ if AVAILABLE:
         t0 = gl.to_tensor(0)
         for item in range(pid, num_items, nprog):
             it = (item - pid) // nprog
-            g = persistent_item(item, pid, nprog, num_items, num_m_tiles, CAUSAL and not USE_MAP)
-            b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = item_bounds(
-                g, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
-                2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
+            b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = persistent_bounds(
+                item, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k,
+                win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
             qb = 2 * (it % Q_SETS)
             if HEAD_D > 128 and not FLAT:
                 # out is staged in Q's buffer (``_consumer``'s Q_STAGE): the item's first key tiles load while the
