@@ -430,19 +430,21 @@ def set_schedule(monkeypatch, tilemap, persistent):
 
 
 def test_schedule_table(monkeypatch):
-    """configs.gluon_forward_schedule: the persistent grid for unmasked calls at D <= 128 where the entry says so,
+    """configs.gluon_forward_schedule: the persistent grid for unmasked calls where the entry says so (D=64/128/256),
     the varlen work list with it (and the plain grid where the list cannot be built, unless forced); either one
     forced by its variable; bad values refused."""
     from tileattn import configs
     set_schedule(monkeypatch, None, None)
     cfg = configs._GLUON_FWD[128]
-    assert cfg.persistent and configs._GLUON_FWD[64].persistent and not configs._GLUON_FWD[256].persistent
+    assert cfg.persistent and configs._GLUON_FWD[64].persistent and configs._GLUON_FWD[256].persistent
     schedule = configs.gluon_forward_schedule
     assert schedule(cfg, 128, False, False) == (True, False, False)
     assert schedule(cfg, 128, False, True) == (True, True, True)  # no list (compiled graph): plain grid
     assert schedule(cfg, 128, True, True) == (False, False, False)  # uneven tiles (causal): the plain grid (run 78)
     assert schedule(cfg, 128, True, False, True) == (True, False, True)  # batched causal on the host's list (s20)
-    assert schedule(configs._GLUON_FWD[256], 256, False, False) == (False, False, False)
+    assert schedule(configs._GLUON_FWD[256], 256, False, False) == (True, False, False)  # v25a, run 131
+    assert schedule(configs._GLUON_FWD[256], 256, True, False, True) == (True, False, True)  # causal: the list
+    assert schedule(configs._GLUON_FWD[256], 256, True, False) == (False, False, False)  # one-sided window: grid
     set_schedule(monkeypatch, "1", "0")
     assert schedule(cfg, 128, False, True) == (False, True, False)
     set_schedule(monkeypatch, "1", "1")
@@ -450,8 +452,7 @@ def test_schedule_table(monkeypatch):
     assert schedule(cfg, 128, True, False, True) == (True, False, False)
     set_schedule(monkeypatch, "0", "1")
     assert schedule(cfg, 128, True, True) == (True, False, False)
-    # D=256 forced: persistent, its output staged in Q's buffer (the default stays the plain grid, above)
-    assert schedule(configs._GLUON_FWD[256], 256, False, False) == (True, False, False)
+    assert schedule(configs._GLUON_FWD[256], 256, True, False) == (True, False, False)  # forced: D=256 too
     for name in ("TILEATTN_GLUON_PERSISTENT", "TILEATTN_VARLEN_TILEMAP"):
         set_schedule(monkeypatch, None, None)
         monkeypatch.setenv(name, "yes")

@@ -514,13 +514,18 @@ class GluonForwardConfig:
 # keys 1.33-1.40x non-causal (512: 389-408 vs 293 TFLOP/s; 768: 447 vs 332) and 1.23-1.29x causal (512: 250-261
 # vs 202), so both take Gluon from 512 keys (run 99's non-causal 512 at 201 was its process's first measurement;
 # run 104's first process measured both kernels low as well).
+# Session 23, run 131 (H200, CUDA-graph replay, one process): D=256 on the persistent grid (v25a; causal with the
+# work list) against the plain grid, µs per training forward: causal 512 128.1 -> 120.0, 1k 176.0 -> 163.6, 2k
+# 274.9 -> 260.9; non-causal 512 158.0 -> 149.8, 1k 257.8 -> 248.2, 2k 427.9 -> 425.0 (cuDNN 95.6 / 148.2 / 253.3
+# and 126.3 / 216.3 / 399.7): persistent by default.
 # Session 20, run 107 (H200, same process, D=64 causal, thresholds lifted): the persistent grid with the causal work
 # list 193 vs the portable kernel's 191 TFLOP/s at 512 keys, 277 vs 261 at 1k, 343 vs 319 at 2k (the plain Gluon
 # grid 149 / 233 / 315): batched causal calls on it take Gluon from 1k keys.
 _GLUON_FWD = {64: GluonForwardConfig(128, 3, 2, 240, 24, 168, min_seqlen_k=512, min_seqlen_k_causal=2048,
                                      min_seqlen_k_causal_list=1024, window_softcap=False, persistent=True),
               128: GluonForwardConfig(128, 2, 2, 240, 24, 168, persistent=True),
-              256: GluonForwardConfig(64, 3, 2, 240, 24, 168, min_seqlen_k=512, min_seqlen_k_causal=512)}
+              256: GluonForwardConfig(64, 3, 2, 240, 24, 168, min_seqlen_k=512, min_seqlen_k_causal=512,
+                                      persistent=True)}
 
 
 def _gluon_entry(table: dict, head_dim: int):
@@ -549,8 +554,8 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
 def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool, varlen: bool,
                            causal_list: bool = False):
     """(persistent, work_list, needs_list) for a Gluon forward call: a persistent grid (one program per
-    multiprocessor walking the tiles; by default D <= 128 only, whose outputs get their own staging buffers; forced
-    also at D=256, which stages them in Q's buffer: session 22's v25a, not yet measured) where the entry says
+    multiprocessor walking the tiles; D <= 128 stages its outputs in their own buffers, D=256 in Q's: v25a, by
+    default since session 23, run 131: 1.04-1.07x the plain grid at 512-1k, 1.01-1.05x at 2k) where the entry says
     so and the call's query tiles see about the same number of keys (``uneven``: causal, or a window open on one
     side; a static round-robin over those loses to the hardware's dynamic scheduling, runs 78 and 85; windows
     bounded on both sides gain, 1.03x at 2k and 1.08x at 8k for (512, 512) in run 85), or the call is batched
@@ -565,8 +570,7 @@ def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool,
     forced = getenv("TILEATTN_GLUON_PERSISTENT", "")
     if forced not in ("", "0", "1"):
         raise ValueError(f"TILEATTN_GLUON_PERSISTENT must be 0 or 1 (or unset), got {forced!r}")
-    # D=256 only when forced (its output is staged in Q's buffer, so the next item's Q loads after the epilogue)
-    persistent = forced == "1" if forced else head_dim <= 128 and cfg.persistent and (not uneven or causal_list)
+    persistent = forced == "1" if forced else cfg.persistent and (not uneven or causal_list)
     tiles = getenv("TILEATTN_VARLEN_TILEMAP", "")
     if tiles not in ("", "0", "1"):
         raise ValueError(f"TILEATTN_VARLEN_TILEMAP must be 0 or 1 (or unset), got {tiles!r}")

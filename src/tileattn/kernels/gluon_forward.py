@@ -138,7 +138,7 @@ if AVAILABLE:
         Q's buffer, released after the epilogue)."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         dtype: gl.constexpr = o_desc.dtype
-        # the persistent grid at D=256 (forced only): no room for separate staging buffers, so the output is
+        # the persistent grid at D=256 (v25a): no room for separate staging buffers, so the output is
         # staged in Q's buffer and the next item's Q loads after this item's stores have read it
         Q_STAGE: gl.constexpr = PERSISTENT and HEAD_D > 128
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -271,8 +271,8 @@ if AVAILABLE:
         stride_ab, 0 for (Hq,)). USE_MAP (varlen; or batched causal on the persistent grid): program pid runs
         entry TILE_MAP[pid] = (tile * num_m_tiles + b) * q_heads + h (``_hostinfo.tile_map`` /
         ``causal_work_list``; num_m_tiles is then the batch), so no program is launched for a tile past its
-        sequence's end, and the longest sequences run first. PERSISTENT (the schedule table decides; D=256 only
-        when forced): a grid of at most one program per multiprocessor, program pid running the items (the
+        sequence's end, and the longest sequences run first. PERSISTENT (the schedule table decides;
+        D=256 since session 23): a grid of at most one program per multiprocessor, program pid running the items (the
         default grid's tiles, or the work list's entries) pid, pid + grid, ... < num_items, with the output and
         the residual staged in their own buffers so that the next item's loads overlap this item's last P V and
         epilogue, whose stores are left in flight (``_consumer_persistent``, ``store_tile_tma``; D=256 stages
