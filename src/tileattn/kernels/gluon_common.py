@@ -33,12 +33,15 @@ except ImportError:  # pragma: no cover - older triton
 SOFTCAP_FFMA = tl.constexpr(os.environ.get("TILEATTN_SOFTCAP_FFMA", "1") != "0")
 
 
-# TILEATTN_POLY_EXP (read at import; default 0; session 22's v27a, not yet measured): the Gluon forward computes part
+# TILEATTN_POLY_EXP (read at import; default 0; session 22's v27a, measured slower): the Gluon forward computes part
 # of each tile's exp2 with a polynomial on the FMA units instead of the MUFU unit (FlashAttention-4's trick). At D=64
 # the MUFU's exp2 (16 per clock per SM) takes as long as the tile's two matmuls, so the softmax, not the tensor
 # cores, bounds the forward. 1: one of each pair of elements to the polynomial, the other to ex2.approx; 4: one of
 # each four (``exp2_tile``); by the count in NOTES v27a, 1 balances the MUFU and FMA pipes better, 4 leaves the FMA
-# pipe more room for the softmax's other work.
+# pipe more room for the softmax's other work. Run 132 (H200, same commit, three processes, forward TFLOP/s against
+# cuDNN's at D=64/128 1k-16k): geomean 0.99x off, 0.83x with 1, 0.91x with 4 (D=64 causal 16k 445 / 381 / 419;
+# D=128 softcap 2k 539 / 509 / 539): the extra FMA-pipe instructions cost more than the MUFU time they free, so
+# it stays off (the tests pass with it on).
 _POLY = os.environ.get("TILEATTN_POLY_EXP", "0")
 if _POLY not in ("0", "1", "4"):
     raise ValueError(f"TILEATTN_POLY_EXP must be 0, 1 or 4, got {_POLY!r}")
