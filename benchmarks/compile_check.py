@@ -4,6 +4,7 @@ Usage: PYTHONPATH=src python benchmarks/compile_check.py [arch=90] [--features |
 (needs triton's bundled ptxas; no GPU, no interpreter). Catches compile errors the interpreter can't see
 (e.g. non-constexpr globals) and shows register pressure per config.
 """
+import inspect
 import os
 import re
 import subprocess
@@ -46,6 +47,8 @@ def compile_one(fn, dtype, constexprs, cfg, arch, ints=None, descs=("K_DESC", "V
     for param in getattr(fn, "params", []):
         if ints and ints.get(param.name) == 1 and param.name not in unspecialised:
             constexprs[param.name] = 1
+        if param.is_constexpr and param.name not in constexprs and param.default is not inspect.Parameter.empty:
+            constexprs[param.name] = param.default  # as a launch that leaves it out (else compiled as an i32)
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:

@@ -5,7 +5,7 @@ Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--cau
            [--no-resid] [--softcap] [--sink] [--fp16] [--window] [--sass] [--check]
        ... --dq [--head-dim 128] [--causal] [--fp16] [--no-resid] [--dlse] [--config bn,kstages,creg,preg,maxnreg]
        ... --bwd [--head-dim 128] [--causal] [--fp16] [--config bm,stages,creg,preg,maxnreg,pipeline[,split]]
-           [--dq-probe]: the dK/dV kernel
+           [--fused-dq]: the dK/dV kernel (with dQ reduce-added: the fused backward)
        ... --many < variants: one variant's arguments per line, each checked as with --check, in one process
 """
 import argparse
@@ -61,7 +61,7 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
 
 
 def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=False, softcap=False, alibi=False,
-                dq_probe=False):
+                fused_dq=False):
     """The Gluon dK/dV kernel (kernels/gluon_backward.py) for sm_90a."""
     from tileattn import configs
     from tileattn.kernels import gluon_backward as gb
@@ -76,11 +76,13 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
         return f"tensordesc<{'fp16' if fp16 else 'bf16'}[1,{rows},1,{d}],{layout!r}>"
     sig = {"q_desc": desc(bm), "do_desc": desc(bm), "k_desc": desc(64), "v_desc": desc(64), "dk_desc": desc(64),
            "dv_desc": desc(64), "st_desc": f"tensordesc<fp32[{bm}],{gb._stats_layout(bm)!r}>",
+           "dq_desc": (f"tensordesc<fp32[64,{bm}],{gb._acc_layout(64, bm)!r}>" if fused_dq
+                       else f"tensordesc<fp32[{bm}],{gb._stats_layout(bm)!r}>"),
            "qk_scale": "fp32", "sm_scale": "fp32", "softcap": "fp32", "DK": f"*{'fp16' if fp16 else 'bf16'}",
            "DV": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32"}
     consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal and not window, WINDOW=window, PIPELINE=bool(pipe),
                   VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, SPLIT=split, CONSUMER_REGS=creg,
-                  PRODUCER_REGS=preg, DQ_PROBE=dq_probe)
+                  PRODUCER_REGS=preg, FUSED_DQ=fused_dq)
     fn = gb._dkdv_kernel
     for name in fn.arg_names:
         if name not in sig:
@@ -183,8 +185,8 @@ def main(argv=None):
     ap.add_argument("--dlse", action="store_true")
     ap.add_argument("--reduce-add", action="store_true", help="print how many TMA reduce-adds a minimal kernel "
                     "around gluon_common.tma_reduce_add compiles to")
-    ap.add_argument("--dq-probe", action="store_true", help="with --bwd: the fused backward's main loop "
-                    "(TILEATTN_GLUON_BWD_PROBE=dq)")
+    ap.add_argument("--fused-dq", action="store_true", help="with --bwd: the fused backward's dK/dV kernel, dQ "
+                    "reduce-added (TILEATTN_GLUON_BWD_FUSED=1)")
     ap.add_argument("--bwd", action="store_true", help="the dK/dV backward kernel instead (--config bm,stages,"
                     "creg,preg,maxnreg,pipeline)")
     ap.add_argument("--sass", action="store_true", help="print the main loop's SASS")
@@ -205,7 +207,7 @@ def main(argv=None):
         k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen, a.window, a.softcap,
                        a.alibi, a.resid8)
     elif a.bwd:
-        k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi, a.dq_probe)
+        k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi, a.fused_dq)
     else:
         softcap = 2 if a.softcap_fixed_max else a.softcap
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, softcap, a.sink, a.fp16, a.window, a.varlen,

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -62,14 +62,10 @@ for stage in "$@"; do
            --cells "256,32,8,512,1;256,16,8,1024,1;256,8,8,2048,1;256,32,8,512,0;256,16,8,1024,0;256,8,8,2048,0" \
            2>&1 | grep -v Warning | tee "$OUT/s22_short.log"
          timeout 150 python3 benchmarks/gc_probe.py 2>&1 | grep -v Warning | tee "$OUT/s22_gc.log" ;;
-    s22b) # (~7 min) the fused backward's main loop (TILEATTN_GLUON_BWD_PROBE=dq, v26a): its test, then its time per
-          # kernel; the forward's exp2 half on the FMA units (TILEATTN_POLY_EXP=1, read at import, v27a): the
+    s22b) # (~5 min) the forward's exp2 half on the FMA units (TILEATTN_POLY_EXP=1, read at import, v27a): the
           # Gluon forward's tests with it on, then the forward cells without it / one exp2 in 2 / one in 4 on the
-          # polynomial (three processes, each with its cuDNN anchor)
-          timeout 120 python3 -m pytest tests/test_gluon_backward.py -k "probe" -q -n 4 -p no:cacheprovider \
-            -p no:benchmark -rf 2>&1 | tee "$OUT/s22_probe_tests.log" | tail -4
-          [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-          timeout 150 python3 benchmarks/bwd_probe.py 2>&1 | grep -v Warning | tee "$OUT/s22_bwd_probe.log"
+          # polynomial (three processes, each with its cuDNN anchor). (Run 132 also ran v26a's probe, since
+          # replaced by the fused backward: s23.)
           TILEATTN_POLY_EXP=1 timeout 200 python3 -m pytest tests/test_gluon_forward.py -k "not compiles" -q -n 14 \
             -p no:cacheprovider -p no:benchmark -rf 2>&1 | tee "$OUT/s22_poly_tests.log" | tail -6
           [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
@@ -78,6 +74,12 @@ for stage in "$@"; do
             --out-dir "$OUT/poly$f" 2>&1 | grep -v "meas/s" | tee "$OUT/s22_poly$f.log" | tail -30
             TILEATTN_POLY_EXP=$f timeout 60 python3 -m tileattn.bench_features --seqlens 2048,8192 \
               --cases dense,softcap --out-dir "$OUT/poly$f" 2>&1 | grep -v "^#" | tee -a "$OUT/s22_poly$f.log"; done ;;
+    s23) # (~6 min) the fused backward (TILEATTN_GLUON_BWD_FUSED=1, v28a): its tests (test_fused_dq.py), then both
+         # forms' time per backward and per kernel beside cuDNN's (bwd_fused.py: D=128 / 64, 1k / 4k / 16k)
+         timeout 300 python3 -m pytest tests/test_fused_dq.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
+           2>&1 | tee "$OUT/s23_fused_tests.log" | tail -12
+         [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+         timeout 200 python3 benchmarks/bwd_fused.py 2>&1 | grep -v Warning | tee "$OUT/s23_bwd_fused.log" ;;
     plan-suite) # the forward, backward, feature and API tests with launch plans on (the suite runs with them off:
                 # conftest) — each test's repeated calls replay plans
           TILEATTN_LAUNCH_PLANS=1 timeout 560 python3 -m pytest tests/test_forward.py tests/test_backward.py \
@@ -252,7 +254,7 @@ for stage in "$@"; do
           for v in 1 all 1 all; do echo "== D=64 TILEATTN_SOFTCAP_FIXED_MAX=$v"
             TILEATTN_SOFTCAP_FIXED_MAX=$v timeout 90 python3 -m tileattn.bench_features --seqlens 2048,8192 \
               --head-dim 64 --cases dense,softcap 2>&1 | grep -v "^#"; done | tee "$OUT/portable_fixed_max.log" ;;
-    s22) # session 20's first stage: causal calls on the persistent grid walking the host's L2-grouped work list
+    s20w) # session 20's first stage: causal calls on the persistent grid walking the host's L2-grouped work list
          # (v22a, _hostinfo.causal_schedule): its GPU tests (bit-identity with the plain grid, list and LPT), then
          # forward TFLOP/s plain grid (default) / persistent + list / persistent + LPT / flat + list / cuDNN, D=128
          # and 64 causal, twice

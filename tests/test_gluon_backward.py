@@ -472,47 +472,6 @@ def test_compiles_for_sm90_without_serialised_wgmma():
                     env_extra={"TILEATTN_FAST_TANH": "1"})  # the GPU's tanh path (softcap, bf16)
 
 
-@needs_gluon
-@pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
-def test_dq_probe_compiles_for_sm90():
-    """The fused backward's main-loop probe (TILEATTN_GLUON_BWD_PROBE=dq, a measurement, D=64/128): no serialised
-    wgmma, shared memory within the limit, its spills bounded (D=128 36 B plain, 76 B causal at 168 registers:
-    dQ^T's 16 accumulator registers on top of dK / dV; D=64 8 / 20 B)."""
-    assert_compiles([("--bwd", "--dq-probe", "--spill-budget", 80, "--head-dim", d, *(["--causal"] if causal else []))
-                     for d in (64, 128) for causal in (False, True)], env_extra={"TILEATTN_FAST_TANH": "1"})
-
-
-@hopper
-@pytest.mark.gpu
-@pytest.mark.parametrize("causal", [False, True])
-@pytest.mark.parametrize("d", [64, 128])
-def test_dq_probe_leaves_gradients_unchanged(d, causal, monkeypatch):
-    """TILEATTN_GLUON_BWD_PROBE=dq adds the fused backward's dQ products to the dK/dV kernel and discards them (the
-    dQ kernel still runs): the probe variant is launched, finishes (its two warpgroups' dS^T exchange does not
-    deadlock over many steps, GQA), and every gradient is bit-identical to the default's."""
-    q, k, v, gen = make_qkv(2, 1500, 1300, 8, 2, d, torch.bfloat16, seed_for("gluon-bwd-probe", d, causal),
-                            requires_grad=True)
-    dout = randn((2, 1500, 8, d), torch.bfloat16, gen)
-
-    def grads():
-        return _fresh_grads(q, k, v, dout, causal)
-    want = grads()
-    seen = []
-    real = gluon_backward.launch
-
-    def launch(fn, grid, args, kw, *rest, **opts):
-        seen.append(kw)
-        return real(fn, grid, args, kw, *rest, **opts)
-    monkeypatch.setattr(gluon_backward, "launch", launch)
-    monkeypatch.setenv("TILEATTN_GLUON_BWD_PROBE", "dq")
-    got = grads()
-    assert any(kw.get("DQ_PROBE") for kw in seen), "the probe variant did not run"
-    assert all(torch.equal(x, y) for x, y in zip(want, got))
-    monkeypatch.setenv("TILEATTN_GLUON_BWD_PROBE", "yes")
-    with pytest.raises(ValueError, match="TILEATTN_GLUON_BWD_PROBE"):
-        grads()
-
-
 DQ_COMPILE = [(128, False, ()), (128, True, ("--dlse", )), (64, True, ()),
               (64, False, ("--fp16", "--no-resid")), (128, True, ("--varlen", "--dlse")),
               (128, False, ("--varlen", "--no-resid")), (128, False, ("--window",)),

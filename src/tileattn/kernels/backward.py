@@ -23,7 +23,7 @@ from .. import autotune, configs
 from .._hostinfo import leaves_rows
 from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, q_tile_range,
                      residual_value, scores, seq_bounds, store_tile, visible)
-from . import gluon_backward, gluon_dq, plans
+from . import fused_dq, gluon_backward, gluon_dq, plans
 from .launch import launch
 
 
@@ -43,6 +43,18 @@ def _stats_row0(b, q_start, max_seqlen_q, IS_VARLEN: tl.constexpr):
     if IS_VARLEN:
         first = q_start
     return tl.multiple_of(16 * (b + first // 16), 16)
+
+
+@triton.jit
+def _store_row_stats(DELTA, STATS, h, stride_sh, rows, seqlen_q, b, q_start, max_seqlen_q, stride_st, lse, delta,
+                     IS_VARLEN: tl.constexpr):
+    """The dQ kernel's outputs for d(sink) and the dK/dV kernel: delta in lse's layout (DELTA at the row's
+    sequence and head), and the row-stats buffer's copies (head h's): aligned rows, lse in log2 units
+    (``_row_stats_buffer``)."""
+    tl.store(DELTA + rows, delta, mask=rows < seqlen_q)
+    srows = STATS + h.to(tl.int64) * stride_sh + _stats_row0(b, q_start, max_seqlen_q, IS_VARLEN) + rows
+    tl.store(srows, lse, mask=rows < seqlen_q)
+    tl.store(srows + stride_st, delta, mask=rows < seqlen_q)
 
 
 @triton.jit
@@ -235,8 +247,10 @@ def _bwd_dq_kernel(Q, K, V, O, RESID, DO, LSE, DELTA, DLSE, DQ, STATS, CU_Q, CU_
                    HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                    HAS_ALIBI: tl.constexpr, HAS_DROPOUT: tl.constexpr, IS_VARLEN: tl.constexpr,
                    FP32: tl.constexpr, HAS_DLSE: tl.constexpr, HAS_RESID: tl.constexpr, CORRECT: tl.constexpr,
-                   DELTA_CHUNK: tl.constexpr):
+                   DELTA_CHUNK: tl.constexpr, STATS_ONLY: tl.constexpr = False):
     """dQ of one query tile; launched before the dK/dV kernel, for which it writes lse and delta (STATS).
+    STATS_ONLY (the fused backward, ``fused_dq``): no key loop, the statistics only; DQ is then the fp32 dQ^T
+    accumulator, whose rows (b * q_heads + h) * dqk + d (stride_dqs apart) get zeros over this tile's columns.
 
     delta d~ = rowsum(dO * O) - dlse is computed here in the prologue, from O and dO (no separate
     preprocess kernel and its launch; measured within ±1% of the separate kernel on the H200, run 11b).
@@ -281,6 +295,16 @@ def _bwd_dq_kernel(Q, K, V, O, RESID, DO, LSE, DELTA, DLSE, DQ, STATS, CU_Q, CU_
         o_c = o_c.to(tl.float32)
         do_c = load_tile(do_ptrs + offs_c[None, :], rows, seqlen_q, offs_c, dim_v, True, EVEN_DV)
         delta += tl.sum(o_c * do_c.to(tl.float32), 1)
+    if STATS_ONLY:  # the fused backward's pass (fused_dq): statistics, and the accumulator's rows zeroed
+        row0 = b * stride_lb + h.to(tl.int64) * stride_lh + q_start
+        if HAS_DLSE:
+            delta -= tl.load(DLSE + row0 + rows, mask=rows < seqlen_q, other=0.0)
+        _store_row_stats(DELTA + row0, STATS, h, stride_sh, rows, seqlen_q, b, q_start, max_seqlen_q, stride_st,
+                         _load_lse(LSE + row0, rows, seqlen_q), delta, IS_VARLEN)
+        tl.store(DQ + b * stride_dqb + h * stride_dqh + q_rows + offs_dqk[None, :].to(tl.int64) * stride_dqs,
+                 tl.zeros([BLOCK_M, BLOCK_DQK], dtype=tl.float32),
+                 mask=(rows[:, None] < seqlen_q) & (offs_dqk[None, :] < dqk))
+        return
     q = load_tile(Q + b * stride_qb + h * stride_qh + q_rows * stride_qs + offs_dqk[None, :],
                   rows, seqlen_q, offs_dqk, dqk, True, EVEN_DQK)
     do = load_tile(do_ptrs + offs_dv[None, :], rows, seqlen_q, offs_dv, dim_v, True, EVEN_DV)
@@ -322,11 +346,8 @@ def _bwd_dq_kernel(Q, K, V, O, RESID, DO, LSE, DELTA, DLSE, DQ, STATS, CU_Q, CU_
             dsum -= dlse
         dq -= (dsum - delta)[:, None] * pk
         delta = dsum
-    tl.store(DELTA + row0 + rows, delta, mask=rows < seqlen_q)
-    # the dK/dV kernel's copy: aligned rows, lse already in log2 units (``_row_stats_buffer``)
-    srows = STATS + h.to(tl.int64) * stride_sh + _stats_row0(b, q_start, max_seqlen_q, IS_VARLEN) + rows
-    tl.store(srows, lse, mask=rows < seqlen_q)
-    tl.store(srows + stride_st, delta, mask=rows < seqlen_q)
+    _store_row_stats(DELTA + row0, STATS, h, stride_sh, rows, seqlen_q, b, q_start, max_seqlen_q, stride_st, lse,
+                     delta, IS_VARLEN)
     dq = dq * sm_scale
     store_tile(DQ + b * stride_dqb + h * stride_dqh + q_rows * stride_dqs + offs_dqk[None, :],
                dq.to(DQ.dtype.element_ty), rows, seqlen_q, offs_dqk, dqk, EVEN_DQK)
@@ -383,11 +404,13 @@ def _sink_rows(p):
 
 
 def _backward_buffers(q, lse, dlse, p):
-    """The backward's own buffers: (delta like lse, the row-stats buffer, dlse as fp32 contiguous or None)."""
+    """The backward's own buffers: (delta like lse, the row-stats buffer, dlse as fp32 contiguous or None, the
+    fused backward's dQ accumulator or None: ``fused_dq``)."""
     _, rows_q, q_heads, _ = q.shape
     delta = torch.empty_like(lse)
     stats = _row_stats_buffer(p.batch, q_heads, rows_q if p.varlen else p.batch * rows_q, q.device)
-    return delta, stats, (dlse.to(torch.float32).contiguous() if dlse is not None else None)
+    return (delta, stats, (dlse.to(torch.float32).contiguous() if dlse is not None else None),
+            fused_dq.accumulator(q) if fused_dq.enabled(q, p) else None)
 
 
 def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid, buffers=None):
@@ -417,7 +440,7 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid, b
     flags = dict(HAS_LEFT=p.window_left >= 0, HAS_RIGHT=p.window_right >= 0, HAS_SOFTCAP=p.softcap > 0,
                  HAS_ALIBI=p.alibi_slopes is not None, HAS_DROPOUT=p.dropout_p > 0, IS_VARLEN=p.varlen, FP32=fp32)
 
-    delta, stats, dlse = buffers if buffers is not None else _backward_buffers(q, lse, dlse, p)
+    delta, stats, dlse, dq_acc = buffers if buffers is not None else _backward_buffers(q, lse, dlse, p)
     sts = stats.stride()
     # The dQ kernel computes delta and runs first; the dK/dV kernel and d(sink) (attention_backward) use the delta
     # it writes. fp16/bf16: from O plus the forward's residual, else corrected in the dQ kernel (see
@@ -428,26 +451,37 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid, b
     correct = mode in ("residual", "correct") and not has_resid
     qc = cfg.dq_correct if correct and cfg.dq_correct is not None else cfg.dq
     num_m_tiles = configs.cdiv(p.max_seqlen_q, qc.block_m)
-    if gluon_cfg is not None and gluon_cfg.dq and not correct:  # Hopper: the warp-specialised dQ kernel
+    # opt-in: the fused backward (fused_dq): the stats-only pass, dK/dV with dQ reduce-added, dQ's conversion
+    fused = (dq_acc is not None and gluon_cfg is not None and not correct
+             and gluon_backward.fused_applies(gluon_cfg, dqk, p))
+    if fused:
+        accs = dq_acc.stride(0)
+        dqb, dqs, dqs_h = q_heads * dqk * accs, accs, dqk * accs
+    else:
+        dqs_h = dqs[2]
+        dqs = dqs[1]
+    if gluon_cfg is not None and gluon_cfg.dq and not correct and not fused:  # Hopper: the warp-specialised dQ
         gluon_dq.dq(q, k, v, out, resid if has_resid else None, dout, lse, dlse, delta, stats, dq, p, gluon_cfg)
     else:
         launch(_bwd_dq_kernel, (num_m_tiles * batch * q_heads,), (
-            q, k, v, out, resid if has_resid else dummy, dout, lse, delta, dlse if dlse is not None else dummy, dq,
-            stats, cu_q, cu_k, alibi, rng,
+            q, k, v, out, resid if has_resid else dummy, dout, lse, delta, dlse if dlse is not None else dummy,
+            dq_acc if fused else dq, stats, cu_q, cu_k, alibi, rng,
             qb, qs[1], qs[2], kb, ks[1], ks[2],
             vb, vs[1], vs[2], ob, os_[1], os_[2], dob, dos[1],
-            dos[2], dqb, dqs[1], dqs[2], stride_lb, stride_lh, sts[1], sts[0],
+            dos[2], dqb, dqs, dqs_h, stride_lb, stride_lh, sts[1], sts[0],
             p.alibi_stride_b,
             q_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
             p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
             dqk, dim_v), dict(
             BLOCK_DQK=block_dqk, BLOCK_DV=block_dv, EVEN_DQK=block_dqk == dqk,
             EVEN_DV=block_dv == dim_v, BLOCK_M=qc.block_m, BLOCK_N=qc.block_n, **flags,
-            HAS_DLSE=dlse is not None, HAS_RESID=has_resid, CORRECT=correct, DELTA_CHUNK=min(32, block_dv)),
-            qc.num_warps, qc.num_stages)
+            HAS_DLSE=dlse is not None, HAS_RESID=has_resid, CORRECT=correct, DELTA_CHUNK=min(32, block_dv),
+            **({"STATS_ONLY": True} if fused else {})), qc.num_warps, qc.num_stages)
 
     if gluon_cfg is not None:  # Hopper: the warp-specialised dK/dV kernel (gluon_backward.py)
-        gluon_backward.dkdv(q, k, v, dout, stats, dk, dv, p, gluon_cfg)
+        gluon_backward.dkdv(q, k, v, dout, stats, dk, dv, p, gluon_cfg, dq_acc if fused else None)
+        if fused:
+            fused_dq.convert(dq_acc, dq, p.softmax_scale)
         return delta
     kv = cfg.dkdv
     num_n_tiles = configs.cdiv(p.max_seqlen_k, kv.block_n)

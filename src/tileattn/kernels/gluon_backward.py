@@ -36,6 +36,7 @@ import torch
 import triton
 
 from .. import configs
+from . import fused_dq
 from .gluon_common import AVAILABLE, has_window, make_desc, window_bounds
 from .launch import host_descriptor, launch, tma_aligned
 from .params import AttnParams
@@ -48,7 +49,7 @@ if AVAILABLE:
                                                                   warpgroup_mma_wait)
     from .gluon_backward_split import _split_consumer
     from .gluon_common import (alibi_slope, dkdv_dscores, dkdv_mask_bounds, dkdv_probs, seq_bounds, stats_row0,
-                               store_rows, zero_rows_from)
+                               store_rows, tma_reduce_add, zero_rows_from)
 
     @gluon.jit
     def _dkdv_load(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
@@ -99,8 +100,8 @@ if AVAILABLE:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _probe_stage(ds, ds_slots, ds_ready, ds_free, w: gl.constexpr, t, EXCHANGE: gl.constexpr):
-        """DQ_PROBE: this warpgroup's dS^T of step t into its slot. EXCHANGE (D=128): slot (t % 2, w), once both
+    def _ds_stage(ds, ds_slots, ds_ready, ds_free, w: gl.constexpr, t, EXCHANGE: gl.constexpr):
+        """FUSED_DQ: this warpgroup's dS^T of step t into its slot. EXCHANGE (D=128): slot (t % 2, w), once both
         warpgroups' dQ^T products of step t - 2 have read it, then announced; else (D=64) slot w, which the
         warpgroup's own product of step t - 1 has read (``_dkdv_consumer``)."""
         if EXCHANGE:
@@ -114,16 +115,33 @@ if AVAILABLE:
             mbarrier.arrive(ds_ready.index(t % 2), count=1)
 
     @gluon.jit
-    def _probe_issue(k_lo, k_hi, ds_slots, ds_ready, dqt, w: gl.constexpr, t, EXCHANGE: gl.constexpr):
-        """DQ_PROBE: dQ^T += K^T dS^T of step t, asynchronous (returns the token). EXCHANGE: this warpgroup's half
-        of D over both warpgroups' keys (two products); else its own keys' share of all of D (one product)."""
+    def _dq_issue(k_lo, k_hi, ds_slots, ds_ready, acc, w: gl.constexpr, t, EXCHANGE: gl.constexpr):
+        """FUSED_DQ: dQ^T = K^T dS^T of step t, asynchronous (returns the token; ``acc`` a tile of the result's
+        shape and layout, not read). EXCHANGE: this warpgroup's half of D over both warpgroups' keys (two
+        products); else its own keys' share of all of D (one product)."""
         if EXCHANGE:
             mbarrier.wait(ds_ready.index(t % 2), (t // 2) & 1)
-            tok = warpgroup_mma(k_lo, ds_slots.index(2 * (t % 2)), dqt, is_async=True)
+            tok = warpgroup_mma(k_lo, ds_slots.index(2 * (t % 2)), acc, use_acc=False, is_async=True)
             tok = warpgroup_mma(k_hi, ds_slots.index(2 * (t % 2) + 1), tok, is_async=True)
         else:
-            tok = warpgroup_mma(k_lo, ds_slots.index(w), dqt, is_async=True)
+            tok = warpgroup_mma(k_lo, ds_slots.index(w), acc, use_acc=False, is_async=True)
         return tok
+
+    @gluon.jit
+    def _dq_flush(dqt, dq_slots, dq_desc, w: gl.constexpr, t, n_m, m_lo, row0, HEAD_D: gl.constexpr):
+        """FUSED_DQ: reduce-add step t's dQ^T share (HALF_N rows of D, BLOCK_M queries, fp32) into the
+        accumulator (``fused_dq``) through this warpgroup's slot 2 * w + t % 2, once the add that last read the
+        slot (step t - 2's) has. ``row0``: the accumulator row of the group's first query head, plus this
+        warpgroup's D offset (EXCHANGE)."""
+        BLOCK_M: gl.constexpr = dq_slots.shape[2]
+        g = t // n_m
+        slot = dq_slots.index(2 * w + t % 2)
+        tma.store_wait(pendings=1)  # by the issuing thread; the barrier holds the others
+        gl.thread_barrier()
+        slot.store(dqt)
+        fence_async_shared()
+        gl.thread_barrier()
+        tma_reduce_add(dq_desc, [row0 + g * HEAD_D, (m_lo + t - g * n_m) * BLOCK_M], slot)
 
     @gluon.jit
     def _dkdv_consumer(w: gl.constexpr, dk_desc, dv_desc, DK, DV, ALIBI_B, q_smem, do_smem, k_smem, v_smem, lse_smem,
@@ -131,8 +149,8 @@ if AVAILABLE:
                        k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N: gl.constexpr,
                        win_left, win_right, softcap, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                       PIPELINE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, probe=None,
-                       DQ_PROBE: gl.constexpr = False):
+                       PIPELINE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, fused=None,
+                       FUSED_DQ: gl.constexpr = False):
         """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps.
         PIPELINE: software-pipelined by one step: S^T_t and dP^T_t are issued with dV += P^T_{t-1} dO_{t-1} and
         dK += dS^T_{t-1} Q_{t-1} between them, so step t's elementwise work runs while step t-1's products hold the
@@ -142,18 +160,18 @@ if AVAILABLE:
         P is 0, but 0 * NaN is NaN), and a key half that crosses it is stored by masked pointer stores (DK /
         DV), since a TMA store would overwrite the next sequence's rows.
 
-        DQ_PROBE (a measurement, ``TILEATTN_GLUON_BWD_PROBE=dq``; D=64 and 128, PIPELINE): the main loop of a
-        fused 5-product backward. Each step's dS^T is staged in shared memory (``probe``: (slots (2 steps x 2
-        warpgroups, HALF_N, BLOCK_M), ready, free barriers of 2 arrivals)) and, issued with the next step's
-        products, each warpgroup computes a share of dQ^T = K^T dS^T: at D=128 its 64 of D's rows over both
-        warpgroups' keys (dS^T exchanged through the barriers: a 16-register accumulator instead of 32), at D=64
-        all of D over its own keys (32 registers; no exchange); the products are summed over the steps and
-        discarded (the dQ kernel still runs, so gradients stay right): what is left to a fused kernel is dQ's
-        reduction across programs (and warpgroups, at D=64)."""
+        FUSED_DQ (the fused backward, ``fused_dq``; D=64 and 128, PIPELINE, batched): dQ here too. Each step's
+        dS^T is staged in shared memory (``fused``: (dS slots (2 steps x 2 warpgroups, HALF_N, BLOCK_M), their
+        ready and free barriers of 2 arrivals, dQ slots (2 warpgroups x 2 steps, HALF_N, BLOCK_M) fp32, the
+        accumulator's descriptor, its row of the group's first query head)) and, issued with the next step's
+        products, each warpgroup computes a share of that step's dQ^T = K^T dS^T: at D=128 its 64 of D's rows
+        over both warpgroups' keys (dS^T exchanged through the barriers: a 16-register accumulator instead of 32),
+        at D=64 all of D over its own keys (no exchange), and reduce-adds it into the accumulator by TMA
+        (``_dq_flush``); the programs' (and, at D=64, the warpgroups') adds into one tile are unordered."""
         kv_bar, ready, empty = bars
         dtype: gl.constexpr = dk_desc.dtype
-        EXCHANGE: gl.constexpr = HEAD_D == 2 * HALF_N  # DQ_PROBE's form (D=128; D=64: own keys)
-        PROBE_MMAS: gl.constexpr = 2 if EXCHANGE else 1
+        EXCHANGE: gl.constexpr = HEAD_D == 2 * HALF_N  # FUSED_DQ's form (D=128; D=64: own keys)
+        DQ_MMAS: gl.constexpr = 2 if EXCHANGE else 1
         st_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                             instr_shape=[16, BLOCK_M, 16])
         acc_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -207,19 +225,18 @@ if AVAILABLE:
                                   HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
             ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M, HAS_SOFTCAP)
-            if DQ_PROBE:
-                ds_slots, ds_ready, ds_free = probe
-                # (HALF_N, BLOCK_M) of dQ^T, summed over the steps: D=128 this warpgroup's 64 rows of D over both
-                # warpgroups' keys (EXCHANGE); D=64 all of D over its own keys (a fused kernel would add both
-                # warpgroups' shares into dQ, as it adds the programs')
-                dqt = st_zero
+            if FUSED_DQ:
+                ds_slots, ds_ready, ds_free, dq_slots, dq_desc, dq_row0 = fused
+                # (HALF_N, BLOCK_M) of a step's dQ^T: D=128 this warpgroup's 64 rows of D over both warpgroups'
+                # keys (EXCHANGE); D=64 all of D over its own keys (both warpgroups add theirs)
                 if EXCHANGE:
+                    dq_row0 += w * HALF_N
                     k_lo = k_smem.index(0).reshape([HALF_N, HEAD_D]).slice(w * HALF_N, HALF_N, dim=1).permute((1, 0))
                     k_hi = k_smem.index(1).reshape([HALF_N, HEAD_D]).slice(w * HALF_N, HALF_N, dim=1).permute((1, 0))
                 else:
                     k_lo = k2.permute((1, 0))
                     k_hi = k_lo
-                _probe_stage(ds.to(dtype), ds_slots, ds_ready, ds_free, w, 0, EXCHANGE)
+                _ds_stage(ds.to(dtype), ds_slots, ds_ready, ds_free, w, 0, EXCHANGE)
             p_op = gl.convert_layout(p.to(dtype), op_layout)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             for t in range(1, n):
@@ -236,24 +253,25 @@ if AVAILABLE:
                 dpt_tok = warpgroup_mma(v2, do_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                         use_acc=False, is_async=True)
                 dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
-                if DQ_PROBE:  # dQ^T_{t-1}
-                    dq_tok = _probe_issue(k_lo, k_hi, ds_slots, ds_ready, dqt, w, t - 1, EXCHANGE)
-                    st = warpgroup_mma_wait(num_outstanding=3 + PROBE_MMAS, deps=(st_tok, ))
+                if FUSED_DQ:  # dQ^T_{t-1}
+                    dq_tok = _dq_issue(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, t - 1, EXCHANGE)
+                    st = warpgroup_mma_wait(num_outstanding=3 + DQ_MMAS, deps=(st_tok, ))
                 else:
                     st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
                 p, dtanh = dkdv_probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
                                       alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
                                       HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
-                if DQ_PROBE:
-                    dv, dpt = warpgroup_mma_wait(num_outstanding=1 + PROBE_MMAS, deps=(dv_tok, dpt_tok))
+                if FUSED_DQ:
+                    dv, dpt = warpgroup_mma_wait(num_outstanding=1 + DQ_MMAS, deps=(dv_tok, dpt_tok))
                 else:
                     dv, dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dpt_tok))
                 ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
-                if DQ_PROBE:
+                if FUSED_DQ:
                     dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, dq_tok))
                     if EXCHANGE:
                         mbarrier.arrive(ds_free.index((t - 1) % 2), count=1)
-                    _probe_stage(ds.to(dtype), ds_slots, ds_ready, ds_free, w, t, EXCHANGE)
+                    _ds_stage(ds.to(dtype), ds_slots, ds_ready, ds_free, w, t, EXCHANGE)
+                    _dq_flush(dqt, dq_slots, dq_desc, w, t - 1, n_m, m_lo, dq_row0, HEAD_D)
                 else:
                     dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
                 mbarrier.arrive(empty.index(sp), count=1)
@@ -262,11 +280,14 @@ if AVAILABLE:
             sp = (n - 1) % STAGES
             dv_tok = warpgroup_mma(p_op, do_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dv, is_async=True)
             dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
-            if DQ_PROBE:
-                dq_tok = _probe_issue(k_lo, k_hi, ds_slots, ds_ready, dqt, w, n - 1, EXCHANGE)
+            if FUSED_DQ:
+                dq_tok = _dq_issue(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, n - 1, EXCHANGE)
                 dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok))
-                if seqlen_q < 0:  # never (a runtime test the compiler cannot fold): keeps the products alive
-                    gl.store(DK, gl.sum(gl.sum(dqt, axis=1), axis=0).to(dtype))
+                if EXCHANGE:  # both warpgroups' last products have read both K halves before they stage dK
+                    mbarrier.arrive(ds_free.index((n - 1) % 2), count=1)
+                _dq_flush(dqt, dq_slots, dq_desc, w, n - 1, n_m, m_lo, dq_row0, HEAD_D)
+                if EXCHANGE:
+                    mbarrier.wait(ds_free.index((n - 1) % 2), ((n - 1) // 2) & 1)
             else:
                 dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok))
             mbarrier.arrive(empty.index(sp), count=1)
@@ -284,20 +305,21 @@ if AVAILABLE:
             _store_kv(dk_desc, dv_desc, k_smem, v_smem, w, b, key0, hk)
 
     @gluon.jit
-    def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, DK, DV, CU_Q, CU_K, ALIBI,
+    def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, dq_desc, DK, DV, CU_Q, CU_K, ALIBI,
                      seqlen_q, seqlen_k, kv_heads, group, num_n_tiles, qk_scale, sm_scale, stride_sh, stride_st,
                      stride_dks, stride_dkh, stride_dvs, stride_dvh, win_left, win_right, softcap, stride_ab,
                      HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                      HAS_SOFTCAP: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
                      HAS_ALIBI: gl.constexpr, SPLIT: gl.constexpr,
-                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, DQ_PROBE: gl.constexpr = False):
+                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, FUSED_DQ: gl.constexpr = False):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
         total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
         read per sequence (the arguments are the maxima). DK / DV: dk and dv as pointers (with their row and head
         strides) for the masked stores of a sequence's last keys (varlen only). ALIBI: fp32 slopes (Hq,) or (B,
         Hq) (batch stride stride_ab, 0 for (Hq,)). SPLIT: 64 keys per program, shared by both consumer warpgroups
-        (``_split_consumer``; no varlen or softcap)."""
+        (``_split_consumer``; no varlen or softcap). FUSED_DQ: dQ too, reduce-added into the fp32 accumulator
+        ``dq_desc`` describes (``fused_dq``; without it ``dq_desc`` is a placeholder, not read)."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HALF_N: gl.constexpr = k_desc.block_type.shape[1]
         KV_PARTS: gl.constexpr = 1 if SPLIT else 2  # key parts of HALF_N per program
@@ -362,41 +384,40 @@ if AVAILABLE:
                               q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
             return
-        if DQ_PROBE:  # the fused backward's main loop, timed (``_dkdv_consumer``)
+        if FUSED_DQ:  # dQ in this kernel (``_dkdv_consumer``)
             ds_slots = gl.allocate_shared_memory(dtype, [4, HALF_N, BLOCK_M],
                                                  gl.NVMMASharedLayout.get_default_for([HALF_N, BLOCK_M], dtype))
+            dq_slots = gl.allocate_shared_memory(gl.float32, [4, HALF_N, BLOCK_M], dq_desc.layout)
             ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(2):
                 mbarrier.init(ds_ready.index(i), count=2)
                 mbarrier.init(ds_free.index(i), count=2)
-            probe = (ds_slots, ds_ready, ds_free)
+            fused = (ds_slots, ds_ready, ds_free, dq_slots, dq_desc, (b * kv_heads + hk) * group * HEAD_D)
         else:
-            probe = q_smem  # not read without DQ_PROBE
+            fused = q_smem  # not read without FUSED_DQ
         gl.warp_specialize([
             (_dkdv_consumer, (0, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
                               qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
                               win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                              PIPELINE, VARLEN, HAS_ALIBI, probe, DQ_PROBE)),
+                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ)),
             (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
                               qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
                               win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                              PIPELINE, VARLEN, HAS_ALIBI, probe, DQ_PROBE)),
+                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ)),
             (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
                           delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
                           q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
-def _dq_probe(cfg, head_dim: int) -> bool:
-    """``TILEATTN_GLUON_BWD_PROBE=dq`` (a measurement, off by default): at D=64/128 the dK/dV kernel also computes
-    and discards dQ (``_dkdv_consumer``'s DQ_PROBE), timing the main loop of a fused 5-product backward against the
-    two-kernel form (NOTES, session 22); gradients stay right (the dQ kernel still runs)."""
-    value = configs.getenv("TILEATTN_GLUON_BWD_PROBE", "")
-    if value not in ("", "dq"):
-        raise ValueError(f"TILEATTN_GLUON_BWD_PROBE must be 'dq' or unset, got {value!r}")
-    return value == "dq" and head_dim in (64, 128) and cfg.pipeline and not cfg.split
+def fused_applies(cfg, head_dim: int, p: AttnParams) -> bool:
+    """Whether a call ``applies`` accepted can take the fused backward (``fused_dq``, opt-in): D=64/128 on the
+    pipelined 128-key kernel, batched; at D=64 neither softcap nor ALiBi (their fused kernels spill 192-364 B at
+    168 registers, ptxas sm_90a; D=128's features 12-88 B)."""
+    return (head_dim in (64, 128) and cfg.pipeline and not cfg.split and not p.varlen
+            and (head_dim == 128 or (p.softcap == 0 and p.alibi_slopes is None)))
 
 
 def applies(q, k, v, dout, dq, dk, dv, p: AttnParams):
@@ -421,15 +442,22 @@ def applies(q, k, v, dout, dq, dk, dv, p: AttnParams):
 
 
 @functools.lru_cache(maxsize=None)
+def _acc_layout(rows: int, cols: int):
+    """Shared layout of a dQ^T box of the fused backward's accumulator: (rows, cols) fp32, TMA's default swizzle."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float32)
+
+
+@functools.lru_cache(maxsize=None)
 def _stats_layout(block_m: int):
     """Shared layout of one ring slot of lse or delta: block_m fp32, unswizzled (a 1-D TMA box of the flattened
     row-stats buffer)."""
     return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
 
 
-def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg):
+def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
     """Write dk and dv (B, Sk, Hkv, D) for a call ``applies`` accepted. ``stats``: the (2, Hq, L) fp32 row
-    statistics the dQ kernel wrote (``backward._row_stats_buffer``)."""
+    statistics the dQ kernel wrote (``backward._row_stats_buffer``). ``dq_acc``: with the fused backward
+    (``fused_applies``), the zeroed fp32 dQ^T accumulator (``fused_dq``) this kernel adds dQ into."""
     batch, seqlen_q, q_heads, d = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     if p.varlen:  # packed (1, total, H, D): the grid covers the longest sequence
@@ -442,8 +470,12 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg):
     num_n_tiles = triton.cdiv(seqlen_k, (1 if cfg.split else 2) * half_n)
     st_desc = host_descriptor(GluonTensorDescriptor, stats.view(-1), (bm, ), layout=_stats_layout(bm))
     sts = stats.stride()
+    dq_desc = st_desc  # a placeholder without FUSED_DQ
+    if dq_acc is not None:
+        dq_desc = host_descriptor(GluonTensorDescriptor, fused_dq.described(dq_acc, seqlen_q), (half_n, bm),
+                                  layout=_acc_layout(half_n, bm))
     launch(_dkdv_kernel, (num_n_tiles * batch * kv_heads,), (
-        q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, dk, dv,
+        q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, dq_desc, dk, dv,
         p.cu_seqlens_q if p.varlen else dk, p.cu_seqlens_k if p.varlen else dk,
         p.alibi_slopes if p.alibi_slopes is not None else stats, seqlen_q, seqlen_k, kv_heads,
         q_heads // kv_heads, num_n_tiles, p.qk_scale, p.softmax_scale, sts[1], sts[0], dk.stride(1), dk.stride(2),
@@ -452,5 +484,5 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg):
              HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=p.alibi_slopes is not None,
              PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
-             PRODUCER_REGS=cfg.producer_regs, **({"DQ_PROBE": True} if _dq_probe(cfg, d) else {})),
+             PRODUCER_REGS=cfg.producer_regs, **({"FUSED_DQ": True} if dq_acc is not None else {})),
         4, 1, maxnreg=cfg.maxnreg)

@@ -153,7 +153,8 @@ def forward_call(run, q, k, v, p, residual: bool):
 def backward_call(run, buffers, dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid):
     """``run(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid, buffers=...)`` (backward._launch_backward:
     writes dq, dk, dv, returns delta) through a plan where one stands; ``buffers(q, lse, dlse, p)`` makes the
-    backward's own buffers (delta, row stats, fp32 dlse), the same way on the first call and on replays."""
+    backward's own buffers (delta, row stats, fp32 dlse, the fused backward's dQ accumulator), the same way on the
+    first call and on replays."""
     if cfg is not None or not _on(q, p):
         return run(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid)
     rng = p.rng if p.dropout_p > 0 else None
@@ -161,7 +162,7 @@ def backward_call(run, buffers, dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, d
     entry = _lookup(key)
     bufs = buffers(q, lse, dlse, p)
     roles = dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse, resid=resid, dq=dq, dk=dk, dv=dv, delta=bufs[0],
-                 stats=bufs[1], dlse=bufs[2], sink=p.sink, alibi=p.alibi_slopes, rng=rng)
+                 stats=bufs[1], dlse=bufs[2], dq_acc=bufs[3], sink=p.sink, alibi=p.alibi_slopes, rng=rng)
     if entry is not None and _ready(entry[1]):
         for lp in entry[1]:
             lp.launch(roles)
@@ -171,7 +172,7 @@ def backward_call(run, buffers, dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, d
         return run(dout, q, k, v, out, lse, dlse, p, None, dq, dk, dv, resid, buffers=bufs)
     with configs.env_log() as env, launch.recording() as record:
         delta = run(dout, q, k, v, out, lse, dlse, p, None, dq, dk, dv, resid, buffers=bufs)
-    plans = _make(record, roles, views=("stats",))
+    plans = _make(record, roles, views=("stats", "dq_acc"))  # both described through views
     if plans is not None:
         _store(key, env, plans)
     return delta

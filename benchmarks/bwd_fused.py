@@ -1,17 +1,12 @@
-"""How fast could a fused 5-product backward's main loop be? (NOTES, session 22: the two-kernel backward executes
-7 matmuls at ~86% of the ceiling; only the 5-product form can pass cuDNN at D=64/128.)
+"""The fused backward (``TILEATTN_GLUON_BWD_FUSED=1``, session 23's v28a: five matmuls, dQ reduce-added by the
+dK/dV kernel) against the default two-kernel backward (seven) and SDPA cuDNN's.
 
-For D=128 and D=64 cells (bf16, flash-attn's grid: 16k tokens, model dim 2048), one process: the backward's time
-(do_bench) with the default two kernels and with ``TILEATTN_GLUON_BWD_PROBE=dq`` (the dK/dV kernel also computes
-every dQ product and discards it; the dQ kernel still runs), each kernel's GPU time from torch.profiler (µs per
-backward), and
-SDPA cuDNN's backward. "fused est." = the probe's dK/dV kernel plus the backward's other kernels but the dQ
-kernel: a fused kernel's time before its dQ reduction across programs (v16a: +15% for unordered adds, 2–6%
-more for the ordered, deterministic ones) and without the delta pass the dQ kernel now does on the way (a fused
-backward needs a separate one: one read of dO, out and its residual, ~0.5% of the backward at 16k). TFLOP/s by
-flash-attn's convention (bwd = 2.5 x fwd).
+For D=128 and D=64 cells (bf16, flash-attn's grid: 16k tokens, model dim 2048), one process: each backward's time
+(do_bench median, µs per call, TFLOP/s by flash-attn's convention: bwd = 2.5 x fwd), then each kernel's GPU time
+(torch.profiler, µs per backward) of both tileattn forms, short kernel names. Session 22's probe (the dQ products
+computed and discarded) measured the fused form's main loop before it existed (NOTES v26a, run 132).
 
-Usage: PYTHONPATH=src python3 benchmarks/bwd_probe.py [--seqlens 1024,4096,16384] [--head-dims 128,64]"""
+Usage: PYTHONPATH=src python3 benchmarks/bwd_fused.py [--seqlens 1024,4096,16384] [--head-dims 128,64]"""
 import argparse
 import collections
 import os
@@ -68,26 +63,22 @@ def main():
             def cud():
                 ref.backward(dout.transpose(1, 2), retain_graph=True)
             rows = {}
-            for name, probe in (("two-kernel", ""), ("probe", "dq")):
-                os.environ["TILEATTN_GLUON_BWD_PROBE"] = probe
+            for name, fused in (("two-kernel", "0"), ("fused", "1")):
+                os.environ["TILEATTN_GLUON_BWD_FUSED"] = fused
                 us = triton.testing.do_bench(ours, grad_to_none=[q, k, v], return_mode="median") * 1e3
                 rows[name] = (us, kernel_us(ours))
-            os.environ.pop("TILEATTN_GLUON_BWD_PROBE", None)
+            os.environ.pop("TILEATTN_GLUON_BWD_FUSED", None)
             cud_us = triton.testing.do_bench(cud, grad_to_none=[qt, kt, vt], return_mode="median") * 1e3
-            base, probe = rows["two-kernel"][1], rows["probe"][1]
-            dkdv = {n: u for n, u in probe.items() if "dkdv" in n}
-            others = sum(u for n, u in probe.items() if "dkdv" not in n and "_dq_kernel" not in n)
-            fused = sum(dkdv.values()) + others
 
             def tf(us):
                 return flops / us / 1e6
-            two = rows["two-kernel"][0]
-            print(f"D={d} S={s} causal={causal}: two-kernel {two:.0f} ({tf(two):.0f}) | "
-                  f"with probe {rows['probe'][0]:.0f} | fused est. {fused:.0f} ({tf(fused):.0f}) | cuDNN {cud_us:.0f} "
-                  f"({tf(cud_us):.0f})", flush=True)
-            print("   kernels, two-kernel: " + ", ".join(f"{n} {u:.0f}" for n, u in base.most_common(6)))
-            print("   kernels, probe:      " + ", ".join(f"{n} {u:.0f}" for n, u in probe.most_common(6)))
-
+            two, fused = rows["two-kernel"][0], rows["fused"][0]
+            print(f"D={d} S={s} causal={causal}: two-kernel {two:.0f} ({tf(two):.0f}) | fused {fused:.0f} "
+                  f"({tf(fused):.0f}, {two / fused:.2f}x) | cuDNN {cud_us:.0f} ({tf(cud_us):.0f}; fused "
+                  f"{cud_us / fused:.2f}x)", flush=True)
+            for name in rows:
+                print(f"   kernels, {name}: " + ", ".join(f"{n.split('(')[0][:40]} {u:.0f}"
+                                                       for n, u in rows[name][1].most_common(6)))
 
 if __name__ == "__main__":
     main()
