@@ -128,20 +128,25 @@ if AVAILABLE:
         return tok
 
     @gluon.jit
-    def _dq_flush(dqt, dq_slots, dq_desc, w: gl.constexpr, t, n_m, m_lo, row0, HEAD_D: gl.constexpr):
+    def _dq_flush(dqt, dq_slots, dq_desc, w: gl.constexpr, t, n_m, m_lo, row0, HEAD_D: gl.constexpr,
+                  MODE: gl.constexpr):
         """FUSED_DQ: reduce-add step t's dQ^T share (HALF_N rows of D, BLOCK_M queries, fp32) into the
-        accumulator (``fused_dq``) through this warpgroup's slot 2 * w + t % 2, once the add that last read the
-        slot (step t - 2's) has. ``row0``: the accumulator row of the group's first query head, plus this
-        warpgroup's D offset (EXCHANGE)."""
+        accumulator (``fused_dq``) through this warpgroup's slot t % SLOTS, once the add that last read the slot
+        (step t - SLOTS's) has. ``row0``: the accumulator row of the group's first query head, plus this
+        warpgroup's D offset (EXCHANGE). MODE (``_fused_mode``): 1 two slots per warpgroup, 4 four; 2 and 3 are
+        measurements with wrong dQ (2: staged but not added; 3: nothing done)."""
         BLOCK_M: gl.constexpr = dq_slots.shape[2]
-        g = t // n_m
-        slot = dq_slots.index(2 * w + t % 2)
-        tma.store_wait(pendings=1)  # by the issuing thread; the barrier holds the others
-        gl.thread_barrier()
-        slot.store(dqt)
-        fence_async_shared()
-        gl.thread_barrier()
-        tma_reduce_add(dq_desc, [row0 + g * HEAD_D, (m_lo + t - g * n_m) * BLOCK_M], slot)
+        SLOTS: gl.constexpr = dq_slots.shape[0] // 2
+        if MODE != 3:
+            g = t // n_m
+            slot = dq_slots.index(SLOTS * w + t % SLOTS)
+            tma.store_wait(pendings=SLOTS - 1)  # by the issuing thread; the barrier holds the others
+            gl.thread_barrier()
+            slot.store(dqt)
+            fence_async_shared()
+            gl.thread_barrier()
+            if MODE != 2:
+                tma_reduce_add(dq_desc, [row0 + g * HEAD_D, (m_lo + t - g * n_m) * BLOCK_M], slot)
 
     @gluon.jit
     def _dkdv_consumer(w: gl.constexpr, dk_desc, dv_desc, DK, DV, ALIBI_B, q_smem, do_smem, k_smem, v_smem, lse_smem,
@@ -150,7 +155,7 @@ if AVAILABLE:
                        win_left, win_right, softcap, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                        PIPELINE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, fused=None,
-                       FUSED_DQ: gl.constexpr = False):
+                       FUSED_DQ: gl.constexpr = 0):
         """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps.
         PIPELINE: software-pipelined by one step: S^T_t and dP^T_t are issued with dV += P^T_{t-1} dO_{t-1} and
         dK += dS^T_{t-1} Q_{t-1} between them, so step t's elementwise work runs while step t-1's products hold the
@@ -271,7 +276,7 @@ if AVAILABLE:
                     if EXCHANGE:
                         mbarrier.arrive(ds_free.index((t - 1) % 2), count=1)
                     _ds_stage(ds.to(dtype), ds_slots, ds_ready, ds_free, w, t, EXCHANGE)
-                    _dq_flush(dqt, dq_slots, dq_desc, w, t - 1, n_m, m_lo, dq_row0, HEAD_D)
+                    _dq_flush(dqt, dq_slots, dq_desc, w, t - 1, n_m, m_lo, dq_row0, HEAD_D, FUSED_DQ)
                 else:
                     dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
                 mbarrier.arrive(empty.index(sp), count=1)
@@ -285,7 +290,7 @@ if AVAILABLE:
                 dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok))
                 if EXCHANGE:  # both warpgroups' last products have read both K halves before they stage dK
                     mbarrier.arrive(ds_free.index((n - 1) % 2), count=1)
-                _dq_flush(dqt, dq_slots, dq_desc, w, n - 1, n_m, m_lo, dq_row0, HEAD_D)
+                _dq_flush(dqt, dq_slots, dq_desc, w, n - 1, n_m, m_lo, dq_row0, HEAD_D, FUSED_DQ)
                 if EXCHANGE:
                     mbarrier.wait(ds_free.index((n - 1) % 2), ((n - 1) // 2) & 1)
             else:
@@ -311,7 +316,7 @@ if AVAILABLE:
                      HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                      HAS_SOFTCAP: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
                      HAS_ALIBI: gl.constexpr, SPLIT: gl.constexpr,
-                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, FUSED_DQ: gl.constexpr = False):
+                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, FUSED_DQ: gl.constexpr = 0):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
         total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
@@ -387,7 +392,8 @@ if AVAILABLE:
         if FUSED_DQ:  # dQ in this kernel (``_dkdv_consumer``)
             ds_slots = gl.allocate_shared_memory(dtype, [4, HALF_N, BLOCK_M],
                                                  gl.NVMMASharedLayout.get_default_for([HALF_N, BLOCK_M], dtype))
-            dq_slots = gl.allocate_shared_memory(gl.float32, [4, HALF_N, BLOCK_M], dq_desc.layout)
+            dq_slots = gl.allocate_shared_memory(gl.float32, [8 if FUSED_DQ == 4 else 4, HALF_N, BLOCK_M],
+                                                 dq_desc.layout)
             ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(2):
@@ -411,6 +417,16 @@ if AVAILABLE:
                           delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
                           q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+
+def _fused_mode(head_dim: int) -> int:
+    """FUSED_DQ's form: ``TILEATTN_FUSED_DQ_MODE`` (session 23, measurements of where the fused kernel's time goes):
+    1 (default) two dQ staging slots per warpgroup; 4 four (D=128 only: shared memory); 2 and 3 give wrong dQ (2:
+    staged, not added; 3: not staged)."""
+    mode = configs.getenv("TILEATTN_FUSED_DQ_MODE", "1")
+    if mode not in ("1", "2", "3", "4"):
+        raise ValueError(f"TILEATTN_FUSED_DQ_MODE must be 1, 2, 3 or 4, got {mode!r}")
+    return 1 if mode == "4" and head_dim != 128 else int(mode)
+
 
 def fused_applies(cfg, head_dim: int, p: AttnParams) -> bool:
     """Whether a call ``applies`` accepted can take the fused backward (``fused_dq``, opt-in): D=64/128 on the
@@ -484,5 +500,5 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
              HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=p.alibi_slopes is not None,
              PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
-             PRODUCER_REGS=cfg.producer_regs, **({"FUSED_DQ": True} if dq_acc is not None else {})),
+             PRODUCER_REGS=cfg.producer_regs, **({"FUSED_DQ": _fused_mode(d)} if dq_acc is not None else {})),
         4, 1, maxnreg=cfg.maxnreg)
