@@ -42,8 +42,8 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlens", default="1024,4096,16384")
     ap.add_argument("--head-dims", default="128,64")
-    ap.add_argument("--modes", default="1", help="TILEATTN_FUSED_DQ_MODE values to time the fused form with (2, 3:"
-                    " measurements with wrong dQ)")
+    ap.add_argument("--slots", default="", help="TILEATTN_FUSED_DQ_SLOTS values to time the fused form with "
+                    "(comma-separated; empty: the default)")
     ap.add_argument("--no-profile", action="store_true", help="no per-kernel times")
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}: bf16 backward, µs per call (TFLOP/s reported), one process")
@@ -66,24 +66,24 @@ def main():
             def cud():
                 ref.backward(dout.transpose(1, 2), retain_graph=True)
             rows = {}
-            for name, fused, mode in [("two-kernel", "0", "1")] + [
-                    ("fused" if m == "1" else f"mode {m}", "1", m) for m in args.modes.split(",")]:
+            for name, fused, slots in [("two-kernel", "0", ""), ("fused", "1", "")] + [
+                    (f"slots {n}", "1", n) for n in args.slots.split(",") if n]:
                 os.environ["TILEATTN_GLUON_BWD_FUSED"] = fused
-                os.environ["TILEATTN_FUSED_DQ_MODE"] = mode
+                os.environ["TILEATTN_FUSED_DQ_SLOTS"] = slots
                 us = triton.testing.do_bench(ours, grad_to_none=[q, k, v], return_mode="median") * 1e3
                 rows[name] = (us, collections.Counter() if args.no_profile else kernel_us(ours))
             os.environ.pop("TILEATTN_GLUON_BWD_FUSED", None)
-            os.environ.pop("TILEATTN_FUSED_DQ_MODE", None)
+            os.environ.pop("TILEATTN_FUSED_DQ_SLOTS", None)
             cud_us = triton.testing.do_bench(cud, grad_to_none=[qt, kt, vt], return_mode="median") * 1e3
 
             def tf(us):
                 return flops / us / 1e6
             two = rows["two-kernel"][0]
-            fused = rows["fused"][0] if "fused" in rows else float("nan")
+            fused = rows["fused"][0]
             print(f"D={d} S={s} causal={causal}: two-kernel {two:.0f} ({tf(two):.0f}) | fused {fused:.0f} "
                   f"({tf(fused):.0f}, {two / fused:.2f}x) | cuDNN {cud_us:.0f} ({tf(cud_us):.0f}; fused "
                   f"{cud_us / fused:.2f}x)" + "".join(f" | {n} {u:.0f}" for n, (u, _) in rows.items()
-                                                      if n.startswith("mode")), flush=True)
+                                                      if n.startswith("slots")), flush=True)
             for name in rows:
                 print(f"   kernels, {name}: " + ", ".join(f"{n.split('(')[0][:40]} {u:.0f}"
                                                        for n, u in rows[name][1].most_common(6)))

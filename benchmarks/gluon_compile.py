@@ -82,7 +82,8 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
            "DV": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32"}
     consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal and not window, WINDOW=window, PIPELINE=bool(pipe),
                   VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, SPLIT=split, CONSUMER_REGS=creg,
-                  PRODUCER_REGS=preg, FUSED_DQ=int(fused_dq))
+                  PRODUCER_REGS=preg,
+                  FUSED_DQ=gb._fused_slots(d) if fused_dq is True else int(fused_dq))  # int: staging slots
     fn = gb._dkdv_kernel
     for name in fn.arg_names:
         if name not in sig:

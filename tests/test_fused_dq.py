@@ -31,6 +31,12 @@ def test_knob_and_accumulator(monkeypatch):
     monkeypatch.setenv(KNOB, "yes")
     with pytest.raises(ValueError, match=KNOB):
         fused_dq.enabled(q, p)
+    assert gluon_backward._fused_slots(128) == 4 and gluon_backward._fused_slots(64) == 2
+    monkeypatch.setenv("TILEATTN_FUSED_DQ_SLOTS", "2")
+    assert gluon_backward._fused_slots(128) == 2
+    monkeypatch.setenv("TILEATTN_FUSED_DQ_SLOTS", "3")
+    with pytest.raises(ValueError, match="TILEATTN_FUSED_DQ_SLOTS"):
+        gluon_backward._fused_slots(128)
     acc = fused_dq.accumulator(q)
     assert acc.shape == (2 * 3 * 64, 12) and acc.dtype == torch.float32
     view = fused_dq.described(acc, 10)
@@ -60,11 +66,12 @@ def test_convert(shape, dtype):
 def test_compiles_for_sm90():
     """FUSED_DQ at D=64 / 128 with the features in its scope (``gluon_backward.fused_applies``: D=64 without softcap
     and ALiBi): no serialised wgmma, shared memory within the limit (~182 KB), few spills (ptxas, session 23: D=128
-    0 B plain, 4 B causal, 16-88 B with softcap / window / ALiBi; D=64 8 / 24 B, 44 B windowed)."""
+    0 B plain, 8 B causal, up to 100 B with softcap + window; D=64 8 / 24 B, 44 B windowed) with 4 staging slots at
+    D=128 (215 KB of shared memory) and 2 at D=64."""
     assert_compiles([("--bwd", "--fused-dq", "--spill-budget", budget, "--head-dim", d, *extra)
                      for d, budget, extra in [(128, 16, ()), (128, 16, ("--causal",)), (64, 32, ()),
                                               (64, 32, ("--causal", "--fp16")), (64, 64, ("--window",)),
-                                              (128, 96, ("--softcap", "--window")), (128, 96, ("--softcap", "--causal")),
+                                              (128, 112, ("--softcap", "--window")), (128, 112, ("--softcap", "--causal")),
                                               (128, 48, ("--alibi", "--fp16"))]],
                     env_extra={"TILEATTN_FAST_TANH": "1"})
 

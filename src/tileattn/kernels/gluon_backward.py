@@ -100,19 +100,35 @@ if AVAILABLE:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _ds_stage(ds, ds_slots, ds_ready, ds_free, w: gl.constexpr, t, EXCHANGE: gl.constexpr):
-        """FUSED_DQ: this warpgroup's dS^T of step t into its slot. EXCHANGE (D=128): slot (t % 2, w), once both
-        warpgroups' dQ^T products of step t - 2 have read it, then announced; else (D=64) slot w, which the
-        warpgroup's own product of step t - 1 has read (``_dkdv_consumer``)."""
-        if EXCHANGE:
-            mbarrier.wait(ds_free.index(t % 2), ((t // 2) & 1) ^ 1)
-            ds_slots.index(2 * (t % 2) + w).store(ds)
-        else:
-            ds_slots.index(w).store(ds)
+    def _stage(ds, dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w: gl.constexpr, t, n_m, m_lo, row0,
+               HEAD_D: gl.constexpr, EXCHANGE: gl.constexpr, STAGE_DS: gl.constexpr, STAGE_DQ: gl.constexpr):
+        """FUSED_DQ, behind one fence and one barrier per step: STAGE_DS, this warpgroup's dS^T of step t into its
+        slot (EXCHANGE, D=128: slot (t % 2, w) once both warpgroups' dQ^T products of step t - 2 have read it, then
+        announced; D=64: slot w, read by its own product of step t - 1 already); STAGE_DQ, step t - 1's dQ^T share
+        (HALF_N rows of D, BLOCK_M queries, fp32) into staging slot (t - 1) % SLOTS, then reduce-added into the
+        accumulator (``fused_dq``; ``row0``: its row of the group's first query head plus this warpgroup's D
+        offset). A staging slot is rewritten only after the add that last read it: the issuing thread waits for
+        all but the last SLOTS - 2 adds before the barrier, so that at step t + 1 the add of step t + 1 - SLOTS
+        is done (session 23: separate barriers for the dQ^T stage cost the D=128 kernel ~0.4 µs per step)."""
+        if STAGE_DQ:
+            SLOTS: gl.constexpr = dq_slots.shape[0] // 2
+            tma.store_wait(pendings=SLOTS - 2)
+            dq_slot = dq_slots.index(SLOTS * w + (t - 1) % SLOTS)
+            dq_slot.store(dqt)
+        if STAGE_DS:
+            if EXCHANGE:
+                mbarrier.wait(ds_free.index(t % 2), ((t // 2) & 1) ^ 1)
+                ds_slots.index(2 * (t % 2) + w).store(ds)
+            else:
+                ds_slots.index(w).store(ds)
         fence_async_shared()
         gl.thread_barrier()
-        if EXCHANGE:
+        if STAGE_DS and EXCHANGE:
             mbarrier.arrive(ds_ready.index(t % 2), count=1)
+        if STAGE_DQ:
+            BLOCK_M: gl.constexpr = dq_slots.shape[2]
+            g = (t - 1) // n_m
+            tma_reduce_add(dq_desc, [row0 + g * HEAD_D, (m_lo + t - 1 - g * n_m) * BLOCK_M], dq_slot)
 
     @gluon.jit
     def _dq_issue(k_lo, k_hi, ds_slots, ds_ready, acc, w: gl.constexpr, t, EXCHANGE: gl.constexpr):
@@ -126,27 +142,6 @@ if AVAILABLE:
         else:
             tok = warpgroup_mma(k_lo, ds_slots.index(w), acc, use_acc=False, is_async=True)
         return tok
-
-    @gluon.jit
-    def _dq_flush(dqt, dq_slots, dq_desc, w: gl.constexpr, t, n_m, m_lo, row0, HEAD_D: gl.constexpr,
-                  MODE: gl.constexpr):
-        """FUSED_DQ: reduce-add step t's dQ^T share (HALF_N rows of D, BLOCK_M queries, fp32) into the
-        accumulator (``fused_dq``) through this warpgroup's slot t % SLOTS, once the add that last read the slot
-        (step t - SLOTS's) has. ``row0``: the accumulator row of the group's first query head, plus this
-        warpgroup's D offset (EXCHANGE). MODE (``_fused_mode``): 1 two slots per warpgroup, 4 four; 2 and 3 are
-        measurements with wrong dQ (2: staged but not added; 3: nothing done)."""
-        BLOCK_M: gl.constexpr = dq_slots.shape[2]
-        SLOTS: gl.constexpr = dq_slots.shape[0] // 2
-        if MODE != 3:
-            g = t // n_m
-            slot = dq_slots.index(SLOTS * w + t % SLOTS)
-            tma.store_wait(pendings=SLOTS - 1)  # by the issuing thread; the barrier holds the others
-            gl.thread_barrier()
-            slot.store(dqt)
-            fence_async_shared()
-            gl.thread_barrier()
-            if MODE != 2:
-                tma_reduce_add(dq_desc, [row0 + g * HEAD_D, (m_lo + t - g * n_m) * BLOCK_M], slot)
 
     @gluon.jit
     def _dkdv_consumer(w: gl.constexpr, dk_desc, dv_desc, DK, DV, ALIBI_B, q_smem, do_smem, k_smem, v_smem, lse_smem,
@@ -167,12 +162,12 @@ if AVAILABLE:
 
         FUSED_DQ (the fused backward, ``fused_dq``; D=64 and 128, PIPELINE, batched): dQ here too. Each step's
         dS^T is staged in shared memory (``fused``: (dS slots (2 steps x 2 warpgroups, HALF_N, BLOCK_M), their
-        ready and free barriers of 2 arrivals, dQ slots (2 warpgroups x 2 steps, HALF_N, BLOCK_M) fp32, the
+        ready and free barriers of 2 arrivals, dQ slots (2 warpgroups x FUSED_DQ steps, HALF_N, BLOCK_M) fp32, the
         accumulator's descriptor, its row of the group's first query head)) and, issued with the next step's
         products, each warpgroup computes a share of that step's dQ^T = K^T dS^T: at D=128 its 64 of D's rows
         over both warpgroups' keys (dS^T exchanged through the barriers: a 16-register accumulator instead of 32),
         at D=64 all of D over its own keys (no exchange), and reduce-adds it into the accumulator by TMA
-        (``_dq_flush``); the programs' (and, at D=64, the warpgroups') adds into one tile are unordered."""
+        (``_stage``); the programs' (and, at D=64, the warpgroups') adds into one tile are unordered."""
         kv_bar, ready, empty = bars
         dtype: gl.constexpr = dk_desc.dtype
         EXCHANGE: gl.constexpr = HEAD_D == 2 * HALF_N  # FUSED_DQ's form (D=128; D=64: own keys)
@@ -241,7 +236,8 @@ if AVAILABLE:
                 else:
                     k_lo = k2.permute((1, 0))
                     k_hi = k_lo
-                _ds_stage(ds.to(dtype), ds_slots, ds_ready, ds_free, w, 0, EXCHANGE)
+                _stage(ds.to(dtype), st_zero, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, 0, n_m, m_lo, dq_row0,
+                       HEAD_D, EXCHANGE, True, False)
             p_op = gl.convert_layout(p.to(dtype), op_layout)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             for t in range(1, n):
@@ -275,8 +271,8 @@ if AVAILABLE:
                     dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, dq_tok))
                     if EXCHANGE:
                         mbarrier.arrive(ds_free.index((t - 1) % 2), count=1)
-                    _ds_stage(ds.to(dtype), ds_slots, ds_ready, ds_free, w, t, EXCHANGE)
-                    _dq_flush(dqt, dq_slots, dq_desc, w, t - 1, n_m, m_lo, dq_row0, HEAD_D, FUSED_DQ)
+                    _stage(ds.to(dtype), dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m, m_lo,
+                           dq_row0, HEAD_D, EXCHANGE, True, True)
                 else:
                     dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
                 mbarrier.arrive(empty.index(sp), count=1)
@@ -290,7 +286,8 @@ if AVAILABLE:
                 dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok))
                 if EXCHANGE:  # both warpgroups' last products have read both K halves before they stage dK
                     mbarrier.arrive(ds_free.index((n - 1) % 2), count=1)
-                _dq_flush(dqt, dq_slots, dq_desc, w, n - 1, n_m, m_lo, dq_row0, HEAD_D, FUSED_DQ)
+                _stage(dqt, dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, n, n_m, m_lo, dq_row0, HEAD_D,
+                       EXCHANGE, False, True)
                 if EXCHANGE:
                     mbarrier.wait(ds_free.index((n - 1) % 2), ((n - 1) // 2) & 1)
             else:
@@ -323,8 +320,9 @@ if AVAILABLE:
         read per sequence (the arguments are the maxima). DK / DV: dk and dv as pointers (with their row and head
         strides) for the masked stores of a sequence's last keys (varlen only). ALIBI: fp32 slopes (Hq,) or (B,
         Hq) (batch stride stride_ab, 0 for (Hq,)). SPLIT: 64 keys per program, shared by both consumer warpgroups
-        (``_split_consumer``; no varlen or softcap). FUSED_DQ: dQ too, reduce-added into the fp32 accumulator
-        ``dq_desc`` describes (``fused_dq``; without it ``dq_desc`` is a placeholder, not read)."""
+        (``_split_consumer``; no varlen or softcap). FUSED_DQ (0: off; else dQ^T staging slots per warpgroup, 2 or
+        4): dQ too, reduce-added into the fp32 accumulator ``dq_desc`` describes (``fused_dq``; without it
+        ``dq_desc`` is a placeholder, not read)."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HALF_N: gl.constexpr = k_desc.block_type.shape[1]
         KV_PARTS: gl.constexpr = 1 if SPLIT else 2  # key parts of HALF_N per program
@@ -392,8 +390,7 @@ if AVAILABLE:
         if FUSED_DQ:  # dQ in this kernel (``_dkdv_consumer``)
             ds_slots = gl.allocate_shared_memory(dtype, [4, HALF_N, BLOCK_M],
                                                  gl.NVMMASharedLayout.get_default_for([HALF_N, BLOCK_M], dtype))
-            dq_slots = gl.allocate_shared_memory(gl.float32, [8 if FUSED_DQ == 4 else 4, HALF_N, BLOCK_M],
-                                                 dq_desc.layout)
+            dq_slots = gl.allocate_shared_memory(gl.float32, [2 * FUSED_DQ, HALF_N, BLOCK_M], dq_desc.layout)
             ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(2):
@@ -418,14 +415,13 @@ if AVAILABLE:
                           q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
 
-def _fused_mode(head_dim: int) -> int:
-    """FUSED_DQ's form: ``TILEATTN_FUSED_DQ_MODE`` (session 23, measurements of where the fused kernel's time goes):
-    1 (default) two dQ staging slots per warpgroup; 4 four (D=128 only: shared memory); 2 and 3 give wrong dQ (2:
-    staged, not added; 3: not staged)."""
-    mode = configs.getenv("TILEATTN_FUSED_DQ_MODE", "1")
-    if mode not in ("1", "2", "3", "4"):
-        raise ValueError(f"TILEATTN_FUSED_DQ_MODE must be 1, 2, 3 or 4, got {mode!r}")
-    return 1 if mode == "4" and head_dim != 128 else int(mode)
+def _fused_slots(head_dim: int) -> int:
+    """FUSED_DQ's value: dQ^T staging slots per consumer warpgroup, ``TILEATTN_FUSED_DQ_SLOTS`` (2 or 4; 4 only at
+    D=128, whose shared memory has room: 215 KB; default 4 there, 2 at D=64)."""
+    slots = configs.getenv("TILEATTN_FUSED_DQ_SLOTS", "")
+    if slots not in ("", "2", "4"):
+        raise ValueError(f"TILEATTN_FUSED_DQ_SLOTS must be 2 or 4, got {slots!r}")
+    return 4 if head_dim == 128 and slots != "2" else 2
 
 
 def fused_applies(cfg, head_dim: int, p: AttnParams) -> bool:
@@ -500,5 +496,5 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
              HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=p.alibi_slopes is not None,
              PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
-             PRODUCER_REGS=cfg.producer_regs, **({"FUSED_DQ": _fused_mode(d)} if dq_acc is not None else {})),
+             PRODUCER_REGS=cfg.producer_regs, **({"FUSED_DQ": _fused_slots(d)} if dq_acc is not None else {})),
         4, 1, maxnreg=cfg.maxnreg)
