@@ -45,6 +45,7 @@ def main():
     ap.add_argument("--slots", default="", help="TILEATTN_FUSED_DQ_SLOTS values to time the fused form with "
                     "(comma-separated; empty: the default)")
     ap.add_argument("--no-profile", action="store_true", help="no per-kernel times")
+    ap.add_argument("--early", action="store_true", help="also the fused form with TILEATTN_FUSED_DQ_EARLY=1")
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}: bf16 backward, µs per call (TFLOP/s reported), one process")
     for d, s in ((int(d), int(s)) for d in args.head_dims.split(",") for s in args.seqlens.split(",")):
@@ -66,14 +67,19 @@ def main():
             def cud():
                 ref.backward(dout.transpose(1, 2), retain_graph=True)
             rows = {}
-            for name, fused, slots in [("two-kernel", "0", ""), ("fused", "1", "")] + [
-                    (f"slots {n}", "1", n) for n in args.slots.split(",") if n]:
+            variants = [("two-kernel", "0", "", "0"), ("fused", "1", "", "0")] + [
+                (f"slots {n}", "1", n, "0") for n in args.slots.split(",") if n]
+            if args.early:
+                variants.append(("early", "1", "", "1"))
+            for name, fused, slots, early in variants:
                 os.environ["TILEATTN_GLUON_BWD_FUSED"] = fused
                 os.environ["TILEATTN_FUSED_DQ_SLOTS"] = slots
+                os.environ["TILEATTN_FUSED_DQ_EARLY"] = early
                 us = triton.testing.do_bench(ours, grad_to_none=[q, k, v], return_mode="median") * 1e3
                 rows[name] = (us, collections.Counter() if args.no_profile else kernel_us(ours))
             os.environ.pop("TILEATTN_GLUON_BWD_FUSED", None)
             os.environ.pop("TILEATTN_FUSED_DQ_SLOTS", None)
+            os.environ.pop("TILEATTN_FUSED_DQ_EARLY", None)
             cud_us = triton.testing.do_bench(cud, grad_to_none=[qt, kt, vt], return_mode="median") * 1e3
 
             def tf(us):
@@ -83,7 +89,7 @@ def main():
             print(f"D={d} S={s} causal={causal}: two-kernel {two:.0f} ({tf(two):.0f}) | fused {fused:.0f} "
                   f"({tf(fused):.0f}, {two / fused:.2f}x) | cuDNN {cud_us:.0f} ({tf(cud_us):.0f}; fused "
                   f"{cud_us / fused:.2f}x)" + "".join(f" | {n} {u:.0f}" for n, (u, _) in rows.items()
-                                                      if n.startswith("slots")), flush=True)
+                                                      if n.startswith(("slots", "early"))), flush=True)
             for name in rows:
                 print(f"   kernels, {name}: " + ", ".join(f"{n.split('(')[0][:40]} {u:.0f}"
                                                        for n, u in rows[name][1].most_common(6)))

@@ -10,6 +10,7 @@ Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--cau
 """
 import argparse
 import collections
+import inspect
 import os
 import re
 import sys
@@ -83,8 +84,10 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
     consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal and not window, WINDOW=window, PIPELINE=bool(pipe),
                   VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, SPLIT=split, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg,
-                  FUSED_DQ=gb._fused_slots(d) if fused_dq is True else int(fused_dq))  # int: staging slots
+                  **(gb._fused_flags(d) if fused_dq else {}))  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
     fn = gb._dkdv_kernel
+    consts.update({prm.name: prm.default for prm in fn.params if prm.is_constexpr and prm.name not in consts
+                   and prm.default is not inspect.Parameter.empty})  # as a launch that leaves them out
     for name in fn.arg_names:
         if name not in sig:
             sig[name] = "constexpr" if name in consts else "i32"

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -81,6 +81,14 @@ for stage in "$@"; do
          [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
          timeout 200 python3 benchmarks/bwd_fused.py --seqlens 4096,16384 --slots 2 --no-profile 2>&1 | grep -v Warning \
            | tee "$OUT/s23_bwd_fused.log" ;;
+    s24) # (~4 min) v28c, the fused backward with dQ^T issued first and staged while the step's other products run
+         # (TILEATTN_FUSED_DQ_EARLY=1; CPU-compiled, 0 B spills): the fused tests (both orders), then the two-kernel,
+         # fused and early forms beside cuDNN (D=128 / 64, 4k / 16k)
+         timeout 300 python3 -m pytest tests/test_fused_dq.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
+           2>&1 | tee "$OUT/s24_fused_tests.log" | tail -12
+         [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+         timeout 200 python3 benchmarks/bwd_fused.py --seqlens 4096,16384 --early --no-profile 2>&1 \
+           | grep -v Warning | tee "$OUT/s24_bwd_fused.log" ;;
     plan-suite) # the forward, backward, feature and API tests with launch plans on (the suite runs with them off:
                 # conftest) — each test's repeated calls replay plans
           TILEATTN_LAUNCH_PLANS=1 timeout 560 python3 -m pytest tests/test_forward.py tests/test_backward.py \

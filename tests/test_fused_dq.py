@@ -74,18 +74,26 @@ def test_compiles_for_sm90():
                                               (128, 112, ("--softcap", "--window")), (128, 112, ("--softcap", "--causal")),
                                               (128, 48, ("--alibi", "--fp16"))]],
                     env_extra={"TILEATTN_FAST_TANH": "1"})
+    # v28c (TILEATTN_FUSED_DQ_EARLY=1: dQ^T issued first, staged while the step's other products run): 0 B
+    assert_compiles([("--bwd", "--fused-dq", "--spill-budget", 0, "--head-dim", d, *extra)
+                     for d, extra in [(128, ()), (128, ("--causal",)), (64, ("--causal", "--fp16")),
+                                      (128, ("--softcap", "--window")), (64, ("--window",))]],
+                    env_extra={"TILEATTN_FAST_TANH": "1", "TILEATTN_FUSED_DQ_EARLY": "1"})
 
 
-def _record_fused(monkeypatch):
-    """Turn the fused backward on; the list of FUSED_DQ flags of the dK/dV kernel's launches."""
+def _record_fused(monkeypatch, early=False):
+    """Turn the fused backward on (``early``: with TILEATTN_FUSED_DQ_EARLY=1); the list of FUSED_DQ flags of the
+    dK/dV kernel's launches (EARLY_DQ asserted as asked)."""
     seen = []
     real = gluon_backward.launch
 
     def launch(fn, grid, args, kw, *rest, **opts):
         seen.append(bool(kw.get("FUSED_DQ")))
+        assert bool(kw.get("EARLY_DQ")) == (early and seen[-1])
         return real(fn, grid, args, kw, *rest, **opts)
     monkeypatch.setattr(gluon_backward, "launch", launch)
     monkeypatch.setenv(KNOB, "1")
+    monkeypatch.setenv("TILEATTN_FUSED_DQ_EARLY", "1" if early else "0")
     return seen
 
 
@@ -99,9 +107,10 @@ FUSED_CASES = [(2, 1, 1, 2, 2), (1, 17, 300, 3, 3), (2, 130, 130, 4, 2), (1, 300
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "x".join(map(str, c)))
-def test_accuracy(case, causal, d, dtype, monkeypatch):
+@pytest.mark.parametrize("early", [False, True], ids=["", "early"])
+def test_accuracy(early, case, causal, d, dtype, monkeypatch):
     B, Sq, Sk, Hq, Hkv = case
-    seen = _record_fused(monkeypatch)
+    seen = _record_fused(monkeypatch, early)
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("fused-bwd", case, causal, d), requires_grad=True)
     dout = randn((B, Sq, Hq, d), dtype, gen)
     check_attention(q, k, v, causal=causal, dout=dout, extra="fused bwd")
@@ -119,7 +128,8 @@ def _fresh_grads(q, k, v, dout, **kw):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("feat", [{}, dict(causal=True), dict(softcap=6.0, causal=True), dict(window_size=(300, 40)),
                                   dict(alibi=True)], ids=lambda f: "-".join(f) or "plain")
-def test_agrees_with_two_kernels(feat, d, monkeypatch):
+@pytest.mark.parametrize("early", [False, True], ids=["", "early"])
+def test_agrees_with_two_kernels(early, feat, d, monkeypatch):
     """dk / dv bit-identical to the two-kernel path (the fused kernel's dK / dV arithmetic is unchanged) and dq
     close to it, over many steps per program and GQA (the dS^T exchange between the warpgroups does not deadlock);
     D=64 softcap / ALiBi calls keep the two-kernel path (``fused_applies``)."""
@@ -130,7 +140,7 @@ def test_agrees_with_two_kernels(feat, d, monkeypatch):
         kw["alibi_slopes"] = randn((8,), torch.float32, gen).abs() * 0.1
     dout = randn((2, 1500, 8, d), torch.bfloat16, gen)
     want = _fresh_grads(q, k, v, dout, **kw)
-    seen = _record_fused(monkeypatch)
+    seen = _record_fused(monkeypatch, early)
     got = _fresh_grads(q, k, v, dout, **kw)
     fused = d == 128 or not ({"softcap", "alibi"} & set(feat))
     assert seen and all(f == fused for f in seen)

@@ -150,7 +150,7 @@ if AVAILABLE:
                        win_left, win_right, softcap, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                        PIPELINE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, fused=None,
-                       FUSED_DQ: gl.constexpr = 0):
+                       FUSED_DQ: gl.constexpr = 0, EARLY_DQ: gl.constexpr = False):
         """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps.
         PIPELINE: software-pipelined by one step: S^T_t and dP^T_t are issued with dV += P^T_{t-1} dO_{t-1} and
         dK += dS^T_{t-1} Q_{t-1} between them, so step t's elementwise work runs while step t-1's products hold the
@@ -167,7 +167,10 @@ if AVAILABLE:
         products, each warpgroup computes a share of that step's dQ^T = K^T dS^T: at D=128 its 64 of D's rows
         over both warpgroups' keys (dS^T exchanged through the barriers: a 16-register accumulator instead of 32),
         at D=64 all of D over its own keys (no exchange), and reduce-adds it into the accumulator by TMA
-        (``_stage``); the programs' (and, at D=64, the warpgroups') adds into one tile are unordered."""
+        (``_stage``); the programs' (and, at D=64, the warpgroups') adds into one tile are unordered. EARLY_DQ
+        (with FUSED_DQ; session 23's v28c, not yet GPU-run): step t - 1's dQ^T products are issued before step t's
+        others and staged while those run (with BLOCK_M=32 at D=128 a step's five products take ~0.7 µs, and a
+        stage after the last wait left the tensor cores idle for ~0.4 µs of it, run 135)."""
         kv_bar, ready, empty = bars
         dtype: gl.constexpr = dk_desc.dtype
         EXCHANGE: gl.constexpr = HEAD_D == 2 * HALF_N  # FUSED_DQ's form (D=128; D=64: own keys)
@@ -248,13 +251,22 @@ if AVAILABLE:
                 mbarrier.wait(ready.index(s), (t // STAGES) & 1)
                 if VARLEN:
                     _zero_foreign_rows(q_smem, do_smem, s, tile, seqlen_q, BLOCK_M)
+                if EARLY_DQ:  # dQ^T_{t-1} first: staged and added while the step's other products run
+                    dq_tok = _dq_issue(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, t - 1, EXCHANGE)
                 st_tok = warpgroup_mma(k2, q_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                        use_acc=False, is_async=True)
                 dv_tok = warpgroup_mma(p_op, do_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dv, is_async=True)
                 dpt_tok = warpgroup_mma(v2, do_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                         use_acc=False, is_async=True)
                 dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
-                if FUSED_DQ:  # dQ^T_{t-1}
+                if EARLY_DQ:
+                    dqt = warpgroup_mma_wait(num_outstanding=4, deps=(dq_tok, ))
+                    if EXCHANGE:
+                        mbarrier.arrive(ds_free.index((t - 1) % 2), count=1)
+                    _stage(dqt, dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m, m_lo, dq_row0,
+                           HEAD_D, EXCHANGE, False, True)
+                    st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
+                elif FUSED_DQ:  # dQ^T_{t-1}
                     dq_tok = _dq_issue(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, t - 1, EXCHANGE)
                     st = warpgroup_mma_wait(num_outstanding=3 + DQ_MMAS, deps=(st_tok, ))
                 else:
@@ -262,12 +274,16 @@ if AVAILABLE:
                 p, dtanh = dkdv_probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
                                       alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
                                       HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
-                if FUSED_DQ:
+                if FUSED_DQ and not EARLY_DQ:
                     dv, dpt = warpgroup_mma_wait(num_outstanding=1 + DQ_MMAS, deps=(dv_tok, dpt_tok))
                 else:
                     dv, dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dpt_tok))
                 ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
-                if FUSED_DQ:
+                if EARLY_DQ:
+                    dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
+                    _stage(ds.to(dtype), st_zero, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m, m_lo,
+                           dq_row0, HEAD_D, EXCHANGE, True, False)
+                elif FUSED_DQ:
                     dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, dq_tok))
                     if EXCHANGE:
                         mbarrier.arrive(ds_free.index((t - 1) % 2), count=1)
@@ -313,7 +329,8 @@ if AVAILABLE:
                      HEAD_D: gl.constexpr, STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                      HAS_SOFTCAP: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
                      HAS_ALIBI: gl.constexpr, SPLIT: gl.constexpr,
-                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, FUSED_DQ: gl.constexpr = 0):
+                     CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, FUSED_DQ: gl.constexpr = 0,
+                     EARLY_DQ: gl.constexpr = False):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
         total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
@@ -322,7 +339,7 @@ if AVAILABLE:
         Hq) (batch stride stride_ab, 0 for (Hq,)). SPLIT: 64 keys per program, shared by both consumer warpgroups
         (``_split_consumer``; no varlen or softcap). FUSED_DQ (0: off; else dQ^T staging slots per warpgroup, 2 or
         4): dQ too, reduce-added into the fp32 accumulator ``dq_desc`` describes (``fused_dq``; without it
-        ``dq_desc`` is a placeholder, not read)."""
+        ``dq_desc`` is a placeholder, not read); EARLY_DQ its products' order (``_dkdv_consumer``)."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HALF_N: gl.constexpr = k_desc.block_type.shape[1]
         KV_PARTS: gl.constexpr = 1 if SPLIT else 2  # key parts of HALF_N per program
@@ -404,12 +421,12 @@ if AVAILABLE:
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
                               qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
                               win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ)),
+                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ)),
             (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
                               qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
                               win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ)),
+                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ)),
             (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
                           delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
                           q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
@@ -422,6 +439,15 @@ def _fused_slots(head_dim: int) -> int:
     if slots not in ("", "2", "4"):
         raise ValueError(f"TILEATTN_FUSED_DQ_SLOTS must be 2 or 4, got {slots!r}")
     return 4 if head_dim == 128 and slots != "2" else 2
+
+
+def _fused_flags(head_dim: int) -> dict:
+    """The dK/dV kernel's constexprs for the fused backward: FUSED_DQ (``_fused_slots``) and, with
+    ``TILEATTN_FUSED_DQ_EARLY=1`` (v28c, not yet measured), EARLY_DQ."""
+    early = configs.getenv("TILEATTN_FUSED_DQ_EARLY", "0")
+    if early not in ("0", "1"):
+        raise ValueError(f"TILEATTN_FUSED_DQ_EARLY must be 0 or 1, got {early!r}")
+    return dict(FUSED_DQ=_fused_slots(head_dim), **({"EARLY_DQ": True} if early == "1" else {}))
 
 
 def fused_applies(cfg, head_dim: int, p: AttnParams) -> bool:
@@ -496,5 +522,5 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
              HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=p.alibi_slopes is not None,
              PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
-             PRODUCER_REGS=cfg.producer_regs, **({"FUSED_DQ": _fused_slots(d)} if dq_acc is not None else {})),
+             PRODUCER_REGS=cfg.producer_regs, **(_fused_flags(d) if dq_acc is not None else {})),
         4, 1, maxnreg=cfg.maxnreg)
