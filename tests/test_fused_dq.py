@@ -43,7 +43,8 @@ def test_knob_and_accumulator(monkeypatch):
     assert view.shape == (384, 10) and view.stride() == (12, 1) and view.data_ptr() == acc.data_ptr()
 
 
-@pytest.mark.parametrize("shape", [(2, 10, 3, 64), (1, 1, 2, 128), (1, 130, 1, 64)], ids=lambda s: "x".join(map(str, s)))
+@pytest.mark.parametrize("shape", [(2, 10, 3, 64), (1, 1, 2, 128), (1, 130, 1, 64)],
+                         ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=dtype_id)
 def test_convert(shape, dtype):
     """dq[b, s, h, d] = acc[(b * H + h) * D + d, s] * scale in dq's dtype, into a strided dq (a view of a wider
@@ -71,7 +72,8 @@ def test_compiles_for_sm90():
     assert_compiles([("--bwd", "--fused-dq", "--spill-budget", budget, "--head-dim", d, *extra)
                      for d, budget, extra in [(128, 16, ()), (128, 16, ("--causal",)), (64, 32, ()),
                                               (64, 32, ("--causal", "--fp16")), (64, 64, ("--window",)),
-                                              (128, 112, ("--softcap", "--window")), (128, 112, ("--softcap", "--causal")),
+                                              (128, 112, ("--softcap", "--window")),
+                                              (128, 112, ("--softcap", "--causal")),
                                               (128, 48, ("--alibi", "--fp16"))]],
                     env_extra={"TILEATTN_FAST_TANH": "1"})
     # v28c (TILEATTN_FUSED_DQ_EARLY=1: dQ^T issued first, staged while the step's other products run): 0 B

@@ -6,7 +6,8 @@ matmuls instead of the two-kernel form's seven (the dQ kernel recomputes S and d
 
 1. the portable dQ kernel in its stats-only form (``backward._bwd_dq_kernel``'s STATS_ONLY) writes the row
    statistics (lse in log2 units, delta) and zeroes the accumulator's rows of its query tile;
-2. the dK/dV kernel with FUSED_DQ adds into the accumulator;
+2. the dK/dV kernel with FUSED_DQ adds into the accumulator (its dQ steps, ``issue_dq`` and ``stage_dq_step``,
+   are here);
 3. ``convert`` writes dq = accumulator^T * softmax_scale in the input dtype.
 
 All three are Triton launches, so launch plans replay them (``plans.backward_call``; the accumulator is one of the
@@ -24,7 +25,61 @@ import triton
 import triton.language as tl
 
 from .. import configs
+from .gluon_common import AVAILABLE
 from .launch import launch
+
+if AVAILABLE:
+    from triton.experimental import gluon
+    from triton.experimental.gluon import language as gl
+    from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
+    from .gluon_common import tma_reduce_add
+
+    # The dK/dV kernel's dQ steps (gluon_backward._dkdv_consumer with FUSED_DQ)
+    @gluon.jit
+    def stage_dq_step(ds, dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w: gl.constexpr, t, n_m, m_lo,
+                      row0, HEAD_D: gl.constexpr, EXCHANGE: gl.constexpr, STAGE_DS: gl.constexpr,
+                      STAGE_DQ: gl.constexpr):
+        """FUSED_DQ, behind one fence and one barrier per step: STAGE_DS, this warpgroup's dS^T of step t into its
+        slot (EXCHANGE, D=128: slot (t % 2, w) once both warpgroups' dQ^T products of step t - 2 have read it, then
+        announced; D=64: slot w, read by its own product of step t - 1 already); STAGE_DQ, step t - 1's dQ^T share
+        (HALF_N rows of D, BLOCK_M queries, fp32) into staging slot (t - 1) % SLOTS, then reduce-added into the
+        accumulator (``fused_dq``; ``row0``: its row of the group's first query head plus this warpgroup's D
+        offset). A staging slot is rewritten only after the add that last read it: the issuing thread waits for
+        all but the last SLOTS - 2 adds before the barrier, so that at step t + 1 the add of step t + 1 - SLOTS
+        is done (session 23: separate barriers for the dQ^T stage cost the D=128 kernel ~0.4 µs per step)."""
+        if STAGE_DQ:
+            SLOTS: gl.constexpr = dq_slots.shape[0] // 2
+            tma.store_wait(pendings=SLOTS - 2)
+            dq_slot = dq_slots.index(SLOTS * w + (t - 1) % SLOTS)
+            dq_slot.store(dqt)
+        if STAGE_DS:
+            if EXCHANGE:
+                mbarrier.wait(ds_free.index(t % 2), ((t // 2) & 1) ^ 1)
+                ds_slots.index(2 * (t % 2) + w).store(ds)
+            else:
+                ds_slots.index(w).store(ds)
+        fence_async_shared()
+        gl.thread_barrier()
+        if STAGE_DS and EXCHANGE:
+            mbarrier.arrive(ds_ready.index(t % 2), count=1)
+        if STAGE_DQ:
+            BLOCK_M: gl.constexpr = dq_slots.shape[2]
+            g = (t - 1) // n_m
+            tma_reduce_add(dq_desc, [row0 + g * HEAD_D, (m_lo + t - 1 - g * n_m) * BLOCK_M], dq_slot)
+
+    @gluon.jit
+    def issue_dq(k_lo, k_hi, ds_slots, ds_ready, acc, w: gl.constexpr, t, EXCHANGE: gl.constexpr):
+        """FUSED_DQ: dQ^T = K^T dS^T of step t, asynchronous (returns the token; ``acc`` a tile of the result's
+        shape and layout, not read). EXCHANGE: this warpgroup's half of D over both warpgroups' keys (two
+        products); else its own keys' share of all of D (one product)."""
+        if EXCHANGE:
+            mbarrier.wait(ds_ready.index(t % 2), (t // 2) & 1)
+            tok = warpgroup_mma(k_lo, ds_slots.index(2 * (t % 2)), acc, use_acc=False, is_async=True)
+            tok = warpgroup_mma(k_hi, ds_slots.index(2 * (t % 2) + 1), tok, is_async=True)
+        else:
+            tok = warpgroup_mma(k_lo, ds_slots.index(w), acc, use_acc=False, is_async=True)
+        return tok
+
 
 
 def enabled(q: torch.Tensor, p) -> bool:

@@ -25,6 +25,9 @@ sequence's end reads the next sequence's Q / dO rows, zeroed in shared memory be
 sequence (NaN and inf included) reaches another's gradients; a key half that crosses it is stored by masked pointer
 stores.
 
+Opt-in (``TILEATTN_GLUON_BWD_FUSED=1``, ``fused_dq``): FUSED_DQ, the same kernel computing dQ as well and
+reduce-adding it into an fp32 accumulator (the 5-matmul backward; no dQ kernel).
+
 Layouts: q / dO (B, Sq, Hq, D), k / v / dk / dv (B, Sk, Hkv, D), any strides with the last one 1 and 16-byte
 aligned (TMA); rows past Sq load as zeros with lse +inf (P = 0); keys past Sk are computed and clipped by the TMA
 store. One program per (128-key tile, batch * kv head).
@@ -48,8 +51,9 @@ if AVAILABLE:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from .gluon_backward_split import _split_consumer
+    from .fused_dq import issue_dq, stage_dq_step
     from .gluon_common import (alibi_slope, dkdv_dscores, dkdv_mask_bounds, dkdv_probs, seq_bounds, stats_row0,
-                               store_rows, tma_reduce_add, zero_rows_from)
+                               store_rows, zero_rows_from)
 
     @gluon.jit
     def _dkdv_load(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
@@ -100,50 +104,6 @@ if AVAILABLE:
         tma.store_wait(pendings=0)
 
     @gluon.jit
-    def _stage(ds, dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w: gl.constexpr, t, n_m, m_lo, row0,
-               HEAD_D: gl.constexpr, EXCHANGE: gl.constexpr, STAGE_DS: gl.constexpr, STAGE_DQ: gl.constexpr):
-        """FUSED_DQ, behind one fence and one barrier per step: STAGE_DS, this warpgroup's dS^T of step t into its
-        slot (EXCHANGE, D=128: slot (t % 2, w) once both warpgroups' dQ^T products of step t - 2 have read it, then
-        announced; D=64: slot w, read by its own product of step t - 1 already); STAGE_DQ, step t - 1's dQ^T share
-        (HALF_N rows of D, BLOCK_M queries, fp32) into staging slot (t - 1) % SLOTS, then reduce-added into the
-        accumulator (``fused_dq``; ``row0``: its row of the group's first query head plus this warpgroup's D
-        offset). A staging slot is rewritten only after the add that last read it: the issuing thread waits for
-        all but the last SLOTS - 2 adds before the barrier, so that at step t + 1 the add of step t + 1 - SLOTS
-        is done (session 23: separate barriers for the dQ^T stage cost the D=128 kernel ~0.4 µs per step)."""
-        if STAGE_DQ:
-            SLOTS: gl.constexpr = dq_slots.shape[0] // 2
-            tma.store_wait(pendings=SLOTS - 2)
-            dq_slot = dq_slots.index(SLOTS * w + (t - 1) % SLOTS)
-            dq_slot.store(dqt)
-        if STAGE_DS:
-            if EXCHANGE:
-                mbarrier.wait(ds_free.index(t % 2), ((t // 2) & 1) ^ 1)
-                ds_slots.index(2 * (t % 2) + w).store(ds)
-            else:
-                ds_slots.index(w).store(ds)
-        fence_async_shared()
-        gl.thread_barrier()
-        if STAGE_DS and EXCHANGE:
-            mbarrier.arrive(ds_ready.index(t % 2), count=1)
-        if STAGE_DQ:
-            BLOCK_M: gl.constexpr = dq_slots.shape[2]
-            g = (t - 1) // n_m
-            tma_reduce_add(dq_desc, [row0 + g * HEAD_D, (m_lo + t - 1 - g * n_m) * BLOCK_M], dq_slot)
-
-    @gluon.jit
-    def _dq_issue(k_lo, k_hi, ds_slots, ds_ready, acc, w: gl.constexpr, t, EXCHANGE: gl.constexpr):
-        """FUSED_DQ: dQ^T = K^T dS^T of step t, asynchronous (returns the token; ``acc`` a tile of the result's
-        shape and layout, not read). EXCHANGE: this warpgroup's half of D over both warpgroups' keys (two
-        products); else its own keys' share of all of D (one product)."""
-        if EXCHANGE:
-            mbarrier.wait(ds_ready.index(t % 2), (t // 2) & 1)
-            tok = warpgroup_mma(k_lo, ds_slots.index(2 * (t % 2)), acc, use_acc=False, is_async=True)
-            tok = warpgroup_mma(k_hi, ds_slots.index(2 * (t % 2) + 1), tok, is_async=True)
-        else:
-            tok = warpgroup_mma(k_lo, ds_slots.index(w), acc, use_acc=False, is_async=True)
-        return tok
-
-    @gluon.jit
     def _dkdv_consumer(w: gl.constexpr, dk_desc, dv_desc, DK, DV, ALIBI_B, q_smem, do_smem, k_smem, v_smem, lse_smem,
                        delta_smem, bars, b, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k, qk_scale, sm_scale,
                        k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N: gl.constexpr,
@@ -167,10 +127,10 @@ if AVAILABLE:
         products, each warpgroup computes a share of that step's dQ^T = K^T dS^T: at D=128 its 64 of D's rows
         over both warpgroups' keys (dS^T exchanged through the barriers: a 16-register accumulator instead of 32),
         at D=64 all of D over its own keys (no exchange), and reduce-adds it into the accumulator by TMA
-        (``_stage``); the programs' (and, at D=64, the warpgroups') adds into one tile are unordered. EARLY_DQ
-        (with FUSED_DQ; session 23's v28c, not yet GPU-run): step t - 1's dQ^T products are issued before step t's
-        others and staged while those run (with BLOCK_M=32 at D=128 a step's five products take ~0.7 µs, and a
-        stage after the last wait left the tensor cores idle for ~0.4 µs of it, run 135)."""
+        (``fused_dq.stage_dq_step``); the programs' (and, at D=64, the warpgroups') adds into one tile are
+        unordered. EARLY_DQ (with FUSED_DQ; session 23's v28c, not yet GPU-run): step t - 1's dQ^T products are
+        issued before step t's others and staged while those run (with BLOCK_M=32 at D=128 a step's five products
+        take ~0.7 µs, and a stage after the last wait left the tensor cores idle for ~0.4 µs of it, run 135)."""
         kv_bar, ready, empty = bars
         dtype: gl.constexpr = dk_desc.dtype
         EXCHANGE: gl.constexpr = HEAD_D == 2 * HALF_N  # FUSED_DQ's form (D=128; D=64: own keys)
@@ -239,8 +199,8 @@ if AVAILABLE:
                 else:
                     k_lo = k2.permute((1, 0))
                     k_hi = k_lo
-                _stage(ds.to(dtype), st_zero, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, 0, n_m, m_lo, dq_row0,
-                       HEAD_D, EXCHANGE, True, False)
+                stage_dq_step(ds.to(dtype), st_zero, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, 0, n_m, m_lo,
+                              dq_row0, HEAD_D, EXCHANGE, True, False)
             p_op = gl.convert_layout(p.to(dtype), op_layout)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             for t in range(1, n):
@@ -252,7 +212,7 @@ if AVAILABLE:
                 if VARLEN:
                     _zero_foreign_rows(q_smem, do_smem, s, tile, seqlen_q, BLOCK_M)
                 if EARLY_DQ:  # dQ^T_{t-1} first: staged and added while the step's other products run
-                    dq_tok = _dq_issue(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, t - 1, EXCHANGE)
+                    dq_tok = issue_dq(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, t - 1, EXCHANGE)
                 st_tok = warpgroup_mma(k2, q_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                        use_acc=False, is_async=True)
                 dv_tok = warpgroup_mma(p_op, do_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dv, is_async=True)
@@ -263,11 +223,11 @@ if AVAILABLE:
                     dqt = warpgroup_mma_wait(num_outstanding=4, deps=(dq_tok, ))
                     if EXCHANGE:
                         mbarrier.arrive(ds_free.index((t - 1) % 2), count=1)
-                    _stage(dqt, dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m, m_lo, dq_row0,
-                           HEAD_D, EXCHANGE, False, True)
+                    stage_dq_step(dqt, dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m, m_lo,
+                                  dq_row0, HEAD_D, EXCHANGE, False, True)
                     st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
                 elif FUSED_DQ:  # dQ^T_{t-1}
-                    dq_tok = _dq_issue(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, t - 1, EXCHANGE)
+                    dq_tok = issue_dq(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, t - 1, EXCHANGE)
                     st = warpgroup_mma_wait(num_outstanding=3 + DQ_MMAS, deps=(st_tok, ))
                 else:
                     st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
@@ -281,14 +241,14 @@ if AVAILABLE:
                 ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
                 if EARLY_DQ:
                     dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
-                    _stage(ds.to(dtype), st_zero, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m, m_lo,
-                           dq_row0, HEAD_D, EXCHANGE, True, False)
+                    stage_dq_step(ds.to(dtype), st_zero, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m,
+                                  m_lo, dq_row0, HEAD_D, EXCHANGE, True, False)
                 elif FUSED_DQ:
                     dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, dq_tok))
                     if EXCHANGE:
                         mbarrier.arrive(ds_free.index((t - 1) % 2), count=1)
-                    _stage(ds.to(dtype), dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m, m_lo,
-                           dq_row0, HEAD_D, EXCHANGE, True, True)
+                    stage_dq_step(ds.to(dtype), dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m,
+                                  m_lo, dq_row0, HEAD_D, EXCHANGE, True, True)
                 else:
                     dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
                 mbarrier.arrive(empty.index(sp), count=1)
@@ -298,12 +258,12 @@ if AVAILABLE:
             dv_tok = warpgroup_mma(p_op, do_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dv, is_async=True)
             dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
             if FUSED_DQ:
-                dq_tok = _dq_issue(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, n - 1, EXCHANGE)
+                dq_tok = issue_dq(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, n - 1, EXCHANGE)
                 dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok))
                 if EXCHANGE:  # both warpgroups' last products have read both K halves before they stage dK
                     mbarrier.arrive(ds_free.index((n - 1) % 2), count=1)
-                _stage(dqt, dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, n, n_m, m_lo, dq_row0, HEAD_D,
-                       EXCHANGE, False, True)
+                stage_dq_step(dqt, dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, n, n_m, m_lo, dq_row0,
+                              HEAD_D, EXCHANGE, False, True)
                 if EXCHANGE:
                     mbarrier.wait(ds_free.index((n - 1) % 2), ((n - 1) // 2) & 1)
             else:
@@ -453,7 +413,7 @@ def _fused_flags(head_dim: int) -> dict:
 def fused_applies(cfg, head_dim: int, p: AttnParams) -> bool:
     """Whether a call ``applies`` accepted can take the fused backward (``fused_dq``, opt-in): D=64/128 on the
     pipelined 128-key kernel, batched; at D=64 neither softcap nor ALiBi (their fused kernels spill 192-364 B at
-    168 registers, ptxas sm_90a; D=128's features 12-88 B)."""
+    168 registers, ptxas sm_90a; D=128's features up to 100 B; v28c's order spills none)."""
     return (head_dim in (64, 128) and cfg.pipeline and not cfg.split and not p.varlen
             and (head_dim == 128 or (p.softcap == 0 and p.alibi_slopes is None)))
 
