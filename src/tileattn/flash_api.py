@@ -3,7 +3,8 @@
 Batched tensors are (batch, seqlen, heads, head_dim); varlen tensors are (total, heads, head_dim) with int32
 cumulative sequence lengths ``cu_seqlens`` of length batch + 1. Extras over flash-attn: ``sink=`` (per-head
 attention-sink logits, with gradient) and q/k head dim != v head dim. ``deterministic`` is accepted and
-ignored: tileattn's backward is always deterministic.
+ignored: tileattn's backward is always deterministic, unless the opt-in fused backward
+(``TILEATTN_GLUON_BWD_FUSED=1``, ``kernels/fused_dq.py``) is set, whose dq adds are unordered.
 
 ``return_attn_probs=True`` returns ``(out, softmax_lse, S_dmask)``. softmax_lse is fp32 (batch, heads, seqlen_q)
 or (heads, total_q) for varlen. S_dmask is a testing aid: with dropout it is the bool keep-mask the kernels drew,

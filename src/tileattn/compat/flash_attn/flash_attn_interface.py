@@ -16,8 +16,8 @@ returns ``(out, softmax_lse, S_dmask, rng_state)``, and the backward writes dq, 
   otherwise an empty tensor of q's dtype.
 * ``rng_state``: int64 (2,) ``[seed, offset]`` with dropout, zeros without; pass the forward's to the backward
   (required when dropout_p > 0).
-* ``deterministic`` is ignored: the backward is always deterministic. ``softmax_scale=None`` means
-  1/sqrt(head_dim). q/k head dim may differ from v's.
+* ``deterministic`` is ignored: the backward is always deterministic (unless the opt-in fused backward,
+  ``TILEATTN_GLUON_BWD_FUSED=1``, is set). ``softmax_scale=None`` means 1/sqrt(head_dim). q/k head dim may differ from v's.
 * ``block_table`` (paged K/V, forward only) in ``_flash_attn_varlen_forward``: without dropout.
   Not supported: ``leftpad_k``, ``seqused_k`` (NotImplementedError).
 """
