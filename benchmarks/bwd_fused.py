@@ -20,13 +20,18 @@ from torch.profiler import ProfilerActivity, profile
 import tileattn
 
 
-def kernel_us(fn, calls=5):
-    """GPU µs per call of each kernel that ``fn`` launches (torch.profiler, ``calls`` calls)."""
-    fn()
+def kernel_us(fn, grads, calls=5):
+    """GPU µs per call of each kernel that ``fn`` launches (torch.profiler, ``calls`` calls), the tensors in
+    ``grads`` given no .grad before each call (as do_bench's grad_to_none: no accumulation kernels)."""
+    def call():
+        for t in grads:
+            t.grad = None
+        fn()
+    call()
     torch.cuda.synchronize()
     with profile(activities=[ProfilerActivity.CUDA]) as prof:
         for _ in range(calls):
-            fn()
+            call()
         torch.cuda.synchronize()
     per = collections.Counter()
     for evt in prof.key_averages():
@@ -76,7 +81,7 @@ def main():
                 os.environ["TILEATTN_FUSED_DQ_SLOTS"] = slots
                 os.environ["TILEATTN_FUSED_DQ_EARLY"] = early
                 us = triton.testing.do_bench(ours, grad_to_none=[q, k, v], return_mode="median") * 1e3
-                rows[name] = (us, collections.Counter() if args.no_profile else kernel_us(ours))
+                rows[name] = (us, collections.Counter() if args.no_profile else kernel_us(ours, [q, k, v]))
             os.environ.pop("TILEATTN_GLUON_BWD_FUSED", None)
             os.environ.pop("TILEATTN_FUSED_DQ_SLOTS", None)
             os.environ.pop("TILEATTN_FUSED_DQ_EARLY", None)
