@@ -84,13 +84,14 @@ if AVAILABLE:
 
 def enabled(q: torch.Tensor, p) -> bool:
     """Whether ``TILEATTN_GLUON_BWD_FUSED=1`` asks for the fused backward and the call is of its scope's shape:
-    batched (not varlen) fp16/bf16 on a GPU, Dqk = Dv in (64, 128). The Gluon backward's own scope
-    (``gluon_backward.fused_applies``) is checked when the kernels launch; outside it the two-kernel path runs."""
+    batched (not varlen) fp16/bf16 on a GPU, Dqk = Dv in (64, 128), at D=64 without softcap or ALiBi (then the
+    backward makes the accumulator). The Gluon backward's own scope (``gluon_backward.fused_applies``) is checked
+    when the kernels launch; outside it the two-kernel path runs."""
     value = configs.getenv("TILEATTN_GLUON_BWD_FUSED", "0")
     if value not in ("0", "1"):
         raise ValueError(f"TILEATTN_GLUON_BWD_FUSED must be 0 or 1, got {value!r}")
     return (value == "1" and q.is_cuda and not p.varlen and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[3] in (64, 128))
+            and q.shape[3] in (64, 128) and (q.shape[3] == 128 or (p.softcap == 0 and p.alibi_slopes is None)))
 
 
 def accumulator(q: torch.Tensor) -> torch.Tensor:
