@@ -109,7 +109,7 @@ FUSED_CASES = [(2, 1, 1, 2, 2), (1, 17, 300, 3, 3), (2, 130, 130, 4, 2), (1, 300
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "x".join(map(str, c)))
-@pytest.mark.parametrize("early", [False, True], ids=["", "early"])
+@pytest.mark.parametrize("early", [False, True], ids=["late", "early"])
 def test_accuracy(early, case, causal, d, dtype, monkeypatch):
     B, Sq, Sk, Hq, Hkv = case
     seen = _record_fused(monkeypatch, early)
@@ -130,7 +130,7 @@ def _fresh_grads(q, k, v, dout, **kw):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("feat", [{}, dict(causal=True), dict(softcap=6.0, causal=True), dict(window_size=(300, 40)),
                                   dict(alibi=True)], ids=lambda f: "-".join(f) or "plain")
-@pytest.mark.parametrize("early", [False, True], ids=["", "early"])
+@pytest.mark.parametrize("early", [False, True], ids=["late", "early"])
 def test_agrees_with_two_kernels(early, feat, d, monkeypatch):
     """dk / dv bit-identical to the two-kernel path (the fused kernel's dK / dV arithmetic is unchanged) and dq
     close to it, over many steps per program and GQA (the dS^T exchange between the warpgroups does not deadlock);
