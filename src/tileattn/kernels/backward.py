@@ -454,12 +454,11 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid, b
     # opt-in: the fused backward (fused_dq): the stats-only pass, dK/dV with dQ reduce-added, dQ's conversion
     fused = (dq_acc is not None and gluon_cfg is not None and not correct
              and gluon_backward.fused_applies(gluon_cfg, dqk, p))
-    if fused:
+    if fused:  # the dQ kernel's DQ is the accumulator (STATS_ONLY): its head, column-to-D and batch strides
         accs = dq_acc.stride(0)
-        dqb, dqs, dqs_h = q_heads * dqk * accs, accs, dqk * accs
+        dqb, stride_dqs, stride_dqh = q_heads * dqk * accs, accs, dqk * accs
     else:
-        dqs_h = dqs[2]
-        dqs = dqs[1]
+        stride_dqs, stride_dqh = dqs[1], dqs[2]
     if gluon_cfg is not None and gluon_cfg.dq and not correct and not fused:  # Hopper: the warp-specialised dQ
         gluon_dq.dq(q, k, v, out, resid if has_resid else None, dout, lse, dlse, delta, stats, dq, p, gluon_cfg)
     else:
@@ -468,7 +467,7 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid, b
             dq_acc if fused else dq, stats, cu_q, cu_k, alibi, rng,
             qb, qs[1], qs[2], kb, ks[1], ks[2],
             vb, vs[1], vs[2], ob, os_[1], os_[2], dob, dos[1],
-            dos[2], dqb, dqs, dqs_h, stride_lb, stride_lh, sts[1], sts[0],
+            dos[2], dqb, stride_dqs, stride_dqh, stride_lb, stride_lh, sts[1], sts[0],
             p.alibi_stride_b,
             q_heads, group, p.max_seqlen_q, p.max_seqlen_k, num_m_tiles,
             p.qk_scale, p.softmax_scale, p.softcap_log2, p.window_left, p.window_right, p.dropout_p,
