@@ -65,7 +65,7 @@ def test_convert(shape, dtype):
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
 def test_compiles_for_sm90():
-    """FUSED_DQ at D=64 / 128 with the features in its scope (``gluon_backward.fused_applies``: D=64 without softcap
+    """FUSED_DQ at D=64 / 128 with the features in its scope (``fused_dq.enabled``: D=64 without softcap
     and ALiBi): no serialised wgmma, shared memory within the limit (~182 KB), few spills (ptxas, session 23: D=128
     0 B plain, 8 B causal, up to 100 B with softcap + window; D=64 8 / 24 B, 44 B windowed) with 4 staging slots at
     D=128 (215 KB of shared memory) and 2 at D=64."""
@@ -134,7 +134,7 @@ def _fresh_grads(q, k, v, dout, **kw):
 def test_agrees_with_two_kernels(early, feat, d, monkeypatch):
     """dk / dv bit-identical to the two-kernel path (the fused kernel's dK / dV arithmetic is unchanged) and dq
     close to it, over many steps per program and GQA (the dS^T exchange between the warpgroups does not deadlock);
-    D=64 softcap / ALiBi calls keep the two-kernel path (``fused_applies``)."""
+    D=64 softcap / ALiBi calls keep the two-kernel path (``fused_dq.enabled``)."""
     q, k, v, gen = make_qkv(2, 1500, 1300, 8, 2, d, torch.bfloat16, seed_for("fused-vs-two", d, sorted(feat)),
                             requires_grad=True)
     kw = dict(feat)

@@ -81,12 +81,12 @@ if AVAILABLE:
         return tok
 
 
-
 def enabled(q: torch.Tensor, p) -> bool:
     """Whether ``TILEATTN_GLUON_BWD_FUSED=1`` asks for the fused backward and the call is of its scope's shape:
-    batched (not varlen) fp16/bf16 on a GPU, Dqk = Dv in (64, 128), at D=64 without softcap or ALiBi (then the
-    backward makes the accumulator). The Gluon backward's own scope (``gluon_backward.fused_applies``) is checked
-    when the kernels launch; outside it the two-kernel path runs."""
+    batched (not varlen) fp16/bf16 on a GPU, Dqk = Dv in (64, 128), at D=64 without softcap or ALiBi (their fused
+    kernels spill 192-364 B at 168 registers, ptxas sm_90a; D=128's features up to 100 B; v28c's order spills
+    none). Then the backward makes the accumulator; the Gluon backward's own scope (``gluon_backward.applies`` and
+    ``fused_applies``) is checked when the kernels launch, and outside it the two-kernel path runs."""
     value = configs.getenv("TILEATTN_GLUON_BWD_FUSED", "0")
     if value not in ("0", "1"):
         raise ValueError(f"TILEATTN_GLUON_BWD_FUSED must be 0 or 1, got {value!r}")

@@ -410,12 +410,10 @@ def _fused_flags(head_dim: int) -> dict:
     return dict(FUSED_DQ=_fused_slots(head_dim), **({"EARLY_DQ": True} if early == "1" else {}))
 
 
-def fused_applies(cfg, head_dim: int, p: AttnParams) -> bool:
-    """Whether a call ``applies`` accepted can take the fused backward (``fused_dq``, opt-in): D=64/128 on the
-    pipelined 128-key kernel, batched; at D=64 neither softcap nor ALiBi (their fused kernels spill 192-364 B at
-    168 registers, ptxas sm_90a; D=128's features up to 100 B; v28c's order spills none)."""
-    return (head_dim in (64, 128) and cfg.pipeline and not cfg.split and not p.varlen
-            and (head_dim == 128 or (p.softcap == 0 and p.alibi_slopes is None)))
+def fused_applies(cfg) -> bool:
+    """Whether a call ``applies`` accepted, and whose shape ``fused_dq.enabled`` took (it made the accumulator),
+    can take the fused backward: the kernel's config is the pipelined 128-key one."""
+    return cfg.pipeline and not cfg.split
 
 
 def applies(q, k, v, dout, dq, dk, dv, p: AttnParams):
