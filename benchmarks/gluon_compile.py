@@ -29,6 +29,16 @@ from tileattn.kernels import gluon_forward as gf  # noqa: E402
 SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (227 KB, opt-in)
 
 
+def _complete(fn, sig, consts):
+    """Fill ``sig`` for every argument of ``fn``: a constexpr the caller left out takes its default, as in a launch
+    that leaves it out (else it would compile as an i32 argument, both of its branches built), the rest i32."""
+    consts.update({prm.name: prm.default for prm in fn.params if prm.is_constexpr and prm.name not in consts
+                   and prm.default is not inspect.Parameter.empty})
+    for name in fn.arg_names:
+        if name not in sig:
+            sig[name] = "constexpr" if name in consts else "i32"
+
+
 def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=False, fp16=False, window=False,
                 varlen=False, alibi=False, tile_map=False, persistent=False, flat=False, resid8=False):
     from tileattn import configs
@@ -52,9 +62,7 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
                   USE_MAP=tile_map, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg, PERSISTENT=persistent or flat, FLAT=flat)  # flat: kernels/gluon_flat.py
     fn = gf._fwd_kernel
-    for name in fn.arg_names:
-        if name not in sig:
-            sig[name] = "constexpr" if name in consts else "i32"
+    _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("LSE", "SINK", "O", "RESID")}
     k = triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                        target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
@@ -86,11 +94,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
                   PRODUCER_REGS=preg,
                   **(gb._fused_flags(d) if fused_dq else {}))  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
     fn = gb._dkdv_kernel
-    consts.update({prm.name: prm.default for prm in fn.params if prm.is_constexpr and prm.name not in consts
-                   and prm.default is not inspect.Parameter.empty})  # as a launch that leaves them out
-    for name in fn.arg_names:
-        if name not in sig:
-            sig[name] = "constexpr" if name in consts else "i32"
+    _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("DK", "DV")}
     return triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
                           target=GPUTarget("cuda", 90, 32), options={"num_warps": 4, "maxnreg": maxnreg})
@@ -140,9 +144,7 @@ def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False
                   HAS_RESID=resid, HAS_DLSE=dlse, VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
                   CONSUMER_REGS=creg, PRODUCER_REGS=preg)
     fn = gq._dq_kernel
-    for arg in fn.arg_names:
-        if arg not in sig:
-            sig[arg] = "constexpr" if arg in consts else "i32"
+    _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("O", "RESID", "DO", "LSE", "DLSE",
                                                                           "DELTA", "STATS", "DQ")}
     return triton.compile(GluonASTSource(fn=fn, signature=sig, constexprs=consts, attrs=attrs),
