@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -89,6 +89,18 @@ for stage in "$@"; do
          [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
          timeout 200 python3 benchmarks/bwd_fused.py --seqlens 4096,16384 --early --no-profile 2>&1 \
            | grep -v Warning | tee "$OUT/s24_bwd_fused.log" ;;
+    s25) # (~5 min) session 24's v29a/b: K (and V) as register A operands of the dK/dV kernel's S^T / dP^T
+         # (TILEATTN_GLUON_BWD_KV_REGS), Q (and dO) of the dQ kernel's S / dP (TILEATTN_GLUON_DQ_QDO_REGS): their
+         # tests (bit-identity with the shared-memory form, accuracy), then the backward with each beside cuDNN
+         timeout 240 python3 -m pytest tests/test_gluon_backward.py -k "operands_in_registers" -q -n 14 \
+           -p no:cacheprovider -p no:benchmark -rf 2>&1 | tee "$OUT/s25_tests.log" | tail -12
+         [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+         timeout 150 python3 benchmarks/bwd_variants.py --head-dims 128 --profile --variants \
+           "base=,kv1=TILEATTN_GLUON_BWD_KV_REGS:1,qdo2=TILEATTN_GLUON_DQ_QDO_REGS:2,both=TILEATTN_GLUON_BWD_KV_REGS:1+TILEATTN_GLUON_DQ_QDO_REGS:2" \
+           2>&1 | grep -v Warning | tee "$OUT/s25_bwd_d128.log"
+         timeout 100 python3 benchmarks/bwd_variants.py --head-dims 64 --profile --variants \
+           "base=,kv1=TILEATTN_GLUON_BWD_KV_REGS:1,kv2=TILEATTN_GLUON_BWD_KV_REGS:2" 2>&1 | grep -v Warning \
+           | tee "$OUT/s25_bwd_d64.log" ;;
     plan-suite) # the forward, backward, feature and API tests with launch plans on (the suite runs with them off:
                 # conftest) — each test's repeated calls replay plans
           TILEATTN_LAUNCH_PLANS=1 timeout 560 python3 -m pytest tests/test_forward.py tests/test_backward.py \

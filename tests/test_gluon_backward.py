@@ -451,6 +451,90 @@ def test_varlen_reproducible_agrees_with_portable_and_isolated(d, spy, monkeypat
             torch.testing.assert_close(x.float(), y.float(), atol=2 ** -6, rtol=2 ** -6)
 
 
+KV_REGS_CASES = [(2, 130, 130, 4, 2), (1, 257, 1031, 4, 1), (1, 300, 128, 2, 2), (2, 1000, 1000, 2, 2)]
+
+
+KV = "TILEATTN_GLUON_BWD_KV_REGS"
+QDO = "TILEATTN_GLUON_DQ_QDO_REGS"
+OPERANDS_IN_REGS = [(KV, 1, 128), (KV, 1, 64), (KV, 2, 64), (QDO, 1, 128), (QDO, 2, 128)]
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
+@pytest.mark.parametrize("knob,level,d", OPERANDS_IN_REGS, ids=lambda x: str(x).split("_")[-2] if "_" in str(x)
+                         else str(x))
+@pytest.mark.parametrize("case", KV_REGS_CASES, ids=lambda c: "x".join(map(str, c)))
+def test_operands_in_registers(case, knob, level, d, causal, dtype, spy, monkeypatch):
+    """KV_REGS (dK/dV kernel: K, or K and V, as register A operands of S^T / dP^T) and QDO_REGS (dQ kernel: Q, or
+    Q and dO, for S / dP): the accuracy rule, and dq / dk / dv bit-identical to the kernels that read those
+    operands from shared memory (the same products in the same order)."""
+    B, Sq, Sk, Hq, Hkv = case
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon-bwd-regs", case, causal, d),
+                            requires_grad=True)
+    dout = randn((B, Sq, Hq, d), dtype, gen)
+    monkeypatch.setenv(knob, str(level))
+    check_attention(q, k, v, causal=causal, dout=dout, extra=f"gluon bwd {knob}={level}")
+    assert spy, "the call did not take the Gluon dK/dV kernel"
+    with_regs = _fresh_grads(q, k, v, dout, causal)
+    monkeypatch.setenv(knob, "0")
+    for name, a, b in zip("qkv", with_regs, _fresh_grads(q, k, v, dout, causal)):
+        assert torch.equal(a, b), f"d{name} differs from the shared-memory operands' ({knob}={level})"
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("knob,level,d", [(KV, 1, 128), (KV, 2, 64), (QDO, 2, 128)])
+def test_operands_in_registers_varlen(knob, level, d, spy, monkeypatch):
+    """Packed varlen through the Gluon backward with KV_REGS / QDO_REGS: bit-identical to level 0."""
+    from _flash_helpers import seqlens_to_cu
+    lens = [70, 300, 1, 2049, 129, 64]
+    gen = torch.Generator(device="cuda").manual_seed(seed_for("gluon-bwd-regs-varlen", d))
+    cu = seqlens_to_cu(lens)
+    base = [torch.randn(sum(lens), h, d, device="cuda", dtype=torch.bfloat16, generator=gen) for h in (8, 2, 2, 8)]
+
+    def grads(causal):
+        q, k, v = (t.clone().requires_grad_() for t in base[:3])
+        out = tileattn.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=causal)
+        return torch.autograd.grad(out, (q, k, v), base[3])
+    for causal in (False, True):
+        monkeypatch.setenv(knob, str(level))
+        a = grads(causal)
+        monkeypatch.setenv(knob, "0")
+        assert all(torch.equal(x, y) for x, y in zip(a, grads(causal))), f"causal={causal}"
+    assert spy
+
+
+def test_kv_regs_knob(monkeypatch):
+    """``gluon_backward.kv_regs`` and ``gluon_dq.qdo_regs``: the knob over the config; 0 for softcap / ALiBi /
+    window calls (and the fused backward); a bad value is refused."""
+    q = torch.zeros(1, 4, 2, 64)
+    plain, causal = attn_params(q, q), attn_params(q, q, causal=True)
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_KV_REGS", "2")
+    assert gluon_backward.kv_regs(64, plain, False) == 2 and gluon_backward.kv_regs(128, causal, False) == 2
+    assert gluon_backward.kv_regs(64, plain, True) == 0
+    for feat in (dict(softcap=5.0), dict(alibi_slopes=torch.ones(2)), dict(window_left=8)):
+        assert gluon_backward.kv_regs(64, attn_params(q, q, **feat), False) == 0, feat
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_KV_REGS", "0")
+    assert gluon_backward.kv_regs(64, plain, False) == 0
+    monkeypatch.delenv("TILEATTN_GLUON_BWD_KV_REGS")
+    assert gluon_backward.kv_regs(128, plain, False) == configs._GLUON_BWD[128].kv_regs
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_KV_REGS", "3")
+    with pytest.raises(ValueError, match="TILEATTN_GLUON_BWD_KV_REGS"):
+        gluon_backward.kv_regs(64, plain, False)
+    # the dQ kernel's QDO_REGS likewise
+    monkeypatch.setenv("TILEATTN_GLUON_DQ_QDO_REGS", "2")
+    assert gluon_dq.qdo_regs(128, causal) == 2
+    for feat in (dict(softcap=5.0), dict(alibi_slopes=torch.ones(2)), dict(window_left=8)):
+        assert gluon_dq.qdo_regs(128, attn_params(q, q, **feat)) == 0, feat
+    monkeypatch.delenv("TILEATTN_GLUON_DQ_QDO_REGS")
+    assert gluon_dq.qdo_regs(128, plain) == configs._GLUON_BWD[128].dq_qdo_regs
+    monkeypatch.setenv("TILEATTN_GLUON_DQ_QDO_REGS", "x")
+    with pytest.raises(ValueError, match="TILEATTN_GLUON_DQ_QDO_REGS"):
+        gluon_dq.qdo_regs(128, plain)
+
+
 BWD_COMPILE = [(128, False, ()), (128, True, ()), (64, True, ()), (64, False, ("--fp16",)),
                (128, True, ("--config", "64,2,240,24,168,0")),
                (128, True, ("--varlen",)), (64, False, ("--varlen", "--fp16")),
@@ -459,7 +543,10 @@ BWD_COMPILE = [(128, False, ()), (128, True, ()), (64, True, ()), (64, False, ("
                (128, True, ("--alibi", "--varlen")), (64, False, ("--alibi",)),
                (256, False, ()), (256, True, ("--fp16",)), (256, False, ("--window",)),
                (256, True, ("--alibi",)),
-               (128, True, ("--config", "64,3,240,24,168,1,1"))]  # the split form at D=128 (opt-in, gpu_run s16)
+               (128, True, ("--config", "64,3,240,24,168,1,1")),  # the split form at D=128 (opt-in, gpu_run s16)
+               # K (D=128) or K and V (D=64) in registers (KV_REGS; 4-8 B spills at D=128 varlen)
+               (128, False, ("--kv-regs", 1)), (128, True, ("--kv-regs", 1, "--varlen")),
+               (64, True, ("--kv-regs", 2)), (64, False, ("--kv-regs", 2, "--varlen", "--fp16"))]
 
 
 @needs_gluon
@@ -479,7 +566,10 @@ DQ_COMPILE = [(128, False, ()), (128, True, ("--dlse", )), (64, True, ()),
               (128, True, ("--softcap", "--fp16")),
               (128, False, ("--alibi", "--softcap")), (256, False, ()),
               (256, True, ("--fp16", "--dlse")), (256, False, ("--window", "--alibi")),
-              (128, True, ("--resid8",)), (256, False, ("--resid8", "--fp16")), (64, False, ("--resid8", "--varlen"))]
+              (128, True, ("--resid8",)), (256, False, ("--resid8", "--fp16")), (64, False, ("--resid8", "--varlen")),
+              # Q and dO in registers (QDO_REGS)
+              (128, False, ("--kv-regs", 2)), (128, True, ("--kv-regs", 2, "--varlen", "--dlse")),
+              (128, True, ("--kv-regs", 1, "--fp16"))]
 
 
 @needs_gluon

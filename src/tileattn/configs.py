@@ -609,6 +609,8 @@ class GluonBackwardConfig:
     dq: bool = True
     split: bool = False
     default_on: bool = True
+    kv_regs: int = 0
+    dq_qdo_regs: int = 0
 
 
 # Run 58 (H200, gluon_bwd_sweep.py, backward TFLOP/s at 1k / 4k / 16k, same process): D=128 non-causal portable

@@ -110,7 +110,7 @@ if AVAILABLE:
                        win_left, win_right, softcap, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                        PIPELINE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, fused=None,
-                       FUSED_DQ: gl.constexpr = 0, EARLY_DQ: gl.constexpr = False):
+                       FUSED_DQ: gl.constexpr = 0, EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0):
         """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps.
         PIPELINE: software-pipelined by one step: S^T_t and dP^T_t are issued with dV += P^T_{t-1} dO_{t-1} and
         dK += dS^T_{t-1} Q_{t-1} between them, so step t's elementwise work runs while step t-1's products hold the
@@ -150,6 +150,13 @@ if AVAILABLE:
         k2 = k_smem.index(w).reshape([HALF_N, HEAD_D])
         v2 = v_smem.index(w).reshape([HALF_N, HEAD_D])
         mbarrier.wait(kv_bar, 0)
+        # the A operands of S^T = K Q^T and dP^T = V dO^T: shared memory, or registers loaded once (KV_REGS)
+        k_a = k2
+        v_a = v2
+        if KV_REGS >= 1:
+            k_a = k2.load(gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2))
+        if KV_REGS >= 2:
+            v_a = v2.load(gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2))
         n = group * n_m
         if not PIPELINE:  # the plain order (64-row steps at D=128 pipelined need more registers: C7512)
             for t in range(n):
@@ -161,8 +168,8 @@ if AVAILABLE:
                 do2 = do_smem.index(s).reshape([BLOCK_M, HEAD_D])
                 if VARLEN:
                     _zero_foreign_rows(q_smem, do_smem, s, tile, seqlen_q, BLOCK_M)
-                st_tok = warpgroup_mma(k2, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
-                dpt_tok = warpgroup_mma(v2, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+                st_tok = warpgroup_mma(k_a, q2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
+                dpt_tok = warpgroup_mma(v_a, do2.permute((1, 0)), st_zero, use_acc=False, is_async=True)
                 st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
                 p, dtanh = dkdv_probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
                                       alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
@@ -178,9 +185,9 @@ if AVAILABLE:
             mbarrier.wait(ready.index(0), 0)
             if VARLEN:
                 _zero_foreign_rows(q_smem, do_smem, 0, m_lo, seqlen_q, BLOCK_M)
-            st_tok = warpgroup_mma(k2, q_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
+            st_tok = warpgroup_mma(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                    use_acc=False, is_async=True)
-            dpt_tok = warpgroup_mma(v2, do_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
+            dpt_tok = warpgroup_mma(v_a, do_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                     use_acc=False, is_async=True)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
             p, dtanh = dkdv_probs(st, lse_smem.index(0), m_lo, keys, seqlen_q, diag, win, qk_scale, softcap,
@@ -213,10 +220,10 @@ if AVAILABLE:
                     _zero_foreign_rows(q_smem, do_smem, s, tile, seqlen_q, BLOCK_M)
                 if EARLY_DQ:  # dQ^T_{t-1} first: staged and added while the step's other products run
                     dq_tok = issue_dq(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, t - 1, EXCHANGE)
-                st_tok = warpgroup_mma(k2, q_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
+                st_tok = warpgroup_mma(k_a, q_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                        use_acc=False, is_async=True)
                 dv_tok = warpgroup_mma(p_op, do_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dv, is_async=True)
-                dpt_tok = warpgroup_mma(v2, do_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
+                dpt_tok = warpgroup_mma(v_a, do_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                         use_acc=False, is_async=True)
                 dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
                 if EARLY_DQ:
@@ -290,7 +297,7 @@ if AVAILABLE:
                      HAS_SOFTCAP: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
                      HAS_ALIBI: gl.constexpr, SPLIT: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, FUSED_DQ: gl.constexpr = 0,
-                     EARLY_DQ: gl.constexpr = False):
+                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
         total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
@@ -381,12 +388,12 @@ if AVAILABLE:
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
                               qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
                               win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ)),
+                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
             (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
                               qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
                               win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ)),
+                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
             (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
                           delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
                           q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
@@ -408,6 +415,23 @@ def _fused_flags(head_dim: int) -> dict:
     if early not in ("0", "1"):
         raise ValueError(f"TILEATTN_FUSED_DQ_EARLY must be 0 or 1, got {early!r}")
     return dict(FUSED_DQ=_fused_slots(head_dim), **({"EARLY_DQ": True} if early == "1" else {}))
+
+
+def kv_regs(head_dim: int, p: AttnParams, fused: bool) -> int:
+    """The dK/dV kernel's KV_REGS for a call: 0, K and V read from shared memory by every S^T / dP^T product
+    (with 32-query steps at D=128 those products are m64n32 and their A reads, 16 KB per product and warpgroup, cost
+    as much shared-memory bandwidth as the tensor cores' time); 1, K held in registers (32 per thread at D=128, 16
+    at D=64); 2, K and V. ``TILEATTN_GLUON_BWD_KV_REGS`` over the config's ``kv_regs``. Calls with softcap, ALiBi or
+    a window keep 0 (they spill with it: 48-168 B), and so does the fused backward (its dQ products read K from
+    shared memory)."""
+    cfg = configs._GLUON_BWD.get(head_dim)
+    val = configs.getenv("TILEATTN_GLUON_BWD_KV_REGS", "")
+    if val not in ("", "0", "1", "2"):
+        raise ValueError(f"TILEATTN_GLUON_BWD_KV_REGS must be 0, 1 or 2, got {val!r}")
+    n = int(val) if val else (cfg.kv_regs if cfg is not None else 0)
+    if fused or p.softcap > 0 or p.alibi_slopes is not None or has_window(p):
+        return 0
+    return n
 
 
 def fused_applies(cfg) -> bool:
@@ -480,5 +504,6 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
              HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=p.alibi_slopes is not None,
              PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
-             PRODUCER_REGS=cfg.producer_regs, **(_fused_flags(d) if dq_acc is not None else {})),
+             PRODUCER_REGS=cfg.producer_regs, **(_fused_flags(d) if dq_acc is not None else {}),
+             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {})),
         4, 1, maxnreg=cfg.maxnreg)
