@@ -71,9 +71,9 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
 
 class _Feat:
     """The call features ``gluon_backward.kv_regs`` reads, for a compile without a call."""
-    def __init__(self, softcap, alibi, window):
+    def __init__(self, softcap, alibi, window, causal):
         self.softcap, self.alibi_slopes = float(softcap), alibi or None
-        self.window_left, self.window_right = (5, 5) if window else (-1, -1)
+        self.window_left, self.window_right = (5, 5) if window else (-1, 0 if causal else -1)
 
 
 def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=False, softcap=False, alibi=False,
@@ -101,7 +101,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
                   VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, SPLIT=split, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg,
                   **(gb._fused_flags(d) if fused_dq else {}),  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
-                  KV_REGS=gb.kv_regs(d, _Feat(softcap, alibi, window), fused_dq) if kv_regs is None else kv_regs)
+                  KV_REGS=gb.kv_regs(d, _Feat(softcap, alibi, window, causal), fused_dq) if kv_regs is None else kv_regs)
     fn = gb._dkdv_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("DK", "DV")}
@@ -133,9 +133,8 @@ def compile_reduce_add():
 
 
 def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False, varlen=False, window=False,
-               softcap=False, alibi=False, resid8=False, qdo_regs=None):
-    """The Gluon dQ kernel (kernels/gluon_dq.py) for sm_90a; cfg = (block_n, k_stages, creg, preg, maxnreg);
-    ``qdo_regs``: its QDO_REGS (None: what a launch of these features picks, ``gluon_dq.qdo_regs``)."""
+               softcap=False, alibi=False, resid8=False):
+    """The Gluon dQ kernel (kernels/gluon_dq.py) for sm_90a; cfg = (block_n, k_stages, creg, preg, maxnreg)."""
     from tileattn import configs
     from tileattn.kernels import gluon_dq as gq
     c = configs._GLUON_BWD[d]
@@ -152,8 +151,7 @@ def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False
            "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32"}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=2, CAUSAL=causal and not window, WINDOW=window,
                   HAS_RESID=resid, HAS_DLSE=dlse, VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
-                  CONSUMER_REGS=creg, PRODUCER_REGS=preg,
-                  QDO_REGS=gq.qdo_regs(d, _Feat(softcap, alibi, window)) if qdo_regs is None else qdo_regs)
+                  CONSUMER_REGS=creg, PRODUCER_REGS=preg)
     fn = gq._dq_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("O", "RESID", "DO", "LSE", "DLSE",
@@ -207,7 +205,7 @@ def main(argv=None):
     ap.add_argument("--bwd", action="store_true", help="the dK/dV backward kernel instead (--config bm,stages,"
                     "creg,preg,maxnreg,pipeline)")
     ap.add_argument("--kv-regs", type=int, help="with --bwd: the kernel's KV_REGS (K / V as register A operands; "
-                    "default: what a launch with these features picks); with --dq: its QDO_REGS (Q / dO)")
+                    "default: what a launch with these features picks)")
     ap.add_argument("--sass", action="store_true", help="print the main loop's SASS")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless ptxas reports no spills and no serialised wgmma (C7514), and the kernel's "
@@ -224,7 +222,7 @@ def main(argv=None):
         return 0
     if a.dq:
         k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen, a.window, a.softcap,
-                       a.alibi, a.resid8, a.kv_regs)
+                       a.alibi, a.resid8)
     elif a.bwd:
         k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi, a.fused_dq,
                         a.kv_regs)

@@ -455,8 +455,7 @@ KV_REGS_CASES = [(2, 130, 130, 4, 2), (1, 257, 1031, 4, 1), (1, 300, 128, 2, 2),
 
 
 KV = "TILEATTN_GLUON_BWD_KV_REGS"
-QDO = "TILEATTN_GLUON_DQ_QDO_REGS"
-OPERANDS_IN_REGS = [(KV, 1, 128), (KV, 1, 64), (KV, 2, 64), (QDO, 1, 128), (QDO, 2, 128)]
+OPERANDS_IN_REGS = [(KV, 1, 128), (KV, 1, 64), (KV, 2, 64)]
 
 
 @hopper
@@ -467,9 +466,8 @@ OPERANDS_IN_REGS = [(KV, 1, 128), (KV, 1, 64), (KV, 2, 64), (QDO, 1, 128), (QDO,
                          else str(x))
 @pytest.mark.parametrize("case", KV_REGS_CASES, ids=lambda c: "x".join(map(str, c)))
 def test_operands_in_registers(case, knob, level, d, causal, dtype, spy, monkeypatch):
-    """KV_REGS (dK/dV kernel: K, or K and V, as register A operands of S^T / dP^T) and QDO_REGS (dQ kernel: Q, or
-    Q and dO, for S / dP): the accuracy rule, and dq / dk / dv bit-identical to the kernels that read those
-    operands from shared memory (the same products in the same order)."""
+    """KV_REGS (dK/dV kernel: K, or K and V, as register A operands of S^T / dP^T): the accuracy rule, and dq / dk
+    / dv bit-identical to the kernel that reads them from shared memory (the same products in the same order)."""
     B, Sq, Sk, Hq, Hkv = case
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon-bwd-regs", case, causal, d),
                             requires_grad=True)
@@ -485,9 +483,9 @@ def test_operands_in_registers(case, knob, level, d, causal, dtype, spy, monkeyp
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("knob,level,d", [(KV, 1, 128), (KV, 2, 64), (QDO, 2, 128)])
+@pytest.mark.parametrize("knob,level,d", [(KV, 1, 128), (KV, 2, 64)])
 def test_operands_in_registers_varlen(knob, level, d, spy, monkeypatch):
-    """Packed varlen through the Gluon backward with KV_REGS / QDO_REGS: bit-identical to level 0."""
+    """Packed varlen through the Gluon backward with KV_REGS: bit-identical to level 0."""
     from _flash_helpers import seqlens_to_cu
     lens = [70, 300, 1, 2049, 129, 64]
     gen = torch.Generator(device="cuda").manual_seed(seed_for("gluon-bwd-regs-varlen", d))
@@ -507,8 +505,8 @@ def test_operands_in_registers_varlen(knob, level, d, spy, monkeypatch):
 
 
 def test_kv_regs_knob(monkeypatch):
-    """``gluon_backward.kv_regs`` and ``gluon_dq.qdo_regs``: the knob over the config; 0 for softcap / ALiBi /
-    window calls (and the fused backward); a bad value is refused."""
+    """``gluon_backward.kv_regs``: the config's level for the call's mask, the knob over it; 0 for softcap / ALiBi /
+    window calls and the fused backward; a bad value is refused."""
     q = torch.zeros(1, 4, 2, 64)
     plain, causal = attn_params(q, q), attn_params(q, q, causal=True)
     monkeypatch.setenv("TILEATTN_GLUON_BWD_KV_REGS", "2")
@@ -519,20 +517,12 @@ def test_kv_regs_knob(monkeypatch):
     monkeypatch.setenv("TILEATTN_GLUON_BWD_KV_REGS", "0")
     assert gluon_backward.kv_regs(64, plain, False) == 0
     monkeypatch.delenv("TILEATTN_GLUON_BWD_KV_REGS")
-    assert gluon_backward.kv_regs(128, plain, False) == configs._GLUON_BWD[128].kv_regs
+    for d in (64, 128):
+        assert gluon_backward.kv_regs(d, plain, False) == configs._GLUON_BWD[d].kv_regs[0]
+        assert gluon_backward.kv_regs(d, causal, False) == configs._GLUON_BWD[d].kv_regs[1]
     monkeypatch.setenv("TILEATTN_GLUON_BWD_KV_REGS", "3")
     with pytest.raises(ValueError, match="TILEATTN_GLUON_BWD_KV_REGS"):
         gluon_backward.kv_regs(64, plain, False)
-    # the dQ kernel's QDO_REGS likewise
-    monkeypatch.setenv("TILEATTN_GLUON_DQ_QDO_REGS", "2")
-    assert gluon_dq.qdo_regs(128, causal) == 2
-    for feat in (dict(softcap=5.0), dict(alibi_slopes=torch.ones(2)), dict(window_left=8)):
-        assert gluon_dq.qdo_regs(128, attn_params(q, q, **feat)) == 0, feat
-    monkeypatch.delenv("TILEATTN_GLUON_DQ_QDO_REGS")
-    assert gluon_dq.qdo_regs(128, plain) == configs._GLUON_BWD[128].dq_qdo_regs
-    monkeypatch.setenv("TILEATTN_GLUON_DQ_QDO_REGS", "x")
-    with pytest.raises(ValueError, match="TILEATTN_GLUON_DQ_QDO_REGS"):
-        gluon_dq.qdo_regs(128, plain)
 
 
 BWD_COMPILE = [(128, False, ()), (128, True, ()), (64, True, ()), (64, False, ("--fp16",)),
@@ -566,10 +556,7 @@ DQ_COMPILE = [(128, False, ()), (128, True, ("--dlse", )), (64, True, ()),
               (128, True, ("--softcap", "--fp16")),
               (128, False, ("--alibi", "--softcap")), (256, False, ()),
               (256, True, ("--fp16", "--dlse")), (256, False, ("--window", "--alibi")),
-              (128, True, ("--resid8",)), (256, False, ("--resid8", "--fp16")), (64, False, ("--resid8", "--varlen")),
-              # Q and dO in registers (QDO_REGS)
-              (128, False, ("--kv-regs", 2)), (128, True, ("--kv-regs", 2, "--varlen", "--dlse")),
-              (128, True, ("--kv-regs", 1, "--fp16"))]
+              (128, True, ("--resid8",)), (256, False, ("--resid8", "--fp16")), (64, False, ("--resid8", "--varlen"))]
 
 
 @needs_gluon

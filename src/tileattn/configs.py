@@ -10,7 +10,7 @@ import dataclasses
 import functools
 import os
 from dataclasses import dataclass
-from typing import Optional
+from typing import Optional, Tuple
 
 import torch
 import triton
@@ -597,7 +597,8 @@ class GluonBackwardConfig:
     warp (setmaxnreg) and the kernel's ``maxnreg``; ``pipeline``: the consumers' loop software-pipelined by one step
     (3+ stages). The Gluon dQ kernel (kernels/gluon_dq.py) shares the registers: ``dq_block_n`` keys per tile, a K
     ring of ``dq_k_stages`` slots (3: tile j-1's K stays for its product while tile j+1's loads), off with
-    ``dq=False``."""
+    ``dq=False``. ``kv_regs`` (non-causal, causal): the dK/dV kernel's KV_REGS (0: its S^T / dP^T products read K
+    and V from shared memory; 1: K from registers; 2: K and V; ``gluon_backward.kv_regs``)."""
     block_m: int
     stages: int
     consumer_regs: int
@@ -609,8 +610,7 @@ class GluonBackwardConfig:
     dq: bool = True
     split: bool = False
     default_on: bool = True
-    kv_regs: int = 0
-    dq_qdo_regs: int = 0
+    kv_regs: Tuple[int, int] = (0, 0)
 
 
 # Run 58 (H200, gluon_bwd_sweep.py, backward TFLOP/s at 1k / 4k / 16k, same process): D=128 non-causal portable
@@ -623,8 +623,13 @@ class GluonBackwardConfig:
 # non-causal portable dQ 316/413/446, Gluon dQ (64-key tiles, 3 K slots) 339/453/486, 64-key tiles 2 slots
 # 295/391/396; causal 220/354/430 vs 237/391/465. D=64 non-causal portable dQ 306/383/410, Gluon 64-key 288/380/405,
 # 128-key 3 slots 296/384/415; causal 208/328/378 vs 191/317/375 and 196/325/381: D=64 keeps the portable dQ.
-_GLUON_BWD = {64: GluonBackwardConfig(64, 3, 240, 24, 168, pipeline=True, dq=False),
-              128: GluonBackwardConfig(32, 4, 240, 24, 168, pipeline=True, dq=True),
+# KV_REGS, run 139 (H200, benchmarks/bwd_variants.py, one process, backward µs best of 2 interleaved medians; dK/dV
+# kernel µs by torch.profiler): D=128 non-causal with K in registers 1k / 4k / 16k 854 -> 852, 2940 -> 2780, 11081 ->
+# 10568 (kernel 1749 -> 1600, 6527 -> 5930 at 4k / 16k); causal 0.995 / 1.000 / 0.999x (kernel 16k 3524 -> 3613): K
+# only where it paid. D=64 with K and V: causal 1.039 / 1.016 / 1.044x (kernel 388 -> 367, 1184 -> 1091, 4258 ->
+# 3908), non-causal 0.994 / 1.030 / 0.997x; K alone 0.95-1.03x. (D=128 with K and V spills 304 B.)
+_GLUON_BWD = {64: GluonBackwardConfig(64, 3, 240, 24, 168, pipeline=True, dq=False, kv_regs=(0, 2)),
+              128: GluonBackwardConfig(32, 4, 240, 24, 168, pipeline=True, dq=True, kv_regs=(1, 0)),
               # D=256: 64 keys per program, one accumulator per warpgroup (``split``). Run 72 (H200, one process,
               # backward TFLOP/s 512/1k/2k/4k/8k/16k): non-causal portable 178/205/222/229/233/239, split plain
               # 267/315/347/365/377/379, cuDNN 241/299/343/365/355/360; causal portable 118/151/176/192/208/210,

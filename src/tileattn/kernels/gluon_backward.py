@@ -419,19 +419,20 @@ def _fused_flags(head_dim: int) -> dict:
 
 def kv_regs(head_dim: int, p: AttnParams, fused: bool) -> int:
     """The dK/dV kernel's KV_REGS for a call: 0, K and V read from shared memory by every S^T / dP^T product
-    (with 32-query steps at D=128 those products are m64n32 and their A reads, 16 KB per product and warpgroup, cost
-    as much shared-memory bandwidth as the tensor cores' time); 1, K held in registers (32 per thread at D=128, 16
-    at D=64); 2, K and V. ``TILEATTN_GLUON_BWD_KV_REGS`` over the config's ``kv_regs``. Calls with softcap, ALiBi or
-    a window keep 0 (they spill with it: 48-168 B), and so does the fused backward (its dQ products read K from
-    shared memory)."""
+    (with 32-query steps at D=128 those products are m64n32: their A and B reads, 3 KB per 16 tensor-core clocks,
+    exceed the shared-memory port's 128 B per clock); 1, K held in registers (32 per thread at D=128, 16 at D=64);
+    2, K and V. The config's ``kv_regs`` for the call's mask (non-causal, causal), or ``TILEATTN_GLUON_BWD_KV_REGS``
+    for both. Calls with softcap, ALiBi or a window keep 0 (they spill with it: 48-168 B), and so does the fused
+    backward (its dQ products read K from shared memory)."""
     cfg = configs._GLUON_BWD.get(head_dim)
     val = configs.getenv("TILEATTN_GLUON_BWD_KV_REGS", "")
     if val not in ("", "0", "1", "2"):
         raise ValueError(f"TILEATTN_GLUON_BWD_KV_REGS must be 0, 1 or 2, got {val!r}")
-    n = int(val) if val else (cfg.kv_regs if cfg is not None else 0)
     if fused or p.softcap > 0 or p.alibi_slopes is not None or has_window(p):
         return 0
-    return n
+    if val:
+        return int(val)
+    return cfg.kv_regs[p.window_right == 0] if cfg is not None else 0
 
 
 def fused_applies(cfg) -> bool:

@@ -24,7 +24,6 @@ in shared memory (K and V), a sequence's last query rows stored by masked pointe
 import torch
 import triton
 
-from .. import configs
 from .gluon_common import AVAILABLE, has_window, make_desc, window_bounds
 from .launch import launch
 from .params import AttnParams
@@ -157,8 +156,7 @@ if AVAILABLE:
                      stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
                      lo, win_left, win_right, softcap, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
                      V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                     HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                     QDO_REGS: gl.constexpr = 0):
+                     HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr):
         """One warpgroup: rows [start_m + w * HALF_M, + HALF_M), key tiles lo .. lo + n - 1 (ring positions 0 ..
         n - 1). VARLEN: the key tile that
         crosses the sequence's end has its other rows (the next sequence's) zeroed in K and V before use (their P
@@ -185,24 +183,16 @@ if AVAILABLE:
         q2 = q_smem.index(w).reshape([HALF_M, HEAD_D])
         do2 = do_smem.index(w).reshape([HALF_M, HEAD_D])
         mbarrier.wait(q_bars.index(w), 0)
-        # the A operands of S = Q K^T and dP = dO V^T: shared memory, or registers loaded once (QDO_REGS 1: Q, 2: Q
-        # and dO)
-        q_a = q2
-        do_a = do2
-        if QDO_REGS >= 1:
-            q_a = q2.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-        if QDO_REGS >= 2:
-            do_a = do2.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
         if n > 0:
             mbarrier.wait(k_ready.index(0), 0)
             if VARLEN:
                 _zero_past_end(k_smem, 0, lo, seqlen_k)
-            s_tok = warpgroup_mma(q_a, k_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+            s_tok = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(0), 0)
             if VARLEN:
                 _zero_past_end(v_smem, 0, lo, seqlen_k)
-            dp_tok = warpgroup_mma(do_a, v_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+            dp_tok = warpgroup_mma(do2, v_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                    use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
             p, dtanh = _probs(s, lo, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, softcap, slope, BLOCK_N,
@@ -217,13 +207,13 @@ if AVAILABLE:
                 mbarrier.wait(k_ready.index(ks), (j // K_STAGES) & 1)
                 if VARLEN:
                     _zero_past_end(k_smem, ks, lo + j, seqlen_k)
-                s_tok = warpgroup_mma(q_a, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+                s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
                 dq_tok = warpgroup_mma(ds_op, k_smem.index(kp).reshape([BLOCK_N, HEAD_D]), dq, is_async=True)
                 mbarrier.wait(v_ready.index(vs), (j // V_STAGES) & 1)
                 if VARLEN:
                     _zero_past_end(v_smem, vs, lo + j, seqlen_k)
-                dp_tok = warpgroup_mma(do_a, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+                dp_tok = warpgroup_mma(do2, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                        use_acc=False, is_async=True)
                 s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok, ))
                 p, dtanh = _probs(s, lo + j, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, softcap, slope,
@@ -255,7 +245,7 @@ if AVAILABLE:
                    HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                    WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                    HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, QDO_REGS: gl.constexpr = 0):
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
         """Warp-specialised: two consumer warpgroups (64 query rows each) and a producer warp. VARLEN: packed (1,
         total, H, D) tensors, sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are
         then read per sequence (the arguments are the maxima); DQ: dq as a pointer (row and head strides
@@ -298,13 +288,13 @@ if AVAILABLE:
                             stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
                             stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, lo,
                             win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                            HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI, QDO_REGS)),
+                            HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI)),
             (_dq_consumer, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, alibi_b, q_smem, do_smem,
                             k_smem, v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale,
                             stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
                             stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, lo,
                             win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                            HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI, QDO_REGS)),
+                            HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI)),
             (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b_desc, h, hk,
                         start_m, lo, n, q_row0, k_row0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
@@ -341,21 +331,5 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
              HAS_ALIBI=p.alibi_slopes is not None,
              HAS_RESID=resid is not None, HAS_DLSE=dlse is not None, VARLEN=p.varlen,
              CONSUMER_REGS=cfg.consumer_regs,
-             PRODUCER_REGS=cfg.producer_regs, **({"QDO_REGS": n} if (n := qdo_regs(d, p)) else {})),
+             PRODUCER_REGS=cfg.producer_regs),
         4, 1, maxnreg=cfg.maxnreg)
-
-
-def qdo_regs(head_dim: int, p: AttnParams) -> int:
-    """The dQ kernel's QDO_REGS for a call: 0, Q and dO read from shared memory by every S / dP product (m64n64
-    at 64-key tiles: A and B reads 4 KB per 32 tensor-core clocks, the shared-memory port's 128 B per clock,
-    beside the K / V tiles' TMA writes); 1, Q held in registers (32 per thread at D=128); 2, Q and dO.
-    ``TILEATTN_GLUON_DQ_QDO_REGS`` over the config's ``dq_qdo_regs``; calls with softcap, ALiBi or a window keep
-    0."""
-    cfg = configs._GLUON_BWD.get(head_dim)
-    val = configs.getenv("TILEATTN_GLUON_DQ_QDO_REGS", "")
-    if val not in ("", "0", "1", "2"):
-        raise ValueError(f"TILEATTN_GLUON_DQ_QDO_REGS must be 0, 1 or 2, got {val!r}")
-    n = int(val) if val else (cfg.dq_qdo_regs if cfg is not None else 0)
-    if p.softcap > 0 or p.alibi_slopes is not None or has_window(p):
-        return 0
-    return n
