@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -102,6 +102,11 @@ for stage in "$@"; do
          timeout 100 python3 benchmarks/bwd_variants.py --head-dims 64 --profile --variants \
            "kv0=TILEATTN_GLUON_BWD_KV_REGS:0,kv1=TILEATTN_GLUON_BWD_KV_REGS:1,kv2=TILEATTN_GLUON_BWD_KV_REGS:2" 2>&1 | grep -v Warning \
            | tee "$OUT/s25_bwd_d64.log" ;;
+    s25b) # (~4 min before the grid) KV_REGS by default (D=128 non-causal, D=64 causal): the Gluon backward's and the
+          # fused form's GPU tests
+          timeout 230 python3 -m pytest tests/test_gluon_backward.py tests/test_fused_dq.py -q -n 14 -p no:cacheprovider \
+            -p no:benchmark -rf --durations=5 2>&1 | tee "$OUT/s25b_tests.log" | tail -12
+          [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;
     plan-suite) # the forward, backward, feature and API tests with launch plans on (the suite runs with them off:
                 # conftest) — each test's repeated calls replay plans
           TILEATTN_LAUNCH_PLANS=1 timeout 560 python3 -m pytest tests/test_forward.py tests/test_backward.py \
