@@ -25,8 +25,6 @@ by the TMA store. Parameters per head dim: ``configs.GluonForwardConfig``.
 """
 
 
-import os
-
 import torch
 import triton
 
@@ -43,14 +41,6 @@ if AVAILABLE:
     from .gluon_common import (SOFTCAP_FFMA, _tanh, epilogue, exp2_tile, feature_scores, item_bounds,
                                persistent_bounds, row_bounds, zero_rows_from)
     from .gluon_loads import _load_partition, _load_persistent
-
-    # TILEATTN_GLUON_FWD_Q_REGS=1 (read at import; session 24's v30a, an experiment): Q as the register A operand
-    # of every Q K^T (loaded once per item; the persistent grid at D <= 128 then releases Q's buffer right away)
-    # instead of read from shared memory by each product
-    _QR = os.environ.get("TILEATTN_GLUON_FWD_Q_REGS", "0")
-    if _QR not in ("0", "1"):
-        raise ValueError(f"TILEATTN_GLUON_FWD_Q_REGS must be 0 or 1, got {_QR!r}")
-    Q_REGS = gl.constexpr(_QR == "1")
 
     @gluon.jit
     def _softmax_tile(s, j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap, win_left,
@@ -172,12 +162,6 @@ if AVAILABLE:
         q_buf = q_smem.index(w)
         q2 = q_buf.reshape([HALF_M, HEAD_D])
         mbarrier.wait(q_bars.index(w), q_phase)
-        q_a = q2
-        if Q_REGS:
-            q_a = q2.load(gl.DotOperandLayout(operand_index=0, parent=s_layout, k_width=2))
-            if PERSISTENT and not Q_STAGE:  # Q's buffer is free for the next item's Q
-                gl.thread_barrier()
-                mbarrier.arrive(q_empty.index(w), count=1)
         if n > 0:
             # FlashAttention-3's order: QK^T of tile j runs while O is rescaled, and P_{j-1} V_{j-1} runs while
             # tile j's softmax runs; nothing is in flight across the loop's back edge (ptxas serialises every
@@ -185,7 +169,7 @@ if AVAILABLE:
             _turn_wait(turn, w, r0)
             ks = t0 % K_STAGES
             mbarrier.wait(k_ready.index(ks), (t0 // K_STAGES) & 1)
-            s_tok = warpgroup_mma(q_a, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+            s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)
             mbarrier.arrive(turn.index(1 - w), count=1)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
@@ -198,7 +182,7 @@ if AVAILABLE:
                 _turn_wait(turn, w, r0 + j)
                 ks = (t0 + j) % K_STAGES
                 mbarrier.wait(k_ready.index(ks), ((t0 + j) // K_STAGES) & 1)
-                s_tok = warpgroup_mma(q_a, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+                s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
                 o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t0 + j - 1,
                                   seqlen_k - (lo + j - 1) * BLOCK_N, VARLEN,
@@ -211,8 +195,8 @@ if AVAILABLE:
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
                 mbarrier.arrive(v_empty.index((t0 + j - 1) % V_STAGES), count=1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
-            if PERSISTENT and not Q_STAGE and not Q_REGS:  # every Q K^T of this item is done: the next item's Q
-                mbarrier.arrive(q_empty.index(w), count=1)  # may load
+            if PERSISTENT and not Q_STAGE:  # every Q K^T of this item is done: the next item's Q may load
+                mbarrier.arrive(q_empty.index(w), count=1)
             _turn_wait(turn, w, r0 + n)
             o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t0 + n - 1,
                               seqlen_k - (lo + n - 1) * BLOCK_N, VARLEN,
@@ -220,7 +204,7 @@ if AVAILABLE:
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
             mbarrier.arrive(v_empty.index((t0 + n - 1) % V_STAGES), count=1)
         elif PERSISTENT:  # no key tile: one empty ping-pong round, so that every item takes n + 1 rounds
-            if not Q_STAGE and not Q_REGS:
+            if not Q_STAGE:
                 mbarrier.arrive(q_empty.index(w), count=1)
             _turn_wait(turn, w, r0)
             mbarrier.arrive(turn.index(1 - w), count=1)
