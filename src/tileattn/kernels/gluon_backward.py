@@ -3,7 +3,8 @@ tile's K and V once, then the query steps' Q, dO, lse and delta into a shared-me
 mbarriers); two consumer warpgroups each own 64 of the tile's 128 keys and, per query step (``block_m`` rows: 32 at
 D=128, 64 at D=64), run
 
-    S^T = K Q^T,  dP^T = V dO^T  (asynchronous warpgroup MMAs, both A operands and Q / dO from shared memory)
+    S^T = K Q^T,  dP^T = V dO^T  (asynchronous warpgroup MMAs; Q / dO from shared memory, K / V from shared
+                                  memory or, KV_REGS, from registers loaded once: ``kv_regs``)
     P^T = exp2(S^T * qk_scale - lse),  dS^T = P^T (dP^T - delta)
     dV += P^T dO,  dK += dS^T Q  (P^T and dS^T as register A operands: no transposes)
 
