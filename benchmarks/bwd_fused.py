@@ -43,6 +43,27 @@ def kernel_us(fn, grads, calls=5):
     return per
 
 
+def backward_cell(d, s, causal):
+    """One grid cell's training backward, bf16 (flash-attn's grid: batch 16384 / s, heads 2048 / d): (ours, cud,
+    (q, k, v), (qt, kt, vt), flops) — tileattn's and SDPA cuDNN's backward as replayable calls (retain_graph), the
+    tensors whose grads each fills, and the backward's FLOPs by flash-attn's convention (2.5 x the forward)."""
+    h, b = 2048 // d, 16384 // s
+    q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True) for _ in range(3))
+    dout = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
+    flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
+    out = tileattn.attention(q, k, v, causal=causal)
+    qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
+    with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
+        ref = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
+
+    def ours():
+        out.backward(dout, retain_graph=True)
+
+    def cud():
+        ref.backward(dout.transpose(1, 2), retain_graph=True)
+    return ours, cud, (q, k, v), (qt, kt, vt), flops
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--seqlens", default="1024,4096,16384")
@@ -54,23 +75,8 @@ def main():
     args = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}: bf16 backward, µs per call (TFLOP/s reported), one process")
     for d, s in ((int(d), int(s)) for d in args.head_dims.split(",") for s in args.seqlens.split(",")):
-        h = 2048 // d
-        b = 16384 // s
         for causal in (False, True):
-            q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                       for _ in range(3))
-            dout = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
-            flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
-            out = tileattn.attention(q, k, v, causal=causal)
-
-            def ours():
-                out.backward(dout, retain_graph=True)
-            qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                ref = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-
-            def cud():
-                ref.backward(dout.transpose(1, 2), retain_graph=True)
+            ours, cud, (q, k, v), (qt, kt, vt), flops = backward_cell(d, s, causal)
             rows = {}
             variants = [("two-kernel", "0", "", "0"), ("fused", "1", "", "0")] + [
                 (f"slots {n}", "1", n, "0") for n in args.slots.split(",") if n]

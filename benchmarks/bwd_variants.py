@@ -12,12 +12,9 @@ import argparse
 import os
 
 import torch
-import torch.nn.functional as F
 import triton
-from torch.nn.attention import SDPBackend, sdpa_kernel
 
-import tileattn
-from bwd_fused import kernel_us
+from bwd_fused import backward_cell, kernel_us
 
 
 def parse_variants(spec):
@@ -42,22 +39,8 @@ def main():
     print(f"# {torch.cuda.get_device_name()}: bf16 backward, µs per call (best of {args.rounds} interleaved "
           f"do_bench medians), one process; variants {variants}")
     for d, s in ((int(d), int(s)) for d in args.head_dims.split(",") for s in args.seqlens.split(",")):
-        h, b = 2048 // d, 16384 // s
         for causal in (False, True):
-            q, k, v = (torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16, requires_grad=True)
-                       for _ in range(3))
-            dout = torch.randn(b, s, h, d, device="cuda", dtype=torch.bfloat16)
-            flops = 2.5 * 4 * b * h * s * s * d / (2 if causal else 1)
-            out = tileattn.attention(q, k, v, causal=causal)
-
-            def ours():
-                out.backward(dout, retain_graph=True)
-            qt, kt, vt = (x.detach().transpose(1, 2).requires_grad_() for x in (q, k, v))
-            with sdpa_kernel(SDPBackend.CUDNN_ATTENTION):
-                ref = F.scaled_dot_product_attention(qt, kt, vt, is_causal=causal)
-
-            def cud():
-                ref.backward(dout.transpose(1, 2), retain_graph=True)
+            ours, cud, (q, k, v), (qt, kt, vt), flops = backward_cell(d, s, causal)
             best = {}
             kern = {}
             for _ in range(args.rounds):
