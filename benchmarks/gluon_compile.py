@@ -18,6 +18,7 @@ import sys
 sys.path.insert(0, os.path.dirname(__file__))
 import compile_check as cc  # noqa: E402
 import sass_loops as sl  # noqa: E402
+import torch  # noqa: E402
 import triton  # noqa: E402
 from triton.backends.compiler import GPUTarget  # noqa: E402
 from triton.experimental.gluon import language as gl  # noqa: E402
@@ -69,11 +70,12 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
     return k
 
 
-class _Feat:
-    """The call features ``gluon_backward.kv_regs`` reads, for a compile without a call."""
-    def __init__(self, softcap, alibi, window, causal):
-        self.softcap, self.alibi_slopes = float(softcap), alibi or None
-        self.window_left, self.window_right = (5, 5) if window else (-1, 0 if causal else -1)
+def _call_params(softcap, alibi, window, causal):
+    """An ``AttnParams`` with the features a compile variant has (what a launch's scope checks read)."""
+    from tileattn.kernels.params import AttnParams
+    left, right = (5, 5) if window else (-1, 0 if causal else -1)
+    return AttnParams(batch=1, max_seqlen_q=1, max_seqlen_k=1, softmax_scale=1.0, window_left=left,
+                      window_right=right, softcap=float(softcap), alibi_slopes=torch.ones(1) if alibi else None)
 
 
 def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=False, softcap=False, alibi=False,
@@ -101,7 +103,8 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
                   VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, SPLIT=split, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg,
                   **(gb._fused_flags(d) if fused_dq else {}),  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
-                  KV_REGS=gb.kv_regs(d, _Feat(softcap, alibi, window, causal), fused_dq) if kv_regs is None else kv_regs)
+                  KV_REGS=(gb.kv_regs(d, _call_params(softcap, alibi, window, causal), fused_dq) if kv_regs is None
+                           else kv_regs))
     fn = gb._dkdv_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("DK", "DV")}

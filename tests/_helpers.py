@@ -385,6 +385,15 @@ def assert_compiles(variants, env_extra=None):
     assert not bad, f"{len(bad)} of {len(variants)} variants failed:\n" + "\n".join(bad)
 
 
+def fresh_grads(q, k, v, dout, **kw):
+    """(dq, dk, dv) of one backward through ``tileattn.attention(q, k, v, **kw)``, the inputs' .grad cleared first
+    (cloned: the next call overwrites them)."""
+    import tileattn
+    q.grad = k.grad = v.grad = None
+    tileattn.attention(q, k, v, **kw).backward(dout)
+    return q.grad.clone(), k.grad.clone(), v.grad.clone()
+
+
 def attn_params(q, k, causal=False, **kw):
     """Batched ``AttnParams`` for q (B, Sq, H, D) / k (B, Sk, Hkv, D) with the default scale (dispatch tests)."""
     from tileattn.kernels import params

@@ -10,9 +10,8 @@ CPU: the knob, the accumulator's layout, the conversion kernel (interpreted), an
 import pytest
 import torch
 
-import tileattn
-from _helpers import (HALF_DTYPES, HOPPER, attn_params, assert_compiles, check_attention, dtype_id, make_gen,
-                      make_qkv, ptxas_available, randn, seed_for)
+from _helpers import (HALF_DTYPES, HOPPER, attn_params, assert_compiles, check_attention, dtype_id, fresh_grads,
+                      make_gen, make_qkv, ptxas_available, randn, seed_for)
 from tileattn.kernels import fused_dq, gluon_backward, plans
 
 KNOB = "TILEATTN_GLUON_BWD_FUSED"
@@ -119,12 +118,6 @@ def test_accuracy(early, case, causal, d, dtype, monkeypatch):
     assert seen and all(seen), "the call did not take the fused backward"
 
 
-def _fresh_grads(q, k, v, dout, **kw):
-    q.grad = k.grad = v.grad = None
-    tileattn.attention(q, k, v, **kw).backward(dout)
-    return q.grad.clone(), k.grad.clone(), v.grad.clone()
-
-
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
@@ -141,9 +134,9 @@ def test_agrees_with_two_kernels(early, feat, d, monkeypatch):
     if kw.pop("alibi", False):
         kw["alibi_slopes"] = randn((8,), torch.float32, gen).abs() * 0.1
     dout = randn((2, 1500, 8, d), torch.bfloat16, gen)
-    want = _fresh_grads(q, k, v, dout, **kw)
+    want = fresh_grads(q, k, v, dout, **kw)
     seen = _record_fused(monkeypatch, early)
-    got = _fresh_grads(q, k, v, dout, **kw)
+    got = fresh_grads(q, k, v, dout, **kw)
     fused = d == 128 or not ({"softcap", "alibi"} & set(feat))
     assert seen and all(f == fused for f in seen)
     assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]), "dk / dv differ from the two-kernel path"
@@ -182,13 +175,13 @@ def test_launch_plans_replay_it(monkeypatch):
     q, k, v, gen = make_qkv(2, 1024, 1024, 8, 2, 128, torch.bfloat16, seed_for("fused-plans"), requires_grad=True)
     dout = randn((2, 1024, 8, 128), torch.bfloat16, gen)
     for _ in range(3):  # the two-kernel form's plan, made and replayed
-        _fresh_grads(q, k, v, dout, causal=True)
+        fresh_grads(q, k, v, dout, causal=True)
     seen = _record_fused(monkeypatch)
-    first = _fresh_grads(q, k, v, dout, causal=True)
+    first = fresh_grads(q, k, v, dout, causal=True)
     assert seen and all(seen), "the two-kernel plan was replayed with the fused backward asked for"
-    _fresh_grads(q, k, v, dout, causal=True)  # records the plans
+    fresh_grads(q, k, v, dout, causal=True)  # records the plans
     replays = plans.stats["replays"]
-    again = _fresh_grads(q, k, v, dout, causal=True)
+    again = fresh_grads(q, k, v, dout, causal=True)
     assert plans.stats["replays"] == replays + 2, "forward and backward should both replay"
     assert seen and all(seen)
     assert torch.equal(again[1], first[1]) and torch.equal(again[2], first[2])
