@@ -413,8 +413,9 @@ def test_tma_contiguous_cache(monkeypatch, dtype, case):
 
 def test_decode_config_table(monkeypatch):
     """configs.decode_config off the interpreter: contiguous 32-key tiles with 3 stages, 64 with 3 from
-    TILEATTN_DECODE_LONG_SPLITS splits (default 16, 0 off), paged 64 with 2, paged through descriptors 64 with 3,
-    D=256 32 with 2; bad values refused; TILEATTN_DECODE_CONFIG overrides all. Host-only."""
+    TILEATTN_DECODE_LONG_SPLITS splits (default 16, 0 off), paged 64 with 2 (3 from that split count), paged
+    through descriptors 64 with 3, D=256 32 with 2; bad values refused; TILEATTN_DECODE_CONFIG overrides all.
+    Host-only."""
     from tileattn import configs
     monkeypatch.setattr(configs, "_interpreting", lambda: False)
     monkeypatch.delenv("TILEATTN_DECODE_CONFIG", raising=False)
@@ -425,7 +426,8 @@ def test_decode_config_table(monkeypatch):
         == (64, 3)
     assert shape(configs.decode_config(128, paged=True)) == (64, 2)
     assert shape(configs.decode_config(128, paged=True, paged_tma=True)) == (64, 3)
-    assert shape(configs.decode_config(128, paged=True, splits=33)) == (64, 2)  # paged: unchanged
+    assert shape(configs.decode_config(128, paged=True, splits=15)) == (64, 2)
+    assert shape(configs.decode_config(128, paged=True, splits=33)) == (64, 3)  # long-split paged: 3 stages
     assert shape(configs.decode_config(256, splits=64)) == (32, 2)
     monkeypatch.setenv("TILEATTN_DECODE_LONG_SPLITS", "40")
     assert shape(configs.decode_config(128, splits=33)) == (32, 3)
@@ -438,6 +440,27 @@ def test_decode_config_table(monkeypatch):
             configs.decode_config(128, splits=4)
     monkeypatch.setenv("TILEATTN_DECODE_CONFIG", "16,4,1,2")
     assert shape(configs.decode_config(128, splits=33)) == (16, 1)
+
+
+def test_default_splits(monkeypatch):
+    """decode._default_splits on a 132-SM GPU: programs_per_sm (2) programs per SM, at least 512 keys a split, at
+    most 256; paged calls with a long count (>= 16) twice as many (TILEATTN_DECODE_PAGED_SPLITS, 1 off). Host-only."""
+    from tileattn import configs, decode
+    monkeypatch.setattr(configs, "_interpreting", lambda: False)
+    monkeypatch.setattr(configs, "sm_count", lambda device: 132)
+    for name in ("TILEATTN_DECODE_CONFIG", "TILEATTN_DECODE_LONG_SPLITS", "TILEATTN_DECODE_PAGED_SPLITS"):
+        monkeypatch.delenv(name, raising=False)
+    cuda = torch.device("cuda")
+    splits = lambda b, h, n, paged=False: decode._default_splits(b, h, n, cuda, 128, paged)  # noqa: E731
+    assert splits(8, 8, 65536) == 5 and splits(8, 8, 65536, True) == 5  # 5 < 16: paged unchanged
+    assert splits(1, 8, 131072) == 33 and splits(1, 8, 131072, True) == 66
+    assert splits(1, 8, 4096) == 8 and splits(1, 8, 4096, True) == 8  # 512 keys a split at least
+    assert splits(1, 1, 1 << 20) == 256  # at most 256
+    monkeypatch.setenv("TILEATTN_DECODE_PAGED_SPLITS", "1")
+    assert splits(1, 8, 131072, True) == 33
+    monkeypatch.setenv("TILEATTN_DECODE_PAGED_SPLITS", "0")
+    with pytest.raises(ValueError, match="TILEATTN_DECODE_PAGED_SPLITS"):
+        splits(1, 8, 131072, True)
 
 
 PAGED_TMA_CASES = {"p64": dict(page=64),

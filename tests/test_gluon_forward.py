@@ -171,19 +171,24 @@ def test_features_take_gluon_by_default(spy):
 
 
 ALIBI_CASES = [("head", False, ()), ("batch", True, ()), ("batch", False, ("softcap", "sink")),
-               ("head", True, ("window",))]
+               ("head", True, ("window",)), ("head", False, ("long",)), ("batch", False, ("general",)),
+               ("head", True, ("general",))]
 
 
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("kind,causal,extra", ALIBI_CASES, ids=["-".join((k, str(c)) + e) for k, c, e in ALIBI_CASES])
-def test_alibi(kind, causal, extra, dtype, spy):
+def test_alibi(kind, causal, extra, dtype, spy, monkeypatch):
     """ALiBi in the Gluon forward (and backward): slopes (H,) (the standard geometric ones) or random (B, H), with
     causal, softcap, sink and a window; Sq != Sk (bottom-right aligned distances), GQA; out, lse and gradients
-    against the float64 reference."""
+    against the float64 reference. "long": 9000 keys, so that the one-sided tiles' row terms (slope times
+    distances up to ~9000, ``gluon_common.alibi_scores``) are large; "general": the general form on the
+    persistent grid (``TILEATTN_GLUON_ALIBI=general``) instead of the linear one on the plain grid."""
+    if "general" in extra:
+        monkeypatch.setenv("TILEATTN_GLUON_ALIBI", "general")
     import test_features
-    B, Sq, Sk, Hq, Hkv, D = 2, 333, 777, 4, 2, 128
+    B, Sq, Sk, Hq, Hkv, D = (1, 200, 9000, 8, 2, 128) if "long" in extra else (2, 333, 777, 4, 2, 128)
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("gluon-alibi", kind, causal, extra),
                             requires_grad=True)
     kw = dict(causal=causal, alibi_slopes=test_features._alibi(kind, B, Hq, gen))
@@ -445,6 +450,15 @@ def test_schedule_table(monkeypatch):
     assert schedule(configs._GLUON_FWD[256], 256, False, False) == (True, False, False)  # v25a, run 131
     assert schedule(configs._GLUON_FWD[256], 256, True, False, True) == (True, False, True)  # causal: the list
     assert schedule(configs._GLUON_FWD[256], 256, True, False) == (False, False, False)  # one-sided window: grid
+    assert schedule(cfg, 128, False, False, False, True) == (False, False, False)  # linear ALiBi: the plain grid
+    assert schedule(cfg, 128, False, True, False, True) == (False, False, False)
+    assert configs.gluon_alibi_linear()
+    monkeypatch.setenv("TILEATTN_GLUON_ALIBI", "general")
+    assert not configs.gluon_alibi_linear()
+    monkeypatch.setenv("TILEATTN_GLUON_ALIBI", "yes")
+    with pytest.raises(ValueError, match="TILEATTN_GLUON_ALIBI"):
+        configs.gluon_alibi_linear()
+    monkeypatch.delenv("TILEATTN_GLUON_ALIBI")
     set_schedule(monkeypatch, "1", "0")
     assert schedule(cfg, 128, False, True) == (False, True, False)
     set_schedule(monkeypatch, "1", "1")
@@ -489,6 +503,15 @@ def test_default_schedule_reaches_the_launch(spy, monkeypatch):
     tileattn.flash_attn_varlen_func(qv, qv, qv, cu, cu, max(lens), max(lens))
     grid, kw = seen[-1]
     assert kw["PERSISTENT"] and kw["USE_MAP"] and kw["num_items"] == sum(-(-n // 128) for n in lens) * 8
+    slopes = torch.full((16,), 0.1, device="cuda")
+    tileattn.attention(q, q, q, alibi_slopes=slopes)
+    tileattn.attention(q, q, q, causal=True, alibi_slopes=slopes)
+    (ga, kwa), (gc, kwc) = seen[-2:]
+    assert kwa["HAS_ALIBI"] == 2 and not kwa["PERSISTENT"] and ga[0] == 16 * 2 * 16, "ALiBi: linear, plain grid"
+    assert kwc["HAS_ALIBI"] == 2 and not kwc["PERSISTENT"] and not kwc["USE_MAP"], "causal ALiBi: the plain grid"
+    monkeypatch.setenv("TILEATTN_GLUON_ALIBI", "general")
+    tileattn.attention(q, q, q, alibi_slopes=slopes)
+    assert seen[-1][1]["HAS_ALIBI"] == 1 and seen[-1][1]["PERSISTENT"], "the general form: persistent"
 
 
 VARLEN_FEATS = {"plain": {}, "causal": dict(causal=True), "causal+sink": dict(causal=True, sink=True),

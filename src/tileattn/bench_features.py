@@ -47,7 +47,7 @@ def _fwd_bwd_ms(call, inputs):
     return t_fwd, t_bwd
 
 
-CASES = ("dense", "causal", "window", "softcap", "alibi", "sink", "varlen", "varlen_equal")
+CASES = ("dense", "causal", "window", "softcap", "alibi", "alibi_causal", "sink", "varlen", "varlen_equal")
 
 
 def run(seqlens, head_dim, dtype, out_dir, window, cases_wanted=CASES):
@@ -74,6 +74,8 @@ def run(seqlens, head_dim, dtype, out_dir, window, cases_wanted=CASES):
         cases.append(("softcap", lambda: tileattn.attention(q, k, v, softcap=30.0), dense_pairs, (q, k, v)))
         slopes = torch.rand(heads, device=dev, dtype=torch.float32) * 0.1
         cases.append(("alibi", lambda: tileattn.attention(q, k, v, alibi_slopes=slopes), dense_pairs, (q, k, v)))
+        cases.append(("alibi_causal", lambda: tileattn.attention(q, k, v, causal=True, alibi_slopes=slopes),
+                      batch * heads * _visible_pairs_window(s, -1, 0), (q, k, v)))
         sink = torch.randn(heads, device=dev, dtype=torch.float32, requires_grad=True)
         cases.append(("sink", lambda: tileattn.attention(q, k, v, sink=sink), dense_pairs, (q, k, v, sink)))
         cu_eq = torch.arange(0, (batch + 1) * s, s, dtype=torch.int32, device=dev)

@@ -415,8 +415,9 @@ def decode_config(head_dim: int, paged: bool = False, paged_tma: bool = False, s
     dims <= 128: 64-key tiles, 3 stages — one block-table entry per tile, which the pipeline carries well (H200,
     page 256, CUDA-graph µs against the gather form, run 103 / run 108: 8x64k 532 / 533 vs 561 / 562, 64x4k 246 /
     246 vs 248 / 247, B=1 131k 142 / 142 vs 170 / 169, 16x16k 255 / 254 vs 263 / 263; with 2 stages 64x4k read 327).
-    D=256: 32-key tiles, 2 stages (not measured). Contiguous caches, head dims <= 128, calls with ``splits`` >=
-    ``TILEATTN_DECODE_LONG_SPLITS`` (default 16; 0 turns it off) take 64-key tiles with 3 stages (H200, CUDA-graph
+    D=256: 32-key tiles, 2 stages (not measured). Calls with ``splits`` >= ``decode_long_splits()`` (default 16)
+    take 3 stages (paged, gather form: ``decode_paged_split_factor``) and, contiguous, head dims <= 128, 64-key
+    tiles (H200, CUDA-graph
     µs, B=1 131k with 33 splits: run 103 126.5 vs 130.9, cuDNN 126.4; run 108 126.9 vs 131.4, cuDNN 125.9. That
     config on every call lost elsewhere in run 103: 8x64k, 5 splits, 522 vs 504, 16x16k 250 vs 247, 64x4k, one
     split, 277 vs 245)."""
@@ -427,14 +428,33 @@ def decode_config(head_dim: int, paged: bool = False, paged_tma: bool = False, s
         return DecodeConfig(32, 4, 1, 2)
     if padded_head_dim(head_dim) >= 256:
         return DecodeConfig(32, 4, 2, 2)
+    long = decode_long_splits()
     if paged:
-        return DecodeConfig(64, 4, 3 if paged_tma else 2, 2)
+        return DecodeConfig(64, 4, 3 if paged_tma or (long and splits >= long) else 2, 2)
+    if long and splits >= long:
+        return DecodeConfig(64, 4, 3, 2)
+    return DecodeConfig(32, 4, 3, 2)
+
+
+def decode_long_splits() -> int:
+    """The split count from which a decode call counts as long-split (``decode_config``; 0: never):
+    ``TILEATTN_DECODE_LONG_SPLITS``, default 16."""
     long_splits = getenv("TILEATTN_DECODE_LONG_SPLITS", "16")
     if not long_splits.isdigit():
         raise ValueError(f"TILEATTN_DECODE_LONG_SPLITS must be a split count (0: off), got {long_splits!r}")
-    if int(long_splits) and splits >= int(long_splits):
-        return DecodeConfig(64, 4, 3, 2)
-    return DecodeConfig(32, 4, 3, 2)
+    return int(long_splits)
+
+
+def decode_paged_split_factor() -> int:
+    """Paged decode calls whose default split count is long (``decode_long_splits``: few batch rows and KV heads
+    for the SMs) take this many times as many splits, and their gather form 3 stages (``decode_config``). H200,
+    run 143 (B=1, Hkv=8, 131k keys, CUDA-graph µs, 33 -> 66 splits): page 16 173.1 -> 135.8, page 256 141.5 ->
+    131.4 (cuDNN on the contiguous cache 126.0); the contiguous cache lost with 66 (127.8 -> 146.8), so it keeps
+    its count. ``TILEATTN_DECODE_PAGED_SPLITS=N`` (1: off)."""
+    value = getenv("TILEATTN_DECODE_PAGED_SPLITS", "2")
+    if not value.isdigit() or int(value) < 1:
+        raise ValueError(f"TILEATTN_DECODE_PAGED_SPLITS must be an int >= 1, got {value!r}")
+    return int(value)
 
 
 def decode_fused_combine() -> bool:
@@ -552,7 +572,7 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
 
 
 def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool, varlen: bool,
-                           causal_list: bool = False):
+                           causal_list: bool = False, alibi_linear: bool = False):
     """(persistent, work_list, needs_list) for a Gluon forward call: a persistent grid (one program per
     multiprocessor walking the tiles; D <= 128 stages its outputs in their own buffers, D=256 in Q's: v25a, by
     default since session 23, run 131: 1.04-1.07x the plain grid at 512-1k, 1.01-1.05x at 2k) where the entry says
@@ -566,16 +586,31 @@ def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool,
     grid (run 78). With ``needs_list``, a call whose list cannot be built (varlen: no host copy of cu_seqlens, e.g.
     in a compiled graph; causal: a CUDA graph capturing a shape not seen before, or more items than the list
     takes) takes the plain grid instead. ``TILEATTN_GLUON_PERSISTENT`` and ``TILEATTN_VARLEN_TILEMAP`` (0 or 1)
-    force either one (a forced persistent grid runs with or without a list)."""
+    force either one (a forced persistent grid runs with or without a list). ``alibi_linear``
+    (``gluon_alibi_linear``): the plain grid unless forced."""
     forced = getenv("TILEATTN_GLUON_PERSISTENT", "")
     if forced not in ("", "0", "1"):
         raise ValueError(f"TILEATTN_GLUON_PERSISTENT must be 0 or 1 (or unset), got {forced!r}")
-    persistent = forced == "1" if forced else cfg.persistent and (not uneven or causal_list)
+    persistent = forced == "1" if forced else cfg.persistent and (not uneven or causal_list) and not alibi_linear
     tiles = getenv("TILEATTN_VARLEN_TILEMAP", "")
     if tiles not in ("", "0", "1"):
         raise ValueError(f"TILEATTN_VARLEN_TILEMAP must be 0 or 1 (or unset), got {tiles!r}")
     work_list = varlen and (tiles == "1" if tiles else persistent)
     return persistent, work_list, (work_list or causal_list) and persistent and forced != "1"
+
+
+def gluon_alibi_linear() -> bool:
+    """Whether Gluon forward calls with ALiBi take the linear form (``gluon_common.alibi_scores``: on key tiles
+    that lie on one side of a warpgroup's rows, -slope * |q - k| is a column term, one FFMA per score with the
+    scale, plus a row term folded into the max) on the plain grid, instead of the general form (|q - k| per
+    score: ~3.5 more instructions per score than plain attention, ~1.3 with the linear form; sm_90a SASS, D=128)
+    on the persistent grid. The linear form holds the column term in registers (32 per thread) that the
+    persistent kernels lack (ptxas: 156-212 B spills against 4-16), so it runs on the plain grid.
+    ``TILEATTN_GLUON_ALIBI=linear|general``."""
+    value = getenv("TILEATTN_GLUON_ALIBI", "linear")
+    if value not in ("linear", "general"):
+        raise ValueError(f"TILEATTN_GLUON_ALIBI must be linear or general, got {value!r}")
+    return value == "linear"
 
 
 def causal_work_list_on() -> bool:

@@ -16,13 +16,17 @@ from .api import (_as_int, _INTERPRETING, SUPPORTED_DTYPES, check_block_table, c
 from .kernels.decode import decode_forward
 
 
-def _default_splits(batch, kv_heads, max_len, device, head_dim) -> int:
+def _default_splits(batch, kv_heads, max_len, device, head_dim, paged=False) -> int:
     """Enough (split, batch, kv_head) programs to fill every SM ``programs_per_sm`` times (configs.decode_config),
-    each split with at least 512 cache positions."""
+    each split with at least 512 cache positions; paged calls with a long split count
+    (``configs.decode_long_splits``) ``configs.decode_paged_split_factor()`` times that."""
     if device.type != "cuda":
         return max(1, min(4, max_len // 64))
     sms = configs.sm_count(device)
     want = math.ceil(configs.decode_config(head_dim).programs_per_sm * sms / max(1, batch * kv_heads))
+    long = configs.decode_long_splits()
+    if paged and long and want >= long:
+        want *= configs.decode_paged_split_factor()
     return max(1, min(want, max_len // 512, 256))
 
 
@@ -204,7 +208,7 @@ def flash_attn_with_kvcache(q, k_cache, v_cache, k=None, v=None, rotary_cos=None
             v_cache[rows, pos] = v.to(v_cache.dtype)
     seqlens_k = cache_seqlens + new if new else cache_seqlens  # int32
     splits = num_splits or _default_splits(batch, kv_heads, attend_len, q.device,
-                                           max(q.shape[-1], v_cache.shape[-1]))
+                                           max(q.shape[-1], v_cache.shape[-1]), paged)
     out, lse = decode_forward(q, k_cache, v_cache, seqlens_k, softmax_scale=softmax_scale, window=window,
                               softcap=softcap, alibi_slopes=alibi_slopes,
                               sink=sink.float().contiguous() if sink is not None else None,

@@ -225,6 +225,40 @@ if AVAILABLE:
         return sc, t
 
     @gluon.jit
+    def alibi_scores(s, j, row0, rows, cols, diag, qk_scale, softcap, slope, HAS_SOFTCAP: gl.constexpr,
+                     IS_BF16: gl.constexpr):
+        """Key tile j's raw q.k products s [HALF_M, BLOCK_N] (rows ``rows`` = row0 .. row0 + HALF_M - 1, columns
+        ``cols`` = 0 .. BLOCK_N - 1) -> (y, rho) with score = y + rho[:, None] in log2 units: the base score
+        (softcap * tanh(s * qk_scale), softcap pre-multiplied by log2 e, or s * qk_scale) minus
+        slope * |row + diag - key| (slope in log2 units). On a tile whose keys all lie at or before every row's
+        position (or all at or after), |q - k| is linear: -slope * |q - k| = +-slope * c + rho with c the key's
+        column in the tile and rho = +-slope * (k0 - q) per row (k0 = j * BLOCK_N), so y costs one FFMA per score
+        (slope * c is the same for every tile) and the row term joins the softmax's max instead of every score;
+        rho is exact-integer k0 - q times slope, rounded once, as slope * |q - k| is in the general form, which
+        the tiles that straddle the rows' positions keep (rho = 0)."""
+        HALF_M: gl.constexpr = s.shape[0]
+        BLOCK_N: gl.constexpr = s.shape[1]
+        x = s
+        scale = qk_scale
+        if HAS_SOFTCAP:
+            x = _tanh(s * qk_scale, IS_BF16)
+            scale = softcap
+        k0 = j * BLOCK_N
+        q_pos = rows + diag
+        col_term = slope * cols.to(gl.float32)
+        rho = slope * (k0 - q_pos).to(gl.float32)
+        # each branch scales x itself, so that the scale and the column term contract to one FFMA
+        if k0 + BLOCK_N - 1 <= row0 + diag:  # every key at or before every row: slope * (k - q)
+            y = x * scale + col_term[None, :]
+        elif k0 >= row0 + HALF_M - 1 + diag:  # every key at or after every row: slope * (q - k)
+            y = x * scale - col_term[None, :]
+            rho = -rho
+        else:
+            y = x * scale - slope * gl.abs(q_pos.to(gl.float32)[:, None] - (k0 + cols).to(gl.float32)[None, :])
+            rho = gl.zeros_like(rho)
+        return y, rho
+
+    @gluon.jit
     def program_tile(pid, num_m_tiles, q_heads, LONGEST_FIRST: gl.constexpr):
         """(b, h, tile) of program pid in a grid of num_m_tiles query tiles per (batch, head), heads inner; with
         LONGEST_FIRST (causal / window) the tiles of each (batch, head) run last to first."""

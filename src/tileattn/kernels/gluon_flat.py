@@ -46,8 +46,8 @@ if AVAILABLE:
 
     @gluon.jit
     def _item_rounds(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, w: gl.constexpr, it, t, n, lo,
-                     acc, alpha, p_op, m_i, l_i, rows, cols, diag, n_full, full_lo, sk, qk_scale, softcap, win_left,
-                     win_right, slope, s_zero, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
+                     acc, alpha, p_op, m_i, l_i, rows, row0, cols, diag, n_full, full_lo, sk, qk_scale, softcap,
+                     win_left, win_right, slope, s_zero, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                      VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr):
         """Rounds t + 1 .. t + n - 1 of the it-th item (key tiles at ring positions t .. t + n - 1): Q K^T_j beside
         P_{j-1} V_{j-1}, as gluon_forward._consumer's loop. Returns (acc, alpha, p_op, m_i, l_i) after tile
@@ -63,7 +63,7 @@ if AVAILABLE:
                                   sk - (lo + j - 1) * k_smem.shape[2], VARLEN, HAS_SOFTCAP != 2)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index((t + j) % k_smem.shape[0]), count=1)
-            p, alpha, m_i, l_i = fwd._softmax_tile(s, lo + j, full_lo, n_full, m_i, l_i, rows, cols, diag, sk,
+            p, alpha, m_i, l_i = fwd._softmax_tile(s, lo + j, full_lo, n_full, m_i, l_i, rows, row0, cols, diag, sk,
                                                    qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
                                                    HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
@@ -109,14 +109,15 @@ if AVAILABLE:
             it, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k,
             win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, HAS_ALIBI,
             USE_MAP)
-        p, alpha, m_i, l_i = fwd._softmax_tile(s, lo, full_lo, n_full, m_start, l_start, rows, cols, diag, sk,
+        row0 = start_m + w * HALF_M
+        p, alpha, m_i, l_i = fwd._softmax_tile(s, lo, full_lo, n_full, m_start, l_start, rows, row0, cols, diag, sk,
                                                qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
                                                HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
         acc, alpha, p_op, m_i, l_i = _item_rounds(
             q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, w, it, t, n, lo,
             gl.zeros([HALF_M, HEAD_D], gl.float32, layout=o_layout), alpha, gl.convert_layout(p.to(dtype), p_layout),
-            m_i, l_i, rows, cols, diag, n_full, full_lo, sk, qk_scale, softcap, win_left, win_right, slope, s_zero,
-            CAUSAL, WINDOW, HAS_SOFTCAP, VARLEN, HAS_ALIBI)
+            m_i, l_i, rows, row0, cols, diag, n_full, full_lo, sk, qk_scale, softcap, win_left, win_right, slope,
+            s_zero, CAUSAL, WINDOW, HAS_SOFTCAP, VARLEN, HAS_ALIBI)
         return b, h, start_m, q_row0, sq, sk, b_desc, lo, n, rows, acc, alpha, p_op, m_i, l_i
 
     @gluon.jit

@@ -38,12 +38,12 @@ if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from .gluon_common import (SOFTCAP_FFMA, _tanh, epilogue, exp2_tile, feature_scores, item_bounds,
+    from .gluon_common import (SOFTCAP_FFMA, _tanh, alibi_scores, epilogue, exp2_tile, feature_scores, item_bounds,
                                persistent_bounds, row_bounds, zero_rows_from)
     from .gluon_loads import _load_partition, _load_persistent
 
     @gluon.jit
-    def _softmax_tile(s, j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale, softcap, win_left,
+    def _softmax_tile(s, j, full_lo, n_full, m_i, l_i, rows, row0, cols, diag, seqlen_k, qk_scale, softcap, win_left,
                       win_right, slope, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                       IS_BF16: gl.constexpr, HAS_ALIBI: gl.constexpr):
         """Online-softmax step for key tile j: mask it when it is outside the full tiles [full_lo, n_full) (full_lo
@@ -51,12 +51,15 @@ if AVAILABLE:
         that have seen no key keep m = -inf. With a softcap the scores become softcap * tanh(q.k * qk_scale)
         (softcap pre-multiplied by log2 e); with a window, row r sees keys [r + diag - win_left, r + diag +
         win_right]; ALiBi subtracts slope * |r + diag - key| (slope in log2 units; positions as fp32, exact below
-        2^24), on every tile. HAS_SOFTCAP == 2 (the fold, no ALiBi, bf16, softcap <= 50; the default, NOTES v20c): the
-        max stays 0, as softcap * t <= softcap bounds every score: p = exp2(softcap * t) in [2^-c, 2^c] (c = softcap
+        2^24), on every tile; HAS_ALIBI == 2 (the linear form, plain grid): ``alibi_scores``, a row term rho joins
+        the max where a tile lies on one side of every row's position (rows = row0 .. row0 + HALF_M - 1). HAS_SOFTCAP == 2 (the fold, no ALiBi, bf16, softcap
+        <= 50; the default, NOTES v20c): the max stays 0, as softcap * t <= softcap bounds every score: p = exp2(softcap * t) in [2^-c, 2^c] (c = softcap
         * log2 e <= 72.2), no row max and alpha = 1 (the caller skips O's rescale)."""
         scale = qk_scale  # what s is multiplied by inside the exp2 (FFMA with the max), unless s is in log2 units
         LOG2_UNITS: gl.constexpr = HAS_ALIBI or (HAS_SOFTCAP and not SOFTCAP_FFMA)
-        if LOG2_UNITS:
+        if HAS_ALIBI == 2:  # the linear form (configs.gluon_alibi_linear)
+            s, rho = alibi_scores(s, j, row0, rows, cols, diag, qk_scale, softcap, slope, HAS_SOFTCAP, IS_BF16)
+        elif LOG2_UNITS:
             s, _ = feature_scores(s, qk_scale, softcap, slope, (rows + diag).to(gl.float32)[:, None],
                                   (j * s.shape[1] + cols).to(gl.float32)[None, :], HAS_SOFTCAP, HAS_ALIBI, IS_BF16)
         elif HAS_SOFTCAP:  # SOFTCAP_FFMA: s = tanh(...), softcap the scale, so softcap * t joins the exp2's FFMA
@@ -80,13 +83,17 @@ if AVAILABLE:
             p = exp2_tile(s * scale)
             l_new = l_i + gl.sum(p, axis=1)
         else:
-            if LOG2_UNITS:
+            if HAS_ALIBI == 2:  # scores are s + rho
+                m_new = gl.maximum(m_i, gl.max(s, axis=1) + rho)
+            elif LOG2_UNITS:
                 m_new = gl.maximum(m_i, gl.max(s, axis=1))
             else:  # scale > 0: max(s) * scale = max(s * scale)
                 m_new = gl.maximum(m_i, gl.max(s, axis=1) * scale)
             m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
             alpha = gl.exp2(m_i - m_use)
-            if LOG2_UNITS:
+            if HAS_ALIBI == 2:
+                x = s - (m_use - rho)[:, None]
+            elif LOG2_UNITS:
                 x = s - m_use[:, None]
             else:
                 x = s * scale - m_use[:, None]
@@ -174,9 +181,9 @@ if AVAILABLE:
             mbarrier.arrive(turn.index(1 - w), count=1)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(ks), count=1)
-            p, alpha, m_i, l_i = _softmax_tile(s, lo, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k, qk_scale,
-                                               softcap, win_left, win_right, slope, CAUSAL, WINDOW, HAS_SOFTCAP,
-                                               dtype == gl.bfloat16, HAS_ALIBI)
+            p, alpha, m_i, l_i = _softmax_tile(s, lo, full_lo, n_full, m_i, l_i, rows, row0, cols, diag, seqlen_k,
+                                               qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
+                                               HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             for j in range(1, n):
                 _turn_wait(turn, w, r0 + j)
@@ -189,8 +196,8 @@ if AVAILABLE:
                                   HAS_SOFTCAP != 2)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
                 mbarrier.arrive(k_empty.index(ks), count=1)
-                p, alpha, m_i, l_i = _softmax_tile(s, lo + j, full_lo, n_full, m_i, l_i, rows, cols, diag, seqlen_k,
-                                                   qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
+                p, alpha, m_i, l_i = _softmax_tile(s, lo + j, full_lo, n_full, m_i, l_i, rows, row0, cols, diag,
+                                                   seqlen_k, qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
                                                    HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
                 mbarrier.arrive(v_empty.index((t0 + j - 1) % V_STAGES), count=1)
@@ -447,8 +454,10 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     # tiles of unequal length: causal, or a window open on one side (rows see up to a diagonal); a window bounded
     # on both sides (incl. (w, 0)) gives every tile but the edge ones the same number of keys
     uneven = causal or (window and (p.window_left < 0 or p.window_right < 0))
-    causal_list = causal and not p.varlen and configs.causal_work_list_on()
-    persistent, work_list, needs_list = configs.gluon_forward_schedule(cfg, d, uneven, p.varlen, causal_list)
+    alibi_linear = p.alibi_slopes is not None and configs.gluon_alibi_linear()
+    causal_list = causal and not p.varlen and not alibi_linear and configs.causal_work_list_on()
+    persistent, work_list, needs_list = configs.gluon_forward_schedule(cfg, d, uneven, p.varlen, causal_list,
+                                                                       alibi_linear)
     nprog = configs.sm_count(q.device) if persistent else 0  # the persistent grid's programs (at most)
     tiles = tile_map(cu_q, cu_k, 2 * half, causal, q_heads, nprog) if work_list else None
     if persistent and causal_list:
@@ -481,7 +490,8 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
              CAUSAL=causal, WINDOW=window,
              STORE_RESID=residual, HAS_SOFTCAP=2 if softcap_fixed_max(p, q.dtype, d) else p.softcap > 0,
              HAS_SINK=p.sink is not None, VARLEN=p.varlen,
-             HAS_ALIBI=p.alibi_slopes is not None, USE_MAP=tiles is not None,
+             HAS_ALIBI=(2 if alibi_linear and not persistent else 1) if p.alibi_slopes is not None else 0,
+             USE_MAP=tiles is not None,
              CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, PERSISTENT=persistent,
              num_items=num_items, **({"FLAT": True} if flat else {})),
         4, 3, maxnreg=cfg.maxnreg)
