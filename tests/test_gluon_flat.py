@@ -46,9 +46,11 @@ FLAT_CASES = [(2, 2100, 2100, 16, 8, 128, {}), (1, 1000, 1000, 8, 8, 128, {}),
 @pytest.mark.parametrize("case", FLAT_CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "-".join(c[6]))
 def test_flat_matches_grid(case, dtype, monkeypatch):
     """TILEATTN_GLUON_FLAT=1 with the persistent grid forced: out and lse bit-identical to the plain grid's, and
-    within the accuracy rule (out, lse, gradients) against the float64 reference."""
+    within the accuracy rule (out, lse, gradients) against the float64 reference. ALiBi in its general form on
+    both (the plain grid's default linear form rounds differently)."""
     B, Sq, Sk, Hq, Hkv, d, feat = case
     seen = _launches(monkeypatch)
+    monkeypatch.setenv("TILEATTN_GLUON_ALIBI", "general")
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon-flat", case[:6], dtype), requires_grad=True)
     kw = feature_kwargs(feat, Hq, gen)
     monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "0")
@@ -105,12 +107,14 @@ VARLEN_FLAT = [("full", {}), ("causal", dict(causal=True)), ("window+sink", dict
 def test_flat_varlen_matches_grid(name, feat, d, monkeypatch):
     """Packed varlen calls on the persistent work list with the flat pipeline (every sequence with rows has at
     least as many keys as queries; an empty sequence among them): out and lse bit-identical to the plain grid
-    over the longest sequence, and within the accuracy rule against the float64 reference per sequence."""
+    over the longest sequence, and within the accuracy rule against the float64 reference per sequence. ALiBi
+    in its general form on both."""
     from _flash_helpers import seqlens_to_cu, varlen_ref
     from _helpers import check_lse, check_rule, atol_for, make_gen
     if d == 64 and (feat.get("window_size") or feat.get("softcap") or feat.get("alibi")):
         pytest.skip("D=64 windows / softcap / ALiBi take the portable kernel")
     seen = _launches(monkeypatch)
+    monkeypatch.setenv("TILEATTN_GLUON_ALIBI", "general")
     lens_q, lens_k = [177, 0, 1024, 2000, 731, 64, 1], [1500, 0, 1024, 2048, 731, 130, 9]
     gen = make_gen(seed_for("gluon-flat-varlen", name, d))
     q = randn((sum(lens_q), 8, d), torch.bfloat16, gen)

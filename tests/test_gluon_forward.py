@@ -239,11 +239,13 @@ def test_persistent_matches_grid(case, dtype, spy, monkeypatch):
     arithmetic is the same), and within the accuracy rule (out, lse, gradients) against the float64 reference;
     more tiles than multiprocessors (up to 544 on 132), Sq != Sk both ways, GQA, causal (the host's work list,
     _hostinfo.causal_schedule; the kernel's LPT order in test_causal_work_list_matches_grid), window + softcap,
-    sink, ALiBi; D=64, 128 and 256 (whose output is staged in Q's buffer)."""
+    sink, ALiBi (its general form on both: the plain grid's default linear form rounds differently, and is
+    checked against the reference in test_alibi); D=64, 128 and 256 (whose output is staged in Q's buffer)."""
     B, Sq, Sk, Hq, Hkv, d, feat = case
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon-persistent", case[:6], dtype),
                             requires_grad=True)
     kw = feature_kwargs(feat, Hq, gen)
+    monkeypatch.setenv("TILEATTN_GLUON_ALIBI", "general")
     monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "0")
     ref = tileattn.attention(q, k, v, return_lse=True, **kw)
     n = len(spy)
