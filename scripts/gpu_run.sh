@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -120,6 +120,11 @@ for stage in "$@"; do
           timeout 420 python3 -m pytest tests/test_gluon_forward.py tests/test_gluon_flat.py tests/test_features.py \
             -q -n 14 -p no:cacheprovider -p no:benchmark -rf --durations=5 2>&1 | tee "$OUT/s26b_tests.log" | tail -12
           [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;
+    s26c) # (~3 min) ALiBi's two forms on the plain grid (TILEATTN_GLUON_PERSISTENT=0): the form's own share of v31a
+          for i in 1 2; do for form in general linear; do
+            echo "--- $form $i"; TILEATTN_GLUON_PERSISTENT=0 TILEATTN_GLUON_ALIBI=$form timeout 100 python3 -m \
+              tileattn.bench_features --cases dense,alibi,alibi_causal --out-dir "" 2>&1 | grep -v Warning
+          done; done 2>&1 | tee "$OUT/s26c_features.log" ;;
     decode-tests) timeout 200 python3 -m pytest tests/test_decode.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
                     2>&1 | tee "$OUT/decode_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;
     s25c) # (~4 min) the core GPU suite with KV_REGS by default (run 141 also timed v30a, Q as the register A
