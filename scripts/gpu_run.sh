@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -125,6 +125,17 @@ for stage in "$@"; do
             echo "--- $form $i"; TILEATTN_GLUON_PERSISTENT=0 TILEATTN_GLUON_ALIBI=$form timeout 100 python3 -m \
               tileattn.bench_features --cases dense,alibi,alibi_causal --out-dir "" 2>&1 | grep -v Warning
           done; done 2>&1 | tee "$OUT/s26c_features.log" ;;
+    s26d) # (~5 min) v31c, the backward's programs tiles outer for causal / window calls (TILEATTN_GLUON_BWD_ORDER=tile):
+          # its tests (bit-identical to heads outer), then both orders interleaved in one process (non-causal cells:
+          # unaffected, the noise control)
+          timeout 150 python3 -m pytest tests/test_gluon_backward.py -k "tile_outer" -q -n 8 -p no:cacheprovider \
+            -p no:benchmark -rf 2>&1 | tee "$OUT/s26d_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+          timeout 150 python3 benchmarks/bwd_variants.py --head-dims 128 --seqlens 1024,2048,4096,8192 --profile \
+            --variants "head=TILEATTN_GLUON_BWD_ORDER:head,tile=TILEATTN_GLUON_BWD_ORDER:tile" 2>&1 | grep -v Warning \
+            | tee "$OUT/s26d_bwd_d128.log"
+          timeout 90 python3 benchmarks/bwd_variants.py --head-dims 64 --seqlens 2048,8192 --profile \
+            --variants "head=TILEATTN_GLUON_BWD_ORDER:head,tile=TILEATTN_GLUON_BWD_ORDER:tile" 2>&1 | grep -v Warning \
+            | tee "$OUT/s26d_bwd_d64.log" ;;
     decode-tests) timeout 200 python3 -m pytest tests/test_decode.py -q -n 14 -p no:cacheprovider -p no:benchmark -rf \
                     2>&1 | tee "$OUT/decode_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;
     s25c) # (~4 min) the core GPU suite with KV_REGS by default (run 141 also timed v30a, Q as the register A

@@ -495,6 +495,71 @@ def test_operands_in_registers_varlen(level, d, spy, monkeypatch):
     assert spy
 
 
+ORDER_CASES = [(2, 1000, 1000, 4, 2, 128, dict(causal=True)), (2, 1000, 1000, 4, 2, 64, dict(causal=True)),
+               (1, 300, 900, 8, 2, 128, dict(causal=True)), (2, 777, 777, 4, 4, 128, dict(window_size=(100, 50))),
+               (1, 1024, 1024, 4, 1, 256, dict(causal=True))]
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", ORDER_CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "-".join(c[6]))
+def test_tile_outer_order(case, dq_spy, monkeypatch):
+    """TILEATTN_GLUON_BWD_ORDER=tile (configs.gluon_bwd_tile_outer): both backward kernels launch with TILE_OUTER
+    for causal / window calls, and dq / dk / dv are bit-identical to the heads-outer order (every program computes
+    the same tiles, only their dispatch order changes); causal with Sq != Sk and GQA, a window, D=64 / 128 / 256."""
+    from tileattn.kernels import gluon_backward as gb, gluon_dq as gq
+    B, Sq, Sk, Hq, Hkv, d, kw = case
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, torch.bfloat16, seed_for("gluon-bwd-order", case[:6]),
+                            requires_grad=True)
+    dout = randn((B, Sq, Hq, d), torch.bfloat16, gen)
+    seen = []
+    for mod in (gb, gq):
+        real = mod.launch
+        monkeypatch.setattr(mod, "launch", lambda fn, grid, args, kws, *a, real=real, **o:
+                            seen.append(kws.get("TILE_OUTER", False)) or real(fn, grid, args, kws, *a, **o))
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_ORDER", "head")
+    ref = fresh_grads(q, k, v, dout, **kw)
+    assert seen and not any(seen)
+    seen.clear()
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_ORDER", "tile")
+    got = fresh_grads(q, k, v, dout, **kw)
+    assert len(seen) == 2 and all(seen), "both kernels take TILE_OUTER"
+    for name, a, b in zip("qkv", got, ref):
+        assert torch.equal(a, b), f"d{name} differs between the program orders"
+
+
+@hopper
+@pytest.mark.gpu
+def test_tile_outer_order_varlen(dq_spy, monkeypatch):
+    """Packed varlen causal calls in the tiles-outer order: bit-identical to the heads-outer one."""
+    from _flash_helpers import seqlens_to_cu
+    lens = [70, 300, 1, 2049, 129, 64]
+    gen = torch.Generator(device="cuda").manual_seed(seed_for("gluon-bwd-order-varlen"))
+    cu = seqlens_to_cu(lens)
+    base = [torch.randn(sum(lens), h, 128, device="cuda", dtype=torch.bfloat16, generator=gen) for h in (8, 2, 2, 8)]
+
+    def grads():
+        q, k, v = (t.clone().requires_grad_() for t in base[:3])
+        out = tileattn.flash_attn_varlen_func(q, k, v, cu, cu, max(lens), max(lens), causal=True)
+        return torch.autograd.grad(out, (q, k, v), base[3])
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_ORDER", "head")
+    ref = grads()
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_ORDER", "tile")
+    assert all(torch.equal(x, y) for x, y in zip(grads(), ref))
+
+
+def test_tile_outer_knob(monkeypatch):
+    """configs.gluon_bwd_tile_outer: only with the knob at tile and for causal / window calls; bad values refused."""
+    q = torch.zeros(1, 4, 2, 16)
+    for value, causal, want in (("head", True, False), ("tile", True, True), ("tile", False, False)):
+        monkeypatch.setenv("TILEATTN_GLUON_BWD_ORDER", value)
+        assert configs.gluon_bwd_tile_outer(attn_params(q, q, causal=causal)) == want
+    assert configs.gluon_bwd_tile_outer(attn_params(q, q, window_left=3)) is True
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_ORDER", "lpt")
+    with pytest.raises(ValueError, match="TILEATTN_GLUON_BWD_ORDER"):
+        configs.gluon_bwd_tile_outer(attn_params(q, q))
+
+
 def test_kv_regs_knob(monkeypatch):
     """``gluon_backward.kv_regs``: the config's level for the call's mask, the knob over it; 0 for softcap / ALiBi /
     window calls and the fused backward; a bad value is refused."""
