@@ -125,7 +125,8 @@ for stage in "$@"; do
             echo "--- $form $i"; TILEATTN_GLUON_PERSISTENT=0 TILEATTN_GLUON_ALIBI=$form timeout 100 python3 -m \
               tileattn.bench_features --cases dense,alibi,alibi_causal --out-dir "" 2>&1 | grep -v Warning
           done; done 2>&1 | tee "$OUT/s26c_features.log" ;;
-    s26d) # (~5 min) v31c, the backward's programs tiles outer for causal / window calls (TILEATTN_GLUON_BWD_ORDER=tile):
+    s26d) # (~5 min; needs commit b9415ff: v31c was removed after run 146) the backward's programs tiles outer
+          # for causal / window calls (TILEATTN_GLUON_BWD_ORDER=tile):
           # its tests (bit-identical to heads outer), then both orders interleaved in one process (non-causal cells:
           # unaffected, the noise control)
           timeout 150 python3 -m pytest tests/test_gluon_backward.py -k "tile_outer" -q -n 8 -p no:cacheprovider \

@@ -613,19 +613,6 @@ def gluon_alibi_linear() -> bool:
     return value == "linear"
 
 
-def gluon_bwd_tile_outer(p) -> bool:
-    """Whether the Hopper backward's kernels (dK/dV and dQ, not the fused form) order their programs tiles outer,
-    (batch, head) inner, for a call whose tiles carry unequal work (causal, windows: ``p`` an AttnParams), instead
-    of each (batch, head)'s tiles together. Causal programs run longest first within a head either way; with heads
-    outer the last heads' longest programs start last: a greedy dispatch over 132 SMs (one program each, steps
-    proportional to the rows a key tile sees) ends 6-7% after the ideal at 1k-8k and 1% at 16k (16k tokens, 16
-    heads; ``benchmarks/NOTES.md`` v31c), tiles outer within 1%. ``TILEATTN_GLUON_BWD_ORDER=tile|head``."""
-    value = getenv("TILEATTN_GLUON_BWD_ORDER", "head")
-    if value not in ("tile", "head"):
-        raise ValueError(f"TILEATTN_GLUON_BWD_ORDER must be tile or head, got {value!r}")
-    return value == "tile" and (p.window_right >= 0 or p.window_left >= 0)
-
-
 def causal_work_list_on() -> bool:
     """Whether batched causal calls run on the persistent Gluon forward walking the host's L2-grouped work list
     (``_hostinfo.causal_schedule``, session 19; default since session 20, ``gluon_forward_schedule``).

@@ -298,7 +298,7 @@ if AVAILABLE:
                      HAS_SOFTCAP: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
                      HAS_ALIBI: gl.constexpr, SPLIT: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, FUSED_DQ: gl.constexpr = 0,
-                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0, TILE_OUTER: gl.constexpr = False):
+                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
         total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
@@ -307,22 +307,14 @@ if AVAILABLE:
         Hq) (batch stride stride_ab, 0 for (Hq,)). SPLIT: 64 keys per program, shared by both consumer warpgroups
         (``_split_consumer``; no varlen or softcap). FUSED_DQ (0: off; else dQ^T staging slots per warpgroup, 2 or
         4): dQ too, reduce-added into the fp32 accumulator ``dq_desc`` describes (``fused_dq``; without it
-        ``dq_desc`` is a placeholder, not read); EARLY_DQ its products' order (``_dkdv_consumer``). TILE_OUTER
-        (``configs.gluon_bwd_tile_outer``): program pid takes key tile pid // (batch * kv_heads) of (batch, head)
-        pid % (batch * kv_heads), so every head's longest (causal: first) key tile is dispatched before any
-        head's second; else the key tiles of one (batch, head) are consecutive programs."""
+        ``dq_desc`` is a placeholder, not read); EARLY_DQ its products' order (``_dkdv_consumer``)."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HALF_N: gl.constexpr = k_desc.block_type.shape[1]
         KV_PARTS: gl.constexpr = 1 if SPLIT else 2  # key parts of HALF_N per program
         dtype: gl.constexpr = q_desc.dtype
         pid = gl.program_id(0)
-        if TILE_OUTER:
-            nbh = gl.num_programs(0) // num_n_tiles
-            bhk = pid % nbh
-            start_n = (pid // nbh) * (KV_PARTS * HALF_N)
-        else:
-            bhk = pid // num_n_tiles
-            start_n = (pid % num_n_tiles) * (KV_PARTS * HALF_N)  # causal: low key tiles have the most work, first
+        bhk = pid // num_n_tiles
+        start_n = (pid % num_n_tiles) * (KV_PARTS * HALF_N)  # causal: low key tiles have the most work, run first
         b = bhk // kv_heads
         hk = bhk % kv_heads
         q_row0, seqlen_q, k_row0, seqlen_k, b_desc = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
@@ -515,6 +507,5 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
              PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs, **(_fused_flags(d) if dq_acc is not None else {}),
-             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {}),
-             **({"TILE_OUTER": True} if dq_acc is None and configs.gluon_bwd_tile_outer(p) else {})),
+             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {})),
         4, 1, maxnreg=cfg.maxnreg)

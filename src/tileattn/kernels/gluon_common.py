@@ -259,18 +259,11 @@ if AVAILABLE:
         return y, rho
 
     @gluon.jit
-    def program_tile(pid, num_m_tiles, q_heads, LONGEST_FIRST: gl.constexpr, TILE_OUTER: gl.constexpr = False):
+    def program_tile(pid, num_m_tiles, q_heads, LONGEST_FIRST: gl.constexpr):
         """(b, h, tile) of program pid in a grid of num_m_tiles query tiles per (batch, head), heads inner; with
-        LONGEST_FIRST (causal / window) the tiles of each (batch, head) run last to first. TILE_OUTER (the
-        backward's dQ kernel, ``configs.gluon_bwd_tile_outer``): tiles outer, (batch, head) inner, so every
-        head's longest tile is dispatched before any head's second longest."""
-        if TILE_OUTER:
-            nbh = gl.num_programs(0) // num_m_tiles
-            bh = pid % nbh
-            tile = pid // nbh
-        else:
-            bh = pid // num_m_tiles
-            tile = pid % num_m_tiles
+        LONGEST_FIRST (causal / window) the tiles of each (batch, head) run last to first."""
+        bh = pid // num_m_tiles
+        tile = pid % num_m_tiles
         if LONGEST_FIRST:
             tile = num_m_tiles - 1 - tile  # longest tiles first
         return bh // q_heads, bh % q_heads, tile
