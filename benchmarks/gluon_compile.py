@@ -32,9 +32,11 @@ SM90_MAX_SHARED = 232448  # bytes of shared memory one block may use on sm_90 (2
 
 def _complete(fn, sig, consts):
     """Fill ``sig`` for every argument of ``fn``: a constexpr the caller left out takes its default, as in a launch
-    that leaves it out (else it would compile as an i32 argument, both of its branches built), the rest i32."""
-    consts.update({prm.name: prm.default for prm in fn.params if prm.is_constexpr and prm.name not in consts
-                   and prm.default is not inspect.Parameter.empty})
+    that leaves it out (else it would compile as an i32 argument, both of its branches built), and so does an
+    argument that defaults to None (a launch that leaves it out passes the constexpr None); the rest i32."""
+    consts.update({prm.name: prm.default for prm in fn.params if prm.name not in consts and prm.name not in sig
+                   and (prm.is_constexpr and prm.default is not inspect.Parameter.empty or
+                        not prm.is_constexpr and prm.default is None)})
     for name in fn.arg_names:
         if name not in sig:
             sig[name] = "constexpr" if name in consts else "i32"
@@ -81,9 +83,9 @@ def _call_params(softcap, alibi, window, causal):
 
 
 def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=False, softcap=False, alibi=False,
-                fused_dq=False, kv_regs=None):
+                fused_dq=False, kv_regs=None, trace=False):
     """The Gluon dK/dV kernel (kernels/gluon_backward.py) for sm_90a; ``kv_regs``: its KV_REGS (None: what a launch
-    of these features picks, ``gluon_backward.kv_regs``)."""
+    of these features picks, ``gluon_backward.kv_regs``); ``trace``: with the program trace buffer."""
     from tileattn import configs
     from tileattn.kernels import gluon_backward as gb
     c = configs._GLUON_BWD[d]
@@ -100,7 +102,8 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
            "dq_desc": (f"tensordesc<fp32[64,{bm}],{gb._acc_layout(64, bm)!r}>" if fused_dq
                        else f"tensordesc<fp32[{bm}],{gb._stats_layout(bm)!r}>"),
            "qk_scale": "fp32", "sm_scale": "fp32", "softcap": "fp32", "DK": f"*{'fp16' if fp16 else 'bf16'}",
-           "DV": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32"}
+           "DV": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32",
+           **({"TRACE": "*i64"} if trace else {})}
     consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal and not window, WINDOW=window, PIPELINE=bool(pipe),
                   VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, SPLIT=split, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg,
@@ -211,6 +214,7 @@ def main(argv=None):
                     "creg,preg,maxnreg,pipeline)")
     ap.add_argument("--kv-regs", type=int, help="with --bwd: the kernel's KV_REGS (K / V as register A operands; "
                     "default: what a launch with these features picks)")
+    ap.add_argument("--trace", action="store_true", help="with --bwd: the program trace buffer (bwd_trace.py)")
     ap.add_argument("--sass", action="store_true", help="print the main loop's SASS")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless ptxas reports no spills and no serialised wgmma (C7514), and the kernel's "
@@ -230,7 +234,7 @@ def main(argv=None):
                        a.alibi, a.resid8)
     elif a.bwd:
         k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi, a.fused_dq,
-                        a.kv_regs)
+                        a.kv_regs, a.trace)
     else:
         softcap = 2 if a.softcap_fixed_max else a.softcap
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, softcap, a.sink, a.fp16, a.window, a.varlen,

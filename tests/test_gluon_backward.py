@@ -523,7 +523,7 @@ BWD_COMPILE = [(128, False, ()), (128, True, ()), (64, True, ()), (64, False, ("
                (128, True, ("--softcap",)), (64, False, ("--softcap", "--window")),
                (128, True, ("--alibi", "--varlen")), (64, False, ("--alibi",)),
                (256, False, ()), (256, True, ("--fp16",)), (256, False, ("--window",)),
-               (256, True, ("--alibi",)),
+               (256, True, ("--alibi",)), (128, True, ("--trace",)), (256, True, ("--trace",)),  # bwd_trace.py
                (128, True, ("--config", "64,3,240,24,168,1,1")),  # the split form at D=128 (opt-in, gpu_run s16)
                # K (D=128) or K and V (D=64) in registers (KV_REGS; 4-8 B spills at D=128 varlen)
                (128, False, ("--kv-regs", 1)), (128, True, ("--kv-regs", 1, "--varlen")),

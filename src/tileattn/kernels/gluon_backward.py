@@ -53,8 +53,8 @@ if AVAILABLE:
                                                                   warpgroup_mma_wait)
     from .gluon_backward_split import _split_consumer
     from .fused_dq import issue_dq, stage_dq_step
-    from .gluon_common import (alibi_slope, dkdv_dscores, dkdv_mask_bounds, dkdv_probs, seq_bounds, stats_row0,
-                               store_rows, zero_rows_from)
+    from .gluon_common import (alibi_slope, dkdv_dscores, dkdv_mask_bounds, dkdv_probs, global_ns, seq_bounds,
+                               stats_row0, store_rows, trace_program, zero_rows_from)
 
     @gluon.jit
     def _dkdv_load(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
@@ -298,7 +298,7 @@ if AVAILABLE:
                      HAS_SOFTCAP: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
                      HAS_ALIBI: gl.constexpr, SPLIT: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, FUSED_DQ: gl.constexpr = 0,
-                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0):
+                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0, TRACE=None):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
         total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
@@ -307,12 +307,15 @@ if AVAILABLE:
         Hq) (batch stride stride_ab, 0 for (Hq,)). SPLIT: 64 keys per program, shared by both consumer warpgroups
         (``_split_consumer``; no varlen or softcap). FUSED_DQ (0: off; else dQ^T staging slots per warpgroup, 2 or
         4): dQ too, reduce-added into the fp32 accumulator ``dq_desc`` describes (``fused_dq``; without it
-        ``dq_desc`` is a placeholder, not read); EARLY_DQ its products' order (``_dkdv_consumer``)."""
+        ``dq_desc`` is a placeholder, not read); EARLY_DQ its products' order (``_dkdv_consumer``). TRACE: None,
+        or an int64 (programs, 4) buffer that gets each program's trace (``trace_program``; measurement only)."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HALF_N: gl.constexpr = k_desc.block_type.shape[1]
         KV_PARTS: gl.constexpr = 1 if SPLIT else 2  # key parts of HALF_N per program
         dtype: gl.constexpr = q_desc.dtype
         pid = gl.program_id(0)
+        if TRACE is not None:
+            t_start = global_ns()
         bhk = pid // num_n_tiles
         start_n = (pid % num_n_tiles) * (KV_PARTS * HALF_N)  # causal: low key tiles have the most work, run first
         b = bhk // kv_heads
@@ -371,6 +374,8 @@ if AVAILABLE:
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
                               q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+            if TRACE is not None:
+                trace_program(TRACE, t_start, n_m)
             return
         if FUSED_DQ:  # dQ in this kernel (``_dkdv_consumer``)
             ds_slots = gl.allocate_shared_memory(dtype, [4, HALF_N, BLOCK_M],
@@ -399,6 +404,8 @@ if AVAILABLE:
                           delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
                           q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        if TRACE is not None:
+            trace_program(TRACE, t_start, n_m)
 
 def _fused_slots(head_dim: int) -> int:
     """FUSED_DQ's value: dQ^T staging slots per consumer warpgroup, ``TILEATTN_FUSED_DQ_SLOTS`` (2 or 4; 4 only at

@@ -259,6 +259,24 @@ if AVAILABLE:
         return y, rho
 
     @gluon.jit
+    def global_ns():
+        """The GPU's global nanosecond timer (%globaltimer, the same clock on every SM), an int64 scalar."""
+        return gl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=gl.int64, is_pure=False,
+                                         pack=1)
+
+    @gluon.jit
+    def trace_program(TRACE, t_start, steps):
+        """A program trace (``benchmarks/bwd_trace.py``): program pid writes (start ns, end ns, SM id, steps) to
+        TRACE[4 pid .. 4 pid + 3] (int64), the end read now."""
+        t_end = global_ns()
+        sm = gl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=gl.int32, is_pure=True, pack=1)
+        row = TRACE + gl.program_id(0).to(gl.int64) * 4
+        gl.store(row, t_start)
+        gl.store(row + 1, t_end)
+        gl.store(row + 2, sm.to(gl.int64))
+        gl.store(row + 3, steps.to(gl.int64))
+
+    @gluon.jit
     def program_tile(pid, num_m_tiles, q_heads, LONGEST_FIRST: gl.constexpr):
         """(b, h, tile) of program pid in a grid of num_m_tiles query tiles per (batch, head), heads inner; with
         LONGEST_FIRST (causal / window) the tiles of each (batch, head) run last to first."""
