@@ -482,7 +482,8 @@ def test_default_schedule_reaches_the_launch(spy, monkeypatch):
     """The table's schedule reaches the kernel: an unmasked D=128 call launches PERSISTENT on at most one program
     per multiprocessor, and so do windows bounded on both sides and a causal call (over the host's work list); a
     one-sided window the plain grid; a packed varlen call (cu_seqlens read on the host) the persistent grid over
-    the work list."""
+    the work list; batched ALiBi calls the linear form on the plain grid (the general form, persistent, with
+    TILEATTN_GLUON_ALIBI=general), varlen ones the general form on the work list."""
     from _flash_helpers import seqlens_to_cu
     from tileattn import configs
     set_schedule(monkeypatch, None, None)
@@ -514,6 +515,10 @@ def test_default_schedule_reaches_the_launch(spy, monkeypatch):
     monkeypatch.setenv("TILEATTN_GLUON_ALIBI", "general")
     tileattn.attention(q, q, q, alibi_slopes=slopes)
     assert seen[-1][1]["HAS_ALIBI"] == 1 and seen[-1][1]["PERSISTENT"], "the general form: persistent"
+    monkeypatch.delenv("TILEATTN_GLUON_ALIBI")
+    tileattn.flash_attn_varlen_func(qv, qv, qv, cu, cu, max(lens), max(lens), alibi_slopes=slopes[:8])
+    kw = seen[-1][1]
+    assert kw["HAS_ALIBI"] == 1 and kw["PERSISTENT"] and kw["USE_MAP"], "varlen ALiBi: the general form, work list"
 
 
 VARLEN_FEATS = {"plain": {}, "causal": dict(causal=True), "causal+sink": dict(causal=True, sink=True),

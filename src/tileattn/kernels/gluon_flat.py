@@ -47,8 +47,8 @@ if AVAILABLE:
     @gluon.jit
     def _item_rounds(q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn, w: gl.constexpr, it, t, n, lo,
                      acc, alpha, p_op, m_i, l_i, rows, row0, cols, diag, n_full, full_lo, sk, qk_scale, softcap,
-                     win_left, win_right, slope, s_zero, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                     VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr):
+                     win_left, win_right, slope, s_zero, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+                     HAS_SOFTCAP: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr):
         """Rounds t + 1 .. t + n - 1 of the it-th item (key tiles at ring positions t .. t + n - 1): Q K^T_j beside
         P_{j-1} V_{j-1}, as gluon_forward._consumer's loop. Returns (acc, alpha, p_op, m_i, l_i) after tile
         n - 1's softmax, its P V not issued."""

@@ -52,9 +52,10 @@ if AVAILABLE:
         (softcap pre-multiplied by log2 e); with a window, row r sees keys [r + diag - win_left, r + diag +
         win_right]; ALiBi subtracts slope * |r + diag - key| (slope in log2 units; positions as fp32, exact below
         2^24), on every tile; HAS_ALIBI == 2 (the linear form, plain grid): ``alibi_scores``, a row term rho joins
-        the max where a tile lies on one side of every row's position (rows = row0 .. row0 + HALF_M - 1). HAS_SOFTCAP == 2 (the fold, no ALiBi, bf16, softcap
-        <= 50; the default, NOTES v20c): the max stays 0, as softcap * t <= softcap bounds every score: p = exp2(softcap * t) in [2^-c, 2^c] (c = softcap
-        * log2 e <= 72.2), no row max and alpha = 1 (the caller skips O's rescale)."""
+        the max where a tile lies on one side of every row's position (rows = row0 .. row0 + HALF_M - 1).
+        HAS_SOFTCAP == 2 (the fold, no ALiBi, bf16, softcap <= 50; the default, NOTES v20c): the max stays 0, as
+        softcap * t <= softcap bounds every score: p = exp2(softcap * t) in [2^-c, 2^c] (c = softcap * log2 e <=
+        72.2), no row max and alpha = 1 (the caller skips O's rescale)."""
         scale = qk_scale  # what s is multiplied by inside the exp2 (FFMA with the max), unless s is in log2 units
         LOG2_UNITS: gl.constexpr = HAS_ALIBI or (HAS_SOFTCAP and not SOFTCAP_FFMA)
         if HAS_ALIBI == 2:  # the linear form (configs.gluon_alibi_linear)
@@ -197,8 +198,8 @@ if AVAILABLE:
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
                 mbarrier.arrive(k_empty.index(ks), count=1)
                 p, alpha, m_i, l_i = _softmax_tile(s, lo + j, full_lo, n_full, m_i, l_i, rows, row0, cols, diag,
-                                                   seqlen_k, qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
-                                                   HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
+                                                   seqlen_k, qk_scale, softcap, win_left, win_right, slope, CAUSAL,
+                                                   WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
                 mbarrier.arrive(v_empty.index((t0 + j - 1) % V_STAGES), count=1)
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -454,7 +455,9 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     # tiles of unequal length: causal, or a window open on one side (rows see up to a diagonal); a window bounded
     # on both sides (incl. (w, 0)) gives every tile but the edge ones the same number of keys
     uneven = causal or (window and (p.window_left < 0 or p.window_right < 0))
-    alibi_linear = p.alibi_slopes is not None and configs.gluon_alibi_linear()
+    # batched ALiBi calls take the linear form on the plain grid (varlen ones keep the general form, persistent
+    # over the work list: the linear form's varlen path has not run on a GPU)
+    alibi_linear = p.alibi_slopes is not None and not p.varlen and configs.gluon_alibi_linear()
     causal_list = causal and not p.varlen and not alibi_linear and configs.causal_work_list_on()
     persistent, work_list, needs_list = configs.gluon_forward_schedule(cfg, d, uneven, p.varlen, causal_list,
                                                                        alibi_linear)
