@@ -600,7 +600,8 @@ def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool,
 
 
 def gluon_alibi_linear() -> bool:
-    """Whether batched Gluon forward calls with ALiBi (varlen ones keep the general form) take the linear form
+    """Whether batched Gluon forward calls with ALiBi at D <= 128 (varlen and D=256 ones keep the general form: the
+    linear one has run on a GPU for batched D=128 calls only) take the linear form
     (``gluon_common.alibi_scores``: on key tiles that lie on one side of a warpgroup's rows, -slope * |q - k| is a
     column term, one FFMA per score with the scale, plus a row term folded into the max) on the plain grid,
     instead of the general form (|q - k| per score) on the persistent grid. sm_90a SASS, D=128, per score on a
