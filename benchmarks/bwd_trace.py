@@ -1,7 +1,9 @@
-"""Per-program trace of the Hopper dK/dV kernel (GPU): where a backward's dK/dV time goes, causal against not.
+"""Per-program traces of the Hopper backward's kernels (GPU): where the dK/dV and dQ kernels' time goes, causal
+against not.
 
-Each program of the kernel writes (start ns, end ns, SM id, query steps) through its TRACE buffer
-(``gluon_common.trace_program``, %globaltimer: one clock for every SM). Per cell (bf16, flash-attn's grid: 16k
+Each program of a kernel writes (start ns, end ns, SM id, steps: query steps in dK/dV, key tiles in dQ) through
+its TRACE buffer (``gluon_common.trace_program``, %globaltimer: one clock for every SM; the end read once the
+warp-specialised partitions have joined). Per cell (bf16, flash-attn's grid: 16k
 tokens, model dim 2048) this prints the kernel's span, the SMs' idle share inside it (before their first program,
 between programs, after their last), the tail (the span after the first SM ran out of programs), and a least-squares
 fit of a program's duration as fixed + per-step * steps, so causal's per-FLOP gap to non-causal splits into step cost,
@@ -16,26 +18,31 @@ import torch
 os.environ["TILEATTN_LAUNCH_PLANS"] = "0"  # every call through gluon_backward.launch (a plan would replay)
 
 from bwd_fused import backward_cell  # noqa: E402
-from tileattn.kernels import gluon_backward  # noqa: E402
+from tileattn.kernels import gluon_backward, gluon_dq  # noqa: E402
+
+KERNELS = {"dkdv": (gluon_backward, "_dkdv_kernel"), "dq": (gluon_dq, "_dq_kernel")}
 
 
 def traced(fn):
-    """Run ``fn`` with every dK/dV launch given a fresh trace buffer; returns the (programs, 4) int64 buffers."""
-    bufs = []
-    real = gluon_backward.launch
+    """Run ``fn`` with every dK/dV and Gluon dQ launch given a fresh trace buffer; returns {kernel name: the
+    (programs, 4) int64 buffer of its last launch}."""
+    bufs = {}
+    reals = {}
+    for name, (mod, attr) in KERNELS.items():
+        real = reals[name] = mod.launch
 
-    def launch(kernel, grid, args, kwargs, *rest, **opts):
-        if kernel is gluon_backward._dkdv_kernel:
-            buf = torch.full((grid[0], 4), -1, dtype=torch.int64, device="cuda")
-            bufs.append(buf)
-            kwargs = dict(kwargs, TRACE=buf)
-        return real(kernel, grid, args, kwargs, *rest, **opts)
-    gluon_backward.launch = launch
+        def launch(kernel, grid, args, kwargs, *rest, real=real, name=name, mod=mod, attr=attr, **opts):
+            if kernel is getattr(mod, attr):
+                bufs[name] = torch.full((grid[0], 4), -1, dtype=torch.int64, device="cuda")
+                kwargs = dict(kwargs, TRACE=bufs[name])
+            return real(kernel, grid, args, kwargs, *rest, **opts)
+        mod.launch = launch
     try:
         fn()
         torch.cuda.synchronize()
     finally:
-        gluon_backward.launch = real
+        for name, (mod, _) in KERNELS.items():
+            mod.launch = reals[name]
     return bufs
 
 
@@ -66,27 +73,27 @@ def main():
     ap.add_argument("--seqlens", default="4096,16384")
     ap.add_argument("--out", default="", help="a directory for the raw traces (.pt)")
     args = ap.parse_args()
-    print(f"# {torch.cuda.get_device_name()}: dK/dV kernel program traces, bf16, one process")
-    print(f"{'D':>4} {'S':>6} {'mask':<7} {'progs':>6} {'span us':>9} {'idle':>6} {'tail us':>8} {'fixed us':>9} "
-          f"{'ns/step':>8} {'rms us':>7} {'steps':>9} {'ns/step*':>9}")
+    print(f"# {torch.cuda.get_device_name()}: dK/dV and dQ kernel program traces, bf16, one process")
+    print(f"{'D':>4} {'S':>6} {'mask':<7} {'kernel':<6} {'progs':>6} {'span us':>9} {'idle':>6} {'tail us':>8} "
+          f"{'fixed us':>9} {'ns/step':>8} {'rms us':>7} {'steps':>9} {'ns/step*':>9}")
     for d, s in ((int(d), int(s)) for d in args.head_dims.split(",") for s in args.seqlens.split(",")):
         for causal in (False, True):
             ours, _, (q, k, v), _, _ = backward_cell(d, s, causal)
             for _ in range(3):  # all traced (one compile of the traced kernel); the last one counts
                 bufs = traced(ours)
                 q.grad = k.grad = v.grad = None
+            mask = "causal" if causal else "full"
             if not bufs:
-                print(f"{d:>4} {s:>6} {'causal' if causal else 'full':<7} no dK/dV launch traced")
-                continue
-            r = summary(bufs[-1])
-            # ns/step*: the span over the steps of all programs, per SM (what a step costs the whole kernel)
-            print(f"{d:>4} {s:>6} {'causal' if causal else 'full':<7} {r['programs']:>6} {r['span_us']:>9.1f} "
-                  f"{r['idle']:>6.3f} {r['tail_us']:>8.1f} {r['fixed_us']:>9.2f} {r['per_step_ns']:>8.1f} "
-                  f"{r['fit_rms_us']:>7.2f} {r['steps']:>9.0f} {r['span_us'] * 1e3 * r['sms'] / r['steps']:>9.1f}",
-                  flush=True)
-            if args.out:
-                os.makedirs(args.out, exist_ok=True)
-                torch.save(bufs[-1].cpu(), os.path.join(args.out, f"trace_d{d}_s{s}_{int(causal)}.pt"))
+                print(f"{d:>4} {s:>6} {mask:<7} no Gluon backward launch traced")
+            for name, buf in bufs.items():
+                r = summary(buf)
+                # ns/step*: the span over the steps of all programs, per SM (what a step costs the whole kernel)
+                print(f"{d:>4} {s:>6} {mask:<7} {name:<6} {r['programs']:>6} {r['span_us']:>9.1f} {r['idle']:>6.3f} "
+                      f"{r['tail_us']:>8.1f} {r['fixed_us']:>9.2f} {r['per_step_ns']:>8.1f} {r['fit_rms_us']:>7.2f} "
+                      f"{r['steps']:>9.0f} {r['span_us'] * 1e3 * r['sms'] / r['steps']:>9.1f}", flush=True)
+                if args.out:
+                    os.makedirs(args.out, exist_ok=True)
+                    torch.save(buf.cpu(), os.path.join(args.out, f"trace_{name}_d{d}_s{s}_{int(causal)}.pt"))
 
 
 if __name__ == "__main__":

@@ -142,8 +142,9 @@ def compile_reduce_add():
 
 
 def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False, varlen=False, window=False,
-               softcap=False, alibi=False, resid8=False):
-    """The Gluon dQ kernel (kernels/gluon_dq.py) for sm_90a; cfg = (block_n, k_stages, creg, preg, maxnreg)."""
+               softcap=False, alibi=False, resid8=False, trace=False):
+    """The Gluon dQ kernel (kernels/gluon_dq.py) for sm_90a; cfg = (block_n, k_stages, creg, preg, maxnreg);
+    ``trace``: with the program trace buffer."""
     from tileattn import configs
     from tileattn.kernels import gluon_dq as gq
     c = configs._GLUON_BWD[d]
@@ -157,7 +158,7 @@ def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False
            "O": f"*{name}", "RESID": "*i8" if resid8 else f"*{name}", "DO": f"*{name}", "LSE": "*fp32", "DLSE": "*fp32",
            "DELTA": "*fp32", "STATS": "*fp32", "qk_scale": "fp32", "sm_scale": "fp32", "softcap": "fp32",
            "DQ": f"*{name}",
-           "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32"}
+           "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32", **({"TRACE": "*i64"} if trace else {})}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=2, CAUSAL=causal and not window, WINDOW=window,
                   HAS_RESID=resid, HAS_DLSE=dlse, VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
                   CONSUMER_REGS=creg, PRODUCER_REGS=preg)
@@ -215,7 +216,7 @@ def main(argv=None):
                     "creg,preg,maxnreg,pipeline)")
     ap.add_argument("--kv-regs", type=int, help="with --bwd: the kernel's KV_REGS (K / V as register A operands; "
                     "default: what a launch with these features picks)")
-    ap.add_argument("--trace", action="store_true", help="with --bwd: the program trace buffer (bwd_trace.py)")
+    ap.add_argument("--trace", action="store_true", help="with --bwd / --dq: the program trace buffer (bwd_trace.py)")
     ap.add_argument("--sass", action="store_true", help="print the main loop's SASS")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless ptxas reports no spills and no serialised wgmma (C7514), and the kernel's "
@@ -232,7 +233,7 @@ def main(argv=None):
         return 0
     if a.dq:
         k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen, a.window, a.softcap,
-                       a.alibi, a.resid8)
+                       a.alibi, a.resid8, a.trace)
     elif a.bwd:
         k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi, a.fused_dq,
                         a.kv_regs, a.trace)

@@ -547,7 +547,8 @@ DQ_COMPILE = [(128, False, ()), (128, True, ("--dlse", )), (64, True, ()),
               (128, True, ("--softcap", "--fp16")),
               (128, False, ("--alibi", "--softcap")), (256, False, ()),
               (256, True, ("--fp16", "--dlse")), (256, False, ("--window", "--alibi")),
-              (128, True, ("--resid8",)), (256, False, ("--resid8", "--fp16")), (64, False, ("--resid8", "--varlen"))]
+              (128, True, ("--resid8",)), (256, False, ("--resid8", "--fp16")), (64, False, ("--resid8", "--varlen")),
+              (128, True, ("--trace",))]  # bwd_trace.py
 
 
 @needs_gluon

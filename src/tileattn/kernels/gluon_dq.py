@@ -34,8 +34,8 @@ if AVAILABLE:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from .common import residual_value  # a @triton.jit helper: Gluon kernels call it like their own
-    from .gluon_common import (alibi_slope, feature_scores, key_tiles, load_kv_ring, program_tile, row_bounds,
-                               seq_bounds, stats_row0, store_rows, zero_rows_from)
+    from .gluon_common import (alibi_slope, feature_scores, global_ns, key_tiles, load_kv_ring, program_tile,
+                               row_bounds, seq_bounds, stats_row0, store_rows, trace_program, zero_rows_from)
 
     @gluon.jit
     def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
@@ -245,14 +245,17 @@ if AVAILABLE:
                    HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                    WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                    HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr):
-        """Warp-specialised: two consumer warpgroups (64 query rows each) and a producer warp. VARLEN: packed (1,
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TRACE=None):
+        """Warp-specialised: two consumer warpgroups (64 query rows each) and a producer warp. TRACE: None, or an
+        int64 (programs, 4) buffer for each program's trace (``trace_program``; measurement only). VARLEN: packed (1,
         total, H, D) tensors, sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are
         then read per sequence (the arguments are the maxima); DQ: dq as a pointer (row and head strides
         stride_dqs / stride_dqh) for the masked stores of a sequence's last rows. ALIBI: fp32 slopes (Hq,) or (B,
         Hq) (batch stride stride_ab, 0 for (Hq,))."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         dtype: gl.constexpr = q_desc.dtype
+        if TRACE is not None:
+            t_start = global_ns()
         b, h, tile = program_tile(gl.program_id(0), num_m_tiles, q_heads, CAUSAL or WINDOW)
         hk = h // group
         start_m = tile * 2 * HALF_M
@@ -298,6 +301,8 @@ if AVAILABLE:
             (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b_desc, h, hk,
                         start_m, lo, n, q_row0, k_row0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        if TRACE is not None:
+            trace_program(TRACE, t_start, n)
 
 
 def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams, cfg):
