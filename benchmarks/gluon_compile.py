@@ -63,8 +63,8 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=causal, STORE_RESID=resid,
                   HAS_SOFTCAP=softcap, HAS_SINK=sink, WINDOW=window, VARLEN=varlen,
                   # the launcher's choice: the linear ALiBi form on the plain grid (configs.gluon_alibi_linear)
-                  HAS_ALIBI=(1 if persistent or flat or varlen or d > 128 or not configs.gluon_alibi_linear() else 2)
-                  if alibi else 0,
+                  HAS_ALIBI=(1 if persistent or flat or not configs.gluon_alibi_linear(d, varlen) else 2) if alibi
+                  else 0,
                   USE_MAP=tile_map, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg, PERSISTENT=persistent or flat, FLAT=flat)  # flat: kernels/gluon_flat.py
     fn = gf._fwd_kernel

@@ -454,12 +454,13 @@ def test_schedule_table(monkeypatch):
     assert schedule(configs._GLUON_FWD[256], 256, True, False) == (False, False, False)  # one-sided window: grid
     assert schedule(cfg, 128, False, False, False, True) == (False, False, False)  # linear ALiBi: the plain grid
     assert schedule(cfg, 128, False, True, False, True) == (False, False, False)
-    assert configs.gluon_alibi_linear()
+    assert configs.gluon_alibi_linear(128, False)
+    assert not configs.gluon_alibi_linear(128, True) and not configs.gluon_alibi_linear(256, False)
     monkeypatch.setenv("TILEATTN_GLUON_ALIBI", "general")
-    assert not configs.gluon_alibi_linear()
+    assert not configs.gluon_alibi_linear(128, False)
     monkeypatch.setenv("TILEATTN_GLUON_ALIBI", "yes")
     with pytest.raises(ValueError, match="TILEATTN_GLUON_ALIBI"):
-        configs.gluon_alibi_linear()
+        configs.gluon_alibi_linear(128, False)
     monkeypatch.delenv("TILEATTN_GLUON_ALIBI")
     set_schedule(monkeypatch, "1", "0")
     assert schedule(cfg, 128, False, True) == (False, True, False)

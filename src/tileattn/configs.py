@@ -599,17 +599,19 @@ def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool,
     return persistent, work_list, (work_list or causal_list) and persistent and forced != "1"
 
 
-def gluon_alibi_linear() -> bool:
-    """Whether batched Gluon forward calls with ALiBi at D <= 128 (varlen and D=256 ones keep the general form: the
-    linear one has run on a GPU for batched D=128 calls only) take the linear form
+def gluon_alibi_linear(head_dim: int, varlen: bool) -> bool:
+    """Whether a Gluon forward call with ALiBi takes the linear form: batched calls at D <= 128 (varlen and D=256
+    ones keep the general form: the linear one has run on a GPU for batched D=128 calls only). The linear form
     (``gluon_common.alibi_scores``: on key tiles that lie on one side of a warpgroup's rows, -slope * |q - k| is a
-    column term, one FFMA per score with the scale, plus a row term folded into the max) on the plain grid,
-    instead of the general form (|q - k| per score) on the persistent grid. sm_90a SASS, D=128, per score on a
+    column term, one FFMA per score with the scale, plus a row term folded into the max) runs on the plain grid,
+    the general form (|q - k| per score) on the persistent grid. sm_90a SASS, D=128, per score on a
     full tile: plain attention ~7.2 instructions, the general form ~10.7, the linear one ~8.3. The linear form
     holds the column term in registers (32 per thread) that the persistent kernels lack (ptxas: 156-212 B spills
     against 4-16), so it runs on the plain grid. H200, run 147 (both on the plain grid): +5-10% forward TFLOP/s;
     run 144 against the general form on the persistent grid: +0.03 of dense non-causal, +0.01 causal (NOTES
-    v31a). ``TILEATTN_GLUON_ALIBI=linear|general``."""
+    v31a). ``TILEATTN_GLUON_ALIBI=linear|general`` (read for calls in that scope only)."""
+    if varlen or head_dim > 128:
+        return False
     value = getenv("TILEATTN_GLUON_ALIBI", "linear")
     if value not in ("linear", "general"):
         raise ValueError(f"TILEATTN_GLUON_ALIBI must be linear or general, got {value!r}")

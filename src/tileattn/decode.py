@@ -24,8 +24,7 @@ def _default_splits(batch, kv_heads, max_len, device, head_dim, paged=False) -> 
         return max(1, min(4, max_len // 64))
     sms = configs.sm_count(device)
     want = math.ceil(configs.decode_config(head_dim).programs_per_sm * sms / max(1, batch * kv_heads))
-    long = configs.decode_long_splits()
-    if paged and long and want >= long:
+    if paged and 0 < configs.decode_long_splits() <= want:
         want *= configs.decode_paged_split_factor()
     return max(1, min(want, max_len // 512, 256))
 

@@ -455,9 +455,7 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     # tiles of unequal length: causal, or a window open on one side (rows see up to a diagonal); a window bounded
     # on both sides (incl. (w, 0)) gives every tile but the edge ones the same number of keys
     uneven = causal or (window and (p.window_left < 0 or p.window_right < 0))
-    # batched ALiBi calls at D <= 128 take the linear form on the plain grid (varlen and D=256 ones keep the
-    # general form on the persistent grid: the linear form has run on a GPU for batched D=128 calls only)
-    alibi_linear = p.alibi_slopes is not None and not p.varlen and d <= 128 and configs.gluon_alibi_linear()
+    alibi_linear = p.alibi_slopes is not None and configs.gluon_alibi_linear(d, p.varlen)
     causal_list = causal and not p.varlen and not alibi_linear and configs.causal_work_list_on()
     persistent, work_list, needs_list = configs.gluon_forward_schedule(cfg, d, uneven, p.varlen, causal_list,
                                                                        alibi_linear)
