@@ -10,7 +10,6 @@ Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--cau
 """
 import argparse
 import collections
-import dataclasses
 import inspect
 import os
 import re
@@ -111,10 +110,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
                   PRODUCER_REGS=preg,
                   **(gb._fused_flags(d) if fused_dq else {}),  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
                   KV_REGS=(gb.kv_regs(d, _call_params(softcap, alibi, window, causal), fused_dq) if kv_regs is None
-                           else kv_regs),
-                  # TILEATTN_GLUON_BWD_REVERSE as at launch
-                  REVERSE=gb.reverse_order(dataclasses.replace(c, split=split), _call_params(softcap, alibi, window, causal),
-                                           fused_dq))
+                           else kv_regs))
     fn = gb._dkdv_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("DK", "DV")}

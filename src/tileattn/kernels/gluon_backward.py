@@ -57,24 +57,13 @@ if AVAILABLE:
                                stats_row0, store_rows, trace_program, zero_rows_from)
 
     @gluon.jit
-    def _step_tile(t, n_m, m_lo, REVERSE: gl.constexpr):
-        """Step t's (query head of the group, query tile): step t = g * n_m + i covers tile m_lo + i, or with
-        REVERSE tile m_lo + n_m - 1 - i (each head's tiles last to first: a causal program then starts at the
-        sequence's last query tile, as every other program does, and ends on its diagonal tiles)."""
-        g = t // n_m
-        i = t - g * n_m
-        if REVERSE:
-            i = n_m - 1 - i
-        return g, m_lo + i
-
-    @gluon.jit
     def _dkdv_load(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
                    bars, b, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st, q_row0, k_row0,
                    HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
-                   KV_PARTS: gl.constexpr, REVERSE: gl.constexpr = False):
+                   KV_PARTS: gl.constexpr):
         """Producer warp: the tile's K and V (KV_PARTS parts of HALF_N keys: one per warpgroup, or one shared by
         both with SPLIT), then Q, dO and the row statistics (lse, delta) of query tiles m_lo .. m_lo + n_m - 1 of
-        each query head of the group (step t: ``_step_tile``) into ring slot t % STAGES. q_row0 / k_row0: the
+        each query head of the group (step t = g * n_m + tile) into ring slot t % STAGES. q_row0 / k_row0: the
         sequence's first packed row (varlen; 0 batched)."""
         kv_bar, ready, empty = bars
         mbarrier.expect(kv_bar, KV_PARTS * 2 * HALF_N * HEAD_D * 2)
@@ -84,8 +73,8 @@ if AVAILABLE:
             tma.async_copy_global_to_shared(v_desc, [b, k_row0 + start_n + w * HALF_N, hk, 0], kv_bar,
                                             v_smem.index(w))
         for t in range(group * n_m):
-            g, tile = _step_tile(t, n_m, m_lo, REVERSE)
-            row = tile * BLOCK_M
+            g = t // n_m
+            row = (m_lo + t - g * n_m) * BLOCK_M
             s = t % STAGES
             mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(s), 2 * BLOCK_M * HEAD_D * 2 + 2 * BLOCK_M * 4)
@@ -122,8 +111,7 @@ if AVAILABLE:
                        win_left, win_right, softcap, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                        PIPELINE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, fused=None,
-                       FUSED_DQ: gl.constexpr = 0, EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0,
-                       REVERSE: gl.constexpr = False):
+                       FUSED_DQ: gl.constexpr = 0, EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0):
         """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps.
         PIPELINE: software-pipelined by one step: S^T_t and dP^T_t are issued with dV += P^T_{t-1} dO_{t-1} and
         dK += dS^T_{t-1} Q_{t-1} between them, so step t's elementwise work runs while step t-1's products hold the
@@ -173,7 +161,8 @@ if AVAILABLE:
         n = group * n_m
         if not PIPELINE:  # the plain order (64-row steps at D=128 pipelined need more registers: C7512)
             for t in range(n):
-                g, tile = _step_tile(t, n_m, m_lo, REVERSE)
+                g = t // n_m
+                tile = m_lo + t - g * n_m
                 s = t % STAGES
                 mbarrier.wait(ready.index(s), (t // STAGES) & 1)
                 q2 = q_smem.index(s).reshape([BLOCK_M, HEAD_D])
@@ -194,20 +183,19 @@ if AVAILABLE:
                 dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok))
                 mbarrier.arrive(empty.index(s), count=1)
         elif n > 0:
-            _, tile = _step_tile(0, n_m, m_lo, REVERSE)
             mbarrier.wait(ready.index(0), 0)
             if VARLEN:
-                _zero_foreign_rows(q_smem, do_smem, 0, tile, seqlen_q, BLOCK_M)
+                _zero_foreign_rows(q_smem, do_smem, 0, m_lo, seqlen_q, BLOCK_M)
             st_tok = warpgroup_mma(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                    use_acc=False, is_async=True)
             dpt_tok = warpgroup_mma(v_a, do_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                     use_acc=False, is_async=True)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-            p, dtanh = dkdv_probs(st, lse_smem.index(0), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
+            p, dtanh = dkdv_probs(st, lse_smem.index(0), m_lo, keys, seqlen_q, diag, win, qk_scale, softcap,
                                   alibi_slope(ALIBI_B, hk * group, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
                                   HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
-            ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(0), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
+            ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M, HAS_SOFTCAP)
             if FUSED_DQ:
                 ds_slots, ds_ready, ds_free, dq_slots, dq_desc, dq_row0 = fused
                 # (HALF_N, BLOCK_M) of a step's dQ^T: D=128 this warpgroup's 64 rows of D over both warpgroups'
@@ -224,7 +212,8 @@ if AVAILABLE:
             p_op = gl.convert_layout(p.to(dtype), op_layout)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             for t in range(1, n):
-                g, tile = _step_tile(t, n_m, m_lo, REVERSE)
+                g = t // n_m
+                tile = m_lo + t - g * n_m
                 s = t % STAGES
                 sp = (t - 1) % STAGES
                 mbarrier.wait(ready.index(s), (t // STAGES) & 1)
@@ -309,8 +298,7 @@ if AVAILABLE:
                      HAS_SOFTCAP: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
                      HAS_ALIBI: gl.constexpr, SPLIT: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, FUSED_DQ: gl.constexpr = 0,
-                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0, REVERSE: gl.constexpr = False,
-                     TRACE=None):
+                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0, TRACE=None):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
         total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
@@ -319,9 +307,7 @@ if AVAILABLE:
         Hq) (batch stride stride_ab, 0 for (Hq,)). SPLIT: 64 keys per program, shared by both consumer warpgroups
         (``_split_consumer``; no varlen or softcap). FUSED_DQ (0: off; else dQ^T staging slots per warpgroup, 2 or
         4): dQ too, reduce-added into the fp32 accumulator ``dq_desc`` describes (``fused_dq``; without it
-        ``dq_desc`` is a placeholder, not read); EARLY_DQ its products' order (``_dkdv_consumer``). REVERSE: each
-        query head's tiles last to first (``_step_tile``; not with SPLIT or FUSED_DQ, whose dQ staging counts steps
-        upward). TRACE: None,
+        ``dq_desc`` is a placeholder, not read); EARLY_DQ its products' order (``_dkdv_consumer``). TRACE: None,
         or an int64 (programs, 4) buffer that gets each program's trace (``trace_program``; measurement only)."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HALF_N: gl.constexpr = k_desc.block_type.shape[1]
@@ -408,15 +394,15 @@ if AVAILABLE:
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
                               qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
                               win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS, REVERSE)),
+                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
             (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
                               qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
                               win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS, REVERSE)),
+                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
             (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
                           delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
-                          q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS, REVERSE)),
+                          q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         if TRACE is not None:
             trace_program(TRACE, t_start, n_m)
@@ -455,19 +441,6 @@ def kv_regs(head_dim: int, p: AttnParams, fused: bool) -> int:
     if val:
         return int(val)
     return cfg.kv_regs[p.window_right == 0] if cfg is not None else 0
-
-
-def reverse_order(cfg, p: AttnParams, fused: bool) -> bool:
-    """Whether the dK/dV kernel walks each query head's tiles last to first (REVERSE, v32a): causal calls, with
-    ``TILEATTN_GLUON_BWD_REVERSE=1``. Run 148's program traces (D=128, causal against not): a causal program's
-    steps cost 5-8% more than a non-causal one's; its programs start on their own diagonal tiles, so the programs
-    running together read different query tiles at every step, where non-causal ones (and the dQ kernel's) read
-    the same. Not with SPLIT or FUSED_DQ, whose dQ staging counts steps upward."""
-    val = configs.getenv("TILEATTN_GLUON_BWD_REVERSE", "0")
-    if val not in ("0", "1"):
-        raise ValueError(f"TILEATTN_GLUON_BWD_REVERSE must be 0 or 1, got {val!r}")
-    causal = p.window_right == 0 and not has_window(p)
-    return val == "1" and causal and not cfg.split and not fused
 
 
 def fused_applies(cfg) -> bool:
@@ -541,6 +514,5 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
              PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs, **(_fused_flags(d) if dq_acc is not None else {}),
-             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {}),
-             **({"REVERSE": True} if reverse_order(cfg, p, dq_acc is not None) else {})),
+             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {})),
         4, 1, maxnreg=cfg.maxnreg)
