@@ -110,8 +110,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
                   PRODUCER_REGS=preg,
                   **(gb._fused_flags(d) if fused_dq else {}),  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
                   KV_REGS=(gb.kv_regs(d, _call_params(softcap, alibi, window, causal), fused_dq) if kv_regs is None
-                           else kv_regs),
-                  PARTS=gb.loop_parts(_call_params(softcap, alibi, window, causal)))  # TILEATTN_GLUON_BWD_PARTS
+                           else kv_regs))
     fn = gb._dkdv_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("DK", "DV")}

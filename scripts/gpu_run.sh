@@ -154,7 +154,7 @@ for stage in "$@"; do
            | tee "$OUT/s27_bwd_d64.log"
          TILEATTN_GLUON_BWD_REVERSE=1 timeout 100 python3 benchmarks/bwd_trace.py --head-dims 128 --seqlens 4096,16384 \
            2>&1 | grep -v Warning | tee "$OUT/bwd_trace_reverse.log" ;;
-    s28) # (~7 min) v32b: the dK/dV kernel's pipelined loop split into masked and unmasked tiles for causal and
+    s28) # (~7 min; needs commit 82c0a45: v32b was removed after run 150) v32b: the dK/dV kernel's pipelined loop split into masked and unmasked tiles for causal and
          # windowed calls (TILEATTN_GLUON_BWD_PARTS=1): its tests, both forms in one process (non-causal cells: the
          # noise control), the window / causal feature costs both ways
          TILEATTN_GLUON_BWD_PARTS=1 timeout 200 python3 -m pytest tests/test_gluon_backward.py \

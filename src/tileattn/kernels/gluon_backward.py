@@ -111,8 +111,7 @@ if AVAILABLE:
                        win_left, win_right, softcap, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                        PIPELINE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, fused=None,
-                       FUSED_DQ: gl.constexpr = 0, EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0,
-                       PARTS: gl.constexpr = False):
+                       FUSED_DQ: gl.constexpr = 0, EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0):
         """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps.
         PIPELINE: software-pipelined by one step: S^T_t and dP^T_t are issued with dV += P^T_{t-1} dO_{t-1} and
         dK += dS^T_{t-1} Q_{t-1} between them, so step t's elementwise work runs while step t-1's products hold the
@@ -212,83 +211,57 @@ if AVAILABLE:
                               dq_row0, HEAD_D, EXCHANGE, True, False)
             p_op = gl.convert_layout(p.to(dtype), op_layout)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
-            # PARTS: each query head's tiles in up to three loops, [0, n_lo) and [n_hi, n_m) masked, the unmasked
-            # middle [n_lo, n_hi) built without the mask's code (one loop over all tiles without PARTS)
-            mask_end, mask_start = win[0], win[1]
-            n_lo = gl.minimum(gl.maximum(mask_end - m_lo, 0), n_m)
-            n_hi = n_m
-            if WINDOW:
-                n_hi = gl.maximum(gl.minimum(mask_start - m_lo, n_m), n_lo)
-            for gp in range(group if PARTS else 1):  # one trip without PARTS (folded away)
-                for part in gl.static_range(0 if PARTS and (CAUSAL or WINDOW) else 1, 3 if PARTS and WINDOW else 2):
-                    t_lo = 1
-                    t_hi = n
-                    if PARTS:
-                        t_lo = gp * n_m
-                        t_hi = gp * n_m + n_m
-                        if part == 0:
-                            t_hi = gp * n_m + n_lo
-                        elif part == 1:
-                            t_lo = gp * n_m + n_lo
-                            t_hi = gp * n_m + n_hi
-                        else:
-                            t_lo = gp * n_m + n_hi
-                        t_lo = gl.maximum(t_lo, 1)
-                    for t in range(t_lo, t_hi):
-                        g = t // n_m
-                        if PARTS:
-                            g = gp
-                        tile = m_lo + t - g * n_m
-                        s = t % STAGES
-                        sp = (t - 1) % STAGES
-                        mbarrier.wait(ready.index(s), (t // STAGES) & 1)
-                        if VARLEN:
-                            _zero_foreign_rows(q_smem, do_smem, s, tile, seqlen_q, BLOCK_M)
-                        if EARLY_DQ:  # dQ^T_{t-1} first: staged and added while the step's other products run
-                            dq_tok = issue_dq(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, t - 1, EXCHANGE)
-                        st_tok = warpgroup_mma(k_a, q_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
-                                               use_acc=False, is_async=True)
-                        dv_tok = warpgroup_mma(p_op, do_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dv, is_async=True)
-                        dpt_tok = warpgroup_mma(v_a, do_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)),
-                                                st_zero, use_acc=False, is_async=True)
-                        dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
-                        if EARLY_DQ:
-                            dqt = warpgroup_mma_wait(num_outstanding=4, deps=(dq_tok, ))
-                            if EXCHANGE:
-                                mbarrier.arrive(ds_free.index((t - 1) % 2), count=1)
-                            stage_dq_step(dqt, dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m, m_lo,
-                                          dq_row0, HEAD_D, EXCHANGE, False, True)
-                            st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
-                        elif FUSED_DQ:  # dQ^T_{t-1}
-                            dq_tok = issue_dq(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, t - 1, EXCHANGE)
-                            st = warpgroup_mma_wait(num_outstanding=3 + DQ_MMAS, deps=(st_tok, ))
-                        else:
-                            st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
-                        p, dtanh = dkdv_probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
-                                              alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M,
-                                              CAUSAL and (part != 1 or not PARTS),
-                                              WINDOW and (part != 1 or not PARTS), HAS_SOFTCAP,
-                                              dtype == gl.bfloat16, HAS_ALIBI)
-                        if FUSED_DQ and not EARLY_DQ:
-                            dv, dpt = warpgroup_mma_wait(num_outstanding=1 + DQ_MMAS, deps=(dv_tok, dpt_tok))
-                        else:
-                            dv, dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dpt_tok))
-                        ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
-                        if EARLY_DQ:
-                            dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
-                            stage_dq_step(ds.to(dtype), st_zero, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t,
-                                          n_m, m_lo, dq_row0, HEAD_D, EXCHANGE, True, False)
-                        elif FUSED_DQ:
-                            dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, dq_tok))
-                            if EXCHANGE:
-                                mbarrier.arrive(ds_free.index((t - 1) % 2), count=1)
-                            stage_dq_step(ds.to(dtype), dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m,
-                                          m_lo, dq_row0, HEAD_D, EXCHANGE, True, True)
-                        else:
-                            dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
-                        mbarrier.arrive(empty.index(sp), count=1)
-                        p_op = gl.convert_layout(p.to(dtype), op_layout)
-                        ds_op = gl.convert_layout(ds.to(dtype), op_layout)
+            for t in range(1, n):
+                g = t // n_m
+                tile = m_lo + t - g * n_m
+                s = t % STAGES
+                sp = (t - 1) % STAGES
+                mbarrier.wait(ready.index(s), (t // STAGES) & 1)
+                if VARLEN:
+                    _zero_foreign_rows(q_smem, do_smem, s, tile, seqlen_q, BLOCK_M)
+                if EARLY_DQ:  # dQ^T_{t-1} first: staged and added while the step's other products run
+                    dq_tok = issue_dq(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, t - 1, EXCHANGE)
+                st_tok = warpgroup_mma(k_a, q_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
+                                       use_acc=False, is_async=True)
+                dv_tok = warpgroup_mma(p_op, do_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dv, is_async=True)
+                dpt_tok = warpgroup_mma(v_a, do_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
+                                        use_acc=False, is_async=True)
+                dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
+                if EARLY_DQ:
+                    dqt = warpgroup_mma_wait(num_outstanding=4, deps=(dq_tok, ))
+                    if EXCHANGE:
+                        mbarrier.arrive(ds_free.index((t - 1) % 2), count=1)
+                    stage_dq_step(dqt, dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m, m_lo,
+                                  dq_row0, HEAD_D, EXCHANGE, False, True)
+                    st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
+                elif FUSED_DQ:  # dQ^T_{t-1}
+                    dq_tok = issue_dq(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, t - 1, EXCHANGE)
+                    st = warpgroup_mma_wait(num_outstanding=3 + DQ_MMAS, deps=(st_tok, ))
+                else:
+                    st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
+                p, dtanh = dkdv_probs(st, lse_smem.index(s), tile, keys, seqlen_q, diag, win, qk_scale, softcap,
+                                      alibi_slope(ALIBI_B, hk * group + g, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
+                                      HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
+                if FUSED_DQ and not EARLY_DQ:
+                    dv, dpt = warpgroup_mma_wait(num_outstanding=1 + DQ_MMAS, deps=(dv_tok, dpt_tok))
+                else:
+                    dv, dpt = warpgroup_mma_wait(num_outstanding=1, deps=(dv_tok, dpt_tok))
+                ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(s), tile, seqlen_q, BLOCK_M, HAS_SOFTCAP)
+                if EARLY_DQ:
+                    dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
+                    stage_dq_step(ds.to(dtype), st_zero, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m,
+                                  m_lo, dq_row0, HEAD_D, EXCHANGE, True, False)
+                elif FUSED_DQ:
+                    dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, dq_tok))
+                    if EXCHANGE:
+                        mbarrier.arrive(ds_free.index((t - 1) % 2), count=1)
+                    stage_dq_step(ds.to(dtype), dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m,
+                                  m_lo, dq_row0, HEAD_D, EXCHANGE, True, True)
+                else:
+                    dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
+                mbarrier.arrive(empty.index(sp), count=1)
+                p_op = gl.convert_layout(p.to(dtype), op_layout)
+                ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             sp = (n - 1) % STAGES
             dv_tok = warpgroup_mma(p_op, do_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dv, is_async=True)
             dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
@@ -325,8 +298,7 @@ if AVAILABLE:
                      HAS_SOFTCAP: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
                      HAS_ALIBI: gl.constexpr, SPLIT: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, FUSED_DQ: gl.constexpr = 0,
-                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0, PARTS: gl.constexpr = False,
-                     TRACE=None):
+                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0, TRACE=None):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
         total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
@@ -335,8 +307,7 @@ if AVAILABLE:
         Hq) (batch stride stride_ab, 0 for (Hq,)). SPLIT: 64 keys per program, shared by both consumer warpgroups
         (``_split_consumer``; no varlen or softcap). FUSED_DQ (0: off; else dQ^T staging slots per warpgroup, 2 or
         4): dQ too, reduce-added into the fp32 accumulator ``dq_desc`` describes (``fused_dq``; without it
-        ``dq_desc`` is a placeholder, not read); EARLY_DQ its products' order (``_dkdv_consumer``). PARTS: the
-        pipelined loop split into masked and unmasked tiles (``_dkdv_consumer``). TRACE: None,
+        ``dq_desc`` is a placeholder, not read); EARLY_DQ its products' order (``_dkdv_consumer``). TRACE: None,
         or an int64 (programs, 4) buffer that gets each program's trace (``trace_program``; measurement only)."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HALF_N: gl.constexpr = k_desc.block_type.shape[1]
@@ -423,12 +394,12 @@ if AVAILABLE:
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
                               qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
                               win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS, PARTS)),
+                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
             (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
                               qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
                               win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS, PARTS)),
+                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
             (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
                           delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
                           q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
@@ -470,17 +441,6 @@ def kv_regs(head_dim: int, p: AttnParams, fused: bool) -> int:
     if val:
         return int(val)
     return cfg.kv_regs[p.window_right == 0] if cfg is not None else 0
-
-
-def loop_parts(p: AttnParams) -> bool:
-    """Whether the dK/dV kernel's pipelined loop runs a causal or windowed call's tiles in separate masked and
-    unmasked loops (PARTS, v32b; ``TILEATTN_GLUON_BWD_PARTS=1``). Run 148's program traces (D=128): a causal
-    program's steps cost 5-8% more than a non-causal one's, and run 149 ruled out the order its programs read
-    the query tiles in; the one loop carries the mask's branch on every step."""
-    val = configs.getenv("TILEATTN_GLUON_BWD_PARTS", "0")
-    if val not in ("0", "1"):
-        raise ValueError(f"TILEATTN_GLUON_BWD_PARTS must be 0 or 1, got {val!r}")
-    return val == "1" and (p.window_right == 0 or has_window(p))
 
 
 def fused_applies(cfg) -> bool:
@@ -554,6 +514,5 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
              PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs, **(_fused_flags(d) if dq_acc is not None else {}),
-             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {}),
-             **({"PARTS": True} if loop_parts(p) else {})),
+             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {})),
         4, 1, maxnreg=cfg.maxnreg)
