@@ -457,6 +457,17 @@ def decode_paged_split_factor() -> int:
     return int(value)
 
 
+def decode_whole_waves() -> bool:
+    """Whether the default split count (``decode._default_splits``) takes one split fewer than enough programs to
+    fill every SM's ``programs_per_sm`` slots where that fills the programs' waves better (v33a,
+    ``TILEATTN_DECODE_WAVES=1``): B=8, Hkv=8 on 132 SMs x 2 slots gets 4 splits (256 programs, one wave) instead of
+    5 (320: a second wave of 56), B=16 2 instead of 3."""
+    value = getenv("TILEATTN_DECODE_WAVES", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"TILEATTN_DECODE_WAVES must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def decode_fused_combine() -> bool:
     """Whether a split decode merges its splits inside the split kernel (the last program of each row block to
     finish does it; ``kernels/decode.py``) instead of in a second kernel. ``TILEATTN_DECODE_COMBINE=fused|kernel``;
