@@ -448,7 +448,8 @@ def test_default_splits(monkeypatch):
     from tileattn import configs, decode
     monkeypatch.setattr(configs, "_interpreting", lambda: False)
     monkeypatch.setattr(configs, "sm_count", lambda device: 132)
-    for name in ("TILEATTN_DECODE_CONFIG", "TILEATTN_DECODE_LONG_SPLITS", "TILEATTN_DECODE_PAGED_SPLITS"):
+    for name in ("TILEATTN_DECODE_CONFIG", "TILEATTN_DECODE_LONG_SPLITS", "TILEATTN_DECODE_PAGED_SPLITS",
+                 "TILEATTN_DECODE_WAVES"):
         monkeypatch.delenv(name, raising=False)
     cuda = torch.device("cuda")
     splits = lambda b, h, n, paged=False: decode._default_splits(b, h, n, cuda, 128, paged)  # noqa: E731
@@ -461,6 +462,15 @@ def test_default_splits(monkeypatch):
     monkeypatch.setenv("TILEATTN_DECODE_PAGED_SPLITS", "0")
     with pytest.raises(ValueError, match="TILEATTN_DECODE_PAGED_SPLITS"):
         splits(1, 8, 131072, True)
+    monkeypatch.delenv("TILEATTN_DECODE_PAGED_SPLITS")
+    # whole waves (264 slots): 8 x 8 rows take 4 splits (256 programs) not 5 (320), 16 x 8 2 not 3, 8 rows 33 (264)
+    monkeypatch.setenv("TILEATTN_DECODE_WAVES", "1")
+    assert splits(8, 8, 65536) == 4 and splits(16, 8, 16384) == 2 and splits(64, 8, 4096) == 1
+    assert splits(1, 8, 131072) == 33 and splits(1, 8, 131072, True) == 66
+    assert splits(3, 8, 65536) == 11  # 264 programs: already whole
+    monkeypatch.setenv("TILEATTN_DECODE_WAVES", "2")
+    with pytest.raises(ValueError, match="TILEATTN_DECODE_WAVES"):
+        splits(8, 8, 65536)
 
 
 PAGED_TMA_CASES = {"p64": dict(page=64),
