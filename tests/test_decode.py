@@ -453,6 +453,7 @@ def test_default_splits(monkeypatch):
         monkeypatch.delenv(name, raising=False)
     cuda = torch.device("cuda")
     splits = lambda b, h, n, paged=False: decode._default_splits(b, h, n, cuda, 128, paged)  # noqa: E731
+    monkeypatch.setenv("TILEATTN_DECODE_WAVES", "0")
     assert splits(8, 8, 65536) == 5 and splits(8, 8, 65536, True) == 5  # 5 < 16: paged unchanged
     assert splits(1, 8, 131072) == 33 and splits(1, 8, 131072, True) == 66
     assert splits(1, 8, 4096) == 8 and splits(1, 8, 4096, True) == 8  # 512 keys a split at least
@@ -463,11 +464,14 @@ def test_default_splits(monkeypatch):
     with pytest.raises(ValueError, match="TILEATTN_DECODE_PAGED_SPLITS"):
         splits(1, 8, 131072, True)
     monkeypatch.delenv("TILEATTN_DECODE_PAGED_SPLITS")
-    # whole waves (264 slots): 8 x 8 rows take 4 splits (256 programs) not 5 (320), 16 x 8 2 not 3, 8 rows 33 (264)
-    monkeypatch.setenv("TILEATTN_DECODE_WAVES", "1")
-    assert splits(8, 8, 65536) == 4 and splits(16, 8, 16384) == 2 and splits(64, 8, 4096) == 1
+    # the default (TILEATTN_DECODE_WAVES=1): contiguous short counts for 3 programs per SM (396 slots), rounded
+    # down a split where that fills the waves better: 8 x 8 rows 6 (384 programs; 7 would be 448), 16 x 8 rows 3
+    # (384), 64 x 8 rows 1, 4 x 8 rows 12 (384; 13 would be 416); paged and long counts as before
+    monkeypatch.delenv("TILEATTN_DECODE_WAVES")
+    assert splits(8, 8, 65536) == 6 and splits(16, 8, 16384) == 3 and splits(64, 8, 4096) == 1
+    assert splits(4, 8, 65536) == 12 and splits(32, 8, 65536) == 2  # 32 x 8: 1 and 2 fill alike, the larger
+    assert splits(8, 8, 65536, True) == 5 and splits(16, 8, 16384, True) == 3
     assert splits(1, 8, 131072) == 33 and splits(1, 8, 131072, True) == 66
-    assert splits(3, 8, 65536) == 11  # 264 programs: already whole
     monkeypatch.setenv("TILEATTN_DECODE_WAVES", "2")
     with pytest.raises(ValueError, match="TILEATTN_DECODE_WAVES"):
         splits(8, 8, 65536)

@@ -18,18 +18,22 @@ from .kernels.decode import decode_forward
 
 def _default_splits(batch, kv_heads, max_len, device, head_dim, paged=False) -> int:
     """Enough (split, batch, kv_head) programs to fill every SM ``programs_per_sm`` times (configs.decode_config),
-    each split with at least 512 cache positions (``configs.decode_whole_waves``: or one split fewer where that
-    fills the programs' waves better); paged calls with a long split count
+    each split with at least 512 cache positions. Contiguous calls whose count is short (below
+    ``configs.decode_long_splits``) fill ``programs_per_sm`` + 1 slots per SM instead, taking one split fewer where
+    that fills the programs' waves better (``configs.decode_whole_waves``); paged calls with a long split count
     (``configs.decode_long_splits``) ``configs.decode_paged_split_factor()`` times that."""
     if device.type != "cuda":
         return max(1, min(4, max_len // 64))
     sms = configs.sm_count(device)
     slots, pairs = configs.decode_config(head_dim).programs_per_sm * sms, max(1, batch * kv_heads)
     want = math.ceil(slots / pairs)
-    if configs.decode_whole_waves() and want > 1:  # the count whose programs fill their waves best
-        fill = lambda k: k * pairs / (math.ceil(k * pairs / slots) * slots)  # noqa: E731
-        want = max((want - 1, want), key=fill)
-    if paged and 0 < configs.decode_long_splits() <= want:
+    long = configs.decode_long_splits()
+    if not paged and not 0 < long <= want and configs.decode_whole_waves():
+        slots += sms  # one more program per SM, and the count whose programs fill their waves best (v33b)
+        want = math.ceil(slots / pairs)
+        fill = lambda k: (k * pairs / (math.ceil(k * pairs / slots) * slots), k)  # noqa: E731
+        want = max((max(want - 1, 1), want), key=fill)
+    if paged and 0 < long <= want:
         want *= configs.decode_paged_split_factor()
     return max(1, min(want, max_len // 512, 256))
 
