@@ -140,8 +140,8 @@ for stage in "$@"; do
     trace) # (~1 min) session 25: the dK/dV kernel's per-program trace, causal vs not (benchmarks/bwd_trace.py)
            timeout 100 python3 benchmarks/bwd_trace.py --head-dims 128 --seqlens 4096,16384 2>&1 | grep -v Warning \
              | tee "$OUT/bwd_trace.log" ;;
-    s27) # (~7 min; needs commit 3753399: v32a was removed after run 149) v32a: the dK/dV kernel's query tiles last to first for causal calls (TILEATTN_GLUON_BWD_REVERSE=1):
-         # its tests (the causal and varlen backward cases), both orders in one process (non-causal cells: the noise
+    s27) # (~7 min; needs commit 3753399: v32a was removed after run 149) v32a: the dK/dV kernel's query tiles
+         # last to first for causal calls (TILEATTN_GLUON_BWD_REVERSE=1): its tests (the causal and varlen backward cases), both orders in one process (non-causal cells: the noise
          # control), then the program trace with it
          TILEATTN_GLUON_BWD_REVERSE=1 timeout 200 python3 -m pytest tests/test_gluon_backward.py -k "causal or varlen" \
            -q -n 14 -p no:cacheprovider -p no:benchmark -rf 2>&1 | tee "$OUT/s27_tests.log" | tail -5
@@ -154,8 +154,8 @@ for stage in "$@"; do
            | tee "$OUT/s27_bwd_d64.log"
          TILEATTN_GLUON_BWD_REVERSE=1 timeout 100 python3 benchmarks/bwd_trace.py --head-dims 128 --seqlens 4096,16384 \
            2>&1 | grep -v Warning | tee "$OUT/bwd_trace_reverse.log" ;;
-    s28) # (~7 min; needs commit 82c0a45: v32b was removed after run 150) v32b: the dK/dV kernel's pipelined loop split into masked and unmasked tiles for causal and
-         # windowed calls (TILEATTN_GLUON_BWD_PARTS=1): its tests, both forms in one process (non-causal cells: the
+    s28) # (~7 min; needs commit 82c0a45: v32b was removed after run 150) v32b: the dK/dV kernel's pipelined loop
+         # split into masked and unmasked tiles for causal and windowed calls (TILEATTN_GLUON_BWD_PARTS=1): its tests, both forms in one process (non-causal cells: the
          # noise control), the window / causal feature costs both ways
          TILEATTN_GLUON_BWD_PARTS=1 timeout 200 python3 -m pytest tests/test_gluon_backward.py \
            -k "causal or varlen or window" -q -n 14 -p no:cacheprovider -p no:benchmark -rf 2>&1 \

@@ -472,6 +472,7 @@ def test_default_splits(monkeypatch):
     assert splits(4, 8, 65536) == 12 and splits(32, 8, 65536) == 2  # 32 x 8: 1 and 2 fill alike, the larger
     assert splits(8, 8, 65536, True) == 5 and splits(16, 8, 16384, True) == 3
     assert splits(1, 8, 131072) == 33 and splits(1, 8, 131072, True) == 66
+    assert decode._default_splits(8, 8, 65536, cuda, 256) == 5  # D=256: not measured, unchanged
     monkeypatch.setenv("TILEATTN_DECODE_WAVES", "2")
     with pytest.raises(ValueError, match="TILEATTN_DECODE_WAVES"):
         splits(8, 8, 65536)
