@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s27 s28 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s27 s28 s29 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -169,6 +169,14 @@ for stage in "$@"; do
          for form in 0 1; do echo "--- parts=$form"; TILEATTN_GLUON_BWD_PARTS=$form timeout 100 python3 -m \
            tileattn.bench_features --cases dense,causal,window --out-dir "" 2>&1 | grep -v Warning; done 2>&1 \
            | tee "$OUT/s28_features.log" ;;
+    s29) # (~4 min) session 26's plan: paged decode with v33b's split count (TILEATTN_DECODE_WAVES=all) and contiguous
+         # decode with 4 programs per SM (5 slots with the rounding) as explore rows, then the decode tests with it
+         TILEATTN_DECODE_WAVES=all timeout 120 python3 -m pytest tests/test_decode.py -q -n 14 -p no:cacheprovider \
+           -p no:benchmark -rf 2>&1 | tee "$OUT/s29_decode_tests.log" | tail -3; [ "${PIPESTATUS[0]}" = 0 ] || status=1
+         reap
+         timeout 250 python3 -m tileattn.bench_decode --out-dir "$OUT" --flex-pages= \
+           --explore "TILEATTN_DECODE_WAVES=all;32,4,3,4;TILEATTN_DECODE_WAVES=all&TILEATTN_DECODE_PAGED_SPLITS=1" \
+           2>&1 | grep -v Warning | tee "$OUT/s29_decode.log" ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;

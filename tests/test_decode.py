@@ -473,6 +473,8 @@ def test_default_splits(monkeypatch):
     assert splits(8, 8, 65536, True) == 5 and splits(16, 8, 16384, True) == 3
     assert splits(1, 8, 131072) == 33 and splits(1, 8, 131072, True) == 66
     assert decode._default_splits(8, 8, 65536, cuda, 256) == 5  # D=256: not measured, unchanged
+    monkeypatch.setenv("TILEATTN_DECODE_WAVES", "all")  # paged calls too
+    assert splits(8, 8, 65536, True) == 6 and splits(1, 8, 131072, True) == 66
     monkeypatch.setenv("TILEATTN_DECODE_WAVES", "2")
     with pytest.raises(ValueError, match="TILEATTN_DECODE_WAVES"):
         splits(8, 8, 65536)

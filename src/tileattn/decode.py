@@ -20,7 +20,8 @@ def _default_splits(batch, kv_heads, max_len, device, head_dim, paged=False) -> 
     """Enough (split, batch, kv_head) programs to fill every SM ``programs_per_sm`` times (configs.decode_config),
     each split with at least 512 cache positions. Contiguous calls, head dims <= 128 (as measured), whose count
     is short (below ``configs.decode_long_splits``) fill ``programs_per_sm`` + 1 slots per SM instead, taking one split fewer where
-    that fills the programs' waves better (``configs.decode_whole_waves``); paged calls with a long split count
+    that fills the programs' waves better (``configs.decode_whole_waves``; paged calls too with
+    ``TILEATTN_DECODE_WAVES=all``, not measured yet); paged calls with a long split count
     (``configs.decode_long_splits``) ``configs.decode_paged_split_factor()`` times that."""
     if device.type != "cuda":
         return max(1, min(4, max_len // 64))
@@ -28,8 +29,7 @@ def _default_splits(batch, kv_heads, max_len, device, head_dim, paged=False) -> 
     slots, pairs = configs.decode_config(head_dim).programs_per_sm * sms, max(1, batch * kv_heads)
     want = math.ceil(slots / pairs)
     long = configs.decode_long_splits()
-    if not paged and not 0 < long <= want and configs.padded_head_dim(head_dim) <= 128 \
-            and configs.decode_whole_waves():
+    if not 0 < long <= want and configs.padded_head_dim(head_dim) <= 128 and configs.decode_whole_waves(paged):
         slots += sms  # one more program per SM, and the count whose programs fill their waves best (v33b)
         want = math.ceil(slots / pairs)
         fill = lambda k: (k * pairs / (math.ceil(k * pairs / slots) * slots), k)  # noqa: E731
