@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s27 s28 s29 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -140,35 +140,6 @@ for stage in "$@"; do
     trace) # (~1 min) session 25: the dK/dV kernel's per-program trace, causal vs not (benchmarks/bwd_trace.py)
            timeout 100 python3 benchmarks/bwd_trace.py --head-dims 128 --seqlens 4096,16384 2>&1 | grep -v Warning \
              | tee "$OUT/bwd_trace.log" ;;
-    s27) # (~7 min; needs commit 3753399: v32a was removed after run 149) v32a: the dK/dV kernel's query tiles
-         # last to first for causal calls (TILEATTN_GLUON_BWD_REVERSE=1): its tests (the causal and varlen backward cases), both orders in one process (non-causal cells: the noise
-         # control), then the program trace with it
-         TILEATTN_GLUON_BWD_REVERSE=1 timeout 200 python3 -m pytest tests/test_gluon_backward.py -k "causal or varlen" \
-           -q -n 14 -p no:cacheprovider -p no:benchmark -rf 2>&1 | tee "$OUT/s27_tests.log" | tail -5
-         [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-         timeout 200 python3 benchmarks/bwd_variants.py --head-dims 128 --seqlens 1024,2048,4096,8192,16384 --profile \
-           --variants "fwd=TILEATTN_GLUON_BWD_REVERSE:0,rev=TILEATTN_GLUON_BWD_REVERSE:1" 2>&1 | grep -v Warning \
-           | tee "$OUT/s27_bwd_d128.log"
-         timeout 100 python3 benchmarks/bwd_variants.py --head-dims 64 --seqlens 2048,8192 --profile \
-           --variants "fwd=TILEATTN_GLUON_BWD_REVERSE:0,rev=TILEATTN_GLUON_BWD_REVERSE:1" 2>&1 | grep -v Warning \
-           | tee "$OUT/s27_bwd_d64.log"
-         TILEATTN_GLUON_BWD_REVERSE=1 timeout 100 python3 benchmarks/bwd_trace.py --head-dims 128 --seqlens 4096,16384 \
-           2>&1 | grep -v Warning | tee "$OUT/bwd_trace_reverse.log" ;;
-    s28) # (~7 min; needs commit 82c0a45: v32b was removed after run 150) v32b: the dK/dV kernel's pipelined loop
-         # split into masked and unmasked tiles for causal and windowed calls (TILEATTN_GLUON_BWD_PARTS=1): its tests, both forms in one process (non-causal cells: the
-         # noise control), the window / causal feature costs both ways
-         TILEATTN_GLUON_BWD_PARTS=1 timeout 200 python3 -m pytest tests/test_gluon_backward.py \
-           -k "causal or varlen or window" -q -n 14 -p no:cacheprovider -p no:benchmark -rf 2>&1 \
-           | tee "$OUT/s28_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-         timeout 200 python3 benchmarks/bwd_variants.py --head-dims 128 --seqlens 1024,2048,4096,8192,16384 --profile \
-           --variants "one=TILEATTN_GLUON_BWD_PARTS:0,parts=TILEATTN_GLUON_BWD_PARTS:1" 2>&1 | grep -v Warning \
-           | tee "$OUT/s28_bwd_d128.log"
-         timeout 100 python3 benchmarks/bwd_variants.py --head-dims 64 --seqlens 2048,8192 --profile \
-           --variants "one=TILEATTN_GLUON_BWD_PARTS:0,parts=TILEATTN_GLUON_BWD_PARTS:1" 2>&1 | grep -v Warning \
-           | tee "$OUT/s28_bwd_d64.log"
-         for form in 0 1; do echo "--- parts=$form"; TILEATTN_GLUON_BWD_PARTS=$form timeout 100 python3 -m \
-           tileattn.bench_features --cases dense,causal,window --out-dir "" 2>&1 | grep -v Warning; done 2>&1 \
-           | tee "$OUT/s28_features.log" ;;
     s29) # (~4 min) session 26's plan: paged decode with v33b's split count (TILEATTN_DECODE_WAVES=all) and contiguous
          # decode with 4 programs per SM (5 slots with the rounding) as explore rows, then the decode tests with it
          TILEATTN_DECODE_WAVES=all timeout 120 python3 -m pytest tests/test_decode.py -q -n 14 -p no:cacheprovider \
