@@ -10,6 +10,7 @@ Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--cau
 """
 import argparse
 import collections
+import dataclasses
 import inspect
 import os
 import re
@@ -110,7 +111,10 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
                   PRODUCER_REGS=preg,
                   **(gb._fused_flags(d) if fused_dq else {}),  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
                   KV_REGS=(gb.kv_regs(d, _call_params(softcap, alibi, window, causal), fused_dq) if kv_regs is None
-                           else kv_regs))
+                           else kv_regs),
+                  # TILEATTN_GLUON_BWD_SKIP as at launch
+                  SKIP_DEAD=gb.skip_dead(dataclasses.replace(c, pipeline=bool(pipe), split=split),
+                                         _call_params(softcap, alibi, window, causal), fused_dq))
     fn = gb._dkdv_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("DK", "DV")}
