@@ -464,15 +464,12 @@ def kv_regs(head_dim: int, p: AttnParams, fused: bool) -> int:
 
 def skip_dead(cfg, p: AttnParams, fused: bool) -> bool:
     """Whether the dK/dV kernel's warpgroups skip the products of the query tiles that see none of their keys
-    (SKIP_DEAD, v34a; ``TILEATTN_GLUON_BWD_SKIP=1``, not GPU-run yet): causal calls on the pipelined config. With
+    (SKIP_DEAD, v34a; ``configs.bwd_skip_dead``): causal calls on the pipelined config, without FUSED_DQ. With
     32-row steps and 64 keys a warpgroup, the second warpgroup's first two steps of each program are all masked
     (P = 0) and still cost their four products; run 148's traces put 4.4 µs of fixed cost on each causal program
     against ~2 for a non-causal one. Only the first query head of a GQA group skips (its tiles start the ring)."""
-    val = configs.getenv("TILEATTN_GLUON_BWD_SKIP", "0")
-    if val not in ("0", "1"):
-        raise ValueError(f"TILEATTN_GLUON_BWD_SKIP must be 0 or 1, got {val!r}")
     causal = p.window_right == 0 and not has_window(p)
-    return val == "1" and causal and cfg.pipeline and not cfg.split and not fused
+    return configs.bwd_skip_dead() and causal and cfg.pipeline and not cfg.split and not fused
 
 
 def fused_applies(cfg) -> bool:
