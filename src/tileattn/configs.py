@@ -469,8 +469,8 @@ def bwd_skip_dead() -> bool:
 
 def decode_whole_waves(paged: bool = False) -> bool:
     """Whether contiguous decode calls (head dims <= 128) with a short default split count
-    (``decode._default_splits``, below ``decode_long_splits``) size it for ``programs_per_sm`` + 1 programs per SM and take one split fewer where
-    that fills the programs' waves better (v33b, ``TILEATTN_DECODE_WAVES``, default 1). H200, CUDA-graph µs, same
+    (``decode._default_splits``, below ``decode_long_splits``) size it for ``programs_per_sm`` + 1 programs per SM
+    and take one split fewer where that fills the programs' waves better (v33b, ``TILEATTN_DECODE_WAVES``, default 1). H200, CUDA-graph µs, same
     process (runs 152-153): B=8, Hkv=8, 64k keys, 6 splits (384 programs in 396 slots) 479.9 / 490.1 against 5
     (320 in 264) 505.1, cuDNN 483.5; 7 splits (3 per SM, no rounding) 503.2. The other table rows keep their
     counts (16x16k 3, 64x4k 1; 1x131k is long). v33a, the rounding alone at 2 per SM (4 splits at 8x64k), read
