@@ -475,6 +475,8 @@ def test_default_splits(monkeypatch):
     assert decode._default_splits(8, 8, 65536, cuda, 256) == 5  # D=256: not measured, unchanged
     monkeypatch.setenv("TILEATTN_DECODE_WAVES", "all")  # paged calls too
     assert splits(8, 8, 65536, True) == 6 and splits(1, 8, 131072, True) == 66
+    # 3 x 8 rows: 11 splits at 2 per SM (short), 17 at 3 per SM: short still, not doubled as a long paged count
+    assert splits(3, 8, 65536, True) == 16
     monkeypatch.setenv("TILEATTN_DECODE_WAVES", "2")
     with pytest.raises(ValueError, match="TILEATTN_DECODE_WAVES"):
         splits(8, 8, 65536)

@@ -417,10 +417,9 @@ def decode_config(head_dim: int, paged: bool = False, paged_tma: bool = False, s
     246 vs 248 / 247, B=1 131k 142 / 142 vs 170 / 169, 16x16k 255 / 254 vs 263 / 263; with 2 stages 64x4k read 327).
     D=256: 32-key tiles, 2 stages (not measured). Calls with ``splits`` >= ``decode_long_splits()`` (default 16)
     take 3 stages (paged, gather form: ``decode_paged_split_factor``) and, contiguous, head dims <= 128, 64-key
-    tiles (H200, CUDA-graph
-    µs, B=1 131k with 33 splits: run 103 126.5 vs 130.9, cuDNN 126.4; run 108 126.9 vs 131.4, cuDNN 125.9. That
-    config on every call lost elsewhere in run 103: 8x64k, 5 splits, 522 vs 504, 16x16k 250 vs 247, 64x4k, one
-    split, 277 vs 245)."""
+    tiles (H200, CUDA-graph µs, B=1 131k with 33 splits: run 103 126.5 vs 130.9, cuDNN 126.4; run 108 126.9 vs
+    131.4, cuDNN 125.9. That config on every call lost elsewhere in run 103: 8x64k, 5 splits, 522 vs 504, 16x16k
+    250 vs 247, 64x4k, one split, 277 vs 245)."""
     over = _override("TILEATTN_DECODE_CONFIG")
     if over:
         return DecodeConfig(*over)

@@ -28,14 +28,14 @@ def _default_splits(batch, kv_heads, max_len, device, head_dim, paged=False) -> 
     sms = configs.sm_count(device)
     slots, pairs = configs.decode_config(head_dim).programs_per_sm * sms, max(1, batch * kv_heads)
     want = math.ceil(slots / pairs)
-    long = configs.decode_long_splits()
-    if not 0 < long <= want and configs.padded_head_dim(head_dim) <= 128 and configs.decode_whole_waves(paged):
+    long = 0 < configs.decode_long_splits() <= want  # judged on this count, whichever branch follows
+    if paged and long:
+        want *= configs.decode_paged_split_factor()
+    elif not long and configs.padded_head_dim(head_dim) <= 128 and configs.decode_whole_waves(paged):
         slots += sms  # one more program per SM, and the count whose programs fill their waves best (v33b)
         want = math.ceil(slots / pairs)
         fill = lambda k: (k * pairs / (math.ceil(k * pairs / slots) * slots), k)  # noqa: E731
         want = max((max(want - 1, 1), want), key=fill)
-    if paged and 0 < long <= want:
-        want *= configs.decode_paged_split_factor()
     return max(1, min(want, max_len // 512, 256))
 
 
