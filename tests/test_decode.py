@@ -464,19 +464,24 @@ def test_default_splits(monkeypatch):
     with pytest.raises(ValueError, match="TILEATTN_DECODE_PAGED_SPLITS"):
         splits(1, 8, 131072, True)
     monkeypatch.delenv("TILEATTN_DECODE_PAGED_SPLITS")
-    # the default (TILEATTN_DECODE_WAVES=1): contiguous short counts for 3 programs per SM (396 slots), rounded
-    # down a split where that fills the waves better: 8 x 8 rows 6 (384 programs; 7 would be 448), 16 x 8 rows 3
-    # (384), 64 x 8 rows 1, 4 x 8 rows 12 (384; 13 would be 416); paged and long counts as before
-    monkeypatch.delenv("TILEATTN_DECODE_WAVES")
+    # TILEATTN_DECODE_WAVES=1: contiguous short counts for 3 programs per SM (396 slots), rounded down a split
+    # where that fills the waves better: 8 x 8 rows 6 (384 programs; 7 would be 448), 16 x 8 rows 3 (384), 64 x 8
+    # rows 1, 4 x 8 rows 12 (384; 13 would be 416); paged and long counts as with 0
+    monkeypatch.setenv("TILEATTN_DECODE_WAVES", "1")
     assert splits(8, 8, 65536) == 6 and splits(16, 8, 16384) == 3 and splits(64, 8, 4096) == 1
     assert splits(4, 8, 65536) == 12 and splits(32, 8, 65536) == 2  # 32 x 8: 1 and 2 fill alike, the larger
     assert splits(8, 8, 65536, True) == 5 and splits(16, 8, 16384, True) == 3
     assert splits(1, 8, 131072) == 33 and splits(1, 8, 131072, True) == 66
     assert decode._default_splits(8, 8, 65536, cuda, 256) == 5  # D=256: not measured, unchanged
-    monkeypatch.setenv("TILEATTN_DECODE_WAVES", "all")  # paged calls too
-    assert splits(8, 8, 65536, True) == 6 and splits(1, 8, 131072, True) == 66
-    # 3 x 8 rows: 11 splits at 2 per SM (short), 17 at 3 per SM: short still, not doubled as a long paged count
-    assert splits(3, 8, 65536, True) == 16
+    for value in ("all", None):  # the default: paged calls too
+        if value is None:
+            monkeypatch.delenv("TILEATTN_DECODE_WAVES")
+        else:
+            monkeypatch.setenv("TILEATTN_DECODE_WAVES", value)
+        assert splits(8, 8, 65536) == 6 and splits(8, 8, 65536, True) == 6 and splits(16, 8, 16384, True) == 3
+        assert splits(1, 8, 131072, True) == 66 and decode._default_splits(8, 8, 65536, cuda, 256, True) == 5
+        # 3 x 8 rows: 11 splits at 2 per SM (short), 17 at 3 per SM: short still, not doubled as a long paged count
+        assert splits(3, 8, 65536, True) == 16
     monkeypatch.setenv("TILEATTN_DECODE_WAVES", "2")
     with pytest.raises(ValueError, match="TILEATTN_DECODE_WAVES"):
         splits(8, 8, 65536)

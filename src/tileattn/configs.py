@@ -467,15 +467,16 @@ def bwd_skip_dead() -> bool:
 
 
 def decode_whole_waves(paged: bool = False) -> bool:
-    """Whether contiguous decode calls (head dims <= 128) with a short default split count
-    (``decode._default_splits``, below ``decode_long_splits``) size it for ``programs_per_sm`` + 1 programs per SM
-    and take one split fewer where that fills the programs' waves better (v33b, ``TILEATTN_DECODE_WAVES``, default
-    1). H200, CUDA-graph µs, same process (runs 152-153): B=8, Hkv=8, 64k keys, 6 splits (384 programs in 396
-    slots) 479.9 / 490.1 against 5 (320 in 264) 505.1, cuDNN 483.5; 7 splits (3 per SM, no rounding) 503.2. The
-    other table rows keep their counts (16x16k 3, 64x4k 1; 1x131k is long). v33a, the rounding alone at 2 per SM
-    (4 splits at 8x64k), read 506.2 against 504.7, and 16x16k with 2 splits 258.1 against 246.5 (3).
-    ``TILEATTN_DECODE_WAVES=all``: paged calls too (an experiment: not measured), 0: neither."""
-    value = getenv("TILEATTN_DECODE_WAVES", "1")
+    """Whether decode calls (head dims <= 128) with a short default split count (``decode._default_splits``, below
+    ``decode_long_splits``) size it for ``programs_per_sm`` + 1 programs per SM and take one split fewer where that
+    fills the programs' waves better (v33b, ``TILEATTN_DECODE_WAVES``). H200, CUDA-graph µs, same process (runs
+    152-153): B=8, Hkv=8, 64k keys, 6 splits (384 programs in 396 slots) 479.9 / 490.1 against 5 (320 in 264)
+    505.1, cuDNN 483.5; 7 splits (3 per SM, no rounding) 503.2. The other table rows keep their counts (16x16k 3,
+    64x4k 1; 1x131k is long). v33a, the rounding alone at 2 per SM (4 splits at 8x64k), read 506.2 against 504.7,
+    and 16x16k with 2 splits 258.1 against 246.5 (3). Paged calls too since run 155 (8x64k page 256: 500.8 against
+    532.6 µs, page 16: 519.9 against 569.3; the other rows unchanged). ``TILEATTN_DECODE_WAVES``: all (default),
+    1 = contiguous calls only, 0 = neither."""
+    value = getenv("TILEATTN_DECODE_WAVES", "all")
     if value not in ("0", "1", "all"):
         raise ValueError(f"TILEATTN_DECODE_WAVES must be 0, 1 or all, got {value!r}")
     return value == "all" or value == "1" and not paged

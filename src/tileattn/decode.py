@@ -18,11 +18,10 @@ from .kernels.decode import decode_forward
 
 def _default_splits(batch, kv_heads, max_len, device, head_dim, paged=False) -> int:
     """Enough (split, batch, kv_head) programs to fill every SM ``programs_per_sm`` times (configs.decode_config),
-    each split with at least 512 cache positions. Contiguous calls, head dims <= 128 (as measured), whose count
-    is short (below ``configs.decode_long_splits``) fill ``programs_per_sm`` + 1 slots per SM instead, taking one
-    split fewer where that fills the programs' waves better (``configs.decode_whole_waves``; paged calls too with
-    ``TILEATTN_DECODE_WAVES=all``, not measured yet); paged calls with a long split count
-    (``configs.decode_long_splits``) ``configs.decode_paged_split_factor()`` times that."""
+    each split with at least 512 cache positions. Calls with head dims <= 128 (as measured) whose count is short
+    (below ``configs.decode_long_splits``) fill ``programs_per_sm`` + 1 slots per SM instead, taking one split
+    fewer where that fills the programs' waves better (``configs.decode_whole_waves``); paged calls with a long
+    split count (``configs.decode_long_splits``) ``configs.decode_paged_split_factor()`` times that."""
     if device.type != "cuda":
         return max(1, min(4, max_len // 64))
     sms = configs.sm_count(device)
