@@ -10,7 +10,6 @@ Usage: PYTHONPATH=src python benchmarks/gluon_compile.py [--head-dim 128] [--cau
 """
 import argparse
 import collections
-import dataclasses
 import inspect
 import os
 import re
@@ -111,10 +110,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
                   PRODUCER_REGS=preg,
                   **(gb._fused_flags(d) if fused_dq else {}),  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
                   KV_REGS=(gb.kv_regs(d, _call_params(softcap, alibi, window, causal), fused_dq) if kv_regs is None
-                           else kv_regs),
-                  # TILEATTN_GLUON_BWD_SKIP as at launch
-                  SKIP_DEAD=gb.skip_dead(dataclasses.replace(c, pipeline=bool(pipe), split=split),
-                                         _call_params(softcap, alibi, window, causal), fused_dq))
+                           else kv_regs))
     fn = gb._dkdv_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("DK", "DV")}
@@ -165,8 +161,7 @@ def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False
            "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32", **({"TRACE": "*i64"} if trace else {})}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=2, CAUSAL=causal and not window, WINDOW=window,
                   HAS_RESID=resid, HAS_DLSE=dlse, VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
-                  CONSUMER_REGS=creg, PRODUCER_REGS=preg,
-                  SKIP_DEAD=gq.skip_dead(_call_params(softcap, alibi, window, causal)))  # TILEATTN_GLUON_BWD_SKIP
+                  CONSUMER_REGS=creg, PRODUCER_REGS=preg)
     fn = gq._dq_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("O", "RESID", "DO", "LSE", "DLSE",

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s30 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -148,18 +148,6 @@ for stage in "$@"; do
          timeout 250 python3 -m tileattn.bench_decode --out-dir "$OUT" --flex-pages= \
            --explore "TILEATTN_DECODE_WAVES=all;32,4,3,4;TILEATTN_DECODE_WAVES=all&TILEATTN_DECODE_PAGED_SPLITS=1" \
            2>&1 | grep -v Warning | tee "$OUT/s29_decode.log" ;;
-    s30) # (~6 min) v34a: the dK/dV warpgroups skip the products of causal query tiles that see none of their keys
-         # (TILEATTN_GLUON_BWD_SKIP=1, not GPU-run yet): the causal / varlen backward tests with it, both forms in one
-         # process (non-causal cells: the noise control), the program trace with it
-         TILEATTN_GLUON_BWD_SKIP=1 timeout 200 python3 -m pytest tests/test_gluon_backward.py -k "causal or varlen" \
-           -q -n 14 -p no:cacheprovider -p no:benchmark -rf 2>&1 | tee "$OUT/s30_tests.log" | tail -5
-         [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-         for spec in "128 1024,2048,4096,16384" "64 1024,2048,8192"; do read -r hd sl <<< "$spec"
-           timeout 200 python3 benchmarks/bwd_variants.py --head-dims "$hd" --seqlens "$sl" --profile \
-             --variants "all=TILEATTN_GLUON_BWD_SKIP:0,skip=TILEATTN_GLUON_BWD_SKIP:1" 2>&1 | grep -v Warning
-         done 2>&1 | tee "$OUT/s30_bwd.log"
-         TILEATTN_GLUON_BWD_SKIP=1 timeout 100 python3 benchmarks/bwd_trace.py --head-dims 128 --seqlens 2048,16384 \
-           2>&1 | grep -v Warning | tee "$OUT/s30_trace.log" ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;

@@ -456,16 +456,6 @@ def decode_paged_split_factor() -> int:
     return int(value)
 
 
-def bwd_skip_dead() -> bool:
-    """Whether the Hopper backward's warpgroups pass over the causal tiles that none of their rows / keys see
-    (v34a, ``TILEATTN_GLUON_BWD_SKIP=1``; not GPU-run yet, default 0): ``gluon_backward.skip_dead``,
-    ``gluon_dq.skip_dead``."""
-    value = getenv("TILEATTN_GLUON_BWD_SKIP", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"TILEATTN_GLUON_BWD_SKIP must be 0 or 1, got {value!r}")
-    return value == "1"
-
-
 def decode_whole_waves(paged: bool = False) -> bool:
     """Whether decode calls (head dims <= 128) with a short default split count (``decode._default_splits``, below
     ``decode_long_splits``) size it for ``programs_per_sm`` + 1 programs per SM and take one split fewer where that

@@ -111,8 +111,7 @@ if AVAILABLE:
                        win_left, win_right, softcap, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                        PIPELINE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, fused=None,
-                       FUSED_DQ: gl.constexpr = 0, EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0,
-                       SKIP_DEAD: gl.constexpr = False):
+                       FUSED_DQ: gl.constexpr = 0, EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0):
         """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps.
         PIPELINE: software-pipelined by one step: S^T_t and dP^T_t are issued with dV += P^T_{t-1} dO_{t-1} and
         dK += dS^T_{t-1} Q_{t-1} between them, so step t's elementwise work runs while step t-1's products hold the
@@ -160,12 +159,6 @@ if AVAILABLE:
         if KV_REGS >= 2:
             v_a = v2.load(gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2))
         n = group * n_m
-        t0 = 0
-        if SKIP_DEAD:  # the first query head's tiles whose rows all precede this warpgroup's keys: no products
-            t0 = gl.minimum(gl.maximum(gl.maximum(key0 - diag, 0) // BLOCK_M - m_lo, 0), n_m)
-            for t in range(t0):
-                mbarrier.wait(ready.index(t % STAGES), (t // STAGES) & 1)
-                mbarrier.arrive(empty.index(t % STAGES), count=1)
         if not PIPELINE:  # the plain order (64-row steps at D=128 pipelined need more registers: C7512)
             for t in range(n):
                 g = t // n_m
@@ -189,29 +182,20 @@ if AVAILABLE:
                 dk_tok = warpgroup_mma(gl.convert_layout(ds.to(dtype), op_layout), q2, dk, is_async=True)
                 dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok))
                 mbarrier.arrive(empty.index(s), count=1)
-        elif n > t0:
-            s0 = 0  # the pipeline's first step t0: slot, phase, query head and tile
-            ph0 = 0
-            g0 = 0
-            tile0 = m_lo
-            if SKIP_DEAD:
-                s0 = t0 % STAGES
-                ph0 = (t0 // STAGES) & 1
-                g0 = t0 // n_m
-                tile0 = m_lo + t0 - g0 * n_m
-            mbarrier.wait(ready.index(s0), ph0)
+        elif n > 0:
+            mbarrier.wait(ready.index(0), 0)
             if VARLEN:
-                _zero_foreign_rows(q_smem, do_smem, s0, tile0, seqlen_q, BLOCK_M)
-            st_tok = warpgroup_mma(k_a, q_smem.index(s0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
+                _zero_foreign_rows(q_smem, do_smem, 0, m_lo, seqlen_q, BLOCK_M)
+            st_tok = warpgroup_mma(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                    use_acc=False, is_async=True)
-            dpt_tok = warpgroup_mma(v_a, do_smem.index(s0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
+            dpt_tok = warpgroup_mma(v_a, do_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                     use_acc=False, is_async=True)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-            p, dtanh = dkdv_probs(st, lse_smem.index(s0), tile0, keys, seqlen_q, diag, win, qk_scale, softcap,
-                                  alibi_slope(ALIBI_B, hk * group + g0, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
+            p, dtanh = dkdv_probs(st, lse_smem.index(0), m_lo, keys, seqlen_q, diag, win, qk_scale, softcap,
+                                  alibi_slope(ALIBI_B, hk * group, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
                                   HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
-            ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(s0), tile0, seqlen_q, BLOCK_M, HAS_SOFTCAP)
+            ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M, HAS_SOFTCAP)
             if FUSED_DQ:
                 ds_slots, ds_ready, ds_free, dq_slots, dq_desc, dq_row0 = fused
                 # (HALF_N, BLOCK_M) of a step's dQ^T: D=128 this warpgroup's 64 rows of D over both warpgroups'
@@ -227,7 +211,7 @@ if AVAILABLE:
                               dq_row0, HEAD_D, EXCHANGE, True, False)
             p_op = gl.convert_layout(p.to(dtype), op_layout)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
-            for t in range(t0 + 1, n):
+            for t in range(1, n):
                 g = t // n_m
                 tile = m_lo + t - g * n_m
                 s = t % STAGES
@@ -314,8 +298,7 @@ if AVAILABLE:
                      HAS_SOFTCAP: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
                      HAS_ALIBI: gl.constexpr, SPLIT: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, FUSED_DQ: gl.constexpr = 0,
-                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0, SKIP_DEAD: gl.constexpr = False,
-                     TRACE=None):
+                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0, TRACE=None):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
         total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
@@ -324,9 +307,7 @@ if AVAILABLE:
         Hq) (batch stride stride_ab, 0 for (Hq,)). SPLIT: 64 keys per program, shared by both consumer warpgroups
         (``_split_consumer``; no varlen or softcap). FUSED_DQ (0: off; else dQ^T staging slots per warpgroup, 2 or
         4): dQ too, reduce-added into the fp32 accumulator ``dq_desc`` describes (``fused_dq``; without it
-        ``dq_desc`` is a placeholder, not read); EARLY_DQ its products' order (``_dkdv_consumer``). SKIP_DEAD
-        (causal, PIPELINE, not FUSED_DQ; ``skip_dead``): a warpgroup passes over the first query head's tiles whose
-        rows all precede its keys (its ring slots released, no products), starting its pipeline after them. TRACE: None,
+        ``dq_desc`` is a placeholder, not read); EARLY_DQ its products' order (``_dkdv_consumer``). TRACE: None,
         or an int64 (programs, 4) buffer that gets each program's trace (``trace_program``; measurement only)."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HALF_N: gl.constexpr = k_desc.block_type.shape[1]
@@ -413,12 +394,12 @@ if AVAILABLE:
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
                               qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
                               win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS, SKIP_DEAD)),
+                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
             (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
                               qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
                               win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS, SKIP_DEAD)),
+                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
             (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
                           delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
                           q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
@@ -460,16 +441,6 @@ def kv_regs(head_dim: int, p: AttnParams, fused: bool) -> int:
     if val:
         return int(val)
     return cfg.kv_regs[p.window_right == 0] if cfg is not None else 0
-
-
-def skip_dead(cfg, p: AttnParams, fused: bool) -> bool:
-    """Whether the dK/dV kernel's warpgroups skip the products of the query tiles that see none of their keys
-    (SKIP_DEAD, v34a; ``configs.bwd_skip_dead``): causal calls on the pipelined config, without FUSED_DQ. With
-    32-row steps and 64 keys a warpgroup, the second warpgroup's first two steps of each program are all masked
-    (P = 0) and still cost their four products; run 148's traces put 4.4 µs of fixed cost on each causal program
-    against ~2 for a non-causal one. Only the first query head of a GQA group skips (its tiles start the ring)."""
-    causal = p.window_right == 0 and not has_window(p)
-    return configs.bwd_skip_dead() and causal and cfg.pipeline and not cfg.split and not fused
 
 
 def fused_applies(cfg) -> bool:
@@ -543,6 +514,5 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
              PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs, **(_fused_flags(d) if dq_acc is not None else {}),
-             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {}),
-             **({"SKIP_DEAD": True} if skip_dead(cfg, p, dq_acc is not None) else {})),
+             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {})),
         4, 1, maxnreg=cfg.maxnreg)

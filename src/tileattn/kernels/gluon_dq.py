@@ -24,7 +24,6 @@ in shared memory (K and V), a sequence's last query rows stored by masked pointe
 import torch
 import triton
 
-from .. import configs
 from .gluon_common import AVAILABLE, has_window, make_desc, window_bounds
 from .launch import launch
 from .params import AttnParams
@@ -157,11 +156,9 @@ if AVAILABLE:
                      stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
                      lo, win_left, win_right, softcap, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
                      V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                     HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                     SKIP_DEAD: gl.constexpr = False):
+                     HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr):
         """One warpgroup: rows [start_m + w * HALF_M, + HALF_M), key tiles lo .. lo + n - 1 (ring positions 0 ..
-        n - 1). SKIP_DEAD (causal): the last tiles, whose keys all follow this warpgroup's rows, are released
-        without products. VARLEN: the key tile that
+        n - 1). VARLEN: the key tile that
         crosses the sequence's end has its other rows (the next sequence's) zeroed in K and V before use (their P
         is 0, but 0 * NaN is NaN); the sequence's last rows are stored by masked pointer stores (DQ)."""
         q_bars, k_ready, k_empty, v_ready, v_empty = bars
@@ -186,10 +183,7 @@ if AVAILABLE:
         q2 = q_smem.index(w).reshape([HALF_M, HEAD_D])
         do2 = do_smem.index(w).reshape([HALF_M, HEAD_D])
         mbarrier.wait(q_bars.index(w), 0)
-        n_w = n  # the tiles this warpgroup computes
-        if SKIP_DEAD:
-            n_w = gl.minimum(gl.maximum(gl.cdiv(row0 + HALF_M + diag, BLOCK_N) - lo, 0), n)
-        if n_w > 0:
+        if n > 0:
             mbarrier.wait(k_ready.index(0), 0)
             if VARLEN:
                 _zero_past_end(k_smem, 0, lo, seqlen_k)
@@ -206,7 +200,7 @@ if AVAILABLE:
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
             mbarrier.arrive(v_empty.index(0), count=1)
             ds_op = _dscores_op(p, dtanh, dp, delta, dtype, op_layout, HAS_SOFTCAP)
-            for j in range(1, n_w):
+            for j in range(1, n):
                 ks = j % K_STAGES
                 vs = j % V_STAGES
                 kp = (j - 1) % K_STAGES
@@ -228,16 +222,10 @@ if AVAILABLE:
                 mbarrier.arrive(k_empty.index(kp), count=1)
                 mbarrier.arrive(v_empty.index(vs), count=1)
                 ds_op = _dscores_op(p, dtanh, dp, delta, dtype, op_layout, HAS_SOFTCAP)
-            kp = (n_w - 1) % K_STAGES
+            kp = (n - 1) % K_STAGES
             dq_tok = warpgroup_mma(ds_op, k_smem.index(kp).reshape([BLOCK_N, HEAD_D]), dq, is_async=True)
             dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
             mbarrier.arrive(k_empty.index(kp), count=1)
-        if SKIP_DEAD:
-            for j in range(n_w, n):  # each slot once loaded (its barrier's phase complete), then released
-                mbarrier.wait(k_ready.index(j % K_STAGES), (j // K_STAGES) & 1)
-                mbarrier.wait(v_ready.index(j % V_STAGES), (j // V_STAGES) & 1)
-                mbarrier.arrive(k_empty.index(j % K_STAGES), count=1)
-                mbarrier.arrive(v_empty.index(j % V_STAGES), count=1)
         q2.store((dq * sm_scale).to(dtype))  # Q is dead: its buffer stages dQ (TMA clips rows past the tensor)
         if VARLEN:
             if row0 + HALF_M > seqlen_q:  # the sequence's last rows (or none): masked pointer stores
@@ -257,14 +245,13 @@ if AVAILABLE:
                    HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                    WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                    HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, SKIP_DEAD: gl.constexpr = False,
-                   TRACE=None):
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TRACE=None):
         """Warp-specialised: two consumer warpgroups (64 query rows each) and a producer warp. TRACE: None, or an
         int64 (programs, 4) buffer for each program's trace (``trace_program``; measurement only). VARLEN: packed (1,
         total, H, D) tensors, sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are
         then read per sequence (the arguments are the maxima); DQ: dq as a pointer (row and head strides
         stride_dqs / stride_dqh) for the masked stores of a sequence's last rows. ALIBI: fp32 slopes (Hq,) or (B,
-        Hq) (batch stride stride_ab, 0 for (Hq,)). SKIP_DEAD: ``_dq_consumer`` (``skip_dead``)."""
+        Hq) (batch stride stride_ab, 0 for (Hq,))."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         dtype: gl.constexpr = q_desc.dtype
         if TRACE is not None:
@@ -304,25 +291,18 @@ if AVAILABLE:
                             stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
                             stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, lo,
                             win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                            HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI, SKIP_DEAD)),
+                            HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI)),
             (_dq_consumer, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, alibi_b, q_smem, do_smem,
                             k_smem, v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale,
                             stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
                             stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, lo,
                             win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                            HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI, SKIP_DEAD)),
+                            HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI)),
             (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b_desc, h, hk,
                         start_m, lo, n, q_row0, k_row0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         if TRACE is not None:
             trace_program(TRACE, t_start, n)
-
-
-def skip_dead(p: AttnParams) -> bool:
-    """Whether the dQ kernel's warpgroups release the causal key tiles that follow all their rows without
-    products (SKIP_DEAD, v34a; ``configs.bwd_skip_dead``): with 64-key tiles, the first warpgroup's last tile of
-    each program."""
-    return configs.bwd_skip_dead() and p.window_right == 0 and not has_window(p)
 
 
 def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams, cfg):
@@ -356,5 +336,5 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
              HAS_ALIBI=p.alibi_slopes is not None,
              HAS_RESID=resid is not None, HAS_DLSE=dlse is not None, VARLEN=p.varlen,
              CONSUMER_REGS=cfg.consumer_regs,
-             PRODUCER_REGS=cfg.producer_regs, **({"SKIP_DEAD": True} if skip_dead(p) else {})),
+             PRODUCER_REGS=cfg.producer_regs),
         4, 1, maxnreg=cfg.maxnreg)
