@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -148,6 +148,22 @@ for stage in "$@"; do
          timeout 250 python3 -m tileattn.bench_decode --out-dir "$OUT" --flex-pages= \
            --explore "TILEATTN_DECODE_WAVES=all;32,4,3,4;TILEATTN_DECODE_WAVES=all&TILEATTN_DECODE_PAGED_SPLITS=1" \
            2>&1 | grep -v Warning | tee "$OUT/s29_decode.log" ;;
+    s31) # (~7 min) v35b: the persistent Gluon dQ kernel (TILEATTN_GLUON_DQ_PERSISTENT=1, not GPU-run yet): its
+         # bit-identity test and the Gluon backward tests with it, both forms' speed in one process (D=128; the
+         # dK/dV kernel is the same in both: its times are the noise control); v35a: the fused decode merge
+         # (one round trip per 4 splits) with its decode tests, and the decode table with it as explore rows
+         timeout 100 python3 -m pytest tests/test_gluon_backward.py -k "persistent" -q -n 6 -p no:cacheprovider \
+           -p no:benchmark -rf 2>&1 | tee "$OUT/s31_persistent_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+         TILEATTN_GLUON_DQ_PERSISTENT=1 timeout 200 python3 -m pytest tests/test_gluon_backward.py -q -n 14 \
+           -k "dq_kernel or reproducible or softcap or alibi or window or accuracy" -p no:cacheprovider -p no:benchmark -rf \
+           2>&1 | tee "$OUT/s31_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+         timeout 200 python3 benchmarks/bwd_variants.py --head-dims 128 --seqlens 1024,2048,4096,16384 --profile \
+           --variants "grid=TILEATTN_GLUON_DQ_PERSISTENT:0,pers=TILEATTN_GLUON_DQ_PERSISTENT:1" 2>&1 | grep -v Warning \
+           | tee "$OUT/s31_bwd.log"
+         TILEATTN_DECODE_COMBINE=fused timeout 100 python3 -m pytest tests/test_decode.py -q -n 14 -p no:cacheprovider \
+           -p no:benchmark -rf 2>&1 | tee "$OUT/s31_decode_tests.log" | tail -3; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+         timeout 250 python3 -m tileattn.bench_decode --out-dir "$OUT" --explore "TILEATTN_DECODE_COMBINE=fused" \
+           2>&1 | grep -v Warning | tee "$OUT/s31_decode.log" ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;

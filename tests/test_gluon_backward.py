@@ -573,3 +573,56 @@ def test_tma_reduce_add_lowers_to_a_bulk_tensor_reduce():
     r = subprocess.run([sys.executable, os.path.join(root, "benchmarks", "gluon_compile.py"), "--reduce-add"],
                        capture_output=True, text=True, env=env)
     assert "reduce-adds 1" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
+
+
+PERSISTENT_DQ_CASES = {  # (B, Sq, Sk, Hq, Hkv, attention kwargs): items beyond one per SM, rows without keys, features
+    "full_gqa": (4, 1000, 1000, 8, 2, dict()),
+    "causal": (4, 1000, 1000, 8, 2, dict(causal=True)),
+    "causal_sq_lt_sk": (2, 777, 1500, 4, 4, dict(causal=True)),
+    "causal_sq_gt_sk": (2, 1500, 777, 4, 2, dict(causal=True)),  # the first query tiles see no key: n = 0 items
+    "window_softcap_alibi": (3, 900, 1100, 4, 2, dict(window_size=(100, 50), softcap=5.0)),
+    "few_items": (1, 130, 130, 2, 1, dict(causal=True)),  # fewer items than SMs
+}
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(PERSISTENT_DQ_CASES))
+def test_persistent_dq_matches_the_grid(case, monkeypatch):
+    """v35b (TILEATTN_GLUON_DQ_PERSISTENT=1): the persistent dQ kernel (at most one program per SM, the query
+    tiles in turn) computes each tile as the one-tile-per-program kernel does, so dq, dk and dv (dK/dV reads the
+    row statistics the dQ kernel writes) are bit-identical to the default's; the launch is the persistent one."""
+    B, Sq, Sk, Hq, Hkv, kw = PERSISTENT_DQ_CASES[case]
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, 128, torch.bfloat16, seed_for("gluon-dq-persistent", case),
+                            requires_grad=True)
+    dout = randn((B, Sq, Hq, 128), torch.bfloat16, gen)
+    if kw.get("softcap"):
+        kw = dict(kw, alibi_slopes=torch.rand(Hq, generator=gen).to("cuda") * 0.1)
+    launches = []
+    real = gluon_dq.launch
+    monkeypatch.setattr(gluon_dq, "launch", lambda fn, grid, args, kwargs, *a, **o: launches.append(
+        (grid, kwargs.get("PERSISTENT", False))) or real(fn, grid, args, kwargs, *a, **o))
+    monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "0")
+    want = fresh_grads(q, k, v, dout, **kw)
+    monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "1")
+    got = fresh_grads(q, k, v, dout, **kw)
+    assert [p for _, p in launches] == [False, True], launches
+    items = triton_cdiv(Sq, 128) * B * Hq
+    assert launches[1][0] == (min(items, configs.sm_count(q.device)), ), launches
+    for name, a, b in zip(("dq", "dk", "dv"), want, got):
+        assert torch.equal(a, b), f"{name} differs from the one-tile-per-program kernel's"
+    assert not any(torch.isnan(t).any() for t in got)
+
+
+def triton_cdiv(a, b):
+    return -(-a // b)
+
+
+def test_persistent_dq_knob(monkeypatch):
+    monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "2")
+    with pytest.raises(ValueError, match="TILEATTN_GLUON_DQ_PERSISTENT"):
+        configs.gluon_dq_persistent()
+    monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "1")
+    assert configs.gluon_dq_persistent()
+    monkeypatch.delenv("TILEATTN_GLUON_DQ_PERSISTENT")
+    assert not configs.gluon_dq_persistent()

@@ -456,6 +456,18 @@ def decode_paged_split_factor() -> int:
     return int(value)
 
 
+def gluon_dq_persistent() -> bool:
+    """Whether the Gluon dQ kernel runs batched calls (head dims <= 128) on a persistent grid (v35b,
+    ``TILEATTN_GLUON_DQ_PERSISTENT=1``; default 0 until measured): at most one program per SM takes the query tiles
+    in turn, so a tile's prologue (its Q / dO / first K and V loads) and its dQ store overlap the previous tile's
+    last products instead of costing each program ~7 µs with the tensor cores idle (run 155's trace: 1220 ns per
+    key tile at 2k against 990 at 16k, i.e. ~7.4 µs fixed per program, 1 program per SM)."""
+    value = getenv("TILEATTN_GLUON_DQ_PERSISTENT", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"TILEATTN_GLUON_DQ_PERSISTENT must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def decode_whole_waves(paged: bool = False) -> bool:
     """Whether decode calls (head dims <= 128) with a short default split count (``decode._default_splits``, below
     ``decode_long_splits``) size it for ``programs_per_sm`` + 1 programs per SM and take one split fewer where that

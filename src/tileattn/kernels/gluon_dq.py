@@ -24,6 +24,7 @@ in shared memory (K and V), a sequence's last query rows stored by masked pointe
 import torch
 import triton
 
+from .. import configs
 from .gluon_common import AVAILABLE, has_window, make_desc, window_bounds
 from .launch import launch
 from .params import AttnParams
@@ -34,24 +35,58 @@ if AVAILABLE:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from .common import residual_value  # a @triton.jit helper: Gluon kernels call it like their own
-    from .gluon_common import (alibi_slope, feature_scores, global_ns, key_tiles, load_kv_ring, program_tile,
-                               row_bounds, seq_bounds, stats_row0, store_rows, trace_program, zero_rows_from)
+    from .gluon_common import (alibi_slope, feature_scores, global_ns, key_tiles, load_kv_ring, persistent_item,
+                               program_tile, row_bounds, seq_bounds, stats_row0, store_rows, trace_program,
+                               zero_rows_from)
 
     @gluon.jit
     def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
                  q_row0, k_row0, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
-        """Producer warp: Q and dO halves, then key tiles lo .. lo + n - 1 (K and V) into their rings (rows from q_row0
-        / k_row0: the sequence's first packed rows, varlen)."""
+                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, t0=0, q_empty=None, q_phase=0):
+        """Producer warp: Q and dO halves, then key tiles lo .. lo + n - 1 (K and V) into their rings at ring
+        positions t0 .. (rows from q_row0 / k_row0: the sequence's first packed rows, varlen). q_empty (the
+        persistent kernel): each half loads once its consumer released the previous item's (phase q_phase)."""
         q_bars, k_ready, k_empty, v_ready, v_empty = bars
         for w in gl.static_range(2):
+            if q_empty is not None:
+                mbarrier.wait(q_empty.index(w), q_phase ^ 1)
             mbarrier.expect(q_bars.index(w), 2 * HALF_M * HEAD_D * 2)
             tma.async_copy_global_to_shared(q_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(w),
                                             q_smem.index(w))
             tma.async_copy_global_to_shared(do_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(w),
                                             do_smem.index(w))
-        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, lo, n, 0,
+        load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, lo, n, t0,
                      BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
+
+    @gluon.jit
+    def _dq_item(pos, pid, nprog, num_items, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
+        """(b, h, start_m, lo, n) of a persistent program's pos-th work item (batched calls): the grid's items in
+        ``persistent_item``'s order (causal: every (batch, head)'s longest tile first), one decoding for the
+        producer and the consumers."""
+        g = persistent_item(pos, pid, nprog, num_items, num_m_tiles, CAUSAL)
+        b, h, tile = program_tile(g, num_m_tiles, q_heads, CAUSAL or WINDOW)
+        start_m = tile * BLOCK_M
+        lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, False)
+        return b, h, start_m, lo, n
+
+    @gluon.jit
+    def _dq_load_persistent(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, q_empty, pid,
+                            num_items, nprog, num_m_tiles, q_heads, group, seqlen_q, seqlen_k, win_left, win_right,
+                            HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
+                            K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
+                            WINDOW: gl.constexpr):
+        """Persistent producer: items pid, pid + nprog, ... in turn (``_dq_load`` each), an item's Q / dO halves
+        once the consumers released the previous item's (after their last S and dP products), the K / V rings
+        running on across items (positions t0 + j)."""
+        t0 = gl.to_tensor(0)
+        for item in range(pid, num_items, nprog):
+            it = (item - pid) // nprog
+            b, h, start_m, lo, n = _dq_item(item, pid, nprog, num_items, num_m_tiles, q_heads, seqlen_q, seqlen_k,
+                                            win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW)
+            _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, h // group,
+                     start_m, lo, n, 0, 0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, t0, q_empty, it & 1)
+            t0 += n
 
     @gluon.jit
     def _row_stats(O, RESID, DO, LSE, DLSE, DELTA, STATS, b, h, row0, seqlen_q, stride_ob, stride_os, stride_oh,
@@ -156,11 +191,15 @@ if AVAILABLE:
                      stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
                      lo, win_left, win_right, softcap, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
                      V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                     HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr):
-        """One warpgroup: rows [start_m + w * HALF_M, + HALF_M), key tiles lo .. lo + n - 1 (ring positions 0 ..
-        n - 1). VARLEN: the key tile that
+                     HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr,
+                     t0=0, q_phase=0, q_empty=None, dq_stage=None):
+        """One warpgroup: rows [start_m + w * HALF_M, + HALF_M), key tiles lo .. lo + n - 1 (ring positions t0 ..
+        t0 + n - 1; Q's barrier phase q_phase: 0, 0 but in the persistent kernel). VARLEN: the key tile that
         crosses the sequence's end has its other rows (the next sequence's) zeroed in K and V before use (their P
-        is 0, but 0 * NaN is NaN); the sequence's last rows are stored by masked pointer stores (DQ)."""
+        is 0, but 0 * NaN is NaN); the sequence's last rows are stored by masked pointer stores (DQ).
+        q_empty / dq_stage (the persistent kernel, batched): Q and dO are released after the last S and dP
+        products, and dQ is staged in ``dq_stage`` (this warpgroup's buffer), its TMA store left in flight (the
+        next item's epilogue and the program's end wait for it)."""
         q_bars, k_ready, k_empty, v_ready, v_empty = bars
         dtype: gl.constexpr = dq_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -182,35 +221,38 @@ if AVAILABLE:
         s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
         q2 = q_smem.index(w).reshape([HALF_M, HEAD_D])
         do2 = do_smem.index(w).reshape([HALF_M, HEAD_D])
-        mbarrier.wait(q_bars.index(w), 0)
+        mbarrier.wait(q_bars.index(w), q_phase)
         if n > 0:
-            mbarrier.wait(k_ready.index(0), 0)
+            ks0 = t0 % K_STAGES
+            vs0 = t0 % V_STAGES
+            mbarrier.wait(k_ready.index(ks0), (t0 // K_STAGES) & 1)
             if VARLEN:
-                _zero_past_end(k_smem, 0, lo, seqlen_k)
-            s_tok = warpgroup_mma(q2, k_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+                _zero_past_end(k_smem, ks0, lo, seqlen_k)
+            s_tok = warpgroup_mma(q2, k_smem.index(ks0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)
-            mbarrier.wait(v_ready.index(0), 0)
+            mbarrier.wait(v_ready.index(vs0), (t0 // V_STAGES) & 1)
             if VARLEN:
-                _zero_past_end(v_smem, 0, lo, seqlen_k)
-            dp_tok = warpgroup_mma(do2, v_smem.index(0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
+                _zero_past_end(v_smem, vs0, lo, seqlen_k)
+            dp_tok = warpgroup_mma(do2, v_smem.index(vs0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                    use_acc=False, is_async=True)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
             p, dtanh = _probs(s, lo, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, softcap, slope, BLOCK_N,
                               CAUSAL, WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             dp = warpgroup_mma_wait(num_outstanding=0, deps=(dp_tok, ))
-            mbarrier.arrive(v_empty.index(0), count=1)
+            mbarrier.arrive(v_empty.index(vs0), count=1)
             ds_op = _dscores_op(p, dtanh, dp, delta, dtype, op_layout, HAS_SOFTCAP)
             for j in range(1, n):
-                ks = j % K_STAGES
-                vs = j % V_STAGES
-                kp = (j - 1) % K_STAGES
-                mbarrier.wait(k_ready.index(ks), (j // K_STAGES) & 1)
+                t = t0 + j
+                ks = t % K_STAGES
+                vs = t % V_STAGES
+                kp = (t - 1) % K_STAGES
+                mbarrier.wait(k_ready.index(ks), (t // K_STAGES) & 1)
                 if VARLEN:
                     _zero_past_end(k_smem, ks, lo + j, seqlen_k)
                 s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
                 dq_tok = warpgroup_mma(ds_op, k_smem.index(kp).reshape([BLOCK_N, HEAD_D]), dq, is_async=True)
-                mbarrier.wait(v_ready.index(vs), (j // V_STAGES) & 1)
+                mbarrier.wait(v_ready.index(vs), (t // V_STAGES) & 1)
                 if VARLEN:
                     _zero_past_end(v_smem, vs, lo + j, seqlen_k)
                 dp_tok = warpgroup_mma(do2, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
@@ -222,19 +264,61 @@ if AVAILABLE:
                 mbarrier.arrive(k_empty.index(kp), count=1)
                 mbarrier.arrive(v_empty.index(vs), count=1)
                 ds_op = _dscores_op(p, dtanh, dp, delta, dtype, op_layout, HAS_SOFTCAP)
-            kp = (n - 1) % K_STAGES
+            if q_empty is not None:  # every S and dP product of this item is done: the next item's Q / dO may load
+                mbarrier.arrive(q_empty.index(w), count=1)
+            kp = (t0 + n - 1) % K_STAGES
             dq_tok = warpgroup_mma(ds_op, k_smem.index(kp).reshape([BLOCK_N, HEAD_D]), dq, is_async=True)
             dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
             mbarrier.arrive(k_empty.index(kp), count=1)
-        q2.store((dq * sm_scale).to(dtype))  # Q is dead: its buffer stages dQ (TMA clips rows past the tensor)
-        if VARLEN:
-            if row0 + HALF_M > seqlen_q:  # the sequence's last rows (or none): masked pointer stores
-                gl.thread_barrier()
-                store_rows(DQ, q2, q_row0 + row0, h, seqlen_q - row0, stride_dqs, stride_dqh)
-            else:
-                _store_dq(dq_desc, q_smem, w, b, q_row0 + row0, h)
+        elif q_empty is not None:
+            mbarrier.arrive(q_empty.index(w), count=1)
+        if dq_stage is not None:  # persistent: dQ in its own buffer once the previous item's store has read it
+            tma.store_wait(pendings=0)
+            gl.thread_barrier()
+            stage = dq_stage.index(w)
+            stage.reshape([HALF_M, HEAD_D]).store((dq * sm_scale).to(dtype))
+            fence_async_shared()
+            gl.thread_barrier()
+            tma.async_copy_shared_to_global(dq_desc, [b, row0, h, 0], stage)
         else:
-            _store_dq(dq_desc, q_smem, w, b, row0, h)
+            q2.store((dq * sm_scale).to(dtype))  # Q is dead: its buffer stages dQ (TMA clips rows past the tensor)
+            if VARLEN:
+                if row0 + HALF_M > seqlen_q:  # the sequence's last rows (or none): masked pointer stores
+                    gl.thread_barrier()
+                    store_rows(DQ, q2, q_row0 + row0, h, seqlen_q - row0, stride_dqs, stride_dqh)
+                else:
+                    _store_dq(dq_desc, q_smem, w, b, q_row0 + row0, h)
+            else:
+                _store_dq(dq_desc, q_smem, w, b, row0, h)
+
+    @gluon.jit
+    def _dq_consumer_persistent(w: gl.constexpr, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem,
+                                do_smem, k_smem, v_smem, bars, q_empty, dq_stage, pid, num_items, nprog, num_m_tiles,
+                                q_heads, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob, stride_os, stride_oh,
+                                stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st,
+                                stride_dqs, stride_dqh, stride_ab, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr,
+                                win_left, win_right, softcap, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
+                                V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
+                                HAS_SOFTCAP: gl.constexpr, HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr,
+                                HAS_ALIBI: gl.constexpr):
+        """Persistent consumer warpgroup w (batched calls): ``_dq_consumer`` on the items pid, pid + nprog, ...
+        (``_dq_item``), the K / V ring positions t0 carried across items, Q's phase it & 1."""
+        t0 = gl.to_tensor(0)
+        for item in range(pid, num_items, nprog):
+            it = (item - pid) // nprog
+            b, h, start_m, lo, n = _dq_item(item, pid, nprog, num_items, num_m_tiles, q_heads, seqlen_q, seqlen_k,
+                                            win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW)
+            alibi_b = ALIBI
+            if HAS_ALIBI:
+                alibi_b = ALIBI + b * stride_ab
+            _dq_consumer(w, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, alibi_b, q_smem, do_smem, k_smem,
+                         v_smem, bars, b, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
+                         stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh,
+                         stride_st, stats_row0(b, 0, seqlen_q, False), 0, stride_dqs, stride_dqh, HALF_M, BLOCK_N,
+                         lo, win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
+                         HAS_RESID, HAS_DLSE, False, HAS_ALIBI, t0, it & 1, q_empty, dq_stage)
+            t0 += n
+        tma.store_wait(pendings=0)  # the last item's dQ store has read shared memory
 
     @gluon.jit
     def _dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, CU_Q, CU_K,
@@ -245,24 +329,37 @@ if AVAILABLE:
                    HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
                    WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                    HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TRACE=None):
+                   CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TRACE=None,
+                   PERSISTENT: gl.constexpr = False, num_items=0):
         """Warp-specialised: two consumer warpgroups (64 query rows each) and a producer warp. TRACE: None, or an
         int64 (programs, 4) buffer for each program's trace (``trace_program``; measurement only). VARLEN: packed (1,
         total, H, D) tensors, sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are
         then read per sequence (the arguments are the maxima); DQ: dq as a pointer (row and head strides
         stride_dqs / stride_dqh) for the masked stores of a sequence's last rows. ALIBI: fp32 slopes (Hq,) or (B,
-        Hq) (batch stride stride_ab, 0 for (Hq,))."""
+        Hq) (batch stride stride_ab, 0 for (Hq,)). PERSISTENT (batched, HEAD_D <= 128; ``configs.gluon_dq_persistent``):
+        a grid of at most one program per SM runs the num_items query tiles in turn (``_dq_item``), the next
+        item's Q / dO and first key tiles loading while an item's last products and epilogue run, dQ staged in its
+        own buffers (TRACE: one record per program, n = its items' key tiles)."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         dtype: gl.constexpr = q_desc.dtype
         if TRACE is not None:
             t_start = global_ns()
-        b, h, tile = program_tile(gl.program_id(0), num_m_tiles, q_heads, CAUSAL or WINDOW)
-        hk = h // group
-        start_m = tile * 2 * HALF_M
-        q_row0, seqlen_q, k_row0, seqlen_k, b_desc = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
-        lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW,
-                          VARLEN)
-        srow0 = stats_row0(b, q_row0, seqlen_q, VARLEN)
+        if PERSISTENT:
+            pid = gl.program_id(0)
+            nprog = gl.num_programs(0)
+            if TRACE is not None:
+                n = gl.to_tensor(0)  # the trace's step count: every item's key tiles
+                for item in range(pid, num_items, nprog):
+                    n += _dq_item(item, pid, nprog, num_items, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left,
+                                  win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW)[4]
+        else:
+            b, h, tile = program_tile(gl.program_id(0), num_m_tiles, q_heads, CAUSAL or WINDOW)
+            hk = h // group
+            start_m = tile * 2 * HALF_M
+            q_row0, seqlen_q, k_row0, seqlen_k, b_desc = seq_bounds(CU_Q, CU_K, b, seqlen_q, seqlen_k, VARLEN)
+            lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW,
+                              VARLEN)
+            srow0 = stats_row0(b, q_row0, seqlen_q, VARLEN)
 
         q_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], q_desc.layout)
         do_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], do_desc.layout)
@@ -282,25 +379,51 @@ if AVAILABLE:
             mbarrier.init(v_ready.index(i), count=1)
             mbarrier.init(v_empty.index(i), count=2)
         bars = (q_bars, k_ready, k_empty, v_ready, v_empty)
-        alibi_b = ALIBI
-        if HAS_ALIBI:
-            alibi_b = ALIBI + b * stride_ab
-        gl.warp_specialize([
-            (_dq_consumer, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, alibi_b, q_smem, do_smem,
-                            k_smem, v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                            stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
-                            stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, lo,
-                            win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                            HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI)),
-            (_dq_consumer, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, alibi_b, q_smem, do_smem,
-                            k_smem, v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                            stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
-                            stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, lo,
-                            win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                            HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI)),
-            (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b_desc, h, hk,
-                        start_m, lo, n, q_row0, k_row0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
-        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        if PERSISTENT:
+            q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(2):
+                mbarrier.init(q_empty.index(i), count=1)
+            dq_stage = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], dq_desc.layout)
+            gl.warp_specialize([
+                (_dq_consumer_persistent, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem,
+                                           do_smem, k_smem, v_smem, bars, q_empty, dq_stage, pid, num_items, nprog,
+                                           num_m_tiles, q_heads, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
+                                           stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb,
+                                           stride_lh, stride_sh, stride_st, stride_dqs, stride_dqh, stride_ab, HALF_M,
+                                           BLOCK_N, win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
+                                           WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE, HAS_ALIBI)),
+                (_dq_consumer_persistent, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem,
+                                           do_smem, k_smem, v_smem, bars, q_empty, dq_stage, pid, num_items, nprog,
+                                           num_m_tiles, q_heads, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
+                                           stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb,
+                                           stride_lh, stride_sh, stride_st, stride_dqs, stride_dqh, stride_ab, HALF_M,
+                                           BLOCK_N, win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
+                                           WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE, HAS_ALIBI)),
+                (_dq_load_persistent, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, q_empty,
+                                       pid, num_items, nprog, num_m_tiles, q_heads, group, seqlen_q, seqlen_k,
+                                       win_left, win_right, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
+                                       WINDOW)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        else:
+            alibi_b = ALIBI
+            if HAS_ALIBI:
+                alibi_b = ALIBI + b * stride_ab
+            gl.warp_specialize([
+                (_dq_consumer, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, alibi_b, q_smem, do_smem,
+                                k_smem, v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale,
+                                stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
+                                stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, lo,
+                                win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
+                                HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI)),
+                (_dq_consumer, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, alibi_b, q_smem, do_smem,
+                                k_smem, v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale,
+                                stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
+                                stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, lo,
+                                win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
+                                HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI)),
+                (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b_desc, h, hk,
+                            start_m, lo, n, q_row0, k_row0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         if TRACE is not None:
             trace_program(TRACE, t_start, n)
 
@@ -323,7 +446,11 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
     dq_desc = make_desc(dq_out, (1, half, 1, d), bf16)
     num_m_tiles = triton.cdiv(seqlen_q, 2 * half)
     os_, dos, sts = out.stride(), dout.stride(), stats.stride()
-    launch(_dq_kernel, (num_m_tiles * batch * q_heads,), (
+    grid, extra = num_m_tiles * batch * q_heads, {}
+    if not p.varlen and d <= 128 and configs.gluon_dq_persistent():  # at most one program per SM, items in turn
+        extra = dict(PERSISTENT=True, num_items=grid)
+        grid = min(grid, configs.sm_count(q.device))
+    launch(_dq_kernel, (grid,), (
         q_desc, do_desc, k_desc, v_desc, dq_desc, out, resid if resid is not None else out, dout, lse,
         dlse if dlse is not None else lse, delta, stats, dq_out, p.cu_seqlens_q if p.varlen else lse,
         p.cu_seqlens_k if p.varlen else lse, p.alibi_slopes if p.alibi_slopes is not None else lse, seqlen_q,
@@ -336,5 +463,5 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
              HAS_ALIBI=p.alibi_slopes is not None,
              HAS_RESID=resid is not None, HAS_DLSE=dlse is not None, VARLEN=p.varlen,
              CONSUMER_REGS=cfg.consumer_regs,
-             PRODUCER_REGS=cfg.producer_regs),
+             PRODUCER_REGS=cfg.producer_regs, **extra),
         4, 1, maxnreg=cfg.maxnreg)
