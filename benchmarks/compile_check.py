@@ -155,7 +155,7 @@ def decode_cases(arch):
     base = {"BLOCK_M": 16, "BLOCK_N": cfg.block_n, "BLOCK_DQK": 128, "BLOCK_DV": 128, "EVEN_DQK": True,
             "EVEN_DV": True, "HAS_BATCH_IDX": False, "HAS_LEFTPAD": False, "HAS_LEFT": False, "HAS_RIGHT": False,
             "HAS_SOFTCAP": False, "HAS_ALIBI": False, "FP32": False, "FINAL": False, "HAS_SINK": False,
-            "USE_TMA": False, "FUSED_COMBINE": False, "MERGE_S": 4}
+            "USE_TMA": False, "FUSED_COMBINE": False}
     ints = dict(num_splits=40, stride_qb=4096, stride_qs=4096, stride_qh=128, stride_ob=4096, stride_os=4096,
                 stride_oh=128,
                 stride_kb=8 * 2048 * 128, stride_ks=1024,

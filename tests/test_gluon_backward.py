@@ -619,10 +619,13 @@ def triton_cdiv(a, b):
 
 
 def test_persistent_dq_knob(monkeypatch):
+    """TILEATTN_GLUON_DQ_PERSISTENT: auto (default) = calls without a causal mask or window, 1 = all, 0 = none."""
     monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "2")
     with pytest.raises(ValueError, match="TILEATTN_GLUON_DQ_PERSISTENT"):
-        configs.gluon_dq_persistent()
-    monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "1")
-    assert configs.gluon_dq_persistent()
-    monkeypatch.delenv("TILEATTN_GLUON_DQ_PERSISTENT")
-    assert not configs.gluon_dq_persistent()
+        configs.gluon_dq_persistent(False)
+    for value, want in (("1", (True, True)), ("0", (False, False)), ("auto", (True, False)), (None, (True, False))):
+        if value is None:
+            monkeypatch.delenv("TILEATTN_GLUON_DQ_PERSISTENT")
+        else:
+            monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", value)
+        assert (configs.gluon_dq_persistent(False), configs.gluon_dq_persistent(True)) == want, value

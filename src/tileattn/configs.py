@@ -456,16 +456,19 @@ def decode_paged_split_factor() -> int:
     return int(value)
 
 
-def gluon_dq_persistent() -> bool:
-    """Whether the Gluon dQ kernel runs batched calls (head dims <= 128) on a persistent grid (v35b,
-    ``TILEATTN_GLUON_DQ_PERSISTENT=1``; default 0 until measured): at most one program per SM takes the query tiles
-    in turn, so a tile's prologue (its Q / dO / first K and V loads) and its dQ store overlap the previous tile's
-    last products instead of costing each program ~7 µs with the tensor cores idle (run 155's trace: 1220 ns per
-    key tile at 2k against 990 at 16k, i.e. ~7.4 µs fixed per program, 1 program per SM)."""
-    value = getenv("TILEATTN_GLUON_DQ_PERSISTENT", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"TILEATTN_GLUON_DQ_PERSISTENT must be 0 or 1, got {value!r}")
-    return value == "1"
+def gluon_dq_persistent(causal_or_window: bool) -> bool:
+    """Whether the Gluon dQ kernel runs a batched call (head dims <= 128) on a persistent grid (v35b,
+    ``TILEATTN_GLUON_DQ_PERSISTENT``): at most one program per SM takes the query tiles in turn, so a tile's
+    prologue (Q / dO / first K and V loads) and its dQ store overlap the previous tile's last products instead of
+    costing each program a few µs with the tensor cores idle (run 155's trace: 1220 ns per key tile at 2k
+    against 990 at 16k, ~7 µs fixed per program, 1 program per SM). H200, D=128, same process (run 156): dQ
+    kernel non-causal 394 -> 384 / 688 -> 653 / 1217 -> 1191 / 4278 -> 4249 µs at 1k / 2k / 4k / 16k, but causal
+    275 -> 311 / 420 -> 464 / 676 -> 696 / 2158 -> 2331 (the tiles' unequal lengths on a static round robin).
+    auto (default): calls without a causal mask or window; 1: every batched call; 0: none."""
+    value = getenv("TILEATTN_GLUON_DQ_PERSISTENT", "auto")
+    if value not in ("0", "1", "auto"):
+        raise ValueError(f"TILEATTN_GLUON_DQ_PERSISTENT must be 0, 1 or auto, got {value!r}")
+    return value == "1" or value == "auto" and not causal_or_window
 
 
 def decode_whole_waves(paged: bool = False) -> bool:

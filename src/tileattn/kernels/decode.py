@@ -37,7 +37,7 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
                          PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, FP32: tl.constexpr, FINAL: tl.constexpr, HAS_SINK: tl.constexpr,
-                         USE_TMA: tl.constexpr, FUSED_COMBINE: tl.constexpr, MERGE_S: tl.constexpr):
+                         USE_TMA: tl.constexpr, FUSED_COMBINE: tl.constexpr):
     """FINAL (one split): OUT_PART / LSE_PART are the call's out (B, Sq, Hq, Dv) (strides stride_o*) and lse
     (B, Hq, Sq), written directly with the sink folded in, and no combine kernel runs.
     USE_TMA: K and V are host tensor descriptors over the caches (B_cache, S_cache, Hkv, D) with block
@@ -48,8 +48,8 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
     FUSED_COMBINE (several splits): after writing its partials, each program takes a ticket from its rows'
     counter (COUNTERS[bhk * row_blocks + row block], int32, zero between calls); the program that draws the last
     ticket merges every split's partials of those rows into OUT / LSE (``_merge_splits``) and resets the counter,
-    so no combine kernel runs. The merge reads the splits in order 0 .. num_splits - 1, MERGE_S at a time,
-    whichever program draws it: results do not depend on the programs' timing."""
+    so no combine kernel runs. The merge reads the splits in order 0 .. num_splits - 1 whichever program draws it:
+    results do not depend on the programs' timing."""
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // kv_heads
@@ -149,45 +149,34 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
                 rows_total = batch * q_heads * seqlen_q
                 _merge_splits(OUT_PART, LSE_PART, OUT, LSE, SINK, prow - split * rows_total, rows_total, num_splits,
                               b64 * stride_ob + qi * stride_os + h * stride_oh, (b64 * q_heads + h) * seqlen_q + qi,
-                              row_ok, o_mask, offs_dv, h, dv, BLOCK_M, BLOCK_DV, HAS_SINK, MERGE_S)
+                              row_ok, o_mask, offs_dv, h, dv, BLOCK_M, BLOCK_DV, HAS_SINK)
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
 
 
 @triton.jit
 def _merge_splits(OUT_PART, LSE_PART, OUT, LSE, SINK, prow0, rows_total, num_splits, out_row, lse_row, row_ok,
-                  o_mask, offs_dv, h, dv, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SINK: tl.constexpr,
-                  BLOCK_S: tl.constexpr):
-    """The fused combine of a block of rows (split 0's partial rows prow0, BLOCK_M of them): the merge of
+                  o_mask, offs_dv, h, dv, BLOCK_M: tl.constexpr, BLOCK_DV: tl.constexpr, HAS_SINK: tl.constexpr):
+    """The fused combine of a block of rows (split 0's partial rows prow0, BLOCK_M of them): the same merge as
     ``_decode_combine_kernel``, reading split s's partials at prow0 + s * rows_total around L1 (.cg: other
-    programs wrote them, and this SM may hold stale lines of the buffer from an earlier call). The splits are folded
-    in with an online max, BLOCK_S of them per unrolled step, so a step's loads go out together (a memory round
-    trip per step, where a rolled loop over the splits, max pass then sum pass, paid two per split)."""
+    programs wrote them, and this SM may hold stale lines of the buffer from an earlier call)."""
     m = tl.full([BLOCK_M], float("-inf"), dtype=tl.float32)
-    denom = tl.zeros([BLOCK_M], dtype=tl.float32)
-    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
-    for s0 in range(0, num_splits, BLOCK_S):
-        for i in tl.static_range(BLOCK_S):  # unrolled: the chunk's loads do not wait for the folds before them
-            ok = s0 + i < num_splits
-            prow = prow0 + (s0 + i) * rows_total
-            lse = tl.load(LSE_PART + prow, mask=row_ok & ok, other=float("-inf"), cache_modifier=".cg")
-            part = tl.load(OUT_PART + prow[:, None] * dv + offs_dv[None, :], mask=o_mask & ok, other=0.0,
-                           cache_modifier=".cg")
-            m_new = tl.maximum(m, lse)
-            m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = tl.exp(m - m_use)  # 0 while m is -inf
-            w = tl.exp(lse - m_use)
-            denom = denom * alpha + w
-            acc = acc * alpha[:, None] + w[:, None] * part
-            m = m_new
+    for sp in range(num_splits):
+        m = tl.maximum(m, tl.load(LSE_PART + prow0 + sp * rows_total, mask=row_ok, other=float("-inf"),
+                                  cache_modifier=".cg"))
     if HAS_SINK:
         sink = tl.load(SINK + h, mask=row_ok, other=float("-inf")).to(tl.float32)
-        m_new = tl.maximum(m, sink)
-        m_use = tl.where(m_new == float("-inf"), 0.0, m_new)
-        alpha = tl.exp(m - m_use)
-        denom = denom * alpha + tl.exp(sink - m_use)
-        acc = acc * alpha[:, None]
-        m = m_new
+        m = tl.maximum(m, sink)
     m_use = tl.where(m == float("-inf"), 0.0, m)
+    denom = tl.zeros([BLOCK_M], dtype=tl.float32)
+    acc = tl.zeros([BLOCK_M, BLOCK_DV], dtype=tl.float32)
+    for sp in range(num_splits):
+        prow = prow0 + sp * rows_total
+        w = tl.exp(tl.load(LSE_PART + prow, mask=row_ok, other=float("-inf"), cache_modifier=".cg") - m_use)
+        denom += w
+        part = tl.load(OUT_PART + prow[:, None] * dv + offs_dv[None, :], mask=o_mask, other=0.0, cache_modifier=".cg")
+        acc += w[:, None] * part
+    if HAS_SINK:
+        denom += tl.exp(sink - m_use)
     out = acc / tl.where(denom == 0.0, 1.0, denom)[:, None]
     tl.store(LSE + lse_row, m_use + tl.log(denom), mask=row_ok)
     tl.store(OUT + out_row[:, None] + offs_dv[None, :], out.to(OUT.dtype.element_ty), mask=o_mask)
@@ -316,8 +305,7 @@ def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, sof
         HAS_LEFTPAD=leftpad is not None,
         HAS_LEFT=window[0] >= 0, HAS_RIGHT=window[1] >= 0, HAS_SOFTCAP=softcap > 0,
         HAS_ALIBI=alibi_slopes is not None, FP32=q.dtype == torch.float32, FINAL=final, HAS_SINK=sink is not None,
-        USE_TMA=descs is not None, FUSED_COMBINE=counters is not None,
-        MERGE_S=max(1, min(4, 8192 // (block_m * block_dv)))), cfg.num_warps, cfg.num_stages)
+        USE_TMA=descs is not None, FUSED_COMBINE=counters is not None), cfg.num_warps, cfg.num_stages)
     if final or counters is not None:
         return out, lse
     rows_total = batch * q_heads * seqlen_q

@@ -1,7 +1,9 @@
 """Hopper (sm90) dQ backward kernel in Gluon, warp-specialised; the first of the backward's two kernels where it
 applies (``gluon_backward.dkdv`` runs second and reads the row statistics this one writes).
 
-One program per (128-row query tile, batch * q head): a producer warp loads the tile's Q and dO halves once, then
+One program per (128-row query tile, batch * q head), or (batched calls without a causal mask or window, head dims
+<= 128: ``configs.gluon_dq_persistent``, v35b) at most one per SM taking the tiles in turn: a producer warp loads
+the tile's Q and dO halves once, then
 streams K and V tiles into shared-memory rings (ready/empty mbarriers); two consumer warpgroups (64 rows each)
 first compute their rows' delta = rowsum(dO * (O + r)) - dlse (r: the forward's rounding residual of O, see
 ``backward._bwd_dq_kernel``) and lse in log2 units, write both to the row-stats buffer (and delta to its own
@@ -336,7 +338,8 @@ if AVAILABLE:
         total, H, D) tensors, sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are
         then read per sequence (the arguments are the maxima); DQ: dq as a pointer (row and head strides
         stride_dqs / stride_dqh) for the masked stores of a sequence's last rows. ALIBI: fp32 slopes (Hq,) or (B,
-        Hq) (batch stride stride_ab, 0 for (Hq,)). PERSISTENT (batched, HEAD_D <= 128; ``configs.gluon_dq_persistent``):
+        Hq) (batch stride stride_ab, 0 for (Hq,)). PERSISTENT (batched, HEAD_D <= 128; ``configs.gluon_dq_persistent``,
+        by default calls without a causal mask or window):
         a grid of at most one program per SM runs the num_items query tiles in turn (``_dq_item``), the next
         item's Q / dO and first key tiles loading while an item's last products and epilogue run, dQ staged in its
         own buffers (TRACE: one record per program, n = its items' key tiles)."""
@@ -447,7 +450,8 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
     num_m_tiles = triton.cdiv(seqlen_q, 2 * half)
     os_, dos, sts = out.stride(), dout.stride(), stats.stride()
     grid, extra = num_m_tiles * batch * q_heads, {}
-    if not p.varlen and d <= 128 and configs.gluon_dq_persistent():  # at most one program per SM, items in turn
+    causal = p.window_right == 0 and not has_window(p)
+    if not p.varlen and d <= 128 and configs.gluon_dq_persistent(causal or has_window(p)):  # items in turn
         extra = dict(PERSISTENT=True, num_items=grid)
         grid = min(grid, configs.sm_count(q.device))
     launch(_dq_kernel, (grid,), (
@@ -459,7 +463,7 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
         stride_lb, stride_lh, sts[1], sts[0], dq_out.stride(1), dq_out.stride(2),
         *window_bounds(p, seqlen_q, seqlen_k), p.softcap_log2, p.alibi_stride_b),
         dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=cfg.dq_k_stages, V_STAGES=2,
-             CAUSAL=p.window_right == 0 and not has_window(p), WINDOW=has_window(p), HAS_SOFTCAP=p.softcap > 0,
+             CAUSAL=causal, WINDOW=has_window(p), HAS_SOFTCAP=p.softcap > 0,
              HAS_ALIBI=p.alibi_slopes is not None,
              HAS_RESID=resid is not None, HAS_DLSE=dlse is not None, VARLEN=p.varlen,
              CONSUMER_REGS=cfg.consumer_regs,
