@@ -33,13 +33,14 @@ def main():
     ap.add_argument("--head-dims", default="128,64")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--profile", action="store_true")
+    ap.add_argument("--causal", choices=("both", "true", "false"), default="both")
     args = ap.parse_args()
     variants = parse_variants(args.variants)
     knobs = {k for _, kv in variants for k in kv}
     print(f"# {torch.cuda.get_device_name()}: bf16 backward, µs per call (best of {args.rounds} interleaved "
           f"do_bench medians), one process; variants {variants}")
     for d, s in ((int(d), int(s)) for d in args.head_dims.split(",") for s in args.seqlens.split(",")):
-        for causal in (False, True):
+        for causal in {"both": (False, True), "true": (True, ), "false": (False, )}[args.causal]:
             ours, cud, (q, k, v), (qt, kt, vt), flops = backward_cell(d, s, causal)
             best = {}
             kern = {}
