@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s32 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -169,14 +169,6 @@ for stage in "$@"; do
           timeout 150 python3 -m pytest tests/test_gluon_backward.py \
             -k "persistent or full" -q -n 14 -p no:cacheprovider \
             -p no:benchmark -rf 2>&1 | tee "$OUT/s31b_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;
-    s32) # (~2 min) v35c: the persistent dQ kernel for causal calls in the grid's item order
-         # (TILEATTN_GLUON_DQ_ORDER=grid; run 156's LPT order lost 3-13%): its bit-identity tests, then causal D=128
-         # backward with the one-tile grid, LPT and grid order in one process
-         TILEATTN_GLUON_DQ_ORDER=grid timeout 60 python3 -m pytest tests/test_gluon_backward.py -k "persistent" -q -n 6 \
-           -p no:cacheprovider -p no:benchmark -rf 2>&1 | tee "$OUT/s32_tests.log" | tail -3; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-         timeout 150 python3 benchmarks/bwd_variants.py --head-dims 128 --seqlens 2048,4096 --causal true --profile \
-           --variants "grid=TILEATTN_GLUON_DQ_PERSISTENT:0,lpt=TILEATTN_GLUON_DQ_PERSISTENT:1,order=TILEATTN_GLUON_DQ_PERSISTENT:1+TILEATTN_GLUON_DQ_ORDER:grid" \
-           2>&1 | grep -v Warning | tee "$OUT/s32_bwd.log" ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;

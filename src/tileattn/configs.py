@@ -471,18 +471,6 @@ def gluon_dq_persistent(causal_or_window: bool) -> bool:
     return value == "1" or value == "auto" and not causal_or_window
 
 
-def gluon_dq_persistent_order() -> int:
-    """The persistent dQ kernel's item order for causal calls (``TILEATTN_GLUON_DQ_ORDER``; they take the
-    persistent grid only with ``TILEATTN_GLUON_DQ_PERSISTENT=1``): lpt (default, 1) = ``persistent_item``'s, every
-    (batch, head)'s longest tile first (132 (batch, head)s in flight at once: their K / V may not fit in L2), or
-    grid (2) = the one-tile-per-program grid's order, each (batch, head)'s tiles longest first (run 156: lpt
-    made the causal dQ kernel 3-13% slower than the grid; the grid order is the next measurement)."""
-    value = getenv("TILEATTN_GLUON_DQ_ORDER", "lpt")
-    if value not in ("lpt", "grid"):
-        raise ValueError(f"TILEATTN_GLUON_DQ_ORDER must be lpt or grid, got {value!r}")
-    return 1 if value == "lpt" else 2
-
-
 def decode_whole_waves(paged: bool = False) -> bool:
     """Whether decode calls (head dims <= 128) with a short default split count (``decode._default_splits``, below
     ``decode_long_splits``) size it for ``programs_per_sm`` + 1 programs per SM and take one split fewer where that

@@ -62,13 +62,11 @@ if AVAILABLE:
 
     @gluon.jit
     def _dq_item(pos, pid, nprog, num_items, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
-                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
-                 LPT: gl.constexpr):
-        """(b, h, start_m, lo, n) of a persistent program's pos-th work item (batched calls): the grid's items
-        (causal: each (batch, head)'s tiles longest first), with LPT (causal) in ``persistent_item``'s order
-        (every (batch, head)'s longest tile, then every one's second longest, ...); one decoding for the producer
-        and the consumers."""
-        g = persistent_item(pos, pid, nprog, num_items, num_m_tiles, CAUSAL and LPT)
+                 BLOCK_M: gl.constexpr, BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
+        """(b, h, start_m, lo, n) of a persistent program's pos-th work item (batched calls): the grid's items in
+        ``persistent_item``'s order (causal: every (batch, head)'s longest tile first), one decoding for the
+        producer and the consumers."""
+        g = persistent_item(pos, pid, nprog, num_items, num_m_tiles, CAUSAL)
         b, h, tile = program_tile(g, num_m_tiles, q_heads, CAUSAL or WINDOW)
         start_m = tile * BLOCK_M
         lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, False)
@@ -79,7 +77,7 @@ if AVAILABLE:
                             num_items, nprog, num_m_tiles, q_heads, group, seqlen_q, seqlen_k, win_left, win_right,
                             HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
                             K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, CAUSAL: gl.constexpr,
-                            WINDOW: gl.constexpr, LPT: gl.constexpr):
+                            WINDOW: gl.constexpr):
         """Persistent producer: items pid, pid + nprog, ... in turn (``_dq_load`` each), an item's Q / dO halves
         once the consumers released the previous item's (after their last S and dP products), the K / V rings
         running on across items (positions t0 + j)."""
@@ -87,7 +85,7 @@ if AVAILABLE:
         for item in range(pid, num_items, nprog):
             it = (item - pid) // nprog
             b, h, start_m, lo, n = _dq_item(item, pid, nprog, num_items, num_m_tiles, q_heads, seqlen_q, seqlen_k,
-                                            win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, LPT)
+                                            win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW)
             _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, h // group,
                      start_m, lo, n, 0, 0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, t0, q_empty, it & 1)
             t0 += n
@@ -304,14 +302,14 @@ if AVAILABLE:
                                 win_left, win_right, softcap, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
                                 V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                                 HAS_SOFTCAP: gl.constexpr, HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr,
-                                HAS_ALIBI: gl.constexpr, LPT: gl.constexpr):
+                                HAS_ALIBI: gl.constexpr):
         """Persistent consumer warpgroup w (batched calls): ``_dq_consumer`` on the items pid, pid + nprog, ...
         (``_dq_item``), the K / V ring positions t0 carried across items, Q's phase it & 1."""
         t0 = gl.to_tensor(0)
         for item in range(pid, num_items, nprog):
             it = (item - pid) // nprog
             b, h, start_m, lo, n = _dq_item(item, pid, nprog, num_items, num_m_tiles, q_heads, seqlen_q, seqlen_k,
-                                            win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, LPT)
+                                            win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW)
             alibi_b = ALIBI
             if HAS_ALIBI:
                 alibi_b = ALIBI + b * stride_ab
@@ -334,7 +332,7 @@ if AVAILABLE:
                    WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                    HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TRACE=None,
-                   PERSISTENT: gl.constexpr = 0, num_items=0):
+                   PERSISTENT: gl.constexpr = False, num_items=0):
         """Warp-specialised: two consumer warpgroups (64 query rows each) and a producer warp. TRACE: None, or an
         int64 (programs, 4) buffer for each program's trace (``trace_program``; measurement only). VARLEN: packed (1,
         total, H, D) tensors, sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are
@@ -344,8 +342,7 @@ if AVAILABLE:
         by default calls without a causal mask or window):
         a grid of at most one program per SM runs the num_items query tiles in turn (``_dq_item``), the next
         item's Q / dO and first key tiles loading while an item's last products and epilogue run, dQ staged in its
-        own buffers (TRACE: one record per program, n = its items' key tiles); 1: causal items in LPT order
-        (``_dq_item``), 2: in the grid's order (fewer (batch, head)s in flight at once)."""
+        own buffers (TRACE: one record per program, n = its items' key tiles)."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         dtype: gl.constexpr = q_desc.dtype
         if TRACE is not None:
@@ -357,7 +354,7 @@ if AVAILABLE:
                 n = gl.to_tensor(0)  # the trace's step count: every item's key tiles
                 for item in range(pid, num_items, nprog):
                     n += _dq_item(item, pid, nprog, num_items, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left,
-                                  win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, PERSISTENT == 1)[4]
+                                  win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW)[4]
         else:
             b, h, tile = program_tile(gl.program_id(0), num_m_tiles, q_heads, CAUSAL or WINDOW)
             hk = h // group
@@ -397,18 +394,18 @@ if AVAILABLE:
                                            stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb,
                                            stride_lh, stride_sh, stride_st, stride_dqs, stride_dqh, stride_ab, HALF_M,
                                            BLOCK_N, win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
-                                           WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE, HAS_ALIBI, PERSISTENT == 1)),
+                                           WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE, HAS_ALIBI)),
                 (_dq_consumer_persistent, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem,
                                            do_smem, k_smem, v_smem, bars, q_empty, dq_stage, pid, num_items, nprog,
                                            num_m_tiles, q_heads, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
                                            stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb,
                                            stride_lh, stride_sh, stride_st, stride_dqs, stride_dqh, stride_ab, HALF_M,
                                            BLOCK_N, win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
-                                           WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE, HAS_ALIBI, PERSISTENT == 1)),
+                                           WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE, HAS_ALIBI)),
                 (_dq_load_persistent, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, q_empty,
                                        pid, num_items, nprog, num_m_tiles, q_heads, group, seqlen_q, seqlen_k,
                                        win_left, win_right, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
-                                       WINDOW, PERSISTENT == 1)),
+                                       WINDOW)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             alibi_b = ALIBI
@@ -455,7 +452,7 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
     grid, extra = num_m_tiles * batch * q_heads, {}
     causal = p.window_right == 0 and not has_window(p)
     if not p.varlen and d <= 128 and configs.gluon_dq_persistent(causal or has_window(p)):  # items in turn
-        extra = dict(PERSISTENT=configs.gluon_dq_persistent_order(), num_items=grid)
+        extra = dict(PERSISTENT=True, num_items=grid)
         grid = min(grid, configs.sm_count(q.device))
     launch(_dq_kernel, (grid,), (
         q_desc, do_desc, k_desc, v_desc, dq_desc, out, resid if resid is not None else out, dout, lse,
