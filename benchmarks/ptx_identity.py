@@ -23,7 +23,8 @@ BWD = [dict(d=128), dict(d=128, causal=True), dict(d=64), dict(d=64, causal=True
        dict(d=128, causal=True, varlen=True), dict(d=128, window=True), dict(d=128, softcap=True, alibi=True),
        dict(d=256), dict(d=256, causal=True)]
 DQ = [dict(d=128), dict(d=128, causal=True), dict(d=128, dlse=True), dict(d=128, resid=False),
-      dict(d=128, causal=True, varlen=True), dict(d=128, window=True), dict(d=128, softcap=True, alibi=True)]
+      dict(d=128, causal=True, varlen=True), dict(d=128, window=True), dict(d=128, softcap=True, alibi=True),
+      dict(d=128, persistent=True), dict(d=128, causal=True, persistent=True)]
 
 
 def normalised(ptx: str) -> str:

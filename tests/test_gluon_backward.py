@@ -587,11 +587,14 @@ PERSISTENT_DQ_CASES = {  # (B, Sq, Sk, Hq, Hkv, attention kwargs): items beyond 
 
 @hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("mode", ["1", "queue"])
 @pytest.mark.parametrize("case", list(PERSISTENT_DQ_CASES))
-def test_persistent_dq_matches_the_grid(case, monkeypatch):
-    """v35b (TILEATTN_GLUON_DQ_PERSISTENT=1): the persistent dQ kernel (at most one program per SM, the query
-    tiles in turn) computes each tile as the one-tile-per-program kernel does, so dq, dk and dv (dK/dV reads the
-    row statistics the dQ kernel writes) are bit-identical to the default's; the launch is the persistent one."""
+def test_persistent_dq_matches_the_grid(case, mode, monkeypatch):
+    """v35b (TILEATTN_GLUON_DQ_PERSISTENT=1) and v35d (=queue: causal / window calls draw their tiles from a work
+    queue): the persistent dQ kernel (at most one program per SM, the query tiles in turn) computes each tile as
+    the one-tile-per-program kernel does, so dq, dk and dv (dK/dV reads the row statistics the dQ kernel writes)
+    are bit-identical to the one-tile kernel's; the launch is the persistent one (queue: its counters are left at
+    zero for the next launch)."""
     B, Sq, Sk, Hq, Hkv, kw = PERSISTENT_DQ_CASES[case]
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, 128, torch.bfloat16, seed_for("gluon-dq-persistent", case),
                             requires_grad=True)
@@ -604,9 +607,14 @@ def test_persistent_dq_matches_the_grid(case, monkeypatch):
         (grid, kwargs.get("PERSISTENT", False))) or real(fn, grid, args, kwargs, *a, **o))
     monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "0")
     want = fresh_grads(q, k, v, dout, **kw)
-    monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "1")
+    monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", mode)
     got = fresh_grads(q, k, v, dout, **kw)
-    assert [p for _, p in launches] == [False, True], launches
+    masked = bool(kw.get("causal") or "window_size" in kw)
+    assert [p for _, p in launches] == [False, 2 if mode == "queue" and masked else True], launches
+    if mode == "queue":
+        from tileattn.kernels import launch as launch_mod
+        torch.cuda.synchronize()
+        assert not launch_mod.ticket_counters(q.device, 2, "gluon_dq")[:2].any(), "the queue was left non-zero"
     items = triton_cdiv(Sq, 128) * B * Hq
     assert launches[1][0] == (min(items, configs.sm_count(q.device)), ), launches
     for name, a, b in zip(("dq", "dk", "dv"), want, got):
@@ -619,11 +627,12 @@ def triton_cdiv(a, b):
 
 
 def test_persistent_dq_knob(monkeypatch):
-    """TILEATTN_GLUON_DQ_PERSISTENT: auto (default) = calls without a causal mask or window, 1 = all, 0 = none."""
+    """TILEATTN_GLUON_DQ_PERSISTENT: auto (default) = calls without a causal mask or window, 1 = all, 0 = none,
+    queue = as auto, and causal / window calls with the work queue (2)."""
     monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "2")
     with pytest.raises(ValueError, match="TILEATTN_GLUON_DQ_PERSISTENT"):
         configs.gluon_dq_persistent(False)
-    for value, want in (("1", (True, True)), ("0", (False, False)), ("auto", (True, False)), (None, (True, False))):
+    for value, want in (("1", (1, 1)), ("0", (0, 0)), ("auto", (1, 0)), (None, (1, 0)), ("queue", (1, 2))):
         if value is None:
             monkeypatch.delenv("TILEATTN_GLUON_DQ_PERSISTENT")
         else:

@@ -20,7 +20,7 @@ import triton
 import triton.language as tl
 
 from .common import LN2, LOG2E, load_tile, mma, scores, visible
-from .launch import _raw_stream, launch
+from .launch import launch, ticket_counters
 
 
 @triton.jit(do_not_specialize=["num_splits"])  # read by FUSED_COMBINE only: no extra compiles as it varies
@@ -222,26 +222,10 @@ def _decode_combine_kernel(OUT_PART, LSE_PART, OUT, LSE, SINK, stride_ob, stride
     tl.store(OUT + b * stride_ob + qi * stride_os + h * stride_oh + offs_d, out.to(OUT.dtype.element_ty), mask=d_ok)
 
 
-_COUNTERS = {}
-
-
 def _counters(device: torch.device, n: int) -> torch.Tensor:
     """The fused combine's ticket counters (n int32 entries, zero when the kernel starts; its merging programs
-    reset the ones they used). Eager calls share one buffer per (device, stream), kept across calls: calls on one
-    stream run in order, calls on two streams never share a counter, and a buffer replaced by a bigger one is freed
-    in stream order. A call being captured in a CUDA graph gets a buffer of its own, zeroed by a memset node of the
-    graph and owned by the graph's memory pool (torch.cuda.graph captures on a private stream, and a graph may be
-    replayed on any stream), so no graph shares counters with eager calls or with another graph, and no graph
-    keeps a freed buffer. A launch that died between taking a ticket and merging would leave a counter non-zero;
-    the CUDA context is unusable after such a fault anyway."""
-    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
-        return torch.zeros(n, dtype=torch.int32, device=device)
-    stream = _raw_stream(device.index) if device.type == "cuda" else 0
-    key = (device.type, device.index, stream)
-    buf = _COUNTERS.get(key)
-    if buf is None or buf.numel() < n:
-        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
-    return buf
+    reset the ones they used): ``launch.ticket_counters``."""
+    return ticket_counters(device, n, "decode")
 
 
 def decode_forward(q, k_cache, v_cache, seqlens_k, *, softmax_scale, window, softcap, alibi_slopes, sink,

@@ -68,6 +68,29 @@ def _spec(v):
     return v
 
 
+_COUNTERS = {}  # (tag, device type, index, raw stream) -> int32 buffer (``ticket_counters``)
+
+
+def ticket_counters(device: torch.device, n: int, tag: str) -> torch.Tensor:
+    """n int32 counters for a kernel's tickets or work queue, zero when the kernel starts; the kernel leaves the
+    ones it used at zero (the last program resets them). Eager calls share one buffer per (tag, device, stream),
+    kept across calls: calls on one stream run in order, calls on two streams never share a counter, and a buffer
+    replaced by a bigger one is freed in stream order. A call being captured in a CUDA graph gets a buffer of its
+    own, zeroed by a memset node of the graph and owned by the graph's memory pool (torch.cuda.graph captures on a
+    private stream, and a graph may be replayed on any stream), so no graph shares counters with eager calls or
+    with another graph, and no graph keeps a freed buffer. ``tag`` keeps different kernels' buffers apart. A
+    launch that died before resetting would leave a counter non-zero; the CUDA context is unusable after such a
+    fault anyway."""
+    if device.type == "cuda" and torch.cuda.is_current_stream_capturing():
+        return torch.zeros(n, dtype=torch.int32, device=device)
+    stream = _raw_stream(device.index) if device.type == "cuda" else 0
+    key = (tag, device.type, device.index, stream)
+    buf = _COUNTERS.get(key)
+    if buf is None or buf.numel() < n:
+        buf = _COUNTERS[key] = torch.zeros(max(n, 4096), dtype=torch.int32, device=device)
+    return buf
+
+
 def tma_aligned(t: torch.Tensor) -> bool:
     """TMA's rules for a tensor a host descriptor covers: a 16-byte aligned base and 16-byte multiples for every
     stride but the last."""
