@@ -622,6 +622,52 @@ def test_persistent_dq_matches_the_grid(case, mode, monkeypatch):
     assert not any(torch.isnan(t).any() for t in got)
 
 
+PERSISTENT_DKDV_CASES = {  # (B, Sq, Sk, Hq, Hkv, D, attention kwargs): unmasked calls only (v35e's scope)
+    "d128_gqa": (4, 1000, 1100, 8, 2, 128, dict()),
+    "d64": (3, 1500, 900, 4, 4, 64, dict()),  # KV_REGS 0 at D=64
+    "d128_softcap_alibi": (2, 700, 1300, 4, 2, 128, dict(softcap=5.0)),  # KV_REGS 0: V released after the products
+    "few_items": (1, 130, 200, 2, 1, 128, dict()),  # fewer key tiles than SMs
+}
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(PERSISTENT_DKDV_CASES))
+def test_persistent_dkdv_matches_the_grid(case, monkeypatch):
+    """v35e (TILEATTN_GLUON_BWD_PERSISTENT=1): the persistent dK/dV kernel (at most one program per SM, the key
+    tiles in turn) computes each tile as the one-tile-per-program kernel does: dk and dv bit-identical, dq too."""
+    B, Sq, Sk, Hq, Hkv, D, kw = PERSISTENT_DKDV_CASES[case]
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, D, torch.bfloat16, seed_for("gluon-dkdv-persistent", case),
+                            requires_grad=True)
+    dout = randn((B, Sq, Hq, D), torch.bfloat16, gen)
+    if kw.get("softcap"):
+        kw = dict(kw, alibi_slopes=torch.rand(Hq, generator=gen).to("cuda") * 0.1)
+    launches = []
+    real = gluon_backward.launch
+    monkeypatch.setattr(gluon_backward, "launch", lambda fn, grid, args, kwargs, *a, **o: launches.append(
+        (grid, kwargs.get("PERSISTENT", False))) or real(fn, grid, args, kwargs, *a, **o))
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_PERSISTENT", "0")
+    want = fresh_grads(q, k, v, dout, **kw)
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_PERSISTENT", "1")
+    got = fresh_grads(q, k, v, dout, **kw)
+    assert [p for _, p in launches] == [False, True], launches
+    items = triton_cdiv(Sk, 128) * B * Hkv
+    assert launches[1][0] == (min(items, configs.sm_count(q.device)), ), launches
+    for name, a, b in zip(("dq", "dk", "dv"), want, got):
+        assert torch.equal(a, b), f"{name} differs from the one-tile-per-program kernel's"
+    assert not any(torch.isnan(t).any() for t in got)
+
+
+def test_persistent_dkdv_knob(monkeypatch):
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_PERSISTENT", "yes")
+    with pytest.raises(ValueError, match="TILEATTN_GLUON_BWD_PERSISTENT"):
+        configs.gluon_bwd_persistent()
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_PERSISTENT", "1")
+    assert configs.gluon_bwd_persistent()
+    monkeypatch.delenv("TILEATTN_GLUON_BWD_PERSISTENT")
+    assert not configs.gluon_bwd_persistent()
+
+
 def triton_cdiv(a, b):
     return -(-a // b)
 

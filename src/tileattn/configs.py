@@ -477,6 +477,17 @@ def gluon_dq_persistent(causal_or_window: bool) -> int:
     return int(value == "1" or value == "auto" and not causal_or_window)
 
 
+def gluon_bwd_persistent() -> bool:
+    """Whether the Gluon dK/dV kernel runs batched calls without a mask on a persistent grid (v35e,
+    ``TILEATTN_GLUON_BWD_PERSISTENT=1``; default 0, not GPU-run yet): at most one program per SM takes the key tiles
+    in turn, the next tile's K / V and first query steps loading while a tile's last steps and its dK / dV stores
+    run (run 155: ~1.5-3 µs fixed per program, 712-732 ns per step at 2k-4k against 684-700 at 16k)."""
+    value = getenv("TILEATTN_GLUON_BWD_PERSISTENT", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"TILEATTN_GLUON_BWD_PERSISTENT must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def decode_whole_waves(paged: bool = False) -> bool:
     """Whether decode calls (head dims <= 128) with a short default split count (``decode._default_splits``, below
     ``decode_long_splits``) size it for ``programs_per_sm`` + 1 programs per SM and take one split fewer where that
