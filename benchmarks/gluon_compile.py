@@ -164,7 +164,8 @@ def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False
            **({"QUEUE": "*i32"} if persistent == 2 else {})}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=2, CAUSAL=causal and not window, WINDOW=window,
                   HAS_RESID=resid, HAS_DLSE=dlse, VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
-                  CONSUMER_REGS=creg, PRODUCER_REGS=preg, **({"PERSISTENT": True if persistent == 1 else persistent} if persistent else {}))
+                  CONSUMER_REGS=creg, PRODUCER_REGS=preg,
+                  **({"PERSISTENT": True if persistent == 1 else persistent} if persistent else {}))
     fn = gq._dq_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("O", "RESID", "DO", "LSE", "DLSE",

@@ -418,11 +418,11 @@ if AVAILABLE:
         total, H, D) tensors, sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are
         then read per sequence (the arguments are the maxima); DQ: dq as a pointer (row and head strides
         stride_dqs / stride_dqh) for the masked stores of a sequence's last rows. ALIBI: fp32 slopes (Hq,) or (B,
-        Hq) (batch stride stride_ab, 0 for (Hq,)). PERSISTENT (batched, HEAD_D <= 128; ``configs.gluon_dq_persistent``,
-        by default calls without a causal mask or window):
-        a grid of at most one program per SM runs the num_items query tiles in turn (``_dq_item``), the next
-        item's Q / dO and first key tiles loading while an item's last products and epilogue run, dQ staged in its
-        own buffers (TRACE: one record per program, n = its items' key tiles). PERSISTENT 2 (v35d, opt-in): the
+        Hq) (batch stride stride_ab, 0 for (Hq,)). PERSISTENT (batched, HEAD_D <= 128;
+        ``configs.gluon_dq_persistent``, by default calls without a causal mask or window): a grid of at most one
+        program per SM runs the num_items query tiles in turn (``_dq_item``), the next item's Q / dO and first key
+        tiles loading while an item's last products and epilogue run, dQ staged in its own buffers (TRACE: one
+        record per program, n = its items' key tiles). PERSISTENT 2 (v35d, opt-in): the
         items come from a work queue (QUEUE: 2 int32 counters, zero at launch and left zero) in the grid's order,
         each program drawing the next when it starts one, so programs that drew short items draw more (TRACE: n
         = 0)."""
@@ -521,16 +521,16 @@ if AVAILABLE:
             gl.warp_specialize([
                 (_dq_consumer, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, alibi_b, q_smem, do_smem,
                                 k_smem, v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                                stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
-                                stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, lo,
-                                win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                                HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI)),
+                                stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb,
+                                stride_lh, stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M,
+                                BLOCK_N, lo, win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
+                                HAS_SOFTCAP, HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI)),
                 (_dq_consumer, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, alibi_b, q_smem, do_smem,
                                 k_smem, v_smem, bars, b_desc, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                                stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh,
-                                stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M, BLOCK_N, lo,
-                                win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                                HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI)),
+                                stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb,
+                                stride_lh, stride_sh, stride_st, srow0, q_row0, stride_dqs, stride_dqh, HALF_M,
+                                BLOCK_N, lo, win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
+                                HAS_SOFTCAP, HAS_RESID, HAS_DLSE, VARLEN, HAS_ALIBI)),
                 (_dq_load, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b_desc, h, hk,
                             start_m, lo, n, q_row0, k_row0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)),
             ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
