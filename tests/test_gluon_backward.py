@@ -684,3 +684,18 @@ def test_persistent_dq_knob(monkeypatch):
         else:
             monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", value)
         assert (configs.gluon_dq_persistent(False), configs.gluon_dq_persistent(True)) == want, value
+
+
+def test_persistent_protocol_model():
+    """benchmarks/persistent_protocol.py, the host model of the persistent dQ (static and work-queue) and dK/dV
+    kernels' barriers (producers, consumer warpgroups, TMA copies landing in random order, programs sharing the
+    queue): no deadlock, each item computed once per warpgroup, every read of its own buffers and ring slots, no
+    buffer refilled while in use, the queue left at zero. (A model of the kernels' barrier code: the two must
+    change together.)"""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import persistent_protocol as pp
+    assert pp.check_dq([3, 0, 5, 1], 2, queue=False) == {0: 0, 1: 1, 2: 0, 3: 1}  # round robin
+    assert set(pp.check_dq([0, 0, 4], 3, queue=True)) == {0, 1, 2}  # rows without keys; a program may draw none
+    pp.check_dkdv([1, 5, 2], 1, stages=3, kv_regs=2)
+    pp.random_cases(150)

@@ -1,7 +1,8 @@
 """The Gluon dK/dV kernel's persistent form (v35e, opt-in ``configs.gluon_bwd_persistent``; sm90 only): the
 producer's and the consumers' loops over a program's work items (key tiles of batched calls without a mask,
 items pid, pid + nprog, ...), each item run by ``gluon_backward``'s ``_dkdv_load`` / ``_dkdv_consumer`` with the
-ring positions carried across items; ``gluon_backward._dkdv_kernel`` launches them (PERSISTENT)."""
+ring positions carried across items; ``gluon_backward._dkdv_kernel`` launches them (PERSISTENT).
+``benchmarks/persistent_protocol.py`` models these barriers (``check_dkdv``): change the two together."""
 
 from .gluon_common import AVAILABLE
 

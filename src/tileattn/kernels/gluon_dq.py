@@ -425,7 +425,8 @@ if AVAILABLE:
         record per program, n = its items' key tiles). PERSISTENT 2 (v35d, opt-in): the
         items come from a work queue (QUEUE: 2 int32 counters, zero at launch and left zero) in the grid's order,
         each program drawing the next when it starts one, so programs that drew short items draw more (TRACE: n
-        = 0)."""
+        = 0). ``benchmarks/persistent_protocol.py`` models both persistent forms' barriers (``check_dq``): change
+        the two together."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         dtype: gl.constexpr = q_desc.dtype
         if TRACE is not None:
