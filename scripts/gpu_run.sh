@@ -169,11 +169,11 @@ for stage in "$@"; do
           timeout 150 python3 -m pytest tests/test_gluon_backward.py \
             -k "persistent or full" -q -n 14 -p no:cacheprovider \
             -p no:benchmark -rf 2>&1 | tee "$OUT/s31b_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;
-    s33) # (~6 min) v35d: the persistent dQ kernel's work queue for causal / window calls
+    s33) # (~6-8 min; its timeouts sum to 500 s: run it alone) v35d: the persistent dQ kernel's work queue for causal / window calls
          # (TILEATTN_GLUON_DQ_PERSISTENT=queue, not GPU-run yet): the bit-identity tests (static and queue forms),
          # then causal D=128 backward on the one-tile grid, the static persistent grid and the queue in one process
          # (non-causal cells: static in both queue and static forms, the noise control); v35e (below)
-         timeout 100 python3 -m pytest tests/test_gluon_backward.py -k "persistent" -q -n 8 -p no:cacheprovider \
+         timeout 150 python3 -m pytest tests/test_gluon_backward.py -k "persistent" -q -n 8 -p no:cacheprovider \
            -p no:benchmark -rf 2>&1 | tee "$OUT/s33_tests.log" | tail -3; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
          timeout 200 python3 benchmarks/bwd_variants.py --head-dims 128 --seqlens 1024,2048,4096,16384 --profile \
            --variants "grid=TILEATTN_GLUON_DQ_PERSISTENT:0,static=TILEATTN_GLUON_DQ_PERSISTENT:1,queue=TILEATTN_GLUON_DQ_PERSISTENT:queue" \
