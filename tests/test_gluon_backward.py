@@ -575,6 +575,28 @@ def test_tma_reduce_add_lowers_to_a_bulk_tensor_reduce():
     assert "reduce-adds 1" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
+def _grads_off_and_on(monkeypatch, module, knob, on, tensors, kw):
+    """(dq, dk, dv) with the persistent knob ``knob`` at 0, then at ``on``, and the (grid, PERSISTENT) of each
+    launch through ``module.launch`` (the kernel under test)."""
+    launches = []
+    real = module.launch
+    monkeypatch.setattr(module, "launch", lambda fn, grid, args, kwargs, *a, **o: launches.append(
+        (grid, kwargs.get("PERSISTENT", False))) or real(fn, grid, args, kwargs, *a, **o))
+    monkeypatch.setenv(knob, "0")
+    want = fresh_grads(*tensors, **kw)
+    monkeypatch.setenv(knob, on)
+    return want, fresh_grads(*tensors, **kw), launches
+
+
+def _assert_persistent_grid_and_bit_identity(launches, items, want, got, device):
+    """The persistent launch ran min(items, SMs) programs, and its gradients equal the one-tile kernel's bit for
+    bit (no NaN)."""
+    assert launches[1][0] == (min(items, configs.sm_count(device)), ), launches
+    for name, a, b in zip(("dq", "dk", "dv"), want, got):
+        assert torch.equal(a, b), f"{name} differs from the one-tile-per-program kernel's"
+    assert not any(torch.isnan(t).any() for t in got)
+
+
 PERSISTENT_DQ_CASES = {  # (B, Sq, Sk, Hq, Hkv, attention kwargs): items beyond one per SM, rows without keys, features
     "full_gqa": (4, 1000, 1000, 8, 2, dict()),
     "causal": (4, 1000, 1000, 8, 2, dict(causal=True)),
@@ -601,25 +623,15 @@ def test_persistent_dq_matches_the_grid(case, mode, monkeypatch):
     dout = randn((B, Sq, Hq, 128), torch.bfloat16, gen)
     if kw.get("softcap"):
         kw = dict(kw, alibi_slopes=torch.rand(Hq, generator=gen).to("cuda") * 0.1)
-    launches = []
-    real = gluon_dq.launch
-    monkeypatch.setattr(gluon_dq, "launch", lambda fn, grid, args, kwargs, *a, **o: launches.append(
-        (grid, kwargs.get("PERSISTENT", False))) or real(fn, grid, args, kwargs, *a, **o))
-    monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "0")
-    want = fresh_grads(q, k, v, dout, **kw)
-    monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", mode)
-    got = fresh_grads(q, k, v, dout, **kw)
+    want, got, launches = _grads_off_and_on(monkeypatch, gluon_dq, "TILEATTN_GLUON_DQ_PERSISTENT", mode,
+                                            (q, k, v, dout), kw)
     masked = bool(kw.get("causal") or "window_size" in kw)
     assert [p for _, p in launches] == [False, 2 if mode == "queue" and masked else True], launches
     if mode == "queue":
         from tileattn.kernels import launch as launch_mod
         torch.cuda.synchronize()
         assert not launch_mod.ticket_counters(q.device, 2, "gluon_dq")[:2].any(), "the queue was left non-zero"
-    items = triton_cdiv(Sq, 128) * B * Hq
-    assert launches[1][0] == (min(items, configs.sm_count(q.device)), ), launches
-    for name, a, b in zip(("dq", "dk", "dv"), want, got):
-        assert torch.equal(a, b), f"{name} differs from the one-tile-per-program kernel's"
-    assert not any(torch.isnan(t).any() for t in got)
+    _assert_persistent_grid_and_bit_identity(launches, configs.cdiv(Sq, 128) * B * Hq, want, got, q.device)
 
 
 PERSISTENT_DKDV_CASES = {  # (B, Sq, Sk, Hq, Hkv, D, attention kwargs): unmasked calls only (v35e's scope)
@@ -642,20 +654,10 @@ def test_persistent_dkdv_matches_the_grid(case, monkeypatch):
     dout = randn((B, Sq, Hq, D), torch.bfloat16, gen)
     if kw.get("softcap"):
         kw = dict(kw, alibi_slopes=torch.rand(Hq, generator=gen).to("cuda") * 0.1)
-    launches = []
-    real = gluon_backward.launch
-    monkeypatch.setattr(gluon_backward, "launch", lambda fn, grid, args, kwargs, *a, **o: launches.append(
-        (grid, kwargs.get("PERSISTENT", False))) or real(fn, grid, args, kwargs, *a, **o))
-    monkeypatch.setenv("TILEATTN_GLUON_BWD_PERSISTENT", "0")
-    want = fresh_grads(q, k, v, dout, **kw)
-    monkeypatch.setenv("TILEATTN_GLUON_BWD_PERSISTENT", "1")
-    got = fresh_grads(q, k, v, dout, **kw)
+    want, got, launches = _grads_off_and_on(monkeypatch, gluon_backward, "TILEATTN_GLUON_BWD_PERSISTENT", "1",
+                                            (q, k, v, dout), kw)
     assert [p for _, p in launches] == [False, True], launches
-    items = triton_cdiv(Sk, 128) * B * Hkv
-    assert launches[1][0] == (min(items, configs.sm_count(q.device)), ), launches
-    for name, a, b in zip(("dq", "dk", "dv"), want, got):
-        assert torch.equal(a, b), f"{name} differs from the one-tile-per-program kernel's"
-    assert not any(torch.isnan(t).any() for t in got)
+    _assert_persistent_grid_and_bit_identity(launches, configs.cdiv(Sk, 128) * B * Hkv, want, got, q.device)
 
 
 def test_persistent_dkdv_knob(monkeypatch):
@@ -666,10 +668,6 @@ def test_persistent_dkdv_knob(monkeypatch):
     assert configs.gluon_bwd_persistent()
     monkeypatch.delenv("TILEATTN_GLUON_BWD_PERSISTENT")
     assert not configs.gluon_bwd_persistent()
-
-
-def triton_cdiv(a, b):
-    return -(-a // b)
 
 
 def test_persistent_dq_knob(monkeypatch):
