@@ -44,21 +44,31 @@ if AVAILABLE:
     @gluon.jit
     def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
                  q_row0, k_row0, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, t0=0, q_empty=None, q_phase=0):
+                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, t0=0, q_empty=None, q_phase=0, slots=None,
+                 item=0, QUEUE=None):
         """Producer warp: Q and dO halves, then key tiles lo .. lo + n - 1 (K and V) into their rings at ring
         positions t0 .. (rows from q_row0 / k_row0: the sequence's first packed rows, varlen). q_empty (the
-        persistent kernel): each half loads once its consumer released the previous item's (phase q_phase)."""
+        persistent kernel): each half loads once its consumer released the previous item's (phase q_phase).
+        slots / QUEUE (the work queue): the item's index goes to each half's consumer in its slot, written before
+        the arrive that completes the half's barrier phase (the arrive's release orders the write), and the next
+        ticket is drawn between the Q / dO and the K / V loads (returned; 0 without QUEUE)."""
         q_bars, k_ready, k_empty, v_ready, v_empty = bars
         for w in gl.static_range(2):
             if q_empty is not None:
                 mbarrier.wait(q_empty.index(w), q_phase ^ 1)
+            if slots is not None:
+                slots.index(w).store(gl.full([1], item, gl.int32, layout=gl.BlockedLayout([1], [32], [1], [0])))
             mbarrier.expect(q_bars.index(w), 2 * HALF_M * HEAD_D * 2)
             tma.async_copy_global_to_shared(q_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(w),
                                             q_smem.index(w))
             tma.async_copy_global_to_shared(do_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(w),
                                             do_smem.index(w))
+        nxt = 0
+        if QUEUE is not None:
+            nxt = gl.atomic_add(QUEUE, 1)  # in flight while this item's K / V stream
         load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, lo, n, t0,
                      BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
+        return nxt
 
     @gluon.jit
     def _dq_item(pos, pid, nprog, num_items, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
@@ -67,6 +77,13 @@ if AVAILABLE:
         ``persistent_item``'s order (causal: every (batch, head)'s longest tile first), one decoding for the
         producer and the consumers."""
         g = persistent_item(pos, pid, nprog, num_items, num_m_tiles, CAUSAL)
+        return _dq_tile(g, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL,
+                        WINDOW)
+
+    @gluon.jit
+    def _dq_tile(g, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M: gl.constexpr,
+                 BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
+        """(b, h, start_m, lo, n) of the one-tile grid's item g (``program_tile``'s order; batched calls)."""
         b, h, tile = program_tile(g, num_m_tiles, q_heads, CAUSAL or WINDOW)
         start_m = tile * BLOCK_M
         lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, False)
@@ -96,38 +113,26 @@ if AVAILABLE:
                        HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
                        V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
         """Persistent producer with a work queue (v35d): takes item QUEUE[0]++ (the grid's order: each (batch,
-        head)'s tiles, longest first for causal / window calls) until the items run out, the next ticket drawn
-        while the current item's K / V stream; each item's index goes to the consumers in ``slots`` (written
-        before the arrive that completes the item's Q / dO barrier phase: its release orders the write). Past the
-        last item, -1 in both slots and a bare arrive on the Q barriers. The last program to finish drawing
-        (QUEUE[1] counts them) zeroes the queue for the next launch."""
-        q_bars, k_ready, k_empty, v_ready, v_empty = bars
-        lay: gl.constexpr = gl.BlockedLayout([1], [32], [1], [0])
+        head)'s tiles, longest first for causal / window calls, ``_dq_tile``) until the items run out; ``_dq_load``
+        hands each item's index to the consumers in ``slots`` and draws the next ticket while the item's K / V
+        stream. Past the last item, -1 in both slots and a bare arrive on the Q barriers. The last program to
+        finish drawing (QUEUE[1] counts them) zeroes the queue for the next launch."""
+        q_bars = bars[0]
         t0 = gl.to_tensor(0)
         it = gl.to_tensor(0)
         item = gl.atomic_add(QUEUE, 1)
         while item < num_items:
-            b, h, tile = program_tile(item, num_m_tiles, q_heads, CAUSAL or WINDOW)
-            start_m = tile * 2 * HALF_M
-            lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW,
-                              False)
-            for w in gl.static_range(2):
-                mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)
-                slots.index(w).store(gl.full([1], item, gl.int32, layout=lay))
-                mbarrier.expect(q_bars.index(w), 2 * HALF_M * HEAD_D * 2)
-                tma.async_copy_global_to_shared(q_desc, [b, start_m + w * HALF_M, h, 0], q_bars.index(w),
-                                                q_smem.index(w))
-                tma.async_copy_global_to_shared(do_desc, [b, start_m + w * HALF_M, h, 0], q_bars.index(w),
-                                                do_smem.index(w))
-            nxt = gl.atomic_add(QUEUE, 1)  # in flight while this item's K / V stream
-            load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, h // group, 0, lo, n,
-                         t0, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
+            b, h, start_m, lo, n = _dq_tile(item, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
+                                            2 * HALF_M, BLOCK_N, CAUSAL, WINDOW)
+            nxt = _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, h // group,
+                           start_m, lo, n, 0, 0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, t0, q_empty, it & 1,
+                           slots, item, QUEUE)
             t0 += n
             it += 1
             item = nxt
         for w in gl.static_range(2):
             mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)
-            slots.index(w).store(gl.full([1], -1, gl.int32, layout=lay))
+            slots.index(w).store(gl.full([1], -1, gl.int32, layout=gl.BlockedLayout([1], [32], [1], [0])))
             mbarrier.arrive(q_bars.index(w), count=1)
         if gl.atomic_add(QUEUE + 1, 1) == nprog - 1:  # every program has drawn its last ticket: reset the queue
             gl.atomic_xchg(QUEUE, 0)
@@ -383,10 +388,8 @@ if AVAILABLE:
         mbarrier.wait(q_bars.index(w), 0)
         item = gl.max(slots.index(w).load(lay), 0)
         while item >= 0:
-            b, h, tile = program_tile(item, num_m_tiles, q_heads, CAUSAL or WINDOW)
-            start_m = tile * 2 * HALF_M
-            lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW,
-                              False)
+            b, h, start_m, lo, n = _dq_tile(item, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
+                                            2 * HALF_M, BLOCK_N, CAUSAL, WINDOW)
             alibi_b = ALIBI
             if HAS_ALIBI:
                 alibi_b = ALIBI + b * stride_ab
