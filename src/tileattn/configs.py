@@ -463,7 +463,8 @@ def gluon_dq_persistent(causal_or_window: bool) -> int:
     costing each program a few µs with the tensor cores idle (run 155's trace: 1220 ns per key tile at 2k
     against 990 at 16k, ~7 µs fixed per program, 1 program per SM). H200, D=128, same process (run 156): dQ
     kernel non-causal 394 -> 384 / 688 -> 653 / 1217 -> 1191 / 4278 -> 4249 µs at 1k / 2k / 4k / 16k, but causal
-    275 -> 311 / 420 -> 464 / 676 -> 696 / 2158 -> 2331 (the tiles' unequal lengths on a static round robin).
+    275 -> 311 / 420 -> 464 / 676 -> 696 / 2158 -> 2331 (cause not found: neither the item order nor the static
+    schedule's balance, v35c / run 158 and ``benchmarks/persistent_balance.py``).
     auto (default): calls without a causal mask or window; 1: every batched call; 0: none; queue (v35d, not
     GPU-run yet): as auto, and causal / window calls with the programs drawing their tiles from a work queue in
     the grid's order (dynamic balance and programs out of step, as the one-tile grid's hardware scheduler has
