@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s33 s34 s35 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -169,30 +169,6 @@ for stage in "$@"; do
           timeout 150 python3 -m pytest tests/test_gluon_backward.py \
             -k "persistent or full" -q -n 14 -p no:cacheprovider \
             -p no:benchmark -rf 2>&1 | tee "$OUT/s31b_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;
-    s33) # (~6-8 min; its timeouts sum to 500 s: run it alone) v35d: the persistent dQ kernel's work queue for causal / window calls
-         # (TILEATTN_GLUON_DQ_PERSISTENT=queue, not GPU-run yet): the bit-identity tests (static and queue forms),
-         # then causal D=128 backward on the one-tile grid, the static persistent grid and the queue in one process
-         # (non-causal cells: static in both queue and static forms, the noise control); v35e (below)
-         timeout 150 python3 -m pytest tests/test_gluon_backward.py -k "persistent" -q -n 8 -p no:cacheprovider \
-           -p no:benchmark -rf 2>&1 | tee "$OUT/s33_tests.log" | tail -3; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-         timeout 200 python3 benchmarks/bwd_variants.py --head-dims 128 --seqlens 1024,2048,4096,16384 --profile \
-           --variants "grid=TILEATTN_GLUON_DQ_PERSISTENT:0,static=TILEATTN_GLUON_DQ_PERSISTENT:1,queue=TILEATTN_GLUON_DQ_PERSISTENT:queue" \
-           2>&1 | grep -v Warning | tee "$OUT/s33_bwd.log"
-         # v35e: the persistent dK/dV kernel (TILEATTN_GLUON_BWD_PERSISTENT=1, unmasked calls) against the default
-         timeout 150 python3 benchmarks/bwd_variants.py --head-dims 128,64 --seqlens 1024,2048,4096,16384 --profile \
-           --causal false --variants "base=,dkdv=TILEATTN_GLUON_BWD_PERSISTENT:1" 2>&1 | grep -v Warning \
-           | tee "$OUT/s33_dkdv.log" ;;
-    s35) # (~2 min) v35d repeated (run 159: the queue's causal dQ kernel 6-8% faster at 1k-2k in the profile, the
-         # do_bench totals not): D=128 causal, one-tile grid / queue, 3 interleaved rounds, with the profile
-         timeout 200 python3 benchmarks/bwd_variants.py --head-dims 128 --seqlens 1024,2048,4096 --profile --rounds 3 \
-           --causal true --variants "grid=TILEATTN_GLUON_DQ_PERSISTENT:0,queue=TILEATTN_GLUON_DQ_PERSISTENT:queue" \
-           2>&1 | grep -v Warning | tee "$OUT/s35_bwd.log" ;;
-    s34) # (~2 min) D=64 backward with the Gluon dQ kernel (TILEATTN_GLUON_DQ=1; run 59 found it no faster than the
-         # portable dQ kernel, before it had a persistent grid): portable dQ / Gluon dQ (persistent where unmasked) /
-         # Gluon dQ with v35d's queue on causal calls, one process
-         timeout 200 python3 benchmarks/bwd_variants.py --head-dims 64 --seqlens 1024,2048,4096,16384 --profile \
-           --variants "portable=,gluon=TILEATTN_GLUON_DQ:1,queue=TILEATTN_GLUON_DQ:1+TILEATTN_GLUON_DQ_PERSISTENT:queue" \
-           2>&1 | grep -v Warning | tee "$OUT/s34_bwd_d64.log" ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;

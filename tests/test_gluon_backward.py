@@ -609,74 +609,30 @@ PERSISTENT_DQ_CASES = {  # (B, Sq, Sk, Hq, Hkv, attention kwargs): items beyond 
 
 @hopper
 @pytest.mark.gpu
-@pytest.mark.parametrize("mode", ["1", "queue"])
 @pytest.mark.parametrize("case", list(PERSISTENT_DQ_CASES))
-def test_persistent_dq_matches_the_grid(case, mode, monkeypatch):
-    """v35b (TILEATTN_GLUON_DQ_PERSISTENT=1) and v35d (=queue: causal / window calls draw their tiles from a work
-    queue): the persistent dQ kernel (at most one program per SM, the query tiles in turn) computes each tile as
-    the one-tile-per-program kernel does, so dq, dk and dv (dK/dV reads the row statistics the dQ kernel writes)
-    are bit-identical to the one-tile kernel's; the launch is the persistent one (queue: its counters are left at
-    zero for the next launch)."""
+def test_persistent_dq_matches_the_grid(case, monkeypatch):
+    """v35b (TILEATTN_GLUON_DQ_PERSISTENT=1): the persistent dQ kernel (at most one program per SM, the query
+    tiles in turn) computes each tile as the one-tile-per-program kernel does, so dq, dk and dv (dK/dV reads the
+    row statistics the dQ kernel writes) are bit-identical to the one-tile kernel's; the launch is the persistent
+    one."""
     B, Sq, Sk, Hq, Hkv, kw = PERSISTENT_DQ_CASES[case]
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, 128, torch.bfloat16, seed_for("gluon-dq-persistent", case),
                             requires_grad=True)
     dout = randn((B, Sq, Hq, 128), torch.bfloat16, gen)
     if kw.get("softcap"):
         kw = dict(kw, alibi_slopes=torch.rand(Hq, generator=gen).to("cuda") * 0.1)
-    want, got, launches = _grads_off_and_on(monkeypatch, gluon_dq, "TILEATTN_GLUON_DQ_PERSISTENT", mode,
+    want, got, launches = _grads_off_and_on(monkeypatch, gluon_dq, "TILEATTN_GLUON_DQ_PERSISTENT", "1",
                                             (q, k, v, dout), kw)
-    masked = bool(kw.get("causal") or "window_size" in kw)
-    assert [p for _, p in launches] == [False, 2 if mode == "queue" and masked else True], launches
-    if mode == "queue":
-        from tileattn.kernels import launch as launch_mod
-        torch.cuda.synchronize()
-        assert not launch_mod.ticket_counters(q.device, 2, "gluon_dq")[:2].any(), "the queue was left non-zero"
+    assert [p for _, p in launches] == [False, True], launches
     _assert_persistent_grid_and_bit_identity(launches, configs.cdiv(Sq, 128) * B * Hq, want, got, q.device)
 
 
-PERSISTENT_DKDV_CASES = {  # (B, Sq, Sk, Hq, Hkv, D, attention kwargs): unmasked calls only (v35e's scope)
-    "d128_gqa": (4, 1000, 1100, 8, 2, 128, dict()),
-    "d64": (3, 1500, 900, 4, 4, 64, dict()),  # KV_REGS 0 at D=64
-    "d128_softcap_alibi": (2, 700, 1300, 4, 2, 128, dict(softcap=5.0)),  # KV_REGS 0: V released after the products
-    "few_items": (1, 130, 200, 2, 1, 128, dict()),  # fewer key tiles than SMs
-}
-
-
-@hopper
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", list(PERSISTENT_DKDV_CASES))
-def test_persistent_dkdv_matches_the_grid(case, monkeypatch):
-    """v35e (TILEATTN_GLUON_BWD_PERSISTENT=1): the persistent dK/dV kernel (at most one program per SM, the key
-    tiles in turn) computes each tile as the one-tile-per-program kernel does: dk and dv bit-identical, dq too."""
-    B, Sq, Sk, Hq, Hkv, D, kw = PERSISTENT_DKDV_CASES[case]
-    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, D, torch.bfloat16, seed_for("gluon-dkdv-persistent", case),
-                            requires_grad=True)
-    dout = randn((B, Sq, Hq, D), torch.bfloat16, gen)
-    if kw.get("softcap"):
-        kw = dict(kw, alibi_slopes=torch.rand(Hq, generator=gen).to("cuda") * 0.1)
-    want, got, launches = _grads_off_and_on(monkeypatch, gluon_backward, "TILEATTN_GLUON_BWD_PERSISTENT", "1",
-                                            (q, k, v, dout), kw)
-    assert [p for _, p in launches] == [False, True], launches
-    _assert_persistent_grid_and_bit_identity(launches, configs.cdiv(Sk, 128) * B * Hkv, want, got, q.device)
-
-
-def test_persistent_dkdv_knob(monkeypatch):
-    monkeypatch.setenv("TILEATTN_GLUON_BWD_PERSISTENT", "yes")
-    with pytest.raises(ValueError, match="TILEATTN_GLUON_BWD_PERSISTENT"):
-        configs.gluon_bwd_persistent()
-    monkeypatch.setenv("TILEATTN_GLUON_BWD_PERSISTENT", "1")
-    assert configs.gluon_bwd_persistent()
-    monkeypatch.delenv("TILEATTN_GLUON_BWD_PERSISTENT")
-    assert not configs.gluon_bwd_persistent()
-
-
 def test_persistent_dq_knob(monkeypatch):
-    """TILEATTN_GLUON_DQ_PERSISTENT: auto (default) = calls without a causal mask or window, 1 = all, 0 = none,
-    queue = as auto, and causal / window calls with the work queue (2)."""
+    """TILEATTN_GLUON_DQ_PERSISTENT: auto (default) = calls without a causal mask or window, 1 = all, 0 = none."""
     monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "2")
     with pytest.raises(ValueError, match="TILEATTN_GLUON_DQ_PERSISTENT"):
         configs.gluon_dq_persistent(False)
-    for value, want in (("1", (1, 1)), ("0", (0, 0)), ("auto", (1, 0)), (None, (1, 0)), ("queue", (1, 2))):
+    for value, want in (("1", (True, True)), ("0", (False, False)), ("auto", (True, False)), (None, (True, False))):
         if value is None:
             monkeypatch.delenv("TILEATTN_GLUON_DQ_PERSISTENT")
         else:
@@ -685,15 +641,12 @@ def test_persistent_dq_knob(monkeypatch):
 
 
 def test_persistent_protocol_model():
-    """benchmarks/persistent_protocol.py, the host model of the persistent dQ (static and work-queue) and dK/dV
-    kernels' barriers (producers, consumer warpgroups, TMA copies landing in random order, programs sharing the
-    queue): no deadlock, each item computed once per warpgroup, every read of its own buffers and ring slots, no
-    buffer refilled while in use, the queue left at zero. (A model of the kernels' barrier code: the two must
-    change together.)"""
+    """benchmarks/persistent_protocol.py, the host model of the persistent dQ kernel's barriers (producer, consumer
+    warpgroups, TMA copies landing in random order): no deadlock, each item computed once per warpgroup, every
+    read of its own buffers and ring slots, no buffer refilled while in use. (A model of the kernel's barrier
+    code: the two must change together.)"""
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import persistent_protocol as pp
-    assert pp.check_dq([3, 0, 5, 1], 2, queue=False) == {0: 0, 1: 1, 2: 0, 3: 1}  # round robin
-    assert set(pp.check_dq([0, 0, 4], 3, queue=True)) == {0, 1, 2}  # rows without keys; a program may draw none
-    pp.check_dkdv([1, 5, 2], 1, stages=3, kv_regs=2)
+    assert pp.check_dq([3, 0, 5, 1], 2) == {0: 0, 1: 1, 2: 0, 3: 1}  # round robin, a query tile without keys
     pp.random_cases(150)

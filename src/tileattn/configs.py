@@ -456,7 +456,7 @@ def decode_paged_split_factor() -> int:
     return int(value)
 
 
-def gluon_dq_persistent(causal_or_window: bool) -> int:
+def gluon_dq_persistent(causal_or_window: bool) -> bool:
     """Whether the Gluon dQ kernel runs a batched call (head dims <= 128) on a persistent grid (v35b,
     ``TILEATTN_GLUON_DQ_PERSISTENT``): at most one program per SM takes the query tiles in turn, so a tile's
     prologue (Q / dO / first K and V loads) and its dQ store overlap the previous tile's last products instead of
@@ -464,29 +464,13 @@ def gluon_dq_persistent(causal_or_window: bool) -> int:
     against 990 at 16k, ~7 µs fixed per program, 1 program per SM). H200, D=128, same process (run 156): dQ
     kernel non-causal 394 -> 384 / 688 -> 653 / 1217 -> 1191 / 4278 -> 4249 µs at 1k / 2k / 4k / 16k, but causal
     275 -> 311 / 420 -> 464 / 676 -> 696 / 2158 -> 2331 (cause not found: neither the item order nor the static
-    schedule's balance, v35c / run 158 and ``benchmarks/persistent_balance.py``).
-    auto (default): calls without a causal mask or window; 1: every batched call; 0: none; queue (v35d, not
-    GPU-run yet): as auto, and causal / window calls with the programs drawing their tiles from a work queue in
-    the grid's order (dynamic balance and programs out of step, as the one-tile grid's hardware scheduler has
-    them; the static schedule's programs run their rounds in step). Returns 0 (off), 1 (static) or 2 (queue):
-    the kernel's ``PERSISTENT``."""
+    schedule's balance, v35c / run 158 and ``benchmarks/persistent_balance.py``; a work queue, v35d, runs 159 and
+    162, gained 2-8% of the causal dQ kernel at 1k-4k and lost 6% at 16k, removed).
+    auto (default): calls without a causal mask or window; 1: every batched call; 0: none."""
     value = getenv("TILEATTN_GLUON_DQ_PERSISTENT", "auto")
-    if value not in ("0", "1", "auto", "queue"):
-        raise ValueError(f"TILEATTN_GLUON_DQ_PERSISTENT must be 0, 1, auto or queue, got {value!r}")
-    if value == "queue":
-        return 2 if causal_or_window else 1
-    return int(value == "1" or value == "auto" and not causal_or_window)
-
-
-def gluon_bwd_persistent() -> bool:
-    """Whether the Gluon dK/dV kernel runs batched calls without a mask on a persistent grid (v35e,
-    ``TILEATTN_GLUON_BWD_PERSISTENT=1``; default 0, not GPU-run yet): at most one program per SM takes the key tiles
-    in turn, the next tile's K / V and first query steps loading while a tile's last steps and its dK / dV stores
-    run (run 155: ~1.5-3 µs fixed per program, 712-732 ns per step at 2k-4k against 684-700 at 16k)."""
-    value = getenv("TILEATTN_GLUON_BWD_PERSISTENT", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"TILEATTN_GLUON_BWD_PERSISTENT must be 0 or 1, got {value!r}")
-    return value == "1"
+    if value not in ("0", "1", "auto"):
+        raise ValueError(f"TILEATTN_GLUON_DQ_PERSISTENT must be 0, 1 or auto, got {value!r}")
+    return value == "1" or value == "auto" and not causal_or_window
 
 
 def decode_whole_waves(paged: bool = False) -> bool:

@@ -60,16 +60,12 @@ if AVAILABLE:
     def _dkdv_load(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
                    bars, b, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st, q_row0, k_row0,
                    HALF_N: gl.constexpr, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr, STAGES: gl.constexpr,
-                   KV_PARTS: gl.constexpr, t0=0, kv_empty=None, it=0):
+                   KV_PARTS: gl.constexpr):
         """Producer warp: the tile's K and V (KV_PARTS parts of HALF_N keys: one per warpgroup, or one shared by
         both with SPLIT), then Q, dO and the row statistics (lse, delta) of query tiles m_lo .. m_lo + n_m - 1 of
-        each query head of the group (step t = g * n_m + tile) into ring slot (t0 + t) % STAGES (t0: the steps
-        the ring carried before, 0 but in the persistent kernel, whose it-th item's K and V load once both
-        warpgroups released the previous item's: ``kv_empty``). q_row0 / k_row0: the sequence's first packed row
-        (varlen; 0 batched)."""
+        each query head of the group (step t = g * n_m + tile) into ring slot t % STAGES. q_row0 / k_row0: the
+        sequence's first packed row (varlen; 0 batched)."""
         kv_bar, ready, empty = bars
-        if kv_empty is not None:
-            mbarrier.wait(kv_empty, (it & 1) ^ 1)
         mbarrier.expect(kv_bar, KV_PARTS * 2 * HALF_N * HEAD_D * 2)
         for w in gl.static_range(KV_PARTS):
             tma.async_copy_global_to_shared(k_desc, [b, k_row0 + start_n + w * HALF_N, hk, 0], kv_bar,
@@ -79,8 +75,8 @@ if AVAILABLE:
         for t in range(group * n_m):
             g = t // n_m
             row = (m_lo + t - g * n_m) * BLOCK_M
-            s = (t0 + t) % STAGES
-            mbarrier.wait(empty.index(s), (((t0 + t) // STAGES) & 1) ^ 1)
+            s = t % STAGES
+            mbarrier.wait(empty.index(s), ((t // STAGES) & 1) ^ 1)
             mbarrier.expect(ready.index(s), 2 * BLOCK_M * HEAD_D * 2 + 2 * BLOCK_M * 4)
             tma.async_copy_global_to_shared(q_desc, [b, q_row0 + row, hk * group + g, 0], ready.index(s),
                                             q_smem.index(s))
@@ -115,8 +111,7 @@ if AVAILABLE:
                        win_left, win_right, softcap, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                        PIPELINE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, fused=None,
-                       FUSED_DQ: gl.constexpr = 0, EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0,
-                       t0=0, kv_phase=0, kv_empty=None, stage=None):
+                       FUSED_DQ: gl.constexpr = 0, EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0):
         """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps.
         PIPELINE: software-pipelined by one step: S^T_t and dP^T_t are issued with dV += P^T_{t-1} dO_{t-1} and
         dK += dS^T_{t-1} Q_{t-1} between them, so step t's elementwise work runs while step t-1's products hold the
@@ -136,12 +131,7 @@ if AVAILABLE:
         (``fused_dq.stage_dq_step``); the programs' (and, at D=64, the warpgroups') adds into one tile are
         unordered. EARLY_DQ (with FUSED_DQ; session 23's v28c, not yet GPU-run): step t - 1's dQ^T products are
         issued before step t's others and staged while those run (with BLOCK_M=32 at D=128 a step's five products
-        take ~0.7 µs, and a stage after the last wait left the tensor cores idle for ~0.4 µs of it, run 135).
-
-        The persistent kernel (v35e; PIPELINE, batched, no FUSED_DQ): ring positions from t0, K / V's barrier phase
-        kv_phase; K and V are released (``kv_empty``) once read for the last time (after their register loads
-        with KV_REGS 2, else after the last products), and dK / dV are staged in ``stage`` (slots 2w, 2w + 1),
-        their TMA stores left in flight (the next item's epilogue and the program's end wait for them)."""
+        take ~0.7 µs, and a stage after the last wait left the tensor cores idle for ~0.4 µs of it, run 135)."""
         kv_bar, ready, empty = bars
         dtype: gl.constexpr = dk_desc.dtype
         EXCHANGE: gl.constexpr = HEAD_D == 2 * HALF_N  # FUSED_DQ's form (D=128; D=64: own keys)
@@ -160,7 +150,7 @@ if AVAILABLE:
         st_zero = gl.zeros([HALF_N, BLOCK_M], gl.float32, layout=st_layout)
         k2 = k_smem.index(w).reshape([HALF_N, HEAD_D])
         v2 = v_smem.index(w).reshape([HALF_N, HEAD_D])
-        mbarrier.wait(kv_bar, kv_phase)
+        mbarrier.wait(kv_bar, 0)
         # the A operands of S^T = K Q^T and dP^T = V dO^T: shared memory, or registers loaded once (KV_REGS)
         k_a = k2
         v_a = v2
@@ -168,8 +158,6 @@ if AVAILABLE:
             k_a = k2.load(gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2))
         if KV_REGS >= 2:
             v_a = v2.load(gl.DotOperandLayout(operand_index=0, parent=st_layout, k_width=2))
-            if kv_empty is not None:  # this warpgroup's K and V halves are in registers: the next item's may load
-                mbarrier.arrive(kv_empty, count=1)
         n = group * n_m
         if not PIPELINE:  # the plain order (64-row steps at D=128 pipelined need more registers: C7512)
             for t in range(n):
@@ -195,20 +183,19 @@ if AVAILABLE:
                 dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok))
                 mbarrier.arrive(empty.index(s), count=1)
         elif n > 0:
-            s0 = t0 % STAGES
-            mbarrier.wait(ready.index(s0), (t0 // STAGES) & 1)
+            mbarrier.wait(ready.index(0), 0)
             if VARLEN:
-                _zero_foreign_rows(q_smem, do_smem, s0, m_lo, seqlen_q, BLOCK_M)
-            st_tok = warpgroup_mma(k_a, q_smem.index(s0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
+                _zero_foreign_rows(q_smem, do_smem, 0, m_lo, seqlen_q, BLOCK_M)
+            st_tok = warpgroup_mma(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                    use_acc=False, is_async=True)
-            dpt_tok = warpgroup_mma(v_a, do_smem.index(s0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
+            dpt_tok = warpgroup_mma(v_a, do_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                     use_acc=False, is_async=True)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
-            p, dtanh = dkdv_probs(st, lse_smem.index(s0), m_lo, keys, seqlen_q, diag, win, qk_scale, softcap,
+            p, dtanh = dkdv_probs(st, lse_smem.index(0), m_lo, keys, seqlen_q, diag, win, qk_scale, softcap,
                                   alibi_slope(ALIBI_B, hk * group, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
                                   HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
-            ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(s0), m_lo, seqlen_q, BLOCK_M, HAS_SOFTCAP)
+            ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M, HAS_SOFTCAP)
             if FUSED_DQ:
                 ds_slots, ds_ready, ds_free, dq_slots, dq_desc, dq_row0 = fused
                 # (HALF_N, BLOCK_M) of a step's dQ^T: D=128 this warpgroup's 64 rows of D over both warpgroups'
@@ -227,9 +214,9 @@ if AVAILABLE:
             for t in range(1, n):
                 g = t // n_m
                 tile = m_lo + t - g * n_m
-                s = (t0 + t) % STAGES
-                sp = (t0 + t - 1) % STAGES
-                mbarrier.wait(ready.index(s), ((t0 + t) // STAGES) & 1)
+                s = t % STAGES
+                sp = (t - 1) % STAGES
+                mbarrier.wait(ready.index(s), (t // STAGES) & 1)
                 if VARLEN:
                     _zero_foreign_rows(q_smem, do_smem, s, tile, seqlen_q, BLOCK_M)
                 if EARLY_DQ:  # dQ^T_{t-1} first: staged and added while the step's other products run
@@ -275,7 +262,7 @@ if AVAILABLE:
                 mbarrier.arrive(empty.index(sp), count=1)
                 p_op = gl.convert_layout(p.to(dtype), op_layout)
                 ds_op = gl.convert_layout(ds.to(dtype), op_layout)
-            sp = (t0 + n - 1) % STAGES
+            sp = (n - 1) % STAGES
             dv_tok = warpgroup_mma(p_op, do_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dv, is_async=True)
             dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
             if FUSED_DQ:
@@ -290,29 +277,18 @@ if AVAILABLE:
             else:
                 dv, dk = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok))
             mbarrier.arrive(empty.index(sp), count=1)
-        if stage is not None:  # persistent: K / V released, dK / dV staged in their own buffers
-            if KV_REGS < 2:
-                mbarrier.arrive(kv_empty, count=1)
-            tma.store_wait(pendings=0)  # the previous item's stores have read the staging buffers
-            gl.thread_barrier()
-            stage.index(2 * w).reshape([HALF_N, HEAD_D]).store((dk * sm_scale).to(dtype))
-            stage.index(2 * w + 1).reshape([HALF_N, HEAD_D]).store(dv.to(dtype))
-            fence_async_shared()
-            gl.thread_barrier()
-            tma.async_copy_shared_to_global(dk_desc, [b, key0, hk, 0], stage.index(2 * w))
-            tma.async_copy_shared_to_global(dv_desc, [b, key0, hk, 0], stage.index(2 * w + 1))
-        else:  # K and V are dead (only this warpgroup reads its halves): their buffers stage dK and dV
-            k2.store((dk * sm_scale).to(dtype))
-            v2.store(dv.to(dtype))
-            if VARLEN:
-                if key0 + HALF_N > seqlen_k:  # the sequence's last keys (or none): masked pointer stores
-                    gl.thread_barrier()
-                    store_rows(DK, k2, k_row0 + key0, hk, seqlen_k - key0, stride_dks, stride_dkh)
-                    store_rows(DV, v2, k_row0 + key0, hk, seqlen_k - key0, stride_dvs, stride_dvh)
-                else:
-                    _store_kv(dk_desc, dv_desc, k_smem, v_smem, w, b, k_row0 + key0, hk)
+        # K and V are dead (only this warpgroup reads its halves): their buffers stage dK and dV for the TMA store
+        k2.store((dk * sm_scale).to(dtype))
+        v2.store(dv.to(dtype))
+        if VARLEN:
+            if key0 + HALF_N > seqlen_k:  # the sequence's last keys (or none): masked pointer stores
+                gl.thread_barrier()
+                store_rows(DK, k2, k_row0 + key0, hk, seqlen_k - key0, stride_dks, stride_dkh)
+                store_rows(DV, v2, k_row0 + key0, hk, seqlen_k - key0, stride_dvs, stride_dvh)
             else:
-                _store_kv(dk_desc, dv_desc, k_smem, v_smem, w, b, key0, hk)
+                _store_kv(dk_desc, dv_desc, k_smem, v_smem, w, b, k_row0 + key0, hk)
+        else:
+            _store_kv(dk_desc, dv_desc, k_smem, v_smem, w, b, key0, hk)
 
     @gluon.jit
     def _dkdv_kernel(q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, dq_desc, DK, DV, CU_Q, CU_K, ALIBI,
@@ -322,8 +298,7 @@ if AVAILABLE:
                      HAS_SOFTCAP: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
                      HAS_ALIBI: gl.constexpr, SPLIT: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, FUSED_DQ: gl.constexpr = 0,
-                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0, TRACE=None,
-                     PERSISTENT: gl.constexpr = False, num_items=0):
+                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0, TRACE=None):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
         total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
@@ -333,11 +308,7 @@ if AVAILABLE:
         (``_split_consumer``; no varlen or softcap). FUSED_DQ (0: off; else dQ^T staging slots per warpgroup, 2 or
         4): dQ too, reduce-added into the fp32 accumulator ``dq_desc`` describes (``fused_dq``; without it
         ``dq_desc`` is a placeholder, not read); EARLY_DQ its products' order (``_dkdv_consumer``). TRACE: None,
-        or an int64 (programs, 4) buffer that gets each program's trace (``trace_program``; measurement only).
-        PERSISTENT (v35e, opt-in ``configs.gluon_bwd_persistent``: batched, no mask, PIPELINE, no SPLIT or
-        FUSED_DQ): at most one program per SM runs the num_items key tiles in turn, the next item's K / V and ring
-        loading while an item's last steps and epilogue run, dK / dV staged in their own buffers (TRACE: n_m =
-        0)."""
+        or an int64 (programs, 4) buffer that gets each program's trace (``trace_program``; measurement only)."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HALF_N: gl.constexpr = k_desc.block_type.shape[1]
         KV_PARTS: gl.constexpr = 1 if SPLIT else 2  # key parts of HALF_N per program
@@ -378,30 +349,6 @@ if AVAILABLE:
             mbarrier.init(ready.index(i), count=1)
             mbarrier.init(empty.index(i), count=2)  # both consumer warpgroups release each slot
         bars = (kv_bar, ready, empty)
-        if PERSISTENT:
-            kv_empty = gl.allocate_shared_memory(gl.int64, [1], mbarrier.MBarrierLayout())
-            mbarrier.init(kv_empty, count=2)  # both warpgroups release their halves
-            stage = gl.allocate_shared_memory(dtype, [4, 1, HALF_N, 1, HEAD_D], dk_desc.layout)
-            nprog = gl.num_programs(0)
-            gl.warp_specialize([
-                (_dkdv_consumer_persistent, (0, dk_desc, dv_desc, DK, DV, ALIBI, q_smem, do_smem, k_smem, v_smem,
-                                             lse_smem, delta_smem, bars, kv_empty, stage, pid, num_items, nprog,
-                                             num_n_tiles, kv_heads, group, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                                             stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N, softcap, BLOCK_M,
-                                             HEAD_D, STAGES, HAS_SOFTCAP, HAS_ALIBI, stride_ab, KV_REGS)),
-                (_dkdv_consumer_persistent, (1, dk_desc, dv_desc, DK, DV, ALIBI, q_smem, do_smem, k_smem, v_smem,
-                                             lse_smem, delta_smem, bars, kv_empty, stage, pid, num_items, nprog,
-                                             num_n_tiles, kv_heads, group, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                                             stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N, softcap, BLOCK_M,
-                                             HEAD_D, STAGES, HAS_SOFTCAP, HAS_ALIBI, stride_ab, KV_REGS)),
-                (_dkdv_load_persistent, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem,
-                                         lse_smem, delta_smem, bars, kv_empty, pid, num_items, nprog, num_n_tiles,
-                                         kv_heads, group, seqlen_q, stride_sh, stride_st, HALF_N, BLOCK_M, HEAD_D,
-                                         STAGES)),
-            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-            if TRACE is not None:
-                trace_program(TRACE, t_start, 0)
-            return
         alibi_b = ALIBI
         if HAS_ALIBI:
             alibi_b = ALIBI + b * stride_ab
@@ -459,10 +406,6 @@ if AVAILABLE:
         ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         if TRACE is not None:
             trace_program(TRACE, t_start, n_m)
-
-    # the persistent kernel's loops (v35e) call _dkdv_consumer / _dkdv_load above: imported once they exist
-    from .gluon_backward_persistent import _dkdv_consumer_persistent, _dkdv_load_persistent  # noqa: E402
-
 
 def _fused_slots(head_dim: int) -> int:
     """FUSED_DQ's value: dQ^T staging slots per consumer warpgroup, ``TILEATTN_FUSED_DQ_SLOTS`` (2 or 4; 4 only at
@@ -560,12 +503,7 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
     if dq_acc is not None:
         dq_desc = host_descriptor(GluonTensorDescriptor, fused_dq.described(dq_acc, seqlen_q), (half_n, bm),
                                   layout=_acc_layout(half_n, bm))
-    grid, extra = num_n_tiles * batch * kv_heads, {}
-    if (not p.varlen and p.window_right != 0 and not has_window(p) and cfg.pipeline and not cfg.split
-            and dq_acc is None and configs.gluon_bwd_persistent()):  # v35e: key tiles in turn, one program per SM
-        extra = dict(PERSISTENT=True, num_items=grid)
-        grid = min(grid, configs.sm_count(q.device))
-    launch(_dkdv_kernel, (grid,), (
+    launch(_dkdv_kernel, (num_n_tiles * batch * kv_heads,), (
         q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, dq_desc, dk, dv,
         p.cu_seqlens_q if p.varlen else dk, p.cu_seqlens_k if p.varlen else dk,
         p.alibi_slopes if p.alibi_slopes is not None else stats, seqlen_q, seqlen_k, kv_heads,
@@ -576,5 +514,5 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
              PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs, **(_fused_flags(d) if dq_acc is not None else {}),
-             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {}), **extra),
+             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {})),
         4, 1, maxnreg=cfg.maxnreg)

@@ -28,7 +28,7 @@ import triton
 
 from .. import configs
 from .gluon_common import AVAILABLE, has_window, make_desc, window_bounds
-from .launch import launch, ticket_counters
+from .launch import launch
 from .params import AttnParams
 
 if AVAILABLE:
@@ -44,31 +44,21 @@ if AVAILABLE:
     @gluon.jit
     def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
                  q_row0, k_row0, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, t0=0, q_empty=None, q_phase=0, slots=None,
-                 item=0, QUEUE=None):
+                 K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, t0=0, q_empty=None, q_phase=0):
         """Producer warp: Q and dO halves, then key tiles lo .. lo + n - 1 (K and V) into their rings at ring
         positions t0 .. (rows from q_row0 / k_row0: the sequence's first packed rows, varlen). q_empty (the
-        persistent kernel): each half loads once its consumer released the previous item's (phase q_phase).
-        slots / QUEUE (the work queue): the item's index goes to each half's consumer in its slot, written before
-        the arrive that completes the half's barrier phase (the arrive's release orders the write), and the next
-        ticket is drawn between the Q / dO and the K / V loads (returned; 0 without QUEUE)."""
+        persistent kernel): each half loads once its consumer released the previous item's (phase q_phase)."""
         q_bars, k_ready, k_empty, v_ready, v_empty = bars
         for w in gl.static_range(2):
             if q_empty is not None:
                 mbarrier.wait(q_empty.index(w), q_phase ^ 1)
-            if slots is not None:
-                slots.index(w).store(gl.full([1], item, gl.int32, layout=gl.BlockedLayout([1], [32], [1], [0])))
             mbarrier.expect(q_bars.index(w), 2 * HALF_M * HEAD_D * 2)
             tma.async_copy_global_to_shared(q_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(w),
                                             q_smem.index(w))
             tma.async_copy_global_to_shared(do_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(w),
                                             do_smem.index(w))
-        nxt = 0
-        if QUEUE is not None:
-            nxt = gl.atomic_add(QUEUE, 1)  # in flight while this item's K / V stream
         load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, lo, n, t0,
                      BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
-        return nxt
 
     @gluon.jit
     def _dq_item(pos, pid, nprog, num_items, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
@@ -77,13 +67,6 @@ if AVAILABLE:
         ``persistent_item``'s order (causal: every (batch, head)'s longest tile first), one decoding for the
         producer and the consumers."""
         g = persistent_item(pos, pid, nprog, num_items, num_m_tiles, CAUSAL)
-        return _dq_tile(g, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL,
-                        WINDOW)
-
-    @gluon.jit
-    def _dq_tile(g, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M: gl.constexpr,
-                 BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
-        """(b, h, start_m, lo, n) of the one-tile grid's item g (``program_tile``'s order; batched calls)."""
         b, h, tile = program_tile(g, num_m_tiles, q_heads, CAUSAL or WINDOW)
         start_m = tile * BLOCK_M
         lo, n = key_tiles(start_m, seqlen_q, seqlen_k, win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, False)
@@ -106,37 +89,6 @@ if AVAILABLE:
             _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, h // group,
                      start_m, lo, n, 0, 0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, t0, q_empty, it & 1)
             t0 += n
-
-    @gluon.jit
-    def _dq_load_queue(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, q_empty, slots, QUEUE,
-                       num_items, nprog, num_m_tiles, q_heads, group, seqlen_q, seqlen_k, win_left, win_right,
-                       HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
-                       V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
-        """Persistent producer with a work queue (v35d): takes item QUEUE[0]++ (the grid's order: each (batch,
-        head)'s tiles, longest first for causal / window calls, ``_dq_tile``) until the items run out; ``_dq_load``
-        hands each item's index to the consumers in ``slots`` and draws the next ticket while the item's K / V
-        stream. Past the last item, -1 in both slots and a bare arrive on the Q barriers. The last program to
-        finish drawing (QUEUE[1] counts them) zeroes the queue for the next launch."""
-        q_bars = bars[0]
-        t0 = gl.to_tensor(0)
-        it = gl.to_tensor(0)
-        item = gl.atomic_add(QUEUE, 1)
-        while item < num_items:
-            b, h, start_m, lo, n = _dq_tile(item, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
-                                            2 * HALF_M, BLOCK_N, CAUSAL, WINDOW)
-            nxt = _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, h // group,
-                           start_m, lo, n, 0, 0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, t0, q_empty, it & 1,
-                           slots, item, QUEUE)
-            t0 += n
-            it += 1
-            item = nxt
-        for w in gl.static_range(2):
-            mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)
-            slots.index(w).store(gl.full([1], -1, gl.int32, layout=gl.BlockedLayout([1], [32], [1], [0])))
-            mbarrier.arrive(q_bars.index(w), count=1)
-        if gl.atomic_add(QUEUE + 1, 1) == nprog - 1:  # every program has drawn its last ticket: reset the queue
-            gl.atomic_xchg(QUEUE, 0)
-            gl.atomic_xchg(QUEUE + 1, 0)
 
     @gluon.jit
     def _row_stats(O, RESID, DO, LSE, DLSE, DELTA, STATS, b, h, row0, seqlen_q, stride_ob, stride_os, stride_oh,
@@ -371,41 +323,6 @@ if AVAILABLE:
         tma.store_wait(pendings=0)  # the last item's dQ store has read shared memory
 
     @gluon.jit
-    def _dq_consumer_queue(w: gl.constexpr, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem,
-                           do_smem, k_smem, v_smem, bars, q_empty, dq_stage, slots, num_m_tiles, q_heads, seqlen_q,
-                           seqlen_k, qk_scale, sm_scale, stride_ob, stride_os, stride_oh, stride_dob, stride_dos,
-                           stride_doh, stride_lb, stride_lh, stride_sh, stride_st, stride_dqs, stride_dqh, stride_ab,
-                           HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, win_left, win_right, softcap,
-                           HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
-                           CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                           HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, HAS_ALIBI: gl.constexpr):
-        """Consumer warpgroup w of the work-queue kernel (v35d): waits for an item's Q / dO phase, reads the item
-        from ``slots`` (-1: no more), then ``_dq_consumer`` on it (its row statistics after Q arrived)."""
-        q_bars = bars[0]
-        lay: gl.constexpr = gl.BlockedLayout([1], [32], [4], [0])
-        t0 = gl.to_tensor(0)
-        it = gl.to_tensor(0)
-        mbarrier.wait(q_bars.index(w), 0)
-        item = gl.max(slots.index(w).load(lay), 0)
-        while item >= 0:
-            b, h, start_m, lo, n = _dq_tile(item, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
-                                            2 * HALF_M, BLOCK_N, CAUSAL, WINDOW)
-            alibi_b = ALIBI
-            if HAS_ALIBI:
-                alibi_b = ALIBI + b * stride_ab
-            _dq_consumer(w, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, alibi_b, q_smem, do_smem, k_smem,
-                         v_smem, bars, b, h, start_m, n, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
-                         stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh,
-                         stride_st, stats_row0(b, 0, seqlen_q, False), 0, stride_dqs, stride_dqh, HALF_M, BLOCK_N,
-                         lo, win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                         HAS_RESID, HAS_DLSE, False, HAS_ALIBI, t0, it & 1, q_empty, dq_stage)
-            t0 += n
-            it += 1
-            mbarrier.wait(q_bars.index(w), it & 1)
-            item = gl.max(slots.index(w).load(lay), 0)
-        tma.store_wait(pendings=0)  # the last item's dQ store has read shared memory
-
-    @gluon.jit
     def _dq_kernel(q_desc, do_desc, k_desc, v_desc, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, CU_Q, CU_K,
                    ALIBI,
                    seqlen_q, seqlen_k, q_heads, group, num_m_tiles, qk_scale, sm_scale, stride_ob, stride_os,
@@ -415,7 +332,7 @@ if AVAILABLE:
                    WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                    HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TRACE=None,
-                   PERSISTENT: gl.constexpr = 0, num_items=0, QUEUE=None):
+                   PERSISTENT: gl.constexpr = False, num_items=0):
         """Warp-specialised: two consumer warpgroups (64 query rows each) and a producer warp. TRACE: None, or an
         int64 (programs, 4) buffer for each program's trace (``trace_program``; measurement only). VARLEN: packed (1,
         total, H, D) tensors, sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are
@@ -425,11 +342,8 @@ if AVAILABLE:
         ``configs.gluon_dq_persistent``, by default calls without a causal mask or window): a grid of at most one
         program per SM runs the num_items query tiles in turn (``_dq_item``), the next item's Q / dO and first key
         tiles loading while an item's last products and epilogue run, dQ staged in its own buffers (TRACE: one
-        record per program, n = its items' key tiles). PERSISTENT 2 (v35d, opt-in): the
-        items come from a work queue (QUEUE: 2 int32 counters, zero at launch and left zero) in the grid's order,
-        each program drawing the next when it starts one, so programs that drew short items draw more (TRACE: n
-        = 0). ``benchmarks/persistent_protocol.py`` models both persistent forms' barriers (``check_dq``): change
-        the two together."""
+        record per program, n = its items' key tiles). ``benchmarks/persistent_protocol.py`` models its barriers
+        (``check_dq``): change the two together."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         dtype: gl.constexpr = q_desc.dtype
         if TRACE is not None:
@@ -437,9 +351,7 @@ if AVAILABLE:
         if PERSISTENT:
             pid = gl.program_id(0)
             nprog = gl.num_programs(0)
-            if TRACE is not None and PERSISTENT == 2:
-                n = 0  # the items are drawn at run time
-            elif TRACE is not None:
+            if TRACE is not None:
                 n = gl.to_tensor(0)  # the trace's step count: every item's key tiles
                 for item in range(pid, num_items, nprog):
                     n += _dq_item(item, pid, nprog, num_items, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left,
@@ -476,28 +388,6 @@ if AVAILABLE:
             for i in gl.static_range(2):
                 mbarrier.init(q_empty.index(i), count=1)
             dq_stage = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], dq_desc.layout)
-        if PERSISTENT == 2:
-            slots = gl.allocate_shared_memory(gl.int32, [2, 1], gl.SwizzledSharedLayout(1, 1, 1, order=[0]))
-            gl.warp_specialize([
-                (_dq_consumer_queue, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem, do_smem,
-                                      k_smem, v_smem, bars, q_empty, dq_stage, slots, num_m_tiles, q_heads, seqlen_q,
-                                      seqlen_k, qk_scale, sm_scale, stride_ob, stride_os, stride_oh, stride_dob,
-                                      stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st, stride_dqs,
-                                      stride_dqh, stride_ab, HALF_M, BLOCK_N, win_left, win_right, softcap, HEAD_D,
-                                      K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE,
-                                      HAS_ALIBI)),
-                (_dq_consumer_queue, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem, do_smem,
-                                      k_smem, v_smem, bars, q_empty, dq_stage, slots, num_m_tiles, q_heads, seqlen_q,
-                                      seqlen_k, qk_scale, sm_scale, stride_ob, stride_os, stride_oh, stride_dob,
-                                      stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st, stride_dqs,
-                                      stride_dqh, stride_ab, HALF_M, BLOCK_N, win_left, win_right, softcap, HEAD_D,
-                                      K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE,
-                                      HAS_ALIBI)),
-                (_dq_load_queue, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, q_empty,
-                                  slots, QUEUE, num_items, nprog, num_m_tiles, q_heads, group, seqlen_q, seqlen_k,
-                                  win_left, win_right, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW)),
-            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
-        elif PERSISTENT:
             gl.warp_specialize([
                 (_dq_consumer_persistent, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem,
                                            do_smem, k_smem, v_smem, bars, q_empty, dq_stage, pid, num_items, nprog,
@@ -562,12 +452,9 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
     os_, dos, sts = out.stride(), dout.stride(), stats.stride()
     grid, extra = num_m_tiles * batch * q_heads, {}
     causal = p.window_right == 0 and not has_window(p)
-    mode = configs.gluon_dq_persistent(causal or has_window(p)) if not p.varlen and d <= 128 else 0
-    if mode:  # at most one program per SM taking the items in turn (2: from a work queue)
-        extra = dict(PERSISTENT=True if mode == 1 else 2, num_items=grid)
+    if not p.varlen and d <= 128 and configs.gluon_dq_persistent(causal or has_window(p)):  # items in turn
+        extra = dict(PERSISTENT=True, num_items=grid)
         grid = min(grid, configs.sm_count(q.device))
-        if mode == 2:
-            extra["QUEUE"] = ticket_counters(q.device, 2, "gluon_dq")
     launch(_dq_kernel, (grid,), (
         q_desc, do_desc, k_desc, v_desc, dq_desc, out, resid if resid is not None else out, dout, lse,
         dlse if dlse is not None else lse, delta, stats, dq_out, p.cu_seqlens_q if p.varlen else lse,
