@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -169,6 +169,11 @@ for stage in "$@"; do
           timeout 150 python3 -m pytest tests/test_gluon_backward.py \
             -k "persistent or full" -q -n 14 -p no:cacheprovider \
             -p no:benchmark -rf 2>&1 | tee "$OUT/s31b_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;
+    s36) # (~1.5 min) run 161's outlier, D=256 causal 512's forward (180 µs against 132-153 in runs 111-140):
+         # D=256 512 / 1k forward, both masks, tileattn / FA2 / cuDNN, 3 rounds taking turns
+         timeout 200 python3 -m tileattn.bench --head-dims 256 --seqlens 512,1024 --modes fwd --rounds 3 --no-plot \
+           --providers tileattn,sdpa_flash,sdpa_cudnn --out-dir "$OUT" --prefix s36 2>&1 | grep -v "it/s\]" \
+           | tee "$OUT/s36.log" || status=1 ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;
