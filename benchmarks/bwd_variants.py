@@ -18,11 +18,12 @@ from bwd_fused import backward_cell, kernel_us
 
 
 def parse_variants(spec):
-    """``name=K:v+K:v,name2=...`` -> [(name, {K: v})]; an empty knob list is the defaults."""
+    """``name=K:v+K:v,name2=...`` -> [(name, {K: v})]; an empty knob list is the defaults; ``;`` in a value stands
+    for a comma (comma-separated knobs such as TILEATTN_GLUON_BWD_CONFIG)."""
     out = []
     for item in spec.split(","):
         name, _, knobs = item.partition("=")
-        out.append((name, dict(kv.split(":", 1) for kv in knobs.split("+") if kv)))
+        out.append((name, {k: v.replace(";", ",") for k, v in (kv.split(":", 1) for kv in knobs.split("+") if kv)}))
     return out
 
 

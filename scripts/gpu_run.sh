@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -174,6 +174,11 @@ for stage in "$@"; do
          timeout 200 python3 -m tileattn.bench --head-dims 256 --seqlens 512,1024 --modes fwd --rounds 3 --no-plot \
            --providers tileattn,sdpa_flash,sdpa_cudnn --out-dir "$OUT" --prefix s36 2>&1 | grep -v "it/s\]" \
            | tee "$OUT/s36.log" || status=1 ;;
+    s37) # (~1.5 min) D=64 backward, the dK/dV kernel's step shape (table: 64-row steps, 3 slots; run 58 chose it
+         # before KV_REGS and the pipelined loop's later changes): 32-row steps / 4 slots, 64-row / 4 slots
+         timeout 200 python3 benchmarks/bwd_variants.py --head-dims 64 --seqlens 1024,4096,16384 --profile \
+           --variants "base=,m32=TILEATTN_GLUON_BWD_CONFIG:32;4;240;24;168;1,m64s4=TILEATTN_GLUON_BWD_CONFIG:64;4;240;24;168;1" \
+           2>&1 | grep -v Warning | tee "$OUT/s37_bwd_d64.log" ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;
