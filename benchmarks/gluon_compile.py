@@ -84,9 +84,10 @@ def _call_params(softcap, alibi, window, causal):
 
 
 def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=False, softcap=False, alibi=False,
-                fused_dq=False, kv_regs=None, trace=False):
+                fused_dq=False, kv_regs=None, trace=False, pingpong=False):
     """The Gluon dK/dV kernel (kernels/gluon_backward.py) for sm_90a; ``kv_regs``: its KV_REGS (None: what a launch
-    of these features picks, ``gluon_backward.kv_regs``); ``trace``: with the program trace buffer."""
+    of these features picks, ``gluon_backward.kv_regs``); ``trace``: with the program trace buffer; ``pingpong``:
+    the consumer warpgroups taking turns (v36a)."""
     from tileattn import configs
     from tileattn.kernels import gluon_backward as gb
     c = configs._GLUON_BWD[d]
@@ -110,7 +111,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
                   PRODUCER_REGS=preg,
                   **(gb._fused_flags(d) if fused_dq else {}),  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
                   KV_REGS=(gb.kv_regs(d, _call_params(softcap, alibi, window, causal), fused_dq) if kv_regs is None
-                           else kv_regs))
+                           else kv_regs), **({"PINGPONG": True} if pingpong else {}))
     fn = gb._dkdv_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("DK", "DV")}
@@ -204,6 +205,7 @@ def main(argv=None):
     ap.add_argument("--tile-map", action="store_true", help="with --varlen: the forward's work list")
     ap.add_argument("--persistent", action="store_true", help="the persistent forward (with --dq: the persistent dQ "
                     "kernel, v35b)")
+    ap.add_argument("--pingpong", action="store_true", help="with --bwd: the consumer warpgroups taking turns (v36a)")
     ap.add_argument("--flat", action="store_true", help="the persistent forward, one pipeline across items")
     ap.add_argument("--varlen", action="store_true", help="the packed varlen variant (forward, --bwd or --dq)")
     ap.add_argument("--dq", action="store_true", help="the dQ backward kernel instead (--config bn,kstages,creg,"
@@ -237,7 +239,7 @@ def main(argv=None):
                        a.alibi, a.resid8, a.trace, a.persistent)
     elif a.bwd:
         k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi, a.fused_dq,
-                        a.kv_regs, a.trace)
+                        a.kv_regs, a.trace, a.pingpong)
     else:
         softcap = 2 if a.softcap_fixed_max else a.softcap
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, softcap, a.sink, a.fp16, a.window, a.varlen,

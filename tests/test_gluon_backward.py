@@ -575,26 +575,31 @@ def test_tma_reduce_add_lowers_to_a_bulk_tensor_reduce():
     assert "reduce-adds 1" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
-def _grads_off_and_on(monkeypatch, module, knob, on, tensors, kw):
-    """(dq, dk, dv) with the persistent knob ``knob`` at 0, then at ``on``, and the (grid, PERSISTENT) of each
+def _grads_off_and_on(monkeypatch, module, knob, on, tensors, kw, flag="PERSISTENT"):
+    """(dq, dk, dv) with the knob ``knob`` at 0, then at ``on``, and the (grid, the constexpr ``flag``) of each
     launch through ``module.launch`` (the kernel under test)."""
     launches = []
     real = module.launch
     monkeypatch.setattr(module, "launch", lambda fn, grid, args, kwargs, *a, **o: launches.append(
-        (grid, kwargs.get("PERSISTENT", False))) or real(fn, grid, args, kwargs, *a, **o))
+        (grid, kwargs.get(flag, False))) or real(fn, grid, args, kwargs, *a, **o))
     monkeypatch.setenv(knob, "0")
     want = fresh_grads(*tensors, **kw)
     monkeypatch.setenv(knob, on)
     return want, fresh_grads(*tensors, **kw), launches
 
 
+def _assert_bit_identical(want, got, what):
+    """dq, dk and dv of the variant (``got``) equal the default's bit for bit, and hold no NaN."""
+    for name, a, b in zip(("dq", "dk", "dv"), want, got):
+        assert torch.equal(a, b), f"{name} differs from {what}"
+    assert not any(torch.isnan(t).any() for t in got)
+
+
 def _assert_persistent_grid_and_bit_identity(launches, items, want, got, device):
     """The persistent launch ran min(items, SMs) programs, and its gradients equal the one-tile kernel's bit for
     bit (no NaN)."""
     assert launches[1][0] == (min(items, configs.sm_count(device)), ), launches
-    for name, a, b in zip(("dq", "dk", "dv"), want, got):
-        assert torch.equal(a, b), f"{name} differs from the one-tile-per-program kernel's"
-    assert not any(torch.isnan(t).any() for t in got)
+    _assert_bit_identical(want, got, "the one-tile-per-program kernel's")
 
 
 PERSISTENT_DQ_CASES = {  # (B, Sq, Sk, Hq, Hkv, attention kwargs): items beyond one per SM, rows without keys, features
@@ -625,6 +630,43 @@ def test_persistent_dq_matches_the_grid(case, monkeypatch):
                                             (q, k, v, dout), kw)
     assert [p for _, p in launches] == [False, True], launches
     _assert_persistent_grid_and_bit_identity(launches, configs.cdiv(Sq, 128) * B * Hq, want, got, q.device)
+
+
+PINGPONG_CASES = {  # (B, Sq, Sk, Hq, Hkv, D, dtype, attention kwargs): the pipelined configs' features
+    "d64_gqa": (2, 700, 900, 8, 2, 64, torch.bfloat16, dict()),
+    "d64_causal_fp16": (2, 900, 900, 4, 4, 64, torch.float16, dict(causal=True)),
+    "d128_causal_sq_lt_sk": (2, 333, 1000, 4, 2, 128, torch.bfloat16, dict(causal=True)),
+    "d128_window_softcap_alibi": (2, 800, 700, 4, 2, 128, torch.bfloat16, dict(window_size=(100, 50), softcap=5.0)),
+    "d128_short": (1, 17, 130, 2, 1, 128, torch.bfloat16, dict()),  # one query step
+}
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(PINGPONG_CASES))
+def test_pingpong_dkdv_matches_the_default(case, monkeypatch):
+    """v36a (TILEATTN_GLUON_BWD_PINGPONG=1): the dK/dV kernel's warpgroups take turns issuing their products; the
+    order of each warpgroup's own products is unchanged, so dq, dk and dv are bit-identical to the default's, and
+    the launch carries PINGPONG."""
+    B, Sq, Sk, Hq, Hkv, D, dtype, kw = PINGPONG_CASES[case]
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("gluon-bwd-pingpong", case), requires_grad=True)
+    dout = randn((B, Sq, Hq, D), dtype, gen)
+    if kw.get("softcap"):
+        kw = dict(kw, alibi_slopes=torch.rand(Hq, generator=gen).to("cuda") * 0.1)
+    want, got, launches = _grads_off_and_on(monkeypatch, gluon_backward, "TILEATTN_GLUON_BWD_PINGPONG", "1",
+                                            (q, k, v, dout), kw, flag="PINGPONG")
+    assert [p for _, p in launches] == [False, True], launches
+    _assert_bit_identical(want, got, "the default dK/dV kernel's")
+
+
+def test_pingpong_knob(monkeypatch):
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_PINGPONG", "yes")
+    with pytest.raises(ValueError, match="TILEATTN_GLUON_BWD_PINGPONG"):
+        configs.gluon_bwd_pingpong()
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_PINGPONG", "1")
+    assert configs.gluon_bwd_pingpong()
+    monkeypatch.delenv("TILEATTN_GLUON_BWD_PINGPONG")
+    assert not configs.gluon_bwd_pingpong()
 
 
 def test_persistent_dq_knob(monkeypatch):

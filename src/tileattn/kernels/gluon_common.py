@@ -159,6 +159,17 @@ if AVAILABLE:
         return t
 
     @gluon.jit
+    def turn_wait(turn, w: gl.constexpr, r):
+        """Ping-pong between two consumer warpgroups (two mbarriers of one arrival each; each warpgroup arrives on
+        the other's, ``turn.index(1 - w)``, once it has issued round r's matmuls): warpgroup w issues its matmuls
+        of round r after the other one issued its round r (w = 1) or r - 1 (w = 0), so one warpgroup's
+        elementwise work runs while the other's matmuls hold the tensor cores."""
+        if w == 0:
+            mbarrier.wait(turn.index(0), (r & 1) ^ 1)
+        else:
+            mbarrier.wait(turn.index(1), r & 1)
+
+    @gluon.jit
     def exp2_tile(x):
         """exp2 of a score tile: ex2.approx for every element, or with POLY_EXP one element of each group of
         POLY_EXP by the FMA units' polynomial (``_exp2_group_asm``)."""

@@ -28,7 +28,7 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
     from . import gluon_forward as fwd  # its helpers (a cycle: gluon_forward imports this module at its end)
-    from .gluon_common import epilogue, persistent_bounds, row_bounds
+    from .gluon_common import epilogue, persistent_bounds, row_bounds, turn_wait
 
     @gluon.jit
     def _q_view(q_smem, w: gl.constexpr, it):
@@ -57,7 +57,7 @@ if AVAILABLE:
         p_layout: gl.constexpr = p_op.type.layout
         q2 = _q_view(q_smem, w, it)
         for j in range(1, n):
-            fwd._turn_wait(turn, w, t + j)
+            turn_wait(turn, w, t + j)
             s_tok = _qk_issue(q2, k_smem, k_ready, t + j, s_zero)
             o_tok = fwd._pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + j - 1,
                                   sk - (lo + j - 1) * k_smem.shape[2], VARLEN, HAS_SOFTCAP != 2)
@@ -148,7 +148,7 @@ if AVAILABLE:
         # round 0: the first item's first Q K^T alone
         t = gl.to_tensor(0)  # ring position (and round) of the current item's first key tile
         mbarrier.wait(q_bars.index(w), 0)
-        fwd._turn_wait(turn, w, t)
+        turn_wait(turn, w, t)
         s_tok = _qk_issue(_q_view(q_smem, w, 0), k_smem, k_ready, t, s_zero)
         mbarrier.arrive(turn.index(1 - w), count=1)
         s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
@@ -163,7 +163,7 @@ if AVAILABLE:
                 v_empty, turn, m_start, l_start, cols, qk_scale, softcap, s_zero, w, HALF_M, BLOCK_N, HEAD_D, CAUSAL,
                 WINDOW, HAS_SOFTCAP, VARLEN, HAS_ALIBI, USE_MAP)
             # round t + n: the next item's Q K^T_0 beside this item's last P V
-            fwd._turn_wait(turn, w, t + n)
+            turn_wait(turn, w, t + n)
             mbarrier.wait(q_bars.index(2 * ((it + 1) % 2) + w), ((it + 1) // 2) & 1)
             s_tok = _qk_issue(_q_view(q_smem, w, it + 1), k_smem, k_ready, t + n, s_zero)
             o_tok = fwd._pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + n - 1,
@@ -187,7 +187,7 @@ if AVAILABLE:
             win_left, win_right, ALIBI, stride_ab, q_smem, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, turn,
             m_start, l_start, cols, qk_scale, softcap, s_zero, w, HALF_M, BLOCK_N, HEAD_D, CAUSAL, WINDOW,
             HAS_SOFTCAP, VARLEN, HAS_ALIBI, USE_MAP)
-        fwd._turn_wait(turn, w, t + n)
+        turn_wait(turn, w, t + n)
         o_tok = fwd._pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + n - 1,
                               sk - (lo + n - 1) * BLOCK_N, VARLEN, HAS_SOFTCAP != 2)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))

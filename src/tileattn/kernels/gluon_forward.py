@@ -39,7 +39,7 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from .gluon_common import (SOFTCAP_FFMA, _tanh, alibi_scores, epilogue, exp2_tile, feature_scores, item_bounds,
-                               persistent_bounds, row_bounds, zero_rows_from)
+                               persistent_bounds, row_bounds, turn_wait, zero_rows_from)
     from .gluon_loads import _load_partition, _load_persistent
 
     @gluon.jit
@@ -101,15 +101,6 @@ if AVAILABLE:
             p = exp2_tile(x)
             l_new = l_i * alpha + gl.sum(p, axis=1)
         return p, alpha, m_new, l_new
-
-    @gluon.jit
-    def _turn_wait(turn, w: gl.constexpr, r):
-        """Ping-pong: warpgroup w issues its matmuls of round r after the other one issued its round r (w = 1) or
-        r - 1 (w = 0), so one warpgroup's softmax runs while the other's matmuls hold the tensor cores."""
-        if w == 0:
-            mbarrier.wait(turn.index(0), (r & 1) ^ 1)
-        else:
-            mbarrier.wait(turn.index(1), r & 1)
 
     @gluon.jit
     def _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w: gl.constexpr, t, kv_valid, VARLEN: gl.constexpr,
@@ -174,7 +165,7 @@ if AVAILABLE:
             # FlashAttention-3's order: QK^T of tile j runs while O is rescaled, and P_{j-1} V_{j-1} runs while
             # tile j's softmax runs; nothing is in flight across the loop's back edge (ptxas serialises every
             # wgmma of the kernel when a register accumulator stays in flight there and is read after a wait).
-            _turn_wait(turn, w, r0)
+            turn_wait(turn, w, r0)
             ks = t0 % K_STAGES
             mbarrier.wait(k_ready.index(ks), (t0 // K_STAGES) & 1)
             s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
@@ -187,7 +178,7 @@ if AVAILABLE:
                                                HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
             for j in range(1, n):
-                _turn_wait(turn, w, r0 + j)
+                turn_wait(turn, w, r0 + j)
                 ks = (t0 + j) % K_STAGES
                 mbarrier.wait(k_ready.index(ks), ((t0 + j) // K_STAGES) & 1)
                 s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
@@ -205,7 +196,7 @@ if AVAILABLE:
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
             if PERSISTENT and not Q_STAGE:  # every Q K^T of this item is done: the next item's Q may load
                 mbarrier.arrive(q_empty.index(w), count=1)
-            _turn_wait(turn, w, r0 + n)
+            turn_wait(turn, w, r0 + n)
             o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t0 + n - 1,
                               seqlen_k - (lo + n - 1) * BLOCK_N, VARLEN,
                               HAS_SOFTCAP != 2)
@@ -214,7 +205,7 @@ if AVAILABLE:
         elif PERSISTENT:  # no key tile: one empty ping-pong round, so that every item takes n + 1 rounds
             if not Q_STAGE:
                 mbarrier.arrive(q_empty.index(w), count=1)
-            _turn_wait(turn, w, r0)
+            turn_wait(turn, w, r0)
             mbarrier.arrive(turn.index(1 - w), count=1)
 
         # Q is dead: its buffer stages this warpgroup's output rows for TMA stores (rows past the tensor clipped);
