@@ -692,3 +692,16 @@ def test_persistent_protocol_model():
     import persistent_protocol as pp
     assert pp.check_dq([3, 0, 5, 1], 2) == {0: 0, 1: 1, 2: 0, 3: 1}  # round robin, a query tile without keys
     pp.random_cases(150)
+
+
+def test_dkdv_protocol_model():
+    """benchmarks/dkdv_protocol.py, the host model of the pipelined dK/dV kernel's barriers with and without v36a's
+    ping-pong (producer, two consumer warpgroups, TMA copies landing in random order): no deadlock, every product
+    on its own step's ring slot, no slot refilled while a product may read it, and with ping-pong the rounds in
+    strict turn. (A model of the kernel's barrier code: the two must change together.)"""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import dkdv_protocol as dp
+    assert dp.check(2, 3, pingpong=True) == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
+    assert dp.check(0, 3, pingpong=True) == []  # a key tile that no query row sees
+    dp.random_cases(150)

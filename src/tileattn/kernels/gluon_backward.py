@@ -328,7 +328,8 @@ if AVAILABLE:
         ``dq_desc`` is a placeholder, not read); EARLY_DQ its products' order (``_dkdv_consumer``). TRACE: None,
         or an int64 (programs, 4) buffer that gets each program's trace (``trace_program``; measurement only).
         PINGPONG (PIPELINE without SPLIT or FUSED_DQ; v36a, opt-in ``TILEATTN_GLUON_BWD_PINGPONG=1``): the consumer
-        warpgroups take turns issuing their products (``_dkdv_consumer``'s PINGPONG)."""
+        warpgroups take turns issuing their products (``_dkdv_consumer``'s PINGPONG). ``benchmarks/dkdv_protocol.py``
+        models the pipelined form's barriers with and without it: change the two together."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HALF_N: gl.constexpr = k_desc.block_type.shape[1]
         KV_PARTS: gl.constexpr = 1 if SPLIT else 2  # key parts of HALF_N per program
