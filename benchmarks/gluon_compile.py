@@ -143,9 +143,10 @@ def compile_reduce_add():
 
 
 def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False, varlen=False, window=False,
-               softcap=False, alibi=False, resid8=False, trace=False, persistent=False):
+               softcap=False, alibi=False, resid8=False, trace=False, persistent=False, pingpong=False):
     """The Gluon dQ kernel (kernels/gluon_dq.py) for sm_90a; cfg = (block_n, k_stages, creg, preg, maxnreg);
-    ``trace``: with the program trace buffer; ``persistent``: its persistent grid (v35b)."""
+    ``trace``: with the program trace buffer; ``persistent``: its persistent grid (v35b), with ``pingpong`` its
+    warpgroups taking turns (v36b)."""
     from tileattn import configs
     from tileattn.kernels import gluon_dq as gq
     c = configs._GLUON_BWD[d]
@@ -162,7 +163,8 @@ def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False
            "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32", **({"TRACE": "*i64"} if trace else {})}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=2, CAUSAL=causal and not window, WINDOW=window,
                   HAS_RESID=resid, HAS_DLSE=dlse, VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
-                  CONSUMER_REGS=creg, PRODUCER_REGS=preg, **({"PERSISTENT": True} if persistent else {}))
+                  CONSUMER_REGS=creg, PRODUCER_REGS=preg, **({"PERSISTENT": True} if persistent else {}),
+                  **({"PINGPONG": True} if pingpong else {}))
     fn = gq._dq_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("O", "RESID", "DO", "LSE", "DLSE",
@@ -205,7 +207,8 @@ def main(argv=None):
     ap.add_argument("--tile-map", action="store_true", help="with --varlen: the forward's work list")
     ap.add_argument("--persistent", action="store_true", help="the persistent forward (with --dq: the persistent dQ "
                     "kernel, v35b)")
-    ap.add_argument("--pingpong", action="store_true", help="with --bwd: the consumer warpgroups taking turns (v36a)")
+    ap.add_argument("--pingpong", action="store_true", help="with --bwd: the consumer warpgroups taking turns (v36a); "
+                    "with --dq --persistent: the dQ kernel's (v36b)")
     ap.add_argument("--flat", action="store_true", help="the persistent forward, one pipeline across items")
     ap.add_argument("--varlen", action="store_true", help="the packed varlen variant (forward, --bwd or --dq)")
     ap.add_argument("--dq", action="store_true", help="the dQ backward kernel instead (--config bn,kstages,creg,"
@@ -236,7 +239,7 @@ def main(argv=None):
         return 0
     if a.dq:
         k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen, a.window, a.softcap,
-                       a.alibi, a.resid8, a.trace, a.persistent)
+                       a.alibi, a.resid8, a.trace, a.persistent, a.pingpong)
     elif a.bwd:
         k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi, a.fused_dq,
                         a.kv_regs, a.trace, a.pingpong)

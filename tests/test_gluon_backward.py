@@ -638,6 +638,7 @@ PINGPONG_CASES = {  # (B, Sq, Sk, Hq, Hkv, D, dtype, attention kwargs): the pipe
     "d128_causal_sq_lt_sk": (2, 333, 1000, 4, 2, 128, torch.bfloat16, dict(causal=True)),
     "d128_window_softcap_alibi": (2, 800, 700, 4, 2, 128, torch.bfloat16, dict(window_size=(100, 50), softcap=5.0)),
     "d128_short": (1, 17, 130, 2, 1, 128, torch.bfloat16, dict()),  # one query step
+    "d64_causal_sq_gt_sk": (2, 1000, 400, 4, 2, 64, torch.bfloat16, dict(causal=True)),  # rows 0-599 see no key
 }
 
 
@@ -659,14 +660,37 @@ def test_pingpong_dkdv_matches_the_default(case, monkeypatch):
     _assert_bit_identical(want, got, "the default dK/dV kernel's")
 
 
-def test_pingpong_knob(monkeypatch):
-    monkeypatch.setenv("TILEATTN_GLUON_BWD_PINGPONG", "yes")
-    with pytest.raises(ValueError, match="TILEATTN_GLUON_BWD_PINGPONG"):
-        configs.gluon_bwd_pingpong()
-    monkeypatch.setenv("TILEATTN_GLUON_BWD_PINGPONG", "1")
-    assert configs.gluon_bwd_pingpong()
-    monkeypatch.delenv("TILEATTN_GLUON_BWD_PINGPONG")
-    assert not configs.gluon_bwd_pingpong()
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", list(PINGPONG_CASES))
+def test_pingpong_dq_matches_the_default(case, monkeypatch):
+    """v36b (TILEATTN_GLUON_DQ_PINGPONG=1): the persistent Gluon dQ kernel's warpgroups take turns issuing their
+    products (forced: the Gluon dQ kernel at D=64 too, the persistent grid for causal / window calls too); dq,
+    dk and dv bit-identical to the persistent kernel without turns, and the launch carries PINGPONG. The causal
+    Sq > Sk case has query tiles without key tiles (items without rounds) between ones with keys."""
+    B, Sq, Sk, Hq, Hkv, D, dtype, kw = PINGPONG_CASES[case]
+    monkeypatch.setenv("TILEATTN_GLUON_DQ", "1")
+    monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "1")
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("gluon-dq-pingpong", case), requires_grad=True)
+    dout = randn((B, Sq, Hq, D), dtype, gen)
+    if kw.get("softcap"):
+        kw = dict(kw, alibi_slopes=torch.rand(Hq, generator=gen).to("cuda") * 0.1)
+    want, got, launches = _grads_off_and_on(monkeypatch, gluon_dq, "TILEATTN_GLUON_DQ_PINGPONG", "1",
+                                            (q, k, v, dout), kw, flag="PINGPONG")
+    assert [p for _, p in launches] == [False, True], launches
+    _assert_bit_identical(want, got, "the persistent dQ kernel's without turns")
+
+
+@pytest.mark.parametrize("knob, read", [("TILEATTN_GLUON_BWD_PINGPONG", "gluon_bwd_pingpong"),
+                                        ("TILEATTN_GLUON_DQ_PINGPONG", "gluon_dq_pingpong")])
+def test_pingpong_knob(knob, read, monkeypatch):
+    monkeypatch.setenv(knob, "yes")
+    with pytest.raises(ValueError, match=knob):
+        getattr(configs, read)()
+    monkeypatch.setenv(knob, "1")
+    assert getattr(configs, read)()
+    monkeypatch.delenv(knob)
+    assert not getattr(configs, read)()
 
 
 def test_persistent_dq_knob(monkeypatch):
@@ -684,13 +708,15 @@ def test_persistent_dq_knob(monkeypatch):
 
 def test_persistent_protocol_model():
     """benchmarks/persistent_protocol.py, the host model of the persistent dQ kernel's barriers (producer, consumer
-    warpgroups, TMA copies landing in random order): no deadlock, each item computed once per warpgroup, every
-    read of its own buffers and ring slots, no buffer refilled while in use. (A model of the kernel's barrier
-    code: the two must change together.)"""
+    warpgroups, TMA copies landing in random order; with and without v36b's turns): no deadlock, each item
+    computed once per warpgroup, every read of its own buffers and ring slots, no buffer refilled while in use,
+    the turns' rounds in strict alternation. (A model of the kernel's barrier code: the two must change
+    together.)"""
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import persistent_protocol as pp
     assert pp.check_dq([3, 0, 5, 1], 2) == {0: 0, 1: 1, 2: 0, 3: 1}  # round robin, a query tile without keys
+    pp.check_dq([3, 0, 5, 1], 1, pingpong=True)  # v36b's turns across items, one of them without rounds
     pp.random_cases(150)
 
 

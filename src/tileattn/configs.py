@@ -484,6 +484,15 @@ def gluon_bwd_pingpong() -> bool:
     return value == "1"
 
 
+def gluon_dq_pingpong() -> bool:
+    """Whether the Gluon dQ kernel's two consumer warpgroups take turns issuing their products on its persistent
+    grid (v36b, ``TILEATTN_GLUON_DQ_PINGPONG=1``; default 0, not GPU-run yet): v36a's turns in the dQ kernel."""
+    value = getenv("TILEATTN_GLUON_DQ_PINGPONG", "0")
+    if value not in ("0", "1"):
+        raise ValueError(f"TILEATTN_GLUON_DQ_PINGPONG must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 def decode_whole_waves(paged: bool = False) -> bool:
     """Whether decode calls (head dims <= 128) with a short default split count (``decode._default_splits``, below
     ``decode_long_splits``) size it for ``programs_per_sm`` + 1 programs per SM and take one split fewer where that
