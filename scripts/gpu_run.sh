@@ -181,7 +181,7 @@ for stage in "$@"; do
            2>&1 | grep -v Warning | tee "$OUT/s37_bwd_d64.log" ;;
     s38) # (~5 min) v36a, the dK/dV kernel's warpgroups taking turns (TILEATTN_GLUON_BWD_PINGPONG=1, not GPU-run
          # yet): its bit-identity tests, then D=64 and D=128 backward default / ping-pong in one process
-         timeout 150 python3 -m pytest tests/test_gluon_backward.py -k "pingpong_dkdv" -q -n 8 -p no:cacheprovider \
+         timeout 150 python3 -m pytest tests/test_gluon_backward.py -k "pingpong and dkdv" -q -n 8 -p no:cacheprovider \
            -p no:benchmark -rf 2>&1 | tee "$OUT/s38_tests.log" | tail -3; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
          timeout 240 python3 benchmarks/bwd_variants.py --head-dims 64,128 --seqlens 1024,4096,16384 --profile \
            --variants "base=,pingpong=TILEATTN_GLUON_BWD_PINGPONG:1" 2>&1 | grep -v Warning \
@@ -189,7 +189,7 @@ for stage in "$@"; do
     s39) # (~4 min) v36b, the persistent Gluon dQ kernel's warpgroups taking turns (TILEATTN_GLUON_DQ_PINGPONG=1, not
          # GPU-run yet): its bit-identity tests; D=128 backward default / dQ turns; D=64 portable dQ (default) /
          # Gluon dQ / Gluon dQ with turns / the same with v36a's dK/dV turns too, one process
-         timeout 150 python3 -m pytest tests/test_gluon_backward.py -k "pingpong_dq" -q -n 8 -p no:cacheprovider \
+         timeout 150 python3 -m pytest tests/test_gluon_backward.py -k "pingpong and dq" -q -n 8 -p no:cacheprovider \
            -p no:benchmark -rf 2>&1 | tee "$OUT/s39_tests.log" | tail -3; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
          timeout 120 python3 benchmarks/bwd_variants.py --head-dims 128 --seqlens 1024,4096,16384 --profile \
            --causal false --variants "base=,dq_turns=TILEATTN_GLUON_DQ_PINGPONG:1" 2>&1 | grep -v Warning \

@@ -644,41 +644,28 @@ PINGPONG_CASES = {  # (B, Sq, Sk, Hq, Hkv, D, dtype, attention kwargs): the pipe
 
 @hopper
 @pytest.mark.gpu
+@pytest.mark.parametrize("kernel", ["dkdv", "dq"])
 @pytest.mark.parametrize("case", list(PINGPONG_CASES))
-def test_pingpong_dkdv_matches_the_default(case, monkeypatch):
-    """v36a (TILEATTN_GLUON_BWD_PINGPONG=1): the dK/dV kernel's warpgroups take turns issuing their products; the
-    order of each warpgroup's own products is unchanged, so dq, dk and dv are bit-identical to the default's, and
-    the launch carries PINGPONG."""
+def test_pingpong_matches_the_default(case, kernel, monkeypatch):
+    """v36a (dkdv, TILEATTN_GLUON_BWD_PINGPONG=1) and v36b (dq, TILEATTN_GLUON_DQ_PINGPONG=1, forced onto the
+    persistent Gluon dQ kernel at every head dim and mask): the kernel's warpgroups take turns issuing their
+    products; each warpgroup's own products keep their order, so dq, dk and dv are bit-identical to the kernel's
+    without turns, and the launch carries PINGPONG. The causal Sq > Sk case has query tiles without key tiles
+    (dQ items without rounds) between ones with keys."""
     B, Sq, Sk, Hq, Hkv, D, dtype, kw = PINGPONG_CASES[case]
-    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("gluon-bwd-pingpong", case), requires_grad=True)
+    module, knob = (gluon_backward, "TILEATTN_GLUON_BWD_PINGPONG") if kernel == "dkdv" else (
+        gluon_dq, "TILEATTN_GLUON_DQ_PINGPONG")
+    if kernel == "dq":
+        monkeypatch.setenv("TILEATTN_GLUON_DQ", "1")
+        monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "1")
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("gluon-pingpong", case, kernel),
+                            requires_grad=True)
     dout = randn((B, Sq, Hq, D), dtype, gen)
     if kw.get("softcap"):
         kw = dict(kw, alibi_slopes=torch.rand(Hq, generator=gen).to("cuda") * 0.1)
-    want, got, launches = _grads_off_and_on(monkeypatch, gluon_backward, "TILEATTN_GLUON_BWD_PINGPONG", "1",
-                                            (q, k, v, dout), kw, flag="PINGPONG")
+    want, got, launches = _grads_off_and_on(monkeypatch, module, knob, "1", (q, k, v, dout), kw, flag="PINGPONG")
     assert [p for _, p in launches] == [False, True], launches
-    _assert_bit_identical(want, got, "the default dK/dV kernel's")
-
-
-@hopper
-@pytest.mark.gpu
-@pytest.mark.parametrize("case", list(PINGPONG_CASES))
-def test_pingpong_dq_matches_the_default(case, monkeypatch):
-    """v36b (TILEATTN_GLUON_DQ_PINGPONG=1): the persistent Gluon dQ kernel's warpgroups take turns issuing their
-    products (forced: the Gluon dQ kernel at D=64 too, the persistent grid for causal / window calls too); dq,
-    dk and dv bit-identical to the persistent kernel without turns, and the launch carries PINGPONG. The causal
-    Sq > Sk case has query tiles without key tiles (items without rounds) between ones with keys."""
-    B, Sq, Sk, Hq, Hkv, D, dtype, kw = PINGPONG_CASES[case]
-    monkeypatch.setenv("TILEATTN_GLUON_DQ", "1")
-    monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "1")
-    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("gluon-dq-pingpong", case), requires_grad=True)
-    dout = randn((B, Sq, Hq, D), dtype, gen)
-    if kw.get("softcap"):
-        kw = dict(kw, alibi_slopes=torch.rand(Hq, generator=gen).to("cuda") * 0.1)
-    want, got, launches = _grads_off_and_on(monkeypatch, gluon_dq, "TILEATTN_GLUON_DQ_PINGPONG", "1",
-                                            (q, k, v, dout), kw, flag="PINGPONG")
-    assert [p for _, p in launches] == [False, True], launches
-    _assert_bit_identical(want, got, "the persistent dQ kernel's without turns")
+    _assert_bit_identical(want, got, f"the {kernel} kernel's without turns")
 
 
 @pytest.mark.parametrize("knob, read", [("TILEATTN_GLUON_BWD_PINGPONG", "gluon_bwd_pingpong"),
