@@ -55,7 +55,7 @@ if AVAILABLE:
     from .gluon_backward_split import _split_consumer
     from .fused_dq import issue_dq, stage_dq_step
     from .gluon_common import (alibi_slope, dkdv_dscores, dkdv_mask_bounds, dkdv_probs, global_ns, seq_bounds,
-                               stats_row0, store_rows, trace_program, turn_wait, zero_rows_from)
+                               stats_row0, store_rows, trace_program, turn_barriers, turn_wait, zero_rows_from)
 
     @gluon.jit
     def _dkdv_load(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
@@ -412,9 +412,7 @@ if AVAILABLE:
             fused = q_smem  # not read without FUSED_DQ
         turn = empty  # not read without PINGPONG
         if PINGPONG:
-            turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(2):
-                mbarrier.init(turn.index(i), count=1)
+            turn = turn_barriers()
         gl.warp_specialize([
             (_dkdv_consumer, (0, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,

@@ -39,7 +39,7 @@ if AVAILABLE:
     from .common import residual_value  # a @triton.jit helper: Gluon kernels call it like their own
     from .gluon_common import (alibi_slope, feature_scores, global_ns, key_tiles, load_kv_ring, persistent_item,
                                program_tile, row_bounds, seq_bounds, stats_row0, store_rows, trace_program,
-                               turn_wait, zero_rows_from)
+                               turn_barriers, turn_wait, zero_rows_from)
 
     @gluon.jit
     def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
@@ -408,9 +408,7 @@ if AVAILABLE:
             dq_stage = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], dq_desc.layout)
             turn = q_empty  # not read without PINGPONG
             if PINGPONG:
-                turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-                for i in gl.static_range(2):
-                    mbarrier.init(turn.index(i), count=1)
+                turn = turn_barriers()
             gl.warp_specialize([
                 (_dq_consumer_persistent, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem,
                                            do_smem, k_smem, v_smem, bars, q_empty, dq_stage, pid, num_items, nprog,
