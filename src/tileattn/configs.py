@@ -61,6 +61,14 @@ def getenv(name: str, default=None):
     return default if value is None else value
 
 
+def switch(name: str, default: str = "0") -> bool:
+    """An on / off knob read on every call (``getenv``): "1" on, "0" off, anything else a ValueError naming it."""
+    value = getenv(name, default)
+    if value not in ("0", "1"):
+        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
+    return value == "1"
+
+
 @contextlib.contextmanager
 def env_log():
     """Record every knob ``getenv`` reads inside the block: yields the list of (name, value or None), which
@@ -478,19 +486,13 @@ def gluon_bwd_pingpong() -> bool:
     ``TILEATTN_GLUON_BWD_PINGPONG=1``; default 0, not GPU-run yet; pipelined configs without the fused dQ). Why
     (NOTES session 28): the measured time per step pair at D=64 and D=128 fits the tensor cores' time plus both
     warpgroups' elementwise phases, as if neither phase ran under the other warpgroup's products."""
-    value = getenv("TILEATTN_GLUON_BWD_PINGPONG", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"TILEATTN_GLUON_BWD_PINGPONG must be 0 or 1, got {value!r}")
-    return value == "1"
+    return switch("TILEATTN_GLUON_BWD_PINGPONG")
 
 
 def gluon_dq_pingpong() -> bool:
     """Whether the Gluon dQ kernel's two consumer warpgroups take turns issuing their products on its persistent
     grid (v36b, ``TILEATTN_GLUON_DQ_PINGPONG=1``; default 0, not GPU-run yet): v36a's turns in the dQ kernel."""
-    value = getenv("TILEATTN_GLUON_DQ_PINGPONG", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"TILEATTN_GLUON_DQ_PINGPONG must be 0 or 1, got {value!r}")
-    return value == "1"
+    return switch("TILEATTN_GLUON_DQ_PINGPONG")
 
 
 def decode_whole_waves(paged: bool = False) -> bool:
@@ -675,10 +677,7 @@ def causal_work_list_on() -> bool:
     (``_hostinfo.causal_schedule``, session 19; default since session 20, ``gluon_forward_schedule``).
     ``TILEATTN_CAUSAL_LIST=0`` puts them back on the plain grid (with ``TILEATTN_GLUON_PERSISTENT=1``: the
     persistent grid in the kernel's LPT order)."""
-    value = getenv("TILEATTN_CAUSAL_LIST", "1")
-    if value not in ("0", "1"):
-        raise ValueError(f"TILEATTN_CAUSAL_LIST must be 0 or 1, got {value!r}")
-    return value == "1"
+    return switch("TILEATTN_CAUSAL_LIST", "1")
 
 
 @dataclass(frozen=True)

@@ -87,11 +87,9 @@ def enabled(q: torch.Tensor, p) -> bool:
     kernels spill 192-364 B at 168 registers, ptxas sm_90a; D=128's features up to 100 B; v28c's order spills
     none). Then the backward makes the accumulator; the Gluon backward's own scope (``gluon_backward.applies`` and
     ``fused_applies``) is checked when the kernels launch, and outside it the two-kernel path runs."""
-    value = configs.getenv("TILEATTN_GLUON_BWD_FUSED", "0")
-    if value not in ("0", "1"):
-        raise ValueError(f"TILEATTN_GLUON_BWD_FUSED must be 0 or 1, got {value!r}")
-    return (value == "1" and q.is_cuda and not p.varlen and q.dtype in (torch.float16, torch.bfloat16)
-            and q.shape[3] in (64, 128) and (q.shape[3] == 128 or (p.softcap == 0 and p.alibi_slopes is None)))
+    return (configs.switch("TILEATTN_GLUON_BWD_FUSED") and q.is_cuda and not p.varlen
+            and q.dtype in (torch.float16, torch.bfloat16) and q.shape[3] in (64, 128)
+            and (q.shape[3] == 128 or (p.softcap == 0 and p.alibi_slopes is None)))
 
 
 def accumulator(q: torch.Tensor) -> torch.Tensor:

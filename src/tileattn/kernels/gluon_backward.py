@@ -443,10 +443,8 @@ def _fused_slots(head_dim: int) -> int:
 def _fused_flags(head_dim: int) -> dict:
     """The dK/dV kernel's constexprs for the fused backward: FUSED_DQ (``_fused_slots``) and, with
     ``TILEATTN_FUSED_DQ_EARLY=1`` (v28c, not yet measured), EARLY_DQ."""
-    early = configs.getenv("TILEATTN_FUSED_DQ_EARLY", "0")
-    if early not in ("0", "1"):
-        raise ValueError(f"TILEATTN_FUSED_DQ_EARLY must be 0 or 1, got {early!r}")
-    return dict(FUSED_DQ=_fused_slots(head_dim), **({"EARLY_DQ": True} if early == "1" else {}))
+    return dict(FUSED_DQ=_fused_slots(head_dim),
+                **({"EARLY_DQ": True} if configs.switch("TILEATTN_FUSED_DQ_EARLY") else {}))
 
 
 def kv_regs(head_dim: int, p: AttnParams, fused: bool) -> int:
