@@ -84,10 +84,9 @@ def _call_params(softcap, alibi, window, causal):
 
 
 def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=False, softcap=False, alibi=False,
-                fused_dq=False, kv_regs=None, trace=False, pingpong=False):
+                fused_dq=False, kv_regs=None, trace=False):
     """The Gluon dK/dV kernel (kernels/gluon_backward.py) for sm_90a; ``kv_regs``: its KV_REGS (None: what a launch
-    of these features picks, ``gluon_backward.kv_regs``); ``trace``: with the program trace buffer; ``pingpong``:
-    the consumer warpgroups taking turns (v36a)."""
+    of these features picks, ``gluon_backward.kv_regs``); ``trace``: with the program trace buffer."""
     from tileattn import configs
     from tileattn.kernels import gluon_backward as gb
     c = configs._GLUON_BWD[d]
@@ -111,7 +110,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
                   PRODUCER_REGS=preg,
                   **(gb._fused_flags(d) if fused_dq else {}),  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
                   KV_REGS=(gb.kv_regs(d, _call_params(softcap, alibi, window, causal), fused_dq) if kv_regs is None
-                           else kv_regs), **({"PINGPONG": True} if pingpong else {}))
+                           else kv_regs))
     fn = gb._dkdv_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("DK", "DV")}
@@ -143,10 +142,9 @@ def compile_reduce_add():
 
 
 def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False, varlen=False, window=False,
-               softcap=False, alibi=False, resid8=False, trace=False, persistent=False, pingpong=False):
+               softcap=False, alibi=False, resid8=False, trace=False, persistent=False):
     """The Gluon dQ kernel (kernels/gluon_dq.py) for sm_90a; cfg = (block_n, k_stages, creg, preg, maxnreg);
-    ``trace``: with the program trace buffer; ``persistent``: its persistent grid (v35b), with ``pingpong`` its
-    warpgroups taking turns (v36b)."""
+    ``trace``: with the program trace buffer; ``persistent``: its persistent grid (v35b)."""
     from tileattn import configs
     from tileattn.kernels import gluon_dq as gq
     c = configs._GLUON_BWD[d]
@@ -163,8 +161,7 @@ def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False
            "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32", **({"TRACE": "*i64"} if trace else {})}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=2, CAUSAL=causal and not window, WINDOW=window,
                   HAS_RESID=resid, HAS_DLSE=dlse, VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
-                  CONSUMER_REGS=creg, PRODUCER_REGS=preg, **({"PERSISTENT": True} if persistent else {}),
-                  **({"PINGPONG": True} if pingpong else {}))
+                  CONSUMER_REGS=creg, PRODUCER_REGS=preg, **({"PERSISTENT": True} if persistent else {}))
     fn = gq._dq_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("O", "RESID", "DO", "LSE", "DLSE",
@@ -207,8 +204,6 @@ def main(argv=None):
     ap.add_argument("--tile-map", action="store_true", help="with --varlen: the forward's work list")
     ap.add_argument("--persistent", action="store_true", help="the persistent forward (with --dq: the persistent dQ "
                     "kernel, v35b)")
-    ap.add_argument("--pingpong", action="store_true", help="with --bwd: the consumer warpgroups taking turns (v36a); "
-                    "with --dq --persistent: the dQ kernel's (v36b)")
     ap.add_argument("--flat", action="store_true", help="the persistent forward, one pipeline across items")
     ap.add_argument("--varlen", action="store_true", help="the packed varlen variant (forward, --bwd or --dq)")
     ap.add_argument("--dq", action="store_true", help="the dQ backward kernel instead (--config bn,kstages,creg,"
@@ -239,10 +234,10 @@ def main(argv=None):
         return 0
     if a.dq:
         k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen, a.window, a.softcap,
-                       a.alibi, a.resid8, a.trace, a.persistent, a.pingpong)
+                       a.alibi, a.resid8, a.trace, a.persistent)
     elif a.bwd:
         k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi, a.fused_dq,
-                        a.kv_regs, a.trace, a.pingpong)
+                        a.kv_regs, a.trace)
     else:
         softcap = 2 if a.softcap_fixed_max else a.softcap
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, softcap, a.sink, a.fp16, a.window, a.varlen,

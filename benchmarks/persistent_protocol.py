@@ -68,14 +68,11 @@ class _Machine:
                 raise Deadlock(f"stuck: {sorted(agents)} with {what}")
 
 
-def check_dq(items, nprog, k_stages=3, v_stages=2, seed=0, pingpong=False):
+def check_dq(items, nprog, k_stages=3, v_stages=2, seed=0):
     """The persistent dQ kernel: ``items[i]`` = key tiles of query tile i (0 allowed: rows that see no key),
-    ``nprog`` programs, items pid, pid + nprog, ... each. ``pingpong`` (v36b): the warpgroups take turns issuing
-    their products (two ``turn`` barriers per program; rounds strictly alternating, checked). Returns {item:
-    program} of who computed it."""
+    ``nprog`` programs, items pid, pid + nprog, ... each. Returns {item: program} of who computed it."""
     mach = _Machine(seed)
     done = {}  # (item, warpgroup) -> program
-    rounds = {}  # program -> [(warpgroup, round)] in issue order (pingpong)
 
     def program(pid):
         bar = lambda name, i=0, count=1: mach.bar((pid, name, i), count)  # noqa: E731
@@ -85,19 +82,7 @@ def check_dq(items, nprog, k_stages=3, v_stages=2, seed=0, pingpong=False):
             bar("k_ready", i), bar("k_empty", i, 2)
         for i in range(v_stages):
             bar("v_ready", i), bar("v_empty", i, 2)
-        for i in range(2):
-            bar("turn", i)
         key = lambda name, i=0: (pid, name, i)  # noqa: E731
-        log = rounds.setdefault(pid, [])
-
-        def turn(w, r):  # turn_wait
-            if pingpong:
-                yield from mach.wait(key("turn", w), ((r & 1) ^ 1) if w == 0 else (r & 1))
-                log.append((w, r))
-
-        def handover(w):
-            if pingpong:
-                mach.bars[key("turn", 1 - w)].arrive()
         q_buf, k_slot, v_slot = [None] * 2, [None] * k_stages, [None] * v_stages
         q_users, k_users, v_users = [set(), set()], [set() for _ in range(k_stages)], [set() for _ in range(v_stages)]
 
@@ -128,7 +113,7 @@ def check_dq(items, nprog, k_stages=3, v_stages=2, seed=0, pingpong=False):
                 yield from load_ring(items[item], t0)
                 t0, it = t0 + items[item], it + 1
 
-        def consume(w, item, it, t0, r0):  # _dq_consumer with t0 / q_phase / q_empty / dq_stage / turn / r0
+        def consume(w, item, it, t0):  # _dq_consumer with t0 / q_phase / q_empty / dq_stage
             n = items[item]
             yield from mach.wait(key("q_bars", w), it & 1)
             assert q_buf[w] == item, f"program {pid} wg{w}: item {item} found Q half holding {q_buf[w]}"
@@ -137,12 +122,10 @@ def check_dq(items, nprog, k_stages=3, v_stages=2, seed=0, pingpong=False):
                 ks0, vs0 = t0 % k_stages, t0 % v_stages
                 yield from mach.wait(key("k_ready", ks0), (t0 // k_stages) & 1)
                 assert k_slot[ks0] == t0
-                yield from turn(w, r0)
                 k_users[ks0].add(w)
                 yield from mach.wait(key("v_ready", vs0), (t0 // v_stages) & 1)
                 assert v_slot[vs0] == t0
                 v_users[vs0].add(w)
-                handover(w)
                 yield
                 v_users[vs0].discard(w)
                 mach.bars[key("v_empty", vs0)].arrive()
@@ -151,12 +134,10 @@ def check_dq(items, nprog, k_stages=3, v_stages=2, seed=0, pingpong=False):
                     ks, vs, kp = t % k_stages, t % v_stages, (t - 1) % k_stages
                     yield from mach.wait(key("k_ready", ks), (t // k_stages) & 1)
                     assert k_slot[ks] == t and k_slot[kp] == t - 1, f"program {pid} wg{w}: K ring at {t}"
-                    yield from turn(w, r0 + j)
                     k_users[ks].add(w)
                     yield from mach.wait(key("v_ready", vs), (t // v_stages) & 1)
                     assert v_slot[vs] == t
                     v_users[vs].add(w)
-                    handover(w)
                     yield
                     k_users[kp].discard(w)
                     mach.bars[key("k_empty", kp)].arrive()
@@ -166,8 +147,6 @@ def check_dq(items, nprog, k_stages=3, v_stages=2, seed=0, pingpong=False):
                 mach.bars[key("q_empty", w)].arrive()
                 kp = (t0 + n - 1) % k_stages
                 assert k_slot[kp] == t0 + n - 1
-                yield from turn(w, r0 + n)
-                handover(w)
                 yield
                 k_users[kp].discard(w)
                 mach.bars[key("k_empty", kp)].arrive()
@@ -179,11 +158,10 @@ def check_dq(items, nprog, k_stages=3, v_stages=2, seed=0, pingpong=False):
             yield
 
         def consumer(w):  # _dq_consumer_persistent
-            t0, it, r0 = 0, 0, 0
+            t0, it = 0, 0
             for item in range(pid, len(items), nprog):
-                yield from consume(w, item, it, t0, r0)
+                yield from consume(w, item, it, t0)
                 t0, it = t0 + items[item], it + 1
-                r0 += items[item] + 1 if items[item] else 0
 
         return {f"p{pid}": producer(), f"c{pid}.0": consumer(0), f"c{pid}.1": consumer(1)}
 
@@ -193,10 +171,6 @@ def check_dq(items, nprog, k_stages=3, v_stages=2, seed=0, pingpong=False):
     mach.run(agents, f"dq items {items}, {nprog} programs")
     assert set(done) == {(i, w) for i in range(len(items)) for w in range(2)}, "items missed"
     assert all(done[(i, 0)] == done[(i, 1)] for i in range(len(items))), "an item's halves in two programs"
-    if pingpong:
-        for pid, log in rounds.items():
-            n_rounds = sum(items[i] + 1 for i in range(pid, len(items), nprog) if items[i])
-            assert log == [(w, r) for r in range(n_rounds) for w in range(2)], f"program {pid}: rounds {log}"
     return {i: done[(i, 0)] for i in range(len(items))}
 
 
@@ -206,7 +180,7 @@ def random_cases(cases, seed=27):
     for _ in range(cases):
         items = [rng.randint(0, 7) for _ in range(rng.randint(1, 12))]
         nprog = rng.randint(1, min(4, len(items)))
-        check_dq(items, nprog, rng.choice((2, 3)), rng.choice((2, 3)), rng.randrange(1 << 30), rng.random() < 0.5)
+        check_dq(items, nprog, rng.choice((2, 3)), rng.choice((2, 3)), rng.randrange(1 << 30))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 s38 s39 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -179,24 +179,6 @@ for stage in "$@"; do
          timeout 200 python3 benchmarks/bwd_variants.py --head-dims 64 --seqlens 1024,4096,16384 --profile \
            --variants "base=,m32=TILEATTN_GLUON_BWD_CONFIG:32;4;240;24;168;1,m64s4=TILEATTN_GLUON_BWD_CONFIG:64;4;240;24;168;1" \
            2>&1 | grep -v Warning | tee "$OUT/s37_bwd_d64.log" ;;
-    s38) # (~5 min) v36a, the dK/dV kernel's warpgroups taking turns (TILEATTN_GLUON_BWD_PINGPONG=1, not GPU-run
-         # yet): its bit-identity tests, then D=64 and D=128 backward default / ping-pong in one process
-         timeout 150 python3 -m pytest tests/test_gluon_backward.py -k "pingpong and dkdv" -q -n 8 -p no:cacheprovider \
-           -p no:benchmark -rf 2>&1 | tee "$OUT/s38_tests.log" | tail -3; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-         timeout 240 python3 benchmarks/bwd_variants.py --head-dims 64,128 --seqlens 1024,4096,16384 --profile \
-           --variants "base=,pingpong=TILEATTN_GLUON_BWD_PINGPONG:1" 2>&1 | grep -v Warning \
-           | tee "$OUT/s38_bwd.log" ;;
-    s39) # (~4 min) v36b, the persistent Gluon dQ kernel's warpgroups taking turns (TILEATTN_GLUON_DQ_PINGPONG=1, not
-         # GPU-run yet): its bit-identity tests; D=128 backward default / dQ turns; D=64 portable dQ (default) /
-         # Gluon dQ / Gluon dQ with turns / the same with v36a's dK/dV turns too, one process
-         timeout 150 python3 -m pytest tests/test_gluon_backward.py -k "pingpong and dq" -q -n 8 -p no:cacheprovider \
-           -p no:benchmark -rf 2>&1 | tee "$OUT/s39_tests.log" | tail -3; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-         timeout 120 python3 benchmarks/bwd_variants.py --head-dims 128 --seqlens 1024,4096,16384 --profile \
-           --causal false --variants "base=,dq_turns=TILEATTN_GLUON_DQ_PINGPONG:1" 2>&1 | grep -v Warning \
-           | tee "$OUT/s39_bwd_d128.log"
-         timeout 200 python3 benchmarks/bwd_variants.py --head-dims 64 --seqlens 1024,4096,16384 --profile \
-           --causal false --variants "portable=,gluon=TILEATTN_GLUON_DQ:1,gluon_turns=TILEATTN_GLUON_DQ:1+TILEATTN_GLUON_DQ_PINGPONG:1,both=TILEATTN_GLUON_DQ:1+TILEATTN_GLUON_DQ_PINGPONG:1+TILEATTN_GLUON_BWD_PINGPONG:1" \
-           2>&1 | grep -v Warning | tee "$OUT/s39_bwd_d64.log" ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;

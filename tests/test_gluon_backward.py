@@ -575,31 +575,26 @@ def test_tma_reduce_add_lowers_to_a_bulk_tensor_reduce():
     assert "reduce-adds 1" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
-def _grads_off_and_on(monkeypatch, module, knob, on, tensors, kw, flag="PERSISTENT"):
-    """(dq, dk, dv) with the knob ``knob`` at 0, then at ``on``, and the (grid, the constexpr ``flag``) of each
+def _grads_off_and_on(monkeypatch, module, knob, on, tensors, kw):
+    """(dq, dk, dv) with the persistent knob ``knob`` at 0, then at ``on``, and the (grid, PERSISTENT) of each
     launch through ``module.launch`` (the kernel under test)."""
     launches = []
     real = module.launch
     monkeypatch.setattr(module, "launch", lambda fn, grid, args, kwargs, *a, **o: launches.append(
-        (grid, kwargs.get(flag, False))) or real(fn, grid, args, kwargs, *a, **o))
+        (grid, kwargs.get("PERSISTENT", False))) or real(fn, grid, args, kwargs, *a, **o))
     monkeypatch.setenv(knob, "0")
     want = fresh_grads(*tensors, **kw)
     monkeypatch.setenv(knob, on)
     return want, fresh_grads(*tensors, **kw), launches
 
 
-def _assert_bit_identical(want, got, what):
-    """dq, dk and dv of the variant (``got``) equal the default's bit for bit, and hold no NaN."""
-    for name, a, b in zip(("dq", "dk", "dv"), want, got):
-        assert torch.equal(a, b), f"{name} differs from {what}"
-    assert not any(torch.isnan(t).any() for t in got)
-
-
 def _assert_persistent_grid_and_bit_identity(launches, items, want, got, device):
     """The persistent launch ran min(items, SMs) programs, and its gradients equal the one-tile kernel's bit for
     bit (no NaN)."""
     assert launches[1][0] == (min(items, configs.sm_count(device)), ), launches
-    _assert_bit_identical(want, got, "the one-tile-per-program kernel's")
+    for name, a, b in zip(("dq", "dk", "dv"), want, got):
+        assert torch.equal(a, b), f"{name} differs from the one-tile-per-program kernel's"
+    assert not any(torch.isnan(t).any() for t in got)
 
 
 PERSISTENT_DQ_CASES = {  # (B, Sq, Sk, Hq, Hkv, attention kwargs): items beyond one per SM, rows without keys, features
@@ -632,54 +627,6 @@ def test_persistent_dq_matches_the_grid(case, monkeypatch):
     _assert_persistent_grid_and_bit_identity(launches, configs.cdiv(Sq, 128) * B * Hq, want, got, q.device)
 
 
-PINGPONG_CASES = {  # (B, Sq, Sk, Hq, Hkv, D, dtype, attention kwargs): the pipelined configs' features
-    "d64_gqa": (2, 700, 900, 8, 2, 64, torch.bfloat16, dict()),
-    "d64_causal_fp16": (2, 900, 900, 4, 4, 64, torch.float16, dict(causal=True)),
-    "d128_causal_sq_lt_sk": (2, 333, 1000, 4, 2, 128, torch.bfloat16, dict(causal=True)),
-    "d128_window_softcap_alibi": (2, 800, 700, 4, 2, 128, torch.bfloat16, dict(window_size=(100, 50), softcap=5.0)),
-    "d128_short": (1, 17, 130, 2, 1, 128, torch.bfloat16, dict()),  # one query step
-    "d64_causal_sq_gt_sk": (2, 1000, 400, 4, 2, 64, torch.bfloat16, dict(causal=True)),  # rows 0-599 see no key
-}
-
-
-@hopper
-@pytest.mark.gpu
-@pytest.mark.parametrize("kernel", ["dkdv", "dq"])
-@pytest.mark.parametrize("case", list(PINGPONG_CASES))
-def test_pingpong_matches_the_default(case, kernel, monkeypatch):
-    """v36a (dkdv, TILEATTN_GLUON_BWD_PINGPONG=1) and v36b (dq, TILEATTN_GLUON_DQ_PINGPONG=1, forced onto the
-    persistent Gluon dQ kernel at every head dim and mask): the kernel's warpgroups take turns issuing their
-    products; each warpgroup's own products keep their order, so dq, dk and dv are bit-identical to the kernel's
-    without turns, and the launch carries PINGPONG. The causal Sq > Sk case has query tiles without key tiles
-    (dQ items without rounds) between ones with keys."""
-    B, Sq, Sk, Hq, Hkv, D, dtype, kw = PINGPONG_CASES[case]
-    module, knob = (gluon_backward, "TILEATTN_GLUON_BWD_PINGPONG") if kernel == "dkdv" else (
-        gluon_dq, "TILEATTN_GLUON_DQ_PINGPONG")
-    if kernel == "dq":
-        monkeypatch.setenv("TILEATTN_GLUON_DQ", "1")
-        monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "1")
-    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, D, dtype, seed_for("gluon-pingpong", case, kernel),
-                            requires_grad=True)
-    dout = randn((B, Sq, Hq, D), dtype, gen)
-    if kw.get("softcap"):
-        kw = dict(kw, alibi_slopes=torch.rand(Hq, generator=gen).to("cuda") * 0.1)
-    want, got, launches = _grads_off_and_on(monkeypatch, module, knob, "1", (q, k, v, dout), kw, flag="PINGPONG")
-    assert [p for _, p in launches] == [False, True], launches
-    _assert_bit_identical(want, got, f"the {kernel} kernel's without turns")
-
-
-@pytest.mark.parametrize("knob, read", [("TILEATTN_GLUON_BWD_PINGPONG", "gluon_bwd_pingpong"),
-                                        ("TILEATTN_GLUON_DQ_PINGPONG", "gluon_dq_pingpong")])
-def test_pingpong_knob(knob, read, monkeypatch):
-    monkeypatch.setenv(knob, "yes")
-    with pytest.raises(ValueError, match=knob):
-        getattr(configs, read)()
-    monkeypatch.setenv(knob, "1")
-    assert getattr(configs, read)()
-    monkeypatch.delenv(knob)
-    assert not getattr(configs, read)()
-
-
 def test_persistent_dq_knob(monkeypatch):
     """TILEATTN_GLUON_DQ_PERSISTENT: auto (default) = calls without a causal mask or window, 1 = all, 0 = none."""
     monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "2")
@@ -695,26 +642,24 @@ def test_persistent_dq_knob(monkeypatch):
 
 def test_persistent_protocol_model():
     """benchmarks/persistent_protocol.py, the host model of the persistent dQ kernel's barriers (producer, consumer
-    warpgroups, TMA copies landing in random order; with and without v36b's turns): no deadlock, each item
-    computed once per warpgroup, every read of its own buffers and ring slots, no buffer refilled while in use,
-    the turns' rounds in strict alternation. (A model of the kernel's barrier code: the two must change
-    together.)"""
+    warpgroups, TMA copies landing in random order): no deadlock, each item computed once per warpgroup, every
+    read of its own buffers and ring slots, no buffer refilled while in use. (A model of the kernel's barrier
+    code: the two must change together.)"""
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import persistent_protocol as pp
     assert pp.check_dq([3, 0, 5, 1], 2) == {0: 0, 1: 1, 2: 0, 3: 1}  # round robin, a query tile without keys
-    pp.check_dq([3, 0, 5, 1], 1, pingpong=True)  # v36b's turns across items, one of them without rounds
     pp.random_cases(150)
 
 
 def test_dkdv_protocol_model():
-    """benchmarks/dkdv_protocol.py, the host model of the pipelined dK/dV kernel's barriers with and without v36a's
-    ping-pong (producer, two consumer warpgroups, TMA copies landing in random order): no deadlock, every product
-    on its own step's ring slot, no slot refilled while a product may read it, and with ping-pong the rounds in
-    strict turn. (A model of the kernel's barrier code: the two must change together.)"""
+    """benchmarks/dkdv_protocol.py, the host model of the pipelined dK/dV kernel's barriers (producer, two consumer
+    warpgroups, TMA copies landing in random order): no deadlock, every product on its own step's ring slot, no
+    slot refilled while a product may read it. (A model of the kernel's barrier code: the two must change
+    together.)"""
     import sys
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import dkdv_protocol as dp
-    assert dp.check(2, 3, pingpong=True) == [(0, 0), (1, 0), (0, 1), (1, 1), (0, 2), (1, 2)]
-    assert dp.check(0, 3, pingpong=True) == []  # a key tile that no query row sees
+    assert dp.check(0, 3) == 0  # a key tile that no query row sees
+    assert dp.check(5, 4) == 10  # two warpgroups, five steps each
     dp.random_cases(150)

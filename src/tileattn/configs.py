@@ -481,20 +481,6 @@ def gluon_dq_persistent(causal_or_window: bool) -> bool:
     return value == "1" or value == "auto" and not causal_or_window
 
 
-def gluon_bwd_pingpong() -> bool:
-    """Whether the Gluon dK/dV kernel's two consumer warpgroups take turns issuing their products (v36a,
-    ``TILEATTN_GLUON_BWD_PINGPONG=1``; default 0, not GPU-run yet; pipelined configs without the fused dQ). Why
-    (NOTES session 28): the measured time per step pair at D=64 and D=128 fits the tensor cores' time plus both
-    warpgroups' elementwise phases, as if neither phase ran under the other warpgroup's products."""
-    return switch("TILEATTN_GLUON_BWD_PINGPONG")
-
-
-def gluon_dq_pingpong() -> bool:
-    """Whether the Gluon dQ kernel's two consumer warpgroups take turns issuing their products on its persistent
-    grid (v36b, ``TILEATTN_GLUON_DQ_PINGPONG=1``; default 0, not GPU-run yet): v36a's turns in the dQ kernel."""
-    return switch("TILEATTN_GLUON_DQ_PINGPONG")
-
-
 def decode_whole_waves(paged: bool = False) -> bool:
     """Whether decode calls (head dims <= 128) with a short default split count (``decode._default_splits``, below
     ``decode_long_splits``) size it for ``programs_per_sm`` + 1 programs per SM and take one split fewer where that

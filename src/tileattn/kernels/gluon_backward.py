@@ -11,8 +11,7 @@ D=128, 64 at D=64), run
 software-pipelined by one step (``pipeline``): step t's S^T / dP^T are issued around step t-1's dV / dK products,
 so the elementwise work of one step runs while the previous step's products hold the tensor cores. Nothing is in
 flight across the loop's back edge (ptxas serialises every wgmma of a kernel when a register accumulator is,
-NOTES.md session 10). The two warpgroups do not synchronise with each other (opt-in ``TILEATTN_GLUON_BWD_PINGPONG=1``,
-v36a: they take turns issuing their products). It replaces the portable
+NOTES.md session 10). The two warpgroups do not synchronise with each other. It replaces the portable
 ``_bwd_dkdv_kernel`` (backward.py) for the calls ``applies`` accepts and reads the row statistics (lse in log2
 units and delta, ``backward._row_stats_buffer``) that the dQ kernel (portable, or Gluon's in ``gluon_dq.py``)
 writes first. dK/dV of a KV head sum over the query heads of its GQA group in a fixed order, so results are
@@ -55,7 +54,7 @@ if AVAILABLE:
     from .gluon_backward_split import _split_consumer
     from .fused_dq import issue_dq, stage_dq_step
     from .gluon_common import (alibi_slope, dkdv_dscores, dkdv_mask_bounds, dkdv_probs, global_ns, seq_bounds,
-                               stats_row0, store_rows, trace_program, turn_barriers, turn_wait, zero_rows_from)
+                               stats_row0, store_rows, trace_program, zero_rows_from)
 
     @gluon.jit
     def _dkdv_load(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,
@@ -112,8 +111,7 @@ if AVAILABLE:
                        win_left, win_right, softcap, BLOCK_M: gl.constexpr, HEAD_D: gl.constexpr,
                        STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                        PIPELINE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, fused=None,
-                       FUSED_DQ: gl.constexpr = 0, EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0,
-                       turn=None, PINGPONG: gl.constexpr = False):
+                       FUSED_DQ: gl.constexpr = 0, EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0):
         """One warpgroup: keys [start_n + w * HALF_N, + HALF_N), accumulating dK and dV over the ring's steps.
         PIPELINE: software-pipelined by one step: S^T_t and dP^T_t are issued with dV += P^T_{t-1} dO_{t-1} and
         dK += dS^T_{t-1} Q_{t-1} between them, so step t's elementwise work runs while step t-1's products hold the
@@ -133,10 +131,7 @@ if AVAILABLE:
         (``fused_dq.stage_dq_step``); the programs' (and, at D=64, the warpgroups') adds into one tile are
         unordered. EARLY_DQ (with FUSED_DQ; session 23's v28c, not yet GPU-run): step t - 1's dQ^T products are
         issued before step t's others and staged while those run (with BLOCK_M=32 at D=128 a step's five products
-        take ~0.7 µs, and a stage after the last wait left the tensor cores idle for ~0.4 µs of it, run 135).
-        PINGPONG (PIPELINE without FUSED_DQ; session 28's v36a, opt-in): the two warpgroups take turns issuing each
-        step's products (``turn_wait`` on ``turn``; round t = step t's products, round n = the last dV / dK), so one
-        warpgroup's elementwise work runs while the other's products hold the tensor cores, as in the forward."""
+        take ~0.7 µs, and a stage after the last wait left the tensor cores idle for ~0.4 µs of it, run 135)."""
         kv_bar, ready, empty = bars
         dtype: gl.constexpr = dk_desc.dtype
         EXCHANGE: gl.constexpr = HEAD_D == 2 * HALF_N  # FUSED_DQ's form (D=128; D=64: own keys)
@@ -191,14 +186,10 @@ if AVAILABLE:
             mbarrier.wait(ready.index(0), 0)
             if VARLEN:
                 _zero_foreign_rows(q_smem, do_smem, 0, m_lo, seqlen_q, BLOCK_M)
-            if PINGPONG:
-                turn_wait(turn, w, 0)
             st_tok = warpgroup_mma(k_a, q_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                    use_acc=False, is_async=True)
             dpt_tok = warpgroup_mma(v_a, do_smem.index(0).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                     use_acc=False, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn.index(1 - w), count=1)
             st = warpgroup_mma_wait(num_outstanding=1, deps=(st_tok, ))
             p, dtanh = dkdv_probs(st, lse_smem.index(0), m_lo, keys, seqlen_q, diag, win, qk_scale, softcap,
                                   alibi_slope(ALIBI_B, hk * group, HAS_ALIBI), BLOCK_M, CAUSAL, WINDOW,
@@ -230,16 +221,12 @@ if AVAILABLE:
                     _zero_foreign_rows(q_smem, do_smem, s, tile, seqlen_q, BLOCK_M)
                 if EARLY_DQ:  # dQ^T_{t-1} first: staged and added while the step's other products run
                     dq_tok = issue_dq(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, t - 1, EXCHANGE)
-                if PINGPONG:
-                    turn_wait(turn, w, t)
                 st_tok = warpgroup_mma(k_a, q_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                        use_acc=False, is_async=True)
                 dv_tok = warpgroup_mma(p_op, do_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dv, is_async=True)
                 dpt_tok = warpgroup_mma(v_a, do_smem.index(s).reshape([BLOCK_M, HEAD_D]).permute((1, 0)), st_zero,
                                         use_acc=False, is_async=True)
                 dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
-                if PINGPONG:
-                    mbarrier.arrive(turn.index(1 - w), count=1)
                 if EARLY_DQ:
                     dqt = warpgroup_mma_wait(num_outstanding=4, deps=(dq_tok, ))
                     if EXCHANGE:
@@ -276,12 +263,8 @@ if AVAILABLE:
                 p_op = gl.convert_layout(p.to(dtype), op_layout)
                 ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             sp = (n - 1) % STAGES
-            if PINGPONG:
-                turn_wait(turn, w, n)
             dv_tok = warpgroup_mma(p_op, do_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dv, is_async=True)
             dk_tok = warpgroup_mma(ds_op, q_smem.index(sp).reshape([BLOCK_M, HEAD_D]), dk, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn.index(1 - w), count=1)
             if FUSED_DQ:
                 dq_tok = issue_dq(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, n - 1, EXCHANGE)
                 dv, dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dv_tok, dk_tok, dq_tok))
@@ -315,8 +298,7 @@ if AVAILABLE:
                      HAS_SOFTCAP: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
                      HAS_ALIBI: gl.constexpr, SPLIT: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, FUSED_DQ: gl.constexpr = 0,
-                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0, TRACE=None,
-                     PINGPONG: gl.constexpr = False):
+                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0, TRACE=None):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
         total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
@@ -326,10 +308,7 @@ if AVAILABLE:
         (``_split_consumer``; no varlen or softcap). FUSED_DQ (0: off; else dQ^T staging slots per warpgroup, 2 or
         4): dQ too, reduce-added into the fp32 accumulator ``dq_desc`` describes (``fused_dq``; without it
         ``dq_desc`` is a placeholder, not read); EARLY_DQ its products' order (``_dkdv_consumer``). TRACE: None,
-        or an int64 (programs, 4) buffer that gets each program's trace (``trace_program``; measurement only).
-        PINGPONG (PIPELINE without SPLIT or FUSED_DQ; v36a, opt-in ``TILEATTN_GLUON_BWD_PINGPONG=1``): the consumer
-        warpgroups take turns issuing their products (``_dkdv_consumer``'s PINGPONG). ``benchmarks/dkdv_protocol.py``
-        models the pipelined form's barriers with and without it: change the two together."""
+        or an int64 (programs, 4) buffer that gets each program's trace (``trace_program``; measurement only)."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HALF_N: gl.constexpr = k_desc.block_type.shape[1]
         KV_PARTS: gl.constexpr = 1 if SPLIT else 2  # key parts of HALF_N per program
@@ -410,20 +389,17 @@ if AVAILABLE:
             fused = (ds_slots, ds_ready, ds_free, dq_slots, dq_desc, (b * kv_heads + hk) * group * HEAD_D)
         else:
             fused = q_smem  # not read without FUSED_DQ
-        turn = empty  # not read without PINGPONG
-        if PINGPONG:
-            turn = turn_barriers()
         gl.warp_specialize([
             (_dkdv_consumer, (0, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
                               qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
                               win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS, turn, PINGPONG)),
+                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
             (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
                               delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
                               qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
                               win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS, turn, PINGPONG)),
+                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
             (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
                           delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
                           q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
@@ -536,7 +512,5 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
              PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs, **(_fused_flags(d) if dq_acc is not None else {}),
-             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {}),
-             **({"PINGPONG": True} if cfg.pipeline and not cfg.split and dq_acc is None
-                and configs.gluon_bwd_pingpong() else {})),
+             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {})),
         4, 1, maxnreg=cfg.maxnreg)

@@ -159,14 +159,6 @@ if AVAILABLE:
         return t
 
     @gluon.jit
-    def turn_barriers():
-        """The two mbarriers of ``turn_wait``'s ping-pong (one arrival each)."""
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
-            mbarrier.init(turn.index(i), count=1)
-        return turn
-
-    @gluon.jit
     def turn_wait(turn, w: gl.constexpr, r):
         """Ping-pong between two consumer warpgroups (two mbarriers of one arrival each; each warpgroup arrives on
         the other's, ``turn.index(1 - w)``, once it has issued round r's matmuls): warpgroup w issues its matmuls

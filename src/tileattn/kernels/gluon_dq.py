@@ -39,7 +39,7 @@ if AVAILABLE:
     from .common import residual_value  # a @triton.jit helper: Gluon kernels call it like their own
     from .gluon_common import (alibi_slope, feature_scores, global_ns, key_tiles, load_kv_ring, persistent_item,
                                program_tile, row_bounds, seq_bounds, stats_row0, store_rows, trace_program,
-                               turn_barriers, turn_wait, zero_rows_from)
+                               zero_rows_from)
 
     @gluon.jit
     def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
@@ -194,16 +194,14 @@ if AVAILABLE:
                      lo, win_left, win_right, softcap, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
                      V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                      HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr,
-                     t0=0, q_phase=0, q_empty=None, dq_stage=None, turn=None, r0=0, PINGPONG: gl.constexpr = False):
+                     t0=0, q_phase=0, q_empty=None, dq_stage=None):
         """One warpgroup: rows [start_m + w * HALF_M, + HALF_M), key tiles lo .. lo + n - 1 (ring positions t0 ..
         t0 + n - 1; Q's barrier phase q_phase: 0, 0 but in the persistent kernel). VARLEN: the key tile that
         crosses the sequence's end has its other rows (the next sequence's) zeroed in K and V before use (their P
         is 0, but 0 * NaN is NaN); the sequence's last rows are stored by masked pointer stores (DQ).
         q_empty / dq_stage (the persistent kernel, batched): Q and dO are released after the last S and dP
         products, and dQ is staged in ``dq_stage`` (this warpgroup's buffer), its TMA store left in flight (the
-        next item's epilogue and the program's end wait for it). PINGPONG (the persistent kernel; v36b, opt-in):
-        the two warpgroups take turns issuing their products (``turn_wait`` on ``turn``; round r0 + j = key tile
-        j's S and dP with tile j - 1's dQ, round r0 + n = the last dQ; an item without key tiles takes none)."""
+        next item's epilogue and the program's end wait for it)."""
         q_bars, k_ready, k_empty, v_ready, v_empty = bars
         dtype: gl.constexpr = dq_desc.dtype
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -232,8 +230,6 @@ if AVAILABLE:
             mbarrier.wait(k_ready.index(ks0), (t0 // K_STAGES) & 1)
             if VARLEN:
                 _zero_past_end(k_smem, ks0, lo, seqlen_k)
-            if PINGPONG:
-                turn_wait(turn, w, r0)
             s_tok = warpgroup_mma(q2, k_smem.index(ks0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)
             mbarrier.wait(v_ready.index(vs0), (t0 // V_STAGES) & 1)
@@ -241,8 +237,6 @@ if AVAILABLE:
                 _zero_past_end(v_smem, vs0, lo, seqlen_k)
             dp_tok = warpgroup_mma(do2, v_smem.index(vs0).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                    use_acc=False, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn.index(1 - w), count=1)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
             p, dtanh = _probs(s, lo, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, softcap, slope, BLOCK_N,
                               CAUSAL, WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
@@ -257,8 +251,6 @@ if AVAILABLE:
                 mbarrier.wait(k_ready.index(ks), (t // K_STAGES) & 1)
                 if VARLEN:
                     _zero_past_end(k_smem, ks, lo + j, seqlen_k)
-                if PINGPONG:
-                    turn_wait(turn, w, r0 + j)
                 s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
                 dq_tok = warpgroup_mma(ds_op, k_smem.index(kp).reshape([BLOCK_N, HEAD_D]), dq, is_async=True)
@@ -267,8 +259,6 @@ if AVAILABLE:
                     _zero_past_end(v_smem, vs, lo + j, seqlen_k)
                 dp_tok = warpgroup_mma(do2, v_smem.index(vs).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                        use_acc=False, is_async=True)
-                if PINGPONG:
-                    mbarrier.arrive(turn.index(1 - w), count=1)
                 s = warpgroup_mma_wait(num_outstanding=2, deps=(s_tok, ))
                 p, dtanh = _probs(s, lo + j, n_full, lse, rows, cols, seqlen_k, diag, qk_scale, win, softcap, slope,
                                   BLOCK_N, CAUSAL, WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
@@ -279,11 +269,7 @@ if AVAILABLE:
             if q_empty is not None:  # every S and dP product of this item is done: the next item's Q / dO may load
                 mbarrier.arrive(q_empty.index(w), count=1)
             kp = (t0 + n - 1) % K_STAGES
-            if PINGPONG:
-                turn_wait(turn, w, r0 + n)
             dq_tok = warpgroup_mma(ds_op, k_smem.index(kp).reshape([BLOCK_N, HEAD_D]), dq, is_async=True)
-            if PINGPONG:
-                mbarrier.arrive(turn.index(1 - w), count=1)
             dq = warpgroup_mma_wait(num_outstanding=0, deps=(dq_tok, ))
             mbarrier.arrive(k_empty.index(kp), count=1)
         elif q_empty is not None:
@@ -316,12 +302,10 @@ if AVAILABLE:
                                 win_left, win_right, softcap, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
                                 V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr,
                                 HAS_SOFTCAP: gl.constexpr, HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr,
-                                HAS_ALIBI: gl.constexpr, turn, PINGPONG: gl.constexpr):
+                                HAS_ALIBI: gl.constexpr):
         """Persistent consumer warpgroup w (batched calls): ``_dq_consumer`` on the items pid, pid + nprog, ...
-        (``_dq_item``), the K / V ring positions t0 carried across items, Q's phase it & 1; PINGPONG: the turns'
-        round r0 too (n + 1 rounds per item with key tiles)."""
+        (``_dq_item``), the K / V ring positions t0 carried across items, Q's phase it & 1."""
         t0 = gl.to_tensor(0)
-        r0 = gl.to_tensor(0)
         for item in range(pid, num_items, nprog):
             it = (item - pid) // nprog
             b, h, start_m, lo, n = _dq_item(item, pid, nprog, num_items, num_m_tiles, q_heads, seqlen_q, seqlen_k,
@@ -334,9 +318,8 @@ if AVAILABLE:
                          stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh,
                          stride_st, stats_row0(b, 0, seqlen_q, False), 0, stride_dqs, stride_dqh, HALF_M, BLOCK_N,
                          lo, win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                         HAS_RESID, HAS_DLSE, False, HAS_ALIBI, t0, it & 1, q_empty, dq_stage, turn, r0, PINGPONG)
+                         HAS_RESID, HAS_DLSE, False, HAS_ALIBI, t0, it & 1, q_empty, dq_stage)
             t0 += n
-            r0 += gl.where(n > 0, n + 1, 0)
         tma.store_wait(pendings=0)  # the last item's dQ store has read shared memory
 
     @gluon.jit
@@ -349,7 +332,7 @@ if AVAILABLE:
                    WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                    HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TRACE=None,
-                   PERSISTENT: gl.constexpr = False, num_items=0, PINGPONG: gl.constexpr = False):
+                   PERSISTENT: gl.constexpr = False, num_items=0):
         """Warp-specialised: two consumer warpgroups (64 query rows each) and a producer warp. TRACE: None, or an
         int64 (programs, 4) buffer for each program's trace (``trace_program``; measurement only). VARLEN: packed (1,
         total, H, D) tensors, sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are
@@ -359,9 +342,8 @@ if AVAILABLE:
         ``configs.gluon_dq_persistent``, by default calls without a causal mask or window): a grid of at most one
         program per SM runs the num_items query tiles in turn (``_dq_item``), the next item's Q / dO and first key
         tiles loading while an item's last products and epilogue run, dQ staged in its own buffers (TRACE: one
-        record per program, n = its items' key tiles). PINGPONG (with PERSISTENT; v36b, opt-in
-        ``TILEATTN_GLUON_DQ_PINGPONG=1``): the consumer warpgroups take turns issuing their products.
-        ``benchmarks/persistent_protocol.py`` models its barriers (``check_dq``): change the two together."""
+        record per program, n = its items' key tiles). ``benchmarks/persistent_protocol.py`` models its barriers
+        (``check_dq``): change the two together."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         dtype: gl.constexpr = q_desc.dtype
         if TRACE is not None:
@@ -406,9 +388,6 @@ if AVAILABLE:
             for i in gl.static_range(2):
                 mbarrier.init(q_empty.index(i), count=1)
             dq_stage = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], dq_desc.layout)
-            turn = q_empty  # not read without PINGPONG
-            if PINGPONG:
-                turn = turn_barriers()
             gl.warp_specialize([
                 (_dq_consumer_persistent, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem,
                                            do_smem, k_smem, v_smem, bars, q_empty, dq_stage, pid, num_items, nprog,
@@ -416,14 +395,14 @@ if AVAILABLE:
                                            stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb,
                                            stride_lh, stride_sh, stride_st, stride_dqs, stride_dqh, stride_ab, HALF_M,
                                            BLOCK_N, win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
-                                           WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE, HAS_ALIBI, turn, PINGPONG)),
+                                           WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE, HAS_ALIBI)),
                 (_dq_consumer_persistent, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem,
                                            do_smem, k_smem, v_smem, bars, q_empty, dq_stage, pid, num_items, nprog,
                                            num_m_tiles, q_heads, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
                                            stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb,
                                            stride_lh, stride_sh, stride_st, stride_dqs, stride_dqh, stride_ab, HALF_M,
                                            BLOCK_N, win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
-                                           WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE, HAS_ALIBI, turn, PINGPONG)),
+                                           WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE, HAS_ALIBI)),
                 (_dq_load_persistent, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, q_empty,
                                        pid, num_items, nprog, num_m_tiles, q_heads, group, seqlen_q, seqlen_k,
                                        win_left, win_right, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
@@ -474,7 +453,7 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
     grid, extra = num_m_tiles * batch * q_heads, {}
     causal = p.window_right == 0 and not has_window(p)
     if not p.varlen and d <= 128 and configs.gluon_dq_persistent(causal or has_window(p)):  # items in turn
-        extra = dict(PERSISTENT=True, num_items=grid, **({"PINGPONG": True} if configs.gluon_dq_pingpong() else {}))
+        extra = dict(PERSISTENT=True, num_items=grid)
         grid = min(grid, configs.sm_count(q.device))
     launch(_dq_kernel, (grid,), (
         q_desc, do_desc, k_desc, v_desc, dq_desc, out, resid if resid is not None else out, dout, lse,
