@@ -43,11 +43,12 @@ def _complete(fn, sig, consts):
 
 
 def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=False, fp16=False, window=False,
-                varlen=False, alibi=False, tile_map=False, persistent=False, flat=False, resid8=False):
+                varlen=False, alibi=False, tile_map=False, persistent=False, flat=False, resid8=False, wg=2):
+    """The Gluon forward for sm_90a; ``wg``: its consumer warpgroups (3: v37a, with its registers unless cfg)."""
     from tileattn import configs
     c = configs._GLUON_FWD[d]  # the table entry, whether on by default or not
-    bn, ks, vs, creg, preg, maxnreg = cfg or (c.block_n, c.k_stages, c.v_stages, c.consumer_regs, c.producer_regs,
-                                              c.maxnreg)
+    regs = configs.GLUON_FWD_3WG_REGS if wg == 3 else (c.consumer_regs, c.producer_regs, c.maxnreg)
+    bn, ks, vs, creg, preg, maxnreg = cfg or (c.block_n, c.k_stages, c.v_stages, *regs)
     bm = 64
     def desc(rows):
         layout = gl.NVMMASharedLayout.get_default_for([1, rows, 1, d], gl.float16 if fp16 else gl.bfloat16)
@@ -66,7 +67,8 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
                   HAS_ALIBI=(1 if persistent or flat or not configs.gluon_alibi_linear(d, varlen) else 2) if alibi
                   else 0,
                   USE_MAP=tile_map, CONSUMER_REGS=creg,
-                  PRODUCER_REGS=preg, PERSISTENT=persistent or flat, FLAT=flat)  # flat: kernels/gluon_flat.py
+                  PRODUCER_REGS=preg, PERSISTENT=persistent or flat, FLAT=flat,  # flat: kernels/gluon_flat.py
+                  **({"NUM_WG": 3} if wg == 3 else {}))
     fn = gf._fwd_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("LSE", "SINK", "O", "RESID")}
@@ -205,6 +207,8 @@ def main(argv=None):
     ap.add_argument("--persistent", action="store_true", help="the persistent forward (with --dq: the persistent dQ "
                     "kernel, v35b)")
     ap.add_argument("--flat", action="store_true", help="the persistent forward, one pipeline across items")
+    ap.add_argument("--wg", type=int, default=2, choices=(2, 3), help="forward: consumer warpgroups (3: v37a, "
+                    "with --persistent)")
     ap.add_argument("--varlen", action="store_true", help="the packed varlen variant (forward, --bwd or --dq)")
     ap.add_argument("--dq", action="store_true", help="the dQ backward kernel instead (--config bn,kstages,creg,"
                     "preg,maxnreg; --no-resid: delta from the rounded O; --dlse)")
@@ -241,7 +245,7 @@ def main(argv=None):
     else:
         softcap = 2 if a.softcap_fixed_max else a.softcap
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, softcap, a.sink, a.fp16, a.window, a.varlen,
-                        a.alibi, a.tile_map, a.persistent, a.flat, a.resid8)
+                        a.alibi, a.tile_map, a.persistent, a.flat, a.resid8, a.wg)
     if a.check:
         report = ptxas_messages(k.asm["ptx"])
         print(report)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 s40 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -179,6 +179,16 @@ for stage in "$@"; do
          timeout 200 python3 benchmarks/bwd_variants.py --head-dims 64 --seqlens 1024,4096,16384 --profile \
            --variants "base=,m32=TILEATTN_GLUON_BWD_CONFIG:32;4;240;24;168;1,m64s4=TILEATTN_GLUON_BWD_CONFIG:64;4;240;24;168;1" \
            2>&1 | grep -v Warning | tee "$OUT/s37_bwd_d64.log" ;;
+    s40) # (~4 min) v37a, the D=64 persistent forward with three consumer warpgroups (TILEATTN_GLUON_FWD_WG=3, not
+         # GPU-run yet): its tests (bit-identity with two warpgroups, accuracy), then the D=64 non-causal forward
+         # cells (the grid's shapes) with two / three warpgroups beside cuDNN, CUDA-graph replay, with and without grad
+         timeout 200 python3 -m pytest tests/test_gluon_forward.py -k "three" -q -n 8 -p no:cacheprovider \
+           -p no:benchmark -rf 2>&1 | tee "$OUT/s40_tests.log" | tail -3; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+         for g in "" --no-grad; do
+           timeout 150 python3 benchmarks/short_variants.py $g \
+             --cells "64,32,32,512,0;64,16,32,1024,0;64,8,32,2048,0;64,4,32,4096,0;64,2,32,8192,0;64,1,32,16384,0" \
+             "wg3:TILEATTN_GLUON_FWD_WG=3" 2>&1 | grep -v Warning | tee -a "$OUT/s40_fwd.log"
+         done ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;

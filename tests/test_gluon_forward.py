@@ -15,6 +15,7 @@ import tileattn
 from _helpers import (GLUON_CASES, HALF_DTYPES, HOPPER, assert_int8_residual_matches, attn_params, check_attention,
                       dtype_id, assert_compiles, feature_kwargs, lift_gluon_length_limits, make_gen, make_qkv,
                       ptxas_available, randn, record_gluon_launches, seed_for, spy_calls)
+from tileattn import configs
 from tileattn.kernels import gluon_forward
 
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on sm90 only")
@@ -257,6 +258,66 @@ def test_persistent_matches_grid(case, dtype, spy, monkeypatch):
     assert torch.equal(got[0], ref[0]) and torch.equal(got[1], ref[1])
     import test_features
     test_features._check(q, k, v, randn((B, Sq, Hq, d), dtype, gen), entry="tileattn", ctx="gluon persistent", **kw)
+
+
+THREE_WG_CASES = [(2, 2048, 2048, 8, 8, dict(sink=True)),  # (B, Sq, Sk, Hq, Hkv, features), D=64
+                  (3, 257, 1031, 4, 2, {}),  # a last item of 65 rows: its third warpgroup has none
+                  (1, 100, 300, 4, 4, {}),  # one item, rows for one and a half warpgroups
+                  (4, 1500, 1300, 16, 4, {}),  # 512 items on the SMs (rounds), GQA, Sq > Sk
+                  (2, 700, 2000, 6, 3, {})]
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", THREE_WG_CASES, ids=lambda c: "x".join(map(str, c[:5])) + "-" + "-".join(c[5]))
+def test_three_warpgroups_match_two(case, dtype, spy, monkeypatch):
+    """v37a (TILEATTN_GLUON_FWD_WG=3): the D=64 persistent forward with three consumer warpgroups (192-row items)
+    launches with NUM_WG=3, and its out and lse equal the two-warpgroup kernel's bit for bit (every row's
+    arithmetic is the same: the same key tiles in the same order); its gradients pass the accuracy rule against
+    the float64 reference."""
+    B, Sq, Sk, Hq, Hkv, feat = case
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, 64, dtype, seed_for("gluon-3wg", case[:5], dtype),
+                            requires_grad=True)
+    kw = feature_kwargs(feat, Hq, gen)
+    monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "2")
+    seen = record_gluon_launches(monkeypatch)
+    want = tileattn.attention(q, k, v, return_lse=True, **kw)
+    assert seen and seen[-1][1]["PERSISTENT"] and "NUM_WG" not in seen[-1][1], seen[-1:]
+    n = len(spy)
+    monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "3")
+    got = tileattn.attention(q, k, v, return_lse=True, **kw)
+    assert len(spy) == n + 1, "the call did not take the Gluon forward"
+    assert seen[-1][1].get("NUM_WG") == 3 and seen[-1][0] == (min(configs.cdiv(Sq, 192) * B * Hq,
+                                                                  configs.sm_count(q.device)), ), seen[-1]
+    assert not torch.isnan(got[0]).any()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    import test_features
+    test_features._check(q, k, v, randn((B, Sq, Hq, 64), dtype, gen), entry="tileattn", ctx="gluon 3 warpgroups",
+                         **kw)
+
+
+def test_three_warpgroups_scope(monkeypatch):
+    """configs.gluon_forward_warpgroups: 3 only when asked (TILEATTN_GLUON_FWD_WG=3), at D=64, on the plain
+    persistent grid; a bad value is refused naming the variable."""
+    monkeypatch.delenv("TILEATTN_GLUON_FWD_WG", raising=False)
+    assert configs.gluon_forward_warpgroups(64, True) == 2
+    monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "3")
+    assert configs.gluon_forward_warpgroups(64, True) == 3
+    assert configs.gluon_forward_warpgroups(128, True) == 2 and configs.gluon_forward_warpgroups(64, False) == 2
+    monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "4")
+    with pytest.raises(ValueError, match="TILEATTN_GLUON_FWD_WG"):
+        configs.gluon_forward_warpgroups(64, True)
+
+
+@needs_gluon
+@pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
+def test_three_warpgroups_compile_for_sm90():
+    """v37a for sm_90a: no serialised wgmma, shared memory within the limit; its worker consumers have 160
+    registers, and ptxas spills ~100 bytes in the item loop (none in the key-tile loop, SASS); more would be a
+    regression."""
+    assert_compiles([("--head-dim", 64, "--persistent", "--wg", 3, "--spill-budget", 112, *extra)
+                     for extra in ((), ("--sink",), ("--fp16", "--no-resid"))])
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 4, 2048, 2048, 128), (3, 4, 2, 257, 1031, 128), (2, 8, 2, 1500, 700, 128),

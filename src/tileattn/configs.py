@@ -611,6 +611,23 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
     return GluonForwardConfig(*over, persistent=cfg.persistent) if over else cfg
 
 
+# v37a (session 29, opt-in): the D=64 persistent forward with three consumer warpgroups (192-row items, as
+# FlashAttention-3 takes for head dim 64). 16 warps (the producer warp is padded to a warpgroup): 65536 / 512 = 128
+# registers per thread at launch; setmaxnreg gives the two worker consumers 160 each, the producer 24 and the
+# default consumer the rest (168); per SM sub-partition 3 x 160 + 24 (x 32 lanes) fits its 16K registers.
+GLUON_FWD_3WG_REGS = (160, 24, 128)  # consumer_regs, producer_regs, maxnreg
+
+
+def gluon_forward_warpgroups(head_dim: int, plain_persistent: bool) -> int:
+    """Consumer warpgroups of a Gluon forward call: 2, or 3 (v37a, ``TILEATTN_GLUON_FWD_WG=3``; default 2, not yet
+    GPU-run) for D=64 calls on the persistent grid without a causal mask, window, varlen packing, work list or
+    flat pipeline (``plain_persistent``); its registers are ``GLUON_FWD_3WG_REGS``."""
+    value = getenv("TILEATTN_GLUON_FWD_WG", "2")
+    if value not in ("2", "3"):
+        raise ValueError(f"TILEATTN_GLUON_FWD_WG must be 2 or 3, got {value!r}")
+    return 3 if value == "3" and head_dim == 64 and plain_persistent else 2
+
+
 def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool, varlen: bool,
                            causal_list: bool = False, alibi_linear: bool = False):
     """(persistent, work_list, needs_list) for a Gluon forward call: a persistent grid (one program per

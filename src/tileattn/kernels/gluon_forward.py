@@ -118,7 +118,7 @@ if AVAILABLE:
             if kv_valid < v_smem.shape[2]:
                 zero_rows_from(v2, kv_valid)
         o_tok = warpgroup_mma(p_op, v2, acc, is_async=True)
-        mbarrier.arrive(turn.index(1 - w), count=1)
+        mbarrier.arrive(turn.index((w + 1) % turn.shape[0]), count=1)  # the next warpgroup's turn
         return o_tok
 
     @gluon.jit
@@ -136,6 +136,7 @@ if AVAILABLE:
         ``o_smem`` instead, so the next item's Q loads during this item's last P V and epilogue (D=256: staged in
         Q's buffer, released after the epilogue)."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
+        NW: gl.constexpr = turn.shape[0]  # consumer warpgroups (2; 3 with NUM_WG=3)
         dtype: gl.constexpr = o_desc.dtype
         # the persistent grid at D=256 (v25a): no room for separate staging buffers, so the output is
         # staged in Q's buffer and the next item's Q loads after this item's stores have read it
@@ -170,7 +171,7 @@ if AVAILABLE:
             mbarrier.wait(k_ready.index(ks), (t0 // K_STAGES) & 1)
             s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                   use_acc=False, is_async=True)
-            mbarrier.arrive(turn.index(1 - w), count=1)
+            mbarrier.arrive(turn.index((w + 1) % NW), count=1)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(ks), count=1)
             p, alpha, m_i, l_i = _softmax_tile(s, lo, full_lo, n_full, m_i, l_i, rows, row0, cols, diag, seqlen_k,
@@ -206,7 +207,7 @@ if AVAILABLE:
             if not Q_STAGE:
                 mbarrier.arrive(q_empty.index(w), count=1)
             turn_wait(turn, w, r0)
-            mbarrier.arrive(turn.index(1 - w), count=1)
+            mbarrier.arrive(turn.index((w + 1) % NW), count=1)
 
         # Q is dead: its buffer stages this warpgroup's output rows for TMA stores (rows past the tensor clipped);
         # PERSISTENT at D <= 128: the next item's Q may be loading into it, the output has its own buffers
@@ -219,7 +220,7 @@ if AVAILABLE:
             # and the program's end wait for them)
             epilogue(acc, m_i, l_i, o_smem.index(w), o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q,
                      q_row0, b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID,
-                     HAS_SINK, VARLEN, o_smem.index(2 * STORE_RESID + w), True)
+                     HAS_SINK, VARLEN, o_smem.index(NW * STORE_RESID + w), True)
         else:
             epilogue(acc, m_i, l_i, q_buf, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
                      b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID, HAS_SINK, VARLEN)
@@ -237,12 +238,14 @@ if AVAILABLE:
         ``persistent_item``'s order), the K/V ring positions t0 carried across items; the it-th item's ping-pong
         rounds start at t0 + it (every item takes n + 1 rounds) and its Q phase is it & 1 (derived, not carried:
         fewer live registers)."""
+        q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
+        BLOCK_M: gl.constexpr = turn.shape[0] * HALF_M
         t0 = gl.to_tensor(0)
         for item in range(pid, num_items, nprog):
             it = (item - pid) // nprog
             b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = persistent_bounds(
                 item, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k,
-                win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
+                win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
             alibi_b = ALIBI
             if HAS_ALIBI:
                 alibi_b = ALIBI + b * stride_ab
@@ -261,7 +264,7 @@ if AVAILABLE:
                     STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
                     VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr = False, num_items=0,
-                    FLAT: gl.constexpr = False):
+                    FLAT: gl.constexpr = False, NUM_WG: gl.constexpr = 2):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
         (64 query rows each), one more worker warp issues every TMA load. VARLEN: q / k / v / out are packed
         (1, total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
@@ -279,7 +282,7 @@ if AVAILABLE:
         the same items as one pipeline across item boundaries, Q double-buffered (``gluon_flat``; varlen only on
         the work list)."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
-        BLOCK_M: gl.constexpr = 2 * HALF_M
+        BLOCK_M: gl.constexpr = NUM_WG * HALF_M
         dtype: gl.constexpr = q_desc.dtype
         pid = gl.program_id(0)
         max_seqlen_q, max_seqlen_k = seqlen_q, seqlen_k
@@ -288,7 +291,7 @@ if AVAILABLE:
             BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
         hk = h // group
 
-        NQ: gl.constexpr = 4 if FLAT else 2  # FLAT: two Q buffers per warpgroup (gluon_flat)
+        NQ: gl.constexpr = 4 if FLAT else NUM_WG  # FLAT: two Q buffers per warpgroup (gluon_flat)
         q_smem = gl.allocate_shared_memory(dtype, [NQ, 1, HALF_M, 1, HEAD_D], q_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, BLOCK_N, 1, HEAD_D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, 1, BLOCK_N, 1, HEAD_D], v_desc.layout)
@@ -297,18 +300,18 @@ if AVAILABLE:
         k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
-        turn = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(2):
+        turn = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
+        for i in gl.static_range(NUM_WG):
             mbarrier.init(q_bars.index(i), count=1)
             mbarrier.init(turn.index(i), count=1)
-        for i in gl.static_range(2, NQ):
+        for i in gl.static_range(NUM_WG, NQ):
             mbarrier.init(q_bars.index(i), count=1)
         for i in gl.static_range(K_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release each slot
+            mbarrier.init(k_empty.index(i), count=NUM_WG)  # every consumer warpgroup releases each slot
         for i in gl.static_range(V_STAGES):
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(v_empty.index(i), count=2)
+            mbarrier.init(v_empty.index(i), count=NUM_WG)
         bars = (q_bars, k_ready, k_empty, v_ready, v_empty, turn)
         alibi_b = ALIBI
         if HAS_ALIBI:
@@ -340,30 +343,56 @@ if AVAILABLE:
             if HEAD_D > 128:
                 o_smem = q_smem
             else:
-                o_smem = gl.allocate_shared_memory(dtype, [2 + 2 * STORE_RESID, 1, HALF_M, 1, HEAD_D],
+                o_smem = gl.allocate_shared_memory(dtype, [NUM_WG + NUM_WG * STORE_RESID, 1, HALF_M, 1, HEAD_D],
                                                    o_desc.layout)
-            q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(2):
+            q_empty = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(NUM_WG):
                 mbarrier.init(q_empty.index(i), count=1)
             nprog = gl.num_programs(0)
-            gl.warp_specialize([
-                (_consumer_persistent, (0, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem, bars,
-                                        o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles,
-                                        q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap, win_left, win_right,
-                                        stride_lb, stride_lh, stride_os, stride_oh, stride_ab, HALF_M, BLOCK_N,
-                                        HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP,
-                                        HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
-                (_consumer_persistent, (1, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem, bars,
-                                        o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles,
-                                        q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap, win_left, win_right,
-                                        stride_lb, stride_lh, stride_os, stride_oh, stride_ab, HALF_M, BLOCK_N,
-                                        HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP,
-                                        HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
-                (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid, num_items,
-                                    nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group, max_seqlen_q,
-                                    max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES,
-                                    CAUSAL, WINDOW, VARLEN, USE_MAP)),
-            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+            if NUM_WG == 3:  # v37a (opt-in): three consumer warpgroups, 192-row items
+                gl.warp_specialize([
+                    (_consumer_persistent, (0, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
+                                            bars, o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K,
+                                            num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
+                                            win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
+                                            stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
+                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
+                    (_consumer_persistent, (1, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
+                                            bars, o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K,
+                                            num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
+                                            win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
+                                            stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
+                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
+                    (_consumer_persistent, (2, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
+                                            bars, o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K,
+                                            num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
+                                            win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
+                                            stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
+                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
+                    (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid,
+                                        num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group,
+                                        max_seqlen_q, max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D,
+                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP)),
+                ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
+            else:
+                gl.warp_specialize([
+                    (_consumer_persistent, (0, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
+                                            bars, o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K,
+                                            num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
+                                            win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
+                                            stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
+                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
+                    (_consumer_persistent, (1, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
+                                            bars, o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K,
+                                            num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
+                                            win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
+                                            stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
+                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
+                    (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid,
+                                        num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group,
+                                        max_seqlen_q, max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D,
+                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP)),
+                ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
                 (_consumer, (0, o_desc, r_desc, LSE, SINK, alibi_b, O, RESID, q_smem, k_smem, v_smem, bars, b, h,
@@ -461,15 +490,21 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
         persistent = False
     if tiles is not None:  # a program per (query tile that holds rows, head), longest sequences first
         num_m_tiles, grid = batch, tiles.numel()
-    num_items = 0  # unused without PERSISTENT: a constant adds no Triton specialisations (% 16, == 1)
-    if persistent:
-        num_items, grid = grid, min(grid, nprog)
     # opt-in (TILEATTN_GLUON_FLAT=1, NOTES v21a): one pipeline across a persistent program's items (gluon_flat),
     # for calls whose every item has a key tile: causal or windowed ones only with seqlen_k >= seqlen_q, varlen
     # ones on the work list with that known for every sequence (host copies of cu_seqlens)
     flat = persistent and d <= 128 and configs.getenv("TILEATTN_GLUON_FLAT") == "1" and (
         keys_for_every_tile(cu_q, cu_k, causal or window) if p.varlen and tiles is not None
         else not p.varlen and (not (causal or window) or seqlen_k >= seqlen_q))
+    wg = configs.gluon_forward_warpgroups(d, persistent and tiles is None and not (flat or causal or window
+                                                                                  or p.varlen))
+    regs = (cfg.consumer_regs, cfg.producer_regs, cfg.maxnreg)
+    if wg == 3:  # v37a: 192-row items
+        num_m_tiles = triton.cdiv(seqlen_q, 3 * half)
+        grid, regs = num_m_tiles * batch * q_heads, configs.GLUON_FWD_3WG_REGS
+    num_items = 0  # unused without PERSISTENT: a constant adds no Triton specialisations (% 16, == 1)
+    if persistent:
+        num_items, grid = grid, min(grid, nprog)
     launch(_fwd_kernel, (grid,), (
         q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
         p.alibi_slopes if p.alibi_slopes is not None else lse, out,
@@ -484,9 +519,9 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
              HAS_SINK=p.sink is not None, VARLEN=p.varlen,
              HAS_ALIBI=(2 if alibi_linear and not persistent else 1) if p.alibi_slopes is not None else 0,
              USE_MAP=tiles is not None,
-             CONSUMER_REGS=cfg.consumer_regs, PRODUCER_REGS=cfg.producer_regs, PERSISTENT=persistent,
-             num_items=num_items, **({"FLAT": True} if flat else {})),
-        4, 3, maxnreg=cfg.maxnreg)
+             CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1], PERSISTENT=persistent,
+             num_items=num_items, **({"FLAT": True} if flat else {}), **({"NUM_WG": 3} if wg == 3 else {})),
+        4, 3, maxnreg=regs[2])
     return (out, lse, resid) if residual else (out, lse)
 
 

@@ -19,14 +19,16 @@ if AVAILABLE:
         lo .. lo + n - 1 (K and V) into their rings as the consumers free the slots (ring position t0 + j: the j-th
         tile loaded; t0 = 0 but in the persistent kernel)."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
-        _load_q(q_desc, q_smem, q_bars, b, h, q_row0, start_m, HALF_M, HEAD_D, qb)
+        _load_q(q_desc, q_smem, q_bars, b, h, q_row0, start_m, HALF_M, HEAD_D, qb, turn.shape[0])
         load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, lo, n, t0,
                      BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
 
     @gluon.jit
-    def _load_q(q_desc, q_smem, q_bars, b, h, q_row0, start_m, HALF_M: gl.constexpr, HEAD_D: gl.constexpr, qb):
-        """The query tile's two halves (rows q_row0 + start_m .. + 2 HALF_M of head h) into Q buffers qb, qb + 1."""
-        for w in gl.static_range(2):
+    def _load_q(q_desc, q_smem, q_bars, b, h, q_row0, start_m, HALF_M: gl.constexpr, HEAD_D: gl.constexpr, qb,
+                NW: gl.constexpr = 2):
+        """The query tile's NW parts of HALF_M rows, one per consumer warpgroup (rows q_row0 + start_m .. + NW HALF_M
+        of head h), into Q buffers qb .. qb + NW - 1."""
+        for w in gl.static_range(NW):
             mbarrier.expect(q_bars.index(qb + w), HALF_M * HEAD_D * 2)
             tma.async_copy_global_to_shared(q_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(qb + w),
                                             q_smem.index(qb + w))
@@ -44,12 +46,13 @@ if AVAILABLE:
         items (positions t0 + j). FLAT (gluon_flat): two sets of Q buffers, the it-th item's in set it % 2,
         released by item it - 2's epilogue."""
         Q_SETS: gl.constexpr = 2 if FLAT else 1
+        NW: gl.constexpr = bars[5].shape[0]  # consumer warpgroups (the turn barriers)
         t0 = gl.to_tensor(0)
         for item in range(pid, num_items, nprog):
             it = (item - pid) // nprog
             b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = persistent_bounds(
                 item, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k,
-                win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
+                win_left, win_right, NW * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
             qb = 2 * (it % Q_SETS)
             if HEAD_D > 128 and not FLAT:
                 # out is staged in Q's buffer (``_consumer``'s Q_STAGE): the item's first key tiles load while the
@@ -64,7 +67,7 @@ if AVAILABLE:
                 load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b_desc, h // group,
                              k_row0, lo + m, n - m, t0 + m, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
             else:
-                for w in gl.static_range(2):
+                for w in gl.static_range(NW):
                     mbarrier.wait(q_empty.index(qb + w), ((it // Q_SETS) & 1) ^ 1)
                 _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b_desc, h, h // group, start_m,
                                 lo, n, q_row0, k_row0, t0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, qb)
