@@ -160,14 +160,15 @@ if AVAILABLE:
 
     @gluon.jit
     def turn_wait(turn, w: gl.constexpr, r):
-        """Ping-pong between two consumer warpgroups (two mbarriers of one arrival each; each warpgroup arrives on
-        the other's, ``turn.index(1 - w)``, once it has issued round r's matmuls): warpgroup w issues its matmuls
-        of round r after the other one issued its round r (w = 1) or r - 1 (w = 0), so one warpgroup's
-        elementwise work runs while the other's matmuls hold the tensor cores."""
+        """Turns between the consumer warpgroups (one mbarrier of one arrival per warpgroup; warpgroup w arrives on
+        the next one's, ``turn.index((w + 1) % NW)``, once it has issued round r's matmuls): warpgroup w issues its
+        matmuls of round r after warpgroup w - 1 issued its round r (w > 0) or the last one its round r - 1 (w = 0),
+        so one warpgroup's elementwise work runs while the others' matmuls hold the tensor cores. Each barrier's
+        producer is at most one round ahead of its waiter, so phase parity suffices."""
         if w == 0:
             mbarrier.wait(turn.index(0), (r & 1) ^ 1)
         else:
-            mbarrier.wait(turn.index(1), r & 1)
+            mbarrier.wait(turn.index(w), r & 1)
 
     @gluon.jit
     def exp2_tile(x):
