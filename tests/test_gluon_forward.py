@@ -272,8 +272,9 @@ THREE_WG_CASES = [(2, 2048, 2048, 8, 8, dict(sink=True)),  # (B, Sq, Sk, Hq, Hkv
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", THREE_WG_CASES, ids=lambda c: "x".join(map(str, c[:5])) + "-" + "-".join(c[5]))
 def test_three_warpgroups_match_two(case, dtype, spy, monkeypatch):
-    """v37a (TILEATTN_GLUON_FWD_WG=3): the D=64 persistent forward with three consumer warpgroups (192-row items)
-    launches with NUM_WG=3, and its out and lse equal the two-warpgroup kernel's bit for bit (every row's
+    """v37a (TILEATTN_GLUON_FWD_WG=3, the default from 1024 query rows): the D=64 persistent forward with three
+    consumer warpgroups (192-row items) launches with NUM_WG=3, and its out and lse equal the two-warpgroup
+    kernel's (=2) bit for bit (every row's
     arithmetic is the same: the same key tiles in the same order); its gradients pass the accuracy rule against
     the float64 reference."""
     B, Sq, Sk, Hq, Hkv, feat = case
@@ -298,13 +299,17 @@ def test_three_warpgroups_match_two(case, dtype, spy, monkeypatch):
 
 
 def test_three_warpgroups_scope(monkeypatch):
-    """configs.gluon_forward_warpgroups: 3 only when asked (TILEATTN_GLUON_FWD_WG=3), at D=64, on the plain
-    persistent grid; a bad value is refused naming the variable."""
+    """configs.gluon_forward_warpgroups: by default 3 at D=64 on the plain persistent grid from 1024 query rows (run
+    172), 2 elsewhere; TILEATTN_GLUON_FWD_WG forces either count within that scope; a bad value is refused naming
+    the variable."""
     monkeypatch.delenv("TILEATTN_GLUON_FWD_WG", raising=False)
-    assert configs.gluon_forward_warpgroups(64, True) == 2
+    wgs = configs.gluon_forward_warpgroups
+    assert wgs(64, True, 1024) == 3 and wgs(64, True, 16384) == 3 and wgs(64, True, 1023) == 2
+    assert wgs(128, True, 4096) == 2 and wgs(64, False, 4096) == 2 and wgs(256, True, 4096) == 2
     monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "3")
-    assert configs.gluon_forward_warpgroups(64, True) == 3
-    assert configs.gluon_forward_warpgroups(128, True) == 2 and configs.gluon_forward_warpgroups(64, False) == 2
+    assert wgs(64, True, 512) == 3 and wgs(128, True, 4096) == 2 and wgs(64, False, 4096) == 2
+    monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "2")
+    assert wgs(64, True, 4096) == 2
     monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "4")
     with pytest.raises(ValueError, match="TILEATTN_GLUON_FWD_WG"):
         configs.gluon_forward_warpgroups(64, True)

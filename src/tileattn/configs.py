@@ -611,21 +611,30 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
     return GluonForwardConfig(*over, persistent=cfg.persistent) if over else cfg
 
 
-# v37a (session 29, opt-in): the D=64 persistent forward with three consumer warpgroups (192-row items, as
+# v37a (session 29): the D=64 persistent forward with three consumer warpgroups (192-row items, as
 # FlashAttention-3 takes for head dim 64). 16 warps (the producer warp is padded to a warpgroup): 65536 / 512 = 128
 # registers per thread at launch; setmaxnreg gives the two worker consumers 160 each, the producer 24 and the
 # default consumer the rest (168); per SM sub-partition 3 x 160 + 24 (x 32 lanes) fits its 16K registers.
 GLUON_FWD_3WG_REGS = (160, 24, 128)  # consumer_regs, producer_regs, maxnreg
+GLUON_FWD_3WG_MIN_SEQLEN_Q = 1024
 
 
-def gluon_forward_warpgroups(head_dim: int, plain_persistent: bool) -> int:
-    """Consumer warpgroups of a Gluon forward call: 2, or 3 (v37a, ``TILEATTN_GLUON_FWD_WG=3``; default 2, not yet
-    GPU-run) for D=64 calls on the persistent grid without a causal mask, window, varlen packing, work list or
-    flat pipeline (``plain_persistent``); its registers are ``GLUON_FWD_3WG_REGS``."""
-    value = getenv("TILEATTN_GLUON_FWD_WG", "2")
-    if value not in ("2", "3"):
-        raise ValueError(f"TILEATTN_GLUON_FWD_WG must be 2 or 3, got {value!r}")
-    return 3 if value == "3" and head_dim == 64 and plain_persistent else 2
+def gluon_forward_warpgroups(head_dim: int, plain_persistent: bool, seqlen_q: int = 1 << 30) -> int:
+    """Consumer warpgroups of a Gluon forward call: 3 (v37a) for D=64 calls on the persistent grid without a causal
+    mask, window, varlen packing, work list or flat pipeline (``plain_persistent``) from
+    ``GLUON_FWD_3WG_MIN_SEQLEN_Q`` query rows, else 2; its registers are ``GLUON_FWD_3WG_REGS``. Outputs are
+    bit-identical either way (each row's arithmetic is the same). Run 172 (H200, one process, CUDA-graph µs per
+    training forward, D=64 non-causal, 16k tokens, two / three warpgroups, cuDNN): 512 194.8 / 198.0 (176.7), 1k
+    338.2 / 331.5 (316.7), 2k 623.1 / 567.5 (603.7), 4k 1237.5 / 1068.0 (1169.7), 16k 4817.3 / 4212.5 (4797.8).
+    ``TILEATTN_GLUON_FWD_WG=2|3`` forces either count within that scope."""
+    value = getenv("TILEATTN_GLUON_FWD_WG", "")
+    if value not in ("", "2", "3"):
+        raise ValueError(f"TILEATTN_GLUON_FWD_WG must be 2 or 3 (or unset), got {value!r}")
+    if head_dim != 64 or not plain_persistent:
+        return 2
+    if value:
+        return int(value)
+    return 3 if seqlen_q >= GLUON_FWD_3WG_MIN_SEQLEN_Q else 2
 
 
 def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool, varlen: bool,

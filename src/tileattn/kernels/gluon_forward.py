@@ -497,7 +497,7 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
         keys_for_every_tile(cu_q, cu_k, causal or window) if p.varlen and tiles is not None
         else not p.varlen and (not (causal or window) or seqlen_k >= seqlen_q))
     wg = configs.gluon_forward_warpgroups(d, persistent and tiles is None and not (flat or causal or window
-                                                                                  or p.varlen))
+                                                                                  or p.varlen), seqlen_q)
     regs = (cfg.consumer_regs, cfg.producer_regs, cfg.maxnreg)
     if wg == 3:  # v37a: 192-row items
         num_m_tiles = triton.cdiv(seqlen_q, 3 * half)
