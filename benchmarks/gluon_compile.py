@@ -144,13 +144,15 @@ def compile_reduce_add():
 
 
 def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False, varlen=False, window=False,
-               softcap=False, alibi=False, resid8=False, trace=False, persistent=False):
+               softcap=False, alibi=False, resid8=False, trace=False, persistent=False, wg=2):
     """The Gluon dQ kernel (kernels/gluon_dq.py) for sm_90a; cfg = (block_n, k_stages, creg, preg, maxnreg);
-    ``trace``: with the program trace buffer; ``persistent``: its persistent grid (v35b)."""
+    ``trace``: with the program trace buffer; ``persistent``: its persistent grid (v35b), with ``wg`` = 3 its
+    three-warpgroup form (v37b, with v37a's registers unless cfg)."""
     from tileattn import configs
     from tileattn.kernels import gluon_dq as gq
     c = configs._GLUON_BWD[d]
-    bn, ks, creg, preg, maxnreg = cfg or (c.dq_block_n, c.dq_k_stages, c.consumer_regs, c.producer_regs, c.maxnreg)
+    regs = configs.GLUON_FWD_3WG_REGS if wg == 3 else (c.consumer_regs, c.producer_regs, c.maxnreg)
+    bn, ks, creg, preg, maxnreg = cfg or (c.dq_block_n, c.dq_k_stages, *regs)
     dt, name = (gl.float16, "fp16") if fp16 else (gl.bfloat16, "bf16")
 
     def desc(rows):
@@ -163,7 +165,8 @@ def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False
            "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32", **({"TRACE": "*i64"} if trace else {})}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=2, CAUSAL=causal and not window, WINDOW=window,
                   HAS_RESID=resid, HAS_DLSE=dlse, VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
-                  CONSUMER_REGS=creg, PRODUCER_REGS=preg, **({"PERSISTENT": True} if persistent else {}))
+                  CONSUMER_REGS=creg, PRODUCER_REGS=preg, **({"PERSISTENT": True} if persistent else {}),
+                  **({"NUM_WG": 3} if wg == 3 else {}))
     fn = gq._dq_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("O", "RESID", "DO", "LSE", "DLSE",
@@ -207,8 +210,8 @@ def main(argv=None):
     ap.add_argument("--persistent", action="store_true", help="the persistent forward (with --dq: the persistent dQ "
                     "kernel, v35b)")
     ap.add_argument("--flat", action="store_true", help="the persistent forward, one pipeline across items")
-    ap.add_argument("--wg", type=int, default=2, choices=(2, 3), help="forward: consumer warpgroups (3: v37a, "
-                    "with --persistent)")
+    ap.add_argument("--wg", type=int, default=2, choices=(2, 3), help="consumer warpgroups with --persistent "
+                    "(3: the forward's v37a, with --dq v37b)")
     ap.add_argument("--varlen", action="store_true", help="the packed varlen variant (forward, --bwd or --dq)")
     ap.add_argument("--dq", action="store_true", help="the dQ backward kernel instead (--config bn,kstages,creg,"
                     "preg,maxnreg; --no-resid: delta from the rounded O; --dlse)")
@@ -238,7 +241,7 @@ def main(argv=None):
         return 0
     if a.dq:
         k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen, a.window, a.softcap,
-                       a.alibi, a.resid8, a.trace, a.persistent)
+                       a.alibi, a.resid8, a.trace, a.persistent, a.wg)
     elif a.bwd:
         k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi, a.fused_dq,
                         a.kv_regs, a.trace)

@@ -548,7 +548,10 @@ DQ_COMPILE = [(128, False, ()), (128, True, ("--dlse", )), (64, True, ()),
               (128, False, ("--alibi", "--softcap")), (256, False, ()),
               (256, True, ("--fp16", "--dlse")), (256, False, ("--window", "--alibi")),
               (128, True, ("--resid8",)), (256, False, ("--resid8", "--fp16")), (64, False, ("--resid8", "--varlen")),
-              (128, True, ("--trace",))]  # bwd_trace.py
+              (128, True, ("--trace",)),  # bwd_trace.py
+              # v37b (three warpgroups, 160 registers): 28 B spilled in the item loop, none in the key-tile loop
+              (64, False, ("--persistent", "--wg", 3, "--spill-budget", 32)),
+              (64, False, ("--persistent", "--wg", 3, "--dlse", "--fp16", "--spill-budget", 32))]
 
 
 @needs_gluon
@@ -627,6 +630,56 @@ def test_persistent_dq_matches_the_grid(case, monkeypatch):
     _assert_persistent_grid_and_bit_identity(launches, configs.cdiv(Sq, 128) * B * Hq, want, got, q.device)
 
 
+DQ_3WG_CASES = {  # (B, Sq, Sk, Hq, Hkv, attention kwargs), D=64: items beyond one per SM, partial last items
+    "full_gqa": (4, 1000, 1000, 8, 2, dict()),
+    "many_items": (16, 1024, 1024, 8, 8, dict()),  # 768 items: up to 6 per program
+    "short": (3, 100, 300, 4, 4, dict()),  # one item per (b, h): a warpgroup without rows
+    "sink_sq_gt_sk": (2, 1500, 700, 6, 3, dict(sink=True)),
+}
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(DQ_3WG_CASES))
+def test_dq_three_warpgroups_match_two(case, dtype, monkeypatch):
+    """v37b (TILEATTN_GLUON_DQ_WG=3 with TILEATTN_GLUON_DQ=1): the D=64 persistent Gluon dQ kernel with three
+    consumer warpgroups (192-row items) launches with NUM_WG=3, and dq, dk and dv equal the two-warpgroup kernel's
+    bit for bit (each row's dQ sums the same key tiles in the same order; dK/dV reads the same row statistics)."""
+    B, Sq, Sk, Hq, Hkv, kw = DQ_3WG_CASES[case]
+    monkeypatch.setenv("TILEATTN_GLUON_DQ", "1")
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, 64, dtype, seed_for("gluon-dq-3wg", case, dtype), requires_grad=True)
+    dout = randn((B, Sq, Hq, 64), dtype, gen)
+    if kw.pop("sink", False):
+        kw = dict(kw, sink=torch.randn(Hq, generator=gen).to("cuda").requires_grad_(True))
+    launches = []
+    real = gluon_dq.launch
+    monkeypatch.setattr(gluon_dq, "launch", lambda fn, grid, args, kwargs, *a, **o: launches.append(
+        (grid, kwargs.get("NUM_WG", 2))) or real(fn, grid, args, kwargs, *a, **o))
+    monkeypatch.setenv("TILEATTN_GLUON_DQ_WG", "2")
+    want = fresh_grads(q, k, v, dout, **kw)
+    monkeypatch.setenv("TILEATTN_GLUON_DQ_WG", "3")
+    got = fresh_grads(q, k, v, dout, **kw)
+    assert [w for _, w in launches] == [2, 3], launches
+    assert launches[1][0] == (min(configs.cdiv(Sq, 192) * B * Hq, configs.sm_count(q.device)), ), launches
+    for name, a, b in zip(("dq", "dk", "dv"), want, got):
+        assert torch.equal(a, b), f"{name} differs from the two-warpgroup kernel's"
+    assert not any(torch.isnan(t).any() for t in got)
+
+
+def test_dq_warpgroups_knob(monkeypatch):
+    """configs.gluon_dq_warpgroups: 3 only when asked (TILEATTN_GLUON_DQ_WG=3), at D=64 on the persistent grid;
+    a bad value is refused naming the variable."""
+    monkeypatch.delenv("TILEATTN_GLUON_DQ_WG", raising=False)
+    assert configs.gluon_dq_warpgroups(64, True) == 2
+    monkeypatch.setenv("TILEATTN_GLUON_DQ_WG", "3")
+    assert configs.gluon_dq_warpgroups(64, True) == 3
+    assert configs.gluon_dq_warpgroups(128, True) == 2 and configs.gluon_dq_warpgroups(64, False) == 2
+    monkeypatch.setenv("TILEATTN_GLUON_DQ_WG", "1")
+    with pytest.raises(ValueError, match="TILEATTN_GLUON_DQ_WG"):
+        configs.gluon_dq_warpgroups(64, True)
+
+
 def test_persistent_dq_knob(monkeypatch):
     """TILEATTN_GLUON_DQ_PERSISTENT: auto (default) = calls without a causal mask or window, 1 = all, 0 = none."""
     monkeypatch.setenv("TILEATTN_GLUON_DQ_PERSISTENT", "2")
@@ -649,6 +702,7 @@ def test_persistent_protocol_model():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import persistent_protocol as pp
     assert pp.check_dq([3, 0, 5, 1], 2) == {0: 0, 1: 1, 2: 0, 3: 1}  # round robin, a query tile without keys
+    assert pp.check_dq([3, 0, 5, 1, 2], 2, nwg=3) == {0: 0, 1: 1, 2: 0, 3: 1, 4: 0}  # v37b's three warpgroups
     pp.random_cases(150)
 
 

@@ -637,6 +637,17 @@ def gluon_forward_warpgroups(head_dim: int, plain_persistent: bool, seqlen_q: in
     return 3 if seqlen_q >= GLUON_FWD_3WG_MIN_SEQLEN_Q else 2
 
 
+def gluon_dq_warpgroups(head_dim: int, persistent: bool) -> int:
+    """Consumer warpgroups of the Gluon dQ kernel: 3 (v37b, ``TILEATTN_GLUON_DQ_WG=3``, opt-in, not yet GPU-run;
+    192-row items, ``GLUON_FWD_3WG_REGS``) for D=64 calls on its persistent grid with 64-key tiles (D=64 runs the
+    Gluon dQ kernel only with ``TILEATTN_GLUON_DQ=1``), else 2. v37a's three warpgroups made the D=64 forward
+    1.10-1.16x faster from 2k (run 172); the Gluon dQ kernel at D=64 fits 160 registers without spills."""
+    value = getenv("TILEATTN_GLUON_DQ_WG", "2")
+    if value not in ("2", "3"):
+        raise ValueError(f"TILEATTN_GLUON_DQ_WG must be 2 or 3, got {value!r}")
+    return 3 if value == "3" and head_dim == 64 and persistent else 2
+
+
 def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool, varlen: bool,
                            causal_list: bool = False, alibi_linear: bool = False):
     """(persistent, work_list, needs_list) for a Gluon forward call: a persistent grid (one program per
