@@ -264,7 +264,10 @@ THREE_WG_CASES = [(2, 2048, 2048, 8, 8, dict(sink=True)),  # (B, Sq, Sk, Hq, Hkv
                   (3, 257, 1031, 4, 2, {}),  # a last item of 65 rows: its third warpgroup has none
                   (1, 100, 300, 4, 4, {}),  # one item, rows for one and a half warpgroups
                   (4, 1500, 1300, 16, 4, {}),  # 512 items on the SMs (rounds), GQA, Sq > Sk
-                  (2, 700, 2000, 6, 3, {})]
+                  (2, 700, 2000, 6, 3, {}),
+                  # causal on the host's work list (forced only, not a default: v37a's causal form)
+                  (2, 2048, 2048, 8, 8, dict(causal=True)), (3, 1500, 1100, 4, 2, dict(causal=True)),
+                  (2, 700, 2000, 6, 3, dict(causal=True, sink=True))]
 
 
 @hopper
@@ -272,7 +275,8 @@ THREE_WG_CASES = [(2, 2048, 2048, 8, 8, dict(sink=True)),  # (B, Sq, Sk, Hq, Hkv
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", THREE_WG_CASES, ids=lambda c: "x".join(map(str, c[:5])) + "-" + "-".join(c[5]))
 def test_three_warpgroups_match_two(case, dtype, spy, monkeypatch):
-    """v37a (TILEATTN_GLUON_FWD_WG=3, the default from 1024 query rows): the D=64 persistent forward with three
+    """v37a (TILEATTN_GLUON_FWD_WG=3, the default from 1024 query rows without a mask; causal calls on the host's
+    work list only when forced, incl. Sq > Sk's items without keys): the D=64 persistent forward with three
     consumer warpgroups (192-row items) launches with NUM_WG=3, and its out and lse equal the two-warpgroup
     kernel's (=2) bit for bit (every row's
     arithmetic is the same: the same key tiles in the same order); its gradients pass the accuracy rule against
@@ -306,8 +310,10 @@ def test_three_warpgroups_scope(monkeypatch):
     wgs = configs.gluon_forward_warpgroups
     assert wgs(64, True, 1024) == 3 and wgs(64, True, 16384) == 3 and wgs(64, True, 1023) == 2
     assert wgs(128, True, 4096) == 2 and wgs(64, False, 4096) == 2 and wgs(256, True, 4096) == 2
+    assert wgs(64, True, 4096, causal=True) == 2  # causal: forced only
     monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "3")
     assert wgs(64, True, 512) == 3 and wgs(128, True, 4096) == 2 and wgs(64, False, 4096) == 2
+    assert wgs(64, True, 4096, causal=True) == 3
     monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "2")
     assert wgs(64, True, 4096) == 2
     monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "4")
@@ -315,14 +321,64 @@ def test_three_warpgroups_scope(monkeypatch):
         configs.gluon_forward_warpgroups(64, True)
 
 
+def _host_launch(monkeypatch, shape, causal=False, knobs=None, **kw):
+    """``gluon_forward.attention_forward``'s host logic on the CPU: descriptors, outputs and the work list mocked
+    (132 SMs), the launch recorded; returns (grid, constexpr kwargs, maxnreg, tiles' block_m or None)."""
+    from tileattn.kernels import params
+    for name, value in (knobs or {}).items():
+        monkeypatch.setenv(name, value)
+    B, Sq, Sk, Hq, Hkv, d = shape
+    one = torch.zeros(1, dtype=torch.bfloat16)
+    q, k = one.expand(B, Sq, Hq, d), one.expand(B, Sk, Hkv, d)
+    kw.setdefault("window_right", 0 if causal else -1)
+    p = params.AttnParams(batch=B, max_seqlen_q=Sq, max_seqlen_k=Sk, softmax_scale=d ** -0.5, **kw)
+    seen, lists = [], []
+    monkeypatch.setattr(gluon_forward, "make_desc", lambda *a, **o: None)
+    monkeypatch.setattr(gluon_forward, "forward_outputs", lambda q, d, p: (torch.empty(1).expand(q.shape),
+                                                                            torch.empty(0), 0, 0))
+    monkeypatch.setattr(gluon_forward, "residual_like", lambda out: torch.empty(0))
+    monkeypatch.setattr(configs, "sm_count", lambda device: 132)
+
+    def work_list(batch, q_heads, group, seqlen_q, seqlen_k, block_m, *rest):
+        lists.append(block_m)
+        return torch.zeros(configs.cdiv(seqlen_q, block_m) * batch * q_heads, dtype=torch.int32)
+    monkeypatch.setattr(gluon_forward, "causal_work_list", work_list)
+    monkeypatch.setattr(gluon_forward, "launch", lambda fn, grid, args, kwargs, nw, ns, maxnreg: seen.append(
+        (grid, kwargs, maxnreg)))
+    gluon_forward.attention_forward(q, k, k, p, residual=True, cfg=configs._GLUON_FWD[d])
+    (grid, kwargs, maxnreg), = seen
+    return grid, kwargs, maxnreg, (lists[-1] if lists else None)
+
+
+def test_launch_shapes_on_cpu(monkeypatch):
+    """The launcher's schedule on the CPU (launch mocked): D=64 without a mask from 1k rows on three warpgroups
+    (192-row items, v37a's registers), at 512 on two; D=128 on two (128-row items); causal D=64 on the work list
+    with two, or three when forced (the list built for 192-row items); a window keeps two."""
+    monkeypatch.delenv("TILEATTN_GLUON_FWD_WG", raising=False)
+    grid, kw, maxnreg, _ = _host_launch(monkeypatch, (1, 16384, 16384, 32, 32, 64))
+    assert kw["NUM_WG"] == 3 and kw["PERSISTENT"] and kw["num_items"] == 86 * 32 and grid == (132, )
+    assert (kw["CONSUMER_REGS"], kw["PRODUCER_REGS"], maxnreg) == configs.GLUON_FWD_3WG_REGS
+    grid, kw, maxnreg, _ = _host_launch(monkeypatch, (32, 512, 512, 32, 32, 64))
+    assert "NUM_WG" not in kw and kw["num_items"] == 4 * 32 * 32 and maxnreg == configs._GLUON_FWD[64].maxnreg
+    grid, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 16, 16, 128))
+    assert "NUM_WG" not in kw and kw["PERSISTENT"] and kw["num_items"] == 32 * 2 * 16
+    grid, kw, _, block_m = _host_launch(monkeypatch, (4, 4096, 4096, 32, 32, 64), causal=True)
+    assert "NUM_WG" not in kw and kw["USE_MAP"] and block_m == 128 and kw["num_items"] == 32 * 4 * 32
+    grid, kw, _, block_m = _host_launch(monkeypatch, (4, 4096, 4096, 32, 32, 64), causal=True,
+                                        knobs={"TILEATTN_GLUON_FWD_WG": "3"})
+    assert kw["NUM_WG"] == 3 and kw["USE_MAP"] and block_m == 192 and kw["num_items"] == 22 * 4 * 32
+    grid, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 8, 8, 128), window_left=256, window_right=256)
+    assert "NUM_WG" not in kw
+
+
 @needs_gluon
 @pytest.mark.skipif(not ptxas_available(), reason="needs triton's bundled ptxas")
 def test_three_warpgroups_compile_for_sm90():
     """v37a for sm_90a: no serialised wgmma, shared memory within the limit; its worker consumers have 160
     registers, and ptxas spills ~100 bytes in the item loop (none in the key-tile loop, SASS); more would be a
-    regression."""
+    regression. (The forced causal form with a sink spills 180 B, also outside the key-tile loop.)"""
     assert_compiles([("--head-dim", 64, "--persistent", "--wg", 3, "--spill-budget", 112, *extra)
-                     for extra in ((), ("--sink",), ("--fp16", "--no-resid"))])
+                     for extra in ((), ("--sink",), ("--fp16", "--no-resid"), ("--causal", "--tile-map"))])
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 4, 2048, 2048, 128), (3, 4, 2, 257, 1031, 128), (2, 8, 2, 1500, 700, 128),

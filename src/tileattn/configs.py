@@ -619,22 +619,24 @@ GLUON_FWD_3WG_REGS = (160, 24, 128)  # consumer_regs, producer_regs, maxnreg
 GLUON_FWD_3WG_MIN_SEQLEN_Q = 1024
 
 
-def gluon_forward_warpgroups(head_dim: int, plain_persistent: bool, seqlen_q: int = 1 << 30) -> int:
-    """Consumer warpgroups of a Gluon forward call: 3 (v37a) for D=64 calls on the persistent grid without a causal
-    mask, window, varlen packing, work list or flat pipeline (``plain_persistent``) from
-    ``GLUON_FWD_3WG_MIN_SEQLEN_Q`` query rows, else 2; its registers are ``GLUON_FWD_3WG_REGS``. Outputs are
-    bit-identical either way (each row's arithmetic is the same). Run 172 (H200, one process, CUDA-graph µs per
-    training forward, D=64 non-causal, 16k tokens, two / three warpgroups, cuDNN): 512 194.8 / 198.0 (176.7), 1k
-    338.2 / 331.5 (316.7), 2k 623.1 / 567.5 (603.7), 4k 1237.5 / 1068.0 (1169.7), 16k 4817.3 / 4212.5 (4797.8).
-    ``TILEATTN_GLUON_FWD_WG=2|3`` forces either count within that scope."""
+def gluon_forward_warpgroups(head_dim: int, persistent: bool, seqlen_q: int = 1 << 30,
+                             causal: bool = False) -> int:
+    """Consumer warpgroups of a Gluon forward call: 3 (v37a) for D=64 calls on the persistent grid without a window,
+    varlen packing or the flat pipeline (``persistent``; causal ones on the host's work list) from
+    ``GLUON_FWD_3WG_MIN_SEQLEN_Q`` query rows when not causal, else 2; its registers are ``GLUON_FWD_3WG_REGS``.
+    Outputs are bit-identical either way (each row's arithmetic is the same). Run 172 (H200, one process,
+    CUDA-graph µs per training forward, D=64 non-causal, 16k tokens, two / three warpgroups, cuDNN): 512 194.8 /
+    198.0 (176.7), 1k 338.2 / 331.5 (316.7), 2k 623.1 / 567.5 (603.7), 4k 1237.5 / 1068.0 (1169.7), 16k 4817.3 /
+    4212.5 (4797.8). ``TILEATTN_GLUON_FWD_WG=2|3`` forces either count within that scope (causal calls: 3 only so,
+    not yet GPU-run: a 192-row item's first warpgroup computes up to two key tiles its rows do not see)."""
     value = getenv("TILEATTN_GLUON_FWD_WG", "")
     if value not in ("", "2", "3"):
         raise ValueError(f"TILEATTN_GLUON_FWD_WG must be 2 or 3 (or unset), got {value!r}")
-    if head_dim != 64 or not plain_persistent:
+    if head_dim != 64 or not persistent:
         return 2
     if value:
         return int(value)
-    return 3 if seqlen_q >= GLUON_FWD_3WG_MIN_SEQLEN_Q else 2
+    return 3 if seqlen_q >= GLUON_FWD_3WG_MIN_SEQLEN_Q and not causal else 2
 
 
 def gluon_dq_warpgroups(head_dim: int, persistent: bool) -> int:

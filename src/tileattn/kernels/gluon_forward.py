@@ -468,8 +468,6 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     v_desc = make_desc(v, (1, bn, 1, d), bf16)
     o_desc = make_desc(out, (1, half, 1, d), bf16)
     r_desc = make_desc(resid, (1, half, 1, d), bf16) if residual else o_desc  # int8 resid: int16 pairs (make_desc)
-    num_m_tiles = triton.cdiv(seqlen_q, 2 * half)
-    grid = num_m_tiles * batch * q_heads
     window = has_window(p)
     causal = p.window_right == 0 and not window
     # tiles of unequal length: causal, or a window open on one side (rows see up to a diagonal); a window bounded
@@ -479,15 +477,22 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     causal_list = causal and not p.varlen and not alibi_linear and configs.causal_work_list_on()
     persistent, work_list, needs_list = configs.gluon_forward_schedule(cfg, d, uneven, p.varlen, causal_list,
                                                                        alibi_linear)
+    # v37a: three consumer warpgroups (192-row items) on the persistent grid; batched causal calls on the host's
+    # work list only when forced (TILEATTN_GLUON_FWD_WG=3); the opt-in flat pipeline keeps two
+    wg = configs.gluon_forward_warpgroups(
+        d, persistent and not (window or p.varlen or configs.getenv("TILEATTN_GLUON_FLAT") == "1")
+        and (causal_list or not causal), seqlen_q, causal)
     nprog = configs.sm_count(q.device) if persistent else 0  # the persistent grid's programs (at most)
     tiles = tile_map(cu_q, cu_k, 2 * half, causal, q_heads, nprog) if work_list else None
     if persistent and causal_list:
         # batched causal: the host's L2-grouped, balanced work list in place of the kernel's LPT order
         # (_hostinfo.causal_schedule, NOTES v22a); None while capturing a new shape or past its item cap
-        tiles = causal_work_list(batch, q_heads, q_heads // kv_heads, seqlen_q, seqlen_k, 2 * half, bn,
+        tiles = causal_work_list(batch, q_heads, q_heads // kv_heads, seqlen_q, seqlen_k, wg * half, bn,
                                  2 * d * q.element_size(), nprog, q.device)
     if needs_list and tiles is None:
-        persistent = False
+        persistent, wg = False, 2
+    num_m_tiles = triton.cdiv(seqlen_q, wg * half)
+    grid = num_m_tiles * batch * q_heads
     if tiles is not None:  # a program per (query tile that holds rows, head), longest sequences first
         num_m_tiles, grid = batch, tiles.numel()
     # opt-in (TILEATTN_GLUON_FLAT=1, NOTES v21a): one pipeline across a persistent program's items (gluon_flat),
@@ -496,12 +501,7 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     flat = persistent and d <= 128 and configs.getenv("TILEATTN_GLUON_FLAT") == "1" and (
         keys_for_every_tile(cu_q, cu_k, causal or window) if p.varlen and tiles is not None
         else not p.varlen and (not (causal or window) or seqlen_k >= seqlen_q))
-    wg = configs.gluon_forward_warpgroups(d, persistent and tiles is None and not (flat or causal or window
-                                                                                  or p.varlen), seqlen_q)
-    regs = (cfg.consumer_regs, cfg.producer_regs, cfg.maxnreg)
-    if wg == 3:  # v37a: 192-row items
-        num_m_tiles = triton.cdiv(seqlen_q, 3 * half)
-        grid, regs = num_m_tiles * batch * q_heads, configs.GLUON_FWD_3WG_REGS
+    regs = configs.GLUON_FWD_3WG_REGS if wg == 3 else (cfg.consumer_regs, cfg.producer_regs, cfg.maxnreg)
     num_items = 0  # unused without PERSISTENT: a constant adds no Triton specialisations (% 16, == 1)
     if persistent:
         num_items, grid = grid, min(grid, nprog)
