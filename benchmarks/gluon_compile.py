@@ -86,14 +86,16 @@ def _call_params(softcap, alibi, window, causal):
 
 
 def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=False, softcap=False, alibi=False,
-                fused_dq=False, kv_regs=None, trace=False):
+                fused_dq=False, kv_regs=None, trace=False, wg=2):
     """The Gluon dK/dV kernel (kernels/gluon_backward.py) for sm_90a; ``kv_regs``: its KV_REGS (None: what a launch
-    of these features picks, ``gluon_backward.kv_regs``); ``trace``: with the program trace buffer."""
+    of these features picks, ``gluon_backward.kv_regs``); ``trace``: with the program trace buffer; ``wg`` = 3:
+    three consumer warpgroups (v37c, with its launch's step shape and registers unless cfg)."""
     from tileattn import configs
     from tileattn.kernels import gluon_backward as gb
     c = configs._GLUON_BWD[d]
-    bm, stages, creg, preg, maxnreg, pipe = (cfg or (c.block_m, c.stages, c.consumer_regs, c.producer_regs,
-                                                     c.maxnreg, c.pipeline))[:6]
+    default = ((32, 4, *configs.GLUON_FWD_3WG_REGS, True) if wg == 3
+               else (c.block_m, c.stages, c.consumer_regs, c.producer_regs, c.maxnreg, c.pipeline))
+    bm, stages, creg, preg, maxnreg, pipe = (cfg or default)[:6]
     split = bool(cfg[6]) if cfg and len(cfg) > 6 else c.split
     dt = gl.float16 if fp16 else gl.bfloat16
 
@@ -111,8 +113,8 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
                   VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, SPLIT=split, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg,
                   **(gb._fused_flags(d) if fused_dq else {}),  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
-                  KV_REGS=(gb.kv_regs(d, _call_params(softcap, alibi, window, causal), fused_dq) if kv_regs is None
-                           else kv_regs))
+                  KV_REGS=(gb.kv_regs(d, _call_params(softcap, alibi, window, causal), fused_dq, wg) if kv_regs is None
+                           else kv_regs), **({"NUM_WG": 3} if wg == 3 else {}))
     fn = gb._dkdv_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("DK", "DV")}
@@ -210,8 +212,8 @@ def main(argv=None):
     ap.add_argument("--persistent", action="store_true", help="the persistent forward (with --dq: the persistent dQ "
                     "kernel, v35b)")
     ap.add_argument("--flat", action="store_true", help="the persistent forward, one pipeline across items")
-    ap.add_argument("--wg", type=int, default=2, choices=(2, 3), help="consumer warpgroups with --persistent "
-                    "(3: the forward's v37a, with --dq v37b)")
+    ap.add_argument("--wg", type=int, default=2, choices=(2, 3), help="consumer warpgroups: 3 is the forward's v37a "
+                    "(with --persistent), with --dq --persistent v37b, with --bwd v37c")
     ap.add_argument("--varlen", action="store_true", help="the packed varlen variant (forward, --bwd or --dq)")
     ap.add_argument("--dq", action="store_true", help="the dQ backward kernel instead (--config bn,kstages,creg,"
                     "preg,maxnreg; --no-resid: delta from the rounded O; --dlse)")
@@ -244,7 +246,7 @@ def main(argv=None):
                        a.alibi, a.resid8, a.trace, a.persistent, a.wg)
     elif a.bwd:
         k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi, a.fused_dq,
-                        a.kv_regs, a.trace)
+                        a.kv_regs, a.trace, a.wg)
     else:
         softcap = 2 if a.softcap_fixed_max else a.softcap
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, softcap, a.sink, a.fp16, a.window, a.varlen,

@@ -525,6 +525,8 @@ BWD_COMPILE = [(128, False, ()), (128, True, ()), (64, True, ()), (64, False, ("
                (256, False, ()), (256, True, ("--fp16",)), (256, False, ("--window",)),
                (256, True, ("--alibi",)), (128, True, ("--trace",)), (256, True, ("--trace",)),  # bwd_trace.py
                (128, True, ("--config", "64,3,240,24,168,1,1")),  # the split form at D=128 (opt-in, gpu_run s16)
+               (64, False, ("--wg", 3)), (64, True, ("--wg", 3, "--fp16", "--varlen")),  # v37c (opt-in)
+               (64, False, ("--wg", 3, "--softcap", "--alibi", "--window")),
                # K (D=128) or K and V (D=64) in registers (KV_REGS; 4-8 B spills at D=128 varlen)
                (128, False, ("--kv-regs", 1)), (128, True, ("--kv-regs", 1, "--varlen")),
                (64, True, ("--kv-regs", 2)), (64, False, ("--kv-regs", 2, "--varlen", "--fp16"))]
@@ -665,6 +667,58 @@ def test_dq_three_warpgroups_match_two(case, dtype, monkeypatch):
     for name, a, b in zip(("dq", "dk", "dv"), want, got):
         assert torch.equal(a, b), f"{name} differs from the two-warpgroup kernel's"
     assert not any(torch.isnan(t).any() for t in got)
+
+
+DKDV_3WG_CASES = {  # (B, Sq, Sk, Hq, Hkv, attention kwargs), D=64: key tiles of 192 keys, partial last ones
+    "full_gqa": (4, 1000, 1000, 8, 2, dict()),
+    "causal_sq_lt_sk": (2, 777, 1500, 4, 4, dict(causal=True)),
+    "causal_sq_gt_sk": (2, 1500, 777, 4, 2, dict(causal=True)),
+    "window_softcap": (3, 900, 1100, 4, 2, dict(window_size=(100, 50), softcap=5.0)),
+    "short": (3, 100, 300, 4, 4, dict()),
+}
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
+@pytest.mark.parametrize("case", list(DKDV_3WG_CASES))
+def test_dkdv_three_warpgroups_match_two(case, dtype, monkeypatch):
+    """v37c (TILEATTN_GLUON_BWD_WG=3): the D=64 dK/dV kernel with three consumer warpgroups (192 keys per program,
+    32-query steps) launches with NUM_WG=3, and dq, dk and dv equal the two-warpgroup kernel's with the same step
+    shape and K / V read from shared memory (TILEATTN_GLUON_BWD_CONFIG=32,4,240,24,168,1, KV_REGS 0) bit for bit:
+    every key row accumulates the same products in the same order."""
+    B, Sq, Sk, Hq, Hkv, kw = DKDV_3WG_CASES[case]
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, 64, dtype, seed_for("gluon-dkdv-3wg", case, dtype),
+                            requires_grad=True)
+    dout = randn((B, Sq, Hq, 64), dtype, gen)
+    launches = []
+    real = gluon_backward.launch
+    monkeypatch.setattr(gluon_backward, "launch", lambda fn, grid, args, kwargs, *a, **o: launches.append(
+        (grid, kwargs.get("NUM_WG", 2))) or real(fn, grid, args, kwargs, *a, **o))
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_CONFIG", "32,4,240,24,168,1")
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_KV_REGS", "0")
+    want = fresh_grads(q, k, v, dout, **kw)
+    monkeypatch.delenv("TILEATTN_GLUON_BWD_CONFIG")
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_WG", "3")
+    got = fresh_grads(q, k, v, dout, **kw)
+    assert [w for _, w in launches] == [2, 3], launches
+    assert launches[1][0] == (configs.cdiv(Sk, 192) * B * Hkv, ), launches
+    for name, a, b in zip(("dq", "dk", "dv"), want, got):
+        assert torch.equal(a, b), f"{name} differs from the two-warpgroup kernel's"
+    assert not any(torch.isnan(t).any() for t in got)
+
+
+def test_bwd_warpgroups_knob(monkeypatch):
+    """configs.gluon_bwd_warpgroups: 3 only when asked (TILEATTN_GLUON_BWD_WG=3), at D=64 without the split or fused
+    forms; a bad value is refused naming the variable."""
+    monkeypatch.delenv("TILEATTN_GLUON_BWD_WG", raising=False)
+    assert configs.gluon_bwd_warpgroups(64, True) == 2
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_WG", "3")
+    assert configs.gluon_bwd_warpgroups(64, True) == 3
+    assert configs.gluon_bwd_warpgroups(128, True) == 2 and configs.gluon_bwd_warpgroups(64, False) == 2
+    monkeypatch.setenv("TILEATTN_GLUON_BWD_WG", "x")
+    with pytest.raises(ValueError, match="TILEATTN_GLUON_BWD_WG"):
+        configs.gluon_bwd_warpgroups(64, True)
 
 
 def test_dq_warpgroups_knob(monkeypatch):

@@ -650,6 +650,17 @@ def gluon_dq_warpgroups(head_dim: int, persistent: bool) -> int:
     return 3 if value == "3" and head_dim == 64 and persistent else 2
 
 
+def gluon_bwd_warpgroups(head_dim: int, plain: bool) -> int:
+    """Consumer warpgroups of the Gluon dK/dV kernel: 3 (v37c, ``TILEATTN_GLUON_BWD_WG=3``, opt-in, not yet
+    GPU-run; 192 keys per program, 32-query steps in a 4-slot ring, ``GLUON_FWD_3WG_REGS``, KV_REGS 0)
+    for D=64 calls without the split or fused forms (``plain``), else 2. At 160 registers the pipelined 64-query
+    step serialises wgmma (ptxas C7512); 32-query steps cost 17-21% with two warpgroups (run 166)."""
+    value = getenv("TILEATTN_GLUON_BWD_WG", "2")
+    if value not in ("2", "3"):
+        raise ValueError(f"TILEATTN_GLUON_BWD_WG must be 2 or 3, got {value!r}")
+    return 3 if value == "3" and head_dim == 64 and plain else 2
+
+
 def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool, varlen: bool,
                            causal_list: bool = False, alibi_linear: bool = False):
     """(persistent, work_list, needs_list) for a Gluon forward call: a persistent grid (one program per
