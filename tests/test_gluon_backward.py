@@ -8,6 +8,7 @@ CPU: the dispatch rules, and the kernel compiled for sm_90a with Triton's bundle
 spills within budget).
 """
 
+import dataclasses
 import os
 
 import pytest
@@ -706,6 +707,57 @@ def test_dkdv_three_warpgroups_match_two(case, dtype, monkeypatch):
     for name, a, b in zip(("dq", "dk", "dv"), want, got):
         assert torch.equal(a, b), f"{name} differs from the two-warpgroup kernel's"
     assert not any(torch.isnan(t).any() for t in got)
+
+
+def _mock_launches(monkeypatch, module):
+    """Descriptors and the SM count (132) mocked in ``module``; returns the list its launches are recorded in as
+    (grid, constexpr kwargs, maxnreg)."""
+    seen = []
+    monkeypatch.setattr(module, "make_desc", lambda *a, **o: None)
+    if hasattr(module, "host_descriptor"):
+        monkeypatch.setattr(module, "host_descriptor", lambda *a, **o: None)
+    monkeypatch.setattr(configs, "sm_count", lambda device: 132)
+    monkeypatch.setattr(module, "launch", lambda fn, grid, args, kwargs, nw, ns, maxnreg: seen.append(
+        (grid, kwargs, maxnreg)))
+    return seen
+
+
+@pytest.mark.skipif(not gluon_backward.AVAILABLE, reason="this triton has no Gluon")
+def test_backward_launch_shapes_on_cpu(monkeypatch):
+    """The dQ and dK/dV launchers' grids and constexprs on the CPU (launch and descriptors mocked), with and without
+    three warpgroups: v37b's dQ items of 192 rows on the persistent grid (D=64, with TILEATTN_GLUON_DQ=1's config),
+    v37c's dK/dV programs of 192 keys with 32-query steps, 4 slots, v37a's registers and KV_REGS 0."""
+    from tileattn.kernels import params
+    B, S, H, d = 1, 16384, 32, 64
+    one = torch.zeros(1, dtype=torch.bfloat16)
+    q = one.expand(B, S, H, d)
+    stats = torch.zeros(2, H, B * S)
+    lse = torch.zeros(B, H, S)
+    p = params.AttnParams(batch=B, max_seqlen_q=S, max_seqlen_k=S, softmax_scale=d ** -0.5, window_right=-1)
+    cfg = dataclasses.replace(configs._GLUON_BWD[64], dq=True)
+    for wg in ("2", "3"):
+        monkeypatch.setenv("TILEATTN_GLUON_DQ_WG", wg)
+        seen = _mock_launches(monkeypatch, gluon_dq)
+        gluon_dq.dq(q, q, q, q, q, q, lse, None, lse, stats, q, p, cfg)
+        (grid, kw, maxnreg), = seen
+        items = (86 if wg == "3" else 128) * B * H
+        assert grid == (132, ) and kw["PERSISTENT"] and kw["num_items"] == items, (wg, grid, kw)
+        assert kw.get("NUM_WG", 2) == int(wg)
+        if wg == "3":
+            assert (kw["CONSUMER_REGS"], kw["PRODUCER_REGS"], maxnreg) == configs.GLUON_FWD_3WG_REGS
+    for wg, causal in (("2", False), ("3", False), ("2", True), ("3", True)):
+        monkeypatch.setenv("TILEATTN_GLUON_BWD_WG", wg)
+        seen = _mock_launches(monkeypatch, gluon_backward)
+        pc = dataclasses.replace(p, window_right=0 if causal else -1)
+        gluon_backward.dkdv(q, q, q, q, stats, q, q, pc, configs._GLUON_BWD[64])
+        (grid, kw, maxnreg), = seen
+        assert grid == ((86 if wg == "3" else 128) * B * H, ), (wg, grid)
+        if wg == "3":
+            assert kw["NUM_WG"] == 3 and kw["STAGES"] == 4 and kw["PIPELINE"] and "KV_REGS" not in kw
+            assert (kw["CONSUMER_REGS"], kw["PRODUCER_REGS"], maxnreg) == configs.GLUON_FWD_3WG_REGS
+        else:
+            assert "NUM_WG" not in kw and kw["STAGES"] == configs._GLUON_BWD[64].stages
+            assert kw.get("KV_REGS", 0) == configs._GLUON_BWD[64].kv_regs[causal]
 
 
 def test_bwd_warpgroups_knob(monkeypatch):
