@@ -47,7 +47,7 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
     """The Gluon forward for sm_90a; ``wg``: its consumer warpgroups (3: v37a, with its registers unless cfg)."""
     from tileattn import configs
     c = configs._GLUON_FWD[d]  # the table entry, whether on by default or not
-    regs = configs.GLUON_FWD_3WG_REGS if wg == 3 else (c.consumer_regs, c.producer_regs, c.maxnreg)
+    regs = configs.GLUON_3WG_REGS if wg == 3 else (c.consumer_regs, c.producer_regs, c.maxnreg)
     bn, ks, vs, creg, preg, maxnreg = cfg or (c.block_n, c.k_stages, c.v_stages, *regs)
     bm = 64
     def desc(rows):
@@ -93,7 +93,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
     from tileattn import configs
     from tileattn.kernels import gluon_backward as gb
     c = configs._GLUON_BWD[d]
-    default = ((32, 4, *configs.GLUON_FWD_3WG_REGS, True) if wg == 3
+    default = ((32, 4, *configs.GLUON_3WG_REGS, True) if wg == 3
                else (c.block_m, c.stages, c.consumer_regs, c.producer_regs, c.maxnreg, c.pipeline))
     bm, stages, creg, preg, maxnreg, pipe = (cfg or default)[:6]
     split = bool(cfg[6]) if cfg and len(cfg) > 6 else c.split
@@ -153,7 +153,7 @@ def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False
     from tileattn import configs
     from tileattn.kernels import gluon_dq as gq
     c = configs._GLUON_BWD[d]
-    regs = configs.GLUON_FWD_3WG_REGS if wg == 3 else (c.consumer_regs, c.producer_regs, c.maxnreg)
+    regs = configs.GLUON_3WG_REGS if wg == 3 else (c.consumer_regs, c.producer_regs, c.maxnreg)
     bn, ks, creg, preg, maxnreg = cfg or (c.dq_block_n, c.dq_k_stages, *regs)
     dt, name = (gl.float16, "fp16") if fp16 else (gl.bfloat16, "bf16")
 

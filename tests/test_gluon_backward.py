@@ -581,13 +581,20 @@ def test_tma_reduce_add_lowers_to_a_bulk_tensor_reduce():
     assert "reduce-adds 1" in r.stdout, r.stdout[-2000:] + r.stderr[-4000:]
 
 
-def _grads_off_and_on(monkeypatch, module, knob, on, tensors, kw):
-    """(dq, dk, dv) with the persistent knob ``knob`` at 0, then at ``on``, and the (grid, PERSISTENT) of each
-    launch through ``module.launch`` (the kernel under test)."""
+def _record_launches(monkeypatch, module, flag, default):
+    """A list that gets (grid, the constexpr ``flag`` or ``default``) of every launch through ``module.launch`` (the
+    kernel under test) from now on; the launches still run."""
     launches = []
     real = module.launch
     monkeypatch.setattr(module, "launch", lambda fn, grid, args, kwargs, *a, **o: launches.append(
-        (grid, kwargs.get("PERSISTENT", False))) or real(fn, grid, args, kwargs, *a, **o))
+        (grid, kwargs.get(flag, default))) or real(fn, grid, args, kwargs, *a, **o))
+    return launches
+
+
+def _grads_off_and_on(monkeypatch, module, knob, on, tensors, kw):
+    """(dq, dk, dv) with the persistent knob ``knob`` at 0, then at ``on``, and the (grid, PERSISTENT) of each
+    launch through ``module.launch`` (the kernel under test)."""
+    launches = _record_launches(monkeypatch, module, "PERSISTENT", False)
     monkeypatch.setenv(knob, "0")
     want = fresh_grads(*tensors, **kw)
     monkeypatch.setenv(knob, on)
@@ -655,10 +662,7 @@ def test_dq_three_warpgroups_match_two(case, dtype, monkeypatch):
     dout = randn((B, Sq, Hq, 64), dtype, gen)
     if kw.pop("sink", False):
         kw = dict(kw, sink=torch.randn(Hq, generator=gen).to("cuda").requires_grad_(True))
-    launches = []
-    real = gluon_dq.launch
-    monkeypatch.setattr(gluon_dq, "launch", lambda fn, grid, args, kwargs, *a, **o: launches.append(
-        (grid, kwargs.get("NUM_WG", 2))) or real(fn, grid, args, kwargs, *a, **o))
+    launches = _record_launches(monkeypatch, gluon_dq, "NUM_WG", 2)
     monkeypatch.setenv("TILEATTN_GLUON_DQ_WG", "2")
     want = fresh_grads(q, k, v, dout, **kw)
     monkeypatch.setenv("TILEATTN_GLUON_DQ_WG", "3")
@@ -692,10 +696,7 @@ def test_dkdv_three_warpgroups_match_two(case, dtype, monkeypatch):
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, 64, dtype, seed_for("gluon-dkdv-3wg", case, dtype),
                             requires_grad=True)
     dout = randn((B, Sq, Hq, 64), dtype, gen)
-    launches = []
-    real = gluon_backward.launch
-    monkeypatch.setattr(gluon_backward, "launch", lambda fn, grid, args, kwargs, *a, **o: launches.append(
-        (grid, kwargs.get("NUM_WG", 2))) or real(fn, grid, args, kwargs, *a, **o))
+    launches = _record_launches(monkeypatch, gluon_backward, "NUM_WG", 2)
     monkeypatch.setenv("TILEATTN_GLUON_BWD_CONFIG", "32,4,240,24,168,1")
     monkeypatch.setenv("TILEATTN_GLUON_BWD_KV_REGS", "0")
     want = fresh_grads(q, k, v, dout, **kw)
@@ -744,7 +745,7 @@ def test_backward_launch_shapes_on_cpu(monkeypatch):
         assert grid == (132, ) and kw["PERSISTENT"] and kw["num_items"] == items, (wg, grid, kw)
         assert kw.get("NUM_WG", 2) == int(wg)
         if wg == "3":
-            assert (kw["CONSUMER_REGS"], kw["PRODUCER_REGS"], maxnreg) == configs.GLUON_FWD_3WG_REGS
+            assert (kw["CONSUMER_REGS"], kw["PRODUCER_REGS"], maxnreg) == configs.GLUON_3WG_REGS
     for wg, causal in (("2", False), ("3", False), ("2", True), ("3", True)):
         monkeypatch.setenv("TILEATTN_GLUON_BWD_WG", wg)
         seen = _mock_launches(monkeypatch, gluon_backward)
@@ -754,36 +755,27 @@ def test_backward_launch_shapes_on_cpu(monkeypatch):
         assert grid == ((86 if wg == "3" else 128) * B * H, ), (wg, grid)
         if wg == "3":
             assert kw["NUM_WG"] == 3 and kw["STAGES"] == 4 and kw["PIPELINE"] and "KV_REGS" not in kw
-            assert (kw["CONSUMER_REGS"], kw["PRODUCER_REGS"], maxnreg) == configs.GLUON_FWD_3WG_REGS
+            assert (kw["CONSUMER_REGS"], kw["PRODUCER_REGS"], maxnreg) == configs.GLUON_3WG_REGS
         else:
             assert "NUM_WG" not in kw and kw["STAGES"] == configs._GLUON_BWD[64].stages
             assert kw.get("KV_REGS", 0) == configs._GLUON_BWD[64].kv_regs[causal]
 
 
-def test_bwd_warpgroups_knob(monkeypatch):
-    """configs.gluon_bwd_warpgroups: 3 only when asked (TILEATTN_GLUON_BWD_WG=3), at D=64 without the split or fused
-    forms; a bad value is refused naming the variable."""
-    monkeypatch.delenv("TILEATTN_GLUON_BWD_WG", raising=False)
-    assert configs.gluon_bwd_warpgroups(64, True) == 2
-    monkeypatch.setenv("TILEATTN_GLUON_BWD_WG", "3")
-    assert configs.gluon_bwd_warpgroups(64, True) == 3
-    assert configs.gluon_bwd_warpgroups(128, True) == 2 and configs.gluon_bwd_warpgroups(64, False) == 2
-    monkeypatch.setenv("TILEATTN_GLUON_BWD_WG", "x")
-    with pytest.raises(ValueError, match="TILEATTN_GLUON_BWD_WG"):
-        configs.gluon_bwd_warpgroups(64, True)
-
-
-def test_dq_warpgroups_knob(monkeypatch):
-    """configs.gluon_dq_warpgroups: 3 only when asked (TILEATTN_GLUON_DQ_WG=3), at D=64 on the persistent grid;
-    a bad value is refused naming the variable."""
-    monkeypatch.delenv("TILEATTN_GLUON_DQ_WG", raising=False)
-    assert configs.gluon_dq_warpgroups(64, True) == 2
-    monkeypatch.setenv("TILEATTN_GLUON_DQ_WG", "3")
-    assert configs.gluon_dq_warpgroups(64, True) == 3
-    assert configs.gluon_dq_warpgroups(128, True) == 2 and configs.gluon_dq_warpgroups(64, False) == 2
-    monkeypatch.setenv("TILEATTN_GLUON_DQ_WG", "1")
-    with pytest.raises(ValueError, match="TILEATTN_GLUON_DQ_WG"):
-        configs.gluon_dq_warpgroups(64, True)
+@pytest.mark.parametrize("knob, read, bad", [("TILEATTN_GLUON_BWD_WG", "gluon_bwd_warpgroups", "x"),
+                                             ("TILEATTN_GLUON_DQ_WG", "gluon_dq_warpgroups", "1")])
+def test_backward_warpgroups_knobs(knob, read, bad, monkeypatch):
+    """configs.gluon_bwd_warpgroups (the dK/dV kernel: D=64 without the split or fused forms) and
+    gluon_dq_warpgroups (the dQ kernel: D=64 on its persistent grid): 3 only when asked (the knob at 3) and in
+    scope (the second argument); a bad value is refused naming the variable."""
+    wgs = getattr(configs, read)
+    monkeypatch.delenv(knob, raising=False)
+    assert wgs(64, True) == 2
+    monkeypatch.setenv(knob, "3")
+    assert wgs(64, True) == 3
+    assert wgs(128, True) == 2 and wgs(64, False) == 2
+    monkeypatch.setenv(knob, bad)
+    with pytest.raises(ValueError, match=knob):
+        wgs(64, True)
 
 
 def test_persistent_dq_knob(monkeypatch):

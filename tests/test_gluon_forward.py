@@ -357,7 +357,7 @@ def test_launch_shapes_on_cpu(monkeypatch):
     monkeypatch.delenv("TILEATTN_GLUON_FWD_WG", raising=False)
     grid, kw, maxnreg, _ = _host_launch(monkeypatch, (1, 16384, 16384, 32, 32, 64))
     assert kw["NUM_WG"] == 3 and kw["PERSISTENT"] and kw["num_items"] == 86 * 32 and grid == (132, )
-    assert (kw["CONSUMER_REGS"], kw["PRODUCER_REGS"], maxnreg) == configs.GLUON_FWD_3WG_REGS
+    assert (kw["CONSUMER_REGS"], kw["PRODUCER_REGS"], maxnreg) == configs.GLUON_3WG_REGS
     grid, kw, maxnreg, _ = _host_launch(monkeypatch, (32, 512, 512, 32, 32, 64))
     assert "NUM_WG" not in kw and kw["num_items"] == 4 * 32 * 32 and maxnreg == configs._GLUON_FWD[64].maxnreg
     grid, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 16, 16, 128))

@@ -61,12 +61,20 @@ def getenv(name: str, default=None):
     return default if value is None else value
 
 
+def choice(name: str, allowed: tuple, default: str) -> str:
+    """A knob read on every call (``getenv``) that takes one of ``allowed`` ("" = unset); anything else is a
+    ValueError naming it and the values it takes."""
+    value = getenv(name, default)
+    if value not in allowed:
+        named = [a for a in allowed if a]
+        listed = named[0] if len(named) == 1 else ", ".join(named[:-1]) + " or " + named[-1]
+        raise ValueError(f"{name} must be {listed}{' (or unset)' if '' in allowed else ''}, got {value!r}")
+    return value
+
+
 def switch(name: str, default: str = "0") -> bool:
     """An on / off knob read on every call (``getenv``): "1" on, "0" off, anything else a ValueError naming it."""
-    value = getenv(name, default)
-    if value not in ("0", "1"):
-        raise ValueError(f"{name} must be 0 or 1, got {value!r}")
-    return value == "1"
+    return choice(name, ("0", "1"), default) == "1"
 
 
 @contextlib.contextmanager
@@ -213,9 +221,7 @@ def merge_edges(has_left: bool, has_right: bool) -> bool:
     NOTES.md v10c and v11a): with pointer loads window (512, 512) forward +5-6%, D=64 causal 0.98-1.06x (run 24);
     with TMA descriptors, since the V-zeroing fix, D=256 causal 2k/4k +2-4% and D=128 causal within 1% (run 26).
     A plain call has no edge to merge."""
-    value = getenv("TILEATTN_FWD_EDGES", "")
-    if value not in ("", "merged", "split"):
-        raise ValueError(f"TILEATTN_FWD_EDGES must be merged or split (or unset), got {value!r}")
+    value = choice("TILEATTN_FWD_EDGES", ("", "merged", "split"), "")
     if not (has_left or has_right):
         return False
     return value != "split"
@@ -475,9 +481,7 @@ def gluon_dq_persistent(causal_or_window: bool) -> bool:
     schedule's balance, v35c / run 158 and ``benchmarks/persistent_balance.py``; a work queue, v35d, runs 159 and
     162, gained 2-8% of the causal dQ kernel at 1k-4k and lost 6% at 16k, removed).
     auto (default): calls without a causal mask or window; 1: every batched call; 0: none."""
-    value = getenv("TILEATTN_GLUON_DQ_PERSISTENT", "auto")
-    if value not in ("0", "1", "auto"):
-        raise ValueError(f"TILEATTN_GLUON_DQ_PERSISTENT must be 0, 1 or auto, got {value!r}")
+    value = choice("TILEATTN_GLUON_DQ_PERSISTENT", ("0", "1", "auto"), "auto")
     return value == "1" or value == "auto" and not causal_or_window
 
 
@@ -491,9 +495,7 @@ def decode_whole_waves(paged: bool = False) -> bool:
     and 16x16k with 2 splits 258.1 against 246.5 (3). Paged calls too since run 155 (8x64k page 256: 500.8 against
     532.6 µs, page 16: 519.9 against 569.3; the other rows unchanged). ``TILEATTN_DECODE_WAVES``: all (default),
     1 = contiguous calls only, 0 = neither."""
-    value = getenv("TILEATTN_DECODE_WAVES", "all")
-    if value not in ("0", "1", "all"):
-        raise ValueError(f"TILEATTN_DECODE_WAVES must be 0, 1 or all, got {value!r}")
+    value = choice("TILEATTN_DECODE_WAVES", ("0", "1", "all"), "all")
     return value == "all" or value == "1" and not paged
 
 
@@ -501,10 +503,7 @@ def decode_fused_combine() -> bool:
     """Whether a split decode merges its splits inside the split kernel (the last program of each row block to
     finish does it; ``kernels/decode.py``) instead of in a second kernel. ``TILEATTN_DECODE_COMBINE=fused|kernel``;
     unset: kernel (the fused form is not yet measured on a GPU, NOTES v19e)."""
-    value = getenv("TILEATTN_DECODE_COMBINE", "")
-    if value not in ("", "fused", "kernel"):
-        raise ValueError(f"TILEATTN_DECODE_COMBINE must be fused or kernel (or unset), got {value!r}")
-    return value == "fused"
+    return choice("TILEATTN_DECODE_COMBINE", ("", "fused", "kernel"), "") == "fused"
 
 
 def decode_tma(cfg: DecodeConfig, q: torch.Tensor, paged: bool, page_size: int = 0, leftpad: bool = False) -> bool:
@@ -516,10 +515,7 @@ def decode_tma(cfg: DecodeConfig, q: torch.Tensor, paged: bool, page_size: int =
     tiles): one block-table entry per tile, then a (1, block_n, 1, D) box of that page, instead of a gather of
     block_n rows."""
     if paged:
-        on = getenv("TILEATTN_DECODE_PAGED_TMA", "1")
-        if on not in ("0", "1"):
-            raise ValueError(f"TILEATTN_DECODE_PAGED_TMA must be 0 or 1, got {on!r}")
-        if on == "0" or page_size % cfg.block_n or leftpad:
+        if not switch("TILEATTN_DECODE_PAGED_TMA", "1") or page_size % cfg.block_n or leftpad:
             return False
     elif not cfg.tma:
         return False
@@ -615,7 +611,7 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
 # FlashAttention-3 takes for head dim 64). 16 warps (the producer warp is padded to a warpgroup): 65536 / 512 = 128
 # registers per thread at launch; setmaxnreg gives the two worker consumers 160 each, the producer 24 and the
 # default consumer the rest (168); per SM sub-partition 3 x 160 + 24 (x 32 lanes) fits its 16K registers.
-GLUON_FWD_3WG_REGS = (160, 24, 128)  # consumer_regs, producer_regs, maxnreg
+GLUON_3WG_REGS = (160, 24, 128)  # consumer_regs, producer_regs, maxnreg
 GLUON_FWD_3WG_MIN_SEQLEN_Q = 1024
 
 
@@ -623,15 +619,13 @@ def gluon_forward_warpgroups(head_dim: int, persistent: bool, seqlen_q: int = 1 
                              causal: bool = False) -> int:
     """Consumer warpgroups of a Gluon forward call: 3 (v37a) for D=64 calls on the persistent grid without a window,
     varlen packing or the flat pipeline (``persistent``; causal ones on the host's work list) from
-    ``GLUON_FWD_3WG_MIN_SEQLEN_Q`` query rows when not causal, else 2; its registers are ``GLUON_FWD_3WG_REGS``.
+    ``GLUON_FWD_3WG_MIN_SEQLEN_Q`` query rows when not causal, else 2; its registers are ``GLUON_3WG_REGS``.
     Outputs are bit-identical either way (each row's arithmetic is the same). Run 172 (H200, one process,
     CUDA-graph µs per training forward, D=64 non-causal, 16k tokens, two / three warpgroups, cuDNN): 512 194.8 /
     198.0 (176.7), 1k 338.2 / 331.5 (316.7), 2k 623.1 / 567.5 (603.7), 4k 1237.5 / 1068.0 (1169.7), 16k 4817.3 /
     4212.5 (4797.8). ``TILEATTN_GLUON_FWD_WG=2|3`` forces either count within that scope (causal calls: 3 only so,
     not yet GPU-run: a 192-row item's first warpgroup computes up to two key tiles its rows do not see)."""
-    value = getenv("TILEATTN_GLUON_FWD_WG", "")
-    if value not in ("", "2", "3"):
-        raise ValueError(f"TILEATTN_GLUON_FWD_WG must be 2 or 3 (or unset), got {value!r}")
+    value = choice("TILEATTN_GLUON_FWD_WG", ("", "2", "3"), "")
     if head_dim != 64 or not persistent:
         return 2
     if value:
@@ -641,24 +635,18 @@ def gluon_forward_warpgroups(head_dim: int, persistent: bool, seqlen_q: int = 1 
 
 def gluon_dq_warpgroups(head_dim: int, persistent: bool) -> int:
     """Consumer warpgroups of the Gluon dQ kernel: 3 (v37b, ``TILEATTN_GLUON_DQ_WG=3``, opt-in, not yet GPU-run;
-    192-row items, ``GLUON_FWD_3WG_REGS``) for D=64 calls on its persistent grid with 64-key tiles (D=64 runs the
+    192-row items, ``GLUON_3WG_REGS``) for D=64 calls on its persistent grid with 64-key tiles (D=64 runs the
     Gluon dQ kernel only with ``TILEATTN_GLUON_DQ=1``), else 2. v37a's three warpgroups made the D=64 forward
     1.10-1.16x faster from 2k (run 172); the Gluon dQ kernel at D=64 fits 160 registers without spills."""
-    value = getenv("TILEATTN_GLUON_DQ_WG", "2")
-    if value not in ("2", "3"):
-        raise ValueError(f"TILEATTN_GLUON_DQ_WG must be 2 or 3, got {value!r}")
-    return 3 if value == "3" and head_dim == 64 and persistent else 2
+    return 3 if choice("TILEATTN_GLUON_DQ_WG", ("2", "3"), "2") == "3" and head_dim == 64 and persistent else 2
 
 
 def gluon_bwd_warpgroups(head_dim: int, plain: bool) -> int:
     """Consumer warpgroups of the Gluon dK/dV kernel: 3 (v37c, ``TILEATTN_GLUON_BWD_WG=3``, opt-in, not yet
-    GPU-run; 192 keys per program, 32-query steps in a 4-slot ring, ``GLUON_FWD_3WG_REGS``, KV_REGS 0)
+    GPU-run; 192 keys per program, 32-query steps in a 4-slot ring, ``GLUON_3WG_REGS``, KV_REGS 0)
     for D=64 calls without the split or fused forms (``plain``), else 2. At 160 registers the pipelined 64-query
     step serialises wgmma (ptxas C7512); 32-query steps cost 17-21% with two warpgroups (run 166)."""
-    value = getenv("TILEATTN_GLUON_BWD_WG", "2")
-    if value not in ("2", "3"):
-        raise ValueError(f"TILEATTN_GLUON_BWD_WG must be 2 or 3, got {value!r}")
-    return 3 if value == "3" and head_dim == 64 and plain else 2
+    return 3 if choice("TILEATTN_GLUON_BWD_WG", ("2", "3"), "2") == "3" and head_dim == 64 and plain else 2
 
 
 def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool, varlen: bool,
@@ -678,13 +666,9 @@ def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool,
     takes) takes the plain grid instead. ``TILEATTN_GLUON_PERSISTENT`` and ``TILEATTN_VARLEN_TILEMAP`` (0 or 1)
     force either one (a forced persistent grid runs with or without a list). ``alibi_linear``
     (``gluon_alibi_linear``): the plain grid unless forced."""
-    forced = getenv("TILEATTN_GLUON_PERSISTENT", "")
-    if forced not in ("", "0", "1"):
-        raise ValueError(f"TILEATTN_GLUON_PERSISTENT must be 0 or 1 (or unset), got {forced!r}")
+    forced = choice("TILEATTN_GLUON_PERSISTENT", ("", "0", "1"), "")
     persistent = forced == "1" if forced else cfg.persistent and (not uneven or causal_list) and not alibi_linear
-    tiles = getenv("TILEATTN_VARLEN_TILEMAP", "")
-    if tiles not in ("", "0", "1"):
-        raise ValueError(f"TILEATTN_VARLEN_TILEMAP must be 0 or 1 (or unset), got {tiles!r}")
+    tiles = choice("TILEATTN_VARLEN_TILEMAP", ("", "0", "1"), "")
     work_list = varlen and (tiles == "1" if tiles else persistent)
     return persistent, work_list, (work_list or causal_list) and persistent and forced != "1"
 
@@ -702,10 +686,7 @@ def gluon_alibi_linear(head_dim: int, varlen: bool) -> bool:
     v31a). ``TILEATTN_GLUON_ALIBI=linear|general`` (read for calls in that scope only)."""
     if varlen or head_dim > 128:
         return False
-    value = getenv("TILEATTN_GLUON_ALIBI", "linear")
-    if value not in ("linear", "general"):
-        raise ValueError(f"TILEATTN_GLUON_ALIBI must be linear or general, got {value!r}")
-    return value == "linear"
+    return choice("TILEATTN_GLUON_ALIBI", ("linear", "general"), "linear") == "linear"
 
 
 def causal_work_list_on() -> bool:

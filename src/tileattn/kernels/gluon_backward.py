@@ -522,7 +522,7 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
     dk_desc, dv_desc = make_desc(dk, (1, half_n, 1, d), bf16), make_desc(dv, (1, half_n, 1, d), bf16)
     wg = configs.gluon_bwd_warpgroups(d, not cfg.split and dq_acc is None)
     if wg == 3:  # v37c: 32-query steps in a 4-slot ring, v37a's registers (64-row steps need more)
-        creg, preg, maxnreg = configs.GLUON_FWD_3WG_REGS
+        creg, preg, maxnreg = configs.GLUON_3WG_REGS
         cfg = dataclasses.replace(cfg, block_m=32, stages=4, pipeline=True, consumer_regs=creg, producer_regs=preg,
                                   maxnreg=maxnreg)
         bm = cfg.block_m

@@ -489,7 +489,7 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
     causal = p.window_right == 0 and not has_window(p)
     persistent = not p.varlen and d <= 128 and configs.gluon_dq_persistent(causal or has_window(p))  # items in turn
     wg = configs.gluon_dq_warpgroups(d, persistent and bn == 64)
-    regs = configs.GLUON_FWD_3WG_REGS if wg == 3 else (cfg.consumer_regs, cfg.producer_regs, cfg.maxnreg)
+    regs = configs.GLUON_3WG_REGS if wg == 3 else (cfg.consumer_regs, cfg.producer_regs, cfg.maxnreg)
     num_m_tiles = triton.cdiv(seqlen_q, wg * half)
     os_, dos, sts = out.stride(), dout.stride(), stats.stride()
     grid, extra = num_m_tiles * batch * q_heads, {}

@@ -4,7 +4,9 @@ warpgroups (64 query rows each, 240 registers each through setmaxnreg) run the o
 warpgroup MMAs in FA3's order (QK^T of tile j is issued before O is rescaled; P_{j-1} V_{j-1} runs during tile j's
 softmax) and take turns issuing their matmuls (ping-pong through two mbarriers), so one warpgroup's softmax runs
 while the other's matmuls hold the tensor cores. Triton 3.6's own pipeliner and warp specialisation do neither
-(NOTES.md, sessions 8 and 10). The producer's loads are in ``gluon_loads.py``.
+(NOTES.md, sessions 8 and 10). The producer's loads are in ``gluon_loads.py``. D=64 calls on the persistent grid
+without a mask take three consumer warpgroups from 1024 query rows (192-row items, 160 registers each; v37a,
+``configs.gluon_forward_warpgroups``), the turns cycling through three mbarriers.
 
 Scope (``applies``): sm90, fp16/bf16, Dqk == Dv with an entry in ``configs.gluon_forward_config`` (64 from 512
 keys or 2048 when causal, 128, 256 from 512 keys; the table's thresholds), batched inputs, and packed varlen ones
@@ -266,7 +268,8 @@ if AVAILABLE:
                     PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr = False, num_items=0,
                     FLAT: gl.constexpr = False, NUM_WG: gl.constexpr = 2):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
-        (64 query rows each), one more worker warp issues every TMA load. VARLEN: q / k / v / out are packed
+        (64 query rows each; NUM_WG=3, persistent only: three, 192-row items, ``configs.gluon_forward_warpgroups``),
+        one more worker warp issues every TMA load. VARLEN: q / k / v / out are packed
         (1, total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
         read per sequence (the arguments are the maxima). O / RESID: out and the residual as pointers, for the
         masked stores of a sequence's last rows (varlen only). ALIBI: fp32 slopes (Hq,) or (B, Hq) (batch stride
@@ -349,7 +352,7 @@ if AVAILABLE:
             for i in gl.static_range(NUM_WG):
                 mbarrier.init(q_empty.index(i), count=1)
             nprog = gl.num_programs(0)
-            if NUM_WG == 3:  # v37a (opt-in): three consumer warpgroups, 192-row items
+            if NUM_WG == 3:  # v37a: three consumer warpgroups, 192-row items
                 gl.warp_specialize([
                     (_consumer_persistent, (0, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
                                             bars, o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K,
@@ -477,11 +480,11 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     causal_list = causal and not p.varlen and not alibi_linear and configs.causal_work_list_on()
     persistent, work_list, needs_list = configs.gluon_forward_schedule(cfg, d, uneven, p.varlen, causal_list,
                                                                        alibi_linear)
+    flat_on = configs.getenv("TILEATTN_GLUON_FLAT") == "1"  # opt-in, NOTES v21a (``flat`` below)
     # v37a: three consumer warpgroups (192-row items) on the persistent grid; batched causal calls on the host's
     # work list only when forced (TILEATTN_GLUON_FWD_WG=3); the opt-in flat pipeline keeps two
-    wg = configs.gluon_forward_warpgroups(
-        d, persistent and not (window or p.varlen or configs.getenv("TILEATTN_GLUON_FLAT") == "1")
-        and (causal_list or not causal), seqlen_q, causal)
+    wg = configs.gluon_forward_warpgroups(d, persistent and not (window or p.varlen or flat_on)
+                                          and (causal_list or not causal), seqlen_q, causal)
     nprog = configs.sm_count(q.device) if persistent else 0  # the persistent grid's programs (at most)
     tiles = tile_map(cu_q, cu_k, 2 * half, causal, q_heads, nprog) if work_list else None
     if persistent and causal_list:
@@ -498,10 +501,10 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     # opt-in (TILEATTN_GLUON_FLAT=1, NOTES v21a): one pipeline across a persistent program's items (gluon_flat),
     # for calls whose every item has a key tile: causal or windowed ones only with seqlen_k >= seqlen_q, varlen
     # ones on the work list with that known for every sequence (host copies of cu_seqlens)
-    flat = persistent and d <= 128 and configs.getenv("TILEATTN_GLUON_FLAT") == "1" and (
+    flat = persistent and d <= 128 and flat_on and (
         keys_for_every_tile(cu_q, cu_k, causal or window) if p.varlen and tiles is not None
         else not p.varlen and (not (causal or window) or seqlen_k >= seqlen_q))
-    regs = configs.GLUON_FWD_3WG_REGS if wg == 3 else (cfg.consumer_regs, cfg.producer_regs, cfg.maxnreg)
+    regs = configs.GLUON_3WG_REGS if wg == 3 else (cfg.consumer_regs, cfg.producer_regs, cfg.maxnreg)
     num_items = 0  # unused without PERSISTENT: a constant adds no Triton specialisations (% 16, == 1)
     if persistent:
         num_items, grid = grid, min(grid, nprog)
