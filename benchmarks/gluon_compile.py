@@ -86,16 +86,14 @@ def _call_params(softcap, alibi, window, causal):
 
 
 def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=False, softcap=False, alibi=False,
-                fused_dq=False, kv_regs=None, trace=False, wg=2):
+                fused_dq=False, kv_regs=None, trace=False):
     """The Gluon dK/dV kernel (kernels/gluon_backward.py) for sm_90a; ``kv_regs``: its KV_REGS (None: what a launch
-    of these features picks, ``gluon_backward.kv_regs``); ``trace``: with the program trace buffer; ``wg`` = 3:
-    three consumer warpgroups (v37c, with its launch's step shape and registers unless cfg)."""
+    of these features picks, ``gluon_backward.kv_regs``); ``trace``: with the program trace buffer."""
     from tileattn import configs
     from tileattn.kernels import gluon_backward as gb
     c = configs._GLUON_BWD[d]
-    default = ((32, 4, *configs.GLUON_3WG_REGS, True) if wg == 3
-               else (c.block_m, c.stages, c.consumer_regs, c.producer_regs, c.maxnreg, c.pipeline))
-    bm, stages, creg, preg, maxnreg, pipe = (cfg or default)[:6]
+    bm, stages, creg, preg, maxnreg, pipe = (cfg or (c.block_m, c.stages, c.consumer_regs, c.producer_regs,
+                                                     c.maxnreg, c.pipeline))[:6]
     split = bool(cfg[6]) if cfg and len(cfg) > 6 else c.split
     dt = gl.float16 if fp16 else gl.bfloat16
 
@@ -113,8 +111,8 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
                   VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, SPLIT=split, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg,
                   **(gb._fused_flags(d) if fused_dq else {}),  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
-                  KV_REGS=(gb.kv_regs(d, _call_params(softcap, alibi, window, causal), fused_dq, wg) if kv_regs is None
-                           else kv_regs), **({"NUM_WG": 3} if wg == 3 else {}))
+                  KV_REGS=(gb.kv_regs(d, _call_params(softcap, alibi, window, causal), fused_dq) if kv_regs is None
+                           else kv_regs))
     fn = gb._dkdv_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("DK", "DV")}
@@ -146,15 +144,13 @@ def compile_reduce_add():
 
 
 def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False, varlen=False, window=False,
-               softcap=False, alibi=False, resid8=False, trace=False, persistent=False, wg=2):
+               softcap=False, alibi=False, resid8=False, trace=False, persistent=False):
     """The Gluon dQ kernel (kernels/gluon_dq.py) for sm_90a; cfg = (block_n, k_stages, creg, preg, maxnreg);
-    ``trace``: with the program trace buffer; ``persistent``: its persistent grid (v35b), with ``wg`` = 3 its
-    three-warpgroup form (v37b, with v37a's registers unless cfg)."""
+    ``trace``: with the program trace buffer; ``persistent``: its persistent grid (v35b)."""
     from tileattn import configs
     from tileattn.kernels import gluon_dq as gq
     c = configs._GLUON_BWD[d]
-    regs = configs.GLUON_3WG_REGS if wg == 3 else (c.consumer_regs, c.producer_regs, c.maxnreg)
-    bn, ks, creg, preg, maxnreg = cfg or (c.dq_block_n, c.dq_k_stages, *regs)
+    bn, ks, creg, preg, maxnreg = cfg or (c.dq_block_n, c.dq_k_stages, c.consumer_regs, c.producer_regs, c.maxnreg)
     dt, name = (gl.float16, "fp16") if fp16 else (gl.bfloat16, "bf16")
 
     def desc(rows):
@@ -167,8 +163,7 @@ def compile_dq(d=128, causal=False, cfg=None, fp16=False, resid=True, dlse=False
            "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32", **({"TRACE": "*i64"} if trace else {})}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=2, CAUSAL=causal and not window, WINDOW=window,
                   HAS_RESID=resid, HAS_DLSE=dlse, VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi,
-                  CONSUMER_REGS=creg, PRODUCER_REGS=preg, **({"PERSISTENT": True} if persistent else {}),
-                  **({"NUM_WG": 3} if wg == 3 else {}))
+                  CONSUMER_REGS=creg, PRODUCER_REGS=preg, **({"PERSISTENT": True} if persistent else {}))
     fn = gq._dq_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("O", "RESID", "DO", "LSE", "DLSE",
@@ -212,8 +207,8 @@ def main(argv=None):
     ap.add_argument("--persistent", action="store_true", help="the persistent forward (with --dq: the persistent dQ "
                     "kernel, v35b)")
     ap.add_argument("--flat", action="store_true", help="the persistent forward, one pipeline across items")
-    ap.add_argument("--wg", type=int, default=2, choices=(2, 3), help="consumer warpgroups: 3 is the forward's v37a "
-                    "(with --persistent), with --dq --persistent v37b, with --bwd v37c")
+    ap.add_argument("--wg", type=int, default=2, choices=(2, 3), help="forward: consumer warpgroups (3: v37a, "
+                    "with --persistent)")
     ap.add_argument("--varlen", action="store_true", help="the packed varlen variant (forward, --bwd or --dq)")
     ap.add_argument("--dq", action="store_true", help="the dQ backward kernel instead (--config bn,kstages,creg,"
                     "preg,maxnreg; --no-resid: delta from the rounded O; --dlse)")
@@ -243,10 +238,10 @@ def main(argv=None):
         return 0
     if a.dq:
         k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen, a.window, a.softcap,
-                       a.alibi, a.resid8, a.trace, a.persistent, a.wg)
+                       a.alibi, a.resid8, a.trace, a.persistent)
     elif a.bwd:
         k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi, a.fused_dq,
-                        a.kv_regs, a.trace, a.wg)
+                        a.kv_regs, a.trace)
     else:
         softcap = 2 if a.softcap_fixed_max else a.softcap
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, softcap, a.sink, a.fp16, a.window, a.varlen,

@@ -68,28 +68,26 @@ class _Machine:
                 raise Deadlock(f"stuck: {sorted(agents)} with {what}")
 
 
-def check_dq(items, nprog, k_stages=3, v_stages=2, seed=0, nwg=2):
+def check_dq(items, nprog, k_stages=3, v_stages=2, seed=0):
     """The persistent dQ kernel: ``items[i]`` = key tiles of query tile i (0 allowed: rows that see no key),
-    ``nprog`` programs, items pid, pid + nprog, ... each; ``nwg`` consumer warpgroups (3: v37b's NUM_WG). Returns
-    {item: program} of who computed it."""
+    ``nprog`` programs, items pid, pid + nprog, ... each. Returns {item: program} of who computed it."""
     mach = _Machine(seed)
     done = {}  # (item, warpgroup) -> program
 
     def program(pid):
         bar = lambda name, i=0, count=1: mach.bar((pid, name, i), count)  # noqa: E731
-        for i in range(nwg):
+        for i in range(2):
             bar("q_bars", i), bar("q_empty", i)
         for i in range(k_stages):
-            bar("k_ready", i), bar("k_empty", i, nwg)
+            bar("k_ready", i), bar("k_empty", i, 2)
         for i in range(v_stages):
-            bar("v_ready", i), bar("v_empty", i, nwg)
+            bar("v_ready", i), bar("v_empty", i, 2)
         key = lambda name, i=0: (pid, name, i)  # noqa: E731
-        q_buf, k_slot, v_slot = [None] * nwg, [None] * k_stages, [None] * v_stages
-        q_users, k_users, v_users = [set() for _ in range(nwg)], [set() for _ in range(k_stages)], \
-            [set() for _ in range(v_stages)]
+        q_buf, k_slot, v_slot = [None] * 2, [None] * k_stages, [None] * v_stages
+        q_users, k_users, v_users = [set(), set()], [set() for _ in range(k_stages)], [set() for _ in range(v_stages)]
 
-        def load_item(item, it, t0):  # _dq_load: Q / dO parts (after q_empty), then the K / V ring
-            for w in range(nwg):
+        def load_item(item, it, t0):  # _dq_load: Q / dO halves (after q_empty), then the K / V ring
+            for w in range(2):
                 yield from mach.wait(key("q_empty", w), (it & 1) ^ 1)
                 assert not q_users[w], f"program {pid}: Q half {w} refilled while in use"
                 mach.copy(key("q_bars", w), q_buf, w, item)
@@ -165,15 +163,14 @@ def check_dq(items, nprog, k_stages=3, v_stages=2, seed=0, nwg=2):
                 yield from consume(w, item, it, t0)
                 t0, it = t0 + items[item], it + 1
 
-        return {f"p{pid}": producer(), **{f"c{pid}.{w}": consumer(w) for w in range(nwg)}}
+        return {f"p{pid}": producer(), f"c{pid}.0": consumer(0), f"c{pid}.1": consumer(1)}
 
     agents = {}
     for pid in range(nprog):
         agents.update(program(pid))
     mach.run(agents, f"dq items {items}, {nprog} programs")
-    assert set(done) == {(i, w) for i in range(len(items)) for w in range(nwg)}, "items missed"
-    assert all(done[(i, 0)] == done[(i, w)] for i in range(len(items)) for w in range(nwg)), \
-        "an item's parts in two programs"
+    assert set(done) == {(i, w) for i in range(len(items)) for w in range(2)}, "items missed"
+    assert all(done[(i, 0)] == done[(i, 1)] for i in range(len(items))), "an item's halves in two programs"
     return {i: done[(i, 0)] for i in range(len(items))}
 
 
@@ -183,7 +180,7 @@ def random_cases(cases, seed=27):
     for _ in range(cases):
         items = [rng.randint(0, 7) for _ in range(rng.randint(1, 12))]
         nprog = rng.randint(1, min(4, len(items)))
-        check_dq(items, nprog, rng.choice((2, 3)), rng.choice((2, 3)), rng.randrange(1 << 30), rng.choice((2, 3)))
+        check_dq(items, nprog, rng.choice((2, 3)), rng.choice((2, 3)), rng.randrange(1 << 30))
 
 
 if __name__ == "__main__":

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 s40 s41 s42 s43 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 s40 s42 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -188,33 +188,15 @@ for stage in "$@"; do
          timeout 200 python3 -m pytest tests/test_gluon_forward.py -k "three" -v -n 8 -p no:cacheprovider \
            -p no:benchmark -rf 2>&1 | grep -E "PASS|FAIL|ERR|passed|failed" | tee "$OUT/s40_tests.log" | tail -3
          [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;
-    s41) # (~4 min) v37b, the D=64 persistent Gluon dQ kernel with three consumer warpgroups (TILEATTN_GLUON_DQ=1
-         # TILEATTN_GLUON_DQ_WG=3, not GPU-run yet): its bit-identity tests, then D=64 non-causal backward with the
-         # portable dQ kernel (default) / the Gluon dQ (two warpgroups) / the Gluon dQ with three, one process
-         timeout 200 python3 -m pytest tests/test_gluon_backward.py -k "dq_three or dq_warpgroups or protocol" -v -n 8 \
-           -p no:cacheprovider -p no:benchmark -rf 2>&1 | grep -E "PASS|FAIL|ERR|passed|failed" \
-           | tee "$OUT/s41_tests.log" | tail -3; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-         timeout 240 python3 benchmarks/bwd_variants.py --head-dims 64 --seqlens 1024,2048,4096,16384 --profile \
-           --causal false --variants "portable=,gluon=TILEATTN_GLUON_DQ:1,gluon3=TILEATTN_GLUON_DQ:1+TILEATTN_GLUON_DQ_WG:3" \
-           2>&1 | grep -v Warning | tee "$OUT/s41_bwd_d64.log" ;;
-    s42) # (~3 min) v37a's causal form (TILEATTN_GLUON_FWD_WG=3 forced on batched causal D=64 calls, the work list
-         # built for 192-row items; not GPU-run yet): the three-warpgroup tests (incl. the causal cases), then the
-         # D=64 causal forward cells, two / three warpgroups beside cuDNN, CUDA-graph replay
+    s42) # (~3 min) v37a's causal form (batched causal D=64 calls on the work list built for 192-row items, by
+         # default from 2048 query rows since run 178): the three-warpgroup tests (incl. the causal cases), then the
+         # D=64 causal forward cells, default / three warpgroups forced beside cuDNN, CUDA-graph replay
          timeout 200 python3 -m pytest tests/test_gluon_forward.py -k "three" -v -n 8 -p no:cacheprovider \
            -p no:benchmark -rf 2>&1 | grep -E "PASS|FAIL|ERR|passed|failed" | tee "$OUT/s42_tests.log" | tail -3
          [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
          timeout 150 python3 benchmarks/short_variants.py \
            --cells "64,16,32,1024,1;64,8,32,2048,1;64,4,32,4096,1;64,1,32,16384,1" \
            "wg3:TILEATTN_GLUON_FWD_WG=3" 2>&1 | grep -v Warning | tee -a "$OUT/s42_fwd.log" ;;
-    s43) # (~4 min) v37c, the D=64 dK/dV kernel with three consumer warpgroups (TILEATTN_GLUON_BWD_WG=3: 192 keys per
-         # program, 32-query steps, not GPU-run yet): its bit-identity tests, then D=64 backward, the table's
-         # two-warpgroup 64-row steps / two warpgroups with 32-row steps / three warpgroups, one process
-         timeout 200 python3 -m pytest tests/test_gluon_backward.py -k "dkdv_three or bwd_warpgroups" -v -n 8 \
-           -p no:cacheprovider -p no:benchmark -rf 2>&1 | grep -E "PASS|FAIL|ERR|passed|failed" \
-           | tee "$OUT/s43_tests.log" | tail -3; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-         timeout 240 python3 benchmarks/bwd_variants.py --head-dims 64 --seqlens 1024,4096,16384 --profile \
-           --variants "base=,m32=TILEATTN_GLUON_BWD_CONFIG:32;4;240;24;168;1,wg3=TILEATTN_GLUON_BWD_WG:3" \
-           2>&1 | grep -v Warning | tee "$OUT/s43_bwd_d64.log" ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;

@@ -526,8 +526,6 @@ BWD_COMPILE = [(128, False, ()), (128, True, ()), (64, True, ()), (64, False, ("
                (256, False, ()), (256, True, ("--fp16",)), (256, False, ("--window",)),
                (256, True, ("--alibi",)), (128, True, ("--trace",)), (256, True, ("--trace",)),  # bwd_trace.py
                (128, True, ("--config", "64,3,240,24,168,1,1")),  # the split form at D=128 (opt-in, gpu_run s16)
-               (64, False, ("--wg", 3)), (64, True, ("--wg", 3, "--fp16", "--varlen")),  # v37c (opt-in)
-               (64, False, ("--wg", 3, "--softcap", "--alibi", "--window")),
                # K (D=128) or K and V (D=64) in registers (KV_REGS; 4-8 B spills at D=128 varlen)
                (128, False, ("--kv-regs", 1)), (128, True, ("--kv-regs", 1, "--varlen")),
                (64, True, ("--kv-regs", 2)), (64, False, ("--kv-regs", 2, "--varlen", "--fp16"))]
@@ -551,10 +549,7 @@ DQ_COMPILE = [(128, False, ()), (128, True, ("--dlse", )), (64, True, ()),
               (128, False, ("--alibi", "--softcap")), (256, False, ()),
               (256, True, ("--fp16", "--dlse")), (256, False, ("--window", "--alibi")),
               (128, True, ("--resid8",)), (256, False, ("--resid8", "--fp16")), (64, False, ("--resid8", "--varlen")),
-              (128, True, ("--trace",)),  # bwd_trace.py
-              # v37b (three warpgroups, 160 registers): 28 B spilled in the item loop, none in the key-tile loop
-              (64, False, ("--persistent", "--wg", 3, "--spill-budget", 32)),
-              (64, False, ("--persistent", "--wg", 3, "--dlse", "--fp16", "--spill-budget", 32))]
+              (128, True, ("--trace",))]  # bwd_trace.py
 
 
 @needs_gluon
@@ -640,76 +635,6 @@ def test_persistent_dq_matches_the_grid(case, monkeypatch):
     _assert_persistent_grid_and_bit_identity(launches, configs.cdiv(Sq, 128) * B * Hq, want, got, q.device)
 
 
-DQ_3WG_CASES = {  # (B, Sq, Sk, Hq, Hkv, attention kwargs), D=64: items beyond one per SM, partial last items
-    "full_gqa": (4, 1000, 1000, 8, 2, dict()),
-    "many_items": (16, 1024, 1024, 8, 8, dict()),  # 768 items: up to 6 per program
-    "short": (3, 100, 300, 4, 4, dict()),  # one item per (b, h): a warpgroup without rows
-    "sink_sq_gt_sk": (2, 1500, 700, 6, 3, dict(sink=True)),
-}
-
-
-@hopper
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", list(DQ_3WG_CASES))
-def test_dq_three_warpgroups_match_two(case, dtype, monkeypatch):
-    """v37b (TILEATTN_GLUON_DQ_WG=3 with TILEATTN_GLUON_DQ=1): the D=64 persistent Gluon dQ kernel with three
-    consumer warpgroups (192-row items) launches with NUM_WG=3, and dq, dk and dv equal the two-warpgroup kernel's
-    bit for bit (each row's dQ sums the same key tiles in the same order; dK/dV reads the same row statistics)."""
-    B, Sq, Sk, Hq, Hkv, kw = DQ_3WG_CASES[case]
-    monkeypatch.setenv("TILEATTN_GLUON_DQ", "1")
-    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, 64, dtype, seed_for("gluon-dq-3wg", case, dtype), requires_grad=True)
-    dout = randn((B, Sq, Hq, 64), dtype, gen)
-    if kw.pop("sink", False):
-        kw = dict(kw, sink=torch.randn(Hq, generator=gen).to("cuda").requires_grad_(True))
-    launches = _record_launches(monkeypatch, gluon_dq, "NUM_WG", 2)
-    monkeypatch.setenv("TILEATTN_GLUON_DQ_WG", "2")
-    want = fresh_grads(q, k, v, dout, **kw)
-    monkeypatch.setenv("TILEATTN_GLUON_DQ_WG", "3")
-    got = fresh_grads(q, k, v, dout, **kw)
-    assert [w for _, w in launches] == [2, 3], launches
-    assert launches[1][0] == (min(configs.cdiv(Sq, 192) * B * Hq, configs.sm_count(q.device)), ), launches
-    for name, a, b in zip(("dq", "dk", "dv"), want, got):
-        assert torch.equal(a, b), f"{name} differs from the two-warpgroup kernel's"
-    assert not any(torch.isnan(t).any() for t in got)
-
-
-DKDV_3WG_CASES = {  # (B, Sq, Sk, Hq, Hkv, attention kwargs), D=64: key tiles of 192 keys, partial last ones
-    "full_gqa": (4, 1000, 1000, 8, 2, dict()),
-    "causal_sq_lt_sk": (2, 777, 1500, 4, 4, dict(causal=True)),
-    "causal_sq_gt_sk": (2, 1500, 777, 4, 2, dict(causal=True)),
-    "window_softcap": (3, 900, 1100, 4, 2, dict(window_size=(100, 50), softcap=5.0)),
-    "short": (3, 100, 300, 4, 4, dict()),
-}
-
-
-@hopper
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", [torch.bfloat16, torch.float16], ids=["bf16", "fp16"])
-@pytest.mark.parametrize("case", list(DKDV_3WG_CASES))
-def test_dkdv_three_warpgroups_match_two(case, dtype, monkeypatch):
-    """v37c (TILEATTN_GLUON_BWD_WG=3): the D=64 dK/dV kernel with three consumer warpgroups (192 keys per program,
-    32-query steps) launches with NUM_WG=3, and dq, dk and dv equal the two-warpgroup kernel's with the same step
-    shape and K / V read from shared memory (TILEATTN_GLUON_BWD_CONFIG=32,4,240,24,168,1, KV_REGS 0) bit for bit:
-    every key row accumulates the same products in the same order."""
-    B, Sq, Sk, Hq, Hkv, kw = DKDV_3WG_CASES[case]
-    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, 64, dtype, seed_for("gluon-dkdv-3wg", case, dtype),
-                            requires_grad=True)
-    dout = randn((B, Sq, Hq, 64), dtype, gen)
-    launches = _record_launches(monkeypatch, gluon_backward, "NUM_WG", 2)
-    monkeypatch.setenv("TILEATTN_GLUON_BWD_CONFIG", "32,4,240,24,168,1")
-    monkeypatch.setenv("TILEATTN_GLUON_BWD_KV_REGS", "0")
-    want = fresh_grads(q, k, v, dout, **kw)
-    monkeypatch.delenv("TILEATTN_GLUON_BWD_CONFIG")
-    monkeypatch.setenv("TILEATTN_GLUON_BWD_WG", "3")
-    got = fresh_grads(q, k, v, dout, **kw)
-    assert [w for _, w in launches] == [2, 3], launches
-    assert launches[1][0] == (configs.cdiv(Sk, 192) * B * Hkv, ), launches
-    for name, a, b in zip(("dq", "dk", "dv"), want, got):
-        assert torch.equal(a, b), f"{name} differs from the two-warpgroup kernel's"
-    assert not any(torch.isnan(t).any() for t in got)
-
-
 def _mock_launches(monkeypatch, module):
     """Descriptors and the SM count (132) mocked in ``module``; returns the list its launches are recorded in as
     (grid, constexpr kwargs, maxnreg)."""
@@ -725,9 +650,9 @@ def _mock_launches(monkeypatch, module):
 
 @pytest.mark.skipif(not gluon_backward.AVAILABLE, reason="this triton has no Gluon")
 def test_backward_launch_shapes_on_cpu(monkeypatch):
-    """The dQ and dK/dV launchers' grids and constexprs on the CPU (launch and descriptors mocked), with and without
-    three warpgroups: v37b's dQ items of 192 rows on the persistent grid (D=64, with TILEATTN_GLUON_DQ=1's config),
-    v37c's dK/dV programs of 192 keys with 32-query steps, 4 slots, v37a's registers and KV_REGS 0."""
+    """The dQ and dK/dV launchers' grids and constexprs on the CPU (launch and descriptors mocked): the D=64 dQ
+    items of 128 rows on the persistent grid (with TILEATTN_GLUON_DQ=1's config), the dK/dV programs of 128 keys
+    with the table's stages and KV_REGS, causal or not."""
     from tileattn.kernels import params
     B, S, H, d = 1, 16384, 32, 64
     one = torch.zeros(1, dtype=torch.bfloat16)
@@ -736,46 +661,19 @@ def test_backward_launch_shapes_on_cpu(monkeypatch):
     lse = torch.zeros(B, H, S)
     p = params.AttnParams(batch=B, max_seqlen_q=S, max_seqlen_k=S, softmax_scale=d ** -0.5, window_right=-1)
     cfg = dataclasses.replace(configs._GLUON_BWD[64], dq=True)
-    for wg in ("2", "3"):
-        monkeypatch.setenv("TILEATTN_GLUON_DQ_WG", wg)
-        seen = _mock_launches(monkeypatch, gluon_dq)
-        gluon_dq.dq(q, q, q, q, q, q, lse, None, lse, stats, q, p, cfg)
-        (grid, kw, maxnreg), = seen
-        items = (86 if wg == "3" else 128) * B * H
-        assert grid == (132, ) and kw["PERSISTENT"] and kw["num_items"] == items, (wg, grid, kw)
-        assert kw.get("NUM_WG", 2) == int(wg)
-        if wg == "3":
-            assert (kw["CONSUMER_REGS"], kw["PRODUCER_REGS"], maxnreg) == configs.GLUON_3WG_REGS
-    for wg, causal in (("2", False), ("3", False), ("2", True), ("3", True)):
-        monkeypatch.setenv("TILEATTN_GLUON_BWD_WG", wg)
+    seen = _mock_launches(monkeypatch, gluon_dq)
+    gluon_dq.dq(q, q, q, q, q, q, lse, None, lse, stats, q, p, cfg)
+    (grid, kw, maxnreg), = seen
+    assert grid == (132, ) and kw["PERSISTENT"] and kw["num_items"] == 128 * B * H, (grid, kw)
+    assert (kw["CONSUMER_REGS"], kw["PRODUCER_REGS"], maxnreg) == (cfg.consumer_regs, cfg.producer_regs, cfg.maxnreg)
+    for causal in (False, True):
         seen = _mock_launches(monkeypatch, gluon_backward)
         pc = dataclasses.replace(p, window_right=0 if causal else -1)
         gluon_backward.dkdv(q, q, q, q, stats, q, q, pc, configs._GLUON_BWD[64])
         (grid, kw, maxnreg), = seen
-        assert grid == ((86 if wg == "3" else 128) * B * H, ), (wg, grid)
-        if wg == "3":
-            assert kw["NUM_WG"] == 3 and kw["STAGES"] == 4 and kw["PIPELINE"] and "KV_REGS" not in kw
-            assert (kw["CONSUMER_REGS"], kw["PRODUCER_REGS"], maxnreg) == configs.GLUON_3WG_REGS
-        else:
-            assert "NUM_WG" not in kw and kw["STAGES"] == configs._GLUON_BWD[64].stages
-            assert kw.get("KV_REGS", 0) == configs._GLUON_BWD[64].kv_regs[causal]
-
-
-@pytest.mark.parametrize("knob, read, bad", [("TILEATTN_GLUON_BWD_WG", "gluon_bwd_warpgroups", "x"),
-                                             ("TILEATTN_GLUON_DQ_WG", "gluon_dq_warpgroups", "1")])
-def test_backward_warpgroups_knobs(knob, read, bad, monkeypatch):
-    """configs.gluon_bwd_warpgroups (the dK/dV kernel: D=64 without the split or fused forms) and
-    gluon_dq_warpgroups (the dQ kernel: D=64 on its persistent grid): 3 only when asked (the knob at 3) and in
-    scope (the second argument); a bad value is refused naming the variable."""
-    wgs = getattr(configs, read)
-    monkeypatch.delenv(knob, raising=False)
-    assert wgs(64, True) == 2
-    monkeypatch.setenv(knob, "3")
-    assert wgs(64, True) == 3
-    assert wgs(128, True) == 2 and wgs(64, False) == 2
-    monkeypatch.setenv(knob, bad)
-    with pytest.raises(ValueError, match=knob):
-        wgs(64, True)
+        assert grid == (128 * B * H, ), grid
+        assert kw["STAGES"] == configs._GLUON_BWD[64].stages
+        assert kw.get("KV_REGS", 0) == configs._GLUON_BWD[64].kv_regs[causal]
 
 
 def test_persistent_dq_knob(monkeypatch):
@@ -800,7 +698,6 @@ def test_persistent_protocol_model():
     sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
     import persistent_protocol as pp
     assert pp.check_dq([3, 0, 5, 1], 2) == {0: 0, 1: 1, 2: 0, 3: 1}  # round robin, a query tile without keys
-    assert pp.check_dq([3, 0, 5, 1, 2], 2, nwg=3) == {0: 0, 1: 1, 2: 0, 3: 1, 4: 0}  # v37b's three warpgroups
     pp.random_cases(150)
 
 

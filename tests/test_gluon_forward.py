@@ -265,7 +265,7 @@ THREE_WG_CASES = [(2, 2048, 2048, 8, 8, dict(sink=True)),  # (B, Sq, Sk, Hq, Hkv
                   (1, 100, 300, 4, 4, {}),  # one item, rows for one and a half warpgroups
                   (4, 1500, 1300, 16, 4, {}),  # 512 items on the SMs (rounds), GQA, Sq > Sk
                   (2, 700, 2000, 6, 3, {}),
-                  # causal on the host's work list (forced only, not a default: v37a's causal form)
+                  # causal on the host's work list (the default from 2048 query rows, run 178)
                   (2, 2048, 2048, 8, 8, dict(causal=True)), (3, 1500, 1100, 4, 2, dict(causal=True)),
                   (2, 700, 2000, 6, 3, dict(causal=True, sink=True))]
 
@@ -275,8 +275,8 @@ THREE_WG_CASES = [(2, 2048, 2048, 8, 8, dict(sink=True)),  # (B, Sq, Sk, Hq, Hkv
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", THREE_WG_CASES, ids=lambda c: "x".join(map(str, c[:5])) + "-" + "-".join(c[5]))
 def test_three_warpgroups_match_two(case, dtype, spy, monkeypatch):
-    """v37a (TILEATTN_GLUON_FWD_WG=3, the default from 1024 query rows without a mask; causal calls on the host's
-    work list only when forced, incl. Sq > Sk's items without keys): the D=64 persistent forward with three
+    """v37a (TILEATTN_GLUON_FWD_WG=3, the default from 1024 query rows without a mask, on causal calls on the
+    host's work list from 2048, incl. Sq > Sk's items without keys): the D=64 persistent forward with three
     consumer warpgroups (192-row items) launches with NUM_WG=3, and its out and lse equal the two-warpgroup
     kernel's (=2) bit for bit (every row's
     arithmetic is the same: the same key tiles in the same order); its gradients pass the accuracy rule against
@@ -310,12 +310,12 @@ def test_three_warpgroups_scope(monkeypatch):
     wgs = configs.gluon_forward_warpgroups
     assert wgs(64, True, 1024) == 3 and wgs(64, True, 16384) == 3 and wgs(64, True, 1023) == 2
     assert wgs(128, True, 4096) == 2 and wgs(64, False, 4096) == 2 and wgs(256, True, 4096) == 2
-    assert wgs(64, True, 4096, causal=True) == 2  # causal: forced only
+    assert wgs(64, True, 2048, causal=True) == 3 and wgs(64, True, 2047, causal=True) == 2  # causal: from 2k (run 178)
     monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "3")
     assert wgs(64, True, 512) == 3 and wgs(128, True, 4096) == 2 and wgs(64, False, 4096) == 2
-    assert wgs(64, True, 4096, causal=True) == 3
+    assert wgs(64, True, 1024, causal=True) == 3
     monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "2")
-    assert wgs(64, True, 4096) == 2
+    assert wgs(64, True, 4096) == 2 and wgs(64, True, 4096, causal=True) == 2
     monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "4")
     with pytest.raises(ValueError, match="TILEATTN_GLUON_FWD_WG"):
         configs.gluon_forward_warpgroups(64, True)
@@ -353,7 +353,8 @@ def _host_launch(monkeypatch, shape, causal=False, knobs=None, **kw):
 def test_launch_shapes_on_cpu(monkeypatch):
     """The launcher's schedule on the CPU (launch mocked): D=64 without a mask from 1k rows on three warpgroups
     (192-row items, v37a's registers), at 512 on two; D=128 on two (128-row items); causal D=64 on the work list
-    with two, or three when forced (the list built for 192-row items); a window keeps two."""
+    from 2k rows with three (the list built for 192-row items), at 1k with two unless forced; a window keeps
+    two."""
     monkeypatch.delenv("TILEATTN_GLUON_FWD_WG", raising=False)
     grid, kw, maxnreg, _ = _host_launch(monkeypatch, (1, 16384, 16384, 32, 32, 64))
     assert kw["NUM_WG"] == 3 and kw["PERSISTENT"] and kw["num_items"] == 86 * 32 and grid == (132, )
@@ -363,10 +364,12 @@ def test_launch_shapes_on_cpu(monkeypatch):
     grid, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 16, 16, 128))
     assert "NUM_WG" not in kw and kw["PERSISTENT"] and kw["num_items"] == 32 * 2 * 16
     grid, kw, _, block_m = _host_launch(monkeypatch, (4, 4096, 4096, 32, 32, 64), causal=True)
-    assert "NUM_WG" not in kw and kw["USE_MAP"] and block_m == 128 and kw["num_items"] == 32 * 4 * 32
-    grid, kw, _, block_m = _host_launch(monkeypatch, (4, 4096, 4096, 32, 32, 64), causal=True,
-                                        knobs={"TILEATTN_GLUON_FWD_WG": "3"})
     assert kw["NUM_WG"] == 3 and kw["USE_MAP"] and block_m == 192 and kw["num_items"] == 22 * 4 * 32
+    grid, kw, _, block_m = _host_launch(monkeypatch, (16, 1024, 1024, 32, 32, 64), causal=True)
+    assert "NUM_WG" not in kw and kw["USE_MAP"] and block_m == 128 and kw["num_items"] == 8 * 16 * 32
+    grid, kw, _, block_m = _host_launch(monkeypatch, (16, 1024, 1024, 32, 32, 64), causal=True,
+                                        knobs={"TILEATTN_GLUON_FWD_WG": "3"})
+    assert kw["NUM_WG"] == 3 and kw["USE_MAP"] and block_m == 192 and kw["num_items"] == 6 * 16 * 32
     grid, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 8, 8, 128), window_left=256, window_right=256)
     assert "NUM_WG" not in kw
 
@@ -376,7 +379,7 @@ def test_launch_shapes_on_cpu(monkeypatch):
 def test_three_warpgroups_compile_for_sm90():
     """v37a for sm_90a: no serialised wgmma, shared memory within the limit; its worker consumers have 160
     registers, and ptxas spills ~100 bytes in the item loop (none in the key-tile loop, SASS); more would be a
-    regression. (The forced causal form with a sink spills 180 B, also outside the key-tile loop.)"""
+    regression. (The causal form with a sink spills 180 B, also outside the key-tile loop.)"""
     assert_compiles([("--head-dim", 64, "--persistent", "--wg", 3, "--spill-budget", 112, *extra)
                      for extra in ((), ("--sink",), ("--fp16", "--no-resid"), ("--causal", "--tile-map"))])
 

@@ -613,40 +613,27 @@ def gluon_forward_config(head_dim: int) -> Optional[GluonForwardConfig]:
 # default consumer the rest (168); per SM sub-partition 3 x 160 + 24 (x 32 lanes) fits its 16K registers.
 GLUON_3WG_REGS = (160, 24, 128)  # consumer_regs, producer_regs, maxnreg
 GLUON_FWD_3WG_MIN_SEQLEN_Q = 1024
+GLUON_FWD_3WG_MIN_SEQLEN_Q_CAUSAL = 2048
 
 
 def gluon_forward_warpgroups(head_dim: int, persistent: bool, seqlen_q: int = 1 << 30,
                              causal: bool = False) -> int:
     """Consumer warpgroups of a Gluon forward call: 3 (v37a) for D=64 calls on the persistent grid without a window,
-    varlen packing or the flat pipeline (``persistent``; causal ones on the host's work list) from
-    ``GLUON_FWD_3WG_MIN_SEQLEN_Q`` query rows when not causal, else 2; its registers are ``GLUON_3WG_REGS``.
-    Outputs are bit-identical either way (each row's arithmetic is the same). Run 172 (H200, one process,
-    CUDA-graph µs per training forward, D=64 non-causal, 16k tokens, two / three warpgroups, cuDNN): 512 194.8 /
-    198.0 (176.7), 1k 338.2 / 331.5 (316.7), 2k 623.1 / 567.5 (603.7), 4k 1237.5 / 1068.0 (1169.7), 16k 4817.3 /
-    4212.5 (4797.8). ``TILEATTN_GLUON_FWD_WG=2|3`` forces either count within that scope (causal calls: 3 only so,
-    not yet GPU-run: a 192-row item's first warpgroup computes up to two key tiles its rows do not see)."""
+    varlen packing or the flat pipeline (``persistent``; causal ones on the host's work list, built for 192-row
+    items) from ``GLUON_FWD_3WG_MIN_SEQLEN_Q`` query rows (causal: ``GLUON_FWD_3WG_MIN_SEQLEN_Q_CAUSAL``), else 2;
+    its registers are ``GLUON_3WG_REGS``. Outputs are bit-identical either way (each row's arithmetic is the same).
+    H200, one process, CUDA-graph µs per training forward, D=64, 16k tokens, two / three warpgroups (cuDNN):
+    non-causal (run 172) 512 194.8 / 198.0 (176.7), 1k 338.2 / 331.5 (316.7), 2k 623.1 / 567.5 (603.7), 4k
+    1237.5 / 1068.0 (1169.7), 16k 4817.3 / 4212.5 (4797.8); causal (run 178) 1k 230.5 / 266.8 (201.9), 2k 370.4 /
+    352.6 (344.5), 4k 658.2 / 639.9 (637.9), 16k 2416.2 / 2025.1 (2344.2): a causal 192-row item's first warpgroup
+    computes up to two key tiles its rows do not see, which short sequences feel. ``TILEATTN_GLUON_FWD_WG=2|3``
+    forces either count within that scope."""
     value = choice("TILEATTN_GLUON_FWD_WG", ("", "2", "3"), "")
     if head_dim != 64 or not persistent:
         return 2
     if value:
         return int(value)
-    return 3 if seqlen_q >= GLUON_FWD_3WG_MIN_SEQLEN_Q and not causal else 2
-
-
-def gluon_dq_warpgroups(head_dim: int, persistent: bool) -> int:
-    """Consumer warpgroups of the Gluon dQ kernel: 3 (v37b, ``TILEATTN_GLUON_DQ_WG=3``, opt-in, not yet GPU-run;
-    192-row items, ``GLUON_3WG_REGS``) for D=64 calls on its persistent grid with 64-key tiles (D=64 runs the
-    Gluon dQ kernel only with ``TILEATTN_GLUON_DQ=1``), else 2. v37a's three warpgroups made the D=64 forward
-    1.10-1.16x faster from 2k (run 172); the Gluon dQ kernel at D=64 fits 160 registers without spills."""
-    return 3 if choice("TILEATTN_GLUON_DQ_WG", ("2", "3"), "2") == "3" and head_dim == 64 and persistent else 2
-
-
-def gluon_bwd_warpgroups(head_dim: int, plain: bool) -> int:
-    """Consumer warpgroups of the Gluon dK/dV kernel: 3 (v37c, ``TILEATTN_GLUON_BWD_WG=3``, opt-in, not yet
-    GPU-run; 192 keys per program, 32-query steps in a 4-slot ring, ``GLUON_3WG_REGS``, KV_REGS 0)
-    for D=64 calls without the split or fused forms (``plain``), else 2. At 160 registers the pipelined 64-query
-    step serialises wgmma (ptxas C7512); 32-query steps cost 17-21% with two warpgroups (run 166)."""
-    return 3 if choice("TILEATTN_GLUON_BWD_WG", ("2", "3"), "2") == "3" and head_dim == 64 and plain else 2
+    return 3 if seqlen_q >= (GLUON_FWD_3WG_MIN_SEQLEN_Q_CAUSAL if causal else GLUON_FWD_3WG_MIN_SEQLEN_Q) else 2
 
 
 def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool, varlen: bool,

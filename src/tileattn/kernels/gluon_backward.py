@@ -34,7 +34,6 @@ aligned (TMA); rows past Sq load as zeros with lse +inf (P = 0); keys past Sk ar
 store. One program per (128-key tile, batch * kv head).
 """
 
-import dataclasses
 import functools
 
 import torch
@@ -299,8 +298,7 @@ if AVAILABLE:
                      HAS_SOFTCAP: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
                      HAS_ALIBI: gl.constexpr, SPLIT: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, FUSED_DQ: gl.constexpr = 0,
-                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0, TRACE=None,
-                     NUM_WG: gl.constexpr = 2):
+                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0, TRACE=None):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
         total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
@@ -310,11 +308,10 @@ if AVAILABLE:
         (``_split_consumer``; no varlen or softcap). FUSED_DQ (0: off; else dQ^T staging slots per warpgroup, 2 or
         4): dQ too, reduce-added into the fp32 accumulator ``dq_desc`` describes (``fused_dq``; without it
         ``dq_desc`` is a placeholder, not read); EARLY_DQ its products' order (``_dkdv_consumer``). TRACE: None,
-        or an int64 (programs, 4) buffer that gets each program's trace (``trace_program``; measurement only).
-        NUM_WG (v37c, opt-in; not with SPLIT or FUSED_DQ): consumer warpgroups, 3 for 192 keys per program."""
+        or an int64 (programs, 4) buffer that gets each program's trace (``trace_program``; measurement only)."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HALF_N: gl.constexpr = k_desc.block_type.shape[1]
-        KV_PARTS: gl.constexpr = 1 if SPLIT else NUM_WG  # key parts of HALF_N per program
+        KV_PARTS: gl.constexpr = 1 if SPLIT else 2  # key parts of HALF_N per program
         dtype: gl.constexpr = q_desc.dtype
         pid = gl.program_id(0)
         if TRACE is not None:
@@ -350,7 +347,7 @@ if AVAILABLE:
         mbarrier.init(kv_bar, count=1)
         for i in gl.static_range(STAGES):
             mbarrier.init(ready.index(i), count=1)
-            mbarrier.init(empty.index(i), count=NUM_WG)  # every consumer warpgroup releases each slot
+            mbarrier.init(empty.index(i), count=2)  # both consumer warpgroups release each slot
         bars = (kv_bar, ready, empty)
         alibi_b = ALIBI
         if HAS_ALIBI:
@@ -392,43 +389,21 @@ if AVAILABLE:
             fused = (ds_slots, ds_ready, ds_free, dq_slots, dq_desc, (b * kv_heads + hk) * group * HEAD_D)
         else:
             fused = q_smem  # not read without FUSED_DQ
-        if NUM_WG == 3:  # v37c (opt-in): three consumer warpgroups, 192 keys per program
-            gl.warp_specialize([
-                (_dkdv_consumer, (0, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                                  delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
-                                  qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
-                                  win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW,
-                                  HAS_SOFTCAP, PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
-                (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                                  delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
-                                  qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
-                                  win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW,
-                                  HAS_SOFTCAP, PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
-                (_dkdv_consumer, (2, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                                  delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
-                                  qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
-                                  win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW,
-                                  HAS_SOFTCAP, PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
-                (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                              delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
-                              q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
-            ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
-        else:
-            gl.warp_specialize([
-                (_dkdv_consumer, (0, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                                  delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
-                                  qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
-                                  win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                                  PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
-                (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                                  delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
-                                  qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
-                                  win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
-                                  PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
-                (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
-                              delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
-                              q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
-            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+        gl.warp_specialize([
+            (_dkdv_consumer, (0, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                              delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
+                              qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
+                              win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
+                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
+            (_dkdv_consumer, (1, dk_desc, dv_desc, DK, DV, alibi_b, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                              delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, seqlen_q, seqlen_k,
+                              qk_scale, sm_scale, k_row0, stride_dks, stride_dkh, stride_dvs, stride_dvh, HALF_N,
+                              win_left, win_right, softcap, BLOCK_M, HEAD_D, STAGES, CAUSAL, WINDOW, HAS_SOFTCAP,
+                              PIPELINE, VARLEN, HAS_ALIBI, fused, FUSED_DQ, EARLY_DQ, KV_REGS)),
+            (_dkdv_load, (q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem,
+                          delta_smem, bars, b_desc, hk, group, start_n, m_lo, n_m, srow0, stride_sh, stride_st,
+                          q_row0, k_row0, HALF_N, BLOCK_M, HEAD_D, STAGES, KV_PARTS)),
+        ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         if TRACE is not None:
             trace_program(TRACE, t_start, n_m)
 
@@ -448,19 +423,18 @@ def _fused_flags(head_dim: int) -> dict:
                 **({"EARLY_DQ": True} if configs.switch("TILEATTN_FUSED_DQ_EARLY") else {}))
 
 
-def kv_regs(head_dim: int, p: AttnParams, fused: bool, wg: int = 2) -> int:
+def kv_regs(head_dim: int, p: AttnParams, fused: bool) -> int:
     """The dK/dV kernel's KV_REGS for a call: 0, K and V read from shared memory by every S^T / dP^T product
     (with 32-query steps at D=128 those products are m64n32: their A and B reads, 3 KB per 16 tensor-core clocks,
     exceed the shared-memory port's 128 B per clock); 1, K held in registers (32 per thread at D=128, 16 at D=64);
     2, K and V. The config's ``kv_regs`` for the call's mask (non-causal, causal), or ``TILEATTN_GLUON_BWD_KV_REGS``
     for both. Calls with softcap, ALiBi or a window keep 0 (they spill with it: 48-168 B), and so does the fused
-    backward (its dQ products read K from shared memory), and so do three warpgroups (v37c, 160 registers: 2
-    serialises their wgmma, 1 spills 12 B in the causal form)."""
+    backward (its dQ products read K from shared memory)."""
     cfg = configs._GLUON_BWD.get(head_dim)
     val = configs.getenv("TILEATTN_GLUON_BWD_KV_REGS", "")
     if val not in ("", "0", "1", "2"):
         raise ValueError(f"TILEATTN_GLUON_BWD_KV_REGS must be 0, 1 or 2, got {val!r}")
-    if fused or wg == 3 or p.softcap > 0 or p.alibi_slopes is not None or has_window(p):
+    if fused or p.softcap > 0 or p.alibi_slopes is not None or has_window(p):
         return 0
     if val:
         return int(val)
@@ -520,14 +494,7 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
     q_desc, do_desc = make_desc(q, (1, bm, 1, d), bf16), make_desc(dout, (1, bm, 1, d), bf16)
     k_desc, v_desc = make_desc(k, (1, half_n, 1, d), bf16), make_desc(v, (1, half_n, 1, d), bf16)
     dk_desc, dv_desc = make_desc(dk, (1, half_n, 1, d), bf16), make_desc(dv, (1, half_n, 1, d), bf16)
-    wg = configs.gluon_bwd_warpgroups(d, not cfg.split and dq_acc is None)
-    if wg == 3:  # v37c: 32-query steps in a 4-slot ring, v37a's registers (64-row steps need more)
-        creg, preg, maxnreg = configs.GLUON_3WG_REGS
-        cfg = dataclasses.replace(cfg, block_m=32, stages=4, pipeline=True, consumer_regs=creg, producer_regs=preg,
-                                  maxnreg=maxnreg)
-        bm = cfg.block_m
-        q_desc, do_desc = make_desc(q, (1, bm, 1, d), bf16), make_desc(dout, (1, bm, 1, d), bf16)
-    num_n_tiles = triton.cdiv(seqlen_k, (1 if cfg.split else wg) * half_n)
+    num_n_tiles = triton.cdiv(seqlen_k, (1 if cfg.split else 2) * half_n)
     st_desc = host_descriptor(GluonTensorDescriptor, stats.view(-1), (bm, ), layout=_stats_layout(bm))
     sts = stats.stride()
     dq_desc = st_desc  # a placeholder without FUSED_DQ
@@ -545,6 +512,5 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
              PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
              PRODUCER_REGS=cfg.producer_regs, **(_fused_flags(d) if dq_acc is not None else {}),
-             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None, wg)) else {}),
-             **({"NUM_WG": 3} if wg == 3 else {})),
+             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {})),
         4, 1, maxnreg=cfg.maxnreg)

@@ -49,8 +49,7 @@ if AVAILABLE:
         positions t0 .. (rows from q_row0 / k_row0: the sequence's first packed rows, varlen). q_empty (the
         persistent kernel): each half loads once its consumer released the previous item's (phase q_phase)."""
         q_bars, k_ready, k_empty, v_ready, v_empty = bars
-        NW: gl.constexpr = q_bars.shape[0]  # consumer warpgroups: one Q / dO part each
-        for w in gl.static_range(NW):
+        for w in gl.static_range(2):
             if q_empty is not None:
                 mbarrier.wait(q_empty.index(w), q_phase ^ 1)
             mbarrier.expect(q_bars.index(w), 2 * HALF_M * HEAD_D * 2)
@@ -82,12 +81,11 @@ if AVAILABLE:
         """Persistent producer: items pid, pid + nprog, ... in turn (``_dq_load`` each), an item's Q / dO halves
         once the consumers released the previous item's (after their last S and dP products), the K / V rings
         running on across items (positions t0 + j)."""
-        NW: gl.constexpr = bars[0].shape[0]  # consumer warpgroups
         t0 = gl.to_tensor(0)
         for item in range(pid, num_items, nprog):
             it = (item - pid) // nprog
             b, h, start_m, lo, n = _dq_item(item, pid, nprog, num_items, num_m_tiles, q_heads, seqlen_q, seqlen_k,
-                                            win_left, win_right, NW * HALF_M, BLOCK_N, CAUSAL, WINDOW)
+                                            win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW)
             _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, h // group,
                      start_m, lo, n, 0, 0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, t0, q_empty, it & 1)
             t0 += n
@@ -307,12 +305,11 @@ if AVAILABLE:
                                 HAS_ALIBI: gl.constexpr):
         """Persistent consumer warpgroup w (batched calls): ``_dq_consumer`` on the items pid, pid + nprog, ...
         (``_dq_item``), the K / V ring positions t0 carried across items, Q's phase it & 1."""
-        NW: gl.constexpr = bars[0].shape[0]  # consumer warpgroups
         t0 = gl.to_tensor(0)
         for item in range(pid, num_items, nprog):
             it = (item - pid) // nprog
             b, h, start_m, lo, n = _dq_item(item, pid, nprog, num_items, num_m_tiles, q_heads, seqlen_q, seqlen_k,
-                                            win_left, win_right, NW * HALF_M, BLOCK_N, CAUSAL, WINDOW)
+                                            win_left, win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW)
             alibi_b = ALIBI
             if HAS_ALIBI:
                 alibi_b = ALIBI + b * stride_ab
@@ -335,7 +332,7 @@ if AVAILABLE:
                    WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                    HAS_RESID: gl.constexpr, HAS_DLSE: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr,
                    CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, TRACE=None,
-                   PERSISTENT: gl.constexpr = False, num_items=0, NUM_WG: gl.constexpr = 2):
+                   PERSISTENT: gl.constexpr = False, num_items=0):
         """Warp-specialised: two consumer warpgroups (64 query rows each) and a producer warp. TRACE: None, or an
         int64 (programs, 4) buffer for each program's trace (``trace_program``; measurement only). VARLEN: packed (1,
         total, H, D) tensors, sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are
@@ -346,8 +343,7 @@ if AVAILABLE:
         program per SM runs the num_items query tiles in turn (``_dq_item``), the next item's Q / dO and first key
         tiles loading while an item's last products and epilogue run, dQ staged in its own buffers (TRACE: one
         record per program, n = its items' key tiles). ``benchmarks/persistent_protocol.py`` models its barriers
-        (``check_dq``): change the two together. NUM_WG (with PERSISTENT; v37b, opt-in): consumer warpgroups, 3
-        for 192-row items."""
+        (``check_dq``): change the two together."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         dtype: gl.constexpr = q_desc.dtype
         if TRACE is not None:
@@ -359,7 +355,7 @@ if AVAILABLE:
                 n = gl.to_tensor(0)  # the trace's step count: every item's key tiles
                 for item in range(pid, num_items, nprog):
                     n += _dq_item(item, pid, nprog, num_items, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left,
-                                  win_right, NUM_WG * HALF_M, BLOCK_N, CAUSAL, WINDOW)[4]
+                                  win_right, 2 * HALF_M, BLOCK_N, CAUSAL, WINDOW)[4]
         else:
             b, h, tile = program_tile(gl.program_id(0), num_m_tiles, q_heads, CAUSAL or WINDOW)
             hk = h // group
@@ -369,83 +365,49 @@ if AVAILABLE:
                               VARLEN)
             srow0 = stats_row0(b, q_row0, seqlen_q, VARLEN)
 
-        q_smem = gl.allocate_shared_memory(dtype, [NUM_WG, 1, HALF_M, 1, HEAD_D], q_desc.layout)
-        do_smem = gl.allocate_shared_memory(dtype, [NUM_WG, 1, HALF_M, 1, HEAD_D], do_desc.layout)
+        q_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], q_desc.layout)
+        do_smem = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], do_desc.layout)
         k_smem = gl.allocate_shared_memory(dtype, [K_STAGES, 1, BLOCK_N, 1, HEAD_D], k_desc.layout)
         v_smem = gl.allocate_shared_memory(dtype, [V_STAGES, 1, BLOCK_N, 1, HEAD_D], v_desc.layout)
-        q_bars = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
+        q_bars = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
         k_ready = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         k_empty = gl.allocate_shared_memory(gl.int64, [K_STAGES, 1], mbarrier.MBarrierLayout())
         v_ready = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
         v_empty = gl.allocate_shared_memory(gl.int64, [V_STAGES, 1], mbarrier.MBarrierLayout())
-        for i in gl.static_range(NUM_WG):
+        for i in gl.static_range(2):
             mbarrier.init(q_bars.index(i), count=1)
         for i in gl.static_range(K_STAGES):
             mbarrier.init(k_ready.index(i), count=1)
-            mbarrier.init(k_empty.index(i), count=NUM_WG)  # every consumer warpgroup releases each slot
+            mbarrier.init(k_empty.index(i), count=2)  # both consumer warpgroups release each slot
         for i in gl.static_range(V_STAGES):
             mbarrier.init(v_ready.index(i), count=1)
-            mbarrier.init(v_empty.index(i), count=NUM_WG)
+            mbarrier.init(v_empty.index(i), count=2)
         bars = (q_bars, k_ready, k_empty, v_ready, v_empty)
         if PERSISTENT:
-            q_empty = gl.allocate_shared_memory(gl.int64, [NUM_WG, 1], mbarrier.MBarrierLayout())
-            for i in gl.static_range(NUM_WG):
+            q_empty = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
+            for i in gl.static_range(2):
                 mbarrier.init(q_empty.index(i), count=1)
-            dq_stage = gl.allocate_shared_memory(dtype, [NUM_WG, 1, HALF_M, 1, HEAD_D], dq_desc.layout)
-            if NUM_WG == 3:  # v37b (opt-in): three consumer warpgroups, 192-row items
-                gl.warp_specialize([
-                    (_dq_consumer_persistent, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem,
-                                               do_smem, k_smem, v_smem, bars, q_empty, dq_stage, pid, num_items,
-                                               nprog, num_m_tiles, q_heads, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                                               stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
-                                               stride_lb, stride_lh, stride_sh, stride_st, stride_dqs, stride_dqh,
-                                               stride_ab, HALF_M, BLOCK_N, win_left, win_right, softcap, HEAD_D,
-                                               K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE,
-                                               HAS_ALIBI)),
-                    (_dq_consumer_persistent, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem,
-                                               do_smem, k_smem, v_smem, bars, q_empty, dq_stage, pid, num_items,
-                                               nprog, num_m_tiles, q_heads, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                                               stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
-                                               stride_lb, stride_lh, stride_sh, stride_st, stride_dqs, stride_dqh,
-                                               stride_ab, HALF_M, BLOCK_N, win_left, win_right, softcap, HEAD_D,
-                                               K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE,
-                                               HAS_ALIBI)),
-                    (_dq_consumer_persistent, (2, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem,
-                                               do_smem, k_smem, v_smem, bars, q_empty, dq_stage, pid, num_items,
-                                               nprog, num_m_tiles, q_heads, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                                               stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
-                                               stride_lb, stride_lh, stride_sh, stride_st, stride_dqs, stride_dqh,
-                                               stride_ab, HALF_M, BLOCK_N, win_left, win_right, softcap, HEAD_D,
-                                               K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE,
-                                               HAS_ALIBI)),
-                    (_dq_load_persistent, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars,
-                                           q_empty, pid, num_items, nprog, num_m_tiles, q_heads, group, seqlen_q,
-                                           seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D, K_STAGES,
-                                           V_STAGES, CAUSAL, WINDOW)),
-                ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
-            else:
-                gl.warp_specialize([
-                    (_dq_consumer_persistent, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem,
-                                               do_smem, k_smem, v_smem, bars, q_empty, dq_stage, pid, num_items,
-                                               nprog, num_m_tiles, q_heads, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                                               stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
-                                               stride_lb, stride_lh, stride_sh, stride_st, stride_dqs, stride_dqh,
-                                               stride_ab, HALF_M, BLOCK_N, win_left, win_right, softcap, HEAD_D,
-                                               K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE,
-                                               HAS_ALIBI)),
-                    (_dq_consumer_persistent, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem,
-                                               do_smem, k_smem, v_smem, bars, q_empty, dq_stage, pid, num_items,
-                                               nprog, num_m_tiles, q_heads, seqlen_q, seqlen_k, qk_scale, sm_scale,
-                                               stride_ob, stride_os, stride_oh, stride_dob, stride_dos, stride_doh,
-                                               stride_lb, stride_lh, stride_sh, stride_st, stride_dqs, stride_dqh,
-                                               stride_ab, HALF_M, BLOCK_N, win_left, win_right, softcap, HEAD_D,
-                                               K_STAGES, V_STAGES, CAUSAL, WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE,
-                                               HAS_ALIBI)),
-                    (_dq_load_persistent, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars,
-                                           q_empty, pid, num_items, nprog, num_m_tiles, q_heads, group, seqlen_q,
-                                           seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D, K_STAGES,
-                                           V_STAGES, CAUSAL, WINDOW)),
-                ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
+            dq_stage = gl.allocate_shared_memory(dtype, [2, 1, HALF_M, 1, HEAD_D], dq_desc.layout)
+            gl.warp_specialize([
+                (_dq_consumer_persistent, (0, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem,
+                                           do_smem, k_smem, v_smem, bars, q_empty, dq_stage, pid, num_items, nprog,
+                                           num_m_tiles, q_heads, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
+                                           stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb,
+                                           stride_lh, stride_sh, stride_st, stride_dqs, stride_dqh, stride_ab, HALF_M,
+                                           BLOCK_N, win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
+                                           WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE, HAS_ALIBI)),
+                (_dq_consumer_persistent, (1, dq_desc, O, RESID, DO, LSE, DLSE, DELTA, STATS, DQ, ALIBI, q_smem,
+                                           do_smem, k_smem, v_smem, bars, q_empty, dq_stage, pid, num_items, nprog,
+                                           num_m_tiles, q_heads, seqlen_q, seqlen_k, qk_scale, sm_scale, stride_ob,
+                                           stride_os, stride_oh, stride_dob, stride_dos, stride_doh, stride_lb,
+                                           stride_lh, stride_sh, stride_st, stride_dqs, stride_dqh, stride_ab, HALF_M,
+                                           BLOCK_N, win_left, win_right, softcap, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
+                                           WINDOW, HAS_SOFTCAP, HAS_RESID, HAS_DLSE, HAS_ALIBI)),
+                (_dq_load_persistent, (q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, q_empty,
+                                       pid, num_items, nprog, num_m_tiles, q_heads, group, seqlen_q, seqlen_k,
+                                       win_left, win_right, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL,
+                                       WINDOW)),
+            ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             alibi_b = ALIBI
             if HAS_ALIBI:
@@ -486,15 +448,12 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
     q_desc, do_desc = make_desc(q, (1, half, 1, d), bf16), make_desc(dout, (1, half, 1, d), bf16)
     k_desc, v_desc = make_desc(k, (1, bn, 1, d), bf16), make_desc(v, (1, bn, 1, d), bf16)
     dq_desc = make_desc(dq_out, (1, half, 1, d), bf16)
-    causal = p.window_right == 0 and not has_window(p)
-    persistent = not p.varlen and d <= 128 and configs.gluon_dq_persistent(causal or has_window(p))  # items in turn
-    wg = configs.gluon_dq_warpgroups(d, persistent and bn == 64)
-    regs = configs.GLUON_3WG_REGS if wg == 3 else (cfg.consumer_regs, cfg.producer_regs, cfg.maxnreg)
-    num_m_tiles = triton.cdiv(seqlen_q, wg * half)
+    num_m_tiles = triton.cdiv(seqlen_q, 2 * half)
     os_, dos, sts = out.stride(), dout.stride(), stats.stride()
     grid, extra = num_m_tiles * batch * q_heads, {}
-    if persistent:
-        extra = dict(PERSISTENT=True, num_items=grid, **({"NUM_WG": 3} if wg == 3 else {}))
+    causal = p.window_right == 0 and not has_window(p)
+    if not p.varlen and d <= 128 and configs.gluon_dq_persistent(causal or has_window(p)):  # items in turn
+        extra = dict(PERSISTENT=True, num_items=grid)
         grid = min(grid, configs.sm_count(q.device))
     launch(_dq_kernel, (grid,), (
         q_desc, do_desc, k_desc, v_desc, dq_desc, out, resid if resid is not None else out, dout, lse,
@@ -508,6 +467,6 @@ def dq(q, k, v, out, resid, dout, lse, dlse, delta, stats, dq_out, p: AttnParams
              CAUSAL=causal, WINDOW=has_window(p), HAS_SOFTCAP=p.softcap > 0,
              HAS_ALIBI=p.alibi_slopes is not None,
              HAS_RESID=resid is not None, HAS_DLSE=dlse is not None, VARLEN=p.varlen,
-             CONSUMER_REGS=regs[0],
-             PRODUCER_REGS=regs[1], **extra),
-        4, 1, maxnreg=regs[2])
+             CONSUMER_REGS=cfg.consumer_regs,
+             PRODUCER_REGS=cfg.producer_regs, **extra),
+        4, 1, maxnreg=cfg.maxnreg)

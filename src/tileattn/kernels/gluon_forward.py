@@ -481,8 +481,8 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     persistent, work_list, needs_list = configs.gluon_forward_schedule(cfg, d, uneven, p.varlen, causal_list,
                                                                        alibi_linear)
     flat_on = configs.getenv("TILEATTN_GLUON_FLAT") == "1"  # opt-in, NOTES v21a (``flat`` below)
-    # v37a: three consumer warpgroups (192-row items) on the persistent grid; batched causal calls on the host's
-    # work list only when forced (TILEATTN_GLUON_FWD_WG=3); the opt-in flat pipeline keeps two
+    # v37a: three consumer warpgroups (192-row items) on the persistent grid and on batched causal calls' host
+    # work list (``configs.gluon_forward_warpgroups``); the opt-in flat pipeline keeps two
     wg = configs.gluon_forward_warpgroups(d, persistent and not (window or p.varlen or flat_on)
                                           and (causal_list or not causal), seqlen_q, causal)
     nprog = configs.sm_count(q.device) if persistent else 0  # the persistent grid's programs (at most)
