@@ -14,7 +14,8 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import tileattn
 
 
-def graph_us(fn, reps=10):
+def capture(fn, reps=10):
+    """A CUDA graph of ``reps`` calls of ``fn`` (after 3 warm-up calls on a side stream), replayed once."""
     s = torch.cuda.Stream()
     s.wait_stream(torch.cuda.current_stream())
     with torch.cuda.stream(s):
@@ -27,8 +28,13 @@ def graph_us(fn, reps=10):
             fn()
     g.replay()
     torch.cuda.synchronize()
+    return g
+
+
+def replay_us(g, reps=10, tries=10):
+    """µs per call: the best of ``tries`` timed replays of graph ``g`` (holding ``reps`` calls)."""
     best = float("inf")
-    for _ in range(10):
+    for _ in range(tries):
         a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         a.record()
         g.replay()
@@ -36,6 +42,11 @@ def graph_us(fn, reps=10):
         torch.cuda.synchronize()
         best = min(best, a.elapsed_time(b) * 1e3 / reps)
     return best
+
+
+def graph_us(fn, reps=10):
+    """µs per call of ``fn``, CUDA-graph replay (``capture`` + ``replay_us``)."""
+    return replay_us(capture(fn, reps), reps)
 
 
 def main():

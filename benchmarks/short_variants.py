@@ -1,7 +1,11 @@
 """Short forward cells under knob variants, one process: each cell's forward (inputs requiring gradients, as the
 bench's forward cells time it; --no-grad: under no_grad) replayed from a CUDA graph (10 calls per graph, no host
-work between them), once per variant, beside SDPA cuDNN's. The knobs are read per call (configs.getenv) and launch
-plans key on the knobs a call read, so switching os.environ between variants is safe.
+work between them), per variant, beside SDPA cuDNN's. Each provider's graph is captured once (the variant's knobs
+set while capturing: they are read per call, configs.getenv, and launch plans key on the knobs a call read, so
+switching os.environ between variants is safe), then timed in --rounds rounds (default 3), the order rotated each
+round so that no variant always runs first or last on a power-capped card; each round takes a graph's best of 10
+replays, and a cell reports each provider's median round and, with 2+ rounds, the spread of its rounds (max / min
+- 1). Two identical kernels read 5-8% apart in run 180 when measured once each, one after the other.
 
 A variant is NAME or NAME@DIMS:VAR=value[+VAR=value...], DIMS a '/'-separated list of head dims it applies to (all
 when left out); a variant is skipped on cells of other head dims. The default (no knob) is always measured.
@@ -9,6 +13,7 @@ when left out); a variant is skipped on cells of other head dims. The default (n
 Usage: PYTHONPATH=src python3 benchmarks/short_variants.py [--no-grad] [--cells d,b,h,s,causal;...] VARIANT ..."""
 import argparse
 import os
+import statistics
 import sys
 
 import torch
@@ -18,7 +23,7 @@ from torch.nn.attention import SDPBackend, sdpa_kernel
 import tileattn
 
 sys.path.insert(0, os.path.dirname(__file__))
-from kernel_vs_wall import graph_us  # noqa: E402
+from kernel_vs_wall import capture, replay_us  # noqa: E402
 
 CELLS = ((128, 32, 16, 512, True), (128, 16, 16, 1024, True), (64, 32, 32, 512, True), (64, 16, 32, 1024, True),
          (256, 32, 8, 512, True), (256, 16, 8, 1024, True), (256, 32, 8, 512, False), (128, 32, 16, 512, False),
@@ -37,6 +42,7 @@ def main():
     ap.add_argument("--no-grad", action="store_true")
     ap.add_argument("--step", action="store_true", help="time forward + backward (a training step's attention)")
     ap.add_argument("--cells", default="")
+    ap.add_argument("--rounds", type=int, default=3, help="timed rounds per cell, order rotated each round")
     ap.add_argument("variants", nargs="*")
     args = ap.parse_args()
     grad = not args.no_grad or args.step
@@ -62,25 +68,51 @@ def main():
             if args.step:
                 out.backward(do)
         with torch.set_grad_enabled(grad):
-            ref = graph_us(cud)
-            parts = [f"cudnn {ref:.1f}"]
+            graphs, parts = {"cudnn": capture(cud)}, {}
             for name, dims, env in variants:
                 if dims is not None and d not in dims:
                     continue
                 saved = {key: os.environ.get(key) for key in env}
                 os.environ.update(env)
                 try:
-                    us = graph_us(ours)
-                    parts.append(f"{name} {us:.1f} ({ref / us:.2f})")
+                    graphs[name] = capture(ours)
                 except Exception as e:  # a variant that does not apply to the cell (e.g. a config that won't fit)
-                    parts.append(f"{name} failed: {type(e).__name__}: {str(e)[:80]}")
+                    parts[name] = f"{name} failed: {type(e).__name__}: {str(e)[:80]}"
                 finally:
                     for key, value in saved.items():
                         if value is None:
                             os.environ.pop(key, None)
                         else:
                             os.environ[key] = value
-        print(f"D={d} B={b} H={h} S={s} causal={causal}: " + " | ".join(parts), flush=True)
+            times = rounds_us(graphs, args.rounds)
+        ref = statistics.median(times["cudnn"])
+        line = [f"cudnn {ref:.1f}{spread(times['cudnn'])}"]
+        for name, _, _ in variants:
+            if name in times:
+                us = statistics.median(times[name])
+                line.append(f"{name} {us:.1f} ({ref / us:.2f}){spread(times[name])}")
+            elif name in parts:
+                line.append(parts[name])
+        print(f"D={d} B={b} H={h} S={s} causal={causal}: " + " | ".join(line), flush=True)
+        del graphs
+        torch.cuda.empty_cache()
+
+
+def rounds_us(graphs, rounds):
+    """{name: [µs per call, one per round]}: every graph timed once per round (``replay_us``), round r starting
+    at the r-th graph of the list (a rotation)."""
+    names = list(graphs)
+    times = {name: [] for name in names}
+    for r in range(max(1, rounds)):
+        for i in range(len(names)):
+            name = names[(r + i) % len(names)]
+            times[name].append(replay_us(graphs[name]))
+    return times
+
+
+def spread(values):
+    """' ±x%' (max / min - 1 over the rounds) for 2+ rounds, else ''."""
+    return f" ±{(max(values) / min(values) - 1) * 100:.1f}%" if len(values) > 1 else ""
 
 
 if __name__ == "__main__":
