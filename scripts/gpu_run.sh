@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 s40 s42 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 s40 s42 s44 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -197,6 +197,16 @@ for stage in "$@"; do
          timeout 150 python3 benchmarks/short_variants.py \
            --cells "64,16,32,1024,1;64,8,32,2048,1;64,4,32,4096,1;64,1,32,16384,1" \
            "wg3:TILEATTN_GLUON_FWD_WG=3" 2>&1 | grep -v Warning | tee -a "$OUT/s42_fwd.log" ;;
+    s44) # (~3 min) v38a (TILEATTN_GLUON_FWD_SKIP=1, not GPU-run yet): causal calls on three warpgroups skip, per
+         # warpgroup, the key tiles its rows do not see: its bit-identity tests and the three-warpgroup ones, then
+         # the D=64 causal forward cells, two / three warpgroups / three with the skip beside cuDNN (3 rotated rounds)
+         timeout 200 python3 -m pytest tests/test_gluon_forward.py -k "causal_skip or three" -v -n 8 \
+           -p no:cacheprovider -p no:benchmark -rf 2>&1 | grep -E "PASS|FAIL|ERR|passed|failed" \
+           | tee "$OUT/s44_tests.log" | tail -3; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+         timeout 200 python3 benchmarks/short_variants.py \
+           --cells "64,16,32,1024,1;64,8,32,2048,1;64,4,32,4096,1;64,1,32,16384,1" "wg2:TILEATTN_GLUON_FWD_WG=2" \
+           "wg3:TILEATTN_GLUON_FWD_WG=3" "skip:TILEATTN_GLUON_FWD_WG=3+TILEATTN_GLUON_FWD_SKIP=1" 2>&1 \
+           | grep -v Warning | tee "$OUT/s44_fwd.log" ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;

@@ -302,6 +302,39 @@ def test_three_warpgroups_match_two(case, dtype, spy, monkeypatch):
                          **kw)
 
 
+SKIP_CASES = [(16, 1024, 1024, 8, 8, {}),  # (B, Sq, Sk, Hq, Hkv, features), D=64 causal: 1k, many items per SM
+              (2, 2048, 2048, 8, 8, dict(sink=True)),
+              (3, 1500, 1100, 4, 2, {}),  # Sq > Sk: warpgroups whose rows see no key in items that have keys
+              (2, 700, 2000, 6, 3, {}),  # Sq < Sk
+              (2, 1300, 1300, 4, 4, {})]  # a partial last item
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", SKIP_CASES, ids=lambda c: "x".join(map(str, c[:5])) + "-" + "-".join(c[5]))
+def test_causal_skip_matches_two(case, dtype, spy, monkeypatch):
+    """v38a (TILEATTN_GLUON_FWD_SKIP=1 on causal calls with three warpgroups): each warpgroup skips the key tiles
+    its rows do not see, only releasing their ring slots and passing its turns; the call launches with
+    CAUSAL_SKIP, and its out and lse equal the two-warpgroup kernel's bit for bit (a fully masked tile adds
+    nothing), NaN-free, including warpgroups whose rows see no key at all (Sq > Sk)."""
+    B, Sq, Sk, Hq, Hkv, feat = case
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, 64, dtype, seed_for("gluon-skip", case[:5], dtype))
+    kw = dict(feature_kwargs(feat, Hq, gen), causal=True)
+    seen = record_gluon_launches(monkeypatch)
+    monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "2")
+    want = tileattn.attention(q, k, v, return_lse=True, **kw)
+    assert seen and "NUM_WG" not in seen[-1][1], seen[-1:]
+    n = len(spy)
+    monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "3")
+    monkeypatch.setenv("TILEATTN_GLUON_FWD_SKIP", "1")
+    got = tileattn.attention(q, k, v, return_lse=True, **kw)
+    assert len(spy) == n + 1, "the call did not take the Gluon forward"
+    assert seen[-1][1].get("NUM_WG") == 3 and seen[-1][1].get("CAUSAL_SKIP") and seen[-1][1]["USE_MAP"], seen[-1]
+    assert not torch.isnan(got[0]).any()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 def test_three_warpgroups_scope(monkeypatch):
     """configs.gluon_forward_warpgroups: by default 3 at D=64 on the plain persistent grid from 1024 query rows (run
     172), 2 elsewhere; TILEATTN_GLUON_FWD_WG forces either count within that scope; a bad value is refused naming
@@ -370,6 +403,15 @@ def test_launch_shapes_on_cpu(monkeypatch):
     grid, kw, _, block_m = _host_launch(monkeypatch, (16, 1024, 1024, 32, 32, 64), causal=True,
                                         knobs={"TILEATTN_GLUON_FWD_WG": "3"})
     assert kw["NUM_WG"] == 3 and kw["USE_MAP"] and block_m == 192 and kw["num_items"] == 6 * 16 * 32
+    assert "CAUSAL_SKIP" not in kw  # v38a: opt-in
+    _, kw, _, _ = _host_launch(monkeypatch, (16, 1024, 1024, 32, 32, 64), causal=True,
+                               knobs={"TILEATTN_GLUON_FWD_SKIP": "1"})
+    assert kw["NUM_WG"] == 3 and kw["CAUSAL_SKIP"]
+    _, kw, _, _ = _host_launch(monkeypatch, (1, 16384, 16384, 32, 32, 64))
+    assert kw["NUM_WG"] == 3 and "CAUSAL_SKIP" not in kw  # not causal
+    monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "2")
+    _, kw, _, _ = _host_launch(monkeypatch, (4, 4096, 4096, 32, 32, 64), causal=True)
+    assert "NUM_WG" not in kw and "CAUSAL_SKIP" not in kw  # two warpgroups: nothing to skip
     grid, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 8, 8, 128), window_left=256, window_right=256)
     assert "NUM_WG" not in kw
 
@@ -381,7 +423,8 @@ def test_three_warpgroups_compile_for_sm90():
     registers, and ptxas spills ~100 bytes in the item loop (none in the key-tile loop, SASS); more would be a
     regression. (The causal form with a sink spills 180 B, also outside the key-tile loop.)"""
     assert_compiles([("--head-dim", 64, "--persistent", "--wg", 3, "--spill-budget", 112, *extra)
-                     for extra in ((), ("--sink",), ("--fp16", "--no-resid"), ("--causal", "--tile-map"))])
+                     for extra in ((), ("--sink",), ("--fp16", "--no-resid"), ("--causal", "--tile-map"),
+                                   ("--causal", "--tile-map", "--skip"))])  # v38a: 84 B, none in a loop
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 4, 2048, 2048, 128), (3, 4, 2, 257, 1031, 128), (2, 8, 2, 1500, 700, 128),

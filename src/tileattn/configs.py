@@ -636,6 +636,14 @@ def gluon_forward_warpgroups(head_dim: int, persistent: bool, seqlen_q: int = 1 
     return 3 if seqlen_q >= (GLUON_FWD_3WG_MIN_SEQLEN_Q_CAUSAL if causal else GLUON_FWD_3WG_MIN_SEQLEN_Q) else 2
 
 
+def gluon_forward_causal_skip() -> bool:
+    """v38a (opt-in ``TILEATTN_GLUON_FWD_SKIP=1``, not yet GPU-run): causal calls on three consumer warpgroups skip,
+    per warpgroup, the key tiles its 64 rows do not see (a 192-row item's first warpgroup computes up to two
+    128-key tiles past its diagonal otherwise: run 178's three warpgroups lost 14% at 1k, gained 3-19% from 2k).
+    Outputs bit-identical (``gluon_forward._consumer``'s CAUSAL_SKIP)."""
+    return switch("TILEATTN_GLUON_FWD_SKIP")
+
+
 def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool, varlen: bool,
                            causal_list: bool = False, alibi_linear: bool = False):
     """(persistent, work_list, needs_list) for a Gluon forward call: a persistent grid (one program per

@@ -129,14 +129,19 @@ if AVAILABLE:
                   q_row0, b_desc, stride_os, stride_oh, t0, r0, q_phase, o_smem, q_empty, HALF_M: gl.constexpr,
                   BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
                   CAUSAL: gl.constexpr, WINDOW: gl.constexpr, STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                  HAS_SINK: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, PERSISTENT: gl.constexpr):
+                  HAS_SINK: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, PERSISTENT: gl.constexpr,
+                  CAUSAL_SKIP: gl.constexpr = False):
         """One warpgroup: rows [start_m + w * HALF_M, + HALF_M) of the query tile, key tiles lo .. lo + n - 1
         (ring positions t0 .. t0 + n - 1, ping-pong rounds r0 .. r0 + n, Q's barrier phase q_phase: 0, 0, 0 but
         in the persistent kernel). Rows and keys count from the sequence's start (q_row0: its first packed row in
         a varlen call, where b_desc = 0 is the descriptors' batch index). ALIBI_B: this sequence's ALiBi slopes
         (Hq,). PERSISTENT: Q's buffer is released (``q_empty``) after the last Q K^T, and the output is staged in
         ``o_smem`` instead, so the next item's Q loads during this item's last P V and epilogue (D=256: staged in
-        Q's buffer, released after the epilogue)."""
+        Q's buffer, released after the epilogue). CAUSAL_SKIP (v38a, opt-in; causal items of three warpgroups,
+        whose 192 rows span more key tiles than a warpgroup's 64 see): the item's key tiles past this warpgroup's
+        last visible key get no products here; the warpgroup only waits for each such tile's K and V to land and
+        releases them, and passes its turns, so the rings and rounds stay those of the other warpgroups. A fully
+        masked tile adds nothing to a row's max, sum or output, so the outputs are bit-identical."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         NW: gl.constexpr = turn.shape[0]  # consumer warpgroups (2; 3 with NUM_WG=3)
         dtype: gl.constexpr = o_desc.dtype
@@ -164,7 +169,10 @@ if AVAILABLE:
         q_buf = q_smem.index(w)
         q2 = q_buf.reshape([HALF_M, HEAD_D])
         mbarrier.wait(q_bars.index(w), q_phase)
-        if n > 0:
+        n_w = n  # key tiles this warpgroup computes
+        if CAUSAL_SKIP:  # up to its rows' last visible key (rows past the end: as if they existed)
+            n_w = gl.minimum(gl.maximum(gl.cdiv(gl.maximum(row0 + HALF_M + diag, 0), BLOCK_N) - lo, 0), n)
+        if n_w > 0:
             # FlashAttention-3's order: QK^T of tile j runs while O is rescaled, and P_{j-1} V_{j-1} runs while
             # tile j's softmax runs; nothing is in flight across the loop's back edge (ptxas serialises every
             # wgmma of the kernel when a register accumulator stays in flight there and is read after a wait).
@@ -180,7 +188,7 @@ if AVAILABLE:
                                                qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
                                                HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
-            for j in range(1, n):
+            for j in range(1, n_w):
                 turn_wait(turn, w, r0 + j)
                 ks = (t0 + j) % K_STAGES
                 mbarrier.wait(k_ready.index(ks), ((t0 + j) // K_STAGES) & 1)
@@ -199,17 +207,29 @@ if AVAILABLE:
                 p_op = gl.convert_layout(p.to(dtype), p_layout)
             if PERSISTENT and not Q_STAGE:  # every Q K^T of this item is done: the next item's Q may load
                 mbarrier.arrive(q_empty.index(w), count=1)
-            turn_wait(turn, w, r0 + n)
-            o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t0 + n - 1,
-                              seqlen_k - (lo + n - 1) * BLOCK_N, VARLEN,
+            turn_wait(turn, w, r0 + n_w)
+            o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t0 + n_w - 1,
+                              seqlen_k - (lo + n_w - 1) * BLOCK_N, VARLEN,
                               HAS_SOFTCAP != 2)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
-            mbarrier.arrive(v_empty.index((t0 + n - 1) % V_STAGES), count=1)
+            mbarrier.arrive(v_empty.index((t0 + n_w - 1) % V_STAGES), count=1)
         elif PERSISTENT:  # no key tile: one empty ping-pong round, so that every item takes n + 1 rounds
             if not Q_STAGE:
                 mbarrier.arrive(q_empty.index(w), count=1)
             turn_wait(turn, w, r0)
             mbarrier.arrive(turn.index((w + 1) % NW), count=1)
+        if CAUSAL_SKIP:  # the tiles this warpgroup does not see: rounds r0 + n_w + 1 .. r0 + n without products
+            for j in range(n_w, n):
+                turn_wait(turn, w, r0 + j + 1)
+                # wait until the tile has landed: that orders this release after the slot's previous use's
+                # releases, which an early arrival would otherwise be counted with
+                ks = (t0 + j) % K_STAGES
+                mbarrier.wait(k_ready.index(ks), ((t0 + j) // K_STAGES) & 1)
+                mbarrier.arrive(k_empty.index(ks), count=1)
+                vs = (t0 + j) % V_STAGES
+                mbarrier.wait(v_ready.index(vs), ((t0 + j) // V_STAGES) & 1)
+                mbarrier.arrive(v_empty.index(vs), count=1)
+                mbarrier.arrive(turn.index((w + 1) % NW), count=1)
 
         # Q is dead: its buffer stages this warpgroup's output rows for TMA stores (rows past the tensor clipped);
         # PERSISTENT at D <= 128: the next item's Q may be loading into it, the output has its own buffers
@@ -235,7 +255,7 @@ if AVAILABLE:
                              HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
                              CAUSAL: gl.constexpr, WINDOW: gl.constexpr, STORE_RESID: gl.constexpr,
                              HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr, VARLEN: gl.constexpr,
-                             HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr):
+                             HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CAUSAL_SKIP: gl.constexpr = False):
         """Persistent consumer warpgroup w: ``_consumer`` on the work items pid, pid + nprog, ... (causal: in
         ``persistent_item``'s order), the K/V ring positions t0 carried across items; the it-th item's ping-pong
         rounds start at t0 + it (every item takes n + 1 rounds) and its Q phase is it & 1 (derived, not carried:
@@ -254,7 +274,8 @@ if AVAILABLE:
             _consumer(w, o_desc, r_desc, LSE, SINK, alibi_b, O, RESID, q_smem, k_smem, v_smem, bars, b, h, start_m,
                       lo, n, sq, sk, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh, q_row0, b_desc,
                       stride_os, stride_oh, t0, t0 + it, it & 1, o_smem, q_empty, HALF_M, BLOCK_N, HEAD_D, K_STAGES,
-                      V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, True)
+                      V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, True,
+                      CAUSAL_SKIP)
             t0 += n
         tma.store_wait(pendings=0)  # the last item's stores (left in flight by the epilogue) have read shared memory
 
@@ -266,7 +287,7 @@ if AVAILABLE:
                     STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
                     VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr = False, num_items=0,
-                    FLAT: gl.constexpr = False, NUM_WG: gl.constexpr = 2):
+                    FLAT: gl.constexpr = False, NUM_WG: gl.constexpr = 2, CAUSAL_SKIP: gl.constexpr = False):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
         (64 query rows each; NUM_WG=3, persistent only: three, 192-row items, ``configs.gluon_forward_warpgroups``),
         one more worker warp issues every TMA load. VARLEN: q / k / v / out are packed
@@ -359,19 +380,22 @@ if AVAILABLE:
                                             num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
                                             win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                                             stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
-                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
+                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP,
+                                            CAUSAL_SKIP)),
                     (_consumer_persistent, (1, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
                                             bars, o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K,
                                             num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
                                             win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                                             stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
-                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
+                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP,
+                                            CAUSAL_SKIP)),
                     (_consumer_persistent, (2, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
                                             bars, o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K,
                                             num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
                                             win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                                             stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
-                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
+                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP,
+                                            CAUSAL_SKIP)),
                     (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid,
                                         num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group,
                                         max_seqlen_q, max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D,
@@ -523,7 +547,8 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
              HAS_ALIBI=(2 if alibi_linear and not persistent else 1) if p.alibi_slopes is not None else 0,
              USE_MAP=tiles is not None,
              CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1], PERSISTENT=persistent,
-             num_items=num_items, **({"FLAT": True} if flat else {}), **({"NUM_WG": 3} if wg == 3 else {})),
+             num_items=num_items, **({"FLAT": True} if flat else {}), **({"NUM_WG": 3} if wg == 3 else {}),
+             **({"CAUSAL_SKIP": True} if wg == 3 and causal and configs.gluon_forward_causal_skip() else {})),
         4, 3, maxnreg=regs[2])
     return (out, lse, resid) if residual else (out, lse)
 
