@@ -9,7 +9,8 @@ random order at random times after they are issued. For any list of items (key t
   release).
 
 It mirrors the kernel's barrier operations (``_dq_load`` / ``_dq_load_persistent`` and ``_dq_consumer`` /
-``_dq_consumer_persistent``). A change to one must be made to the other. (Session 27 also modelled a work-queue
+``_dq_consumer_persistent``), and ``check_fwd`` the persistent forward's with its warpgroups' turns and v38a's
+skipped tiles (``gluon_forward._consumer``). A change to one must be made to the other. (Session 27 also modelled a work-queue
 form of this kernel, v35d, and a persistent dK/dV kernel, v35e; both were measured no faster and removed, with
 their models: commit 10f8151 has them.) Usage: ``python benchmarks/persistent_protocol.py [--cases 300]``, or
 ``check_dq(items, nprog, ...)``.
@@ -174,6 +175,153 @@ def check_dq(items, nprog, k_stages=3, v_stages=2, seed=0):
     return {i: done[(i, 0)] for i in range(len(items))}
 
 
+def check_fwd(items, nprog, nwg=3, k_stages=3, v_stages=2, seen=None, seed=0, bug=None):
+    """The persistent Gluon forward (kernels/gluon_forward.py ``_consumer`` / ``_load_persistent``, D <= 128: Q
+    released after an item's last Q K^T, outputs in their own buffers) with ``nwg`` consumer warpgroups taking
+    turns (``turn_wait``: one round per key tile plus one per item). ``items[i]`` = key tiles of item i;
+    ``seen[i][w]`` (default: all) = how many of them warpgroup w computes, the rest drained as v38a's CAUSAL_SKIP
+    does (wait for the tile to land, release K and V, pass the turn). ``bug``: "no_ready_wait" drains without
+    waiting for the tiles to land (caught where every warpgroup drains a tile: nothing then keeps the releases
+    behind the producer; safe where one warpgroup computes every tile, as in causal items, whose last
+    warpgroup sees all their keys: the turns then order each release after the slot's previous use's), "free_run"
+    also without the turns (caught). Returns {item: program}."""
+    mach = _Machine(seed)
+    done = {}
+
+    def program(pid):
+        bar = lambda name, i=0, count=1: mach.bar((pid, name, i), count)  # noqa: E731
+        for i in range(nwg):
+            bar("q_bars", i), bar("q_empty", i), bar("turn", i)
+        for i in range(k_stages):
+            bar("k_ready", i), bar("k_empty", i, nwg)
+        for i in range(v_stages):
+            bar("v_ready", i), bar("v_empty", i, nwg)
+        key = lambda name, i=0: (pid, name, i)  # noqa: E731
+        arrive = lambda name, i=0: mach.bars[key(name, i)].arrive()  # noqa: E731
+        q_buf, k_slot, v_slot = [None] * nwg, [None] * k_stages, [None] * v_stages
+        q_users = [set() for _ in range(nwg)]
+        k_users, v_users = [set() for _ in range(k_stages)], [set() for _ in range(v_stages)]
+
+        def producer():  # _load_persistent: Q parts (after q_empty), then the K / V ring
+            t0, it = 0, 0
+            for item in range(pid, len(items), nprog):
+                for w in range(nwg):
+                    yield from mach.wait(key("q_empty", w), (it & 1) ^ 1)
+                    assert not q_users[w], f"program {pid}: Q part {w} refilled while in use"
+                    mach.copy(key("q_bars", w), q_buf, w, item)
+                    yield
+                for j in range(items[item]):
+                    t = t0 + j
+                    ks, vs = t % k_stages, t % v_stages
+                    yield from mach.wait(key("k_empty", ks), ((t // k_stages) & 1) ^ 1)
+                    assert not k_users[ks], f"program {pid}: K slot {ks} refilled while in use"
+                    mach.copy(key("k_ready", ks), k_slot, ks, t)
+                    yield
+                    yield from mach.wait(key("v_empty", vs), ((t // v_stages) & 1) ^ 1)
+                    assert not v_users[vs], f"program {pid}: V slot {vs} refilled while in use"
+                    mach.copy(key("v_ready", vs), v_slot, vs, t)
+                    yield
+                t0, it = t0 + items[item], it + 1
+
+        def turn_wait(w, r):
+            yield from mach.wait(key("turn", w), (r & 1) ^ 1 if w == 0 else r & 1)
+
+        def use_k(w, t):
+            ks = t % k_stages
+            yield from mach.wait(key("k_ready", ks), (t // k_stages) & 1)
+            assert k_slot[ks] == t, f"program {pid} wg{w}: K slot {ks} holds {k_slot[ks]}, not {t}"
+            k_users[ks].add(w)
+
+        def use_v(w, t):
+            vs = t % v_stages
+            yield from mach.wait(key("v_ready", vs), (t // v_stages) & 1)
+            assert v_slot[vs] == t, f"program {pid} wg{w}: V slot {vs} holds {v_slot[vs]}, not {t}"
+            v_users[vs].add(w)
+
+        def free_k(w, t):
+            k_users[t % k_stages].discard(w)
+            arrive("k_empty", t % k_stages)
+
+        def free_v(w, t):
+            v_users[t % v_stages].discard(w)
+            arrive("v_empty", t % v_stages)
+
+        def consume(w, item, it, t0, r0):  # _consumer (PERSISTENT, not Q_STAGE)
+            n = items[item]
+            n_w = n if seen is None else seen[item][w]
+            nxt = (w + 1) % nwg
+            yield from mach.wait(key("q_bars", w), it & 1)
+            assert q_buf[w] == item, f"program {pid} wg{w}: item {item} found Q part holding {q_buf[w]}"
+            q_users[w].add(w)
+            if n_w > 0:
+                yield from turn_wait(w, r0)
+                yield from use_k(w, t0)  # S_0 issued
+                arrive("turn", nxt)
+                yield
+                free_k(w, t0)  # S_0 waited
+                for j in range(1, n_w):
+                    yield from turn_wait(w, r0 + j)
+                    yield from use_k(w, t0 + j)  # S_j issued
+                    yield from use_v(w, t0 + j - 1)  # P V_{j-1} issued (_pv_issue)
+                    arrive("turn", nxt)
+                    yield
+                    free_k(w, t0 + j)  # S_j waited
+                    yield
+                    free_v(w, t0 + j - 1)  # P V_{j-1} waited
+                q_users[w].discard(w)
+                arrive("q_empty", w)
+                yield from turn_wait(w, r0 + n_w)
+                yield from use_v(w, t0 + n_w - 1)
+                arrive("turn", nxt)
+                yield
+                free_v(w, t0 + n_w - 1)
+            else:  # no key tile: one empty round
+                q_users[w].discard(w)
+                arrive("q_empty", w)
+                yield from turn_wait(w, r0)
+                arrive("turn", nxt)
+            for j in range(max(n_w, 0), n):  # CAUSAL_SKIP's drained tiles
+                t = t0 + j
+                if bug != "free_run":
+                    yield from turn_wait(w, r0 + j + 1)
+                if bug not in ("no_ready_wait", "free_run"):
+                    yield from mach.wait(key("k_ready", t % k_stages), (t // k_stages) & 1)
+                arrive("k_empty", t % k_stages)
+                if bug not in ("no_ready_wait", "free_run"):
+                    yield from mach.wait(key("v_ready", t % v_stages), (t // v_stages) & 1)
+                arrive("v_empty", t % v_stages)
+                arrive("turn", nxt)
+                yield
+            assert (item, w) not in done, f"item {item} computed twice by wg{w}"
+            done[(item, w)] = pid
+            yield
+
+        def consumer(w):  # _consumer_persistent: item it's rounds start at t0 + it
+            t0, it = 0, 0
+            for item in range(pid, len(items), nprog):
+                yield from consume(w, item, it, t0, t0 + it)
+                t0, it = t0 + items[item], it + 1
+
+        return {f"p{pid}": producer(), **{f"c{pid}.{w}": consumer(w) for w in range(nwg)}}
+
+    agents = {}
+    for pid in range(nprog):
+        agents.update(program(pid))
+    mach.run(agents, f"fwd items {items}, {nprog} programs, {nwg} warpgroups, seen {seen}")
+    assert set(done) == {(i, w) for i in range(len(items)) for w in range(nwg)}, "items missed"
+    return {i: done[(i, 0)] for i in range(len(items))}
+
+
+def random_fwd_cases(cases, seed=38, skip=True):
+    """``cases`` random runs of the forward model with three warpgroups (``skip``: each warpgroup computing a
+    random prefix of its items' tiles, as CAUSAL_SKIP); raises on the first failure."""
+    rng = random.Random(seed)
+    for _ in range(cases):
+        items = [rng.randint(0, 6) for _ in range(rng.randint(1, 10))]
+        seen = [[rng.randint(0, n) for _ in range(3)] for n in items] if skip else None
+        check_fwd(items, rng.randint(1, min(3, len(items))), 3, rng.choice((2, 3)), 2, seen, rng.randrange(1 << 30))
+
+
 def random_cases(cases, seed=27):
     """``cases`` random runs of the model; raises on the first failure."""
     rng = random.Random(seed)
@@ -188,4 +336,6 @@ if __name__ == "__main__":
     ap.add_argument("--cases", type=int, default=300)
     args = ap.parse_args()
     random_cases(args.cases)
-    print(f"{args.cases} random cases: no deadlock, every read of its own buffers, no refill in use")
+    random_fwd_cases(args.cases)
+    print(f"{args.cases} random cases each (dQ; forward with three warpgroups skipping tiles): no deadlock, every "
+          "read of its own buffers, no refill in use")

@@ -8,6 +8,8 @@ CPU: the dispatch rules, and the kernel compiled for sm_90a with Triton's bundle
 serialisation), which is what a change to the kernel most easily breaks without a GPU.
 """
 
+import os
+
 import pytest
 import torch
 
@@ -333,6 +335,25 @@ def test_causal_skip_matches_two(case, dtype, spy, monkeypatch):
     assert seen[-1][1].get("NUM_WG") == 3 and seen[-1][1].get("CAUSAL_SKIP") and seen[-1][1]["USE_MAP"], seen[-1]
     assert not torch.isnan(got[0]).any()
     assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
+def test_persistent_forward_protocol_model():
+    """benchmarks/persistent_protocol.check_fwd, the host model of the persistent forward's barriers with three
+    warpgroups taking turns and v38a's drained tiles (TMA copies landing in random order): no deadlock, each item
+    once per warpgroup, every read of its own ring slot and Q part, no refill in use; a drain without its waits
+    is caught where every warpgroup drains a tile, one that ignores the turns always. (A model of the kernel's
+    barrier code: the two must change together.)"""
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(__file__), "..", "benchmarks"))
+    import persistent_protocol as pp
+    assert pp.check_fwd([3, 0, 5, 1], 2) == {0: 0, 1: 1, 2: 0, 3: 1}  # round robin, an item without keys
+    seen = [[1, 0, 4], [0, 0, 0], [2, 3, 4]]  # warpgroups computing part (or none) of their items' tiles
+    assert pp.check_fwd([4, 3, 4], 1, 3, 2, 2, seen) == {0: 0, 1: 0, 2: 0}
+    for bug in ("no_ready_wait", "free_run"):
+        with pytest.raises((AssertionError, pp.Deadlock)):
+            pp.check_fwd([4, 3, 4], 1, 3, 2, 2, seen, bug=bug)
+    pp.random_fwd_cases(80)
+    pp.random_fwd_cases(40, skip=False)
 
 
 def test_three_warpgroups_scope(monkeypatch):

@@ -221,8 +221,9 @@ if AVAILABLE:
         if CAUSAL_SKIP:  # the tiles this warpgroup does not see: rounds r0 + n_w + 1 .. r0 + n without products
             for j in range(n_w, n):
                 turn_wait(turn, w, r0 + j + 1)
-                # wait until the tile has landed: that orders this release after the slot's previous use's
-                # releases, which an early arrival would otherwise be counted with
+                # wait until the tile has landed, so that this release follows the slot's previous use's releases
+                # (the turns already order it while another warpgroup computes the tile, as in causal items,
+                # whose last warpgroup sees every key; benchmarks/persistent_protocol.check_fwd)
                 ks = (t0 + j) % K_STAGES
                 mbarrier.wait(k_ready.index(ks), ((t0 + j) // K_STAGES) & 1)
                 mbarrier.arrive(k_empty.index(ks), count=1)
