@@ -203,10 +203,14 @@ for stage in "$@"; do
          timeout 200 python3 -m pytest tests/test_gluon_forward.py -k "causal_skip or three" -v -n 8 \
            -p no:cacheprovider -p no:benchmark -rf 2>&1 | grep -E "PASS|FAIL|ERR|passed|failed" \
            | tee "$OUT/s44_tests.log" | tail -3; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-         timeout 200 python3 benchmarks/short_variants.py \
-           --cells "64,16,32,1024,1;64,8,32,2048,1;64,4,32,4096,1;64,1,32,16384,1" "wg2:TILEATTN_GLUON_FWD_WG=2" \
-           "wg3:TILEATTN_GLUON_FWD_WG=3" "skip:TILEATTN_GLUON_FWD_WG=3+TILEATTN_GLUON_FWD_SKIP=1" 2>&1 \
-           | grep -v Warning | tee "$OUT/s44_fwd.log" ;;
+         # (at 512 the default is the portable kernel: g2 / g3skip force the Gluon one there, its table config)
+         timeout 240 python3 benchmarks/short_variants.py \
+           --cells "64,32,32,512,1;64,16,32,1024,1;64,8,32,2048,1;64,4,32,4096,1;64,1,32,16384,1" \
+           "wg2:TILEATTN_GLUON_FWD_WG=2" "wg3:TILEATTN_GLUON_FWD_WG=3" \
+           "skip:TILEATTN_GLUON_FWD_WG=3+TILEATTN_GLUON_FWD_SKIP=1" \
+           "g2:TILEATTN_GLUON_FWD_CONFIG=128,3,2,240,24,168+TILEATTN_GLUON_FWD_WG=2" \
+           "g3skip:TILEATTN_GLUON_FWD_CONFIG=128,3,2,240,24,168+TILEATTN_GLUON_FWD_WG=3+TILEATTN_GLUON_FWD_SKIP=1" \
+           2>&1 | grep -v Warning | tee "$OUT/s44_fwd.log" ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;
