@@ -9,11 +9,12 @@ random order at random times after they are issued. For any list of items (key t
   release).
 
 It mirrors the kernel's barrier operations (``_dq_load`` / ``_dq_load_persistent`` and ``_dq_consumer`` /
-``_dq_consumer_persistent``), and ``check_fwd`` the persistent forward's with its warpgroups' turns and v38a's
-skipped tiles (``gluon_forward._consumer``). A change to one must be made to the other. (Session 27 also modelled a work-queue
-form of this kernel, v35d, and a persistent dK/dV kernel, v35e; both were measured no faster and removed, with
-their models: commit 10f8151 has them.) Usage: ``python benchmarks/persistent_protocol.py [--cases 300]``, or
-``check_dq(items, nprog, ...)``.
+``_dq_consumer_persistent``); ``check_fwd`` mirrors the persistent forward's (``gluon_forward._consumer`` with its
+warpgroups' turns and v38a's skipped tiles; its producer loads each Q part once that part is free, as v38b's
+Q_EACH). A change to one must be made to the other. (Session 27 also modelled a work-queue form of the dQ kernel,
+v35d, and a persistent dK/dV kernel, v35e; both were measured no faster and removed, with their models: commit
+10f8151 has them.) Usage: ``python benchmarks/persistent_protocol.py [--cases 300]``, or ``check_dq(items, nprog,
+...)`` / ``check_fwd(items, nprog, ...)``.
 """
 import argparse
 import os

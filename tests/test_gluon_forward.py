@@ -304,6 +304,33 @@ def test_three_warpgroups_match_two(case, dtype, spy, monkeypatch):
                          **kw)
 
 
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
+@pytest.mark.parametrize("case", PERSISTENT_CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "-".join(c[6]))
+def test_q_each_matches_default(case, dtype, spy, monkeypatch):
+    """v38b (TILEATTN_GLUON_FWD_QEACH=1): on the persistent grid the producer loads each warpgroup's Q part as
+    soon as that warpgroup released it; the call launches with Q_EACH and its out and lse equal the default's bit
+    for bit (only when the loads are issued changes), NaN-free: the persistent cases above (D=64 on three
+    warpgroups, 128, and 256 whose Q buffer stages the output; causal on the work list, window + softcap, sink,
+    ALiBi, GQA, Sq != Sk)."""
+    B, Sq, Sk, Hq, Hkv, d, feat = case
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon-qeach", case[:6], dtype))
+    kw = feature_kwargs(feat, Hq, gen)
+    monkeypatch.setenv("TILEATTN_GLUON_ALIBI", "general")
+    monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "1")
+    seen = record_gluon_launches(monkeypatch)
+    want = tileattn.attention(q, k, v, return_lse=True, **kw)
+    assert seen and "Q_EACH" not in seen[-1][1], seen[-1:]
+    n = len(spy)
+    monkeypatch.setenv("TILEATTN_GLUON_FWD_QEACH", "1")
+    got = tileattn.attention(q, k, v, return_lse=True, **kw)
+    assert len(spy) == n + 1, "the call did not take the Gluon forward"
+    assert seen[-1][1]["PERSISTENT"] and seen[-1][1].get("Q_EACH"), seen[-1]
+    assert not torch.isnan(got[0]).any()
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+
+
 SKIP_CASES = [(16, 1024, 1024, 8, 8, {}),  # (B, Sq, Sk, Hq, Hkv, features), D=64 causal: 1k, many items per SM
               (2, 2048, 2048, 8, 8, dict(sink=True)),
               # Sq > Sk (diagonal -350): the item of rows 192-383 has one key tile, which its first two
@@ -435,6 +462,9 @@ def test_launch_shapes_on_cpu(monkeypatch):
     monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "2")
     _, kw, _, _ = _host_launch(monkeypatch, (4, 4096, 4096, 32, 32, 64), causal=True)
     assert "NUM_WG" not in kw and "CAUSAL_SKIP" not in kw  # two warpgroups: nothing to skip
+    assert "Q_EACH" not in kw  # v38b: opt-in
+    _, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 8, 8, 256), knobs={"TILEATTN_GLUON_FWD_QEACH": "1"})
+    assert kw["PERSISTENT"] and kw["Q_EACH"]
     grid, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 8, 8, 128), window_left=256, window_right=256)
     assert "NUM_WG" not in kw
 
@@ -447,7 +477,8 @@ def test_three_warpgroups_compile_for_sm90():
     regression. (The causal form with a sink spills 180 B, also outside the key-tile loop.)"""
     assert_compiles([("--head-dim", 64, "--persistent", "--wg", 3, "--spill-budget", 112, *extra)
                      for extra in ((), ("--sink",), ("--fp16", "--no-resid"), ("--causal", "--tile-map"),
-                                   ("--causal", "--tile-map", "--skip"))])  # v38a: 84 B, none in a loop
+                                   ("--causal", "--tile-map", "--skip"),  # v38a: 84 B, none in a loop
+                                   ("--q-each",))])  # v38b
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 4, 2048, 2048, 128), (3, 4, 2, 257, 1031, 128), (2, 8, 2, 1500, 700, 128),
@@ -945,7 +976,9 @@ PERSISTENT_COMPILE = [(128, False, ()), (128, True, ("--softcap", "--sink")), (6
                       (128, False, ("--window", "--alibi", "--fp16")),
                       (128, True, ("--varlen", "--tile-map")),
                       (128, False, ("--varlen", "--window", "--sink")),
-                      (256, False, ()), (256, True, ("--tile-map", "--softcap", "--sink"))]
+                      (256, False, ()), (256, True, ("--tile-map", "--softcap", "--sink")),
+                      # v38b (Q parts loaded one by one): its producer with D=256's staging and with varlen's list
+                      (256, False, ("--q-each",)), (128, True, ("--varlen", "--tile-map", "--q-each"))]
 
 
 @needs_gluon

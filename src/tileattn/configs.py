@@ -644,6 +644,15 @@ def gluon_forward_causal_skip() -> bool:
     return switch("TILEATTN_GLUON_FWD_SKIP")
 
 
+def gluon_forward_q_each() -> bool:
+    """v38b (opt-in ``TILEATTN_GLUON_FWD_QEACH=1``, not yet GPU-run): on the persistent grid the producer loads each
+    consumer warpgroup's Q part once that warpgroup released it, not once all had (``gluon_loads._load_persistent``'s
+    Q_EACH). From run 180's grid the D=256 forward pays ~4.5 key-tile times per item against ~1.7 at D=128 (fit
+    of TFLOP/s against the tiles per item), and its Q buffer is released only after the epilogue (it stages the
+    output), so the first warpgroup's next Q waited for the second's epilogue too. Outputs bit-identical."""
+    return switch("TILEATTN_GLUON_FWD_QEACH")
+
+
 def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool, varlen: bool,
                            causal_list: bool = False, alibi_linear: bool = False):
     """(persistent, work_list, needs_list) for a Gluon forward call: a persistent grid (one program per

@@ -288,7 +288,8 @@ if AVAILABLE:
                     STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
                     VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr = False, num_items=0,
-                    FLAT: gl.constexpr = False, NUM_WG: gl.constexpr = 2, CAUSAL_SKIP: gl.constexpr = False):
+                    FLAT: gl.constexpr = False, NUM_WG: gl.constexpr = 2, CAUSAL_SKIP: gl.constexpr = False,
+                    Q_EACH: gl.constexpr = False):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
         (64 query rows each; NUM_WG=3, persistent only: three, 192-row items, ``configs.gluon_forward_warpgroups``),
         one more worker warp issues every TMA load. VARLEN: q / k / v / out are packed
@@ -400,7 +401,7 @@ if AVAILABLE:
                     (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid,
                                         num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group,
                                         max_seqlen_q, max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D,
-                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP)),
+                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP, False, Q_EACH)),
                 ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
             else:
                 gl.warp_specialize([
@@ -419,7 +420,7 @@ if AVAILABLE:
                     (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid,
                                         num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group,
                                         max_seqlen_q, max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D,
-                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP)),
+                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP, False, Q_EACH)),
                 ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
@@ -549,7 +550,8 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
              USE_MAP=tiles is not None,
              CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1], PERSISTENT=persistent,
              num_items=num_items, **({"FLAT": True} if flat else {}), **({"NUM_WG": 3} if wg == 3 else {}),
-             **({"CAUSAL_SKIP": True} if wg == 3 and causal and configs.gluon_forward_causal_skip() else {})),
+             **({"CAUSAL_SKIP": True} if wg == 3 and causal and configs.gluon_forward_causal_skip() else {}),
+             **({"Q_EACH": True} if persistent and not flat and configs.gluon_forward_q_each() else {})),
         4, 3, maxnreg=regs[2])
     return (out, lse, resid) if residual else (out, lse)
 
