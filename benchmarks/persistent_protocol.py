@@ -70,6 +70,20 @@ class _Machine:
                 raise Deadlock(f"stuck: {sorted(agents)} with {what}")
 
 
+def _load_ring(mach, key, pid, k, v, n, t0):
+    """The producer's K / V ring loads (``gluon_common.load_kv_ring``): tiles t0 .. t0 + n - 1, each slot refilled
+    once its empty barrier passed, asserting no consumer still reads it. k / v: (slots, users per slot)."""
+    for j in range(n):
+        t = t0 + j
+        for (slots, users), name in ((k, "k"), (v, "v")):
+            stages = len(slots)
+            i = t % stages
+            yield from mach.wait(key(f"{name}_empty", i), ((t // stages) & 1) ^ 1)
+            assert not users[i], f"program {pid}: {name.upper()} slot {i} refilled while in use"
+            mach.copy(key(f"{name}_ready", i), slots, i, t)
+            yield
+
+
 def check_dq(items, nprog, k_stages=3, v_stages=2, seed=0):
     """The persistent dQ kernel: ``items[i]`` = key tiles of query tile i (0 allowed: rows that see no key),
     ``nprog`` programs, items pid, pid + nprog, ... each. Returns {item: program} of who computed it."""
@@ -96,17 +110,7 @@ def check_dq(items, nprog, k_stages=3, v_stages=2, seed=0):
                 yield
 
         def load_ring(n, t0):  # load_kv_ring
-            for j in range(n):
-                t = t0 + j
-                ks, vs = t % k_stages, t % v_stages
-                yield from mach.wait(key("k_empty", ks), ((t // k_stages) & 1) ^ 1)
-                assert not k_users[ks], f"program {pid}: K slot {ks} refilled while in use"
-                mach.copy(key("k_ready", ks), k_slot, ks, t)
-                yield
-                yield from mach.wait(key("v_empty", vs), ((t // v_stages) & 1) ^ 1)
-                assert not v_users[vs], f"program {pid}: V slot {vs} refilled while in use"
-                mach.copy(key("v_ready", vs), v_slot, vs, t)
-                yield
+            yield from _load_ring(mach, key, pid, (k_slot, k_users), (v_slot, v_users), n, t0)
 
         def producer():  # _dq_load_persistent
             t0, it = 0, 0
@@ -211,17 +215,7 @@ def check_fwd(items, nprog, nwg=3, k_stages=3, v_stages=2, seen=None, seed=0, bu
                     assert not q_users[w], f"program {pid}: Q part {w} refilled while in use"
                     mach.copy(key("q_bars", w), q_buf, w, item)
                     yield
-                for j in range(items[item]):
-                    t = t0 + j
-                    ks, vs = t % k_stages, t % v_stages
-                    yield from mach.wait(key("k_empty", ks), ((t // k_stages) & 1) ^ 1)
-                    assert not k_users[ks], f"program {pid}: K slot {ks} refilled while in use"
-                    mach.copy(key("k_ready", ks), k_slot, ks, t)
-                    yield
-                    yield from mach.wait(key("v_empty", vs), ((t // v_stages) & 1) ^ 1)
-                    assert not v_users[vs], f"program {pid}: V slot {vs} refilled while in use"
-                    mach.copy(key("v_ready", vs), v_slot, vs, t)
-                    yield
+                yield from _load_ring(mach, key, pid, (k_slot, k_users), (v_slot, v_users), items[item], t0)
                 t0, it = t0 + items[item], it + 1
 
         def turn_wait(w, r):
