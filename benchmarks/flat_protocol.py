@@ -9,7 +9,7 @@ tries every runnable agent in turn. It checks, for any list of per-item key-tile
 * the two warpgroups alternate on the tensor cores in the round order the turn barriers promise.
 
 It mirrors the kernel's barrier operations line by line (gluon_loads' ``_load_persistent`` with FLAT,
-``_turn_wait`` and ``_pv_issue``; gluon_flat's ``consumer_flat`` and ``_item_rounds``); a change to one must be
+gluon_common's ``turn_wait``, gluon_forward_steps' ``pv_issue``; gluon_flat's ``consumer_flat`` and ``_item_rounds``); a change to one must be
 made to the other. Usage:
 ``python benchmarks/flat_protocol.py [--cases 2000]`` (random cases), or ``check(n_items, k_stages, v_stages)``.
 """
@@ -112,7 +112,7 @@ def check(n_items, k_stages=2, v_stages=2, seed=0):
             q_users[qi].add(w)
             k_users[ks].add(w)
 
-        def pv(t):  # _pv_issue: V tile at ring position t, then hand the tensor cores over
+        def pv(t):  # pv_issue (gluon_forward_steps): V tile at ring position t, then hand the tensor cores over
             vs = t % v_stages
             yield from wait(("v_ready", vs), (t // v_stages) & 1)
             assert v_slot[vs] == t, f"wg{w}: P V of position {t} read V slot {vs} holding {v_slot[vs]}"

@@ -257,7 +257,7 @@ def check_fwd(items, nprog, nwg=3, k_stages=3, v_stages=2, seen=None, seed=0, bu
                 for j in range(1, n_w):
                     yield from turn_wait(w, r0 + j)
                     yield from use_k(w, t0 + j)  # S_j issued
-                    yield from use_v(w, t0 + j - 1)  # P V_{j-1} issued (_pv_issue)
+                    yield from use_v(w, t0 + j - 1)  # P V_{j-1} issued (pv_issue)
                     arrive("turn", nxt)
                     yield
                     free_k(w, t0 + j)  # S_j waited

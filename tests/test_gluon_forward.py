@@ -477,7 +477,7 @@ def test_three_warpgroups_compile_for_sm90():
     regression. (The causal form with a sink spills 180 B, also outside the key-tile loop.)"""
     assert_compiles([("--head-dim", 64, "--persistent", "--wg", 3, "--spill-budget", 112, *extra)
                      for extra in ((), ("--sink",), ("--fp16", "--no-resid"), ("--causal", "--tile-map"),
-                                   ("--causal", "--tile-map", "--skip"),  # v38a: 84 B, none in a loop
+                                   ("--causal", "--tile-map", "--skip"),  # v38a: 84 B, key-tile loop none
                                    ("--q-each",))])  # v38b
 
 

@@ -27,8 +27,8 @@ if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
-    from . import gluon_forward as fwd  # its helpers (a cycle: gluon_forward imports this module at its end)
     from .gluon_common import epilogue, persistent_bounds, row_bounds, turn_wait
+    from .gluon_forward_steps import pv_issue, softmax_tile
 
     @gluon.jit
     def _q_view(q_smem, w: gl.constexpr, it):
@@ -59,11 +59,11 @@ if AVAILABLE:
         for j in range(1, n):
             turn_wait(turn, w, t + j)
             s_tok = _qk_issue(q2, k_smem, k_ready, t + j, s_zero)
-            o_tok = fwd._pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + j - 1,
+            o_tok = pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + j - 1,
                                   sk - (lo + j - 1) * k_smem.shape[2], VARLEN, HAS_SOFTCAP != 2)
             s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index((t + j) % k_smem.shape[0]), count=1)
-            p, alpha, m_i, l_i = fwd._softmax_tile(s, lo + j, full_lo, n_full, m_i, l_i, rows, row0, cols, diag, sk,
+            p, alpha, m_i, l_i = softmax_tile(s, lo + j, full_lo, n_full, m_i, l_i, rows, row0, cols, diag, sk,
                                                    qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
                                                    HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
@@ -110,7 +110,7 @@ if AVAILABLE:
             win_left, win_right, ALIBI, stride_ab, w, s_layout, HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, HAS_ALIBI,
             USE_MAP)
         row0 = start_m + w * HALF_M
-        p, alpha, m_i, l_i = fwd._softmax_tile(s, lo, full_lo, n_full, m_start, l_start, rows, row0, cols, diag, sk,
+        p, alpha, m_i, l_i = softmax_tile(s, lo, full_lo, n_full, m_start, l_start, rows, row0, cols, diag, sk,
                                                qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
                                                HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
         acc, alpha, p_op, m_i, l_i = _item_rounds(
@@ -138,7 +138,7 @@ if AVAILABLE:
                                                            instr_shape=[16, BLOCK_N, 16])
         cols = gl.arange(0, BLOCK_N, layout=gl.SliceLayout(0, s_layout))
         s_zero = gl.zeros([HALF_M, BLOCK_N], gl.float32, layout=s_layout)
-        if HAS_SOFTCAP == 2:  # the fixed max (gluon_forward._softmax_tile)
+        if HAS_SOFTCAP == 2:  # the fixed max (gluon_forward_steps.softmax_tile)
             m_start = gl.zeros([HALF_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
         else:
             m_start = gl.full([HALF_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -166,7 +166,7 @@ if AVAILABLE:
             turn_wait(turn, w, t + n)
             mbarrier.wait(q_bars.index(2 * ((it + 1) % 2) + w), ((it + 1) // 2) & 1)
             s_tok = _qk_issue(_q_view(q_smem, w, it + 1), k_smem, k_ready, t + n, s_zero)
-            o_tok = fwd._pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + n - 1,
+            o_tok = pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + n - 1,
                                   sk - (lo + n - 1) * BLOCK_N, VARLEN, HAS_SOFTCAP != 2)
             # this item's epilogue while the other warpgroup's matmuls run (the next item's S_0 waits in registers;
             # its softmax comes at the top of the next iteration)
@@ -188,7 +188,7 @@ if AVAILABLE:
             m_start, l_start, cols, qk_scale, softcap, s_zero, w, HALF_M, BLOCK_N, HEAD_D, CAUSAL, WINDOW,
             HAS_SOFTCAP, VARLEN, HAS_ALIBI, USE_MAP)
         turn_wait(turn, w, t + n)
-        o_tok = fwd._pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + n - 1,
+        o_tok = pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t + n - 1,
                               sk - (lo + n - 1) * BLOCK_N, VARLEN, HAS_SOFTCAP != 2)
         acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
         mbarrier.arrive(v_empty.index((t + n - 1) % V_STAGES), count=1)

@@ -4,7 +4,8 @@ warpgroups (64 query rows each, 240 registers each through setmaxnreg) run the o
 warpgroup MMAs in FA3's order (QK^T of tile j is issued before O is rescaled; P_{j-1} V_{j-1} runs during tile j's
 softmax) and take turns issuing their matmuls (ping-pong through two mbarriers), so one warpgroup's softmax runs
 while the other's matmuls hold the tensor cores. Triton 3.6's own pipeliner and warp specialisation do neither
-(NOTES.md, sessions 8 and 10). The producer's loads are in ``gluon_loads.py``. D=64 calls on the persistent grid
+(NOTES.md, sessions 8 and 10). The producer's loads are in ``gluon_loads.py``, the consumers' per-key-tile steps
+(online softmax, P V) in ``gluon_forward_steps.py``. D=64 calls on the persistent grid
 without a mask take three consumer warpgroups from 1024 query rows (192-row items, 160 registers each; v37a,
 ``configs.gluon_forward_warpgroups``), the turns cycling through three mbarriers.
 
@@ -40,88 +41,10 @@ if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from .gluon_common import (SOFTCAP_FFMA, _tanh, alibi_scores, epilogue, exp2_tile, feature_scores, item_bounds,
-                               persistent_bounds, row_bounds, turn_wait, zero_rows_from)
+    from .gluon_common import epilogue, item_bounds, persistent_bounds, row_bounds, turn_wait
+    from .gluon_flat import consumer_flat
+    from .gluon_forward_steps import drain_tiles, pv_issue, softmax_tile
     from .gluon_loads import _load_partition, _load_persistent
-
-    @gluon.jit
-    def _softmax_tile(s, j, full_lo, n_full, m_i, l_i, rows, row0, cols, diag, seqlen_k, qk_scale, softcap, win_left,
-                      win_right, slope, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
-                      IS_BF16: gl.constexpr, HAS_ALIBI: gl.constexpr):
-        """Online-softmax step for key tile j: mask it when it is outside the full tiles [full_lo, n_full) (full_lo
-        only with a window), then return (p unnormalised fp32, alpha = exp2(m_old - m_new), m_new, l_new). Rows
-        that have seen no key keep m = -inf. With a softcap the scores become softcap * tanh(q.k * qk_scale)
-        (softcap pre-multiplied by log2 e); with a window, row r sees keys [r + diag - win_left, r + diag +
-        win_right]; ALiBi subtracts slope * |r + diag - key| (slope in log2 units; positions as fp32, exact below
-        2^24), on every tile; HAS_ALIBI == 2 (the linear form, plain grid): ``alibi_scores``, a row term rho joins
-        the max where a tile lies on one side of every row's position (rows = row0 .. row0 + HALF_M - 1).
-        HAS_SOFTCAP == 2 (the fold, no ALiBi, bf16, softcap <= 50; the default, NOTES v20c): the max stays 0, as
-        softcap * t <= softcap bounds every score: p = exp2(softcap * t) in [2^-c, 2^c] (c = softcap * log2 e <=
-        72.2), no row max and alpha = 1 (the caller skips O's rescale)."""
-        scale = qk_scale  # what s is multiplied by inside the exp2 (FFMA with the max), unless s is in log2 units
-        LOG2_UNITS: gl.constexpr = HAS_ALIBI or (HAS_SOFTCAP and not SOFTCAP_FFMA)
-        if HAS_ALIBI == 2:  # the linear form (configs.gluon_alibi_linear)
-            s, rho = alibi_scores(s, j, row0, rows, cols, diag, qk_scale, softcap, slope, HAS_SOFTCAP, IS_BF16)
-        elif LOG2_UNITS:
-            s, _ = feature_scores(s, qk_scale, softcap, slope, (rows + diag).to(gl.float32)[:, None],
-                                  (j * s.shape[1] + cols).to(gl.float32)[None, :], HAS_SOFTCAP, HAS_ALIBI, IS_BF16)
-        elif HAS_SOFTCAP:  # SOFTCAP_FFMA: s = tanh(...), softcap the scale, so softcap * t joins the exp2's FFMA
-            s = _tanh(s * qk_scale, IS_BF16)
-            scale = softcap
-        masked = j >= n_full
-        if WINDOW:
-            masked = masked | (j < full_lo)
-        if masked:  # uniform branch: the diagonal / window-edge / sequence-end tiles only
-            keys = j * s.shape[1] + cols
-            visible = (keys < seqlen_k)[None, :]
-            if CAUSAL:
-                visible = visible & (keys[None, :] <= rows[:, None] + diag)
-            if WINDOW:
-                rel = keys[None, :] - (rows[:, None] + diag)
-                visible = visible & (rel >= -win_left) & (rel <= win_right)
-            s = gl.where(visible, s, float("-inf"))
-        if HAS_SOFTCAP == 2:
-            m_new = m_i
-            alpha = m_i  # not read (no rescale)
-            p = exp2_tile(s * scale)
-            l_new = l_i + gl.sum(p, axis=1)
-        else:
-            if HAS_ALIBI == 2:  # scores are s + rho
-                m_new = gl.maximum(m_i, gl.max(s, axis=1) + rho)
-            elif LOG2_UNITS:
-                m_new = gl.maximum(m_i, gl.max(s, axis=1))
-            else:  # scale > 0: max(s) * scale = max(s * scale)
-                m_new = gl.maximum(m_i, gl.max(s, axis=1) * scale)
-            m_use = gl.where(m_new == float("-inf"), 0.0, m_new)
-            alpha = gl.exp2(m_i - m_use)
-            if HAS_ALIBI == 2:
-                x = s - (m_use - rho)[:, None]
-            elif LOG2_UNITS:
-                x = s - m_use[:, None]
-            else:
-                x = s * scale - m_use[:, None]
-            p = exp2_tile(x)
-            l_new = l_i * alpha + gl.sum(p, axis=1)
-        return p, alpha, m_new, l_new
-
-    @gluon.jit
-    def _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w: gl.constexpr, t, kv_valid, VARLEN: gl.constexpr,
-                  RESCALE: gl.constexpr):
-        """Rescale O by alpha (RESCALE), issue O += P_t V_t (asynchronous) once V_t has landed, and hand the tensor
-        cores to the other warpgroup. Returns the in-flight accumulator. VARLEN: V_t's rows from kv_valid on (the
-        tile crosses its sequence's end) are zeroed first."""
-        V_STAGES: gl.constexpr = v_smem.shape[0]
-        vs = t % V_STAGES
-        if RESCALE:
-            acc = acc * gl.convert_layout(alpha, gl.SliceLayout(1, acc.type.layout))[:, None]
-        mbarrier.wait(v_ready.index(vs), (t // V_STAGES) & 1)
-        v2 = v_smem.index(vs).reshape([v_smem.shape[2], v_smem.shape[4]])
-        if VARLEN:
-            if kv_valid < v_smem.shape[2]:
-                zero_rows_from(v2, kv_valid)
-        o_tok = warpgroup_mma(p_op, v2, acc, is_async=True)
-        mbarrier.arrive(turn.index((w + 1) % turn.shape[0]), count=1)  # the next warpgroup's turn
-        return o_tok
 
     @gluon.jit
     def _consumer(w: gl.constexpr, o_desc, r_desc, LSE, SINK, ALIBI_B, O, RESID, q_smem, k_smem, v_smem, bars, b, h,
@@ -159,7 +82,7 @@ if AVAILABLE:
         slope = 0.0
         if HAS_ALIBI:
             slope = gl.load(ALIBI_B + h).to(gl.float32) * 1.4426950408889634
-        if HAS_SOFTCAP == 2:  # the fixed max (_softmax_tile)
+        if HAS_SOFTCAP == 2:  # the fixed max (gluon_forward_steps.softmax_tile)
             m_i = gl.zeros([HALF_M], gl.float32, layout=gl.SliceLayout(1, s_layout))
         else:
             m_i = gl.full([HALF_M], float("-inf"), gl.float32, layout=gl.SliceLayout(1, s_layout))
@@ -184,7 +107,7 @@ if AVAILABLE:
             mbarrier.arrive(turn.index((w + 1) % NW), count=1)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
             mbarrier.arrive(k_empty.index(ks), count=1)
-            p, alpha, m_i, l_i = _softmax_tile(s, lo, full_lo, n_full, m_i, l_i, rows, row0, cols, diag, seqlen_k,
+            p, alpha, m_i, l_i = softmax_tile(s, lo, full_lo, n_full, m_i, l_i, rows, row0, cols, diag, seqlen_k,
                                                qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
                                                HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
             p_op = gl.convert_layout(p.to(dtype), p_layout)
@@ -194,12 +117,12 @@ if AVAILABLE:
                 mbarrier.wait(k_ready.index(ks), ((t0 + j) // K_STAGES) & 1)
                 s_tok = warpgroup_mma(q2, k_smem.index(ks).reshape([BLOCK_N, HEAD_D]).permute((1, 0)), s_zero,
                                       use_acc=False, is_async=True)
-                o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t0 + j - 1,
+                o_tok = pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t0 + j - 1,
                                   seqlen_k - (lo + j - 1) * BLOCK_N, VARLEN,
                                   HAS_SOFTCAP != 2)
                 s = warpgroup_mma_wait(num_outstanding=1, deps=(s_tok, ))
                 mbarrier.arrive(k_empty.index(ks), count=1)
-                p, alpha, m_i, l_i = _softmax_tile(s, lo + j, full_lo, n_full, m_i, l_i, rows, row0, cols, diag,
+                p, alpha, m_i, l_i = softmax_tile(s, lo + j, full_lo, n_full, m_i, l_i, rows, row0, cols, diag,
                                                    seqlen_k, qk_scale, softcap, win_left, win_right, slope, CAUSAL,
                                                    WINDOW, HAS_SOFTCAP, dtype == gl.bfloat16, HAS_ALIBI)
                 acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
@@ -208,7 +131,7 @@ if AVAILABLE:
             if PERSISTENT and not Q_STAGE:  # every Q K^T of this item is done: the next item's Q may load
                 mbarrier.arrive(q_empty.index(w), count=1)
             turn_wait(turn, w, r0 + n_w)
-            o_tok = _pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t0 + n_w - 1,
+            o_tok = pv_issue(acc, alpha, p_op, v_smem, v_ready, turn, w, t0 + n_w - 1,
                               seqlen_k - (lo + n_w - 1) * BLOCK_N, VARLEN,
                               HAS_SOFTCAP != 2)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
@@ -219,18 +142,7 @@ if AVAILABLE:
             turn_wait(turn, w, r0)
             mbarrier.arrive(turn.index((w + 1) % NW), count=1)
         if CAUSAL_SKIP:  # the tiles this warpgroup does not see: rounds r0 + n_w + 1 .. r0 + n without products
-            for j in range(n_w, n):
-                turn_wait(turn, w, r0 + j + 1)
-                # wait until the tile has landed, so that this release follows the slot's previous use's releases
-                # (the turns already order it while another warpgroup computes the tile, as in causal items,
-                # whose last warpgroup sees every key; benchmarks/persistent_protocol.check_fwd)
-                ks = (t0 + j) % K_STAGES
-                mbarrier.wait(k_ready.index(ks), ((t0 + j) // K_STAGES) & 1)
-                mbarrier.arrive(k_empty.index(ks), count=1)
-                vs = (t0 + j) % V_STAGES
-                mbarrier.wait(v_ready.index(vs), ((t0 + j) // V_STAGES) & 1)
-                mbarrier.arrive(v_empty.index(vs), count=1)
-                mbarrier.arrive(turn.index((w + 1) % NW), count=1)
+            drain_tiles(bars, w, t0 + n_w, n - n_w, r0 + n_w + 1)
 
         # Q is dead: its buffer stages this warpgroup's output rows for TMA stores (rows past the tensor clipped);
         # PERSISTENT at D <= 128: the next item's Q may be loading into it, the output has its own buffers
@@ -554,7 +466,3 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
              **({"Q_EACH": True} if persistent and not flat and configs.gluon_forward_q_each() else {})),
         4, 3, maxnreg=regs[2])
     return (out, lse, resid) if residual else (out, lse)
-
-
-if AVAILABLE:  # last: gluon_flat reads this module's helpers (an import cycle)
-    from .gluon_flat import consumer_flat  # noqa: E402
