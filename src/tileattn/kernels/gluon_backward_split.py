@@ -11,7 +11,8 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
-    from .gluon_common import alibi_slope, dkdv_dscores, dkdv_mask_bounds, dkdv_probs
+    from .gluon_backward_steps import dkdv_dscores, dkdv_mask_bounds, dkdv_probs
+    from .gluon_common import alibi_slope
 
     @gluon.jit
     def _split_front(w: gl.constexpr, x, t, s, tile, g, lse_smem, delta_smem, p_smem, p_bars, keys, seqlen_q, diag,
