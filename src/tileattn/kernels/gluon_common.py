@@ -455,6 +455,18 @@ if AVAILABLE:
         return slope
 
     @gluon.jit
+    def key_visible(keys, rows, seqlen_k, diag, win_left, win_right, CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
+        """The (rows, keys) mask of a masked key tile (forward and dQ kernels): keys before seqlen_k, and with
+        CAUSAL at or before the row's diagonal, with WINDOW within [r + diag - win_left, r + diag + win_right]."""
+        visible = (keys < seqlen_k)[None, :]
+        if CAUSAL:
+            visible = visible & (keys[None, :] <= rows[:, None] + diag)
+        if WINDOW:
+            rel = keys[None, :] - (rows[:, None] + diag)
+            visible = visible & (rel >= -win_left) & (rel <= win_right)
+        return visible
+
+    @gluon.jit
     def row_bounds(row0, seqlen_q, seqlen_k, win_left, win_right, s_layout: gl.constexpr, HALF_M: gl.constexpr,
                    BLOCK_N: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr):
         """A warpgroup's rows row0 .. row0 + HALF_M - 1 (in s_layout's row slice), a key tile's columns, the causal

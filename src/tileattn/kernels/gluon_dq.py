@@ -37,9 +37,9 @@ if AVAILABLE:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from .common import residual_value  # a @triton.jit helper: Gluon kernels call it like their own
-    from .gluon_common import (alibi_slope, feature_scores, global_ns, key_tiles, load_kv_ring, persistent_item,
-                               program_tile, row_bounds, seq_bounds, stats_row0, store_rows, trace_program,
-                               zero_rows_from)
+    from .gluon_common import (alibi_slope, feature_scores, global_ns, key_tiles, key_visible, load_kv_ring,
+                               persistent_item, program_tile, row_bounds, seq_bounds, stats_row0, store_rows,
+                               trace_program, zero_rows_from)
 
     @gluon.jit
     def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,
@@ -150,13 +150,7 @@ if AVAILABLE:
         if WINDOW:
             masked = masked | (j < full_lo)
         if masked:  # uniform branch: the diagonal / window-edge / sequence-end tiles only
-            keys = j * BLOCK_N + cols
-            visible = (keys < seqlen_k)[None, :]
-            if CAUSAL:
-                visible = visible & (keys[None, :] <= rows[:, None] + diag)
-            if WINDOW:
-                rel = keys[None, :] - (rows[:, None] + diag)
-                visible = visible & (rel >= -win_left) & (rel <= win_right)
+            visible = key_visible(j * BLOCK_N + cols, rows, seqlen_k, diag, win_left, win_right, CAUSAL, WINDOW)
             p = gl.where(visible, p, 0.0)
         if HAS_SOFTCAP:
             return p, 1.0 - t * t

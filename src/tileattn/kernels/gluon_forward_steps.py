@@ -10,7 +10,7 @@ if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma
-    from .gluon_common import (SOFTCAP_FFMA, _tanh, alibi_scores, exp2_tile, feature_scores, turn_wait,
+    from .gluon_common import (SOFTCAP_FFMA, _tanh, alibi_scores, exp2_tile, feature_scores, key_visible, turn_wait,
                                zero_rows_from)
 
     @gluon.jit
@@ -41,13 +41,7 @@ if AVAILABLE:
         if WINDOW:
             masked = masked | (j < full_lo)
         if masked:  # uniform branch: the diagonal / window-edge / sequence-end tiles only
-            keys = j * s.shape[1] + cols
-            visible = (keys < seqlen_k)[None, :]
-            if CAUSAL:
-                visible = visible & (keys[None, :] <= rows[:, None] + diag)
-            if WINDOW:
-                rel = keys[None, :] - (rows[:, None] + diag)
-                visible = visible & (rel >= -win_left) & (rel <= win_right)
+            visible = key_visible(j * s.shape[1] + cols, rows, seqlen_k, diag, win_left, win_right, CAUSAL, WINDOW)
             s = gl.where(visible, s, float("-inf"))
         if HAS_SOFTCAP == 2:
             m_new = m_i
