@@ -14,12 +14,12 @@ if AVAILABLE:
     @gluon.jit
     def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n, q_row0,
                         k_row0, t0, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                        K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, qb=0):
+                        K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, qb=0, q_empty=None, q_phase=0):
         """Producer warp: the two Q halves (into Q buffers qb and qb + 1: 0 but in the flat kernel), then key tiles
         lo .. lo + n - 1 (K and V) into their rings as the consumers free the slots (ring position t0 + j: the j-th
-        tile loaded; t0 = 0 but in the persistent kernel)."""
+        tile loaded; t0 = 0 but in the persistent kernel). ``q_empty`` / ``q_phase``: as ``_load_q``'s (v38b)."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
-        _load_q(q_desc, q_smem, q_bars, b, h, q_row0, start_m, HALF_M, HEAD_D, qb, turn.shape[0])
+        _load_q(q_desc, q_smem, q_bars, b, h, q_row0, start_m, HALF_M, HEAD_D, qb, turn.shape[0], q_empty, q_phase)
         load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, lo, n, t0,
                      BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
 
@@ -76,11 +76,9 @@ if AVAILABLE:
                 load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b_desc, h // group,
                              k_row0, lo + m, n - m, t0 + m, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
             elif Q_EACH:
-                q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
-                _load_q(q_desc, q_smem, q_bars, b_desc, h, q_row0, start_m, HALF_M, HEAD_D, 0, NW, q_empty,
-                        (it & 1) ^ 1)
-                load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b_desc, h // group,
-                             k_row0, lo, n, t0, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
+                _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b_desc, h, h // group, start_m,
+                                lo, n, q_row0, k_row0, t0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, 0, q_empty,
+                                (it & 1) ^ 1)
             else:
                 for w in gl.static_range(NW):
                     mbarrier.wait(q_empty.index(qb + w), ((it // Q_SETS) & 1) ^ 1)
