@@ -10,8 +10,9 @@ random order at random times after they are issued. For any list of items (key t
 
 It mirrors the kernel's barrier operations (``_dq_load`` / ``_dq_load_persistent`` and ``_dq_consumer`` /
 ``_dq_consumer_persistent``); ``check_fwd`` mirrors the persistent forward's (``gluon_forward._consumer`` with its
-warpgroups' turns and v38a's skipped tiles; its producer loads each Q part once that part is free, as v38b's
-Q_EACH). A change to one must be made to the other. (Session 27 also modelled a work-queue form of the dQ kernel,
+warpgroups' turns and v38a's skipped tiles; its producer loads the Q parts once every part is free, as
+``gluon_loads._load_persistent``; session 31 removed v38b, which loaded each part once that part was free: the
+model passed with either). A change to one must be made to the other. (Session 27 also modelled a work-queue form of the dQ kernel,
 v35d, and a persistent dK/dV kernel, v35e; both were measured no faster and removed, with their models: commit
 10f8151 has them.) Usage: ``python benchmarks/persistent_protocol.py [--cases 300]``, or ``check_dq(items, nprog,
 ...)`` / ``check_fwd(items, nprog, ...)``.
@@ -210,8 +211,9 @@ def check_fwd(items, nprog, nwg=3, k_stages=3, v_stages=2, seen=None, seed=0, bu
         def producer():  # _load_persistent: Q parts (after q_empty), then the K / V ring
             t0, it = 0, 0
             for item in range(pid, len(items), nprog):
-                for w in range(nwg):
+                for w in range(nwg):  # every part released first, then the loads (as the kernel's D <= 128 form)
                     yield from mach.wait(key("q_empty", w), (it & 1) ^ 1)
+                for w in range(nwg):
                     assert not q_users[w], f"program {pid}: Q part {w} refilled while in use"
                     mach.copy(key("q_bars", w), q_buf, w, item)
                     yield

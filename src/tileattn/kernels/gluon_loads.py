@@ -14,24 +14,21 @@ if AVAILABLE:
     @gluon.jit
     def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n, q_row0,
                         k_row0, t0, HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr,
-                        K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, qb=0, q_empty=None, q_phase=0):
+                        K_STAGES: gl.constexpr, V_STAGES: gl.constexpr, qb=0):
         """Producer warp: the two Q halves (into Q buffers qb and qb + 1: 0 but in the flat kernel), then key tiles
         lo .. lo + n - 1 (K and V) into their rings as the consumers free the slots (ring position t0 + j: the j-th
-        tile loaded; t0 = 0 but in the persistent kernel). ``q_empty`` / ``q_phase``: as ``_load_q``'s (v38b)."""
+        tile loaded; t0 = 0 but in the persistent kernel)."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
-        _load_q(q_desc, q_smem, q_bars, b, h, q_row0, start_m, HALF_M, HEAD_D, qb, turn.shape[0], q_empty, q_phase)
+        _load_q(q_desc, q_smem, q_bars, b, h, q_row0, start_m, HALF_M, HEAD_D, qb, turn.shape[0])
         load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, k_row0, lo, n, t0,
                      BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
 
     @gluon.jit
     def _load_q(q_desc, q_smem, q_bars, b, h, q_row0, start_m, HALF_M: gl.constexpr, HEAD_D: gl.constexpr, qb,
-                NW: gl.constexpr = 2, q_empty=None, phase=0):
+                NW: gl.constexpr = 2):
         """The query tile's NW parts of HALF_M rows, one per consumer warpgroup (rows q_row0 + start_m .. + NW HALF_M
-        of head h), into Q buffers qb .. qb + NW - 1; with ``q_empty`` (v38b) each part once its own buffer's
-        q_empty barrier has passed phase ``phase``."""
+        of head h), into Q buffers qb .. qb + NW - 1."""
         for w in gl.static_range(NW):
-            if q_empty is not None:
-                mbarrier.wait(q_empty.index(qb + w), phase)
             mbarrier.expect(q_bars.index(qb + w), HALF_M * HEAD_D * 2)
             tma.async_copy_global_to_shared(q_desc, [b, q_row0 + start_m + w * HALF_M, h, 0], q_bars.index(qb + w),
                                             q_smem.index(qb + w))
@@ -41,15 +38,13 @@ if AVAILABLE:
                          TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group, seqlen_q, seqlen_k, win_left, win_right,
                          HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
                          V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr,
-                         USE_MAP: gl.constexpr, FLAT: gl.constexpr = False, Q_EACH: gl.constexpr = False):
+                         USE_MAP: gl.constexpr, FLAT: gl.constexpr = False):
         """Persistent producer: the work items pid, pid + nprog, ... in turn (``_load_partition`` each; causal: in
         ``persistent_item``'s longest-first order); an item's Q halves load once both consumer warpgroups released
         the previous item's (``q_empty``, after their last Q K^T; at D=256, where out is staged in Q's buffer,
         after their epilogue, and the item's first key tiles load before it), and the K/V rings run on across
         items (positions t0 + j). FLAT (gluon_flat): two sets of Q buffers, the it-th item's in set it % 2,
-        released by item it - 2's epilogue. Q_EACH (v38b, opt-in; not with FLAT): each warpgroup's Q part loads as
-        soon as that warpgroup released it, instead of once every part was released (the first warpgroup ends an
-        item ahead of the others: the turns)."""
+        released by item it - 2's epilogue."""
         Q_SETS: gl.constexpr = 2 if FLAT else 1
         NW: gl.constexpr = bars[5].shape[0]  # consumer warpgroups (the turn barriers)
         t0 = gl.to_tensor(0)
@@ -66,19 +61,11 @@ if AVAILABLE:
                 m = gl.minimum(n, V_STAGES)
                 load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b_desc, h // group,
                              k_row0, lo, m, t0, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
-                if Q_EACH:
-                    _load_q(q_desc, q_smem, q_bars, b_desc, h, q_row0, start_m, HALF_M, HEAD_D, 0, 2, q_empty,
-                            (it & 1) ^ 1)
-                else:
-                    for w in gl.static_range(2):
-                        mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)
-                    _load_q(q_desc, q_smem, q_bars, b_desc, h, q_row0, start_m, HALF_M, HEAD_D, 0)
+                for w in gl.static_range(2):
+                    mbarrier.wait(q_empty.index(w), (it & 1) ^ 1)
+                _load_q(q_desc, q_smem, q_bars, b_desc, h, q_row0, start_m, HALF_M, HEAD_D, 0)
                 load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b_desc, h // group,
                              k_row0, lo + m, n - m, t0 + m, BLOCK_N, HEAD_D, K_STAGES, V_STAGES)
-            elif Q_EACH:
-                _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b_desc, h, h // group, start_m,
-                                lo, n, q_row0, k_row0, t0, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, 0, q_empty,
-                                (it & 1) ^ 1)
             else:
                 for w in gl.static_range(NW):
                     mbarrier.wait(q_empty.index(qb + w), ((it // Q_SETS) & 1) ^ 1)
