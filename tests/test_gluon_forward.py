@@ -282,7 +282,8 @@ def test_three_warpgroups_match_two(case, dtype, spy, monkeypatch):
     consumer warpgroups (192-row items) launches with NUM_WG=3, and its out and lse equal the two-warpgroup
     kernel's (=2) bit for bit (every row's
     arithmetic is the same: the same key tiles in the same order); its gradients pass the accuracy rule against
-    the float64 reference."""
+    the float64 reference. Causal cases run without v38a's skip (TILEATTN_GLUON_FWD_SKIP=0, the form the knob
+    keeps; ``test_causal_skip_matches_two`` covers the default)."""
     B, Sq, Sk, Hq, Hkv, feat = case
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, 64, dtype, seed_for("gluon-3wg", case[:5], dtype),
                             requires_grad=True)
@@ -293,8 +294,10 @@ def test_three_warpgroups_match_two(case, dtype, spy, monkeypatch):
     assert seen and seen[-1][1]["PERSISTENT"] and "NUM_WG" not in seen[-1][1], seen[-1:]
     n = len(spy)
     monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "3")
+    monkeypatch.setenv("TILEATTN_GLUON_FWD_SKIP", "0")
     got = tileattn.attention(q, k, v, return_lse=True, **kw)
     assert len(spy) == n + 1, "the call did not take the Gluon forward"
+    assert "CAUSAL_SKIP" not in seen[-1][1], seen[-1]
     assert seen[-1][1].get("NUM_WG") == 3 and seen[-1][0] == (min(configs.cdiv(Sq, 192) * B * Hq,
                                                                   configs.sm_count(q.device)), ), seen[-1]
     assert not torch.isnan(got[0]).any()
@@ -302,33 +305,6 @@ def test_three_warpgroups_match_two(case, dtype, spy, monkeypatch):
     import test_features
     test_features._check(q, k, v, randn((B, Sq, Hq, 64), dtype, gen), entry="tileattn", ctx="gluon 3 warpgroups",
                          **kw)
-
-
-@hopper
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case", PERSISTENT_CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "-".join(c[6]))
-def test_q_each_matches_default(case, dtype, spy, monkeypatch):
-    """v38b (TILEATTN_GLUON_FWD_QEACH=1): on the persistent grid the producer loads each warpgroup's Q part as
-    soon as that warpgroup released it; the call launches with Q_EACH and its out and lse equal the default's bit
-    for bit (only when the loads are issued changes), NaN-free: the persistent cases above (D=64 on three
-    warpgroups, 128, and 256 whose Q buffer stages the output; causal on the work list, window + softcap, sink,
-    ALiBi, GQA, Sq != Sk)."""
-    B, Sq, Sk, Hq, Hkv, d, feat = case
-    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon-qeach", case[:6], dtype))
-    kw = feature_kwargs(feat, Hq, gen)
-    monkeypatch.setenv("TILEATTN_GLUON_ALIBI", "general")
-    monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "1")
-    seen = record_gluon_launches(monkeypatch)
-    want = tileattn.attention(q, k, v, return_lse=True, **kw)
-    assert seen and "Q_EACH" not in seen[-1][1], seen[-1:]
-    n = len(spy)
-    monkeypatch.setenv("TILEATTN_GLUON_FWD_QEACH", "1")
-    got = tileattn.attention(q, k, v, return_lse=True, **kw)
-    assert len(spy) == n + 1, "the call did not take the Gluon forward"
-    assert seen[-1][1]["PERSISTENT"] and seen[-1][1].get("Q_EACH"), seen[-1]
-    assert not torch.isnan(got[0]).any()
-    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
 
 
 SKIP_CASES = [(16, 1024, 1024, 8, 8, {}),  # (B, Sq, Sk, Hq, Hkv, features), D=64 causal: 1k, many items per SM
@@ -345,7 +321,7 @@ SKIP_CASES = [(16, 1024, 1024, 8, 8, {}),  # (B, Sq, Sk, Hq, Hkv, features), D=6
 @pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
 @pytest.mark.parametrize("case", SKIP_CASES, ids=lambda c: "x".join(map(str, c[:5])) + "-" + "-".join(c[5]))
 def test_causal_skip_matches_two(case, dtype, spy, monkeypatch):
-    """v38a (TILEATTN_GLUON_FWD_SKIP=1 on causal calls with three warpgroups): each warpgroup skips the key tiles
+    """v38a (the default on causal calls with three warpgroups since session 31): each warpgroup skips the key tiles
     its rows do not see, only releasing their ring slots and passing its turns; the call launches with
     CAUSAL_SKIP, and its out and lse equal the two-warpgroup kernel's bit for bit (a fully masked tile adds
     nothing), NaN-free, including warpgroups whose rows see no key at all (Sq > Sk)."""
@@ -358,7 +334,6 @@ def test_causal_skip_matches_two(case, dtype, spy, monkeypatch):
     assert seen and "NUM_WG" not in seen[-1][1], seen[-1:]
     n = len(spy)
     monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "3")
-    monkeypatch.setenv("TILEATTN_GLUON_FWD_SKIP", "1")
     got = tileattn.attention(q, k, v, return_lse=True, **kw)
     assert len(spy) == n + 1, "the call did not take the Gluon forward"
     assert seen[-1][1].get("NUM_WG") == 3 and seen[-1][1].get("CAUSAL_SKIP") and seen[-1][1]["USE_MAP"], seen[-1]
@@ -448,23 +423,21 @@ def test_launch_shapes_on_cpu(monkeypatch):
     assert "NUM_WG" not in kw and kw["PERSISTENT"] and kw["num_items"] == 32 * 2 * 16
     grid, kw, _, block_m = _host_launch(monkeypatch, (4, 4096, 4096, 32, 32, 64), causal=True)
     assert kw["NUM_WG"] == 3 and kw["USE_MAP"] and block_m == 192 and kw["num_items"] == 22 * 4 * 32
+    assert kw["CAUSAL_SKIP"]  # v38a: the default with three warpgroups on causal calls
     grid, kw, _, block_m = _host_launch(monkeypatch, (16, 1024, 1024, 32, 32, 64), causal=True)
     assert "NUM_WG" not in kw and kw["USE_MAP"] and block_m == 128 and kw["num_items"] == 8 * 16 * 32
     grid, kw, _, block_m = _host_launch(monkeypatch, (16, 1024, 1024, 32, 32, 64), causal=True,
                                         knobs={"TILEATTN_GLUON_FWD_WG": "3"})
     assert kw["NUM_WG"] == 3 and kw["USE_MAP"] and block_m == 192 and kw["num_items"] == 6 * 16 * 32
-    assert "CAUSAL_SKIP" not in kw  # v38a: opt-in
+    assert kw["CAUSAL_SKIP"]
     _, kw, _, _ = _host_launch(monkeypatch, (16, 1024, 1024, 32, 32, 64), causal=True,
-                               knobs={"TILEATTN_GLUON_FWD_SKIP": "1"})
-    assert kw["NUM_WG"] == 3 and kw["CAUSAL_SKIP"]
+                               knobs={"TILEATTN_GLUON_FWD_WG": "3", "TILEATTN_GLUON_FWD_SKIP": "0"})
+    assert kw["NUM_WG"] == 3 and "CAUSAL_SKIP" not in kw
     _, kw, _, _ = _host_launch(monkeypatch, (1, 16384, 16384, 32, 32, 64))
     assert kw["NUM_WG"] == 3 and "CAUSAL_SKIP" not in kw  # not causal
     monkeypatch.setenv("TILEATTN_GLUON_FWD_WG", "2")
     _, kw, _, _ = _host_launch(monkeypatch, (4, 4096, 4096, 32, 32, 64), causal=True)
     assert "NUM_WG" not in kw and "CAUSAL_SKIP" not in kw  # two warpgroups: nothing to skip
-    assert "Q_EACH" not in kw  # v38b: opt-in
-    _, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 8, 8, 256), knobs={"TILEATTN_GLUON_FWD_QEACH": "1"})
-    assert kw["PERSISTENT"] and kw["Q_EACH"]
     grid, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 8, 8, 128), window_left=256, window_right=256)
     assert "NUM_WG" not in kw
 
@@ -477,8 +450,7 @@ def test_three_warpgroups_compile_for_sm90():
     regression. (The causal form with a sink spills 180 B, also outside the key-tile loop.)"""
     assert_compiles([("--head-dim", 64, "--persistent", "--wg", 3, "--spill-budget", 112, *extra)
                      for extra in ((), ("--sink",), ("--fp16", "--no-resid"), ("--causal", "--tile-map"),
-                                   ("--causal", "--tile-map", "--skip"),  # v38a: 84 B, key-tile loop none
-                                   ("--q-each",))])  # v38b
+                                   ("--causal", "--tile-map", "--skip"))])  # v38a: 84 B, key-tile loop none
 
 
 @pytest.mark.parametrize("shape", [(2, 16, 4, 2048, 2048, 128), (3, 4, 2, 257, 1031, 128), (2, 8, 2, 1500, 700, 128),
@@ -976,9 +948,7 @@ PERSISTENT_COMPILE = [(128, False, ()), (128, True, ("--softcap", "--sink")), (6
                       (128, False, ("--window", "--alibi", "--fp16")),
                       (128, True, ("--varlen", "--tile-map")),
                       (128, False, ("--varlen", "--window", "--sink")),
-                      (256, False, ()), (256, True, ("--tile-map", "--softcap", "--sink")),
-                      # v38b (Q parts loaded one by one): its producer with D=256's staging and with varlen's list
-                      (256, False, ("--q-each",)), (128, True, ("--varlen", "--tile-map", "--q-each"))]
+                      (256, False, ()), (256, True, ("--tile-map", "--softcap", "--sink"))]
 
 
 @needs_gluon

@@ -60,7 +60,7 @@ if AVAILABLE:
         a varlen call, where b_desc = 0 is the descriptors' batch index). ALIBI_B: this sequence's ALiBi slopes
         (Hq,). PERSISTENT: Q's buffer is released (``q_empty``) after the last Q K^T, and the output is staged in
         ``o_smem`` instead, so the next item's Q loads during this item's last P V and epilogue (D=256: staged in
-        Q's buffer, released after the epilogue). CAUSAL_SKIP (v38a, opt-in; causal items of three warpgroups,
+        Q's buffer, released after the epilogue). CAUSAL_SKIP (v38a, default; causal items of three warpgroups,
         whose 192 rows span more key tiles than a warpgroup's 64 see): the item's key tiles past this warpgroup's
         last visible key get no products here; the warpgroup only waits for each such tile's K and V to land and
         releases them, and passes its turns, so the rings and rounds stay those of the other warpgroups. A fully
@@ -200,8 +200,7 @@ if AVAILABLE:
                     STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
                     VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr = False, num_items=0,
-                    FLAT: gl.constexpr = False, NUM_WG: gl.constexpr = 2, CAUSAL_SKIP: gl.constexpr = False,
-                    Q_EACH: gl.constexpr = False):
+                    FLAT: gl.constexpr = False, NUM_WG: gl.constexpr = 2, CAUSAL_SKIP: gl.constexpr = False):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
         (64 query rows each; NUM_WG=3, persistent only: three, 192-row items, ``configs.gluon_forward_warpgroups``),
         one more worker warp issues every TMA load. VARLEN: q / k / v / out are packed
@@ -313,7 +312,7 @@ if AVAILABLE:
                     (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid,
                                         num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group,
                                         max_seqlen_q, max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D,
-                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP, False, Q_EACH)),
+                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP)),
                 ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
             else:
                 gl.warp_specialize([
@@ -332,7 +331,7 @@ if AVAILABLE:
                     (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid,
                                         num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group,
                                         max_seqlen_q, max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D,
-                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP, False, Q_EACH)),
+                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP)),
                 ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
@@ -462,7 +461,6 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
              USE_MAP=tiles is not None,
              CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1], PERSISTENT=persistent,
              num_items=num_items, **({"FLAT": True} if flat else {}), **({"NUM_WG": 3} if wg == 3 else {}),
-             **({"CAUSAL_SKIP": True} if wg == 3 and causal and configs.gluon_forward_causal_skip() else {}),
-             **({"Q_EACH": True} if persistent and not flat and configs.gluon_forward_q_each() else {})),
+             **({"CAUSAL_SKIP": True} if wg == 3 and causal and configs.gluon_forward_causal_skip() else {})),
         4, 3, maxnreg=regs[2])
     return (out, lse, resid) if residual else (out, lse)
