@@ -1,6 +1,6 @@
 """Host model of the K/V traffic from HBM of the causal Gluon forward under three schedules: the plain grid (the
 hardware hands the next program, in grid order, to whichever multiprocessor frees up), the persistent grid in
-``gluon_common.persistent_item``'s LPT order, and the persistent grid on the host's work list
+``gluon_schedule.persistent_item``'s LPT order, and the persistent grid on the host's work list
 (``_hostinfo.causal_schedule``, v22a). Every program reads its query tile's key tiles 0 .. n-1 one per step (K and
 V of one tile: block_n x D x 2 x 2 bytes), after a fixed cost per item (in steps); an LRU cache of ``--l2-mb``
 (default 25: Hopper's L2 is two 25 MB halves, each holding what its side reads) stands for the L2. Prints the HBM

@@ -1,6 +1,6 @@
 """Host model of the persistent forward's static schedule for causal calls: per-program work (key tiles + a fixed
 per-item cost) when nprog programs take positions pid, pid + nprog, ... of the items, in the grid's order
-((batch, head) outer, each head's tiles longest first) or in ``gluon_common.persistent_item``'s LPT order
+((batch, head) outer, each head's tiles longest first) or in ``gluon_schedule.persistent_item``'s LPT order
 (mirrored here: every head's longest tile first, odd full rounds reversed), and of the host's work list that
 replaces that order since session 19 (``_hostinfo.causal_schedule``: heads in L2-sized groups, each round handed
 to the least-loaded programs; its own item cost). Prints the makespan (the busiest program's work) over the mean
@@ -17,7 +17,7 @@ from tileattn._hostinfo import causal_schedule  # noqa: E402
 
 
 def lpt_index(pos, pid, nprog, num_items, num_m_tiles):
-    """gluon_common.persistent_item with LPT, on the host."""
+    """gluon_schedule.persistent_item with LPT, on the host."""
     r = pos // nprog
     if r % 2 == 1 and (r + 1) * nprog <= num_items:
         pos = r * nprog + nprog - 1 - pid

@@ -145,7 +145,7 @@ _CAUSAL_LISTS = {}
 def causal_schedule(batch: int, q_heads: int, group: int, seqlen_q: int, seqlen_k: int, block_m: int, block_n: int,
                     kv_bytes_per_key: int, nprog: int, l2_bytes: int):
     """The persistent forward's work list for a batched causal call, as a Python list of entries
-    (tile * batch + b) * q_heads + h (``gluon_common.item_bounds``' USE_MAP form; program p runs entries p,
+    (tile * batch + b) * q_heads + h (``gluon_schedule.item_bounds``' USE_MAP form; program p runs entries p,
     p + nprog, ...), with the busiest program's modelled work over the mean and the heads per group.
 
     Heads are taken in groups small enough that a group's K/V (``kv_bytes_per_key`` bytes per key and KV head, shared by

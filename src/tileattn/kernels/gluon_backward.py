@@ -54,7 +54,8 @@ if AVAILABLE:
     from .gluon_backward_split import _split_consumer
     from .fused_dq import issue_dq, stage_dq_step
     from .gluon_backward_steps import dkdv_dscores, dkdv_mask_bounds, dkdv_probs
-    from .gluon_common import alibi_slope, global_ns, seq_bounds, stats_row0, store_rows, trace_program, zero_rows_from
+    from .gluon_common import alibi_slope, global_ns, stats_row0, store_rows, trace_program, zero_rows_from
+    from .gluon_schedule import seq_bounds
 
     @gluon.jit
     def _dkdv_load(q_desc, do_desc, k_desc, v_desc, st_desc, q_smem, do_smem, k_smem, v_smem, lse_smem, delta_smem,

@@ -37,9 +37,9 @@ if AVAILABLE:
     from triton.experimental.gluon.language.nvidia.hopper import (fence_async_shared, mbarrier, tma, warpgroup_mma,
                                                                   warpgroup_mma_wait)
     from .common import residual_value  # a @triton.jit helper: Gluon kernels call it like their own
-    from .gluon_common import (alibi_slope, feature_scores, global_ns, key_tiles, key_visible, load_kv_ring,
-                               persistent_item, program_tile, row_bounds, seq_bounds, stats_row0, store_rows,
-                               trace_program, zero_rows_from)
+    from .gluon_common import (alibi_slope, feature_scores, global_ns, key_visible, load_kv_ring, row_bounds,
+                               stats_row0, store_rows, trace_program, zero_rows_from)
+    from .gluon_schedule import key_tiles, persistent_item, program_tile, seq_bounds
 
     @gluon.jit
     def _dq_load(q_desc, do_desc, k_desc, v_desc, q_smem, do_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n,

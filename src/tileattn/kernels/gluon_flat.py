@@ -27,7 +27,8 @@ if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, warpgroup_mma, warpgroup_mma_wait
-    from .gluon_common import epilogue, persistent_bounds, row_bounds, turn_wait
+    from .gluon_common import epilogue, row_bounds, turn_wait
+    from .gluon_schedule import persistent_bounds
     from .gluon_forward_steps import pv_issue, softmax_tile
 
     @gluon.jit

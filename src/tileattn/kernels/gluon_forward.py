@@ -41,7 +41,8 @@ if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from .gluon_common import epilogue, item_bounds, persistent_bounds, row_bounds, turn_wait
+    from .gluon_common import epilogue, row_bounds, turn_wait
+    from .gluon_schedule import item_bounds, persistent_bounds
     from .gluon_flat import consumer_flat
     from .gluon_forward_steps import drain_tiles, pv_issue, softmax_tile
     from .gluon_loads import _load_partition, _load_persistent

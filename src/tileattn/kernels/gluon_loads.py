@@ -9,7 +9,8 @@ if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
-    from .gluon_common import load_kv_ring, persistent_bounds
+    from .gluon_common import load_kv_ring
+    from .gluon_schedule import persistent_bounds
 
     @gluon.jit
     def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n, q_row0,
