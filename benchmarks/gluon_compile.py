@@ -92,7 +92,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
     """The Gluon dK/dV kernel (kernels/gluon_backward.py) for sm_90a; ``kv_regs``: its KV_REGS (None: what a launch
     of these features picks, ``gluon_backward.kv_regs``); ``trace``: with the program trace buffer."""
     from tileattn import configs
-    from tileattn.kernels import gluon_backward as gb
+    from tileattn.kernels import fused_dq as fdq, gluon_backward as gb
     c = configs._GLUON_BWD[d]
     bm, stages, creg, preg, maxnreg, pipe = (cfg or (c.block_m, c.stages, c.consumer_regs, c.producer_regs,
                                                      c.maxnreg, c.pipeline))[:6]
@@ -104,7 +104,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
         return f"tensordesc<{'fp16' if fp16 else 'bf16'}[1,{rows},1,{d}],{layout!r}>"
     sig = {"q_desc": desc(bm), "do_desc": desc(bm), "k_desc": desc(64), "v_desc": desc(64), "dk_desc": desc(64),
            "dv_desc": desc(64), "st_desc": f"tensordesc<fp32[{bm}],{gb._stats_layout(bm)!r}>",
-           "dq_desc": (f"tensordesc<fp32[64,{bm}],{gb._acc_layout(64, bm)!r}>" if fused_dq
+           "dq_desc": (f"tensordesc<fp32[64,{bm}],{fdq._acc_layout(64, bm)!r}>" if fused_dq
                        else f"tensordesc<fp32[{bm}],{gb._stats_layout(bm)!r}>"),
            "qk_scale": "fp32", "sm_scale": "fp32", "softcap": "fp32", "DK": f"*{'fp16' if fp16 else 'bf16'}",
            "DV": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32",
@@ -112,7 +112,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
     consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal and not window, WINDOW=window, PIPELINE=bool(pipe),
                   VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, SPLIT=split, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg,
-                  **(gb._fused_flags(d) if fused_dq else {}),  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
+                  **(fdq.kernel_flags(d) if fused_dq else {}),  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
                   KV_REGS=(gb.kv_regs(d, _call_params(softcap, alibi, window, causal), fused_dq) if kv_regs is None
                            else kv_regs))
     fn = gb._dkdv_kernel

@@ -30,12 +30,12 @@ def test_knob_and_accumulator(monkeypatch):
     monkeypatch.setenv(KNOB, "yes")
     with pytest.raises(ValueError, match=KNOB):
         fused_dq.enabled(q, p)
-    assert gluon_backward._fused_slots(128) == 4 and gluon_backward._fused_slots(64) == 2
+    assert fused_dq.slots(128) == 4 and fused_dq.slots(64) == 2
     monkeypatch.setenv("TILEATTN_FUSED_DQ_SLOTS", "2")
-    assert gluon_backward._fused_slots(128) == 2
+    assert fused_dq.slots(128) == 2
     monkeypatch.setenv("TILEATTN_FUSED_DQ_SLOTS", "3")
     with pytest.raises(ValueError, match="TILEATTN_FUSED_DQ_SLOTS"):
-        gluon_backward._fused_slots(128)
+        fused_dq.slots(128)
     acc = fused_dq.accumulator(q)
     assert acc.shape == (2 * 3 * 64, 12) and acc.dtype == torch.float32
     view = fused_dq.described(acc, 10)

@@ -452,7 +452,7 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid, b
     qc = cfg.dq_correct if correct and cfg.dq_correct is not None else cfg.dq
     num_m_tiles = configs.cdiv(p.max_seqlen_q, qc.block_m)
     # opt-in: the fused backward (fused_dq): the stats-only pass, dK/dV with dQ reduce-added, dQ's conversion
-    fused = dq_acc is not None and gluon_cfg is not None and not correct and gluon_backward.fused_applies(gluon_cfg)
+    fused = dq_acc is not None and gluon_cfg is not None and not correct and fused_dq.applies_to(gluon_cfg)
     if fused:  # the dQ kernel's DQ is the accumulator (STATS_ONLY): its head, column-to-D and batch strides
         accs = dq_acc.stride(0)
         dqb, stride_dqs, stride_dqh = q_heads * dqk * accs, accs, dqk * accs

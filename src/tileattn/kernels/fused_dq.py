@@ -20,18 +20,21 @@ D + d holds dQ[b, :, h, d] / softmax_scale over the first Sq columns. Extra memo
 (twice a bf16 dq), O(batch * heads * seqlen).
 """
 
+import functools
+
 import torch
 import triton
 import triton.language as tl
 
 from .. import configs
 from .gluon_common import AVAILABLE
-from .launch import launch
+from .launch import host_descriptor, launch
 
 if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import fence_async_shared, mbarrier, tma, warpgroup_mma
+    from triton.experimental.gluon.nvidia.hopper import TensorDescriptor as GluonTensorDescriptor
     from .gluon_common import tma_reduce_add
 
     # The dK/dV kernel's dQ steps (gluon_backward._dkdv_consumer with FUSED_DQ)
@@ -86,7 +89,7 @@ def enabled(q: torch.Tensor, p) -> bool:
     batched (not varlen) fp16/bf16 on a GPU, Dqk = Dv in (64, 128), at D=64 without softcap or ALiBi (their fused
     kernels spill 192-364 B at 168 registers, ptxas sm_90a; D=128's features up to 100 B; v28c's order spills
     none). Then the backward makes the accumulator; the Gluon backward's own scope (``gluon_backward.applies`` and
-    ``fused_applies``) is checked when the kernels launch, and outside it the two-kernel path runs."""
+    ``applies_to``) is checked when the kernels launch, and outside it the two-kernel path runs."""
     return (configs.switch("TILEATTN_GLUON_BWD_FUSED") and q.is_cuda and not p.varlen
             and q.dtype in (torch.float16, torch.bfloat16) and q.shape[3] in (64, 128)
             and (q.shape[3] == 128 or (p.softcap == 0 and p.alibi_slopes is None)))
@@ -101,6 +104,40 @@ def accumulator(q: torch.Tensor) -> torch.Tensor:
 def described(acc: torch.Tensor, seqlen: int) -> torch.Tensor:
     """The accumulator's first ``seqlen`` columns (what TMA may touch: its boxes are clipped there)."""
     return acc[:, :seqlen]
+
+
+def applies_to(cfg) -> bool:
+    """Whether a call ``gluon_backward.applies`` accepted (``cfg``, its ``configs.GluonBackwardConfig``), and whose
+    shape ``enabled`` took (it made the accumulator), can take the fused backward: the dK/dV kernel's config is
+    the pipelined 128-key one."""
+    return cfg.pipeline and not cfg.split
+
+
+def slots(head_dim: int) -> int:
+    """FUSED_DQ's value: dQ^T staging slots per consumer warpgroup, ``TILEATTN_FUSED_DQ_SLOTS`` (2 or 4; 4 only at
+    D=128, whose shared memory has room: 215 KB; default 4 there, 2 at D=64)."""
+    value = configs.getenv("TILEATTN_FUSED_DQ_SLOTS", "")
+    if value not in ("", "2", "4"):
+        raise ValueError(f"TILEATTN_FUSED_DQ_SLOTS must be 2 or 4, got {value!r}")
+    return 4 if head_dim == 128 and value != "2" else 2
+
+
+def kernel_flags(head_dim: int) -> dict:
+    """The dK/dV kernel's constexprs for the fused backward: FUSED_DQ (``slots``) and, with
+    ``TILEATTN_FUSED_DQ_EARLY=1`` (v28c, not yet measured), EARLY_DQ."""
+    return dict(FUSED_DQ=slots(head_dim), **({"EARLY_DQ": True} if configs.switch("TILEATTN_FUSED_DQ_EARLY") else {}))
+
+
+@functools.lru_cache(maxsize=None)
+def _acc_layout(rows: int, cols: int):
+    """Shared layout of a dQ^T box of the accumulator: (rows, cols) fp32, TMA's default swizzle."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float32)
+
+
+def descriptor(acc: torch.Tensor, seqlen: int, rows: int, cols: int):
+    """The dK/dV kernel's TMA descriptor of the accumulator (``described``), boxes of ``rows`` (D) x ``cols``
+    (queries)."""
+    return host_descriptor(GluonTensorDescriptor, described(acc, seqlen), (rows, cols), layout=_acc_layout(rows, cols))
 
 
 @triton.jit

@@ -408,22 +408,6 @@ if AVAILABLE:
         if TRACE is not None:
             trace_program(TRACE, t_start, n_m)
 
-def _fused_slots(head_dim: int) -> int:
-    """FUSED_DQ's value: dQ^T staging slots per consumer warpgroup, ``TILEATTN_FUSED_DQ_SLOTS`` (2 or 4; 4 only at
-    D=128, whose shared memory has room: 215 KB; default 4 there, 2 at D=64)."""
-    slots = configs.getenv("TILEATTN_FUSED_DQ_SLOTS", "")
-    if slots not in ("", "2", "4"):
-        raise ValueError(f"TILEATTN_FUSED_DQ_SLOTS must be 2 or 4, got {slots!r}")
-    return 4 if head_dim == 128 and slots != "2" else 2
-
-
-def _fused_flags(head_dim: int) -> dict:
-    """The dK/dV kernel's constexprs for the fused backward: FUSED_DQ (``_fused_slots``) and, with
-    ``TILEATTN_FUSED_DQ_EARLY=1`` (v28c, not yet measured), EARLY_DQ."""
-    return dict(FUSED_DQ=_fused_slots(head_dim),
-                **({"EARLY_DQ": True} if configs.switch("TILEATTN_FUSED_DQ_EARLY") else {}))
-
-
 def kv_regs(head_dim: int, p: AttnParams, fused: bool) -> int:
     """The dK/dV kernel's KV_REGS for a call: 0, K and V read from shared memory by every S^T / dP^T product
     (with 32-query steps at D=128 those products are m64n32: their A and B reads, 3 KB per 16 tensor-core clocks,
@@ -440,12 +424,6 @@ def kv_regs(head_dim: int, p: AttnParams, fused: bool) -> int:
     if val:
         return int(val)
     return cfg.kv_regs[p.window_right == 0] if cfg is not None else 0
-
-
-def fused_applies(cfg) -> bool:
-    """Whether a call ``applies`` accepted, and whose shape ``fused_dq.enabled`` took (it made the accumulator),
-    can take the fused backward: the kernel's config is the pipelined 128-key one."""
-    return cfg.pipeline and not cfg.split
 
 
 def applies(q, k, v, dout, dq, dk, dv, p: AttnParams):
@@ -470,12 +448,6 @@ def applies(q, k, v, dout, dq, dk, dv, p: AttnParams):
 
 
 @functools.lru_cache(maxsize=None)
-def _acc_layout(rows: int, cols: int):
-    """Shared layout of a dQ^T box of the fused backward's accumulator: (rows, cols) fp32, TMA's default swizzle."""
-    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.float32)
-
-
-@functools.lru_cache(maxsize=None)
 def _stats_layout(block_m: int):
     """Shared layout of one ring slot of lse or delta: block_m fp32, unswizzled (a 1-D TMA box of the flattened
     row-stats buffer)."""
@@ -485,7 +457,7 @@ def _stats_layout(block_m: int):
 def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
     """Write dk and dv (B, Sk, Hkv, D) for a call ``applies`` accepted. ``stats``: the (2, Hq, L) fp32 row
     statistics the dQ kernel wrote (``backward._row_stats_buffer``). ``dq_acc``: with the fused backward
-    (``fused_applies``), the zeroed fp32 dQ^T accumulator (``fused_dq``) this kernel adds dQ into."""
+    (``fused_dq.applies_to``), the zeroed fp32 dQ^T accumulator (``fused_dq``) this kernel adds dQ into."""
     batch, seqlen_q, q_heads, d = q.shape
     seqlen_k, kv_heads = k.shape[1], k.shape[2]
     if p.varlen:  # packed (1, total, H, D): the grid covers the longest sequence
@@ -498,10 +470,7 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
     num_n_tiles = triton.cdiv(seqlen_k, (1 if cfg.split else 2) * half_n)
     st_desc = host_descriptor(GluonTensorDescriptor, stats.view(-1), (bm, ), layout=_stats_layout(bm))
     sts = stats.stride()
-    dq_desc = st_desc  # a placeholder without FUSED_DQ
-    if dq_acc is not None:
-        dq_desc = host_descriptor(GluonTensorDescriptor, fused_dq.described(dq_acc, seqlen_q), (half_n, bm),
-                                  layout=_acc_layout(half_n, bm))
+    dq_desc = st_desc if dq_acc is None else fused_dq.descriptor(dq_acc, seqlen_q, half_n, bm)  # FUSED_DQ's
     launch(_dkdv_kernel, (num_n_tiles * batch * kv_heads,), (
         q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, dq_desc, dk, dv,
         p.cu_seqlens_q if p.varlen else dk, p.cu_seqlens_k if p.varlen else dk,
@@ -512,6 +481,6 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
              HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=p.alibi_slopes is not None,
              PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
-             PRODUCER_REGS=cfg.producer_regs, **(_fused_flags(d) if dq_acc is not None else {}),
+             PRODUCER_REGS=cfg.producer_regs, **(fused_dq.kernel_flags(d) if dq_acc is not None else {}),
              **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {})),
         4, 1, maxnreg=cfg.maxnreg)
