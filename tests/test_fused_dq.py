@@ -42,6 +42,22 @@ def test_knob_and_accumulator(monkeypatch):
     assert view.shape == (384, 10) and view.stride() == (12, 1) and view.data_ptr() == acc.data_ptr()
 
 
+@needs_gluon
+def test_kernel_flags_and_descriptor(monkeypatch):
+    """The dK/dV kernel's fused constexprs (FUSED_DQ = the slots, EARLY_DQ only with its knob) and the
+    accumulator's TMA descriptor: the described columns (Sq, not the rounded width), the row stride of the full
+    accumulator, boxes of (D rows, queries) and fp32's default 128-byte swizzle (built on the CPU: no GPU
+    needed)."""
+    assert fused_dq.kernel_flags(128) == {"FUSED_DQ": 4} and fused_dq.kernel_flags(64) == {"FUSED_DQ": 2}
+    monkeypatch.setenv("TILEATTN_FUSED_DQ_EARLY", "1")
+    assert fused_dq.kernel_flags(128) == {"FUSED_DQ": 4, "EARLY_DQ": True}
+    acc = fused_dq.accumulator(torch.zeros(2, 130, 3, 128))
+    desc = fused_dq.descriptor(acc, 130, 64, 128)
+    assert list(desc.shape) == [768, 130] and list(desc.strides) == [132, 1]
+    assert list(desc.block_shape) == [64, 128] and desc.base.data_ptr() == acc.data_ptr()
+    assert desc.layout.swizzle_byte_width == 128 and desc.layout.element_bitwidth == 32
+
+
 @pytest.mark.parametrize("shape", [(2, 10, 3, 64), (1, 1, 2, 128), (1, 130, 1, 64)],
                          ids=lambda s: "x".join(map(str, s)))
 @pytest.mark.parametrize("dtype", [torch.float16, torch.float32], ids=dtype_id)
