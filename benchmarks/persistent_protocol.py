@@ -12,9 +12,9 @@ It mirrors the kernel's barrier operations (``_dq_load`` / ``_dq_load_persistent
 ``_dq_consumer_persistent``); ``check_fwd`` mirrors the persistent forward's (``gluon_forward._consumer`` with its
 warpgroups' turns and v38a's skipped tiles; its producer loads the Q parts once every part is free, as
 ``gluon_loads._load_persistent``; session 31 removed v38b, which loaded each part once that part was free: the
-model passed with either). A change to one must be made to the other. (Session 27 also modelled a work-queue form of the dQ kernel,
-v35d, and a persistent dK/dV kernel, v35e; both were measured no faster and removed, with their models: commit
-10f8151 has them.) Usage: ``python benchmarks/persistent_protocol.py [--cases 300]``, or ``check_dq(items, nprog,
+model passed with either). A change to one must be made to the other. (Session 27 also modelled a work-queue
+form of the dQ kernel, v35d, and a persistent dK/dV kernel, v35e; both were measured no faster and removed, with
+their models: commit 10f8151 has them.) Usage: ``python benchmarks/persistent_protocol.py [--cases 300]``, or ``check_dq(items, nprog,
 ...)`` / ``check_fwd(items, nprog, ...)``.
 """
 import argparse
