@@ -90,7 +90,8 @@ def _call_params(softcap, alibi, window, causal):
 def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=False, softcap=False, alibi=False,
                 fused_dq=False, kv_regs=None, trace=False):
     """The Gluon dK/dV kernel (kernels/gluon_backward.py) for sm_90a; ``kv_regs``: its KV_REGS (None: what a launch
-    of these features picks, ``gluon_backward.kv_regs``); ``trace``: with the program trace buffer."""
+    of these features picks, ``gluon_backward.kv_regs``); ``trace``: with the program trace buffer; ``fused_dq``:
+    the fused backward's form, "int" v39a's (int64 dQ^T staging, two slots, D=64 a two-stage ring)."""
     from tileattn import configs
     from tileattn.kernels import fused_dq as fdq, gluon_backward as gb
     c = configs._GLUON_BWD[d]
@@ -104,17 +105,22 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
         return f"tensordesc<{'fp16' if fp16 else 'bf16'}[1,{rows},1,{d}],{layout!r}>"
     sig = {"q_desc": desc(bm), "do_desc": desc(bm), "k_desc": desc(64), "v_desc": desc(64), "dk_desc": desc(64),
            "dv_desc": desc(64), "st_desc": f"tensordesc<fp32[{bm}],{gb._stats_layout(bm)!r}>",
-           "dq_desc": (f"tensordesc<fp32[64,{bm}],{fdq._acc_layout(64, bm)!r}>" if fused_dq
+           "dq_desc": (f"tensordesc<i64[64,{bm}],{fdq._acc_layout(64, bm, True)!r}>" if fused_dq == "int"
+                       else f"tensordesc<fp32[64,{bm}],{fdq._acc_layout(64, bm)!r}>" if fused_dq
                        else f"tensordesc<fp32[{bm}],{gb._stats_layout(bm)!r}>"),
            "qk_scale": "fp32", "sm_scale": "fp32", "softcap": "fp32", "DK": f"*{'fp16' if fp16 else 'bf16'}",
            "DV": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32",
-           **({"TRACE": "*i64"} if trace else {})}
+           **({"TRACE": "*i64"} if trace else {}), **({"SCALES": "*fp32"} if fused_dq else {})}
+    if fused_dq == "int" and d == 64 and bm == 64:
+        stages = min(stages, 2)  # as gluon_backward._stages
     consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal and not window, WINDOW=window, PIPELINE=bool(pipe),
                   VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, SPLIT=split, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg,
                   **(fdq.kernel_flags(d) if fused_dq else {}),  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
                   KV_REGS=(gb.kv_regs(d, _call_params(softcap, alibi, window, causal), fused_dq) if kv_regs is None
                            else kv_regs))
+    if fused_dq == "int":
+        consts["FUSED_DQ"] = 2  # as fused_dq.slots with int64 slots
     fn = gb._dkdv_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("DK", "DV")}
@@ -219,6 +225,8 @@ def main(argv=None):
     ap.add_argument("--dlse", action="store_true")
     ap.add_argument("--reduce-add", action="store_true", help="print how many TMA reduce-adds a minimal kernel "
                     "around gluon_common.tma_reduce_add compiles to")
+    ap.add_argument("--fused-int", action="store_true", help="with --bwd: v39a's fused dK/dV kernel, dQ^T added as "
+                    "int64 fixed point")
     ap.add_argument("--fused-dq", action="store_true", help="with --bwd: the fused backward's dK/dV kernel, dQ "
                     "reduce-added (TILEATTN_GLUON_BWD_FUSED=1)")
     ap.add_argument("--bwd", action="store_true", help="the dK/dV backward kernel instead (--config bm,stages,"
@@ -244,8 +252,8 @@ def main(argv=None):
         k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen, a.window, a.softcap,
                        a.alibi, a.resid8, a.trace, a.persistent)
     elif a.bwd:
-        k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi, a.fused_dq,
-                        a.kv_regs, a.trace)
+        k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi,
+                        "int" if a.fused_int else a.fused_dq, a.kv_regs, a.trace)
     else:
         softcap = 2 if a.softcap_fixed_max else a.softcap
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, softcap, a.sink, a.fp16, a.window, a.varlen,
