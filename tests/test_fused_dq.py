@@ -442,7 +442,7 @@ def test_integer_launch_plans(monkeypatch):
     monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "1")
     q, k, v, gen = make_qkv(2, 1024, 1024, 8, 2, 128, torch.bfloat16, seed_for("fused-int-plans"), requires_grad=True)
     dout = randn((2, 1024, 8, 128), torch.bfloat16, gen)
-    _record_fused(monkeypatch)
+    monkeypatch.setenv(KNOB, "1")
     for _ in range(3):  # the fp32 fused form's plan, made and replayed
         fresh_grads(q, k, v, dout, causal=True)
     seen = _record_fused(monkeypatch, value="int")
