@@ -44,9 +44,10 @@ def _complete(fn, sig, consts):
 
 def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=False, fp16=False, window=False,
                 varlen=False, alibi=False, tile_map=False, persistent=False, flat=False, resid8=False, wg=2,
-                skip=False):
+                skip=False, direct=False):
     """The Gluon forward for sm_90a; ``wg``: its consumer warpgroups (3: v37a, with its registers unless cfg);
-    ``skip``: with causal and three warpgroups, v38a's per-warpgroup skip of unseen key tiles (CAUSAL_SKIP)."""
+    ``skip``: with causal and three warpgroups, v38a's per-warpgroup skip of unseen key tiles (CAUSAL_SKIP);
+    ``direct``: with persistent at D=256, v39b's epilogue storing from registers (DIRECT_O)."""
     from tileattn import configs
     c = configs._GLUON_FWD[d]  # the table entry, whether on by default or not
     regs = configs.GLUON_3WG_REGS if wg == 3 else (c.consumer_regs, c.producer_regs, c.maxnreg)
@@ -70,7 +71,8 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
                   else 0,
                   USE_MAP=tile_map, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg, PERSISTENT=persistent or flat, FLAT=flat,  # flat: kernels/gluon_flat.py
-                  **({"NUM_WG": 3} if wg == 3 else {}), **({"CAUSAL_SKIP": True} if skip else {}))
+                  **({"NUM_WG": 3} if wg == 3 else {}), **({"CAUSAL_SKIP": True} if skip else {}),
+                  **({"DIRECT_O": True} if direct else {}))
     fn = gf._fwd_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("LSE", "SINK", "O", "RESID")}
@@ -215,6 +217,8 @@ def main(argv=None):
     ap.add_argument("--persistent", action="store_true", help="the persistent forward (with --dq: the persistent dQ "
                     "kernel, v35b)")
     ap.add_argument("--flat", action="store_true", help="the persistent forward, one pipeline across items")
+    ap.add_argument("--direct", action="store_true", help="forward with --persistent at D=256: v39b's epilogue "
+                    "storing out from registers")
     ap.add_argument("--skip", action="store_true", help="forward with --causal --wg 3: v38a's per-warpgroup skip of "
                     "the key tiles a warpgroup does not see")
     ap.add_argument("--wg", type=int, default=2, choices=(2, 3), help="forward: consumer warpgroups (3: v37a, "
@@ -257,7 +261,7 @@ def main(argv=None):
     else:
         softcap = 2 if a.softcap_fixed_max else a.softcap
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, softcap, a.sink, a.fp16, a.window, a.varlen,
-                        a.alibi, a.tile_map, a.persistent, a.flat, a.resid8, a.wg, a.skip)
+                        a.alibi, a.tile_map, a.persistent, a.flat, a.resid8, a.wg, a.skip, a.direct)
     if a.check:
         report = ptxas_messages(k.asm["ptx"])
         print(report)
