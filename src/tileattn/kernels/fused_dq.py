@@ -203,9 +203,6 @@ def convert(acc: torch.Tensor, dq: torch.Tensor, sm_scale: float, stats: torch.T
            4, 1)
 
 
-FIXED_POINT_BITS = 61  # v39a: every partial sum of a head's dQ^T * 2^e stays below 2^61 (int64 holds 2^63)
-
-
 @triton.jit
 def _scale_kernel(K, V, DO, DLSE, STATS, stride_kb, stride_ks, stride_kh, stride_vb, stride_vs, stride_vh,
                   stride_dob, stride_dos, stride_doh, stride_lb, stride_lh, stride_sh, stride_st, kv_heads, group,
