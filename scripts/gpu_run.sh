@@ -213,7 +213,7 @@ for stage in "$@"; do
            2>&1 | grep -v Warning | tee "$OUT/s44_fwd.log" ;;
     s46) # (~3 min) v39a (TILEATTN_GLUON_BWD_FUSED=int, not GPU-run yet): the fused backward with int64 fixed-point
          # dQ adds (bit-reproducible): its tests (s46b: its speed)
-         timeout 240 python3 -m pytest tests/test_fused_dq.py -k "integer or scale or convert or order_free" -q -n 8 \
+         timeout 240 python3 -m pytest tests/test_fused_dq.py -k "int or scale or convert or order_free" -q -n 8 \
            -p no:cacheprovider -p no:benchmark -rf 2>&1 | tail -4 | tee "$OUT/s46_tests.log"; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;
     s46b) # (~5 min) v39a's speed: backward us of the two-kernel default / fp32 fused / int64 fused (table config; at
          # D=64 also 32-query steps, and EARLY_DQ) beside cuDNN, D=64 / 128, 1k / 4k / 16k, both masks, one process

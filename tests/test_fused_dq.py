@@ -118,6 +118,7 @@ def _record_fused(monkeypatch, early=False, value="1"):
     return seen
 
 
+FORMS = [("late", False, "1"), ("early", True, "1"), ("int", False, "int")]  # (id, EARLY_DQ, the knob's value)
 FUSED_CASES = [(2, 1, 1, 2, 2), (1, 17, 300, 3, 3), (2, 130, 130, 4, 2), (1, 300, 128, 2, 2),
                (2, 1000, 1000, 2, 2), (1, 257, 1031, 4, 1), (1, 2048, 2048, 2, 2)]
 
@@ -128,13 +129,15 @@ FUSED_CASES = [(2, 1, 1, 2, 2), (1, 17, 300, 3, 3), (2, 130, 130, 4, 2), (1, 300
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
 @pytest.mark.parametrize("case", FUSED_CASES, ids=lambda c: "x".join(map(str, c)))
-@pytest.mark.parametrize("early", [False, True], ids=["late", "early"])
-def test_accuracy(early, case, causal, d, dtype, monkeypatch):
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: f[0])
+def test_accuracy(form, case, causal, d, dtype, monkeypatch):
+    """The fused backward's forms (fp32 adds in the default or the early order, v39a's int64 adds) by the
+    accuracy rule against the float64 reference: odd sizes, GQA, Sq != Sk, one query row."""
     B, Sq, Sk, Hq, Hkv = case
-    seen = _record_fused(monkeypatch, early)
+    seen = _record_fused(monkeypatch, form[1], form[2])
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("fused-bwd", case, causal, d), requires_grad=True)
     dout = randn((B, Sq, Hq, d), dtype, gen)
-    check_attention(q, k, v, causal=causal, dout=dout, extra="fused bwd")
+    check_attention(q, k, v, causal=causal, dout=dout, extra=f"fused bwd ({form[0]})")
     assert seen and all(seen), "the call did not take the fused backward"
 
 
@@ -143,11 +146,12 @@ def test_accuracy(early, case, causal, d, dtype, monkeypatch):
 @pytest.mark.parametrize("d", [64, 128])
 @pytest.mark.parametrize("feat", [{}, dict(causal=True), dict(softcap=6.0, causal=True), dict(window_size=(300, 40)),
                                   dict(alibi=True)], ids=lambda f: "-".join(f) or "plain")
-@pytest.mark.parametrize("early", [False, True], ids=["late", "early"])
-def test_agrees_with_two_kernels(early, feat, d, monkeypatch):
+@pytest.mark.parametrize("form", FORMS, ids=lambda f: f[0])
+def test_agrees_with_two_kernels(form, feat, d, monkeypatch):
     """dk / dv bit-identical to the two-kernel path (the fused kernel's dK / dV arithmetic is unchanged) and dq
     close to it, over many steps per program and GQA (the dS^T exchange between the warpgroups does not deadlock);
-    D=64 softcap / ALiBi calls keep the two-kernel path (``fused_dq.enabled``)."""
+    D=64 softcap / ALiBi calls keep the two-kernel path (``fused_dq.enabled``). v39a's int64 form: dq the same
+    bits in three runs (the programs' adds land in any order; that is its point)."""
     q, k, v, gen = make_qkv(2, 1500, 1300, 8, 2, d, torch.bfloat16, seed_for("fused-vs-two", d, sorted(feat)),
                             requires_grad=True)
     kw = dict(feat)
@@ -155,12 +159,14 @@ def test_agrees_with_two_kernels(early, feat, d, monkeypatch):
         kw["alibi_slopes"] = randn((8,), torch.float32, gen).abs() * 0.1
     dout = randn((2, 1500, 8, d), torch.bfloat16, gen)
     want = fresh_grads(q, k, v, dout, **kw)
-    seen = _record_fused(monkeypatch, early)
-    got = fresh_grads(q, k, v, dout, **kw)
+    seen = _record_fused(monkeypatch, form[1], form[2])
+    runs = [fresh_grads(q, k, v, dout, **kw) for _ in range(3 if form[2] == "int" else 1)]
     fused = d == 128 or not ({"softcap", "alibi"} & set(feat))
     assert seen and all(f == fused for f in seen)
-    assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]), "dk / dv differ from the two-kernel path"
-    torch.testing.assert_close(got[0].float(), want[0].float(), atol=2 ** -7, rtol=2 ** -7)
+    for got in runs:
+        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]), "dk / dv differ from the two kernels"
+        assert torch.equal(got[0], runs[0][0]), "dq differs between runs"
+    torch.testing.assert_close(runs[0][0].float(), want[0].float(), atol=2 ** -7, rtol=2 ** -7)
 
 
 @hopper
@@ -186,26 +192,35 @@ def test_features(causal, monkeypatch):
 
 @hopper
 @pytest.mark.gpu
-def test_launch_plans_replay_it(monkeypatch):
-    """With launch plans on, the fused backward's launches (stats-only pass, dK/dV + dQ, conversion) replay on a
-    fresh accumulator each call: the replayed gradients equal the first call's dk / dv and its dq up to the adds'
-    order. A plan of the two-kernel form made before the knob was set is not replayed for it (run 133's bench
-    replayed one: the knob is read with the buffers, outside the plan's record of knobs)."""
+@pytest.mark.parametrize("value", ["1", "int"])
+def test_launch_plans_replay_it(value, monkeypatch):
+    """With launch plans on, the fused backward's launches (stats-only pass, v39a's scales, dK/dV + dQ,
+    conversion) replay on a fresh accumulator each call: the replayed gradients equal the first call's dk / dv,
+    and its dq up to the adds' order (fp32) or bit for bit (v39a's int64 adds). A plan of another form made
+    before the knob was set is not replayed for it: the two-kernel form's for the fp32 form (run 133's bench
+    replayed one: the knob is read with the buffers, outside the plan's record of knobs), the fp32 form's for the
+    int64 one (the plan key holds the accumulator's dtype)."""
     monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "1")
-    q, k, v, gen = make_qkv(2, 1024, 1024, 8, 2, 128, torch.bfloat16, seed_for("fused-plans"), requires_grad=True)
+    q, k, v, gen = make_qkv(2, 1024, 1024, 8, 2, 128, torch.bfloat16, seed_for("fused-plans", value),
+                            requires_grad=True)
     dout = randn((2, 1024, 8, 128), torch.bfloat16, gen)
-    for _ in range(3):  # the two-kernel form's plan, made and replayed
+    if value == "int":
+        monkeypatch.setenv(KNOB, "1")
+    for _ in range(3):  # the other form's plan, made and replayed
         fresh_grads(q, k, v, dout, causal=True)
-    seen = _record_fused(monkeypatch)
+    seen = _record_fused(monkeypatch, value=value)
     first = fresh_grads(q, k, v, dout, causal=True)
-    assert seen and all(seen), "the two-kernel plan was replayed with the fused backward asked for"
+    assert seen and all(seen), "the other form's plan was replayed with this form asked for"
     fresh_grads(q, k, v, dout, causal=True)  # records the plans
     replays = plans.stats["replays"]
     again = fresh_grads(q, k, v, dout, causal=True)
     assert plans.stats["replays"] == replays + 2, "forward and backward should both replay"
     assert seen and all(seen)
     assert torch.equal(again[1], first[1]) and torch.equal(again[2], first[2])
-    torch.testing.assert_close(again[0], first[0], atol=2 ** -9, rtol=2 ** -9)
+    if value == "int":
+        assert torch.equal(again[0], first[0])
+    else:
+        torch.testing.assert_close(again[0], first[0], atol=2 ** -9, rtol=2 ** -9)
 
 
 # v39a: the bit-reproducible fused backward (TILEATTN_GLUON_BWD_FUSED=int): int64 fixed-point dQ^T adds
@@ -346,52 +361,6 @@ def test_integer_compiles_for_sm90():
                     env_extra={"TILEATTN_FAST_TANH": "1", "TILEATTN_FUSED_DQ_EARLY": "1"})
 
 
-INT_CASES = [(2, 1, 1, 2, 2), (1, 17, 300, 3, 3), (2, 130, 130, 4, 2), (1, 257, 1031, 4, 1), (1, 2048, 2048, 2, 2)]
-
-
-@hopper
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("causal", [False, True], ids=["full", "causal"])
-@pytest.mark.parametrize("case", INT_CASES, ids=lambda c: "x".join(map(str, c)))
-def test_integer_accuracy(case, causal, d, dtype, monkeypatch):
-    """v39a (TILEATTN_GLUON_BWD_FUSED=int) by the accuracy rule against the float64 reference: odd sizes, GQA,
-    Sq != Sk, one query row."""
-    B, Sq, Sk, Hq, Hkv = case
-    seen = _record_fused(monkeypatch, value="int")
-    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("fused-int", case, causal, d), requires_grad=True)
-    dout = randn((B, Sq, Hq, d), dtype, gen)
-    check_attention(q, k, v, causal=causal, dout=dout, extra="fused int64 bwd")
-    assert seen and all(seen), "the call did not take the fused backward"
-
-
-@hopper
-@pytest.mark.gpu
-@pytest.mark.parametrize("d", [64, 128])
-@pytest.mark.parametrize("feat", [{}, dict(causal=True), dict(softcap=6.0, causal=True), dict(window_size=(300, 40)),
-                                  dict(alibi=True)], ids=lambda f: "-".join(f) or "plain")
-def test_integer_is_bit_reproducible(feat, d, monkeypatch):
-    """v39a's point: dq is the same bits on every run (the int64 adds of the programs land in any order), here
-    three runs over many steps per program and GQA; dk / dv bit-identical to the two-kernel path, dq close to
-    it. D=64 softcap / ALiBi calls keep the two-kernel path (``fused_dq.enabled``)."""
-    q, k, v, gen = make_qkv(2, 1500, 1300, 8, 2, d, torch.bfloat16, seed_for("fused-int-repro", d, sorted(feat)),
-                            requires_grad=True)
-    kw = dict(feat)
-    if kw.pop("alibi", False):
-        kw["alibi_slopes"] = randn((8,), torch.float32, gen).abs() * 0.1
-    dout = randn((2, 1500, 8, d), torch.bfloat16, gen)
-    want = fresh_grads(q, k, v, dout, **kw)
-    seen = _record_fused(monkeypatch, value="int")
-    runs = [fresh_grads(q, k, v, dout, **kw) for _ in range(3)]
-    fused = d == 128 or not ({"softcap", "alibi"} & set(feat))
-    assert seen and all(f == fused for f in seen)
-    for got in runs:
-        assert torch.equal(got[0], runs[0][0]), "dq differs between runs"
-        assert torch.equal(got[1], want[1]) and torch.equal(got[2], want[2]), "dk / dv differ from the two kernels"
-    torch.testing.assert_close(runs[0][0].float(), want[0].float(), atol=2 ** -7, rtol=2 ** -7)
-
-
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("d", [64, 128])
@@ -432,26 +401,3 @@ def test_integer_nan_reaches_dq(monkeypatch):
     assert seen and all(seen)
     assert torch.isnan(dq[:, :, 2:]).all(), "heads 2-3 read KV head 1"
     assert not torch.isnan(dq[:, :, :2]).any()
-
-
-@hopper
-@pytest.mark.gpu
-def test_integer_launch_plans(monkeypatch):
-    """With launch plans on, a plan made for the fp32 fused form is not replayed for v39a's int64 accumulator (the
-    plan key holds the accumulator's dtype), and v39a's own plan (scales, stats-only pass, dK/dV, conversion)
-    replays to the same bits."""
-    monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "1")
-    q, k, v, gen = make_qkv(2, 1024, 1024, 8, 2, 128, torch.bfloat16, seed_for("fused-int-plans"), requires_grad=True)
-    dout = randn((2, 1024, 8, 128), torch.bfloat16, gen)
-    monkeypatch.setenv(KNOB, "1")
-    for _ in range(3):  # the fp32 fused form's plan, made and replayed
-        fresh_grads(q, k, v, dout, causal=True)
-    seen = _record_fused(monkeypatch, value="int")
-    first = fresh_grads(q, k, v, dout, causal=True)
-    assert seen and all(seen), "the fp32 plan was replayed for the int64 form"
-    fresh_grads(q, k, v, dout, causal=True)  # records the plans
-    replays = plans.stats["replays"]
-    again = fresh_grads(q, k, v, dout, causal=True)
-    assert plans.stats["replays"] == replays + 2, "forward and backward should both replay"
-    for a, b in zip(again, first):
-        assert torch.equal(a, b)
