@@ -22,7 +22,7 @@ import triton.language as tl
 from .. import autotune, configs
 from .._hostinfo import leaves_rows
 from .common import (LOG2E, dropout_keep, feature_scalars, kv_tile_range, load_tile, mma, q_tile_range,
-                     residual_value, scores, seq_bounds, store_tile, visible)
+                     residual_value, scores, seq_bounds, stats_row0, store_tile, visible)
 from . import fused_dq, gluon_backward, gluon_dq, plans
 from .launch import launch
 
@@ -35,24 +35,13 @@ def _load_lse(LSE, rows, seqlen_q):
 
 
 @triton.jit
-def _stats_row0(b, q_start, max_seqlen_q, IS_VARLEN: tl.constexpr):
-    """Where sequence b's rows start in the row-stats buffer (``_row_stats_buffer``): 16 * (b + first // 16)
-    with ``first`` its first packed row (b * seqlen when batched), a multiple of 16 (aligned vector loads), and
-    each sequence's slot is longer than the sequence (16 + 16 * (floor(next / 16) - floor(first / 16)) > len)."""
-    first = b * max_seqlen_q
-    if IS_VARLEN:
-        first = q_start
-    return tl.multiple_of(16 * (b + first // 16), 16)
-
-
-@triton.jit
 def _store_row_stats(DELTA, STATS, h, stride_sh, rows, seqlen_q, b, q_start, max_seqlen_q, stride_st, lse, delta,
                      IS_VARLEN: tl.constexpr):
     """The dQ kernel's outputs for d(sink) and the dK/dV kernel: delta in lse's layout (DELTA at the row's
     sequence and head), and the row-stats buffer's copies (head h's): aligned rows, lse in log2 units
     (``_row_stats_buffer``)."""
     tl.store(DELTA + rows, delta, mask=rows < seqlen_q)
-    srows = STATS + h.to(tl.int64) * stride_sh + _stats_row0(b, q_start, max_seqlen_q, IS_VARLEN) + rows
+    srows = STATS + h.to(tl.int64) * stride_sh + stats_row0(b, q_start, max_seqlen_q, IS_VARLEN) + rows
     tl.store(srows, lse, mask=rows < seqlen_q)
     tl.store(srows + stride_st, delta, mask=rows < seqlen_q)
 
@@ -160,7 +149,7 @@ def _bwd_dkdv_kernel(Q, K, V, DO, STATS, DK, DV, CU_Q, CU_K, ALIBI, RNG,
     tail_hi = full_hi
     if HAS_LEFT:
         tail_hi = hi
-    srow0 = _stats_row0(b, q_start, max_seqlen_q, IS_VARLEN)
+    srow0 = stats_row0(b, q_start, max_seqlen_q, IS_VARLEN)
     for g in range(0, group):
         h = hk * group + g
         q_ptrs = Q + b * stride_qb + q_start.to(tl.int64) * stride_qs + h * stride_qh \
@@ -393,7 +382,7 @@ def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None, r
 def _row_stats_buffer(batch: int, q_heads: int, total_rows: int, device, planes: int = 2) -> torch.Tensor:
     """(2, Hq, L) fp32: lse (log2 units) and delta per query row, written by the dQ kernel for the dK/dV kernel
     (``planes=3``: a third for v39a's fixed-point scales, ``fused_dq.scales``).
-    Sequence b's rows start at 16 * (b + first_row // 16) (``_stats_row0``): aligned whatever the varlen
+    Sequence b's rows start at 16 * (b + first_row // 16) (``common.stats_row0``): aligned whatever the varlen
     offsets, so the dK/dV kernel reads them with vector loads (packed rows of lse's own layout start anywhere).
     L = 16 * (batch + total_rows // 16 + 1) covers every slot: O(heads * (batch + rows)) extra memory."""
     return torch.empty((planes, q_heads, 16 * (batch + total_rows // 16 + 1)), dtype=torch.float32, device=device)

@@ -255,3 +255,14 @@ def q_tile_range(start_n, seqlen_q, diag, win_left, win_right, BLOCK_M: tl.const
     full_lo = tl.minimum(full_lo, hi_tiles)
     full_hi = tl.minimum(tl.maximum(full_hi, full_lo), hi_tiles)
     return lo, full_lo, full_hi, hi
+
+
+@triton.jit
+def stats_row0(b, q_start, max_seqlen_q, IS_VARLEN: tl.constexpr):
+    """Where sequence b's rows start in the row-stats buffer (``backward._row_stats_buffer``): 16 * (b + first // 16)
+    with ``first`` its first packed row (b * seqlen when batched), a multiple of 16 (aligned vector loads), and
+    each sequence's slot is longer than the sequence (16 + 16 * (floor(next / 16) - floor(first / 16)) > len)."""
+    first = b * max_seqlen_q
+    if IS_VARLEN:
+        first = q_start
+    return tl.multiple_of(16 * (b + first // 16), 16)

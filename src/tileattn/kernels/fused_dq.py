@@ -38,6 +38,7 @@ import triton
 import triton.language as tl
 
 from .. import configs
+from .common import stats_row0
 from .gluon_common import AVAILABLE
 from .launch import host_descriptor, launch
 
@@ -185,7 +186,7 @@ def _convert_kernel(ACC, DQ, STATS, stride_acc, stride_dqb, stride_dqs, stride_d
     acc = tl.load(ACC + (bh.to(tl.int64) * HEAD_D + d[None, :]) * stride_acc + rows[:, None], mask=mask)
     scale = sm_scale
     if INTEGER:
-        scale = sm_scale / tl.load(STATS + 2 * stride_st + h * stride_sh + 16 * (b + (b * seqlen) // 16))
+        scale = sm_scale / tl.load(STATS + 2 * stride_st + h * stride_sh + stats_row0(b, 0, seqlen, False))
         acc = acc.to(tl.float32)
     tl.store(DQ + b.to(tl.int64) * stride_dqb + h * stride_dqh + rows[:, None].to(tl.int64) * stride_dqs + d[None, :],
              (acc * scale).to(DQ.dtype.element_ty), mask=mask)
@@ -210,8 +211,8 @@ def _scale_kernel(K, V, DO, DLSE, STATS, stride_kb, stride_ks, stride_kh, stride
     """v39a: one program per (batch, KV head): max |K|, max_j |V_j| (row norms) over the head's keys, then for
     each query head of its group max_i |dO_i| (and max |dlse_i|), the bound (2 |dO| |V| + |dlse|) |K| of every
     partial dQ^T sum, and the power of two 2^e, e = 60 - floor(log2 bound) (within fp32's normal range), that maps
-    it below 2^61; written to STATS[2, h, 16 * (b + b * seqlen_q // 16)] (``backward._row_stats_buffer``'s third
-    plane, where the stats of the sequence's first row sit in the other two). A zero bound gives 2^126 (every
+    it below 2^61; written to STATS[2, h, ``stats_row0``] (``backward._row_stats_buffer``'s third plane, where
+    the stats of the sequence's first row sit in the other two). A zero bound gives 2^126 (every
     add is zero), a non-finite one NaN (so dq is NaN, as the inputs)."""
     pid = tl.program_id(0)
     b = pid // kv_heads
@@ -251,7 +252,7 @@ def _scale_kernel(K, V, DO, DLSE, STATS, stride_kb, stride_ks, stride_kh, stride
         e = tl.minimum(tl.maximum(60 - (biased - 127), -126), 126)
         scale = ((e + 127) << 23).to(tl.float32, bitcast=True)
         scale = tl.where(biased == 0xFF, float("nan"), scale)
-        tl.store(STATS + 2 * stride_st + h * stride_sh + 16 * (b + (b * seqlen_q) // 16), scale)
+        tl.store(STATS + 2 * stride_st + h * stride_sh + stats_row0(b, 0, seqlen_q, False), scale)
 
 
 def scales(q, k, v, dout, dlse, stats) -> None:
