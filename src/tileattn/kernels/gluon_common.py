@@ -326,6 +326,15 @@ if AVAILABLE:
         gl.thread_barrier()
 
     @gluon.jit
+    def residual_rows(RESID, r_desc, stride_os, stride_oh):
+        """(pointer, row stride, head stride) for masked row stores of the residual: RESID itself, or for an int8
+        residual (``r_desc`` int16 pairs, ``make_desc``) an int16 view of it with both strides halved."""
+        if r_desc.dtype == gl.int16:  # a compile-time choice
+            return RESID.to(gl.pointer_type(gl.int16), bitcast=True), stride_os // 2, stride_oh // 2
+        else:
+            return RESID, stride_os, stride_oh
+
+    @gluon.jit
     def store_rows_direct(PTR, x, row, h, n_rows, stride_os, stride_oh):
         """v39b: the register tile x (rows, C), in whatever layout it has (the MMA accumulator's), stored straight
         to rows row .. of head h, columns 0 .. C - 1, rows from n_rows on masked: no shared staging, nothing to
@@ -435,11 +444,8 @@ if AVAILABLE:
                 r = residual_store_value(acc, o, r_desc.dtype)
             store_rows_direct(O, o, grow, h, seqlen_q - row0, stride_os, stride_oh)
             if STORE_RESID:
-                if r_desc.dtype == gl.int16:  # int8 pairs: the rows through an int16 view (strides halved)
-                    store_rows_direct(RESID.to(gl.pointer_type(gl.int16), bitcast=True), r, grow, h,
-                                      seqlen_q - row0, stride_os // 2, stride_oh // 2)
-                else:
-                    store_rows_direct(RESID, r, grow, h, seqlen_q - row0, stride_os, stride_oh)
+                r_ptr, r_os, r_oh = residual_rows(RESID, r_desc, stride_os, stride_oh)
+                store_rows_direct(r_ptr, r, grow, h, seqlen_q - row0, r_os, r_oh)
         else:
             st2 = stage.reshape([HALF_M, HEAD_D])
             if DEFER:  # the previous item's TMA stores have read both staging buffers
@@ -456,11 +462,8 @@ if AVAILABLE:
                         gl.thread_barrier()
                         r2.store(residual_store_value(acc, o, r_desc.dtype))
                         gl.thread_barrier()
-                        if r_desc.dtype == gl.int16:  # int8 pairs: the rows through an int16 view (strides halved)
-                            store_rows(RESID.to(gl.pointer_type(gl.int16), bitcast=True), r2, q_row0 + row0, h,
-                                       seqlen_q - row0, stride_os // 2, stride_oh // 2)
-                        else:
-                            store_rows(RESID, r2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
+                        r_ptr, r_os, r_oh = residual_rows(RESID, r_desc, stride_os, stride_oh)
+                        store_rows(r_ptr, r2, q_row0 + row0, h, seqlen_q - row0, r_os, r_oh)
                 else:
                     store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, q_row0 + row0, h, STORE_RESID, r_stage, DEFER)
             else:
