@@ -113,16 +113,14 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
            "qk_scale": "fp32", "sm_scale": "fp32", "softcap": "fp32", "DK": f"*{'fp16' if fp16 else 'bf16'}",
            "DV": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32",
            **({"TRACE": "*i64"} if trace else {}), **({"SCALES": "*fp32"} if fused_dq else {})}
-    if fused_dq == "int" and d == 64 and bm == 64:
-        stages = min(stages, 2)  # as gluon_backward._stages
+    stages = gb.ring_stages(stages, bm, d, fused_dq == "int")
     consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal and not window, WINDOW=window, PIPELINE=bool(pipe),
                   VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, SPLIT=split, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg,
-                  **(fdq.kernel_flags(d) if fused_dq else {}),  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
+                  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
+                  **(fdq.kernel_flags(d, fused_dq == "int") if fused_dq else {}),
                   KV_REGS=(gb.kv_regs(d, _call_params(softcap, alibi, window, causal), fused_dq) if kv_regs is None
                            else kv_regs))
-    if fused_dq == "int":
-        consts["FUSED_DQ"] = 2  # as fused_dq.slots with int64 slots
     fn = gb._dkdv_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(a),): [["tt.divisibility", 16]] for a in ("DK", "DV")}

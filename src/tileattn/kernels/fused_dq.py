@@ -144,19 +144,23 @@ def applies_to(cfg) -> bool:
     return cfg.pipeline and not cfg.split
 
 
-def slots(head_dim: int) -> int:
+def slots(head_dim: int, int64: bool = None) -> int:
     """FUSED_DQ's value: dQ^T staging slots per consumer warpgroup, ``TILEATTN_FUSED_DQ_SLOTS`` (2 or 4; 4 only at
-    D=128, whose shared memory has room: 215 KB; default 4 there, 2 at D=64; v39a's int64 slots: 2)."""
+    D=128, whose shared memory has room: 215 KB; default 4 there, 2 at D=64; v39a's int64 slots: 2). ``int64``:
+    v39a's form or not (None: as the knob says, ``integer``)."""
     value = configs.getenv("TILEATTN_FUSED_DQ_SLOTS", "")
     if value not in ("", "2", "4"):
         raise ValueError(f"TILEATTN_FUSED_DQ_SLOTS must be 2 or 4, got {value!r}")
-    return 4 if head_dim == 128 and value != "2" and not integer() else 2
+    if int64 is None:
+        int64 = integer()
+    return 4 if head_dim == 128 and value != "2" and not int64 else 2
 
 
-def kernel_flags(head_dim: int) -> dict:
-    """The dK/dV kernel's constexprs for the fused backward: FUSED_DQ (``slots``) and, with
+def kernel_flags(head_dim: int, int64: bool = None) -> dict:
+    """The dK/dV kernel's constexprs for the fused backward: FUSED_DQ (``slots``; ``int64`` as there) and, with
     ``TILEATTN_FUSED_DQ_EARLY=1`` (v28c; run 137: slower than the default order), EARLY_DQ."""
-    return dict(FUSED_DQ=slots(head_dim), **({"EARLY_DQ": True} if configs.switch("TILEATTN_FUSED_DQ_EARLY") else {}))
+    return dict(FUSED_DQ=slots(head_dim, int64),
+                **({"EARLY_DQ": True} if configs.switch("TILEATTN_FUSED_DQ_EARLY") else {}))
 
 
 @functools.lru_cache(maxsize=None)

@@ -458,12 +458,12 @@ def _stats_layout(block_m: int):
     return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
 
 
-def _stages(cfg, head_dim: int, dq_acc) -> int:
-    """The Q / dO ring's stages: the config's, but two at D=64 (64-query steps) with v39a's int64 dQ^T staging
-    (three would need 246 KB of shared memory; two: 231 KB of sm_90's 227 KiB)."""
-    if dq_acc is not None and dq_acc.dtype == torch.int64 and head_dim == 64 and cfg.block_m == 64:
-        return min(cfg.stages, 2)
-    return cfg.stages
+def ring_stages(stages: int, block_m: int, head_dim: int, int64_dq: bool) -> int:
+    """The Q / dO ring's stages: the config's ``stages``, but two at D=64 with 64-query steps and v39a's int64 dQ^T
+    staging (three would need 246 KB of shared memory; two: 231 KB of sm_90's 227 KiB)."""
+    if int64_dq and head_dim == 64 and block_m == 64:
+        return min(stages, 2)
+    return stages
 
 
 def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
@@ -483,18 +483,19 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
     st_desc = host_descriptor(GluonTensorDescriptor, stats.view(-1), (bm, ), layout=_stats_layout(bm))
     sts = stats.stride()
     dq_desc = st_desc if dq_acc is None else fused_dq.descriptor(dq_acc, seqlen_q, half_n, bm)  # FUSED_DQ's
+    int64_dq = dq_acc is not None and dq_acc.dtype == torch.int64  # v39a
     launch(_dkdv_kernel, (num_n_tiles * batch * kv_heads,), (
         q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, dq_desc, dk, dv,
         p.cu_seqlens_q if p.varlen else dk, p.cu_seqlens_k if p.varlen else dk,
         p.alibi_slopes if p.alibi_slopes is not None else stats, seqlen_q, seqlen_k, kv_heads,
         q_heads // kv_heads, num_n_tiles, p.qk_scale, p.softmax_scale, sts[1], sts[0], dk.stride(1), dk.stride(2),
         dv.stride(1), dv.stride(2), *window_bounds(p, seqlen_q, seqlen_k), p.softcap_log2, p.alibi_stride_b),
-        dict(HEAD_D=d, STAGES=_stages(cfg, d, dq_acc), CAUSAL=p.window_right == 0 and not has_window(p),
-             WINDOW=has_window(p),
+        dict(HEAD_D=d, STAGES=ring_stages(cfg.stages, cfg.block_m, d, int64_dq),
+             CAUSAL=p.window_right == 0 and not has_window(p), WINDOW=has_window(p),
              HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=p.alibi_slopes is not None,
              PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
-             PRODUCER_REGS=cfg.producer_regs, **(fused_dq.kernel_flags(d) if dq_acc is not None else {}),
+             PRODUCER_REGS=cfg.producer_regs, **(fused_dq.kernel_flags(d, int64_dq) if dq_acc is not None else {}),
              **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {}),
              **({"SCALES": stats} if dq_acc is not None else {})),
         4, 1, maxnreg=cfg.maxnreg)
