@@ -93,7 +93,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
                 fused_dq=False, kv_regs=None, trace=False):
     """The Gluon dK/dV kernel (kernels/gluon_backward.py) for sm_90a; ``kv_regs``: its KV_REGS (None: what a launch
     of these features picks, ``gluon_backward.kv_regs``); ``trace``: with the program trace buffer; ``fused_dq``:
-    the fused backward's form, "int" v39a's (int64 dQ^T staging, two slots, D=64 a two-stage ring)."""
+    the fused backward's form, "int" v39a's (int64 dQ^T values staged as uint64, two slots, D=64 a two-stage ring)."""
     from tileattn import configs
     from tileattn.kernels import fused_dq as fdq, gluon_backward as gb
     c = configs._GLUON_BWD[d]
@@ -107,7 +107,7 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
         return f"tensordesc<{'fp16' if fp16 else 'bf16'}[1,{rows},1,{d}],{layout!r}>"
     sig = {"q_desc": desc(bm), "do_desc": desc(bm), "k_desc": desc(64), "v_desc": desc(64), "dk_desc": desc(64),
            "dv_desc": desc(64), "st_desc": f"tensordesc<fp32[{bm}],{gb._stats_layout(bm)!r}>",
-           "dq_desc": (f"tensordesc<i64[64,{bm}],{fdq._acc_layout(64, bm, True)!r}>" if fused_dq == "int"
+           "dq_desc": (f"tensordesc<u64[64,{bm}],{fdq._acc_layout(64, bm, True)!r}>" if fused_dq == "int"
                        else f"tensordesc<fp32[64,{bm}],{fdq._acc_layout(64, bm)!r}>" if fused_dq
                        else f"tensordesc<fp32[{bm}],{gb._stats_layout(bm)!r}>"),
            "qk_scale": "fp32", "sm_scale": "fp32", "softcap": "fp32", "DK": f"*{'fp16' if fp16 else 'bf16'}",

@@ -102,7 +102,7 @@ def test_compiles_for_sm90():
 def _record_fused(monkeypatch, early=False, value="1"):
     """Turn the fused backward on (``early``: with TILEATTN_FUSED_DQ_EARLY=1; ``value``: the knob's, "int" for
     v39a); the list of FUSED_DQ flags of the dK/dV kernel's launches (EARLY_DQ asserted as asked; with "int" the
-    accumulator's descriptor asserted int64)."""
+    accumulator's descriptor asserted uint64: TMA adds no s64)."""
     seen = []
     real = gluon_backward.launch
 
@@ -110,7 +110,7 @@ def _record_fused(monkeypatch, early=False, value="1"):
         seen.append(bool(kw.get("FUSED_DQ")))
         assert bool(kw.get("EARLY_DQ")) == (early and seen[-1])
         if seen[-1]:
-            assert (args[7].base.dtype == torch.int64) == (value == "int"), args[7].base.dtype
+            assert (args[7].base.dtype == torch.uint64) == (value == "int"), args[7].base.dtype
         return real(fn, grid, args, kw, *rest, **opts)
     monkeypatch.setattr(gluon_backward, "launch", launch)
     monkeypatch.setenv(KNOB, value)
@@ -227,13 +227,18 @@ def test_launch_plans_replay_it(value, monkeypatch):
 
 
 def test_integer_mode(monkeypatch):
-    """``int`` selects v39a: an int64 accumulator, two staging slots at both head dims; other values are a
-    ValueError naming the knob and what it takes."""
+    """``int`` selects v39a: an int64 accumulator (described to TMA as uint64), two staging slots at both head
+    dims; other values are a ValueError naming the knob and what it takes."""
     monkeypatch.setenv(KNOB, "int")
     assert fused_dq.mode() == "int" and fused_dq.integer()
     q = torch.zeros(2, 10, 3, 64)
     assert fused_dq.accumulator(q).dtype == torch.int64
     assert fused_dq.slots(128) == 2 and fused_dq.kernel_flags(128) == {"FUSED_DQ": 2}
+    if gluon_backward.AVAILABLE:  # TMA's reduce-add has no s64 (an INT64 tensor map: illegal instruction, run 189)
+        acc = fused_dq.accumulator(q)
+        desc = fused_dq.descriptor(acc, 10, 64, 64)
+        assert desc.base.dtype == torch.uint64 and desc.base.data_ptr() == acc.data_ptr()
+        assert desc.layout.element_bitwidth == 64
     monkeypatch.setenv(KNOB, "float")
     with pytest.raises(ValueError, match=f"{KNOB} must be 0, 1 or int"):
         fused_dq.mode()

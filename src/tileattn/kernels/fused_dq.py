@@ -62,15 +62,16 @@ if AVAILABLE:
         offset). A staging slot is rewritten only after the add that last read it: the issuing thread waits for
         all but the last SLOTS - 2 adds before the barrier, so that at step t + 1 the add of step t + 1 - SLOTS
         is done (session 23: separate barriers for the dQ^T stage cost the D=128 kernel ~0.4 µs per step).
-        int64 slots (v39a): the share times its query head's 2^e (``dq_scale``: (pointer to the group's first
-        head's scale, the heads' stride); ``_scale_kernel``), rounded toward zero to int64."""
+        uint64 slots (v39a): the share times its query head's 2^e (``dq_scale``: (pointer to the group's first
+        head's scale, the heads' stride); ``_scale_kernel``), rounded toward zero to int64, its bits as uint64."""
         if STAGE_DQ:
             SLOTS: gl.constexpr = dq_slots.shape[0] // 2
             tma.store_wait(pendings=SLOTS - 2)
             dq_slot = dq_slots.index(SLOTS * w + (t - 1) % SLOTS)
-            if dq_slots.dtype == gl.int64:
+            if dq_slots.dtype == gl.uint64:
                 scale_ptr, scale_stride = dq_scale
-                dq_slot.store((dqt * gl.load(scale_ptr + ((t - 1) // n_m) * scale_stride)).to(gl.int64))
+                fixed = (dqt * gl.load(scale_ptr + ((t - 1) // n_m) * scale_stride)).to(gl.int64)
+                dq_slot.store(fixed.to(gl.uint64, bitcast=True))
             else:
                 dq_slot.store(dqt)
         if STAGE_DS:
@@ -165,15 +166,18 @@ def kernel_flags(head_dim: int, int64: bool = None) -> dict:
 
 @functools.lru_cache(maxsize=None)
 def _acc_layout(rows: int, cols: int, integer: bool = False):
-    """Shared layout of a dQ^T box of the accumulator: (rows, cols) fp32 (int64: v39a), TMA's default swizzle."""
-    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.int64 if integer else gl.float32)
+    """Shared layout of a dQ^T box of the accumulator: (rows, cols) fp32 (uint64: v39a), TMA's default swizzle."""
+    return gl.NVMMASharedLayout.get_default_for([rows, cols], gl.uint64 if integer else gl.float32)
 
 
 def descriptor(acc: torch.Tensor, seqlen: int, rows: int, cols: int):
     """The dK/dV kernel's TMA descriptor of the accumulator (``described``), boxes of ``rows`` (D) x ``cols``
-    (queries)."""
-    return host_descriptor(GluonTensorDescriptor, described(acc, seqlen), (rows, cols),
-                           layout=_acc_layout(rows, cols, acc.dtype == torch.int64))
+    (queries). An int64 accumulator (v39a) is described as uint64: TMA's reduce-add takes u64 but not s64 (an
+    INT64 tensor map with ``.add`` is an illegal instruction on sm_90, run 189), and two's complement sums are
+    the same bits either way."""
+    integer = acc.dtype == torch.int64
+    return host_descriptor(GluonTensorDescriptor, described(acc.view(torch.uint64) if integer else acc, seqlen),
+                           (rows, cols), layout=_acc_layout(rows, cols, integer))
 
 
 @triton.jit

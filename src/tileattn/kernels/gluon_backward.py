@@ -308,7 +308,7 @@ if AVAILABLE:
         Hq) (batch stride stride_ab, 0 for (Hq,)). SPLIT: 64 keys per program, shared by both consumer warpgroups
         (``_split_consumer``; no varlen or softcap). FUSED_DQ (0: off; else dQ^T staging slots per warpgroup, 2 or
         4): dQ too, reduce-added into the fp32 accumulator ``dq_desc`` describes (``fused_dq``; without it
-        ``dq_desc`` is a placeholder, not read; an int64 one: v39a's fixed point, its scales in the row-stats
+        ``dq_desc`` is a placeholder, not read; a uint64 one: v39a's fixed point, its scales in the row-stats
         buffer SCALES' third plane); EARLY_DQ its products' order (``_dkdv_consumer``). TRACE: None,
         or an int64 (programs, 4) buffer that gets each program's trace (``trace_program``; measurement only)."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
@@ -389,7 +389,7 @@ if AVAILABLE:
                 mbarrier.init(ds_ready.index(i), count=2)
                 mbarrier.init(ds_free.index(i), count=2)
             dq_scale = (SCALES, 0)  # fp32 adds: not read
-            if dq_desc.dtype == gl.int64:  # v39a: the group's scales (fused_dq._scale_kernel), heads stride_sh apart
+            if dq_desc.dtype == gl.uint64:  # v39a: the group's scales (fused_dq._scale_kernel), heads stride_sh apart
                 dq_scale = (SCALES + 2 * stride_st + hk * group * stride_sh + srow0, stride_sh)
             fused = (ds_slots, ds_ready, ds_free, dq_slots, dq_desc, (b * kv_heads + hk) * group * HEAD_D, dq_scale)
         else:
