@@ -44,10 +44,9 @@ def _complete(fn, sig, consts):
 
 def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=False, fp16=False, window=False,
                 varlen=False, alibi=False, tile_map=False, persistent=False, flat=False, resid8=False, wg=2,
-                skip=False, direct=False):
+                skip=False):
     """The Gluon forward for sm_90a; ``wg``: its consumer warpgroups (3: v37a, with its registers unless cfg);
-    ``skip``: with causal and three warpgroups, v38a's per-warpgroup skip of unseen key tiles (CAUSAL_SKIP);
-    ``direct``: with persistent at D=256, v39b's epilogue storing from registers (DIRECT_O)."""
+    ``skip``: with causal and three warpgroups, v38a's per-warpgroup skip of unseen key tiles (CAUSAL_SKIP)."""
     from tileattn import configs
     c = configs._GLUON_FWD[d]  # the table entry, whether on by default or not
     regs = configs.GLUON_3WG_REGS if wg == 3 else (c.consumer_regs, c.producer_regs, c.maxnreg)
@@ -71,8 +70,7 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
                   else 0,
                   USE_MAP=tile_map, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg, PERSISTENT=persistent or flat, FLAT=flat,  # flat: kernels/gluon_flat.py
-                  **({"NUM_WG": 3} if wg == 3 else {}), **({"CAUSAL_SKIP": True} if skip else {}),
-                  **({"DIRECT_O": True} if direct else {}))
+                  **({"NUM_WG": 3} if wg == 3 else {}), **({"CAUSAL_SKIP": True} if skip else {}))
     fn = gf._fwd_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("LSE", "SINK", "O", "RESID")}
@@ -92,8 +90,7 @@ def _call_params(softcap, alibi, window, causal):
 def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=False, softcap=False, alibi=False,
                 fused_dq=False, kv_regs=None, trace=False):
     """The Gluon dK/dV kernel (kernels/gluon_backward.py) for sm_90a; ``kv_regs``: its KV_REGS (None: what a launch
-    of these features picks, ``gluon_backward.kv_regs``); ``trace``: with the program trace buffer; ``fused_dq``:
-    the fused backward's form, "int" v39a's (int64 dQ^T values staged as uint64, two slots, D=64 a two-stage ring)."""
+    of these features picks, ``gluon_backward.kv_regs``); ``trace``: with the program trace buffer."""
     from tileattn import configs
     from tileattn.kernels import fused_dq as fdq, gluon_backward as gb
     c = configs._GLUON_BWD[d]
@@ -107,18 +104,15 @@ def compile_bwd(d=128, causal=False, cfg=None, fp16=False, varlen=False, window=
         return f"tensordesc<{'fp16' if fp16 else 'bf16'}[1,{rows},1,{d}],{layout!r}>"
     sig = {"q_desc": desc(bm), "do_desc": desc(bm), "k_desc": desc(64), "v_desc": desc(64), "dk_desc": desc(64),
            "dv_desc": desc(64), "st_desc": f"tensordesc<fp32[{bm}],{gb._stats_layout(bm)!r}>",
-           "dq_desc": (f"tensordesc<u64[64,{bm}],{fdq._acc_layout(64, bm, True)!r}>" if fused_dq == "int"
-                       else f"tensordesc<fp32[64,{bm}],{fdq._acc_layout(64, bm)!r}>" if fused_dq
+           "dq_desc": (f"tensordesc<fp32[64,{bm}],{fdq._acc_layout(64, bm)!r}>" if fused_dq
                        else f"tensordesc<fp32[{bm}],{gb._stats_layout(bm)!r}>"),
            "qk_scale": "fp32", "sm_scale": "fp32", "softcap": "fp32", "DK": f"*{'fp16' if fp16 else 'bf16'}",
            "DV": f"*{'fp16' if fp16 else 'bf16'}", "CU_Q": "*i32", "CU_K": "*i32", "ALIBI": "*fp32",
-           **({"TRACE": "*i64"} if trace else {}), **({"SCALES": "*fp32"} if fused_dq else {})}
-    stages = gb.ring_stages(stages, bm, d, fused_dq == "int")
+           **({"TRACE": "*i64"} if trace else {})}
     consts = dict(HEAD_D=d, STAGES=stages, CAUSAL=causal and not window, WINDOW=window, PIPELINE=bool(pipe),
                   VARLEN=varlen, HAS_SOFTCAP=softcap, HAS_ALIBI=alibi, SPLIT=split, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg,
-                  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
-                  **(fdq.kernel_flags(d, fused_dq == "int") if fused_dq else {}),
+                  **(fdq.kernel_flags(d) if fused_dq else {}),  # TILEATTN_FUSED_DQ_SLOTS / _EARLY as at launch
                   KV_REGS=(gb.kv_regs(d, _call_params(softcap, alibi, window, causal), fused_dq) if kv_regs is None
                            else kv_regs))
     fn = gb._dkdv_kernel
@@ -215,8 +209,6 @@ def main(argv=None):
     ap.add_argument("--persistent", action="store_true", help="the persistent forward (with --dq: the persistent dQ "
                     "kernel, v35b)")
     ap.add_argument("--flat", action="store_true", help="the persistent forward, one pipeline across items")
-    ap.add_argument("--direct", action="store_true", help="forward with --persistent at D=256: v39b's epilogue "
-                    "storing out from registers")
     ap.add_argument("--skip", action="store_true", help="forward with --causal --wg 3: v38a's per-warpgroup skip of "
                     "the key tiles a warpgroup does not see")
     ap.add_argument("--wg", type=int, default=2, choices=(2, 3), help="forward: consumer warpgroups (3: v37a, "
@@ -227,8 +219,6 @@ def main(argv=None):
     ap.add_argument("--dlse", action="store_true")
     ap.add_argument("--reduce-add", action="store_true", help="print how many TMA reduce-adds a minimal kernel "
                     "around gluon_common.tma_reduce_add compiles to")
-    ap.add_argument("--fused-int", action="store_true", help="with --bwd: v39a's fused dK/dV kernel, dQ^T added as "
-                    "int64 fixed point")
     ap.add_argument("--fused-dq", action="store_true", help="with --bwd: the fused backward's dK/dV kernel, dQ "
                     "reduce-added (TILEATTN_GLUON_BWD_FUSED=1)")
     ap.add_argument("--bwd", action="store_true", help="the dK/dV backward kernel instead (--config bm,stages,"
@@ -254,12 +244,12 @@ def main(argv=None):
         k = compile_dq(a.head_dim, a.causal, cfg, a.fp16, not a.no_resid, a.dlse, a.varlen, a.window, a.softcap,
                        a.alibi, a.resid8, a.trace, a.persistent)
     elif a.bwd:
-        k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi,
-                        "int" if a.fused_int else a.fused_dq, a.kv_regs, a.trace)
+        k = compile_bwd(a.head_dim, a.causal, cfg, a.fp16, a.varlen, a.window, a.softcap, a.alibi, a.fused_dq,
+                        a.kv_regs, a.trace)
     else:
         softcap = 2 if a.softcap_fixed_max else a.softcap
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, softcap, a.sink, a.fp16, a.window, a.varlen,
-                        a.alibi, a.tile_map, a.persistent, a.flat, a.resid8, a.wg, a.skip, a.direct)
+                        a.alibi, a.tile_map, a.persistent, a.flat, a.resid8, a.wg, a.skip)
     if a.check:
         report = ptxas_messages(k.asm["ptx"])
         print(report)

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 s40 s42 s44 s46 s46b s47 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 s40 s42 s44 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -211,23 +211,6 @@ for stage in "$@"; do
            "g2:TILEATTN_GLUON_FWD_CONFIG=128,3,2,240,24,168+TILEATTN_GLUON_FWD_WG=2" \
            "g3skip:TILEATTN_GLUON_FWD_CONFIG=128,3,2,240,24,168+TILEATTN_GLUON_FWD_WG=3+TILEATTN_GLUON_FWD_SKIP=1" \
            2>&1 | grep -v Warning | tee "$OUT/s44_fwd.log" ;;
-    s46) # (~3 min) v39a (TILEATTN_GLUON_BWD_FUSED=int, not GPU-run yet): the fused backward with int64 fixed-point
-         # dQ adds (bit-reproducible): its tests (s46b: its speed)
-         timeout 240 python3 -m pytest tests/test_fused_dq.py -k "int or scale or convert or order_free" -q -n 8 \
-           -p no:cacheprovider -p no:benchmark -rf 2>&1 | tail -4 | tee "$OUT/s46_tests.log"; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;
-    s46b) # (~5 min) v39a's speed: backward us of the two-kernel default / fp32 fused / int64 fused (table config; at
-         # D=64 also 32-query steps, and EARLY_DQ) beside cuDNN, D=64 / 128, 1k / 4k / 16k, both masks, one process
-         timeout 380 python3 benchmarks/bwd_variants.py --head-dims 64,128 --seqlens 1024,4096,16384 --variants \
-           "base=,f32=TILEATTN_GLUON_BWD_FUSED:1,int=TILEATTN_GLUON_BWD_FUSED:int,int32=TILEATTN_GLUON_BWD_FUSED:int+TILEATTN_GLUON_BWD_CONFIG:32;4;240;24;168;1,intE=TILEATTN_GLUON_BWD_FUSED:int+TILEATTN_FUSED_DQ_EARLY:1" \
-           2>&1 | grep -v Warning | tee "$OUT/s46_bwd.log" ;;
-    s47) # (~3 min) v39b (TILEATTN_GLUON_FWD_DIRECT=1, not GPU-run yet): the persistent D=256 forward stores out and
-         # the residual from registers and frees Q's buffer after the last Q K^T: its bit-identity tests, then the
-         # D=256 forward cells where per-item costs weigh most (512-4k non-causal, causal 1k / 2k), default / direct
-         timeout 240 python3 -m pytest tests/test_gluon_forward.py -k "direct" -q -n 8 -p no:cacheprovider \
-           -p no:benchmark -rf 2>&1 | tail -3 | tee "$OUT/s47_tests.log"; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-         cells="256,32,8,512,0;256,16,8,1024,0;256,8,8,2048,0;256,4,8,4096,0;256,16,8,1024,1;256,8,8,2048,1"
-         timeout 200 python3 benchmarks/short_variants.py --cells "$cells" "direct:TILEATTN_GLUON_FWD_DIRECT=1" 2>&1 \
-           | grep -v Warning | tee "$OUT/s47_fwd.log" ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;

@@ -379,13 +379,12 @@ def attention_backward(dout, q, k, v, out, lse, dlse, p, cfg=None, grads=None, r
     return dq, dk, dv, dsink
 
 
-def _row_stats_buffer(batch: int, q_heads: int, total_rows: int, device, planes: int = 2) -> torch.Tensor:
-    """(2, Hq, L) fp32: lse (log2 units) and delta per query row, written by the dQ kernel for the dK/dV kernel
-    (``planes=3``: a third for v39a's fixed-point scales, ``fused_dq.scales``).
+def _row_stats_buffer(batch: int, q_heads: int, total_rows: int, device) -> torch.Tensor:
+    """(2, Hq, L) fp32: lse (log2 units) and delta per query row, written by the dQ kernel for the dK/dV kernel.
     Sequence b's rows start at 16 * (b + first_row // 16) (``common.stats_row0``): aligned whatever the varlen
     offsets, so the dK/dV kernel reads them with vector loads (packed rows of lse's own layout start anywhere).
     L = 16 * (batch + total_rows // 16 + 1) covers every slot: O(heads * (batch + rows)) extra memory."""
-    return torch.empty((planes, q_heads, 16 * (batch + total_rows // 16 + 1)), dtype=torch.float32, device=device)
+    return torch.empty((2, q_heads, 16 * (batch + total_rows // 16 + 1)), dtype=torch.float32, device=device)
 
 
 def _sink_rows(p):
@@ -398,11 +397,9 @@ def _backward_buffers(q, lse, dlse, p):
     fused backward's dQ accumulator or None: ``fused_dq``)."""
     _, rows_q, q_heads, _ = q.shape
     delta = torch.empty_like(lse)
-    fused = fused_dq.enabled(q, p)
-    stats = _row_stats_buffer(p.batch, q_heads, rows_q if p.varlen else p.batch * rows_q, q.device,
-                              3 if fused and fused_dq.integer() else 2)
+    stats = _row_stats_buffer(p.batch, q_heads, rows_q if p.varlen else p.batch * rows_q, q.device)
     return (delta, stats, (dlse.to(torch.float32).contiguous() if dlse is not None else None),
-            fused_dq.accumulator(q) if fused else None)
+            fused_dq.accumulator(q) if fused_dq.enabled(q, p) else None)
 
 
 def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid, buffers=None):
@@ -469,11 +466,9 @@ def _launch_backward(dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, dv, resid, b
             **({"STATS_ONLY": True} if fused else {})), qc.num_warps, qc.num_stages)
 
     if gluon_cfg is not None:  # Hopper: the warp-specialised dK/dV kernel (gluon_backward.py)
-        if fused and dq_acc.dtype == torch.int64:  # v39a: the fixed-point scales first
-            fused_dq.scales(q, k, v, dout, dlse, stats)
         gluon_backward.dkdv(q, k, v, dout, stats, dk, dv, p, gluon_cfg, dq_acc if fused else None)
         if fused:
-            fused_dq.convert(dq_acc, dq, p.softmax_scale, stats)
+            fused_dq.convert(dq_acc, dq, p.softmax_scale)
         return delta
     kv = cfg.dkdv
     num_n_tiles = configs.cdiv(p.max_seqlen_k, kv.block_n)

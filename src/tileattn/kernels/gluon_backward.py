@@ -198,7 +198,7 @@ if AVAILABLE:
             dpt = warpgroup_mma_wait(num_outstanding=0, deps=(dpt_tok, ))
             ds = dkdv_dscores(p, dtanh, dpt, delta_smem.index(0), m_lo, seqlen_q, BLOCK_M, HAS_SOFTCAP)
             if FUSED_DQ:
-                ds_slots, ds_ready, ds_free, dq_slots, dq_desc, dq_row0, dq_scale = fused
+                ds_slots, ds_ready, ds_free, dq_slots, dq_desc, dq_row0 = fused
                 # (HALF_N, BLOCK_M) of a step's dQ^T: D=128 this warpgroup's 64 rows of D over both warpgroups'
                 # keys (EXCHANGE); D=64 all of D over its own keys (both warpgroups add theirs)
                 if EXCHANGE:
@@ -209,7 +209,7 @@ if AVAILABLE:
                     k_lo = k2.permute((1, 0))
                     k_hi = k_lo
                 stage_dq_step(ds.to(dtype), st_zero, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, 0, n_m, m_lo,
-                              dq_row0, dq_scale, HEAD_D, EXCHANGE, True, False)
+                              dq_row0, HEAD_D, EXCHANGE, True, False)
             p_op = gl.convert_layout(p.to(dtype), op_layout)
             ds_op = gl.convert_layout(ds.to(dtype), op_layout)
             for t in range(1, n):
@@ -233,7 +233,7 @@ if AVAILABLE:
                     if EXCHANGE:
                         mbarrier.arrive(ds_free.index((t - 1) % 2), count=1)
                     stage_dq_step(dqt, dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m, m_lo,
-                                  dq_row0, dq_scale, HEAD_D, EXCHANGE, False, True)
+                                  dq_row0, HEAD_D, EXCHANGE, False, True)
                     st = warpgroup_mma_wait(num_outstanding=3, deps=(st_tok, ))
                 elif FUSED_DQ:  # dQ^T_{t-1}
                     dq_tok = issue_dq(k_lo, k_hi, ds_slots, ds_ready, st_zero, w, t - 1, EXCHANGE)
@@ -251,13 +251,13 @@ if AVAILABLE:
                 if EARLY_DQ:
                     dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
                     stage_dq_step(ds.to(dtype), st_zero, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m,
-                                  m_lo, dq_row0, dq_scale, HEAD_D, EXCHANGE, True, False)
+                                  m_lo, dq_row0, HEAD_D, EXCHANGE, True, False)
                 elif FUSED_DQ:
                     dk, dqt = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, dq_tok))
                     if EXCHANGE:
                         mbarrier.arrive(ds_free.index((t - 1) % 2), count=1)
                     stage_dq_step(ds.to(dtype), dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, t, n_m,
-                                  m_lo, dq_row0, dq_scale, HEAD_D, EXCHANGE, True, True)
+                                  m_lo, dq_row0, HEAD_D, EXCHANGE, True, True)
                 else:
                     dk = warpgroup_mma_wait(num_outstanding=0, deps=(dk_tok, ))
                 mbarrier.arrive(empty.index(sp), count=1)
@@ -272,7 +272,7 @@ if AVAILABLE:
                 if EXCHANGE:  # both warpgroups' last products have read both K halves before they stage dK
                     mbarrier.arrive(ds_free.index((n - 1) % 2), count=1)
                 stage_dq_step(dqt, dqt, ds_slots, ds_ready, ds_free, dq_slots, dq_desc, w, n, n_m, m_lo, dq_row0,
-                              dq_scale, HEAD_D, EXCHANGE, False, True)
+                              HEAD_D, EXCHANGE, False, True)
                 if EXCHANGE:
                     mbarrier.wait(ds_free.index((n - 1) % 2), ((n - 1) // 2) & 1)
             else:
@@ -299,7 +299,7 @@ if AVAILABLE:
                      HAS_SOFTCAP: gl.constexpr, PIPELINE: gl.constexpr, VARLEN: gl.constexpr,
                      HAS_ALIBI: gl.constexpr, SPLIT: gl.constexpr,
                      CONSUMER_REGS: gl.constexpr, PRODUCER_REGS: gl.constexpr, FUSED_DQ: gl.constexpr = 0,
-                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0, TRACE=None, SCALES=None):
+                     EARLY_DQ: gl.constexpr = False, KV_REGS: gl.constexpr = 0, TRACE=None):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups (64
         keys each), one more worker warp issues every TMA load. VARLEN: q / dO / k / v / dk / dv are packed (1,
         total, H, D), sequence b spans rows CU_Q[b] .. CU_Q[b + 1] (keys: CU_K); seqlen_q / seqlen_k are then
@@ -308,8 +308,7 @@ if AVAILABLE:
         Hq) (batch stride stride_ab, 0 for (Hq,)). SPLIT: 64 keys per program, shared by both consumer warpgroups
         (``_split_consumer``; no varlen or softcap). FUSED_DQ (0: off; else dQ^T staging slots per warpgroup, 2 or
         4): dQ too, reduce-added into the fp32 accumulator ``dq_desc`` describes (``fused_dq``; without it
-        ``dq_desc`` is a placeholder, not read; a uint64 one: v39a's fixed point, its scales in the row-stats
-        buffer SCALES' third plane); EARLY_DQ its products' order (``_dkdv_consumer``). TRACE: None,
+        ``dq_desc`` is a placeholder, not read); EARLY_DQ its products' order (``_dkdv_consumer``). TRACE: None,
         or an int64 (programs, 4) buffer that gets each program's trace (``trace_program``; measurement only)."""
         BLOCK_M: gl.constexpr = q_desc.block_type.shape[1]
         HALF_N: gl.constexpr = k_desc.block_type.shape[1]
@@ -382,16 +381,13 @@ if AVAILABLE:
         if FUSED_DQ:  # dQ in this kernel (``_dkdv_consumer``)
             ds_slots = gl.allocate_shared_memory(dtype, [4, HALF_N, BLOCK_M],
                                                  gl.NVMMASharedLayout.get_default_for([HALF_N, BLOCK_M], dtype))
-            dq_slots = gl.allocate_shared_memory(dq_desc.dtype, [2 * FUSED_DQ, HALF_N, BLOCK_M], dq_desc.layout)
+            dq_slots = gl.allocate_shared_memory(gl.float32, [2 * FUSED_DQ, HALF_N, BLOCK_M], dq_desc.layout)
             ds_ready = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             ds_free = gl.allocate_shared_memory(gl.int64, [2, 1], mbarrier.MBarrierLayout())
             for i in gl.static_range(2):
                 mbarrier.init(ds_ready.index(i), count=2)
                 mbarrier.init(ds_free.index(i), count=2)
-            dq_scale = (SCALES, 0)  # fp32 adds: not read
-            if dq_desc.dtype == gl.uint64:  # v39a: the group's scales (fused_dq._scale_kernel), heads stride_sh apart
-                dq_scale = (SCALES + 2 * stride_st + hk * group * stride_sh + srow0, stride_sh)
-            fused = (ds_slots, ds_ready, ds_free, dq_slots, dq_desc, (b * kv_heads + hk) * group * HEAD_D, dq_scale)
+            fused = (ds_slots, ds_ready, ds_free, dq_slots, dq_desc, (b * kv_heads + hk) * group * HEAD_D)
         else:
             fused = q_smem  # not read without FUSED_DQ
         gl.warp_specialize([
@@ -458,14 +454,6 @@ def _stats_layout(block_m: int):
     return gl.NVMMASharedLayout(swizzle_byte_width=0, element_bitwidth=32, rank=1)
 
 
-def ring_stages(stages: int, block_m: int, head_dim: int, int64_dq: bool) -> int:
-    """The Q / dO ring's stages: the config's ``stages``, but two at D=64 with 64-query steps and v39a's int64 dQ^T
-    staging (three would need 246 KB of shared memory; two: 231 KB of sm_90's 227 KiB)."""
-    if int64_dq and head_dim == 64 and block_m == 64:
-        return min(stages, 2)
-    return stages
-
-
 def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
     """Write dk and dv (B, Sk, Hkv, D) for a call ``applies`` accepted. ``stats``: the (2, Hq, L) fp32 row
     statistics the dQ kernel wrote (``backward._row_stats_buffer``). ``dq_acc``: with the fused backward
@@ -483,19 +471,16 @@ def dkdv(q, k, v, dout, stats, dk, dv, p: AttnParams, cfg, dq_acc=None):
     st_desc = host_descriptor(GluonTensorDescriptor, stats.view(-1), (bm, ), layout=_stats_layout(bm))
     sts = stats.stride()
     dq_desc = st_desc if dq_acc is None else fused_dq.descriptor(dq_acc, seqlen_q, half_n, bm)  # FUSED_DQ's
-    int64_dq = dq_acc is not None and dq_acc.dtype == torch.int64  # v39a
     launch(_dkdv_kernel, (num_n_tiles * batch * kv_heads,), (
         q_desc, do_desc, k_desc, v_desc, dk_desc, dv_desc, st_desc, dq_desc, dk, dv,
         p.cu_seqlens_q if p.varlen else dk, p.cu_seqlens_k if p.varlen else dk,
         p.alibi_slopes if p.alibi_slopes is not None else stats, seqlen_q, seqlen_k, kv_heads,
         q_heads // kv_heads, num_n_tiles, p.qk_scale, p.softmax_scale, sts[1], sts[0], dk.stride(1), dk.stride(2),
         dv.stride(1), dv.stride(2), *window_bounds(p, seqlen_q, seqlen_k), p.softcap_log2, p.alibi_stride_b),
-        dict(HEAD_D=d, STAGES=ring_stages(cfg.stages, cfg.block_m, d, int64_dq),
-             CAUSAL=p.window_right == 0 and not has_window(p), WINDOW=has_window(p),
+        dict(HEAD_D=d, STAGES=cfg.stages, CAUSAL=p.window_right == 0 and not has_window(p), WINDOW=has_window(p),
              HAS_SOFTCAP=p.softcap > 0, HAS_ALIBI=p.alibi_slopes is not None,
              PIPELINE=cfg.pipeline, VARLEN=p.varlen, SPLIT=cfg.split,
              CONSUMER_REGS=cfg.consumer_regs,
-             PRODUCER_REGS=cfg.producer_regs, **(fused_dq.kernel_flags(d, int64_dq) if dq_acc is not None else {}),
-             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {}),
-             **({"SCALES": stats} if dq_acc is not None else {})),
+             PRODUCER_REGS=cfg.producer_regs, **(fused_dq.kernel_flags(d) if dq_acc is not None else {}),
+             **({"KV_REGS": kvr} if (kvr := kv_regs(d, p, dq_acc is not None)) else {})),
         4, 1, maxnreg=cfg.maxnreg)

@@ -161,7 +161,7 @@ def backward_call(run, buffers, dout, q, k, v, out, lse, dlse, p, cfg, dq, dk, d
     bufs = buffers(q, lse, dlse, p)
     # the buffers' knobs (TILEATTN_GLUON_BWD_FUSED: an accumulator or none) are read outside the plan's env log
     key = backward_key(dout, q, k, v, out, lse, dlse, p, dq, dk, dv, resid, torch.cuda.current_device()) + (
-        None if bufs[3] is None else bufs[3].dtype, )  # the fused backward's accumulator: fp32, or int64 (v39a)
+        bufs[3] is not None, )
     entry = _lookup(key)
     roles = dict(dout=dout, q=q, k=k, v=v, out=out, lse=lse, resid=resid, dq=dq, dk=dk, dv=dv, delta=bufs[0],
                  stats=bufs[1], dlse=bufs[2], dq_acc=bufs[3], sink=p.sink, alibi=p.alibi_slopes, rng=rng)
