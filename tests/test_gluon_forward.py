@@ -307,42 +307,6 @@ def test_three_warpgroups_match_two(case, dtype, spy, monkeypatch):
                          **kw)
 
 
-DIRECT_CASES = [c for c in PERSISTENT_CASES if c[5] == 256] + [(1, 1000, 1000, 4, 4, 256, {})]  # + a partial tile
-
-
-@hopper
-@pytest.mark.gpu
-@pytest.mark.parametrize("dtype", HALF_DTYPES, ids=dtype_id)
-@pytest.mark.parametrize("case", DIRECT_CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "-".join(c[6]))
-def test_direct_out_matches_default(case, dtype, spy, monkeypatch):
-    """v39b (TILEATTN_GLUON_FWD_DIRECT=1): the persistent D=256 forward stores out and the residual from registers
-    and releases Q's buffer after the last Q K^T; the call launches with DIRECT_O, and a training call's out, lse
-    and gradients (through the residual the forward stored) equal the default's bit for bit, NaN-free: the D=256
-    persistent cases (causal on the work list, sink, softcap + ALiBi, GQA, Sq != Sk, a last tile of 40 rows)."""
-    B, Sq, Sk, Hq, Hkv, d, feat = case
-    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, dtype, seed_for("gluon-direct", case[:6], dtype),
-                            requires_grad=True)
-    kw = feature_kwargs(feat, Hq, gen)
-    dout = randn((B, Sq, Hq, d), dtype, gen)
-    monkeypatch.setenv("TILEATTN_GLUON_ALIBI", "general")
-    monkeypatch.setenv("TILEATTN_GLUON_PERSISTENT", "1")
-    seen = record_gluon_launches(monkeypatch)
-
-    def run():
-        out, lse = tileattn.attention(q, k, v, return_lse=True, **kw)
-        return (out, lse, *torch.autograd.grad(out, (q, k, v), dout))
-    want = run()
-    assert seen and seen[-1][1]["PERSISTENT"] and "DIRECT_O" not in seen[-1][1], seen[-1:]
-    n = len(spy)
-    monkeypatch.setenv("TILEATTN_GLUON_FWD_DIRECT", "1")
-    got = run()
-    assert len(spy) == n + 1, "the call did not take the Gluon forward"
-    assert seen[-1][1].get("DIRECT_O"), seen[-1]
-    assert not torch.isnan(got[0]).any()
-    for name, a, b in zip(("out", "lse", "dq", "dk", "dv"), got, want):
-        assert torch.equal(a, b), name
-
-
 SKIP_CASES = [(16, 1024, 1024, 8, 8, {}),  # (B, Sq, Sk, Hq, Hkv, features), D=64 causal: 1k, many items per SM
               (2, 2048, 2048, 8, 8, dict(sink=True)),
               # Sq > Sk (diagonal -350): the item of rows 192-383 has one key tile, which its first two
@@ -476,17 +440,6 @@ def test_launch_shapes_on_cpu(monkeypatch):
     assert "NUM_WG" not in kw and "CAUSAL_SKIP" not in kw  # two warpgroups: nothing to skip
     grid, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 8, 8, 128), window_left=256, window_right=256)
     assert "NUM_WG" not in kw
-
-
-def test_direct_out_launch_on_cpu(monkeypatch):
-    """v39b is opt-in (TILEATTN_GLUON_FWD_DIRECT=1) and only for the persistent D=256 forward (D <= 128 stages out
-    in buffers of its own)."""
-    _, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 8, 8, 256))
-    assert kw["PERSISTENT"] and "DIRECT_O" not in kw
-    _, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 8, 8, 256), knobs={"TILEATTN_GLUON_FWD_DIRECT": "1"})
-    assert kw["PERSISTENT"] and kw["DIRECT_O"]
-    _, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 16, 16, 128))
-    assert kw["PERSISTENT"] and "DIRECT_O" not in kw
 
 
 @needs_gluon
@@ -1006,11 +959,6 @@ def test_persistent_compiles_for_sm90():
     NOTES v19a), more would be a regression."""
     assert_compiles([("--head-dim", d, "--persistent", "--spill-budget", 48, *(["--causal"] if causal else []), *extra)
                      for d, causal, extra in PERSISTENT_COMPILE],
-                    env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1"})
-    # v39b (out from registers at D=256, the residual computed before the stores): 12 B plain, 36-96 B causal
-    assert_compiles([("--head-dim", 256, "--persistent", "--direct", "--spill-budget", 96, *extra)
-                     for extra in ((), ("--causal", "--tile-map"), ("--causal", "--tile-map", "--softcap", "--sink"),
-                                   ("--fp16", "--window"), ("--no-resid",))],
                     env_extra={"TILEATTN_GLUON": "all", "TILEATTN_FAST_TANH": "1"})
 
 

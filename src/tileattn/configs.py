@@ -645,16 +645,6 @@ def gluon_forward_causal_skip() -> bool:
     return switch("TILEATTN_GLUON_FWD_SKIP", "1")
 
 
-def gluon_forward_direct_out() -> bool:
-    """v39b (opt-in ``TILEATTN_GLUON_FWD_DIRECT=1``, not yet GPU-run): the persistent D=256 forward stores out and
-    the residual straight from registers instead of staging them in Q's buffer (``gluon_common.epilogue``'s
-    DIRECT), so Q's buffer is released after the item's last Q K^T and the next item's Q loads during its last P V
-    and epilogue, as at D <= 128. D=256 pays ~4.5 key-tile times per item against D=128's ~1.7 (run 180's fit),
-    and v38b (each warpgroup's Q part loaded once free) did not move it (run 184): the wait is for the epilogue's
-    stores and the Q load behind them. Outputs bit-identical."""
-    return switch("TILEATTN_GLUON_FWD_DIRECT")
-
-
 def gluon_forward_schedule(cfg: GluonForwardConfig, head_dim: int, uneven: bool, varlen: bool,
                            causal_list: bool = False, alibi_linear: bool = False):
     """(persistent, work_list, needs_list) for a Gluon forward call: a persistent grid (one program per

@@ -335,17 +335,6 @@ if AVAILABLE:
             return RESID, stride_os, stride_oh
 
     @gluon.jit
-    def store_rows_direct(PTR, x, row, h, n_rows, stride_os, stride_oh):
-        """v39b: the register tile x (rows, C), in whatever layout it has (the MMA accumulator's), stored straight
-        to rows row .. of head h, columns 0 .. C - 1, rows from n_rows on masked: no shared staging, nothing to
-        wait for."""
-        layout: gl.constexpr = x.type.layout
-        rr = gl.arange(0, x.shape[0], layout=gl.SliceLayout(1, layout))
-        cc = gl.arange(0, x.shape[1], layout=gl.SliceLayout(0, layout))
-        base = PTR + row.to(gl.int64) * stride_os + h * stride_oh
-        gl.store(base + rr[:, None].to(gl.int64) * stride_os + cc[None, :], x, mask=(rr < n_rows)[:, None])
-
-    @gluon.jit
     def store_rows(PTR, buf, row, h, n_rows, stride_os, stride_oh):
         """Masked pointer store of the rows staged in shared memory ``buf`` (rows, D) to rows row .. of head h,
         only the first n_rows of them (a varlen sequence's last tile: a TMA store would overwrite the next
@@ -411,14 +400,12 @@ if AVAILABLE:
     def epilogue(acc, m_i, l_i, stage, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
                  b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M: gl.constexpr, HEAD_D: gl.constexpr,
                  STORE_RESID: gl.constexpr, HAS_SINK: gl.constexpr, VARLEN: gl.constexpr, r_stage=None,
-                 DEFER: gl.constexpr = False, DIRECT: gl.constexpr = False):
+                 DEFER: gl.constexpr = False):
         """The Gluon forward's epilogue for a warpgroup's rows after their last key tile: the sink joins the
         denominator, out = acc / l and lse are stored (out through ``stage``, a dead (1, HALF_M, 1, HEAD_D) shared
         buffer, by TMA; a varlen sequence's last rows by masked pointer stores). DEFER (``store_tile_tma``): the
         residual has its own staging buffer ``r_stage``, the TMA stores are left in flight, and this waits for
-        the previous epilogue's stores before writing the buffers again. DIRECT (v39b, opt-in; ``stage`` unused):
-        out and the residual go straight from registers to global memory (``store_rows_direct``; out and the
-        residual contiguous over (batch, rows)), so Q's buffer need not stage them."""
+        the previous epilogue's stores before writing the buffers again."""
         dtype: gl.constexpr = o_desc.dtype
         o_layout: gl.constexpr = acc.type.layout
         if HAS_SINK:  # the sink joins the denominator with no value
@@ -436,35 +423,24 @@ if AVAILABLE:
         gl.store(LSE + b.to(gl.int64) * stride_lb + h.to(gl.int64) * stride_lh + q_row0 + rows, lse,
                  mask=rows < seqlen_q)
         o = acc.to(dtype)
-        if DIRECT:
-            grow = q_row0 + row0  # varlen: packed rows; batched: batch b's rows follow b * seqlen_q others
-            if not VARLEN:
-                grow = b * seqlen_q + row0
-            if STORE_RESID:  # the residual first: acc (128 registers at D=256) is dead before any store
-                r = residual_store_value(acc, o, r_desc.dtype)
-            store_rows_direct(O, o, grow, h, seqlen_q - row0, stride_os, stride_oh)
-            if STORE_RESID:
-                r_ptr, r_os, r_oh = residual_rows(RESID, r_desc, stride_os, stride_oh)
-                store_rows_direct(r_ptr, r, grow, h, seqlen_q - row0, r_os, r_oh)
-        else:
-            st2 = stage.reshape([HALF_M, HEAD_D])
-            if DEFER:  # the previous item's TMA stores have read both staging buffers
-                tma.store_wait(pendings=0)
+        st2 = stage.reshape([HALF_M, HEAD_D])
+        if DEFER:  # the previous item's TMA stores have read both staging buffers
+            tma.store_wait(pendings=0)
+            gl.thread_barrier()
+        if VARLEN:
+            if row0 + HALF_M > seqlen_q:  # the sequence's last rows (or none): masked pointer stores
+                st2.store(o)
                 gl.thread_barrier()
-            if VARLEN:
-                if row0 + HALF_M > seqlen_q:  # the sequence's last rows (or none): masked pointer stores
-                    st2.store(o)
+                store_rows(O, st2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
+                if STORE_RESID:
+                    r_buf = residual_stage(stage, r_desc)
+                    r2 = r_buf.reshape([HALF_M, r_buf.shape[3]])
                     gl.thread_barrier()
-                    store_rows(O, st2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
-                    if STORE_RESID:
-                        r_buf = residual_stage(stage, r_desc)
-                        r2 = r_buf.reshape([HALF_M, r_buf.shape[3]])
-                        gl.thread_barrier()
-                        r2.store(residual_store_value(acc, o, r_desc.dtype))
-                        gl.thread_barrier()
-                        r_ptr, r_os, r_oh = residual_rows(RESID, r_desc, stride_os, stride_oh)
-                        store_rows(r_ptr, r2, q_row0 + row0, h, seqlen_q - row0, r_os, r_oh)
-                else:
-                    store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, q_row0 + row0, h, STORE_RESID, r_stage, DEFER)
+                    r2.store(residual_store_value(acc, o, r_desc.dtype))
+                    gl.thread_barrier()
+                    r_ptr, r_os, r_oh = residual_rows(RESID, r_desc, stride_os, stride_oh)
+                    store_rows(r_ptr, r2, q_row0 + row0, h, seqlen_q - row0, r_os, r_oh)
             else:
-                store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, row0, h, STORE_RESID, r_stage, DEFER)
+                store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, q_row0 + row0, h, STORE_RESID, r_stage, DEFER)
+        else:
+            store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, row0, h, STORE_RESID, r_stage, DEFER)

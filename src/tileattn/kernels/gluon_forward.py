@@ -54,7 +54,7 @@ if AVAILABLE:
                   BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
                   CAUSAL: gl.constexpr, WINDOW: gl.constexpr, STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                   HAS_SINK: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, PERSISTENT: gl.constexpr,
-                  CAUSAL_SKIP: gl.constexpr = False, DIRECT_O: gl.constexpr = False):
+                  CAUSAL_SKIP: gl.constexpr = False):
         """One warpgroup: rows [start_m + w * HALF_M, + HALF_M) of the query tile, key tiles lo .. lo + n - 1
         (ring positions t0 .. t0 + n - 1, ping-pong rounds r0 .. r0 + n, Q's barrier phase q_phase: 0, 0, 0 but
         in the persistent kernel). Rows and keys count from the sequence's start (q_row0: its first packed row in
@@ -65,16 +65,13 @@ if AVAILABLE:
         whose 192 rows span more key tiles than a warpgroup's 64 see): the item's key tiles past this warpgroup's
         last visible key get no products here; the warpgroup only waits for each such tile's K and V to land and
         releases them, and passes its turns, so the rings and rounds stay those of the other warpgroups. A fully
-        masked tile adds nothing to a row's max, sum or output, so the outputs are bit-identical. DIRECT_O (v39b,
-        opt-in, persistent D=256): out and the residual are stored from registers (``epilogue``'s DIRECT), so Q's
-        buffer is released after the last Q K^T as at D <= 128 and the next item's Q loads during this item's last
-        P V and epilogue."""
+        masked tile adds nothing to a row's max, sum or output, so the outputs are bit-identical."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         NW: gl.constexpr = turn.shape[0]  # consumer warpgroups (2; 3 with NUM_WG=3)
         dtype: gl.constexpr = o_desc.dtype
         # the persistent grid at D=256 (v25a): no room for separate staging buffers, so the output is
         # staged in Q's buffer and the next item's Q loads after this item's stores have read it
-        Q_STAGE: gl.constexpr = PERSISTENT and HEAD_D > 128 and not DIRECT_O
+        Q_STAGE: gl.constexpr = PERSISTENT and HEAD_D > 128
         s_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
                                                            instr_shape=[16, BLOCK_N, 16])
         o_layout: gl.constexpr = gl.NVMMADistributedLayout(version=[3, 0], warps_per_cta=[4, 1],
@@ -155,10 +152,6 @@ if AVAILABLE:
                      b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID, HAS_SINK, VARLEN)
             gl.thread_barrier()
             mbarrier.arrive(q_empty.index(w), count=1)
-        elif DIRECT_O:  # v39b: out and the residual from registers (Q's buffer was released after the last Q K^T)
-            epilogue(acc, m_i, l_i, q_buf, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
-                     b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID, HAS_SINK, VARLEN,
-                     DIRECT=True)
         elif PERSISTENT:  # out and the residual in their own buffers, stores left in flight (the next epilogue
             # and the program's end wait for them)
             epilogue(acc, m_i, l_i, o_smem.index(w), o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q,
@@ -176,8 +169,7 @@ if AVAILABLE:
                              HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
                              CAUSAL: gl.constexpr, WINDOW: gl.constexpr, STORE_RESID: gl.constexpr,
                              HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr, VARLEN: gl.constexpr,
-                             HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CAUSAL_SKIP: gl.constexpr = False,
-                             DIRECT_O: gl.constexpr = False):
+                             HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CAUSAL_SKIP: gl.constexpr = False):
         """Persistent consumer warpgroup w: ``_consumer`` on the work items pid, pid + nprog, ... (causal: in
         ``persistent_item``'s order), the K/V ring positions t0 carried across items; the it-th item's ping-pong
         rounds start at t0 + it (every item takes n + 1 rounds) and its Q phase is it & 1 (derived, not carried:
@@ -197,7 +189,7 @@ if AVAILABLE:
                       lo, n, sq, sk, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh, q_row0, b_desc,
                       stride_os, stride_oh, t0, t0 + it, it & 1, o_smem, q_empty, HALF_M, BLOCK_N, HEAD_D, K_STAGES,
                       V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, True,
-                      CAUSAL_SKIP, DIRECT_O)
+                      CAUSAL_SKIP)
             t0 += n
         tma.store_wait(pendings=0)  # the last item's stores (left in flight by the epilogue) have read shared memory
 
@@ -209,8 +201,7 @@ if AVAILABLE:
                     STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
                     VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr = False, num_items=0,
-                    FLAT: gl.constexpr = False, NUM_WG: gl.constexpr = 2, CAUSAL_SKIP: gl.constexpr = False,
-                    DIRECT_O: gl.constexpr = False):
+                    FLAT: gl.constexpr = False, NUM_WG: gl.constexpr = 2, CAUSAL_SKIP: gl.constexpr = False):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
         (64 query rows each; NUM_WG=3, persistent only: three, 192-row items, ``configs.gluon_forward_warpgroups``),
         one more worker warp issues every TMA load. VARLEN: q / k / v / out are packed
@@ -331,15 +322,13 @@ if AVAILABLE:
                                             num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
                                             win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                                             stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
-                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP,
-                                            False, DIRECT_O)),
+                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
                     (_consumer_persistent, (1, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
                                             bars, o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K,
                                             num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
                                             win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                                             stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
-                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP,
-                                            False, DIRECT_O)),
+                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
                     (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid,
                                         num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group,
                                         max_seqlen_q, max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D,
@@ -473,8 +462,6 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
              USE_MAP=tiles is not None,
              CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1], PERSISTENT=persistent,
              num_items=num_items, **({"FLAT": True} if flat else {}), **({"NUM_WG": 3} if wg == 3 else {}),
-             **({"CAUSAL_SKIP": True} if wg == 3 and causal and configs.gluon_forward_causal_skip() else {}),
-             **({"DIRECT_O": True} if persistent and d > 128 and not flat and configs.gluon_forward_direct_out()
-                and out.stride(0) == seqlen_q * out.stride(1) else {})),
+             **({"CAUSAL_SKIP": True} if wg == 3 and causal and configs.gluon_forward_causal_skip() else {})),
         4, 3, maxnreg=regs[2])
     return (out, lse, resid) if residual else (out, lse)
