@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 s40 s42 s44 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 s40 s42 s44 s48 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -211,6 +211,11 @@ for stage in "$@"; do
            "g2:TILEATTN_GLUON_FWD_CONFIG=128,3,2,240,24,168+TILEATTN_GLUON_FWD_WG=2" \
            "g3skip:TILEATTN_GLUON_FWD_CONFIG=128,3,2,240,24,168+TILEATTN_GLUON_FWD_WG=3+TILEATTN_GLUON_FWD_SKIP=1" \
            2>&1 | grep -v Warning | tee "$OUT/s44_fwd.log" ;;
+    s48) # (~3 min) contiguous decode per forced split count against the default count and cuDNN (decode_splits.py),
+         # then the 4k sink forward that read 0.77 x dense in run 193 (dense and sink, twice)
+         timeout 300 python3 benchmarks/decode_splits.py 2>&1 | grep -v Warning | tee "$OUT/s48_decode_splits.log"
+         for i in 1 2; do timeout 120 python3 -m tileattn.bench_features --seqlens 4096 --cases dense,sink \
+           --out-dir "$OUT/f$i" 2>&1 | grep -v Warning | tee -a "$OUT/s48_sink.log"; done ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;
