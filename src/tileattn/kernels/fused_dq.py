@@ -124,7 +124,7 @@ def slots(head_dim: int) -> int:
 
 def kernel_flags(head_dim: int) -> dict:
     """The dK/dV kernel's constexprs for the fused backward: FUSED_DQ (``slots``) and, with
-    ``TILEATTN_FUSED_DQ_EARLY=1`` (v28c, not yet measured), EARLY_DQ."""
+    ``TILEATTN_FUSED_DQ_EARLY=1`` (v28c; run 137: slower than the default order), EARLY_DQ."""
     return dict(FUSED_DQ=slots(head_dim), **({"EARLY_DQ": True} if configs.switch("TILEATTN_FUSED_DQ_EARLY") else {}))
 
 
