@@ -44,9 +44,10 @@ def _complete(fn, sig, consts):
 
 def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=False, fp16=False, window=False,
                 varlen=False, alibi=False, tile_map=False, persistent=False, flat=False, resid8=False, wg=2,
-                skip=False):
+                skip=False, trace=False):
     """The Gluon forward for sm_90a; ``wg``: its consumer warpgroups (3: v37a, with its registers unless cfg);
-    ``skip``: with causal and three warpgroups, v38a's per-warpgroup skip of unseen key tiles (CAUSAL_SKIP)."""
+    ``skip``: with causal and three warpgroups, v38a's per-warpgroup skip of unseen key tiles (CAUSAL_SKIP);
+    ``trace``: with persistent, the per-item trace buffer (fwd_trace.py)."""
     from tileattn import configs
     c = configs._GLUON_FWD[d]  # the table entry, whether on by default or not
     regs = configs.GLUON_3WG_REGS if wg == 3 else (c.consumer_regs, c.producer_regs, c.maxnreg)
@@ -62,7 +63,7 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
            "O": f"*{'fp16' if fp16 else 'bf16'}", "RESID": "*i8" if resid8 else f"*{'fp16' if fp16 else 'bf16'}",
            "TILE_MAP": "*i32",
            "CU_Q": "*i32",
-           "CU_K": "*i32"}
+           "CU_K": "*i32", **({"TRACE": "*i64"} if trace else {})}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=causal, STORE_RESID=resid,
                   HAS_SOFTCAP=softcap, HAS_SINK=sink, WINDOW=window, VARLEN=varlen,
                   # the launcher's choice: the linear ALiBi form on the plain grid (configs.gluon_alibi_linear)
@@ -225,7 +226,8 @@ def main(argv=None):
                     "creg,preg,maxnreg,pipeline)")
     ap.add_argument("--kv-regs", type=int, help="with --bwd: the kernel's KV_REGS (K / V as register A operands; "
                     "default: what a launch with these features picks)")
-    ap.add_argument("--trace", action="store_true", help="with --bwd / --dq: the program trace buffer (bwd_trace.py)")
+    ap.add_argument("--trace", action="store_true", help="with --bwd / --dq: the program trace buffer (bwd_trace.py); "
+                    "forward with --persistent: the per-item trace buffer (fwd_trace.py)")
     ap.add_argument("--sass", action="store_true", help="print the main loop's SASS")
     ap.add_argument("--check", action="store_true",
                     help="exit 1 unless ptxas reports no spills and no serialised wgmma (C7514), and the kernel's "
@@ -249,7 +251,7 @@ def main(argv=None):
     else:
         softcap = 2 if a.softcap_fixed_max else a.softcap
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, softcap, a.sink, a.fp16, a.window, a.varlen,
-                        a.alibi, a.tile_map, a.persistent, a.flat, a.resid8, a.wg, a.skip)
+                        a.alibi, a.tile_map, a.persistent, a.flat, a.resid8, a.wg, a.skip, a.trace)
     if a.check:
         report = ptxas_messages(k.asm["ptx"])
         print(report)

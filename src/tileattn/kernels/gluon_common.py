@@ -290,6 +290,12 @@ if AVAILABLE:
         gl.store(row + 3, steps.to(gl.int64))
 
     @gluon.jit
+    def trace_stamp(TRACE, item, w: gl.constexpr, NW: gl.constexpr, i: gl.constexpr):
+        """TRACE[(item * NW + w) * 6 + i] = now (%globaltimer ns, ``global_ns``; int64): stamp i of warpgroup w
+        in a persistent forward item (``gluon_forward._consumer``'s TRACE, ``benchmarks/fwd_trace.py``)."""
+        gl.store(TRACE + (item.to(gl.int64) * NW + w) * 6 + i, global_ns())
+
+    @gluon.jit
     def load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, row0, lo, n, t0,
                      BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr):
         """Producer side of the K and V rings: key tiles lo .. lo + n - 1 (rows from

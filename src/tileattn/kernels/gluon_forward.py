@@ -41,7 +41,7 @@ if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from .gluon_common import epilogue, row_bounds, turn_wait
+    from .gluon_common import epilogue, row_bounds, trace_stamp, turn_wait
     from .gluon_schedule import item_bounds, persistent_bounds
     from .gluon_flat import consumer_flat
     from .gluon_forward_steps import drain_tiles, pv_issue, softmax_tile
@@ -54,7 +54,7 @@ if AVAILABLE:
                   BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
                   CAUSAL: gl.constexpr, WINDOW: gl.constexpr, STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                   HAS_SINK: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, PERSISTENT: gl.constexpr,
-                  CAUSAL_SKIP: gl.constexpr = False):
+                  CAUSAL_SKIP: gl.constexpr = False, TRACE=None, trace_item=0):
         """One warpgroup: rows [start_m + w * HALF_M, + HALF_M) of the query tile, key tiles lo .. lo + n - 1
         (ring positions t0 .. t0 + n - 1, ping-pong rounds r0 .. r0 + n, Q's barrier phase q_phase: 0, 0, 0 but
         in the persistent kernel). Rows and keys count from the sequence's start (q_row0: its first packed row in
@@ -65,7 +65,11 @@ if AVAILABLE:
         whose 192 rows span more key tiles than a warpgroup's 64 see): the item's key tiles past this warpgroup's
         last visible key get no products here; the warpgroup only waits for each such tile's K and V to land and
         releases them, and passes its turns, so the rings and rounds stay those of the other warpgroups. A fully
-        masked tile adds nothing to a row's max, sum or output, so the outputs are bit-identical."""
+        masked tile adds nothing to a row's max, sum or output, so the outputs are bit-identical. TRACE (None, or
+        measurement only: ``benchmarks/fwd_trace.py``): this warpgroup's stamps of item ``trace_item``
+        (``trace_stamp``: entry, Q ready, first S done, last P V done, epilogue issued, key tiles)."""
+        if TRACE is not None:
+            trace_stamp(TRACE, trace_item, w, bars[5].shape[0], 0)
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         NW: gl.constexpr = turn.shape[0]  # consumer warpgroups (2; 3 with NUM_WG=3)
         dtype: gl.constexpr = o_desc.dtype
@@ -93,6 +97,10 @@ if AVAILABLE:
         q_buf = q_smem.index(w)
         q2 = q_buf.reshape([HALF_M, HEAD_D])
         mbarrier.wait(q_bars.index(w), q_phase)
+        if TRACE is not None:  # also the first S's and the last P V's stamps of an item without key tiles
+            trace_stamp(TRACE, trace_item, w, NW, 1)
+            trace_stamp(TRACE, trace_item, w, NW, 2)
+            trace_stamp(TRACE, trace_item, w, NW, 3)
         n_w = n  # key tiles this warpgroup computes
         if CAUSAL_SKIP:  # up to its rows' last visible key (rows past the end: as if they existed)
             n_w = gl.minimum(gl.maximum(gl.cdiv(gl.maximum(row0 + HALF_M + diag, 0), BLOCK_N) - lo, 0), n)
@@ -107,6 +115,8 @@ if AVAILABLE:
                                   use_acc=False, is_async=True)
             mbarrier.arrive(turn.index((w + 1) % NW), count=1)
             s = warpgroup_mma_wait(num_outstanding=0, deps=(s_tok, ))
+            if TRACE is not None:
+                trace_stamp(TRACE, trace_item, w, NW, 2)
             mbarrier.arrive(k_empty.index(ks), count=1)
             p, alpha, m_i, l_i = softmax_tile(s, lo, full_lo, n_full, m_i, l_i, rows, row0, cols, diag, seqlen_k,
                                                qk_scale, softcap, win_left, win_right, slope, CAUSAL, WINDOW,
@@ -136,6 +146,8 @@ if AVAILABLE:
                               seqlen_k - (lo + n_w - 1) * BLOCK_N, VARLEN,
                               HAS_SOFTCAP != 2)
             acc = warpgroup_mma_wait(num_outstanding=0, deps=(o_tok, ))
+            if TRACE is not None:
+                trace_stamp(TRACE, trace_item, w, NW, 3)
             mbarrier.arrive(v_empty.index((t0 + n_w - 1) % V_STAGES), count=1)
         elif PERSISTENT:  # no key tile: one empty ping-pong round, so that every item takes n + 1 rounds
             if not Q_STAGE:
@@ -160,6 +172,9 @@ if AVAILABLE:
         else:
             epilogue(acc, m_i, l_i, q_buf, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
                      b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID, HAS_SINK, VARLEN)
+        if TRACE is not None:
+            trace_stamp(TRACE, trace_item, w, NW, 4)
+            gl.store(TRACE + (trace_item.to(gl.int64) * NW + w) * 6 + 5, n_w.to(gl.int64))
 
     @gluon.jit
     def _consumer_persistent(w: gl.constexpr, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
@@ -169,11 +184,12 @@ if AVAILABLE:
                              HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
                              CAUSAL: gl.constexpr, WINDOW: gl.constexpr, STORE_RESID: gl.constexpr,
                              HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr, VARLEN: gl.constexpr,
-                             HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CAUSAL_SKIP: gl.constexpr = False):
+                             HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CAUSAL_SKIP: gl.constexpr = False,
+                             TRACE=None):
         """Persistent consumer warpgroup w: ``_consumer`` on the work items pid, pid + nprog, ... (causal: in
         ``persistent_item``'s order), the K/V ring positions t0 carried across items; the it-th item's ping-pong
         rounds start at t0 + it (every item takes n + 1 rounds) and its Q phase is it & 1 (derived, not carried:
-        fewer live registers)."""
+        fewer live registers). TRACE: ``_fwd_kernel``'s."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         BLOCK_M: gl.constexpr = turn.shape[0] * HALF_M
         t0 = gl.to_tensor(0)
@@ -189,7 +205,7 @@ if AVAILABLE:
                       lo, n, sq, sk, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh, q_row0, b_desc,
                       stride_os, stride_oh, t0, t0 + it, it & 1, o_smem, q_empty, HALF_M, BLOCK_N, HEAD_D, K_STAGES,
                       V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, True,
-                      CAUSAL_SKIP)
+                      CAUSAL_SKIP, TRACE, item)
             t0 += n
         tma.store_wait(pendings=0)  # the last item's stores (left in flight by the epilogue) have read shared memory
 
@@ -201,7 +217,8 @@ if AVAILABLE:
                     STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr,
                     VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr = False, num_items=0,
-                    FLAT: gl.constexpr = False, NUM_WG: gl.constexpr = 2, CAUSAL_SKIP: gl.constexpr = False):
+                    FLAT: gl.constexpr = False, NUM_WG: gl.constexpr = 2, CAUSAL_SKIP: gl.constexpr = False,
+                    TRACE=None):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
         (64 query rows each; NUM_WG=3, persistent only: three, 192-row items, ``configs.gluon_forward_warpgroups``),
         one more worker warp issues every TMA load. VARLEN: q / k / v / out are packed
@@ -218,7 +235,8 @@ if AVAILABLE:
         epilogue, whose stores are left in flight (``_consumer_persistent``, ``store_tile_tma``; D=256 stages
         them in Q's buffer and overlaps only the next item's K/V loads). FLAT (with PERSISTENT, opt-in, D <= 128):
         the same items as one pipeline across item boundaries, Q double-buffered (``gluon_flat``; varlen only on
-        the work list)."""
+        the work list). TRACE (PERSISTENT, not FLAT; measurement only): None, or an int64 (num_items, NUM_WG, 6)
+        buffer that gets each item's per-warpgroup stamps (``_consumer``, ``benchmarks/fwd_trace.py``)."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = NUM_WG * HALF_M
         dtype: gl.constexpr = q_desc.dtype
@@ -295,21 +313,21 @@ if AVAILABLE:
                                             win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                                             stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
                                             STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP,
-                                            CAUSAL_SKIP)),
+                                            CAUSAL_SKIP, TRACE)),
                     (_consumer_persistent, (1, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
                                             bars, o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K,
                                             num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
                                             win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                                             stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
                                             STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP,
-                                            CAUSAL_SKIP)),
+                                            CAUSAL_SKIP, TRACE)),
                     (_consumer_persistent, (2, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
                                             bars, o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K,
                                             num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
                                             win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                                             stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
                                             STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP,
-                                            CAUSAL_SKIP)),
+                                            CAUSAL_SKIP, TRACE)),
                     (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid,
                                         num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group,
                                         max_seqlen_q, max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D,
@@ -322,13 +340,15 @@ if AVAILABLE:
                                             num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
                                             win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                                             stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
-                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
+                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP, False,
+                                            TRACE)),
                     (_consumer_persistent, (1, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
                                             bars, o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K,
                                             num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
                                             win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                                             stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
-                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP)),
+                                            STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP, False,
+                                            TRACE)),
                     (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid,
                                         num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group,
                                         max_seqlen_q, max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D,

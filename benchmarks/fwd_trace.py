@@ -1,0 +1,126 @@
+"""Per-item traces of the Hopper persistent forward (GPU): where an item's time goes, in particular its fixed cost
+beside the key tiles (the short-sequence cells' gap to cuDNN).
+
+Each consumer warpgroup of each item writes six int64 through the kernel's TRACE buffer (``gluon_forward._consumer``,
+``gluon_common.trace_stamp``, %globaltimer: one clock on every SM): entry, Q ready, first S done, last P V done,
+epilogue issued, and its key tiles n. Per cell (bf16, flash-attn's grid: 16k tokens, model dim 2048; a training
+forward, residual stored, as the grid times it) this prints the forward's µs with and without the trace (its
+perturbation), the kernel's span, and per item (warpgroup 0; means over items): Q wait (entry -> Q ready), first
+tile (Q ready -> first S), the loop (first S -> last P V) per further tile, the epilogue (last P V -> issued), the
+gap between one item's end and the next item's entry on the same warpgroup, and the item's fixed cost: its time
+less n loop-tile times, also in tile-times. Three traced launches per cell (the first
+compiles); the last counts. Only persistent calls get a trace (the launch's PERSISTENT; not FLAT).
+
+Usage: PYTHONPATH=src python3 benchmarks/fwd_trace.py [--cells 128,1024,0;256,1024,0] [--out DIR]
+  a cell: head_dim,seqlen,causal
+"""
+import argparse
+import os
+
+import torch
+import triton
+
+os.environ["TILEATTN_LAUNCH_PLANS"] = "0"  # every call through gluon_forward.launch (a plan would replay)
+
+import tileattn  # noqa: E402
+from tileattn.kernels import gluon_forward  # noqa: E402
+
+CELLS = "128,1024,0;128,16384,0;256,1024,0;256,16384,0;64,1024,1;64,1024,0"
+
+
+def traced(fn):
+    """Run ``fn`` with the persistent forward's launches given a fresh trace buffer; the (num_items, NW, 6) int64
+    buffer of the last one (None if no persistent launch happened)."""
+    got = []
+    real = gluon_forward.launch
+
+    def launch(kernel, grid, args, kwargs, *rest, **opts):
+        if kernel is gluon_forward._fwd_kernel and kwargs.get("PERSISTENT") and not kwargs.get("FLAT"):
+            buf = torch.full((kwargs["num_items"], kwargs.get("NUM_WG", 2), 6), -1, dtype=torch.int64,
+                             device="cuda")
+            got.append((buf, grid[0]))
+            kwargs = dict(kwargs, TRACE=buf)
+        return real(kernel, grid, args, kwargs, *rest, **opts)
+    gluon_forward.launch = launch
+    try:
+        fn()
+        torch.cuda.synchronize()
+    finally:
+        gluon_forward.launch = real
+    return got[-1] if got else (None, 0)
+
+
+def summary(buf, nprog):
+    """The cell's numbers from one launch's trace (see the module docstring), in µs unless named."""
+    t = buf.cpu().double()
+    assert bool((t[..., 4] >= t[..., 0]).all()), "an item did not write its trace"
+    base = t[..., :5].min()
+    t[..., :5] -= base
+    w0 = t[:, 0]
+    n = w0[:, 5]
+    total = w0[:, 4] - w0[:, 0]
+    items = torch.arange(len(t))
+    gaps = []
+    for p in range(nprog):  # program p ran items p, p + nprog, ... in that order
+        mine = w0[items % nprog == p]
+        if len(mine) > 1:
+            gaps.append(mine[1:, 0] - mine[:-1, 4])
+    gap = torch.cat(gaps).mean().item() if gaps else 0.0
+    more = (n > 1)
+    loop = ((w0[more, 3] - w0[more, 2]) / (n[more] - 1)).mean().item() if more.any() else 0.0
+    fixed = (total - n * loop).mean().item()
+    return dict(items=len(t), span=float(t[..., 4].max()) / 1e3, item=total.mean().item() / 1e3,
+                tiles=n.mean().item(), q_wait=(w0[:, 1] - w0[:, 0]).mean().item() / 1e3,
+                first=(w0[:, 2] - w0[:, 1]).mean().item() / 1e3, loop_per_tile=loop / 1e3,
+                epilogue=(w0[:, 4] - w0[:, 3]).mean().item() / 1e3, gap=gap / 1e3, fixed=fixed / 1e3,
+                fixed_tiles=fixed / loop if loop else float("nan"),
+                wg_skew=(t[:, -1, 0] - t[:, 0, 0]).mean().item() / 1e3)
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--cells", default=CELLS)
+    ap.add_argument("--out", default="", help="a directory for the raw traces (.pt)")
+    a = ap.parse_args()
+    print(f"# {torch.cuda.get_device_name()}: persistent Gluon forward, per-item trace (warpgroup 0, means; µs)")
+    for cell in a.cells.split(";"):
+        d, s, causal = (int(x) for x in cell.split(","))
+        batch, heads = 16384 // s, 2048 // d
+        gen = torch.Generator(device="cuda").manual_seed(0)
+        q, k, v = (torch.randn(batch, s, heads, d, device="cuda", dtype=torch.bfloat16, generator=gen)
+                   .requires_grad_() for _ in range(3))
+
+        def fwd():
+            return tileattn.attention(q, k, v, causal=bool(causal))
+        plain = triton.testing.do_bench(fwd, return_mode="median") * 1e3
+        for _ in range(3):
+            buf, nprog = traced(fwd)
+        if buf is None:
+            print(f"D={d} S={s} causal={causal}: not a persistent launch", flush=True)
+            continue
+        real = gluon_forward.launch
+        try:
+            def launch(kernel, grid, args, kwargs, *rest, **opts):
+                if kernel is gluon_forward._fwd_kernel and kwargs.get("PERSISTENT") and not kwargs.get("FLAT"):
+                    kwargs = dict(kwargs, TRACE=buf)
+                return real(kernel, grid, args, kwargs, *rest, **opts)
+            gluon_forward.launch = launch
+            with_trace = triton.testing.do_bench(fwd, return_mode="median") * 1e3
+        finally:
+            gluon_forward.launch = real
+        r = summary(buf, nprog)
+        print(f"D={d} S={s} causal={causal}: fwd {plain:.1f} us (traced {with_trace:.1f}), span {r['span']:.1f}, "
+              f"{r['items']} items on {nprog} programs, {r['tiles']:.1f} tiles/item | item {r['item']:.2f} = Q wait "
+              f"{r['q_wait']:.2f} + first tile {r['first']:.2f} + loop {r['loop_per_tile']:.3f}/tile + epilogue "
+              f"{r['epilogue']:.2f}; gap to next item {r['gap']:.2f}; fixed {r['fixed']:.2f} "
+              f"({r['fixed_tiles']:.2f} tile-times); last-vs-first warpgroup entry "
+              f"{r['wg_skew']:.2f}", flush=True)
+        if a.out:
+            os.makedirs(a.out, exist_ok=True)
+            torch.save(buf.cpu(), os.path.join(a.out, f"fwd_trace_d{d}_s{s}_c{causal}.pt"))
+        q = k = v = buf = None
+        torch.cuda.empty_cache()
+
+
+if __name__ == "__main__":
+    main()
