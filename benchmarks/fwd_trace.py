@@ -5,14 +5,18 @@ Each consumer warpgroup of each item writes six int64 through the kernel's TRACE
 ``gluon_common.trace_stamp``, %globaltimer: one clock on every SM): entry, Q ready, first S done, last P V done,
 epilogue issued, and its key tiles n. Per cell (bf16, flash-attn's grid: 16k tokens, model dim 2048; a training
 forward, residual stored, as the grid times it) this prints the forward's µs with and without the trace (its
-perturbation), the kernel's span, and per item (warpgroup 0; means over items): Q wait (entry -> Q ready), first
+perturbation), the kernel's span, and per item (warpgroup 0; medians over items): Q wait (entry -> Q ready), first
 tile (Q ready -> first S), the loop (first S -> last P V) per further tile, the epilogue (last P V -> issued), the
 gap between one item's end and the next item's entry on the same warpgroup, and the item's fixed cost: its time
-less n loop-tile times, also in tile-times. Three traced launches per cell (the first
-compiles); the last counts. Only persistent calls get a trace (the launch's PERSISTENT; not FLAT).
+less n loop-tile times, also in tile-times; Q wait and epilogue also for even / odd programs apart. With
+``--stagger`` each cell runs again with ``TILEATTN_GLUON_FWD_STAGGER`` = half the measured item time (odd programs
+start late, so item boundaries alternate between the two halves of the programs): if the epilogue's stores and
+the next Q's load are slow because every SM issues them at once (HBM-bound bursts), their times drop. Three traced
+launches per cell (the first compiles); the last counts. Only persistent calls get a trace (the launch's
+PERSISTENT; not FLAT).
 
-Usage: PYTHONPATH=src python3 benchmarks/fwd_trace.py [--cells 128,1024,0;256,1024,0] [--out DIR]
-  a cell: head_dim,seqlen,causal
+Usage: PYTHONPATH=src python3 benchmarks/fwd_trace.py [--cells 128,1024,0;256,1024,0] [--stagger]
+       [--out DIR]     a cell: head_dim,seqlen,causal
 """
 import argparse
 import os
@@ -65,22 +69,58 @@ def summary(buf, nprog):
         mine = w0[items % nprog == p]
         if len(mine) > 1:
             gaps.append(mine[1:, 0] - mine[:-1, 4])
-    gap = torch.cat(gaps).mean().item() if gaps else 0.0
+    gap = torch.cat(gaps).median().item() if gaps else 0.0
     more = (n > 1)
-    loop = ((w0[more, 3] - w0[more, 2]) / (n[more] - 1)).mean().item() if more.any() else 0.0
-    fixed = (total - n * loop).mean().item()
-    return dict(items=len(t), span=float(t[..., 4].max()) / 1e3, item=total.mean().item() / 1e3,
-                tiles=n.mean().item(), q_wait=(w0[:, 1] - w0[:, 0]).mean().item() / 1e3,
-                first=(w0[:, 2] - w0[:, 1]).mean().item() / 1e3, loop_per_tile=loop / 1e3,
-                epilogue=(w0[:, 4] - w0[:, 3]).mean().item() / 1e3, gap=gap / 1e3, fixed=fixed / 1e3,
-                fixed_tiles=fixed / loop if loop else float("nan"),
-                wg_skew=(t[:, -1, 0] - t[:, 0, 0]).mean().item() / 1e3)
+    loop = ((w0[more, 3] - w0[more, 2]) / (n[more] - 1)).median().item() if more.any() else 0.0
+    fixed = (total - n * loop).median().item()
+    q_wait, epi = w0[:, 1] - w0[:, 0], w0[:, 4] - w0[:, 3]
+    odd = (items % nprog) % 2 == 1
+    med = lambda x: x.median().item() / 1e3 if len(x) else float("nan")  # noqa: E731
+    return dict(items=len(t), span=float(t[..., 4].max()) / 1e3, item=med(total), tiles=n.mean().item(),
+                q_wait=med(q_wait), first=med(w0[:, 2] - w0[:, 1]), loop_per_tile=loop / 1e3, epilogue=med(epi),
+                gap=gap / 1e3, fixed=fixed / 1e3, fixed_tiles=fixed / loop if loop else float("nan"),
+                wg_skew=med(t[:, -1, 0] - t[:, 0, 0]), q_even=med(q_wait[~odd]), q_odd=med(q_wait[odd]),
+                epi_even=med(epi[~odd]), epi_odd=med(epi[odd]))
+
+
+def cell_trace(fwd, label, out=""):
+    """Time ``fwd`` plain and traced, trace it, print the summary line; returns the summary (None: no
+    persistent launch)."""
+    plain = triton.testing.do_bench(fwd, return_mode="median") * 1e3
+    for _ in range(3):
+        buf, nprog = traced(fwd)
+    if buf is None:
+        print(f"{label}: not a persistent launch", flush=True)
+        return None
+    real = gluon_forward.launch
+    try:
+        def launch(kernel, grid, args, kwargs, *rest, **opts):
+            if kernel is gluon_forward._fwd_kernel and kwargs.get("PERSISTENT") and not kwargs.get("FLAT"):
+                kwargs = dict(kwargs, TRACE=buf)
+            return real(kernel, grid, args, kwargs, *rest, **opts)
+        gluon_forward.launch = launch
+        with_trace = triton.testing.do_bench(fwd, return_mode="median") * 1e3
+    finally:
+        gluon_forward.launch = real
+    r = summary(buf, nprog)
+    print(f"{label}: fwd {plain:.1f} us (traced {with_trace:.1f}), span {r['span']:.1f}, {r['items']} items on "
+          f"{nprog} programs, {r['tiles']:.1f} tiles/item | item {r['item']:.2f} = Q wait {r['q_wait']:.2f} + "
+          f"first tile {r['first']:.2f} + loop {r['loop_per_tile']:.3f}/tile + epilogue {r['epilogue']:.2f}; gap "
+          f"to next item {r['gap']:.2f}; fixed {r['fixed']:.2f} ({r['fixed_tiles']:.2f} tile-times); last-vs-first "
+          f"warpgroup entry {r['wg_skew']:.2f}; even / odd programs: Q wait {r['q_even']:.2f} / {r['q_odd']:.2f}, "
+          f"epilogue {r['epi_even']:.2f} / {r['epi_odd']:.2f}", flush=True)
+    if out:
+        os.makedirs(os.path.dirname(out), exist_ok=True)
+        torch.save(buf.cpu(), out + ".pt")
+    return r
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--cells", default=CELLS)
     ap.add_argument("--out", default="", help="a directory for the raw traces (.pt)")
+    ap.add_argument("--stagger", action="store_true", help="each cell again with the odd programs started half an "
+                    "item late (TILEATTN_GLUON_FWD_STAGGER)")
     a = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}: persistent Gluon forward, per-item trace (warpgroup 0, means; µs)")
     for cell in a.cells.split(";"):
@@ -92,33 +132,15 @@ def main():
 
         def fwd():
             return tileattn.attention(q, k, v, causal=bool(causal))
-        plain = triton.testing.do_bench(fwd, return_mode="median") * 1e3
-        for _ in range(3):
-            buf, nprog = traced(fwd)
-        if buf is None:
-            print(f"D={d} S={s} causal={causal}: not a persistent launch", flush=True)
-            continue
-        real = gluon_forward.launch
-        try:
-            def launch(kernel, grid, args, kwargs, *rest, **opts):
-                if kernel is gluon_forward._fwd_kernel and kwargs.get("PERSISTENT") and not kwargs.get("FLAT"):
-                    kwargs = dict(kwargs, TRACE=buf)
-                return real(kernel, grid, args, kwargs, *rest, **opts)
-            gluon_forward.launch = launch
-            with_trace = triton.testing.do_bench(fwd, return_mode="median") * 1e3
-        finally:
-            gluon_forward.launch = real
-        r = summary(buf, nprog)
-        print(f"D={d} S={s} causal={causal}: fwd {plain:.1f} us (traced {with_trace:.1f}), span {r['span']:.1f}, "
-              f"{r['items']} items on {nprog} programs, {r['tiles']:.1f} tiles/item | item {r['item']:.2f} = Q wait "
-              f"{r['q_wait']:.2f} + first tile {r['first']:.2f} + loop {r['loop_per_tile']:.3f}/tile + epilogue "
-              f"{r['epilogue']:.2f}; gap to next item {r['gap']:.2f}; fixed {r['fixed']:.2f} "
-              f"({r['fixed_tiles']:.2f} tile-times); last-vs-first warpgroup entry "
-              f"{r['wg_skew']:.2f}", flush=True)
-        if a.out:
-            os.makedirs(a.out, exist_ok=True)
-            torch.save(buf.cpu(), os.path.join(a.out, f"fwd_trace_d{d}_s{s}_c{causal}.pt"))
-        q = k = v = buf = None
+        r = cell_trace(fwd, f"D={d} S={s} causal={causal}", a.out and os.path.join(a.out, f"d{d}_s{s}_c{causal}"))
+        if r is not None and a.stagger:
+            ns = int(r["item"] * 500)  # half an item, in ns
+            os.environ["TILEATTN_GLUON_FWD_STAGGER"] = str(ns)
+            try:
+                cell_trace(fwd, f"  stagger {ns} ns", a.out and os.path.join(a.out, f"d{d}_s{s}_c{causal}_stagger"))
+            finally:
+                del os.environ["TILEATTN_GLUON_FWD_STAGGER"]
+        q = k = v = None
         torch.cuda.empty_cache()
 
 

@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 s40 s42 s44 s48 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 s40 s42 s44 s48 s49 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -216,6 +216,14 @@ for stage in "$@"; do
          timeout 300 python3 benchmarks/decode_splits.py 2>&1 | grep -v Warning | tee "$OUT/s48_decode_splits.log"
          for i in 1 2; do timeout 120 python3 -m tileattn.bench_features --seqlens 4096 --cases dense,sink \
            --out-dir "$OUT/f$i" 2>&1 | grep -v Warning | tee -a "$OUT/s48_sink.log"; done ;;
+    s49) # (~3 min) fwd_trace.py's instruments on the GPU (outputs bit-identical with TRACE + STAGGER), then the
+         # per-item traces with and without the odd programs started half an item late (run 195's hypothesis: D=256's
+         # ~6.5 us per item of epilogue stores + Q load are HBM bursts of all SMs at once)
+         timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "trace_and_stagger or stagger_knob" -q -n 4 \
+           -p no:cacheprovider -p no:benchmark -rf 2>&1 | tail -3 | tee "$OUT/s49_tests.log"; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+         (cd benchmarks && timeout 240 python3 fwd_trace.py --stagger \
+           --cells "256,1024,0;256,2048,0;256,16384,0;128,1024,0;64,1024,0;256,1024,1" 2>&1 | grep -v Warning \
+           | tee "$OUT/s49_fwd_trace.log") ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;

@@ -262,6 +262,47 @@ def test_persistent_matches_grid(case, dtype, spy, monkeypatch):
     test_features._check(q, k, v, randn((B, Sq, Hq, d), dtype, gen), entry="tileattn", ctx="gluon persistent", **kw)
 
 
+TRACE_CASES = [(2, 2100, 2100, 16, 8, 128, {}), (2, 2100, 2100, 8, 8, 256, {}), (2, 2048, 2048, 8, 8, 64, {}),
+               (2, 2048, 2048, 16, 4, 128, dict(causal=True))]
+
+
+@hopper
+@pytest.mark.gpu
+@pytest.mark.parametrize("case", TRACE_CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "-".join(c[6]))
+def test_trace_and_stagger_leave_outputs_alone(case, monkeypatch):
+    """``benchmarks/fwd_trace.py``'s instruments: a persistent forward given a TRACE buffer and a STAGGER delay
+    (TILEATTN_GLUON_FWD_STAGGER) computes out and lse bit-identical to the plain launch, and every item's
+    warpgroups wrote their stamps in order (entry <= Q ready <= first S <= last P V <= epilogue) with their key
+    tile counts (non-causal: every item all of them)."""
+    import math
+    B, Sq, Sk, Hq, Hkv, d, feat = case
+    q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, torch.bfloat16, seed_for("gluon-trace", case[:6]))
+    causal = feat.get("causal", False)
+    want = tileattn.attention(q, k, v, causal=causal, return_lse=True)
+    bufs = []
+    real = gluon_forward.launch
+
+    def launch(kernel, grid, args, kwargs, *rest, **opts):
+        if kernel is gluon_forward._fwd_kernel and kwargs.get("PERSISTENT"):
+            bufs.append((torch.full((kwargs["num_items"], kwargs.get("NUM_WG", 2), 6), -1, dtype=torch.int64,
+                                    device=q.device), kwargs))
+            kwargs = dict(kwargs, TRACE=bufs[-1][0])
+        return real(kernel, grid, args, kwargs, *rest, **opts)
+    monkeypatch.setattr(gluon_forward, "launch", launch)
+    monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "0")
+    monkeypatch.setenv("TILEATTN_GLUON_FWD_STAGGER", "3000")
+    got = tileattn.attention(q, k, v, causal=causal, return_lse=True)
+    torch.cuda.synchronize()
+    assert bufs and bufs[-1][1].get("STAGGER") == 3000, "the call did not run on the persistent grid"
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    t, kwargs = bufs[-1][0].cpu(), bufs[-1][1]
+    assert bool((t[..., 1:5] >= t[..., 0:4]).all()), "stamps out of order or missing"
+    if not causal:
+        assert bool((t[..., 5] == math.ceil(Sk / kwargs["BLOCK_N"])).all())
+    else:
+        assert bool((t[..., 5] >= 0).all()) and bool((t[..., 5] <= math.ceil(Sk / kwargs["BLOCK_N"])).all())
+
+
 THREE_WG_CASES = [(2, 2048, 2048, 8, 8, dict(sink=True)),  # (B, Sq, Sk, Hq, Hkv, features), D=64
                   (3, 257, 1031, 4, 2, {}),  # a last item of 65 rows: its third warpgroup has none
                   (1, 100, 300, 4, 4, {}),  # one item, rows for one and a half warpgroups
@@ -406,6 +447,23 @@ def _host_launch(monkeypatch, shape, causal=False, knobs=None, **kw):
     gluon_forward.attention_forward(q, k, k, p, residual=True, cfg=configs._GLUON_FWD[d])
     (grid, kwargs, maxnreg), = seen
     return grid, kwargs, maxnreg, (lists[-1] if lists else None)
+
+
+def test_stagger_knob_on_cpu(monkeypatch):
+    """The diagnostic TILEATTN_GLUON_FWD_STAGGER (``benchmarks/fwd_trace.py --stagger``) reaches persistent launches
+    only, as the odd programs' start delay in ns; unset, no STAGGER (the default kernel); not a number: a
+    ValueError naming the knob."""
+    monkeypatch.delenv("TILEATTN_GLUON_FWD_STAGGER", raising=False)
+    _, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 8, 8, 256))
+    assert kw["PERSISTENT"] and "STAGGER" not in kw
+    _, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 8, 8, 256), knobs={"TILEATTN_GLUON_FWD_STAGGER": "7000"})
+    assert kw["PERSISTENT"] and kw["STAGGER"] == 7000
+    _, kw, _, _ = _host_launch(monkeypatch, (2, 4096, 4096, 16, 16, 128), causal=True,
+                               knobs={"TILEATTN_CAUSAL_LIST": "0", "TILEATTN_GLUON_FWD_STAGGER": "7000"})
+    assert not kw["PERSISTENT"] and "STAGGER" not in kw
+    monkeypatch.setenv("TILEATTN_GLUON_FWD_STAGGER", "half")
+    with pytest.raises(ValueError, match="TILEATTN_GLUON_FWD_STAGGER"):
+        _host_launch(monkeypatch, (2, 4096, 4096, 8, 8, 256))
 
 
 def test_launch_shapes_on_cpu(monkeypatch):
@@ -948,7 +1006,9 @@ PERSISTENT_COMPILE = [(128, False, ()), (128, True, ("--softcap", "--sink")), (6
                       (128, False, ("--window", "--alibi", "--fp16")),
                       (128, True, ("--varlen", "--tile-map")),
                       (128, False, ("--varlen", "--window", "--sink")),
-                      (256, False, ()), (256, True, ("--tile-map", "--softcap", "--sink"))]
+                      (256, False, ()), (256, True, ("--tile-map", "--softcap", "--sink")),
+                      # fwd_trace.py's instruments (TRACE stamps, STAGGER's delay; traced D=256: 28-36 B)
+                      (256, False, ("--trace", "--stagger", "5000")), (128, True, ("--tile-map", "--trace"))]
 
 
 @needs_gluon

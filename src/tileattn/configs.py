@@ -636,6 +636,18 @@ def gluon_forward_warpgroups(head_dim: int, persistent: bool, seqlen_q: int = 1 
     return 3 if seqlen_q >= (GLUON_FWD_3WG_MIN_SEQLEN_Q_CAUSAL if causal else GLUON_FWD_3WG_MIN_SEQLEN_Q) else 2
 
 
+def gluon_forward_stagger() -> int:
+    """Diagnostic (``TILEATTN_GLUON_FWD_STAGGER=<ns>``, default 0 = off): the persistent Gluon forward's odd
+    programs start that many ns late (``gluon_loads._load_persistent``'s STAGGER), to see with
+    ``benchmarks/fwd_trace.py`` whether an item's epilogue stores and Q loads cost less when the programs' item
+    boundaries do not coincide (session 32, run 195: at D=256 they take ~6.5 µs per item, about what all 132 SMs'
+    64 KB bursts need at the HBM's rate). Not a speed setting: the odd programs finish that much later."""
+    value = getenv("TILEATTN_GLUON_FWD_STAGGER", "0") or "0"
+    if not value.isdigit():
+        raise ValueError(f"TILEATTN_GLUON_FWD_STAGGER must be a whole number of ns, got {value!r}")
+    return int(value)
+
+
 def gluon_forward_causal_skip() -> bool:
     """v38a (default on from session 31; ``TILEATTN_GLUON_FWD_SKIP=0`` turns it off): causal calls on three consumer
     warpgroups skip, per warpgroup, the key tiles its 64 rows do not see (a 192-row item's first warpgroup computes

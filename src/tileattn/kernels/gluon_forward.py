@@ -218,7 +218,7 @@ if AVAILABLE:
                     VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr = False, num_items=0,
                     FLAT: gl.constexpr = False, NUM_WG: gl.constexpr = 2, CAUSAL_SKIP: gl.constexpr = False,
-                    TRACE=None):
+                    TRACE=None, STAGGER: gl.constexpr = 0):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
         (64 query rows each; NUM_WG=3, persistent only: three, 192-row items, ``configs.gluon_forward_warpgroups``),
         one more worker warp issues every TMA load. VARLEN: q / k / v / out are packed
@@ -236,7 +236,8 @@ if AVAILABLE:
         them in Q's buffer and overlaps only the next item's K/V loads). FLAT (with PERSISTENT, opt-in, D <= 128):
         the same items as one pipeline across item boundaries, Q double-buffered (``gluon_flat``; varlen only on
         the work list). TRACE (PERSISTENT, not FLAT; measurement only): None, or an int64 (num_items, NUM_WG, 6)
-        buffer that gets each item's per-warpgroup stamps (``_consumer``, ``benchmarks/fwd_trace.py``)."""
+        buffer that gets each item's per-warpgroup stamps (``_consumer``, ``benchmarks/fwd_trace.py``). STAGGER
+        (PERSISTENT, not FLAT; diagnostic): ``_load_persistent``'s."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = NUM_WG * HALF_M
         dtype: gl.constexpr = q_desc.dtype
@@ -331,7 +332,7 @@ if AVAILABLE:
                     (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid,
                                         num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group,
                                         max_seqlen_q, max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D,
-                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP)),
+                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP, False, STAGGER)),
                 ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
             else:
                 gl.warp_specialize([
@@ -352,7 +353,7 @@ if AVAILABLE:
                     (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid,
                                         num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group,
                                         max_seqlen_q, max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D,
-                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP)),
+                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP, False, STAGGER)),
                 ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
@@ -482,6 +483,8 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
              USE_MAP=tiles is not None,
              CONSUMER_REGS=regs[0], PRODUCER_REGS=regs[1], PERSISTENT=persistent,
              num_items=num_items, **({"FLAT": True} if flat else {}), **({"NUM_WG": 3} if wg == 3 else {}),
-             **({"CAUSAL_SKIP": True} if wg == 3 and causal and configs.gluon_forward_causal_skip() else {})),
+             **({"CAUSAL_SKIP": True} if wg == 3 and causal and configs.gluon_forward_causal_skip() else {}),
+             **({"STAGGER": stagger} if persistent and not flat and (stagger := configs.gluon_forward_stagger())
+                else {})),
         4, 3, maxnreg=regs[2])
     return (out, lse, resid) if residual else (out, lse)

@@ -9,7 +9,7 @@ if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
-    from .gluon_common import load_kv_ring
+    from .gluon_common import global_ns, load_kv_ring
     from .gluon_schedule import persistent_bounds
 
     @gluon.jit
@@ -39,14 +39,22 @@ if AVAILABLE:
                          TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group, seqlen_q, seqlen_k, win_left, win_right,
                          HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
                          V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr,
-                         USE_MAP: gl.constexpr, FLAT: gl.constexpr = False):
+                         USE_MAP: gl.constexpr, FLAT: gl.constexpr = False, STAGGER: gl.constexpr = 0):
         """Persistent producer: the work items pid, pid + nprog, ... in turn (``_load_partition`` each; causal: in
         ``persistent_item``'s longest-first order); an item's Q halves load once both consumer warpgroups released
         the previous item's (``q_empty``, after their last Q K^T; at D=256, where out is staged in Q's buffer,
         after their epilogue, and the item's first key tiles load before it), and the K/V rings run on across
         items (positions t0 + j). FLAT (gluon_flat): two sets of Q buffers, the it-th item's in set it % 2,
-        released by item it - 2's epilogue."""
+        released by item it - 2's epilogue. STAGGER (ns; diagnostic, ``configs.gluon_forward_stagger``): odd
+        programs start their loads that much later, so their item boundaries (epilogue stores, Q loads) fall
+        between the even programs' instead of all at once."""
         Q_SETS: gl.constexpr = 2 if FLAT else 1
+        if STAGGER > 0:
+            if pid % 2 == 1:
+                now = global_ns()
+                go = now + STAGGER
+                while now < go:
+                    now = global_ns()
         NW: gl.constexpr = bars[5].shape[0]  # consumer warpgroups (the turn barriers)
         t0 = gl.to_tensor(0)
         for item in range(pid, num_items, nprog):
