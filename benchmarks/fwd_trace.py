@@ -9,8 +9,8 @@ perturbation), the kernel's span, and per item (warpgroup 0; medians over items)
 tile (Q ready -> first S), the loop (first S -> last P V) per further tile, the epilogue (last P V -> issued), the
 gap between one item's end and the next item's entry on the same warpgroup, and the item's fixed cost: its time
 less n loop-tile times, also in tile-times (the loop spans n - 1 tiles plus the last P V, so at small n its
-per-tile figure reads high and the fixed cost low: take a long cell's per-tile figure as the tile time there); Q wait and epilogue also for even / odd programs apart. With
-``--stagger`` each cell runs again with ``TILEATTN_GLUON_FWD_STAGGER`` = half the measured item time (odd programs
+per-tile figure reads high and the fixed cost low: take a long cell's per-tile figure as the tile time there);
+Q wait and epilogue also for even / odd programs apart. With ``--stagger`` each cell runs again with ``TILEATTN_GLUON_FWD_STAGGER`` = half the measured item time (odd programs
 start late, so item boundaries alternate between the two halves of the programs): if the epilogue's stores and
 the next Q's load are slow because every SM issues them at once (HBM-bound bursts), their times drop. Three traced
 launches per cell (the first compiles); the last counts. Only persistent calls get a trace (the launch's
