@@ -1,20 +1,20 @@
 """Per-item traces of the Hopper persistent forward (GPU): where an item's time goes, in particular its fixed cost
 beside the key tiles (the short-sequence cells' gap to cuDNN).
 
-Each consumer warpgroup of each item writes six int64 through the kernel's TRACE buffer (``gluon_forward._consumer``,
-``gluon_common.trace_stamp``, %globaltimer: one clock on every SM): entry, Q ready, first S done, last P V done,
-epilogue issued, and its key tiles n. Per cell (bf16, flash-attn's grid: 16k tokens, model dim 2048; a training
-forward, residual stored, as the grid times it) this prints the forward's µs with and without the trace (its
-perturbation), the kernel's span, and per item (warpgroup 0; medians over items): Q wait (entry -> Q ready), first
-tile (Q ready -> first S), the loop (first S -> last P V) per further tile, the epilogue (last P V -> issued), the
-gap between one item's end and the next item's entry on the same warpgroup, and the item's fixed cost: its time
-less n loop-tile times, also in tile-times (the loop spans n - 1 tiles plus the last P V, so at small n its
-per-tile figure reads high and the fixed cost low: take a long cell's per-tile figure as the tile time there);
-Q wait and epilogue also for even / odd programs apart. With ``--stagger`` each cell runs again with ``TILEATTN_GLUON_FWD_STAGGER`` = half the measured item time (odd programs
-start late, so item boundaries alternate between the two halves of the programs): if the epilogue's stores and
-the next Q's load are slow because every SM issues them at once (HBM-bound bursts), their times drop. Three traced
-launches per cell (the first compiles); the last counts. Only persistent calls get a trace (the launch's
-PERSISTENT; not FLAT).
+Each consumer warpgroup of each item writes six int64 through the kernel's TRACE buffer
+(``gluon_forward._consumer``, ``gluon_common.trace_stamp``, %globaltimer: one clock on every SM): entry, Q ready,
+first S done, last P V done, epilogue issued, and its key tiles n. Per cell (bf16, flash-attn's grid: 16k tokens,
+model dim 2048; a training forward, residual stored, as the grid times it) this prints the forward's µs with and
+without the trace (its perturbation), the kernel's span, and per item (warpgroup 0; medians over items): Q wait
+(entry -> Q ready), first tile (Q ready -> first S), the loop (first S -> last P V) per further tile, the epilogue
+(last P V -> issued), the gap between one item's end and the next item's entry on the same warpgroup, and the item's
+fixed cost: its time less n loop-tile times, also in tile-times (the loop spans n - 1 tiles plus the last P V, so at
+small n its per-tile figure reads high and the fixed cost low: take a long cell's per-tile figure as the tile time
+there); Q wait and epilogue also for even / odd programs apart. With ``--stagger`` each cell runs again with
+``TILEATTN_GLUON_FWD_STAGGER`` = half the measured item time (odd programs start late, so item boundaries alternate
+between the two halves of the programs): if the epilogue's stores and the next Q's load are slow because every SM
+issues them at once (HBM-bound bursts), their times drop. Three traced launches per cell (the first compiles); the
+last counts. Only persistent calls get a trace (the launch's PERSISTENT; not FLAT).
 
 Usage: PYTHONPATH=src python3 benchmarks/fwd_trace.py [--cells 128,1024,0;256,1024,0] [--stagger]
        [--out DIR]     a cell: head_dim,seqlen,causal
