@@ -132,6 +132,9 @@ def make_desc(t: torch.Tensor, block: tuple, bf16: bool):
     return host_descriptor(GluonTensorDescriptor, t, block, layout=_smem_layout(block, bf16))
 
 
+# a persistent forward item's stamps per warpgroup (``trace_stamp``, ``epilogue``; benchmarks/fwd_trace.py)
+TRACE_FIELDS = tl.constexpr(7)
+
 if AVAILABLE:
     from triton._C.libtriton import ir as _ir
     from triton.experimental.gluon.language._core import builtin as _builtin
@@ -193,12 +196,12 @@ if AVAILABLE:
 
     @gluon.jit
     def store_tile_tma(o_desc, r_desc, q_buf, acc, o, b, row, h, STORE_RESID: gl.constexpr, r_stage,
-                       DEFER: gl.constexpr):
+                       DEFER: gl.constexpr, TRACE=None, trace_at=0):
         """out (and the rounding residual) of one warpgroup's rows through a dead shared buffer ``q_buf`` and TMA
         stores (rows past the tensor clipped). DEFER (the persistent forward): the residual is staged in its own
         buffer ``r_stage`` and nothing waits for the stores here: the caller waits (``tma.store_wait``) before it
         writes either buffer again and before the program ends. Otherwise the residual reuses ``q_buf`` once out's
-        store has read it, and the stores are waited for before returning."""
+        store has read it, and the stores are waited for before returning. TRACE: ``epilogue``'s (stamp 6)."""
         q2 = q_buf.reshape([q_buf.shape[1], q_buf.shape[3]])
         q2.store(o)
         fence_async_shared()
@@ -215,7 +218,11 @@ if AVAILABLE:
             r_buf.reshape([r_buf.shape[1], r_buf.shape[3]]).store(r)
             fence_async_shared()
             gl.thread_barrier()
+            if TRACE is not None:  # 6: the residual staged (without DEFER after out's store has read q_buf)
+                gl.store(TRACE + trace_at + 6, global_ns())
             tma.async_copy_shared_to_global(r_desc, [b, row, h, 0], r_buf)
+        elif TRACE is not None:  # no residual: 6 once out's store is issued
+            gl.store(TRACE + trace_at + 6, global_ns())
         if not DEFER:
             tma.store_wait(pendings=0)
 
@@ -291,9 +298,16 @@ if AVAILABLE:
 
     @gluon.jit
     def trace_stamp(TRACE, item, w: gl.constexpr, NW: gl.constexpr, i: gl.constexpr):
-        """TRACE[(item * NW + w) * 6 + i] = now (%globaltimer ns, ``global_ns``; int64): stamp i of warpgroup w
-        in a persistent forward item (``gluon_forward._consumer``'s TRACE, ``benchmarks/fwd_trace.py``)."""
-        gl.store(TRACE + (item.to(gl.int64) * NW + w) * 6 + i, global_ns())
+        """TRACE[(item * NW + w) * TRACE_FIELDS + i] = now (%globaltimer ns, ``global_ns``; int64): stamp i of
+        warpgroup w in a persistent forward item (``gluon_forward._consumer``'s TRACE, ``benchmarks/fwd_trace.py``;
+        ``epilogue`` stamps field 6 through ``trace_row``)."""
+        gl.store(TRACE + trace_row(item, w, NW) + i, global_ns())
+
+    @gluon.jit
+    def trace_row(item, w: gl.constexpr, NW: gl.constexpr):
+        """Where warpgroup w's stamps of a persistent forward item start in the TRACE buffer (an int32 offset: one
+        register where the epilogue has none to spare; items < 2^31 / (3 * 7))."""
+        return (item * NW + w) * TRACE_FIELDS
 
     @gluon.jit
     def load_kv_ring(k_desc, v_desc, k_smem, v_smem, k_ready, k_empty, v_ready, v_empty, b, hk, row0, lo, n, t0,
@@ -406,12 +420,14 @@ if AVAILABLE:
     def epilogue(acc, m_i, l_i, stage, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
                  b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M: gl.constexpr, HEAD_D: gl.constexpr,
                  STORE_RESID: gl.constexpr, HAS_SINK: gl.constexpr, VARLEN: gl.constexpr, r_stage=None,
-                 DEFER: gl.constexpr = False):
+                 DEFER: gl.constexpr = False, TRACE=None, trace_at=0):
         """The Gluon forward's epilogue for a warpgroup's rows after their last key tile: the sink joins the
         denominator, out = acc / l and lse are stored (out through ``stage``, a dead (1, HALF_M, 1, HEAD_D) shared
         buffer, by TMA; a varlen sequence's last rows by masked pointer stores). DEFER (``store_tile_tma``): the
         residual has its own staging buffer ``r_stage``, the TMA stores are left in flight, and this waits for
-        the previous epilogue's stores before writing the buffers again."""
+        the previous epilogue's stores before writing the buffers again. TRACE (measurement only,
+        ``benchmarks/fwd_trace.py``): stamp 6 at TRACE + trace_at (``trace_row``): the residual staged
+        (``store_tile_tma``; stamps where the accumulator or the residual are live spill 52 B more at D=256)."""
         dtype: gl.constexpr = o_desc.dtype
         o_layout: gl.constexpr = acc.type.layout
         if HAS_SINK:  # the sink joins the denominator with no value
@@ -438,6 +454,8 @@ if AVAILABLE:
                 st2.store(o)
                 gl.thread_barrier()
                 store_rows(O, st2, q_row0 + row0, h, seqlen_q - row0, stride_os, stride_oh)
+                if TRACE is not None:  # (this path's stamp 6: out stored)
+                    gl.store(TRACE + trace_at + 6, global_ns())
                 if STORE_RESID:
                     r_buf = residual_stage(stage, r_desc)
                     r2 = r_buf.reshape([HALF_M, r_buf.shape[3]])
@@ -447,6 +465,8 @@ if AVAILABLE:
                     r_ptr, r_os, r_oh = residual_rows(RESID, r_desc, stride_os, stride_oh)
                     store_rows(r_ptr, r2, q_row0 + row0, h, seqlen_q - row0, r_os, r_oh)
             else:
-                store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, q_row0 + row0, h, STORE_RESID, r_stage, DEFER)
+                store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, q_row0 + row0, h, STORE_RESID, r_stage, DEFER,
+                               TRACE, trace_at)
         else:
-            store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, row0, h, STORE_RESID, r_stage, DEFER)
+            store_tile_tma(o_desc, r_desc, stage, acc, o, b_desc, row0, h, STORE_RESID, r_stage, DEFER, TRACE,
+                           trace_at)

@@ -41,7 +41,7 @@ if AVAILABLE:
     from triton.experimental import gluon
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
-    from .gluon_common import epilogue, row_bounds, trace_stamp, turn_wait
+    from .gluon_common import epilogue, row_bounds, trace_row, trace_stamp, turn_wait
     from .gluon_schedule import item_bounds, persistent_bounds
     from .gluon_flat import consumer_flat
     from .gluon_forward_steps import drain_tiles, pv_issue, softmax_tile
@@ -67,7 +67,8 @@ if AVAILABLE:
         releases them, and passes its turns, so the rings and rounds stay those of the other warpgroups. A fully
         masked tile adds nothing to a row's max, sum or output, so the outputs are bit-identical. TRACE (None, or
         measurement only: ``benchmarks/fwd_trace.py``): this warpgroup's stamps of item ``trace_item``
-        (``trace_stamp``: entry, Q ready, first S done, last P V done, epilogue issued, key tiles)."""
+        (``trace_stamp``: entry, Q ready, first S done, last P V done, epilogue issued, key tiles; 6, the
+        residual staged, in the epilogue)."""
         if TRACE is not None:
             trace_stamp(TRACE, trace_item, w, bars[5].shape[0], 0)
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
@@ -159,22 +160,26 @@ if AVAILABLE:
 
         # Q is dead: its buffer stages this warpgroup's output rows for TMA stores (rows past the tensor clipped);
         # PERSISTENT at D <= 128: the next item's Q may be loading into it, the output has its own buffers
+        trace_at = 0
+        if TRACE is not None:  # the epilogue's stamp (6)
+            trace_at = trace_row(trace_item, w, NW)
         if Q_STAGE:  # out and the residual staged in Q's buffer; released once the stores have read it
             epilogue(acc, m_i, l_i, q_buf, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
-                     b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID, HAS_SINK, VARLEN)
+                     b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID, HAS_SINK, VARLEN,
+                     TRACE=TRACE, trace_at=trace_at)
             gl.thread_barrier()
             mbarrier.arrive(q_empty.index(w), count=1)
         elif PERSISTENT:  # out and the residual in their own buffers, stores left in flight (the next epilogue
             # and the program's end wait for them)
             epilogue(acc, m_i, l_i, o_smem.index(w), o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q,
                      q_row0, b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID,
-                     HAS_SINK, VARLEN, o_smem.index(NW * STORE_RESID + w), True)
+                     HAS_SINK, VARLEN, o_smem.index(NW * STORE_RESID + w), True, TRACE, trace_at)
         else:
             epilogue(acc, m_i, l_i, q_buf, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
                      b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID, HAS_SINK, VARLEN)
         if TRACE is not None:
             trace_stamp(TRACE, trace_item, w, NW, 4)
-            gl.store(TRACE + (trace_item.to(gl.int64) * NW + w) * 6 + 5, n_w.to(gl.int64))
+            gl.store(TRACE + trace_row(trace_item, w, NW) + 5, n_w.to(gl.int64))
 
     @gluon.jit
     def _consumer_persistent(w: gl.constexpr, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
@@ -235,7 +240,7 @@ if AVAILABLE:
         epilogue, whose stores are left in flight (``_consumer_persistent``, ``store_tile_tma``; D=256 stages
         them in Q's buffer and overlaps only the next item's K/V loads). FLAT (with PERSISTENT, opt-in, D <= 128):
         the same items as one pipeline across item boundaries, Q double-buffered (``gluon_flat``; varlen only on
-        the work list). TRACE (PERSISTENT, not FLAT; measurement only): None, or an int64 (num_items, NUM_WG, 6)
+        the work list). TRACE (PERSISTENT, not FLAT; measurement only): None, or an int64 (num_items, NUM_WG, 7)
         buffer that gets each item's per-warpgroup stamps (``_consumer``, ``benchmarks/fwd_trace.py``). STAGGER
         (PERSISTENT, not FLAT; diagnostic): ``_load_persistent``'s."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
