@@ -17,8 +17,8 @@ alternate between the two halves of the programs): if the epilogue's stores and 
 every SM issues them at once (HBM-bound bursts), their times drop. Three traced launches per cell (the first
 compiles); the last counts. Only persistent calls get a trace (the launch's PERSISTENT; not FLAT).
 
-Usage: PYTHONPATH=src python3 benchmarks/fwd_trace.py [--cells 128,1024,0;256,1024,0] [--stagger]
-       [--out DIR]     a cell: head_dim,seqlen,causal
+Usage: PYTHONPATH=src python3 benchmarks/fwd_trace.py [--cells 128,1024,0;256,1024,0,infer] [--stagger]
+       [--out DIR]     a cell: head_dim,seqlen,causal[,infer] (infer: inputs without grad, so no residual)
 """
 import argparse
 import os
@@ -132,20 +132,24 @@ def main():
     a = ap.parse_args()
     print(f"# {torch.cuda.get_device_name()}: persistent Gluon forward, per-item trace (warpgroup 0, means; µs)")
     for cell in a.cells.split(";"):
-        d, s, causal = (int(x) for x in cell.split(","))
+        fields = cell.split(",")
+        d, s, causal = (int(x) for x in fields[:3])
+        infer = fields[3:] == ["infer"]
         batch, heads = 16384 // s, 2048 // d
         gen = torch.Generator(device="cuda").manual_seed(0)
         q, k, v = (torch.randn(batch, s, heads, d, device="cuda", dtype=torch.bfloat16, generator=gen)
-                   .requires_grad_() for _ in range(3))
+                   .requires_grad_(not infer) for _ in range(3))
 
         def fwd():
             return tileattn.attention(q, k, v, causal=bool(causal))
-        r = cell_trace(fwd, f"D={d} S={s} causal={causal}", a.out and os.path.join(a.out, f"d{d}_s{s}_c{causal}"))
+        name = f"d{d}_s{s}_c{causal}" + ("_infer" if infer else "")
+        r = cell_trace(fwd, f"D={d} S={s} causal={causal}" + (" (no grad: no residual)" if infer else ""),
+                       a.out and os.path.join(a.out, name))
         if r is not None and a.stagger:
             ns = int(r["item"] * 500)  # half an item, in ns
             os.environ["TILEATTN_GLUON_FWD_STAGGER"] = str(ns)
             try:
-                cell_trace(fwd, f"  stagger {ns} ns", a.out and os.path.join(a.out, f"d{d}_s{s}_c{causal}_stagger"))
+                cell_trace(fwd, f"  stagger {ns} ns", a.out and os.path.join(a.out, name + "_stagger"))
             finally:
                 del os.environ["TILEATTN_GLUON_FWD_STAGGER"]
         q = k = v = None

@@ -216,14 +216,16 @@ for stage in "$@"; do
          timeout 300 python3 benchmarks/decode_splits.py 2>&1 | grep -v Warning | tee "$OUT/s48_decode_splits.log"
          for i in 1 2; do timeout 120 python3 -m tileattn.bench_features --seqlens 4096 --cases dense,sink \
            --out-dir "$OUT/f$i" 2>&1 | grep -v Warning | tee -a "$OUT/s48_sink.log"; done ;;
-    s49) # (~3 min) fwd_trace.py's instruments on the GPU (outputs bit-identical with TRACE + STAGGER), then the
+    s49) # (~5 min) fwd_trace.py's instruments on the GPU (outputs bit-identical with TRACE + STAGGER), then the
          # per-item traces with and without the odd programs started half an item late (run 195's hypothesis: D=256's
          # ~6.5 us per item of epilogue stores + Q load are HBM bursts of all SMs at once)
          timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "trace_and_stagger or stagger_knob" -q -n 4 \
            -p no:cacheprovider -p no:benchmark -rf 2>&1 | tail -3 | tee "$OUT/s49_tests.log"; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
-         (cd benchmarks && timeout 240 python3 fwd_trace.py --stagger \
-           --cells "256,1024,0;256,2048,0;256,16384,0;128,1024,0;64,1024,0;256,1024,1" 2>&1 | grep -v Warning \
-           | tee "$OUT/s49_fwd_trace.log") ;;
+         (cd benchmarks && timeout 300 python3 fwd_trace.py --stagger \
+           --cells "256,1024,0;256,2048,0;256,16384,0;128,1024,0;64,1024,0;256,1024,1;256,1024,0,infer" 2>&1 \
+           | grep -v Warning | tee "$OUT/s49_fwd_trace.log"
+          TILEATTN_RESIDUAL=int8 timeout 60 python3 fwd_trace.py --cells "256,1024,0" 2>&1 | grep -v Warning \
+           | sed 's/^D=/int8 residual: D=/' | tee -a "$OUT/s49_fwd_trace.log") ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;
