@@ -38,10 +38,11 @@ def _ptxas_report(ptx: str, arch: int) -> str:
     return f"regs {regs.group(1) if regs else '?'} spill_stores {spill.group(1) if spill else '?'}"
 
 
-def compile_one(fn, dtype, constexprs, cfg, arch, ints=None, descs=("K_DESC", "V_DESC")):
+def compile_one(fn, dtype, constexprs, cfg, arch, ints=None, descs=("K_DESC", "V_DESC"), given=()):
     """Compile ``fn`` for sm_<arch>. ``ints``: runtime values of integer arguments; like Triton's launcher, a value
     of 1 becomes a compile-time constant unless the kernel lists the argument in ``do_not_specialize``. ``descs``:
-    the K and V arguments, host tensor descriptors when USE_TMA (else pointers)."""
+    the K and V arguments, host tensor descriptors when USE_TMA (else pointers). ``given``: arguments whose default
+    is None passed anyway (TRACE: an int64 pointer), else they compile as None, as a launch that leaves them out."""
     constexprs = dict(constexprs)
     unspecialised = {param.name for param in getattr(fn, "params", []) if param.do_not_specialize}
     for param in getattr(fn, "params", []):
@@ -49,6 +50,8 @@ def compile_one(fn, dtype, constexprs, cfg, arch, ints=None, descs=("K_DESC", "V
             constexprs[param.name] = 1
         if param.is_constexpr and param.name not in constexprs and param.default is not inspect.Parameter.empty:
             constexprs[param.name] = param.default  # as a launch that leaves it out (else compiled as an i32)
+        elif param.name not in constexprs and param.default is None and param.name not in given:  # TRACE=None
+            constexprs[param.name] = None
     sig = {}
     for name in fn.arg_names:
         if name in constexprs:
@@ -59,7 +62,7 @@ def compile_one(fn, dtype, constexprs, cfg, arch, ints=None, descs=("K_DESC", "V
                          else f"*{dtype}")
         elif name in INT32_PTRS:
             sig[name] = "*i32"
-        elif name == "RNG":
+        elif name in ("RNG", "TRACE"):
             sig[name] = "*i64"
         elif name in FP32_PTRS:
             sig[name] = "*fp32"
@@ -168,7 +171,8 @@ def decode_cases(arch):
              ("decode one split", _decode_split_kernel, {**base, "PAGED": True, "FINAL": True, "HAS_SINK": True}),
              ("decode split + merge", _decode_split_kernel, {**base, "PAGED": False, "FUSED_COMBINE": True,
                                                              "HAS_SINK": True}),
-             ("decode combine", _decode_combine_kernel, {"BLOCK_S": 32, "BLOCK_DV": 128, "HAS_SINK": True})]
+             ("decode combine", _decode_combine_kernel, {"BLOCK_S": 32, "BLOCK_DV": 128, "HAS_SINK": True}),
+             ("decode traced", _decode_split_kernel, {**base, "PAGED": False})]  # decode_trace.py's TRACE
     if arch >= 90:  # caches through tensor descriptors: contiguous (cfg.tma) and paged (TILEATTN_DECODE_PAGED_TMA)
         pcfg = configs.decode_config(128, paged=True, paged_tma=True)
         cases += [("decode tma", _decode_split_kernel, {**base, "PAGED": False, "USE_TMA": True}),
@@ -181,7 +185,8 @@ def decode_cases(arch):
         try:
             rep, smem = compile_one(fn, "bf16", consts, kcfg, arch, ints if "combine" not in name else
                                     dict(stride_ob=4096, stride_os=4096, stride_oh=128, q_heads=32, seqlen_q=1,
-                                         rows_total=256, num_splits=40, dv=128), descs=("K", "V"))
+                                         rows_total=256, num_splits=40, dv=128), descs=("K", "V"),
+                                    given=("TRACE", ) if name == "decode traced" else ())
             print(f"sm{arch} {name}: {rep} smem {smem}", flush=True)
         except Exception as e:  # noqa: BLE001
             bad += 1

@@ -643,3 +643,41 @@ def test_fused_combine_resets_counters(monkeypatch):
     run_case(DTYPES[0], B=3, Sq=4, Hq=4, Hkv=2, causal=True, splits=3)
     buf = decode._counters(torch.empty(0, device=DEVICE).device, 1)
     assert buf.numel() >= 3 * 2 and not buf.any(), "a counter was left non-zero"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="%globaltimer traces need a GPU")
+@pytest.mark.gpu
+@pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged16"])
+def test_trace_leaves_outputs_alone(paged, monkeypatch):
+    """``benchmarks/decode_trace.py``'s instrument: the split kernel given a TRACE buffer computes out and lse
+    bit-identical to the plain launch, and every program wrote (start <= end, an SM id, its keys), the keys
+    summing to the attended cache positions."""
+    from tileattn.kernels import decode as dec
+    dtype, B, Hq, Hkv, d, cap, page = torch.bfloat16, 3, 8, 2, 128, 4096, 16
+    gen = make_gen(seed_for("decode-trace", paged))
+    if paged:
+        nblocks = B * cap // page
+        kc, vc = _randn(gen, nblocks, page, Hkv, d, dtype=dtype), _randn(gen, nblocks, page, Hkv, d, dtype=dtype)
+        bt = torch.randperm(nblocks, generator=gen).view(B, cap // page).to(DEVICE, torch.int32)
+    else:
+        kc, vc, bt = _randn(gen, B, cap, Hkv, d, dtype=dtype), _randn(gen, B, cap, Hkv, d, dtype=dtype), None
+    q = _randn(gen, B, 1, Hq, d, dtype=dtype)
+    lens = torch.tensor([cap, 1000, 0], dtype=torch.int32, device=DEVICE)
+    want = tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=bt, return_softmax_lse=True)
+    bufs = []
+    real = dec.launch
+
+    def launch(kernel, grid, args, kwargs, *rest, **opts):
+        if kernel is dec._decode_split_kernel:
+            bufs.append(torch.full((grid[0] * grid[1] * grid[2], 4), -1, dtype=torch.int64, device=DEVICE))
+            kwargs = dict(kwargs, TRACE=bufs[-1])
+        return real(kernel, grid, args, kwargs, *rest, **opts)
+    monkeypatch.setattr(dec, "launch", launch)
+    monkeypatch.setenv("TILEATTN_LAUNCH_PLANS", "0")
+    got = tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=bt, return_softmax_lse=True)
+    torch.cuda.synchronize()
+    assert bufs, "the split kernel did not launch"
+    assert torch.equal(got[0], want[0]) and torch.equal(got[1], want[1])
+    t = bufs[-1].cpu()
+    assert bool((t[:, 1] >= t[:, 0]).all()) and bool((t[:, 0] > 0).all()) and bool((t[:, 2] >= 0).all())
+    assert int(t[:, 3].sum()) == Hkv * int(lens.sum())  # each (batch, KV head)'s keys, over its splits

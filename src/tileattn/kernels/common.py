@@ -266,3 +266,24 @@ def stats_row0(b, q_start, max_seqlen_q, IS_VARLEN: tl.constexpr):
     if IS_VARLEN:
         first = q_start
     return tl.multiple_of(16 * (b + first // 16), 16)
+
+
+@triton.jit
+def global_ns():
+    """The GPU's global nanosecond timer (%globaltimer, one clock on every SM), an int64 scalar (program traces:
+    ``benchmarks/decode_trace.py``; the Gluon kernels' twin is ``gluon_common.global_ns``)."""
+    return tl.inline_asm_elementwise("mov.u64 $0, %globaltimer;", "=l", [], dtype=tl.int64, is_pure=False, pack=1)
+
+
+@triton.jit
+def trace_program3(TRACE, t_start, work):
+    """A program trace of a 3-D grid: program (x, y, z) writes (start ns, end ns, SM id, work) to TRACE[4 p ..
+    4 p + 3] (int64), p its linear index x-major, the end read now (``benchmarks/decode_trace.py``)."""
+    t_end = global_ns()
+    sm = tl.inline_asm_elementwise("mov.u32 $0, %smid;", "=r", [], dtype=tl.int32, is_pure=True, pack=1)
+    p = (tl.program_id(0) * tl.num_programs(1) + tl.program_id(1)) * tl.num_programs(2) + tl.program_id(2)
+    row = TRACE + p.to(tl.int64) * 4
+    tl.store(row, t_start)
+    tl.store(row + 1, t_end)
+    tl.store(row + 2, sm.to(tl.int64))
+    tl.store(row + 3, work.to(tl.int64))

@@ -19,7 +19,7 @@ import torch
 import triton
 import triton.language as tl
 
-from .common import LN2, LOG2E, load_tile, mma, scores, visible
+from .common import LN2, LOG2E, global_ns, load_tile, mma, scores, trace_program3, visible
 from .launch import launch, ticket_counters
 
 
@@ -37,7 +37,7 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
                          PAGED: tl.constexpr, HAS_BATCH_IDX: tl.constexpr, HAS_LEFTPAD: tl.constexpr,
                          HAS_LEFT: tl.constexpr, HAS_RIGHT: tl.constexpr, HAS_SOFTCAP: tl.constexpr,
                          HAS_ALIBI: tl.constexpr, FP32: tl.constexpr, FINAL: tl.constexpr, HAS_SINK: tl.constexpr,
-                         USE_TMA: tl.constexpr, FUSED_COMBINE: tl.constexpr):
+                         USE_TMA: tl.constexpr, FUSED_COMBINE: tl.constexpr, TRACE=None):
     """FINAL (one split): OUT_PART / LSE_PART are the call's out (B, Sq, Hq, Dv) (strides stride_o*) and lse
     (B, Hq, Sq), written directly with the sink folded in, and no combine kernel runs.
     USE_TMA: K and V are host tensor descriptors over the caches (B_cache, S_cache, Hkv, D) with block
@@ -49,7 +49,10 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
     counter (COUNTERS[bhk * row_blocks + row block], int32, zero between calls); the program that draws the last
     ticket merges every split's partials of those rows into OUT / LSE (``_merge_splits``) and resets the counter,
     so no combine kernel runs. The merge reads the splits in order 0 .. num_splits - 1 whichever program draws it:
-    results do not depend on the programs' timing."""
+    results do not depend on the programs' timing. TRACE (measurement only, ``benchmarks/decode_trace.py``): None,
+    or an int64 (programs, 4) buffer that gets each program's (start, end, SM, keys) (``common.trace_program3``)."""
+    if TRACE is not None:
+        t_start = global_ns()
     split = tl.program_id(0)
     bhk = tl.program_id(1)
     b = bhk // kv_heads
@@ -151,6 +154,8 @@ def _decode_split_kernel(Q, K, V, OUT_PART, LSE_PART, SEQLENS_K, BATCH_IDX, BLOC
                               b64 * stride_ob + qi * stride_os + h * stride_oh, (b64 * q_heads + h) * seqlen_q + qi,
                               row_ok, o_mask, offs_dv, h, dv, BLOCK_M, BLOCK_DV, HAS_SINK)
                 tl.atomic_xchg(counter, 0, sem="relaxed", scope="gpu")  # ready for the next call
+    if TRACE is not None:
+        trace_program3(TRACE, t_start, tl.maximum(end - start, 0))
 
 
 @triton.jit
