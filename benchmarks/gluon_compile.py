@@ -44,11 +44,12 @@ def _complete(fn, sig, consts):
 
 def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=False, fp16=False, window=False,
                 varlen=False, alibi=False, tile_map=False, persistent=False, flat=False, resid8=False, wg=2,
-                skip=False, trace=False, stagger=0):
+                skip=False, trace=False, stagger=0, streamk=False):
     """The Gluon forward for sm_90a; ``wg``: its consumer warpgroups (3: v37a, with its registers unless cfg);
     ``skip``: with causal and three warpgroups, v38a's per-warpgroup skip of unseen key tiles (CAUSAL_SKIP);
     ``trace``: with persistent, the per-item trace buffer (fwd_trace.py); ``stagger``: with persistent, the odd
-    programs' start delay in ns (STAGGER, a diagnostic)."""
+    programs' start delay in ns (STAGGER, a diagnostic); ``streamk``: with persistent, the stream-K ranges and
+    partial records (STREAMK, gluon_streamk)."""
     from tileattn import configs
     c = configs._GLUON_FWD[d]  # the table entry, whether on by default or not
     regs = configs.GLUON_3WG_REGS if wg == 3 else (c.consumer_regs, c.producer_regs, c.maxnreg)
@@ -64,7 +65,7 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
            "O": f"*{'fp16' if fp16 else 'bf16'}", "RESID": "*i8" if resid8 else f"*{'fp16' if fp16 else 'bf16'}",
            "TILE_MAP": "*i32",
            "CU_Q": "*i32",
-           "CU_K": "*i32", **({"TRACE": "*i64"} if trace else {})}
+           "CU_K": "*i32", **({"TRACE": "*i64"} if trace else {}), **({"PART": "*fp32"} if streamk else {})}
     consts = dict(BLOCK_N=bn, HEAD_D=d, K_STAGES=ks, V_STAGES=vs, CAUSAL=causal, STORE_RESID=resid,
                   HAS_SOFTCAP=softcap, HAS_SINK=sink, WINDOW=window, VARLEN=varlen,
                   # the launcher's choice: the linear ALiBi form on the plain grid (configs.gluon_alibi_linear)
@@ -73,7 +74,7 @@ def compile_fwd(d=128, causal=False, cfg=None, resid=True, softcap=False, sink=F
                   USE_MAP=tile_map, CONSUMER_REGS=creg,
                   PRODUCER_REGS=preg, PERSISTENT=persistent or flat, FLAT=flat,  # flat: kernels/gluon_flat.py
                   **({"NUM_WG": 3} if wg == 3 else {}), **({"CAUSAL_SKIP": True} if skip else {}),
-                  **({"STAGGER": stagger} if stagger else {}))
+                  **({"STAGGER": stagger} if stagger else {}), **({"STREAMK": True} if streamk else {}))
     fn = gf._fwd_kernel
     _complete(fn, sig, consts)
     attrs = {(fn.arg_names.index(name),): [["tt.divisibility", 16]] for name in ("LSE", "SINK", "O", "RESID")}
@@ -214,6 +215,8 @@ def main(argv=None):
     ap.add_argument("--flat", action="store_true", help="the persistent forward, one pipeline across items")
     ap.add_argument("--stagger", type=int, default=0, help="forward with --persistent: the odd programs' start "
                     "delay in ns (TILEATTN_GLUON_FWD_STAGGER)")
+    ap.add_argument("--streamk", action="store_true", help="forward with --persistent: stream-K ranges "
+                    "(TILEATTN_GLUON_FWD_STREAMK)")
     ap.add_argument("--skip", action="store_true", help="forward with --causal --wg 3: v38a's per-warpgroup skip of "
                     "the key tiles a warpgroup does not see")
     ap.add_argument("--wg", type=int, default=2, choices=(2, 3), help="forward: consumer warpgroups (3: v37a, "
@@ -255,7 +258,8 @@ def main(argv=None):
     else:
         softcap = 2 if a.softcap_fixed_max else a.softcap
         k = compile_fwd(a.head_dim, a.causal, cfg, not a.no_resid, softcap, a.sink, a.fp16, a.window, a.varlen,
-                        a.alibi, a.tile_map, a.persistent, a.flat, a.resid8, a.wg, a.skip, a.trace, a.stagger)
+                        a.alibi, a.tile_map, a.persistent, a.flat, a.resid8, a.wg, a.skip, a.trace, a.stagger,
+                        a.streamk)
     if a.check:
         report = ptxas_messages(k.asm["ptx"])
         print(report)

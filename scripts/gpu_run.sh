@@ -1,6 +1,6 @@
 #!/usr/bin/env bash
 # One call on the GPU machine: run the named stages, logging each under $OUT (or ./gpu_logs).
-# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 s40 s42 s44 s48 s49 s50 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
+# Stages: info smoke tests tests-sweep tests-rest tests-gluon tests-core plan plan-suite r8 s22 s22b s23 s24 s25 s25b s25c s26 s26b s26c s26d s29 s31 s31b s36 s37 s40 s42 s44 s48 s49 s50 s51 trace route decode-tests sweep-subset portable features decode precision dqtiles tune recheck hostcost gluon gluon-next gluon-on gluon-bwd varlen window gluon-features s14 s14t s17b s18 grid s21 s21b s21d bench  (BENCH_DIMS, BENCH_ARGS, TUNE_DIMS, TILES_SET env vars adjust them)
 # Usage: TILEATTN_COMMIT=<sha> bash scripts/gpu_run.sh info smoke features bench
 # (the device copy has no .git: pass the commit so the bench CSV/TXT name it)
 set -uo pipefail
@@ -231,6 +231,14 @@ for stage in "$@"; do
          timeout 120 python3 -m pytest tests/test_decode.py -k "trace" -q -n 2 -p no:cacheprovider -p no:benchmark \
            -rf 2>&1 | tail -3 | tee "$OUT/s50_tests.log"; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
          (cd benchmarks && timeout 150 python3 decode_trace.py 2>&1 | grep -v Warning | tee "$OUT/s50_decode_trace.log") ;;
+    s51) # (~5 min) stream-K ranges (TILEATTN_GLUON_FWD_STREAMK=1, not GPU-run yet): its tests, then non-causal
+         # forward cells (the grid's shapes) default / streamk beside cuDNN
+         timeout 200 python3 -m pytest tests/test_gluon_streamk.py -q -n 8 -p no:cacheprovider -p no:benchmark -rf \
+           2>&1 | tail -3 | tee "$OUT/s51_tests.log"; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap
+         cells="128,16,16,1024,0;128,4,16,4096,0;128,2,16,8192,0;128,1,16,16384,0;256,16,8,1024,0;256,8,8,2048,0"
+         cells="$cells;256,4,8,4096,0;256,1,8,16384,0;64,16,32,1024,0;64,1,32,16384,0"
+         timeout 280 python3 benchmarks/short_variants.py --cells "$cells" "streamk:TILEATTN_GLUON_FWD_STREAMK=1" \
+           2>&1 | grep -v Warning | tee "$OUT/s51_fwd.log" ;;
     route) # (~1 min) the routing test (the default schedule reaches the launch, incl. varlen ALiBi's general form)
            timeout 150 python3 -m pytest tests/test_gluon_forward.py -k "schedule" -q -n 8 -p no:cacheprovider \
              -p no:benchmark -rf 2>&1 | tee "$OUT/route_tests.log" | tail -5; [ "${PIPESTATUS[0]}" = 0 ] || status=1; reap ;;

@@ -1010,7 +1010,9 @@ PERSISTENT_COMPILE = [(128, False, ()), (128, True, ("--softcap", "--sink")), (6
                       (128, False, ("--varlen", "--window", "--sink")),
                       (256, False, ()), (256, True, ("--tile-map", "--softcap", "--sink")),
                       # fwd_trace.py's instruments (TRACE stamps, STAGGER's delay; traced D=256: 28-36 B)
-                      (256, False, ("--trace", "--stagger", "5000")), (128, True, ("--tile-map", "--trace"))]
+                      (256, False, ("--trace", "--stagger", "5000")), (128, True, ("--tile-map", "--trace")),
+                      # stream-K ranges (gluon_streamk; D=256 44 B, the partial records' stores beside acc)
+                      (256, False, ("--streamk", )), (128, False, ("--streamk", "--softcap", "--sink"))]
 
 
 @needs_gluon

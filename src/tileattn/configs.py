@@ -636,6 +636,14 @@ def gluon_forward_warpgroups(head_dim: int, persistent: bool, seqlen_q: int = 1 
     return 3 if seqlen_q >= (GLUON_FWD_3WG_MIN_SEQLEN_Q_CAUSAL if causal else GLUON_FWD_3WG_MIN_SEQLEN_Q) else 2
 
 
+def gluon_forward_streamk() -> bool:
+    """Opt-in ``TILEATTN_GLUON_FWD_STREAMK=1`` (session 32, not yet GPU-run; ``kernels/gluon_streamk.py``): batched
+    non-causal calls on the persistent Gluon forward whose items do not divide among the programs give each
+    program an equal share of the key tiles, merging the items split between two programs after the kernel (the
+    grid's 2048 items on 132 SMs leave 3% of the rounds idle, run 196)."""
+    return switch("TILEATTN_GLUON_FWD_STREAMK")
+
+
 def gluon_forward_stagger() -> int:
     """Diagnostic (``TILEATTN_GLUON_FWD_STAGGER=<ns>``, default 0 = off): the persistent Gluon forward's odd
     programs start that many ns late (``gluon_loads._load_persistent``'s STAGGER), to see with

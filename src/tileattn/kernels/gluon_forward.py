@@ -33,6 +33,7 @@ import triton
 
 from .. import configs
 from .._hostinfo import causal_work_list, keys_for_every_tile, tile_map
+from . import gluon_streamk
 from .gluon_common import AVAILABLE, has_window, make_desc, softcap_fixed_max, window_bounds
 from .launch import launch, tma_aligned
 from .params import AttnParams, forward_outputs, residual_like
@@ -42,7 +43,8 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma, warpgroup_mma, warpgroup_mma_wait
     from .gluon_common import epilogue, row_bounds, trace_row, trace_stamp, turn_wait
-    from .gluon_schedule import item_bounds, persistent_bounds
+    from .gluon_schedule import item_bounds, persistent_bounds, persistent_range, streamk_segment
+    from .gluon_streamk import store_partial
     from .gluon_flat import consumer_flat
     from .gluon_forward_steps import drain_tiles, pv_issue, softmax_tile
     from .gluon_loads import _load_partition, _load_persistent
@@ -54,7 +56,7 @@ if AVAILABLE:
                   BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr, V_STAGES: gl.constexpr,
                   CAUSAL: gl.constexpr, WINDOW: gl.constexpr, STORE_RESID: gl.constexpr, HAS_SOFTCAP: gl.constexpr,
                   HAS_SINK: gl.constexpr, VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, PERSISTENT: gl.constexpr,
-                  CAUSAL_SKIP: gl.constexpr = False, TRACE=None, trace_item=0):
+                  CAUSAL_SKIP: gl.constexpr = False, TRACE=None, trace_item=0, PART=None, part_rec=-1):
         """One warpgroup: rows [start_m + w * HALF_M, + HALF_M) of the query tile, key tiles lo .. lo + n - 1
         (ring positions t0 .. t0 + n - 1, ping-pong rounds r0 .. r0 + n, Q's barrier phase q_phase: 0, 0, 0 but
         in the persistent kernel). Rows and keys count from the sequence's start (q_row0: its first packed row in
@@ -68,7 +70,9 @@ if AVAILABLE:
         masked tile adds nothing to a row's max, sum or output, so the outputs are bit-identical. TRACE (None, or
         measurement only: ``benchmarks/fwd_trace.py``): this warpgroup's stamps of item ``trace_item``
         (``trace_stamp``: entry, Q ready, first S done, last P V done, epilogue issued, key tiles; 6, the
-        residual staged, in the epilogue)."""
+        residual staged, in the epilogue). PART (stream-K, ``gluon_streamk``): with part_rec >= 0 the item is
+        partial, and its unnormalised output rows, row max and row sum go to PART's record part_rec * NW + w
+        (``store_partial``) instead of the epilogue."""
         if TRACE is not None:
             trace_stamp(TRACE, trace_item, w, bars[5].shape[0], 0)
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
@@ -163,7 +167,12 @@ if AVAILABLE:
         trace_at = 0
         if TRACE is not None:  # the epilogue's stamp (6)
             trace_at = trace_row(trace_item, w, NW)
-        if Q_STAGE:  # out and the residual staged in Q's buffer; released once the stores have read it
+        if (PART is not None) and (part_rec >= 0):  # stream-K: part of the item's key tiles (gluon_streamk.merge)
+            store_partial(PART, acc, m_i, l_i, part_rec * NW + w)
+            if Q_STAGE:
+                gl.thread_barrier()
+                mbarrier.arrive(q_empty.index(w), count=1)
+        elif Q_STAGE:  # out and the residual staged in Q's buffer; released once the stores have read it
             epilogue(acc, m_i, l_i, q_buf, o_desc, r_desc, LSE, SINK, O, RESID, b, h, row0, rows, seqlen_q, q_row0,
                      b_desc, stride_lb, stride_lh, stride_os, stride_oh, HALF_M, HEAD_D, STORE_RESID, HAS_SINK, VARLEN,
                      TRACE=TRACE, trace_at=trace_at)
@@ -190,19 +199,26 @@ if AVAILABLE:
                              CAUSAL: gl.constexpr, WINDOW: gl.constexpr, STORE_RESID: gl.constexpr,
                              HAS_SOFTCAP: gl.constexpr, HAS_SINK: gl.constexpr, VARLEN: gl.constexpr,
                              HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CAUSAL_SKIP: gl.constexpr = False,
-                             TRACE=None):
+                             TRACE=None, STREAMK: gl.constexpr = False, PART=None):
         """Persistent consumer warpgroup w: ``_consumer`` on the work items pid, pid + nprog, ... (causal: in
         ``persistent_item``'s order), the K/V ring positions t0 carried across items; the it-th item's ping-pong
         rounds start at t0 + it (every item takes n + 1 rounds) and its Q phase is it & 1 (derived, not carried:
-        fewer live registers). TRACE: ``_fwd_kernel``'s."""
+        fewer live registers). TRACE: ``_fwd_kernel``'s. STREAMK (with PART): the items of this program's equal
+        share of the key tiles (``persistent_range``), the first and last possibly partial (``streamk_segment``;
+        ``gluon_streamk``)."""
         q_bars, k_ready, k_empty, v_ready, v_empty, turn = bars
         BLOCK_M: gl.constexpr = turn.shape[0] * HALF_M
         t0 = gl.to_tensor(0)
-        for item in range(pid, num_items, nprog):
-            it = (item - pid) // nprog
+        start, stop, step, t_begin, t_end = persistent_range(pid, nprog, num_items, seqlen_k, BLOCK_N, STREAMK)
+        for item in range(start, stop, step):
+            it = (item - start) // step
             b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = persistent_bounds(
                 item, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k,
                 win_left, win_right, BLOCK_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
+            part_rec = -1
+            if STREAMK:
+                lo, n, slot = streamk_segment(item, start, lo, n, t_begin, t_end)
+                part_rec = gl.where(slot >= 0, pid * 2 + slot, -1)
             alibi_b = ALIBI
             if HAS_ALIBI:
                 alibi_b = ALIBI + b * stride_ab
@@ -210,7 +226,7 @@ if AVAILABLE:
                       lo, n, sq, sk, qk_scale, softcap, win_left, win_right, stride_lb, stride_lh, q_row0, b_desc,
                       stride_os, stride_oh, t0, t0 + it, it & 1, o_smem, q_empty, HALF_M, BLOCK_N, HEAD_D, K_STAGES,
                       V_STAGES, CAUSAL, WINDOW, STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, True,
-                      CAUSAL_SKIP, TRACE, item)
+                      CAUSAL_SKIP, TRACE, item, PART, part_rec)
             t0 += n
         tma.store_wait(pendings=0)  # the last item's stores (left in flight by the epilogue) have read shared memory
 
@@ -223,7 +239,7 @@ if AVAILABLE:
                     VARLEN: gl.constexpr, HAS_ALIBI: gl.constexpr, USE_MAP: gl.constexpr, CONSUMER_REGS: gl.constexpr,
                     PRODUCER_REGS: gl.constexpr, PERSISTENT: gl.constexpr = False, num_items=0,
                     FLAT: gl.constexpr = False, NUM_WG: gl.constexpr = 2, CAUSAL_SKIP: gl.constexpr = False,
-                    TRACE=None, STAGGER: gl.constexpr = 0):
+                    TRACE=None, STAGGER: gl.constexpr = 0, STREAMK: gl.constexpr = False, PART=None):
         """Warp-specialised: the default partition and one worker partition are the two consumer warpgroups
         (64 query rows each; NUM_WG=3, persistent only: three, 192-row items, ``configs.gluon_forward_warpgroups``),
         one more worker warp issues every TMA load. VARLEN: q / k / v / out are packed
@@ -240,9 +256,8 @@ if AVAILABLE:
         epilogue, whose stores are left in flight (``_consumer_persistent``, ``store_tile_tma``; D=256 stages
         them in Q's buffer and overlaps only the next item's K/V loads). FLAT (with PERSISTENT, opt-in, D <= 128):
         the same items as one pipeline across item boundaries, Q double-buffered (``gluon_flat``; varlen only on
-        the work list). TRACE (PERSISTENT, not FLAT; measurement only): None, or an int64 (num_items, NUM_WG, 7)
-        buffer that gets each item's per-warpgroup stamps (``_consumer``, ``benchmarks/fwd_trace.py``). STAGGER
-        (PERSISTENT, not FLAT; diagnostic): ``_load_persistent``'s."""
+        the work list). PERSISTENT, not FLAT: TRACE, stamps per item (``_consumer``; measurement), STAGGER
+        (``_load_persistent``; diagnostic), STREAMK with PART (``gluon_streamk``'s equal shares; opt-in)."""
         HALF_M: gl.constexpr = q_desc.block_type.shape[1]
         BLOCK_M: gl.constexpr = NUM_WG * HALF_M
         dtype: gl.constexpr = q_desc.dtype
@@ -319,25 +334,26 @@ if AVAILABLE:
                                             win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                                             stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
                                             STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP,
-                                            CAUSAL_SKIP, TRACE)),
+                                            CAUSAL_SKIP, TRACE, STREAMK, PART)),
                     (_consumer_persistent, (1, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
                                             bars, o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K,
                                             num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
                                             win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                                             stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
                                             STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP,
-                                            CAUSAL_SKIP, TRACE)),
+                                            CAUSAL_SKIP, TRACE, STREAMK, PART)),
                     (_consumer_persistent, (2, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
                                             bars, o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K,
                                             num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
                                             win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                                             stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
                                             STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP,
-                                            CAUSAL_SKIP, TRACE)),
+                                            CAUSAL_SKIP, TRACE, STREAMK, PART)),
                     (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid,
                                         num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group,
                                         max_seqlen_q, max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D,
-                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP, False, STAGGER)),
+                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP, False, STAGGER,
+                                        STREAMK)),
                 ], [4, 4, 1], [CONSUMER_REGS, CONSUMER_REGS, PRODUCER_REGS])
             else:
                 gl.warp_specialize([
@@ -347,18 +363,19 @@ if AVAILABLE:
                                             win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                                             stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
                                             STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP, False,
-                                            TRACE)),
+                                            TRACE, STREAMK, PART)),
                     (_consumer_persistent, (1, o_desc, r_desc, LSE, SINK, ALIBI, O, RESID, q_smem, k_smem, v_smem,
                                             bars, o_smem, q_empty, pid, num_items, nprog, TILE_MAP, CU_Q, CU_K,
                                             num_m_tiles, q_heads, max_seqlen_q, max_seqlen_k, qk_scale, softcap,
                                             win_left, win_right, stride_lb, stride_lh, stride_os, stride_oh,
                                             stride_ab, HALF_M, BLOCK_N, HEAD_D, K_STAGES, V_STAGES, CAUSAL, WINDOW,
                                             STORE_RESID, HAS_SOFTCAP, HAS_SINK, VARLEN, HAS_ALIBI, USE_MAP, False,
-                                            TRACE)),
+                                            TRACE, STREAMK, PART)),
                     (_load_persistent, (q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, q_empty, pid,
                                         num_items, nprog, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group,
                                         max_seqlen_q, max_seqlen_k, win_left, win_right, HALF_M, BLOCK_N, HEAD_D,
-                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP, False, STAGGER)),
+                                        K_STAGES, V_STAGES, CAUSAL, WINDOW, VARLEN, USE_MAP, False, STAGGER,
+                                        STREAMK)),
                 ], [4, 1], [CONSUMER_REGS, PRODUCER_REGS])
         else:
             gl.warp_specialize([
@@ -472,6 +489,8 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
     num_items = 0  # unused without PERSISTENT: a constant adds no Triton specialisations (% 16, == 1)
     if persistent:
         num_items, grid = grid, min(grid, nprog)
+    part = gluon_streamk.scratch_for(q, persistent and not (flat or causal or window or p.varlen) and tiles is None,
+                                     num_items, grid, wg, half, residual)  # stream-K (opt-in), or None
     launch(_fwd_kernel, (grid,), (
         q_desc, k_desc, v_desc, o_desc, r_desc, lse, p.sink if p.sink is not None else lse,
         p.alibi_slopes if p.alibi_slopes is not None else lse, out,
@@ -490,6 +509,10 @@ def attention_forward(q, k, v, p: AttnParams, residual=False, cfg=None):
              num_items=num_items, **({"FLAT": True} if flat else {}), **({"NUM_WG": 3} if wg == 3 else {}),
              **({"CAUSAL_SKIP": True} if wg == 3 and causal and configs.gluon_forward_causal_skip() else {}),
              **({"STAGGER": stagger} if persistent and not flat and (stagger := configs.gluon_forward_stagger())
-                else {})),
+                else {}),
+             **({"STREAMK": True, "PART": part} if part is not None else {})),
         4, 3, maxnreg=regs[2])
+    if part is not None:  # the split items' out, lse and residual from their partial records
+        gluon_streamk.merge(part, num_items, triton.cdiv(seqlen_k, bn), grid, wg, half, out, lse, resid, p.sink,
+                            num_m_tiles, q_heads, seqlen_q, stride_lb, stride_lh)
     return (out, lse, resid) if residual else (out, lse)

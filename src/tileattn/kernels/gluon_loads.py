@@ -10,7 +10,7 @@ if AVAILABLE:
     from triton.experimental.gluon import language as gl
     from triton.experimental.gluon.language.nvidia.hopper import mbarrier, tma
     from .gluon_common import global_ns, load_kv_ring
-    from .gluon_schedule import persistent_bounds
+    from .gluon_schedule import persistent_bounds, persistent_range, streamk_segment
 
     @gluon.jit
     def _load_partition(q_desc, k_desc, v_desc, q_smem, k_smem, v_smem, bars, b, h, hk, start_m, lo, n, q_row0,
@@ -39,7 +39,8 @@ if AVAILABLE:
                          TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, group, seqlen_q, seqlen_k, win_left, win_right,
                          HALF_M: gl.constexpr, BLOCK_N: gl.constexpr, HEAD_D: gl.constexpr, K_STAGES: gl.constexpr,
                          V_STAGES: gl.constexpr, CAUSAL: gl.constexpr, WINDOW: gl.constexpr, VARLEN: gl.constexpr,
-                         USE_MAP: gl.constexpr, FLAT: gl.constexpr = False, STAGGER: gl.constexpr = 0):
+                         USE_MAP: gl.constexpr, FLAT: gl.constexpr = False, STAGGER: gl.constexpr = 0,
+                         STREAMK: gl.constexpr = False):
         """Persistent producer: the work items pid, pid + nprog, ... in turn (``_load_partition`` each; causal: in
         ``persistent_item``'s longest-first order); an item's Q halves load once both consumer warpgroups released
         the previous item's (``q_empty``, after their last Q K^T; at D=256, where out is staged in Q's buffer,
@@ -47,7 +48,8 @@ if AVAILABLE:
         items (positions t0 + j). FLAT (gluon_flat): two sets of Q buffers, the it-th item's in set it % 2,
         released by item it - 2's epilogue. STAGGER (ns; diagnostic, ``configs.gluon_forward_stagger``): odd
         programs start their loads that much later, so their item boundaries (epilogue stores, Q loads) fall
-        between the even programs' instead of all at once."""
+        between the even programs' instead of all at once. STREAMK: the consumers' items and parts of them
+        (``persistent_range``, ``streamk_segment``; ``gluon_streamk``)."""
         Q_SETS: gl.constexpr = 2 if FLAT else 1
         if STAGGER > 0:
             if pid % 2 == 1:
@@ -57,11 +59,14 @@ if AVAILABLE:
                     now = global_ns()
         NW: gl.constexpr = bars[5].shape[0]  # consumer warpgroups (the turn barriers)
         t0 = gl.to_tensor(0)
-        for item in range(pid, num_items, nprog):
-            it = (item - pid) // nprog
+        start, stop, step, t_begin, t_end = persistent_range(pid, nprog, num_items, seqlen_k, BLOCK_N, STREAMK)
+        for item in range(start, stop, step):
+            it = (item - start) // step
             b, h, start_m, q_row0, sq, k_row0, sk, b_desc, lo, n = persistent_bounds(
                 item, pid, nprog, num_items, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k,
                 win_left, win_right, NW * HALF_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
+            if STREAMK:
+                lo, n, _ = streamk_segment(item, start, lo, n, t_begin, t_end)
             qb = 2 * (it % Q_SETS)
             if HEAD_D > 128 and not FLAT:
                 # out is staged in Q's buffer (``_consumer``'s Q_STAGE): the item's first key tiles load while the

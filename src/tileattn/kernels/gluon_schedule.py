@@ -106,3 +106,36 @@ if AVAILABLE:
         g = persistent_item(pos, pid, nprog, num_items, num_m_tiles, CAUSAL and not USE_MAP)
         return item_bounds(g, TILE_MAP, CU_Q, CU_K, num_m_tiles, q_heads, seqlen_q, seqlen_k, win_left, win_right,
                            BLOCK_M, BLOCK_N, CAUSAL, WINDOW, VARLEN, USE_MAP)
+
+    @gluon.jit
+    def persistent_range(pid, nprog, num_items, seqlen_k, BLOCK_N: gl.constexpr, STREAMK: gl.constexpr):
+        """(start, stop, step, t_begin, t_end) of a persistent program's items: pid, pid + nprog, ... < num_items;
+        STREAMK (batched, non-causal, no window: every item has the same n = cdiv(seqlen_k, BLOCK_N) key tiles):
+        the items holding tiles [t_begin, t_end) = [floor(pid W / nprog), floor((pid + 1) W / nprog)) of the
+        item-major sequence of W = num_items * n tiles, consecutive (``streamk_segment`` cuts the first and last)."""
+        if STREAMK:
+            n = gl.cdiv(seqlen_k, BLOCK_N)
+            work = gl.to_tensor(num_items).to(gl.int64) * n  # int64 products: pid * work passes 2^31 on large calls
+            t_begin = (pid * work // nprog).to(gl.int32)
+            t_end = ((pid + 1) * work // nprog).to(gl.int32)
+            start = t_begin // n
+            stop = gl.cdiv(t_end, n)
+            step = 1
+        else:
+            t_begin = 0
+            t_end = 0
+            start = pid
+            stop = num_items
+            step = nprog
+        return start, stop, step, t_begin, t_end
+
+    @gluon.jit
+    def streamk_segment(item, start, lo, n, t_begin, t_end):
+        """STREAMK: the part of item ``item`` (key tiles lo .. lo + n - 1) within tiles [t_begin, t_end): (lo, n,
+        slot), slot -1 for the whole item, else the partial result's slot (0: the program's first item, 1: its
+        last; a program has at most these two partial items)."""
+        seg_lo = gl.maximum(t_begin - item * n, 0)
+        seg_hi = gl.minimum(t_end - item * n, n)
+        whole = (seg_lo == 0) & (seg_hi == n)
+        slot = gl.where(whole, -1, gl.where(item == start, 0, 1))
+        return lo + seg_lo, seg_hi - seg_lo, slot
