@@ -142,19 +142,24 @@ def test_launcher_scope_on_cpu(monkeypatch):
         configs.gluon_forward_streamk()
 
 
-STREAMK_CASES = [(2, 2100, 2100, 16, 8, 128, {}), (3, 1031, 900, 8, 2, 128, dict(sink=True)),
-                 (2, 2048, 2048, 8, 8, 64, {}), (2, 1000, 1000, 6, 3, 64, dict(softcap=8.0)),
-                 (2, 2100, 2100, 8, 8, 256, {}), (3, 700, 1300, 8, 4, 256, dict(alibi=True, sink=True)),
-                 (1, 300, 4000, 4, 2, 128, dict(alibi=True))]
+# (B, Sq, Sk, Hq, Hkv, D, features); every case more items than 132 programs, not a multiple of them
+STREAMK_CASES = [(2, 2100, 2100, 16, 8, 128, {}),  # 544 items
+                 (3, 1031, 900, 8, 2, 128, dict(sink=True, softcap=8.0)),  # 216
+                 (2, 2048, 2048, 8, 8, 64, {}),  # three warpgroups: 176 items of 192 rows
+                 (4, 1000, 1000, 8, 4, 64, dict(sink=True)),  # two warpgroups: 256
+                 (2, 2100, 2100, 8, 8, 256, {}),  # 272
+                 (3, 700, 1300, 8, 4, 256, dict(alibi=True, sink=True)),  # 144
+                 (4, 1000, 4000, 16, 4, 128, dict(alibi=True))]  # 512
 
 
 @hopper
 @pytest.mark.gpu
 @pytest.mark.parametrize("case", STREAMK_CASES, ids=lambda c: "x".join(map(str, c[:6])) + "-" + "-".join(c[6]))
 def test_streamk_forward(case, monkeypatch):
-    """With the knob: the call launches with STREAMK (items split between programs), out and lse match the
-    default launch's to within the fp32 reassociation of the split items' sums, the same bits on a second call,
-    and out, lse and the gradients (through the merged residual) pass the accuracy rule against float64."""
+    """With the knob (132 or 114 programs on an H100 / H200): the call launches with STREAMK (items split between
+    programs), out and lse match the default launch's to within the fp32 reassociation of the split items' sums,
+    the same bits on a second call, and out, lse and the gradients (through the merged residual) pass the
+    accuracy rule against float64."""
     B, Sq, Sk, Hq, Hkv, d, feat = case
     q, k, v, gen = make_qkv(B, Sq, Sk, Hq, Hkv, d, torch.bfloat16, seed_for("gluon-streamk", case[:6]),
                             requires_grad=True)
