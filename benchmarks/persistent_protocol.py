@@ -181,7 +181,7 @@ def check_dq(items, nprog, k_stages=3, v_stages=2, seed=0):
     return {i: done[(i, 0)] for i in range(len(items))}
 
 
-def check_fwd(items, nprog, nwg=3, k_stages=3, v_stages=2, seen=None, seed=0, bug=None):
+def check_fwd(items, nprog, nwg=3, k_stages=3, v_stages=2, seen=None, seed=0, bug=None, order=None):
     """The persistent Gluon forward (kernels/gluon_forward.py ``_consumer`` / ``_load_persistent``, D <= 128: Q
     released after an item's last Q K^T, outputs in their own buffers) with ``nwg`` consumer warpgroups taking
     turns (``turn_wait``: one round per key tile plus one per item). ``items[i]`` = key tiles of item i;
@@ -190,7 +190,8 @@ def check_fwd(items, nprog, nwg=3, k_stages=3, v_stages=2, seen=None, seed=0, bu
     waiting for the tiles to land (caught where every warpgroup drains a tile: nothing then keeps the releases
     behind the producer; safe where one warpgroup computes every tile, as in causal items, whose last
     warpgroup sees all their keys: the turns then order each release after the slot's previous use's), "free_run"
-    also without the turns (caught). Returns {item: program}."""
+    also without the turns (caught). ``order``: per program, the items it runs in turn (default: round robin,
+    pid, pid + nprog, ...; stream-K's segments: ``streamk_items``). Returns {item: program}."""
     mach = _Machine(seed)
     done = {}
 
@@ -210,7 +211,7 @@ def check_fwd(items, nprog, nwg=3, k_stages=3, v_stages=2, seen=None, seed=0, bu
 
         def producer():  # _load_persistent: Q parts (after q_empty), then the K / V ring
             t0, it = 0, 0
-            for item in range(pid, len(items), nprog):
+            for item in (order[pid] if order is not None else range(pid, len(items), nprog)):
                 for w in range(nwg):  # every part released first, then the loads (as the kernel's D <= 128 form)
                     yield from mach.wait(key("q_empty", w), (it & 1) ^ 1)
                 for w in range(nwg):
@@ -295,7 +296,7 @@ def check_fwd(items, nprog, nwg=3, k_stages=3, v_stages=2, seen=None, seed=0, bu
 
         def consumer(w):  # _consumer_persistent: item it's rounds start at t0 + it
             t0, it = 0, 0
-            for item in range(pid, len(items), nprog):
+            for item in (order[pid] if order is not None else range(pid, len(items), nprog)):
                 yield from consume(w, item, it, t0, t0 + it)
                 t0, it = t0 + items[item], it + 1
 
@@ -307,6 +308,31 @@ def check_fwd(items, nprog, nwg=3, k_stages=3, v_stages=2, seen=None, seed=0, bu
     mach.run(agents, f"fwd items {items}, {nprog} programs, {nwg} warpgroups, seen {seen}")
     assert set(done) == {(i, w) for i in range(len(items)) for w in range(nwg)}, "items missed"
     return {i: done[(i, 0)] for i in range(len(items))}
+
+
+def streamk_items(num_items, n, nprog):
+    """Stream-K's schedule (``gluon_schedule.persistent_range`` / ``streamk_segment``) as ``check_fwd``'s items
+    and order: each program's segments (key tiles of one item) as items of their own lengths, in its order."""
+    items, order = [], []
+    work = num_items * n
+    for pid in range(nprog):
+        t_begin, t_end = pid * work // nprog, (pid + 1) * work // nprog
+        mine = []
+        for item in range(t_begin // n, -(-t_end // n)):
+            lo, hi = max(t_begin - item * n, 0), min(t_end - item * n, n)
+            mine.append(len(items))
+            items.append(hi - lo)
+        order.append(mine)
+    return items, order
+
+
+def random_streamk_cases(cases, seed=40):
+    """``cases`` random runs of the forward model on stream-K schedules (two or three warpgroups)."""
+    rng = random.Random(seed)
+    for _ in range(cases):
+        n, nprog = rng.randint(1, 6), rng.randint(1, 4)
+        items, order = streamk_items(rng.randint(nprog, 3 * nprog + 2), n, nprog)
+        check_fwd(items, nprog, rng.choice((2, 3)), rng.choice((2, 3)), 2, None, rng.randrange(1 << 30), None, order)
 
 
 def random_fwd_cases(cases, seed=38, skip=True):

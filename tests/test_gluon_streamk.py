@@ -59,6 +59,21 @@ def test_ranges_cover_every_tile_once(num_items, n, nprog):
         assert items == []  # whole items only: the same schedule as without stream-K
 
 
+def test_protocol_model_on_streamk_schedules():
+    """benchmarks/persistent_protocol.check_fwd (the persistent forward's barriers, ring slots and turns) on
+    stream-K schedules: segments of unequal lengths, a program's first and last partial; 60 random cases with two
+    or three warpgroups and two or three K slots, and one by hand (every segment computed once, by its program)."""
+    import os
+    import sys
+    sys.path.insert(0, os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "benchmarks"))
+    import persistent_protocol as pp
+    items, order = pp.streamk_items(7, 4, 3)  # 28 tiles: 9, 9, 10 per program
+    assert [sum(items[i] for i in mine) for mine in order] == [9, 9, 10]
+    done = pp.check_fwd(items, 3, 2, 3, 2, None, 5, None, order)
+    assert all(done[i] == pid for pid, mine in enumerate(order) for i in mine)
+    pp.random_streamk_cases(60)
+
+
 @pytest.mark.parametrize("sink", [False, True], ids=["", "sink"])
 def test_merge_kernel(sink):
     """The merge of split items against float64: random rows of scores cut into 2-3 key ranges, each range's
