@@ -311,18 +311,13 @@ def check_fwd(items, nprog, nwg=3, k_stages=3, v_stages=2, seen=None, seed=0, bu
 
 
 def streamk_items(num_items, n, nprog):
-    """Stream-K's schedule (``gluon_schedule.persistent_range`` / ``streamk_segment``) as ``check_fwd``'s items
-    and order: each program's segments (key tiles of one item) as items of their own lengths, in its order."""
+    """Stream-K's schedule (``gluon_streamk.segments``, the kernel's mirror) as ``check_fwd``'s items and order:
+    each program's segments (key tiles of one item) as items of their own lengths, in its order."""
+    from tileattn.kernels.gluon_streamk import segments
     items, order = [], []
-    work = num_items * n
-    for pid in range(nprog):
-        t_begin, t_end = pid * work // nprog, (pid + 1) * work // nprog
-        mine = []
-        for item in range(t_begin // n, -(-t_end // n)):
-            lo, hi = max(t_begin - item * n, 0), min(t_end - item * n, n)
-            mine.append(len(items))
-            items.append(hi - lo)
-        order.append(mine)
+    for mine in segments(num_items, n, nprog):
+        order.append(list(range(len(items), len(items) + len(mine))))
+        items += [count for _, _, count, _ in mine]
     return items, order
 
 

@@ -16,30 +16,14 @@ KNOB = "TILEATTN_GLUON_FWD_STREAMK"
 hopper = pytest.mark.skipif(not HOPPER, reason="the Gluon forward runs on sm90 only")
 
 
-def _segments(num_items, n, nprog):
-    """A mirror of ``gluon_schedule.persistent_range`` / ``streamk_segment``: per program, its (item, lo, count,
-    slot) in loop order."""
-    out = []
-    work = num_items * n
-    for pid in range(nprog):
-        t_begin, t_end = pid * work // nprog, (pid + 1) * work // nprog
-        start, stop = t_begin // n, -(-t_end // n)
-        mine = []
-        for item in range(start, stop):
-            lo, hi = max(t_begin - item * n, 0), min(t_end - item * n, n)
-            whole = lo == 0 and hi == n
-            mine.append((item, lo, hi - lo, -1 if whole else (0 if item == start else 1)))
-        out.append(mine)
-    return out
-
-
 @pytest.mark.parametrize("num_items, n, nprog", [(2048, 8, 132), (1024, 256, 132), (3072, 8, 132), (7, 5, 3),
                                                  (10, 1, 4), (133, 16, 132), (5, 64, 132), (2112, 8, 132)])
 def test_ranges_cover_every_tile_once(num_items, n, nprog):
-    """Every key tile of every item is computed by exactly one segment; a program's segments are consecutive, at
-    most its first and last partial (slots 0 and 1); shares differ by at most one tile; and the merge table lists
-    each split item's segments in program order with the records the kernel writes (p * 2 + slot)."""
-    segs = _segments(num_items, n, nprog)
+    """The host's mirror of the kernel's schedule (``gluon_streamk.segments``): every key tile of every item is
+    computed by exactly one segment; a program's segments are consecutive, at most its first and last partial
+    (slots 0 and 1); shares differ by at most one tile; and the merge table lists each split item's segments in
+    program order with the records the kernel writes (p * 2 + slot)."""
+    segs = gluon_streamk.segments(num_items, n, nprog)
     seen = torch.zeros(num_items, n, dtype=torch.int32)
     parts = {}
     for pid, mine in enumerate(segs):
@@ -88,7 +72,7 @@ def test_merge_kernel(sink):
     sink_logit = randn((H, ), torch.float32, gen) if sink else None
     size = gluon_streamk.record_size(HALF_M, D)
     part = torch.zeros(nprog * 2 * NW * size, dtype=torch.float64)
-    for pid, mine in enumerate(_segments(num_items, n, nprog)):
+    for pid, mine in enumerate(gluon_streamk.segments(num_items, n, nprog)):
         for item, lo, count, slot in mine:
             if slot < 0:
                 continue

@@ -52,10 +52,21 @@ def record_size(half_m: int, head_dim: int) -> int:
     return half_m * head_dim + 2 * half_m
 
 
-def ranges(num_items: int, n: int, nprog: int):
-    """Per program p, its tiles [t_begin, t_end) of the W = num_items * n (``gluon_schedule.persistent_range``)."""
+def segments(num_items: int, n: int, nprog: int):
+    """The host's mirror of the kernel's schedule (``gluon_schedule.persistent_range`` / ``streamk_segment``): per
+    program, its (item, first key tile, tiles, slot) in loop order; slot -1 for a whole item, else 0 (the
+    program's first item) or 1 (its last)."""
     work = num_items * n
-    return [(p * work // nprog, (p + 1) * work // nprog) for p in range(nprog)]
+    out = []
+    for p in range(nprog):
+        t_begin, t_end = p * work // nprog, (p + 1) * work // nprog
+        first = t_begin // n
+        mine = []
+        for item in range(first, -(-t_end // n)):
+            lo, hi = max(t_begin - item * n, 0), min(t_end - item * n, n)
+            mine.append((item, lo, hi - lo, -1 if (lo == 0 and hi == n) else (0 if item == first else 1)))
+        out.append(mine)
+    return out
 
 
 @functools.lru_cache(maxsize=64)
@@ -63,14 +74,10 @@ def _table(num_items: int, n: int, nprog: int):
     """The split items and their records: (items, offsets, records) lists, records[offsets[i]:offsets[i + 1]] the
     ``p * 2 + slot`` of item items[i]'s segments in program order (the kernel's ``streamk_segment`` slots)."""
     segs = {}
-    for p, (t_begin, t_end) in enumerate(ranges(num_items, n, nprog)):
-        if t_end <= t_begin:
-            continue
-        first = t_begin // n
-        for item in range(first, -(-t_end // n)):
-            lo, hi = max(t_begin - item * n, 0), min(t_end - item * n, n)
-            if lo > 0 or hi < n:
-                segs.setdefault(item, []).append(p * 2 + (0 if item == first else 1))
+    for p, mine in enumerate(segments(num_items, n, nprog)):
+        for item, _, _, slot in mine:
+            if slot >= 0:
+                segs.setdefault(item, []).append(p * 2 + slot)
     items = sorted(segs)
     offsets = [0]
     records = []
