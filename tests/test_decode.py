@@ -534,6 +534,16 @@ def test_many_splits_combine(monkeypatch, sink):
     run_case(dtype, B=2, Hq=2, Hkv=1, cap=608, lens=[600, 0], splits=40, sink=sink)
 
 
+def _random_caches(gen, paged, B, cap, Hkv, d, page, dtype):
+    """Random K / V caches (k_cache, v_cache, block_table): paged, (B * cap / page) pages of ``page`` slots behind
+    a shuffled block table (B, cap / page) int32; else contiguous (B, cap, Hkv, d) and no block table."""
+    if paged:
+        nblocks = B * cap // page
+        kc, vc = _randn(gen, nblocks, page, Hkv, d, dtype=dtype), _randn(gen, nblocks, page, Hkv, d, dtype=dtype)
+        return kc, vc, torch.randperm(nblocks, generator=gen).view(B, cap // page).to(DEVICE, torch.int32)
+    return _randn(gen, B, cap, Hkv, d, dtype=dtype), _randn(gen, B, cap, Hkv, d, dtype=dtype), None
+
+
 @pytest.mark.skipif(not torch.cuda.is_available(), reason="CUDA graphs need a GPU")
 @pytest.mark.parametrize("paged", [False, True], ids=["contiguous", "paged16"])
 def test_cuda_graph_capture(paged):
@@ -542,12 +552,7 @@ def test_cuda_graph_capture(paged):
     caches: the replay sees the new lengths and writes the new tokens where the eager step does."""
     dtype, B, Hq, Hkv, d, cap, page = torch.bfloat16, 2, 8, 2, 64, 256, 16
     gen = make_gen(seed_for("decode-graph", paged))
-    if paged:
-        nblocks = B * cap // page
-        kc, vc = _randn(gen, nblocks, page, Hkv, d, dtype=dtype), _randn(gen, nblocks, page, Hkv, d, dtype=dtype)
-        bt = torch.randperm(nblocks, generator=gen).view(B, cap // page).to(DEVICE, torch.int32)
-    else:
-        kc, vc, bt = _randn(gen, B, cap, Hkv, d, dtype=dtype), _randn(gen, B, cap, Hkv, d, dtype=dtype), None
+    kc, vc, bt = _random_caches(gen, paged, B, cap, Hkv, d, page, dtype)
     q, k, v = (_randn(gen, B, 1, h, d, dtype=dtype) for h in (Hq, Hkv, Hkv))
     # Row 0 is full after the append, so the eager warm-up sizes its splits for the whole capacity, as a captured
     # call does: the capture reuses the warm-up's compiled kernels.
@@ -655,12 +660,7 @@ def test_trace_leaves_outputs_alone(paged, monkeypatch):
     from tileattn.kernels import decode as dec
     dtype, B, Hq, Hkv, d, cap, page = torch.bfloat16, 3, 8, 2, 128, 4096, 16
     gen = make_gen(seed_for("decode-trace", paged))
-    if paged:
-        nblocks = B * cap // page
-        kc, vc = _randn(gen, nblocks, page, Hkv, d, dtype=dtype), _randn(gen, nblocks, page, Hkv, d, dtype=dtype)
-        bt = torch.randperm(nblocks, generator=gen).view(B, cap // page).to(DEVICE, torch.int32)
-    else:
-        kc, vc, bt = _randn(gen, B, cap, Hkv, d, dtype=dtype), _randn(gen, B, cap, Hkv, d, dtype=dtype), None
+    kc, vc, bt = _random_caches(gen, paged, B, cap, Hkv, d, page, dtype)
     q = _randn(gen, B, 1, Hq, d, dtype=dtype)
     lens = torch.tensor([cap, 1000, 0], dtype=torch.int32, device=DEVICE)
     want = tileattn.flash_attn_with_kvcache(q, kc, vc, cache_seqlens=lens, block_table=bt, return_softmax_lse=True)
