@@ -11,6 +11,7 @@ program overhead and scheduling. Three traced launches per cell (the first compi
 
 Usage: PYTHONPATH=src python3 benchmarks/bwd_trace.py [--head-dims 128] [--seqlens 4096,16384] [--out DIR]"""
 import argparse
+import contextlib
 import os
 
 import torch
@@ -19,6 +20,7 @@ os.environ["TILEATTN_LAUNCH_PLANS"] = "0"  # every call through gluon_backward.l
 
 from bwd_fused import backward_cell  # noqa: E402
 from tileattn.kernels import gluon_backward, gluon_dq  # noqa: E402
+from trace_launch import extra_kwargs  # noqa: E402
 
 KERNELS = {"dkdv": (gluon_backward, "_dkdv_kernel"), "dq": (gluon_dq, "_dq_kernel")}
 
@@ -27,22 +29,14 @@ def traced(fn):
     """Run ``fn`` with every dK/dV and Gluon dQ launch given a fresh trace buffer; returns {kernel name: the
     (programs, 4) int64 buffer of its last launch}."""
     bufs = {}
-    reals = {}
-    for name, (mod, attr) in KERNELS.items():
-        real = reals[name] = mod.launch
-
-        def launch(kernel, grid, args, kwargs, *rest, real=real, name=name, mod=mod, attr=attr, **opts):
-            if kernel is getattr(mod, attr):
+    with contextlib.ExitStack() as hooks:
+        for name, (mod, attr) in KERNELS.items():
+            def extra(grid, kwargs, name=name):
                 bufs[name] = torch.full((grid[0], 4), -1, dtype=torch.int64, device="cuda")
-                kwargs = dict(kwargs, TRACE=bufs[name])
-            return real(kernel, grid, args, kwargs, *rest, **opts)
-        mod.launch = launch
-    try:
+                return {"TRACE": bufs[name]}
+            hooks.enter_context(extra_kwargs(mod, getattr(mod, attr), extra))
         fn()
         torch.cuda.synchronize()
-    finally:
-        for name, (mod, _) in KERNELS.items():
-            mod.launch = reals[name]
     return bufs
 
 

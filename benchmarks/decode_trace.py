@@ -23,24 +23,19 @@ os.environ["TILEATTN_LAUNCH_PLANS"] = "0"  # every call through decode.launch
 import tileattn  # noqa: E402
 from tileattn import bench_decode  # noqa: E402
 from tileattn.kernels import decode  # noqa: E402
+from trace_launch import extra_kwargs  # noqa: E402
 
 
 def traced(fn):
     """Run ``fn`` with the split kernel's launches given a fresh (programs, 4) int64 trace buffer; the last one."""
     bufs = []
-    real = decode.launch
 
-    def launch(kernel, grid, args, kwargs, *rest, **opts):
-        if kernel is decode._decode_split_kernel:
-            bufs.append(torch.full((grid[0] * grid[1] * grid[2], 4), -1, dtype=torch.int64, device="cuda"))
-            kwargs = dict(kwargs, TRACE=bufs[-1])
-        return real(kernel, grid, args, kwargs, *rest, **opts)
-    decode.launch = launch
-    try:
+    def extra(grid, kwargs):
+        bufs.append(torch.full((grid[0] * grid[1] * grid[2], 4), -1, dtype=torch.int64, device="cuda"))
+        return {"TRACE": bufs[-1]}
+    with extra_kwargs(decode, decode._decode_split_kernel, extra):
         fn()
         torch.cuda.synchronize()
-    finally:
-        decode.launch = real
     return bufs[-1]
 
 

@@ -29,6 +29,7 @@ import triton
 os.environ["TILEATTN_LAUNCH_PLANS"] = "0"  # every call through gluon_forward.launch (a plan would replay)
 
 import tileattn  # noqa: E402
+from trace_launch import extra_kwargs  # noqa: E402
 from tileattn.kernels import gluon_common, gluon_forward  # noqa: E402
 
 FIELDS = gluon_common.TRACE_FIELDS.value  # entry, Q ready, first S, last P V, end, key tiles, residual staged
@@ -36,25 +37,25 @@ FIELDS = gluon_common.TRACE_FIELDS.value  # entry, Q ready, first S, last P V, e
 CELLS = "128,1024,0;128,16384,0;256,1024,0;256,16384,0;64,1024,1;64,1024,0"
 
 
+def _persistent(kwargs):
+    """Whether a forward launch's kwargs are the persistent grid's that take a trace (not FLAT)."""
+    return kwargs.get("PERSISTENT") and not kwargs.get("FLAT")
+
+
 def traced(fn):
     """Run ``fn`` with the persistent forward's launches given a fresh trace buffer; the (num_items, NW, 7) int64
-    buffer of the last one (None if no persistent launch happened)."""
+    buffer of the last one and its program count ((None, 0) if no persistent launch happened)."""
     got = []
-    real = gluon_forward.launch
 
-    def launch(kernel, grid, args, kwargs, *rest, **opts):
-        if kernel is gluon_forward._fwd_kernel and kwargs.get("PERSISTENT") and not kwargs.get("FLAT"):
-            buf = torch.full((kwargs["num_items"], kwargs.get("NUM_WG", 2), FIELDS), -1, dtype=torch.int64,
-                             device="cuda")
-            got.append((buf, grid[0]))
-            kwargs = dict(kwargs, TRACE=buf)
-        return real(kernel, grid, args, kwargs, *rest, **opts)
-    gluon_forward.launch = launch
-    try:
+    def extra(grid, kwargs):
+        if not _persistent(kwargs):
+            return None
+        got.append((torch.full((kwargs["num_items"], kwargs.get("NUM_WG", 2), FIELDS), -1, dtype=torch.int64,
+                               device="cuda"), grid[0]))
+        return {"TRACE": got[-1][0]}
+    with extra_kwargs(gluon_forward, gluon_forward._fwd_kernel, extra):
         fn()
         torch.cuda.synchronize()
-    finally:
-        gluon_forward.launch = real
     return got[-1] if got else (None, 0)
 
 
@@ -98,16 +99,9 @@ def cell_trace(fwd, label, out=""):
     if buf is None:
         print(f"{label}: not a persistent launch", flush=True)
         return None
-    real = gluon_forward.launch
-    try:
-        def launch(kernel, grid, args, kwargs, *rest, **opts):
-            if kernel is gluon_forward._fwd_kernel and kwargs.get("PERSISTENT") and not kwargs.get("FLAT"):
-                kwargs = dict(kwargs, TRACE=buf)
-            return real(kernel, grid, args, kwargs, *rest, **opts)
-        gluon_forward.launch = launch
+    with extra_kwargs(gluon_forward, gluon_forward._fwd_kernel,
+                      lambda grid, kwargs: {"TRACE": buf} if _persistent(kwargs) else None):
         with_trace = triton.testing.do_bench(fwd, return_mode="median") * 1e3
-    finally:
-        gluon_forward.launch = real
     r = summary(buf, nprog)
     print(f"{label}: fwd {plain:.1f} us (traced {with_trace:.1f}), span {r['span']:.1f}, {r['items']} items on "
           f"{nprog} programs, {r['tiles']:.1f} tiles/item | item {r['item']:.2f} = Q wait {r['q_wait']:.2f} + "
